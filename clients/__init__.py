@@ -1,0 +1,1 @@
+"""fedtiny's Flower ClientApps: the simulated MCU client (and, later, the device bridge)."""

@@ -1,0 +1,68 @@
+"""Server-side aggregation of client updates, with validation and rejection counting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedtiny.payload import PayloadError, unpack_dense
+
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate_dense"]
+
+Spec = list[tuple[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sent: its encoded update and the examples it trained on."""
+
+    partition_id: int
+    payload: bytes
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An update the server refused, and why."""
+
+    partition_id: int
+    reason: str
+
+
+@dataclass
+class AggregateResult:
+    """The new global tensors (None when nothing was accepted) and what was refused."""
+
+    arrays: dict[str, np.ndarray] | None
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def aggregate_dense(updates: list[ClientUpdate], spec: Spec, *, max_examples: int = 10_000_000) -> AggregateResult:
+    """Example-weighted average of dense updates, in partition-id order.
+
+    A malformed update (wrong length, non-finite values, a non-positive or absurd
+    example count) is rejected with its reason and does not touch the average.
+    The sum runs in float64 in a fixed order so that results are repeatable.
+    """
+    result = AggregateResult(None)
+    sums: dict[str, np.ndarray] = {}
+    total = 0
+    for u in sorted(updates, key=lambda u: u.partition_id):
+        if not isinstance(u.num_examples, int) or not 0 < u.num_examples <= max_examples:
+            result.rejected.append(Rejection(u.partition_id, f"bad num-examples {u.num_examples!r}"))
+            continue
+        try:
+            arrays = unpack_dense(u.payload, spec)
+        except PayloadError as exc:
+            result.rejected.append(Rejection(u.partition_id, str(exc)))
+            continue
+        for name, a in arrays.items():
+            acc = sums.setdefault(name, np.zeros(a.shape, np.float64))
+            acc += a.astype(np.float64) * u.num_examples
+        total += u.num_examples
+        result.accepted.append(u.partition_id)
+    if total:
+        result.arrays = {name: (s / total).astype(np.float32) for name, s in sums.items()}
+    return result

@@ -1,0 +1,70 @@
+"""One client's round, free of Flower: decode the global model, train locally, encode the update.
+
+The Flower ClientApp, the device emulator and the benchmarks' bare loop all call
+:func:`local_round`, so the work they time and test is the same.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from fedtiny.models import load_arrays, model_arrays
+from fedtiny.payload import pack_dense, unpack_dense
+from fedtiny.scenario import Scenario
+from fedtiny.task import Task, limit_threads, make_task
+from fedtiny.train import evaluate, seeded, train_local
+
+__all__ = ["LocalResult", "local_round", "client_task"]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """A client's reply: the encoded update and its training metrics."""
+
+    update: bytes
+    num_examples: int
+    train_loss: float
+    train_accuracy: float
+    test_accuracy: float
+    steps: int
+
+    def metrics(self) -> dict[str, float | int]:
+        """Scalar metrics for the reply message."""
+        return {"num-examples": self.num_examples, "train_loss": self.train_loss,
+                "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps}
+
+
+@functools.lru_cache(maxsize=2)
+def _task(scenario_json: str) -> Task:
+    from fedtiny.scenario import scenario_from_json
+
+    limit_threads()
+    return make_task(scenario_from_json(scenario_json))
+
+
+def client_task(scenario: Scenario) -> Task:
+    """The client's task for ``scenario``, built once per process."""
+    return _task(scenario.to_json())
+
+
+def local_round(scenario: Scenario, partition_id: int, server_round: int, global_payload: bytes) -> LocalResult:
+    """Run client ``partition_id``'s local training of round ``server_round``.
+
+    Raises
+    ------
+    fedtiny.payload.PayloadError
+        When ``global_payload`` does not match the model.
+    IndexError
+        When ``partition_id`` is not a partition of the scenario.
+    """
+    task = client_task(scenario)
+    train, test = task.federation.client_data(partition_id)
+    load_arrays(task.model, unpack_dense(global_payload, task.downlink_spec))
+    t = scenario.train
+    fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                      optimizer=t.optimizer, momentum=t.momentum,
+                      gen=seeded(scenario.run.seed, server_round, partition_id))
+    _, test_acc = evaluate(task.model, test)
+    update = pack_dense(model_arrays(task.model, [n for n, _ in task.uplink_spec]), task.uplink_spec)
+    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps)

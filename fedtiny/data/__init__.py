@@ -1,0 +1,92 @@
+"""Data for a federation: the server's public and test splits and each client's partition."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtiny.data.partition import METHODS, partition_indices
+from fedtiny.data.shift import SensorShift, apply_shift, client_shift, fleet_shift
+from fedtiny.data.sources import SOURCES, DataError, ImageSet, load_source
+
+__all__ = ["DataError", "ImageSet", "Federation", "build_federation", "load_federation", "partition_indices",
+           "SensorShift", "apply_shift", "client_shift", "fleet_shift", "load_source", "SOURCES", "METHODS"]
+
+
+@dataclass(frozen=True)
+class Federation:
+    """How one scenario's data is split between the server and the clients.
+
+    Attributes
+    ----------
+    public
+        The server's clean "cloud" split, used for pretraining.
+    test
+        The server's held-out global test set, in the deployment domain (fleet shift).
+    pool
+        The samples shared among clients (before each client's own shift).
+    partitions
+        Indices into ``pool`` of each client's samples.
+    """
+
+    public: ImageSet
+    test: ImageSet
+    pool: ImageSet
+    partitions: list[np.ndarray]
+    scenario_shift: object
+    seed: int
+    client_test_fraction: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.public.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.public.shape
+
+    def client_shift(self, partition_id: int) -> SensorShift:
+        """The fixed sensor shift of client ``partition_id``."""
+        return client_shift(self.scenario_shift, partition_id, self.seed)
+
+    def client_data(self, partition_id: int) -> tuple[ImageSet, ImageSet]:
+        """Return client ``partition_id``'s ``(train, test)`` splits, as its sensor sees them."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise IndexError(f"partition-id {partition_id} out of range [0, {len(self.partitions)})")
+        data = self.pool.subset(self.partitions[partition_id])
+        x = apply_shift(data.x, self.client_shift(partition_id), [self.seed, 31, partition_id])
+        data = ImageSet(x, data.y, data.num_classes, data.name)
+        order = np.random.default_rng([self.seed, 17, partition_id]).permutation(len(data))
+        n_test = int(round(self.client_test_fraction * len(data)))
+        if len(data) - n_test < 1:
+            n_test = 0
+        return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+
+
+def build_federation(scenario) -> Federation:
+    """Load the scenario's data source and split it (seeded) between server and clients."""
+    d, seed = scenario.data, scenario.run.seed
+    data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed)
+    order = np.random.default_rng([seed, 3]).permutation(len(data))
+    n_pub, n_test = int(d.public_fraction * len(data)), int(d.test_fraction * len(data))
+    public = data.subset(np.sort(order[:n_pub]))
+    test = data.subset(np.sort(order[n_pub:n_pub + n_test]))
+    pool = data.subset(np.sort(order[n_pub + n_test:]))
+    test = ImageSet(apply_shift(test.x, fleet_shift(scenario.shift), [seed, 5]), test.y, test.num_classes, test.name)
+    parts = partition_indices(pool.y, scenario.run.clients, d.partition, seed=seed, alpha=d.alpha,
+                              classes_per_client=d.classes_per_client, min_partition_size=d.min_partition_size)
+    return Federation(public, test, pool, parts, scenario.shift, seed, d.client_test_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(scenario_json: str) -> Federation:
+    from fedtiny.scenario import scenario_from_json
+
+    return build_federation(scenario_from_json(scenario_json))
+
+
+def load_federation(scenario) -> Federation:
+    """:func:`build_federation`, cached per process (Flower calls a ClientApp many times)."""
+    return _cached(scenario.to_json())

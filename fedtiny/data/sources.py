@@ -1,0 +1,145 @@
+"""Image data sources behind one interface: ``load_source(name, root, ...) -> ImageSet``.
+
+Nothing is ever downloaded. ``digits`` is scikit-learn's bundled 8x8 digits; the
+torchvision sources read an existing local root with ``download=False`` and a
+missing root is a :class:`DataError`, not a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "ImageSet", "load_source", "SOURCES"]
+
+
+class DataError(RuntimeError):
+    """A data source cannot be read (missing root, bad folder, ...)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images in ``[0, 1]`` as float32 ``N x C x H x W`` with int64 labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or len(self.x) != len(self.y):
+            raise ValueError(f"ImageSet {self.name}: x must be NCHW with one label per image")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape ``(C, H, W)`` of one image."""
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        """Return the images at ``idx`` (a copy)."""
+        return ImageSet(self.x[idx], self.y[idx], self.num_classes, self.name)
+
+
+def _digits(root: str) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    return ImageSet(x, d.target.astype(np.int64), 10, "digits")
+
+
+def _torchvision(name: str, root: str) -> ImageSet:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    parts = []
+    for train in (True, False):
+        try:
+            parts.append(cls(root=root, train=train, download=False))
+        except (RuntimeError, OSError) as exc:
+            raise DataError(
+                f"data.root: {name} not found under '{root}' ({exc}). fedtiny never downloads data: "
+                f"place the torchvision '{cls.__name__}' files there, or use data.source = \"digits\""
+            ) from None
+    xs, ys = [], []
+    for ds in parts:
+        data = np.asarray(ds.data)
+        if data.ndim == 3:  # MNIST-like: N x H x W
+            data = data[:, None]
+        else:  # CIFAR: N x H x W x C
+            data = data.transpose(0, 3, 1, 2)
+        xs.append(data.astype(np.float32) / 255.0)
+        ys.append(np.asarray(ds.targets, dtype=np.int64))
+    return ImageSet(np.concatenate(xs), np.concatenate(ys), 10, name)
+
+
+def _imagefolder(root: str) -> ImageSet:
+    import torchvision
+
+    if not Path(root).is_dir():
+        raise DataError(f"data.root: '{root}' is not a directory of class folders")
+    try:
+        ds = torchvision.datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        raise DataError(f"data.root: cannot read ImageFolder '{root}': {exc}") from None
+    xs, size = [], None
+    for path, _ in ds.samples:
+        img = np.asarray(ds.loader(path).convert("RGB"), dtype=np.float32) / 255.0
+        if size is None:
+            size = img.shape
+        elif img.shape != size:
+            # Resize to the first image's size so that every sample stacks; data.image_size can override.
+            from PIL import Image
+
+            img = np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize(size[1::-1]), np.float32) / 255.0
+        xs.append(img.transpose(2, 0, 1))
+    return ImageSet(np.stack(xs), np.asarray(ds.targets, np.int64), len(ds.classes), f"imagefolder:{root}")
+
+
+SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(x)
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+
+
+def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: int = 0, seed: int = 0) -> ImageSet:
+    """Load a data source.
+
+    Parameters
+    ----------
+    name
+        One of :data:`SOURCES`.
+    root
+        Local dataset root for the torchvision sources and ``imagefolder``.
+    image_size
+        Resize to ``image_size x image_size`` (0 keeps the source's size).
+    max_samples
+        Keep a seeded random subset of this many samples (0 keeps all).
+    seed
+        Seed of that subset.
+    """
+    if name == "digits":
+        data = _digits(root)
+    elif name in ("mnist", "fashion-mnist", "cifar10"):
+        data = _torchvision(name, root)
+    elif name == "imagefolder":
+        data = _imagefolder(root)
+    else:
+        raise DataError(f"data.source: unknown source {name!r}; expected one of {', '.join(SOURCES)}")
+    if max_samples and max_samples < len(data):
+        idx = np.sort(np.random.default_rng(seed).choice(len(data), max_samples, replace=False))
+        data = data.subset(idx)
+    if image_size and image_size != data.shape[-1]:
+        data = ImageSet(_resize(data.x, image_size), data.y, data.num_classes, data.name)
+    return data

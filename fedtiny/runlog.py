@@ -1,0 +1,122 @@
+"""A run folder: resolved scenario, per-round ``metrics.jsonl``, ``summary.json`` and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedtiny.scenario import Scenario
+
+__all__ = ["RunLog", "new_run_dir", "write_scenario", "read_metrics"]
+
+# Keys that hold wall-clock times: everything else in metrics.jsonl is deterministic.
+TIMING_KEYS = ("elapsed_s",)
+
+
+def new_run_dir(scenario: Scenario, out: str | Path | None = None, base: str | Path = "runs") -> Path:
+    """``out`` if given, else ``runs/<name>-<timestamp>`` (made unique)."""
+    if out:
+        path = Path(out)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(base) / f"{scenario.run.name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(base) / f"{scenario.run.name}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def write_scenario(scenario: Scenario, run_dir: Path) -> Path:
+    """Write the resolved scenario (defaults and overrides applied) as ``scenario.toml``."""
+    import tomli_w
+
+    path = run_dir / "scenario.toml"
+    path.write_text("# Resolved scenario of this run (defaults and --set overrides applied).\n"
+                    + tomli_w.dumps(scenario.to_dict()))
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Read a run's ``metrics.jsonl``."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLog:
+    """Append one JSON line per round, show progress, and write the summary and plots at the end.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder (created by :func:`new_run_dir`).
+    scenario
+        The resolved scenario.
+    progress
+        Stream for the per-round progress line (stderr by default, so that
+        ``--json`` output on stdout stays clean); None silences it.
+    """
+
+    def __init__(self, run_dir: Path, scenario: Scenario, progress: TextIO | None = sys.stderr) -> None:
+        self.run_dir = Path(run_dir)
+        self.scenario = scenario
+        self.progress = progress
+        self.records: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+        self.path = self.run_dir / "metrics.jsonl"
+        self.path.write_text("")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        """Append a round's record (adds ``elapsed_s``) and print a progress line."""
+        record = {**record, "elapsed_s": round(self.elapsed(), 3)}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.progress is not None:
+            r, total = record["round"], self.scenario.run.rounds
+            rej = len(record.get("rejected", []))
+            print(f"[fedtiny] round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
+                  f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
+                  f"down {_kb(record.get('downlink_bytes', 0))}"
+                  + (f" | rejected {rej}" if rej else "") + f" | {record['elapsed_s']:.1f}s",
+                  file=self.progress, flush=True)
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Write ``summary.json`` and the plots; return the summary."""
+        recs = self.records
+        last = recs[-1] if recs else {}
+        summary = {
+            "name": self.scenario.run.name,
+            "seed": self.scenario.run.seed,
+            "rounds": max((r["round"] for r in recs), default=0),
+            "num_clients": self.scenario.run.clients,
+            "clients_per_round": self.scenario.clients_per_round,
+            "initial_accuracy": recs[0]["global_accuracy"] if recs else None,
+            "final_accuracy": last.get("global_accuracy"),
+            "final_loss": last.get("global_loss"),
+            "best_accuracy": max((r["global_accuracy"] for r in recs), default=None),
+            "uplink_bytes_total": sum(r.get("uplink_bytes", 0) for r in recs),
+            "downlink_bytes_total": sum(r.get("downlink_bytes", 0) for r in recs),
+            "rejected_updates_total": sum(len(r.get("rejected", [])) for r in recs),
+            "wall_time_s": round(self.elapsed(), 3),
+            "run_dir": str(self.run_dir),
+            **extra,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if recs:
+            from fedtiny.plots import plot_run
+
+            plot_run(recs, self.run_dir, title=self.scenario.run.name)
+        return summary
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} kB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"

@@ -1,0 +1,282 @@
+"""The scenario schema: one place that defines, defaults and validates every key.
+
+A scenario is a TOML file with one table per section (``[run]``, ``[data]``,
+``[shift]``, ``[model]``, ``[train]``). Every key is declared exactly once, in the
+dataclasses below, with its type, default, allowed range and a one-line help.
+:func:`load_scenario` is the only entry point; any problem raises
+:class:`ScenarioError` whose message names the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override is invalid; the message is a single line."""
+
+
+def _key(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {', '.join(options)}; got {v!r}"
+
+    return check
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = _key("fedtiny", "name of the run (used in the run folder name)")
+    seed: int = _key(0, "seed for data split, partitioning, sampling and training", _range(0))
+    rounds: int = _key(10, "number of federated rounds", _range(1, 100_000))
+    clients: int = _key(10, "number of simulated clients (partitions)", _range(1, 100_000))
+    clients_per_round: int = _key(0, "clients sampled per round; 0 means all", _range(0, 100_000))
+    num_cpus: int = _key(2, "CPU cores given to the simulation backend", _range(1, 256))
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = _key(
+        "digits",
+        "digits (bundled), mnist, fashion-mnist, cifar10 (local root), imagefolder",
+        _choice("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"),
+    )
+    root: str = _key("", "dataset root for torchvision sources (never downloaded)")
+    image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))
+    max_samples: int = _key(0, "use at most this many samples (seeded subset); 0 means all", _range(0))
+    partition: str = _key("iid", "iid, dirichlet (label skew) or pathological (k classes each)",
+                          _choice("iid", "dirichlet", "pathological"))
+    alpha: float = _key(0.5, "Dirichlet concentration (smaller = more skewed)", _range(0.0, lo_open=True))
+    classes_per_client: int = _key(2, "classes per client for the pathological partition", _range(1))
+    min_partition_size: int = _key(2, "Dirichlet: resample until every client has this many samples", _range(0))
+    public_fraction: float = _key(0.3, "share kept by the server for cloud pretraining", _range(0.0, 0.9))
+    test_fraction: float = _key(0.2, "share kept by the server as the global test set", _range(0.0, 0.9, lo_open=True))
+    client_test_fraction: float = _key(0.2, "share of each client's data held out for its local test", _range(0.0, 0.9))
+
+
+@dataclass(frozen=True)
+class ShiftSection:
+    rotation_deg: float = _key(0.0, "fleet-wide sensor rotation (degrees) of the deployment domain", _range(-180, 180))
+    gain: float = _key(1.0, "fleet-wide sensor gain", _range(0.0, 10.0, lo_open=True))
+    offset: float = _key(0.0, "fleet-wide sensor offset (added to pixels in [0,1])", _range(-1.0, 1.0))
+    noise_std: float = _key(0.0, "fleet-wide sensor noise standard deviation", _range(0.0, 1.0))
+    client_rotation_deg: float = _key(0.0, "per-client rotation drawn uniformly in +-this", _range(0.0, 180.0))
+    client_gain: float = _key(0.0, "per-client gain factor drawn uniformly in 1 +- this", _range(0.0, 0.99))
+    client_noise_std: float = _key(0.0, "per-client extra noise std drawn uniformly in [0, this]", _range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = _key("tiny-ir", "built-in model", _choice("tiny-ir"))
+    width: int = _key(16, "channels of the first convolution (later blocks scale from it)", _range(4, 256))
+    pretrain_epochs: int = _key(30, "epochs of cloud pretraining on the server's public split", _range(0, 10_000))
+    pretrain_lr: float = _key(0.05, "learning rate of cloud pretraining (SGD, momentum 0.9)", _range(0.0, 10.0, lo_open=True))
+    pretrain_batch_size: int = _key(32, "batch size of cloud pretraining", _range(1, 65_536))
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    optimizer: str = _key("sgd", "client optimizer", _choice("sgd", "adam"))
+    lr: float = _key(0.05, "client learning rate", _range(0.0, 10.0, lo_open=True))
+    momentum: float = _key(0.0, "SGD momentum (0 = none; the state lives on the device)", _range(0.0, 0.999))
+    local_epochs: int = _key(1, "local epochs per round", _range(1, 1000))
+    batch_size: int = _key(16, "client batch size", _range(1, 65_536))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    shift: ShiftSection = field(default_factory=ShiftSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Return the resolved scenario as nested plain dicts (TOML/JSON ready)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Return a canonical JSON string of the resolved scenario."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        """Return a short hash of the resolved scenario (for caches and run names)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round after resolving ``0 = all``."""
+        return self.run.clients_per_round or self.run.clients
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def schema_rows() -> list[tuple[str, str, Any, str]]:
+    """Return ``(key, type, default, help)`` for every key (for docs and ``--help``)."""
+    rows = []
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", str(f.type), f.default, f.metadata["help"]))
+    return rows
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
+    expected = _TYPES[type_name]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and expected is not bool:
+        raise ScenarioError(f"{where}: {key}: expected {type_name}, got bool {value!r}")
+    if not isinstance(value, expected):
+        raise ScenarioError(f"{where}: {key}: expected {type_name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(where: str, raw: Mapping[str, Any]) -> Scenario:
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in _SECTIONS:
+            raise ScenarioError(f"{where}: [{name}]: unknown section{_suggest(name, list(_SECTIONS))}")
+        if not isinstance(table, Mapping):
+            raise ScenarioError(f"{where}: {name}: expected a table [{name}], got {type(table).__name__}")
+    for name, cls in _SECTIONS.items():
+        table = dict(raw.get(name, {}))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in table.items():
+            full = f"{name}.{key}"
+            if key not in fields:
+                raise ScenarioError(f"{where}: {full}: unknown key{_suggest(key, list(fields))}")
+            f = fields[key]
+            value = _coerce(where, full, value, str(f.type))
+            problem = f.metadata["check"](value) if f.metadata["check"] else None
+            if problem:
+                raise ScenarioError(f"{where}: {full}: {problem}")
+            values[key] = value
+        sections[name] = cls(**values)
+    scenario = Scenario(**sections)
+    _check_cross(where, scenario)
+    return scenario
+
+
+def _check_cross(where: str, s: Scenario) -> None:
+    if s.run.clients_per_round > s.run.clients:
+        raise ScenarioError(
+            f"{where}: run.clients_per_round: must be <= run.clients ({s.run.clients}), got {s.run.clients_per_round}"
+        )
+    if s.data.public_fraction + s.data.test_fraction >= 0.95:
+        raise ScenarioError(
+            f"{where}: data.public_fraction: public_fraction + test_fraction must leave data for the clients "
+            f"(< 0.95), got {s.data.public_fraction + s.data.test_fraction:g}"
+        )
+    if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
+        raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
+
+
+def parse_overrides(items: list[str] | str) -> dict[str, Any]:
+    """Parse ``key=value`` overrides (a list, or one ``;``-separated string).
+
+    Values are read as TOML literals (``0.1``, ``true``, ``"x"``); anything that is
+    not a TOML literal is taken as a bare string.
+    """
+    if isinstance(items, str):
+        items = [p for p in (s.strip() for s in items.split(";")) if p]
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ScenarioError(f"--set: {item!r}: expected key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        if key.count(".") != 1:
+            raise ScenarioError(f"--set: {key}: expected section.key (e.g. train.lr)")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out[key] = value
+    return out
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """Load, apply overrides to, and validate a scenario file.
+
+    Parameters
+    ----------
+    path
+        TOML scenario file.
+    overrides
+        ``{"section.key": value}`` applied on top of the file (``--set``).
+
+    Raises
+    ------
+    ScenarioError
+        On a missing file, invalid TOML, unknown section/key, wrong type or
+        out-of-range value. The message names the file and the key.
+    """
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{where}: no such scenario file") from None
+    except IsADirectoryError:
+        raise ScenarioError(f"{where}: is a directory, expected a TOML scenario file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{where}: invalid TOML: {exc}") from None
+    return scenario_from_dict(raw, overrides, where=where)
+
+
+def scenario_from_dict(
+    raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, where: str = "<scenario>"
+) -> Scenario:
+    """Validate a scenario given as nested dicts (e.g. the JSON a Flower app receives)."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ScenarioError(f"{where}: {key}: override must be section.key")
+        table = merged.setdefault(section, {})
+        if isinstance(table, dict):
+            table[name] = value
+    return _build(where, merged)
+
+
+def scenario_from_json(text: str, *, where: str = "<scenario json>") -> Scenario:
+    """Validate a scenario sent as JSON (as the server sends it to clients)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ScenarioError(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: expected a JSON object")
+    return scenario_from_dict(raw, where=where)

@@ -1,0 +1,117 @@
+"""Local training and evaluation of a model on an :class:`~fedtiny.data.ImageSet`.
+
+Clients fine-tune with BatchNorm statistics frozen (``eval`` mode): on the device
+BatchNorm is folded into the convolutions, so only weights and biases can change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtiny.data import ImageSet
+
+__all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run reports."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A torch generator seeded from integers (round, client, ...)."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+    return g
+
+
+def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None):
+    n = len(data)
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+def _optimizer(name: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
+
+
+def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
+                optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
+                freeze_bn: bool = True) -> TrainResult:
+    """Train ``model`` in place on ``data`` and return the running loss and accuracy."""
+    model.train(not freeze_bn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(optimizer, params, lr, momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    for _ in range(epochs):
+        for xb, yb in _batches(data, batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            opt.step()
+            total_loss += float(loss.detach()) * len(yb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(yb)
+            steps += 1
+    model.eval()
+    return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> tuple[float, float]:
+    """Return ``(loss, accuracy)`` of ``model`` on ``data`` (0, 0 for empty data)."""
+    if len(data) == 0:
+        return 0.0, 0.0
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, correct = 0.0, 0
+    for xb, yb in _batches(data, batch_size, None):
+        out = model(xb)
+        total += float(loss_fn(out, yb))
+        correct += int((out.argmax(1) == yb).sum())
+    return total / len(data), correct / len(data)
+
+
+def pretrain(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, batch_size: int, seed: int) -> TrainResult:
+    """Cloud pretraining on the server's public split: SGD with momentum, cosine schedule, BN in train mode."""
+    if epochs == 0 or len(data) == 0:
+        return TrainResult(0.0, 0.0, len(data), 0)
+    gen = seeded(seed, 11)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    result = TrainResult(0.0, 0.0, len(data), 0)
+    for _ in range(epochs):
+        model.train()
+        total, correct, steps = 0.0, 0, 0
+        for xb, yb in _batches(data, batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(yb)
+            correct += int((out.argmax(1) == yb).sum())
+            steps += 1
+        sched.step()
+        result = TrainResult(total / len(data), correct / len(data), len(data), result.steps + steps)
+    model.eval()
+    return result

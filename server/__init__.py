@@ -1,0 +1,1 @@
+"""fedtiny's Flower ServerApp and strategy."""

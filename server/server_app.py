@@ -1,0 +1,96 @@
+"""The fedtiny ServerApp: pretrain in the cloud, then federate the fine-tuning."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from clients.wire import bytes_record, record_bytes
+from fedtiny.models import load_arrays
+from fedtiny.payload import pack_dense, unpack_dense
+from fedtiny.runlog import RunLog, new_run_dir, write_scenario
+from fedtiny.scenario import Scenario, load_scenario, parse_overrides
+from fedtiny.task import limit_threads, make_task, pretrained_arrays
+from fedtiny.train import evaluate
+from server.strategy import FedTinyStrategy
+
+__all__ = ["app", "make_server_app", "run_server", "discover_partitions"]
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> dict[int, int]:
+    """Ask every node for its partition id; return ``{partition_id: node_id}``.
+
+    Waits up to ``timeout`` seconds for ``expected`` nodes to connect (deployment
+    SuperNodes may join late) and fails with a clear error when partitions are missing.
+    """
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    node_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            continue
+        pid = int(reply.content.config_records["node"]["partition-id"])
+        node_of.setdefault(pid, reply.metadata.src_node_id)
+    missing = sorted(set(range(expected)) - set(node_of))
+    if missing:
+        raise RuntimeError(f"run.clients = {expected} but no connected node holds partition(s) {missing[:10]}"
+                           f" ({len(nodes)} nodes connected)")
+    return node_of
+
+
+def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
+    """Run a whole federation on ``grid`` and write its run folder; return the summary."""
+    limit_threads()
+    task = make_task(scenario)
+    initial, fit = pretrained_arrays(task)
+    log = RunLog(run_dir, scenario)
+    strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients))
+
+    def evaluate_global(server_round: int, arrays) -> MetricRecord:
+        load_arrays(task.model, unpack_dense(record_bytes(arrays), task.downlink_spec))
+        loss, acc = evaluate(task.model, task.federation.test)
+        stats = strategy.last_round if server_round else {}
+        log.add_round({"round": server_round, "global_accuracy": acc, "global_loss": loss,
+                       "clients": stats.get("clients", []), "rejected": stats.get("rejected", []),
+                       "uplink_bytes": stats.get("uplink_bytes", 0), "downlink_bytes": stats.get("downlink_bytes", 0)})
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    strategy.start(grid, bytes_record(pack_dense(initial, task.downlink_spec)), num_rounds=scenario.run.rounds,
+                   evaluate_fn=evaluate_global)
+    return log.finish(pretrain_train_accuracy=fit.accuracy, model_parameters=sum(p.numel() for p in task.model.parameters()),
+                      downlink_payload_bytes=len(pack_dense(initial, task.downlink_spec)))
+
+
+def make_server_app(scenario: Scenario, run_dir: Path) -> ServerApp:
+    """A ServerApp bound to a resolved scenario (``fedtiny run`` uses this with run_simulation)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, scenario, run_dir)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the scenario comes from the run config."""
+    cfg = context.run_config
+    path = Path(str(cfg.get("scenario", "scenarios/quickstart.toml")))
+    scenario = load_scenario(path if path.is_absolute() else APP_DIR / path, parse_overrides(str(cfg.get("overrides", ""))))
+    run_dir = new_run_dir(scenario, str(cfg.get("run-dir", "")) or None)
+    write_scenario(scenario, run_dir)
+    run_server(grid, scenario, run_dir)

@@ -1,0 +1,106 @@
+"""FedTiny strategy: seeded sampling by partition id, validated aggregation in a fixed order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from clients.wire import bytes_record, record_bytes
+from fedtiny.aggregate import ClientUpdate, Rejection, aggregate_dense
+from fedtiny.payload import PayloadError, pack_dense, unpack_dense
+from fedtiny.sampling import sample_clients
+from fedtiny.task import Task
+
+__all__ = ["FedTinyStrategy"]
+
+
+class FedTinyStrategy(Strategy):
+    """Federated averaging of client updates with fedtiny's payloads and bookkeeping.
+
+    Parameters
+    ----------
+    task
+        The scenario's task (model, wire specs).
+    node_of
+        Flower node id of each partition id (from the discovery query).
+
+    Notes
+    -----
+    ``arrays`` passed between rounds is the downlink payload record (what every
+    sampled client receives). After each round, :attr:`last_round` holds the
+    per-client metrics, byte counts and rejections for the run log.
+    """
+
+    def __init__(self, task: Task, node_of: dict[int, int]) -> None:
+        self.task = task
+        self.scenario = task.scenario
+        self.node_of = node_of
+        self.partition_of = {n: p for p, n in node_of.items()}
+        self.last_round: dict[str, Any] = {}
+        self._global = b""
+        self._sent = 0
+
+    def summary(self) -> None:
+        """Flower logs this at start; fedtiny's run log says what matters."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        s = self.scenario
+        pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
+        self._global = record_bytes(arrays)
+        self._sent = len(pids)
+        cfg = ConfigRecord({"scenario": s.to_json(), "server-round": server_round})
+        return [Message(RecordDict({"global": arrays, "config": cfg}), dst_node_id=self.node_of[p],
+                        message_type=MessageType.TRAIN) for p in pids]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates, clients, rejected = [], {}, []
+        for msg in replies:
+            pid = self.partition_of.get(msg.metadata.src_node_id, -1)
+            if msg.has_error():
+                rejected.append(Rejection(pid, f"client error: {msg.error.reason}"))
+                continue
+            try:
+                payload = record_bytes(msg.content.array_records.get("update"))
+                m = msg.content.metric_records.get("metrics") or MetricRecord()
+                n = m.get("num-examples")
+            except PayloadError as exc:
+                rejected.append(Rejection(pid, str(exc)))
+                continue
+            updates.append(ClientUpdate(pid, payload, n if isinstance(n, int) else -1))
+            clients[pid] = {"partition_id": pid, "uplink_bytes": len(payload), "downlink_bytes": len(self._global),
+                            **{k: v for k, v in m.items() if k != "num-examples"}, "num_examples": n}
+        result = aggregate_dense(updates, self.task.uplink_spec)
+        rejected += result.rejected
+        accepted = [clients[p] for p in sorted(result.accepted)]
+        self.last_round = {
+            "clients": accepted,
+            "rejected": [{"partition_id": r.partition_id, "reason": r.reason}
+                         for r in sorted(rejected, key=lambda r: r.partition_id)],
+            # Bytes that crossed the radio, refused or not.
+            "uplink_bytes": sum(c["uplink_bytes"] for c in clients.values()),
+            "downlink_bytes": len(self._global) * self._sent,
+        }
+        if result.arrays is None:
+            return None, None
+        # Clients train a subset of the state (not the frozen BN statistics): merge into the current global.
+        merged = {**unpack_dense(self._global, self.task.downlink_spec), **result.arrays}
+        n_total = sum(c["num_examples"] for c in accepted)
+        metrics = MetricRecord({
+            "train_loss": sum(c["train_loss"] * c["num_examples"] for c in accepted) / n_total,
+            "train_accuracy": sum(c["train_accuracy"] * c["num_examples"] for c in accepted) / n_total,
+        })
+        return bytes_record(pack_dense(merged, self.task.downlink_spec)), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No federated evaluation round: clients report local test accuracy with their update."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
