@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from fedtiny.aggregate import ClientUpdate, aggregate_dense
+from fedtiny.payload import PayloadError, dense_nbytes, pack_dense, unpack_dense
+
+SPEC = [("a", (2, 3)), ("b", (4,))]
+
+
+def arrays(v):
+    return {"a": np.full((2, 3), v, np.float32), "b": np.arange(4, dtype=np.float32) * v}
+
+
+def test_round_trip_and_exact_size():
+    data = pack_dense(arrays(1.5), SPEC)
+    assert len(data) == dense_nbytes(SPEC) == 40
+    out = unpack_dense(data, SPEC)
+    assert np.array_equal(out["a"], arrays(1.5)["a"]) and np.array_equal(out["b"], arrays(1.5)["b"])
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x00" * 39, "39 bytes, expected 40"),
+    (b"\x00" * 44, "44 bytes, expected 40"),
+    (np.full(10, np.nan, np.float32).tobytes(), "non-finite"),
+    ("not bytes", "must be bytes"),
+])
+def test_bad_payloads_are_refused(data, reason):
+    with pytest.raises(PayloadError, match=reason):
+        unpack_dense(data, SPEC)
+
+
+def test_aggregate_is_example_weighted_and_rejects_bad_updates():
+    ups = [
+        ClientUpdate(2, pack_dense(arrays(3.0), SPEC), 30),
+        ClientUpdate(0, pack_dense(arrays(1.0), SPEC), 10),
+        ClientUpdate(5, b"garbage", 10),
+        ClientUpdate(6, pack_dense(arrays(1e6), SPEC), 0),
+        ClientUpdate(7, np.full(10, np.inf, np.float32).tobytes(), 10),
+    ]
+    res = aggregate_dense(ups, SPEC)
+    assert res.accepted == [0, 2]
+    assert [r.partition_id for r in res.rejected] == [5, 6, 7]
+    assert all(r.reason for r in res.rejected)
+    np.testing.assert_allclose(res.arrays["a"], 2.5)  # (1*10 + 3*30) / 40
+    np.testing.assert_allclose(res.arrays["b"], np.arange(4) * 2.5)
+
+
+def test_aggregate_of_nothing_valid_leaves_no_model():
+    assert aggregate_dense([ClientUpdate(0, b"x", 1)], SPEC).arrays is None

@@ -1,0 +1,90 @@
+import pytest
+
+from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides, scenario_from_dict, schema_rows
+
+from conftest import ROOT
+
+
+def write(tmp_path, text):
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return p
+
+
+def test_quickstart_is_valid():
+    s = load_scenario(ROOT / "scenarios" / "quickstart.toml")
+    assert s.run.name == "quickstart" and s.run.clients == 10 and s.clients_per_round == 10
+
+
+def test_defaults_fill_missing_keys(tmp_path):
+    s = load_scenario(write(tmp_path, "[run]\nrounds = 3\n"))
+    assert s.run.rounds == 3 and s.data.source == "digits" and s.train.batch_size == 16
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("[run]\nroudns = 3\n", ["run.roudns", "unknown key", "did you mean 'rounds'"]),
+    ("[rnu]\nrounds = 3\n", ["[rnu]", "unknown section", "did you mean 'run'"]),
+    ("[run]\nrounds = 'ten'\n", ["run.rounds", "expected int", "str"]),
+    ("[run]\nrounds = 0\n", ["run.rounds", "must be >= 1"]),
+    ("[train]\nlr = -0.1\n", ["train.lr", "must be > 0.0"]),
+    ("[data]\npartition = 'zipf'\n", ["data.partition", "must be one of"]),
+    ("[run]\nclients = 4\nclients_per_round = 5\n", ["run.clients_per_round", "<= run.clients"]),
+    ("[data]\nsource = 'mnist'\n", ["data.root", "needs a local dataset root"]),
+    ("[run]\nseed = true\n", ["run.seed", "bool"]),
+    ("[run\n", ["invalid TOML"]),
+])
+def test_errors_name_file_key_and_problem(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    for f in fragments:
+        assert f in msg
+
+
+def test_missing_file():
+    with pytest.raises(ScenarioError, match="no such scenario file"):
+        load_scenario("does/not/exist.toml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "[run]\nrounds = 3\n")
+    s = load_scenario(path, parse_overrides(["train.lr=0.1", "run.name=abc", "data.partition=dirichlet"]))
+    assert s.train.lr == 0.1 and s.run.name == "abc" and s.data.partition == "dirichlet"
+    s = load_scenario(path, parse_overrides("train.lr=1; run.rounds=7"))
+    assert isinstance(s.train.lr, float) and s.run.rounds == 7
+    with pytest.raises(ScenarioError, match="train.lrr: unknown key"):
+        load_scenario(path, parse_overrides(["train.lrr=0.1"]))
+    with pytest.raises(ScenarioError, match="expected key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_json_round_trip_and_digest():
+    s = scenario_from_dict({"run": {"rounds": 4}})
+    from fedtiny.scenario import scenario_from_json
+
+    assert scenario_from_json(s.to_json()) == s
+    assert s.digest() == scenario_from_json(s.to_json()).digest()
+    assert s.digest() != scenario_from_dict({"run": {"rounds": 5}}).digest()
+
+
+def test_every_key_is_documented():
+    rows = schema_rows()
+    assert len(rows) > 20 and all(help_ for *_, help_ in rows)
+
+
+def test_cli_misspelled_key_exits_2_with_one_line(tmp_path, cli):
+    path = write(tmp_path, (ROOT / "scenarios" / "quickstart.toml").read_text().replace("local_epochs", "local_epoch"))
+    proc = cli("run", str(path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "train.local_epoch" in lines[0] and str(path) in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_dataset_root_exits_2(tmp_path, cli):
+    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "data.source=mnist",
+               "--set", f"data.root={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert "data.root" in proc.stderr and "never downloads" in proc.stderr and "Traceback" not in proc.stderr

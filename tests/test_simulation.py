@@ -1,0 +1,121 @@
+"""End-to-end: real Flower simulations (Ray backend) of a few clients and rounds, run as a user would."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedtiny.payload import dense_nbytes, pack_dense
+from fedtiny.runlog import TIMING_KEYS, read_metrics
+from fedtiny.scenario import load_scenario, parse_overrides
+from fedtiny.task import make_task
+
+from conftest import ROOT
+
+SMALL = ["--set", "run.clients=4", "--set", "run.clients_per_round=3", "--set", "run.rounds=2",
+         "--set", "model.pretrain_epochs=5", "--set", "run.name=small"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from conftest import run_cli
+
+    out = []
+    for i in range(2):
+        d = tmp_path_factory.mktemp(f"run{i}")
+        proc = run_cli("run", str(ROOT / "scenarios" / "quickstart.toml"), *SMALL, "--out", str(d), "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out.append((d, proc))
+    return out
+
+
+def test_run_folder_and_summary(two_runs):
+    d, proc = two_runs[0]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("final_accuracy", "rounds", "num_clients", "uplink_bytes_total", "downlink_bytes_total",
+                "wall_time_s", "run_dir"):
+        assert key in summary
+    assert summary == json.loads((d / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["num_clients"] == 4 and summary["run_dir"] == str(d)
+    for name in ("scenario.toml", "metrics.jsonl", "accuracy.png", "bytes.png"):
+        assert (d / name).stat().st_size > 0
+    resolved = load_scenario(d / "scenario.toml")
+    assert resolved.run.clients == 4 and resolved.run.rounds == 2
+    # Progress went to stderr, one line per round (0 = the pretrained model).
+    assert proc.stderr.count("[fedtiny] round") == 3
+
+
+def test_metrics_per_round_and_byte_counts(two_runs):
+    d, _ = two_runs[0]
+    recs = read_metrics(d)
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    task = make_task(load_scenario(d / "scenario.toml"))
+    up, down = dense_nbytes(task.uplink_spec), dense_nbytes(task.downlink_spec)
+    for r in recs[1:]:
+        assert len(r["clients"]) == 3 and r["rejected"] == []
+        assert [c["partition_id"] for c in r["clients"]] == sorted(c["partition_id"] for c in r["clients"])
+        for c in r["clients"]:
+            assert c["uplink_bytes"] == up and c["downlink_bytes"] == down
+            assert c["num_examples"] > 0 and 0 <= c["train_accuracy"] <= 1
+        assert r["uplink_bytes"] == 3 * up and r["downlink_bytes"] == 3 * down
+        assert 0 <= r["global_accuracy"] <= 1 and np.isfinite(r["global_loss"])
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["uplink_bytes_total"] == 2 * 3 * up
+    # Federated fine-tuning adapts the pretrained model to the shifted sensors.
+    assert recs[-1]["global_accuracy"] > recs[0]["global_accuracy"]
+
+
+def test_same_seed_same_metrics(two_runs):
+    a, b = (read_metrics(d) for d, _ in two_runs)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower stamps messages with the running task's identity; outside a run, give it one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
+    """Real Flower reply messages with broken payloads: counted, never aggregated, round goes on."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from clients.wire import bytes_record, record_bytes
+    from fedtiny.models import model_arrays
+    from fedtiny.payload import unpack_dense
+    from server.strategy import FedTinyStrategy
+
+    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3"]))
+    task = make_task(scenario)
+    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102})
+    state = model_arrays(task.model)
+    global_record = bytes_record(pack_dense(state, task.downlink_spec))
+    sent = list(strategy.configure_train(1, global_record, None, None))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
+
+    good = {k: v + 1.0 for k, v in model_arrays(task.model, [n for n, _ in task.uplink_spec]).items()}
+    payloads = {100: pack_dense(good, task.uplink_spec), 101: b"\x00" * 17,
+                102: pack_dense({k: v * np.nan for k, v in good.items()}, task.uplink_spec)}
+    replies = []
+    for m in sent:
+        r = Message(RecordDict({"update": bytes_record(payloads[m.metadata.dst_node_id]),
+                                "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5,
+                                                         "train_accuracy": 0.5, "test_accuracy": 0.5})}), reply_to=m)
+        replies.append(r)
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert [c["partition_id"] for c in strategy.last_round["clients"]] == [0]
+    assert [r["partition_id"] for r in strategy.last_round["rejected"]] == [1, 2]
+    assert "17 bytes" in strategy.last_round["rejected"][0]["reason"]
+    assert "non-finite" in strategy.last_round["rejected"][1]["reason"]
+    merged = unpack_dense(record_bytes(new), task.downlink_spec)
+    for name in good:
+        np.testing.assert_allclose(merged[name], good[name])
+    # Frozen tensors (BN statistics) pass through unchanged.
+    bn = next(k for k in state if k.endswith("running_var"))
+    np.testing.assert_array_equal(merged[bn], state[bn])
