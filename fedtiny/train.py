@@ -51,16 +51,14 @@ def _optimizer(name: str, params, lr: float, momentum: float) -> torch.optim.Opt
     raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
 
 
-def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
-                optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
-                freeze_bn: bool = True) -> TrainResult:
-    """Train ``model`` in place on ``data`` and return the running loss and accuracy."""
-    model.train(not freeze_bn)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr, momentum)
+def _epochs(model: nn.Module, data: ImageSet, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
+            gen: torch.Generator | None, bn_train: bool, scheduler=None) -> TrainResult:
+    """The training loop every path shares; returns the last epoch's running loss and accuracy."""
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
+        model.train(bn_train)
+        total_loss, correct, seen = 0.0, 0, 0
         for xb, yb in _batches(data, batch_size, gen):
             opt.zero_grad(set_to_none=True)
             out = model(xb)
@@ -71,8 +69,18 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
             steps += 1
+        if scheduler is not None:
+            scheduler.step()
     model.eval()
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps)
+
+
+def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
+                optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
+                freeze_bn: bool = True) -> TrainResult:
+    """Train ``model`` in place on ``data``; return the last epoch's running loss and accuracy."""
+    opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum)
+    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn)
 
 
 @torch.no_grad()
@@ -94,24 +102,6 @@ def pretrain(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, batch_
     """Cloud pretraining on the server's public split: SGD with momentum, cosine schedule, BN in train mode."""
     if epochs == 0 or len(data) == 0:
         return TrainResult(0.0, 0.0, len(data), 0)
-    gen = seeded(seed, 11)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    loss_fn = nn.CrossEntropyLoss()
-    result = TrainResult(0.0, 0.0, len(data), 0)
-    for _ in range(epochs):
-        model.train()
-        total, correct, steps = 0.0, 0, 0
-        for xb, yb in _batches(data, batch_size, gen):
-            opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(yb)
-            correct += int((out.argmax(1) == yb).sum())
-            steps += 1
-        sched.step()
-        result = TrainResult(total / len(data), correct / len(data), len(data), result.steps + steps)
-    model.eval()
-    return result
+    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=seeded(seed, 11), bn_train=True,
+                   scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs))
