@@ -8,9 +8,9 @@ import numpy as np
 
 from fedtiny.payload import PayloadError, unpack_dense
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate_dense"]
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate_dense", "GlobalModel"]
 
-Spec = list[tuple[str, tuple[int, ...]]]
+Spec = list[tuple[str, tuple[int, ...], str]]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Rejection:
 
 @dataclass
 class AggregateResult:
-    """The new global tensors (None when nothing was accepted) and what was refused."""
+    """The example-weighted mean (float64; None when nothing was accepted) and what was refused."""
 
     arrays: dict[str, np.ndarray] | None
     accepted: list[int] = field(default_factory=list)
@@ -64,5 +64,34 @@ def aggregate_dense(updates: list[ClientUpdate], spec: Spec, *, max_examples: in
         total += u.num_examples
         result.accepted.append(u.partition_id)
     if total:
-        result.arrays = {name: (s / total).astype(np.float32) for name, s in sums.items()}
+        result.arrays = {name: s / total for name, s in sums.items()}
     return result
+
+
+class GlobalModel:
+    """The server's global model: a float64 master of the trained tensors and the state it sends.
+
+    Clients of the int8 graph return integer tensors; averaging them gives values
+    between integers. The master keeps those fractions across rounds (a client's
+    sub-LSB progress is not lost to rounding), and what is sent is the master
+    rounded to the device's dtypes. For fp32 tensors this is plain FedAvg.
+
+    Parameters
+    ----------
+    state
+        The whole initial state in on-device dtypes (``downlink_spec``'s names).
+    trained
+        Names of the tensors clients train (``uplink_spec``'s names).
+    """
+
+    def __init__(self, state: dict[str, np.ndarray], trained: list[str]) -> None:
+        self.state = dict(state)
+        self.master = {n: state[n].astype(np.float64) for n in trained}
+
+    def apply(self, mean: dict[str, np.ndarray]) -> None:
+        """Move the master by ``mean - sent`` (the average client change) and re-quantize what is sent."""
+        from fedtiny.models.state import to_wire
+
+        for name, m in mean.items():
+            self.master[name] += m - self.state[name].astype(np.float64)
+            self.state[name] = to_wire(self.master[name], self.state[name].dtype)

@@ -63,8 +63,8 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, global
     load_arrays(task.model, unpack_dense(global_payload, task.downlink_spec))
     t = scenario.train
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                      optimizer=t.optimizer, momentum=t.momentum,
+                      optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
                       gen=seeded(scenario.run.seed, server_round, partition_id))
     _, test_acc = evaluate(task.model, test)
-    update = pack_dense(model_arrays(task.model, [n for n, _ in task.uplink_spec]), task.uplink_spec)
+    update = pack_dense(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), task.uplink_spec)
     return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps)

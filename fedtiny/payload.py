@@ -1,8 +1,8 @@
-"""Dense float32 payloads: named tensors as raw little-endian bytes, validated on the way in.
+"""Dense payloads: named tensors in their on-device dtypes as raw little-endian bytes, validated.
 
-The layout is the concatenation of the tensors of a known spec (names and shapes,
-in order), so the payload carries no header and its byte count is exactly what a
-device would send. Anything that does not match the spec raises :class:`PayloadError`.
+The layout is the concatenation of the tensors of a known spec (names, shapes and
+dtypes, in order), so the payload carries no header and its byte count is exactly
+what a device would send. Anything that does not match raises :class:`PayloadError`.
 """
 
 from __future__ import annotations
@@ -11,42 +11,51 @@ import numpy as np
 
 __all__ = ["PayloadError", "pack_dense", "unpack_dense", "dense_nbytes"]
 
-_DTYPE = np.dtype("<f4")
+Spec = list[tuple[str, tuple[int, ...], str]]
+_ALLOWED = {"int8", "int32", "float16", "float32", "float64"}
 
 
 class PayloadError(ValueError):
     """A payload does not match the expected spec (length, values)."""
 
 
-def dense_nbytes(spec: list[tuple[str, tuple[int, ...]]]) -> int:
-    """Bytes of a dense float32 payload of ``spec``."""
-    return sum(int(np.prod(shape)) for _, shape in spec) * _DTYPE.itemsize
+def _dtype(name: str) -> np.dtype:
+    if name not in _ALLOWED:
+        raise PayloadError(f"unsupported dtype {name!r}")
+    return np.dtype(name).newbyteorder("<")
 
 
-def pack_dense(arrays: dict[str, np.ndarray], spec: list[tuple[str, tuple[int, ...]]]) -> bytes:
-    """Concatenate ``arrays`` in ``spec`` order as float32 little-endian bytes."""
+def dense_nbytes(spec: Spec) -> int:
+    """Bytes of a dense payload of ``spec``."""
+    return sum(int(np.prod(shape)) * _dtype(dt).itemsize for _, shape, dt in spec)
+
+
+def pack_dense(arrays: dict[str, np.ndarray], spec: Spec) -> bytes:
+    """Concatenate ``arrays`` in ``spec`` order as little-endian bytes of each tensor's dtype."""
     parts = []
-    for name, shape in spec:
-        a = np.asarray(arrays[name], dtype=_DTYPE)
-        if a.shape != tuple(shape):
-            raise PayloadError(f"tensor {name!r}: shape {a.shape} != spec {tuple(shape)}")
-        parts.append(a.tobytes())
+    for name, shape, dt in spec:
+        a = np.asarray(arrays[name])
+        if a.shape != tuple(shape) or a.dtype != np.dtype(dt):
+            raise PayloadError(f"tensor {name!r}: {a.dtype}{list(a.shape)} != spec {dt}{list(shape)}")
+        parts.append(a.astype(_dtype(dt), copy=False).tobytes())
     return b"".join(parts)
 
 
-def unpack_dense(data: bytes, spec: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+def unpack_dense(data: bytes, spec: Spec) -> dict[str, np.ndarray]:
     """Split bytes back into named arrays; raise :class:`PayloadError` on any mismatch."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
     expected = dense_nbytes(spec)
     if len(data) != expected:
         raise PayloadError(f"payload has {len(data)} bytes, expected {expected}")
-    flat = np.frombuffer(bytes(data), dtype=_DTYPE)
-    if not np.isfinite(flat).all():
-        raise PayloadError(f"payload holds {int((~np.isfinite(flat)).sum())} non-finite values")
     out, pos = {}, 0
-    for name, shape in spec:
+    for name, shape, dt in spec:
+        dtype = _dtype(dt)
         n = int(np.prod(shape))
-        out[name] = flat[pos:pos + n].reshape(shape).astype(np.float32)
-        pos += n
+        a = np.frombuffer(data, dtype=dtype, count=n, offset=pos).reshape(shape).astype(np.dtype(dt))
+        if dtype.kind == "f" and not np.isfinite(a).all():
+            raise PayloadError(f"tensor {name!r}: {int((~np.isfinite(a)).sum())} non-finite values")
+        out[name] = a
+        pos += n * dtype.itemsize
     return out

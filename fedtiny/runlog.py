@@ -74,6 +74,11 @@ class RunLog:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def note(self, message: str) -> None:
+        """Print a progress note (not part of the metrics)."""
+        if self.progress is not None:
+            print(f"[fedtiny] {message}", file=self.progress, flush=True)
+
     def add_round(self, record: dict[str, Any]) -> None:
         """Append a round's record (adds ``elapsed_s``) and print a progress line."""
         record = {**record, "elapsed_s": round(self.elapsed(), 3)}

@@ -91,6 +91,9 @@ class ShiftSection:
 @dataclass(frozen=True)
 class ModelSection:
     name: str = _key("tiny-ir", "built-in model", _choice("tiny-ir"))
+    precision: str = _key("int8", "what clients train: int8 (the MCU's quantized graph) or fp32", _choice("int8", "fp32"))
+    classifier_precision: str = _key("int8", "int8 classifier, or an fp32 head on int8 features", _choice("int8", "fp32"))
+    calibration_samples: int = _key(512, "public-split images used to calibrate int8 activation ranges", _range(1))
     width: int = _key(16, "channels of the first convolution (later blocks scale from it)", _range(4, 256))
     pretrain_epochs: int = _key(30, "epochs of cloud pretraining on the server's public split", _range(0, 10_000))
     pretrain_lr: float = _key(0.05, "learning rate of cloud pretraining (SGD, momentum 0.9)", _range(0.0, 10.0, lo_open=True))
@@ -99,11 +102,12 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    optimizer: str = _key("sgd", "client optimizer", _choice("sgd", "adam"))
-    lr: float = _key(0.05, "client learning rate", _range(0.0, 10.0, lo_open=True))
+    optimizer: str = _key("sgd+qas", "client optimizer: sgd, sgd+qas (int8 only), adam", _choice("sgd", "sgd+qas", "adam"))
+    lr: float = _key(0.005, "client learning rate", _range(0.0, 1e9, lo_open=True))
     momentum: float = _key(0.0, "SGD momentum (0 = none; the state lives on the device)", _range(0.0, 0.999))
     local_epochs: int = _key(1, "local epochs per round", _range(1, 1000))
     batch_size: int = _key(16, "client batch size", _range(1, 65_536))
+    weight_rounding: str = _key("stochastic", "rounding of int8 weights after each step", _choice("stochastic", "nearest"))
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,9 @@ def _check_cross(where: str, s: Scenario) -> None:
             f"{where}: data.public_fraction: public_fraction + test_fraction must leave data for the clients "
             f"(< 0.95), got {s.data.public_fraction + s.data.test_fraction:g}"
         )
+    if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
+        raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
+                            f"\"int8\" (got {s.model.precision!r})")
     if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 

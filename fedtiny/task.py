@@ -10,24 +10,26 @@ from torch import nn
 
 from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
+from fedtiny.models.state import Spec
 from fedtiny.scenario import Scenario
-from fedtiny.train import TrainResult, pretrain
+from fedtiny.train import evaluate, pretrain
 
-__all__ = ["Task", "make_task", "pretrained_arrays"]
-
-Spec = list[tuple[str, tuple[int, ...]]]
+__all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads"]
 
 
 @dataclass
 class Task:
-    """A scenario's federation, a model instance and its wire specs.
+    """A scenario's federation, the model clients train, and its wire specs.
 
     Attributes
     ----------
+    model
+        What a client trains: the int8 graph (:class:`~fedtiny.int8.graph.QModel`)
+        or, with ``model.precision = "fp32"``, the float network (BatchNorm frozen).
     downlink_spec
-        Tensors the server sends (all floating-point state, incl. frozen BN statistics).
+        Tensors the server sends: the whole model state in on-device dtypes.
     uplink_spec
-        Tensors a client sends back (the ones it trains).
+        Tensors a client sends back: the ones it trains.
     """
 
     scenario: Scenario
@@ -37,21 +39,55 @@ class Task:
     uplink_spec: Spec
 
 
-def make_task(scenario: Scenario) -> Task:
-    """Build the federation (cached per process) and a fresh model for ``scenario``."""
-    fed = load_federation(scenario)
+@dataclass(frozen=True)
+class CloudReport:
+    """How the cloud-pretrained model and its int8 conversion score on the global test set."""
+
+    pretrain_train_accuracy: float
+    fp32_accuracy: float
+    ptq_accuracy: float | None
+
+
+def _fp32_model(scenario: Scenario, fed: Federation) -> nn.Module:
     c, h, _ = fed.image_shape
     m = scenario.model
-    model = build_model(m.name, c, fed.num_classes, width=m.width, image_size=h, seed=scenario.run.seed)
+    return build_model(m.name, c, fed.num_classes, width=m.width, image_size=h, seed=scenario.run.seed)
+
+
+def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn.Module:
+    from fedtiny.int8.convert import ptq
+
+    return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
+
+
+def make_task(scenario: Scenario) -> Task:
+    """Build the federation (cached per process) and a model of the right layout for ``scenario``.
+
+    The int8 layout is made by converting the untrained network; its values are
+    placeholders until the server's state is loaded.
+    """
+    fed = load_federation(scenario)
+    model = _fp32_model(scenario, fed)
+    if scenario.model.precision == "int8":
+        model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
     return Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
 
 
-def pretrained_arrays(task: Task) -> tuple[dict[str, np.ndarray], TrainResult]:
-    """Cloud-pretrain ``task.model`` on the server's public split; return its state and the fit."""
-    m = task.scenario.model
-    result = pretrain(task.model, task.federation.public, epochs=m.pretrain_epochs, lr=m.pretrain_lr,
-                      batch_size=m.pretrain_batch_size, seed=task.scenario.run.seed)
-    return model_arrays(task.model), result
+def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
+    """Pretrain in the cloud on the server's public split, quantize if the clients run int8.
+
+    Returns the state to send (in ``task.downlink_spec``'s names and dtypes) and a report.
+    """
+    s, fed = task.scenario, task.federation
+    fp32 = _fp32_model(s, fed)
+    fit = pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
+                   batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+    fp32_acc = evaluate(fp32, fed.test)[1]
+    if s.model.precision == "fp32":
+        return model_arrays(fp32), CloudReport(fit.accuracy, fp32_acc, None)
+    calib = fed.public.subset(np.arange(min(s.model.calibration_samples, len(fed.public)))).x
+    qmodel = _to_int8(s, fp32, calib)
+    return model_arrays(qmodel), CloudReport(fit.accuracy, fp32_acc, evaluate(qmodel, fed.test)[1])
 
 
 def limit_threads() -> None:

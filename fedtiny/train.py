@@ -14,7 +14,7 @@ from torch import nn
 
 from fedtiny.data import ImageSet
 
-__all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded"]
+__all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,24 @@ def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None):
         yield x[idx], y[idx]
 
 
-def _optimizer(name: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, *, rounding: str = "stochastic",
+                   gen: torch.Generator | None = None):
+    """The optimizer for ``model``: QAS-capable and integer-projecting for the int8 graph, torch's otherwise."""
+    from fedtiny.int8.graph import QModel
+    from fedtiny.int8.optim import QuantizedOptimizer
+
+    if isinstance(model, QModel):
+        return QuantizedOptimizer(model, name, lr, momentum, rounding, gen)
+    params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
+    raise ValueError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")"
+                     if name == "sgd+qas" else f"train.optimizer: unknown optimizer {name!r}")
 
 
-def _epochs(model: nn.Module, data: ImageSet, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
+def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
             gen: torch.Generator | None, bn_train: bool, scheduler=None) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy."""
     loss_fn = nn.CrossEntropyLoss()
@@ -77,9 +86,9 @@ def _epochs(model: nn.Module, data: ImageSet, opt: torch.optim.Optimizer, *, epo
 
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
-                freeze_bn: bool = True) -> TrainResult:
-    """Train ``model`` in place on ``data``; return the last epoch's running loss and accuracy."""
-    opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum)
+                freeze_bn: bool = True, rounding: str = "stochastic") -> TrainResult:
+    """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy."""
+    opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn)
 
 

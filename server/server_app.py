@@ -11,10 +11,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.wire import bytes_record, record_bytes
 from fedtiny.models import load_arrays
-from fedtiny.payload import pack_dense, unpack_dense
+from fedtiny.payload import dense_nbytes, pack_dense, unpack_dense
 from fedtiny.runlog import RunLog, new_run_dir, write_scenario
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
-from fedtiny.task import limit_threads, make_task, pretrained_arrays
+from fedtiny.aggregate import GlobalModel
+from fedtiny.task import cloud_model, limit_threads, make_task
 from fedtiny.train import evaluate
 from server.strategy import FedTinyStrategy
 
@@ -52,9 +53,12 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
     """Run a whole federation on ``grid`` and write its run folder; return the summary."""
     limit_threads()
     task = make_task(scenario)
-    initial, fit = pretrained_arrays(task)
+    initial, cloud = cloud_model(task)
     log = RunLog(run_dir, scenario)
-    strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients))
+    log.note(f"cloud model: fp32 accuracy {cloud.fp32_accuracy:.4f}"
+             + (f", after int8 PTQ {cloud.ptq_accuracy:.4f}" if cloud.ptq_accuracy is not None else ""))
+    global_model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
+    strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients), global_model)
 
     def evaluate_global(server_round: int, arrays) -> MetricRecord:
         load_arrays(task.model, unpack_dense(record_bytes(arrays), task.downlink_spec))
@@ -67,8 +71,12 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
 
     strategy.start(grid, bytes_record(pack_dense(initial, task.downlink_spec)), num_rounds=scenario.run.rounds,
                    evaluate_fn=evaluate_global)
-    return log.finish(pretrain_train_accuracy=fit.accuracy, model_parameters=sum(p.numel() for p in task.model.parameters()),
-                      downlink_payload_bytes=len(pack_dense(initial, task.downlink_spec)))
+    return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
+                      cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
+                      optimizer=scenario.train.optimizer,
+                      model_parameters=sum(p.numel() for p in task.model.parameters()),
+                      downlink_payload_bytes=dense_nbytes(task.downlink_spec),
+                      uplink_payload_bytes=dense_nbytes(task.uplink_spec))
 
 
 def make_server_app(scenario: Scenario, run_dir: Path) -> ServerApp:

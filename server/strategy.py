@@ -10,8 +10,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.aggregate import ClientUpdate, Rejection, aggregate_dense
-from fedtiny.payload import PayloadError, pack_dense, unpack_dense
+from fedtiny.aggregate import ClientUpdate, GlobalModel, Rejection, aggregate_dense
+from fedtiny.payload import PayloadError, pack_dense
 from fedtiny.sampling import sample_clients
 from fedtiny.task import Task
 
@@ -27,6 +27,8 @@ class FedTinyStrategy(Strategy):
         The scenario's task (model, wire specs).
     node_of
         Flower node id of each partition id (from the discovery query).
+    global_model
+        The server's global model (master weights and the state it sends).
 
     Notes
     -----
@@ -35,8 +37,9 @@ class FedTinyStrategy(Strategy):
     per-client metrics, byte counts and rejections for the run log.
     """
 
-    def __init__(self, task: Task, node_of: dict[int, int]) -> None:
+    def __init__(self, task: Task, node_of: dict[int, int], global_model: GlobalModel) -> None:
         self.task = task
+        self.global_model = global_model
         self.scenario = task.scenario
         self.node_of = node_of
         self.partition_of = {n: p for p, n in node_of.items()}
@@ -88,14 +91,13 @@ class FedTinyStrategy(Strategy):
         }
         if result.arrays is None:
             return None, None
-        # Clients train a subset of the state (not the frozen BN statistics): merge into the current global.
-        merged = {**unpack_dense(self._global, self.task.downlink_spec), **result.arrays}
+        self.global_model.apply(result.arrays)
         n_total = sum(c["num_examples"] for c in accepted)
         metrics = MetricRecord({
             "train_loss": sum(c["train_loss"] * c["num_examples"] for c in accepted) / n_total,
             "train_accuracy": sum(c["train_accuracy"] * c["num_examples"] for c in accepted) / n_total,
         })
-        return bytes_record(pack_dense(merged, self.task.downlink_spec)), metrics
+        return bytes_record(pack_dense(self.global_model.state, self.task.downlink_spec)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

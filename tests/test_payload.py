@@ -4,7 +4,7 @@ import pytest
 from fedtiny.aggregate import ClientUpdate, aggregate_dense
 from fedtiny.payload import PayloadError, dense_nbytes, pack_dense, unpack_dense
 
-SPEC = [("a", (2, 3)), ("b", (4,))]
+SPEC = [("a", (2, 3), "float32"), ("b", (4,), "float32")]
 
 
 def arrays(v):
@@ -47,3 +47,16 @@ def test_aggregate_is_example_weighted_and_rejects_bad_updates():
 
 def test_aggregate_of_nothing_valid_leaves_no_model():
     assert aggregate_dense([ClientUpdate(0, b"x", 1)], SPEC).arrays is None
+
+
+def test_integer_tensors_keep_their_device_dtype():
+    spec = [("w", (2, 2), "int8"), ("b", (2,), "int32"), ("s", (2,), "float32")]
+    arrays = {"w": np.array([[-127, 5], [0, 127]], np.int8), "b": np.array([-(2**31), 2**31 - 1], np.int32),
+              "s": np.array([0.5, 0.25], np.float32)}
+    data = pack_dense(arrays, spec)
+    assert len(data) == 4 + 8 + 8
+    out = unpack_dense(data, spec)
+    for k in arrays:
+        assert out[k].dtype == arrays[k].dtype and np.array_equal(out[k], arrays[k])
+    with pytest.raises(PayloadError, match="int8"):
+        pack_dense({**arrays, "w": arrays["w"].astype(np.float32)}, spec)

@@ -78,6 +78,9 @@ class QConv(_QParamsMixin, nn.Module):
     int8 range (``y_zero = -128``), so clamping to int8 is the activation.
     """
 
+    # On the device: int8 weights, int32 biases (fedtiny.models.state reads this).
+    WIRE_DTYPES = {"weight": "int8", "bias": "int32"}
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scales: torch.Tensor, x_scale: float, x_zero: int,
                  y_scale: float, y_zero: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__()

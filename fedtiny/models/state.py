@@ -1,4 +1,9 @@
-"""A model's tensors as named float32 NumPy arrays, in a fixed order (the wire's order)."""
+"""A model's tensors as named NumPy arrays in their on-device dtypes, in a fixed order (the wire's order).
+
+Modules say which of their tensors are integers on the device with a class
+attribute ``WIRE_DTYPES`` (the int8 graph's convolutions: int8 weights, int32
+biases); every other tensor keeps its float dtype.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,40 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec"]
+__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire", "Spec"]
+
+Spec = list[tuple[str, tuple[int, ...], str]]
 
 
 def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters a client trains (BatchNorm statistics stay frozen)."""
+    """Names of the parameters a client trains (BatchNorm statistics and quantization scales stay frozen)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def wire_dtype(model: nn.Module, name: str) -> np.dtype:
+    """The dtype of tensor ``name`` on the device."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    declared = getattr(module, "WIRE_DTYPES", {}).get(attr)
+    if declared:
+        return np.dtype(declared)
+    return np.dtype(str(model.state_dict()[name].dtype).replace("torch.", ""))
+
+
+def to_wire(a: torch.Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Convert to ``dtype``; integer targets are rounded and saturated (float32 cannot hold every int32)."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(a.astype(np.float64)), info.min, info.max).astype(dtype)
+    return a.astype(dtype, copy=True)
+
+
 def model_arrays(model: nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Return the floating-point tensors of ``model`` (all, or ``names``) as float32 arrays."""
+    """Return ``model``'s floating-point state (all, or ``names``) in on-device dtypes."""
     state = model.state_dict()
     keys = names if names is not None else [k for k, v in state.items() if v.is_floating_point()]
-    return {k: state[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in keys}
+    return {k: to_wire(state[k], wire_dtype(model, k)) for k in keys}
 
 
 def load_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -30,9 +56,9 @@ def load_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
                 raise KeyError(f"model has no tensor {k!r}")
             if tuple(state[k].shape) != tuple(v.shape):
                 raise ValueError(f"tensor {k!r}: shape {tuple(v.shape)} != model's {tuple(state[k].shape)}")
-            state[k].copy_(torch.from_numpy(np.asarray(v)))
+            state[k].copy_(torch.from_numpy(np.asarray(v).astype(np.float64)))
 
 
-def array_spec(model: nn.Module, names: list[str] | None = None) -> list[tuple[str, tuple[int, ...]]]:
-    """``(name, shape)`` of each tensor in wire order."""
-    return [(k, tuple(v.shape)) for k, v in model_arrays(model, names).items()]
+def array_spec(model: nn.Module, names: list[str] | None = None) -> Spec:
+    """``(name, shape, dtype)`` of each tensor in wire order."""
+    return [(k, tuple(v.shape), str(v.dtype)) for k, v in model_arrays(model, names).items()]

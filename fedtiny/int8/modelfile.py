@@ -1,0 +1,173 @@
+"""fedtiny's int8 model file: one safetensors file, the graph layout as JSON in its metadata.
+
+No pickle: tensors are raw safetensors (int8 weights, int32 biases, float scales),
+and the layout is plain JSON. :func:`load_qmodel` validates layout, names, shapes,
+dtypes and value ranges, and raises :class:`ModelFileError` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtiny.int8.graph import FloatHead, QAdd, QBlock, QConv, QModel
+from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
+
+__all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "FORMAT"]
+
+FORMAT = "fedtiny-int8"
+VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file or layout is invalid."""
+
+
+def _conv_desc(c: QConv) -> dict[str, int]:
+    return {"in": c.in_channels, "out": c.out_channels, "kernel": c.kernel_size, "stride": c.stride, "groups": c.groups}
+
+
+def describe(model: QModel) -> dict[str, Any]:
+    """The layout of ``model`` (no tensor values) as JSON-able dict."""
+    head = model.classifier
+    return {
+        "format": FORMAT, "version": VERSION,
+        "first_conv": _conv_desc(model.first_conv),
+        "blocks": [{"pointwise1": _conv_desc(b.pointwise1) if b.pointwise1 is not None else None,
+                    "depthwise": _conv_desc(b.depthwise), "pointwise2": _conv_desc(b.pointwise2),
+                    "residual": b.residual is not None} for b in model.blocks],
+        "feature_mix": _conv_desc(model.feature_mix) if model.feature_mix is not None else None,
+        "classifier": {"precision": "int8" if isinstance(head, QConv) else "fp32",
+                       "in": int(head.weight.shape[1]), "out": int(head.weight.shape[0])},
+    }
+
+
+def _conv_from(d: dict[str, Any], where: str) -> QConv:
+    try:
+        cin, cout, k, stride, groups = (int(d[key]) for key in ("in", "out", "kernel", "stride", "groups"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{where}: bad convolution layout {d!r} ({exc})") from None
+    if min(cin, cout, k, stride, groups) < 1 or cin % groups or cout % groups or k % 2 == 0 or k > 11:
+        raise ModelFileError(f"{where}: impossible convolution {d!r}")
+    return QConv(torch.zeros(cout, cin // groups, k, k), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0,
+                 stride, groups)
+
+
+def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
+    """A :class:`QModel` with ``layout``'s structure and placeholder values (load a state into it)."""
+    if layout.get("format") != FORMAT or layout.get("version") != VERSION:
+        raise ModelFileError(f"{where}: not a {FORMAT} v{VERSION} layout "
+                             f"(format={layout.get('format')!r}, version={layout.get('version')!r})")
+    blocks = []
+    for j, b in enumerate(layout["blocks"]):
+        pw1 = _conv_from(b["pointwise1"], f"{where}: blocks[{j}].pointwise1") if b.get("pointwise1") else None
+        dw = _conv_from(b["depthwise"], f"{where}: blocks[{j}].depthwise")
+        pw2 = _conv_from(b["pointwise2"], f"{where}: blocks[{j}].pointwise2")
+        res = QAdd(1.0, 0, 1.0, 0, 1.0, 0) if b.get("residual") else None
+        blocks.append(QBlock(pw1, dw, pw2, res))
+    mix = _conv_from(layout["feature_mix"], f"{where}: feature_mix") if layout.get("feature_mix") else None
+    c = layout["classifier"]
+    cin, cout = int(c["in"]), int(c["out"])
+    if c["precision"] == "int8":
+        head: QConv | FloatHead = QConv(torch.zeros(cout, cin, 1, 1), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0)
+    elif c["precision"] == "fp32":
+        head = FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
+    else:
+        raise ModelFileError(f"{where}: classifier.precision must be int8 or fp32, got {c['precision']!r}")
+    return QModel(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0)
+
+
+def save_qmodel(model: QModel, path: str | Path) -> Path:
+    """Write ``model`` as a safetensors file with its layout in the metadata."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    save_file(model_arrays(model), str(path), metadata={"fedtiny": json.dumps(describe(model))})
+    return path
+
+
+def load_qmodel(path: str | Path) -> QModel:
+    """Read and validate a model file written by :func:`save_qmodel` or ``fedtiny zoo import``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: not a safetensors model file ({exc})") from None
+    try:
+        layout = json.loads(meta["fedtiny"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: no fedtiny layout in the metadata ({exc})") from None
+    try:
+        model = skeleton(layout, str(path))
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path}: bad layout ({exc})") from None
+    load_state_checked(model, tensors, str(path))
+    return model
+
+
+def load_state_checked(model: QModel, tensors: dict[str, np.ndarray], where: str) -> None:
+    """Copy named arrays into ``model`` after checking names, shapes, dtypes, ranges and finiteness."""
+    state = model.state_dict()
+    missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or extra:
+        raise ModelFileError(f"{where}: tensors do not match the layout (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, target in state.items():
+        a = tensors[name]
+        want = wire_dtype(model, name)
+        if a.dtype != want:
+            raise ModelFileError(f"{where}: tensor {name}: dtype {a.dtype}, expected {want}")
+        if tuple(a.shape) != tuple(target.shape):
+            raise ModelFileError(f"{where}: tensor {name}: shape {tuple(a.shape)}, expected {tuple(target.shape)}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ModelFileError(f"{where}: tensor {name}: non-finite values")
+    load_arrays(model, tensors)
+
+
+def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
+    """Build a :class:`QModel` from a tiny-training model dict (see ``fedtiny.int8.zoo``).
+
+    Inputs: the published models quantize images normalized to [-1, 1]
+    (``x_scale = 1/127.5``, zero 0), i.e. mean 0.5 and std 0.5 on [0, 1] images.
+    """
+
+    def conv(d: dict[str, Any], name: str) -> QConv:
+        try:
+            p = d["params"]
+            w, b, s = (np.asarray(p[k]) for k in ("weight", "bias", "w_scales"))
+            if w.dtype != np.int8 or b.dtype != np.int32 or w.ndim != 4 or b.shape != (w.shape[0],) or s.shape != b.shape:
+                raise ModelFileError(f"{where}: {name}: weight/bias/w_scales have unexpected dtypes or shapes")
+            stride = int(d.get("stride", 1))
+            groups = int(d.get("groups", 1))
+            return QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
+                         torch.from_numpy(s.astype(np.float32)), float(p["x_scale"]), int(p["x_zero"]),
+                         float(p["y_scale"]), int(p["y_zero"]), stride, groups)
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{where}: {name}: missing or malformed field ({exc})") from None
+
+    first = conv(obj["first_conv"], "first_conv")
+    blocks = []
+    for j, b in enumerate(obj["blocks"]):
+        pw1 = conv(b["pointwise1"], f"blocks[{j}].pointwise1") if b.get("pointwise1") else None
+        dw = conv(b["depthwise"], f"blocks[{j}].depthwise")
+        pw2 = conv(b["pointwise2"], f"blocks[{j}].pointwise2")
+        res = None
+        if b.get("residual"):
+            rp = b["residual"]["params"]
+            res = QAdd(float(rp["x_scale"]), int(rp["x_zero"]), pw2.y_scale, pw2.y_zero, float(rp["y_scale"]),
+                       int(rp["y_zero"]))
+        if b.get("se"):
+            raise ModelFileError(f"{where}: blocks[{j}]: squeeze-excite blocks are not supported")
+        blocks.append(QBlock(pw1, dw, pw2, res))
+    mix = conv(obj["feature_mix"], "feature_mix") if obj.get("feature_mix") else None
+    head = conv(obj["classifier"], "classifier")
+    return QModel(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5)

@@ -1,0 +1,106 @@
+"""Optimizers for the int8 graph: plain SGD, SGD with QAS, Adam; the device keeps integers.
+
+Parameters of a :class:`~fedtiny.int8.graph.QConv` are in integer units: a weight
+``W = s_w * W_int`` and a bias ``b = s_w * s_x * b_int``. The gradient with
+respect to ``W_int`` is ``s_w`` times the float gradient, so the float-equivalent
+update needs the gradient scaled by ``s_w^-2`` (and by ``(s_w * s_x)^-2`` for
+the bias): quantization-aware scaling (QAS, Lin et al. 2022). Plain ``sgd`` skips
+the scaling, which is why int8 training without QAS barely moves.
+
+After every step, weights are rounded back to int8 (stochastically by default,
+so that updates smaller than one step are kept on average) and biases to int32:
+what the device stores between steps are integers. An fp32 classifier head
+(``model.classifier_precision = fp32``) and the optimizer state (SGD momentum,
+Adam moments) are float32 on the device; :func:`device_float_state` lists them for
+the memory model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedtiny.int8.graph import INT32_MAX, INT32_MIN, QConv
+
+__all__ = ["QuantizedOptimizer", "OPTIMIZERS", "device_float_state"]
+
+OPTIMIZERS = ("sgd", "sgd+qas", "adam")
+
+
+class QuantizedOptimizer:
+    """``zero_grad``/``step`` like a torch optimizer, with QAS scaling and integer projection.
+
+    Parameters
+    ----------
+    model
+        A :class:`~fedtiny.int8.graph.QModel` (only parameters with ``requires_grad`` are trained).
+    name
+        ``sgd``, ``sgd+qas`` or ``adam``.
+    lr, momentum
+        Learning rate (in float units for ``sgd+qas``; in integer units otherwise) and SGD momentum.
+    rounding
+        ``stochastic`` or ``nearest`` rounding of int8 weights after each step.
+    gen
+        Generator for stochastic rounding (seeded: same seed, same integers).
+    """
+
+    def __init__(self, model: nn.Module, name: str, lr: float, momentum: float = 0.0, rounding: str = "stochastic",
+                 gen: torch.Generator | None = None) -> None:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"train.weight_rounding: expected stochastic or nearest, got {rounding!r}")
+        self.qas = name == "sgd+qas"
+        self.rounding, self.gen = rounding, gen
+        # (param, QAS gradient factor or None, integer range or None)
+        self.slots: list[tuple[nn.Parameter, torch.Tensor | None, tuple[int, int] | None]] = []
+        for module in model.modules():
+            if isinstance(module, QConv):
+                shape = (-1,) + (1,) * (module.weight.dim() - 1)
+                ws = module.w_scales.double()
+                if module.weight.requires_grad:
+                    self.slots.append((module.weight, (ws ** -2).float().view(shape), (-127, 127)))
+                if module.bias.requires_grad:
+                    self.slots.append((module.bias, ((ws * module.x_scale) ** -2).float(), (INT32_MIN, INT32_MAX)))
+        quantized = {id(p) for p, _, _ in self.slots}
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in quantized:
+                self.slots.append((p, None, None))  # a float head: trained in float, no projection
+        params = [p for p, _, _ in self.slots]
+        if name == "adam":
+            self.inner: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
+        else:
+            self.inner = torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.qas:
+            for p, factor, _ in self.slots:
+                if factor is not None and p.grad is not None:
+                    p.grad.mul_(factor)
+        self.inner.step()
+        for p, _, bounds in self.slots:
+            if bounds is None:
+                continue
+            if bounds[1] == 127 and self.rounding == "stochastic":
+                noise = torch.rand(p.shape, generator=self.gen, dtype=p.dtype)
+                p.copy_(torch.floor(p + noise))
+            else:
+                p.copy_(torch.round(p))
+            p.clamp_(*bounds)
+
+
+def device_float_state(model: nn.Module, optimizer: str, momentum: float) -> dict[str, int]:
+    """Float32 numbers the device keeps for training besides its integers (for the memory model).
+
+    Returns element counts: ``head`` (an fp32 classifier's trainable tensors) and
+    ``optimizer`` (momentum buffers or Adam's two moments for every trained tensor).
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    head = sum(p.numel() for m in model.modules() if not isinstance(m, QConv)
+               for p in m.parameters(recurse=False) if p.requires_grad)
+    per = 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+    return {"head": head, "optimizer": per * sum(p.numel() for p in trained)}
