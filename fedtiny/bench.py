@@ -71,3 +71,95 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sim": bench_sim}
+
+
+def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 SGD vs int8 SGD vs int8 SGD+QAS fine-tuning of the same cloud model on the same transfer task.
+
+    The task: the quickstart's cloud model (pretrained on clean digits) adapted to
+    the fleet's shifted sensors, trained centrally on every client's training split,
+    the learning rate picked on the clients' held-out splits, scored on the server's
+    global test set. Each method gets the same budget: ``--lr-points`` learning rates
+    spaced by 3x around its natural scale (``--lr-center`` for fp32 and QAS; for plain int8
+    SGD, lr_center / median(s_w)^2, the best single rescaling without QAS).
+    """
+    import numpy as np
+    import torch
+
+    from fedtiny.data import ImageSet
+    from fedtiny.int8.convert import fold, ptq
+    from fedtiny.scenario import load_scenario, parse_overrides
+    from fedtiny.task import limit_threads, make_task
+    from fedtiny.train import evaluate, make_optimizer, pretrain, seeded, _batches
+
+    limit_threads()
+    s = load_scenario(args.scenario, parse_overrides(args.overrides))
+    fed = make_task(s).federation
+    fp32 = __import__("fedtiny.models", fromlist=["build_model"]).build_model(
+        s.model.name, fed.image_shape[0], fed.num_classes, width=s.model.width, image_size=fed.image_shape[1],
+        seed=s.run.seed)
+    pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
+             batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+    splits = [fed.client_data(i) for i in range(s.run.clients)]
+    join = lambda parts: ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),  # noqa: E731
+                                  fed.num_classes, "pool")
+    train, val = join([a for a, _ in splits]), join([b for _, b in splits])
+    calib = fed.public.x[: s.model.calibration_samples]
+    q0 = ptq(fp32, calib, classifier_precision=s.model.classifier_precision)
+    w_scales = torch.cat([c.w_scales for c in q0.modules() if hasattr(c, "w_scales")])
+    center = args.lr_center
+    int8_center = center / float(w_scales.median()) ** 2
+    methods = {
+        "fp32": (lambda: fold(fp32), "sgd", center),
+        "int8_sgd": (lambda: ptq(fp32, calib, classifier_precision=s.model.classifier_precision), "sgd", int8_center),
+        "int8_qas": (lambda: ptq(fp32, calib, classifier_precision=s.model.classifier_precision), "sgd+qas", center),
+    }
+    k = args.lr_points
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rows, best = [], {}
+    for method, (make, opt_name, center) in methods.items():
+        for lr in [center * 3.0 ** (i - (k - 1) / 2) for i in range(k)]:
+            model = make()
+            opt = make_optimizer(model, opt_name, lr, s.train.momentum, rounding=s.train.weight_rounding,
+                                 gen=seeded(s.run.seed, 99))
+            gen, steps, t_steps = seeded(s.run.seed, 7), 0, 0.0
+            for _ in range(args.epochs):
+                model.train(False)
+                for xb, yb in _batches(train, s.train.batch_size, gen):
+                    t0 = time.perf_counter()
+                    opt.zero_grad()
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    t_steps += time.perf_counter() - t0
+                    steps += 1
+            val_acc, test_acc = evaluate(model, val)[1], evaluate(model, fed.test)[1]
+            row = {"method": method, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
+                   "step_ms": 1000 * t_steps / steps}
+            rows.append(row)
+            print(f"[bench qas] {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  test {test_acc:.4f}  "
+                  f"{row['step_ms']:.2f} ms/step", file=sys.stderr, flush=True)
+            if method not in best or val_acc > best[method]["val_accuracy"]:
+                best[method] = row
+    step = {m: np.mean([r["step_ms"] for r in rows if r["method"] == m]) for m in methods}
+    result = {
+        "fp32_accuracy": best["fp32"]["test_accuracy"],
+        "int8_sgd_accuracy": best["int8_sgd"]["test_accuracy"],
+        "int8_qas_accuracy": best["int8_qas"]["test_accuracy"],
+        "int8_step_time_ratio": round(float(step["int8_qas"] / step["fp32"]), 3),
+        "cloud_fp32_accuracy": evaluate(fp32, fed.test)[1],
+        "cloud_ptq_accuracy": evaluate(q0, fed.test)[1],
+        "best_lr": {m: best[m]["lr"] for m in methods},
+        "epochs": args.epochs, "lr_points": k, "trials": rows,
+    }
+    print(f"\nbench qas: {args.epochs} epochs, {k} learning rates each, lr picked on client validation splits\n"
+          f"  {'method':<10} {'best lr':>10} {'val acc':>8} {'test acc':>8} {'ms/step':>8}")
+    for m in methods:
+        b = best[m]
+        print(f"  {m:<10} {b['lr']:>10.4g} {b['val_accuracy']:>8.4f} {b['test_accuracy']:>8.4f} {step[m]:>8.2f}")
+    print(f"  cloud model before fine-tuning: fp32 {result['cloud_fp32_accuracy']:.4f}, "
+          f"int8 PTQ {result['cloud_ptq_accuracy']:.4f}; int8/fp32 step time {result['int8_step_time_ratio']:.2f}x")
+    return result
+
+
+BENCHES["qas"] = bench_qas

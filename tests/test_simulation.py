@@ -87,35 +87,38 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     from flwr.app import Message, MetricRecord, RecordDict
 
     from clients.wire import bytes_record, record_bytes
+    from fedtiny.aggregate import GlobalModel
     from fedtiny.models import model_arrays
+    from fedtiny.models.state import to_wire
     from fedtiny.payload import unpack_dense
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3"]))
     task = make_task(scenario)
-    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102})
     state = model_arrays(task.model)
+    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102}, GlobalModel(state, [n for n, *_ in task.uplink_spec]))
     global_record = bytes_record(pack_dense(state, task.downlink_spec))
     sent = list(strategy.configure_train(1, global_record, None, None))
     assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
 
-    good = {k: v + 1.0 for k, v in model_arrays(task.model, [n for n, _ in task.uplink_spec]).items()}
-    payloads = {100: pack_dense(good, task.uplink_spec), 101: b"\x00" * 17,
-                102: pack_dense({k: v * np.nan for k, v in good.items()}, task.uplink_spec)}
+    good = {k: to_wire(v.astype(np.float64) + 1.0, v.dtype)
+            for k, v in model_arrays(task.model, [n for n, *_ in task.uplink_spec]).items()}
+    good_bytes = pack_dense(good, task.uplink_spec)
+    # node 101: truncated payload; node 102: a valid payload with an impossible example count.
+    payloads = {100: (good_bytes, 10), 101: (good_bytes[:17], 10), 102: (good_bytes, -5)}
     replies = []
     for m in sent:
-        r = Message(RecordDict({"update": bytes_record(payloads[m.metadata.dst_node_id]),
-                                "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5,
-                                                         "train_accuracy": 0.5, "test_accuracy": 0.5})}), reply_to=m)
-        replies.append(r)
+        data, n = payloads[m.metadata.dst_node_id]
+        replies.append(Message(RecordDict({"update": bytes_record(data), "metrics": MetricRecord(
+            {"num-examples": n, "train_loss": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.5})}), reply_to=m))
     new, metrics = strategy.aggregate_train(1, replies)
     assert [c["partition_id"] for c in strategy.last_round["clients"]] == [0]
     assert [r["partition_id"] for r in strategy.last_round["rejected"]] == [1, 2]
     assert "17 bytes" in strategy.last_round["rejected"][0]["reason"]
-    assert "non-finite" in strategy.last_round["rejected"][1]["reason"]
+    assert "num-examples" in strategy.last_round["rejected"][1]["reason"]
     merged = unpack_dense(record_bytes(new), task.downlink_spec)
     for name in good:
         np.testing.assert_allclose(merged[name], good[name])
-    # Frozen tensors (BN statistics) pass through unchanged.
-    bn = next(k for k in state if k.endswith("running_var"))
-    np.testing.assert_array_equal(merged[bn], state[bn])
+    # Frozen tensors (quantization scales) pass through unchanged.
+    frozen = next(k for k in state if k.endswith("w_scales"))
+    np.testing.assert_array_equal(merged[frozen], state[frozen])
