@@ -14,6 +14,7 @@ from fedtiny.data import DataError
 from fedtiny.int8.modelfile import ModelFileError
 from fedtiny.int8.zoo import ZooError
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
+from fedtiny.sparse import SchemeError
 
 __all__ = ["main"]
 
@@ -94,6 +95,66 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_memory_model(spec: str, num_classes: int | None, classifier_precision: str):
+    """A built-in model name, a fedtiny model file, or a tiny-training .pkl -> (QModel, input shape)."""
+    from pathlib import Path
+
+    from fedtiny.int8.graph import replace_head
+    from fedtiny.int8.modelfile import from_tiny_training, load_qmodel
+    from fedtiny.int8.zoo import read_tiny_training
+
+    path = Path(spec)
+    if spec == "tiny-ir":
+        from fedtiny.int8.convert import ptq
+        from fedtiny.models import build_model
+
+        import numpy as np
+
+        model = ptq(build_model("tiny-ir", 1, num_classes or 10, image_size=8), np.zeros((1, 1, 8, 8), np.float32),
+                    classifier_precision=classifier_precision)
+        return model, (1, 8, 8)
+    if path.suffix == ".pkl":
+        model = from_tiny_training(read_tiny_training(path), where=spec)
+    elif path.is_file():
+        model = load_qmodel(path)
+    else:
+        raise ModelFileError(f"--model: {spec!r} is neither a built-in model (tiny-ir) nor a model file")
+    if num_classes is not None or classifier_precision == "fp32":
+        replace_head(model, num_classes or int(model.classifier.weight.shape[0]), precision=classifier_precision)
+    return model, (model.first_conv.in_channels, 128, 128)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from fedtiny.devices import get_profile
+    from fedtiny.memory import memory_report
+    from fedtiny.sparse import parse_scheme, resolve
+
+    model, shape = _load_memory_model(args.model, args.num_classes, args.classifier_precision)
+    if args.input_size:
+        shape = (shape[0], args.input_size, args.input_size)
+    device = get_profile(args.device) if args.device else None
+    report = memory_report(model, resolve(parse_scheme(args.scheme), model), shape, device=device,
+                           accounting=args.accounting, optimizer=args.optimizer, momentum=args.momentum,
+                           reorder=args.reorder, inplace_depthwise=args.inplace, fuse_frozen=args.fuse,
+                           batch=args.batch_size)
+    if args.plot:
+        from fedtiny.plots import plot_memory
+
+        plot_memory(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        print(_table([("model", args.model), ("scheme", report.scheme), ("accounting", report.accounting),
+                      ("input", "x".join(map(str, shape))), ("peak SRAM (bytes)", report.peak_sram_bytes),
+                      ("peak at", report.peak_at), ("saved for backward", report.saved_for_backward_bytes),
+                      ("persistent (params+optimizer)", report.persistent_bytes), ("flash (bytes)", report.flash_bytes),
+                      *[(f"  {k}", v) for k, v in report.breakdown.items()], ("verdict", report.reason())]))
+    if report.fits is False:
+        print(f"fedtiny: {report.reason()}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def model_info(model) -> dict[str, Any]:
     """A few facts about an int8 model, for ``fedtiny zoo``."""
     convs = model.convs()
@@ -133,6 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--json", action="store_true")
     z.set_defaults(func=cmd_zoo)
 
+    p = sub.add_parser("memory", help="peak SRAM and flash of one training step of a model under a scheme")
+    p.add_argument("--model", required=True, help="tiny-ir, a fedtiny model file, or a tiny-training .pkl")
+    p.add_argument("--scheme", default="full", help="full, bias-only, last-k:N, a JSON/TOML file (schemes.json#id) "
+                   "or inline JSON")
+    p.add_argument("--num-classes", type=int, help="replace the classifier by a new head with N classes")
+    p.add_argument("--classifier-precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--device", help="device profile to check against (exit status 3 when it does not fit)")
+    p.add_argument("--accounting", choices=["planner", "paper"], default="planner")
+    p.add_argument("--reorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="operator reordering: apply each weight gradient as soon as it is computed")
+    p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
+                   help="in-place depthwise convolution")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse expansion+depthwise of blocks no gradient passes through")
+    p.add_argument("--optimizer", choices=["sgd", "sgd+qas", "adam"], default="sgd+qas")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=1, help="samples per on-device step")
+    p.add_argument("--input-size", type=int, help="input side length (default: 128 for imported models)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="write per-layer memory bars with the budget line to this PNG")
+    p.set_defaults(func=cmd_memory)
+
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
     p.add_argument("bench", choices=["sim", "qas"],
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS")
@@ -151,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScenarioError, DataError, ZooError, ModelFileError) as exc:
+    except (ScenarioError, DataError, ZooError, ModelFileError, SchemeError) as exc:
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:

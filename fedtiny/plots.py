@@ -47,3 +47,29 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_memory(report, path) -> Path:
+    """Per-layer memory of one training step (forward and backward peaks) with the SRAM budget line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.layers
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.18), 4))
+    ax.bar([i - 0.2 for i in x], [r.forward_peak_bytes / 1024 for r in rows], 0.4, label="forward peak")
+    ax.bar([i + 0.2 for i in x], [r.backward_peak_bytes / 1024 for r in rows], 0.4, label="backward peak")
+    if report.sram_bytes:
+        ax.axhline(report.sram_bytes / 1024, color="red", linestyle="--", label=f"{report.device} SRAM")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("kB live")
+    ax.set_title(f"{report.scheme}: peak {report.peak_sram_bytes / 1024:.1f} kB at {report.peak_at}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtiny.int8.ledger import active as ledger_active
+from fedtiny.int8.ledger import fused_workspace_bytes, tensor_bytes, workspace_bytes
+
 __all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QBlock", "FloatHead", "QModel", "INT8_MIN", "INT8_MAX"]
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -56,6 +59,83 @@ class _QParamsMixin:
         return int(self.qparams[3])
 
 
+def _conv_out_hw(hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
+    pad = kernel // 2
+    return ((hw[0] + 2 * pad - kernel) // stride + 1, (hw[1] + 2 * pad - kernel) // stride + 1)
+
+
+class _QConvFn(torch.autograd.Function):
+    """int8 convolution whose backward keeps only what the device keeps.
+
+    Saved for backward: the clamp's 1-bit mask (when a gradient flows through
+    this op), the int8 input of the trained channels only (when the weight is
+    trained), and a reference to the weight (when the input gradient is needed;
+    frozen weights stay in flash). Nothing else.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv: "QConv", in_tag: str):
+        acc = F.conv2d(x - conv.x_zero, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        y = torch.round(acc * conv.multiplier().view(1, -1, 1, 1) + conv.y_zero)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.conv, ctx.in_tag, ctx.in_shape, ctx.ledger = conv, in_tag, x.shape, ledger_active()
+        mask = xsel = w = None
+        if need_x or need_w or need_b:
+            mask = (y >= INT8_MIN) & (y <= INT8_MAX)
+        if need_w:
+            sel = conv.train_channels
+            xsel = (x if sel is None else x[:, sel]).to(torch.int8)
+        if need_x:
+            w = weight
+        ctx.save_for_backward(mask, xsel, w)
+        if ctx.ledger is not None and mask is not None:
+            ctx.ledger.alloc(f"saved:{conv.tag}", tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0),
+                             f"fw:{conv.tag}")
+        return y.clamp(INT8_MIN, INT8_MAX)
+
+    @staticmethod
+    def backward(ctx, g):
+        mask, xsel, w = ctx.saved_tensors
+        conv, led, where = ctx.conv, ctx.ledger, f"bw:{ctx.conv.tag}"
+        if led is not None:
+            led.free(f"act:{conv.tag}", where)
+            led.ensure(f"grad:{conv.tag}", tensor_bytes(g, "fp32"), where)
+        ga = g * mask * conv.multiplier().view(1, -1, 1, 1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = ga.sum(dim=(0, 2, 3))
+            if led is not None:
+                led.param_grad(f"pgrad:{conv.tag}:b", 4 * grad_b.numel(), 1, where)
+        if ctx.needs_input_grad[1]:
+            sel = conv.train_channels
+            xs = xsel.float() - conv.x_zero
+            k = conv.kernel_size
+            if conv.is_depthwise:
+                ch = sel if sel is not None else list(range(conv.out_channels))
+                gw = torch.nn.grad.conv2d_weight(xs, (len(ch), 1, k, k), ga[:, ch], conv.stride, conv.padding,
+                                                 groups=len(ch))
+                grad_w = torch.zeros_like(conv.weight)
+                grad_w[ch] = gw
+            else:
+                ch = sel if sel is not None else list(range(conv.in_channels))
+                gw = torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), k, k), ga, conv.stride, conv.padding,
+                                                 groups=1)
+                grad_w = torch.zeros_like(conv.weight)
+                grad_w[:, ch] = gw
+            if led is not None:
+                led.param_grad(f"pgrad:{conv.tag}:w", 4 * gw.numel(), gw.shape[0], where)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(ctx.in_shape, w, ga, conv.stride, conv.padding, groups=conv.groups)
+            if led is not None:
+                led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(grad_x, "fp32"), where)
+                if conv.skip_tag:
+                    led.free(conv.skip_tag, where)  # the residual's gradient is summed into this one
+        if led is not None:
+            led.free(f"grad:{conv.tag}", where)
+            led.free(f"saved:{conv.tag}", where)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class QConv(_QParamsMixin, nn.Module):
     """An int8 convolution (regular, depthwise or pointwise) with int32 bias and per-channel weight scales.
 
@@ -76,6 +156,8 @@ class QConv(_QParamsMixin, nn.Module):
     -----
     A folded ReLU6 needs no clamp of its own: its output range [0, 6] is the
     int8 range (``y_zero = -128``), so clamping to int8 is the activation.
+    ``train_channels`` (set by a sparse-update scheme) restricts the weight
+    gradient to some input channels (channels, for a depthwise conv).
     """
 
     # On the device: int8 weights, int32 biases (fedtiny.models.state reads this).
@@ -90,6 +172,10 @@ class QConv(_QParamsMixin, nn.Module):
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.stride, self.groups = int(stride), int(groups)
         self.padding = self.weight.shape[-1] // 2
+        self.tag = "conv"
+        self.relu = False  # a folded ReLU6 follows (set by the model from the layer's role)
+        self.skip_tag = ""  # the first conv of a residual block merges the skip gradient
+        self.train_channels: list[int] | None = None
 
     @property
     def kernel_size(self) -> int:
@@ -107,17 +193,91 @@ class QConv(_QParamsMixin, nn.Module):
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.out_channels
 
+    def set_train_channels(self, channels: list[int] | None) -> None:
+        """Restrict weight training to these input channels (None: all channels of a trained weight)."""
+        n = self.out_channels if self.is_depthwise else self.in_channels
+        if channels is not None and len(channels) == n:
+            channels = None
+        if channels is not None and self.groups > 1 and not self.is_depthwise:
+            raise ValueError(f"{self.tag}: channel selection is not supported for grouped convolutions")
+        self.train_channels = None if channels is None else [int(c) for c in channels]
+
+    def trained_weight_elements(self) -> int:
+        """Weight elements a scheme trains (0 when the weight is frozen)."""
+        if not self.weight.requires_grad:
+            return 0
+        if self.train_channels is None:
+            return self.weight.numel()
+        per = self.weight[0].numel() if self.is_depthwise else self.weight[:, 0].numel()
+        return per * len(self.train_channels)
+
+    def out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return _conv_out_hw(hw, self.kernel_size, self.stride)
+
     def multiplier(self) -> torch.Tensor:
         """Per-channel effective scale ``s_x * s_w / s_y`` of the requantization."""
         return (self.x_scale * self.w_scales.double() / self.y_scale).float()
 
-    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
-        """int32 accumulator: ``conv(x - x_zero, W) + b``."""
-        return F.conv2d(x - self.x_zero, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+    def run(self, x: torch.Tensor, in_tag: str = "", keep_input: bool = False,
+            quiet: bool = False) -> tuple[torch.Tensor, str]:
+        """Forward, reporting buffers to a recording ledger (unless ``quiet``); returns the output and its tag."""
+        led = None if quiet else ledger_active()
+        if led is not None:
+            hw = (x.shape[2], x.shape[3])
+            out_hw = self.out_hw(hw)
+            out_bytes = x.shape[0] * self.out_channels * out_hw[0] * out_hw[1]
+            inplace = led.inplace_depthwise and self.is_depthwise and not keep_input
+            if not inplace:
+                led.alloc(f"act:{self.tag}", out_bytes, f"fw:{self.tag}")
+            led.transient(f"ws:{self.tag}", workspace_bytes(self.kernel_size, self.in_channels, self.is_depthwise,
+                                                            hw, out_hw, inplace), f"fw:{self.tag}")
+        y = _QConvFn.apply(x, self.weight, self.bias, self, in_tag)
+        if led is not None:
+            if not keep_input:
+                led.free(f"act:{in_tag}", f"fw:{self.tag}")
+            if inplace:
+                led.alloc(f"act:{self.tag}", out_bytes, f"fw:{self.tag}")
+        return y, self.tag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.accumulate(x) * self.multiplier().view(1, -1, 1, 1) + self.y_zero
-        return torch.clamp(round_ste(y), INT8_MIN, INT8_MAX)
+        return self.run(x)[0]
+
+
+class _QAddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b, add: "QAdd"):
+        ra, rb = add.x_scale / add.y_scale, float(add.bparams[0]) / add.y_scale
+        y = torch.round((x - add.x_zero) * ra + (b - float(add.bparams[1])) * rb + add.y_zero)
+        ctx.add, ctx.ratios, ctx.ledger = add, (ra, rb), ledger_active()
+        mask = None
+        if any(ctx.needs_input_grad[:2]):
+            mask = (y >= INT8_MIN) & (y <= INT8_MAX)
+            if ctx.ledger is not None:
+                ctx.ledger.alloc(f"saved:{add.tag}", tensor_bytes(mask, "bit"), f"fw:{add.tag}")
+        ctx.save_for_backward(mask)
+        return y.clamp(INT8_MIN, INT8_MAX)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        add, led, where = ctx.add, ctx.ledger, f"bw:{ctx.add.tag}"
+        if led is not None:
+            led.free(f"act:{add.tag}", where)
+            led.ensure(f"grad:{add.tag}", tensor_bytes(g, "fp32"), where)
+        gm = g * mask
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gm * ctx.ratios[0]
+            if led is not None:
+                led.alloc(f"grad:skip:{add.tag}", tensor_bytes(gx, "fp32"), where)
+        if ctx.needs_input_grad[1]:
+            gb = gm * ctx.ratios[1]
+            if led is not None:
+                led.alloc(f"grad:{add.branch_tag}", tensor_bytes(gb, "fp32"), where)
+        if led is not None:
+            led.free(f"grad:{add.tag}", where)
+            led.free(f"saved:{add.tag}", where)
+        return gx, gb, None
 
 
 class QAdd(_QParamsMixin, nn.Module):
@@ -131,19 +291,62 @@ class QAdd(_QParamsMixin, nn.Module):
         super().__init__()
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.register_buffer("bparams", torch.tensor([b_scale, b_zero], dtype=torch.float64))
+        self.tag, self.branch_tag = "add", ""
+
+    def run(self, x: torch.Tensor, x_tag: str, b: torch.Tensor, b_tag: str) -> tuple[torch.Tensor, str]:
+        led = ledger_active()
+        if led is not None:
+            led.alloc(f"act:{self.tag}", b.numel(), f"fw:{self.tag}")
+        self.branch_tag = b_tag
+        y = _QAddFn.apply(x, b, self)
+        if led is not None:
+            led.free(f"act:{x_tag}", f"fw:{self.tag}")
+            led.free(f"act:{b_tag}", f"fw:{self.tag}")
+        return y, self.tag
 
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ra, rb = self.x_scale / self.y_scale, float(self.bparams[0]) / self.y_scale
-        y = (x - self.x_zero) * ra + (b - float(self.bparams[1])) * rb + self.y_zero
-        return torch.clamp(round_ste(y), INT8_MIN, INT8_MAX)
+        return self.run(x, "", b, "")[0]
+
+
+class _PoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pool: "QAvgPool", in_tag: str):
+        ctx.pool, ctx.in_tag, ctx.in_shape, ctx.ledger = pool, in_tag, x.shape, ledger_active()
+        return torch.round(x.mean(dim=(2, 3), keepdim=True)).clamp(INT8_MIN, INT8_MAX)
+
+    @staticmethod
+    def backward(ctx, g):
+        led, where, tag = ctx.ledger, f"bw:{ctx.pool.tag}", ctx.pool.tag
+        if led is not None:
+            led.free(f"act:{tag}", where)
+            led.ensure(f"grad:{tag}", tensor_bytes(g, "fp32"), where)
+        n, c, h, w = ctx.in_shape
+        gx = (g / (h * w)).expand(n, c, h, w).contiguous()
+        if led is not None:
+            led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(gx, "fp32"), where)
+            led.free(f"grad:{tag}", where)
+        return gx, None, None
 
 
 class QAvgPool(nn.Module):
     """Global average pool in the int8 domain: scale and zero point are unchanged, so
     ``mean(x - z) + z = mean(x)``; the MCU sums in int32 and divides with rounding."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.tag = "pool"
+
+    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
+        led = ledger_active()
+        if led is not None:
+            led.alloc(f"act:{self.tag}", x.shape[0] * x.shape[1], f"fw:{self.tag}")
+        y = _PoolFn.apply(x, self, in_tag)
+        if led is not None:
+            led.free(f"act:{in_tag}", f"fw:{self.tag}")
+        return y, self.tag
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(round_ste(x.mean(dim=(2, 3), keepdim=True)), INT8_MIN, INT8_MAX)
+        return self.run(x)[0]
 
 
 class QBlock(nn.Module):
@@ -152,15 +355,81 @@ class QBlock(nn.Module):
     def __init__(self, pointwise1: QConv | None, depthwise: QConv, pointwise2: QConv, residual: QAdd | None) -> None:
         super().__init__()
         self.pointwise1, self.depthwise, self.pointwise2, self.residual = pointwise1, depthwise, pointwise2, residual
+        depthwise.relu = True
+        if pointwise1 is not None:
+            pointwise1.relu = True
 
     def convs(self) -> list[QConv]:
         return [c for c in (self.pointwise1, self.depthwise, self.pointwise2) if c is not None]
 
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Expansion and depthwise can run fused: no gradient passes through them."""
+        convs = [self.pointwise1, self.depthwise] if self.pointwise1 is not None else []
+        return bool(convs) and not x.requires_grad and not any(p.requires_grad for c in convs for p in c.parameters())
+
+    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
+        y, tag = x, in_tag
+        convs = self.convs()
+        led = ledger_active()
+        if led is not None and led.fuse_frozen and self.fusable(x):
+            pw1, dw = self.pointwise1, self.depthwise
+            hw = (x.shape[2], x.shape[3])
+            out_hw = dw.out_hw(pw1.out_hw(hw))
+            where = f"fw:{dw.tag}"
+            led.alloc(f"act:{dw.tag}", x.shape[0] * dw.out_channels * out_hw[0] * out_hw[1], where)
+            led.transient(f"ws:{dw.tag}", fused_workspace_bytes(pw1.in_channels, dw.kernel_size, pw1.out_hw(hw),
+                                                                out_hw), where)
+            if self.residual is None:
+                led.free(f"act:{in_tag}", where)
+            y, _ = pw1.run(y, tag, quiet=True)
+            y, tag = dw.run(y, "", quiet=True)
+            convs = convs[2:]
+        for i, conv in enumerate(convs):
+            y, tag = conv.run(y, tag, keep_input=(conv is self.convs()[0] and self.residual is not None))
+        if self.residual is not None:
+            y, tag = self.residual.run(x, in_tag, y, tag)
+        return y, tag
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for conv in self.convs():
-            y = conv(y)
-        return self.residual(x, y) if self.residual is not None else y
+        return self.run(x)[0]
+
+
+class _HeadFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, head: "FloatHead", in_tag: str):
+        s, z = float(head.xparams[0]), float(head.xparams[1])
+        feats = (x.flatten(1) - z) * s
+        ctx.head, ctx.in_tag, ctx.in_shape, ctx.ledger, ctx.s = head, in_tag, x.shape, ledger_active(), s
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(feats if need_w else None, weight if need_x else None)
+        if ctx.ledger is not None and need_w:
+            ctx.ledger.alloc(f"saved:{head.tag}", tensor_bytes(feats, "fp32"), f"fw:{head.tag}")
+        return F.linear(feats, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        feats, w = ctx.saved_tensors
+        led, tag, where = ctx.ledger, ctx.head.tag, f"bw:{ctx.head.tag}"
+        if led is not None:
+            led.free(f"act:{tag}", where)
+            led.ensure(f"grad:{tag}", tensor_bytes(g, "fp32"), where)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+            if led is not None:
+                led.param_grad(f"pgrad:{tag}:b", 4 * gb.numel(), 1, where)
+        if ctx.needs_input_grad[1]:
+            gw = g.t() @ feats
+            if led is not None:
+                led.param_grad(f"pgrad:{tag}:w", 4 * gw.numel(), gw.shape[0], where)
+        if ctx.needs_input_grad[0]:
+            gx = (g @ w * ctx.s).view(ctx.in_shape)
+            if led is not None:
+                led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(gx, "fp32"), where)
+        if led is not None:
+            led.free(f"grad:{tag}", where)
+            led.free(f"saved:{tag}", where)
+        return gx, gw, gb, None, None
 
 
 class FloatHead(nn.Module):
@@ -171,10 +440,19 @@ class FloatHead(nn.Module):
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
         self.register_buffer("xparams", torch.tensor([x_scale, x_zero], dtype=torch.float64))
+        self.tag = "classifier"
+
+    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
+        led = ledger_active()
+        if led is not None:
+            led.alloc(f"act:{self.tag}", 4 * x.shape[0] * self.weight.shape[0], f"fw:{self.tag}")
+        y = _HeadFn.apply(x, self.weight, self.bias, self, in_tag)
+        if led is not None:
+            led.free(f"act:{in_tag}", f"fw:{self.tag}")
+        return y, self.tag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = (x.flatten(1) - float(self.xparams[1])) * float(self.xparams[0])
-        return F.linear(feats, self.weight, self.bias)
+        return self.run(x)[0]
 
 
 class QModel(nn.Module):
@@ -198,6 +476,16 @@ class QModel(nn.Module):
         self.classifier = classifier
         self.register_buffer("input_params", torch.tensor([input_scale, input_zero, input_mean, input_std],
                                                           dtype=torch.float64))
+        first_conv.relu = True
+        if feature_mix is not None:
+            feature_mix.relu = True
+        for i, conv in enumerate(self.convs()):
+            conv.tag = f"conv{i}"
+        for j, block in enumerate(blocks):
+            if block.residual is not None:
+                block.residual.tag = f"add{j}"
+                block.convs()[0].skip_tag = f"grad:skip:add{j}"
+        self.classifier.tag = "classifier"
 
     def convs(self) -> list[QConv]:
         """Every int8 convolution in forward order (the classifier excluded): the paper's layer indices."""
@@ -213,25 +501,57 @@ class QModel(nn.Module):
         scale, zero, mean, std = (float(v) for v in self.input_params)
         return torch.clamp(round_ste((x - mean) / std / scale) + zero, INT8_MIN, INT8_MAX)
 
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        xq = self.quantize_input(x)
+        led = ledger_active()
+        if led is not None:
+            led.alloc("act:input", xq.numel(), "fw:input")
+        y, tag = self.first_conv.run(xq, "input")
+        for block in self.blocks:
+            y, tag = block.run(y, tag)
+        if self.feature_mix is not None:
+            y, tag = self.feature_mix.run(y, tag)
+        return self.pool.run(y, tag)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """int8 pooled features (N x C x 1 x 1) of images in [0, 1]."""
-        y = self.first_conv(self.quantize_input(x))
-        for block in self.blocks:
-            y = block(y)
-        if self.feature_mix is not None:
-            y = self.feature_mix(y)
-        return self.pool(y)
+        return self._features(x)[0]
 
     def int8_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's int8 output (only for an int8 classifier)."""
         if not isinstance(self.classifier, QConv):
             raise TypeError("the classifier is fp32; use forward() for float logits")
-        return self.classifier(self.features(x)).flatten(1)
+        return self.classifier.run(*self._features(x))[0].flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits: dequantized int8 logits, or the fp32 head's output."""
-        feats = self.features(x)
+        y, _ = self.classifier.run(*self._features(x))
         if isinstance(self.classifier, QConv):
-            c = self.classifier
-            return (c(feats).flatten(1) - c.y_zero) * c.y_scale
-        return self.classifier(feats)
+            return (y.flatten(1) - self.classifier.y_zero) * self.classifier.y_scale
+        return y
+
+
+def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", seed: int = 0,
+                 logit_range: float = 8.0) -> QModel:
+    """Give ``model`` a new, randomly initialised classifier for ``num_classes`` (transfer learning).
+
+    The int8 head's output scale covers ``[-logit_range, logit_range]``; fine-tuning
+    (the classifier is always trained) adapts its weights.
+    """
+    old = model.classifier
+    cin = int(old.weight.shape[1])
+    x_scale, x_zero = (old.x_scale, old.x_zero) if isinstance(old, QConv) else (float(old.xparams[0]),
+                                                                                 int(old.xparams[1]))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(num_classes, cin, generator=gen) / cin ** 0.5
+    if precision == "fp32":
+        head: nn.Module = FloatHead(w, torch.zeros(num_classes), x_scale, x_zero)
+    elif precision == "int8":
+        w_scales = w.abs().max(dim=1).values.clamp_min(1e-8) / 127
+        w_int = torch.round(w / w_scales[:, None]).clamp(-127, 127).view(num_classes, cin, 1, 1)
+        head = QConv(w_int, torch.zeros(num_classes), w_scales, x_scale, x_zero, 2 * logit_range / 255, 0)
+    else:
+        raise ValueError(f"classifier precision must be int8 or fp32, got {precision!r}")
+    head.tag = "classifier"
+    model.classifier = head
+    return model
