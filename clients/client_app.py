@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from clients.wire import bytes_record, record_bytes
 from fedtiny.client import local_round
 from fedtiny.scenario import scenario_from_json
+from fedtiny.sparse import ResolvedScheme
 
 app = ClientApp()
 
@@ -29,7 +30,10 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Apply the global model, train on the local partition, reply with the encoded update."""
     config = msg.content["config"]
+    scheme = str(config.get("scheme", ""))
     result = local_round(scenario_from_json(str(config["scenario"])), _partition_id(context),
-                         int(config["server-round"]), record_bytes(msg.content["global"]))
-    content = RecordDict({"update": bytes_record(result.update), "metrics": MetricRecord(result.metrics())})
+                         int(config["server-round"]), record_bytes(msg.content["global"]),
+                         ResolvedScheme.from_json(scheme) if scheme else None)
+    content = RecordDict({"update": bytes_record(result.update), "metrics": MetricRecord(result.metrics()),
+                          "info": ConfigRecord(result.info())})
     return Message(content, reply_to=msg)

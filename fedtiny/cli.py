@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("uplink bytes (total)", summary["uplink_bytes_total"]),
         ("downlink bytes (total)", summary["downlink_bytes_total"]),
         ("rejected updates", summary["rejected_updates_total"]),
+        ("refused (memory)", summary.get("refused_clients_total", 0)),
         ("wall time (s)", summary["wall_time_s"]),
         ("run folder", summary["run_dir"]),
     ]))

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.payload import pack_dense, unpack_dense
 from fedtiny.scenario import Scenario
-from fedtiny.task import Task, limit_threads, make_task
+from fedtiny.sparse import ResolvedScheme
+from fedtiny.task import Task, client_profile, limit_threads, make_task
 from fedtiny.train import evaluate, seeded, train_local
 
 __all__ = ["LocalResult", "local_round", "client_task"]
@@ -20,36 +21,51 @@ __all__ = ["LocalResult", "local_round", "client_task"]
 
 @dataclass(frozen=True)
 class LocalResult:
-    """A client's reply: the encoded update and its training metrics."""
+    """A client's reply: the encoded update and its training metrics, or why it refused to train."""
 
     update: bytes
     num_examples: int
-    train_loss: float
-    train_accuracy: float
-    test_accuracy: float
-    steps: int
+    train_loss: float = 0.0
+    train_accuracy: float = 0.0
+    test_accuracy: float = 0.0
+    steps: int = 0
+    device: str = ""
+    peak_sram_bytes: int = 0
+    sram_bytes: int = 0
+    refusal: str = ""
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply message."""
         return {"num-examples": self.num_examples, "train_loss": self.train_loss,
-                "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps}
+                "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps,
+                "peak_sram_bytes": self.peak_sram_bytes, "sram_bytes": self.sram_bytes,
+                "refused": int(bool(self.refusal))}
+
+    def info(self) -> dict[str, str]:
+        """Text facts for the reply message."""
+        return {"device": self.device, "refusal": self.refusal}
 
 
 @functools.lru_cache(maxsize=2)
-def _task(scenario_json: str) -> Task:
+def _task(scenario_json: str, scheme_json: str) -> Task:
     from fedtiny.scenario import scenario_from_json
 
     limit_threads()
-    return make_task(scenario_from_json(scenario_json))
+    return make_task(scenario_from_json(scenario_json), ResolvedScheme.from_json(scheme_json) if scheme_json else None)
 
 
-def client_task(scenario: Scenario) -> Task:
-    """The client's task for ``scenario``, built once per process."""
-    return _task(scenario.to_json())
+def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
+    """The client's task for ``scenario`` under the server's resolved ``scheme``, built once per process."""
+    return _task(scenario.to_json(), scheme.to_json() if scheme is not None else "")
 
 
-def local_round(scenario: Scenario, partition_id: int, server_round: int, global_payload: bytes) -> LocalResult:
+def local_round(scenario: Scenario, partition_id: int, server_round: int, global_payload: bytes,
+                scheme: ResolvedScheme | None = None) -> LocalResult:
     """Run client ``partition_id``'s local training of round ``server_round``.
+
+    The client first checks that one training step of its scheme fits its
+    device's memory; if it does not (and ``device.enforce``), it does not train
+    and returns the reason with an empty update.
 
     Raises
     ------
@@ -58,8 +74,14 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, global
     IndexError
         When ``partition_id`` is not a partition of the scenario.
     """
-    task = client_task(scenario)
+    task = client_task(scenario, scheme)
     train, test = task.federation.client_data(partition_id)
+    profile = client_profile(scenario, partition_id)
+    report = task.memory(profile)
+    mem = {"device": profile.name, "sram_bytes": profile.sram_bytes,
+           "peak_sram_bytes": report.peak_sram_bytes if report else 0}
+    if report is not None and not report.fits and scenario.device.enforce:
+        return LocalResult(b"", len(train), refusal=report.reason(), **mem)
     load_arrays(task.model, unpack_dense(global_payload, task.downlink_spec))
     t = scenario.train
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
@@ -67,4 +89,4 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, global
                       gen=seeded(scenario.run.seed, server_round, partition_id))
     _, test_acc = evaluate(task.model, test)
     update = pack_dense(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), task.uplink_spec)
-    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps)
+    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem)

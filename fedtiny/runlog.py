@@ -88,10 +88,12 @@ class RunLog:
         if self.progress is not None:
             r, total = record["round"], self.scenario.run.rounds
             rej = len(record.get("rejected", []))
+            ref = len(record.get("refused", []))
             print(f"[fedtiny] round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
                   f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
                   f"down {_kb(record.get('downlink_bytes', 0))}"
-                  + (f" | rejected {rej}" if rej else "") + f" | {record['elapsed_s']:.1f}s",
+                  + (f" | rejected {rej}" if rej else "") + (f" | refused {ref} (memory)" if ref else "")
+                  + f" | {record['elapsed_s']:.1f}s",
                   file=self.progress, flush=True)
 
     def finish(self, **extra: Any) -> dict[str, Any]:
@@ -111,6 +113,7 @@ class RunLog:
             "uplink_bytes_total": sum(r.get("uplink_bytes", 0) for r in recs),
             "downlink_bytes_total": sum(r.get("downlink_bytes", 0) for r in recs),
             "rejected_updates_total": sum(len(r.get("rejected", [])) for r in recs),
+            "refused_clients_total": sum(len(r.get("refused", [])) for r in recs),
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
             **extra,

@@ -108,6 +108,23 @@ class TrainSection:
     local_epochs: int = _key(1, "local epochs per round", _range(1, 1000))
     batch_size: int = _key(16, "client batch size", _range(1, 65_536))
     weight_rounding: str = _key("stochastic", "rounding of int8 weights after each step", _choice("stochastic", "nearest"))
+    scheme: str = _key("full", "sparse-update scheme: full, bias-only, last-k:N, a JSON/TOML file (path relative to "
+                       "the scenario; schemes.json#id) or inline JSON")
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    profiles: str = _key("mcu-256kb", "device profile of the clients; a comma-separated list is assigned round-robin "
+                         "by partition id (see fedtiny.devices)")
+    custom_name: str = _key("custom", "name of the scenario's own profile (used when custom_sram_kb > 0)")
+    custom_sram_kb: int = _key(0, "SRAM of the scenario's own profile in KB (0: no custom profile)", _range(0, 1 << 20))
+    custom_flash_kb: int = _key(1024, "flash of the scenario's own profile in KB", _range(1, 1 << 22))
+    custom_clock_mhz: int = _key(100, "clock of the scenario's own profile", _range(1, 10_000))
+    enforce: bool = _key(True, "a client whose training step does not fit its device refuses to train")
+    micro_batch: int = _key(1, "samples per on-device training step, for the memory check", _range(1, 4096))
+    reorder: bool = _key(True, "operator reordering (apply each weight gradient as soon as it is computed)")
+    inplace_depthwise: bool = _key(True, "in-place depthwise convolutions")
+    fuse_frozen: bool = _key(True, "fuse expansion+depthwise of blocks no gradient passes through")
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class Scenario:
     shift: ShiftSection = field(default_factory=ShiftSection)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Return the resolved scenario as nested plain dicts (TOML/JSON ready)."""
@@ -138,6 +156,7 @@ class Scenario:
 
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
+    "device": DeviceSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -207,6 +226,22 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
+    from fedtiny.sparse import SchemeError, parse_scheme
+
+    try:
+        parse_scheme(s.train.scheme)
+    except SchemeError as exc:
+        raise ScenarioError(f"{where}: train.scheme: {exc}") from None
+    if s.train.scheme != "full" and s.model.precision != "int8":
+        raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
+                            f"set model.precision = \"int8\" (got {s.model.precision!r})")
+    from fedtiny.devices import PROFILES
+
+    for name in (p.strip().lower() for p in s.device.profiles.split(",")):
+        if name not in PROFILES and not (s.device.custom_sram_kb and name == s.device.custom_name.lower()):
+            raise ScenarioError(f"{where}: device.profiles: unknown profile {name!r}; known: "
+                                f"{', '.join(sorted(PROFILES))}" + (" (or set device.custom_sram_kb)" if
+                                                                     not s.device.custom_sram_kb else ""))
     if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 
@@ -260,13 +295,18 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) 
         raise ScenarioError(f"{where}: is a directory, expected a TOML scenario file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{where}: invalid TOML: {exc}") from None
-    return scenario_from_dict(raw, overrides, where=where)
+    return scenario_from_dict(raw, overrides, where=where, base_dir=path.parent)
 
 
 def scenario_from_dict(
-    raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, where: str = "<scenario>"
+    raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, where: str = "<scenario>",
+    base_dir: Path | None = None,
 ) -> Scenario:
-    """Validate a scenario given as nested dicts (e.g. the JSON a Flower app receives)."""
+    """Validate a scenario given as nested dicts (e.g. the JSON a Flower app receives).
+
+    ``base_dir`` is the scenario file's folder: a scheme file named relative to it
+    is stored with its resolved path.
+    """
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
@@ -275,6 +315,11 @@ def scenario_from_dict(
         table = merged.setdefault(section, {})
         if isinstance(table, dict):
             table[name] = value
+    scheme = merged.get("train", {}).get("scheme") if isinstance(merged.get("train"), dict) else None
+    if base_dir is not None and isinstance(scheme, str) and not scheme.lstrip().startswith("{"):
+        file_part, _, entry = scheme.partition("#")
+        if file_part and not Path(file_part).is_absolute() and (base_dir / file_part).is_file():
+            merged["train"]["scheme"] = str((base_dir / file_part).resolve()) + (f"#{entry}" if entry else "")
     return _build(where, merged)
 
 

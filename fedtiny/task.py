@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,9 +12,13 @@ from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
 from fedtiny.models.state import Spec
 from fedtiny.scenario import Scenario
+from fedtiny.devices import DeviceProfile, get_profile
+from fedtiny.memory import MemoryReport, memory_report
+from fedtiny.models.state import load_arrays
+from fedtiny.sparse import ResolvedScheme, apply_scheme, parse_scheme, resolve
 from fedtiny.train import evaluate, pretrain
 
-__all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads"]
+__all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads", "resolve_scheme", "client_profile"]
 
 
 @dataclass
@@ -37,6 +41,20 @@ class Task:
     model: nn.Module
     downlink_spec: Spec
     uplink_spec: Spec
+    scheme: ResolvedScheme | None = None
+    _memory: dict = field(default_factory=dict, repr=False)
+
+    def memory(self, profile: DeviceProfile) -> MemoryReport | None:
+        """The memory report of one training step on ``profile`` (None for an fp32 model)."""
+        if self.scheme is None:
+            return None
+        if profile.name not in self._memory:
+            d, t = self.scenario.device, self.scenario.train
+            self._memory[profile.name] = memory_report(
+                self.model, self.scheme, self.federation.image_shape, device=profile, optimizer=t.optimizer,
+                momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
+                fuse_frozen=d.fuse_frozen, batch=d.micro_batch)
+        return self._memory[profile.name]
 
 
 @dataclass(frozen=True)
@@ -60,17 +78,38 @@ def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn
     return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
 
 
-def make_task(scenario: Scenario) -> Task:
+def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
     """Build the federation (cached per process) and a model of the right layout for ``scenario``.
 
     The int8 layout is made by converting the untrained network; its values are
-    placeholders until the server's state is loaded.
+    placeholders until the server's state is loaded. With a resolved ``scheme``
+    only its tensors are trainable (and sent back).
     """
     fed = load_federation(scenario)
     model = _fp32_model(scenario, fed)
     if scenario.model.precision == "int8":
         model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
-    return Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
+        if scheme is not None:
+            apply_scheme(model, scheme)
+    return Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)), scheme)
+
+
+def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
+    """Fix the scenario's scheme against the cloud model ``state`` (channel choice by magnitude)."""
+    if task.scenario.model.precision != "int8":
+        return task
+    load_arrays(task.model, state)
+    resolved = resolve(parse_scheme(task.scenario.train.scheme), task.model, task.scenario.run.seed)
+    return make_task(task.scenario, resolved)
+
+
+def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:
+    """Client ``partition_id``'s device: the fleet's profiles assigned round-robin."""
+    d = scenario.device
+    custom = DeviceProfile(d.custom_name.lower(), d.custom_sram_kb * 1024, d.custom_flash_kb * 1024,
+                           d.custom_clock_mhz, "custom") if d.custom_sram_kb else None
+    names = [n.strip() for n in d.profiles.split(",") if n.strip()]
+    return get_profile(names[partition_id % len(names)], custom)
 
 
 def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:

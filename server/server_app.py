@@ -15,7 +15,7 @@ from fedtiny.payload import dense_nbytes, pack_dense, unpack_dense
 from fedtiny.runlog import RunLog, new_run_dir, write_scenario
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
 from fedtiny.aggregate import GlobalModel
-from fedtiny.task import cloud_model, limit_threads, make_task
+from fedtiny.task import cloud_model, limit_threads, make_task, resolve_scheme
 from fedtiny.train import evaluate
 from server.strategy import FedTinyStrategy
 
@@ -52,9 +52,12 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
 def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
     """Run a whole federation on ``grid`` and write its run folder; return the summary."""
     limit_threads()
+    log = RunLog(run_dir, scenario)
     task = make_task(scenario)
     initial, cloud = cloud_model(task)
-    log = RunLog(run_dir, scenario)
+    task = resolve_scheme(task, initial)
+    if task.scheme is not None:
+        log.note(f"scheme {task.scheme.summary()}")
     log.note(f"cloud model: fp32 accuracy {cloud.fp32_accuracy:.4f}"
              + (f", after int8 PTQ {cloud.ptq_accuracy:.4f}" if cloud.ptq_accuracy is not None else ""))
     global_model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
@@ -66,6 +69,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
         stats = strategy.last_round if server_round else {}
         log.add_round({"round": server_round, "global_accuracy": acc, "global_loss": loss,
                        "clients": stats.get("clients", []), "rejected": stats.get("rejected", []),
+                       "refused": stats.get("refused", []),
                        "uplink_bytes": stats.get("uplink_bytes", 0), "downlink_bytes": stats.get("downlink_bytes", 0)})
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -73,7 +77,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
                    evaluate_fn=evaluate_global)
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
-                      optimizer=scenario.train.optimizer,
+                      optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",
                       model_parameters=sum(p.numel() for p in task.model.parameters()),
                       downlink_payload_bytes=dense_nbytes(task.downlink_spec),
                       uplink_payload_bytes=dense_nbytes(task.uplink_spec))

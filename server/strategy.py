@@ -56,13 +56,14 @@ class FedTinyStrategy(Strategy):
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
         self._global = record_bytes(arrays)
         self._sent = len(pids)
-        cfg = ConfigRecord({"scenario": s.to_json(), "server-round": server_round})
+        scheme = self.task.scheme.to_json() if self.task.scheme is not None else ""
+        cfg = ConfigRecord({"scenario": s.to_json(), "server-round": server_round, "scheme": scheme})
         return [Message(RecordDict({"global": arrays, "config": cfg}), dst_node_id=self.node_of[p],
                         message_type=MessageType.TRAIN) for p in pids]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, clients, rejected = [], {}, []
+        updates, clients, rejected, refused = [], {}, [], []
         for msg in replies:
             pid = self.partition_of.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
@@ -75,6 +76,14 @@ class FedTinyStrategy(Strategy):
             except PayloadError as exc:
                 rejected.append(Rejection(pid, str(exc)))
                 continue
+            info = msg.content.config_records.get("info") or {}
+            if m.get("refused"):
+                # The client's training step does not fit its device: it sent no update, by design.
+                refused.append({"partition_id": pid, "device": str(info.get("device", "")),
+                                "reason": str(info.get("refusal", ""))[:300],
+                                "peak_sram_bytes": int(m.get("peak_sram_bytes", 0)),
+                                "sram_bytes": int(m.get("sram_bytes", 0))})
+                continue
             updates.append(ClientUpdate(pid, payload, n if isinstance(n, int) else -1))
             clients[pid] = {"partition_id": pid, "uplink_bytes": len(payload), "downlink_bytes": len(self._global),
                             **{k: v for k, v in m.items() if k != "num-examples"}, "num_examples": n}
@@ -85,6 +94,7 @@ class FedTinyStrategy(Strategy):
             "clients": accepted,
             "rejected": [{"partition_id": r.partition_id, "reason": r.reason}
                          for r in sorted(rejected, key=lambda r: r.partition_id)],
+            "refused": sorted(refused, key=lambda r: r["partition_id"]),
             # Bytes that crossed the radio, refused or not.
             "uplink_bytes": sum(c["uplink_bytes"] for c in clients.values()),
             "downlink_bytes": len(self._global) * self._sent,
