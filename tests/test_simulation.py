@@ -49,8 +49,12 @@ def test_metrics_per_round_and_byte_counts(two_runs):
     d, _ = two_runs[0]
     recs = read_metrics(d)
     assert [r["round"] for r in recs] == [0, 1, 2]
+    from fedtiny.task import cloud_model, resolve_scheme
+
     task = make_task(load_scenario(d / "scenario.toml"))
+    task = resolve_scheme(task, cloud_model(task)[0])  # the sparse scheme decides what is sent back
     up, down = dense_nbytes(task.uplink_spec), dense_nbytes(task.downlink_spec)
+    assert up < dense_nbytes(make_task(task.scenario).uplink_spec)
     for r in recs[1:]:
         assert len(r["clients"]) == 3 and r["rejected"] == []
         assert [c["partition_id"] for c in r["clients"]] == sorted(c["partition_id"] for c in r["clients"])
