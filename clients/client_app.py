@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.wire import bytes_record, record_bytes
@@ -11,6 +11,7 @@ from fedtiny.scenario import scenario_from_json
 from fedtiny.sparse import ResolvedScheme
 
 app = ClientApp()
+STATE = "fedtiny-client-state"
 
 
 def _partition_id(context: Context) -> int:
@@ -31,9 +32,13 @@ def train(msg: Message, context: Context) -> Message:
     """Apply the global model, train on the local partition, reply with the encoded update."""
     config = msg.content["config"]
     scheme = str(config.get("scheme", ""))
-    result = local_round(scenario_from_json(str(config["scenario"])), _partition_id(context),
-                         int(config["server-round"]), record_bytes(msg.content["global"]),
-                         ResolvedScheme.from_json(scheme) if scheme else None)
+    kept = {k: a.numpy() for k, a in context.state[STATE].items()} if STATE in context.state else {}
+    result, kept = local_round(scenario_from_json(str(config["scenario"])), _partition_id(context),
+                               int(config["server-round"]), record_bytes(msg.content["global"]),
+                               kind=str(config.get("downlink", "full")),
+                               scheme=ResolvedScheme.from_json(scheme) if scheme else None, state=kept)
+    # The model it holds and its error-feedback residual stay on the device between rounds.
+    context.state[STATE] = ArrayRecord({k: Array(v) for k, v in kept.items()})
     content = RecordDict({"update": bytes_record(result.update), "metrics": MetricRecord(result.metrics()),
                           "info": ConfigRecord(result.info())})
     return Message(content, reply_to=msg)

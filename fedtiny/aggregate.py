@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from fedtiny.payload import PayloadError, unpack_dense
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate_dense", "GlobalModel"]
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "aggregate_dense", "GlobalModel"]
 
 Spec = list[tuple[str, tuple[int, ...], str]]
 
@@ -39,33 +40,46 @@ class AggregateResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def aggregate_dense(updates: list[ClientUpdate], spec: Spec, *, max_examples: int = 10_000_000) -> AggregateResult:
-    """Example-weighted average of dense updates, in partition-id order.
+Decoded = dict[str, tuple[np.ndarray, np.ndarray]]  # tensor name -> (flat positions, change)
 
-    A malformed update (wrong length, non-finite values, a non-positive or absurd
-    example count) is rejected with its reason and does not touch the average.
-    The sum runs in float64 in a fixed order so that results are repeatable.
+
+def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], shapes: dict[str, tuple[int, ...]],
+              *, max_examples: int = 10_000_000) -> AggregateResult:
+    """Example-weighted mean of the clients' changes, in partition-id order.
+
+    ``decode`` turns a payload into ``{name: (positions, change)}`` or raises
+    ``ValueError`` (a codec or payload error); such an update, or one with a
+    non-positive or absurd example count, is rejected with its reason and does not
+    touch the mean. Sums run in float64 in a fixed order so results repeat.
     """
     result = AggregateResult(None)
-    sums: dict[str, np.ndarray] = {}
+    sums = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
     total = 0
     for u in sorted(updates, key=lambda u: u.partition_id):
         if not isinstance(u.num_examples, int) or not 0 < u.num_examples <= max_examples:
             result.rejected.append(Rejection(u.partition_id, f"bad num-examples {u.num_examples!r}"))
             continue
         try:
-            arrays = unpack_dense(u.payload, spec)
-        except PayloadError as exc:
+            changes = decode(u.payload)
+        except ValueError as exc:
             result.rejected.append(Rejection(u.partition_id, str(exc)))
             continue
-        for name, a in arrays.items():
-            acc = sums.setdefault(name, np.zeros(a.shape, np.float64))
-            acc += a.astype(np.float64) * u.num_examples
+        for name, (idx, values) in changes.items():
+            sums[name][idx] += values * u.num_examples
         total += u.num_examples
         result.accepted.append(u.partition_id)
     if total:
-        result.arrays = {name: s / total for name, s in sums.items()}
+        result.arrays = {name: (s / total).reshape(shapes[name]) for name, s in sums.items()}
     return result
+
+
+def aggregate_dense(updates: list[ClientUpdate], spec: Spec, *, max_examples: int = 10_000_000) -> AggregateResult:
+    """Example-weighted mean of dense updates (whole tensors), in partition-id order."""
+
+    def dense(payload: bytes) -> Decoded:
+        return {n: (np.arange(a.size), a.astype(np.float64).ravel()) for n, a in unpack_dense(payload, spec).items()}
+
+    return aggregate(updates, dense, {n: tuple(s) for n, s, _ in spec}, max_examples=max_examples)
 
 
 class GlobalModel:
@@ -89,9 +103,13 @@ class GlobalModel:
         self.master = {n: state[n].astype(np.float64) for n in trained}
 
     def apply(self, mean: dict[str, np.ndarray]) -> None:
-        """Move the master by ``mean - sent`` (the average client change) and re-quantize what is sent."""
+        """Move to the clients' mean model: the master moves by ``mean - sent``."""
+        self.apply_delta({n: m - self.state[n].astype(np.float64) for n, m in mean.items()})
+
+    def apply_delta(self, mean_delta: dict[str, np.ndarray]) -> None:
+        """Move the master by the average client change and re-quantize what is sent."""
         from fedtiny.models.state import to_wire
 
-        for name, m in mean.items():
-            self.master[name] += m - self.state[name].astype(np.float64)
+        for name, d in mean_delta.items():
+            self.master[name] += d
             self.state[name] = to_wire(self.master[name], self.state[name].dtype)

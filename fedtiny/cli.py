@@ -38,19 +38,8 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedtiny.data import build_federation
-    from fedtiny.runlog import new_run_dir, write_scenario
-    from fedtiny.sim import simulate
-
-    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
-    build_federation(scenario)  # fail fast, before Ray starts, on missing data or impossible partitions
-    run_dir = new_run_dir(scenario, args.out)
-    write_scenario(scenario, run_dir)
-    print(f"[fedtiny] scenario {args.scenario} -> {run_dir}", file=sys.stderr, flush=True)
-    summary = simulate(scenario, run_dir, verbose=args.verbose)
-    print(f"\nfedtiny run: {scenario.run.name}")
-    print(_table([
+def _summary_table(name: str, summary: dict[str, Any]) -> str:
+    return f"\nfedtiny run: {name}\n" + _table([
         ("clients (per round)", f"{summary['num_clients']} ({summary['clients_per_round']})"),
         ("rounds", summary["rounds"]),
         ("accuracy: pretrained", summary["initial_accuracy"]),
@@ -58,13 +47,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("accuracy: best", summary["best_accuracy"]),
         ("uplink bytes (total)", summary["uplink_bytes_total"]),
         ("downlink bytes (total)", summary["downlink_bytes_total"]),
+        ("uplink vs dense fp32 / int8", f"{summary.get('uplink_ratio_vs_dense_fp32', 0):.1f}x / "
+                                         f"{summary.get('uplink_ratio_vs_dense_int8', 0):.1f}x smaller"),
         ("rejected updates", summary["rejected_updates_total"]),
         ("refused (memory)", summary.get("refused_clients_total", 0)),
         ("wall time (s)", summary["wall_time_s"]),
         ("run folder", summary["run_dir"]),
-    ]))
+    ])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtiny.data import build_federation
+    from fedtiny.runlog import new_run_dir, write_scenario
+    from fedtiny.sim import simulate
+
+    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
+    methods = scenario.expand()
+    for _, sc in methods:
+        build_federation(sc)  # fail fast, before Ray starts, on missing data or impossible partitions
+    run_dir = new_run_dir(scenario, args.out)
+    write_scenario(scenario, run_dir)
+    print(f"[fedtiny] scenario {args.scenario} -> {run_dir}", file=sys.stderr, flush=True)
+    if not scenario.methods:
+        summary = simulate(scenario, run_dir, verbose=args.verbose)
+        print(_summary_table(scenario.run.name, summary))
+        if args.json:
+            print(json.dumps(summary, sort_keys=True))
+        return 0
+    summaries = {}
+    for name, sc in methods:
+        print(f"[fedtiny] method {name}", file=sys.stderr, flush=True)
+        sub = run_dir / name
+        sub.mkdir(parents=True, exist_ok=True)
+        write_scenario(sc, sub)
+        summaries[name] = simulate(sc, sub, verbose=args.verbose)
+        print(_summary_table(name, summaries[name]))
+    from fedtiny.plots import plot_methods
+
+    plot_methods({name: run_dir / name for name in summaries}, run_dir / "accuracy_vs_uplink.png")
+    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if args.json:
-        print(json.dumps(summary, sort_keys=True))
+        print(json.dumps(summaries, sort_keys=True))
     return 0
 
 
@@ -218,12 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
-    p.add_argument("bench", choices=["sim", "qas"],
-                   help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS")
+    p.add_argument("bench", choices=["sim", "qas", "codec"],
+                   help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
+                        "codec: bits per position of the wire format vs the entropy floor")
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="scenario whose local training is timed")
     p.add_argument("--clients", type=int, default=100, help="sim: number of client calls (N)")
     p.add_argument("--epochs", type=int, default=5, help="qas: fine-tuning epochs per trial")
     p.add_argument("--lr-points", type=int, default=5, help="qas: learning rates tried per method")
+    p.add_argument("--numel", type=int, default=1_000_000, help="codec: tensor size")
+    p.add_argument("--repeat", type=int, default=3, help="codec: timing repetitions")
     p.add_argument("--lr-center", type=float, default=0.003, help="qas: middle of the fp32/QAS learning-rate grid")
     _add_scenario_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")

@@ -9,8 +9,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
+from fedtiny.compress.codec import encode
+from fedtiny.compress.downlink import FULL, apply_downlink
+from fedtiny.compress.sparsify import CompressionConfig, compress_update
 from fedtiny.models import load_arrays, model_arrays
-from fedtiny.payload import pack_dense, unpack_dense
+from fedtiny.payload import pack_dense
 from fedtiny.scenario import Scenario
 from fedtiny.sparse import ResolvedScheme
 from fedtiny.task import Task, client_profile, limit_threads, make_task
@@ -59,34 +64,58 @@ def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Tas
     return _task(scenario.to_json(), scheme.to_json() if scheme is not None else "")
 
 
-def local_round(scenario: Scenario, partition_id: int, server_round: int, global_payload: bytes,
-                scheme: ResolvedScheme | None = None) -> LocalResult:
-    """Run client ``partition_id``'s local training of round ``server_round``.
+def compression_config(scenario: Scenario) -> CompressionConfig:
+    """The client's uplink compression from the scenario."""
+    c = scenario.compression
+    return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
+                             scenario.train.momentum if c.momentum_correction else 0.0)
 
-    The client first checks that one training step of its scheme fits its
-    device's memory; if it does not (and ``device.enforce``), it does not train
-    and returns the reason with an empty update.
+
+def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
+                scheme: ResolvedScheme | None = None,
+                state: dict[str, np.ndarray] | None = None) -> tuple[LocalResult, dict[str, np.ndarray]]:
+    """Run client ``partition_id``'s round ``server_round``; return its reply and its new persistent state.
+
+    The client applies the downlink (the full model, or the change since the model
+    it holds in ``state``), checks that one training step of its scheme fits its
+    device (if not, and ``device.enforce``, it does not train and says why), trains,
+    and encodes its update: the trained tensors (dense uplink) or their change,
+    sparsified with error feedback (sparse uplink; the residual lives in ``state``).
 
     Raises
     ------
-    fedtiny.payload.PayloadError
-        When ``global_payload`` does not match the model.
+    fedtiny.payload.PayloadError, fedtiny.compress.codec.CodecError
+        When the downlink does not match the model.
     IndexError
         When ``partition_id`` is not a partition of the scenario.
     """
+    state = dict(state or {})
     task = client_task(scenario, scheme)
+    names = [n for n, *_ in task.downlink_spec]
+    base = {n: state[f"global/{n}"] for n in names} if all(f"global/{n}" in state for n in names) else None
+    received = apply_downlink(kind, downlink, task.downlink_spec, base)
+    state.update({f"global/{n}": a for n, a in received.items()})
     train, test = task.federation.client_data(partition_id)
     profile = client_profile(scenario, partition_id)
     report = task.memory(profile)
     mem = {"device": profile.name, "sram_bytes": profile.sram_bytes,
            "peak_sram_bytes": report.peak_sram_bytes if report else 0}
     if report is not None and not report.fits and scenario.device.enforce:
-        return LocalResult(b"", len(train), refusal=report.reason(), **mem)
-    load_arrays(task.model, unpack_dense(global_payload, task.downlink_spec))
+        return LocalResult(b"", len(train), refusal=report.reason(), **mem), state
+    load_arrays(task.model, received)
     t = scenario.train
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
                       gen=seeded(scenario.run.seed, server_round, partition_id))
     _, test_acc = evaluate(task.model, test)
-    update = pack_dense(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), task.uplink_spec)
-    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem)
+    trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
+    if scenario.compression.uplink == "dense":
+        update = pack_dense(trained, task.uplink_spec)
+    else:
+        delta = {n: trained[n].astype(np.float64) - received[n].astype(np.float64) for n in trained}
+        carried = {k: v for k, v in state.items() if k.startswith(("residual/", "velocity/"))}
+        sparse, carried = compress_update(delta, task.slices, task.uplink_spec, compression_config(scenario),
+                                          server_round, carried)
+        state.update(carried)
+        update = encode(sparse)
+    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem), state

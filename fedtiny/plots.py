@@ -46,7 +46,37 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     paths.append(run_dir / "bytes.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    paths.append(plot_methods({title: records}, run_dir / "accuracy_vs_uplink.png"))
     return paths
+
+
+def plot_methods(runs: dict[str, Path | list[dict[str, Any]]], path: Path) -> Path:
+    """Accuracy against cumulative uplink bytes, one line per method (run folder or records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedtiny.runlog import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in runs.items():
+        recs = read_metrics(run) if isinstance(run, Path) else run
+        cum, xs = 0, []
+        for r in recs:
+            cum += r.get("uplink_bytes", 0)
+            xs.append(max(cum, 1))
+        ax.plot(xs, [r["global_accuracy"] for r in recs], marker="o", markersize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes (all clients)")
+    ax.set_ylabel("global test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy vs bytes sent up")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_memory(report, path) -> Path:

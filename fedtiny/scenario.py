@@ -128,6 +128,22 @@ class DeviceSection:
 
 
 @dataclass(frozen=True)
+class CompressionSection:
+    uplink: str = _key("dense", "dense: whole trained tensors; sparse: the change, top-k, quantized, in fedtiny's "
+                       "wire format", _choice("dense", "sparse"))
+    density: float = _key(1.0, "top-k density of the sparse uplink (share of trainable elements sent)",
+                          _range(0.0, 1.0, lo_open=True))
+    topk: str = _key("tensor", "top-k per tensor or over all tensors", _choice("tensor", "global"))
+    warmup_rounds: int = _key(0, "rounds of exponential density warm-up (DGC); 0 = none", _range(0, 100_000))
+    warmup_start_density: float = _key(0.25, "density of the first warm-up round", _range(0.0, 1.0, lo_open=True))
+    values: str = _key("int8", "value type of the sparse uplink", _choice("int8", "fp16", "ternary", "fp32"))
+    error_feedback: bool = _key(True, "keep what was not sent and add it to the next round's change")
+    momentum_correction: bool = _key(False, "DGC momentum correction (a velocity over rounds) when train.momentum > 0")
+    downlink: str = _key("full", "full model every round, or the change since the client's last round when smaller",
+                         _choice("full", "delta"))
+
+
+@dataclass(frozen=True)
 class Scenario:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -135,10 +151,25 @@ class Scenario:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     device: DeviceSection = field(default_factory=DeviceSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    # A sweep: method name -> {"section.key": value} overrides (validated like --set).
+    methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Return the resolved scenario as nested plain dicts (TOML/JSON ready)."""
-        return dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        if self.methods:
+            d["methods"] = {name: dict(items) for name, items in self.methods}
+        return d
+
+    def expand(self) -> list[tuple[str, "Scenario"]]:
+        """The sweep's scenarios, one per method (just ``self`` when there is no sweep)."""
+        if not self.methods:
+            return [(self.run.name, self)]
+        base = {k: v for k, v in self.to_dict().items() if k != "methods"}
+        return [(name, _build(f"methods.{name}", _merge(base, {"run.name": f"{self.run.name}-{name}", **dict(items)},
+                                                         "methods." + name)))
+                for name, items in self.methods]
 
     def to_json(self) -> str:
         """Return a canonical JSON string of the resolved scenario."""
@@ -156,7 +187,7 @@ class Scenario:
 
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
-    "device": DeviceSection,
+    "device": DeviceSection, "compression": CompressionSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -188,6 +219,8 @@ def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
 
 def _build(where: str, raw: Mapping[str, Any]) -> Scenario:
     sections: dict[str, Any] = {}
+    methods = raw.get("methods", {})
+    raw = {k: v for k, v in raw.items() if k != "methods"}
     for name, table in raw.items():
         if name not in _SECTIONS:
             raise ScenarioError(f"{where}: [{name}]: unknown section{_suggest(name, list(_SECTIONS))}")
@@ -210,7 +243,40 @@ def _build(where: str, raw: Mapping[str, Any]) -> Scenario:
         sections[name] = cls(**values)
     scenario = Scenario(**sections)
     _check_cross(where, scenario)
+    if methods:
+        if not isinstance(methods, Mapping):
+            raise ScenarioError(f"{where}: methods: expected tables [methods.NAME] of \"section.key\" = value")
+        items = []
+        for name, over in methods.items():
+            if not isinstance(over, Mapping):
+                raise ScenarioError(f"{where}: methods.{name}: expected a table of \"section.key\" = value")
+            flat = _flatten(over)
+            _build(f"{where}: methods.{name}", _merge(scenario.to_dict(), flat, f"{where}: methods.{name}"))
+            items.append((str(name), tuple(sorted(flat.items()))))
+        scenario = dataclasses.replace(scenario, methods=tuple(items))
     return scenario
+
+
+def _flatten(over: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1}`` or ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    flat = {}
+    for k, v in over.items():
+        if isinstance(v, Mapping):
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = v2
+        else:
+            flat[k] = v
+    return flat
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    merged = {k: dict(v) for k, v in base.items()}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ScenarioError(f"{where}: {key}: expected section.key")
+        merged.setdefault(section, {})[name] = value
+    return merged
 
 
 def _check_cross(where: str, s: Scenario) -> None:
@@ -313,7 +379,7 @@ def scenario_from_dict(
         if not name:
             raise ScenarioError(f"{where}: {key}: override must be section.key")
         table = merged.setdefault(section, {})
-        if isinstance(table, dict):
+        if isinstance(table, dict) and section != "methods":
             table[name] = value
     scheme = merged.get("train", {}).get("scheme") if isinstance(merged.get("train"), dict) else None
     if base_dir is not None and isinstance(scheme, str) and not scheme.lstrip().startswith("{"):

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS"]
+__all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS",
+           "trainable_slices"]
 
 PRESETS = ("full", "bias-only", "last-k:N")
 CRITERIA = ("magnitude+", "random")
@@ -199,3 +200,23 @@ def apply_scheme(model, resolved: ResolvedScheme) -> None:
         p.requires_grad_(resolved.classifier)
     if hasattr(model.classifier, "set_train_channels"):
         model.classifier.set_train_channels(None)
+
+
+def trainable_slices(model, spec: list[tuple[str, tuple[int, ...], str]]) -> dict[str, np.ndarray]:
+    """Flat positions each tensor of ``spec`` may change under the applied scheme (all, for whole tensors)."""
+    out = {}
+    for name, shape, _ in spec:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        n = int(np.prod(shape))
+        sel = getattr(module, "train_channels", None) if attr == "weight" else None
+        if sel is None:
+            out[name] = np.arange(n, dtype=np.int64)
+            continue
+        mask = np.zeros(shape, bool)
+        if module.is_depthwise:
+            mask[sel] = True
+        else:
+            mask[:, sel] = True
+        out[name] = np.flatnonzero(mask.ravel())
+    return out

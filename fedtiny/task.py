@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from fedtiny.scenario import Scenario
 from fedtiny.devices import DeviceProfile, get_profile
 from fedtiny.memory import MemoryReport, memory_report
 from fedtiny.models.state import load_arrays
-from fedtiny.sparse import ResolvedScheme, apply_scheme, parse_scheme, resolve
+from fedtiny.sparse import ResolvedScheme, apply_scheme, parse_scheme, resolve, trainable_slices
 from fedtiny.train import evaluate, pretrain
 
 __all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads", "resolve_scheme", "client_profile"]
@@ -43,6 +44,11 @@ class Task:
     uplink_spec: Spec
     scheme: ResolvedScheme | None = None
     _memory: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def slices(self) -> dict[str, np.ndarray]:
+        """Flat positions of each uplink tensor that the scheme lets a client change."""
+        return trainable_slices(self.model, self.uplink_spec)
 
     def memory(self, profile: DeviceProfile) -> MemoryReport | None:
         """The memory report of one training step on ``profile`` (None for an fp32 model)."""

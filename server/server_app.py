@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
@@ -79,8 +82,26 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",
                       model_parameters=sum(p.numel() for p in task.model.parameters()),
-                      downlink_payload_bytes=dense_nbytes(task.downlink_spec),
-                      uplink_payload_bytes=dense_nbytes(task.uplink_spec))
+                      **compression_ratios(task, log.records))
+
+
+def compression_ratios(task, records) -> dict[str, Any]:
+    """Uplink totals against sending the dense model each time: fp32 (4 bytes per parameter) and int8
+    (the int8 graph's on-device dtypes: int8 weights, int32 biases)."""
+    from fedtiny.task import make_task
+
+    uploads = sum(len(r.get("clients", [])) + len(r.get("rejected", [])) for r in records)
+    params = sum(p.numel() for p in task.model.parameters())
+    int8_task = task if task.scenario.model.precision == "int8" else make_task(
+        dataclasses.replace(task.scenario, model=dataclasses.replace(task.scenario.model, precision="int8"),
+                            train=dataclasses.replace(task.scenario.train, optimizer="sgd+qas", scheme="full")))
+    dense_int8 = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for name, shape, dt in int8_task.downlink_spec
+                     if name.endswith((".weight", ".bias")))
+    up = sum(r.get("uplink_bytes", 0) for r in records)
+    return {"uploads": uploads, "dense_fp32_bytes_per_upload": 4 * params, "dense_int8_bytes_per_upload": dense_int8,
+            "uplink_ratio_vs_dense_fp32": round(uploads * 4 * params / up, 2) if up else None,
+            "uplink_ratio_vs_dense_int8": round(uploads * dense_int8 / up, 2) if up else None,
+            "uplink_bytes_per_upload": round(up / uploads, 1) if uploads else None}
 
 
 def make_server_app(scenario: Scenario, run_dir: Path) -> ServerApp:

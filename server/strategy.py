@@ -10,8 +10,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.aggregate import ClientUpdate, GlobalModel, Rejection, aggregate_dense
-from fedtiny.payload import PayloadError, pack_dense
+import numpy as np
+
+from fedtiny.aggregate import ClientUpdate, Decoded, GlobalModel, Rejection, aggregate
+from fedtiny.compress.codec import CodecError, decode
+from fedtiny.compress.downlink import DownlinkPlanner
+from fedtiny.payload import PayloadError, pack_dense, unpack_dense
 from fedtiny.sampling import sample_clients
 from fedtiny.task import Task
 
@@ -40,12 +44,12 @@ class FedTinyStrategy(Strategy):
     def __init__(self, task: Task, node_of: dict[int, int], global_model: GlobalModel) -> None:
         self.task = task
         self.global_model = global_model
+        self.downlink = DownlinkPlanner(task.downlink_spec, task.scenario.compression.downlink)
+        self._down: dict[int, tuple[str, int]] = {}
         self.scenario = task.scenario
         self.node_of = node_of
         self.partition_of = {n: p for p, n in node_of.items()}
         self.last_round: dict[str, Any] = {}
-        self._global = b""
-        self._sent = 0
 
     def summary(self) -> None:
         """Flower logs this at start; fedtiny's run log says what matters."""
@@ -54,12 +58,32 @@ class FedTinyStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         s = self.scenario
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
-        self._global = record_bytes(arrays)
-        self._sent = len(pids)
         scheme = self.task.scheme.to_json() if self.task.scheme is not None else ""
-        cfg = ConfigRecord({"scenario": s.to_json(), "server-round": server_round, "scheme": scheme})
-        return [Message(RecordDict({"global": arrays, "config": cfg}), dst_node_id=self.node_of[p],
-                        message_type=MessageType.TRAIN) for p in pids]
+        messages, self._down = [], {}
+        for p in pids:
+            kind, payload = self.downlink.payload(p, server_round, self.global_model.state)
+            self._down[p] = (kind, len(payload))
+            cfg = ConfigRecord({"scenario": s.to_json(), "server-round": server_round, "scheme": scheme,
+                                "downlink": kind})
+            messages.append(Message(RecordDict({"global": bytes_record(payload), "config": cfg}),
+                                    dst_node_id=self.node_of[p], message_type=MessageType.TRAIN))
+        return messages
+
+    def _decode(self, payload: bytes) -> Decoded:
+        """A client's change, validated against the model and the scheme's trainable slices."""
+        state, task = self.global_model.state, self.task
+        if task.scenario.compression.uplink == "dense":
+            return {n: (np.arange(a.size), a.astype(np.float64).ravel() - state[n].astype(np.float64).ravel())
+                    for n, a in unpack_dense(payload, task.uplink_spec).items()}
+        out: Decoded = {}
+        for t in decode(payload, task.uplink_spec).tensors:
+            name = task.uplink_spec[t.tensor_id][0]
+            if t.replace:
+                raise CodecError(f"tensor {name}: an update must carry changes, not replacement values")
+            if not np.isin(t.indices, task.slices[name], assume_unique=True).all():
+                raise CodecError(f"tensor {name}: changes elements outside the scheme's trainable slice")
+            out[name] = (t.indices, t.values)
+        return out
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -78,6 +102,7 @@ class FedTinyStrategy(Strategy):
                 continue
             info = msg.content.config_records.get("info") or {}
             if m.get("refused"):
+                self.downlink.received(pid, server_round)
                 # The client's training step does not fit its device: it sent no update, by design.
                 refused.append({"partition_id": pid, "device": str(info.get("device", "")),
                                 "reason": str(info.get("refusal", ""))[:300],
@@ -85,9 +110,11 @@ class FedTinyStrategy(Strategy):
                                 "sram_bytes": int(m.get("sram_bytes", 0))})
                 continue
             updates.append(ClientUpdate(pid, payload, n if isinstance(n, int) else -1))
-            clients[pid] = {"partition_id": pid, "uplink_bytes": len(payload), "downlink_bytes": len(self._global),
+            self.downlink.received(pid, server_round)
+            clients[pid] = {"partition_id": pid, "uplink_bytes": len(payload), "downlink_bytes": self._down[pid][1],
+                            "downlink_kind": self._down[pid][0],
                             **{k: v for k, v in m.items() if k != "num-examples"}, "num_examples": n}
-        result = aggregate_dense(updates, self.task.uplink_spec)
+        result = aggregate(updates, self._decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec})
         rejected += result.rejected
         accepted = [clients[p] for p in sorted(result.accepted)]
         self.last_round = {
@@ -97,15 +124,15 @@ class FedTinyStrategy(Strategy):
             "refused": sorted(refused, key=lambda r: r["partition_id"]),
             # Bytes that crossed the radio, refused or not.
             "uplink_bytes": sum(c["uplink_bytes"] for c in clients.values()),
-            "downlink_bytes": len(self._global) * self._sent,
+            "downlink_bytes": sum(n for _, n in self._down.values()),
         }
         if result.arrays is None:
             return None, None
-        self.global_model.apply(result.arrays)
+        self.global_model.apply_delta(result.arrays)
         n_total = sum(c["num_examples"] for c in accepted)
         metrics = MetricRecord({
-            "train_loss": sum(c["train_loss"] * c["num_examples"] for c in accepted) / n_total,
-            "train_accuracy": sum(c["train_accuracy"] * c["num_examples"] for c in accepted) / n_total,
+            "train_loss": sum(float(c.get("train_loss", 0.0)) * c["num_examples"] for c in accepted) / n_total,
+            "train_accuracy": sum(float(c.get("train_accuracy", 0.0)) * c["num_examples"] for c in accepted) / n_total,
         })
         return bytes_record(pack_dense(self.global_model.state, self.task.downlink_spec)), metrics
 

@@ -126,3 +126,49 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     # Frozen tensors (quantization scales) pass through unchanged.
     frozen = next(k for k in state if k.endswith("w_scales"))
     np.testing.assert_array_equal(merged[frozen], state[frozen])
+
+
+def test_sparse_exchange_end_to_end(tmp_path, cli):
+    """Sparse uplink with error feedback and delta downlink through Flower: client state survives rounds."""
+    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=3",
+               "--set", "model.pretrain_epochs=3", "--set", "compression.uplink=sparse",
+               "--set", "compression.density=0.02", "--set", "compression.downlink=delta",
+               "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    recs = read_metrics(tmp_path)
+    assert summary["rejected_updates_total"] == 0
+    assert [c["downlink_kind"] for c in recs[1]["clients"]] == ["full", "full"]
+    assert all(c["downlink_kind"] == "delta" for r in recs[2:] for c in r["clients"])
+    assert recs[2]["downlink_bytes"] < recs[1]["downlink_bytes"] / 3
+    assert summary["uplink_ratio_vs_dense_fp32"] > 30
+
+
+def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from clients.wire import bytes_record
+    from fedtiny.aggregate import GlobalModel
+    from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
+    from fedtiny.models import model_arrays
+    from fedtiny.task import cloud_model, resolve_scheme
+    from server.strategy import FedTinyStrategy
+
+    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
+                             parse_overrides(["run.clients=2", "model.pretrain_epochs=1", "compression.uplink=sparse"]))
+    task = make_task(scenario)
+    state, _ = cloud_model(task)
+    task = resolve_scheme(task, state)
+    strategy = FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, [n for n, *_ in task.uplink_spec]))
+    sent = list(strategy.configure_train(1, None, None, None))
+    tid, (name, shape, _) = next((i, s) for i, s in enumerate(task.uplink_spec) if len(task.slices[s[0]]) < np.prod(s[1]))
+    frozen = np.setdiff1d(np.arange(int(np.prod(shape))), task.slices[name])[:1]
+    ok = SparseUpdate([SparseTensor(tid, shape, task.slices[name][:1], np.array([1.0]), "int8", 1.0)])
+    bad = SparseUpdate([SparseTensor(tid, shape, frozen, np.array([1.0]), "int8", 1.0)])
+    payloads = {100: encode(ok), 101: encode(bad)}
+    replies = [Message(RecordDict({"update": bytes_record(payloads[m.metadata.dst_node_id]),
+                                   "metrics": MetricRecord({"num-examples": 5})}), reply_to=m) for m in sent]
+    strategy.aggregate_train(1, replies)
+    assert [c["partition_id"] for c in strategy.last_round["clients"]] == [0]
+    (rej,) = strategy.last_round["rejected"]
+    assert rej["partition_id"] == 1 and "outside the scheme" in rej["reason"]

@@ -1,0 +1,103 @@
+"""Client-side compression of an update: top-k with warm-up, error feedback, DGC momentum correction.
+
+A client's update is the change of its trainable slices since the global model
+it received. Before top-k selection the change is added to the residual of what
+earlier rounds did not send (error feedback, Stich et al. 2018; Karimireddy et al.
+2019). With momentum correction (DGC, Lin et al. 2018) the change first feeds a
+velocity that accumulates, and both velocity and residual are cleared where values
+were sent (momentum factor masking). The residual and velocity are the client's
+persistent state across rounds (plain dicts of arrays, so any runtime can keep them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtiny.compress.codec import SparseTensor, SparseUpdate, quantize_values
+
+__all__ = ["CompressionConfig", "density_at", "compress_update"]
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How a client compresses its update (the scenario's ``[compression]`` section)."""
+
+    density: float = 1.0
+    topk: str = "tensor"
+    warmup_rounds: int = 0
+    warmup_start_density: float = 0.25
+    values: str = "int8"
+    error_feedback: bool = True
+    momentum: float = 0.0  # > 0 enables DGC momentum correction
+
+
+def density_at(cfg: CompressionConfig, server_round: int) -> float:
+    """Top-k density of ``server_round``: exponential warm-up from the start density to the target (DGC)."""
+    if cfg.warmup_rounds <= 0 or server_round > cfg.warmup_rounds or cfg.warmup_start_density <= cfg.density:
+        return cfg.density
+    frac = (server_round - 1) / cfg.warmup_rounds
+    return float(cfg.warmup_start_density * (cfg.density / cfg.warmup_start_density) ** frac)
+
+
+def _topk(values: np.ndarray, k: int) -> np.ndarray:
+    if k >= len(values):
+        return np.arange(len(values))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    # ties broken by position so that the choice is deterministic
+    order = np.lexsort((np.arange(len(values)), -np.abs(values)))
+    return np.sort(order[:k])
+
+
+def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
+                    spec: list[tuple[str, tuple[int, ...], str]], cfg: CompressionConfig, server_round: int,
+                    state: dict[str, np.ndarray] | None = None) -> tuple[SparseUpdate, dict[str, np.ndarray]]:
+    """Sparsify and quantize a client's change; return the update and the new persistent state.
+
+    Parameters
+    ----------
+    delta
+        Change of every tensor in ``spec`` (float, full shape).
+    slices
+        Flat positions each tensor may change (the scheme's trainable slice).
+    spec
+        The uplink spec (tensor id = position in it).
+    state
+        ``residual/<name>`` and ``velocity/<name>`` from the previous round (same slice layout).
+    """
+    state = dict(state or {})
+    acc: dict[str, np.ndarray] = {}
+    for name, _, _ in spec:
+        d = np.asarray(delta[name], np.float64).ravel()[slices[name]]
+        if cfg.momentum > 0:
+            u = cfg.momentum * state.get(f"velocity/{name}", np.zeros_like(d)) + d
+            state[f"velocity/{name}"] = u
+            d = u
+        acc[name] = (state.get(f"residual/{name}", np.zeros_like(d)) + d) if cfg.error_feedback else d
+    density = density_at(cfg, server_round)
+    if cfg.topk == "global":
+        allv = np.concatenate([acc[n] for n, _, _ in spec]) if spec else np.zeros(0)
+        k = math.ceil(density * len(allv))
+        chosen = _topk(allv, k)
+        bounds = np.cumsum([0] + [len(acc[n]) for n, _, _ in spec])
+        picks = {n: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
+                 for i, (n, _, _) in enumerate(spec)}
+    else:
+        picks = {n: _topk(acc[n], math.ceil(density * len(acc[n]))) for n, _, _ in spec}
+    update = SparseUpdate()
+    for tid, (name, shape, _) in enumerate(spec):
+        sel = picks[name]
+        sent, scale = quantize_values(acc[name][sel], cfg.values)
+        if cfg.error_feedback:
+            residual = acc[name].copy()
+            residual[sel] -= sent
+            state[f"residual/{name}"] = residual
+        if cfg.momentum > 0:
+            state[f"velocity/{name}"][sel] = 0.0  # momentum factor masking
+        if len(sel):
+            update.tensors.append(SparseTensor(tid, tuple(shape), np.asarray(slices[name])[sel].astype(np.int64),
+                                               sent, cfg.values, scale))
+    return update, state
