@@ -179,6 +179,41 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from fedtiny.attack.run import plot_grid, run_attack
+
+    torch.set_num_threads(args.threads)
+    summary, targets, recon = run_attack(args.preset, args.targets, args.defense, seed=args.seed,
+                                         iterations=args.iterations)
+    if args.compare_single and args.targets > 1:
+        t0 = time.perf_counter()
+        single, _, _ = run_attack(args.preset, 1, args.defense, seed=args.seed, iterations=args.iterations, log=None)
+        summary["single_target_seconds"] = round(time.perf_counter() - t0, 2)
+        summary["single_target_psnr_db"] = single["mean_psnr_db"]
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "privacy.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        plot_grid(targets, recon, summary["psnr_db"], out / "reconstructions.png")
+    rows = [("preset / defense", f"{summary['preset']} / {summary['defense']}"), ("targets", summary["targets"]),
+            ("PSNR mean / median / min (dB)", f"{summary['mean_psnr_db']:.2f} / {summary['median_psnr_db']:.2f} / "
+                                              f"{summary['min_psnr_db']:.2f}"),
+            ("SSIM mean", summary["mean_ssim"]), ("label accuracy", summary["label_accuracy"]),
+            ("seconds per target (batched)", summary["seconds_per_target"])]
+    if "single_target_seconds" in summary:
+        rows.append(("seconds for one target alone", summary["single_target_seconds"]))
+    print(_table(rows))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "psnr_db"}, sort_keys=True))
+    return 0
+
+
 def model_info(model) -> dict[str, Any]:
     """A few facts about an int8 model, for ``fedtiny zoo``."""
     convs = model.convs()
@@ -240,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write per-layer memory bars with the budget line to this PNG")
     p.set_defaults(func=cmd_memory)
 
+    p = sub.add_parser("attack", help="gradient-leakage attack on real images (DLG, iDLG, Inverting Gradients)")
+    p.add_argument("--preset", default="dlg-lenet", help="dlg-lenet (DLG's setting) or ig-lenet-fedavg")
+    p.add_argument("--defense", default="none", help="none, prune-20, prune-90, topk-1, fp16, int8, ternary, "
+                                                     "topk-1-ternary")
+    p.add_argument("--targets", type=int, default=8, help="independent targets, attacked together")
+    p.add_argument("--iterations", type=int, help="optimizer iterations (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--compare-single", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time one target attacked alone")
+    p.add_argument("--out", help="folder for privacy.json and reconstructions.png")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
     p.add_argument("bench", choices=["sim", "qas", "codec"],
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
@@ -264,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScenarioError, DataError, ZooError, ModelFileError, SchemeError) as exc:
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         # Partitioning and model construction report bad scenario values as ValueError("key: problem").
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

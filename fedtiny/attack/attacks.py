@@ -1,0 +1,120 @@
+"""The attacker: rebuild the targets' images (and labels) from what the server observed.
+
+``dlg``: L2 distance of the simulated update to the observed one, L-BFGS (Zhu et al. 2019).
+``ig``: Inverting Gradients (Geiping et al. 2020): 1 - cosine similarity plus total variation,
+Adam on signed gradients, box constraint, restarts. Labels by iDLG (Zhao et al. 2020) from the
+last layer's update, or given. Only the transmitted coordinates are matched (masked loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedtiny.attack.optim import batched_lbfgs, batched_signed_adam
+from fedtiny.attack.threat import ThreatModel
+from fedtiny.attack.user import Observation, update_fn
+
+__all__ = ["AttackConfig", "idlg_labels", "reconstruct"]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """How the attacker optimizes."""
+
+    method: str = "dlg"  # dlg | ig
+    iterations: int = 300
+    restarts: int = 1
+    tv: float = 1e-4  # total-variation weight (ig)
+    lr: float = 1.0  # L-BFGS step (dlg) or Adam step (ig: 0.1 is used when 1.0 is given)
+    history: int = 100  # L-BFGS memory (torch.optim.LBFGS default, as DLG used)
+    seed: int = 0
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("iDLG needs a final linear layer")
+    return f"{names[-1]}.weight"
+
+
+def idlg_labels(model: nn.Module, obs: Observation, threat: ThreatModel, batch: int = 1) -> torch.Tensor:
+    """Labels from the sign of the last layer's update (iDLG).
+
+    For cross-entropy, the gradient of the last layer's weight row ``j`` is
+    ``(p_j - y_j) * features``: with non-negative features only the true classes'
+    rows are negative. A FedAvg change points the other way (``-lr * gradient``).
+    Returns [B, batch] labels (the ``batch`` most negative rows).
+    """
+    name = _last_linear(model)
+    values, mask = obs[name]
+    rows = (values * mask).sum(dim=-1)  # [B, K]
+    if threat.observation == "delta":
+        rows = -rows
+    return rows.topk(batch, dim=1, largest=False).indices.sort(dim=1).values
+
+
+def _tv(x: torch.Tensor) -> torch.Tensor:
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(2).mean(-1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(2).mean(-1)
+    return (dx + dy).flatten(1).sum(1)
+
+
+def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: torch.Tensor, num_classes: int,
+              cfg: AttackConfig) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``f_and_grad(x)`` for all targets: per-target matching loss and its gradient."""
+    params = dict(model.named_parameters())
+    trainable = {k: params[k].detach() for k in obs}
+    frozen = {k: v.detach() for k, v in params.items() if k not in trainable}
+    frozen.update({k: v.detach() for k, v in model.named_buffers()})
+    simulate = update_fn(model, threat, frozen)
+    soft = torch.nn.functional.one_hot(labels, num_classes).float()
+
+    def f_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        upd = simulate(trainable, x, soft)
+        if cfg.method == "dlg":
+            f = sum((((upd[k] - v) * m) ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+        else:
+            dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in obs.items())
+            n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+            n2 = sum((v ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+            f = 1 - dot / (n1.sqrt() * n2.sqrt()).clamp_min(1e-20) + cfg.tv * _tv(x)
+        (g,) = torch.autograd.grad(f.sum(), x)
+        return f.detach(), g
+
+    return f_and_grad
+
+
+def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: tuple[int, ...], num_classes: int,
+                cfg: AttackConfig, labels: torch.Tensor | None = None,
+                progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruct every target's batch: returns images [B, b, C, H, W] and labels [B, b]."""
+    first = next(iter(obs.values()))[0]
+    n_targets, b = first.shape[0], threat.batch_size
+    if labels is None:
+        labels = idlg_labels(model, obs, threat, b)
+    f_and_grad = objective(model, obs, threat, labels, num_classes, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best_x, best_f = None, None
+    for _ in range(cfg.restarts):
+        if cfg.method == "dlg":
+            x0 = torch.randn((n_targets, b, *shape), generator=gen) * 0.5 + 0.5
+            x, f = batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
+                                 progress=progress)
+        elif cfg.method == "ig":
+            x0 = torch.rand((n_targets, b, *shape), generator=gen)
+            x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations,
+                                       lr=0.1 if cfg.lr == 1.0 else cfg.lr)
+        else:
+            raise ValueError(f"attack method: expected dlg or ig, got {cfg.method!r}")
+        if best_x is None:
+            best_x, best_f = x, f
+        else:
+            better = f < best_f
+            best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, best_x)
+            best_f = torch.where(better, f, best_f)
+    return best_x, labels

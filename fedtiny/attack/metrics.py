@@ -1,0 +1,51 @@
+"""Scores of reconstructions: MSE, PSNR, SSIM on images in [0, 1], label accuracy, Hungarian matching."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["mse", "psnr", "ssim", "match", "score"]
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, cap: float = 100.0) -> float:
+    """Peak signal-to-noise ratio in dB for images in [0, 1] (capped for identical images)."""
+    e = mse(a, b)
+    return cap if e <= 10 ** (-cap / 10) else float(10 * np.log10(1.0 / e))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity (scikit-image) of two C x H x W images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    win = min(7, a.shape[-1] - (1 - a.shape[-1] % 2), a.shape[-2] - (1 - a.shape[-2] % 2))
+    return float(structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=max(3, win)))
+
+
+def match(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Order of ``recon`` that best matches ``target`` (Hungarian algorithm on MSE)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.array([[mse(r, t) for t in target] for r in recon])
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(len(target), np.int64)
+    order[cols] = rows
+    return order
+
+
+def score(recon: np.ndarray, target: np.ndarray, recon_labels=None, target_labels=None) -> dict:
+    """Per-image scores after matching reconstructions to targets; ``recon`` is clipped to [0, 1]."""
+    recon = np.clip(np.asarray(recon, np.float64), 0.0, 1.0)
+    order = match(recon, target) if len(recon) > 1 else np.arange(len(recon))
+    recon = recon[order]
+    out = {"mse": [mse(r, t) for r, t in zip(recon, target)], "psnr": [psnr(r, t) for r, t in zip(recon, target)],
+           "ssim": [ssim(r, t) for r, t in zip(recon, target)], "order": order.tolist()}
+    if recon_labels is not None and target_labels is not None:
+        rl = sorted(np.asarray(recon_labels).tolist())
+        tl = sorted(np.asarray(target_labels).tolist())
+        out["label_accuracy"] = float(np.mean([a == b for a, b in zip(rl, tl)]))
+    return out

@@ -1,0 +1,59 @@
+"""Attack presets: the model, data and threat model of published settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DLGLeNet", "dlg_lenet", "real_images"]
+
+
+class DLGLeNet(nn.Module):
+    """The LeNet of the DLG paper: three 5x5 convolutions with sigmoids, 3x32x32 inputs, a linear head."""
+
+    def __init__(self, num_classes: int = 100) -> None:
+        super().__init__()
+        act = nn.Sigmoid
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 12, 5, padding=2, stride=2), act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2), act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1), act(),
+        )
+        self.fc = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def dlg_lenet(num_classes: int = 100, seed: int = 0) -> DLGLeNet:
+    """DLG's LeNet with every weight and bias uniform in [-0.5, 0.5] (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = DLGLeNet(num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
+    return model.eval()
+
+
+def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """``n`` real RGB images in [0, 1], N x 3 x size x size: scikit-learn digits upsampled (grey) and
+    patches cut from the colour photos bundled with scikit-learn, alternating, seeded."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits, load_sample_images
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits().images.astype(np.float32) / 16.0
+    photos = [np.asarray(im, np.float32) / 255.0 for im in load_sample_images().images]
+    out = np.empty((n, 3, size, size), np.float32)
+    pick = rng.permutation(len(digits))
+    for i in range(n):
+        if i % 2 == 0:
+            d = torch.from_numpy(digits[pick[(i // 2) % len(digits)]])[None, None]
+            up = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+            out[i] = np.clip(up, 0, 1)[None].repeat(3, 0)
+        else:
+            photo = photos[(i // 2) % len(photos)]
+            r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+            out[i] = photo[r:r + size, c:c + size].transpose(2, 0, 1)
+    return out
