@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScenarioError, DataError, ZooError, ModelFileError, SchemeError) as exc:
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         # Partitioning and model construction report bad scenario values as ValueError("key: problem").
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -73,15 +73,16 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
     simulate = update_fn(model, threat, frozen)
     soft = torch.nn.functional.one_hot(labels, num_classes).float()
 
-    def f_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def f_and_grad(x: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().requires_grad_(True)
-        upd = simulate(trainable, x, soft)
+        o = obs if idx is None else {k: (v[idx], m[idx]) for k, (v, m) in obs.items()}
+        upd = simulate(trainable, x, soft if idx is None else soft[idx])
         if cfg.method == "dlg":
-            f = sum((((upd[k] - v) * m) ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+            f = sum((((upd[k] - v) * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
         else:
-            dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in obs.items())
-            n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
-            n2 = sum((v ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+            dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in o.items())
+            n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
+            n2 = sum((v ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
             f = 1 - dot / (n1.sqrt() * n2.sqrt()).clamp_min(1e-20) + cfg.tv * _tv(x)
         (g,) = torch.autograd.grad(f.sum(), x)
         return f.detach(), g

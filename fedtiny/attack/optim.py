@@ -14,7 +14,8 @@ import torch
 
 __all__ = ["batched_lbfgs", "batched_signed_adam"]
 
-FandG = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# f_and_grad(x, idx): objectives and gradients of the targets ``idx`` (None = all) at ``x`` (their rows)
+FandG = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,7 @@ def batched_lbfgs(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 300,
                   progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimize every target's objective with L-BFGS; return ``(x, f)``."""
     x = x0.detach().clone()
-    f, g = f_and_grad(x)
+    f, g = f_and_grad(x, None)
     S: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
     for it in range(iterations):
@@ -60,14 +61,18 @@ def batched_lbfgs(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 300,
             d = torch.where(_bcast(uphill, d), -g, d)
             gd = _dot(g, d)
         t = torch.full_like(f, lr)
-        ok = torch.zeros_like(f, dtype=torch.bool)
-        for _ in range(max_line_search):
-            x_try = x + _bcast(t, x) * d
-            f_try, g_try = f_and_grad(x_try)
-            ok = f_try <= f + 1e-4 * t * gd
+        x_try = x + _bcast(t, x) * d
+        f_try, g_try = f_and_grad(x_try, None)
+        ok = f_try <= f + 1e-4 * t * gd
+        for _ in range(max_line_search - 1):
             if bool(ok.all()):
                 break
-            t = torch.where(ok, t, t * 0.5)
+            todo = torch.nonzero(~ok).flatten()  # only the targets whose step was too long are evaluated again
+            t[todo] *= 0.5
+            x_try[todo] = x[todo] + _bcast(t[todo], d[todo]) * d[todo]
+            f_sub, g_sub = f_and_grad(x_try[todo], todo)
+            f_try[todo], g_try[todo] = f_sub, g_sub
+            ok[todo] = f_sub <= f[todo] + 1e-4 * t[todo] * gd[todo]
         okb = _bcast(ok, x)
         s_new = torch.where(okb, x_try - x, torch.zeros_like(x))
         y_new = torch.where(okb, g_try - g, torch.zeros_like(g))
@@ -96,7 +101,7 @@ def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int 
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     best_x, best_f = x.detach().clone(), torch.full((x.shape[0],), float("inf"))
     for _ in range(iterations):
-        f, g = f_and_grad(x.detach())
+        f, g = f_and_grad(x.detach(), None)
         better = f < best_f
         best_f = torch.where(better, f, best_f)
         best_x = torch.where(_bcast(better, x), x.detach(), best_x)
@@ -106,6 +111,6 @@ def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int 
         sched.step()
         with torch.no_grad():
             x.clamp_(*box)
-    f, _ = f_and_grad(x.detach())
+    f, _ = f_and_grad(x.detach(), None)
     better = f < best_f
     return torch.where(_bcast(better, x), x.detach(), best_x), torch.where(better, f, best_f)
