@@ -103,3 +103,40 @@ def plot_memory(report, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of leakage and cost per method of a sweep."""
+    head = ("| method | PSNR (dB) | SSIM | label acc. | uplink bytes | final accuracy |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for name, s in summaries.items():
+        psnr, ssim, lab = s.get("privacy_mean_psnr_db"), s.get("privacy_mean_ssim"), s.get("privacy_label_accuracy")
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        rows.append(f"| {name} | {fmt(psnr, '.2f')} | {fmt(ssim, '.3f')} | {fmt(lab, '.2f')} | "
+                    f"{s['uplink_bytes_total']:,} | {s['final_accuracy']:.4f} |")
+    return "\n".join([head, *rows])
+
+
+def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Reconstruction PSNR against total uplink bytes, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in summaries.items():
+        if s.get("privacy_mean_psnr_db") is None:
+            continue
+        ax.scatter(s["uplink_bytes_total"], s["privacy_mean_psnr_db"])
+        ax.annotate(name, (s["uplink_bytes_total"], s["privacy_mean_psnr_db"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes (total)")
+    ax.set_ylabel("reconstruction PSNR (dB)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("leakage vs bytes sent")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

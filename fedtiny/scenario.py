@@ -144,6 +144,18 @@ class CompressionSection:
 
 
 @dataclass(frozen=True)
+class AttackSection:
+    enabled: bool = _key(False, "the server attacks chosen clients' updates at chosen rounds (results: privacy.json)")
+    clients: str = _key("0", "comma-separated partition ids to attack")
+    rounds: str = _key("1", "comma-separated rounds in which to attack them")
+    method: str = _key("ig", "dlg (L2, L-BFGS) or ig (cosine + TV, signed Adam)", _choice("dlg", "ig"))
+    iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
+    labels: str = _key("idlg", "idlg (recovered from the update) or known", _choice("idlg", "known"))
+    tv: float = _key(1e-4, "total-variation weight (ig)", _range(0.0))
+    max_images: int = _key(8, "attack clients holding at most this many training images", _range(1, 4096))
+
+
+@dataclass(frozen=True)
 class Scenario:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -152,6 +164,7 @@ class Scenario:
     train: TrainSection = field(default_factory=TrainSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    attack: AttackSection = field(default_factory=AttackSection)
     # A sweep: method name -> {"section.key": value} overrides (validated like --set).
     methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -187,7 +200,7 @@ class Scenario:
 
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
-    "device": DeviceSection, "compression": CompressionSection,
+    "device": DeviceSection, "compression": CompressionSection, "attack": AttackSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -217,7 +230,17 @@ def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
     return value
 
 
-def _build(where: str, raw: Mapping[str, Any]) -> Scenario:
+def _scheme_path(value: Any, base_dir: Path | None) -> Any:
+    """A scheme file named relative to the scenario's folder, made absolute (other values unchanged)."""
+    if base_dir is None or not isinstance(value, str) or value.lstrip().startswith("{"):
+        return value
+    file_part, _, entry = value.partition("#")
+    if file_part and not Path(file_part).is_absolute() and (base_dir / file_part).is_file():
+        return str((base_dir / file_part).resolve()) + (f"#{entry}" if entry else "")
+    return value
+
+
+def _build(where: str, raw: Mapping[str, Any], base_dir: Path | None = None) -> Scenario:
     sections: dict[str, Any] = {}
     methods = raw.get("methods", {})
     raw = {k: v for k, v in raw.items() if k != "methods"}
@@ -251,6 +274,8 @@ def _build(where: str, raw: Mapping[str, Any]) -> Scenario:
             if not isinstance(over, Mapping):
                 raise ScenarioError(f"{where}: methods.{name}: expected a table of \"section.key\" = value")
             flat = _flatten(over)
+            if "train.scheme" in flat:
+                flat["train.scheme"] = _scheme_path(flat["train.scheme"], base_dir)
             _build(f"{where}: methods.{name}", _merge(scenario.to_dict(), flat, f"{where}: methods.{name}"))
             items.append((str(name), tuple(sorted(flat.items()))))
         scenario = dataclasses.replace(scenario, methods=tuple(items))
@@ -298,6 +323,10 @@ def _check_cross(where: str, s: Scenario) -> None:
         parse_scheme(s.train.scheme)
     except SchemeError as exc:
         raise ScenarioError(f"{where}: train.scheme: {exc}") from None
+    for key in ("clients", "rounds"):
+        text = getattr(s.attack, key)
+        if not all(part.strip().isdigit() for part in text.split(",")):
+            raise ScenarioError(f"{where}: attack.{key}: expected comma-separated integers, got {text!r}")
     if s.train.scheme != "full" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
                             f"set model.precision = \"int8\" (got {s.model.precision!r})")
@@ -381,12 +410,9 @@ def scenario_from_dict(
         table = merged.setdefault(section, {})
         if isinstance(table, dict) and section != "methods":
             table[name] = value
-    scheme = merged.get("train", {}).get("scheme") if isinstance(merged.get("train"), dict) else None
-    if base_dir is not None and isinstance(scheme, str) and not scheme.lstrip().startswith("{"):
-        file_part, _, entry = scheme.partition("#")
-        if file_part and not Path(file_part).is_absolute() and (base_dir / file_part).is_file():
-            merged["train"]["scheme"] = str((base_dir / file_part).resolve()) + (f"#{entry}" if entry else "")
-    return _build(where, merged)
+    if isinstance(merged.get("train"), dict) and "scheme" in merged["train"]:
+        merged["train"]["scheme"] = _scheme_path(merged["train"]["scheme"], base_dir)
+    return _build(where, merged, base_dir)
 
 
 def scenario_from_json(text: str, *, where: str = "<scenario json>") -> Scenario:

@@ -78,11 +78,19 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
 
     strategy.start(grid, bytes_record(pack_dense(initial, task.downlink_spec)), num_rounds=scenario.run.rounds,
                    evaluate_fn=evaluate_global)
+    privacy = {}
+    if strategy.observed:
+        from fedtiny.attack.fleet import attack_observed
+
+        log.note(f"attacking {len(strategy.observed)} observed update(s) ({scenario.attack.method})")
+        report = attack_observed(task, strategy.observed, scenario.attack, run_dir)
+        privacy = {"privacy_mean_psnr_db": report["mean_psnr_db"], "privacy_mean_ssim": report["mean_ssim"],
+                   "privacy_label_accuracy": report["label_accuracy"]}
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",
                       model_parameters=sum(p.numel() for p in task.model.parameters()),
-                      **compression_ratios(task, log.records))
+                      **compression_ratios(task, log.records), **privacy)
 
 
 def compression_ratios(task, records) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from clients.wire import bytes_record, record_bytes
 import numpy as np
 
 from fedtiny.aggregate import ClientUpdate, Decoded, GlobalModel, Rejection, aggregate
+from fedtiny.attack.fleet import targets_of
 from fedtiny.compress.codec import CodecError, decode
 from fedtiny.compress.downlink import DownlinkPlanner
 from fedtiny.payload import PayloadError, pack_dense, unpack_dense
@@ -45,6 +46,9 @@ class FedTinyStrategy(Strategy):
         self.task = task
         self.global_model = global_model
         self.downlink = DownlinkPlanner(task.downlink_spec, task.scenario.compression.downlink)
+        self.observed: list[dict[str, Any]] = []  # updates the server attacks (an [attack] section)
+        self._attack_ids, self._attack_rounds = targets_of(task.scenario.attack) if task.scenario.attack.enabled \
+            else (set(), set())
         self._down: dict[int, tuple[str, int]] = {}
         self.scenario = task.scenario
         self.node_of = node_of
@@ -115,6 +119,12 @@ class FedTinyStrategy(Strategy):
                             "downlink_kind": self._down[pid][0],
                             **{k: v for k, v in m.items() if k != "num-examples"}, "num_examples": n}
         result = aggregate(updates, self._decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec})
+        if server_round in self._attack_rounds:
+            for u in sorted(updates, key=lambda u: u.partition_id):
+                if u.partition_id in self._attack_ids and u.partition_id in result.accepted:
+                    self.observed.append({"round": server_round, "partition_id": u.partition_id,
+                                          "changes": self._decode(u.payload),
+                                          "state": {k: v.copy() for k, v in self.global_model.state.items()}})
         rejected += result.rejected
         accepted = [clients[p] for p in sorted(result.accepted)]
         self.last_round = {

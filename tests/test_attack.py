@@ -104,3 +104,41 @@ def test_only_transmitted_coordinates_are_observed_and_matched():
         assert torch.all(values[~mask] == 0)
     rec, _ = reconstruct(model, obs, threat, (1, 8, 8), 10, AttackConfig(iterations=100))
     assert torch.isfinite(rec).all()
+
+
+def test_surrogate_matches_the_int8_model():
+    from fedtiny.attack.surrogate import Surrogate
+    from fedtiny.data import load_source
+    from fedtiny.int8.convert import ptq
+    from fedtiny.models import build_model
+    from fedtiny.train import pretrain
+
+    d = load_source("digits")
+    m = build_model("tiny-ir", 1, 10)
+    pretrain(m, d.subset(np.arange(400)), epochs=3, lr=0.05, batch_size=32, seed=0)
+    q = ptq(m, d.x[:128])
+    s = Surrogate(q)
+    x = torch.from_numpy(d.x[600:800])
+    with torch.no_grad():
+        a, b = q(x), s(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.95
+    assert {n for n, _ in s.named_parameters()} == {n for n, _ in q.named_parameters()}
+
+
+def test_simulation_attack_writes_privacy_report(tmp_path, cli):
+    import json
+
+    from conftest import ROOT
+
+    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=100", "--set", "run.rounds=1",
+               "--set", "data.client_test_fraction=0.5",
+               "--set", "model.pretrain_epochs=3", "--set", "train.batch_size=64", "--set", "train.momentum=0.0",
+               "--set", "attack.enabled=true", "--set", "attack.clients=0,1", "--set", "attack.iterations=60",
+               "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    done = [a for a in report["attacks"] if "mean_psnr_db" in a]
+    assert len(done) == 2 and all(np.isfinite(a["mean_psnr_db"]) and a["transmitted"] > 0 for a in done)
+    assert (tmp_path / "reconstructions.png").stat().st_size > 0
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["privacy_mean_psnr_db"] == pytest.approx(report["mean_psnr_db"])

@@ -34,24 +34,32 @@ class AttackConfig:
     seed: int = 0
 
 
-def _last_linear(model: nn.Module) -> str:
+def _classifier(model: nn.Module, obs: Observation) -> str:
+    """Name prefix of the last layer (the classifier) among the observed tensors."""
+    if "classifier.weight" in obs:
+        return "classifier"
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError("iDLG needs a final linear layer")
-    return f"{names[-1]}.weight"
+    if not names or f"{names[-1]}.weight" not in obs:
+        raise ValueError("iDLG needs the last layer's update (a final linear layer or 'classifier')")
+    return names[-1]
 
 
 def idlg_labels(model: nn.Module, obs: Observation, threat: ThreatModel, batch: int = 1) -> torch.Tensor:
     """Labels from the sign of the last layer's update (iDLG).
 
-    For cross-entropy, the gradient of the last layer's weight row ``j`` is
-    ``(p_j - y_j) * features``: with non-negative features only the true classes'
-    rows are negative. A FedAvg change points the other way (``-lr * gradient``).
-    Returns [B, batch] labels (the ``batch`` most negative rows).
+    For cross-entropy the gradient of the last layer's bias is ``p - y``: only the
+    true classes' entries are negative. Without a (fully sent) bias, the weight rows
+    ``(p_j - y_j) * features`` are used, which needs non-negative features (a ReLU or
+    sigmoid before the classifier). A FedAvg change points the other way
+    (``-lr * gradient``). Returns [B, batch] labels (the ``batch`` most negative).
     """
-    name = _last_linear(model)
-    values, mask = obs[name]
-    rows = (values * mask).sum(dim=-1)  # [B, K]
+    layer = _classifier(model, obs)
+    bias = obs.get(f"{layer}.bias")
+    if bias is not None and bool(bias[1].all()):
+        rows = bias[0]
+    else:
+        values, mask = obs[f"{layer}.weight"]
+        rows = (values * mask).flatten(2).sum(-1)  # [B, K]
     if threat.observation == "delta":
         rows = -rows
     return rows.topk(batch, dim=1, largest=False).indices.sort(dim=1).values
