@@ -64,6 +64,17 @@ def _conv_out_hw(hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, in
     return ((hw[0] + 2 * pad - kernel) // stride + 1, (hw[1] + 2 * pad - kernel) // stride + 1)
 
 
+def _single_input_op(tag: str, in_tag: str, out_bytes: int, compute) -> tuple[torch.Tensor, str]:
+    """Run an op with one input, reporting its output buffer and the input's release to a ledger."""
+    led = ledger_active()
+    if led is not None:
+        led.alloc(f"act:{tag}", out_bytes, f"fw:{tag}")
+    y = compute()
+    if led is not None:
+        led.free(f"act:{in_tag}", f"fw:{tag}")
+    return y, tag
+
+
 class _QConvFn(torch.autograd.Function):
     """int8 convolution whose backward keeps only what the device keeps.
 
@@ -337,13 +348,7 @@ class QAvgPool(nn.Module):
         self.tag = "pool"
 
     def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        led = ledger_active()
-        if led is not None:
-            led.alloc(f"act:{self.tag}", x.shape[0] * x.shape[1], f"fw:{self.tag}")
-        y = _PoolFn.apply(x, self, in_tag)
-        if led is not None:
-            led.free(f"act:{in_tag}", f"fw:{self.tag}")
-        return y, self.tag
+        return _single_input_op(self.tag, in_tag, x.shape[0] * x.shape[1], lambda: _PoolFn.apply(x, self, in_tag))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
@@ -443,13 +448,8 @@ class FloatHead(nn.Module):
         self.tag = "classifier"
 
     def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        led = ledger_active()
-        if led is not None:
-            led.alloc(f"act:{self.tag}", 4 * x.shape[0] * self.weight.shape[0], f"fw:{self.tag}")
-        y = _HeadFn.apply(x, self.weight, self.bias, self, in_tag)
-        if led is not None:
-            led.free(f"act:{in_tag}", f"fw:{self.tag}")
-        return y, self.tag
+        return _single_input_op(self.tag, in_tag, 4 * x.shape[0] * self.weight.shape[0],
+                                lambda: _HeadFn.apply(x, self.weight, self.bias, self, in_tag))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
