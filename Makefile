@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench deploy-demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)  ## run the test suite
 
 bench: $(STAMP)  ## benchmarks (ratios against an in-process baseline)
 	$(BIN)/fedtiny bench sim --json
+
+deploy-demo: $(STAMP)  ## SuperLink + 2 SuperNodes (one bridged to a device emulator), 2 rounds, then stop
+	./scripts/deploy_demo.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info

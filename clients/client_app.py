@@ -31,9 +31,15 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Apply the global model, train on the local partition, reply with the encoded update."""
     config = msg.content["config"]
+    scenario = scenario_from_json(str(config["scenario"]))
+    address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
+    if address:  # this partition is a real device behind the bridge
+        from clients.bridge_app import relay
+
+        return relay(msg, address, scenario.bridge.timeout_s)
     scheme = str(config.get("scheme", ""))
     kept = {k: a.numpy() for k, a in context.state[STATE].items()} if STATE in context.state else {}
-    result, kept = local_round(scenario_from_json(str(config["scenario"])), _partition_id(context),
+    result, kept = local_round(scenario, _partition_id(context),
                                int(config["server-round"]), record_bytes(msg.content["global"]),
                                kind=str(config.get("downlink", "full")),
                                scheme=ResolvedScheme.from_json(scheme) if scheme else None, state=kept)

@@ -221,6 +221,23 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_emulator(args: argparse.Namespace) -> int:
+    from fedtiny.bridge.device import serve
+    from fedtiny.devices import get_profile
+    from fedtiny.task import limit_threads
+
+    limit_threads()
+    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
+    if not 0 <= args.data < scenario.run.clients:
+        raise ScenarioError(f"--data: partition {args.data} is not one of the scenario's {scenario.run.clients}")
+    try:
+        serve(args.port, scenario, args.data, get_profile(args.profile), host=args.host, fault=args.fault)
+    except OSError as exc:
+        print(f"fedtiny: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def model_info(model) -> dict[str, Any]:
     """A few facts about an int8 model, for ``fedtiny zoo``."""
     convs = model.convs()
@@ -295,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for privacy.json and reconstructions.png")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("device-emulator", help="a reference MCU that speaks the bridge protocol over TCP")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--profile", default="mcu-256kb", help="device profile whose memory it respects")
+    p.add_argument("--scenario", default="scenarios/quickstart.toml", help="the scenario whose model it runs")
+    p.add_argument("--data", type=int, default=0, help="the data partition of the scenario it holds")
+    p.add_argument("--fault", default="", choices=["", "disconnect"], help="test peer: misbehave on purpose")
+    _add_scenario_args(p)
+    p.set_defaults(func=cmd_device_emulator)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
     p.add_argument("bench", choices=["sim", "qas", "codec"],

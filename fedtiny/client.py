@@ -17,6 +17,7 @@ from fedtiny.compress.sparsify import CompressionConfig, compress_update
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.payload import pack_dense
 from fedtiny.scenario import Scenario
+from fedtiny.devices import DeviceProfile
 from fedtiny.sparse import ResolvedScheme
 from fedtiny.task import Task, client_profile, limit_threads, make_task
 from fedtiny.train import evaluate, seeded, train_local
@@ -72,8 +73,8 @@ def compression_config(scenario: Scenario) -> CompressionConfig:
 
 
 def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
-                scheme: ResolvedScheme | None = None,
-                state: dict[str, np.ndarray] | None = None) -> tuple[LocalResult, dict[str, np.ndarray]]:
+                scheme: ResolvedScheme | None = None, state: dict[str, np.ndarray] | None = None,
+                profile: DeviceProfile | None = None) -> tuple[LocalResult, dict[str, np.ndarray]]:
     """Run client ``partition_id``'s round ``server_round``; return its reply and its new persistent state.
 
     The client applies the downlink (the full model, or the change since the model
@@ -96,7 +97,7 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     received = apply_downlink(kind, downlink, task.downlink_spec, base)
     state.update({f"global/{n}": a for n, a in received.items()})
     train, test = task.federation.client_data(partition_id)
-    profile = client_profile(scenario, partition_id)
+    profile = profile or client_profile(scenario, partition_id)
     report = task.memory(profile)
     mem = {"device": profile.name, "sram_bytes": profile.sram_bytes,
            "peak_sram_bytes": report.peak_sram_bytes if report else 0}

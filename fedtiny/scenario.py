@@ -156,6 +156,12 @@ class AttackSection:
 
 
 @dataclass(frozen=True)
+class BridgeSection:
+    devices: str = _key("", "partitions served by real devices over the bridge protocol: \"1=HOST:PORT,3=HOST:PORT\"")
+    timeout_s: float = _key(120.0, "seconds to wait for a device's frames", _range(0.1, 86_400))
+
+
+@dataclass(frozen=True)
 class Scenario:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -165,6 +171,7 @@ class Scenario:
     device: DeviceSection = field(default_factory=DeviceSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    bridge: BridgeSection = field(default_factory=BridgeSection)
     # A sweep: method name -> {"section.key": value} overrides (validated like --set).
     methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -192,6 +199,14 @@ class Scenario:
         """Return a short hash of the resolved scenario (for caches and run names)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
+    def device_address(self, partition_id: int) -> str:
+        """HOST:PORT of the device serving ``partition_id`` over the bridge ('' for a simulated client)."""
+        for item in filter(None, (p.strip() for p in self.bridge.devices.split(","))):
+            pid, _, addr = item.partition("=")
+            if int(pid) == partition_id:
+                return addr.strip()
+        return ""
+
     @property
     def clients_per_round(self) -> int:
         """Clients sampled per round after resolving ``0 = all``."""
@@ -201,6 +216,7 @@ class Scenario:
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
     "device": DeviceSection, "compression": CompressionSection, "attack": AttackSection,
+    "bridge": BridgeSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -323,6 +339,10 @@ def _check_cross(where: str, s: Scenario) -> None:
         parse_scheme(s.train.scheme)
     except SchemeError as exc:
         raise ScenarioError(f"{where}: train.scheme: {exc}") from None
+    for item in filter(None, (p.strip() for p in s.bridge.devices.split(","))):
+        pid, sep, addr = item.partition("=")
+        if not sep or not pid.strip().isdigit() or ":" not in addr:
+            raise ScenarioError(f"{where}: bridge.devices: expected PARTITION=HOST:PORT entries, got {item!r}")
     for key in ("clients", "rounds"):
         text = getattr(s.attack, key)
         if not all(part.strip().isdigit() for part in text.split(",")):

@@ -50,6 +50,32 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     """Attack every observed update; return (and write) the privacy report."""
     s = task.scenario
     results, grids = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, s.run.num_cpus))  # the clients are done: the attack may use the cores
+    try:
+        _attack_all(task, observed, cfg, results, grids)
+    finally:
+        torch.set_num_threads(threads)
+    done = [r for r in results if "mean_psnr_db" in r]
+    report = {"attacks": results, "method": cfg.method, "labels": cfg.labels,
+              "mean_psnr_db": float(np.mean([r["mean_psnr_db"] for r in done])) if done else None,
+              "mean_ssim": float(np.mean([r["mean_ssim"] for r in done])) if done else None,
+              "label_accuracy": float(np.mean([r["label_accuracy"] for r in done])) if done else None}
+    if run_dir is not None:
+        import json
+
+        (Path(run_dir) / "privacy.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        if grids:
+            from fedtiny.attack.run import plot_grid
+
+            t = np.concatenate([g[0] for g in grids])
+            r = np.concatenate([g[1] for g in grids])
+            plot_grid(t, r, [p for g in grids for p in g[2]], Path(run_dir) / "reconstructions.png")
+    return report
+
+
+def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
+    s = task.scenario
     for ob in observed:
         model, to_real = _attacker_model(task, ob["state"])
         train, _ = task.federation.client_data(ob["partition_id"])
@@ -81,19 +107,3 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
                         "mean_ssim": float(np.mean(sc["ssim"])), "label_accuracy": sc["label_accuracy"],
                         "transmitted": int(sum(int(m.sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
         grids.append((train.x, np.clip(rec[0].numpy()[sc["order"]], 0, 1), sc["psnr"]))
-    done = [r for r in results if "mean_psnr_db" in r]
-    report = {"attacks": results, "method": cfg.method, "labels": cfg.labels,
-              "mean_psnr_db": float(np.mean([r["mean_psnr_db"] for r in done])) if done else None,
-              "mean_ssim": float(np.mean([r["mean_ssim"] for r in done])) if done else None,
-              "label_accuracy": float(np.mean([r["label_accuracy"] for r in done])) if done else None}
-    if run_dir is not None:
-        import json
-
-        (Path(run_dir) / "privacy.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        if grids:
-            from fedtiny.attack.run import plot_grid
-
-            t = np.concatenate([g[0] for g in grids])
-            r = np.concatenate([g[1] for g in grids])
-            plot_grid(t, r, [p for g in grids for p in g[2]], Path(run_dir) / "reconstructions.png")
-    return report
