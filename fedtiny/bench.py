@@ -88,6 +88,7 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedtiny.data import ImageSet
     from fedtiny.int8.convert import fold, ptq
+    from fedtiny.models import build_model
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.task import limit_threads, make_task
     from fedtiny.train import evaluate, make_optimizer, pretrain, seeded, _batches
@@ -95,7 +96,7 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     limit_threads()
     s = load_scenario(args.scenario, parse_overrides(args.overrides))
     fed = make_task(s).federation
-    fp32 = __import__("fedtiny.models", fromlist=["build_model"]).build_model(
+    fp32 = build_model(
         s.model.name, fed.image_shape[0], fed.num_classes, width=s.model.width, image_size=fed.image_shape[1],
         seed=s.run.seed)
     pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,

@@ -6,18 +6,18 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.wire import bytes_record, record_bytes
+from fedtiny.aggregate import GlobalModel
 from fedtiny.models import load_arrays
-from fedtiny.payload import dense_nbytes, pack_dense, unpack_dense
+from fedtiny.payload import pack_dense, unpack_dense
 from fedtiny.runlog import RunLog, new_run_dir, write_scenario
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
-from fedtiny.aggregate import GlobalModel
 from fedtiny.task import cloud_model, limit_threads, make_task, resolve_scheme
 from fedtiny.train import evaluate
 from server.strategy import FedTinyStrategy
