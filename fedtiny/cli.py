@@ -63,6 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
     methods = scenario.expand()
+    if args.method:
+        known = [name for name, _ in methods]
+        unknown = [m for m in args.method if m not in known]
+        if unknown or not scenario.methods:
+            raise ScenarioError(f"{args.scenario}: --method {', '.join(unknown or args.method)}: not a method of this "
+                                f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})")
+        methods = [(name, sc) for name, sc in methods if name in args.method]
     for _, sc in methods:
         build_federation(sc)  # fail fast, before Ray starts, on missing data or impossible partitions
     run_dir = new_run_dir(scenario, args.out)
@@ -261,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a scenario as a Flower simulation")
     p.add_argument("scenario", help="scenario TOML file, e.g. scenarios/quickstart.toml")
     _add_scenario_args(p)
+    p.add_argument("--method", action="append", default=[], metavar="NAME",
+                   help="run only this method of a sweep ([methods.NAME]; repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print summary.json as the last line of stdout")
     p.set_defaults(func=cmd_run)

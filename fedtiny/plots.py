@@ -107,13 +107,14 @@ def plot_memory(report, path) -> Path:
 
 def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Markdown table of leakage and cost per method of a sweep."""
-    head = ("| method | PSNR (dB) | SSIM | label acc. | uplink bytes | final accuracy |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: |")
+    head = ("| method | PSNR (dB) | SSIM | label acc. | match cos. at truth | uplink bytes | final accuracy |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for name, s in summaries.items():
         psnr, ssim, lab = s.get("privacy_mean_psnr_db"), s.get("privacy_mean_ssim"), s.get("privacy_label_accuracy")
+        cos = s.get("privacy_match_cosine")
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-        rows.append(f"| {name} | {fmt(psnr, '.2f')} | {fmt(ssim, '.3f')} | {fmt(lab, '.2f')} | "
+        rows.append(f"| {name} | {fmt(psnr, '.2f')} | {fmt(ssim, '.3f')} | {fmt(lab, '.2f')} | {fmt(cos, '.3f')} | "
                     f"{s['uplink_bytes_total']:,} | {s['final_accuracy']:.4f} |")
     return "\n".join([head, *rows])
 

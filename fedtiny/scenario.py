@@ -150,6 +150,9 @@ class AttackSection:
     rounds: str = _key("1", "comma-separated rounds in which to attack them")
     method: str = _key("ig", "dlg (L2, L-BFGS) or ig (cosine + TV, signed Adam)", _choice("dlg", "ig"))
     iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
+    restarts: int = _key(4, "random starts per target, solved together; the best match is kept", _range(1, 64))
+    unroll: bool = _key(True, "simulate the client's local steps exactly (costly); false: match one gradient "
+                              "(cosine is scale-free, close when lr * steps is small)")
     labels: str = _key("idlg", "idlg (recovered from the update) or known", _choice("idlg", "known"))
     tv: float = _key(1e-4, "total-variation weight (ig)", _range(0.0))
     max_images: int = _key(8, "attack clients holding at most this many training images", _range(1, 4096))

@@ -85,7 +85,8 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
         log.note(f"attacking {len(strategy.observed)} observed update(s) ({scenario.attack.method})")
         report = attack_observed(task, strategy.observed, scenario.attack, run_dir)
         privacy = {"privacy_mean_psnr_db": report["mean_psnr_db"], "privacy_mean_ssim": report["mean_ssim"],
-                   "privacy_label_accuracy": report["label_accuracy"]}
+                   "privacy_label_accuracy": report["label_accuracy"],
+                   "privacy_match_cosine": report["match_cosine_at_truth"]}
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",

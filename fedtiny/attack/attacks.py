@@ -18,7 +18,7 @@ from fedtiny.attack.optim import batched_lbfgs, batched_signed_adam
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import Observation, update_fn
 
-__all__ = ["AttackConfig", "idlg_labels", "reconstruct"]
+__all__ = ["AttackConfig", "idlg_labels", "match_cosine", "reconstruct"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,18 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
     return f_and_grad
 
 
+def match_cosine(model: nn.Module, obs: Observation, threat: ThreatModel, x: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int) -> torch.Tensor:
+    """Cosine between each observed update and the attacker's simulation at the true images [B].
+
+    An oracle diagnostic, not an attack: 1 means the attacker's model of the client
+    reproduces what it sent; near 0 means rounding, top-k or an unknown training
+    detail left little for gradient matching to match.
+    """
+    f_and_grad = objective(model, obs, threat, labels, num_classes, AttackConfig(method="ig", tv=0.0))
+    return 1 - f_and_grad(x)[0]
+
+
 def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: tuple[int, ...], num_classes: int,
                 cfg: AttackConfig, labels: torch.Tensor | None = None,
                 progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,24 +118,21 @@ def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: 
     n_targets, b = first.shape[0], threat.batch_size
     if labels is None:
         labels = idlg_labels(model, obs, threat, b)
-    f_and_grad = objective(model, obs, threat, labels, num_classes, cfg)
+    # Restarts are solved together: R copies of every target in one vectorized problem.
+    r = max(1, cfg.restarts)
+    rep = {k: (v.repeat(r, *([1] * (v.dim() - 1))), m.repeat(r, *([1] * (m.dim() - 1)))) for k, (v, m) in obs.items()}
+    f_and_grad = objective(model, rep, threat, labels.repeat(r, 1), num_classes, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best_x, best_f = None, None
-    for _ in range(cfg.restarts):
-        if cfg.method == "dlg":
-            x0 = torch.randn((n_targets, b, *shape), generator=gen) * 0.5 + 0.5
-            x, f = batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
-                                 progress=progress)
-        elif cfg.method == "ig":
-            x0 = torch.rand((n_targets, b, *shape), generator=gen)
-            x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations,
-                                       lr=0.1 if cfg.lr == 1.0 else cfg.lr)
-        else:
-            raise ValueError(f"attack method: expected dlg or ig, got {cfg.method!r}")
-        if best_x is None:
-            best_x, best_f = x, f
-        else:
-            better = f < best_f
-            best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, best_x)
-            best_f = torch.where(better, f, best_f)
-    return best_x, labels
+    if cfg.method == "dlg":
+        x0 = torch.randn((r * n_targets, b, *shape), generator=gen) * 0.5 + 0.5
+        x, f = batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
+                             progress=progress)
+    elif cfg.method == "ig":
+        x0 = torch.rand((r * n_targets, b, *shape), generator=gen)
+        x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr,
+                                   progress=progress)
+    else:
+        raise ValueError(f"attack method: expected dlg or ig, got {cfg.method!r}")
+    best = f.view(r, n_targets).argmin(0)  # each target's restart with the lowest matching loss
+    x = x.view(r, n_targets, *x.shape[1:])[best, torch.arange(n_targets)]
+    return x, labels

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedtiny.attack.attacks import AttackConfig, reconstruct
+from fedtiny.attack.attacks import AttackConfig, match_cosine, reconstruct
 from fedtiny.attack.metrics import score
 from fedtiny.attack.threat import ThreatModel
 
@@ -60,7 +61,9 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     report = {"attacks": results, "method": cfg.method, "labels": cfg.labels,
               "mean_psnr_db": float(np.mean([r["mean_psnr_db"] for r in done])) if done else None,
               "mean_ssim": float(np.mean([r["mean_ssim"] for r in done])) if done else None,
-              "label_accuracy": float(np.mean([r["label_accuracy"] for r in done])) if done else None}
+              "label_accuracy": float(np.mean([r["label_accuracy"] for r in done])) if done else None,
+              "match_cosine_at_truth": float(np.mean([r["match_cosine_at_truth"] for r in done])) if done else None,
+              "restarts": cfg.restarts, "iterations": cfg.iterations, "unroll": cfg.unroll}
     if run_dir is not None:
         import json
 
@@ -74,36 +77,55 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     return report
 
 
+def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A decoded update as the attacker's (values, mask) per tensor, in the surrogate's units."""
+    obs = {}
+    for name, shape, _ in task.uplink_spec:
+        values = torch.zeros(int(np.prod(shape)))
+        mask = torch.zeros(int(np.prod(shape)), dtype=torch.bool)
+        if name in ob["changes"]:
+            idx, change = ob["changes"][name]
+            values[torch.as_tensor(idx)] = torch.as_tensor(change, dtype=torch.float32)
+            mask[torch.as_tensor(idx)] = True
+        obs[name] = (to_real(name, values.view(shape)), mask.view(shape))
+    return obs
+
+
 def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
+    """Attack the observed updates, one vectorized problem per (round, number of images)."""
     s = task.scenario
+    groups: dict[tuple[int, int], list[Observed]] = {}
     for ob in observed:
-        model, to_real = _attacker_model(task, ob["state"])
-        train, _ = task.federation.client_data(ob["partition_id"])
-        n = len(train)
+        n = len(task.federation.client_data(ob["partition_id"])[0])
         if n > cfg.max_images:
             results.append({"round": ob["round"], "partition_id": ob["partition_id"], "skipped":
                             f"{n} training images > attack.max_images = {cfg.max_images}"})
             continue
-        obs = {}
-        for name, shape, _ in task.uplink_spec:
-            values = torch.zeros(int(np.prod(shape)))
-            mask = torch.zeros(int(np.prod(shape)), dtype=torch.bool)
-            if name in ob["changes"]:
-                idx, change = ob["changes"][name]
-                values[torch.as_tensor(idx)] = torch.as_tensor(change, dtype=torch.float32)
-                mask[torch.as_tensor(idx)] = True
-            obs[name] = (to_real(name, values.view(shape))[None], mask.view(shape)[None])
+        groups.setdefault((ob["round"], n), []).append(ob)
+    for (rnd, n), obs_list in sorted(groups.items()):
+        # All of a round's updates were computed from the same global model.
+        model, to_real = _attacker_model(task, obs_list[0]["state"])
+        per = [_observation(task, ob, to_real) for ob in obs_list]
+        obs = {k: (torch.stack([o[k][0] for o in per]), torch.stack([o[k][1] for o in per])) for k in per[0]}
+        data = [task.federation.client_data(ob["partition_id"])[0] for ob in obs_list]
+        x = torch.stack([torch.from_numpy(d.x) for d in data])
+        y = torch.stack([torch.from_numpy(d.y).long() for d in data])
         steps = s.train.local_epochs * math.ceil(n / s.train.batch_size)
-        threat = ThreatModel(observation="delta", local_steps=steps, lr=s.train.lr, batch_size=n,
-                             labels=cfg.labels, trainable=tuple(obs))
-        x = torch.from_numpy(train.x)[None]
-        y = torch.from_numpy(train.y)[None]
-        labels = y if cfg.labels == "known" else None
-        rec, lab = reconstruct(model, obs, threat, tuple(train.x.shape[1:]), train.num_classes,
-                               AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv), labels=labels)
-        sc = score(rec[0].numpy(), train.x, lab[0].numpy(), train.y)
-        results.append({"round": ob["round"], "partition_id": ob["partition_id"], "images": n,
-                        "local_steps": steps, "mean_psnr_db": float(np.mean(sc["psnr"])),
-                        "mean_ssim": float(np.mean(sc["ssim"])), "label_accuracy": sc["label_accuracy"],
-                        "transmitted": int(sum(int(m.sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
-        grids.append((train.x, np.clip(rec[0].numpy()[sc["order"]], 0, 1), sc["psnr"]))
+        # Without unrolling, one step stands in for the client's several (same direction to first order).
+        threat = ThreatModel(observation="delta", local_steps=steps if cfg.unroll else 1, lr=s.train.lr,
+                             batch_size=n, labels=cfg.labels, trainable=tuple(obs))
+        num_classes, shape = data[0].num_classes, tuple(data[0].x.shape[1:])
+        fidelity = match_cosine(model, obs, threat, x, y, num_classes)
+        print(f"[fedtiny attack] round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
+              f"{cfg.iterations} iterations x {cfg.restarts} starts", file=sys.stderr, flush=True)
+        rec, lab = reconstruct(model, obs, threat, shape, num_classes,
+                               AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,
+                                            restarts=cfg.restarts),
+                               labels=y if cfg.labels == "known" else None)
+        for i, ob in enumerate(obs_list):
+            sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
+            results.append({"round": rnd, "partition_id": ob["partition_id"], "images": n, "local_steps": steps,
+                            "mean_psnr_db": float(np.mean(sc["psnr"])), "mean_ssim": float(np.mean(sc["ssim"])),
+                            "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
+                            "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
+            grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))

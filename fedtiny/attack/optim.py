@@ -90,7 +90,8 @@ def batched_lbfgs(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 300,
 
 
 def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 500, lr: float = 0.1,
-                        box: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                        box: tuple[float, float] = (0.0, 1.0),
+                        progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverting Gradients' optimizer: Adam on the sign of the gradient, step decay, box constraint.
 
     Returns the iterate with each target's lowest objective.
@@ -100,7 +101,7 @@ def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int 
     milestones = [int(iterations * m) for m in (3 / 8, 5 / 8, 7 / 8)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     best_x, best_f = x.detach().clone(), torch.full((x.shape[0],), float("inf"))
-    for _ in range(iterations):
+    for it in range(iterations):
         f, g = f_and_grad(x.detach(), None)
         better = f < best_f
         best_f = torch.where(better, f, best_f)
@@ -111,6 +112,8 @@ def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int 
         sched.step()
         with torch.no_grad():
             x.clamp_(*box)
+        if progress is not None:
+            progress(it, best_f)
     f, _ = f_and_grad(x.detach(), None)
     better = f < best_f
     return torch.where(_bcast(better, x), x.detach(), best_x), torch.where(better, f, best_f)

@@ -80,9 +80,10 @@ def plot_grid(targets: np.ndarray, recon: np.ndarray, psnrs: list[float], path: 
     t = targets.reshape(-1, *targets.shape[-3:])[:n]
     r = recon.reshape(-1, *recon.shape[-3:])[:n]
     fig, axes = plt.subplots(2, len(t), figsize=(1.2 * len(t), 2.8), squeeze=False)
+    show = (lambda a: {"X": a[0], "cmap": "gray"}) if t.shape[1] == 1 else (lambda a: {"X": a.transpose(1, 2, 0)})
     for i in range(len(t)):
-        axes[0, i].imshow(t[i].transpose(1, 2, 0))
-        axes[1, i].imshow(r[i].transpose(1, 2, 0))
+        axes[0, i].imshow(**show(t[i]), vmin=0, vmax=1)
+        axes[1, i].imshow(**show(r[i]), vmin=0, vmax=1)
         axes[1, i].set_title(f"{psnrs[i]:.1f} dB", fontsize=7)
         axes[0, i].axis("off")
         axes[1, i].axis("off")
