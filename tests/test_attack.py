@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedtiny.attack.attacks import AttackConfig, idlg_labels, reconstruct
+from fedtiny.attack.attacks import AttackConfig, idlg_labels, match_cosine, objective, reconstruct
 from fedtiny.attack.metrics import match, psnr, score, ssim
 from fedtiny.attack.presets import dlg_lenet, real_images
 from fedtiny.attack.threat import ThreatModel
@@ -93,6 +93,30 @@ def test_fedavg_delta_of_several_local_steps_leaks():
     assert np.median(ps) >= 25, ps
 
 
+def test_match_cosine_is_one_at_the_truth_only():
+    model, x = tiny(), digits(3)
+    y = torch.tensor([[0], [1], [2]])
+    threat = ThreatModel(observation="delta", local_steps=2, lr=0.3)
+    obs = observe(model, x, y, 10, threat)
+    assert torch.allclose(match_cosine(model, obs, threat, x, y, 10), torch.ones(3), atol=1e-5)
+    other = match_cosine(model, obs, threat, torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), y, 10)
+    assert bool((other < 0.99).all()), other
+
+
+def test_restarts_keep_each_targets_best_match():
+    """Restart 0 of a multi-start run is the single-start run; the kept match is never worse."""
+    model, x = tiny(2), digits(4)
+    y = torch.tensor([[3], [1], [4], [1]])
+    threat = ThreatModel()
+    obs = observe(model, x, y, 10, threat)
+    cfg = AttackConfig(method="ig", iterations=40)
+    loss = objective(model, obs, threat, y, 10, cfg)
+    one, _ = reconstruct(model, obs, threat, (1, 8, 8), 10, cfg, labels=y)
+    three, _ = reconstruct(model, obs, threat, (1, 8, 8), 10, AttackConfig(method="ig", iterations=40, restarts=3),
+                           labels=y)
+    assert bool((loss(three)[0] <= loss(one)[0] + 1e-5).all())
+
+
 def test_only_transmitted_coordinates_are_observed_and_matched():
     model, x = tiny(), digits(2)
     y = torch.tensor([[4], [6]])
@@ -139,6 +163,7 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
     report = json.loads((tmp_path / "privacy.json").read_text())
     done = [a for a in report["attacks"] if "mean_psnr_db" in a]
     assert len(done) == 2 and all(np.isfinite(a["mean_psnr_db"]) and a["transmitted"] > 0 for a in done)
+    assert all(-1.0 <= a["match_cosine_at_truth"] <= 1.0 for a in done)
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["privacy_mean_psnr_db"] == pytest.approx(report["mean_psnr_db"])

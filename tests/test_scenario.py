@@ -88,3 +88,9 @@ def test_cli_missing_dataset_root_exits_2(tmp_path, cli):
                "--set", f"data.root={tmp_path / 'nowhere'}")
     assert proc.returncode == 2
     assert "data.root" in proc.stderr and "never downloads" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_method_exits_2_naming_the_methods(cli):
+    proc = cli("run", str(ROOT / "scenarios" / "compression.toml"), "--method", "no-such-method")
+    assert proc.returncode == 2
+    assert "no-such-method" in proc.stderr and "dense-fp32" in proc.stderr and "Traceback" not in proc.stderr
