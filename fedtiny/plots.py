@@ -126,12 +126,13 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, s in summaries.items():
-        if s.get("privacy_mean_psnr_db") is None:
-            continue
-        ax.scatter(s["uplink_bytes_total"], s["privacy_mean_psnr_db"])
-        ax.annotate(name, (s["uplink_bytes_total"], s["privacy_mean_psnr_db"]), fontsize=6)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
+    points = [(n, s) for n, s in summaries.items() if s.get("privacy_mean_psnr_db") is not None]
+    for i, (name, s) in enumerate(points):  # a legend, not labels: nearby points would overlap
+        ax.scatter(s["uplink_bytes_total"], s["privacy_mean_psnr_db"], color=colors[i % 20],
+                   marker=markers[(i // 20 + i) % len(markers)], label=name)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(points) <= 25 else 2)
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes (total)")
     ax.set_ylabel("reconstruction PSNR (dB)")
