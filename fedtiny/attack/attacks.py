@@ -8,8 +8,9 @@ last layer's update, or given. Only the transmitted coordinates are matched (mas
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from fedtiny.attack.optim import batched_lbfgs, batched_signed_adam
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import Observation, update_fn
 
-__all__ = ["AttackConfig", "idlg_labels", "match_cosine", "reconstruct"]
+__all__ = ["AttackConfig", "idlg_labels", "match_cosine", "progress_printer", "reconstruct"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,18 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
         return f.detach(), g
 
     return f_and_grad
+
+
+def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
+                     every: int = 250) -> Callable[[int, torch.Tensor], None]:
+    """A ``progress`` callback for :func:`reconstruct` that prints the median loss every ``every`` iterations."""
+
+    def progress(it: int, f: torch.Tensor) -> None:
+        if log is not None and (it + 1) % every == 0:
+            print(f"[fedtiny attack] iteration {it + 1}/{iterations}: median loss {float(f.median()):.3g}",
+                  file=log, flush=True)
+
+    return progress
 
 
 def match_cosine(model: nn.Module, obs: Observation, threat: ThreatModel, x: torch.Tensor, labels: torch.Tensor,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtiny.attack.attacks import AttackConfig, match_cosine, reconstruct
+from fedtiny.attack.attacks import AttackConfig, match_cosine, progress_printer, reconstruct
 from fedtiny.attack.metrics import score
 from fedtiny.attack.threat import ThreatModel
 
@@ -121,7 +121,8 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         rec, lab = reconstruct(model, obs, threat, shape, num_classes,
                                AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,
                                             restarts=cfg.restarts),
-                               labels=y if cfg.labels == "known" else None)
+                               labels=y if cfg.labels == "known" else None,
+                               progress=progress_printer(cfg.iterations))
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
             results.append({"round": rnd, "partition_id": ob["partition_id"], "images": n, "local_steps": steps,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtiny.attack.attacks import AttackConfig, reconstruct
+from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.metrics import score
 from fedtiny.attack.presets import dlg_lenet, real_images
 from fedtiny.attack.threat import DEFENSES, ThreatModel
@@ -46,13 +46,9 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
     y = torch.randint(0, p["classes"], (targets, threat.batch_size), generator=gen)
     obs = observe(model, x, y, p["classes"], threat)
 
-    def progress(it: int, f: torch.Tensor) -> None:
-        if log is not None and (it + 1) % 250 == 0:
-            print(f"[fedtiny attack] iteration {it + 1}/{cfg.iterations}: median loss {float(f.median()):.3g}",
-                  file=log, flush=True)
-
     t0 = time.perf_counter()
-    rec, labels = reconstruct(model, obs, threat, (3, 32, 32), p["classes"], cfg, progress=progress)
+    rec, labels = reconstruct(model, obs, threat, (3, 32, 32), p["classes"], cfg,
+                              progress=progress_printer(cfg.iterations, log))
     seconds = time.perf_counter() - t0
     scores = [score(rec[i].numpy(), x[i].numpy(), labels[i], y[i]) for i in range(targets)]
     psnrs = [s for sc in scores for s in sc["psnr"]]
