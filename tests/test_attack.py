@@ -167,3 +167,16 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["privacy_mean_psnr_db"] == pytest.approx(report["mean_psnr_db"])
+
+
+@pytest.mark.parametrize("defense", [{"density": 0.1}, {"density": 0.01, "values": "int8"}])
+def test_idlg_labels_survive_topk(defense):
+    """Under top-k the bias's largest entries, or else the longest weight row, still name one image's label."""
+    model = dlg_lenet(100, seed=3)
+    x = torch.from_numpy(real_images(8, seed=4))[:, None]
+    y = torch.tensor([[5], [17], [99], [0], [63], [42], [8], [71]])
+    threat = ThreatModel(observation="delta", lr=0.1, **defense)
+    obs = observe(model, x, y, 100, threat)
+    assert torch.equal(idlg_labels(model, obs, threat), y)
+    no_bias = {k: v for k, v in obs.items() if not k.endswith("bias") or not k.startswith(("fc", "classifier"))}
+    assert torch.equal(idlg_labels(model, no_bias, threat), y)

@@ -46,24 +46,31 @@ def _classifier(model: nn.Module, obs: Observation) -> str:
 
 
 def idlg_labels(model: nn.Module, obs: Observation, threat: ThreatModel, batch: int = 1) -> torch.Tensor:
-    """Labels from the sign of the last layer's update (iDLG).
+    """Labels from the last layer's update (iDLG).
 
     For cross-entropy the gradient of the last layer's bias is ``p - y``: only the
-    true classes' entries are negative. Without a (fully sent) bias, the weight rows
-    ``(p_j - y_j) * features`` are used, which needs non-negative features (a ReLU or
-    sigmoid before the classifier). A FedAvg change points the other way
-    (``-lr * gradient``). Returns [B, batch] labels (the ``batch`` most negative).
+    true classes' entries are negative. A bias under top-k still works: its unsent
+    entries are the smaller ones and count as 0. Without a usable bias (not sent, or
+    rounded to nothing), the weight rows ``(p_j - y_j) * features`` are used: for one
+    image the true class's row is the longest (``1 - p_y`` is the sum of the other
+    ``p_j``), whatever the features' signs; for several, the most negative row sums,
+    which needs non-negative features (a ReLU or sigmoid before the classifier). A
+    FedAvg change points the other way (``-lr * gradient``). Returns [B, batch] labels.
     """
     layer = _classifier(model, obs)
-    bias = obs.get(f"{layer}.bias")
-    if bias is not None and bool(bias[1].all()):
-        rows = bias[0]
+    sign = -1.0 if threat.observation == "delta" else 1.0
+    values, mask = obs[f"{layer}.weight"]
+    sent = (values * mask).flatten(2)  # [B, K, features]
+    if batch == 1:
+        score = -sent.norm(dim=-1)  # the longest row is the most "negative" score
     else:
-        values, mask = obs[f"{layer}.weight"]
-        rows = (values * mask).flatten(2).sum(-1)  # [B, K]
-    if threat.observation == "delta":
-        rows = -rows
-    return rows.topk(batch, dim=1, largest=False).indices.sort(dim=1).values
+        score = sign * sent.sum(-1)
+    bias = obs.get(f"{layer}.bias")
+    if bias is not None:
+        b = sign * bias[0] * bias[1]
+        usable = (b != 0).any(dim=1, keepdim=True)
+        score = torch.where(usable, b, score)
+    return score.topk(batch, dim=1, largest=False).indices.sort(dim=1).values
 
 
 def _tv(x: torch.Tensor) -> torch.Tensor:
