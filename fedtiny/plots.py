@@ -131,7 +131,7 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
     points = [(n, s) for n, s in summaries.items() if s.get("privacy_mean_psnr_db") is not None]
     for i, (name, s) in enumerate(points):  # a legend, not labels: nearby points would overlap
         ax.scatter(s["uplink_bytes_total"], s["privacy_mean_psnr_db"], color=colors[i % 20],
-                   marker=markers[(i // 20 + i) % len(markers)], label=name)
+                   marker=markers[i % len(markers)], label=name)  # 40 distinct pairs
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(points) <= 25 else 2)
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes (total)")

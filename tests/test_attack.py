@@ -104,7 +104,7 @@ def test_match_cosine_is_one_at_the_truth_only():
 
 
 def test_restarts_keep_each_targets_best_match():
-    """Restart 0 of a multi-start run is the single-start run; the kept match is never worse."""
+    """With more starts (the first being the single start), the match kept per target is never worse."""
     model, x = tiny(2), digits(4)
     y = torch.tensor([[3], [1], [4], [1]])
     threat = ThreatModel()

@@ -4,7 +4,8 @@ The observation is the decoded update the server received (only the transmitted
 coordinates, dequantized). The attacker knows the model the client received, its scheme,
 its number of training images and the round's local training (epochs, batch size, learning
 rate), and simulates that training on an int8 model's float surrogate (QAS makes int8 SGD
-follow the float update). Clients whose batch size is smaller than their data shuffle into
+follow the float update): every local step unrolled, or (``attack.unroll = false``) one step
+standing in for them. Clients whose batch size is smaller than their data shuffle into
 minibatches the attacker cannot know; it then assumes full-batch steps.
 """
 
@@ -94,20 +95,20 @@ def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, t
 def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
     """Attack the observed updates, one vectorized problem per (round, number of images)."""
     s = task.scenario
-    groups: dict[tuple[int, int], list[Observed]] = {}
+    groups: dict[tuple[int, int], list[tuple[Observed, Any]]] = {}
     for ob in observed:
-        n = len(task.federation.client_data(ob["partition_id"])[0])
-        if n > cfg.max_images:
+        train, _ = task.federation.client_data(ob["partition_id"])
+        if len(train) > cfg.max_images:
             results.append({"round": ob["round"], "partition_id": ob["partition_id"], "skipped":
-                            f"{n} training images > attack.max_images = {cfg.max_images}"})
+                            f"{len(train)} training images > attack.max_images = {cfg.max_images}"})
             continue
-        groups.setdefault((ob["round"], n), []).append(ob)
-    for (rnd, n), obs_list in sorted(groups.items()):
+        groups.setdefault((ob["round"], len(train)), []).append((ob, train))
+    for (rnd, n), members in sorted(groups.items(), key=lambda g: g[0]):
+        obs_list, data = [ob for ob, _ in members], [d for _, d in members]
         # All of a round's updates were computed from the same global model.
         model, to_real = _attacker_model(task, obs_list[0]["state"])
         per = [_observation(task, ob, to_real) for ob in obs_list]
         obs = {k: (torch.stack([o[k][0] for o in per]), torch.stack([o[k][1] for o in per])) for k in per[0]}
-        data = [task.federation.client_data(ob["partition_id"])[0] for ob in obs_list]
         x = torch.stack([torch.from_numpy(d.x) for d in data])
         y = torch.stack([torch.from_numpy(d.y).long() for d in data])
         steps = s.train.local_epochs * math.ceil(n / s.train.batch_size)
