@@ -13,9 +13,9 @@ from flwr.clientapp import ClientApp
 from clients.wire import bytes_record, record_bytes
 from fedtiny.bridge.device import model_hash
 from fedtiny.bridge.relay import relay_round
-from fedtiny.client import client_task
+from fedtiny.federated.client import client_task
 from fedtiny.scenario import scenario_from_json
-from fedtiny.sparse import ResolvedScheme
+from fedtiny.budget.schemes import ResolvedScheme
 
 app = ClientApp()
 

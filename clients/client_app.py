@@ -1,4 +1,4 @@
-"""The simulated MCU client: a ClientApp that runs :func:`fedtiny.client.local_round`."""
+"""The simulated MCU client: a ClientApp that runs :func:`fedtiny.federated.client.local_round`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.client import local_round
+from fedtiny.federated.client import local_round
 from fedtiny.scenario import scenario_from_json
-from fedtiny.sparse import ResolvedScheme
+from fedtiny.budget.schemes import ResolvedScheme
 
 app = ClientApp()
 STATE = "fedtiny-client-state"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord
 
-from fedtiny.payload import PayloadError
+from fedtiny.compress.dense import PayloadError
 
 __all__ = ["PAYLOAD", "bytes_record", "record_bytes"]
 

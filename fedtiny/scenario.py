@@ -115,7 +115,7 @@ class TrainSection:
 @dataclass(frozen=True)
 class DeviceSection:
     profiles: str = _key("mcu-256kb", "device profile of the clients; a comma-separated list is assigned round-robin "
-                         "by partition id (see fedtiny.devices)")
+                         "by partition id (see fedtiny.budget.profiles)")
     custom_name: str = _key("custom", "name of the scenario's own profile (used when custom_sram_kb > 0)")
     custom_sram_kb: int = _key(0, "SRAM of the scenario's own profile in KB (0: no custom profile)", _range(0, 1 << 20))
     custom_flash_kb: int = _key(1024, "flash of the scenario's own profile in KB", _range(1, 1 << 22))
@@ -336,7 +336,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
-    from fedtiny.sparse import SchemeError, parse_scheme
+    from fedtiny.budget.schemes import SchemeError, parse_scheme
 
     try:
         parse_scheme(s.train.scheme)
@@ -353,7 +353,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.train.scheme != "full" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
                             f"set model.precision = \"int8\" (got {s.model.precision!r})")
-    from fedtiny.devices import PROFILES
+    from fedtiny.budget.profiles import PROFILES
 
     for name in (p.strip().lower() for p in s.device.profiles.split(",")):
         if name not in PROFILES and not (s.device.custom_sram_kb and name == s.device.custom_name.lower()):

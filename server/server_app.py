@@ -13,13 +13,13 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.aggregate import GlobalModel
+from fedtiny.federated.aggregate import GlobalModel
 from fedtiny.models import load_arrays
-from fedtiny.payload import pack_dense, unpack_dense
-from fedtiny.runlog import RunLog, new_run_dir, write_scenario
+from fedtiny.compress.dense import pack_dense, unpack_dense
+from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
-from fedtiny.task import cloud_model, limit_threads, make_task, resolve_scheme
-from fedtiny.train import evaluate
+from fedtiny.federated.task import cloud_model, limit_threads, make_task, resolve_scheme
+from fedtiny.federated.train import evaluate
 from server.strategy import FedTinyStrategy
 
 __all__ = ["app", "make_server_app", "run_server", "discover_partitions"]
@@ -97,7 +97,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
 def compression_ratios(task, records) -> dict[str, Any]:
     """Uplink totals against sending the dense model each time: fp32 (4 bytes per parameter) and int8
     (the int8 graph's on-device dtypes: int8 weights, int32 biases)."""
-    from fedtiny.task import make_task
+    from fedtiny.federated.task import make_task
 
     uploads = sum(len(r.get("clients", [])) + len(r.get("rejected", [])) for r in records)
     params = sum(p.numel() for p in task.model.parameters())

@@ -12,13 +12,13 @@ from flwr.serverapp.strategy import Strategy
 from clients.wire import bytes_record, record_bytes
 import numpy as np
 
-from fedtiny.aggregate import ClientUpdate, Decoded, GlobalModel, Rejection, aggregate
+from fedtiny.federated.aggregate import ClientUpdate, Decoded, GlobalModel, Rejection, aggregate
 from fedtiny.attack.fleet import targets_of
 from fedtiny.compress.codec import CodecError, decode
 from fedtiny.compress.downlink import DownlinkPlanner
-from fedtiny.payload import PayloadError, pack_dense, unpack_dense
-from fedtiny.sampling import sample_clients
-from fedtiny.task import Task
+from fedtiny.compress.dense import PayloadError, pack_dense, unpack_dense
+from fedtiny.federated.sampling import sample_clients
+from fedtiny.federated.task import Task
 
 __all__ = ["FedTinyStrategy"]
 

@@ -10,7 +10,7 @@ SHARED_MODELS = ROOT.parent / "shared" / "models" / "tiny-training"
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``fedtiny`` as a user would, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "fedtiny.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

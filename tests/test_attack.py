@@ -135,7 +135,7 @@ def test_surrogate_matches_the_int8_model():
     from fedtiny.data import load_source
     from fedtiny.int8.convert import ptq
     from fedtiny.models import build_model
-    from fedtiny.train import pretrain
+    from fedtiny.federated.train import pretrain
 
     d = load_source("digits")
     m = build_model("tiny-ir", 1, 10)

@@ -55,7 +55,7 @@ def test_read_frame_times_out_and_detects_close():
 
 def _emulator(port_box, fault=""):
     from fedtiny.bridge.device import serve
-    from fedtiny.devices import get_profile
+    from fedtiny.budget.profiles import get_profile
     from fedtiny.scenario import load_scenario, parse_overrides
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
@@ -75,15 +75,15 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     from fedtiny.bridge.device import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.compress.codec import decode
-    from fedtiny.payload import unpack_dense
-    from fedtiny.task import cloud_model, make_task, resolve_scheme
+    from fedtiny.compress.dense import unpack_dense
+    from fedtiny.federated.task import cloud_model, make_task, resolve_scheme
 
     port = []
     scenario = _emulator(port)
     task = make_task(scenario)
     state, _ = cloud_model(task)
     task = resolve_scheme(task, state)
-    from fedtiny.payload import pack_dense
+    from fedtiny.compress.dense import pack_dense
 
     meta = {"round": 1, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(), "downlink": "full"}
     with pytest.raises(ProtocolError, match="model hash mismatch"):
@@ -97,7 +97,7 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
 def test_relay_fails_cleanly_when_the_device_disconnects_mid_round():
     from fedtiny.bridge.device import model_hash
     from fedtiny.bridge.relay import relay_round
-    from fedtiny.task import make_task
+    from fedtiny.federated.task import make_task
 
     port = []
     scenario = _emulator(port, fault="disconnect")

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtiny.aggregate import ClientUpdate, aggregate, aggregate_dense
+from fedtiny.federated.aggregate import ClientUpdate, aggregate, aggregate_dense
 from fedtiny.compress.codec import (CodecError, SparseTensor, SparseUpdate, VALUE_TYPES, decode, encode,
                                     quantize_values)
 from fedtiny.compress.downlink import DELTA, FULL, DownlinkPlanner, apply_downlink
 from fedtiny.compress.sparsify import CompressionConfig, compress_update, density_at
-from fedtiny.payload import pack_dense
+from fedtiny.compress.dense import pack_dense
 
 
 @st.composite

@@ -99,7 +99,7 @@ def test_folding_and_ptq_of_torchvision_mobilenet_v2():
 
 def test_ptq_of_quickstart_model_loses_at_most_one_point():
     from fedtiny.scenario import load_scenario
-    from fedtiny.task import cloud_model, make_task
+    from fedtiny.federated.task import cloud_model, make_task
 
     from conftest import ROOT
 
@@ -111,7 +111,7 @@ def test_ptq_of_quickstart_model_loses_at_most_one_point():
 def small_qmodel(classifier_precision="int8") -> QModel:
     """tiny-ir briefly pretrained on half of digits, then quantized."""
     from fedtiny.data import load_source
-    from fedtiny.train import pretrain
+    from fedtiny.federated.train import pretrain
 
     data = load_source("digits").subset(np.arange(0, 1797, 2))
     model = build_model("tiny-ir", 1, 10, image_size=8)
@@ -167,7 +167,7 @@ def test_qas_update_equals_the_float_update():
 def test_int8_training_keeps_integers_and_qas_learns():
     from fedtiny.data import SensorShift, apply_shift, load_source
     from fedtiny.data.sources import ImageSet
-    from fedtiny.train import evaluate, train_local, seeded
+    from fedtiny.federated.train import evaluate, train_local, seeded
 
     held = load_source("digits").subset(np.arange(1, 1797, 2))  # the half small_qmodel did not see, shifted
     data = ImageSet(apply_shift(held.x, SensorShift(rotation_deg=20, gain=0.8), 0), held.y, 10, "shifted")

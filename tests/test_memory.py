@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from fedtiny.devices import PROFILES, get_profile
+from fedtiny.budget.profiles import PROFILES, get_profile
 from fedtiny.int8.graph import replace_head
-from fedtiny.memory import measure_step, memory_report
-from fedtiny.sparse import parse_scheme, resolve
+from fedtiny.budget.memory import measure_step, memory_report
+from fedtiny.budget.schemes import parse_scheme, resolve
 
 from conftest import ROOT, SHARED_MODELS
 from test_sparse import tiny_qmodel
@@ -92,7 +92,7 @@ def test_device_profiles():
 
 def test_quickstart_scheme_fits_its_device_and_full_does_not():
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.task import client_profile, cloud_model, make_task, resolve_scheme
+    from fedtiny.federated.task import client_profile, cloud_model, make_task, resolve_scheme
 
     for scheme, fits in (("", True), ("full", False)):
         over = parse_overrides([f"train.scheme={scheme}"] if scheme else []) | {"model.pretrain_epochs": 1}

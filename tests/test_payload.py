@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedtiny.aggregate import ClientUpdate, aggregate_dense
-from fedtiny.payload import PayloadError, dense_nbytes, pack_dense, unpack_dense
+from fedtiny.federated.aggregate import ClientUpdate, aggregate_dense
+from fedtiny.compress.dense import PayloadError, dense_nbytes, pack_dense, unpack_dense
 
 SPEC = [("a", (2, 3), "float32"), ("b", (4,), "float32")]
 

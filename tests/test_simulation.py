@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from fedtiny.payload import dense_nbytes, pack_dense
-from fedtiny.runlog import TIMING_KEYS, read_metrics
+from fedtiny.compress.dense import dense_nbytes, pack_dense
+from fedtiny.report.runlog import TIMING_KEYS, read_metrics
 from fedtiny.scenario import load_scenario, parse_overrides
-from fedtiny.task import make_task
+from fedtiny.federated.task import make_task
 
 from conftest import ROOT
 
@@ -49,7 +49,7 @@ def test_metrics_per_round_and_byte_counts(two_runs):
     d, _ = two_runs[0]
     recs = read_metrics(d)
     assert [r["round"] for r in recs] == [0, 1, 2]
-    from fedtiny.task import cloud_model, resolve_scheme
+    from fedtiny.federated.task import cloud_model, resolve_scheme
 
     task = make_task(load_scenario(d / "scenario.toml"))
     task = resolve_scheme(task, cloud_model(task)[0])  # the sparse scheme decides what is sent back
@@ -91,10 +91,10 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     from flwr.app import Message, MetricRecord, RecordDict
 
     from clients.wire import bytes_record, record_bytes
-    from fedtiny.aggregate import GlobalModel
+    from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.models import model_arrays
     from fedtiny.models.state import to_wire
-    from fedtiny.payload import unpack_dense
+    from fedtiny.compress.dense import unpack_dense
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3"]))
@@ -148,10 +148,10 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     from flwr.app import Message, MetricRecord, RecordDict
 
     from clients.wire import bytes_record
-    from fedtiny.aggregate import GlobalModel
+    from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
     from fedtiny.models import model_arrays
-    from fedtiny.task import cloud_model, resolve_scheme
+    from fedtiny.federated.task import cloud_model, resolve_scheme
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",

@@ -8,7 +8,7 @@ import torch
 
 from fedtiny.int8.convert import ptq
 from fedtiny.models import build_model, trainable_names
-from fedtiny.sparse import SchemeError, apply_scheme, parse_scheme, resolve
+from fedtiny.budget.schemes import SchemeError, apply_scheme, parse_scheme, resolve
 
 from conftest import SHARED_MODELS
 

@@ -29,9 +29,9 @@ def model_hash(task) -> str:
 def handle_connection(conn: socket.socket, scenario, partition_id: int, profile, state: dict[str, Any], *,
                       timeout: float = 300.0, fault: str = "", log=sys.stderr) -> None:
     """Serve one bridge connection until it closes."""
-    from fedtiny.client import client_task, local_round
+    from fedtiny.federated.client import client_task, local_round
     from fedtiny.scenario import scenario_from_json
-    from fedtiny.sparse import ResolvedScheme
+    from fedtiny.budget.schemes import ResolvedScheme
 
     hello = {"protocol": VERSION, "profile": profile.name, "model_hash": model_hash(client_task(scenario)),
              "partition_id": partition_id}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedtiny.compress.codec import CodecError, SparseTensor, SparseUpdate, decode, encode
-from fedtiny.payload import pack_dense, unpack_dense
+from fedtiny.compress.dense import pack_dense, unpack_dense
 
 __all__ = ["DownlinkPlanner", "apply_downlink", "FULL", "DELTA"]
 

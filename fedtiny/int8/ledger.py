@@ -5,7 +5,7 @@ device would hold: forward activations (int8), tensors saved for backward (int8
 inputs of trained channels, 1-bit clamp masks), activation gradients (fp32),
 weight/bias gradients, per-op workspaces, and the step's persistent state
 (trained parameters copied to SRAM, optimizer state). Its peak is what the memory
-planner (:mod:`fedtiny.memory`) predicts from the model's shapes alone; the tests
+planner (:mod:`fedtiny.budget.memory`) predicts from the model's shapes alone; the tests
 hold them equal.
 """
 

@@ -13,11 +13,11 @@ from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
 from fedtiny.models.state import Spec
 from fedtiny.scenario import Scenario
-from fedtiny.devices import DeviceProfile, get_profile
-from fedtiny.memory import MemoryReport, memory_report
+from fedtiny.budget.profiles import DeviceProfile, get_profile
+from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.models.state import load_arrays
-from fedtiny.sparse import ResolvedScheme, apply_scheme, parse_scheme, resolve, trainable_slices
-from fedtiny.train import evaluate, pretrain
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, parse_scheme, resolve, trainable_slices
+from fedtiny.federated.train import evaluate, pretrain
 
 __all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads", "resolve_scheme", "client_profile"]
 

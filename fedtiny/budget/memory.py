@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtiny.devices import DeviceProfile
+from fedtiny.budget.profiles import DeviceProfile
 from fedtiny.int8.graph import FloatHead, QConv, QModel
 from fedtiny.int8.ledger import GRAD_BYTES, Ledger, fused_workspace_bytes, recording, workspace_bytes
-from fedtiny.sparse import ResolvedScheme, apply_scheme
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 
 __all__ = ["MemoryReport", "LayerRow", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
            "memory_report"]
@@ -357,7 +357,7 @@ def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: to
                  optimizer: str = "sgd+qas", lr: float = 1e-3, momentum: float = 0.0, reorder: bool = True,
                  inplace_depthwise: bool = True, fuse_frozen: bool = True) -> Ledger:
     """Run one real training step (the clients' code path) with the ledger recording; return it."""
-    from fedtiny.train import make_optimizer
+    from fedtiny.federated.train import make_optimizer
 
     apply_scheme(model, resolved)
     opt = make_optimizer(model, optimizer, lr, momentum, gen=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
 ``sim``: the quickstart's local training for N clients, once through the Flower
 simulation (Ray backend) and once as a bare Python loop calling the same
-:func:`fedtiny.client.local_round`. Flower's figure is the wall time of one
+:func:`fedtiny.federated.client.local_round`. Flower's figure is the wall time of one
 training round as the ServerApp sees it (send to last reply, plus aggregation and
 global evaluation); round 1 is a warm-up in which every Ray worker loads its data,
 so round 2 is the one timed. Ray's start-up is reported apart.
@@ -21,12 +21,12 @@ __all__ = ["bench_sim", "BENCHES"]
 
 
 def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
-    from fedtiny.client import client_task, local_round
+    from fedtiny.federated.client import client_task, local_round
     from fedtiny.models import model_arrays
-    from fedtiny.payload import pack_dense
-    from fedtiny.runlog import read_metrics
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.report.runlog import read_metrics
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.sim import simulate
+    from fedtiny.tools.sim import simulate
 
     n = args.clients
     overrides = {**parse_overrides(args.overrides), "run.clients": n, "run.clients_per_round": 0, "run.rounds": 2,
@@ -90,8 +90,8 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.int8.convert import fold, ptq
     from fedtiny.models import build_model
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.task import limit_threads, make_task
-    from fedtiny.train import evaluate, make_optimizer, pretrain, seeded, _batches
+    from fedtiny.federated.task import limit_threads, make_task
+    from fedtiny.federated.train import evaluate, make_optimizer, pretrain, seeded, _batches
 
     limit_threads()
     s = load_scenario(args.scenario, parse_overrides(args.overrides))

@@ -120,7 +120,7 @@ class RunLog:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if recs:
-            from fedtiny.plots import plot_run
+            from fedtiny.report.plots import plot_run
 
             plot_run(recs, self.run_dir, title=self.scenario.run.name)
         return summary

@@ -57,7 +57,7 @@ def plot_methods(runs: dict[str, Path | list[dict[str, Any]]], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedtiny.runlog import read_metrics
+    from fedtiny.report.runlog import read_metrics
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in runs.items():

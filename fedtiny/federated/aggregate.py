@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.payload import PayloadError, unpack_dense
+from fedtiny.compress.dense import PayloadError, unpack_dense
 
 __all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "aggregate_dense", "GlobalModel"]
 

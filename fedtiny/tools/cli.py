@@ -14,7 +14,7 @@ from fedtiny.data import DataError
 from fedtiny.int8.modelfile import ModelFileError
 from fedtiny.int8.zoo import ZooError
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-from fedtiny.sparse import SchemeError
+from fedtiny.budget.schemes import SchemeError
 
 __all__ = ["main"]
 
@@ -58,8 +58,8 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtiny.data import build_federation
-    from fedtiny.runlog import new_run_dir, write_scenario
-    from fedtiny.sim import simulate
+    from fedtiny.report.runlog import new_run_dir, write_scenario
+    from fedtiny.tools.sim import simulate
 
     scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
     methods = scenario.expand()
@@ -89,12 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_scenario(sc, sub)
         summaries[name] = simulate(sc, sub, verbose=args.verbose)
         print(_summary_table(name, summaries[name]))
-    from fedtiny.plots import plot_methods
+    from fedtiny.report.plots import plot_methods
 
     plot_methods({name: run_dir / name for name in summaries}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.plots import plot_privacy, privacy_table
+        from fedtiny.report.plots import plot_privacy, privacy_table
 
         table = privacy_table(summaries)
         (run_dir / "privacy_table.md").write_text(table + "\n")
@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedtiny import bench
+    from fedtiny.tools import bench
 
     result = bench.BENCHES[args.bench](args)
     if args.json:
@@ -163,9 +163,9 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from fedtiny.devices import get_profile
-    from fedtiny.memory import memory_report
-    from fedtiny.sparse import parse_scheme, resolve
+    from fedtiny.budget.profiles import get_profile
+    from fedtiny.budget.memory import memory_report
+    from fedtiny.budget.schemes import parse_scheme, resolve
 
     model, shape = _load_memory_model(args.model, args.num_classes, args.classifier_precision)
     if args.input_size:
@@ -176,7 +176,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
                            reorder=args.reorder, inplace_depthwise=args.inplace, fuse_frozen=args.fuse,
                            batch=args.batch_size)
     if args.plot:
-        from fedtiny.plots import plot_memory
+        from fedtiny.report.plots import plot_memory
 
         plot_memory(report, args.plot)
     if args.json:
@@ -230,8 +230,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_device_emulator(args: argparse.Namespace) -> int:
     from fedtiny.bridge.device import serve
-    from fedtiny.devices import get_profile
-    from fedtiny.task import limit_threads
+    from fedtiny.budget.profiles import get_profile
+    from fedtiny.federated.task import limit_threads
 
     limit_threads()
     scenario = load_scenario(args.scenario, parse_overrides(args.overrides))

@@ -15,12 +15,12 @@ from fedtiny.compress.codec import encode
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.compress.sparsify import CompressionConfig, compress_update
 from fedtiny.models import load_arrays, model_arrays
-from fedtiny.payload import pack_dense
+from fedtiny.compress.dense import pack_dense
 from fedtiny.scenario import Scenario
-from fedtiny.devices import DeviceProfile
-from fedtiny.sparse import ResolvedScheme
-from fedtiny.task import Task, client_profile, limit_threads, make_task
-from fedtiny.train import evaluate, seeded, train_local
+from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.budget.schemes import ResolvedScheme
+from fedtiny.federated.task import Task, client_profile, limit_threads, make_task
+from fedtiny.federated.train import evaluate, seeded, train_local
 
 __all__ = ["LocalResult", "local_round", "client_task"]
 
@@ -85,7 +85,7 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
 
     Raises
     ------
-    fedtiny.payload.PayloadError, fedtiny.compress.codec.CodecError
+    fedtiny.compress.dense.PayloadError, fedtiny.compress.codec.CodecError
         When the downlink does not match the model.
     IndexError
         When ``partition_id`` is not a partition of the scenario.
