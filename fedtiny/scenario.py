@@ -9,6 +9,8 @@ dataclasses below, with its type, default, allowed range and a one-line help.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import dataclasses
 import difflib
 import hashlib
@@ -20,9 +22,6 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
 
-
-class ScenarioError(ValueError):
-    """A scenario file or override is invalid; the message is a single line."""
 
 
 def _key(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:

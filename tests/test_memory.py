@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedtiny.budget.profiles import PROFILES, get_profile
+from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import replace_head
 from fedtiny.budget.memory import measure_step, memory_report
 from fedtiny.budget.schemes import parse_scheme, resolve
@@ -86,7 +87,7 @@ def test_device_profiles():
         p = PROFILES[name]
         assert p.sram_bytes > 0 and p.flash_bytes > 0 and p.clock_mhz > 0
     assert get_profile("nRF52840").sram_bytes == 256 * 1024
-    with pytest.raises(ValueError, match="unknown profile"):
+    with pytest.raises(ScenarioError, match="unknown profile"):
         get_profile("z80")
 
 

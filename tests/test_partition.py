@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from fedtiny.errors import ScenarioError
+
 from fedtiny.data import partition_indices
 
 
@@ -58,7 +60,7 @@ def test_pathological_classes_per_client(labels):
 
 
 def test_errors_name_the_key(labels):
-    with pytest.raises(ValueError, match="classes_per_client"):
+    with pytest.raises(ScenarioError, match="classes_per_client"):
         partition_indices(labels, 10, "pathological", classes_per_client=11)
-    with pytest.raises(ValueError, match="run.clients"):
+    with pytest.raises(ScenarioError, match="run.clients"):
         partition_indices(labels[:5], 10, "iid")

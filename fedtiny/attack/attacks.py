@@ -8,6 +8,8 @@ last layer's update, or given. Only the transmitted coordinates are matched (mas
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
@@ -41,7 +43,7 @@ def _classifier(model: nn.Module, obs: Observation) -> str:
         return "classifier"
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names or f"{names[-1]}.weight" not in obs:
-        raise ValueError("iDLG needs the last layer's update (a final linear layer or 'classifier')")
+        raise ScenarioError("iDLG needs the last layer's update (a final linear layer or 'classifier')")
     return names[-1]
 
 
@@ -152,7 +154,7 @@ def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: 
         x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr,
                                    progress=progress)
     else:
-        raise ValueError(f"attack method: expected dlg or ig, got {cfg.method!r}")
+        raise ScenarioError(f"attack method: expected dlg or ig, got {cfg.method!r}")
     best = f.view(r, n_targets).argmin(0)  # each target's restart with the lowest matching loss
     x = x.view(r, n_targets, *x.shape[1:])[best, torch.arange(n_targets)]
     return x, labels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import sys
 import time
 from dataclasses import asdict, replace
@@ -33,9 +35,9 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
                log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Attack ``targets`` real images under ``preset`` and ``defense``; return the summary and images."""
     if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown {preset!r}; known: {', '.join(PRESETS)}")
+        raise ScenarioError(f"--preset: unknown {preset!r}; known: {', '.join(PRESETS)}")
     if defense not in DEFENSES:
-        raise ValueError(f"--defense: unknown {defense!r}; known: {', '.join(DEFENSES)}")
+        raise ScenarioError(f"--defense: unknown {defense!r}; known: {', '.join(DEFENSES)}")
     p = PRESETS[preset]
     threat = replace(p["threat"], **DEFENSES[defense])
     cfg = p["attack"] if iterations is None else replace(p["attack"], iterations=iterations)

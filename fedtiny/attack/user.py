@@ -6,6 +6,8 @@ update of target ``i`` depends only on its own images, through ``torch.func.vmap
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import math
 
 import torch
@@ -59,7 +61,7 @@ def _wire(v: torch.Tensor, threat: ThreatModel) -> tuple[torch.Tensor, torch.Ten
         mag = (sent.abs().sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1))
         sent = torch.sign(sent) * mag
     elif threat.values != "fp32":
-        raise ValueError(f"threat.values: unknown {threat.values!r}")
+        raise ScenarioError(f"threat.values: unknown {threat.values!r}")
     return sent.view_as(v), mask.view_as(v)
 
 

@@ -19,6 +19,8 @@ stream raises :class:`ProtocolError` with the reason.
 
 from __future__ import annotations
 
+from fedtiny.errors import ProtocolError
+
 import json
 import socket
 import struct
@@ -36,9 +38,6 @@ NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", E
 _HEADER = struct.Struct("<3sBBBI")
 MAX_PAYLOAD = 16 << 20
 
-
-class ProtocolError(RuntimeError):
-    """A frame or exchange that breaks the protocol (the message says how)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ channels, int8 updated weights, int32 updated biases, the classifier's input.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -344,7 +346,7 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
         peak, at, saved = sum(paper.values()), "sum of saved-for-backward parts", sum(paper.values())
         breakdown = dict(paper)
     else:
-        raise ValueError(f"accounting: expected planner or paper, got {accounting!r}")
+        raise ScenarioError(f"accounting: expected planner or paper, got {accounting!r}")
     flash = flash_bytes(model)
     fits = None if device is None else (peak <= device.sram_bytes and flash <= device.flash_bytes)
     return MemoryReport(accounting, resolved.name, peak, at, flash, saved, sum(persistent.values()),

@@ -7,6 +7,8 @@ external flash of their reference board/module.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 from dataclasses import asdict, dataclass
 
 __all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB"]
@@ -64,5 +66,5 @@ def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile
     try:
         return PROFILES[key]
     except KeyError:
-        raise ValueError(f"device: unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
+        raise ScenarioError(f"device: unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
                          + (f", {custom.name}" if custom else "")) from None

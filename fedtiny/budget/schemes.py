@@ -19,6 +19,8 @@ model (channel indices); :func:`apply_scheme` sets what is trainable.
 
 from __future__ import annotations
 
+from fedtiny.errors import SchemeError
+
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -34,9 +36,6 @@ __all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve",
 PRESETS = ("full", "bias-only", "last-k:N")
 CRITERIA = ("magnitude+", "random")
 
-
-class SchemeError(ValueError):
-    """A scheme cannot be read or does not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ against a spec, index ranges and order, finite values, size limits) and raises
 
 from __future__ import annotations
 
+from fedtiny.errors import CodecError
+
 import math
 import struct
 from dataclasses import dataclass, field
@@ -45,9 +47,6 @@ MAX_NDIM = 8
 MAX_NUMEL = 1 << 28
 MAX_BYTES = 1 << 26
 
-
-class CodecError(ValueError):
-    """Bytes that are not a valid sparse update (the message says why)."""
 
 
 @dataclass

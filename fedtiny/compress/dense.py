@@ -7,6 +7,8 @@ what a device would send. Anything that does not match raises :class:`PayloadErr
 
 from __future__ import annotations
 
+from fedtiny.errors import PayloadError
+
 import numpy as np
 
 __all__ = ["PayloadError", "pack_dense", "unpack_dense", "dense_nbytes"]
@@ -14,9 +16,6 @@ __all__ = ["PayloadError", "pack_dense", "unpack_dense", "dense_nbytes"]
 Spec = list[tuple[str, tuple[int, ...], str]]
 _ALLOWED = {"int8", "int32", "float16", "float32", "float64"}
 
-
-class PayloadError(ValueError):
-    """A payload does not match the expected spec (length, values)."""
 
 
 def _dtype(name: str) -> np.dtype:

@@ -8,6 +8,8 @@ is smaller than the full model, else the full model goes out.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import numpy as np
 
 from fedtiny.compress.codec import CodecError, SparseTensor, SparseUpdate, decode, encode
@@ -80,7 +82,7 @@ class DownlinkPlanner:
 
     def __init__(self, spec: Spec, mode: str = FULL, max_history: int = 64) -> None:
         if mode not in (FULL, DELTA):
-            raise ValueError(f"compression.downlink: expected full or delta, got {mode!r}")
+            raise ScenarioError(f"compression.downlink: expected full or delta, got {mode!r}")
         self.spec, self.mode, self.max_history = spec, mode, max_history
         self.history: dict[int, dict[str, np.ndarray]] = {}
         self.last_seen: dict[int, int] = {}

@@ -6,6 +6,8 @@ sample indices, so no data leaves memory and nothing is downloaded.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import numpy as np
 
 __all__ = ["partition_indices", "METHODS"]
@@ -27,7 +29,7 @@ def _partitioner(method: str, num_partitions: int, seed: int, alpha: float, clas
         return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
                                        num_classes_per_partition=classes_per_client,
                                        class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
-    raise ValueError(f"data.partition: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    raise ScenarioError(f"data.partition: unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "iid", *, seed: int = 0,
@@ -61,10 +63,10 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "ii
 
     labels = np.asarray(labels, dtype=np.int64)
     if num_partitions > len(labels):
-        raise ValueError(f"run.clients: {num_partitions} clients but only {len(labels)} samples to share")
+        raise ScenarioError(f"run.clients: {num_partitions} clients but only {len(labels)} samples to share")
     num_classes = int(labels.max()) + 1 if len(labels) else 0
     if method == "pathological" and classes_per_client > num_classes:
-        raise ValueError(f"data.classes_per_client: {classes_per_client} exceeds the {num_classes} classes")
+        raise ScenarioError(f"data.classes_per_client: {classes_per_client} exceeds the {num_classes} classes")
     order = np.random.default_rng([seed, 104729]).permutation(len(labels))
     # IidPartitioner shards contiguously; a seeded permutation first makes its shards random.
     ds = Dataset.from_dict({"label": labels[order].tolist(), "idx": order.tolist()})
@@ -73,5 +75,5 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "ii
     try:
         return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
     except ValueError as exc:
-        raise ValueError(f"data.partition: {method} cannot split {len(labels)} samples into "
-                         f"{num_partitions} clients: {exc}") from None
+        raise ScenarioError(f"data.partition: {method} cannot split {len(labels)} samples into "
+                            f"{num_partitions} clients: {exc}") from None

@@ -7,6 +7,8 @@ missing root is a :class:`DataError`, not a traceback.
 
 from __future__ import annotations
 
+from fedtiny.errors import DataError
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +16,6 @@ import numpy as np
 
 __all__ = ["DataError", "ImageSet", "load_source", "SOURCES"]
 
-
-class DataError(RuntimeError):
-    """A data source cannot be read (missing root, bad folder, ...)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.compress.dense import PayloadError, unpack_dense
+from fedtiny.compress.dense import unpack_dense
+from fedtiny.errors import UpdateError
 
 __all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "aggregate_dense", "GlobalModel"]
 
@@ -48,7 +49,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], s
     """Example-weighted mean of the clients' changes, in partition-id order.
 
     ``decode`` turns a payload into ``{name: (positions, change)}`` or raises
-    ``ValueError`` (a codec or payload error); such an update, or one with a
+    :class:`~fedtiny.errors.UpdateError` (a codec or payload error); such an update, or one with a
     non-positive or absurd example count, is rejected with its reason and does not
     touch the mean. Sums run in float64 in a fixed order so results repeat.
     """
@@ -61,7 +62,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], s
             continue
         try:
             changes = decode(u.payload)
-        except ValueError as exc:
+        except UpdateError as exc:
             result.rejected.append(Rejection(u.partition_id, str(exc)))
             continue
         for name, (idx, values) in changes.items():

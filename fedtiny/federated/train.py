@@ -6,6 +6,8 @@ BatchNorm is folded into the convolutions, so only weights and biases can change
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +58,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")"
+    raise ScenarioError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")"
                      if name == "sgd+qas" else f"train.optimizer: unknown optimizer {name!r}")
 
 

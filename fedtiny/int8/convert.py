@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QBlock, QConv, QModel
 
 __all__ = ["FoldedConv", "FoldedBlock", "FoldedNet", "fold", "calibrate", "quantize", "ptq", "ActRange"]
@@ -39,7 +40,7 @@ class FoldedConv(nn.Module):
         self.bias = nn.Parameter(b.float())
         self.stride, self.groups, self.relu6 = conv.stride[0], conv.groups, relu6
         if conv.padding[0] != conv.kernel_size[0] // 2:
-            raise ValueError(f"unsupported padding {conv.padding} for kernel {conv.kernel_size}")
+            raise ModelFileError(f"unsupported padding {conv.padding} for kernel {conv.kernel_size}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.weight.shape[-1] // 2, 1, self.groups)
@@ -50,7 +51,7 @@ class FoldedBlock(nn.Module):
     def __init__(self, convs: list[FoldedConv], residual: bool) -> None:
         super().__init__()
         if len(convs) not in (2, 3):
-            raise ValueError(f"an inverted-residual block has 2 or 3 convolutions, got {len(convs)}")
+            raise ModelFileError(f"an inverted-residual block has 2 or 3 convolutions, got {len(convs)}")
         self.pointwise1 = convs[0] if len(convs) == 3 else None
         self.depthwise, self.pointwise2 = convs[-2], convs[-1]
         self.residual = residual
@@ -96,7 +97,7 @@ def _conv_groups(module: nn.Module) -> list[FoldedConv]:
             if isinstance(conv, (nn.Dropout, nn.Identity)):
                 i += 1
                 continue
-            raise ValueError(f"unsupported layer {type(conv).__name__} (expected Conv2d, BatchNorm2d, ReLU6)")
+            raise ModelFileError(f"unsupported layer {type(conv).__name__} (expected Conv2d, BatchNorm2d, ReLU6)")
         i += 1
         bn = None
         if i < len(leaves) and isinstance(leaves[i], nn.BatchNorm2d):
@@ -104,7 +105,7 @@ def _conv_groups(module: nn.Module) -> list[FoldedConv]:
         act = False
         if i < len(leaves) and isinstance(leaves[i], (nn.ReLU6, nn.ReLU)):
             if isinstance(leaves[i], nn.ReLU):
-                raise ValueError("ReLU (unbounded) is not int8-foldable here; use ReLU6")
+                raise ModelFileError("ReLU (unbounded) is not int8-foldable here; use ReLU6")
             act, i = True, i + 1
         out.append(FoldedConv(conv, bn, act))
     return out
@@ -130,7 +131,7 @@ def fold(model: nn.Module) -> FoldedNet:
         (mix,) = _conv_groups(feats[-1])
         linear = [m for m in model.classifier if isinstance(m, nn.Linear)][-1]
         return FoldedNet(first, blocks, mix, _copy_linear(linear))
-    raise ValueError(f"cannot convert {type(model).__name__}: supported are tiny-ir and torchvision MobileNetV2")
+    raise ModelFileError(f"cannot convert {type(model).__name__}: supported are tiny-ir and torchvision MobileNetV2")
 
 
 def _copy_linear(linear: nn.Linear) -> nn.Linear:
@@ -232,7 +233,7 @@ def quantize(net: FoldedNet, ranges: dict[str, ActRange], *, classifier_precisio
         fc.bias.data = lin.bias.detach().clone()
         head = _qconv(fc, x_q, ranges["logits"].qparams())
     else:
-        raise ValueError(f"model.classifier_precision: expected int8 or fp32, got {classifier_precision!r}")
+        raise ScenarioError(f"model.classifier_precision: expected int8 or fp32, got {classifier_precision!r}")
     return QModel(first, blocks, mix, head, INPUT_SCALE, INPUT_ZERO)
 
 

@@ -15,6 +15,8 @@ it is a float linear layer on the dequantized features instead.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError, SchemeError
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -210,7 +212,7 @@ class QConv(_QParamsMixin, nn.Module):
         if channels is not None and len(channels) == n:
             channels = None
         if channels is not None and self.groups > 1 and not self.is_depthwise:
-            raise ValueError(f"{self.tag}: channel selection is not supported for grouped convolutions")
+            raise SchemeError(f"{self.tag}: channel selection is not supported for grouped convolutions")
         self.train_channels = None if channels is None else [int(c) for c in channels]
 
     def trained_weight_elements(self) -> int:
@@ -551,7 +553,7 @@ def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", se
         w_int = torch.round(w / w_scales[:, None]).clamp(-127, 127).view(num_classes, cin, 1, 1)
         head = QConv(w_int, torch.zeros(num_classes), w_scales, x_scale, x_zero, 2 * logit_range / 255, 0)
     else:
-        raise ValueError(f"classifier precision must be int8 or fp32, got {precision!r}")
+        raise ScenarioError(f"model.classifier_precision: must be int8 or fp32, got {precision!r}")
     head.tag = "classifier"
     model.classifier = head
     return model

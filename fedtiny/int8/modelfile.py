@@ -7,6 +7,8 @@ dtypes and value ranges, and raises :class:`ModelFileError` naming what was wron
 
 from __future__ import annotations
 
+from fedtiny.errors import ModelFileError
+
 import json
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,6 @@ __all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel
 FORMAT = "fedtiny-int8"
 VERSION = 1
 
-
-class ModelFileError(ValueError):
-    """A model file or layout is invalid."""
 
 
 def _conv_desc(c: QConv) -> dict[str, int]:

@@ -17,6 +17,8 @@ the memory model.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import torch
 from torch import nn
 
@@ -47,9 +49,9 @@ class QuantizedOptimizer:
     def __init__(self, model: nn.Module, name: str, lr: float, momentum: float = 0.0, rounding: str = "stochastic",
                  gen: torch.Generator | None = None) -> None:
         if name not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+            raise ScenarioError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
         if rounding not in ("stochastic", "nearest"):
-            raise ValueError(f"train.weight_rounding: expected stochastic or nearest, got {rounding!r}")
+            raise ScenarioError(f"train.weight_rounding: expected stochastic or nearest, got {rounding!r}")
         self.qas = name == "sgd+qas"
         self.rounding, self.gen = rounding, gen
         # (param, QAS gradient factor or None, integer range or None)

@@ -9,6 +9,8 @@ persistent id), so a crafted file cannot run code: it fails with
 
 from __future__ import annotations
 
+from fedtiny.errors import ZooError
+
 import io
 import pickle
 import zipfile
@@ -17,9 +19,6 @@ from typing import Any
 
 __all__ = ["ZooError", "read_tiny_training", "ALLOWED_GLOBALS"]
 
-
-class ZooError(ValueError):
-    """A model file cannot be read safely or does not have the expected content."""
 
 
 def _allowed() -> dict[tuple[str, str], Any]:

@@ -8,6 +8,8 @@ average pool and a linear classifier.
 
 from __future__ import annotations
 
+from fedtiny.errors import ScenarioError
+
 import torch
 from torch import nn
 
@@ -81,7 +83,7 @@ def build_model(name: str, in_channels: int, num_classes: int, *, width: int = 1
                 seed: int = 0) -> nn.Module:
     """Build a built-in model with seeded initial weights."""
     if name != "tiny-ir":
-        raise ValueError(f"model.name: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise ScenarioError(f"model.name: unknown model {name!r}; expected one of {', '.join(MODELS)}")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

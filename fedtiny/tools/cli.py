@@ -1,6 +1,7 @@
 """``fedtiny`` command line: run scenarios, benchmarks and tools.
 
-Every user error (bad scenario, missing data) is one line on stderr and exit status 2.
+Every user error (a :class:`fedtiny.errors.FedtinyError`: bad scenario, missing data, bad model file) is one
+line on stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ import json
 import sys
 from typing import Any, Sequence
 
-from fedtiny.data import DataError
-from fedtiny.int8.modelfile import ModelFileError
-from fedtiny.int8.zoo import ZooError
-from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-from fedtiny.budget.schemes import SchemeError
+from fedtiny.errors import FedtinyError, ModelFileError, ScenarioError
+from fedtiny.scenario import load_scenario, parse_overrides
 
 __all__ = ["main"]
 
@@ -353,11 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScenarioError, DataError, ZooError, ModelFileError, SchemeError) as exc:
-        print(f"fedtiny: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:
-        # Partitioning and model construction report bad scenario values as ValueError("key: problem").
+    except FedtinyError as exc:
+        # Only what a user can cause becomes one line; any other exception is a bug and keeps its traceback.
         print(f"fedtiny: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
