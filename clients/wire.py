@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord
 
-from fedtiny.compress.dense import PayloadError
+from fedtiny.errors import PayloadError
 
 __all__ = ["PAYLOAD", "bytes_record", "record_bytes"]
 

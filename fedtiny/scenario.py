@@ -9,8 +9,6 @@ dataclasses below, with its type, default, allowed range and a one-line help.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import dataclasses
 import difflib
 import hashlib
@@ -19,6 +17,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from fedtiny.errors import ScenarioError
 
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.federated.aggregate import GlobalModel
-from fedtiny.models import load_arrays
+from fedtiny.attack.fleet import ObservationRecorder, attack_observed
 from fedtiny.compress.dense import pack_dense, unpack_dense
-from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
-from fedtiny.scenario import Scenario, load_scenario, parse_overrides
+from fedtiny.federated import messages as msg
+from fedtiny.federated.aggregate import GlobalModel
+from fedtiny.federated.rounds import RoundOutcome
 from fedtiny.federated.task import cloud_model, limit_threads, make_task, resolve_scheme
 from fedtiny.federated.train import evaluate
+from fedtiny.models import load_arrays
+from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
+from fedtiny.scenario import Scenario, load_scenario, parse_overrides
 from server.strategy import FedTinyStrategy
 
 __all__ = ["app", "make_server_app", "run_server", "discover_partitions"]
@@ -43,7 +45,7 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
             continue
-        pid = int(reply.content.config_records["node"]["partition-id"])
+        pid = int(reply.content.config_records[msg.NODE][msg.PARTITION_ID])
         node_of.setdefault(pid, reply.metadata.src_node_id)
     missing = sorted(set(range(expected)) - set(node_of))
     if missing:
@@ -64,26 +66,25 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
     log.note(f"cloud model: fp32 accuracy {cloud.fp32_accuracy:.4f}"
              + (f", after int8 PTQ {cloud.ptq_accuracy:.4f}" if cloud.ptq_accuracy is not None else ""))
     global_model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
-    strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients), global_model)
+    recorder = ObservationRecorder(scenario.attack)
 
-    def evaluate_global(server_round: int, arrays) -> MetricRecord:
+    def log_round(outcome: RoundOutcome) -> None:
+        log.add_round_stats(outcome.server_round, outcome.stats.record())
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_arrays(task.model, unpack_dense(record_bytes(arrays), task.downlink_spec))
         loss, acc = evaluate(task.model, task.federation.test)
-        stats = strategy.last_round if server_round else {}
-        log.add_round({"round": server_round, "global_accuracy": acc, "global_loss": loss,
-                       "clients": stats.get("clients", []), "rejected": stats.get("rejected", []),
-                       "refused": stats.get("refused", []),
-                       "uplink_bytes": stats.get("uplink_bytes", 0), "downlink_bytes": stats.get("downlink_bytes", 0)})
+        log.add_evaluation(server_round, acc, loss)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
+    strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients), global_model,
+                               on_round=[log_round, recorder])
     strategy.start(grid, bytes_record(pack_dense(initial, task.downlink_spec)), num_rounds=scenario.run.rounds,
                    evaluate_fn=evaluate_global)
     privacy = {}
-    if strategy.observed:
-        from fedtiny.attack.fleet import attack_observed
-
-        log.note(f"attacking {len(strategy.observed)} observed update(s) ({scenario.attack.method})")
-        report = attack_observed(task, strategy.observed, scenario.attack, run_dir)
+    if recorder.observed:
+        log.note(f"attacking {len(recorder.observed)} observed update(s) ({scenario.attack.method})")
+        report = attack_observed(task, recorder.observed, scenario.attack, run_dir)
         privacy = {"privacy_mean_psnr_db": report["mean_psnr_db"], "privacy_mean_ssim": report["mean_ssim"],
                    "privacy_label_accuracy": report["label_accuracy"],
                    "privacy_match_cosine": report["match_cosine_at_truth"]}

@@ -72,9 +72,8 @@ def _emulator(port_box, fault=""):
 
 
 def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
-    from fedtiny.bridge.device import model_hash
+    from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
-    from fedtiny.compress.codec import decode
     from fedtiny.compress.dense import unpack_dense
     from fedtiny.federated.task import cloud_model, make_task, resolve_scheme
 
@@ -88,14 +87,14 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     meta = {"round": 1, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(), "downlink": "full"}
     with pytest.raises(ProtocolError, match="model hash mismatch"):
         relay_round(f"127.0.0.1:{port[0]}", "0000", meta, pack_dense(state, task.downlink_spec), timeout=60)
-    reply = relay_round(f"127.0.0.1:{port[0]}", model_hash(task), meta, pack_dense(state, task.downlink_spec),
+    reply = relay_round(f"127.0.0.1:{port[0]}", model_hash(task.downlink_spec), meta, pack_dense(state, task.downlink_spec),
                         timeout=120)
     assert reply.num_examples > 0 and reply.info["device"] == "nrf52832"
     unpack_dense(reply.update, task.uplink_spec)  # dense uplink of the trained tensors, valid for the model
 
 
 def test_relay_fails_cleanly_when_the_device_disconnects_mid_round():
-    from fedtiny.bridge.device import model_hash
+    from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.federated.task import make_task
 
@@ -103,7 +102,7 @@ def test_relay_fails_cleanly_when_the_device_disconnects_mid_round():
     scenario = _emulator(port, fault="disconnect")
     meta = {"round": 1, "scenario": scenario.to_json(), "scheme": "", "downlink": "full"}
     with pytest.raises(ProtocolError, match="closed|failed"):
-        relay_round(f"127.0.0.1:{port[0]}", model_hash(make_task(scenario)), meta, b"", timeout=30)
+        relay_round(f"127.0.0.1:{port[0]}", model_hash(make_task(scenario).downlink_spec), meta, b"", timeout=30)
 
 
 def test_simulated_round_survives_a_device_that_disconnects(tmp_path, cli):

@@ -7,12 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtiny.federated.aggregate import ClientUpdate, aggregate, aggregate_dense
+from fedtiny.compress.uplink import Uplink
+from fedtiny.federated.aggregate import ClientUpdate, aggregate
 from fedtiny.compress.codec import (CodecError, SparseTensor, SparseUpdate, VALUE_TYPES, decode, encode,
                                     quantize_values)
 from fedtiny.compress.downlink import DELTA, FULL, DownlinkPlanner, apply_downlink
-from fedtiny.compress.sparsify import CompressionConfig, compress_update, density_at
 from fedtiny.compress.dense import pack_dense
+from fedtiny.compress.sparsify import CompressionConfig, compress_update, density_at
 
 
 @st.composite
@@ -153,20 +154,19 @@ def test_sparse_aggregation_equals_dense_fedavg_at_density_one():
     spec = [("w", (6, 5), "float32"), ("b", (6,), "float32")]
     state = {n: rng.normal(size=s).astype(np.float32) for n, s, _ in spec}
     slices = {n: np.arange(int(np.prod(s))) for n, s, _ in spec}
+    cfg = CompressionConfig(density=1.0, values="fp32", error_feedback=False)
+    dense_up, sparse_up = Uplink("dense", spec, slices, cfg), Uplink("sparse", spec, slices, cfg)
     dense, sparse = [], []
     for pid in range(4):
         trained = {n: (state[n] + rng.normal(size=state[n].shape)).astype(np.float32) for n in state}
-        dense.append(ClientUpdate(pid, pack_dense(trained, spec), 10 + pid))
-        delta = {n: trained[n].astype(np.float64) - state[n] for n in state}
-        upd, _ = compress_update(delta, slices, spec, CompressionConfig(density=1.0, values="fp32",
-                                                                        error_feedback=False), 1)
-        sparse.append(ClientUpdate(pid, encode(upd), 10 + pid))
-    mean = aggregate_dense(dense, spec).arrays
+        dense.append(ClientUpdate(pid, dense_up.encode(trained, state, 1, {})[0], 10 + pid))
+        sparse.append(ClientUpdate(pid, sparse_up.encode(trained, state, 1, {})[0], 10 + pid))
     shapes = {n: s for n, s, _ in spec}
-    sp = aggregate(sparse, lambda b: {spec[t.tensor_id][0]: (t.indices, t.values) for t in decode(b, spec).tensors},
-                   shapes).arrays
+    mean = aggregate(dense, lambda b: dense_up.decode(b, state), shapes).arrays
+    sp = aggregate(sparse, lambda b: sparse_up.decode(b, state), shapes).arrays
+    assert len(sparse[0].payload) < len(dense[0].payload) * 2  # fp32 values plus a few header bytes
     for n in state:
-        np.testing.assert_allclose(state[n] + sp[n], mean[n], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(sp[n], mean[n], rtol=1e-6, atol=1e-6)
 
 
 def test_downlink_change_is_exact_and_smaller():

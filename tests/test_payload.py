@@ -1,14 +1,22 @@
 import numpy as np
 import pytest
 
-from fedtiny.federated.aggregate import ClientUpdate, aggregate_dense
 from fedtiny.compress.dense import PayloadError, dense_nbytes, pack_dense, unpack_dense
+from fedtiny.compress.sparsify import CompressionConfig
+from fedtiny.compress.uplink import Uplink
+from fedtiny.federated.aggregate import ClientUpdate, aggregate
 
 SPEC = [("a", (2, 3), "float32"), ("b", (4,), "float32")]
 
 
 def arrays(v):
     return {"a": np.full((2, 3), v, np.float32), "b": np.arange(4, dtype=np.float32) * v}
+
+
+def aggregate_dense(updates):
+    """The server's path for dense uplinks, against a zero model (so the mean change is the mean model)."""
+    uplink = Uplink("dense", SPEC, {}, CompressionConfig())
+    return aggregate(updates, lambda b: uplink.decode(b, arrays(0.0)), {n: s for n, s, _ in SPEC})
 
 
 def test_round_trip_and_exact_size():
@@ -37,7 +45,7 @@ def test_aggregate_is_example_weighted_and_rejects_bad_updates():
         ClientUpdate(6, pack_dense(arrays(1e6), SPEC), 0),
         ClientUpdate(7, np.full(10, np.inf, np.float32).tobytes(), 10),
     ]
-    res = aggregate_dense(ups, SPEC)
+    res = aggregate_dense(ups)
     assert res.accepted == [0, 2]
     assert [r.partition_id for r in res.rejected] == [5, 6, 7]
     assert all(r.reason for r in res.rejected)
@@ -46,7 +54,7 @@ def test_aggregate_is_example_weighted_and_rejects_bad_updates():
 
 
 def test_aggregate_of_nothing_valid_leaves_no_model():
-    assert aggregate_dense([ClientUpdate(0, b"x", 1)], SPEC).arrays is None
+    assert aggregate_dense([ClientUpdate(0, b"x", 1)]).arrays is None
 
 
 def test_integer_tensors_keep_their_device_dtype():

@@ -100,7 +100,9 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3"]))
     task = make_task(scenario)
     state = model_arrays(task.model)
-    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102}, GlobalModel(state, [n for n, *_ in task.uplink_spec]))
+    outcomes = []
+    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102}, GlobalModel(state, [n for n, *_ in task.uplink_spec]),
+                               on_round=[outcomes.append])
     global_record = bytes_record(pack_dense(state, task.downlink_spec))
     sent = list(strategy.configure_train(1, global_record, None, None))
     assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
@@ -116,10 +118,14 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
         replies.append(Message(RecordDict({"update": bytes_record(data), "metrics": MetricRecord(
             {"num-examples": n, "train_loss": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.5})}), reply_to=m))
     new, metrics = strategy.aggregate_train(1, replies)
-    assert [c["partition_id"] for c in strategy.last_round["clients"]] == [0]
-    assert [r["partition_id"] for r in strategy.last_round["rejected"]] == [1, 2]
-    assert "17 bytes" in strategy.last_round["rejected"][0]["reason"]
-    assert "num-examples" in strategy.last_round["rejected"][1]["reason"]
+    (outcome,) = outcomes
+    stats = outcome.stats
+    assert [c["partition_id"] for c in stats.clients] == [0] and list(outcome.accepted) == [0]
+    assert [r["partition_id"] for r in stats.rejected] == [1, 2]
+    assert "17 bytes" in stats.rejected[0]["reason"]
+    assert "num-examples" in stats.rejected[1]["reason"]
+    assert stats.uplink_bytes == 2 * len(good_bytes) + 17  # every update that crossed the radio
+    assert metrics["train_loss"] == 0.5
     merged = unpack_dense(record_bytes(new), task.downlink_spec)
     for name in good:
         np.testing.assert_allclose(merged[name], good[name])
@@ -150,7 +156,6 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     from clients.wire import bytes_record
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
-    from fedtiny.models import model_arrays
     from fedtiny.federated.task import cloud_model, resolve_scheme
     from server.strategy import FedTinyStrategy
 
@@ -159,7 +164,9 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     task = make_task(scenario)
     state, _ = cloud_model(task)
     task = resolve_scheme(task, state)
-    strategy = FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, [n for n, *_ in task.uplink_spec]))
+    outcomes = []
+    strategy = FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, [n for n, *_ in task.uplink_spec]),
+                               on_round=[outcomes.append])
     sent = list(strategy.configure_train(1, None, None, None))
     tid, (name, shape, _) = next((i, s) for i, s in enumerate(task.uplink_spec) if len(task.slices[s[0]]) < np.prod(s[1]))
     frozen = np.setdiff1d(np.arange(int(np.prod(shape))), task.slices[name])[:1]
@@ -169,6 +176,6 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     replies = [Message(RecordDict({"update": bytes_record(payloads[m.metadata.dst_node_id]),
                                    "metrics": MetricRecord({"num-examples": 5})}), reply_to=m) for m in sent]
     strategy.aggregate_train(1, replies)
-    assert [c["partition_id"] for c in strategy.last_round["clients"]] == [0]
-    (rej,) = strategy.last_round["rejected"]
+    assert [c["partition_id"] for c in outcomes[0].stats.clients] == [0]
+    (rej,) = outcomes[0].stats.rejected
     assert rej["partition_id"] == 1 and "outside the scheme" in rej["reason"]

@@ -1,8 +1,5 @@
 """Sparse-update schemes: parsing, channel selection, what is trained, what autograd saves."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
 

@@ -8,8 +8,6 @@ last layer's update, or given. Only the transmitted coordinates are matched (mas
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
@@ -20,6 +18,7 @@ from torch import nn
 from fedtiny.attack.optim import batched_lbfgs, batched_signed_adam
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import Observation, update_fn
+from fedtiny.errors import ScenarioError
 
 __all__ = ["AttackConfig", "idlg_labels", "match_cosine", "progress_printer", "reconstruct"]
 

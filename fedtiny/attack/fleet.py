@@ -23,8 +23,9 @@ import torch
 from fedtiny.attack.attacks import AttackConfig, match_cosine, progress_printer, reconstruct
 from fedtiny.attack.metrics import score
 from fedtiny.attack.threat import ThreatModel
+from fedtiny.federated.rounds import RoundOutcome
 
-__all__ = ["Observed", "attack_observed", "targets_of"]
+__all__ = ["Observed", "ObservationRecorder", "attack_observed", "targets_of"]
 
 Observed = dict[str, Any]  # round, partition_id, changes {name: (idx, values)}, state {name: array}
 
@@ -34,6 +35,25 @@ def targets_of(cfg) -> tuple[set[int], set[int]]:
     ids = {int(p) for p in cfg.clients.split(",") if p.strip()}
     rounds = {int(r) for r in cfg.rounds.split(",") if r.strip()}
     return ids, rounds
+
+
+class ObservationRecorder:
+    """A round callback that keeps what the server observed of the ``[attack]`` targets.
+
+    For each targeted client accepted in a targeted round it keeps the decoded change
+    and the global state the client received: what the attacker works from.
+    """
+
+    def __init__(self, cfg) -> None:
+        self.ids, self.rounds = targets_of(cfg) if cfg.enabled else (set(), set())
+        self.observed: list[Observed] = []
+
+    def __call__(self, outcome: RoundOutcome) -> None:
+        if outcome.server_round not in self.rounds:
+            return
+        for pid in sorted(self.ids & set(outcome.accepted)):
+            self.observed.append({"round": outcome.server_round, "partition_id": pid, "changes": outcome.change(pid),
+                                  "state": {k: v.copy() for k, v in outcome.sent.items()}})
 
 
 def _attacker_model(task, state):

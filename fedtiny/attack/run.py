@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import sys
 import time
 from dataclasses import asdict, replace
@@ -18,6 +16,7 @@ from fedtiny.attack.metrics import score
 from fedtiny.attack.presets import dlg_lenet, real_images
 from fedtiny.attack.threat import DEFENSES, ThreatModel
 from fedtiny.attack.user import observe
+from fedtiny.errors import ScenarioError
 
 __all__ = ["PRESETS", "run_attack", "plot_grid"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QConv, QModel
+from fedtiny.int8.graph import INT8_MAX, INT8_MIN, QConv, QModel
 
 __all__ = ["Surrogate", "to_real_units"]
 

@@ -6,8 +6,6 @@ update of target ``i`` depends only on its own images, through ``torch.func.vmap
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import math
 
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedtiny.attack.threat import ThreatModel
+from fedtiny.errors import ScenarioError
 
 __all__ = ["update_fn", "observe", "Observation"]
 

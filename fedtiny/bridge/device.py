@@ -8,22 +8,15 @@ frames with fedtiny's int8/QAS/sparse client code. It is a stand-in for firmware
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import sys
 from typing import Any
 
-from fedtiny.bridge.protocol import (ERROR, HELLO, METRICS, TRAIN, UPDATE, VERSION, ProtocolError, pack_blob,
-                                     read_frame, send_frame, unpack_blob)
+from fedtiny.bridge.protocol import (ERROR, HELLO, METRICS, TRAIN, UPDATE, VERSION, ProtocolError, model_hash,
+                                     pack_blob, read_frame, send_frame, unpack_blob)
 
-__all__ = ["model_hash", "serve", "handle_connection"]
-
-
-def model_hash(task) -> str:
-    """Identity of the model a device runs: a hash of its tensors' names, shapes and dtypes."""
-    spec = [[n, list(s), d] for n, s, d in task.downlink_spec]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+__all__ = ["serve", "handle_connection"]
 
 
 def handle_connection(conn: socket.socket, scenario, partition_id: int, profile, state: dict[str, Any], *,
@@ -33,7 +26,7 @@ def handle_connection(conn: socket.socket, scenario, partition_id: int, profile,
     from fedtiny.scenario import scenario_from_json
     from fedtiny.budget.schemes import ResolvedScheme
 
-    hello = {"protocol": VERSION, "profile": profile.name, "model_hash": model_hash(client_task(scenario)),
+    hello = {"protocol": VERSION, "profile": profile.name, "model_hash": model_hash(client_task(scenario).downlink_spec),
              "partition_id": partition_id}
     send_frame(conn, HELLO, json.dumps(hello).encode())
     while True:

@@ -19,8 +19,7 @@ stream raises :class:`ProtocolError` with the reason.
 
 from __future__ import annotations
 
-from fedtiny.errors import ProtocolError
-
+import hashlib
 import json
 import socket
 import struct
@@ -28,8 +27,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from fedtiny.errors import ProtocolError
+
 __all__ = ["ProtocolError", "Frame", "HELLO", "TRAIN", "UPDATE", "METRICS", "ERROR", "VERSION", "encode_frame",
-           "decode_frame", "read_frame", "send_frame", "pack_blob", "unpack_blob", "MAX_PAYLOAD"]
+           "decode_frame", "read_frame", "send_frame", "pack_blob", "unpack_blob", "MAX_PAYLOAD",
+           "model_hash"]
 
 MAGIC = b"FTB"
 VERSION = 1
@@ -37,7 +39,6 @@ HELLO, TRAIN, UPDATE, METRICS, ERROR = 1, 2, 3, 4, 5
 NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", ERROR: "ERROR"}
 _HEADER = struct.Struct("<3sBBBI")
 MAX_PAYLOAD = 16 << 20
-
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,15 @@ def send_frame(sock: socket.socket, ftype: int, payload: bytes) -> None:
         sock.sendall(encode_frame(ftype, payload))
     except OSError as exc:
         raise ProtocolError(f"connection failed while sending {NAMES[ftype]}: {exc}") from None
+
+
+def model_hash(spec: list[tuple[str, tuple[int, ...], str]]) -> str:
+    """Identity of the model a device runs: a hash of its tensors' names, shapes and dtypes (wire order).
+
+    The first 16 hex digits of SHA-256 over the JSON list ``[[name, shape, dtype], ...]``;
+    the bridge and the device compute it independently and compare at HELLO.
+    """
+    return hashlib.sha256(json.dumps([[n, list(s), d] for n, s, d in spec]).encode()).hexdigest()[:16]
 
 
 def pack_blob(meta: dict[str, Any], blob: bytes) -> bytes:

@@ -27,8 +27,6 @@ channels, int8 updated weights, int32 updated biases, the classifier's input.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import FloatHead, QConv, QModel
 from fedtiny.int8.ledger import GRAD_BYTES, Ledger, fused_workspace_bytes, recording, workspace_bytes
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme

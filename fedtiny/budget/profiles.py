@@ -7,9 +7,9 @@ external flash of their reference board/module.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 from dataclasses import asdict, dataclass
+
+from fedtiny.errors import ScenarioError
 
 __all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB"]
 

@@ -19,8 +19,6 @@ model (channel indices); :func:`apply_scheme` sets what is trainable.
 
 from __future__ import annotations
 
-from fedtiny.errors import SchemeError
-
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fedtiny.errors import SchemeError
 
 __all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS",
            "trainable_slices"]

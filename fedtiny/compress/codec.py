@@ -22,13 +22,13 @@ against a spec, index ranges and order, finite values, size limits) and raises
 
 from __future__ import annotations
 
-from fedtiny.errors import CodecError
-
 import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedtiny.errors import CodecError
 
 __all__ = ["CodecError", "SparseTensor", "SparseUpdate", "encode", "decode", "VALUE_TYPES", "MAGIC", "VERSION",
            "quantize_values", "gap_bits"]

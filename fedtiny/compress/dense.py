@@ -7,16 +7,15 @@ what a device would send. Anything that does not match raises :class:`PayloadErr
 
 from __future__ import annotations
 
-from fedtiny.errors import PayloadError
-
 import numpy as np
 
-__all__ = ["PayloadError", "pack_dense", "unpack_dense", "dense_nbytes"]
+from fedtiny.errors import PayloadError
+
+__all__ = ["PayloadError", "Spec", "pack_dense", "unpack_dense", "dense_nbytes"]
 
 Spec = list[tuple[str, tuple[int, ...], str]]
+"""The tensors on the wire, in order: ``(name, shape, dtype)`` each."""
 _ALLOWED = {"int8", "int32", "float16", "float32", "float64"}
-
-
 
 def _dtype(name: str) -> np.dtype:
     if name not in _ALLOWED:

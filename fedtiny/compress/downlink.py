@@ -8,17 +8,15 @@ is smaller than the full model, else the full model goes out.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import numpy as np
 
 from fedtiny.compress.codec import CodecError, SparseTensor, SparseUpdate, decode, encode
-from fedtiny.compress.dense import pack_dense, unpack_dense
+from fedtiny.compress.dense import Spec, pack_dense, unpack_dense
+from fedtiny.errors import ScenarioError
 
 __all__ = ["DownlinkPlanner", "apply_downlink", "FULL", "DELTA"]
 
 FULL, DELTA = "full", "delta"
-Spec = list[tuple[str, tuple[int, ...], str]]
 
 
 def _int_type(peak: int) -> str:

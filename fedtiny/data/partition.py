@@ -6,9 +6,9 @@ sample indices, so no data leaves memory and nothing is downloaded.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import numpy as np
+
+from fedtiny.errors import ScenarioError
 
 __all__ = ["partition_indices", "METHODS"]
 

@@ -7,12 +7,12 @@ missing root is a :class:`DataError`, not a traceback.
 
 from __future__ import annotations
 
-from fedtiny.errors import DataError
-
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedtiny.errors import DataError
 
 __all__ = ["DataError", "ImageSet", "load_source", "SOURCES"]
 

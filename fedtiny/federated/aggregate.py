@@ -7,12 +7,11 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.compress.dense import unpack_dense
+from fedtiny.compress.uplink import Decoded
 from fedtiny.errors import UpdateError
+from fedtiny.models.state import to_wire
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "aggregate_dense", "GlobalModel"]
-
-Spec = list[tuple[str, tuple[int, ...], str]]
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +38,6 @@ class AggregateResult:
     arrays: dict[str, np.ndarray] | None
     accepted: list[int] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
-
-
-Decoded = dict[str, tuple[np.ndarray, np.ndarray]]  # tensor name -> (flat positions, change)
 
 
 def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], shapes: dict[str, tuple[int, ...]],
@@ -74,15 +70,6 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], s
     return result
 
 
-def aggregate_dense(updates: list[ClientUpdate], spec: Spec, *, max_examples: int = 10_000_000) -> AggregateResult:
-    """Example-weighted mean of dense updates (whole tensors), in partition-id order."""
-
-    def dense(payload: bytes) -> Decoded:
-        return {n: (np.arange(a.size), a.astype(np.float64).ravel()) for n, a in unpack_dense(payload, spec).items()}
-
-    return aggregate(updates, dense, {n: tuple(s) for n, s, _ in spec}, max_examples=max_examples)
-
-
 class GlobalModel:
     """The server's global model: a float64 master of the trained tensors and the state it sends.
 
@@ -103,14 +90,8 @@ class GlobalModel:
         self.state = dict(state)
         self.master = {n: state[n].astype(np.float64) for n in trained}
 
-    def apply(self, mean: dict[str, np.ndarray]) -> None:
-        """Move to the clients' mean model: the master moves by ``mean - sent``."""
-        self.apply_delta({n: m - self.state[n].astype(np.float64) for n, m in mean.items()})
-
     def apply_delta(self, mean_delta: dict[str, np.ndarray]) -> None:
         """Move the master by the average client change and re-quantize what is sent."""
-        from fedtiny.models.state import to_wire
-
         for name, d in mean_delta.items():
             self.master[name] += d
             self.state[name] = to_wire(self.master[name], self.state[name].dtype)

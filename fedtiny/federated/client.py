@@ -11,16 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtiny.compress.codec import encode
-from fedtiny.compress.downlink import FULL, apply_downlink
-from fedtiny.compress.sparsify import CompressionConfig, compress_update
-from fedtiny.models import load_arrays, model_arrays
-from fedtiny.compress.dense import pack_dense
-from fedtiny.scenario import Scenario
 from fedtiny.budget.profiles import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme
+from fedtiny.compress.downlink import FULL, apply_downlink
+from fedtiny.federated import messages as msg
 from fedtiny.federated.task import Task, client_profile, limit_threads, make_task
 from fedtiny.federated.train import evaluate, seeded, train_local
+from fedtiny.models import load_arrays, model_arrays
+from fedtiny.scenario import Scenario, scenario_from_json
 
 __all__ = ["LocalResult", "local_round", "client_task"]
 
@@ -42,10 +40,10 @@ class LocalResult:
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply message."""
-        return {"num-examples": self.num_examples, "train_loss": self.train_loss,
+        return {msg.NUM_EXAMPLES: self.num_examples, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps,
                 "peak_sram_bytes": self.peak_sram_bytes, "sram_bytes": self.sram_bytes,
-                "refused": int(bool(self.refusal))}
+                msg.REFUSED: int(bool(self.refusal))}
 
     def info(self) -> dict[str, str]:
         """Text facts for the reply message."""
@@ -54,8 +52,6 @@ class LocalResult:
 
 @functools.lru_cache(maxsize=2)
 def _task(scenario_json: str, scheme_json: str) -> Task:
-    from fedtiny.scenario import scenario_from_json
-
     limit_threads()
     return make_task(scenario_from_json(scenario_json), ResolvedScheme.from_json(scheme_json) if scheme_json else None)
 
@@ -63,13 +59,6 @@ def _task(scenario_json: str, scheme_json: str) -> Task:
 def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
     """The client's task for ``scenario`` under the server's resolved ``scheme``, built once per process."""
     return _task(scenario.to_json(), scheme.to_json() if scheme is not None else "")
-
-
-def compression_config(scenario: Scenario) -> CompressionConfig:
-    """The client's uplink compression from the scenario."""
-    c = scenario.compression
-    return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
-                             scenario.train.momentum if c.momentum_correction else 0.0)
 
 
 def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
@@ -110,13 +99,6 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
                       gen=seeded(scenario.run.seed, server_round, partition_id))
     _, test_acc = evaluate(task.model, test)
     trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
-    if scenario.compression.uplink == "dense":
-        update = pack_dense(trained, task.uplink_spec)
-    else:
-        delta = {n: trained[n].astype(np.float64) - received[n].astype(np.float64) for n in trained}
-        carried = {k: v for k, v in state.items() if k.startswith(("residual/", "velocity/"))}
-        sparse, carried = compress_update(delta, task.slices, task.uplink_spec, compression_config(scenario),
-                                          server_round, carried)
-        state.update(carried)
-        update = encode(sparse)
+    update, carried = task.uplink.encode(trained, received, server_round, state)
+    state.update(carried)
     return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem), state

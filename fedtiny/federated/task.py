@@ -11,7 +11,8 @@ from torch import nn
 
 from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
-from fedtiny.models.state import Spec
+from fedtiny.compress.dense import Spec
+from fedtiny.compress.uplink import Uplink, make_uplink
 from fedtiny.scenario import Scenario
 from fedtiny.budget.profiles import DeviceProfile, get_profile
 from fedtiny.budget.memory import MemoryReport, memory_report
@@ -49,6 +50,11 @@ class Task:
     def slices(self) -> dict[str, np.ndarray]:
         """Flat positions of each uplink tensor that the scheme lets a client change."""
         return trainable_slices(self.model, self.uplink_spec)
+
+    @functools.cached_property
+    def uplink(self) -> Uplink:
+        """The uplink encoder (client) and decoder (server) of this scenario."""
+        return make_uplink(self.scenario, self.uplink_spec, self.slices)
 
     def memory(self, profile: DeviceProfile) -> MemoryReport | None:
         """The memory report of one training step on ``profile`` (None for an fp32 model)."""

@@ -6,8 +6,6 @@ BatchNorm is folded into the convolutions, so only weights and biases can change
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 from fedtiny.data import ImageSet
+from fedtiny.errors import ScenarioError
 
 __all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer"]
 

@@ -15,12 +15,11 @@ it is a float linear layer on the dequantized features instead.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError, SchemeError
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtiny.errors import ScenarioError, SchemeError
 from fedtiny.int8.ledger import active as ledger_active
 from fedtiny.int8.ledger import fused_workspace_bytes, tensor_bytes, workspace_bytes
 

@@ -7,8 +7,6 @@ dtypes and value ranges, and raises :class:`ModelFileError` naming what was wron
 
 from __future__ import annotations
 
-from fedtiny.errors import ModelFileError
-
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import FloatHead, QAdd, QBlock, QConv, QModel
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 

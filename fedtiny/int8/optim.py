@@ -17,11 +17,10 @@ the memory model.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import torch
 from torch import nn
 
+from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import INT32_MAX, INT32_MIN, QConv
 
 __all__ = ["QuantizedOptimizer", "OPTIMIZERS", "device_float_state"]

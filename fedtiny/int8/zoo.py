@@ -9,13 +9,13 @@ persistent id), so a crafted file cannot run code: it fails with
 
 from __future__ import annotations
 
-from fedtiny.errors import ZooError
-
 import io
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from fedtiny.errors import ZooError
 
 __all__ = ["ZooError", "read_tiny_training", "ALLOWED_GLOBALS"]
 

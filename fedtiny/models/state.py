@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire", "Spec"]
+from fedtiny.compress.dense import Spec
 
-Spec = list[tuple[str, tuple[int, ...], str]]
+__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire"]
 
 
 def trainable_names(model: nn.Module) -> list[str]:

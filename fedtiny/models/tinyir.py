@@ -8,10 +8,10 @@ average pool and a linear classifier.
 
 from __future__ import annotations
 
-from fedtiny.errors import ScenarioError
-
 import torch
 from torch import nn
+
+from fedtiny.errors import ScenarioError
 
 __all__ = ["TinyIR", "InvertedResidual", "build_model", "MODELS"]
 

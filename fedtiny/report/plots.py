@@ -50,18 +50,15 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     return paths
 
 
-def plot_methods(runs: dict[str, Path | list[dict[str, Any]]], path: Path) -> Path:
-    """Accuracy against cumulative uplink bytes, one line per method (run folder or records)."""
+def plot_methods(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Accuracy against cumulative uplink bytes, one line per method (its ``metrics.jsonl`` records)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedtiny.report.runlog import read_metrics
-
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, run in runs.items():
-        recs = read_metrics(run) if isinstance(run, Path) else run
+    for name, recs in runs.items():
         cum, xs = 0, []
         for r in recs:
             cum += r.get("uplink_bytes", 0)

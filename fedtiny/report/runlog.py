@@ -67,6 +67,7 @@ class RunLog:
         self.scenario = scenario
         self.progress = progress
         self.records: list[dict[str, Any]] = []
+        self._pending: dict[int, dict[str, Any]] = {}  # rounds waiting for their stats or their evaluation
         self.t0 = time.monotonic()
         self.path = self.run_dir / "metrics.jsonl"
         self.path.write_text("")
@@ -78,6 +79,23 @@ class RunLog:
         """Print a progress note (not part of the metrics)."""
         if self.progress is not None:
             print(f"[fedtiny] {message}", file=self.progress, flush=True)
+
+    def add_round_stats(self, server_round: int, stats: dict[str, Any]) -> None:
+        """A round's client facts and bytes; the line is written once its evaluation is in too."""
+        self._pending.setdefault(server_round, {}).update(stats)
+        self._flush(server_round)
+
+    def add_evaluation(self, server_round: int, accuracy: float, loss: float) -> None:
+        """The global model's test accuracy and loss after ``server_round`` (0: the initial model)."""
+        self._pending.setdefault(server_round, {}).update(global_accuracy=accuracy, global_loss=loss)
+        self._flush(server_round)
+
+    def _flush(self, server_round: int) -> None:
+        rec = self._pending[server_round]
+        if "global_accuracy" in rec and (server_round == 0 or "uplink_bytes" in rec):
+            del self._pending[server_round]
+            self.add_round({"round": server_round, "clients": [], "rejected": [], "refused": [],
+                            "uplink_bytes": 0, "downlink_bytes": 0, **rec})
 
     def add_round(self, record: dict[str, Any]) -> None:
         """Append a round's record (adds ``elapsed_s``) and print a progress line."""

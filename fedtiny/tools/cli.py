@@ -88,8 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summaries[name] = simulate(sc, sub, verbose=args.verbose)
         print(_summary_table(name, summaries[name]))
     from fedtiny.report.plots import plot_methods
+    from fedtiny.report.runlog import read_metrics
 
-    plot_methods({name: run_dir / name for name in summaries}, run_dir / "accuracy_vs_uplink.png")
+    plot_methods({name: read_metrics(run_dir / name) for name in summaries}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
         from fedtiny.report.plots import plot_privacy, privacy_table

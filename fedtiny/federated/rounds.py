@@ -1,0 +1,141 @@
+"""A round on the server, free of Flower: the clients' replies, what was accepted, the round's stats.
+
+The strategy parses each reply message into a :class:`Reply`, aggregates the updates
+(:func:`fedtiny.federated.aggregate.aggregate`), and hands a :class:`RoundOutcome` to
+the callbacks the ServerApp registered (the run log, the attack recorder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fedtiny.compress.uplink import Decoded
+from fedtiny.federated import messages as msg
+from fedtiny.federated.aggregate import AggregateResult, ClientUpdate
+
+__all__ = ["Reply", "RoundStats", "RoundOutcome", "RoundCallback", "round_stats", "client_updates"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One client's reply to a train message.
+
+    Attributes
+    ----------
+    partition_id
+        The client's partition (-1 when the sender is not a known node).
+    payload
+        The encoded update (empty when the client refused or the reply is unreadable).
+    metrics, info
+        The reply's scalar metrics and text facts, as sent.
+    error
+        Why the reply could not be used (a client error, a malformed record); empty otherwise.
+    """
+
+    partition_id: int
+    payload: bytes = b""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def num_examples(self) -> Any:
+        """The claimed example count, unchecked (the aggregation validates it)."""
+        return self.metrics.get(msg.NUM_EXAMPLES)
+
+    @property
+    def refused(self) -> bool:
+        """The client's training step does not fit its device: it sent no update, by design."""
+        return not self.error and bool(self.metrics.get(msg.REFUSED))
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What the run log records of a round: per-client facts, rejections, refusals and bytes."""
+
+    clients: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    refused: list[dict[str, Any]]
+    uplink_bytes: int
+    downlink_bytes: int
+
+    def record(self) -> dict[str, Any]:
+        """The round's entries of a ``metrics.jsonl`` line."""
+        return {"clients": self.clients, "rejected": self.rejected, "refused": self.refused,
+                "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes}
+
+    def train_metrics(self) -> dict[str, float]:
+        """Example-weighted mean training loss and accuracy of the accepted clients."""
+        n = sum(c["num_examples"] for c in self.clients)
+        return {k: sum(float(c.get(k, 0.0)) * c["num_examples"] for c in self.clients) / n
+                for k in ("train_loss", "train_accuracy")}
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A finished round as the callbacks see it.
+
+    Attributes
+    ----------
+    server_round
+        The round number (1-based).
+    stats
+        The round's stats.
+    accepted
+        Payload of every accepted update, by partition id.
+    sent
+        The global state the clients received this round (before the round's aggregate).
+    decode
+        The uplink decoder: payload -> change against ``sent``.
+    """
+
+    server_round: int
+    stats: RoundStats
+    accepted: dict[int, bytes]
+    sent: dict[str, np.ndarray]
+    decode: Callable[[bytes], Decoded]
+
+    def change(self, partition_id: int) -> Decoded:
+        """The decoded change an accepted client sent."""
+        return self.decode(self.accepted[partition_id])
+
+
+RoundCallback = Callable[[RoundOutcome], None]
+
+
+def client_updates(replies: list[Reply]) -> list[ClientUpdate]:
+    """The updates to aggregate: replies that are neither unreadable nor refusals."""
+    return [ClientUpdate(r.partition_id, r.payload, r.num_examples if isinstance(r.num_examples, int) else -1)
+            for r in replies if not r.error and not r.refused]
+
+
+def round_stats(replies: list[Reply], result: AggregateResult, downlink: dict[int, tuple[str, int]]) -> RoundStats:
+    """The round's stats from its replies, the aggregation's verdicts and the downlink sent.
+
+    ``downlink`` maps each sampled partition id to ``(kind, bytes)`` of what it received.
+    Uplink bytes count every update that crossed the radio, accepted or rejected.
+    """
+    sent_updates = [r for r in replies if not r.error and not r.refused]
+    unsent = ("", 0)  # a reply from a client this round did not sample
+    clients = {r.partition_id: {"partition_id": r.partition_id, "uplink_bytes": len(r.payload),
+                                "downlink_bytes": downlink.get(r.partition_id, unsent)[1],
+                                "downlink_kind": downlink.get(r.partition_id, unsent)[0],
+                                **{k: v for k, v in r.metrics.items() if k != msg.NUM_EXAMPLES},
+                                "num_examples": r.num_examples}
+               for r in sent_updates}
+    rejected = [(r.partition_id, r.error) for r in replies if r.error]
+    rejected += [(x.partition_id, x.reason) for x in result.rejected]
+    refused = [{"partition_id": r.partition_id, "device": str(r.info.get("device", "")),
+                "reason": str(r.info.get("refusal", ""))[:300],
+                "peak_sram_bytes": int(r.metrics.get("peak_sram_bytes", 0)),
+                "sram_bytes": int(r.metrics.get("sram_bytes", 0))} for r in replies if r.refused]
+    return RoundStats(
+        clients=[clients[p] for p in sorted(result.accepted)],
+        rejected=[{"partition_id": p, "reason": why} for p, why in sorted(rejected, key=lambda x: x[0])],
+        refused=sorted(refused, key=lambda x: x["partition_id"]),
+        uplink_bytes=sum(len(r.payload) for r in sent_updates),
+        downlink_bytes=sum(n for _, n in downlink.values()),
+    )
