@@ -23,7 +23,6 @@ from fedtiny.errors import ScenarioError
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
 
 
-
 def _key(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -44,6 +43,20 @@ def _choice(*options: str) -> Callable[[Any], str | None]:
         return None if v in options else f"must be one of {', '.join(options)}; got {v!r}"
 
     return check
+
+
+def _each(check: Callable[[Any], str | None], *, nonempty: bool = False) -> Callable[[Any], str | None]:
+    """Apply ``check`` to every item of a list-valued key."""
+    def each(values: tuple) -> str | None:
+        if nonempty and not values:
+            return "must not be empty"
+        for v in values:
+            problem = check(v)
+            if problem:
+                return f"item {v!r}: {problem}"
+        return None
+
+    return each
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,8 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class DeviceSection:
-    profiles: str = _key("mcu-256kb", "device profile of the clients; a comma-separated list is assigned round-robin "
-                         "by partition id (see fedtiny.budget.profiles)")
+    profiles: tuple[str, ...] = _key(("mcu-256kb",), "device profiles of the clients, assigned round-robin by "
+                                     "partition id (see fedtiny.budget.profiles)", _each(lambda v: None, nonempty=True))
     custom_name: str = _key("custom", "name of the scenario's own profile (used when custom_sram_kb > 0)")
     custom_sram_kb: int = _key(0, "SRAM of the scenario's own profile in KB (0: no custom profile)", _range(0, 1 << 20))
     custom_flash_kb: int = _key(1024, "flash of the scenario's own profile in KB", _range(1, 1 << 22))
@@ -145,8 +158,8 @@ class CompressionSection:
 @dataclass(frozen=True)
 class AttackSection:
     enabled: bool = _key(False, "the server attacks chosen clients' updates at chosen rounds (results: privacy.json)")
-    clients: str = _key("0", "comma-separated partition ids to attack")
-    rounds: str = _key("1", "comma-separated rounds in which to attack them")
+    clients: tuple[int, ...] = _key((0,), "partition ids to attack", _each(_range(0)))
+    rounds: tuple[int, ...] = _key((1,), "rounds in which to attack them", _each(_range(1)))
     method: str = _key("ig", "dlg (L2, L-BFGS) or ig (cosine + TV, signed Adam)", _choice("dlg", "ig"))
     iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
     restarts: int = _key(4, "random starts per target, solved together; the best match is kept", _range(1, 64))
@@ -159,7 +172,8 @@ class AttackSection:
 
 @dataclass(frozen=True)
 class BridgeSection:
-    devices: str = _key("", "partitions served by real devices over the bridge protocol: \"1=HOST:PORT,3=HOST:PORT\"")
+    devices: tuple[tuple[int, str], ...] = _key((), "partitions served by real devices over the bridge protocol: "
+                                                "a table [bridge.devices] of PARTITION = \"HOST:PORT\"")
     timeout_s: float = _key(120.0, "seconds to wait for a device's frames", _range(0.1, 86_400))
 
 
@@ -179,7 +193,9 @@ class Scenario:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Return the resolved scenario as nested plain dicts (TOML/JSON ready)."""
-        d = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        d = {f.name: {k.name: _plain(str(k.type), getattr(getattr(self, f.name), k.name))
+                      for k in dataclasses.fields(getattr(self, f.name))}
+             for f in dataclasses.fields(self) if f.name != "methods"}
         if self.methods:
             d["methods"] = {name: dict(items) for name, items in self.methods}
         return d
@@ -203,11 +219,7 @@ class Scenario:
 
     def device_address(self, partition_id: int) -> str:
         """HOST:PORT of the device serving ``partition_id`` over the bridge ('' for a simulated client)."""
-        for item in filter(None, (p.strip() for p in self.bridge.devices.split(","))):
-            pid, _, addr = item.partition("=")
-            if int(pid) == partition_id:
-                return addr.strip()
-        return ""
+        return dict(self.bridge.devices).get(partition_id, "")
 
     @property
     def clients_per_round(self) -> int:
@@ -221,6 +233,9 @@ _SECTIONS: dict[str, type] = {
     "bridge": BridgeSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_INT_LIST, _STR_LIST, _ADDRESSES = "tuple[int, ...]", "tuple[str, ...]", "tuple[tuple[int, str], ...]"
+# How the list-valued types read in docs and in a TOML file.
+_TYPE_NAMES = {_INT_LIST: "list[int]", _STR_LIST: "list[str]", _ADDRESSES: "table[int, str]"}
 
 
 def schema_rows() -> list[tuple[str, str, Any, str]]:
@@ -228,8 +243,16 @@ def schema_rows() -> list[tuple[str, str, Any, str]]:
     rows = []
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", str(f.type), f.default, f.metadata["help"]))
+            rows.append((f"{section}.{f.name}", _TYPE_NAMES.get(str(f.type), str(f.type)),
+                         _plain(str(f.type), f.default), f.metadata["help"]))
     return rows
+
+
+def _plain(type_name: str, value: Any) -> Any:
+    """A key's value as TOML/JSON has it: lists for lists, a table for the device addresses."""
+    if type_name == _ADDRESSES:
+        return {str(pid): addr for pid, addr in value}
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -238,6 +261,10 @@ def _suggest(name: str, options: list[str]) -> str:
 
 
 def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
+    if type_name in (_INT_LIST, _STR_LIST):
+        return _coerce_list(where, key, value, int if type_name == _INT_LIST else str)
+    if type_name == _ADDRESSES:
+        return _coerce_addresses(where, key, value)
     expected = _TYPES[type_name]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -246,6 +273,50 @@ def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
     if not isinstance(value, expected):
         raise ScenarioError(f"{where}: {key}: expected {type_name}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _coerce_list(where: str, key: str, value: Any, item: type) -> tuple:
+    """A TOML array; a single value; or (older scenarios, ``--set a,b``) a comma-separated string."""
+    kind = "integers" if item is int else "strings"
+    if isinstance(value, str) and (item is int or "," in value):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if item is int:
+            if not all(p.lstrip("-").isdigit() for p in parts):
+                raise ScenarioError(f"{where}: {key}: expected a list of {kind}, got {value!r}")
+            return tuple(int(p) for p in parts)
+        return tuple(parts)
+    if isinstance(value, item) and not isinstance(value, bool):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool)
+                                                       for v in value):
+        raise ScenarioError(f"{where}: {key}: expected a list of {kind}, got {type(value).__name__} {value!r}")
+    return tuple(v.strip() if item is str else v for v in value)
+
+
+def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str], ...]:
+    """A table ``PARTITION = "HOST:PORT"``, or (older scenarios) the string ``"1=HOST:PORT,3=HOST:PORT"``."""
+    if isinstance(value, str):
+        table = {}
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            pid, sep, addr = item.partition("=")
+            if not sep:
+                raise ScenarioError(f"{where}: {key}: expected PARTITION=HOST:PORT entries, got {item!r}")
+            table[pid.strip()] = addr.strip()
+        value = table
+    if not isinstance(value, Mapping):
+        raise ScenarioError(f"{where}: {key}: expected a table of PARTITION = \"HOST:PORT\", "
+                            f"got {type(value).__name__} {value!r}")
+    out = {}
+    for pid, addr in value.items():
+        if isinstance(pid, str) and pid.strip().isdigit():
+            pid = int(pid)
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+            raise ScenarioError(f"{where}: {key}: partition {pid!r} is not a partition id (an integer >= 0)")
+        host, sep, port = str(addr).strip().rpartition(":")
+        if not isinstance(addr, str) or not sep or not port.isdigit():
+            raise ScenarioError(f"{where}: {key}: partition {pid}: expected \"HOST:PORT\", got {addr!r}")
+        out[pid] = addr.strip()
+    return tuple(sorted(out.items()))
 
 
 def _scheme_path(value: Any, base_dir: Path | None) -> Any:
@@ -341,20 +412,12 @@ def _check_cross(where: str, s: Scenario) -> None:
         parse_scheme(s.train.scheme)
     except SchemeError as exc:
         raise ScenarioError(f"{where}: train.scheme: {exc}") from None
-    for item in filter(None, (p.strip() for p in s.bridge.devices.split(","))):
-        pid, sep, addr = item.partition("=")
-        if not sep or not pid.strip().isdigit() or ":" not in addr:
-            raise ScenarioError(f"{where}: bridge.devices: expected PARTITION=HOST:PORT entries, got {item!r}")
-    for key in ("clients", "rounds"):
-        text = getattr(s.attack, key)
-        if not all(part.strip().isdigit() for part in text.split(",")):
-            raise ScenarioError(f"{where}: attack.{key}: expected comma-separated integers, got {text!r}")
     if s.train.scheme != "full" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
                             f"set model.precision = \"int8\" (got {s.model.precision!r})")
     from fedtiny.budget.profiles import PROFILES
 
-    for name in (p.strip().lower() for p in s.device.profiles.split(",")):
+    for name in (p.lower() for p in s.device.profiles):
         if name not in PROFILES and not (s.device.custom_sram_kb and name == s.device.custom_name.lower()):
             raise ScenarioError(f"{where}: device.profiles: unknown profile {name!r}; known: "
                                 f"{', '.join(sorted(PROFILES))}" + (" (or set device.custom_sram_kb)" if

@@ -94,3 +94,39 @@ def test_cli_unknown_method_exits_2_naming_the_methods(cli):
     proc = cli("run", str(ROOT / "scenarios" / "compression.toml"), "--method", "no-such-method")
     assert proc.returncode == 2
     assert "no-such-method" in proc.stderr and "dense-fp32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_list_valued_keys_are_typed_and_old_comma_strings_still_load(tmp_path):
+    new = write(tmp_path, '[device]\nprofiles = ["nrf52832", "stm32g031"]\n[attack]\nclients = [0, 3]\n'
+                          'rounds = [1, 2]\n[bridge.devices]\n1 = "127.0.0.1:7070"\n')
+    old = tmp_path / "old.toml"
+    old.write_text('[device]\nprofiles = "nrf52832, stm32g031"\n[attack]\nclients = "0,3"\nrounds = "1,2"\n'
+                   '[bridge]\ndevices = "1=127.0.0.1:7070"\n')
+    s = load_scenario(new)
+    assert s.device.profiles == ("nrf52832", "stm32g031")
+    assert s.attack.clients == (0, 3) and s.attack.rounds == (1, 2)
+    assert s.device_address(1) == "127.0.0.1:7070" and s.device_address(0) == ""
+    assert load_scenario(old) == s
+    # The canonical form is TOML arrays and a table, and it reads back the same.
+    d = s.to_dict()
+    assert d["attack"]["clients"] == [0, 3] and d["bridge"]["devices"] == {"1": "127.0.0.1:7070"}
+    from fedtiny.scenario import scenario_from_json
+
+    assert scenario_from_json(s.to_json()) == s
+    assert load_scenario(new, parse_overrides(["attack.clients=5"])).attack.clients == (5,)
+    assert load_scenario(new, parse_overrides(["attack.clients=[5, 6]"])).attack.clients == (5, 6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[attack]\nclients = ["a"]\n', "attack.clients: expected a list of integers"),
+    ('[attack]\nclients = "0,x"\n', "attack.clients: expected a list of integers"),
+    ('[attack]\nrounds = [0]\n', "attack.rounds: item 0: must be >= 1"),
+    ('[device]\nprofiles = []\n', "device.profiles: must not be empty"),
+    ('[device]\nprofiles = ["z80"]\n', "device.profiles: unknown profile 'z80'"),
+    ('[bridge.devices]\nx = "h:1"\n', "bridge.devices: partition 'x' is not a partition id"),
+    ('[bridge.devices]\n1 = "nohost"\n', "bridge.devices: partition 1: expected \"HOST:PORT\""),
+    ('[bridge]\ndevices = "1"\n', "bridge.devices: expected PARTITION=HOST:PORT"),
+])
+def test_bad_list_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(write(tmp_path, text))

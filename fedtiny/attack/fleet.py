@@ -32,9 +32,7 @@ Observed = dict[str, Any]  # round, partition_id, changes {name: (idx, values)},
 
 def targets_of(cfg) -> tuple[set[int], set[int]]:
     """(partition ids, rounds) an ``[attack]`` section selects."""
-    ids = {int(p) for p in cfg.clients.split(",") if p.strip()}
-    rounds = {int(r) for r in cfg.rounds.split(",") if r.strip()}
-    return ids, rounds
+    return set(cfg.clients), set(cfg.rounds)
 
 
 class ObservationRecorder:

@@ -120,8 +120,7 @@ def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:
     d = scenario.device
     custom = DeviceProfile(d.custom_name.lower(), d.custom_sram_kb * 1024, d.custom_flash_kb * 1024,
                            d.custom_clock_mhz, "custom") if d.custom_sram_kb else None
-    names = [n.strip() for n in d.profiles.split(",") if n.strip()]
-    return get_profile(names[partition_id % len(names)], custom)
+    return get_profile(d.profiles[partition_id % len(d.profiles)], custom)
 
 
 def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
