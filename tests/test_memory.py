@@ -1,5 +1,6 @@
 """The memory model: planner == ledger (a real training step), device fit, CLI, enforcement."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from fedtiny.budget.profiles import PROFILES, get_profile
 from fedtiny.errors import ScenarioError
-from fedtiny.int8.graph import replace_head
-from fedtiny.budget.memory import measure_step, memory_report
+from fedtiny.budget.memory import measure_step, memory_report, plan
+from fedtiny.int8.graph import QConv, replace_head
 from fedtiny.budget.schemes import parse_scheme, resolve
 
 from conftest import ROOT, SHARED_MODELS
@@ -32,6 +33,24 @@ def test_planner_equals_ledger_tiny_ir(scheme, reorder, inplace, fuse):
     assert rep.peak_sram_bytes == led.peak, (rep.peak_at, led.peak_at)
     assert rep.peak_at == led.peak_at
     assert led.current == rep.persistent_bytes  # everything but persistent state was released
+    # Not just the peak: the same buffers, in the same order, as the real step.
+    planned, _ = plan(q, (1, 8, 8), momentum=0.9, reorder=reorder, inplace_depthwise=inplace, fuse_frozen=fuse)
+    assert planned.events == led.events
+
+
+def test_the_step_checks_planned_sizes_against_real_tensors(monkeypatch):
+    """An op whose events misstate what it saves is caught while the real step runs."""
+    q = tiny_qmodel()
+    r = resolve(parse_scheme("full"), q)
+    events = QConv.events
+
+    def wrong(self, *args, **kwargs):
+        ev = events(self, *args, **kwargs)
+        return dataclasses.replace(ev, saved=ev.saved + 1) if ev.saved else ev
+
+    monkeypatch.setattr(QConv, "events", wrong)
+    with pytest.raises(RuntimeError, match="saved:conv0: planned"):
+        measure_step(q, r, torch.rand(1, 1, 8, 8), torch.tensor([3]))
 
 
 def test_planner_equals_ledger_fp32_head_and_batch():

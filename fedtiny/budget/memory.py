@@ -22,24 +22,25 @@ backward: 1-bit ReLU masks of updated layers, int8 inputs of weight-updated
 channels, int8 updated weights, int32 updated biases, the classifier's input.
 
 :func:`measure_step` runs a real training step of the same model with the
-:class:`~fedtiny.int8.ledger.Ledger` recording; its peak equals the planner's.
+:class:`~fedtiny.budget.ledger.Ledger` recording; its peak equals the planner's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedtiny.budget.ledger import Ledger, OpEvents, recording
 from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import FloatHead, QConv, QModel
-from fedtiny.int8.ledger import GRAD_BYTES, Ledger, fused_workspace_bytes, recording, workspace_bytes
-from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 
-__all__ = ["MemoryReport", "LayerRow", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
+__all__ = ["MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
            "memory_report"]
 
 
@@ -131,152 +132,85 @@ def flash_bytes(model: QModel) -> int:
     return total
 
 
-def _ops(model: QModel, input_shape: tuple[int, int, int], batch: int, fuse: bool = True) -> list[dict[str, Any]]:
-    """The forward schedule with shapes and what each op needs for backward."""
-    c, h, w = input_shape
-    ops: list[dict[str, Any]] = []
-    trained_before = False  # any trained tensor upstream of the current activation
+@dataclass(frozen=True)
+class ScheduledOp:
+    """One op of a training step's schedule: the module, its shapes and the buffers it holds."""
 
-    def conv_op(conv: QConv, in_tag: str, in_shape: tuple[int, int, int], keep: bool, upstream: bool):
-        oh, ow = conv.out_hw(in_shape[1:])
-        need_w = conv.weight.requires_grad
-        need_b = conv.bias.requires_grad
-        sel = conv.train_channels
-        n_sel = (conv.out_channels if conv.is_depthwise else conv.in_channels) if sel is None else len(sel)
-        return {"kind": "conv", "tag": conv.tag, "module": conv, "in_tag": in_tag, "in_shape": in_shape,
-                "out_shape": (conv.out_channels, oh, ow), "keep": keep, "need_x": upstream, "need_w": need_w,
-                "need_b": need_b, "xsel": batch * n_sel * in_shape[1] * in_shape[2] if need_w else 0,
-                "w_grad": (conv.trained_weight_elements() if need_w else 0), "skip_tag": conv.skip_tag}
+    kind: str  # conv, fused, add, pool, head
+    module: nn.Module
+    in_shape: tuple[int, ...]  # N x C x H x W
+    out_shape: tuple[int, ...]  # C x H x W (per sample)
+    events: OpEvents
 
-    shape, tag = (c, h, w), "input"
-    for conv in [model.first_conv]:
-        op = conv_op(conv, tag, shape, False, trained_before)
-        ops.append(op)
-        trained_before |= op["need_w"] or op["need_b"]
-        shape, tag = op["out_shape"], op["tag"]
+    @property
+    def trains(self) -> bool:
+        """A weight or bias of this op is trained."""
+        return self.kind in ("conv", "head") and any(p.requires_grad for p in self.module.parameters())
+
+
+def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *, fuse: bool = True,
+             inplace_depthwise: bool = True) -> list[ScheduledOp]:
+    """The forward schedule of one training step from shapes alone, with each op's buffers.
+
+    Each op computes its own :class:`~fedtiny.budget.ledger.OpEvents` (the same method the
+    int8 graph calls while a step runs); this walk only supplies the shapes and whether a
+    gradient must reach each op's input (something upstream is trained).
+    """
+    ops: list[ScheduledOp] = []
+    shape, tag = (batch, *input_shape), "input"
+    upstream = False  # a trained tensor upstream of the current activation
+
+    def add_conv(conv: QConv, keep: bool) -> None:
+        nonlocal shape, tag, upstream
+        ev = conv.events(shape, tag, keep_input=keep, need_x=upstream, inplace_depthwise=inplace_depthwise)
+        ops.append(ScheduledOp("conv", conv, shape, (conv.out_channels, *conv.out_hw(shape[2:])), ev))
+        upstream |= ops[-1].trains
+        shape, tag = (batch, *ops[-1].out_shape), conv.tag
+
+    add_conv(model.first_conv, False)
     for block in model.blocks:
-        block_in, block_tag, block_upstream = shape, tag, trained_before
+        block_shape, block_tag, block_upstream = shape, tag, upstream
         convs = block.convs()
-        pw1, dw = block.pointwise1, block.depthwise
-        if fuse and pw1 is not None and not trained_before and not any(
-                p.requires_grad for c in (pw1, dw) for p in c.parameters()):
-            mid = pw1.out_hw(shape[1:])
-            out = (dw.out_channels, *dw.out_hw(mid))
-            ops.append({"kind": "fused", "tag": dw.tag, "in_tag": tag, "in_shape": shape, "mid_hw": mid,
-                        "out_shape": out, "keep": block.residual is not None, "need_x": False,
-                        "pw1": pw1, "dw": dw})
-            shape, tag = out, dw.tag
+        if fuse and block.pointwise1 is not None and not upstream and not any(
+                p.requires_grad for c in convs[:2] for p in c.parameters()):
+            dw = block.depthwise
+            out = (dw.out_channels, *dw.out_hw(block.pointwise1.out_hw(shape[2:])))
+            ops.append(ScheduledOp("fused", block, shape, out, block.fused_events(shape, tag)))
+            shape, tag = (batch, *out), dw.tag
             convs = convs[2:]
         for conv in convs:
-            op = conv_op(conv, tag, shape, conv is block.convs()[0] and block.residual is not None, trained_before)
-            ops.append(op)
-            trained_before |= op["need_w"] or op["need_b"]
-            shape, tag = op["out_shape"], op["tag"]
+            add_conv(conv, conv is block.convs()[0] and block.residual is not None)
         if block.residual is not None:
-            ops.append({"kind": "add", "tag": block.residual.tag, "x_tag": block_tag, "b_tag": tag,
-                        "out_shape": shape, "need_x": block_upstream, "need_b": trained_before})
-            tag = block.residual.tag
+            add = block.residual
+            ev = add.events(shape, block_tag, tag, need_x=block_upstream, need_b=upstream)
+            ops.append(ScheduledOp("add", add, block_shape, tuple(shape[1:]), ev))
+            tag = add.tag
     if model.feature_mix is not None:
-        op = conv_op(model.feature_mix, tag, shape, False, trained_before)
-        ops.append(op)
-        trained_before |= op["need_w"] or op["need_b"]
-        shape, tag = op["out_shape"], op["tag"]
-    ops.append({"kind": "pool", "tag": "pool", "in_tag": tag, "in_shape": shape, "out_shape": (shape[0], 1, 1),
-                "need_x": trained_before})
-    shape, tag = (shape[0], 1, 1), "pool"
+        add_conv(model.feature_mix, False)
+    ops.append(ScheduledOp("pool", model.pool, shape, (shape[1], 1, 1), model.pool.events(shape, tag, need_x=upstream)))
+    shape, tag = (batch, shape[1], 1, 1), model.pool.tag
     head = model.classifier
     if isinstance(head, QConv):
-        ops.append(conv_op(head, tag, shape, False, trained_before))
+        add_conv(head, False)
     else:
-        ops.append({"kind": "head", "tag": head.tag, "in_tag": tag, "in_shape": shape,
-                    "out_shape": (head.weight.shape[0],), "need_x": trained_before,
-                    "need_w": head.weight.requires_grad, "need_b": head.bias.requires_grad,
-                    "w_grad": head.weight.numel()})
+        ops.append(ScheduledOp("head", head, shape, (head.weight.shape[0],), head.events(shape, tag, need_x=upstream)))
     return ops
-
-
-def _numel(shape: tuple[int, ...], batch: int) -> int:
-    n = batch
-    for s in shape:
-        n *= s
-    return n
 
 
 def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "sgd+qas", momentum: float = 0.0,
          reorder: bool = True, inplace_depthwise: bool = True, fuse_frozen: bool = True,
-         batch: int = 1) -> tuple[Ledger, list[dict[str, Any]]]:
-    """Walk one training step's schedule from shapes; return the accounting ledger and the ops."""
+         batch: int = 1) -> tuple[Ledger, list[ScheduledOp]]:
+    """Replay one training step's buffers from shapes; return the accounting ledger and the schedule."""
     L = Ledger(reorder=reorder, inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen)
     for k, v in persistent_bytes(model, optimizer, momentum).items():
         L.alloc(f"persistent:{k}", v, "persistent")
-    ops = _ops(model, input_shape, batch, fuse_frozen)
-    L.alloc("act:input", _numel(input_shape, batch), "fw:input")
+    ops = schedule(model, input_shape, batch, fuse=fuse_frozen, inplace_depthwise=inplace_depthwise)
+    OpEvents("input", batch * math.prod(input_shape)).forward(L)
     for op in ops:
-        t, where = op["tag"], f"fw:{op['tag']}"
-        out = _numel(op["out_shape"], batch)
-        if op["kind"] == "fused":
-            L.alloc(f"act:{t}", out, where)
-            L.transient(f"ws:{t}", fused_workspace_bytes(op["pw1"].in_channels, op["dw"].kernel_size, op["mid_hw"],
-                                                         op["out_shape"][1:]), where)
-            if not op["keep"]:
-                L.free(f"act:{op['in_tag']}", where)
-        elif op["kind"] == "conv":
-            conv = op["module"]
-            inplace = inplace_depthwise and conv.is_depthwise and not op["keep"]
-            if not inplace:
-                L.alloc(f"act:{t}", out, where)
-            L.transient(f"ws:{t}", workspace_bytes(conv.kernel_size, conv.in_channels, conv.is_depthwise,
-                                                   op["in_shape"][1:], op["out_shape"][1:], inplace), where)
-            if op["need_x"] or op["need_w"] or op["need_b"]:
-                L.alloc(f"saved:{t}", (out + 7) // 8 + op["xsel"], where)
-            if not op["keep"]:
-                L.free(f"act:{op['in_tag']}", where)
-            if inplace:
-                L.alloc(f"act:{t}", out, where)
-        elif op["kind"] == "add":
-            L.alloc(f"act:{t}", out, where)
-            if op["need_x"] or op["need_b"]:
-                L.alloc(f"saved:{t}", (out + 7) // 8, where)
-            L.free(f"act:{op['x_tag']}", where)
-            L.free(f"act:{op['b_tag']}", where)
-        elif op["kind"] == "pool":
-            L.alloc(f"act:{t}", out, where)
-            L.free(f"act:{op['in_tag']}", where)
-        else:  # fp32 head
-            L.alloc(f"act:{t}", 4 * out, where)
-            if op["need_w"]:
-                L.alloc(f"saved:{t}", 4 * _numel(op["in_shape"], batch), where)
-            L.free(f"act:{op['in_tag']}", where)
+        op.events.forward(L)
     for op in reversed(ops):
-        t, where = op["tag"], f"bw:{op['tag']}"
-        out = _numel(op["out_shape"], batch)
-        has_params = op.get("need_w", False) or op.get("need_b", False)
-        if not (op["need_x"] or has_params or (op["kind"] == "add" and op["need_b"])):
-            continue  # no gradient reaches this op: it is not in the backward graph
-        L.free(f"act:{t}", where)
-        L.ensure(f"grad:{t}", GRAD_BYTES * out, where)
-        if op["kind"] == "add":
-            if op["need_x"]:
-                L.alloc(f"grad:skip:{t}", GRAD_BYTES * out, where)
-            if op["need_b"]:
-                L.alloc(f"grad:{op['b_tag']}", GRAD_BYTES * out, where)
-        elif op["kind"] == "pool":
-            L.alloc(f"grad:{op['in_tag']}", GRAD_BYTES * _numel(op["in_shape"], batch), where)
-        else:
-            n_out = op["out_shape"][0]
-            if op["need_b"]:
-                L.param_grad(f"pgrad:{t}:b", GRAD_BYTES * n_out, 1, where)
-            if op["need_w"]:
-                rows = op["module"].out_channels if op["kind"] == "conv" and not op["module"].is_depthwise else (
-                    len(op["module"].train_channels or range(op["module"].out_channels)) if op["kind"] == "conv"
-                    else op["out_shape"][0])
-                L.param_grad(f"pgrad:{t}:w", GRAD_BYTES * op["w_grad"], rows, where)
-            if op["need_x"]:
-                L.alloc(f"grad:{op['in_tag']}", GRAD_BYTES * _numel(op["in_shape"], batch), where)
-                if op.get("skip_tag"):
-                    L.free(op["skip_tag"], where)
-        L.free(f"grad:{t}", where)
-        L.free(f"saved:{t}", where)
+        if op.events.in_backward:
+            op.events.backward(L)
     L.step_done()
     return L, ops
 
@@ -284,23 +218,23 @@ def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "
 def paper_count(model: QModel, input_shape: tuple[int, int, int], batch: int = 1) -> dict[str, int]:
     """tiny-training's count of the memory a sparse update saves for backward (bytes, by part)."""
     parts = {"relu_masks": 0, "saved_inputs": 0, "updated_weights": 0, "updated_biases": 0, "classifier_input": 0}
-    for op in _ops(model, input_shape, batch, fuse=False):
-        if op["kind"] == "conv" and op["module"] is not model.classifier:
-            conv = op["module"]
-            if (op["need_w"] or op["need_b"]) and conv.relu:
-                parts["relu_masks"] += (_numel(op["out_shape"], batch) + 7) // 8
-            parts["saved_inputs"] += op["xsel"]
-            parts["updated_weights"] += op["w_grad"]
-            parts["updated_biases"] += 4 * conv.out_channels if op["need_b"] else 0
-        elif op["tag"] == "classifier":
-            parts["classifier_input"] += _numel(op["in_shape"], batch)
-            bytes_per = 1 if op["kind"] == "conv" else 4
-            parts["updated_weights"] += bytes_per * (op["w_grad"] if op["need_w"] else 0)
-            parts["updated_biases"] += 4 * op["out_shape"][0] if op["need_b"] else 0
+    for op in schedule(model, input_shape, batch, fuse=False):
+        m = op.module
+        if op.kind == "conv" and m is not model.classifier:
+            if op.trains and m.relu:
+                parts["relu_masks"] += (batch * math.prod(op.out_shape) + 7) // 8
+            parts["saved_inputs"] += m.trained_input_elements(op.in_shape)
+            parts["updated_weights"] += m.trained_weight_elements()
+            parts["updated_biases"] += 4 * m.out_channels if m.bias.requires_grad else 0
+        elif m is model.classifier:
+            parts["classifier_input"] += math.prod(op.in_shape)
+            trained = m.trained_weight_elements() if op.kind == "conv" else m.weight.numel() * m.weight.requires_grad
+            parts["updated_weights"] += (1 if op.kind == "conv" else 4) * trained
+            parts["updated_biases"] += 4 * op.out_shape[0] if m.bias.requires_grad else 0
     return parts
 
 
-def _rows(ops: list[dict[str, Any]], L: Ledger, batch: int) -> list[LayerRow]:
+def _rows(ops: list[ScheduledOp], L: Ledger, batch: int) -> list[LayerRow]:
     fw, bw = {}, {}
     for where, _, _, total in L.events:
         phase, _, tag = where.partition(":")
@@ -309,21 +243,15 @@ def _rows(ops: list[dict[str, Any]], L: Ledger, batch: int) -> list[LayerRow]:
             book[tag] = max(book.get(tag, 0), total)
     rows = []
     for i, op in enumerate(ops):
-        saved = 0
-        if op["kind"] == "conv" and (op["need_x"] or op["need_w"] or op["need_b"]):
-            saved = (_numel(op["out_shape"], batch) + 7) // 8 + op["xsel"]
-        elif op["kind"] == "add" and (op["need_x"] or op["need_b"]):
-            saved = (_numel(op["out_shape"], batch) + 7) // 8
+        m, tag = op.module, op.events.tag
         params = 0
-        if op["kind"] == "conv":
-            conv = op["module"]
-            params = conv.trained_weight_elements() + (4 * conv.out_channels if conv.bias.requires_grad else 0)
-        rows.append(LayerRow(i, op["tag"] if op["kind"] != "fused" else f"{op['pw1'].tag}+{op['tag']}",
-                             op["kind"] if op["kind"] != "conv" else
-                             ("depthwise" if op["module"].is_depthwise else f"conv{op['module'].kernel_size}x"
-                              f"{op['module'].kernel_size}"),
-                             tuple(op["out_shape"]), _numel(op["out_shape"], batch), saved, params,
-                             fw.get(op["tag"], 0), bw.get(op["tag"], 0)))
+        if op.kind == "conv":
+            params = m.trained_weight_elements() + (4 * m.out_channels if m.bias.requires_grad else 0)
+        name = f"{m.pointwise1.tag}+{tag}" if op.kind == "fused" else tag
+        kind = op.kind if op.kind != "conv" else (
+            "depthwise" if m.is_depthwise else f"conv{m.kernel_size}x{m.kernel_size}")
+        rows.append(LayerRow(i, name, kind, tuple(op.out_shape), batch * math.prod(op.out_shape), op.events.saved,
+                             params, fw.get(tag, 0), bw.get(tag, 0)))
     return rows
 
 

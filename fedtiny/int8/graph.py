@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtiny.budget.ledger import (GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, fused_workspace_bytes,
+                                   tensor_bytes, workspace_bytes)
 from fedtiny.errors import ScenarioError, SchemeError
-from fedtiny.int8.ledger import active as ledger_active
-from fedtiny.int8.ledger import fused_workspace_bytes, tensor_bytes, workspace_bytes
 
 __all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QBlock", "FloatHead", "QModel", "INT8_MIN", "INT8_MAX"]
 
@@ -65,15 +65,17 @@ def _conv_out_hw(hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, in
     return ((hw[0] + 2 * pad - kernel) // stride + 1, (hw[1] + 2 * pad - kernel) // stride + 1)
 
 
-def _single_input_op(tag: str, in_tag: str, out_bytes: int, compute) -> tuple[torch.Tensor, str]:
-    """Run an op with one input, reporting its output buffer and the input's release to a ledger."""
-    led = ledger_active()
-    if led is not None:
-        led.alloc(f"act:{tag}", out_bytes, f"fw:{tag}")
-    y = compute()
-    if led is not None:
-        led.free(f"act:{in_tag}", f"fw:{tag}")
-    return y, tag
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _grads(*flags: bool) -> tuple[bool, ...]:
+    """Which of an op's inputs get a gradient: none outside autograd (evaluation, ``no_grad``)."""
+    on = torch.is_grad_enabled()
+    return tuple(on and f for f in flags)
 
 
 class _QConvFn(torch.autograd.Function):
@@ -86,11 +88,11 @@ class _QConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv: "QConv", in_tag: str):
+    def forward(ctx, x, weight, bias, conv: "QConv", events: OpEvents, led: Ledger | NullLedger):
         acc = F.conv2d(x - conv.x_zero, weight, bias, conv.stride, conv.padding, 1, conv.groups)
         y = torch.round(acc * conv.multiplier().view(1, -1, 1, 1) + conv.y_zero)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        ctx.conv, ctx.in_tag, ctx.in_shape, ctx.ledger = conv, in_tag, x.shape, ledger_active()
+        ctx.conv, ctx.in_shape, ctx.events, ctx.ledger = conv, x.shape, events, led
         mask = xsel = w = None
         if need_x or need_w or need_b:
             mask = (y >= INT8_MIN) & (y <= INT8_MAX)
@@ -100,24 +102,21 @@ class _QConvFn(torch.autograd.Function):
         if need_x:
             w = weight
         ctx.save_for_backward(mask, xsel, w)
-        if ctx.ledger is not None and mask is not None:
-            ctx.ledger.alloc(f"saved:{conv.tag}", tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0),
-                             f"fw:{conv.tag}")
+        led.check(f"saved:{conv.tag}", events.saved,
+                  0 if mask is None else tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0))
         return y.clamp(INT8_MIN, INT8_MAX)
 
     @staticmethod
     def backward(ctx, g):
         mask, xsel, w = ctx.saved_tensors
-        conv, led, where = ctx.conv, ctx.ledger, f"bw:{ctx.conv.tag}"
-        if led is not None:
-            led.free(f"act:{conv.tag}", where)
-            led.ensure(f"grad:{conv.tag}", tensor_bytes(g, "fp32"), where)
+        conv, led, events = ctx.conv, ctx.ledger, ctx.events
+        led.check(f"grad:{conv.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         ga = g * mask * conv.multiplier().view(1, -1, 1, 1)
         grad_x = grad_w = grad_b = None
+        held = []  # bytes of the gradients this op produces, in the order its events list them
         if ctx.needs_input_grad[2]:
             grad_b = ga.sum(dim=(0, 2, 3))
-            if led is not None:
-                led.param_grad(f"pgrad:{conv.tag}:b", 4 * grad_b.numel(), 1, where)
+            held.append(GRAD_BYTES * grad_b.numel())
         if ctx.needs_input_grad[1]:
             sel = conv.train_channels
             xs = xsel.float() - conv.x_zero
@@ -134,18 +133,21 @@ class _QConvFn(torch.autograd.Function):
                                                  groups=1)
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[:, ch] = gw
-            if led is not None:
-                led.param_grad(f"pgrad:{conv.tag}:w", 4 * gw.numel(), gw.shape[0], where)
+            held.append(GRAD_BYTES * gw.numel())
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(ctx.in_shape, w, ga, conv.stride, conv.padding, groups=conv.groups)
-            if led is not None:
-                led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(grad_x, "fp32"), where)
-                if conv.skip_tag:
-                    led.free(conv.skip_tag, where)  # the residual's gradient is summed into this one
-        if led is not None:
-            led.free(f"grad:{conv.tag}", where)
-            led.free(f"saved:{conv.tag}", where)
-        return grad_x, grad_w, grad_b, None, None
+            held.append(tensor_bytes(grad_x, "fp32"))
+        _check_grads(led, events, held)
+        events.backward(led)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _check_grads(led: Ledger | NullLedger, events: OpEvents, held: list[int]) -> None:
+    """The gradients an op's backward really produced against those its events planned."""
+    planned = [n for _, n, _ in events.param_grads] + [n for _, n in events.input_grads]
+    for i, (p, a) in enumerate(zip(planned, held, strict=False)):
+        led.check(f"gradient {i} of {events.tag}", p, a)
+    led.check(f"gradient count of {events.tag}", len(planned), len(held))
 
 
 class QConv(_QParamsMixin, nn.Module):
@@ -230,25 +232,51 @@ class QConv(_QParamsMixin, nn.Module):
         """Per-channel effective scale ``s_x * s_w / s_y`` of the requantization."""
         return (self.x_scale * self.w_scales.double() / self.y_scale).float()
 
+    def trained_input_elements(self, in_shape: tuple[int, ...]) -> int:
+        """Input elements saved for the weight gradient: the trained channels of an ``N x C x H x W`` input."""
+        if not self.weight.requires_grad:
+            return 0
+        n, _, h, w = in_shape
+        if self.train_channels is None:
+            return n * (self.out_channels if self.is_depthwise else self.in_channels) * h * w
+        return n * len(self.train_channels) * h * w
+
+    def events(self, in_shape: tuple[int, ...], in_tag: str, *, keep_input: bool = False, need_x: bool = False,
+               need_w: bool | None = None, need_b: bool | None = None, inplace_depthwise: bool = True) -> OpEvents:
+        """The buffers this convolution holds in a training step, for an ``N x C x H x W`` input.
+
+        ``need_x``: a gradient must reach the input (something upstream is trained);
+        ``need_w``/``need_b`` default to whether the weight/bias are trained.
+        """
+        need_w = self.weight.requires_grad if need_w is None else need_w
+        need_b = self.bias.requires_grad if need_b is None else need_b
+        n, _, h, w = in_shape
+        oh, ow = self.out_hw((h, w))
+        out = n * self.out_channels * oh * ow
+        inplace = inplace_depthwise and self.is_depthwise and not keep_input
+        grads = need_x or need_w or need_b
+        n_sel = self.out_channels if self.train_channels is None else len(self.train_channels)
+        w_rows = n_sel if self.is_depthwise else self.out_channels
+        return OpEvents(
+            self.tag, out, () if keep_input else (f"act:{in_tag}",),
+            workspace=workspace_bytes(self.kernel_size, self.in_channels, self.is_depthwise, (h, w), (oh, ow), inplace),
+            saved=(out + 7) // 8 + (self.trained_input_elements(in_shape) if need_w else 0) if grads else 0,
+            inplace=inplace, in_backward=grads, grad_bytes=GRAD_BYTES * out,
+            param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * self.out_channels, 1),) * need_b
+            + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.trained_weight_elements(), w_rows),) * need_w,
+            input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x,
+            # The first conv of a residual block sums the skip's pending gradient into its input gradient.
+            releases=(self.skip_tag,) * (need_x and bool(self.skip_tag)))
+
     def run(self, x: torch.Tensor, in_tag: str = "", keep_input: bool = False,
             quiet: bool = False) -> tuple[torch.Tensor, str]:
         """Forward, reporting buffers to a recording ledger (unless ``quiet``); returns the output and its tag."""
-        led = None if quiet else ledger_active()
-        if led is not None:
-            hw = (x.shape[2], x.shape[3])
-            out_hw = self.out_hw(hw)
-            out_bytes = x.shape[0] * self.out_channels * out_hw[0] * out_hw[1]
-            inplace = led.inplace_depthwise and self.is_depthwise and not keep_input
-            if not inplace:
-                led.alloc(f"act:{self.tag}", out_bytes, f"fw:{self.tag}")
-            led.transient(f"ws:{self.tag}", workspace_bytes(self.kernel_size, self.in_channels, self.is_depthwise,
-                                                            hw, out_hw, inplace), f"fw:{self.tag}")
-        y = _QConvFn.apply(x, self.weight, self.bias, self, in_tag)
-        if led is not None:
-            if not keep_input:
-                led.free(f"act:{in_tag}", f"fw:{self.tag}")
-            if inplace:
-                led.alloc(f"act:{self.tag}", out_bytes, f"fw:{self.tag}")
+        led = NULL if quiet else active()
+        need_x, need_w, need_b = _grads(x.requires_grad, self.weight.requires_grad, self.bias.requires_grad)
+        events = self.events(tuple(x.shape), in_tag, keep_input=keep_input, need_x=need_x, need_w=need_w,
+                             need_b=need_b, inplace_depthwise=led.inplace_depthwise)
+        y = _QConvFn.apply(x, self.weight, self.bias, self, events, led)
+        events.forward(led)
         return y, self.tag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,39 +285,34 @@ class QConv(_QParamsMixin, nn.Module):
 
 class _QAddFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b, add: "QAdd"):
+    def forward(ctx, x, b, add: "QAdd", events: OpEvents, led: Ledger | NullLedger):
         ra, rb = add.x_scale / add.y_scale, float(add.bparams[0]) / add.y_scale
         y = torch.round((x - add.x_zero) * ra + (b - float(add.bparams[1])) * rb + add.y_zero)
-        ctx.add, ctx.ratios, ctx.ledger = add, (ra, rb), ledger_active()
+        ctx.ratios, ctx.events, ctx.ledger = (ra, rb), events, led
         mask = None
         if any(ctx.needs_input_grad[:2]):
             mask = (y >= INT8_MIN) & (y <= INT8_MAX)
-            if ctx.ledger is not None:
-                ctx.ledger.alloc(f"saved:{add.tag}", tensor_bytes(mask, "bit"), f"fw:{add.tag}")
+        led.check(f"saved:{add.tag}", events.saved, 0 if mask is None else tensor_bytes(mask, "bit"))
         ctx.save_for_backward(mask)
         return y.clamp(INT8_MIN, INT8_MAX)
 
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved_tensors
-        add, led, where = ctx.add, ctx.ledger, f"bw:{ctx.add.tag}"
-        if led is not None:
-            led.free(f"act:{add.tag}", where)
-            led.ensure(f"grad:{add.tag}", tensor_bytes(g, "fp32"), where)
+        led, events = ctx.ledger, ctx.events
+        led.check(f"grad:{events.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         gm = g * mask
         gx = gb = None
+        held = []
         if ctx.needs_input_grad[0]:
             gx = gm * ctx.ratios[0]
-            if led is not None:
-                led.alloc(f"grad:skip:{add.tag}", tensor_bytes(gx, "fp32"), where)
+            held.append(tensor_bytes(gx, "fp32"))
         if ctx.needs_input_grad[1]:
             gb = gm * ctx.ratios[1]
-            if led is not None:
-                led.alloc(f"grad:{add.branch_tag}", tensor_bytes(gb, "fp32"), where)
-        if led is not None:
-            led.free(f"grad:{add.tag}", where)
-            led.free(f"saved:{add.tag}", where)
-        return gx, gb, None
+            held.append(tensor_bytes(gb, "fp32"))
+        _check_grads(led, events, held)
+        events.backward(led)
+        return gx, gb, None, None, None
 
 
 class QAdd(_QParamsMixin, nn.Module):
@@ -303,17 +326,23 @@ class QAdd(_QParamsMixin, nn.Module):
         super().__init__()
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.register_buffer("bparams", torch.tensor([b_scale, b_zero], dtype=torch.float64))
-        self.tag, self.branch_tag = "add", ""
+        self.tag = "add"
+
+    def events(self, shape: tuple[int, ...], x_tag: str, b_tag: str, *, need_x: bool, need_b: bool) -> OpEvents:
+        """The buffers of the add in a training step: ``x`` is the block input, ``b`` the branch (both ``shape``)."""
+        out = _numel(shape)
+        grads = need_x or need_b
+        return OpEvents(self.tag, out, (f"act:{x_tag}", f"act:{b_tag}"), saved=(out + 7) // 8 if grads else 0,
+                        in_backward=grads, grad_bytes=GRAD_BYTES * out,
+                        input_grads=((f"grad:skip:{self.tag}", GRAD_BYTES * out),) * need_x
+                        + ((f"grad:{b_tag}", GRAD_BYTES * out),) * need_b)
 
     def run(self, x: torch.Tensor, x_tag: str, b: torch.Tensor, b_tag: str) -> tuple[torch.Tensor, str]:
-        led = ledger_active()
-        if led is not None:
-            led.alloc(f"act:{self.tag}", b.numel(), f"fw:{self.tag}")
-        self.branch_tag = b_tag
-        y = _QAddFn.apply(x, b, self)
-        if led is not None:
-            led.free(f"act:{x_tag}", f"fw:{self.tag}")
-            led.free(f"act:{b_tag}", f"fw:{self.tag}")
+        led = active()
+        need_x, need_b = _grads(x.requires_grad, b.requires_grad)
+        events = self.events(tuple(b.shape), x_tag, b_tag, need_x=need_x, need_b=need_b)
+        y = _QAddFn.apply(x, b, self, events, led)
+        events.forward(led)
         return y, self.tag
 
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -322,21 +351,18 @@ class QAdd(_QParamsMixin, nn.Module):
 
 class _PoolFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pool: "QAvgPool", in_tag: str):
-        ctx.pool, ctx.in_tag, ctx.in_shape, ctx.ledger = pool, in_tag, x.shape, ledger_active()
+    def forward(ctx, x, events: OpEvents, led: Ledger | NullLedger):
+        ctx.in_shape, ctx.events, ctx.ledger = x.shape, events, led
         return torch.round(x.mean(dim=(2, 3), keepdim=True)).clamp(INT8_MIN, INT8_MAX)
 
     @staticmethod
     def backward(ctx, g):
-        led, where, tag = ctx.ledger, f"bw:{ctx.pool.tag}", ctx.pool.tag
-        if led is not None:
-            led.free(f"act:{tag}", where)
-            led.ensure(f"grad:{tag}", tensor_bytes(g, "fp32"), where)
+        led, events = ctx.ledger, ctx.events
+        led.check(f"grad:{events.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         n, c, h, w = ctx.in_shape
         gx = (g / (h * w)).expand(n, c, h, w).contiguous()
-        if led is not None:
-            led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(gx, "fp32"), where)
-            led.free(f"grad:{tag}", where)
+        _check_grads(led, events, [tensor_bytes(gx, "fp32")])
+        events.backward(led)
         return gx, None, None
 
 
@@ -348,8 +374,18 @@ class QAvgPool(nn.Module):
         super().__init__()
         self.tag = "pool"
 
+    def events(self, in_shape: tuple[int, ...], in_tag: str, *, need_x: bool) -> OpEvents:
+        """The buffers of the pool in a training step, for an ``N x C x H x W`` input."""
+        out = in_shape[0] * in_shape[1]
+        return OpEvents(self.tag, out, (f"act:{in_tag}",), in_backward=need_x, grad_bytes=GRAD_BYTES * out,
+                        input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x)
+
     def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        return _single_input_op(self.tag, in_tag, x.shape[0] * x.shape[1], lambda: _PoolFn.apply(x, self, in_tag))
+        led = active()
+        events = self.events(tuple(x.shape), in_tag, need_x=_grads(x.requires_grad)[0])
+        y = _PoolFn.apply(x, events, led)
+        events.forward(led)
+        return y, self.tag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
@@ -373,22 +409,24 @@ class QBlock(nn.Module):
         convs = [self.pointwise1, self.depthwise] if self.pointwise1 is not None else []
         return bool(convs) and not x.requires_grad and not any(p.requires_grad for c in convs for p in c.parameters())
 
+    def fused_events(self, in_shape: tuple[int, ...], in_tag: str) -> OpEvents:
+        """The buffers of expansion + depthwise run fused (one expanded channel at a time, no gradient)."""
+        pw1, dw = self.pointwise1, self.depthwise
+        hw = (in_shape[2], in_shape[3])
+        mid_hw = pw1.out_hw(hw)
+        out_hw = dw.out_hw(mid_hw)
+        return OpEvents(dw.tag, in_shape[0] * dw.out_channels * out_hw[0] * out_hw[1],
+                        () if self.residual is not None else (f"act:{in_tag}",),
+                        workspace=fused_workspace_bytes(pw1.in_channels, dw.kernel_size, mid_hw, out_hw))
+
     def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
         y, tag = x, in_tag
         convs = self.convs()
-        led = ledger_active()
-        if led is not None and led.fuse_frozen and self.fusable(x):
-            pw1, dw = self.pointwise1, self.depthwise
-            hw = (x.shape[2], x.shape[3])
-            out_hw = dw.out_hw(pw1.out_hw(hw))
-            where = f"fw:{dw.tag}"
-            led.alloc(f"act:{dw.tag}", x.shape[0] * dw.out_channels * out_hw[0] * out_hw[1], where)
-            led.transient(f"ws:{dw.tag}", fused_workspace_bytes(pw1.in_channels, dw.kernel_size, pw1.out_hw(hw),
-                                                                out_hw), where)
-            if self.residual is None:
-                led.free(f"act:{in_tag}", where)
-            y, _ = pw1.run(y, tag, quiet=True)
-            y, tag = dw.run(y, "", quiet=True)
+        led = active()
+        if led.fuse_frozen and self.fusable(x):
+            y, _ = self.pointwise1.run(y, tag, quiet=True)
+            y, tag = self.depthwise.run(y, "", quiet=True)
+            self.fused_events(tuple(x.shape), in_tag).forward(led)
             convs = convs[2:]
         for i, conv in enumerate(convs):
             y, tag = conv.run(y, tag, keep_input=(conv is self.convs()[0] and self.residual is not None))
@@ -402,40 +440,34 @@ class QBlock(nn.Module):
 
 class _HeadFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, head: "FloatHead", in_tag: str):
+    def forward(ctx, x, weight, bias, head: "FloatHead", events: OpEvents, led: Ledger | NullLedger):
         s, z = float(head.xparams[0]), float(head.xparams[1])
         feats = (x.flatten(1) - z) * s
-        ctx.head, ctx.in_tag, ctx.in_shape, ctx.ledger, ctx.s = head, in_tag, x.shape, ledger_active(), s
+        ctx.in_shape, ctx.events, ctx.ledger, ctx.s = x.shape, events, led, s
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(feats if need_w else None, weight if need_x else None)
-        if ctx.ledger is not None and need_w:
-            ctx.ledger.alloc(f"saved:{head.tag}", tensor_bytes(feats, "fp32"), f"fw:{head.tag}")
+        led.check(f"saved:{head.tag}", events.saved, tensor_bytes(feats, "fp32") if need_w else 0)
         return F.linear(feats, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         feats, w = ctx.saved_tensors
-        led, tag, where = ctx.ledger, ctx.head.tag, f"bw:{ctx.head.tag}"
-        if led is not None:
-            led.free(f"act:{tag}", where)
-            led.ensure(f"grad:{tag}", tensor_bytes(g, "fp32"), where)
+        led, events = ctx.ledger, ctx.events
+        led.check(f"grad:{events.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         gx = gw = gb = None
+        held = []
         if ctx.needs_input_grad[2]:
             gb = g.sum(0)
-            if led is not None:
-                led.param_grad(f"pgrad:{tag}:b", 4 * gb.numel(), 1, where)
+            held.append(GRAD_BYTES * gb.numel())
         if ctx.needs_input_grad[1]:
             gw = g.t() @ feats
-            if led is not None:
-                led.param_grad(f"pgrad:{tag}:w", 4 * gw.numel(), gw.shape[0], where)
+            held.append(GRAD_BYTES * gw.numel())
         if ctx.needs_input_grad[0]:
             gx = (g @ w * ctx.s).view(ctx.in_shape)
-            if led is not None:
-                led.alloc(f"grad:{ctx.in_tag}", tensor_bytes(gx, "fp32"), where)
-        if led is not None:
-            led.free(f"grad:{tag}", where)
-            led.free(f"saved:{tag}", where)
-        return gx, gw, gb, None, None
+            held.append(tensor_bytes(gx, "fp32"))
+        _check_grads(led, events, held)
+        events.backward(led)
+        return gx, gw, gb, None, None, None
 
 
 class FloatHead(nn.Module):
@@ -448,9 +480,26 @@ class FloatHead(nn.Module):
         self.register_buffer("xparams", torch.tensor([x_scale, x_zero], dtype=torch.float64))
         self.tag = "classifier"
 
+    def events(self, in_shape: tuple[int, ...], in_tag: str, *, need_x: bool = False, need_w: bool | None = None,
+               need_b: bool | None = None) -> OpEvents:
+        """The buffers of the float head in a training step, for pooled ``N x C x 1 x 1`` features (fp32 logits)."""
+        need_w = self.weight.requires_grad if need_w is None else need_w
+        need_b = self.bias.requires_grad if need_b is None else need_b
+        classes = self.weight.shape[0]
+        out = 4 * in_shape[0] * classes
+        return OpEvents(self.tag, out, (f"act:{in_tag}",), saved=4 * _numel(in_shape) if need_w else 0,
+                        in_backward=need_x or need_w or need_b, grad_bytes=GRAD_BYTES * in_shape[0] * classes,
+                        param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * classes, 1),) * need_b
+                        + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.weight.numel(), classes),) * need_w,
+                        input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x)
+
     def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        return _single_input_op(self.tag, in_tag, 4 * x.shape[0] * self.weight.shape[0],
-                                lambda: _HeadFn.apply(x, self.weight, self.bias, self, in_tag))
+        led = active()
+        need_x, need_w, need_b = _grads(x.requires_grad, self.weight.requires_grad, self.bias.requires_grad)
+        events = self.events(tuple(x.shape), in_tag, need_x=need_x, need_w=need_w, need_b=need_b)
+        y = _HeadFn.apply(x, self.weight, self.bias, self, events, led)
+        events.forward(led)
+        return y, self.tag
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
@@ -504,9 +553,7 @@ class QModel(nn.Module):
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
         xq = self.quantize_input(x)
-        led = ledger_active()
-        if led is not None:
-            led.alloc("act:input", xq.numel(), "fw:input")
+        OpEvents("input", xq.numel()).forward(active())
         y, tag = self.first_conv.run(xq, "input")
         for block in self.blocks:
             y, tag = block.run(y, tag)

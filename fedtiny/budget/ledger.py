@@ -1,12 +1,19 @@
-"""The ledger: SRAM buffers allocated and released while a real training step runs.
+"""The ledger: SRAM buffers allocated and released over one training step.
 
-While a :class:`Ledger` is recording, the int8 graph's ops report every buffer a
-device would hold: forward activations (int8), tensors saved for backward (int8
-inputs of trained channels, 1-bit clamp masks), activation gradients (fp32),
-weight/bias gradients, per-op workspaces, and the step's persistent state
-(trained parameters copied to SRAM, optimizer state). Its peak is what the memory
-planner (:mod:`fedtiny.budget.memory`) predicts from the model's shapes alone; the tests
-hold them equal.
+Each op of the int8 graph describes the buffers it holds as :class:`OpEvents`
+(forward activation, workspace, what it saves for backward, the gradients it
+produces), computed by the op itself from its input shape. The same events feed two
+walks of the step:
+
+- while a :class:`Ledger` is recording, the int8 graph replays each op's events as
+  a real training step runs (autograd decides the backward order), and checks the
+  sizes against the tensors it actually saves and produces;
+- the planner (:mod:`fedtiny.budget.memory`) replays them from the model's shapes
+  alone, in schedule order.
+
+The tests hold the two peaks (and their event lists) equal. Persistent state (trained
+parameters copied to SRAM, optimizer state) is allocated by the caller. When nothing
+is recording, :func:`active` returns :data:`NULL`, whose methods do nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Ledger", "recording", "active", "tensor_bytes", "GRAD_BYTES", "workspace_bytes", "fused_workspace_bytes"]
+__all__ = ["Ledger", "NullLedger", "NULL", "OpEvents", "recording", "active", "tensor_bytes", "GRAD_BYTES",
+           "workspace_bytes", "fused_workspace_bytes"]
 
 GRAD_BYTES = 4  # activation and parameter gradients are fp32/int32 on the device
-_ACTIVE: "Ledger | None" = None
 
 
 def tensor_bytes(t: torch.Tensor | tuple[int, ...], kind: str = "int8") -> int:
@@ -123,9 +130,111 @@ class Ledger:
         for tag in [t for t in self.live if t.startswith("pgrad:")]:
             self.free(tag, "step")
 
+    def check(self, what: str, planned: int, actual: int) -> None:
+        """A size an op planned from shapes against the bytes of the tensor it really holds."""
+        if planned != actual:
+            raise RuntimeError(f"ledger: {what}: planned {planned} bytes, the step holds {actual}")
 
-def active() -> Ledger | None:
-    """The ledger recording now, if any."""
+
+class NullLedger:
+    """The ledger when nothing records: every event is a no-op, so ops need no ``None`` checks."""
+
+    reorder = inplace_depthwise = fuse_frozen = False
+
+    def alloc(self, tag: str, nbytes: int, where: str = "") -> None:
+        pass
+
+    def free(self, tag: str, where: str = "") -> None:
+        pass
+
+    def transient(self, tag: str, nbytes: int, where: str = "") -> None:
+        pass
+
+    def ensure(self, tag: str, nbytes: int, where: str = "") -> None:
+        pass
+
+    def param_grad(self, tag: str, nbytes: int, rows: int, where: str = "") -> None:
+        pass
+
+    def check(self, what: str, planned: int, actual: int) -> None:
+        pass
+
+
+NULL = NullLedger()
+_ACTIVE: Ledger | NullLedger = NULL
+
+
+@dataclass(frozen=True)
+class OpEvents:
+    """The buffers one op of a training step allocates and releases, in bytes.
+
+    Attributes
+    ----------
+    tag
+        The op's name; its output activation is ``act:<tag>``, its output gradient ``grad:<tag>``.
+    out_bytes
+        Output activation.
+    frees
+        Buffers the forward releases once it has run (inputs no later op reads).
+    workspace
+        Scratch held only while the op runs.
+    saved
+        What the op keeps for its backward (``saved:<tag>``).
+    inplace
+        The output overwrites the input (allocated after the input is released).
+    in_backward
+        A gradient reaches the op (it runs in the backward pass).
+    grad_bytes
+        Output gradient.
+    param_grads
+        ``(tag, bytes, rows)`` of each parameter gradient, in the order computed.
+    input_grads
+        ``(tag, bytes)`` of each gradient the op passes upstream.
+    releases
+        Buffers the backward releases besides its own (a residual's pending gradient).
+    """
+
+    tag: str
+    out_bytes: int
+    frees: tuple[str, ...] = ()
+    workspace: int = 0
+    saved: int = 0
+    inplace: bool = False
+    in_backward: bool = False
+    grad_bytes: int = 0
+    param_grads: tuple[tuple[str, int, int], ...] = ()
+    input_grads: tuple[tuple[str, int], ...] = ()
+    releases: tuple[str, ...] = ()
+
+    def forward(self, led: Ledger | NullLedger) -> None:
+        """Replay the forward's buffers."""
+        t, where = self.tag, f"fw:{self.tag}"
+        if not self.inplace:
+            led.alloc(f"act:{t}", self.out_bytes, where)
+        led.transient(f"ws:{t}", self.workspace, where)
+        led.alloc(f"saved:{t}", self.saved, where)
+        for tag in self.frees:
+            led.free(tag, where)
+        if self.inplace:
+            led.alloc(f"act:{t}", self.out_bytes, where)
+
+    def backward(self, led: Ledger | NullLedger) -> None:
+        """Replay the backward's buffers (the loss gradient of the last op arrives on its own)."""
+        t, where = self.tag, f"bw:{self.tag}"
+        led.free(f"act:{t}", where)
+        led.ensure(f"grad:{t}", self.grad_bytes, where)
+        for tag, nbytes, rows in self.param_grads:
+            led.param_grad(tag, nbytes, rows, where)
+        for tag, nbytes in self.input_grads:
+            led.alloc(tag, nbytes, where)
+        for tag in self.releases:
+            led.free(tag, where)
+        led.free(f"grad:{t}", where)
+        led.free(f"saved:{t}", where)
+
+
+def active() -> Ledger | NullLedger:
+    """The ledger recording now (:data:`NULL` when none is)."""
     return _ACTIVE
 
 
@@ -133,10 +242,10 @@ def active() -> Ledger | None:
 def recording(ledger: Ledger) -> Iterator[Ledger]:
     """Record the int8 graph's buffers into ``ledger`` inside the block."""
     global _ACTIVE
-    if _ACTIVE is not None:
+    if _ACTIVE is not NULL:
         raise RuntimeError("a ledger is already recording")
     _ACTIVE = ledger
     try:
         yield ledger
     finally:
-        _ACTIVE = None
+        _ACTIVE = NULL
