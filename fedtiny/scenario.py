@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -212,10 +211,6 @@ class Scenario:
     def to_json(self) -> str:
         """Return a canonical JSON string of the resolved scenario."""
         return json.dumps(self.to_dict(), sort_keys=True)
-
-    def digest(self) -> str:
-        """Return a short hash of the resolved scenario (for caches and run names)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
     def device_address(self, partition_id: int) -> str:
         """HOST:PORT of the device serving ``partition_id`` over the bridge ('' for a simulated client)."""

@@ -27,7 +27,6 @@ def test_presets():
     last = resolve(parse_scheme("last-k:2"), q)
     assert last.bias == [False] * (n - 2) + [True, True]
     assert [c is not None for c in last.channels] == [False] * (n - 2) + [True, True]
-    assert last.first_trained() == n - 2
 
 
 def test_inline_and_file_schemes(tmp_path):

@@ -84,7 +84,6 @@ class Ledger:
     peak: int = 0
     peak_at: str = ""
     events: list[tuple[str, str, int, int]] = field(default_factory=list)  # (op, tag, +/-bytes, total)
-    at_peak: dict[str, int] = field(default_factory=dict)  # the live buffers when the peak was reached
 
     def alloc(self, tag: str, nbytes: int, where: str = "") -> None:
         if nbytes <= 0:
@@ -96,7 +95,6 @@ class Ledger:
         self.events.append((where, tag, nbytes, self.current))
         if self.current > self.peak:
             self.peak, self.peak_at = self.current, where or tag
-            self.at_peak = dict(self.live)
 
     def free(self, tag: str, where: str = "") -> None:
         nbytes = self.live.pop(tag, 0)

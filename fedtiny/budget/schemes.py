@@ -63,13 +63,6 @@ class ResolvedScheme:
     def num_convs(self) -> int:
         return len(self.bias)
 
-    def first_trained(self) -> int:
-        """Index of the first convolution with anything trained (``num_convs`` = only the classifier)."""
-        for i, (b, c) in enumerate(zip(self.bias, self.channels)):
-            if b or c:
-                return i
-        return self.num_convs
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -83,12 +83,6 @@ class SparseTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def dense(self) -> np.ndarray:
-        """The tensor with zeros where nothing was sent (float64)."""
-        out = np.zeros(self.numel, np.float64)
-        out[self.indices] = self.values
-        return out.reshape(self.shape)
-
 
 @dataclass
 class SparseUpdate:
