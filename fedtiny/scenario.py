@@ -72,11 +72,14 @@ class RunSection:
 class DataSection:
     source: str = _key(
         "digits",
-        "digits (bundled), mnist, fashion-mnist, cifar10 (local root), imagefolder",
-        _choice("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"),
+        "digits (bundled), lfw-faces (bundled face/no-face patches), mnist, fashion-mnist, cifar10 (local root), "
+        "imagefolder",
+        _choice("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder"),
     )
     root: str = _key("", "dataset root for torchvision sources (never downloaded)")
     image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))
+    channels: int = _key(0, "image channels: 3 turns grayscale into RGB, 1 RGB into grayscale; 0 keeps the source's",
+                         lambda v: None if v in (0, 1, 3) else f"must be 0, 1 or 3, got {v}")
     max_samples: int = _key(0, "use at most this many samples (seeded subset); 0 means all", _range(0))
     partition: str = _key("iid", "iid, dirichlet (label skew) or pathological (k classes each)",
                           _choice("iid", "dirichlet", "pathological"))
@@ -101,7 +104,9 @@ class ShiftSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = _key("tiny-ir", "built-in model", _choice("tiny-ir"))
+    name: str = _key("tiny-ir", "built-in model (used when model.file is empty)", _choice("tiny-ir"))
+    file: str = _key("", "an int8 model file clients train instead: a tiny-training .pkl or a fedtiny .safetensors "
+                         "(relative to the scenario file); its classifier is replaced for the data's classes")
     precision: str = _key("int8", "what clients train: int8 (the MCU's quantized graph) or fp32", _choice("int8", "fp32"))
     classifier_precision: str = _key("int8", "int8 classifier, or an fp32 head on int8 features", _choice("int8", "fp32"))
     calibration_samples: int = _key(512, "public-split images used to calibrate int8 activation ranges", _range(1))
@@ -314,12 +319,22 @@ def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str]
     return tuple(sorted(out.items()))
 
 
-def _scheme_path(value: Any, base_dir: Path | None) -> Any:
-    """A scheme file named relative to the scenario's folder, made absolute (other values unchanged)."""
-    if base_dir is None or not isinstance(value, str) or value.lstrip().startswith("{"):
+# Keys naming a file: a relative path is read against the scenario file's folder.
+_FILE_KEYS = ("train.scheme", "model.file")
+
+
+def _file_path(value: Any, base_dir: Path | None) -> Any:
+    """A file named relative to the scenario's folder, made absolute (other values unchanged).
+
+    A path that exists only relative to the working directory (a ``--set`` typed in a
+    shell) is kept; ``#entry`` suffixes (``schemes.json#id``) and inline JSON pass through.
+    """
+    if base_dir is None or not isinstance(value, str) or not value or value.lstrip().startswith("{"):
         return value
     file_part, _, entry = value.partition("#")
-    if file_part and not Path(file_part).is_absolute() and (base_dir / file_part).is_file():
+    if not file_part or Path(file_part).is_absolute() or not Path(file_part).suffix:
+        return value  # presets such as "last-k:2" and absolute paths
+    if (base_dir / file_part).is_file() or not Path(file_part).is_file():
         return str((base_dir / file_part).resolve()) + (f"#{entry}" if entry else "")
     return value
 
@@ -358,8 +373,9 @@ def _build(where: str, raw: Mapping[str, Any], base_dir: Path | None = None) -> 
             if not isinstance(over, Mapping):
                 raise ScenarioError(f"{where}: methods.{name}: expected a table of \"section.key\" = value")
             flat = _flatten(over)
-            if "train.scheme" in flat:
-                flat["train.scheme"] = _scheme_path(flat["train.scheme"], base_dir)
+            for key in _FILE_KEYS:
+                if key in flat:
+                    flat[key] = _file_path(flat[key], base_dir)
             _build(f"{where}: methods.{name}", _merge(scenario.to_dict(), flat, f"{where}: methods.{name}"))
             items.append((str(name), tuple(sorted(flat.items()))))
         scenario = dataclasses.replace(scenario, methods=tuple(items))
@@ -417,6 +433,9 @@ def _check_cross(where: str, s: Scenario) -> None:
             raise ScenarioError(f"{where}: device.profiles: unknown profile {name!r}; known: "
                                 f"{', '.join(sorted(PROFILES))}" + (" (or set device.custom_sram_kb)" if
                                                                      not s.device.custom_sram_kb else ""))
+    if s.model.file and s.model.precision != "int8":
+        raise ScenarioError(f"{where}: model.precision: a model file is an int8 network; set model.precision = "
+                            f"\"int8\" (got {s.model.precision!r})")
     if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 
@@ -490,8 +509,10 @@ def scenario_from_dict(
         table = merged.setdefault(section, {})
         if isinstance(table, dict) and section != "methods":
             table[name] = value
-    if isinstance(merged.get("train"), dict) and "scheme" in merged["train"]:
-        merged["train"]["scheme"] = _scheme_path(merged["train"]["scheme"], base_dir)
+    for key in _FILE_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(merged.get(section), dict) and name in merged[section]:
+            merged[section][name] = _file_path(merged[section][name], base_dir)
     return _build(where, merged, base_dir)
 
 

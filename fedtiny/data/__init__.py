@@ -68,7 +68,8 @@ class Federation:
 def build_federation(scenario) -> Federation:
     """Load the scenario's data source and split it (seeded) between server and clients."""
     d, seed = scenario.data, scenario.run.seed
-    data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed)
+    data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed,
+                       channels=d.channels)
     order = np.random.default_rng([seed, 3]).permutation(len(data))
     n_pub, n_test = int(d.public_fraction * len(data)), int(d.test_fraction * len(data))
     public = data.subset(np.sort(order[:n_pub]))

@@ -1,8 +1,10 @@
 """Image data sources behind one interface: ``load_source(name, root, ...) -> ImageSet``.
 
-Nothing is ever downloaded. ``digits`` is scikit-learn's bundled 8x8 digits; the
-torchvision sources read an existing local root with ``download=False`` and a
-missing root is a :class:`DataError`, not a traceback.
+Nothing is ever downloaded. ``digits`` is scikit-learn's bundled 8x8 digits;
+``lfw-faces`` is scikit-image's bundled ``lfw_subset`` (100 face and 100 non-face 25x25
+patches: a person-detection task in the spirit of Visual Wake Words); the torchvision
+sources read an existing local root with ``download=False`` and a missing root is a
+:class:`DataError`, not a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import numpy as np
 from fedtiny.errors import DataError
 
 __all__ = ["DataError", "ImageSet", "load_source", "SOURCES"]
-
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ def _digits(root: str) -> ImageSet:
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     return ImageSet(x, d.target.astype(np.int64), 10, "digits")
+
+
+def _lfw_faces(root: str) -> ImageSet:
+    from skimage.data import lfw_subset
+
+    x = lfw_subset().astype(np.float32)[:, None]  # 200 x 1 x 25 x 25 in [0, 1]
+    # As scikit-image documents it: the first 100 patches are faces, the last 100 are not.
+    y = np.r_[np.ones(100, np.int64), np.zeros(100, np.int64)]
+    return ImageSet(x, y, 2, "lfw-faces")
 
 
 def _torchvision(name: str, root: str) -> ImageSet:
@@ -101,7 +111,7 @@ def _imagefolder(root: str) -> ImageSet:
     return ImageSet(np.stack(xs), np.asarray(ds.targets, np.int64), len(ds.classes), f"imagefolder:{root}")
 
 
-SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+SOURCES = ("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -112,7 +122,19 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
 
 
-def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: int = 0, seed: int = 0) -> ImageSet:
+def _channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """Grayscale to RGB by replication, or RGB to grayscale by luminance (ITU-R BT.601)."""
+    if channels == 0 or x.shape[1] == channels:
+        return x
+    if channels == 3 and x.shape[1] == 1:
+        return np.repeat(x, 3, axis=1)
+    if channels == 1 and x.shape[1] == 3:
+        return np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), x, axes=([0], [1]))[:, None].astype(np.float32)
+    raise DataError(f"data.channels: cannot turn {x.shape[1]}-channel images into {channels} channels")
+
+
+def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: int = 0, seed: int = 0,
+                channels: int = 0) -> ImageSet:
     """Load a data source.
 
     Parameters
@@ -127,9 +149,13 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
         Keep a seeded random subset of this many samples (0 keeps all).
     seed
         Seed of that subset.
+    channels
+        1 or 3 to convert the images' channels (0 keeps the source's).
     """
     if name == "digits":
         data = _digits(root)
+    elif name == "lfw-faces":
+        data = _lfw_faces(root)
     elif name in ("mnist", "fashion-mnist", "cifar10"):
         data = _torchvision(name, root)
     elif name == "imagefolder":
@@ -141,4 +167,6 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
         data = data.subset(idx)
     if image_size and image_size != data.shape[-1]:
         data = ImageSet(_resize(data.x, image_size), data.y, data.num_classes, data.name)
+    if channels:
+        data = ImageSet(_channels(data.x, channels), data.y, data.num_classes, data.name)
     return data

@@ -13,6 +13,7 @@ from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
 from fedtiny.compress.dense import Spec
 from fedtiny.compress.uplink import Uplink, make_uplink
+from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
 from fedtiny.budget.profiles import DeviceProfile, get_profile
 from fedtiny.budget.memory import MemoryReport, memory_report
@@ -90,19 +91,42 @@ def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn
     return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
 
 
+def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
+    """The int8 network of ``model.file`` with a new classifier for the data's classes."""
+    from fedtiny.int8.graph import replace_head
+    from fedtiny.int8.modelfile import read_model
+
+    m = scenario.model
+    try:
+        model = read_model(m.file)
+    except ModelFileError as exc:
+        raise ModelFileError(f"model.file: {exc}") from None
+    want = model.input_shape or (model.first_conv.in_channels, *fed.image_shape[1:])
+    if tuple(want) != tuple(fed.image_shape):
+        c, h, w = want
+        raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives "
+                            f"{'x'.join(map(str, fed.image_shape))}: set data.image_size = {h}"
+                            + (f" and data.channels = {c}" if c != fed.image_shape[0] else ""))
+    return replace_head(model, fed.num_classes, precision=m.classifier_precision, seed=scenario.run.seed)
+
+
 def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
     """Build the federation (cached per process) and a model of the right layout for ``scenario``.
 
-    The int8 layout is made by converting the untrained network; its values are
-    placeholders until the server's state is loaded. With a resolved ``scheme``
-    only its tensors are trainable (and sent back).
+    The int8 layout of a built-in model is made by converting the untrained network; its
+    values are placeholders until the server's state is loaded. A ``model.file`` network
+    comes with its pretrained values and a new classifier. With a resolved ``scheme`` only
+    its tensors are trainable (and sent back).
     """
     fed = load_federation(scenario)
-    model = _fp32_model(scenario, fed)
-    if scenario.model.precision == "int8":
-        model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
-        if scheme is not None:
-            apply_scheme(model, scheme)
+    if scenario.model.file:
+        model = _file_model(scenario, fed)
+    else:
+        model = _fp32_model(scenario, fed)
+        if scenario.model.precision == "int8":
+            model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
+    if scenario.model.precision == "int8" and scheme is not None:
+        apply_scheme(model, scheme)
     return Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)), scheme)
 
 
@@ -129,6 +153,8 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     Returns the state to send (in ``task.downlink_spec``'s names and dtypes) and a report.
     """
     s, fed = task.scenario, task.federation
+    if s.model.file:
+        return _cloud_head(task)
     fp32 = _fp32_model(s, fed)
     fit = pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
                    batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
@@ -138,6 +164,23 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     calib = fed.public.subset(np.arange(min(s.model.calibration_samples, len(fed.public)))).x
     qmodel = _to_int8(s, fp32, calib)
     return model_arrays(qmodel), CloudReport(fit.accuracy, fp32_acc, evaluate(qmodel, fed.test)[1])
+
+
+def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
+    """Transfer learning's cloud step: fit the new classifier of a pretrained int8 network on the public split."""
+    import copy
+
+    from fedtiny.int8.transfer import fit_head
+
+    s, fed = task.scenario, task.federation
+    model = copy.deepcopy(task.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fit = fit_head(model, fed.public.x, fed.public.y, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
+                   batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+    # No float network exists for a published int8 model: the "fp32" figure is the float head on its int8 features.
+    return model_arrays(model), CloudReport(fit.train_accuracy, fit.float_accuracy(model, fed.test.x, fed.test.y),
+                                            evaluate(model, fed.test)[1])
 
 
 def limit_threads() -> None:

@@ -241,4 +241,6 @@ def ptq(model: nn.Module, calibration: np.ndarray, *, batch_size: int = 128, cla
     """Post-training quantization of ``model`` calibrated on images ``calibration`` (N x C x H x W in [0, 1])."""
     net = fold(model)
     batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
-    return quantize(net, calibrate(net, batches), classifier_precision=classifier_precision)
+    qmodel = quantize(net, calibrate(net, batches), classifier_precision=classifier_precision)
+    qmodel.input_shape = tuple(int(v) for v in calibration.shape[1:])
+    return qmodel

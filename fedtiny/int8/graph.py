@@ -514,11 +514,15 @@ class QModel(nn.Module):
         Quantization of the (normalized) input image.
     input_mean, input_std
         Normalization applied to images in ``[0, 1]`` before quantization.
+    input_shape
+        ``(C, H, W)`` the network was built and quantized for, when known (a published model's 3x128x128).
     """
 
     def __init__(self, first_conv: QConv, blocks: list[QBlock], feature_mix: QConv | None, classifier: QConv | FloatHead,
-                 input_scale: float, input_zero: int, input_mean: float = 0.0, input_std: float = 1.0) -> None:
+                 input_scale: float, input_zero: int, input_mean: float = 0.0, input_std: float = 1.0,
+                 input_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
+        self.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
         self.first_conv = first_conv
         self.blocks = nn.ModuleList(blocks)
         self.feature_mix = feature_mix

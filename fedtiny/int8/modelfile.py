@@ -18,12 +18,11 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import FloatHead, QAdd, QBlock, QConv, QModel
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
-__all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "FORMAT"]
+__all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
+           "FORMAT"]
 
 FORMAT = "fedtiny-int8"
 VERSION = 1
-
-
 
 def _conv_desc(c: QConv) -> dict[str, int]:
     return {"in": c.in_channels, "out": c.out_channels, "kernel": c.kernel_size, "stride": c.stride, "groups": c.groups}
@@ -41,6 +40,8 @@ def describe(model: QModel) -> dict[str, Any]:
         "feature_mix": _conv_desc(model.feature_mix) if model.feature_mix is not None else None,
         "classifier": {"precision": "int8" if isinstance(head, QConv) else "fp32",
                        "in": int(head.weight.shape[1]), "out": int(head.weight.shape[0])},
+        # Optional in version 1: files written before it was recorded still load.
+        **({"input_shape": list(model.input_shape)} if model.input_shape else {}),
     }
 
 
@@ -76,7 +77,12 @@ def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
         head = FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
     else:
         raise ModelFileError(f"{where}: classifier.precision must be int8 or fp32, got {c['precision']!r}")
-    return QModel(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0)
+    shape = layout.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 3 or not all(
+            isinstance(v, int) and v > 0 for v in shape)):
+        raise ModelFileError(f"{where}: input_shape must be [C, H, W], got {shape!r}")
+    return QModel(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0,
+                  input_shape=tuple(shape) if shape else None)
 
 
 def save_qmodel(model: QModel, path: str | Path) -> Path:
@@ -168,4 +174,27 @@ def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
         blocks.append(QBlock(pw1, dw, pw2, res))
     mix = conv(obj["feature_mix"], "feature_mix") if obj.get("feature_mix") else None
     head = conv(obj["classifier"], "classifier")
-    return QModel(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5)
+    try:
+        size = int(obj["first_conv"].get("in_shape", 0))
+    except (TypeError, ValueError):
+        size = 0
+    return QModel(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5,
+                  input_shape=(first.in_channels, size, size) if size > 0 else None)
+
+
+def read_model(path: str | Path) -> QModel:
+    """An int8 model from a tiny-training ``.pkl`` (restricted reader) or a fedtiny model file.
+
+    Raises
+    ------
+    ModelFileError
+        The file is missing, is neither format, or holds a network fedtiny cannot run.
+    """
+    from fedtiny.int8.zoo import read_tiny_training
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    if path.suffix == ".pkl":
+        return from_tiny_training(read_tiny_training(path), where=str(path))
+    return load_qmodel(path)

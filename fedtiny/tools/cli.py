@@ -55,7 +55,7 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtiny.data import build_federation
+    from fedtiny.federated.task import make_task
     from fedtiny.report.runlog import new_run_dir, write_scenario
     from fedtiny.tools.sim import simulate
 
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})")
         methods = [(name, sc) for name, sc in methods if name in args.method]
     for _, sc in methods:
-        build_federation(sc)  # fail fast, before Ray starts, on missing data or impossible partitions
+        make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
     run_dir = new_run_dir(scenario, args.out)
     write_scenario(scenario, run_dir)
     print(f"[fedtiny] scenario {args.scenario} -> {run_dir}", file=sys.stderr, flush=True)

@@ -1,0 +1,84 @@
+"""Model files as the clients' network: real images at the model's input, the cloud head, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedtiny.data.sources import load_source
+from fedtiny.int8.convert import ptq
+from fedtiny.int8.modelfile import read_model, save_qmodel
+from fedtiny.int8.transfer import fit_head
+from fedtiny.models import build_model
+from fedtiny.report.runlog import read_metrics
+
+from conftest import SHARED_MODELS
+
+needs_shared = pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason="../shared/models/tiny-training not present")
+
+
+def test_lfw_faces_loads_with_shapes_and_labels():
+    d = load_source("lfw-faces")
+    assert d.x.shape == (200, 1, 25, 25) and d.x.dtype == np.float32 and 0 <= d.x.min() and d.x.max() <= 1
+    assert d.num_classes == 2 and d.y.tolist() == [1] * 100 + [0] * 100
+    rgb = load_source("lfw-faces", image_size=32, channels=3)
+    assert rgb.x.shape == (200, 3, 32, 32)
+    assert np.array_equal(rgb.x[:, 0], rgb.x[:, 2])  # grayscale replicated
+    # Faces are brighter on average than the non-face patches: the labels are not shuffled.
+    assert d.x[d.y == 1].mean() > d.x[d.y == 0].mean()
+
+
+@pytest.fixture(scope="module")
+def small_model_file(tmp_path_factory):
+    """A small int8 network at 3x32x32 written as a fedtiny model file."""
+    path = tmp_path_factory.mktemp("models") / "small.safetensors"
+    calib = load_source("lfw-faces", image_size=32, channels=3).x[::10]
+    save_qmodel(ptq(build_model("tiny-ir", 3, 5, width=8, image_size=32, seed=0), calib), path)
+    return path
+
+
+def scenario_text(model_file: str) -> str:
+    return (f'[run]\nclients = 2\nrounds = 2\n[data]\nsource = "lfw-faces"\nimage_size = 32\nchannels = 3\n'
+            f'[model]\nfile = "{model_file}"\npretrain_epochs = 5\n[train]\nscheme = "last-k:2"\n')
+
+
+def test_model_file_records_its_input_and_the_head_is_fitted(small_model_file):
+    q = read_model(small_model_file)
+    assert q.input_shape == (3, 32, 32)
+    from fedtiny.int8.graph import replace_head
+
+    data = load_source("lfw-faces", image_size=32, channels=3)
+    q = replace_head(q, 2)
+    fit = fit_head(q, data.x, data.y, epochs=30, lr=0.05, batch_size=32, seed=0)
+    assert fit.float_train_accuracy > 0.7  # a linear probe separates faces from non-faces
+    assert abs(fit.train_accuracy - fit.float_train_accuracy) < 0.05  # the int8 head keeps it
+
+
+def test_a_model_file_trains_in_a_simulation(tmp_path, cli, small_model_file):
+    path = tmp_path / "s.toml"
+    path.write_text(scenario_text(small_model_file.name))
+    (tmp_path / small_model_file.name).write_bytes(small_model_file.read_bytes())  # relative to the scenario
+    proc = cli("run", str(path), "--out", str(tmp_path / "run"), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 2 and summary["uploads"] == 4 and summary["rejected_updates_total"] == 0
+    recs = read_metrics(tmp_path / "run")
+    assert all(c["steps"] > 0 for r in recs[1:] for c in r["clients"])
+    assert summary["model_parameters"] == sum(p.numel() for p in read_model(small_model_file).parameters()) - 5 * 16 - 5 + 2 * 16 + 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.file=missing.pkl", "model.file: .*missing.pkl: no such model file"),
+    ("model.file=s.toml", "model.file: .*s.toml: not a safetensors model file"),
+    ("data.image_size=16", "model.file: .* takes 3x32x32 images but the data gives 3x16x16: set data.image_size = 32"),
+    ("data.channels=1", "takes 3x32x32 images but the data gives 1x32x32: .*data.channels = 3"),
+])
+def test_a_bad_model_file_is_one_line_exit_2(tmp_path, cli, small_model_file, override, message):
+    import re
+
+    path = tmp_path / "s.toml"
+    path.write_text(scenario_text(str(small_model_file)))
+    proc = cli("run", str(path), "--set", override)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
