@@ -97,7 +97,8 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     from fedtiny.compress.dense import unpack_dense
     from server.strategy import FedTinyStrategy
 
-    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3"]))
+    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
+                             parse_overrides(["run.clients=3", "compression.uplink=dense"]))
     task = make_task(scenario)
     state = model_arrays(task.model)
     outcomes = []
