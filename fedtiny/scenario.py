@@ -222,6 +222,15 @@ class Scenario:
         return dict(self.bridge.devices).get(partition_id, "")
 
     @property
+    def scheme_text(self) -> str:
+        """``train.scheme`` with ``{model}`` replaced by the model's name (a model file's stem).
+
+        One sweep then serves every published model: ``schemes.json#{model}/s3``.
+        """
+        name = Path(self.model.file).stem if self.model.file else self.model.name
+        return self.train.scheme.replace("{model}", name)
+
+    @property
     def clients_per_round(self) -> int:
         """Clients sampled per round after resolving ``0 = all``."""
         return self.run.clients_per_round or self.run.clients
@@ -420,7 +429,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     from fedtiny.budget.schemes import SchemeError, parse_scheme
 
     try:
-        parse_scheme(s.train.scheme)
+        parse_scheme(s.scheme_text)
     except SchemeError as exc:
         raise ScenarioError(f"{where}: train.scheme: {exc}") from None
     if s.train.scheme != "full" and s.model.precision != "int8":

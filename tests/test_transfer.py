@@ -82,3 +82,34 @@ def test_a_bad_model_file_is_one_line_exit_2(tmp_path, cli, small_model_file, ov
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
+
+
+def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
+    from fedtiny.budget.schemes import parse_scheme, resolve
+    from fedtiny.federated.task import make_task, resolve_scheme
+    from fedtiny.models import model_arrays
+    from fedtiny.scenario import scenario_from_dict
+
+    s = scenario_from_dict({"run": {"clients": 2}, "train": {"scheme": "last-k:fit", "momentum": 0.9},
+                            "device": {"profiles": ["stm32f746", "nrf52832"]}})  # 320KB and 64KB
+    task = make_task(s)
+    fitted = resolve_scheme(task, model_arrays(task.model))
+    k = int(fitted.scheme.name.split(":")[1])
+    small = __import__("fedtiny.budget.profiles", fromlist=["get_profile"]).get_profile("nrf52832")
+    fits = [make_task(s, resolve(parse_scheme(f"last-k:{n}"), task.model)).memory(small).fits
+            for n in (k, k + 1)]
+    assert 0 < k < len(task.model.convs()) and fits == [True, False]
+
+
+def test_scheme_ids_follow_the_model_file(tmp_path, small_model_file):
+    from fedtiny.scenario import scenario_from_dict
+
+    s = scenario_from_dict({"model": {"file": str(small_model_file)},
+                            "train": {"scheme": "last-k:1"}})
+    assert s.scheme_text == "last-k:1"
+    schemes = tmp_path / "schemes.json"
+    schemes.write_text(json.dumps({"schemes": {"small": [{"id": "small/s1", "n_bias_update": 2,
+                                                          "weight_update_idx": [], "weight_update_ratio": []}]}}))
+    s = scenario_from_dict({"model": {"file": str(small_model_file)},
+                            "train": {"scheme": f"{schemes}#{{model}}/s1"}})
+    assert s.scheme_text.endswith("#small/s1")

@@ -33,7 +33,8 @@ from fedtiny.errors import SchemeError
 __all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS",
            "trainable_slices"]
 
-PRESETS = ("full", "bias-only", "last-k:N")
+PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit")
+LAST_K_FIT = -1  # last-k:fit: the largest N whose step fits the fleet's smallest device (the task resolves it)
 CRITERIA = ("magnitude+", "random")
 
 
@@ -108,6 +109,8 @@ def parse_scheme(text: str) -> Scheme:
         return Scheme("full")
     if text == "bias-only":
         return Scheme("bias-only", None, ())
+    if text == "last-k:fit":
+        return Scheme(text, last_k=LAST_K_FIT)
     if text.startswith("last-k:"):
         try:
             k = int(text.split(":", 1)[1])
@@ -156,6 +159,8 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
     """Fix ``scheme`` against an int8 model: which biases and which weight channels are trained."""
     convs = model.convs()
     n = len(convs)
+    if scheme.last_k == LAST_K_FIT:
+        raise SchemeError("scheme last-k:fit depends on the devices; resolve it with fedtiny.federated.task")
     if scheme.last_k is not None:
         k = min(scheme.last_k, n)
         n_bias, weights = k, tuple((i, 1.0) for i in range(n - k, n))

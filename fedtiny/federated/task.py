@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ from fedtiny.scenario import Scenario
 from fedtiny.budget.profiles import DeviceProfile, get_profile
 from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.models.state import load_arrays
-from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, parse_scheme, resolve, trainable_slices
+from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, apply_scheme, parse_scheme, resolve,
+                                    trainable_slices)
 from fedtiny.federated.train import evaluate, pretrain
 
 __all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads", "resolve_scheme", "client_profile"]
@@ -135,8 +137,24 @@ def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
     if task.scenario.model.precision != "int8":
         return task
     load_arrays(task.model, state)
-    resolved = resolve(parse_scheme(task.scenario.train.scheme), task.model, task.scenario.run.seed)
+    scheme = parse_scheme(task.scenario.scheme_text)
+    if scheme.last_k == LAST_K_FIT:
+        scheme = _fitting_last_k(task)
+    resolved = resolve(scheme, task.model, task.scenario.run.seed)
     return make_task(task.scenario, resolved)
+
+
+def _fitting_last_k(task: Task) -> Scheme:
+    """``last-k:N`` with the largest N whose training step fits the fleet's smallest device."""
+    s = task.scenario
+    fleet = [client_profile(s, p) for p in range(min(s.run.clients, len(s.device.profiles)))]
+    smallest = min(fleet, key=lambda p: p.sram_bytes)
+    for k in range(len(task.model.convs()), -1, -1):
+        scheme = Scheme(f"last-k:{k}", last_k=k)
+        probe = dataclasses.replace(task, scheme=resolve(scheme, task.model, s.run.seed), _memory={})
+        if probe.memory(smallest).fits:
+            return scheme
+    return Scheme("last-k:0", last_k=0)
 
 
 def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:

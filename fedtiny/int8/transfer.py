@@ -74,7 +74,10 @@ def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
     labels = torch.from_numpy(np.asarray(y, np.int64))
     classes = model.classifier.weight.shape[0]
     # Standardized features make one learning rate fit any backbone; the scaling is folded back below.
-    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-8)
+    # Near-constant features (dead channels of a pruned backbone) must not get huge weights: once
+    # clients fine-tune the backbone they move, and a huge weight would turn that into huge logits.
+    std = feats.std(0)
+    mean, std = feats.mean(0), std.clamp_min(0.1 * float(std.median()) + 1e-12)
     z = (feats - mean) / std
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(classes, feats.shape[1], generator=gen) / feats.shape[1] ** 0.5).requires_grad_()

@@ -132,6 +132,9 @@ class RunLog:
             "downlink_bytes_total": sum(r.get("downlink_bytes", 0) for r in recs),
             "rejected_updates_total": sum(len(r.get("rejected", [])) for r in recs),
             "refused_clients_total": sum(len(r.get("refused", [])) for r in recs),
+            # The memory planner's peak of one training step, over every client that trained or refused.
+            "peak_sram_bytes_max": max((c.get("peak_sram_bytes", 0) for r in recs
+                                        for c in r.get("clients", []) + r.get("refused", [])), default=0),
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
             **extra,
