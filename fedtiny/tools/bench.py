@@ -166,6 +166,94 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
 BENCHES["qas"] = bench_qas
 
 
+SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
+
+
+def _model_and_scheme(model: str, scheme: str):
+    """A published model by name (or any model file) with a new head, and the scheme text for it.
+
+    ``s1``..``s5`` name the published schemes of a published model.
+    """
+    import re
+
+    path = Path(model) if Path(model).suffix else SHARED_MODELS / f"{model}.pkl"
+    if re.fullmatch(r"s[1-5]", scheme):
+        scheme = f"{path.parent / 'schemes.json'}#{path.stem}/{scheme}"
+    return path, scheme
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Samples per second of the client's int8 training step against a float step of the same network.
+
+    The int8 step is the clients' code path (the int8 graph, QAS, integer projection).
+    The baseline is the int8 network's float twin (:class:`fedtiny.attack.surrogate.Surrogate`:
+    the same layers with dequantized weights and biases, the int8 ranges as clamps) trained
+    with torch SGD on the same tensors (the scheme's). Both run here, on one thread as a
+    simulated client does, on the same real images (lfw-faces at the model's input size).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from fedtiny.attack.surrogate import Surrogate
+    from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
+    from fedtiny.data.sources import load_source
+    from fedtiny.errors import ModelFileError
+    from fedtiny.federated.task import limit_threads
+    from fedtiny.int8.graph import replace_head
+    from fedtiny.int8.modelfile import read_model
+    from fedtiny.int8.optim import QuantizedOptimizer
+
+    limit_threads()
+    path, scheme_text = _model_and_scheme(args.model, args.scheme)
+    try:
+        q = read_model(path)
+    except ModelFileError as exc:
+        raise ModelFileError(f"--model: {exc}") from None
+    c, h, _ = q.input_shape or (3, 128, 128)
+    data = load_source("lfw-faces", image_size=h, channels=c)
+    q = replace_head(q, data.num_classes)
+    resolved = resolve(parse_scheme(scheme_text), q)
+    apply_scheme(q, resolved)
+    twin = Surrogate(q)
+    trained = {n for n, p in q.named_parameters() if p.requires_grad}
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in trained)
+    b = args.batch_size
+    batches = [(torch.from_numpy(data.x[i:i + b]), torch.from_numpy(data.y[i:i + b]))
+               for i in range(0, len(data) - b + 1, b)][: args.steps]
+    int8_opt = QuantizedOptimizer(q, "sgd+qas", 1e-4, gen=torch.Generator().manual_seed(0))
+    float_opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=1e-4)
+
+    def timed(model, opt) -> float:
+        model.train()
+        for xb, yb in batches[:2]:  # warm-up
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        t0 = time.perf_counter()
+        for xb, yb in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return len(batches) * b / (time.perf_counter() - t0)
+
+    # Alternate the two, best of --repeat, so that a busy moment does not favour either.
+    int8_sps, float_sps = 0.0, 0.0
+    for _ in range(args.repeat):
+        int8_sps = max(int8_sps, timed(q, int8_opt))
+        float_sps = max(float_sps, timed(twin, float_opt))
+    result = {"model": path.stem, "scheme": resolved.name, "batch_size": b, "input": [c, h, h],
+              "steps": len(batches), "int8_samples_per_s": round(int8_sps, 2),
+              "float_samples_per_s": round(float_sps, 2), "int8_vs_float_time_ratio": round(float_sps / int8_sps, 3)}
+    print(f"bench train: {path.stem} scheme {resolved.name}, batch {b} at {c}x{h}x{h}, one thread\n"
+          f"  int8 (QAS) step  {int8_sps:8.2f} samples/s\n  float step       {float_sps:8.2f} samples/s\n"
+          f"  int8 step takes {result['int8_vs_float_time_ratio']:.2f}x the float step's time")
+    return result
+
+
+BENCHES["train"] = bench_train
+
+
 def bench_codec(args: argparse.Namespace) -> dict[str, Any]:
     """Bits per nonzero position of fedtiny's wire format against the entropy floor log2(C(d,k))/k.
 

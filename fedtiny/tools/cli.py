@@ -332,15 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_device_emulator)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
-    p.add_argument("bench", choices=["sim", "qas", "codec"],
+    p.add_argument("bench", choices=["sim", "qas", "codec", "train"],
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
-                        "codec: bits per position of the wire format vs the entropy floor")
+                        "codec: bits per position of the wire format vs the entropy floor; "
+                        "train: the client's int8 step vs a float step of the same network")
+    p.add_argument("--model", default="mcunet-5fps",
+                   help="train: a published model name (in ../shared/models/tiny-training) or a model file")
+    p.add_argument("--scheme", default="s3", help="train: s1..s5 (published), full, bias-only, last-k:N, a file")
+    p.add_argument("--batch-size", type=int, default=16, help="train: samples per step")
+    p.add_argument("--steps", type=int, default=6, help="train: timed steps")
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="scenario whose local training is timed")
     p.add_argument("--clients", type=int, default=100, help="sim: number of client calls (N)")
     p.add_argument("--epochs", type=int, default=5, help="qas: fine-tuning epochs per trial")
     p.add_argument("--lr-points", type=int, default=5, help="qas: learning rates tried per method")
     p.add_argument("--numel", type=int, default=1_000_000, help="codec: tensor size")
-    p.add_argument("--repeat", type=int, default=3, help="codec: timing repetitions")
+    p.add_argument("--repeat", type=int, default=3, help="codec, train: timing repetitions (best kept)")
     p.add_argument("--lr-center", type=float, default=0.003, help="qas: middle of the fp32/QAS learning-rate grid")
     _add_scenario_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
