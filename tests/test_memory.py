@@ -153,3 +153,16 @@ def test_simulation_refuses_clients_whose_step_does_not_fit(tmp_path, cli):
     (refusal,) = rec["refused"]
     assert refusal["partition_id"] == 1 and refusal["device"] == "stm32g031"
     assert refusal["peak_sram_bytes"] > refusal["sram_bytes"] == 8192 and "does not fit" in refusal["reason"]
+
+
+def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
+    """Nothing fits: no update crosses the radio, the run still ends with its summary."""
+    import json
+
+    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=1",
+               "--set", "model.pretrain_epochs=1", "--set", "train.scheme=full", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["refused_clients_total"] == 2 and summary["uploads"] == 0
+    assert summary["uplink_ratio_vs_dense_fp32"] is None and "nothing sent" in proc.stdout
+    assert summary["peak_sram_bytes_max"] > 64 * 1024  # the full update's step does not fit the nRF52832

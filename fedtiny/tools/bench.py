@@ -19,6 +19,9 @@ from typing import Any, Callable
 
 __all__ = ["bench_sim", "BENCHES"]
 
+DEFAULT_SCENARIO = "scenarios/quickstart.toml"
+SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
+
 
 def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.federated.client import client_task, local_round
@@ -73,6 +76,58 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sim": bench_sim}
 
 
+def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, val, test, *, epochs: int,
+               lr_points: int, batch_size: int, momentum: float, rounding: str, seed: int,
+               label: str = "") -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Fine-tune a fresh model per (method, learning rate); pick each method's rate on ``val``.
+
+    ``methods`` maps a name to (model factory, optimizer name, centre of its learning-rate grid);
+    the grid has ``lr_points`` rates 3x apart. Returns every trial and each method's best.
+    """
+    import torch
+
+    from fedtiny.federated.train import _batches, evaluate, make_optimizer, seeded
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rows, best = [], {}
+    for method, (make, opt_name, center) in methods.items():
+        for lr in [center * 3.0 ** (i - (lr_points - 1) / 2) for i in range(lr_points)]:
+            model = make()
+            opt = make_optimizer(model, opt_name, lr, momentum, rounding=rounding, gen=seeded(seed, 99))
+            gen, steps, t_steps = seeded(seed, 7), 0, 0.0
+            for _ in range(epochs):
+                model.train(False)
+                for xb, yb in _batches(train, batch_size, gen):
+                    t0 = time.perf_counter()
+                    opt.zero_grad()
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    t_steps += time.perf_counter() - t0
+                    steps += 1
+            val_acc, test_acc = evaluate(model, val)[1], evaluate(model, test)[1]
+            row = {"method": method, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
+                   "step_ms": 1000 * t_steps / steps, "seed": seed}
+            rows.append(row)
+            print(f"[bench qas{label}] {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  test {test_acc:.4f}  "
+                  f"{row['step_ms']:.2f} ms/step", file=sys.stderr, flush=True)
+            if method not in best or val_acc > best[method]["val_accuracy"]:
+                best[method] = row
+    return rows, best
+
+
+def _pooled_clients(fed, clients: int):
+    """Every client's training split joined, and every client's held-out split joined."""
+    import numpy as np
+
+    from fedtiny.data import ImageSet
+
+    splits = [fed.client_data(i) for i in range(clients)]
+    join = lambda parts: ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),  # noqa: E731
+                                  fed.num_classes, "pool")
+    return join([a for a, _ in splits]), join([b for _, b in splits])
+
+
 def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     """fp32 SGD vs int8 SGD vs int8 SGD+QAS fine-tuning of the same cloud model on the same transfer task.
 
@@ -82,16 +137,19 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     global test set. Each method gets the same budget: ``--lr-points`` learning rates
     spaced by 3x around its natural scale (``--lr-center`` for fp32 and QAS; for plain int8
     SGD, lr_center / median(s_w)^2, the best single rescaling without QAS).
+    With ``--model``, a published model file on a transfer task at its resolution instead
+    (:func:`bench_qas_model`).
     """
     import numpy as np
     import torch
 
-    from fedtiny.data import ImageSet
+    if args.model_file:
+        return bench_qas_model(args)
     from fedtiny.int8.convert import fold, ptq
     from fedtiny.models import build_model
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.federated.task import limit_threads, make_task
-    from fedtiny.federated.train import evaluate, make_optimizer, pretrain, seeded, _batches
+    from fedtiny.federated.train import evaluate, pretrain
 
     limit_threads()
     s = load_scenario(args.scenario, parse_overrides(args.overrides))
@@ -101,14 +159,11 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
         seed=s.run.seed)
     pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
              batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
-    splits = [fed.client_data(i) for i in range(s.run.clients)]
-    join = lambda parts: ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),  # noqa: E731
-                                  fed.num_classes, "pool")
-    train, val = join([a for a, _ in splits]), join([b for _, b in splits])
+    train, val = _pooled_clients(fed, s.run.clients)
     calib = fed.public.x[: s.model.calibration_samples]
     q0 = ptq(fp32, calib, classifier_precision=s.model.classifier_precision)
     w_scales = torch.cat([c.w_scales for c in q0.modules() if hasattr(c, "w_scales")])
-    center = args.lr_center
+    center = args.lr_center or 0.003
     int8_center = center / float(w_scales.median()) ** 2
     methods = {
         "fp32": (lambda: fold(fp32), "sgd", center),
@@ -116,32 +171,9 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
         "int8_qas": (lambda: ptq(fp32, calib, classifier_precision=s.model.classifier_precision), "sgd+qas", center),
     }
     k = args.lr_points
-    loss_fn = torch.nn.CrossEntropyLoss()
-    rows, best = [], {}
-    for method, (make, opt_name, center) in methods.items():
-        for lr in [center * 3.0 ** (i - (k - 1) / 2) for i in range(k)]:
-            model = make()
-            opt = make_optimizer(model, opt_name, lr, s.train.momentum, rounding=s.train.weight_rounding,
-                                 gen=seeded(s.run.seed, 99))
-            gen, steps, t_steps = seeded(s.run.seed, 7), 0, 0.0
-            for _ in range(args.epochs):
-                model.train(False)
-                for xb, yb in _batches(train, s.train.batch_size, gen):
-                    t0 = time.perf_counter()
-                    opt.zero_grad()
-                    loss = loss_fn(model(xb), yb)
-                    loss.backward()
-                    opt.step()
-                    t_steps += time.perf_counter() - t0
-                    steps += 1
-            val_acc, test_acc = evaluate(model, val)[1], evaluate(model, fed.test)[1]
-            row = {"method": method, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
-                   "step_ms": 1000 * t_steps / steps}
-            rows.append(row)
-            print(f"[bench qas] {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  test {test_acc:.4f}  "
-                  f"{row['step_ms']:.2f} ms/step", file=sys.stderr, flush=True)
-            if method not in best or val_acc > best[method]["val_accuracy"]:
-                best[method] = row
+    rows, best = _lr_trials(methods, train, val, fed.test, epochs=args.epochs, lr_points=k,
+                            batch_size=s.train.batch_size, momentum=s.train.momentum,
+                            rounding=s.train.weight_rounding, seed=s.run.seed)
     step = {m: np.mean([r["step_ms"] for r in rows if r["method"] == m]) for m in methods}
     result = {
         "fp32_accuracy": best["fp32"]["test_accuracy"],
@@ -163,10 +195,77 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The QAS comparison on a model file (a published int8 model) on a transfer task at its resolution.
+
+    The task is the scenario's (``scenarios/mcunet-256kb.toml`` unless ``--scenario`` names
+    another): the server fits the new head (the cloud step), then the scheme's tensors
+    (``--scheme``) are fine-tuned centrally on the clients' training splits three ways: the
+    float twin of the int8 network with fp32 SGD, int8 SGD, int8 SGD+QAS; the learning rate
+    is picked on the clients' held-out splits, the global test set scores. Repeated for
+    ``--seeds`` seeds (split, head, batches); the spread is the min-max over seeds.
+    """
+    import copy
+
+    import numpy as np
+    import torch
+
+    from fedtiny.attack.surrogate import Surrogate
+    from fedtiny.federated.task import cloud_model, limit_threads, make_task, resolve_scheme
+    from fedtiny.models.state import load_arrays
+    from fedtiny.scenario import load_scenario, parse_overrides
+
+    limit_threads()
+    path, scheme = _model_and_scheme(args.model_file, args.scheme)
+    scenario = args.scenario if args.scenario != DEFAULT_SCENARIO else "scenarios/mcunet-256kb.toml"
+    over = {**parse_overrides(args.overrides), "model.file": str(path.resolve()), "train.scheme": scheme}
+    per_seed = []
+    for seed in range(args.seeds):
+        s = load_scenario(scenario, {**over, "run.seed": seed})
+        task = make_task(s)
+        state, cloud = cloud_model(task)
+        task = resolve_scheme(task, state)
+        load_arrays(task.model, state)
+        q0 = task.model
+        trained = {n for n, p in q0.named_parameters() if p.requires_grad}
+
+        def twin():
+            model = Surrogate(q0)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in trained)
+            return model
+
+        w_scales = torch.cat([c.w_scales for c in q0.modules() if hasattr(c, "w_scales")])
+        center = args.lr_center or 1e-4
+        methods = {"fp32": (twin, "sgd", center),
+                   "int8_sgd": (lambda: copy.deepcopy(q0), "sgd", center / float(w_scales.median()) ** 2),
+                   "int8_qas": (lambda: copy.deepcopy(q0), "sgd+qas", center)}
+        train, val = _pooled_clients(task.federation, s.run.clients)
+        _, best = _lr_trials(methods, train, val, task.federation.test, epochs=args.epochs,
+                             lr_points=args.lr_points, batch_size=s.train.batch_size, momentum=s.train.momentum,
+                             rounding=s.train.weight_rounding, seed=seed, label=f" seed {seed}")
+        per_seed.append({"seed": seed, "cloud_ptq_accuracy": cloud.ptq_accuracy,
+                         **{f"{m}_accuracy": best[m]["test_accuracy"] for m in methods},
+                         "best_lr": {m: best[m]["lr"] for m in methods}})
+    names = ("cloud_ptq", "fp32", "int8_sgd", "int8_qas")
+    result: dict[str, Any] = {"model": path.stem, "scheme": scheme.rpartition("#")[2] or scheme,
+                              "seeds": args.seeds, "epochs": args.epochs, "lr_points": args.lr_points,
+                              "per_seed": per_seed}
+    for n in names:
+        vals = np.array([r[f"{n}_accuracy"] for r in per_seed])
+        result[f"{n}_accuracy_mean"] = round(float(vals.mean()), 4)
+        result[f"{n}_accuracy_spread"] = round(float(vals.max() - vals.min()), 4)
+    print(f"\nbench qas: {path.stem}, scheme {result['scheme']}, {args.seeds} seeds, {args.epochs} epochs, "
+          f"{args.lr_points} learning rates each (picked on client validation splits)")
+    for n in names:
+        print(f"  {n:<10} test accuracy {result[f'{n}_accuracy_mean']:.4f} "
+              f"(spread over seeds {result[f'{n}_accuracy_spread']:.4f})")
+    return result
+
+
 BENCHES["qas"] = bench_qas
 
 
-SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
 
 
 def _model_and_scheme(model: str, scheme: str):
@@ -204,7 +303,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.int8.optim import QuantizedOptimizer
 
     limit_threads()
-    path, scheme_text = _model_and_scheme(args.model, args.scheme)
+    path, scheme_text = _model_and_scheme(args.model_file or "mcunet-5fps", args.scheme)
     try:
         q = read_model(path)
     except ModelFileError as exc:

@@ -37,6 +37,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 
 def _summary_table(name: str, summary: dict[str, Any]) -> str:
+    up32, up8 = summary.get("uplink_ratio_vs_dense_fp32"), summary.get("uplink_ratio_vs_dense_int8")
     return f"\nfedtiny run: {name}\n" + _table([
         ("clients (per round)", f"{summary['num_clients']} ({summary['clients_per_round']})"),
         ("rounds", summary["rounds"]),
@@ -45,10 +46,11 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
         ("accuracy: best", summary["best_accuracy"]),
         ("uplink bytes (total)", summary["uplink_bytes_total"]),
         ("downlink bytes (total)", summary["downlink_bytes_total"]),
-        ("uplink vs dense fp32 / int8", f"{summary.get('uplink_ratio_vs_dense_fp32', 0):.1f}x / "
-                                         f"{summary.get('uplink_ratio_vs_dense_int8', 0):.1f}x smaller"),
+        ("uplink vs dense fp32 / int8", f"{up32:.1f}x / {up8:.1f}x smaller" if up32 and up8
+         else "nothing sent"),
         ("rejected updates", summary["rejected_updates_total"]),
         ("refused (memory)", summary.get("refused_clients_total", 0)),
+        ("peak SRAM of a step (max)", summary.get("peak_sram_bytes_max", 0)),
         ("wall time (s)", summary["wall_time_s"]),
         ("run folder", summary["run_dir"]),
     ])
@@ -336,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
                         "codec: bits per position of the wire format vs the entropy floor; "
                         "train: the client's int8 step vs a float step of the same network")
-    p.add_argument("--model", default="mcunet-5fps",
-                   help="train: a published model name (in ../shared/models/tiny-training) or a model file")
+    p.add_argument("--model", dest="model_file", default="",
+                   help="train (default mcunet-5fps), qas: a published model name (in ../shared/models/tiny-training) "
+                        "or a model file")
     p.add_argument("--scheme", default="s3", help="train: s1..s5 (published), full, bias-only, last-k:N, a file")
     p.add_argument("--batch-size", type=int, default=16, help="train: samples per step")
     p.add_argument("--steps", type=int, default=6, help="train: timed steps")
@@ -347,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-points", type=int, default=5, help="qas: learning rates tried per method")
     p.add_argument("--numel", type=int, default=1_000_000, help="codec: tensor size")
     p.add_argument("--repeat", type=int, default=3, help="codec, train: timing repetitions (best kept)")
-    p.add_argument("--lr-center", type=float, default=0.003, help="qas: middle of the fp32/QAS learning-rate grid")
+    p.add_argument("--lr-center", type=float, default=0.0,
+                   help="qas: middle of the fp32/QAS learning-rate grid (0: 0.003, or 1e-4 with --model)")
+    p.add_argument("--seeds", type=int, default=3, help="qas with --model: seeds to average over")
     _add_scenario_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=cmd_bench)
