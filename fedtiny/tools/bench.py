@@ -275,7 +275,9 @@ def _model_and_scheme(model: str, scheme: str):
     """
     import re
 
-    path = Path(model) if Path(model).suffix else SHARED_MODELS / f"{model}.pkl"
+    path = Path(model)
+    if not path.is_file() and not path.suffix == ".pkl" and (SHARED_MODELS / f"{model}.pkl").is_file():
+        path = SHARED_MODELS / f"{model}.pkl"  # a published model's name ("mbv2-w0.35")
     if re.fullmatch(r"s[1-5]", scheme):
         scheme = f"{path.parent / 'schemes.json'}#{path.stem}/{scheme}"
     return path, scheme
