@@ -113,3 +113,13 @@ def test_scheme_ids_follow_the_model_file(tmp_path, small_model_file):
     s = scenario_from_dict({"model": {"file": str(small_model_file)},
                             "train": {"scheme": f"{schemes}#{{model}}/s1"}})
     assert s.scheme_text.endswith("#small/s1")
+
+
+def test_bench_train_times_the_int8_step_against_its_float_twin(cli, small_model_file):
+    proc = cli("bench", "train", "--model", str(small_model_file), "--scheme", "last-k:2", "--steps", "2",
+               "--repeat", "1", "--batch-size", "8", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["input"] == [3, 32, 32] and r["steps"] == 2 and r["scheme"] == "last-k:2"
+    assert r["int8_samples_per_s"] > 0 and r["float_samples_per_s"] > 0
+    assert r["int8_vs_float_time_ratio"] == pytest.approx(r["float_samples_per_s"] / r["int8_samples_per_s"], rel=0.02)
