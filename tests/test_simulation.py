@@ -14,6 +14,8 @@ from conftest import ROOT
 
 SMALL = ["--set", "run.clients=4", "--set", "run.clients_per_round=3", "--set", "run.rounds=2",
          "--set", "model.pretrain_epochs=5", "--set", "run.name=small"]
+# Exact byte counts need the fixed-size payload: the dense int8 update of the scheme's tensors.
+DENSE = ["--set", "compression.uplink=dense", "--set", "compression.downlink=full"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def two_runs(tmp_path_factory):
     out = []
     for i in range(2):
         d = tmp_path_factory.mktemp(f"run{i}")
-        proc = run_cli("run", str(ROOT / "scenarios" / "quickstart.toml"), *SMALL, "--out", str(d), "--json")
+        proc = run_cli("run", str(ROOT / "scenarios" / "quickstart.toml"), *SMALL, *DENSE, "--out", str(d), "--json")
         assert proc.returncode == 0, proc.stderr[-3000:]
         out.append((d, proc))
     return out
