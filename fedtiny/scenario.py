@@ -66,6 +66,8 @@ class RunSection:
     clients: int = _key(10, "number of simulated clients (partitions)", _range(1, 100_000))
     clients_per_round: int = _key(0, "clients sampled per round; 0 means all", _range(0, 100_000))
     num_cpus: int = _key(2, "CPU cores given to the simulation backend", _range(1, 256))
+    seeds: tuple[int, ...] = _key((), "repeat the run (each method of a sweep) with these seeds; the sweep reports "
+                                  "mean and spread; empty: run.seed only", _each(_range(0)))
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,31 @@ class TrainSection:
     batch_size: int = _key(16, "client batch size", _range(1, 65_536))
     weight_rounding: str = _key("stochastic", "rounding of int8 weights after each step", _choice("stochastic", "nearest"))
     scheme: str = _key("full", "sparse-update scheme: full, bias-only, last-k:N, a JSON/TOML file (path relative to "
-                       "the scenario; schemes.json#id) or inline JSON")
+                       "the scenario; schemes.json#id) or inline JSON; chosen per device: last-k:fit, search, "
+                       "fisher, random:N")
+    scheme_per_device: bool = _key(True, "a device-dependent scheme is chosen for each device profile of the fleet; "
+                                   "false: the fleet's smallest device's scheme everywhere")
+    channels: str = _key("static", "static: the scheme's channels every round; dynamic: each client draws its "
+                         "trained channels afresh each round (same layers and counts, seeded by client and round)",
+                         _choice("static", "dynamic"))
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    epochs: int = _key(2, "contribution analysis: fine-tuning epochs per candidate", _range(1, 1000))
+    lr: float = _key(0.0, "contribution analysis: learning rate (0: train.lr)", _range(0.0))
+    samples: int = _key(0, "contribution analysis: public-split images used (seeded subset; 0: all)", _range(0))
+    val_fraction: float = _key(0.3, "share of those images held out to measure the gains", _range(0.05, 0.9))
+    shift: str = _key("fleet", "fleet: see the public split through the fleet's sensor shift (what clients adapt "
+                      "to); none: as it is", _choice("fleet", "none"))
+    bias_grid: tuple[int, ...] = _key((), "numbers of last convolutions whose biases are tried (empty: automatic)",
+                                      _each(_range(0)))
+    population: int = _key(32, "evolutionary search: population", _range(2, 100_000))
+    generations: int = _key(30, "evolutionary search: generations", _range(1, 100_000))
+    mutation: float = _key(0.1, "evolutionary search: probability of re-drawing a gene", _range(0.0, 1.0))
+    crossover: float = _key(0.5, "evolutionary search: probability of taking a gene from the second parent",
+                            _range(0.0, 1.0))
+    budget_kb: int = _key(0, "search for this SRAM budget in KB instead of each device's", _range(0, 1 << 22))
 
 
 @dataclass(frozen=True)
@@ -192,6 +218,7 @@ class Scenario:
     compression: CompressionSection = field(default_factory=CompressionSection)
     attack: AttackSection = field(default_factory=AttackSection)
     bridge: BridgeSection = field(default_factory=BridgeSection)
+    search: SearchSection = field(default_factory=SearchSection)
     # A sweep: method name -> {"section.key": value} overrides (validated like --set).
     methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -239,7 +266,7 @@ class Scenario:
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
     "device": DeviceSection, "compression": CompressionSection, "attack": AttackSection,
-    "bridge": BridgeSection,
+    "bridge": BridgeSection, "search": SearchSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _INT_LIST, _STR_LIST, _ADDRESSES = "tuple[int, ...]", "tuple[str, ...]", "tuple[tuple[int, str], ...]"

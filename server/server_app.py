@@ -17,7 +17,8 @@ from fedtiny.compress.dense import pack_dense, unpack_dense
 from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import GlobalModel
 from fedtiny.federated.rounds import RoundOutcome
-from fedtiny.federated.task import cloud_model, limit_threads, make_task, resolve_scheme
+from fedtiny.federated.fleet import fleet_schemes
+from fedtiny.federated.task import cloud_model, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate
 from fedtiny.models import load_arrays
 from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
@@ -60,9 +61,13 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
     log = RunLog(run_dir, scenario)
     task = make_task(scenario)
     initial, cloud = cloud_model(task)
-    task = resolve_scheme(task, initial)
-    if task.scheme is not None:
-        log.note(f"scheme {task.scheme.summary()}")
+    schemes = fleet_schemes(task, initial) if scenario.model.precision == "int8" else None
+    by_device = {}
+    if schemes is not None:
+        task = with_scheme(task, schemes.union)
+        for device, scheme in schemes.by_profile.items():
+            by_device[device] = {"scheme": scheme.summary(), **scheme.to_dict(), **schemes.found.get(device, {})}
+            log.note(f"{device}: scheme {scheme.summary()}" + (", channels redrawn each round" if schemes.dynamic else ""))
     log.note(f"cloud model: fp32 accuracy {cloud.fp32_accuracy:.4f}"
              + (f", after int8 PTQ {cloud.ptq_accuracy:.4f}" if cloud.ptq_accuracy is not None else ""))
     global_model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
@@ -78,10 +83,11 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     strategy = FedTinyStrategy(task, discover_partitions(grid, scenario.run.clients), global_model,
-                               on_round=[log_round, recorder])
+                               on_round=[log_round, recorder], schemes=schemes)
     strategy.start(grid, bytes_record(pack_dense(initial, task.downlink_spec)), num_rounds=scenario.run.rounds,
                    evaluate_fn=evaluate_global)
     privacy = {}
+    task = with_scheme(task, task.scheme)  # the clients' views moved the shared model's trainable set
     if recorder.observed:
         log.note(f"attacking {len(recorder.observed)} observed update(s) ({scenario.attack.method})")
         report = attack_observed(task, recorder.observed, scenario.attack, run_dir)
@@ -91,6 +97,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path) -> dict[str, Any]:
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",
+                      schemes_by_device=by_device, channels=scenario.train.channels,
                       model_parameters=sum(p.numel() for p in task.model.parameters()),
                       **compression_ratios(task, log.records), **privacy)
 

@@ -13,10 +13,12 @@ from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import DownlinkPlanner
 from fedtiny.errors import UpdateError
 from fedtiny.federated import messages as msg
+from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.federated.aggregate import GlobalModel, aggregate
+from fedtiny.federated.fleet import FleetSchemes
 from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats
 from fedtiny.federated.sampling import sample_clients
-from fedtiny.federated.task import Task
+from fedtiny.federated.task import Task, client_profile, with_scheme
 
 __all__ = ["FedTinyStrategy", "parse_reply"]
 
@@ -41,7 +43,9 @@ class FedTinyStrategy(Strategy):
     Parameters
     ----------
     task
-        The scenario's task (model, wire specs, uplink decoder).
+        The scenario's task (model, wire specs), under the union of the fleet's schemes.
+    schemes
+        The scheme of each device profile (None: a fp32 model, every client trains everything).
     node_of
         Flower node id of each partition id (from the discovery query).
     global_model
@@ -57,8 +61,11 @@ class FedTinyStrategy(Strategy):
     """
 
     def __init__(self, task: Task, node_of: dict[int, int], global_model: GlobalModel,
-                 on_round: Iterable[RoundCallback] = ()) -> None:
+                 on_round: Iterable[RoundCallback] = (), schemes: FleetSchemes | None = None) -> None:
         self.task = task
+        self.schemes = schemes
+        self._scheme_of: dict[int, ResolvedScheme | None] = {}  # this round's scheme of each sampled client
+        self._views: dict[str, Task] = {}
         self.scenario = task.scenario
         self.global_model = global_model
         self.on_round = list(on_round)
@@ -74,13 +81,15 @@ class FedTinyStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         s = self.scenario
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
-        scheme = self.task.scheme.to_json() if self.task.scheme is not None else ""
-        messages, self._down = [], {}
+        messages, self._down, self._scheme_of = [], {}, {}
         for p in pids:
             kind, payload = self.downlink.payload(p, server_round, self.global_model.state)
             self._down[p] = (kind, len(payload))
-            cfg = ConfigRecord({msg.SCENARIO: s.to_json(), msg.SERVER_ROUND: server_round, msg.SCHEME: scheme,
-                                msg.DOWNLINK: kind})
+            scheme = (self.schemes.for_client(client_profile(s, p).name, p, server_round)
+                      if self.schemes is not None else None)
+            self._scheme_of[p] = scheme
+            cfg = ConfigRecord({msg.SCENARIO: s.to_json(), msg.SERVER_ROUND: server_round,
+                                msg.SCHEME: scheme.to_json() if scheme is not None else "", msg.DOWNLINK: kind})
             messages.append(Message(RecordDict({msg.GLOBAL: bytes_record(payload), msg.CONFIG: cfg}),
                                     dst_node_id=self.node_of[p], message_type=MessageType.TRAIN))
         return messages
@@ -93,11 +102,12 @@ class FedTinyStrategy(Strategy):
                 self.downlink.received(r.partition_id, server_round)
         sent = dict(self.global_model.state)  # apply_delta replaces arrays, never writes into them
 
-        def decode(payload: bytes):
-            return self.task.uplink.decode(payload, sent)
+        def decode(partition_id: int, payload: bytes):
+            return self.client_view(partition_id).uplink.decode(payload, sent)
 
         updates = client_updates(parsed)
-        result = aggregate(updates, decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec})
+        result = aggregate(updates, decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec},
+                           coverage=lambda p: self.client_view(p).slices)
         stats = round_stats(parsed, result, self._down)
         accepted = {u.partition_id: u.payload for u in updates if u.partition_id in set(result.accepted)}
         outcome = RoundOutcome(server_round, stats, accepted, sent, decode)
@@ -108,6 +118,18 @@ class FedTinyStrategy(Strategy):
         self.global_model.apply_delta(result.arrays)
         return (bytes_record(pack_dense(self.global_model.state, self.task.downlink_spec)),
                 MetricRecord(stats.train_metrics()))
+
+    def client_view(self, partition_id: int) -> Task:
+        """The task under the scheme client ``partition_id`` was sent this round (its uplink and slices)."""
+        scheme = self._scheme_of.get(partition_id)
+        if scheme is None:
+            return self.task
+        key = scheme.to_json()
+        if key not in self._views:
+            if len(self._views) > 64:  # dynamic channels: a view per client and round; keep the last few
+                self._views.clear()
+            self._views[key] = with_scheme(self.task, scheme)
+        return self._views[key]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

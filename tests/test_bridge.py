@@ -75,7 +75,8 @@ def _emulator(port_box, fault=""):
 def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
-    from fedtiny.federated.task import cloud_model, make_task, resolve_scheme
+    from fedtiny.federated.task import cloud_model, make_task
+    from fedtiny.federated.fleet import resolve_scheme
 
     port = []
     scenario = _emulator(port)

@@ -162,8 +162,8 @@ def test_sparse_aggregation_equals_dense_fedavg_at_density_one():
         dense.append(ClientUpdate(pid, dense_up.encode(trained, state, 1, {})[0], 10 + pid))
         sparse.append(ClientUpdate(pid, sparse_up.encode(trained, state, 1, {})[0], 10 + pid))
     shapes = {n: s for n, s, _ in spec}
-    mean = aggregate(dense, lambda b: dense_up.decode(b, state), shapes).arrays
-    sp = aggregate(sparse, lambda b: sparse_up.decode(b, state), shapes).arrays
+    mean = aggregate(dense, lambda _, b: dense_up.decode(b, state), shapes).arrays
+    sp = aggregate(sparse, lambda _, b: sparse_up.decode(b, state), shapes).arrays
     assert len(sparse[0].payload) < len(dense[0].payload) * 2  # fp32 values plus a few header bytes
     for n in state:
         np.testing.assert_allclose(sp[n], mean[n], rtol=1e-6, atol=1e-6)

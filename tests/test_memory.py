@@ -112,7 +112,8 @@ def test_device_profiles():
 
 def test_quickstart_scheme_fits_its_device_and_full_does_not():
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.federated.task import client_profile, cloud_model, make_task, resolve_scheme
+    from fedtiny.federated.task import client_profile, cloud_model, make_task
+    from fedtiny.federated.fleet import resolve_scheme
 
     for scheme, fits in (("", True), ("full", False)):
         over = parse_overrides([f"train.scheme={scheme}"] if scheme else []) | {"model.pretrain_epochs": 1}

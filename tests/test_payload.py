@@ -16,7 +16,7 @@ def arrays(v):
 def aggregate_dense(updates):
     """The server's path for dense uplinks, against a zero model (so the mean change is the mean model)."""
     uplink = Uplink("dense", SPEC, {}, CompressionConfig())
-    return aggregate(updates, lambda b: uplink.decode(b, arrays(0.0)), {n: s for n, s, _ in SPEC})
+    return aggregate(updates, lambda _, b: uplink.decode(b, arrays(0.0)), {n: s for n, s, _ in SPEC})
 
 
 def test_round_trip_and_exact_size():

@@ -51,7 +51,8 @@ def test_metrics_per_round_and_byte_counts(two_runs):
     d, _ = two_runs[0]
     recs = read_metrics(d)
     assert [r["round"] for r in recs] == [0, 1, 2]
-    from fedtiny.federated.task import cloud_model, resolve_scheme
+    from fedtiny.federated.task import cloud_model
+    from fedtiny.federated.fleet import resolve_scheme
 
     task = make_task(load_scenario(d / "scenario.toml"))
     task = resolve_scheme(task, cloud_model(task)[0])  # the sparse scheme decides what is sent back
@@ -159,7 +160,8 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     from clients.wire import bytes_record
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
-    from fedtiny.federated.task import cloud_model, resolve_scheme
+    from fedtiny.federated.task import cloud_model
+    from fedtiny.federated.fleet import resolve_scheme
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",

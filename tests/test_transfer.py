@@ -86,7 +86,8 @@ def test_a_bad_model_file_is_one_line_exit_2(tmp_path, cli, small_model_file, ov
 
 def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
     from fedtiny.budget.schemes import parse_scheme, resolve
-    from fedtiny.federated.task import make_task, resolve_scheme
+    from fedtiny.federated.task import make_task
+    from fedtiny.federated.fleet import resolve_scheme
     from fedtiny.models import model_arrays
     from fedtiny.scenario import scenario_from_dict
 

@@ -9,8 +9,12 @@ Layer indices count the model's convolutions in forward order from 0 (the
 classifier excluded); ``n_bias_update`` counts convolutions back from the last one;
 a ratio is the fraction of input channels (of channels, for a depthwise conv)
 whose weights are trained, picked by largest weight norm (``magnitude+``) or at
-random (``random``, seeded). The classifier is always trained. Presets: ``full``,
-``bias-only``, ``last-k:N`` (weights and biases of the last N convolutions).
+random (``random``, seeded), or named explicitly (``weight_update_channels``, one list per
+entry of ``weight_update_idx``). The classifier is always trained. Presets: ``full``,
+``bias-only``, ``last-k:N`` (weights and biases of the last N convolutions), and the rules a
+device's budget decides (resolved by :mod:`fedtiny.federated.task` with :mod:`fedtiny.search`):
+``last-k:fit``, ``search`` (contribution analysis + evolutionary search), ``fisher``
+(Fisher-information ranking) and ``random:N`` (the N-th random scheme that fits).
 
 :func:`parse_scheme` reads a preset name, a JSON/TOML file (a ``schemes.json`` file
 takes ``#id`` to pick one entry), or inline JSON; :func:`resolve` fixes it against a
@@ -31,12 +35,14 @@ import torch
 from fedtiny.errors import SchemeError
 
 __all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS",
-           "trainable_slices"]
+           "trainable_slices", "redraw_channels", "union"]
 
-PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit")
-LAST_K_FIT = -1  # last-k:fit: the largest N whose step fits the fleet's smallest device (the task resolves it)
+PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit", "search", "fisher", "random:N")
+LAST_K_FIT = -1  # last-k:fit: the largest N whose step fits the device (the task resolves it)
 CRITERIA = ("magnitude+", "random")
-
+RULES = ("search", "fisher", "random")  # schemes chosen for a device's budget (the task resolves them)
+# Facts a search writes beside a scheme; a scheme file may carry them, resolving ignores them.
+INFO_KEYS = ("predicted_gain", "peak_sram_bytes", "budget_bytes", "device", "model", "rule")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Scheme:
     weight_update: tuple[tuple[int, float], ...] | None = None
     weight_select: str = "magnitude+"
     last_k: int | None = None
+    weight_channels: tuple[tuple[int, ...], ...] | None = None  # explicit channels per weight_update entry
+    rule: str = ""  # search, fisher, random: chosen per device (``name`` then carries random's N)
 
 
 @dataclass
@@ -63,6 +71,20 @@ class ResolvedScheme:
     @property
     def num_convs(self) -> int:
         return len(self.bias)
+
+    def layout(self) -> tuple:
+        """What the memory of a step depends on: trained biases and the number of trained channels."""
+        return tuple(self.bias), tuple(-1 if c is None else len(c) for c in self.channels), self.classifier
+
+    def to_dict(self) -> dict[str, Any]:
+        """This scheme in ``schemes.json`` form, its channels named explicitly."""
+        n = self.num_convs
+        last = next((i for i in range(n) if all(self.bias[i:])), n)
+        idx = [i for i, c in enumerate(self.channels) if c]
+        return {"id": self.name, "n_bias_update": n - last, "weight_update_idx": idx,
+                "weight_update_ratio": [round(len(self.channels[i]) / self.in_channels[i], 4) if self.in_channels
+                                        else 1.0 for i in idx],
+                "weight_update_channels": [list(self.channels[i]) for i in idx]}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -80,7 +102,8 @@ class ResolvedScheme:
 
 
 def _from_dict(d: dict[str, Any], name: str) -> Scheme:
-    allowed = {"id", "n_bias_update", "weight_update_idx", "weight_update_ratio", "weight_select_criteria"}
+    allowed = {"id", "n_bias_update", "weight_update_idx", "weight_update_ratio", "weight_select_criteria",
+               "weight_update_channels", *INFO_KEYS}
     extra = sorted(set(d) - allowed)
     if extra:
         raise SchemeError(f"scheme {name}: unknown key {extra[0]!r} (expected {', '.join(sorted(allowed))})")
@@ -99,7 +122,16 @@ def _from_dict(d: dict[str, Any], name: str) -> Scheme:
     crit = d.get("weight_select_criteria", "magnitude+")
     if crit not in CRITERIA:
         raise SchemeError(f"scheme {name}: weight_select_criteria {crit!r}; expected one of {', '.join(CRITERIA)}")
-    return Scheme(str(d.get("id", name)), n_bias, tuple((int(i), float(r)) for i, r in zip(idx, ratio)), crit)
+    chans = d.get("weight_update_channels")
+    if chans is not None:
+        if not isinstance(chans, list) or len(chans) != len(idx) or not all(
+                isinstance(c, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in c)
+                for c in chans):
+            raise SchemeError(f"scheme {name}: weight_update_channels must be {len(idx)} lists of channel "
+                              "indices >= 0, one per weight_update_idx entry")
+        chans = tuple(tuple(sorted(set(c))) for c in chans)
+    return Scheme(str(d.get("id", name)), n_bias, tuple((int(i), float(r)) for i, r in zip(idx, ratio)), crit,
+                  weight_channels=chans)
 
 
 def parse_scheme(text: str) -> Scheme:
@@ -111,6 +143,13 @@ def parse_scheme(text: str) -> Scheme:
         return Scheme("bias-only", None, ())
     if text == "last-k:fit":
         return Scheme(text, last_k=LAST_K_FIT)
+    if text in ("search", "fisher"):
+        return Scheme(text, rule=text)
+    if text.startswith("random:"):
+        n = text.split(":", 1)[1]
+        if not n.isdigit():
+            raise SchemeError(f"scheme {text!r}: expected random:N with an integer N >= 0")
+        return Scheme(text, rule="random")
     if text.startswith("last-k:"):
         try:
             k = int(text.split(":", 1)[1])
@@ -159,8 +198,8 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
     """Fix ``scheme`` against an int8 model: which biases and which weight channels are trained."""
     convs = model.convs()
     n = len(convs)
-    if scheme.last_k == LAST_K_FIT:
-        raise SchemeError("scheme last-k:fit depends on the devices; resolve it with fedtiny.federated.task")
+    if scheme.last_k == LAST_K_FIT or scheme.rule:
+        raise SchemeError(f"scheme {scheme.name} depends on the device; resolve it with fedtiny.federated.task")
     if scheme.last_k is not None:
         k = min(scheme.last_k, n)
         n_bias, weights = k, tuple((i, 1.0) for i in range(n - k, n))
@@ -171,16 +210,47 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
         raise SchemeError(f"scheme {scheme.name}: n_bias_update {n_bias} exceeds the model's {n} convolutions")
     bias = [i >= n - n_bias for i in range(n)]
     channels: list[list[int] | None] = [None] * n
-    for idx, ratio in weights:
+    in_ch = [c.out_channels if c.is_depthwise else c.in_channels for c in convs]
+    for j, (idx, ratio) in enumerate(weights):
         if idx >= n:
             raise SchemeError(f"scheme {scheme.name}: weight_update_idx {idx} out of range "
                               f"(the model has {n} convolutions, 0..{n - 1})")
-        sel = _select(convs[idx].weight, convs[idx].is_depthwise, ratio, scheme.weight_select, seed * 1000 + idx)
+        if scheme.weight_channels is not None:
+            sel = list(scheme.weight_channels[j])
+            if sel and sel[-1] >= in_ch[idx]:
+                raise SchemeError(f"scheme {scheme.name}: weight_update_channels of layer {idx} names channel "
+                                  f"{sel[-1]}; the layer has {in_ch[idx]}")
+        else:
+            sel = _select(convs[idx].weight, convs[idx].is_depthwise, ratio, scheme.weight_select,
+                          seed * 1000 + idx)
         if sel:
             channels[idx] = sel
             bias[idx] = True  # a weight-updated layer also updates its bias
-    in_ch = [c.out_channels if c.is_depthwise else c.in_channels for c in convs]
     return ResolvedScheme(scheme.name, bias, channels, in_ch, True)
+
+
+def redraw_channels(resolved: ResolvedScheme, seed: list[int]) -> ResolvedScheme:
+    """The same layers and channel counts, with each trained layer's channels drawn afresh (seeded).
+
+    Dynamic channels: the memory of a step depends only on the counts (:meth:`ResolvedScheme.layout`),
+    so it is unchanged, while over many draws every channel of a trained layer gets updates.
+    """
+    rng = np.random.default_rng(seed)
+    channels = [c if c is None or len(c) in (0, n) else sorted(int(i) for i in rng.choice(n, len(c), replace=False))
+                for c, n in zip(resolved.channels, resolved.in_channels)]
+    return ResolvedScheme(resolved.name, list(resolved.bias), channels, list(resolved.in_channels), resolved.classifier)
+
+
+def union(schemes: list[ResolvedScheme]) -> ResolvedScheme:
+    """Everything any of ``schemes`` trains (the server's view of a mixed fleet)."""
+    first = schemes[0]
+    channels: list[list[int] | None] = []
+    for i in range(first.num_convs):
+        sets = [s.channels[i] for s in schemes if s.channels[i] is not None]
+        channels.append(sorted(set().union(*sets)) if sets else None)
+    return ResolvedScheme("+".join(dict.fromkeys(s.name for s in schemes)),
+                          [any(s.bias[i] for s in schemes) for i in range(first.num_convs)], channels,
+                          list(first.in_channels), any(s.classifier for s in schemes))
 
 
 def apply_scheme(model, resolved: ResolvedScheme) -> None:

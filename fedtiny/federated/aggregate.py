@@ -40,33 +40,45 @@ class AggregateResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def aggregate(updates: list[ClientUpdate], decode: Callable[[bytes], Decoded], shapes: dict[str, tuple[int, ...]],
-              *, max_examples: int = 10_000_000) -> AggregateResult:
-    """Example-weighted mean of the clients' changes, in partition-id order.
+def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decoded], shapes: dict[str, tuple[int, ...]],
+              *, coverage: Callable[[int], dict[str, np.ndarray]] | None = None,
+              max_examples: int = 10_000_000) -> AggregateResult:
+    """Example-weighted mean of the clients' changes, per element, in partition-id order.
 
-    ``decode`` turns a payload into ``{name: (positions, change)}`` or raises
-    :class:`~fedtiny.errors.UpdateError` (a codec or payload error); such an update, or one with a
-    non-positive or absurd example count, is rejected with its reason and does not
-    touch the mean. Sums run in float64 in a fixed order so results repeat.
+    ``decode(partition_id, payload)`` turns a payload into ``{name: (positions, change)}`` or
+    raises :class:`~fedtiny.errors.UpdateError` (a codec or payload error); such an update, or
+    one with a non-positive or absurd example count, is rejected with its reason and does not
+    touch the mean. ``coverage(partition_id)`` gives the flat positions of each tensor the
+    client trained (its scheme's slices; ``None``: every element of every tensor). Each element's
+    mean runs over the clients that trained it, weighted by their examples; an element nobody
+    trained keeps its value (change 0). With one scheme for all clients this is plain FedAvg.
+    Sums run in float64 in a fixed order so results repeat.
     """
     result = AggregateResult(None)
     sums = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
-    total = 0
+    weights = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
     for u in sorted(updates, key=lambda u: u.partition_id):
         if not isinstance(u.num_examples, int) or not 0 < u.num_examples <= max_examples:
             result.rejected.append(Rejection(u.partition_id, f"bad num-examples {u.num_examples!r}"))
             continue
         try:
-            changes = decode(u.payload)
+            changes = decode(u.partition_id, u.payload)
         except UpdateError as exc:
             result.rejected.append(Rejection(u.partition_id, str(exc)))
             continue
-        for name, (idx, values) in changes.items():
-            sums[name][idx] += values * u.num_examples
-        total += u.num_examples
+        covered = coverage(u.partition_id) if coverage is not None else None
+        for name in shapes if covered is None else covered:
+            where = slice(None) if covered is None else covered[name]
+            weights[name][where] += u.num_examples
+            if name in changes:
+                change = np.zeros_like(sums[name])
+                idx, values = changes[name]
+                change[idx] = values
+                sums[name][where] += change[where] * u.num_examples
         result.accepted.append(u.partition_id)
-    if total:
-        result.arrays = {name: (s / total).reshape(shapes[name]) for name, s in sums.items()}
+    if result.accepted:
+        result.arrays = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0
+                                         ).reshape(shapes[name]) for name, s in sums.items()}
     return result
 
 

@@ -15,7 +15,7 @@ from fedtiny.budget.profiles import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.federated import messages as msg
-from fedtiny.federated.task import Task, client_profile, limit_threads, make_task
+from fedtiny.federated.task import Task, client_profile, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.scenario import Scenario, scenario_from_json
@@ -51,14 +51,14 @@ class LocalResult:
 
 
 @functools.lru_cache(maxsize=2)
-def _task(scenario_json: str, scheme_json: str) -> Task:
+def _task(scenario_json: str) -> Task:
     limit_threads()
-    return make_task(scenario_from_json(scenario_json), ResolvedScheme.from_json(scheme_json) if scheme_json else None)
+    return make_task(scenario_from_json(scenario_json))
 
 
 def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
-    """The client's task for ``scenario`` under the server's resolved ``scheme``, built once per process."""
-    return _task(scenario.to_json(), scheme.to_json() if scheme is not None else "")
+    """The client's task for ``scenario`` under the server's resolved ``scheme`` (the model is built once per process)."""
+    return with_scheme(_task(scenario.to_json()), scheme)
 
 
 def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,

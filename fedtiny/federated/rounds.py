@@ -89,18 +89,18 @@ class RoundOutcome:
     sent
         The global state the clients received this round (before the round's aggregate).
     decode
-        The uplink decoder: payload -> change against ``sent``.
+        The uplink decoder: (partition id, payload) -> change against ``sent``.
     """
 
     server_round: int
     stats: RoundStats
     accepted: dict[int, bytes]
     sent: dict[str, np.ndarray]
-    decode: Callable[[bytes], Decoded]
+    decode: Callable[[int, bytes], Decoded]
 
     def change(self, partition_id: int) -> Decoded:
         """The decoded change an accepted client sent."""
-        return self.decode(self.accepted[partition_id])
+        return self.decode(partition_id, self.accepted[partition_id])
 
 
 RoundCallback = Callable[[RoundOutcome], None]

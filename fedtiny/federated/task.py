@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -18,12 +17,10 @@ from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
 from fedtiny.budget.profiles import DeviceProfile, get_profile
 from fedtiny.budget.memory import MemoryReport, memory_report
-from fedtiny.models.state import load_arrays
-from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, apply_scheme, parse_scheme, resolve,
-                                    trainable_slices)
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.federated.train import evaluate, pretrain
 
-__all__ = ["Task", "CloudReport", "make_task", "cloud_model", "limit_threads", "resolve_scheme", "client_profile"]
+__all__ = ["Task", "CloudReport", "make_task", "with_scheme", "cloud_model", "limit_threads", "client_profile"]
 
 
 @dataclass
@@ -63,13 +60,14 @@ class Task:
         """The memory report of one training step on ``profile`` (None for an fp32 model)."""
         if self.scheme is None:
             return None
-        if profile.name not in self._memory:
+        key = (profile.name, self.scheme.layout())  # views of one model share this cache
+        if key not in self._memory:
             d, t = self.scenario.device, self.scenario.train
-            self._memory[profile.name] = memory_report(
+            self._memory[key] = memory_report(
                 self.model, self.scheme, self.federation.image_shape, device=profile, optimizer=t.optimizer,
                 momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
                 fuse_frozen=d.fuse_frozen, batch=d.micro_batch)
-        return self._memory[profile.name]
+        return self._memory[key]
 
 
 @dataclass(frozen=True)
@@ -127,34 +125,24 @@ def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
         model = _fp32_model(scenario, fed)
         if scenario.model.precision == "int8":
             model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
-    if scenario.model.precision == "int8" and scheme is not None:
-        apply_scheme(model, scheme)
-    return Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)), scheme)
+    task = Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
+    return with_scheme(task, scheme)
 
 
-def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
-    """Fix the scenario's scheme against the cloud model ``state`` (channel choice by magnitude)."""
-    if task.scenario.model.precision != "int8":
+def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:
+    """``task`` with ``scheme`` applied to its model: what is trained and sent back.
+
+    The view shares the model (and the memory cache) with ``task``; its uplink is fixed now,
+    while the scheme is applied, so views of several schemes can coexist (the server decodes
+    each client with its own).
+    """
+    if scheme is None or task.scenario.model.precision != "int8":
         return task
-    load_arrays(task.model, state)
-    scheme = parse_scheme(task.scenario.scheme_text)
-    if scheme.last_k == LAST_K_FIT:
-        scheme = _fitting_last_k(task)
-    resolved = resolve(scheme, task.model, task.scenario.run.seed)
-    return make_task(task.scenario, resolved)
-
-
-def _fitting_last_k(task: Task) -> Scheme:
-    """``last-k:N`` with the largest N whose training step fits the fleet's smallest device."""
-    s = task.scenario
-    fleet = [client_profile(s, p) for p in range(min(s.run.clients, len(s.device.profiles)))]
-    smallest = min(fleet, key=lambda p: p.sram_bytes)
-    for k in range(len(task.model.convs()), -1, -1):
-        scheme = Scheme(f"last-k:{k}", last_k=k)
-        probe = dataclasses.replace(task, scheme=resolve(scheme, task.model, s.run.seed), _memory={})
-        if probe.memory(smallest).fits:
-            return scheme
-    return Scheme("last-k:0", last_k=0)
+    apply_scheme(task.model, scheme)
+    view = Task(task.scenario, task.federation, task.model, task.downlink_spec,
+                array_spec(task.model, trainable_names(task.model)), scheme, task._memory)
+    view.uplink  # noqa: B018 (computes the slices while this scheme is the applied one)
+    return view
 
 
 def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:

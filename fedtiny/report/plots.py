@@ -139,3 +139,33 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_contributions(contrib, path: Path) -> Path:
+    """Heat map of the contribution analysis: convolutions x channel ratios, plus the bias grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    gains = np.array(contrib.weight_gain) * 100
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, max(3, len(gains) * 0.16 + 1.5)),
+                                 gridspec_kw={"width_ratios": [len(contrib.ratios), 2]})
+    lim = max(float(np.abs(gains).max()), 1e-6)
+    im = ax.imshow(gains, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(contrib.ratios)), [f"{r:g}" for r in contrib.ratios])
+    ax.set_xlabel("share of input channels trained")
+    ax.set_ylabel("convolution (forward order)")
+    ax.set_title("weight contribution (accuracy points)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    bx.plot(contrib.bias_grid, np.array(contrib.bias_gain) * 100, marker="o")
+    bx.axhline(0, color="gray", linewidth=0.5)
+    bx.set_xlabel("biases of the last k convolutions")
+    bx.set_title("bias contribution", fontsize=9)
+    fig.suptitle(f"contribution over the classifier alone ({contrib.baseline_accuracy:.4f})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

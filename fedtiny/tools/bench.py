@@ -211,7 +211,8 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from fedtiny.attack.surrogate import Surrogate
-    from fedtiny.federated.task import cloud_model, limit_threads, make_task, resolve_scheme
+    from fedtiny.federated.task import cloud_model, limit_threads, make_task
+    from fedtiny.federated.fleet import resolve_scheme
     from fedtiny.models.state import load_arrays
     from fedtiny.scenario import load_scenario, parse_overrides
 

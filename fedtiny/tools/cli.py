@@ -106,6 +106,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from fedtiny.tools.search import search_command
+
+    result = search_command(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedtiny.tools import bench
 
@@ -332,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", default="", choices=["", "disconnect"], help="test peer: misbehave on purpose")
     _add_scenario_args(p)
     p.set_defaults(func=cmd_device_emulator)
+
+    p = sub.add_parser("search", help="find the sparse-update scheme for a device: contribution analysis + "
+                                      "evolutionary search (with a random-search baseline)")
+    p.add_argument("--model", required=True, help="tiny-ir, a published model's name (mcunet-5fps) or a model file")
+    p.add_argument("--device", required=True, help="device profile whose SRAM is the budget (e.g. nrf52832)")
+    p.add_argument("--scenario", help="scenario giving the task and training settings (default: quickstart.toml "
+                                      "for tiny-ir, mcunet-256kb.toml for a model file)")
+    p.add_argument("--budget-kb", type=int, default=0, help="SRAM budget in KB instead of the device's")
+    p.add_argument("--generations", type=int, help="generations of the evolutionary search (default: the scenario's)")
+    p.add_argument("--population", type=int, help="population (default: the scenario's)")
+    p.add_argument("--out", help="write the scheme (schemes.json entry format) to this file")
+    p.add_argument("--report", help="folder for contributions.md, contributions.png and search.json")
+    p.add_argument("--no-cache", action="store_true", help="redo the contribution analysis")
+    _add_scenario_args(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
     p.add_argument("bench", choices=["sim", "qas", "codec", "train"],

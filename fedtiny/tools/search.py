@@ -1,0 +1,103 @@
+"""``fedtiny search``: the scheme for one device, found on the server's data, with a random baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtiny.errors import ScenarioError
+
+__all__ = ["search_command"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _progress(text: str) -> None:
+    print(f"[fedtiny] {text}", file=sys.stderr, flush=True)
+
+
+def search_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the contribution analysis (cached), the evolutionary search and the random baseline; report."""
+    from fedtiny.budget.profiles import get_profile
+    from fedtiny.federated.fleet import analysis_data, analysis_settings, peak_function
+    from fedtiny.federated.task import cloud_model, limit_threads, make_task
+    from fedtiny.models.state import load_arrays
+    from fedtiny.scenario import load_scenario, parse_overrides
+    from fedtiny.search.contrib import analyse
+    from fedtiny.search.evolve import SearchSettings, Space, evolve, random_search
+    from fedtiny.tools.bench import _model_and_scheme
+
+    t0 = time.perf_counter()
+    limit_threads()
+    profile = get_profile(args.device)
+    over = parse_overrides(args.overrides)
+    if args.model == "tiny-ir":
+        scenario_path = args.scenario or ROOT / "scenarios" / "quickstart.toml"
+        over["model.name"] = "tiny-ir"
+    else:
+        path, _ = _model_and_scheme(args.model, "full")
+        if not path.is_file():
+            raise ScenarioError(f"--model {args.model}: no such model file or published model ({path})")
+        scenario_path = args.scenario or ROOT / "scenarios" / "mcunet-256kb.toml"
+        over["model.file"] = str(path.resolve())
+    for key, value in (("search.generations", args.generations), ("search.population", args.population)):
+        if value is not None:
+            over[key] = value
+    over["train.scheme"] = "full"
+    scenario = load_scenario(scenario_path, over)
+    task = make_task(scenario)
+    _progress(f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
+              f"on {scenario.data.source}")
+    state, cloud = cloud_model(task)
+    train, val = analysis_data(task)
+    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=not args.no_cache,
+                      progress=_progress)
+    _progress(f"contribution analysis: {contrib.evaluations} fine-tunings, {contrib.seconds:.0f}s"
+              + (" (cached)" if contrib.cached else ""))
+    load_arrays(task.model, state)
+    budget = args.budget_kb * 1024 or profile.sram_bytes
+    peak_of = peak_function(task)
+    s = scenario.search
+    name = f"search-{Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'}-{profile.name}"
+    found = evolve(Space(contrib, peak_of, budget, name),
+                   SearchSettings(s.population, s.generations, s.mutation, s.crossover, scenario.run.seed), _progress)
+    baseline = random_search(Space(contrib, peak_of, budget, name + "-random"), found.evaluations, scenario.run.seed)
+    load_arrays(task.model, state)
+    from fedtiny.budget.schemes import resolve
+
+    resolved = resolve(found.scheme, task.model, scenario.run.seed)
+    entry = {**resolved.to_dict(), "predicted_gain": found.predicted_gain, "peak_sram_bytes": found.peak_sram_bytes,
+             "budget_bytes": budget, "device": profile.name, "model": name.split("-", 1)[1].rsplit("-", 1)[0],
+             "rule": "search"}
+    result = {"scheme": entry, "summary": resolved.summary(), "peak_sram_bytes": found.peak_sram_bytes,
+              "budget_bytes": budget, "predicted_gain": found.predicted_gain, "evaluations": found.evaluations,
+              "seconds": round(time.perf_counter() - t0, 2), "search_seconds": found.seconds,
+              "analysis_seconds": contrib.seconds, "analysis_cached": contrib.cached,
+              "analysis_evaluations": contrib.evaluations, "baseline_accuracy": contrib.baseline_accuracy,
+              "cloud_accuracy": cloud.ptq_accuracy,
+              "random_search": {"predicted_gain": baseline.predicted_gain, "peak_sram_bytes": baseline.peak_sram_bytes,
+                                "evaluations": baseline.evaluations, "summary": resolve(
+                                    baseline.scheme, task.model, scenario.run.seed).summary()}}
+    if args.out:
+        Path(args.out).write_text(json.dumps(entry, indent=1) + "\n")
+    if args.report:
+        from fedtiny.report.plots import plot_contributions
+
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contributions.md").write_text(contrib.table() + "\n")
+        plot_contributions(contrib, out / "contributions.png")
+        (out / "search.json").write_text(json.dumps({**result, "history": found.history,
+                                                     "contributions": contrib.to_dict()}, indent=1) + "\n")
+    print(f"\nfedtiny search: {result['summary']}\n"
+          f"  device {profile.name}: peak SRAM {found.peak_sram_bytes:,} B <= budget {budget:,} B\n"
+          f"  predicted gain {found.predicted_gain:+.4f} over the classifier alone ({contrib.baseline_accuracy:.4f})\n"
+          f"  random search, same {found.evaluations} evaluations: {baseline.predicted_gain:+.4f} "
+          f"(peak {baseline.peak_sram_bytes:,} B)\n"
+          f"  {result['seconds']:.1f}s (analysis {'cached' if contrib.cached else f'{contrib.seconds:.0f}s'}, "
+          f"search {found.seconds:.1f}s)")
+    return result
