@@ -66,17 +66,26 @@ def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
     spec
         The uplink spec (tensor id = position in it).
     state
-        ``residual/<name>`` and ``velocity/<name>`` from the previous round (same slice layout).
+        ``residual/<name>`` and ``velocity/<name>`` from the previous round, flat over the whole
+        tensor: with dynamic channels the slice moves between rounds, and what was not sent
+        waits at its own position until its channel is trained again.
     """
     state = dict(state or {})
     acc: dict[str, np.ndarray] = {}
-    for name, _, _ in spec:
+
+    def carried(key: str, size: int) -> np.ndarray:
+        old = state.get(key)
+        return np.array(old, np.float64) if old is not None and old.size == size else np.zeros(size)
+
+    for name, shape, _ in spec:
+        size = int(np.prod(shape))
         d = np.asarray(delta[name], np.float64).ravel()[slices[name]]
         if cfg.momentum > 0:
-            u = cfg.momentum * state.get(f"velocity/{name}", np.zeros_like(d)) + d
-            state[f"velocity/{name}"] = u
-            d = u
-        acc[name] = (state.get(f"residual/{name}", np.zeros_like(d)) + d) if cfg.error_feedback else d
+            velocity = carried(f"velocity/{name}", size)
+            velocity[slices[name]] = cfg.momentum * velocity[slices[name]] + d
+            state[f"velocity/{name}"] = velocity
+            d = velocity[slices[name]]
+        acc[name] = (carried(f"residual/{name}", size)[slices[name]] + d) if cfg.error_feedback else d
     density = density_at(cfg, server_round)
     if cfg.topk == "global":
         allv = np.concatenate([acc[n] for n, _, _ in spec]) if spec else np.zeros(0)
@@ -92,11 +101,13 @@ def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
         sel = picks[name]
         sent, scale = quantize_values(acc[name][sel], cfg.values)
         if cfg.error_feedback:
-            residual = acc[name].copy()
-            residual[sel] -= sent
+            residual = carried(f"residual/{name}", int(np.prod(shape)))
+            kept = acc[name].copy()
+            kept[sel] -= sent
+            residual[slices[name]] = kept
             state[f"residual/{name}"] = residual
         if cfg.momentum > 0:
-            state[f"velocity/{name}"][sel] = 0.0  # momentum factor masking
+            state[f"velocity/{name}"][np.asarray(slices[name])[sel]] = 0.0  # momentum factor masking
         if len(sel):
             update.tensors.append(SparseTensor(tid, tuple(shape), np.asarray(slices[name])[sel].astype(np.int64),
                                                sent, cfg.values, scale))

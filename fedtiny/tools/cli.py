@@ -7,6 +7,7 @@ line on stderr and exit status 2; anything else is a bug and keeps its traceback
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Sequence
@@ -75,24 +76,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(scenario, args.out)
     write_scenario(scenario, run_dir)
     print(f"[fedtiny] scenario {args.scenario} -> {run_dir}", file=sys.stderr, flush=True)
-    if not scenario.methods:
+    if not scenario.methods and not scenario.run.seeds:
         summary = simulate(scenario, run_dir, verbose=args.verbose)
         print(_summary_table(scenario.run.name, summary))
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         return 0
+    from fedtiny.report.sweep import combine_seeds, sweep_table
+
     summaries = {}
     for name, sc in methods:
-        print(f"[fedtiny] method {name}", file=sys.stderr, flush=True)
-        sub = run_dir / name
-        sub.mkdir(parents=True, exist_ok=True)
-        write_scenario(sc, sub)
-        summaries[name] = simulate(sc, sub, verbose=args.verbose)
-        print(_summary_table(name, summaries[name]))
+        sub = run_dir / name if scenario.methods else run_dir
+        runs = []
+        for seed in sc.run.seeds or (sc.run.seed,):
+            seeded = dataclasses.replace(sc, run=dataclasses.replace(sc.run, seed=seed))
+            where = sub / f"seed{seed}" if sc.run.seeds else sub
+            print(f"[fedtiny] method {name}" + (f", seed {seed}" if sc.run.seeds else ""), file=sys.stderr, flush=True)
+            where.mkdir(parents=True, exist_ok=True)
+            write_scenario(seeded, where)
+            runs.append(simulate(seeded, where, verbose=args.verbose))
+            print(_summary_table(f"{name} (seed {seed})" if sc.run.seeds else name, runs[-1]))
+        summaries[name] = combine_seeds(runs) if sc.run.seeds else runs[0]
+    table = sweep_table(summaries)
+    (run_dir / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    if not scenario.methods:
+        (run_dir / "summary.json").write_text(json.dumps(summaries[scenario.run.name], indent=2, sort_keys=True) + "\n")
+        if args.json:
+            print(json.dumps(summaries[scenario.run.name], sort_keys=True))
+        return 0
     from fedtiny.report.plots import plot_methods
     from fedtiny.report.runlog import read_metrics
 
-    plot_methods({name: read_metrics(run_dir / name) for name in summaries}, run_dir / "accuracy_vs_uplink.png")
+    plot_methods({name: read_metrics(run_dir / name / (f"seed{s['seeds'][0]}" if "seeds" in s else ""))
+                  for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
         from fedtiny.report.plots import plot_privacy, privacy_table
