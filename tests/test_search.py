@@ -2,7 +2,6 @@
 fleet, dynamic channels, and per-device schemes in a real simulation."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -130,16 +129,12 @@ def test_scheme_file_round_trip(cloud):
     assert isinstance(ResolvedScheme.from_json(scheme.to_json()), ResolvedScheme)
 
 
-def test_search_cli_writes_a_feasible_scheme_and_caches(tmp_path):
-    env_cache = tmp_path / "cache"
+def test_search_cli_writes_a_feasible_scheme_and_caches(tmp_path, monkeypatch):
     args = ["search", "--model", "tiny-ir", "--device", "nrf52832", "--generations", "3", "--population", "6",
             "--out", str(tmp_path / "scheme.json"), "--report", str(tmp_path / "report"), "--json",
             *sum((["--set", s] for s in SMALL), [])]
-    os.environ["FEDTINY_CACHE"] = str(env_cache)
-    try:
-        first, second = run_cli(*args), run_cli(*args)
-    finally:
-        del os.environ["FEDTINY_CACHE"]
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))  # the CLI subprocess inherits it
+    first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
     assert not a["analysis_cached"] and b["analysis_cached"]

@@ -71,10 +71,11 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             where = slice(None) if covered is None else covered[name]
             weights[name][where] += u.num_examples
             if name in changes:
-                change = np.zeros_like(sums[name])
                 idx, values = changes[name]
-                change[idx] = values
-                sums[name][where] += change[where] * u.num_examples
+                if covered is not None:  # a change outside what the client trained does not count
+                    keep = np.isin(idx, covered[name])
+                    idx, values = idx[keep], values[keep]
+                sums[name][idx] += values * u.num_examples
         result.accepted.append(u.partition_id)
     if result.accepted:
         result.arrays = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0

@@ -27,7 +27,7 @@ from fedtiny.federated.task import Task, client_profile, with_scheme
 from fedtiny.models.state import load_arrays
 
 __all__ = ["FleetSchemes", "fleet_schemes", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
-           "scheme_for_device"]
+           "scheme_for_device", "search_space", "search_settings"]
 
 
 @dataclass
@@ -110,7 +110,7 @@ def analysis_settings(task: Task):
 def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, budget: int, device: str,
                       progress: Callable[[str], None] | None = None) -> tuple[Scheme, dict]:
     """Resolve a device-dependent rule for a budget of ``budget`` bytes; return the scheme and what was found."""
-    from fedtiny.search.evolve import SearchSettings, Space, evolve, random_feasible
+    from fedtiny.search.evolve import evolve, random_feasible
 
     s = task.scenario
     load_arrays(task.model, state)
@@ -130,26 +130,38 @@ def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, 
         found = fisher_scheme(potential, peak_of, budget, RATIOS, name=f"fisher@{device}")
         return found.scheme, {"rule": "fisher", "peak_sram_bytes": found.peak_sram_bytes,
                               "fisher_potential": found.potential, "evaluations": found.evaluations}
+    space = search_space(task, state, budget, f"{scheme.name}@{device}", progress)
+    if scheme.rule == "random":
+        g = random_feasible(space, int(scheme.name.split(":")[1]) * 7919 + s.run.seed)
+        return space.scheme(g), {"rule": scheme.name, "peak_sram_bytes": space.peak(g),
+                                 "predicted_gain": round(space.gain(g), 6)}
+    result = evolve(space, search_settings(s), progress)
+    return result.scheme, {"rule": "search", "peak_sram_bytes": result.peak_sram_bytes,
+                           "predicted_gain": result.predicted_gain, "evaluations": result.evaluations,
+                           "analysis_cached": space.c.cached}
+
+
+def search_settings(scenario):
+    """The evolutionary search's settings from the scenario's ``[search]`` section."""
+    from fedtiny.search.evolve import SearchSettings
+
+    s = scenario.search
+    return SearchSettings(s.population, s.generations, s.mutation, s.crossover, scenario.run.seed)
+
+
+def search_space(task: Task, state: dict[str, np.ndarray], budget: int, name: str,
+                 progress: Callable[[str], None] | None = None, *, cache: bool = True):
+    """The candidates for ``budget``: the contribution analysis (cached) and the planner's peak."""
     from fedtiny.search.contrib import analyse
+    from fedtiny.search.evolve import Space
 
     train, val = analysis_data(task)
-    contrib = analyse(task.model, state, train, val, analysis_settings(task), progress=progress)
+    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=cache, progress=progress)
     load_arrays(task.model, state)
     if progress:
         progress(f"contribution analysis: {contrib.evaluations} fine-tunings in {contrib.seconds:.0f}s"
                  + (" (cached)" if contrib.cached else ""))
-    space = Space(contrib, peak_of, budget, f"{scheme.name}@{device}")
-    if scheme.rule == "random":
-        g = random_feasible(space, int(scheme.name.split(":")[1]) * 7919 + s.run.seed)
-        found_scheme = dataclasses.replace(space.scheme(g), name=f"{scheme.name}@{device}")
-        return found_scheme, {"rule": scheme.name, "peak_sram_bytes": space.peak(g),
-                              "predicted_gain": round(space.gain(g), 6)}
-    settings = SearchSettings(s.search.population, s.search.generations, s.search.mutation, s.search.crossover,
-                              s.run.seed)
-    result = evolve(space, settings, progress)
-    return result.scheme, {"rule": "search", "peak_sram_bytes": result.peak_sram_bytes,
-                           "predicted_gain": result.predicted_gain, "evaluations": result.evaluations,
-                           "analysis_cached": contrib.cached}
+    return Space(contrib, peak_function(task), budget, name)
 
 
 def _budget(task: Task, profile: DeviceProfile) -> int:

@@ -23,12 +23,12 @@ def _progress(text: str) -> None:
 def search_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run the contribution analysis (cached), the evolutionary search and the random baseline; report."""
     from fedtiny.budget.profiles import get_profile
-    from fedtiny.federated.fleet import analysis_data, analysis_settings, peak_function
+    from fedtiny.budget.schemes import resolve
+    from fedtiny.federated.fleet import search_settings, search_space
     from fedtiny.federated.task import cloud_model, limit_threads, make_task
     from fedtiny.models.state import load_arrays
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.search.contrib import analyse
-    from fedtiny.search.evolve import SearchSettings, Space, evolve, random_search
+    from fedtiny.search.evolve import Space, evolve, random_search
     from fedtiny.tools.bench import _model_and_scheme
 
     t0 = time.perf_counter()
@@ -53,26 +53,18 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
               f"on {scenario.data.source}")
     state, cloud = cloud_model(task)
-    train, val = analysis_data(task)
-    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=not args.no_cache,
-                      progress=_progress)
-    _progress(f"contribution analysis: {contrib.evaluations} fine-tunings, {contrib.seconds:.0f}s"
-              + (" (cached)" if contrib.cached else ""))
-    load_arrays(task.model, state)
     budget = args.budget_kb * 1024 or profile.sram_bytes
-    peak_of = peak_function(task)
-    s = scenario.search
-    name = f"search-{Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'}-{profile.name}"
-    found = evolve(Space(contrib, peak_of, budget, name),
-                   SearchSettings(s.population, s.generations, s.mutation, s.crossover, scenario.run.seed), _progress)
-    baseline = random_search(Space(contrib, peak_of, budget, name + "-random"), found.evaluations, scenario.run.seed)
+    model = Path(scenario.model.file).stem if scenario.model.file else "tiny-ir"
+    name = f"search-{model}-{profile.name}"
+    space = search_space(task, state, budget, name, _progress, cache=not args.no_cache)
+    contrib = space.c
+    found = evolve(space, search_settings(scenario), _progress)
+    baseline = random_search(Space(contrib, space.peak_of, budget, name + "-random"), found.evaluations,
+                             scenario.run.seed)
     load_arrays(task.model, state)
-    from fedtiny.budget.schemes import resolve
-
     resolved = resolve(found.scheme, task.model, scenario.run.seed)
     entry = {**resolved.to_dict(), "predicted_gain": found.predicted_gain, "peak_sram_bytes": found.peak_sram_bytes,
-             "budget_bytes": budget, "device": profile.name, "model": name.split("-", 1)[1].rsplit("-", 1)[0],
-             "rule": "search"}
+             "budget_bytes": budget, "device": profile.name, "model": model, "rule": "search"}
     result = {"scheme": entry, "summary": resolved.summary(), "peak_sram_bytes": found.peak_sram_bytes,
               "budget_bytes": budget, "predicted_gain": found.predicted_gain, "evaluations": found.evaluations,
               "seconds": round(time.perf_counter() - t0, 2), "search_seconds": found.seconds,
@@ -80,8 +72,8 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
               "analysis_evaluations": contrib.evaluations, "baseline_accuracy": contrib.baseline_accuracy,
               "cloud_accuracy": cloud.ptq_accuracy,
               "random_search": {"predicted_gain": baseline.predicted_gain, "peak_sram_bytes": baseline.peak_sram_bytes,
-                                "evaluations": baseline.evaluations, "summary": resolve(
-                                    baseline.scheme, task.model, scenario.run.seed).summary()}}
+                                "evaluations": baseline.evaluations,
+                                "summary": resolve(baseline.scheme, task.model, scenario.run.seed).summary()}}
     if args.out:
         Path(args.out).write_text(json.dumps(entry, indent=1) + "\n")
     if args.report:
