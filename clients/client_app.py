@@ -7,14 +7,13 @@ A node whose node config has ``device-address`` (or whose partition the scenario
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.bridge import relay
-from clients.wire import bytes_record, record_bytes
-from fedtiny.budget.schemes import ResolvedScheme
+from clients.wire import reply_content, train_jobs
 from fedtiny.federated import messages as msg
-from fedtiny.federated.client import local_round
+from fedtiny.federated.client import local_round, run_jobs
 from fedtiny.scenario import scenario_from_json
 
 __all__ = ["app"]
@@ -39,20 +38,29 @@ def hello(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Apply the global model, train on the local partition, reply with the encoded update."""
+    """Apply the global model, train on the local partition(s), reply with the encoded update(s).
+
+    A cohort message (simulation) runs each of its virtual clients in turn, with their
+    states on disk; a single-client message trains the node's own partition, whose state
+    stays in the node's context unless the server named a state folder.
+    """
     config = message.content[msg.CONFIG]
     scenario = scenario_from_json(str(config[msg.SCENARIO]))
+    server_round = int(config[msg.SERVER_ROUND])
+    if msg.COHORT in config:
+        jobs = train_jobs(message.content, None)
+        results = run_jobs(scenario, server_round, jobs, str(config[msg.STATE_DIR]))
+        return Message(reply_content(results, cohort=True), reply_to=message)
     address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
     if address:  # this partition is a real device behind the bridge
         return relay(message, address, float(context.node_config.get("device-timeout", scenario.bridge.timeout_s)))
-    scheme = str(config.get(msg.SCHEME, ""))
+    (job,) = train_jobs(message.content, _partition_id(context))
+    if msg.STATE_DIR in config:
+        results = run_jobs(scenario, server_round, [job], str(config[msg.STATE_DIR]))
+        return Message(reply_content(results, cohort=False), reply_to=message)
     kept = {k: a.numpy() for k, a in context.state[STATE].items()} if STATE in context.state else {}
-    result, kept = local_round(scenario, _partition_id(context),
-                               int(config[msg.SERVER_ROUND]), record_bytes(message.content[msg.GLOBAL]),
-                               kind=str(config.get(msg.DOWNLINK, "full")),
-                               scheme=ResolvedScheme.from_json(scheme) if scheme else None, state=kept)
+    result, kept = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
+                               scheme=job.scheme, state=kept)
     # The model it holds and its error-feedback residual stay on the device between rounds.
     context.state[STATE] = ArrayRecord({k: Array(v) for k, v in kept.items()})
-    content = RecordDict({msg.UPDATE: bytes_record(result.update), msg.METRICS: MetricRecord(result.metrics()),
-                          msg.INFO: ConfigRecord(result.info())})
-    return Message(content, reply_to=message)
+    return Message(reply_content([(job.partition_id, result)], cohort=False), reply_to=message)

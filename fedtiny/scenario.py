@@ -68,6 +68,11 @@ class RunSection:
     num_cpus: int = _key(2, "CPU cores given to the simulation backend", _range(1, 256))
     seeds: tuple[int, ...] = _key((), "repeat the run (each method of a sweep) with these seeds; the sweep reports "
                                   "mean and spread; empty: run.seed only", _each(_range(0)))
+    cohort_size: int = _key(1, "simulation: virtual clients per ClientApp call (each with its own data, state, "
+                            "memory check and bytes; their states kept on disk in the run folder); 1: one client "
+                            "per node, the deployment's shape", _range(1, 100_000))
+    ray_address: str = _key("", "simulation: address of an existing Ray cluster (HOST:PORT of `ray start --head`); "
+                            "empty: start Ray on this machine with run.num_cpus")
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,8 @@ class DataSection:
     source: str = _key(
         "digits",
         "digits (bundled), lfw-faces (bundled face/no-face patches), mnist, fashion-mnist, cifar10 (local root), "
-        "imagefolder",
-        _choice("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder"),
+        "imagefolder, synthetic (a seeded load generator for any number of clients; not a benchmark)",
+        _choice("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic"),
     )
     root: str = _key("", "dataset root for torchvision sources (never downloaded)")
     image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))
@@ -91,6 +96,11 @@ class DataSection:
     public_fraction: float = _key(0.3, "share kept by the server for cloud pretraining", _range(0.0, 0.9))
     test_fraction: float = _key(0.2, "share kept by the server as the global test set", _range(0.0, 0.9, lo_open=True))
     client_test_fraction: float = _key(0.2, "share of each client's data held out for its local test", _range(0.0, 0.9))
+    samples_per_client: int = _key(24, "synthetic: images each client holds (drawn when the client first needs them)",
+                                   _range(1, 1_000_000))
+    server_samples: int = _key(1000, "synthetic: images in each of the server's public and test splits",
+                               _range(10, 10_000_000))
+    num_classes: int = _key(10, "synthetic: classes", _range(2, 1000))
 
 
 @dataclass(frozen=True)

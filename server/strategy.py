@@ -4,37 +4,62 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.wire import bytes_record, record_bytes
+from clients.wire import bytes_record, record_bytes, train_content
 from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import DownlinkPlanner
 from fedtiny.errors import UpdateError
 from fedtiny.federated import messages as msg
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.federated.aggregate import GlobalModel, aggregate
+from fedtiny.federated.client import ClientJob
 from fedtiny.federated.fleet import FleetSchemes
 from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats
 from fedtiny.federated.sampling import sample_clients
 from fedtiny.federated.task import Task, client_profile, with_scheme
 
-__all__ = ["FedTinyStrategy", "parse_reply"]
+__all__ = ["FedTinyStrategy", "parse_reply", "cohorts"]
 
 
-def parse_reply(message: Message, partition_of: dict[int, int]) -> Reply:
-    """A train reply as a :class:`Reply`; an error reply or a malformed record becomes ``Reply.error``."""
-    pid = partition_of.get(message.metadata.src_node_id, -1)
+def parse_reply(message: Message, sent: dict[int, list[int]]) -> list[Reply]:
+    """A train reply as :class:`Reply` objects, one per client it answers for.
+
+    ``sent`` maps each node to the partition ids it was sent this round. An error reply
+    answers for all of them; a client a cohort reply leaves out, or one it reports as
+    failed, gets ``Reply.error``; partitions the node was not sent are ignored.
+    """
+    pids = sent.get(message.metadata.src_node_id, [])
     if message.has_error():
-        return Reply(pid, error=f"client error: {message.error.reason}")
-    try:
-        payload = record_bytes(message.content.array_records.get(msg.UPDATE))
-    except UpdateError as exc:
-        return Reply(pid, error=str(exc))
-    metrics = message.content.metric_records.get(msg.METRICS) or {}
-    info = message.content.config_records.get(msg.INFO) or {}
-    return Reply(pid, payload, dict(metrics.items()), dict(info.items()))
+        return [Reply(p, error=f"client error: {message.error.reason}") for p in pids or [-1]]
+    cfg = message.content.config_records.get(msg.CONFIG)
+    cohort = cfg is not None and msg.COHORT in cfg
+    replies = []
+    for pid in pids or [-1]:
+        key = pid if cohort else None
+        info = message.content.config_records.get(msg.keyed(msg.INFO, key))
+        if cohort and (pid not in [int(p) for p in cfg[msg.COHORT]] or info is None):
+            replies.append(Reply(pid, error="client error: missing from its cohort's reply"))
+            continue
+        if info is not None and msg.ERROR in info:
+            replies.append(Reply(pid, error=f"client error: {info[msg.ERROR]}"))
+            continue
+        try:
+            payload = record_bytes(message.content.array_records.get(msg.keyed(msg.UPDATE, key)))
+        except UpdateError as exc:
+            replies.append(Reply(pid, error=str(exc)))
+            continue
+        metrics = message.content.metric_records.get(msg.keyed(msg.METRICS, key)) or {}
+        replies.append(Reply(pid, payload, dict(metrics.items()), dict((info or {}).items())))
+    return replies
+
+
+def cohorts(pids: list[int], workers: list[int], size: int) -> list[tuple[int, list[int]]]:
+    """Split a round's sampled partitions into cohorts of about ``size``, at most one per worker node."""
+    count = min(len(workers), max(1, -(-len(pids) // size)))
+    return [(workers[i], pids[i::count]) for i in range(count) if pids[i::count]]
 
 
 class FedTinyStrategy(Strategy):
@@ -47,12 +72,19 @@ class FedTinyStrategy(Strategy):
     schemes
         The scheme of each device profile (None: a fp32 model, every client trains everything).
     node_of
-        Flower node id of each partition id (from the discovery query).
+        Flower node id of each partition id (from the discovery query); empty in cohort mode.
     global_model
         The server's global model (master weights and the state it sends).
     on_round
         Called with each round's :class:`~fedtiny.federated.rounds.RoundOutcome` before the
         global model moves (the run log, the attack recorder).
+    workers
+        Cohort mode (``run.cohort_size > 1``): the nodes that run cohorts of virtual clients.
+    state_dir
+        Where simulated clients keep their state (sent with each train message; empty:
+        each node keeps its client's state in its context, as a device does).
+    first_round
+        The round Flower's round 1 is (a resumed run starts after its checkpoint).
 
     Notes
     -----
@@ -61,8 +93,12 @@ class FedTinyStrategy(Strategy):
     """
 
     def __init__(self, task: Task, node_of: dict[int, int], global_model: GlobalModel,
-                 on_round: Iterable[RoundCallback] = (), schemes: FleetSchemes | None = None) -> None:
+                 on_round: Iterable[RoundCallback] = (), schemes: FleetSchemes | None = None, *,
+                 workers: list[int] | None = None, state_dir: str = "", first_round: int = 1) -> None:
         self.task = task
+        self.workers = sorted(workers or [])
+        self.state_dir = state_dir
+        self.round_offset = first_round - 1
         self.schemes = schemes
         self._scheme_of: dict[int, ResolvedScheme | None] = {}  # this round's scheme of each sampled client
         self._views: dict[str, Task] = {}
@@ -71,7 +107,7 @@ class FedTinyStrategy(Strategy):
         self.on_round = list(on_round)
         self.downlink = DownlinkPlanner(task.downlink_spec, task.scenario.compression.downlink)
         self.node_of = node_of
-        self.partition_of = {n: p for p, n in node_of.items()}
+        self._sent: dict[int, list[int]] = {}  # this round: node id -> partition ids sent to it
         self._down: dict[int, tuple[str, int]] = {}  # this round's downlink: partition id -> (kind, bytes)
 
     def summary(self) -> None:
@@ -79,24 +115,32 @@ class FedTinyStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         s = self.scenario
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
-        messages, self._down, self._scheme_of = [], {}, {}
+        jobs, self._down, self._scheme_of = {}, {}, {}
         for p in pids:
             kind, payload = self.downlink.payload(p, server_round, self.global_model.state)
             self._down[p] = (kind, len(payload))
             scheme = (self.schemes.for_client(client_profile(s, p).name, p, server_round)
                       if self.schemes is not None else None)
             self._scheme_of[p] = scheme
-            cfg = ConfigRecord({msg.SCENARIO: s.to_json(), msg.SERVER_ROUND: server_round,
-                                msg.SCHEME: scheme.to_json() if scheme is not None else "", msg.DOWNLINK: kind})
-            messages.append(Message(RecordDict({msg.GLOBAL: bytes_record(payload), msg.CONFIG: cfg}),
-                                    dst_node_id=self.node_of[p], message_type=MessageType.TRAIN))
-        return messages
+            jobs[p] = ClientJob(p, payload, kind, scheme)
+        cohort = bool(self.workers)
+        groups = cohorts(pids, self.workers, s.run.cohort_size) if cohort else [(self.node_of[p], [p]) for p in pids]
+        self._sent = {node: group for node, group in groups}
+        return [Message(train_content(s.to_json(), server_round, [jobs[p] for p in group], cohort=cohort,
+                                      state_dir=self.state_dir), dst_node_id=node, message_type=MessageType.TRAIN)
+                for node, group in groups]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        parsed = sorted((parse_reply(m, self.partition_of) for m in replies), key=lambda r: r.partition_id)
+        server_round += self.round_offset
+        parsed = sorted((r for m in replies for r in parse_reply(m, self._sent)), key=lambda r: r.partition_id)
+        answered = {r.partition_id for r in parsed}
+        parsed += [Reply(p, error="no reply (timed out or lost)") for group in self._sent.values() for p in group
+                   if p not in answered]
+        parsed.sort(key=lambda r: r.partition_id)
         for r in parsed:
             if not r.error:
                 self.downlink.received(r.partition_id, server_round)

@@ -15,12 +15,13 @@ from fedtiny.budget.profiles import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.federated import messages as msg
+from fedtiny.federated.client_state import load_client_state, save_client_state
 from fedtiny.federated.task import Task, client_profile, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.scenario import Scenario, scenario_from_json
 
-__all__ = ["LocalResult", "local_round", "client_task"]
+__all__ = ["LocalResult", "local_round", "client_task", "ClientJob", "run_jobs"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,35 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     update, carried = task.uplink.encode(trained, received, server_round, state)
     state.update(carried)
     return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem), state
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """What the server sent one client for a round: the downlink, its kind and the client's scheme."""
+
+    partition_id: int
+    downlink: bytes
+    kind: str = FULL
+    scheme: ResolvedScheme | None = None
+
+
+def run_jobs(scenario: Scenario, server_round: int, jobs: list[ClientJob],
+             state_dir: str) -> list[tuple[int, LocalResult | str]]:
+    """Run a cohort of clients' rounds one after another, each with its own state on disk.
+
+    Returns ``(partition_id, result)`` per job in the order given; a client whose round
+    fails gets the error's text instead of a result, and the others go on (one virtual
+    client's fault must not take its cohort down). The Flower ClientApp and the
+    benchmarks' bare loop both call this, so what they time is the same work.
+    """
+    out: list[tuple[int, LocalResult | str]] = []
+    for job in jobs:
+        try:
+            state = load_client_state(state_dir, job.partition_id, server_round)
+            result, state = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
+                                        scheme=job.scheme, state=state)
+            save_client_state(state_dir, job.partition_id, server_round, state)
+            out.append((job.partition_id, result))
+        except Exception as exc:  # noqa: BLE001 - reported per client, as Flower reports a failed ClientApp call
+            out.append((job.partition_id, f"{type(exc).__name__}: {exc}"))
+    return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run"]
+import numpy as np
+
+__all__ = ["plot_run", "plot_methods", "plot_seeds"]
 
 
 def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> list[Path]:
@@ -46,30 +48,67 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     paths.append(run_dir / "bytes.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    paths.append(plot_methods({title: records}, run_dir / "accuracy_vs_uplink.png"))
+    paths.append(plot_methods({title: [records]}, run_dir / "accuracy_vs_uplink.png"))
     return paths
 
 
-def plot_methods(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Accuracy against cumulative uplink bytes, one line per method (its ``metrics.jsonl`` records)."""
+def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per round over seeds: mean and the 95% interval of the mean (the mean itself with one seed)."""
+    from fedtiny.report.sweep import interval95
+
+    n = min(len(r) for r in runs)
+    vals = np.array([[r[i][key] for i in range(n)] for r in runs], dtype=float)
+    lo, hi = zip(*(interval95(vals[:, i]) for i in range(n)))
+    return vals.mean(axis=0), np.array(lo), np.array(hi)
+
+
+def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
+    """Accuracy against cumulative uplink bytes, one line per method: the mean over its seeds' ``metrics.jsonl``
+    records, with the 95% interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, recs in runs.items():
-        cum, xs = 0, []
-        for r in recs:
-            cum += r.get("uplink_bytes", 0)
-            xs.append(max(cum, 1))
-        ax.plot(xs, [r["global_accuracy"] for r in recs], marker="o", markersize=3, label=name)
+    for name, seeds in runs.items():
+        up = [np.maximum(np.cumsum([r.get("uplink_bytes", 0) for r in recs]), 1) for recs in seeds]
+        xs = np.mean([u[:min(map(len, up))] for u in up], axis=0)
+        mean, lo, hi = _band(seeds, "global_accuracy")
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        if len(seeds) > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bytes (all clients)")
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("accuracy vs bytes sent up")
+    ax.set_title("accuracy vs bytes sent up (band: 95% interval over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_seeds(seeds: list[list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+    """Global accuracy per round: each seed thin, the mean bold, the 95% interval of the mean as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recs in seeds:
+        ax.plot([r["round"] for r in recs], [r["global_accuracy"] for r in recs], color="grey", alpha=0.4, lw=0.8)
+    mean, lo, hi = _band(seeds, "global_accuracy")
+    rounds = [r["round"] for r in seeds[0][:len(mean)]]
+    ax.plot(rounds, mean, color="C0", lw=2, label=f"mean of {len(seeds)} seeds")
+    ax.fill_between(rounds, lo, hi, color="C0", alpha=0.25, linewidth=0, label="95% interval of the mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -60,9 +60,13 @@ class RunLog:
     progress
         Stream for the per-round progress line (stderr by default, so that
         ``--json`` output on stdout stays clean); None silences it.
+    resume
+        ``(round, elapsed_s)`` of a checkpoint: keep the folder's records up to that round
+        (later lines, from a round cut short, are dropped) and go on timing from there.
     """
 
-    def __init__(self, run_dir: Path, scenario: Scenario, progress: TextIO | None = sys.stderr) -> None:
+    def __init__(self, run_dir: Path, scenario: Scenario, progress: TextIO | None = sys.stderr,
+                 resume: tuple[int, float] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.scenario = scenario
         self.progress = progress
@@ -70,7 +74,15 @@ class RunLog:
         self._pending: dict[int, dict[str, Any]] = {}  # rounds waiting for their stats or their evaluation
         self.t0 = time.monotonic()
         self.path = self.run_dir / "metrics.jsonl"
-        self.path.write_text("")
+        if resume is not None:
+            last, elapsed = resume
+            self.records = [r for r in read_metrics(self.run_dir) if r["round"] <= last]
+            if [r["round"] for r in self.records] != list(range(last + 1)):
+                from fedtiny.federated.checkpoint import CheckpointError
+
+                raise CheckpointError(f"{self.path}: rounds 0..{last} of the checkpoint are not all there")
+            self.t0 -= elapsed
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0

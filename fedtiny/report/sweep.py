@@ -1,4 +1,11 @@
-"""A sweep's results: runs repeated over seeds folded into mean and spread, and the comparison table."""
+"""A sweep's results: runs repeated over seeds folded into mean, spread and 95% interval, and the table.
+
+A figure from one seed is not a result: the same scenario gives other floats on a CPU with
+other vector kernels, and another seed draws other partitions, batches and roundings. So
+each figure is reported as the mean over seeds with the 95% confidence interval of that
+mean (Student's t with n-1 degrees of freedom); two methods whose intervals overlap are
+reported as no difference.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +13,72 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["combine_seeds", "sweep_table"]
+__all__ = ["combine_seeds", "sweep_table", "interval95", "MEAN_KEYS"]
 
-_MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_bytes_total", "downlink_bytes_total",
-              "wall_time_s", "refused_clients_total", "rejected_updates_total")
+MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_bytes_total", "downlink_bytes_total",
+             "wall_time_s", "refused_clients_total", "rejected_updates_total", "privacy_mean_psnr_db",
+             "privacy_mean_ssim", "privacy_label_accuracy", "peak_sram_bytes_max")
+
+
+def interval95(values) -> tuple[float, float]:
+    """The 95% confidence interval of the mean of ``values`` (t-distribution); the value itself for one."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        m = float(v.mean()) if len(v) else float("nan")
+        return m, m
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return float(v.mean()) - half, float(v.mean()) + half
 
 
 def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One method's summaries over seeds: each figure's mean, accuracies' spread (max - min), the runs.
+    """One method's summaries over seeds.
 
-    The spread is what a difference between methods has to exceed before it counts.
+    For each figure of :data:`MEAN_KEYS` present: ``key`` (mean), ``key_std`` (sample
+    standard deviation), ``key_ci95`` (``[low, high]``) and, for accuracies, ``key_spread``
+    (max - min). ``per_seed`` keeps the runs' own summaries.
     """
     out: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "per_seed": runs}
-    for key in _MEAN_KEYS:
+    for key in MEAN_KEYS:
         vals = [r[key] for r in runs if r.get(key) is not None]
-        if vals:
-            out[key] = round(float(np.mean(vals)), 4)
-            if key.endswith("accuracy"):
-                out[f"{key}_spread"] = round(float(max(vals) - min(vals)), 4)
-    out["peak_sram_bytes_max"] = max(r.get("peak_sram_bytes_max", 0) for r in runs)
+        if not vals:
+            continue
+        lo, hi = interval95(vals)
+        digits = 4 if abs(max(vals, key=abs)) < 100 else 1
+        out[key] = round(float(np.mean(vals)), digits)
+        out[f"{key}_std"] = round(float(np.std(vals, ddof=1)), digits) if len(vals) > 1 else 0.0
+        out[f"{key}_ci95"] = [round(lo, digits), round(hi, digits)]
+        if key.endswith("accuracy"):
+            out[f"{key}_spread"] = round(float(max(vals) - min(vals)), 4)
     out["schemes_by_device"] = {d: sorted({r["schemes_by_device"][d]["scheme"] for r in runs
                                           if d in r.get("schemes_by_device", {})})
                                 for d in runs[0].get("schemes_by_device", {})}
-    for key in ("num_clients", "rounds", "clients_per_round", "name"):
+    for key in ("num_clients", "rounds", "clients_per_round", "name", "uplink_ratio_vs_dense_fp32",
+                "uplink_ratio_vs_dense_int8", "uplink_bytes_per_upload"):
         out[key] = runs[0].get(key)
     return out
 
 
+def _pm(s: dict[str, Any], key: str, fmt: str = ".4f") -> str:
+    """``mean ± half-width`` of the 95% interval (just the value for a single run)."""
+    if f"{key}_ci95" not in s:
+        return format(s[key], fmt) if s.get(key) is not None else "-"
+    lo, hi = s[f"{key}_ci95"]
+    return f"{s[key]:{fmt}} ± {(hi - lo) / 2:{fmt}}"
+
+
 def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """Markdown: per method, final accuracy (mean and spread over seeds), peak SRAM, uplink bytes, refusals."""
-    lines = ["| method | final accuracy | spread | best | peak SRAM (max) | uplink bytes | refused | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown: per method, final and best accuracy (mean ± 95% half-interval over seeds), peak SRAM, bytes."""
+    seeds = {len(s.get("seeds", [])) or 1 for s in summaries.values()}
+    lines = ["| method | final accuracy | best | peak SRAM (max) | uplink bytes | refused | wall (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summaries.items():
-        seeds = len(s.get("seeds", [])) or 1
-        lines.append(f"| {name} | {s['final_accuracy']:.4f} | {s.get('final_accuracy_spread', 0):.4f} ({seeds} seeds) "
-                     f"| {s['best_accuracy']:.4f} | {s.get('peak_sram_bytes_max', 0):,} | "
-                     f"{int(s['uplink_bytes_total']):,} | {s.get('refused_clients_total', 0):g} | "
-                     f"{s['wall_time_s']:.0f} |")
+        lines.append(f"| {name} | {_pm(s, 'final_accuracy')} | {_pm(s, 'best_accuracy')} | "
+                     f"{int(s.get('peak_sram_bytes_max', 0)):,} | {int(s['uplink_bytes_total']):,} | "
+                     f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |")
+    n = max(seeds)
+    if n > 1:
+        lines.append(f"\nMean over {n} seeds ± half-width of the 95% interval of the mean (t, {n - 1} d.o.f.); "
+                     "methods whose intervals overlap are not different on this evidence.")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from fedtiny.errors import FedtinyError, ModelFileError, ScenarioError
@@ -57,27 +58,71 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
     ])
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedtiny.federated.task import make_task
-    from fedtiny.report.runlog import new_run_dir, write_scenario
+def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dict[str, Any]:
+    """One simulation into ``where``; with ``resume``, a finished run is read back and a cut one goes on."""
+    from fedtiny.federated.checkpoint import CHECKPOINT_DIR
     from fedtiny.tools.sim import simulate
 
-    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
+    if resume and (where / "summary.json").exists():
+        print(f"[fedtiny] {where}: finished before; kept", file=sys.stderr, flush=True)
+        return json.loads((where / "summary.json").read_text())
+    if resume and (where / CHECKPOINT_DIR).exists():
+        return simulate(scenario, where, verbose=verbose, resume=True)
+    if resume:
+        print(f"[fedtiny] {where}: no round completed before the stop; starting it over", file=sys.stderr, flush=True)
+    where.mkdir(parents=True, exist_ok=True)
+    write_scenario_file(scenario, where)
+    return simulate(scenario, where, verbose=verbose)
+
+
+def write_scenario_file(scenario, where: Path) -> None:
+    from fedtiny.report.runlog import write_scenario
+
+    write_scenario(scenario, where)
+
+
+def _resolve_run_args(args: argparse.Namespace):
+    """The scenario and run folder of ``fedtiny run`` (a new run, or ``--resume RUN_DIR``)."""
+    from fedtiny.report.runlog import new_run_dir
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.scenario or args.overrides or args.seeds:
+            raise ScenarioError(f"--resume {run_dir}: the run goes on with its own scenario.toml; "
+                                "give no scenario, --set or --seeds")
+        if not (run_dir / "scenario.toml").exists():
+            raise ScenarioError(f"--resume {run_dir}: not a run folder (no scenario.toml)")
+        return load_scenario(run_dir / "scenario.toml"), run_dir.resolve(), run_dir / "scenario.toml"
+    if not args.scenario:
+        raise ScenarioError("fedtiny run: give a scenario file, or --resume RUN_DIR")
+    overrides = parse_overrides(args.overrides)
+    if args.seeds:
+        base = int(overrides.get("run.seed", load_scenario(args.scenario, overrides).run.seed))
+        overrides["run.seeds"] = list(range(base, base + args.seeds))
+    scenario = load_scenario(args.scenario, overrides)
+    return scenario, new_run_dir(scenario, args.out), Path(args.scenario)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtiny.federated.task import make_task
+
+    scenario, run_dir, source = _resolve_run_args(args)
+    resume = bool(args.resume)
     methods = scenario.expand()
     if args.method:
         known = [name for name, _ in methods]
         unknown = [m for m in args.method if m not in known]
         if unknown or not scenario.methods:
-            raise ScenarioError(f"{args.scenario}: --method {', '.join(unknown or args.method)}: not a method of this "
+            raise ScenarioError(f"{source}: --method {', '.join(unknown or args.method)}: not a method of this "
                                 f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})")
         methods = [(name, sc) for name, sc in methods if name in args.method]
     for _, sc in methods:
         make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
-    run_dir = new_run_dir(scenario, args.out)
-    write_scenario(scenario, run_dir)
-    print(f"[fedtiny] scenario {args.scenario} -> {run_dir}", file=sys.stderr, flush=True)
+    if not resume:
+        write_scenario_file(scenario, run_dir)
+    print(f"[fedtiny] scenario {source} -> {run_dir}" + (" (resuming)" if resume else ""), file=sys.stderr, flush=True)
     if not scenario.methods and not scenario.run.seeds:
-        summary = simulate(scenario, run_dir, verbose=args.verbose)
+        summary = _run_or_resume(scenario, run_dir, verbose=args.verbose, resume=resume)
         print(_summary_table(scenario.run.name, summary))
         if args.json:
             print(json.dumps(summary, sort_keys=True))
@@ -92,24 +137,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             seeded = dataclasses.replace(sc, run=dataclasses.replace(sc.run, seed=seed))
             where = sub / f"seed{seed}" if sc.run.seeds else sub
             print(f"[fedtiny] method {name}" + (f", seed {seed}" if sc.run.seeds else ""), file=sys.stderr, flush=True)
-            where.mkdir(parents=True, exist_ok=True)
-            write_scenario(seeded, where)
-            runs.append(simulate(seeded, where, verbose=args.verbose))
+            runs.append(_run_or_resume(seeded, where, verbose=args.verbose, resume=resume))
             print(_summary_table(f"{name} (seed {seed})" if sc.run.seeds else name, runs[-1]))
         summaries[name] = combine_seeds(runs) if sc.run.seeds else runs[0]
     table = sweep_table(summaries)
     (run_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
+    from fedtiny.report.plots import plot_methods
+    from fedtiny.report.runlog import read_metrics
+
+    def seed_records(name: str, s: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        base = run_dir / name if scenario.methods else run_dir
+        return [read_metrics(base / f"seed{seed}") for seed in s["seeds"]] if "seeds" in s else [read_metrics(base)]
+
     if not scenario.methods:
+        from fedtiny.report.plots import plot_seeds
+
+        plot_seeds(seed_records(scenario.run.name, summaries[scenario.run.name]), run_dir / "accuracy_seeds.png",
+                   title=f"{scenario.run.name}: {len(scenario.run.seeds)} seeds")
         (run_dir / "summary.json").write_text(json.dumps(summaries[scenario.run.name], indent=2, sort_keys=True) + "\n")
         if args.json:
             print(json.dumps(summaries[scenario.run.name], sort_keys=True))
         return 0
-    from fedtiny.report.plots import plot_methods
-    from fedtiny.report.runlog import read_metrics
-
-    plot_methods({name: read_metrics(run_dir / name / (f"seed{s['seeds'][0]}" if "seeds" in s else ""))
-                  for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
+    plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
         from fedtiny.report.plots import plot_privacy, privacy_table
@@ -293,8 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a scenario as a Flower simulation")
-    p.add_argument("scenario", help="scenario TOML file, e.g. scenarios/quickstart.toml")
+    p.add_argument("scenario", nargs="?", help="scenario TOML file, e.g. scenarios/quickstart.toml")
     _add_scenario_args(p)
+    p.add_argument("--seeds", type=int, default=0, metavar="N",
+                   help="repeat the run (each method of a sweep) over N seeds from run.seed; report mean, "
+                        "standard deviation and 95%% interval of each figure")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with a run (or sweep) that was stopped, from its last completed round")
     p.add_argument("--method", action="append", default=[], metavar="NAME",
                    help="run only this method of a sweep ([methods.NAME]; repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")

@@ -14,8 +14,10 @@ __all__ = ["simulate", "backend_config"]
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
-    """One CPU per ClientApp, ``run.num_cpus`` for the whole Ray instance, no GPU."""
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": scenario.run.num_cpus}}
+    """One CPU per ClientApp, no GPU; ``run.num_cpus`` for a local Ray instance, or join ``run.ray_address``."""
+    init_args = ({"address": scenario.run.ray_address} if scenario.run.ray_address
+                 else {"num_cpus": scenario.run.num_cpus})
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -27,20 +29,24 @@ def quiet_flower(verbose: bool) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def simulate(scenario: Scenario, run_dir: Path, *, verbose: bool = False) -> dict[str, Any]:
+def simulate(scenario: Scenario, run_dir: Path, *, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``scenario`` with ``flwr.simulation.run_simulation``; return the run's summary.
 
     The ServerApp writes the run folder (``metrics.jsonl``, ``summary.json``,
-    plots) as it goes, so ``flwr run .`` and this function produce the same outputs.
+    plots, the checkpoint after each round) as it goes, so ``flwr run .`` and this
+    function produce the same outputs. ``resume`` goes on from the folder's checkpoint.
+    With ``run.cohort_size > 1`` the simulation starts one node per cohort of a round
+    (the nodes are workers for virtual clients) instead of one per client.
     """
     quiet_flower(verbose)
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
-    from server.server_app import make_server_app
+    from server.server_app import cohort_nodes, make_server_app
 
-    run_simulation(server_app=make_server_app(scenario, run_dir), client_app=client_app,
-                   num_supernodes=scenario.run.clients, backend_config=backend_config(scenario),
+    nodes = scenario.run.clients if scenario.run.cohort_size == 1 else cohort_nodes(scenario)
+    run_simulation(server_app=make_server_app(scenario, run_dir, resume=resume), client_app=client_app,
+                   num_supernodes=nodes, backend_config=backend_config(scenario),
                    verbose_logging=verbose)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.exists():
