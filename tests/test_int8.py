@@ -194,3 +194,67 @@ def test_device_float_state_counts_fp32_head_and_momentum():
     assert counts["head"] == head
     assert counts["optimizer"] == sum(p.numel() for p in q.parameters())
     assert device_float_state(q, "sgd", 0.0)["optimizer"] == 0
+
+
+_FORWARD_HASH = """
+import hashlib, sys, numpy as np, torch
+from fedtiny.int8.modelfile import read_model
+q = read_model(sys.argv[1]).eval()
+c, h, w = q.input_shape
+x = torch.from_numpy(np.random.default_rng(0).random((4, c, h, w), dtype=np.float32))
+with torch.no_grad():
+    f = q.features(x).numpy()
+assert np.array_equal(f, np.round(f))
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(f.astype(np.int8).tobytes()).hexdigest())
+"""
+
+
+def _models_for_exactness(tmp_path):
+    from conftest import SHARED_MODELS
+
+    paths = [save_qmodel(small_qmodel(), tmp_path / "tiny-ir.safetensors")]
+    if (SHARED_MODELS / "mcunet-5fps.pkl").exists():
+        paths.append(SHARED_MODELS / "mcunet-5fps.pkl")  # wide 1x1 layers whose sums pass 2^24
+    return paths
+
+
+def test_int8_forward_same_integers_with_every_cpu_kernel(tmp_path):
+    """The int8 forward gives identical integers with ATEN_CPU_CAPABILITY=default and the machine's best kernels."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for path in _models_for_exactness(tmp_path):
+        outs = []
+        for cap in (None, "default"):
+            env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+            if cap:
+                env["ATEN_CPU_CAPABILITY"] = cap
+            proc = subprocess.run([sys.executable, "-c", _FORWARD_HASH, str(path)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            outs.append(proc.stdout.split())
+        assert outs[1][0] == "DEFAULT" and outs[0][1] == outs[1][1], (path.name, outs)
+
+
+def test_wide_int8_conv_accumulates_exactly():
+    """A layer whose int32 sums pass 2^24 (float32's exact range) still gives the exact integers."""
+    from fedtiny.int8.graph import _int_conv
+
+    cin, cout = 2048, 4
+    w = rand_int8(cout, cin, 1, 1, lo=-127)
+    w[:, ::2] = 127  # push the sums far past 2^24
+    x = rand_int8(2, cin, 3, 3)
+    x[:, ::2] = 127
+    xz = -128
+    b = RNG.integers(-(1 << 20), 1 << 20, cout)
+    want = np.einsum("nchw,oc->nohw", x.astype(np.int64) - xz, w[:, :, 0, 0].astype(np.int64)) + b[None, :, None, None]
+    assert np.abs(want).max() > 1 << 24
+    conv = QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
+                 torch.ones(cout), 1.0, xz, 1.0, 0, 1, 1)
+    with torch.no_grad():
+        got = _int_conv(torch.from_numpy(x.astype(np.float32)) - xz, conv.weight, conv.bias, conv)
+    # float32 holds these sums only to its 24-bit mantissa; the sum itself was exact (float64).
+    assert np.array_equal(got.numpy(), want.astype(np.float64).astype(np.float32))

@@ -78,6 +78,26 @@ def _grads(*flags: bool) -> tuple[bool, ...]:
     return tuple(on and f for f in flags)
 
 
+_EXACT_F32 = float(1 << 24)  # float32 holds every integer below this exactly
+
+
+def _int_conv(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: "QConv") -> torch.Tensor:
+    """The int32 accumulation of an int8 convolution, the same integers on every CPU.
+
+    float32 sums of integers are exact, in any order and with or without FMA, while every
+    partial sum stays below 2^24: then the vector kernels of any CPU (AVX-512, AVX2, none)
+    give the same integers. When the bound ``K * max|x - z| * max|w| + max|b|`` could pass
+    2^24 (wide layers, large biases), the sum runs in float64 (exact below 2^53), slower but
+    still exact; the cast back rounds deterministically.
+    """
+    k = weight[0].numel()
+    bound = k * float(xc.abs().max()) * float(weight.abs().max()) + (float(bias.abs().max()) if bias is not None else 0.0)
+    if bound < _EXACT_F32:
+        return F.conv2d(xc, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+    return F.conv2d(xc.double(), weight.double(), None if bias is None else bias.double(),
+                    conv.stride, conv.padding, 1, conv.groups).float()
+
+
 class _QConvFn(torch.autograd.Function):
     """int8 convolution whose backward keeps only what the device keeps.
 
@@ -89,7 +109,7 @@ class _QConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv: "QConv", events: OpEvents, led: Ledger | NullLedger):
-        acc = F.conv2d(x - conv.x_zero, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        acc = _int_conv(x - conv.x_zero, weight, bias, conv)
         y = torch.round(acc * conv.multiplier().view(1, -1, 1, 1) + conv.y_zero)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.conv, ctx.in_shape, ctx.events, ctx.ledger = conv, x.shape, events, led

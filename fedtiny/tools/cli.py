@@ -60,13 +60,16 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
 
 def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dict[str, Any]:
     """One simulation into ``where``; with ``resume``, a finished run is read back and a cut one goes on."""
-    from fedtiny.federated.checkpoint import CHECKPOINT_DIR
+    from fedtiny.federated.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint
     from fedtiny.tools.sim import simulate
 
     if resume and (where / "summary.json").exists():
         print(f"[fedtiny] {where}: finished before; kept", file=sys.stderr, flush=True)
         return json.loads((where / "summary.json").read_text())
     if resume and (where / CHECKPOINT_DIR).exists():
+        ck = load_checkpoint(where)  # a damaged checkpoint stops here, before Ray starts
+        if ck.scenario_json != scenario.to_json():
+            raise CheckpointError(f"{where}: its checkpoint was written by another scenario than {where}/scenario.toml")
         return simulate(scenario, where, verbose=verbose, resume=True)
     if resume:
         print(f"[fedtiny] {where}: no round completed before the stop; starting it over", file=sys.stderr, flush=True)
@@ -185,6 +188,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedtiny.tools import bench
 
+    if not args.scenario:
+        args.scenario = bench.SIM_SCENARIO if args.bench == "sim" else bench.DEFAULT_SCENARIO
     result = bench.BENCHES[args.bench](args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -441,8 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="s3", help="train: s1..s5 (published), full, bias-only, last-k:N, a file")
     p.add_argument("--batch-size", type=int, default=16, help="train: samples per step")
     p.add_argument("--steps", type=int, default=6, help="train: timed steps")
-    p.add_argument("--scenario", default="scenarios/quickstart.toml", help="scenario whose local training is timed")
-    p.add_argument("--clients", type=int, default=100, help="sim: number of client calls (N)")
+    p.add_argument("--scenario", help="scenario whose local training is timed (default: scenarios/scale.toml for "
+                                      "sim, scenarios/quickstart.toml otherwise)")
+    p.add_argument("--clients", type=int, default=100, help="sim: clients per round (N)")
+    p.add_argument("--cohort-size", type=int, default=0,
+                   help="sim: virtual clients per Flower call (default: one cohort per worker)")
     p.add_argument("--epochs", type=int, default=5, help="qas: fine-tuning epochs per trial")
     p.add_argument("--lr-points", type=int, default=5, help="qas: learning rates tried per method")
     p.add_argument("--numel", type=int, default=1_000_000, help="codec: tensor size")

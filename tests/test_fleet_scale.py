@@ -1,0 +1,64 @@
+"""Scale features without a simulation: the synthetic source, cohorts, seeds' intervals."""
+
+import numpy as np
+import pytest
+
+from fedtiny.data import build_federation
+from fedtiny.report.sweep import combine_seeds, interval95
+from fedtiny.scenario import ScenarioError, load_scenario
+
+from conftest import ROOT
+
+
+def test_synthetic_fleet_of_ten_thousand_is_lazy_and_seeded():
+    s = load_scenario(ROOT / "scenarios" / "scale.toml")
+    fed = build_federation(s)
+    assert fed.num_clients == 10_000 and fed.pool is None and fed.partitions == []
+    a_train, a_test = fed.client_data(9_999)
+    b_train, _ = build_federation(s).client_data(9_999)
+    assert np.array_equal(a_train.x, b_train.x) and np.array_equal(a_train.y, b_train.y)
+    assert len(a_train) + len(a_test) == s.data.samples_per_client
+    assert a_train.x.dtype == np.float32 and 0 <= a_train.x.min() and a_train.x.max() <= 1
+    other, _ = fed.client_data(1)
+    assert not np.array_equal(other.x[:5], a_train.x[:5])
+    with pytest.raises(IndexError):
+        fed.client_data(10_000)
+    # Class-conditional: class means of half the public split classify the other half far above chance
+    # (10 classes: chance is 0.1).
+    pub, h = fed.public, len(fed.public) // 2
+    means = np.stack([pub.x[:h][pub.y[:h] == c].mean(axis=0).ravel() for c in range(pub.num_classes)])
+    pred = np.argmin(((pub.x[h:].reshape(len(pub) - h, -1)[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert (pred == pub.y[h:]).mean() > 0.6
+
+
+def test_cohorts_cover_each_sampled_client_once():
+    from server.strategy import cohorts
+
+    pids = list(range(0, 200, 2))
+    groups = cohorts(pids, [11, 12, 13], 25)
+    assert len(groups) == 3 and sorted(p for _, g in groups for p in g) == pids
+    assert [node for node, _ in cohorts(pids, [11, 12, 13, 14, 15], 50)] == [11, 12]
+
+
+def test_interval_and_combined_seeds():
+    vals = [0.90, 0.92, 0.94]
+    lo, hi = interval95(vals)
+    # t(0.975, 2) = 4.3027; sample std 0.02; half-width 4.3027 * 0.02 / sqrt(3)
+    assert hi - lo == pytest.approx(2 * 4.3027 * 0.02 / np.sqrt(3), rel=1e-4)
+    assert (lo + hi) / 2 == pytest.approx(0.92)
+    runs = [{"seed": i, "final_accuracy": v, "best_accuracy": v, "initial_accuracy": 0.5, "uplink_bytes_total": 100,
+             "downlink_bytes_total": 10, "wall_time_s": 1.0} for i, v in enumerate(vals)]
+    out = combine_seeds(runs)
+    assert out["final_accuracy"] == pytest.approx(0.92) and out["final_accuracy_std"] == pytest.approx(0.02)
+    assert out["final_accuracy_ci95"] == pytest.approx([round(lo, 4), round(hi, 4)])
+    assert out["uplink_bytes_total_ci95"] == [100, 100] and out["seeds"] == [0, 1, 2]
+
+
+def test_cohort_size_and_synthetic_keys_are_validated(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\ncohort_size = 0\n")
+    with pytest.raises(ScenarioError, match="run.cohort_size"):
+        load_scenario(bad)
+    bad.write_text("[data]\nsource = \"synthetic\"\nsamples_per_client = 0\n")
+    with pytest.raises(ScenarioError, match="data.samples_per_client"):
+        load_scenario(bad)
