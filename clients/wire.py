@@ -39,8 +39,12 @@ def record_bytes(record: object) -> bytes:
 
 
 def train_content(scenario_json: str, server_round: int, jobs: list[ClientJob], *, cohort: bool,
-                  state_dir: str = "") -> RecordDict:
-    """A train message's content for one client (``cohort=False``) or a cohort of virtual clients."""
+                  state_dir: str = "", scheme_texts: dict[int, str] | None = None) -> RecordDict:
+    """A train message's content for one client (``cohort=False``) or a cohort of virtual clients.
+
+    ``scheme_texts``: each partition's scheme as JSON when the caller has it already.
+    """
+    scheme_texts = scheme_texts or {}
     cfg: dict = {msg.SCENARIO: scenario_json, msg.SERVER_ROUND: server_round}
     if state_dir:
         cfg[msg.STATE_DIR] = state_dir
@@ -49,7 +53,8 @@ def train_content(scenario_json: str, server_round: int, jobs: list[ClientJob], 
     records: dict = {}
     for j in jobs:
         pid = j.partition_id if cohort else None
-        cfg[msg.keyed(msg.SCHEME, pid)] = j.scheme.to_json() if j.scheme is not None else ""
+        cfg[msg.keyed(msg.SCHEME, pid)] = ("" if j.scheme is None else scheme_texts.get(j.partition_id)
+                                           or j.scheme.to_json())
         cfg[msg.keyed(msg.DOWNLINK, pid)] = j.kind
         records[msg.keyed(msg.GLOBAL, pid)] = bytes_record(j.downlink)
     return RecordDict({**records, msg.CONFIG: ConfigRecord(cfg)})

@@ -101,6 +101,7 @@ class FedTinyStrategy(Strategy):
         self.round_offset = first_round - 1
         self.schemes = schemes
         self._scheme_of: dict[int, ResolvedScheme | None] = {}  # this round's scheme of each sampled client
+        self._key_of: dict[int, str] = {}  # ...and its JSON text
         self._views: dict[str, Task] = {}
         self.scenario = task.scenario
         self.global_model = global_model
@@ -118,19 +119,24 @@ class FedTinyStrategy(Strategy):
         server_round += self.round_offset
         s = self.scenario
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
-        jobs, self._down, self._scheme_of = {}, {}, {}
+        jobs, self._down, self._scheme_of, self._key_of = {}, {}, {}, {}
+        texts: dict[int, str] = {}  # one JSON text per scheme object (static schemes are shared by a profile)
         for p in pids:
             kind, payload = self.downlink.payload(p, server_round, self.global_model.state)
             self._down[p] = (kind, len(payload))
             scheme = (self.schemes.for_client(client_profile(s, p).name, p, server_round)
                       if self.schemes is not None else None)
             self._scheme_of[p] = scheme
+            if scheme is not None:
+                self._key_of[p] = texts[id(scheme)] if id(scheme) in texts else texts.setdefault(id(scheme),
+                                                                                                 scheme.to_json())
             jobs[p] = ClientJob(p, payload, kind, scheme)
         cohort = bool(self.workers)
         groups = cohorts(pids, self.workers, s.run.cohort_size) if cohort else [(self.node_of[p], [p]) for p in pids]
         self._sent = {node: group for node, group in groups}
         return [Message(train_content(s.to_json(), server_round, [jobs[p] for p in group], cohort=cohort,
-                                      state_dir=self.state_dir), dst_node_id=node, message_type=MessageType.TRAIN)
+                                      state_dir=self.state_dir, scheme_texts=self._key_of),
+                        dst_node_id=node, message_type=MessageType.TRAIN)
                 for node, group in groups]
 
     def aggregate_train(self, server_round: int,
@@ -168,7 +174,7 @@ class FedTinyStrategy(Strategy):
         scheme = self._scheme_of.get(partition_id)
         if scheme is None:
             return self.task
-        key = scheme.to_json()
+        key = self._key_of[partition_id]
         if key not in self._views:
             if len(self._views) > 64:  # dynamic channels: a view per client and round; keep the last few
                 self._views.clear()

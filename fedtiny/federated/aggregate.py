@@ -55,6 +55,9 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
     Sums run in float64 in a fixed order so results repeat.
     """
     result = AggregateResult(None)
+    # Coverage arrays are shared by the clients of one scheme: one mask each (the array is kept with its
+    # mask so that its id cannot be reused by another array during this call).
+    masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     sums = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
     weights = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
     for u in sorted(updates, key=lambda u: u.partition_id):
@@ -73,7 +76,12 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             if name in changes:
                 idx, values = changes[name]
                 if covered is not None:  # a change outside what the client trained does not count
-                    keep = np.isin(idx, covered[name])
+                    key = id(covered[name])
+                    if key not in masks:
+                        mask = np.zeros(len(sums[name]), bool)
+                        mask[covered[name]] = True
+                        masks[key] = (covered[name], mask)
+                    keep = masks[key][1][idx]
                     idx, values = idx[keep], values[keep]
                 sums[name][idx] += values * u.num_examples
         result.accepted.append(u.partition_id)

@@ -74,6 +74,7 @@ class RunLog:
         self._pending: dict[int, dict[str, Any]] = {}  # rounds waiting for their stats or their evaluation
         self.t0 = time.monotonic()
         self.path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             last, elapsed = resume
             self.records = [r for r in read_metrics(self.run_dir) if r["round"] <= last]

@@ -24,32 +24,51 @@ SIM_SCENARIO = "scenarios/scale.toml"
 SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
 
 
-def _bare_worker(scenario_json: str, jobs: list[tuple[int, int]], state_dir: str, ready, start, results) -> None:
+def _bare_worker(scenario_json: str, jobs: list[tuple[int, str]], payload: bytes, state_dir: str, ready, start,
+                 results) -> None:
     """One bare process: warm up (data, model), wait for the start signal, run its clients' rounds."""
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.client import ClientJob, client_task, run_jobs
-    from fedtiny.models import model_arrays
+    from fedtiny.budget.schemes import ResolvedScheme
+    from fedtiny.federated.client import ClientJob, run_jobs
     from fedtiny.scenario import scenario_from_json
 
     scenario = scenario_from_json(scenario_json)
-    payload = pack_dense(model_arrays(client_task(scenario).model), client_task(scenario).downlink_spec)
-    warm = run_jobs(scenario, 1, [ClientJob(jobs[0][0], payload)], state_dir + "-warm")
+    todo = [ClientJob(pid, payload, "full", ResolvedScheme.from_json(text) if text else None) for pid, text in jobs]
+    warm = run_jobs(scenario, 1, todo[:1], state_dir + "-warm")
     ready.put(isinstance(warm[0][1], str) and warm[0][1])
     start.wait()
-    t0 = time.perf_counter()
-    out = run_jobs(scenario, 2, [ClientJob(pid, payload) for pid, _ in jobs], state_dir)
-    results.put((time.perf_counter() - t0, sum(isinstance(r, str) for _, r in out)))
+    out = run_jobs(scenario, 2, todo, state_dir)
+    results.put([(pid, r if isinstance(r, str) else (r.update, r.num_examples)) for pid, r in out])
 
 
 def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> float:
-    """Wall time of one round's clients run by ``workers`` processes (the cohorts Flower would get)."""
+    """Wall time of one round without Flower: ``workers`` processes run the clients (the cohorts Flower
+    would get), then this process decodes and aggregates their updates and evaluates the global model,
+    with the library functions the ServerApp uses."""
     import multiprocessing as mp
+
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.aggregate import ClientUpdate, GlobalModel, aggregate
+    from fedtiny.federated.fleet import fleet_schemes
+    from fedtiny.federated.task import client_profile, cloud_model, make_task, with_scheme
+    from fedtiny.federated.train import evaluate
+    from fedtiny.models import load_arrays
+
+    task = make_task(scenario)
+    initial, _ = cloud_model(task)
+    schemes = fleet_schemes(task, initial) if scenario.model.precision == "int8" else None
+    scheme_of = {p: schemes.for_client(client_profile(scenario, p).name, p, 2) if schemes else None for p in pids}
+    if schemes is not None:
+        task = with_scheme(task, schemes.union)
+    views = {p: with_scheme(task, s) if s is not None else task for p, s in scheme_of.items()}
+    payload = pack_dense(initial, task.downlink_spec)
+    model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
 
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     chunks = [pids[i::workers] for i in range(workers) if pids[i::workers]]
-    procs = [ctx.Process(target=_bare_worker, args=(scenario.to_json(), [(p, 0) for p in chunk], state_dir, ready,
-                                                      start, results)) for chunk in chunks]
+    procs = [ctx.Process(target=_bare_worker, args=(
+        scenario.to_json(), [(p, scheme_of[p].to_json() if scheme_of[p] else "") for p in chunk], payload,
+        state_dir, ready, start, results)) for chunk in chunks]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -58,12 +77,19 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
             raise RuntimeError(f"bare worker failed to warm up: {problem}")
     t0 = time.perf_counter()
     start.set()
-    done = [results.get(timeout=3600) for _ in procs]
+    replies = sorted((item for _ in procs for item in results.get(timeout=3600)), key=lambda item: item[0])
+    failed = [r for _, r in replies if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"clients failed in the bare loop: {failed[0]}")
+    updates = [ClientUpdate(pid, update, n) for pid, (update, n) in replies]
+    result = aggregate(updates, lambda p, b: views[p].uplink.decode(b, initial),
+                       {n: tuple(sh) for n, sh, _ in task.uplink_spec}, coverage=lambda p: views[p].slices)
+    model.apply_delta(result.arrays)
+    load_arrays(task.model, model.state)
+    evaluate(task.model, task.federation.test)
     wall = time.perf_counter() - t0
     for proc in procs:
         proc.join()
-    if any(failed for _, failed in done):
-        raise RuntimeError("clients failed in the bare loop")
     return wall
 
 
@@ -72,11 +98,11 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
 
     Flower: ``run.num_cpus`` Ray workers run round 2 of a 2-round simulation (round 1 is
     the warm-up in which each worker loads data and model), with cohorts of virtual clients
-    (``run.cohort_size``; default: one cohort per worker). Bare: as many processes, each
-    warmed up, run the same clients through the same :func:`~fedtiny.federated.client.run_jobs`
-    (states on disk included). Flower's figure is the round as the ServerApp sees it, so
-    it also holds the server's work (downlink payloads, decoding, aggregation, the global
-    evaluation).
+    (``run.cohort_size``; default: one cohort per worker); the figure is the round as the
+    ServerApp sees it (downlink payloads, the clients, decoding, aggregation, the global
+    evaluation, the checkpoint). Bare: as many processes, each warmed up, run the same
+    clients through the same :func:`~fedtiny.federated.client.run_jobs` (states on disk
+    included), then the same library functions decode, aggregate and evaluate.
     """
     from fedtiny.federated.sampling import sample_clients
     from fedtiny.report.runlog import read_metrics
