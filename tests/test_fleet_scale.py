@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedtiny.data import build_federation
-from fedtiny.report.sweep import combine_seeds, interval95
+from fedtiny.report.sweep import combine_seeds, interval95, paired_table
 from fedtiny.scenario import ScenarioError, load_scenario
 
 from conftest import ROOT
@@ -62,3 +62,12 @@ def test_cohort_size_and_synthetic_keys_are_validated(tmp_path):
     bad.write_text("[data]\nsource = \"synthetic\"\nsamples_per_client = 0\n")
     with pytest.raises(ScenarioError, match="data.samples_per_client"):
         load_scenario(bad)
+
+
+def test_paired_differences_by_seed():
+    runs = lambda accs: combine_seeds([{"seed": i, "final_accuracy": a, "best_accuracy": a, "uplink_bytes_total": 1,  # noqa: E731
+                                        "wall_time_s": 1.0} for i, a in enumerate(accs)])
+    table = paired_table({"a": runs([0.90, 0.80, 0.85]), "b": runs([0.92, 0.82, 0.87]), "c": runs([0.95, 0.75, 0.85])})
+    lines = table.splitlines()
+    assert lines[2].startswith("| b | +0.0200 | +0.0200 to +0.0200 | higher")  # same gain in every seed
+    assert "0.0000 |" in lines[3] and lines[3].endswith("no difference |")

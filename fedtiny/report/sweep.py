@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["combine_seeds", "sweep_table", "interval95", "MEAN_KEYS"]
+__all__ = ["combine_seeds", "sweep_table", "paired_table", "interval95", "MEAN_KEYS"]
 
 MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_bytes_total", "downlink_bytes_total",
              "wall_time_s", "refused_clients_total", "rejected_updates_total", "privacy_mean_psnr_db",
-             "privacy_mean_ssim", "privacy_label_accuracy", "peak_sram_bytes_max")
+             "privacy_mean_ssim", "privacy_label_accuracy")
 
 
 def interval95(values) -> tuple[float, float]:
@@ -51,6 +51,7 @@ def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key}_ci95"] = [round(lo, digits), round(hi, digits)]
         if key.endswith("accuracy"):
             out[f"{key}_spread"] = round(float(max(vals) - min(vals)), 4)
+    out["peak_sram_bytes_max"] = max(r.get("peak_sram_bytes_max", 0) for r in runs)
     out["schemes_by_device"] = {d: sorted({r["schemes_by_device"][d]["scheme"] for r in runs
                                           if d in r.get("schemes_by_device", {})})
                                 for d in runs[0].get("schemes_by_device", {})}
@@ -81,4 +82,26 @@ def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
     if n > 1:
         lines.append(f"\nMean over {n} seeds ± half-width of the 95% interval of the mean (t, {n - 1} d.o.f.); "
                      "methods whose intervals overlap are not different on this evidence.")
+    return "\n".join(lines)
+
+
+def paired_table(summaries: dict[str, dict[str, Any]], key: str = "final_accuracy") -> str:
+    """Markdown: each method minus the first, seed by seed (same partitions and batches), with the 95%
+    interval of the mean difference; "no difference" when the interval holds zero. Empty without seeds."""
+    names = [n for n, s in summaries.items() if len(s.get("per_seed", [])) > 1]
+    if len(names) < 2:
+        return ""
+    ref = names[0]
+    by_seed = lambda name: {r["seed"]: r.get(key) for r in summaries[name]["per_seed"]}  # noqa: E731
+    base = by_seed(ref)
+    lines = [f"| method | {key} minus {ref} (paired by seed) | 95% interval | verdict |", "| --- | --- | --- | --- |"]
+    for name in names[1:]:
+        other = by_seed(name)
+        seeds = [sd for sd in base if sd in other and base[sd] is not None and other[sd] is not None]
+        if len(seeds) < 2:
+            continue
+        diff = np.array([other[sd] - base[sd] for sd in seeds])
+        lo, hi = interval95(diff)
+        verdict = "no difference" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
+        lines.append(f"| {name} | {diff.mean():+.4f} | {lo:+.4f} to {hi:+.4f} | {verdict} |")
     return "\n".join(lines)

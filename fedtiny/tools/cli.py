@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         return 0
-    from fedtiny.report.sweep import combine_seeds, sweep_table
+    from fedtiny.report.sweep import combine_seeds, paired_table, sweep_table
 
     summaries = {}
     for name, sc in methods:
@@ -144,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(_summary_table(f"{name} (seed {seed})" if sc.run.seeds else name, runs[-1]))
         summaries[name] = combine_seeds(runs) if sc.run.seeds else runs[0]
     table = sweep_table(summaries)
+    paired = paired_table(summaries) if scenario.methods else ""
+    table += f"\n\n{paired}" if paired else ""
     (run_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
     from fedtiny.report.plots import plot_methods
