@@ -34,24 +34,29 @@ def parse_reply(message: Message, sent: dict[int, list[int]]) -> list[Reply]:
     pids = sent.get(message.metadata.src_node_id, [])
     if message.has_error():
         return [Reply(p, error=f"client error: {message.error.reason}") for p in pids or [-1]]
-    cfg = message.content.config_records.get(msg.CONFIG)
+    # RecordDict's typed views are rebuilt on each access: take each once (a cohort reply has 3 records
+    # per client, and per-client lookups through the views made parsing quadratic in the cohort size).
+    configs, arrays, metric_records = (message.content.config_records, message.content.array_records,
+                                       message.content.metric_records)
+    cfg = configs.get(msg.CONFIG)
     cohort = cfg is not None and msg.COHORT in cfg
+    answered = {int(p) for p in cfg[msg.COHORT]} if cohort else set()
     replies = []
     for pid in pids or [-1]:
         key = pid if cohort else None
-        info = message.content.config_records.get(msg.keyed(msg.INFO, key))
-        if cohort and (pid not in [int(p) for p in cfg[msg.COHORT]] or info is None):
+        info = configs.get(msg.keyed(msg.INFO, key))
+        if cohort and (pid not in answered or info is None):
             replies.append(Reply(pid, error="client error: missing from its cohort's reply"))
             continue
         if info is not None and msg.ERROR in info:
             replies.append(Reply(pid, error=f"client error: {info[msg.ERROR]}"))
             continue
         try:
-            payload = record_bytes(message.content.array_records.get(msg.keyed(msg.UPDATE, key)))
+            payload = record_bytes(arrays.get(msg.keyed(msg.UPDATE, key)))
         except UpdateError as exc:
             replies.append(Reply(pid, error=str(exc)))
             continue
-        metrics = message.content.metric_records.get(msg.keyed(msg.METRICS, key)) or {}
+        metrics = metric_records.get(msg.keyed(msg.METRICS, key)) or {}
         replies.append(Reply(pid, payload, dict(metrics.items()), dict((info or {}).items())))
     return replies
 
@@ -147,9 +152,7 @@ class FedTinyStrategy(Strategy):
         parsed += [Reply(p, error="no reply (timed out or lost)") for group in self._sent.values() for p in group
                    if p not in answered]
         parsed.sort(key=lambda r: r.partition_id)
-        for r in parsed:
-            if not r.error:
-                self.downlink.received(r.partition_id, server_round)
+        self.downlink.received([r.partition_id for r in parsed if not r.error], server_round)
         sent = dict(self.global_model.state)  # apply_delta replaces arrays, never writes into them
 
         def decode(partition_id: int, payload: bytes):

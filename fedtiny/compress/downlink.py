@@ -98,8 +98,10 @@ class DownlinkPlanner:
                     return DELTA, data
         return FULL, full
 
-    def received(self, partition_id: int, server_round: int) -> None:
-        """Client ``partition_id`` holds the state of ``server_round`` now."""
-        self.last_seen[partition_id] = server_round
+    def received(self, partition_ids: int | list[int], server_round: int) -> None:
+        """Clients ``partition_ids`` hold the state of ``server_round`` now (one id or a round's list)."""
+        for pid in [partition_ids] if isinstance(partition_ids, int) else partition_ids:
+            self.last_seen[pid] = server_round
+        # Once per call, not per client: with thousands of clients this set is the costly part.
         keep = set(sorted(self.history)[-self.max_history:]) | set(self.last_seen.values())
         self.history = {r: s for r, s in self.history.items() if r in keep}

@@ -29,12 +29,16 @@ def _bare_worker(scenario_json: str, jobs: list[tuple[int, str]], payload: bytes
     """One bare process: warm up (data, model), wait for the start signal, run its clients' rounds."""
     from fedtiny.budget.schemes import ResolvedScheme
     from fedtiny.federated.client import ClientJob, run_jobs
+    from fedtiny.federated.task import client_profile
     from fedtiny.scenario import scenario_from_json
 
     scenario = scenario_from_json(scenario_json)
     todo = [ClientJob(pid, payload, "full", ResolvedScheme.from_json(text) if text else None) for pid, text in jobs]
-    warm = run_jobs(scenario, 1, todo[:1], state_dir + "-warm")
-    ready.put(isinstance(warm[0][1], str) and warm[0][1])
+    first_of_profile: dict[str, ClientJob] = {}  # warm up what Flower's round 1 warms up: each device's model
+    for job in todo:
+        first_of_profile.setdefault(client_profile(scenario, job.partition_id).name, job)
+    warm = run_jobs(scenario, 1, list(first_of_profile.values()), state_dir + "-warm")
+    ready.put(next((r for _, r in warm if isinstance(r, str)), ""))
     start.wait()
     out = run_jobs(scenario, 2, todo, state_dir)
     results.put([(pid, r if isinstance(r, str) else (r.update, r.num_examples)) for pid, r in out])

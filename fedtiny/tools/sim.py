@@ -15,8 +15,10 @@ __all__ = ["simulate", "backend_config"]
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
     """One CPU per ClientApp, no GPU; ``run.num_cpus`` for a local Ray instance, or join ``run.ray_address``."""
+    # "local": a fresh Ray instance even when a cluster started with `ray start` runs on this machine
+    # (Ray would otherwise join it, and refuse num_cpus).
     init_args = ({"address": scenario.run.ray_address} if scenario.run.ray_address
-                 else {"num_cpus": scenario.run.num_cpus})
+                 else {"address": "local", "num_cpus": scenario.run.num_cpus})
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
