@@ -61,6 +61,7 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
 def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dict[str, Any]:
     """One simulation into ``where``; with ``resume``, a finished run is read back and a cut one goes on."""
     from fedtiny.federated.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint
+    from fedtiny.report.runlog import write_scenario
     from fedtiny.tools.sim import simulate
 
     if resume and (where / "summary.json").exists():
@@ -74,14 +75,8 @@ def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dic
     if resume:
         print(f"[fedtiny] {where}: no round completed before the stop; starting it over", file=sys.stderr, flush=True)
     where.mkdir(parents=True, exist_ok=True)
-    write_scenario_file(scenario, where)
-    return simulate(scenario, where, verbose=verbose)
-
-
-def write_scenario_file(scenario, where: Path) -> None:
-    from fedtiny.report.runlog import write_scenario
-
     write_scenario(scenario, where)
+    return simulate(scenario, where, verbose=verbose)
 
 
 def _resolve_run_args(args: argparse.Namespace):
@@ -108,6 +103,7 @@ def _resolve_run_args(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtiny.federated.task import make_task
+    from fedtiny.report.runlog import write_scenario
 
     scenario, run_dir, source = _resolve_run_args(args)
     resume = bool(args.resume)
@@ -122,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for _, sc in methods:
         make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
     if not resume:
-        write_scenario_file(scenario, run_dir)
+        write_scenario(scenario, run_dir)
     print(f"[fedtiny] scenario {source} -> {run_dir}" + (" (resuming)" if resume else ""), file=sys.stderr, flush=True)
     if not scenario.methods and not scenario.run.seeds:
         summary = _run_or_resume(scenario, run_dir, verbose=args.verbose, resume=resume)
