@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -152,11 +153,14 @@ class RunLog:
             "run_dir": str(self.run_dir),
             **extra,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if recs:
             from fedtiny.report.plots import plot_run
 
             plot_run(recs, self.run_dir, title=self.scenario.run.name)
+        # Written last and atomically: a summary.json marks a finished run (fedtiny run --resume keeps it).
+        tmp = self.run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
         return summary
 
 
