@@ -18,8 +18,8 @@ from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import GlobalModel
 from fedtiny.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtiny.federated.rounds import RoundOutcome
-from fedtiny.federated.fleet import fleet_schemes
-from fedtiny.federated.task import cloud_model, limit_threads, make_task, with_scheme
+from fedtiny.federated.fleet import server_task
+from fedtiny.federated.task import limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate
 from fedtiny.models import load_arrays
 from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
@@ -76,12 +76,9 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, *, state_dir: str 
         raise CheckpointError(f"{run_dir}: the checkpoint was written by another scenario; resume with the run "
                               "folder's own scenario.toml and no new --set")
     log = RunLog(run_dir, scenario, resume=(ck.server_round, ck.elapsed_s) if ck else None)
-    task = make_task(scenario)
-    initial, cloud = cloud_model(task)
-    schemes = fleet_schemes(task, initial) if scenario.model.precision == "int8" else None
+    task, initial, cloud, schemes = server_task(scenario)
     by_device = {}
     if schemes is not None:
-        task = with_scheme(task, schemes.union)
         for device, scheme in schemes.by_profile.items():
             by_device[device] = {"scheme": scheme.summary(), **scheme.to_dict(), **schemes.found.get(device, {})}
             log.note(f"{device}: scheme {scheme.summary()}" + (", channels redrawn each round" if schemes.dynamic else ""))
@@ -146,8 +143,6 @@ def cohort_nodes(scenario: Scenario) -> int:
 def compression_ratios(task, records) -> dict[str, Any]:
     """Uplink totals against sending the dense model each time: fp32 (4 bytes per parameter) and int8
     (the int8 graph's on-device dtypes: int8 weights, int32 biases)."""
-    from fedtiny.federated.task import make_task
-
     uploads = sum(len(r.get("clients", [])) + len(r.get("rejected", [])) for r in records)
     params = sum(p.numel() for p in task.model.parameters())
     int8_task = task if task.scenario.model.precision == "int8" else make_task(

@@ -133,8 +133,9 @@ class FedTinyStrategy(Strategy):
                       if self.schemes is not None else None)
             self._scheme_of[p] = scheme
             if scheme is not None:
-                self._key_of[p] = texts[id(scheme)] if id(scheme) in texts else texts.setdefault(id(scheme),
-                                                                                                 scheme.to_json())
+                if id(scheme) not in texts:
+                    texts[id(scheme)] = scheme.to_json()
+                self._key_of[p] = texts[id(scheme)]
             jobs[p] = ClientJob(p, payload, kind, scheme)
         cohort = bool(self.workers)
         groups = cohorts(pids, self.workers, s.run.cohort_size) if cohort else [(self.node_of[p], [p]) for p in pids]

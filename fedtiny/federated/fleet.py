@@ -23,10 +23,10 @@ from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_sc
                                     union)
 from fedtiny.data import ImageSet
 from fedtiny.data.shift import apply_shift, fleet_shift
-from fedtiny.federated.task import Task, client_profile, with_scheme
+from fedtiny.federated.task import Task, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 
-__all__ = ["FleetSchemes", "fleet_schemes", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
+__all__ = ["FleetSchemes", "fleet_schemes", "server_task", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
            "scheme_for_device", "search_space", "search_settings"]
 
 
@@ -206,3 +206,18 @@ def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
     one = dataclasses.replace(s, train=dataclasses.replace(s.train, scheme_per_device=False))
     fleet = fleet_schemes(dataclasses.replace(task, scenario=one), state, progress=None)
     return with_scheme(task, next(iter(fleet.by_profile.values())))
+
+
+def server_task(scenario, progress: Callable[[str], None] | None = _log):
+    """The server's side of a run before round 1: ``(task, initial_state, cloud_report, schemes)``.
+
+    Builds the task, runs the cloud step, resolves the scheme of each device profile (int8
+    models; ``None`` for fp32) and puts the task under their union. The ServerApp and
+    ``bench sim``'s bare baseline both start from this.
+    """
+    task = make_task(scenario)
+    initial, cloud = cloud_model(task)
+    schemes = fleet_schemes(task, initial, progress) if scenario.model.precision == "int8" else None
+    if schemes is not None:
+        task = with_scheme(task, schemes.union)
+    return task, initial, cloud, schemes

@@ -52,17 +52,13 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
 
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.aggregate import ClientUpdate, GlobalModel, aggregate
-    from fedtiny.federated.fleet import fleet_schemes
-    from fedtiny.federated.task import client_profile, cloud_model, make_task, with_scheme
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile, with_scheme
     from fedtiny.federated.train import evaluate
     from fedtiny.models import load_arrays
 
-    task = make_task(scenario)
-    initial, _ = cloud_model(task)
-    schemes = fleet_schemes(task, initial) if scenario.model.precision == "int8" else None
+    task, initial, _, schemes = server_task(scenario)
     scheme_of = {p: schemes.for_client(client_profile(scenario, p).name, p, 2) if schemes else None for p in pids}
-    if schemes is not None:
-        task = with_scheme(task, schemes.union)
     views = {p: with_scheme(task, s) if s is not None else task for p, s in scheme_of.items()}
     payload = pack_dense(initial, task.downlink_spec)
     model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
