@@ -24,8 +24,8 @@ test: $(STAMP)  ## run the test suite
 bench: $(STAMP)  ## benchmarks (ratios against an in-process baseline)
 	$(BIN)/fedtiny bench sim --json
 
-deploy-demo: $(STAMP)  ## SuperLink + 2 SuperNodes (one bridged to a device emulator), 2 rounds, then stop
-	./scripts/deploy_demo.sh
+deploy-demo: $(STAMP)  ## SuperLink + 2 SuperNodes (one bridged to a device emulator), 2 rounds, then stop; TLS=1: with TLS and SuperNode auth
+	TLS=$(TLS) ./scripts/deploy_demo.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
