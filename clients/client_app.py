@@ -1,4 +1,4 @@
-"""The simulated MCU client: a ClientApp that runs :func:`fedtiny.federated.client.local_round`.
+"""The simulated MCU client: a ClientApp that runs :func:`fedtiny.federated.client.client_round`.
 
 A node whose node config has ``device-address`` (or whose partition the scenario's
 ``bridge.devices`` maps to a device) relays its rounds to that device instead
@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from clients.bridge import relay
 from clients.wire import reply_content, train_jobs
 from fedtiny.federated import messages as msg
-from fedtiny.federated.client import local_round, run_jobs
+from fedtiny.federated.client import client_round, run_jobs
 from fedtiny.scenario import scenario_from_json
 
 __all__ = ["app"]
@@ -59,8 +59,7 @@ def train(message: Message, context: Context) -> Message:
         results = run_jobs(scenario, server_round, [job], str(config[msg.STATE_DIR]))
         return Message(reply_content(results, cohort=False), reply_to=message)
     kept = {k: a.numpy() for k, a in context.state[STATE].items()} if STATE in context.state else {}
-    result, kept = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
-                               scheme=job.scheme, state=kept)
+    result, kept = client_round(scenario, job, server_round, kept)
     # The model it holds and its error-feedback residual stay on the device between rounds.
     context.state[STATE] = ArrayRecord({k: Array(v) for k, v in kept.items()})
     return Message(reply_content([(job.partition_id, result)], cohort=False), reply_to=message)

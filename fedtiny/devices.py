@@ -1,8 +1,56 @@
-"""Device profiles: the SRAM, flash and clock of real microcontrollers (from their datasheets).
+"""Device profiles and radios: memory, clock, compute cost, power and link of real microcontrollers.
 
-Figures are the on-chip totals a firmware can use for data (SRAM) and code plus
+Memory figures are the on-chip totals a firmware can use for data (SRAM) and code plus
 read-only weights (flash). Parts without on-chip flash (RP2040, ESP32-S3) list the
 external flash of their reference board/module.
+
+Time and energy (what :func:`round_cost` turns MACs and bytes into):
+
+- ``cycles_per_mac``: int8 inference cycles per multiply-accumulate of a whole network,
+  from published latencies divided by the network's MACs:
+
+  * Cortex-M4(F): 2.13, MLPerf Tiny v1.1 image classification (ResNet-8, 12.50 M MACs) on
+    the STM32L4R5 at 120 MHz with X-CUBE-AI 8.0: 222.0 ms (Krai's closed-division results).
+  * Cortex-M7: 2.10, TinyEngine (the engine of Lin et al.) running mcunet-in1 (the former
+    "mcunet-5fps", 12.8 M MACs) in 56 ms on the STM32H743 at 480 MHz (mit-han-lab/tinyengine,
+    measured results).
+  * Xtensa LX7 (ESP32-S3): 2.0, between esp-nn's optimized kernels at 1.13 cycles/MAC (1x1
+    convolution, 64 -> 64 channels) and 5.2-5.8 (depthwise and first-layer convolutions)
+    (espressif/esp-nn kernel table); a network of mostly pointwise layers sits near 2.
+  * Cortex-M0+ (RP2040, STM32G031): 8.5, an assumption: no SIMD multiply-accumulate, about 4x
+    the Cortex-M4 figure. No published whole-network figure was found.
+
+- ``backward_factor``: cycles per MAC of the backward pass relative to the forward. No
+  MCU measurement is published per MAC; we assume 2 (gradient kernels accumulate in 32 bits
+  without the int8 SIMD packing of inference kernels). The MACs themselves come from the
+  memory planner's schedule (input gradients only where a trained tensor lies upstream,
+  weight gradients only for trained channels), so a sparse update is cheap where it is.
+
+- ``active_mw``: core power while computing (run mode from flash at the listed clock,
+  3 V for nRF52 and 3.3 V otherwise). nRF52840 3.3 mA and nRF52832 3.7 mA (product
+  specifications' CPU run current with DC/DC, about 52 and 58 uA/MHz); STM32 parts from
+  their datasheets' typical run-mode current per MHz (F746 ~0.47 mA/MHz, H743 ~0.35,
+  F411 ~0.1, L432 ~0.084, G031 ~0.1); RP2040 ~22 mA at 133 MHz; ESP32-S3 ~55 mA with the CPU
+  at 240 MHz and the radio off. The STM32, RP2040 and ESP32-S3 currents are typical values
+  quoted from the datasheets' tables as we know them and were not re-checked against the PDFs
+  here: treat them as +-30%.
+
+Radios (:data:`RADIOS`): goodput is application payload per second of radio time; energy
+per byte is the radio's power over its goodput (the core's power while it waits is not added).
+
+- BLE 1M / 2M PHY: 700 / 1,300 kbit/s (Nordic SoftDevice throughput tables give 0.7-0.8 and
+  about 1.3 Mbit/s; the protocol ceilings with 251-byte PDUs are 790 kbit/s and 1.4 Mbit/s);
+  nRF52840 radio at 0 dBm with DC/DC: TX 6.40 mA, RX 6.26 mA at 3 V (product specification,
+  radio current table).
+- IEEE 802.15.4 (Thread / 6LoWPAN, single hop): 100 kbit/s of the 250 kbit/s PHY (about 6.1 ms
+  per 127-byte frame with CSMA back-off and ACK, 80-100 bytes of payload in it); nRF52840
+  TX 6.40 mA, RX 6.53 mA.
+- LoRa SF7 / SF12, 125 kHz, CR 4/5: 5,100 / 165 bit/s of payload at the largest EU868 payloads
+  (222 and 51 bytes; time on air from Semtech AN1200.13's formula, PHY bit rates 5,469 and
+  293 bit/s); EU868's 1% duty cycle makes each second on air cost 100 s of wall time.
+  SX1276 TX +13 dBm (RFO) 29 mA, RX ~11.5 mA at 3.3 V.
+- Wi-Fi (ESP32-S3): 20 Mbit/s, ESP-IDF's iperf TCP figure in open air (83/73 Mbit/s in a
+  shielded box); TX 340 mA (802.11b at 21 dBm, the datasheet's worst case), RX 88 mA at 3.3 V.
 """
 
 from __future__ import annotations
@@ -11,14 +59,57 @@ from dataclasses import asdict, dataclass
 
 from fedtiny.errors import ScenarioError
 
-__all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB"]
+__all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB", "Radio", "RADIOS", "get_radio", "RoundCost",
+           "round_cost", "compute_seconds"]
 
 KB = 1024
 
 
 @dataclass(frozen=True)
+class Radio:
+    """A device's link to the server.
+
+    Attributes
+    ----------
+    name
+        Radio name (lower case).
+    goodput_bps
+        Application payload bits per second of radio time.
+    tx_mw, rx_mw
+        Radio power while sending and receiving.
+    duty_cycle
+        Share of wall time the radio may be on the air (1 = no regulatory limit).
+    """
+
+    name: str
+    goodput_bps: float
+    tx_mw: float
+    rx_mw: float
+    duty_cycle: float = 1.0
+    note: str = ""
+
+    def airtime_s(self, nbytes: int) -> float:
+        """Seconds on the air to move ``nbytes`` of payload."""
+        return 8.0 * nbytes / self.goodput_bps
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tx_nj_per_byte": round(8e6 * self.tx_mw / self.goodput_bps, 3),
+                "rx_nj_per_byte": round(8e6 * self.rx_mw / self.goodput_bps, 3)}
+
+
+RADIOS: dict[str, Radio] = {r.name: r for r in [
+    Radio("ble-1m", 700e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 1M PHY, nRF52840 at 0 dBm"),
+    Radio("ble-2m", 1300e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 2M PHY, nRF52840 at 0 dBm"),
+    Radio("802.15.4", 100e3, 6.40 * 3.0, 6.53 * 3.0, 1.0, "IEEE 802.15.4 / Thread, single hop"),
+    Radio("lora-sf7", 5100.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF7/125kHz, EU868 1% duty cycle"),
+    Radio("lora-sf12", 165.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF12/125kHz, EU868 1% duty cycle"),
+    Radio("wifi", 20e6, 340.0 * 3.3, 88.0 * 3.3, 1.0, "ESP32-S3 Wi-Fi, TCP in open air"),
+]}
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
-    """A device's memory budget.
+    """A device's memory budget, compute cost, power and default radio.
 
     Attributes
     ----------
@@ -30,6 +121,14 @@ class DeviceProfile:
         Core clock.
     core
         CPU core, for reference.
+    cycles_per_mac
+        int8 inference cycles per multiply-accumulate (whole network).
+    backward_factor
+        Backward-pass cycles per MAC relative to ``cycles_per_mac``.
+    active_mw
+        Core power while computing.
+    radio
+        Name of the default radio (:data:`RADIOS`).
     """
 
     name: str
@@ -38,23 +137,39 @@ class DeviceProfile:
     clock_mhz: int
     core: str = ""
     note: str = ""
+    cycles_per_mac: float = 2.13
+    backward_factor: float = 2.0
+    active_mw: float = 10.0
+    radio: str = "ble-1m"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# cycles per int8 MAC of each core (see the module docstring for the sources)
+_M4, _M7, _LX7, _M0 = 2.13, 2.10, 2.0, 8.5
+
 PROFILES: dict[str, DeviceProfile] = {p.name: p for p in [
-    DeviceProfile("stm32f746", 320 * KB, 1024 * KB, 216, "Cortex-M7", "RM0385: 240KB SRAM1+16KB SRAM2+64KB DTCM"),
-    DeviceProfile("stm32h743", 1024 * KB, 2048 * KB, 480, "Cortex-M7", "DS12110: 1MB RAM incl. 192KB TCM"),
-    DeviceProfile("stm32f411", 128 * KB, 512 * KB, 100, "Cortex-M4F", "DS10314"),
-    DeviceProfile("nrf52840", 256 * KB, 1024 * KB, 64, "Cortex-M4F", "nRF52840 PS v1.7"),
-    DeviceProfile("rp2040", 264 * KB, 2048 * KB, 133, "2x Cortex-M0+", "no on-chip flash; 2MB QSPI on the Pico"),
-    DeviceProfile("esp32-s3", 512 * KB, 8192 * KB, 240, "2x Xtensa LX7", "512KB SRAM; 8MB flash on ESP32-S3-WROOM-1-N8"),
-    DeviceProfile("nrf52832", 64 * KB, 512 * KB, 64, "Cortex-M4F", "nRF52832 PS v1.4"),
-    DeviceProfile("stm32l432", 64 * KB, 256 * KB, 80, "Cortex-M4F", "DS11451: 64KB SRAM"),
-    DeviceProfile("nrf52810", 24 * KB, 192 * KB, 64, "Cortex-M4", "nRF52810 PS v1.3"),
-    DeviceProfile("stm32g031", 8 * KB, 64 * KB, 64, "Cortex-M0+", "DS12992: 8KB SRAM, up to 64KB flash"),
-    DeviceProfile("mcu-256kb", 256 * KB, 1024 * KB, 200, "generic", "the 256KB budget of Lin et al. 2022"),
+    DeviceProfile("stm32f746", 320 * KB, 1024 * KB, 216, "Cortex-M7", "RM0385: 240KB SRAM1+16KB SRAM2+64KB DTCM; "
+                  "no radio on chip (an external BLE module)", _M7, 2.0, 0.47 * 216 * 3.3, "ble-1m"),
+    DeviceProfile("stm32h743", 1024 * KB, 2048 * KB, 480, "Cortex-M7", "DS12110: 1MB RAM incl. 192KB TCM; "
+                  "no radio on chip", _M7, 2.0, 0.35 * 480 * 3.3, "ble-1m"),
+    DeviceProfile("stm32f411", 128 * KB, 512 * KB, 100, "Cortex-M4F", "DS10314; no radio on chip",
+                  _M4, 2.0, 0.1 * 100 * 3.3, "ble-1m"),
+    DeviceProfile("nrf52840", 256 * KB, 1024 * KB, 64, "Cortex-M4F", "nRF52840 PS v1.7", _M4, 2.0, 3.3 * 3.0,
+                  "ble-2m"),
+    DeviceProfile("rp2040", 264 * KB, 2048 * KB, 133, "2x Cortex-M0+", "no on-chip flash; 2MB QSPI on the Pico; "
+                  "no radio on chip", _M0, 2.0, 22.0 * 3.3, "ble-1m"),
+    DeviceProfile("esp32-s3", 512 * KB, 8192 * KB, 240, "2x Xtensa LX7", "512KB SRAM; 8MB flash on "
+                  "ESP32-S3-WROOM-1-N8", _LX7, 2.0, 55.0 * 3.3, "wifi"),
+    DeviceProfile("nrf52832", 64 * KB, 512 * KB, 64, "Cortex-M4F", "nRF52832 PS v1.4", _M4, 2.0, 3.7 * 3.0, "ble-1m"),
+    DeviceProfile("stm32l432", 64 * KB, 256 * KB, 80, "Cortex-M4F", "DS11451: 64KB SRAM; no radio on chip",
+                  _M4, 2.0, 0.084 * 80 * 3.3, "ble-1m"),
+    DeviceProfile("nrf52810", 24 * KB, 192 * KB, 64, "Cortex-M4", "nRF52810 PS v1.3", _M4, 2.0, 3.7 * 3.0, "ble-1m"),
+    DeviceProfile("stm32g031", 8 * KB, 64 * KB, 64, "Cortex-M0+", "DS12992: 8KB SRAM, up to 64KB flash; no radio",
+                  _M0, 2.0, 0.1 * 64 * 3.3, "ble-1m"),
+    DeviceProfile("mcu-256kb", 256 * KB, 1024 * KB, 200, "generic", "the 256KB budget of Lin et al. 2022 "
+                  "(Cortex-M7 costs)", _M7, 2.0, 0.47 * 200 * 3.3, "ble-1m"),
 ]}
 
 
@@ -68,3 +183,44 @@ def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile
     except KeyError:
         raise ScenarioError(f"device: unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
                          + (f", {custom.name}" if custom else "")) from None
+
+
+def get_radio(name: str) -> Radio:
+    """Look a radio up by name (case-insensitive)."""
+    try:
+        return RADIOS[name.strip().lower()]
+    except KeyError:
+        raise ScenarioError(f"device.radio: unknown radio {name!r}; known: {', '.join(RADIOS)}") from None
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """One client's round on its device: simulated seconds and energy.
+
+    ``compute_s`` is the training (forward and sparse backward MACs); ``radio_s`` the
+    wall time of receiving the downlink and sending the uplink (airtime stretched by the
+    duty cycle); ``energy_mj`` core energy while computing plus radio energy on the air.
+    """
+
+    compute_s: float
+    radio_s: float
+    energy_mj: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.radio_s
+
+
+def compute_seconds(profile: DeviceProfile, macs_forward: int, macs_backward: int) -> float:
+    """Seconds ``profile``'s core takes for these forward and backward MACs."""
+    cycles = profile.cycles_per_mac * (macs_forward + profile.backward_factor * macs_backward)
+    return cycles / (profile.clock_mhz * 1e6)
+
+
+def round_cost(profile: DeviceProfile, radio: Radio, macs_forward: int, macs_backward: int, downlink_bytes: int,
+               uplink_bytes: int) -> RoundCost:
+    """A client's simulated seconds and millijoules for a round (mW x s = mJ)."""
+    compute = compute_seconds(profile, macs_forward, macs_backward)
+    down, up = radio.airtime_s(downlink_bytes), radio.airtime_s(uplink_bytes)
+    energy = compute * profile.active_mw + down * radio.rx_mw + up * radio.tx_mw
+    return RoundCost(compute, (down + up) / radio.duty_cycle, energy)

@@ -167,7 +167,7 @@ class SearchSection:
 @dataclass(frozen=True)
 class DeviceSection:
     profiles: tuple[str, ...] = _key(("mcu-256kb",), "device profiles of the clients, assigned round-robin by "
-                                     "partition id (see fedtiny.budget.profiles)", _each(lambda v: None, nonempty=True))
+                                     "partition id (see fedtiny.devices)", _each(lambda v: None, nonempty=True))
     custom_name: str = _key("custom", "name of the scenario's own profile (used when custom_sram_kb > 0)")
     custom_sram_kb: int = _key(0, "SRAM of the scenario's own profile in KB (0: no custom profile)", _range(0, 1 << 20))
     custom_flash_kb: int = _key(1024, "flash of the scenario's own profile in KB", _range(1, 1 << 22))
@@ -177,6 +177,10 @@ class DeviceSection:
     reorder: bool = _key(True, "operator reordering (apply each weight gradient as soon as it is computed)")
     inplace_depthwise: bool = _key(True, "in-place depthwise convolutions")
     fuse_frozen: bool = _key(True, "fuse expansion+depthwise of blocks no gradient passes through")
+    radio: str = _key("", "the clients' radio for time and energy: ble-1m, ble-2m, 802.15.4, lora-sf7, lora-sf12, "
+                      "wifi (see fedtiny.devices); empty: each profile's own",
+                      lambda v: None if v == "" or v in _radios() else f"must be one of {', '.join(_radios())} or "
+                      f"empty; got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,53 @@ class AttackSection:
     max_images: int = _key(8, "attack clients holding at most this many training images", _range(1, 4096))
 
 
+FAULT_KINDS = ("crash", "garbage", "truncated", "stale", "bad_count")
+
+
+def _radios() -> list[str]:
+    from fedtiny.devices import RADIOS
+
+    return list(RADIOS)
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    availability: str = _key("always", "who can be sampled: always; random (each client awake in a round with "
+                             "probability availability_rate); diurnal (each client awake for diurnal_awake_fraction "
+                             "of every diurnal_period_rounds rounds, from its own seeded phase)",
+                             _choice("always", "random", "diurnal"))
+    availability_rate: float = _key(0.5, "random availability: probability a client is awake in a round",
+                                    _range(0.0, 1.0, lo_open=True))
+    diurnal_period_rounds: int = _key(24, "diurnal availability: rounds per day", _range(1, 100_000))
+    diurnal_awake_fraction: float = _key(0.5, "diurnal availability: share of the day a client is awake",
+                                         _range(0.0, 1.0, lo_open=True))
+    deadline_s: float = _key(0.0, "simulated seconds a client has for its round (compute + radio); a slower "
+                             "client is a straggler and its update is dropped; 0: no deadline", _range(0.0))
+    partial_work: bool = _key(False, "a client that would miss the deadline trains only the steps that fit and "
+                              "sends that")
+    faults: tuple[tuple[str, float], ...] = _key((), "injected faults: a table [fleet.faults] of KIND = rate (the "
+                                                 "probability a sampled client has it in a round); kinds: "
+                                                 + ", ".join(FAULT_KINDS))
+    malicious_fraction: float = _key(0.0, "share of the clients (a seeded fixed set) that send a poisoned change",
+                                     _range(0.0, 1.0))
+    malicious_kind: str = _key("sign-flip", "sign-flip (minus malicious_scale times the honest change) or scale "
+                               "(malicious_scale times it)", _choice("sign-flip", "scale"))
+    malicious_scale: float = _key(10.0, "factor of the poisoned change", _range(0.0, 1e6, lo_open=True))
+    target_accuracy: float = _key(0.9, "summary: simulated fleet time until the global accuracy first reaches this",
+                                  _range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    aggregation: str = _key("fedavg", "how accepted changes are combined: fedavg, or robust to a minority of bad "
+                            "clients: median, trimmed-mean, krum", _choice("fedavg", "median", "trimmed-mean", "krum"))
+    trim_fraction: float = _key(0.1, "trimmed-mean: share of the smallest and of the largest values dropped per "
+                                "element", _range(0.0, 0.49))
+    krum_byzantine: int = _key(1, "krum: bad clients tolerated (f); each change is scored on its n - f - 2 nearest",
+                               _range(0, 100_000))
+    krum_selected: int = _key(1, "krum: changes kept and averaged (1: Krum, more: Multi-Krum)", _range(1, 100_000))
+
+
 @dataclass(frozen=True)
 class BridgeSection:
     devices: tuple[tuple[int, str], ...] = _key((), "partitions served by real devices over the bridge protocol: "
@@ -229,6 +280,8 @@ class Scenario:
     attack: AttackSection = field(default_factory=AttackSection)
     bridge: BridgeSection = field(default_factory=BridgeSection)
     search: SearchSection = field(default_factory=SearchSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    server: ServerSection = field(default_factory=ServerSection)
     # A sweep: method name -> {"section.key": value} overrides (validated like --set).
     methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -276,12 +329,13 @@ class Scenario:
 _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
     "device": DeviceSection, "compression": CompressionSection, "attack": AttackSection,
-    "bridge": BridgeSection, "search": SearchSection,
+    "bridge": BridgeSection, "search": SearchSection, "fleet": FleetSection, "server": ServerSection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _INT_LIST, _STR_LIST, _ADDRESSES = "tuple[int, ...]", "tuple[str, ...]", "tuple[tuple[int, str], ...]"
+_RATES = "tuple[tuple[str, float], ...]"
 # How the list-valued types read in docs and in a TOML file.
-_TYPE_NAMES = {_INT_LIST: "list[int]", _STR_LIST: "list[str]", _ADDRESSES: "table[int, str]"}
+_TYPE_NAMES = {_INT_LIST: "list[int]", _STR_LIST: "list[str]", _ADDRESSES: "table[int, str]", _RATES: "table[str, float]"}
 
 
 def schema_rows() -> list[tuple[str, str, Any, str]]:
@@ -296,8 +350,8 @@ def schema_rows() -> list[tuple[str, str, Any, str]]:
 
 def _plain(type_name: str, value: Any) -> Any:
     """A key's value as TOML/JSON has it: lists for lists, a table for the device addresses."""
-    if type_name == _ADDRESSES:
-        return {str(pid): addr for pid, addr in value}
+    if type_name in (_ADDRESSES, _RATES):
+        return {str(k): v for k, v in value}
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -311,6 +365,8 @@ def _coerce(where: str, key: str, value: Any, type_name: str) -> Any:
         return _coerce_list(where, key, value, int if type_name == _INT_LIST else str)
     if type_name == _ADDRESSES:
         return _coerce_addresses(where, key, value)
+    if type_name == _RATES:
+        return _coerce_rates(where, key, value)
     expected = _TYPES[type_name]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -362,6 +418,25 @@ def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str]
         if not isinstance(addr, str) or not sep or not port.isdigit():
             raise ScenarioError(f"{where}: {key}: partition {pid}: expected \"HOST:PORT\", got {addr!r}")
         out[pid] = addr.strip()
+    return tuple(sorted(out.items()))
+
+
+def _coerce_rates(where: str, key: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """A table ``KIND = rate`` of fault kinds, each rate in [0, 1], together at most 1."""
+    if not isinstance(value, Mapping):
+        raise ScenarioError(f"{where}: {key}: expected a table [{key}] of KIND = rate, got {type(value).__name__} "
+                            f"{value!r}")
+    out = {}
+    for kind, rate in value.items():
+        if kind not in FAULT_KINDS:
+            raise ScenarioError(f"{where}: {key}.{kind}: unknown fault{_suggest(str(kind), list(FAULT_KINDS))}; "
+                                f"known: {', '.join(FAULT_KINDS)}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ScenarioError(f"{where}: {key}.{kind}: expected a rate in [0, 1], got {rate!r}")
+        out[kind] = float(rate)
+    if sum(out.values()) > 1.0 + 1e-12:
+        raise ScenarioError(f"{where}: {key}: the rates add up to {sum(out.values()):g}; a client has at most one "
+                            "fault per round, so they must add up to at most 1")
     return tuple(sorted(out.items()))
 
 
@@ -432,7 +507,7 @@ def _flatten(over: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1}`` or ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
     flat = {}
     for k, v in over.items():
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and "." not in k:  # a section's table ("fleet.faults" is a table-valued key)
             for k2, v2 in v.items():
                 flat[f"{k}.{k2}"] = v2
         else:
@@ -472,7 +547,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.train.scheme != "full" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
                             f"set model.precision = \"int8\" (got {s.model.precision!r})")
-    from fedtiny.budget.profiles import PROFILES
+    from fedtiny.devices import PROFILES
 
     for name in (p.lower() for p in s.device.profiles):
         if name not in PROFILES and not (s.device.custom_sram_kb and name == s.device.custom_name.lower()):

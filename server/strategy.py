@@ -14,11 +14,11 @@ from fedtiny.compress.downlink import DownlinkPlanner
 from fedtiny.errors import UpdateError
 from fedtiny.federated import messages as msg
 from fedtiny.budget.schemes import ResolvedScheme
-from fedtiny.federated.aggregate import GlobalModel, aggregate
+from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate
 from fedtiny.federated.client import ClientJob
 from fedtiny.federated.fleet import FleetSchemes
-from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats
-from fedtiny.federated.sampling import sample_clients
+from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats, screen
+from fedtiny.federated.sampling import awake_clients, sample_clients
 from fedtiny.federated.task import Task, client_profile, with_scheme
 
 __all__ = ["FedTinyStrategy", "parse_reply", "cohorts"]
@@ -115,6 +115,9 @@ class FedTinyStrategy(Strategy):
         self.node_of = node_of
         self._sent: dict[int, list[int]] = {}  # this round: node id -> partition ids sent to it
         self._down: dict[int, tuple[str, int]] = {}  # this round's downlink: partition id -> (kind, bytes)
+        self._awake = 0  # clients awake this round
+        v = task.scenario.server
+        self.rule = Rule(v.aggregation, v.trim_fraction, v.krum_byzantine, v.krum_selected)
 
     def summary(self) -> None:
         """Flower logs this at start; fedtiny's run log says what matters."""
@@ -123,7 +126,10 @@ class FedTinyStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         s = self.scenario
-        pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round)
+        awake = (None if s.fleet.availability == "always"
+                 else awake_clients(s.fleet, s.run.seed, server_round, s.run.clients))
+        self._awake = s.run.clients if awake is None else len(awake)
+        pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round, awake)
         jobs, self._down, self._scheme_of, self._key_of = {}, {}, {}, {}
         texts: dict[int, str] = {}  # one JSON text per scheme object (static schemes are shared by a profile)
         for p in pids:
@@ -154,6 +160,8 @@ class FedTinyStrategy(Strategy):
                    if p not in answered]
         parsed.sort(key=lambda r: r.partition_id)
         self.downlink.received([r.partition_id for r in parsed if not r.error], server_round)
+        deadline = self.scenario.fleet.deadline_s
+        parsed, stragglers = screen(parsed, server_round, deadline)
         sent = dict(self.global_model.state)  # apply_delta replaces arrays, never writes into them
 
         def decode(partition_id: int, payload: bytes):
@@ -161,8 +169,8 @@ class FedTinyStrategy(Strategy):
 
         updates = client_updates(parsed)
         result = aggregate(updates, decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec},
-                           coverage=lambda p: self.client_view(p).slices)
-        stats = round_stats(parsed, result, self._down)
+                           coverage=lambda p: self.client_view(p).slices, rule=self.rule)
+        stats = round_stats(parsed, result, self._down, stragglers=stragglers, deadline_s=deadline, awake=self._awake)
         accepted = {u.partition_id: u.payload for u in updates if u.partition_id in set(result.accepted)}
         outcome = RoundOutcome(server_round, stats, accepted, sent, decode)
         for callback in self.on_round:

@@ -56,7 +56,7 @@ def test_read_frame_times_out_and_detects_close():
 
 def _emulator(port_box, fault=""):
     from fedtiny.bridge.device import serve
-    from fedtiny.budget.profiles import get_profile
+    from fedtiny.devices import get_profile
     from fedtiny.scenario import load_scenario, parse_overrides
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fedtiny.budget.profiles import PROFILES, get_profile
+from fedtiny.devices import PROFILES, get_profile
 from fedtiny.errors import ScenarioError
 from fedtiny.budget.memory import measure_step, memory_report, plan
 from fedtiny.int8.graph import QConv, replace_head

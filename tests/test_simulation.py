@@ -78,17 +78,6 @@ def test_same_seed_same_metrics(two_runs):
     assert strip(a) == strip(b)
 
 
-@pytest.fixture
-def flower_task_identity():
-    """Flower stamps messages with the running task's identity; outside a run, give it one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     """Real Flower reply messages with broken payloads: counted, never aggregated, round goes on."""
     from flwr.app import Message, MetricRecord, RecordDict

@@ -96,7 +96,7 @@ def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
     task = make_task(s)
     fitted = resolve_scheme(task, model_arrays(task.model))
     k = int(fitted.scheme.name.split(":")[1])
-    small = __import__("fedtiny.budget.profiles", fromlist=["get_profile"]).get_profile("nrf52832")
+    small = __import__("fedtiny.devices", fromlist=["get_profile"]).get_profile("nrf52832")
     fits = [make_task(s, resolve(parse_scheme(f"last-k:{n}"), task.model)).memory(small).fits
             for n in (k, k + 1)]
     assert 0 < k < len(task.model.convs()) and fits == [True, False]

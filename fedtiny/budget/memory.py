@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from fedtiny.budget.ledger import Ledger, OpEvents, recording
-from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import FloatHead, QConv, QModel
 
 __all__ = ["MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
-           "memory_report"]
+           "memory_report", "step_macs", "op_macs"]
 
 
 @dataclass
@@ -79,6 +79,13 @@ class MemoryReport:
     batch_size: int
     layers: list[LayerRow] = field(default_factory=list)
     breakdown: dict[str, int] = field(default_factory=dict)
+    macs_forward: int = 0
+    macs_backward: int = 0
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the step: forward plus the scheme's sparse backward."""
+        return self.macs_forward + self.macs_backward
 
     def reason(self) -> str:
         """One line saying whether and why it (does not) fit."""
@@ -97,6 +104,7 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["reason"] = self.reason()
+        d["macs"] = self.macs
         return d
 
 
@@ -234,6 +242,49 @@ def paper_count(model: QModel, input_shape: tuple[int, int, int], batch: int = 1
     return parts
 
 
+def op_macs(op: ScheduledOp) -> int:
+    """Multiply-accumulates of one scheduled op's forward (0 for adds and pooling)."""
+    m = op.module
+    if op.kind == "conv":
+        return op.in_shape[0] * math.prod(op.out_shape) * (m.in_channels // m.groups) * m.kernel_size ** 2
+    if op.kind == "head":
+        return op.in_shape[0] * m.weight.numel()
+    if op.kind == "fused":
+        return sum(op_macs(part) for part in _fused_parts(op))
+    return 0
+
+
+def _fused_parts(op: ScheduledOp) -> list[ScheduledOp]:
+    """The expansion and depthwise convolutions of a fused op, as ops of their own (for their MACs)."""
+    block, n = op.module, op.in_shape[0]
+    pw, dw = block.pointwise1, block.depthwise
+    mid = (n, pw.out_channels, *pw.out_hw(op.in_shape[2:]))
+    return [ScheduledOp("conv", pw, op.in_shape, mid[1:], op.events),
+            ScheduledOp("conv", dw, mid, (dw.out_channels, *dw.out_hw(mid[2:])), op.events)]
+
+
+def step_macs(ops: list[ScheduledOp]) -> tuple[int, int]:
+    """Forward and backward multiply-accumulates of one training step of a schedule.
+
+    Backward, each op at or after the first trained one pays an input gradient (its forward
+    MACs) when a trained tensor lies upstream of it, and each trained convolution or head a
+    weight gradient for its trained channels (forward MACs times the trained share of its
+    weights). Bias gradients are sums, not MACs; adds and pooling pass gradients without MACs.
+    """
+    forward = sum(op_macs(op) for op in ops)
+    backward, upstream = 0, False
+    for op in ops:
+        macs = op_macs(op)
+        if upstream:
+            backward += macs
+        if op.kind in ("conv", "head") and op.module.weight.requires_grad:
+            m = op.module
+            share = m.trained_weight_elements() / m.weight.numel() if op.kind == "conv" else 1.0
+            backward += round(macs * share)
+        upstream |= op.trains
+    return forward, backward
+
+
 def _rows(ops: list[ScheduledOp], L: Ledger, batch: int) -> list[LayerRow]:
     fw, bw = {}, {}
     for where, _, _, total in L.events:
@@ -279,7 +330,7 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
     return MemoryReport(accounting, resolved.name, peak, at, flash, saved, sum(persistent.values()),
                         device.name if device else None, device.sram_bytes if device else None,
                         device.flash_bytes if device else None, fits, reorder, inplace_depthwise, batch,
-                        _rows(ops, L, batch), breakdown)
+                        _rows(ops, L, batch), breakdown, *step_macs(ops))
 
 
 def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: torch.Tensor, *,

@@ -11,7 +11,7 @@ from fedtiny.compress.uplink import Decoded
 from fedtiny.errors import UpdateError
 from fedtiny.models.state import to_wire
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel"]
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "AGGREGATIONS"]
 
 
 @dataclass(frozen=True)
@@ -40,19 +40,43 @@ class AggregateResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How accepted changes are combined (``[server]``): FedAvg, or a rule robust to a minority of bad changes.
+
+    Attributes
+    ----------
+    name
+        ``fedavg`` (example-weighted mean), ``median`` (element-wise median), ``trimmed-mean``
+        (element-wise mean without the ``trim_fraction`` smallest and largest values) or
+        ``krum`` (the change, or with ``krum_selected > 1`` the example-weighted mean of the
+        changes, closest to their ``n - f - 2`` nearest neighbours, f = ``krum_byzantine``).
+    """
+
+    name: str = "fedavg"
+    trim_fraction: float = 0.1
+    krum_byzantine: int = 1
+    krum_selected: int = 1
+
+
 def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decoded], shapes: dict[str, tuple[int, ...]],
               *, coverage: Callable[[int], dict[str, np.ndarray]] | None = None,
-              max_examples: int = 10_000_000) -> AggregateResult:
-    """Example-weighted mean of the clients' changes, per element, in partition-id order.
+              max_examples: int = 10_000_000, rule: Rule = Rule()) -> AggregateResult:
+    """Combine the clients' changes per element, in partition-id order (FedAvg unless ``rule`` says otherwise).
 
     ``decode(partition_id, payload)`` turns a payload into ``{name: (positions, change)}`` or
     raises :class:`~fedtiny.errors.UpdateError` (a codec or payload error); such an update, or
     one with a non-positive or absurd example count, is rejected with its reason and does not
-    touch the mean. ``coverage(partition_id)`` gives the flat positions of each tensor the
-    client trained (its scheme's slices; ``None``: every element of every tensor). Each element's
-    mean runs over the clients that trained it, weighted by their examples; an element nobody
-    trained keeps its value (change 0). With one scheme for all clients this is plain FedAvg.
-    Sums run in float64 in a fixed order so results repeat.
+    touch the result. ``coverage(partition_id)`` gives the flat positions of each tensor the
+    client trained (its scheme's slices; ``None``: every element of every tensor). Each element
+    is combined over the clients that trained it (a trained element a client did not send has
+    change 0); an element nobody trained keeps its value (change 0). FedAvg weights by
+    examples, so with one scheme for all clients it is plain FedAvg; median and trimmed mean
+    are unweighted, as Flower's ``FedMedian`` and ``FedTrimmedAvg``. Sums run in float64 in a
+    fixed order so results repeat.
     """
     result = AggregateResult(None)
     # Coverage arrays are shared by the clients of one scheme: one mask each (the array is kept with its
@@ -60,6 +84,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
     masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     sums = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
     weights = {name: np.zeros(int(np.prod(shape)), np.float64) for name, shape in shapes.items()}
+    rows: list[tuple[int, dict[str, np.ndarray]]] = []  # robust rules: (examples, dense change, NaN = untrained)
     for u in sorted(updates, key=lambda u: u.partition_id):
         if not isinstance(u.num_examples, int) or not 0 < u.num_examples <= max_examples:
             result.rejected.append(Rejection(u.partition_id, f"bad num-examples {u.num_examples!r}"))
@@ -70,25 +95,76 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             result.rejected.append(Rejection(u.partition_id, str(exc)))
             continue
         covered = coverage(u.partition_id) if coverage is not None else None
+        dense: dict[str, np.ndarray] = {}
         for name in shapes if covered is None else covered:
             where = slice(None) if covered is None else covered[name]
-            weights[name][where] += u.num_examples
-            if name in changes:
-                idx, values = changes[name]
-                if covered is not None:  # a change outside what the client trained does not count
-                    key = id(covered[name])
-                    if key not in masks:
-                        mask = np.zeros(len(sums[name]), bool)
-                        mask[covered[name]] = True
-                        masks[key] = (covered[name], mask)
-                    keep = masks[key][1][idx]
-                    idx, values = idx[keep], values[keep]
+            idx, values = changes.get(name, (np.zeros(0, np.int64), np.zeros(0)))
+            if covered is not None:  # a change outside what the client trained does not count
+                key = id(covered[name])
+                if key not in masks:
+                    mask = np.zeros(len(sums[name]), bool)
+                    mask[covered[name]] = True
+                    masks[key] = (covered[name], mask)
+                keep = masks[key][1][idx]
+                idx, values = idx[keep], values[keep]
+            if rule.name == "fedavg":
+                weights[name][where] += u.num_examples
                 sums[name][idx] += values * u.num_examples
+            else:
+                row = np.full(len(sums[name]), np.nan)
+                row[where] = 0.0
+                row[idx] = values
+                dense[name] = row
+        if rule.name != "fedavg":
+            rows.append((u.num_examples, dense))
         result.accepted.append(u.partition_id)
-    if result.accepted:
-        result.arrays = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0
-                                         ).reshape(shapes[name]) for name, s in sums.items()}
+    if not result.accepted:
+        return result
+    if rule.name == "fedavg":
+        flat = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0)
+                for name, s in sums.items()}
+    else:
+        flat = _robust(rows, {name: len(s) for name, s in sums.items()}, rule)
+    result.arrays = {name: a.reshape(shapes[name]) for name, a in flat.items()}
     return result
+
+
+def _robust(rows: list[tuple[int, dict[str, np.ndarray]]], sizes: dict[str, int], rule: Rule) -> dict[str, np.ndarray]:
+    """Median, trimmed mean or Krum over the accepted clients' dense changes (NaN: the client did not train it)."""
+    def matrix(name: str) -> np.ndarray:
+        return np.stack([d.get(name, np.full(sizes[name], np.nan)) for _, d in rows])
+
+    out = {}
+    if rule.name == "krum":
+        # Distances over everything: an element a client did not train counts as no change.
+        flat = np.stack([np.concatenate([np.nan_to_num(d.get(n, np.zeros(sizes[n]))) for n in sizes]) for _, d in rows])
+        sq = (flat * flat).sum(1)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
+        closest = max(1, len(rows) - rule.krum_byzantine - 2)
+        scores = np.sort(dist, axis=1)[:, 1:closest + 1].sum(1)
+        chosen = sorted(np.argsort(scores, kind="stable")[:max(1, min(rule.krum_selected, len(rows)))])
+        rows = [rows[i] for i in chosen]
+    for name in sizes:
+        m = matrix(name)
+        trained = ~np.isnan(m)
+        count = trained.sum(0)
+        if rule.name == "median":
+            with np.errstate(all="ignore"):
+                value = np.where(count > 0, np.nanmedian(np.where(count > 0, m, 0.0), axis=0), 0.0)
+        elif rule.name == "trimmed-mean":
+            cut = np.floor(rule.trim_fraction * count).astype(np.int64)
+            order = np.sort(m, axis=0)  # NaN (untrained) sort last
+            rank = np.arange(len(m))[:, None]
+            keep = (rank >= cut) & (rank < count - cut)
+            value = np.divide(np.where(keep, order, 0.0).sum(0), keep.sum(0), out=np.zeros(m.shape[1]),
+                              where=keep.sum(0) > 0)
+        else:  # krum: example-weighted mean of the selected changes
+            n = np.array([e for e, _ in rows], np.float64)[:, None]
+            w = np.where(trained, n, 0.0)
+            value = np.divide((np.where(trained, m, 0.0) * n).sum(0), w.sum(0), out=np.zeros(m.shape[1]),
+                              where=w.sum(0) > 0)
+        out[name] = value
+    return out
 
 
 class GlobalModel:

@@ -7,21 +7,27 @@ The Flower ClientApp, the device emulator and the benchmarks' bare loop all call
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.compress.dense import dense_nbytes
+from fedtiny.compress.uplink import DENSE
+from fedtiny.devices import DeviceProfile, Radio, compute_seconds, round_cost
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.federated import messages as msg
 from fedtiny.federated.client_state import load_client_state, save_client_state
-from fedtiny.federated.task import Task, client_profile, limit_threads, make_task, with_scheme
+from fedtiny.federated.faults import draw_fault, inject_fault, poison, remember_update
+from fedtiny.federated.sampling import malicious_clients
+from fedtiny.federated.task import Task, client_profile, client_radio, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
+from fedtiny.models.state import to_wire
 from fedtiny.scenario import Scenario, scenario_from_json
 
-__all__ = ["LocalResult", "local_round", "client_task", "ClientJob", "run_jobs"]
+__all__ = ["LocalResult", "local_round", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
 
 
 @dataclass(frozen=True)
@@ -38,17 +44,25 @@ class LocalResult:
     peak_sram_bytes: int = 0
     sram_bytes: int = 0
     refusal: str = ""
+    trained_round: int = 0
+    macs: int = 0
+    compute_s: float = 0.0
+    radio_s: float = 0.0
+    energy_mj: float = 0.0
+    radio: str = ""
+    fault: str = ""
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply message."""
         return {msg.NUM_EXAMPLES: self.num_examples, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps,
                 "peak_sram_bytes": self.peak_sram_bytes, "sram_bytes": self.sram_bytes,
-                msg.REFUSED: int(bool(self.refusal))}
+                msg.REFUSED: int(bool(self.refusal)), msg.TRAINED_ROUND: self.trained_round, "macs": self.macs,
+                "compute_s": self.compute_s, "radio_s": self.radio_s, "energy_mj": self.energy_mj}
 
     def info(self) -> dict[str, str]:
-        """Text facts for the reply message."""
-        return {"device": self.device, "refusal": self.refusal}
+        """Text facts for the reply message (``fault``: the simulation's record of an injected fault)."""
+        return {"device": self.device, "refusal": self.refusal, "radio": self.radio, "fault": self.fault}
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,21 +102,68 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     state.update({f"global/{n}": a for n, a in received.items()})
     train, test = task.federation.client_data(partition_id)
     profile = profile or client_profile(scenario, partition_id)
+    radio = client_radio(scenario, profile)
     report = task.memory(profile)
-    mem = {"device": profile.name, "sram_bytes": profile.sram_bytes,
-           "peak_sram_bytes": report.peak_sram_bytes if report else 0}
+    facts = {"device": profile.name, "sram_bytes": profile.sram_bytes, "radio": radio.name,
+             "peak_sram_bytes": report.peak_sram_bytes if report else 0, "trained_round": server_round}
     if report is not None and not report.fits and scenario.device.enforce:
-        return LocalResult(b"", len(train), refusal=report.reason(), **mem), state
+        return LocalResult(b"", len(train), refusal=report.reason(), **facts), state
     load_arrays(task.model, received)
-    t = scenario.train
+    t, fleet = scenario.train, scenario.fleet
+    fwd, bwd = task.sample_macs(profile)
+    max_steps = None
+    if fleet.partial_work and fleet.deadline_s > 0:
+        max_steps = steps_in_time(fleet.deadline_s, profile, radio, fwd, bwd, t.batch_size, len(downlink),
+                                  dense_nbytes(task.uplink_spec))
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
-                      gen=seeded(scenario.run.seed, server_round, partition_id))
+                      gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None)
     _, test_acc = evaluate(task.model, test)
     trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
+    if partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
+        trained = poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
+        if task.uplink.kind == DENSE:
+            trained = {n: to_wire(trained[n], np.dtype(dt)) for n, _, dt in task.uplink_spec}
     update, carried = task.uplink.encode(trained, received, server_round, state)
     state.update(carried)
-    return LocalResult(update, fit.num_examples, fit.loss, fit.accuracy, test_acc, fit.steps, **mem), state
+    cost = round_cost(profile, radio, fwd * fit.samples, bwd * fit.samples, len(downlink), len(update))
+    # A client cut short by the deadline weighs by the samples it trained on.
+    examples = fit.num_examples if max_steps is None else min(fit.num_examples, fit.samples)
+    return LocalResult(update, examples, fit.loss, fit.accuracy, test_acc, fit.steps, macs=(fwd + bwd) * fit.samples,
+                       compute_s=cost.compute_s, radio_s=cost.radio_s, energy_mj=cost.energy_mj, **facts), state
+
+
+def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, fwd: int, bwd: int, batch_size: int,
+                  downlink_bytes: int, uplink_bound: int) -> int:
+    """Training steps a client can take and still send before the deadline (0: not even one).
+
+    Radio time is reserved for the downlink it received and for ``uplink_bound`` bytes up
+    (the dense size of its trained tensors, which bounds the sparse formats below density 1).
+    """
+    radio_s = round_cost(profile, radio, 0, 0, downlink_bytes, uplink_bound).radio_s
+    per_step = compute_seconds(profile, fwd * batch_size, bwd * batch_size)
+    return max(0, math.floor((deadline_s - radio_s) / per_step)) if per_step > 0 else 0
+
+
+def client_round(scenario: Scenario, job: "ClientJob", server_round: int,
+                 state: dict[str, np.ndarray]) -> tuple[LocalResult, dict[str, np.ndarray]]:
+    """A client's round as the fleet runs it: :func:`local_round`, then the fault it has this round, if any.
+
+    Raises
+    ------
+    fedtiny.federated.faults.ClientCrash
+        When the client crashes this round (it sends nothing and keeps no new state).
+    """
+    result, state = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
+                                scheme=job.scheme, state=state)
+    rates = dict(scenario.fleet.faults)
+    if rates:
+        honest = result
+        fault = draw_fault(rates, scenario.run.seed, server_round, job.partition_id)
+        result = inject_fault(fault, result, state, scenario.run.seed, server_round, job.partition_id)
+        if rates.get("stale") and not honest.refusal:
+            remember_update(state, honest, server_round)
+    return result, state
 
 
 @dataclass(frozen=True)
@@ -128,8 +189,7 @@ def run_jobs(scenario: Scenario, server_round: int, jobs: list[ClientJob],
     for job in jobs:
         try:
             state = load_client_state(state_dir, job.partition_id, server_round)
-            result, state = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
-                                        scheme=job.scheme, state=state)
+            result, state = client_round(scenario, job, server_round, state)
             save_client_state(state_dir, job.partition_id, server_round, state)
             out.append((job.partition_id, result))
         except Exception as exc:  # noqa: BLE001 - reported per client, as Flower reports a failed ClientApp call

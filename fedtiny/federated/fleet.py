@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from fedtiny.budget.memory import memory_report
-from fedtiny.budget.profiles import DeviceProfile
+from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve,
                                     union)
 from fedtiny.data import ImageSet

@@ -14,7 +14,8 @@ A client whose round failed in a cohort reply has ``ERROR`` in its info record.
 from __future__ import annotations
 
 __all__ = ["GLOBAL", "CONFIG", "UPDATE", "METRICS", "INFO", "NODE", "SCENARIO", "SERVER_ROUND", "SCHEME",
-           "DOWNLINK", "PARTITION_ID", "NUM_EXAMPLES", "REFUSED", "COHORT", "STATE_DIR", "ERROR", "keyed"]
+           "DOWNLINK", "PARTITION_ID", "NUM_EXAMPLES", "REFUSED", "COHORT", "STATE_DIR", "ERROR", "TRAINED_ROUND",
+           "keyed"]
 
 # Record names.
 GLOBAL = "global"
@@ -36,6 +37,7 @@ STATE_DIR = "state-dir"  # simulation: where clients keep their state between ro
 PARTITION_ID = "partition-id"
 NUM_EXAMPLES = "num-examples"
 REFUSED = "refused"
+TRAINED_ROUND = "trained-round"  # the round whose model the update was trained from (a replay shows an old one)
 ERROR = "error"
 
 

@@ -15,12 +15,13 @@ from fedtiny.compress.dense import Spec
 from fedtiny.compress.uplink import Uplink, make_uplink
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
-from fedtiny.budget.profiles import DeviceProfile, get_profile
+from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio
 from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.federated.train import evaluate, pretrain
 
-__all__ = ["Task", "CloudReport", "make_task", "with_scheme", "cloud_model", "limit_threads", "client_profile"]
+__all__ = ["Task", "CloudReport", "make_task", "with_scheme", "cloud_model", "limit_threads", "client_profile",
+           "client_radio"]
 
 
 @dataclass
@@ -68,6 +69,25 @@ class Task:
                 momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
                 fuse_frozen=d.fuse_frozen, batch=d.micro_batch)
         return self._memory[key]
+
+    def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:
+        """Forward and backward multiply-accumulates of training on one sample (the planner's schedule).
+
+        An fp32 network is counted on its int8 twin (the same convolutions, BatchNorm folded),
+        with everything trained.
+        """
+        report = self.memory(profile)
+        if report is not None:
+            batch = self.scenario.device.micro_batch
+            return report.macs_forward // batch, report.macs_backward // batch
+        if "fp32-macs" not in self._memory:
+            from fedtiny.budget.memory import schedule, step_macs
+
+            twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
+            for p in twin.parameters():
+                p.requires_grad_(True)
+            self._memory["fp32-macs"] = step_macs(schedule(twin, self.federation.image_shape, 1))
+        return self._memory["fp32-macs"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,11 @@ def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:
                 array_spec(task.model, trainable_names(task.model)), scheme, task._memory)
     view.uplink  # noqa: B018 (computes the slices while this scheme is the applied one)
     return view
+
+
+def client_radio(scenario: Scenario, profile: DeviceProfile) -> Radio:
+    """The radio of a client on ``profile``: ``device.radio``, or the profile's own."""
+    return get_radio(scenario.device.radio or profile.radio)
 
 
 def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:

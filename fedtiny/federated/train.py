@@ -26,6 +26,7 @@ class TrainResult:
     accuracy: float
     num_examples: int
     steps: int
+    samples: int = 0  # samples trained on, over all epochs
 
 
 def seeded(*parts: int) -> torch.Generator:
@@ -62,14 +63,21 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
 
 
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
-            gen: torch.Generator | None, bn_train: bool, scheduler=None) -> TrainResult:
-    """The training loop every path shares; returns the last epoch's running loss and accuracy."""
+            gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None) -> TrainResult:
+    """The training loop every path shares; returns the last epoch's running loss and accuracy.
+
+    ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
+    """
     loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    total_loss, correct, seen, steps, samples = 0.0, 0, 0, 0, 0
     for _ in range(epochs):
+        if max_steps is not None and steps >= max_steps:
+            break
         model.train(bn_train)
         total_loss, correct, seen = 0.0, 0, 0
         for xb, yb in _batches(data, batch_size, gen):
+            if max_steps is not None and steps >= max_steps:
+                break
             opt.zero_grad(set_to_none=True)
             out = model(xb)
             loss = loss_fn(out, yb)
@@ -78,19 +86,24 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
             total_loss += float(loss.detach()) * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
+            samples += len(yb)
             steps += 1
         if scheduler is not None:
             scheduler.step()
     model.eval()
-    return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps)
+    return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps, samples)
 
 
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
-                freeze_bn: bool = True, rounding: str = "stochastic") -> TrainResult:
-    """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy."""
+                freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None) -> TrainResult:
+    """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
+
+    ``max_steps``: stop after this many steps (None: all epochs).
+    """
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
-    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn)
+    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
+                   max_steps=max_steps)
 
 
 @torch.no_grad()

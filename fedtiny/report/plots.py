@@ -11,7 +11,8 @@ __all__ = ["plot_run", "plot_methods", "plot_seeds"]
 
 
 def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> list[Path]:
-    """Write ``accuracy.png`` and ``bytes.png`` into ``run_dir``; return their paths."""
+    """Write ``accuracy.png``, ``bytes.png``, ``accuracy_vs_uplink.png`` and ``accuracy_vs_fleet_time.png``
+    into ``run_dir``; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,18 +21,8 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     rounds = [r["round"] for r in records]
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["global_accuracy"] for r in records], marker="o", label="global test")
-    ax.set_xlabel("round (0 = cloud-pretrained model)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.0)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{title}: global test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(run_dir / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_accuracy_against(rounds, records, "round (0 = cloud-pretrained model)",
+                                   f"{title}: global test accuracy", run_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     up = [r.get("uplink_bytes", 0) / 1024 for r in records]
@@ -49,7 +40,33 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     paths.append(plot_methods({title: [records]}, run_dir / "accuracy_vs_uplink.png"))
+    if any(r.get("fleet_time_s") for r in records):
+        paths.append(_accuracy_against([r.get("fleet_time_s", 0.0) for r in records], records,
+                                       "simulated fleet time (s; each round: its slowest counted client, or the "
+                                       "deadline)", f"{title}: accuracy against device time",
+                                       run_dir / "accuracy_vs_fleet_time.png", symlog=True))
     return paths
+
+
+def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str, title: str, path: Path, *,
+                      symlog: bool = False) -> Path:
+    """One run's global test accuracy against ``x`` (rounds, or simulated time), saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["global_accuracy"] for r in records], marker="o", label="global test")
+    if symlog:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

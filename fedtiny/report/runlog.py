@@ -112,8 +112,10 @@ class RunLog:
                             "uplink_bytes": 0, "downlink_bytes": 0, **rec})
 
     def add_round(self, record: dict[str, Any]) -> None:
-        """Append a round's record (adds ``elapsed_s``) and print a progress line."""
-        record = {**record, "elapsed_s": round(self.elapsed(), 3)}
+        """Append a round's record (adds ``elapsed_s`` and the cumulative simulated ``fleet_time_s``) and print
+        a progress line."""
+        fleet_time = (self.records[-1].get("fleet_time_s", 0.0) if self.records else 0.0) + record.get("round_time_s", 0.0)
+        record = {**record, "fleet_time_s": round(fleet_time, 6), "elapsed_s": round(self.elapsed(), 3)}
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -121,10 +123,13 @@ class RunLog:
             r, total = record["round"], self.scenario.run.rounds
             rej = len(record.get("rejected", []))
             ref = len(record.get("refused", []))
+            late = len(record.get("stragglers", []))
             print(f"[fedtiny] round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
                   f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
                   f"down {_kb(record.get('downlink_bytes', 0))}"
                   + (f" | rejected {rej}" if rej else "") + (f" | refused {ref} (memory)" if ref else "")
+                  + (f" | stragglers {late}" if late else "")
+                  + (f" | fleet {record['fleet_time_s']:.1f}s sim" if record.get("fleet_time_s") else "")
                   + f" | {record['elapsed_s']:.1f}s",
                   file=self.progress, flush=True)
 
@@ -151,6 +156,7 @@ class RunLog:
                                         for c in r.get("clients", []) + r.get("refused", [])), default=0),
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
+            **fleet_summary(recs, self.scenario.fleet.target_accuracy),
             **extra,
         }
         if recs:
@@ -162,6 +168,40 @@ class RunLog:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.run_dir / "summary.json")
         return summary
+
+
+def fleet_summary(recs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Simulated time, energy, availability, stragglers and faults of a run, from its round records.
+
+    ``energy_mj_per_client_round`` and the mean seconds are over every client round that
+    reported them: accepted updates and stragglers (who spent the energy too).
+    """
+    rounds = [r for r in recs if r["round"] > 0]
+    worked = [c for r in rounds for c in r.get("clients", []) + r.get("stragglers", [])]
+    accepted = [c for r in rounds for c in r.get("clients", [])]
+    faults: dict[str, int] = {}
+    for r in rounds:
+        for kind, pids in r.get("faults", {}).items():
+            faults[kind] = faults.get(kind, 0) + len(pids)
+    reached = next((r for r in recs if r["global_accuracy"] >= target), None)
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 6) if values else None
+
+    return {
+        "fleet_time_s": round(sum(r.get("round_time_s", 0.0) for r in rounds), 6),
+        "energy_mj_per_client_round": mean([float(c.get("energy_mj", 0.0)) for c in worked]),
+        "compute_s_per_client_round": mean([float(c.get("compute_s", 0.0)) for c in accepted]),
+        "radio_s_per_client_round": mean([float(c.get("radio_s", 0.0)) for c in accepted]),
+        "target_accuracy": target,
+        "fleet_time_to_target_s": None if reached is None else reached.get("fleet_time_s", 0.0),
+        "rounds_to_target": None if reached is None else reached["round"],
+        "stragglers_total": sum(len(r.get("stragglers", [])) for r in rounds),
+        "faults_total": sum(faults.values()),
+        "faults_by_kind": faults,
+        "clients_sampled_total": sum(r.get("sampled_clients", 0) for r in rounds),
+        "clients_awake_mean": mean([float(r.get("awake_clients", 0)) for r in rounds]),
+    }
 
 
 def _kb(n: int) -> str:

@@ -243,7 +243,7 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from fedtiny.budget.profiles import get_profile
+    from fedtiny.devices import get_profile
     from fedtiny.budget.memory import memory_report
     from fedtiny.budget.schemes import parse_scheme, resolve
 
@@ -310,7 +310,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_device_emulator(args: argparse.Namespace) -> int:
     from fedtiny.bridge.device import serve
-    from fedtiny.budget.profiles import get_profile
+    from fedtiny.devices import get_profile
     from fedtiny.federated.task import limit_threads
 
     limit_threads()

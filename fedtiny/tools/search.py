@@ -22,7 +22,7 @@ def _progress(text: str) -> None:
 
 def search_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run the contribution analysis (cached), the evolutionary search and the random baseline; report."""
-    from fedtiny.budget.profiles import get_profile
+    from fedtiny.devices import get_profile
     from fedtiny.budget.schemes import resolve
     from fedtiny.federated.fleet import search_settings, search_space
     from fedtiny.federated.task import cloud_model, limit_threads, make_task
