@@ -262,6 +262,17 @@ class ServerSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    dp: str = _key("none", "differential privacy of client changes: none; local (each client clips its change and adds "
+                   "Gaussian noise before sparsifying and quantizing it); central (the server clips each change and "
+                   "adds the noise to their sum)", _choice("none", "local", "central"))
+    clip_norm: float = _key(1.0, "L2 bound of a client's whole change, in real units (int8 changes times their "
+                            "scales)", _range(0.0, lo_open=True))
+    noise_multiplier: float = _key(1.0, "noise standard deviation over clip_norm", _range(0.0, 1e6, lo_open=True))
+    delta: float = _key(1e-5, "the delta at which summary.json reports dp_epsilon", _range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
 class BridgeSection:
     devices: tuple[tuple[int, str], ...] = _key((), "partitions served by real devices over the bridge protocol: "
                                                 "a table [bridge.devices] of PARTITION = \"HOST:PORT\"")
@@ -282,6 +293,7 @@ class Scenario:
     search: SearchSection = field(default_factory=SearchSection)
     fleet: FleetSection = field(default_factory=FleetSection)
     server: ServerSection = field(default_factory=ServerSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     # A sweep: method name -> {"section.key": value} overrides (validated like --set).
     methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -330,6 +342,7 @@ _SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "shift": ShiftSection, "model": ModelSection, "train": TrainSection,
     "device": DeviceSection, "compression": CompressionSection, "attack": AttackSection,
     "bridge": BridgeSection, "search": SearchSection, "fleet": FleetSection, "server": ServerSection,
+    "privacy": PrivacySection,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _INT_LIST, _STR_LIST, _ADDRESSES = "tuple[int, ...]", "tuple[str, ...]", "tuple[tuple[int, str], ...]"
@@ -557,6 +570,9 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.model.file and s.model.precision != "int8":
         raise ScenarioError(f"{where}: model.precision: a model file is an int8 network; set model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
+    if s.privacy.dp == "central" and s.server.aggregation != "fedavg":
+        raise ScenarioError(f"{where}: privacy.dp: central DP adds its noise to the clipped changes' mean; it needs "
+                            f"server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")
     if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 

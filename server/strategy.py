@@ -14,7 +14,7 @@ from fedtiny.compress.downlink import DownlinkPlanner
 from fedtiny.errors import UpdateError
 from fedtiny.federated import messages as msg
 from fedtiny.budget.schemes import ResolvedScheme
-from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate
+from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate, central_dp
 from fedtiny.federated.client import ClientJob
 from fedtiny.federated.fleet import FleetSchemes
 from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats, screen
@@ -169,7 +169,8 @@ class FedTinyStrategy(Strategy):
 
         updates = client_updates(parsed)
         result = aggregate(updates, decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec},
-                           coverage=lambda p: self.client_view(p).slices, rule=self.rule)
+                           coverage=lambda p: self.client_view(p).slices, rule=self.rule,
+                           dp=central_dp(self.task, server_round, len(self._down)))
         stats = round_stats(parsed, result, self._down, stragglers=stragglers, deadline_s=deadline, awake=self._awake)
         accepted = {u.partition_id: u.payload for u in updates if u.partition_id in set(result.accepted)}
         outcome = RoundOutcome(server_round, stats, accepted, sent, decode)

@@ -14,6 +14,18 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def client_replies(strategy, messages, results):
+    """Reply messages of one-client-per-node train messages, for the clients in ``results``."""
+    from flwr.app import Message
+
+    from clients.wire import reply_content
+
+    pid_of = {node: pid for pid, node in strategy.node_of.items()}
+    return [Message(reply_content([(pid_of[m.metadata.dst_node_id], results[pid_of[m.metadata.dst_node_id]])],
+                                  cohort=False), reply_to=m)
+            for m in messages if pid_of[m.metadata.dst_node_id] in results]
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -12,7 +12,7 @@ from fedtiny.federated.rounds import Reply, screen
 from fedtiny.federated.sampling import awake_clients, malicious_clients, sample_clients
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, client_replies, run_cli
 
 QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
 
@@ -150,18 +150,6 @@ def test_malicious_set_is_fixed_and_sized():
     assert len(bad) == 10 and bad == malicious_clients(0, 100, 0.1) and not malicious_clients(0, 100, 0.0)
 
 
-def _client_replies(strategy, messages, results):
-    """Reply messages of one-client-per-node train messages, for the clients in ``results``."""
-    from flwr.app import Message
-
-    from clients.wire import reply_content
-
-    pid_of = {node: pid for pid, node in strategy.node_of.items()}
-    return [Message(reply_content([(pid_of[m.metadata.dst_node_id], results[pid_of[m.metadata.dst_node_id]])],
-                                  cohort=False), reply_to=m)
-            for m in messages if pid_of[m.metadata.dst_node_id] in results]
-
-
 def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_identity):
     """Every fault kind in two rounds: the global model is exactly the honest clients' alone, faults are counted."""
     from clients.wire import bytes_record, train_jobs
@@ -203,7 +191,7 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
         for m_h, m_f in zip(sent["honest"], sent["faulty"]):  # the same downlink to every client in both worlds
             assert m_h.content["global"]["payload"].data == m_f.content["global"]["payload"].data
         for k, results in (("faulty", faulty_results), ("honest", honest_results)):
-            records[k], _ = strategies[k].aggregate_train(rnd, _client_replies(strategies[k], sent[k], results))
+            records[k], _ = strategies[k].aggregate_train(rnd, client_replies(strategies[k], sent[k], results))
     for name in trained:
         np.testing.assert_array_equal(strategies["faulty"].global_model.master[name],
                                       strategies["honest"].global_model.master[name])

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DLGLeNet", "dlg_lenet", "real_images"]
+__all__ = ["DLGLeNet", "dlg_lenet", "real_images", "tiny_ir_rgb", "face_images", "photo_patches"]
 
 
 class DLGLeNet(nn.Module):
@@ -53,7 +53,53 @@ def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
             up = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
             out[i] = np.clip(up, 0, 1)[None].repeat(3, 0)
         else:
-            photo = photos[(i // 2) % len(photos)]
-            r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-            out[i] = photo[r:r + size, c:c + size].transpose(2, 0, 1)
+            out[i] = _patch(photos[(i // 2) % len(photos)], size, rng)
+    return out
+
+
+def _patch(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` x ``size`` patch of an H x W x 3 photo at a seeded place, as 3 x size x size."""
+    r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+    return photo[r:r + size, c:c + size].transpose(2, 0, 1)
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """N x C x h x w images in [0, 1] to ``size`` x ``size`` (bilinear), clipped to [0, 1]."""
+    import torch.nn.functional as F
+
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    up = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
+    return np.clip(up.numpy(), 0.0, 1.0)
+
+
+def tiny_ir_rgb(num_classes: int = 2, seed: int = 0, image_size: int = 32) -> nn.Module:
+    """fedtiny's ``tiny-ir`` for 3-channel inputs, PyTorch's default (seeded) initialization, eval mode."""
+    from fedtiny.models import build_model
+
+    return build_model("tiny-ir", 3, num_classes, image_size=image_size, seed=seed).eval()
+
+
+def face_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` of the 100 faces of scikit-image's ``lfw_subset`` (25x25 grey), resized to ``size`` and
+    repeated over 3 channels, seeded order; their label is 1 (face) of the set's two classes."""
+    from skimage.data import lfw_subset
+
+    faces = lfw_subset()[:100].astype(np.float32)  # scikit-image: the first 100 patches are faces
+    if not 0 < n <= len(faces):
+        raise ValueError(f"faces: {n} targets asked, lfw_subset has {len(faces)} faces")
+    pick = np.random.default_rng(seed).permutation(len(faces))[:n]
+    x = _resize(faces[pick][:, None], size).repeat(3, axis=1)
+    return x.astype(np.float32), np.ones(n, np.int64)
+
+
+def photo_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """``n`` colour ``size`` x ``size`` patches cut at seeded places from scikit-learn's two photos."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(im, np.float32) / 255.0 for im in load_sample_images().images]
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        out[i] = _patch(photos[i % len(photos)], size, rng)
     return out

@@ -13,21 +13,43 @@ import torch
 
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.metrics import score
-from fedtiny.attack.presets import dlg_lenet, real_images
+from fedtiny.attack.presets import dlg_lenet, face_images, photo_patches, real_images, tiny_ir_rgb
 from fedtiny.attack.threat import DEFENSES, ThreatModel
 from fedtiny.attack.user import observe
 from fedtiny.errors import ScenarioError
 
-__all__ = ["PRESETS", "run_attack", "plot_grid"]
+__all__ = ["PRESETS", "preset_targets", "run_attack", "plot_grid"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # DLG (Zhu et al. 2019): sigmoid LeNet, 3x32x32, 100 classes, weights U[-0.5, 0.5], batch 1,
     # the dense fp32 gradient, L-BFGS (history 100, as torch's default); labels by iDLG.
-    "dlg-lenet": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 100},
+    # Images: digits and photo patches alternating, random labels.
+    "dlg-lenet": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 100,
+                  "model": "dlg-lenet", "images": "mixed"},
     # Inverting Gradients on a FedAvg change of 5 local steps.
     "ig-lenet-fedavg": {"threat": ThreatModel(observation="delta", local_steps=5, lr=0.1),
-                        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4), "classes": 100},
+                        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4), "classes": 100,
+                        "model": "dlg-lenet", "images": "mixed"},
+    # DLG's setting on the data people worry about: faces (lfw_subset, 32x32, grey on 3 channels), the
+    # 3-channel tiny-ir (ReLU6, BatchNorm in eval mode) with its default initialization, face/non-face head.
+    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 2,
+              "model": "tiny-ir", "images": "faces"},
+    # The same on colour photo patches (32x32), 10 classes, random labels.
+    "photos": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 10,
+               "model": "tiny-ir", "images": "photos"},
 }
+
+
+def preset_targets(preset: str, n: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model and ``n`` private images [n, 3, 32, 32] with their labels [n] of ``preset``."""
+    p = PRESETS[preset]
+    model = dlg_lenet(p["classes"], seed) if p["model"] == "dlg-lenet" else tiny_ir_rgb(p["classes"], seed)
+    gen = torch.Generator().manual_seed(seed)
+    if p["images"] == "faces":
+        x, y = face_images(n, seed=seed)
+        return model, torch.from_numpy(x), torch.from_numpy(y)
+    x = real_images(n, seed=seed) if p["images"] == "mixed" else photo_patches(n, seed=seed)
+    return model, torch.from_numpy(x), torch.randint(0, p["classes"], (n,), generator=gen)
 
 
 def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 0, iterations: int | None = None,
@@ -40,11 +62,8 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
     p = PRESETS[preset]
     threat = replace(p["threat"], **DEFENSES[defense])
     cfg = p["attack"] if iterations is None else replace(p["attack"], iterations=iterations)
-    model = dlg_lenet(p["classes"], seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(real_images(targets * threat.batch_size, seed=seed)).view(
-        targets, threat.batch_size, 3, 32, 32)
-    y = torch.randint(0, p["classes"], (targets, threat.batch_size), generator=gen)
+    model, x, y = preset_targets(preset, targets * threat.batch_size, seed)
+    x, y = x.view(targets, threat.batch_size, 3, 32, 32), y.view(targets, threat.batch_size)
     obs = observe(model, x, y, p["classes"], threat)
 
     t0 = time.perf_counter()

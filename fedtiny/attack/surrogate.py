@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.graph import INT8_MAX, INT8_MIN, QConv, QModel
+from fedtiny.int8.graph import INT8_MAX, INT8_MIN, QConv, QModel, unit_scale
 
 __all__ = ["Surrogate", "to_real_units"]
 
@@ -80,11 +80,4 @@ class Surrogate(nn.Module):
 
 def to_real_units(q: QModel, name: str, change: torch.Tensor) -> torch.Tensor:
     """An int8 client's change of tensor ``name`` (integer units) in the surrogate's units."""
-    module_name, _, attr = name.rpartition(".")
-    module = q.get_submodule(module_name)
-    if not isinstance(module, QConv):
-        return change  # an fp32 head is already in real units
-    ws = module.w_scales.double()
-    if attr == "weight":
-        return (change.double() * ws.view(-1, *([1] * (change.dim() - 1)))).float()
-    return (change.double() * ws * module.x_scale).float()
+    return (change.double() * unit_scale(q, name)).float()

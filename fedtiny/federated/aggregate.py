@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from fedtiny.compress.uplink import Decoded
 from fedtiny.errors import UpdateError
 from fedtiny.models.state import to_wire
+from fedtiny.privacy.dp import add_noise, clip_change
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "AGGREGATIONS"]
+if TYPE_CHECKING:
+    from fedtiny.federated.task import Task
+
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "AGGREGATIONS",
+           "CentralDP", "central_dp"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,45 @@ class Rule:
     krum_selected: int = 1
 
 
+@dataclass(frozen=True)
+class CentralDP:
+    """Central differential privacy of a round (``[privacy] dp = "central"``, :mod:`fedtiny.privacy.dp`).
+
+    Each accepted change is clipped to ``clip_norm`` (L2 in real units), the clipped changes
+    are summed unweighted, N(0, std^2) real-unit noise is added to every element some client
+    could train, and the sum is divided by ``denominator`` (the round's sampled clients).
+
+    Attributes
+    ----------
+    units
+        Real value of one stored unit of every element of each tensor (flat).
+    rng
+        The round's noise generator (seeded by the caller).
+    """
+
+    clip_norm: float
+    std: float
+    denominator: int
+    units: dict[str, np.ndarray]
+    rng: np.random.Generator
+
+
+def central_dp(task: "Task", server_round: int, sampled: int) -> CentralDP | None:
+    """The round's :class:`CentralDP` when the scenario asks for it (``[privacy] dp = "central"``), else None."""
+    s = task.scenario
+    p = s.privacy
+    if p.dp != "central":
+        return None
+    return CentralDP(p.clip_norm, p.noise_multiplier * p.clip_norm, max(1, sampled), task.units,
+                     np.random.default_rng((s.run.seed, server_round, _DP_STREAM)))
+
+
+_DP_STREAM = 0xD9  # the central noise's random stream, apart from sampling's
+
+
 def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decoded], shapes: dict[str, tuple[int, ...]],
               *, coverage: Callable[[int], dict[str, np.ndarray]] | None = None,
-              max_examples: int = 10_000_000, rule: Rule = Rule()) -> AggregateResult:
+              max_examples: int = 10_000_000, rule: Rule = Rule(), dp: CentralDP | None = None) -> AggregateResult:
     """Combine the clients' changes per element, in partition-id order (FedAvg unless ``rule`` says otherwise).
 
     ``decode(partition_id, payload)`` turns a payload into ``{name: (positions, change)}`` or
@@ -76,7 +117,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
     change 0); an element nobody trained keeps its value (change 0). FedAvg weights by
     examples, so with one scheme for all clients it is plain FedAvg; median and trimmed mean
     are unweighted, as Flower's ``FedMedian`` and ``FedTrimmedAvg``. Sums run in float64 in a
-    fixed order so results repeat.
+    fixed order so results repeat. With ``dp`` the mean is DP-FedAvg's (:class:`CentralDP`).
     """
     result = AggregateResult(None)
     # Coverage arrays are shared by the clients of one scheme: one mask each (the array is kept with its
@@ -95,7 +136,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             result.rejected.append(Rejection(u.partition_id, str(exc)))
             continue
         covered = coverage(u.partition_id) if coverage is not None else None
-        dense: dict[str, np.ndarray] = {}
+        kept: dict[str, tuple[slice | np.ndarray, np.ndarray, np.ndarray]] = {}
         for name in shapes if covered is None else covered:
             where = slice(None) if covered is None else covered[name]
             idx, values = changes.get(name, (np.zeros(0, np.int64), np.zeros(0)))
@@ -107,9 +148,17 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
                     masks[key] = (covered[name], mask)
                 keep = masks[key][1][idx]
                 idx, values = idx[keep], values[keep]
+            kept[name] = (where, idx, values)
+        if dp is not None:
+            clipped, _ = clip_change({n: v for n, (_, _, v) in kept.items()},
+                                     {n: dp.units[n][i] for n, (_, i, _) in kept.items()}, dp.clip_norm)
+            kept = {n: (w, i, clipped[n]) for n, (w, i, _) in kept.items()}
+        dense: dict[str, np.ndarray] = {}
+        for name, (where, idx, values) in kept.items():
             if rule.name == "fedavg":
-                weights[name][where] += u.num_examples
-                sums[name][idx] += values * u.num_examples
+                weight = 1 if dp is not None else u.num_examples  # DP-FedAvg: one client, one vote
+                weights[name][where] += weight
+                sums[name][idx] += values * weight
             else:
                 row = np.full(len(sums[name]), np.nan)
                 row[where] = 0.0
@@ -120,7 +169,16 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
         result.accepted.append(u.partition_id)
     if not result.accepted:
         return result
-    if rule.name == "fedavg":
+    if dp is not None:
+        # Noise on every element some accepted client could train (the schemes are public), then the fixed mean.
+        noised = add_noise({n: s[weights[n] > 0] for n, s in sums.items()},
+                           {n: dp.units[n][weights[n] > 0] for n in sums}, dp.std, dp.rng)
+        flat = {}
+        for name, s in sums.items():
+            out = np.zeros_like(s)
+            out[weights[name] > 0] = noised[name] / dp.denominator
+            flat[name] = out
+    elif rule.name == "fedavg":
         flat = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0)
                 for name, s in sums.items()}
     else:

@@ -25,9 +25,10 @@ from fedtiny.federated.task import Task, client_profile, client_radio, limit_thr
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.models.state import to_wire
+from fedtiny.privacy.dp import add_noise, clip_change
 from fedtiny.scenario import Scenario, scenario_from_json
 
-__all__ = ["LocalResult", "local_round", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
+__all__ = ["LocalResult", "local_round", "privatize", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
                       gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None)
     _, test_acc = evaluate(task.model, test)
     trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
+    if scenario.privacy.dp == "local":
+        trained = privatize(task, trained, received, np.random.default_rng((scenario.run.seed, server_round,
+                                                                            partition_id, _DP_STREAM)))
     if partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
         trained = poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
         if task.uplink.kind == DENSE:
@@ -131,6 +135,29 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     examples = fit.num_examples if max_steps is None else min(fit.num_examples, fit.samples)
     return LocalResult(update, examples, fit.loss, fit.accuracy, test_acc, fit.steps, macs=(fwd + bwd) * fit.samples,
                        compute_s=cost.compute_s, radio_s=cost.radio_s, energy_mj=cost.energy_mj, **facts), state
+
+
+_DP_STREAM = 0xD9  # keeps the DP noise's random stream apart from training's
+
+
+def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np.ndarray],
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Local DP: the trained tensors whose change since ``received`` is clipped and noised (``[privacy]``).
+
+    Only the scheme's slices change, so only they get noise; everything the encoder does
+    afterwards (top-k, error feedback, quantization) works on the noised tensors.
+    """
+    p, slices = task.scenario.privacy, task.slices
+    change = {n: (trained[n].astype(np.float64) - received[n].astype(np.float64)).ravel()[slices[n]] for n in slices}
+    units = {n: task.units[n][slices[n]] for n in slices}
+    clipped, _ = clip_change(change, units, p.clip_norm)
+    noised = add_noise(clipped, units, p.noise_multiplier * p.clip_norm, rng)
+    out = {}
+    for name, shape, dtype in task.uplink_spec:
+        full = received[name].astype(np.float64).ravel()
+        full[slices[name]] += noised[name]
+        out[name] = full.reshape(shape) if task.uplink.kind != DENSE else to_wire(full.reshape(shape), np.dtype(dtype))
+    return out
 
 
 def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, fwd: int, bwd: int, batch_size: int,

@@ -53,6 +53,17 @@ class Task:
         return trainable_slices(self.model, self.uplink_spec)
 
     @functools.cached_property
+    def units(self) -> dict[str, np.ndarray]:
+        """Real value of one stored unit of each element of each uplink tensor (flat, float64).
+
+        Differential privacy clips and adds its noise in real units, whatever a tensor's storage.
+        """
+        from fedtiny.int8.graph import unit_scale
+
+        return {n: np.broadcast_to(unit_scale(self.model, n).numpy(), shape).ravel().copy()
+                for n, shape, _ in self.uplink_spec}
+
+    @functools.cached_property
     def uplink(self) -> Uplink:
         """The uplink encoder (client) and decoder (server) of this scenario."""
         return make_uplink(self.scenario, self.uplink_spec, self.slices)

@@ -23,7 +23,8 @@ from fedtiny.budget.ledger import (GRAD_BYTES, NULL, Ledger, NullLedger, OpEvent
                                    tensor_bytes, workspace_bytes)
 from fedtiny.errors import ScenarioError, SchemeError
 
-__all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QBlock", "FloatHead", "QModel", "INT8_MIN", "INT8_MAX"]
+__all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QBlock", "FloatHead", "QModel", "INT8_MIN", "INT8_MAX",
+           "unit_scale"]
 
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -627,3 +628,20 @@ def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", se
     head.tag = "classifier"
     model.classifier = head
     return model
+
+
+def unit_scale(model: nn.Module, name: str) -> torch.Tensor:
+    """The real value of one stored unit of tensor ``name`` (float64, broadcastable to the tensor).
+
+    An int8 convolution's weight unit is its output channel's scale ``s_w``, its int32
+    bias unit ``s_w * s_x``; any other tensor (a float head, a fp32 model) is stored in
+    real units already (1).
+    """
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, QConv):
+        return torch.ones(1, dtype=torch.float64)
+    ws = module.w_scales.detach().double()
+    if attr == "weight":
+        return ws.view(-1, *([1] * (module.weight.dim() - 1)))
+    return ws * module.x_scale

@@ -157,6 +157,7 @@ class RunLog:
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
             **fleet_summary(recs, self.scenario.fleet.target_accuracy),
+            **privacy_summary(recs, self.scenario),
             **extra,
         }
         if recs:
@@ -168,6 +169,30 @@ class RunLog:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.run_dir / "summary.json")
         return summary
+
+
+def privacy_summary(recs: list[dict[str, Any]], scenario: Scenario) -> dict[str, Any]:
+    """``dp_epsilon`` (None without DP) at ``privacy.delta``, user level (:mod:`fedtiny.privacy.dp`).
+
+    Central DP composes one release per aggregated round; local DP, per update a client sent
+    (accepted, rejected or late), the most of any one client.
+    """
+    from fedtiny.privacy.dp import dp_epsilon
+
+    p = scenario.privacy
+    rounds = [r for r in recs if r["round"] > 0]
+    if p.dp == "central":
+        releases = sum(1 for r in rounds if r.get("clients"))
+    else:
+        sent: dict[int, int] = {}
+        for r in rounds:
+            for c in r.get("clients", []) + r.get("rejected", []) + r.get("stragglers", []):
+                sent[c["partition_id"]] = sent.get(c["partition_id"], 0) + 1
+        releases = max(sent.values(), default=0)
+    eps = dp_epsilon(p.dp, p.noise_multiplier, p.delta, releases=releases, clients=scenario.run.clients,
+                     per_round=scenario.clients_per_round, amplified=scenario.fleet.availability == "always")
+    return {"dp": p.dp, "dp_epsilon": None if eps is None else round(eps, 4), "dp_delta": p.delta,
+            "dp_releases": releases if p.dp != "none" else 0}
 
 
 def fleet_summary(recs: list[dict[str, Any]], target: float) -> dict[str, Any]:

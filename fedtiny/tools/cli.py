@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("attack", help="gradient-leakage attack on real images (DLG, iDLG, Inverting Gradients)")
-    p.add_argument("--preset", default="dlg-lenet", help="dlg-lenet (DLG's setting) or ig-lenet-fedavg")
+    p.add_argument("--preset", default="dlg-lenet", help="dlg-lenet (DLG's setting), ig-lenet-fedavg, faces (DLG's setting on "
+                                                    "faces with the 3-channel tiny-ir) or photos")
     p.add_argument("--defense", default="none", help="none, prune-20, prune-90, topk-1, fp16, int8, ternary, "
                                                      "topk-1-ternary")
     p.add_argument("--targets", type=int, default=8, help="independent targets, attacked together")

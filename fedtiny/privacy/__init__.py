@@ -1,0 +1,1 @@
+"""Privacy defenses of client updates: differential privacy (:mod:`fedtiny.privacy.dp`)."""

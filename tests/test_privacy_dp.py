@@ -1,0 +1,138 @@
+"""Differential privacy: the accountant against a published value, clipping, noise, determinism."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fedtiny.federated.aggregate import CentralDP, ClientUpdate, aggregate
+from fedtiny.privacy.dp import clip_change, dp_epsilon, gaussian_epsilon, noise_for_epsilon
+from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
+
+from conftest import ROOT, client_replies
+
+QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
+
+
+def test_epsilon_matches_tf_privacys_published_mnist_value():
+    """TF Privacy's README (tensorflow/privacy, tutorials/README.md, "Privacy accounting"):
+    ``compute_dp_sgd_privacy.py --N=60000 --batch_size=256 --noise_multiplier=1.1 --epochs=60
+    --delta=1e-5`` "satisfies differential privacy with eps = 3.01 and delta = 1e-05" (RDP,
+    Poisson sampling, Mironov's conversion). dp-accounting's tighter conversion can only be lower."""
+    steps = math.ceil(60 * 60000 / 256)
+    classic = gaussian_epsilon(1.1, steps, 1e-5, sample_rate=256 / 60000, conversion="classic")
+    assert classic == pytest.approx(3.01, abs=0.005)
+    assert gaussian_epsilon(1.1, steps, 1e-5, sample_rate=256 / 60000) < classic
+
+
+def test_user_level_epsilon_rules():
+    one = dp_epsilon("local", 2.0, 1e-5, releases=1)
+    assert dp_epsilon("none", 2.0, 1e-5, releases=5) is None
+    assert dp_epsilon("local", 2.0, 1e-5, releases=4) > one  # every update a client sends composes
+    assert dp_epsilon("local", 4.0, 1e-5, releases=1) < one  # more noise, less epsilon
+    # replace-one: noise multiplier 2 is a Gaussian mechanism of multiplier 1 on sensitivity 1
+    assert one == pytest.approx(gaussian_epsilon(1.0, 1, 1e-5, population=1, sample_size=1))
+    plain = dp_epsilon("central", 2.0, 1e-5, releases=10, clients=100, per_round=10)
+    amplified = dp_epsilon("central", 2.0, 1e-5, releases=10, clients=100, per_round=10, amplified=True)
+    assert amplified < plain
+    sigma = noise_for_epsilon(8.0, "local", 1e-5, releases=1)
+    assert dp_epsilon("local", sigma, 1e-5, releases=1) <= 8.0 < dp_epsilon("local", sigma * 0.99, 1e-5, releases=1)
+
+
+def test_clip_change_bounds_the_real_unit_norm():
+    rng = np.random.default_rng(0)
+    units = {"a": rng.uniform(0.001, 0.1, 50), "b": np.ones(7)}
+    for scale in (0.01, 1.0, 100.0):
+        values = {"a": rng.normal(0, scale * 30, 50), "b": rng.normal(0, scale, 7)}
+        clipped, norm = clip_change(values, units, 1.0)
+        after = math.sqrt(sum(float(np.sum((clipped[n] * units[n]) ** 2)) for n in values))
+        assert after <= 1.0 + 1e-12
+        if norm <= 1.0:
+            assert all(np.array_equal(clipped[n], values[n]) for n in values)
+        else:
+            assert after == pytest.approx(1.0)
+
+
+def test_central_dp_clips_each_change_before_the_noise():
+    shapes = {"w": (4,)}
+    units = {"w": np.array([0.5, 0.5, 2.0, 2.0])}
+    changes = {0: np.array([100.0, 0, 0, 0]), 1: np.array([0, 0, 0, 0.1]), 2: np.array([0, 300.0, 0, 0])}
+    updates = [ClientUpdate(p, bytes([p]), 10 + p) for p in changes]
+
+    def decode(pid, payload):
+        return {"w": (np.arange(4), changes[pid])}
+
+    dp = CentralDP(clip_norm=1.0, std=0.0, denominator=3, units=units, rng=np.random.default_rng(0))
+    mean = aggregate(updates, decode, shapes, dp=dp).arrays["w"]
+    # clipped in real units (unit 0.5: 100 -> 1 / 0.5 = 2 stored units), the small one untouched, unweighted
+    np.testing.assert_allclose(mean, np.array([2.0, 2.0, 0.0, 0.1]) / 3)
+    noisy = aggregate(updates, decode, shapes,
+                      dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
+    again = aggregate(updates, decode, shapes,
+                      dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
+    np.testing.assert_array_equal(noisy, again)
+    assert not np.allclose(noisy, mean)
+
+
+def test_central_dp_needs_fedavg():
+    with pytest.raises(ScenarioError, match="privacy.dp"):
+        load_scenario(QUICKSTART, parse_overrides(['privacy.dp="central"', 'server.aggregation="median"']))
+
+
+def _federate(overrides, rounds=2):
+    """Drive the strategy and simulated clients for ``rounds`` rounds without Ray; return (task, strategy, sent)."""
+    from clients.wire import bytes_record, train_jobs
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.aggregate import GlobalModel
+    from fedtiny.federated.client import local_round
+    from fedtiny.federated.fleet import server_task
+    from server.strategy import FedTinyStrategy
+
+    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=4", "model.pretrain_epochs=3",
+                                                          'compression.downlink="full"', *overrides]))
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)},
+                               GlobalModel(initial, [n for n, *_ in task.uplink_spec]), schemes=schemes)
+    record, states, payloads = bytes_record(pack_dense(initial, task.downlink_spec)), {p: {} for p in range(4)}, {}
+    for rnd in range(1, rounds + 1):
+        sent = list(strategy.configure_train(rnd, record, None, None))
+        results = {}
+        for m in sent:
+            pid = m.metadata.dst_node_id - 100
+            (job,) = train_jobs(m.content, pid)
+            results[pid], states[pid] = local_round(scenario, pid, rnd, job.downlink, kind=job.kind,
+                                                    scheme=job.scheme, state=states[pid])
+            payloads[(rnd, pid)] = (results[pid].update, job)
+        record, _ = strategy.aggregate_train(rnd, client_replies(strategy, sent, results))
+    return task, strategy, payloads
+
+
+def test_local_dp_clipping_bounds_every_sent_change(flower_task_identity):
+    """fp32 values, dense positions, no error feedback, negligible noise: what is sent is the clipped change."""
+    plain = ['compression.values="fp32"', "compression.density=1.0", "compression.error_feedback=false",
+             "train.lr=0.2"]
+    for dp, bounded in ((['privacy.dp="local"', "privacy.clip_norm=0.05", "privacy.noise_multiplier=1e-9"], True),
+                        ([], False)):
+        task, strategy, payloads = _federate(plain + dp, rounds=1)
+        norms = []
+        for (rnd, pid), (payload, job) in payloads.items():
+            view = strategy.client_view(pid)
+            decoded = view.uplink.decode(payload, {})
+            norms.append(math.sqrt(sum(float(np.sum((v * task.units[n][i]) ** 2)) for n, (i, v) in decoded.items())))
+        assert len(norms) == 4
+        if bounded:
+            assert max(norms) <= 0.05 * (1 + 1e-5)
+            assert min(norms) > 0.05 * 0.99  # the training step is larger than the bound: each was clipped
+        else:
+            assert min(norms) > 0.05  # without DP the same clients send more than the bound
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_a_dp_run_repeats_for_its_seed(flower_task_identity, mode):
+    dp = [f'privacy.dp="{mode}"', "privacy.clip_norm=0.5", "privacy.noise_multiplier=1.0"]
+    _, first, _ = _federate(dp)
+    _, second, _ = _federate(dp)
+    _, none, _ = _federate([])
+    for name, master in first.global_model.master.items():
+        np.testing.assert_array_equal(master, second.global_model.master[name])
+    assert any(not np.array_equal(m, none.global_model.master[n]) for n, m in first.global_model.master.items())
