@@ -212,6 +212,9 @@ class AttackSection:
     labels: str = _key("idlg", "idlg (recovered from the update) or known", _choice("idlg", "known"))
     tv: float = _key(1e-4, "total-variation weight (ig)", _range(0.0))
     max_images: int = _key(8, "attack clients holding at most this many training images", _range(1, 4096))
+    observe: str = _key("client", "what the attacker sees: client (each targeted client's decoded update) or "
+                        "aggregate (only the round's combined change over every accepted client, as behind secure "
+                        "aggregation; attack.clients is then ignored)", _choice("client", "aggregate"))
 
 
 FAULT_KINDS = ("crash", "garbage", "truncated", "stale", "bad_count")

@@ -173,7 +173,7 @@ class FedTinyStrategy(Strategy):
                            dp=central_dp(self.task, server_round, len(self._down)))
         stats = round_stats(parsed, result, self._down, stragglers=stragglers, deadline_s=deadline, awake=self._awake)
         accepted = {u.partition_id: u.payload for u in updates if u.partition_id in set(result.accepted)}
-        outcome = RoundOutcome(server_round, stats, accepted, sent, decode)
+        outcome = RoundOutcome(server_round, stats, accepted, sent, decode, result.arrays)
         for callback in self.on_round:
             callback(outcome)
         if result.arrays is None:

@@ -39,15 +39,26 @@ class ObservationRecorder:
     """A round callback that keeps what the server observed of the ``[attack]`` targets.
 
     For each targeted client accepted in a targeted round it keeps the decoded change
-    and the global state the client received: what the attacker works from.
+    and the global state the client received: what the attacker works from. With
+    ``attack.observe = "aggregate"`` it keeps only the round's combined change (and which
+    clients it combines, to score the attack), never a client's own.
     """
 
     def __init__(self, cfg) -> None:
         self.ids, self.rounds = targets_of(cfg) if cfg.enabled else (set(), set())
+        self.aggregate = cfg.observe == "aggregate"
         self.observed: list[Observed] = []
 
     def __call__(self, outcome: RoundOutcome) -> None:
         if outcome.server_round not in self.rounds:
+            return
+        if self.aggregate:
+            if outcome.aggregate is not None:
+                self.observed.append({"round": outcome.server_round, "partition_id": min(outcome.accepted),
+                                      "members": sorted(outcome.accepted),
+                                      "changes": {k: (np.arange(v.size), v.ravel().copy())
+                                                  for k, v in outcome.aggregate.items()},
+                                      "state": {k: v.copy() for k, v in outcome.sent.items()}})
             return
         for pid in sorted(self.ids & set(outcome.accepted)):
             self.observed.append({"round": outcome.server_round, "partition_id": pid, "changes": outcome.change(pid),
@@ -97,17 +108,33 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
 
 
 def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A decoded update as the attacker's (values, mask) per tensor, in the surrogate's units."""
+    """A decoded update as the attacker's (values, mask) per tensor, in the surrogate's units.
+
+    An aggregate is matched on the elements the schemes let clients train (public), zeros included.
+    """
     obs = {}
     for name, shape, _ in task.uplink_spec:
         values = torch.zeros(int(np.prod(shape)))
         mask = torch.zeros(int(np.prod(shape)), dtype=torch.bool)
         if name in ob["changes"]:
             idx, change = ob["changes"][name]
+            if "members" in ob:
+                idx, change = task.slices[name], change[task.slices[name]]
             values[torch.as_tensor(idx)] = torch.as_tensor(change, dtype=torch.float32)
             mask[torch.as_tensor(idx)] = True
         obs[name] = (to_real(name, values.view(shape)), mask.view(shape))
     return obs
+
+
+def _images_behind(task, ob: Observed):
+    """The training images behind an observation: the client's, or every member's of an aggregate."""
+    from fedtiny.data.sources import ImageSet
+
+    parts = [task.federation.client_data(p)[0] for p in ob.get("members", [ob["partition_id"]])]
+    if len(parts) == 1:
+        return parts[0]
+    return ImageSet(np.concatenate([d.x for d in parts]), np.concatenate([d.y for d in parts]), parts[0].num_classes,
+                    parts[0].name)
 
 
 def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
@@ -115,7 +142,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
     s = task.scenario
     groups: dict[tuple[int, int], list[tuple[Observed, Any]]] = {}
     for ob in observed:
-        train, _ = task.federation.client_data(ob["partition_id"])
+        train = _images_behind(task, ob)
         if len(train) > cfg.max_images:
             results.append({"round": ob["round"], "partition_id": ob["partition_id"], "skipped":
                             f"{len(train)} training images > attack.max_images = {cfg.max_images}"})
@@ -129,7 +156,9 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         obs = {k: (torch.stack([o[k][0] for o in per]), torch.stack([o[k][1] for o in per])) for k in per[0]}
         x = torch.stack([torch.from_numpy(d.x) for d in data])
         y = torch.stack([torch.from_numpy(d.y).long() for d in data])
-        steps = s.train.local_epochs * math.ceil(n / s.train.batch_size)
+        # An aggregate is attacked as one step on the union of its clients' images: the example-weighted
+        # mean of the clients' one-step changes is exactly that step.
+        steps = 1 if "members" in obs_list[0] else s.train.local_epochs * math.ceil(n / s.train.batch_size)
         # Without unrolling, one step stands in for the client's several (same direction to first order).
         threat = ThreatModel(observation="delta", local_steps=steps if cfg.unroll else 1, lr=s.train.lr,
                              batch_size=n, labels=cfg.labels, trainable=tuple(obs))
@@ -145,6 +174,8 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
             results.append({"round": rnd, "partition_id": ob["partition_id"], "images": n, "local_steps": steps,
+                            "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob
+                            else "client",
                             "mean_psnr_db": float(np.mean(sc["psnr"])), "mean_ssim": float(np.mean(sc["ssim"])),
                             "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
                             "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})

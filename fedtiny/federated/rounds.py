@@ -104,6 +104,9 @@ class RoundOutcome:
         The global state the clients received this round (before the round's aggregate).
     decode
         The uplink decoder: (partition id, payload) -> change against ``sent``.
+    aggregate
+        The round's combined change the global model moves by (None when nothing was accepted):
+        all an observer behind secure aggregation would see.
     """
 
     server_round: int
@@ -111,6 +114,7 @@ class RoundOutcome:
     accepted: dict[int, bytes]
     sent: dict[str, np.ndarray]
     decode: Callable[[int, bytes], Decoded]
+    aggregate: dict[str, np.ndarray] | None = None
 
     def change(self, partition_id: int) -> Decoded:
         """The decoded change an accepted client sent."""

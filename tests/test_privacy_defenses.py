@@ -1,4 +1,5 @@
-"""Differential privacy: the accountant against a published value, clipping, noise, determinism."""
+"""Privacy defenses: DP (the accountant against a published value, clipping, noise, determinism) and an
+attacker who sees only the aggregate."""
 
 import math
 
@@ -79,7 +80,7 @@ def test_central_dp_needs_fedavg():
         load_scenario(QUICKSTART, parse_overrides(['privacy.dp="central"', 'server.aggregation="median"']))
 
 
-def _federate(overrides, rounds=2):
+def _federate(overrides, rounds=2, on_round=()):
     """Drive the strategy and simulated clients for ``rounds`` rounds without Ray; return (task, strategy, sent)."""
     from clients.wire import bytes_record, train_jobs
     from fedtiny.compress.dense import pack_dense
@@ -92,7 +93,8 @@ def _federate(overrides, rounds=2):
                                                           'compression.downlink="full"', *overrides]))
     task, initial, _, schemes = server_task(scenario, progress=None)
     strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)},
-                               GlobalModel(initial, [n for n, *_ in task.uplink_spec]), schemes=schemes)
+                               GlobalModel(initial, [n for n, *_ in task.uplink_spec]), schemes=schemes,
+                               on_round=on_round)
     record, states, payloads = bytes_record(pack_dense(initial, task.downlink_spec)), {p: {} for p in range(4)}, {}
     for rnd in range(1, rounds + 1):
         sent = list(strategy.configure_train(rnd, record, None, None))
@@ -136,3 +138,31 @@ def test_a_dp_run_repeats_for_its_seed(flower_task_identity, mode):
     for name, master in first.global_model.master.items():
         np.testing.assert_array_equal(master, second.global_model.master[name])
     assert any(not np.array_equal(m, none.global_model.master[n]) for n, m in first.global_model.master.items())
+
+
+def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_identity):
+    from fedtiny.attack.fleet import ObservationRecorder
+
+    attack = ["attack.enabled=true", "attack.clients=[0, 1, 2, 3]", "attack.rounds=[1]"]
+    seen = {}
+    for mode in ("client", "aggregate"):
+        scenario = load_scenario(QUICKSTART, parse_overrides([*attack, f'attack.observe="{mode}"']))
+        seen[mode] = ObservationRecorder(scenario.attack)
+        outcomes = []
+        task, strategy, payloads = _federate([*attack, f'attack.observe="{mode}"'], rounds=1,
+                                             on_round=[seen[mode], outcomes.append])
+    client, aggregate = seen["client"].observed, seen["aggregate"].observed
+    assert [o["partition_id"] for o in client] == [0, 1, 2, 3]
+    (ob,) = aggregate  # one observation for the round, no client's own change
+    assert ob["members"] == [0, 1, 2, 3] and set(ob) == {"round", "partition_id", "members", "changes", "state"}
+    # what it holds is the example-weighted mean of the four decoded changes, i.e. what the global model moved by
+    (outcome,) = outcomes
+    weights = {c["partition_id"]: c["num_examples"] for c in outcome.stats.clients}
+    for name, (idx, values) in ob["changes"].items():
+        expected = np.zeros(values.size)
+        for pid, w in weights.items():
+            i, v = outcome.change(pid).get(name, (np.zeros(0, np.int64), np.zeros(0)))
+            expected[i] += w * v
+        view = task.slices[name]
+        np.testing.assert_allclose(values[view], expected[view] / sum(weights.values()), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(values, outcome.aggregate[name].ravel())
