@@ -109,7 +109,7 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.tools.sim import simulate
 
-    n = args.clients
+    n = args.clients or 100
     base = load_scenario(args.scenario, parse_overrides(args.overrides))
     workers = base.run.num_cpus
     cohort = args.cohort_size or -(-n // workers)
@@ -483,3 +483,85 @@ def bench_codec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHES["codec"] = bench_codec
+
+
+def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
+    """What Flower's SecAgg+ costs on fedtiny's dense int8 changes: bytes and client seconds, against no SecAgg.
+
+    The scenario's clients (``--clients``) each run fedtiny's own round 1 with the dense uplink
+    (every trained element, int8, fixed positions: what SecAgg+ can sum); their decoded integer
+    changes are then sent through one legacy Flower round with SecAgg+ and through the same round
+    without it, in this process, at the same parallelism. Reports per-client serialized bytes up
+    and down, ClientApp seconds, the round's wall time, their ratios, and the largest difference
+    between the two rounds' means (SecAgg+ quantizes within ``clipping_range``).
+    """
+    import math
+
+    import numpy as np
+
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import local_round
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile, with_scheme
+    from fedtiny.scenario import load_scenario, parse_overrides
+    from fedtiny.tools.sim import simulate_secagg
+
+    n = args.clients or 10
+    scenario = load_scenario(args.scenario, {**parse_overrides(args.overrides), "compression.uplink": "dense",
+                                             "run.clients": n, "run.clients_per_round": 0})
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    payload = pack_dense(initial, task.downlink_spec)
+    changes, fedtiny_bytes = [], []
+    for pid in range(n):
+        scheme = schemes.for_client(client_profile(scenario, pid).name, pid, 1) if schemes else None
+        result, _ = local_round(scenario, pid, 1, payload, scheme=scheme)
+        view = with_scheme(task, scheme) if scheme is not None else task
+        decoded = view.uplink.decode(result.update, initial)
+        changes.append([np.zeros(int(np.prod(sh)), np.float32) for _, sh, _ in task.uplink_spec])
+        for i, (name, _, _) in enumerate(task.uplink_spec):
+            if name in decoded:
+                idx, values = decoded[name]
+                changes[-1][i][idx] = values
+        fedtiny_bytes.append(len(result.update))
+    largest = max(float(np.abs(a).max()) for c in changes for a in c)
+    # SecAgg+ clips to [-C, C] and quantizes to 2^22 levels: C must hold every change (int32 biases move by
+    # thousands of units), and a power of two keeps the levels' spacing exact in binary.
+    clip = float(2 ** math.ceil(math.log2(largest + 1)))
+    print(f"[bench secagg] {n} clients' dense int8 changes ({sum(a.size for a in changes[0]):,} elements, "
+          f"largest |change| {largest:g}: clipping range {clip:g})", file=sys.stderr)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for secagg in (False, True):
+            label = "secagg+" if secagg else "plain"
+            print(f"[bench secagg] {label} round ...", file=sys.stderr, flush=True)
+            runs[label] = simulate_secagg(changes, Path(tmp), secagg=secagg, num_cpus=scenario.run.num_cpus,
+                                          clipping_range=clip)
+    plain, sa = runs["plain"], runs["secagg+"]
+    exact = np.mean([np.concatenate(c) for c in changes], axis=0)
+    result = {
+        "clients": n, "elements": int(exact.size), "fedtiny_dense_uplink_bytes": int(np.mean(fedtiny_bytes)),
+        "clipping_range": clip, "quantization_step": 2 * clip / 2 ** 22,
+        **{f"{k}_{label}": v for label, r in runs.items() for k, v in (
+            ("uplink_bytes_per_client", int(np.mean(r["up"]))), ("downlink_bytes_per_client", int(np.mean(r["down"]))),
+            ("client_seconds", round(float(np.mean(r["client_seconds"])), 4)),
+            ("round_seconds", round(r["seconds"], 3)), ("exchanges", r["exchanges"]))},
+        "max_abs_error_secagg": float(np.abs(np.concatenate(sa["mean"]) - exact).max()),
+        "max_abs_error_plain": float(np.abs(np.concatenate(plain["mean"]) - exact).max()),
+    }
+    for key in ("uplink_bytes_per_client", "downlink_bytes_per_client", "client_seconds", "round_seconds"):
+        result[f"{key}_ratio"] = round(result[f"{key}_secagg+"] / max(result[f"{key}_plain"], 1e-12), 3)
+    print(f"\nbench secagg ({n} clients, {exact.size:,} elements; fedtiny's own dense int8 upload: "
+          f"{result['fedtiny_dense_uplink_bytes']:,} B)\n"
+          f"  {'':28} {'plain':>12} {'SecAgg+':>12} {'ratio':>7}")
+    for key, name in (("uplink_bytes_per_client", "uplink bytes per client"),
+                      ("downlink_bytes_per_client", "downlink bytes per client"),
+                      ("client_seconds", "client seconds"), ("round_seconds", "round seconds")):
+        print(f"  {name:28} {result[key + '_plain']:>12,} {result[key + '_secagg+']:>12,} "
+              f"{result[key + '_ratio']:>7.2f}")
+    print(f"  largest error of the mean: plain {result['max_abs_error_plain']:.2e}, "
+          f"SecAgg+ {result['max_abs_error_secagg']:.2e} (stored units; quantization step "
+          f"{result['quantization_step']:.2e})")
+    return result
+
+
+BENCHES["secagg"] = bench_secagg

@@ -435,10 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
-    p.add_argument("bench", choices=["sim", "qas", "codec", "train"],
+    p.add_argument("bench", choices=["sim", "qas", "codec", "train", "secagg"],
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
                         "codec: bits per position of the wire format vs the entropy floor; "
-                        "train: the client's int8 step vs a float step of the same network")
+                        "train: the client's int8 step vs a float step of the same network; "
+                        "secagg: Flower's SecAgg+ on dense int8 changes vs the same round without it")
     p.add_argument("--model", dest="model_file", default="",
                    help="train (default mcunet-5fps), qas: a published model name (in ../shared/models/tiny-training) "
                         "or a model file")
@@ -447,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6, help="train: timed steps")
     p.add_argument("--scenario", help="scenario whose local training is timed (default: scenarios/scale.toml for "
                                       "sim, scenarios/quickstart.toml otherwise)")
-    p.add_argument("--clients", type=int, default=100, help="sim: clients per round (N)")
+    p.add_argument("--clients", type=int, default=0, help="sim: clients per round (N, default 100); secagg: "
+                                                          "clients (default 10)")
     p.add_argument("--cohort-size", type=int, default=0,
                    help="sim: virtual clients per Flower call (default: one cohort per worker)")
     p.add_argument("--epochs", type=int, default=5, help="qas: fine-tuning epochs per trial")

@@ -10,7 +10,7 @@ from typing import Any
 
 from fedtiny.scenario import Scenario
 
-__all__ = ["simulate", "backend_config"]
+__all__ = ["simulate", "backend_config", "simulate_secagg"]
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
@@ -54,3 +54,45 @@ def simulate(scenario: Scenario, run_dir: Path, *, verbose: bool = False, resume
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path} (see the log above)")
     return json.loads(summary_path.read_text())
+
+
+def simulate_secagg(changes: list[list[Any]], workdir: Path, *, secagg: bool, num_cpus: int = 2,
+                    num_shares: int | float = 1.0, threshold: int | float = 0.7,
+                    clipping_range: float = 256.0) -> dict[str, Any]:
+    """One legacy Flower round in which client ``p`` sends ``changes[p]`` (NumPy arrays), with or without SecAgg+.
+
+    Returns the round's mean change (``mean``), the serialized bytes each client received
+    (``down``) and sent (``up``), its seconds in the ClientApp summed over the protocol's
+    stages (``client_seconds``), the round's wall seconds and the number of exchanges.
+    """
+    import numpy as np
+
+    quiet_flower(False)
+    from flwr.simulation import run_simulation
+
+    from clients.secagg_client import make_secagg_client_app
+    from server.secagg_app import make_secagg_server_app
+
+    workdir = Path(workdir)
+    timing = workdir / ("timing-secagg" if secagg else "timing-plain")
+    timing.mkdir(parents=True, exist_ok=True)
+    path = workdir / "changes.npz"
+    np.savez(path, **{f"{p}/{i}": a for p, arrays in enumerate(changes) for i, a in enumerate(arrays)})
+    out: dict[str, Any] = {}
+    run_simulation(server_app=make_secagg_server_app([a.size for a in changes[0]], len(changes), secagg=secagg,
+                                                     out=out, num_shares=num_shares, threshold=threshold,
+                                                     clipping_range=clipping_range),
+                   client_app=make_secagg_client_app(str(path), str(timing), secagg=secagg),
+                   num_supernodes=len(changes),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"address": "local", "num_cpus": num_cpus}})
+    if "mean" not in out:
+        raise RuntimeError("the SecAgg+ round did not complete (see Flower's log with -v)")
+    seconds: dict[int, float] = {}
+    for f in timing.glob("client-*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            seconds[rec["partition_id"]] = seconds.get(rec["partition_id"], 0.0) + rec["seconds"]
+    return {"mean": out["mean"], "down": sorted(out["down"].values()), "up": sorted(out["up"].values()),
+            "client_seconds": [seconds[p] for p in sorted(seconds)], "seconds": out["seconds"],
+            "exchanges": out["exchanges"]}
