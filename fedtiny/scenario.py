@@ -79,9 +79,10 @@ class RunSection:
 class DataSection:
     source: str = _key(
         "digits",
-        "digits (bundled), lfw-faces (bundled face/no-face patches), mnist, fashion-mnist, cifar10 (local root), "
-        "imagefolder, synthetic (a seeded load generator for any number of clients; not a benchmark)",
-        _choice("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic"),
+        "digits (bundled), lfw-faces (bundled face/no-face patches), photos (bundled colour 32x32 patches of two "
+        "photos), mnist, fashion-mnist, cifar10 (local root), imagefolder, synthetic (a seeded load generator for "
+        "any number of clients; not a benchmark)",
+        _choice("digits", "lfw-faces", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic"),
     )
     root: str = _key("", "dataset root for torchvision sources (never downloaded)")
     image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))

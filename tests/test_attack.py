@@ -180,3 +180,17 @@ def test_idlg_labels_survive_topk(defense):
     assert torch.equal(idlg_labels(model, obs, threat), y)
     no_bias = {k: v for k, v in obs.items() if not k.endswith("bias") or not k.startswith(("fc", "classifier"))}
     assert torch.equal(idlg_labels(model, no_bias, threat), y)
+
+
+def test_faces_and_photos_presets_are_real_images_on_the_3_channel_tiny_ir():
+    from fedtiny.attack.run import preset_targets
+
+    model, x, y = preset_targets("faces", 16, seed=3)
+    assert x.shape == (16, 3, 32, 32) and y.tolist() == [1] * 16
+    assert torch.equal(x[:, 0], x[:, 1]) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0  # grey on 3 channels
+    assert len({tuple(im.flatten()[:50].tolist()) for im in x}) == 16  # 16 different faces
+    assert model(x).shape == (16, 2) and model.stem[0].in_channels == 3
+    again = preset_targets("faces", 16, seed=3)[1]
+    assert torch.equal(x, again)
+    _, px, py = preset_targets("photos", 4)
+    assert px.shape == (4, 3, 32, 32) and not torch.equal(px[:, 0], px[:, 1]) and py.max() < 10

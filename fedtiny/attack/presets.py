@@ -94,12 +94,9 @@ def face_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def photo_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    """``n`` colour ``size`` x ``size`` patches cut at seeded places from scikit-learn's two photos."""
-    from sklearn.datasets import load_sample_images
+    """``n`` colour patches of the ``photos`` data source (seeded choice), resized to ``size``."""
+    from fedtiny.data.sources import load_source
 
-    rng = np.random.default_rng(seed)
-    photos = [np.asarray(im, np.float32) / 255.0 for im in load_sample_images().images]
-    out = np.empty((n, 3, size, size), np.float32)
-    for i in range(n):
-        out[i] = _patch(photos[i % len(photos)], size, rng)
-    return out
+    data = load_source("photos")
+    pick = np.random.default_rng(seed).choice(len(data), n, replace=n > len(data))
+    return _resize(data.x[pick], size).astype(np.float32)

@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded. ``digits`` is scikit-learn's bundled 8x8 digits;
 ``lfw-faces`` is scikit-image's bundled ``lfw_subset`` (100 face and 100 non-face 25x25
-patches: a person-detection task in the spirit of Visual Wake Words); the torchvision
+patches: a person-detection task in the spirit of Visual Wake Words); ``photos`` is 400 colour
+32x32 patches of scikit-learn's two bundled photos (which photo is the label); the torchvision
 sources read an existing local root with ``download=False`` and a missing root is a
 :class:`DataError`, not a traceback.
 """
@@ -62,6 +63,21 @@ def _lfw_faces(root: str) -> ImageSet:
     return ImageSet(x, y, 2, "lfw-faces")
 
 
+def _photos(root: str) -> ImageSet:
+    """32x32 colour patches of scikit-learn's two bundled photos on a regular 10 x 20 grid; the label says
+    which photo (0: the temple, 1: the flower): a small colour scene task that needs no download."""
+    from sklearn.datasets import load_sample_images
+
+    xs, ys = [], []
+    for label, im in enumerate(load_sample_images().images):
+        photo = np.asarray(im, np.float32) / 255.0
+        for r in np.linspace(0, photo.shape[0] - 32, 10).astype(int):
+            for c in np.linspace(0, photo.shape[1] - 32, 20).astype(int):
+                xs.append(photo[r:r + 32, c:c + 32].transpose(2, 0, 1))
+                ys.append(label)
+    return ImageSet(np.stack(xs), np.asarray(ys, np.int64), 2, "photos")
+
+
 def _torchvision(name: str, root: str) -> ImageSet:
     import torchvision
 
@@ -111,7 +127,7 @@ def _imagefolder(root: str) -> ImageSet:
     return ImageSet(np.stack(xs), np.asarray(ds.targets, np.int64), len(ds.classes), f"imagefolder:{root}")
 
 
-SOURCES = ("digits", "lfw-faces", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+SOURCES = ("digits", "lfw-faces", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -156,6 +172,8 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
         data = _digits(root)
     elif name == "lfw-faces":
         data = _lfw_faces(root)
+    elif name == "photos":
+        data = _photos(root)
     elif name in ("mnist", "fashion-mnist", "cifar10"):
         data = _torchvision(name, root)
     elif name == "imagefolder":
