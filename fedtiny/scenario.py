@@ -205,7 +205,9 @@ class AttackSection:
     enabled: bool = _key(False, "the server attacks chosen clients' updates at chosen rounds (results: privacy.json)")
     clients: tuple[int, ...] = _key((0,), "partition ids to attack", _each(_range(0)))
     rounds: tuple[int, ...] = _key((1,), "rounds in which to attack them", _each(_range(1)))
-    method: str = _key("ig", "dlg (L2, L-BFGS) or ig (cosine + TV, signed Adam)", _choice("dlg", "ig"))
+    method: str = _key("ig", "dlg (L2, L-BFGS), ig (cosine + TV, signed Adam) or rounding (int8 updates: distance "
+                       "outside each sent integer's rounding interval, in LSB, + TV; needs attack.unroll or one "
+                       "local step)", _choice("dlg", "ig", "rounding"))
     iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
     restarts: int = _key(4, "random starts per target, solved together; the best match is kept", _range(1, 64))
     unroll: bool = _key(True, "simulate the client's local steps exactly (costly); false: match one gradient "

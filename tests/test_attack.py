@@ -194,3 +194,21 @@ def test_faces_and_photos_presets_are_real_images_on_the_3_channel_tiny_ir():
     assert torch.equal(x, again)
     _, px, py = preset_targets("photos", 4)
     assert px.shape == (4, 3, 32, 32) and not torch.equal(px[:, 0], px[:, 1]) and py.max() < 10
+
+
+def test_rounding_objective_is_zero_inside_the_sent_integers_intervals_only():
+    """A change rounded to a grid of LSBs: the truth lies inside every interval, a random image does not."""
+    model, x = tiny(), digits(3)
+    y = torch.tensor([[0], [1], [2]])
+    threat = ThreatModel(observation="delta", local_steps=1, lr=0.5)
+    obs = observe(model, x, y, 10, threat)
+    lsb = {k: v.abs().amax(dim=0) / 8 + 1e-12 for k, (v, _) in obs.items()}  # a coarse grid: a few levels per element
+    rounded = {k: (torch.round(v / lsb[k]) * lsb[k], m) for k, (v, m) in obs.items()}
+    intervals = {k: (lsb[k], 0.5 * lsb[k] * (1 + 1e-4)) for k in obs}
+    f_and_grad = objective(model, rounded, threat, y, 10, AttackConfig(method="rounding", tv=0.0), intervals)
+    at_truth, _ = f_and_grad(x)
+    elsewhere, grad = f_and_grad(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(at_truth, torch.zeros(3), atol=1e-6)
+    assert bool((elsewhere > 1e-3).all()) and bool(grad.abs().sum() > 0)
+    with pytest.raises(Exception, match="rounding intervals"):
+        objective(model, rounded, threat, y, 10, AttackConfig(method="rounding"))

@@ -2,7 +2,11 @@
 
 ``dlg``: L2 distance of the simulated update to the observed one, L-BFGS (Zhu et al. 2019).
 ``ig``: Inverting Gradients (Geiping et al. 2020): 1 - cosine similarity plus total variation,
-Adam on signed gradients, box constraint, restarts. Labels by iDLG (Zhao et al. 2020) from the
+Adam on signed gradients, box constraint, restarts.
+``rounding``: for integer (int8) updates: each sent integer says the client's float change lay
+within its rounding interval; the loss is the squared distance outside those intervals, in LSB,
+plus total variation, with IG's optimizer. It needs the client's training simulated exactly
+(scale matters, unlike cosine). Labels by iDLG (Zhao et al. 2020) from the
 last layer's update, or given. Only the transmitted coordinates are matched (masked loss).
 """
 
@@ -20,14 +24,14 @@ from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import Observation, update_fn
 from fedtiny.errors import ScenarioError
 
-__all__ = ["AttackConfig", "idlg_labels", "match_cosine", "progress_printer", "reconstruct"]
+__all__ = ["AttackConfig", "Intervals", "idlg_labels", "match_cosine", "progress_printer", "reconstruct"]
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """How the attacker optimizes."""
 
-    method: str = "dlg"  # dlg | ig
+    method: str = "dlg"  # dlg | ig | rounding
     iterations: int = 300
     restarts: int = 1
     tv: float = 1e-4  # total-variation weight (ig)
@@ -80,9 +84,16 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
     return (dx + dy).flatten(1).sum(1)
 
 
+Intervals = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per tensor: (one LSB in real units, half-width of a sent value's rounding interval in real units)."""
+
+
 def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: torch.Tensor, num_classes: int,
-              cfg: AttackConfig) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+              cfg: AttackConfig, intervals: Intervals | None = None
+              ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``f_and_grad(x)`` for all targets: per-target matching loss and its gradient."""
+    if cfg.method == "rounding" and not intervals:
+        raise ScenarioError("the rounding-aware attack needs the rounding intervals of an integer update")
     params = dict(model.named_parameters())
     trainable = {k: params[k].detach() for k in obs}
     frozen = {k: v.detach() for k, v in params.items() if k not in trainable}
@@ -96,6 +107,9 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
         upd = simulate(trainable, x, soft if idx is None else soft[idx])
         if cfg.method == "dlg":
             f = sum((((upd[k] - v) * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
+        elif cfg.method == "rounding":
+            f = sum(((torch.relu((upd[k] - v).abs() - intervals[k][1]) / intervals[k][0] * m) ** 2).flatten(1).sum(1)
+                    for k, (v, m) in o.items()) + cfg.tv * _tv(x)
         else:
             dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in o.items())
             n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
@@ -133,8 +147,12 @@ def match_cosine(model: nn.Module, obs: Observation, threat: ThreatModel, x: tor
 
 def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: tuple[int, ...], num_classes: int,
                 cfg: AttackConfig, labels: torch.Tensor | None = None,
-                progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstruct every target's batch: returns images [B, b, C, H, W] and labels [B, b]."""
+                progress: Callable[[int, torch.Tensor], None] | None = None,
+                intervals: Intervals | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruct every target's batch: returns images [B, b, C, H, W] and labels [B, b].
+
+    ``intervals``: the rounding intervals of an integer update (method ``rounding``).
+    """
     first = next(iter(obs.values()))[0]
     n_targets, b = first.shape[0], threat.batch_size
     if labels is None:
@@ -142,18 +160,18 @@ def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: 
     # Restarts are solved together: R copies of every target in one vectorized problem.
     r = max(1, cfg.restarts)
     rep = {k: (v.repeat(r, *([1] * (v.dim() - 1))), m.repeat(r, *([1] * (m.dim() - 1)))) for k, (v, m) in obs.items()}
-    f_and_grad = objective(model, rep, threat, labels.repeat(r, 1), num_classes, cfg)
+    f_and_grad = objective(model, rep, threat, labels.repeat(r, 1), num_classes, cfg, intervals)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "dlg":
         x0 = torch.randn((r * n_targets, b, *shape), generator=gen) * 0.5 + 0.5
         x, f = batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
                              progress=progress)
-    elif cfg.method == "ig":
+    elif cfg.method in ("ig", "rounding"):
         x0 = torch.rand((r * n_targets, b, *shape), generator=gen)
         x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr,
                                    progress=progress)
     else:
-        raise ScenarioError(f"attack method: expected dlg or ig, got {cfg.method!r}")
+        raise ScenarioError(f"attack method: expected dlg, ig or rounding, got {cfg.method!r}")
     best = f.view(r, n_targets).argmin(0)  # each target's restart with the lowest matching loss
     x = x.view(r, n_targets, *x.shape[1:])[best, torch.arange(n_targets)]
     return x, labels

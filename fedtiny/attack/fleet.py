@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtiny.attack.attacks import AttackConfig, match_cosine, progress_printer, reconstruct
+from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
 from fedtiny.attack.metrics import score
 from fedtiny.attack.threat import ThreatModel
+from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
 
 __all__ = ["Observed", "ObservationRecorder", "attack_observed", "targets_of"]
@@ -66,6 +67,7 @@ class ObservationRecorder:
 
 
 def _attacker_model(task, state):
+    """The model the attacker differentiates, the conversion of changes to its units, and the int8 model (or None)."""
     from fedtiny.attack.surrogate import Surrogate, to_real_units
     from fedtiny.int8.graph import QModel
     from fedtiny.models.state import load_arrays
@@ -73,8 +75,52 @@ def _attacker_model(task, state):
     model = copy.deepcopy(task.model)
     load_arrays(model, state)
     if isinstance(model, QModel):
-        return Surrogate(model).eval(), lambda name, t: to_real_units(model, name, t)
-    return model.eval(), lambda name, t: t
+        return Surrogate(model).eval(), lambda name, t: to_real_units(model, name, t), model
+    return model.eval(), lambda name, t: t, None
+
+
+def _change_lsb(qmodel, obs, i: int) -> float | None:
+    """Mean |change| of target ``i``'s sent int8 weight elements, in LSB: how far above rounding its update is."""
+    from fedtiny.int8.graph import QConv, unit_scale
+
+    if qmodel is None:
+        return None
+    sizes = []
+    for name, (values, mask) in obs.items():
+        module = qmodel.get_submodule(name.rpartition(".")[0])
+        if name.endswith("weight") and isinstance(module, QConv):
+            unit = unit_scale(qmodel, name).float().expand(values.shape[1:])
+            sizes.append((values[i] / unit).abs()[mask[i]])
+    sent = torch.cat(sizes) if sizes else torch.zeros(0)
+    return float(sent.mean()) if len(sent) else 0.0
+
+
+def _intervals(task, qmodel, obs, steps: int) -> Intervals:
+    """Where the client's float change of each sent integer can have been (method ``rounding``).
+
+    Each local step rounds int8 weights stochastically (anywhere within one LSB) or to nearest
+    (half an LSB), biases to nearest; ``steps`` roundings add up. The sparse codec's int8 values
+    round once more, with a step of max|change| / 127 per tensor (the widest of the targets').
+    A float tensor (an fp32 head) is matched as it is.
+    """
+    from fedtiny.int8.graph import unit_scale
+
+    s = task.scenario
+    if qmodel is None:
+        raise ScenarioError("attack.method = rounding: the model is not int8 (nothing was rounded)")
+    out: Intervals = {}
+    for name, (values, _) in obs.items():
+        unit = unit_scale(qmodel, name).float().expand(values.shape[1:]).clone()
+        if bool((unit == 1).all()):
+            out[name] = (unit, torch.zeros_like(unit))
+            continue
+        per_step = 1.0 if name.endswith("weight") and s.train.weight_rounding == "stochastic" else 0.5
+        half = per_step * steps * unit
+        if s.compression.uplink == "sparse" and s.compression.values == "int8":
+            codec_step = float((values / unit).abs().amax()) / 127
+            half = half + 0.5 * codec_step * unit
+        out[name] = (unit, half)
+    return out
 
 
 def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = None) -> dict[str, Any]:
@@ -151,7 +197,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
     for (rnd, n), members in sorted(groups.items(), key=lambda g: g[0]):
         obs_list, data = [ob for ob, _ in members], [d for _, d in members]
         # All of a round's updates were computed from the same global model.
-        model, to_real = _attacker_model(task, obs_list[0]["state"])
+        model, to_real, qmodel = _attacker_model(task, obs_list[0]["state"])
         per = [_observation(task, ob, to_real) for ob in obs_list]
         obs = {k: (torch.stack([o[k][0] for o in per]), torch.stack([o[k][1] for o in per])) for k in per[0]}
         x = torch.stack([torch.from_numpy(d.x) for d in data])
@@ -166,11 +212,12 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         fidelity = match_cosine(model, obs, threat, x, y, num_classes)
         print(f"[fedtiny attack] round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
               f"{cfg.iterations} iterations x {cfg.restarts} starts", file=sys.stderr, flush=True)
+        intervals = _intervals(task, qmodel, obs, threat.local_steps) if cfg.method == "rounding" else None
         rec, lab = reconstruct(model, obs, threat, shape, num_classes,
                                AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,
                                             restarts=cfg.restarts),
                                labels=y if cfg.labels == "known" else None,
-                               progress=progress_printer(cfg.iterations))
+                               progress=progress_printer(cfg.iterations), intervals=intervals)
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
             results.append({"round": rnd, "partition_id": ob["partition_id"], "images": n, "local_steps": steps,
@@ -178,5 +225,6 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             else "client",
                             "mean_psnr_db": float(np.mean(sc["psnr"])), "mean_ssim": float(np.mean(sc["ssim"])),
                             "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
+                            "change_lsb": _change_lsb(qmodel, obs, i),
                             "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))
