@@ -30,13 +30,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ig-lenet-fedavg": {"threat": ThreatModel(observation="delta", local_steps=5, lr=0.1),
                         "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4), "classes": 100,
                         "model": "dlg-lenet", "images": "mixed"},
-    # DLG's setting on the data people worry about: faces (lfw_subset, 32x32, grey on 3 channels), the
-    # 3-channel tiny-ir (ReLU6, BatchNorm in eval mode) with its default initialization, face/non-face head.
-    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 2,
-              "model": "tiny-ir", "images": "faces"},
+    # DLG's setting (batch 1, the dense fp32 gradient, labels by iDLG) on the data people worry about:
+    # faces (lfw_subset, 32x32, grey on 3 channels) and the 3-channel tiny-ir (ReLU6, BatchNorm in eval
+    # mode, default initialization, face/non-face head). The attacker uses the stronger optimizer for
+    # ReLU networks: Inverting Gradients (4 targets, 300 iterations: 15.7 dB in 36 s; DLG's L2 with
+    # L-BFGS: 8.1 dB in 390 s, its line searches stall on the clamps).
+    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),
+              "classes": 2, "model": "tiny-ir", "images": "faces"},
     # The same on colour photo patches (32x32), 10 classes, random labels.
-    "photos": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 10,
-               "model": "tiny-ir", "images": "photos"},
+    "photos": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),
+               "classes": 10, "model": "tiny-ir", "images": "photos"},
 }
 
 
