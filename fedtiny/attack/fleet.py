@@ -103,7 +103,7 @@ def _intervals(task, qmodel, obs, steps: int) -> Intervals:
     round once more, with a step of max|change| / 127 per tensor (the widest of the targets').
     A float tensor (an fp32 head) is matched as it is.
     """
-    from fedtiny.int8.graph import unit_scale
+    from fedtiny.int8.graph import QConv, unit_scale
 
     s = task.scenario
     if qmodel is None:
@@ -111,7 +111,7 @@ def _intervals(task, qmodel, obs, steps: int) -> Intervals:
     out: Intervals = {}
     for name, (values, _) in obs.items():
         unit = unit_scale(qmodel, name).float().expand(values.shape[1:]).clone()
-        if bool((unit == 1).all()):
+        if not isinstance(qmodel.get_submodule(name.rpartition(".")[0]), QConv):
             out[name] = (unit, torch.zeros_like(unit))
             continue
         per_step = 1.0 if name.endswith("weight") and s.train.weight_rounding == "stochastic" else 0.5

@@ -39,7 +39,6 @@ def dlg_lenet(num_classes: int = 100, seed: int = 0) -> DLGLeNet:
 def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """``n`` real RGB images in [0, 1], N x 3 x size x size: scikit-learn digits upsampled (grey) and
     patches cut from the colour photos bundled with scikit-learn, alternating, seeded."""
-    import torch.nn.functional as F
     from sklearn.datasets import load_digits, load_sample_images
 
     rng = np.random.default_rng(seed)
@@ -49,18 +48,12 @@ def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     pick = rng.permutation(len(digits))
     for i in range(n):
         if i % 2 == 0:
-            d = torch.from_numpy(digits[pick[(i // 2) % len(digits)]])[None, None]
-            up = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-            out[i] = np.clip(up, 0, 1)[None].repeat(3, 0)
+            out[i] = _resize(digits[pick[(i // 2) % len(digits)]][None, None], size)[0].repeat(3, 0)
         else:
-            out[i] = _patch(photos[(i // 2) % len(photos)], size, rng)
+            photo = photos[(i // 2) % len(photos)]
+            r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+            out[i] = photo[r:r + size, c:c + size].transpose(2, 0, 1)
     return out
-
-
-def _patch(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``size`` x ``size`` patch of an H x W x 3 photo at a seeded place, as 3 x size x size."""
-    r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-    return photo[r:r + size, c:c + size].transpose(2, 0, 1)
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:

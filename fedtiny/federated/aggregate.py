@@ -10,7 +10,7 @@ import numpy as np
 from fedtiny.compress.uplink import Decoded
 from fedtiny.errors import UpdateError
 from fedtiny.models.state import to_wire
-from fedtiny.privacy.dp import add_noise, clip_change
+from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
 
 if TYPE_CHECKING:
     from fedtiny.federated.task import Task
@@ -97,10 +97,7 @@ def central_dp(task: "Task", server_round: int, sampled: int) -> CentralDP | Non
     if p.dp != "central":
         return None
     return CentralDP(p.clip_norm, p.noise_multiplier * p.clip_norm, max(1, sampled), task.units,
-                     np.random.default_rng((s.run.seed, server_round, _DP_STREAM)))
-
-
-_DP_STREAM = 0xD9  # the central noise's random stream, apart from sampling's
+                     np.random.default_rng((s.run.seed, server_round, DP_STREAM)))
 
 
 def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decoded], shapes: dict[str, tuple[int, ...]],

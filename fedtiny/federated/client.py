@@ -25,7 +25,7 @@ from fedtiny.federated.task import Task, client_profile, client_radio, limit_thr
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.models.state import to_wire
-from fedtiny.privacy.dp import add_noise, clip_change
+from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
 from fedtiny.scenario import Scenario, scenario_from_json
 
 __all__ = ["LocalResult", "local_round", "privatize", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
@@ -123,7 +123,7 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
     if scenario.privacy.dp == "local":
         trained = privatize(task, trained, received, np.random.default_rng((scenario.run.seed, server_round,
-                                                                            partition_id, _DP_STREAM)))
+                                                                            partition_id, DP_STREAM)))
     if partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
         trained = poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
         if task.uplink.kind == DENSE:
@@ -135,9 +135,6 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     examples = fit.num_examples if max_steps is None else min(fit.num_examples, fit.samples)
     return LocalResult(update, examples, fit.loss, fit.accuracy, test_acc, fit.steps, macs=(fwd + bwd) * fit.samples,
                        compute_s=cost.compute_s, radio_s=cost.radio_s, energy_mj=cost.energy_mj, **facts), state
-
-
-_DP_STREAM = 0xD9  # keeps the DP noise's random stream apart from training's
 
 
 def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np.ndarray],

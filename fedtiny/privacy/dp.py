@@ -28,9 +28,11 @@ import math
 
 import numpy as np
 
-__all__ = ["clip_change", "add_noise", "gaussian_epsilon", "dp_epsilon", "noise_for_epsilon", "DP_MODES"]
+__all__ = ["clip_change", "add_noise", "gaussian_epsilon", "dp_epsilon", "noise_for_epsilon", "DP_MODES",
+           "DP_STREAM"]
 
 DP_MODES = ("none", "local", "central")
+DP_STREAM = 0xD9  # the noise's random stream, kept apart from training's and sampling's
 
 
 def clip_change(values: dict[str, np.ndarray], units: dict[str, np.ndarray], clip_norm: float
