@@ -217,7 +217,8 @@ class AttackSection:
     max_images: int = _key(8, "attack clients holding at most this many training images", _range(1, 4096))
     observe: str = _key("client", "what the attacker sees: client (each targeted client's decoded update) or "
                         "aggregate (only the round's combined change over every accepted client, as behind secure "
-                        "aggregation; attack.clients is then ignored)", _choice("client", "aggregate"))
+                        "aggregation; attack.clients is then ignored) or both (each scored apart: privacy_* and "
+                        "privacy_aggregate_* in summary.json)", _choice("client", "aggregate", "both"))
 
 
 FAULT_KINDS = ("crash", "garbage", "truncated", "stale", "bad_count")

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.serverapp import Grid, ServerApp
 
 from clients.wire import bytes_record, record_bytes
-from fedtiny.attack.fleet import ObservationRecorder, attack_observed
+from fedtiny.attack.fleet import ObservationRecorder, attack_observed, privacy_figures
 from fedtiny.compress.dense import pack_dense, unpack_dense
 from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import GlobalModel
@@ -124,9 +124,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, *, state_dir: str 
     if recorder.observed:
         log.note(f"attacking {len(recorder.observed)} observed update(s) ({scenario.attack.method})")
         report = attack_observed(task, recorder.observed, scenario.attack, run_dir)
-        privacy = {"privacy_mean_psnr_db": report["mean_psnr_db"], "privacy_mean_ssim": report["mean_ssim"],
-                   "privacy_label_accuracy": report["label_accuracy"],
-                   "privacy_match_cosine": report["match_cosine_at_truth"]}
+        privacy = privacy_figures(report)
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",

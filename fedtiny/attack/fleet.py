@@ -26,7 +26,7 @@ from fedtiny.attack.threat import ThreatModel
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
 
-__all__ = ["Observed", "ObservationRecorder", "attack_observed", "targets_of"]
+__all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "targets_of"]
 
 Observed = dict[str, Any]  # round, partition_id, changes {name: (idx, values)}, state {name: array}
 
@@ -42,24 +42,26 @@ class ObservationRecorder:
     For each targeted client accepted in a targeted round it keeps the decoded change
     and the global state the client received: what the attacker works from. With
     ``attack.observe = "aggregate"`` it keeps only the round's combined change (and which
-    clients it combines, to score the attack), never a client's own.
+    clients it combines, to score the attack), never a client's own; ``"both"`` keeps both
+    kinds, which the report scores apart.
     """
 
     def __init__(self, cfg) -> None:
         self.ids, self.rounds = targets_of(cfg) if cfg.enabled else (set(), set())
-        self.aggregate = cfg.observe == "aggregate"
+        self.aggregate = cfg.observe in ("aggregate", "both")
+        self.clients = cfg.observe in ("client", "both")
         self.observed: list[Observed] = []
 
     def __call__(self, outcome: RoundOutcome) -> None:
         if outcome.server_round not in self.rounds:
             return
-        if self.aggregate:
-            if outcome.aggregate is not None:
-                self.observed.append({"round": outcome.server_round, "partition_id": min(outcome.accepted),
-                                      "members": sorted(outcome.accepted),
-                                      "changes": {k: (np.arange(v.size), v.ravel().copy())
-                                                  for k, v in outcome.aggregate.items()},
-                                      "state": {k: v.copy() for k, v in outcome.sent.items()}})
+        if self.aggregate and outcome.aggregate is not None:
+            self.observed.append({"round": outcome.server_round, "partition_id": min(outcome.accepted),
+                                  "members": sorted(outcome.accepted),
+                                  "changes": {k: (np.arange(v.size), v.ravel().copy())
+                                              for k, v in outcome.aggregate.items()},
+                                  "state": {k: v.copy() for k, v in outcome.sent.items()}})
+        if not self.clients:
             return
         for pid in sorted(self.ids & set(outcome.accepted)):
             self.observed.append({"round": outcome.server_round, "partition_id": pid, "changes": outcome.change(pid),
@@ -79,18 +81,30 @@ def _attacker_model(task, state):
     return model.eval(), lambda name, t: t, None
 
 
-def _change_lsb(qmodel, obs, i: int) -> float | None:
-    """Mean |change| of target ``i``'s sent int8 weight elements, in LSB: how far above rounding its update is."""
+def _change_lsb(model, qmodel, obs, i: int) -> float:
+    """Mean |change| of target ``i``'s sent weight elements, in LSB: how far above rounding its update is.
+
+    An int8 model's LSB is its weight's real unit; an fp32 model's is the one symmetric
+    per-channel int8 quantization would give it (max|w| / 127 per output channel), so fp32
+    and int8 updates sit on one axis.
+    """
     from fedtiny.int8.graph import QConv, unit_scale
 
-    if qmodel is None:
-        return None
     sizes = []
     for name, (values, mask) in obs.items():
-        module = qmodel.get_submodule(name.rpartition(".")[0])
-        if name.endswith("weight") and isinstance(module, QConv):
+        module = (qmodel or model).get_submodule(name.rpartition(".")[0])
+        if not name.endswith("weight"):
+            continue
+        if qmodel is not None:
+            if not isinstance(module, QConv):
+                continue
             unit = unit_scale(qmodel, name).float().expand(values.shape[1:])
-            sizes.append((values[i] / unit).abs()[mask[i]])
+        elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = module.weight.detach()
+            unit = (w.abs().flatten(1).amax(1) / 127).clamp_min(1e-12).view(-1, *([1] * (w.dim() - 1))).expand_as(w)
+        else:
+            continue
+        sizes.append((values[i] / unit).abs()[mask[i]])
     sent = torch.cat(sizes) if sizes else torch.zeros(0)
     return float(sent.mean()) if len(sent) else 0.0
 
@@ -134,11 +148,11 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     finally:
         torch.set_num_threads(threads)
     done = [r for r in results if "mean_psnr_db" in r]
-    report = {"attacks": results, "method": cfg.method, "labels": cfg.labels,
-              "mean_psnr_db": float(np.mean([r["mean_psnr_db"] for r in done])) if done else None,
-              "mean_ssim": float(np.mean([r["mean_ssim"] for r in done])) if done else None,
-              "label_accuracy": float(np.mean([r["label_accuracy"] for r in done])) if done else None,
-              "match_cosine_at_truth": float(np.mean([r["match_cosine_at_truth"] for r in done])) if done else None,
+    per_client = [r for r in done if r["observed"] == "client"]
+    combined = [r for r in done if r["observed"] != "client"]
+    # Top level: each client's own update when the server saw them, else the aggregate.
+    report = {"attacks": results, "method": cfg.method, "labels": cfg.labels, **_means(per_client or combined),
+              "aggregate": _means(combined) if combined else None,
               "restarts": cfg.restarts, "iterations": cfg.iterations, "unroll": cfg.unroll}
     if run_dir is not None:
         import json
@@ -151,6 +165,26 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
             r = np.concatenate([g[1] for g in grids])
             plot_grid(t, r, [p for g in grids for p in g[2]], Path(run_dir) / "reconstructions.png")
     return report
+
+
+_REPORTED = ("mean_psnr_db", "mean_ssim", "label_accuracy", "match_cosine_at_truth", "change_lsb")
+
+
+def _means(done: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The report's figures: means over the attacked observations (None when nothing was attacked)."""
+    return {k: float(np.mean([r[k] for r in done])) if done and all(r.get(k) is not None for r in done) else None
+            for k in _REPORTED}
+
+
+def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
+    """``summary.json``'s privacy figures: ``privacy_*`` from the top level, ``privacy_aggregate_*`` when an
+    aggregate was attacked besides or instead of the clients."""
+    short = {"mean_psnr_db": "mean_psnr_db", "mean_ssim": "mean_ssim", "label_accuracy": "label_accuracy",
+             "match_cosine_at_truth": "match_cosine", "change_lsb": "change_lsb"}
+    out = {f"privacy_{v}": report[k] for k, v in short.items()}
+    if report.get("aggregate"):
+        out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
+    return out
 
 
 def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -225,6 +259,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             else "client",
                             "mean_psnr_db": float(np.mean(sc["psnr"])), "mean_ssim": float(np.mean(sc["ssim"])),
                             "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
-                            "change_lsb": _change_lsb(qmodel, obs, i),
+                            "change_lsb": _change_lsb(model, qmodel, obs, i),
+                            "change_l2": float(sum(float((v[i] * m[i]).square().sum()) for v, m in obs.values())) ** 0.5,
                             "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))

@@ -159,21 +159,49 @@ def plot_memory(report, path) -> Path:
 
 
 def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """Markdown table of leakage and cost per method of a sweep."""
-    head = ("| method | PSNR (dB) | SSIM | label acc. | match cos. at truth | uplink bytes | final accuracy |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows = []
+    """Markdown table of leakage and cost per method of a sweep (mean ± 95% half-interval over seeds).
+
+    Columns for the aggregate observer appear when some method attacked an aggregate, and
+    epsilon when some method ran with differential privacy.
+    """
+    from fedtiny.report.sweep import pm
+
+    agg = any(s.get("privacy_aggregate_mean_psnr_db") is not None for s in summaries.values())
+    dp = any(s.get("dp_epsilon") is not None for s in summaries.values())
+    cols = ["PSNR (dB)", "SSIM", "label acc.", "match cos. at truth", "change (LSB)"]
+    cols += ["aggregate PSNR (dB)", "aggregate SSIM", "aggregate label acc."] if agg else []
+    cols += ["final accuracy", "uplink bytes", "peak SRAM"] + (["epsilon"] if dp else [])
+    lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, s in summaries.items():
-        psnr, ssim, lab = s.get("privacy_mean_psnr_db"), s.get("privacy_mean_ssim"), s.get("privacy_label_accuracy")
-        cos = s.get("privacy_match_cosine")
-        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-        rows.append(f"| {name} | {fmt(psnr, '.2f')} | {fmt(ssim, '.3f')} | {fmt(lab, '.2f')} | {fmt(cos, '.3f')} | "
-                    f"{s['uplink_bytes_total']:,} | {s['final_accuracy']:.4f} |")
-    return "\n".join([head, *rows])
+        cells = [pm(s, "privacy_mean_psnr_db", ".2f"), pm(s, "privacy_mean_ssim", ".3f"),
+                 pm(s, "privacy_label_accuracy", ".2f"), pm(s, "privacy_match_cosine", ".3f"),
+                 pm(s, "privacy_change_lsb", ".3g")]
+        if agg:
+            cells += [pm(s, "privacy_aggregate_mean_psnr_db", ".2f"), pm(s, "privacy_aggregate_mean_ssim", ".3f"),
+                      pm(s, "privacy_aggregate_label_accuracy", ".2f")]
+        cells += [pm(s, "final_accuracy"), f"{int(s['uplink_bytes_total']):,}", f"{int(s.get('peak_sram_bytes_max', 0)):,}" if s.get("peak_sram_bytes_max") else "-"]
+        if dp:
+            cells.append("inf (no DP)" if s.get("dp_epsilon") is None else format(s["dp_epsilon"], ".3g"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = max(len(s.get("seeds", [])) or 1 for s in summaries.values())
+    if seeds > 1:
+        lines.append(f"\nMean over {seeds} seeds ± half-width of the 95% interval of the mean.")
+    return "\n".join(lines)
 
 
-def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Reconstruction PSNR against total uplink bytes, one point per method."""
+PRIVACY_PLOTS = {  # file: (x figure, x label, log x)
+    "psnr_vs_uplink.png": ("uplink_bytes_total", "uplink bytes (total)", True),
+    "psnr_vs_accuracy.png": ("final_accuracy", "final accuracy of the federation", False),
+    "psnr_vs_lsb.png": ("privacy_change_lsb", "mean |sent weight change| in LSB (fp32: per-channel max|w|/127)", True),
+}
+
+
+def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = "uplink_bytes_total",
+                 xlabel: str = "uplink bytes (total)", logx: bool = True) -> Path:
+    """Reconstruction PSNR against one of the run's figures, a point per method with its seeds' interval.
+
+    fp32 methods are drawn hollow, int8 filled, so the precision reads at a glance.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,16 +209,27 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
-    points = [(n, s) for n, s in summaries.items() if s.get("privacy_mean_psnr_db") is not None]
+    points = [(n, s) for n, s in summaries.items()
+              if s.get("privacy_mean_psnr_db") is not None and s.get(x_key) is not None]
+
+    def err(s, key):
+        if f"{key}_ci95" not in s:
+            return None
+        lo, hi = s[f"{key}_ci95"]
+        return [[s[key] - lo], [hi - s[key]]]
+
     for i, (name, s) in enumerate(points):  # a legend, not labels: nearby points would overlap
-        ax.scatter(s["uplink_bytes_total"], s["privacy_mean_psnr_db"], color=colors[i % 20],
-                   marker=markers[i % len(markers)], label=name)  # 40 distinct pairs
+        c = colors[i % 20]
+        ax.errorbar(s[x_key], s["privacy_mean_psnr_db"], yerr=err(s, "privacy_mean_psnr_db"), xerr=err(s, x_key),
+                    color=c, marker=markers[i % len(markers)], mfc="none" if s.get("precision") == "fp32" else c,
+                    linestyle="none", capsize=2, label=name)
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(points) <= 25 else 2)
-    ax.set_xscale("log")
-    ax.set_xlabel("uplink bytes (total)")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("reconstruction PSNR (dB)")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title("leakage vs bytes sent")
+    ax.set_title("leakage vs " + xlabel.split(" (")[0])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

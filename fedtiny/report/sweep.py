@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["combine_seeds", "sweep_table", "paired_table", "interval95", "MEAN_KEYS"]
+__all__ = ["combine_seeds", "sweep_table", "paired_table", "interval95", "pm", "MEAN_KEYS"]
 
 MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_bytes_total", "downlink_bytes_total",
              "wall_time_s", "refused_clients_total", "rejected_updates_total", "privacy_mean_psnr_db",
-             "privacy_mean_ssim", "privacy_label_accuracy")
+             "privacy_mean_ssim", "privacy_label_accuracy", "privacy_match_cosine", "privacy_change_lsb",
+             "privacy_aggregate_mean_psnr_db", "privacy_aggregate_mean_ssim", "privacy_aggregate_label_accuracy",
+             "privacy_aggregate_match_cosine", "privacy_aggregate_change_lsb", "dp_epsilon")
 
 
 def interval95(values) -> tuple[float, float]:
@@ -56,14 +58,14 @@ def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                           if d in r.get("schemes_by_device", {})})
                                 for d in runs[0].get("schemes_by_device", {})}
     for key in ("num_clients", "rounds", "clients_per_round", "name", "uplink_ratio_vs_dense_fp32",
-                "uplink_ratio_vs_dense_int8", "uplink_bytes_per_upload"):
+                "uplink_ratio_vs_dense_int8", "uplink_bytes_per_upload", "precision", "dp", "dp_delta"):
         out[key] = runs[0].get(key)
     return out
 
 
-def _pm(s: dict[str, Any], key: str, fmt: str = ".4f") -> str:
+def pm(s: dict[str, Any], key: str, fmt: str = ".4f") -> str:
     """``mean ± half-width`` of the 95% interval (just the value for a single run)."""
-    if f"{key}_ci95" not in s:
+    if f"{key}_ci95" not in s or len(s.get("seeds", [])) < 2:
         return format(s[key], fmt) if s.get(key) is not None else "-"
     lo, hi = s[f"{key}_ci95"]
     return f"{s[key]:{fmt}} ± {(hi - lo) / 2:{fmt}}"
@@ -75,7 +77,7 @@ def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = ["| method | final accuracy | best | peak SRAM (max) | uplink bytes | refused | wall (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summaries.items():
-        lines.append(f"| {name} | {_pm(s, 'final_accuracy')} | {_pm(s, 'best_accuracy')} | "
+        lines.append(f"| {name} | {pm(s, 'final_accuracy')} | {pm(s, 'best_accuracy')} | "
                      f"{int(s.get('peak_sram_bytes_max', 0)):,} | {int(s['uplink_bytes_total']):,} | "
                      f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |")
     n = max(seeds)

@@ -163,11 +163,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.report.plots import plot_privacy, privacy_table
+        from fedtiny.report.plots import PRIVACY_PLOTS, plot_privacy, privacy_table
 
         table = privacy_table(summaries)
         (run_dir / "privacy_table.md").write_text(table + "\n")
-        plot_privacy(summaries, run_dir / "psnr_vs_uplink.png")
+        for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
+            plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
         print("\n" + table)
     if args.json:
         print(json.dumps(summaries, sort_keys=True))
