@@ -142,7 +142,7 @@ def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_
 
     attack = ["attack.enabled=true", "attack.clients=[0, 1, 2, 3]", "attack.rounds=[1]"]
     seen = {}
-    for mode in ("client", "aggregate"):
+    for mode in ("client", "aggregate", "both"):
         scenario = load_scenario(QUICKSTART, parse_overrides([*attack, f'attack.observe="{mode}"']))
         seen[mode] = ObservationRecorder(scenario.attack)
         outcomes = []
@@ -150,6 +150,10 @@ def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_
                                              on_round=[seen[mode], outcomes.append])
     client, aggregate = seen["client"].observed, seen["aggregate"].observed
     assert [o["partition_id"] for o in client] == [0, 1, 2, 3]
+    # "both" keeps the same two kinds of observation, told apart by the aggregate's members
+    both = seen["both"].observed
+    assert [o["partition_id"] for o in both if "members" not in o] == [0, 1, 2, 3]
+    assert [o["members"] for o in both if "members" in o] == [[0, 1, 2, 3]]
     (ob,) = aggregate  # one observation for the round, no client's own change
     assert ob["members"] == [0, 1, 2, 3] and set(ob) == {"round", "partition_id", "members", "changes", "state"}
     # what it holds is the example-weighted mean of the four decoded changes, i.e. what the global model moved by
@@ -163,3 +167,33 @@ def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_
         view = task.slices[name]
         np.testing.assert_allclose(values[view], expected[view] / sum(weights.values()), rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(values, outcome.aggregate[name].ravel())
+
+
+def test_the_privacy_report_scores_client_and_aggregate_observations_apart():
+    from fedtiny.attack.fleet import _means, privacy_figures
+
+    attacks = [{"observed": "client", "mean_psnr_db": 20.0, "mean_ssim": 0.5, "label_accuracy": 1.0,
+                "match_cosine_at_truth": 1.0, "change_lsb": 0.1},
+               {"observed": "client", "mean_psnr_db": 10.0, "mean_ssim": 0.1, "label_accuracy": 0.0,
+                "match_cosine_at_truth": 0.5, "change_lsb": 0.3},
+               {"observed": "aggregate of 0,1", "mean_psnr_db": 6.0, "mean_ssim": 0.0, "label_accuracy": 0.5,
+                "match_cosine_at_truth": 0.9, "change_lsb": 0.2}]
+    report = {**_means(attacks[:2]), "aggregate": _means(attacks[2:])}
+    figures = privacy_figures(report)
+    assert figures["privacy_mean_psnr_db"] == 15.0 and figures["privacy_label_accuracy"] == 0.5
+    assert figures["privacy_aggregate_mean_psnr_db"] == 6.0 and figures["privacy_aggregate_change_lsb"] == 0.2
+    assert "privacy_aggregate_mean_psnr_db" not in privacy_figures({**_means(attacks[:2]), "aggregate": None})
+
+
+def test_fp32_changes_are_measured_in_the_lsb_int8_would_give_them():
+    import torch
+
+    from fedtiny.attack.fleet import _change_lsb
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.27, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -2.54]]))
+    # one LSB per row: 0.01 and 0.02; a change of 0.02 in row 0 is 2 LSB, of 0.02 in row 1 is 1 LSB
+    change = torch.tensor([[[0.02, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.02]]])
+    mask = torch.tensor([[[True, False, False, False], [False, False, False, True]]])
+    assert abs(_change_lsb(model, None, {"0.weight": (change, mask)}, 0) - 1.5) < 1e-6
