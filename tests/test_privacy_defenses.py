@@ -197,3 +197,28 @@ def test_fp32_changes_are_measured_in_the_lsb_int8_would_give_them():
     change = torch.tensor([[[0.02, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.02]]])
     mask = torch.tensor([[[True, False, False, False], [False, False, False, True]]])
     assert abs(_change_lsb(model, None, {"0.weight": (change, mask)}, 0) - 1.5) < 1e-6
+
+
+def test_the_privacy_table_carries_seeds_intervals_aggregate_columns_and_epsilon(tmp_path):
+    from fedtiny.report.plots import PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_table
+    from fedtiny.report.sweep import combine_seeds
+
+    def run(seed, psnr, eps):
+        return {"seed": seed, "final_accuracy": 0.9 + seed / 100, "uplink_bytes_total": 1000, "wall_time_s": 1.0,
+                "peak_sram_bytes_max": 4096, "privacy_mean_psnr_db": psnr + seed, "privacy_mean_ssim": 0.5,
+                "privacy_label_accuracy": 1.0, "privacy_match_cosine": 1.0, "privacy_change_lsb": 0.1,
+                "privacy_aggregate_mean_psnr_db": 6.0 + seed, "dp_epsilon": eps, "precision": "int8"}
+
+    summaries = {"plain": combine_seeds([run(s, 20.0, None) for s in range(3)]),
+                 "dp": combine_seeds([run(s, 6.0, 7.97) for s in range(3)])}
+    table = privacy_table(summaries).splitlines()
+    assert "aggregate PSNR (dB)" in table[0] and table[0].rstrip(" |").endswith("epsilon")
+    plain, dp = table[2], table[3]
+    # mean 21 over seeds 20, 21, 22; half-width t(0.975, 2) * 1 / sqrt(3) = 2.48
+    assert "| 21.00 ± 2.48 |" in plain and "| 7.00 ± 2.48 |" in plain and plain.endswith("| inf (no DP) |")
+    assert dp.endswith("| 7.97 |") and "4,096" in dp and "Mean over 3 seeds" in table[-1]
+    for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
+        assert plot_privacy(summaries, tmp_path / file, x_key, xlabel, logx).stat().st_size > 0
+    attacks = [{"observed": "client", "change_lsb": 0.5, "mean_psnr_db": 7.0}]
+    assert plot_attacks_vs_lsb({"plain": [{"attacks": attacks}]}, {"plain": "int8"},
+                               tmp_path / "lsb.png").stat().st_size > 0

@@ -35,7 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mode, default initialization, face/non-face head). The attacker uses the stronger optimizer for
     # ReLU networks: Inverting Gradients (4 targets, 300 iterations: 15.7 dB in 36 s; DLG's L2 with
     # L-BFGS: 8.1 dB in 390 s, its line searches stall on the clamps).
-    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),
+    # Total variation 1e-2, not IG's 1e-4: on 4 faces (300 iterations) 16.8 dB against 15.7.
+    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-2, restarts=2),
               "classes": 2, "model": "tiny-ir", "images": "faces"},
     # The same on colour photo patches (32x32), 10 classes, random labels.
     "photos": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),

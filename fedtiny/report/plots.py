@@ -192,8 +192,42 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
 PRIVACY_PLOTS = {  # file: (x figure, x label, log x)
     "psnr_vs_uplink.png": ("uplink_bytes_total", "uplink bytes (total)", True),
     "psnr_vs_accuracy.png": ("final_accuracy", "final accuracy of the federation", False),
-    "psnr_vs_lsb.png": ("privacy_change_lsb", "mean |sent weight change| in LSB (fp32: per-channel max|w|/127)", True),
 }
+
+
+def plot_attacks_vs_lsb(reports: dict[str, list[dict[str, Any]]], precision: dict[str, str], path: Path) -> Path:
+    """Every attacked update's PSNR against the size of what it sent, in LSB: one point per attack.
+
+    ``reports``: method -> its runs' ``privacy.json`` (one per seed). The x axis is the mean
+    |sent weight change| in LSB (an fp32 model's LSB is the one per-channel int8 quantization would
+    give it), so fp32 (hollow) and int8 (filled) updates of one size sit together: where int8's
+    points stay at a random image's PSNR while fp32's climb, rounding is what protects.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
+    for i, (name, runs) in enumerate(reports.items()):
+        pts = [(a["change_lsb"], a["mean_psnr_db"]) for rep in runs for a in rep.get("attacks", [])
+               if a.get("mean_psnr_db") is not None and a.get("change_lsb") and a.get("observed") == "client"]
+        if not pts:
+            continue
+        c = colors[i % 20]
+        ax.scatter(*zip(*pts), s=18, color=c, marker=markers[i % len(markers)], label=name,
+                   facecolors="none" if precision.get(name) == "fp32" else c)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xscale("log")
+    ax.set_xlabel("mean |sent weight change| in LSB (fp32: per-channel max|w| / 127)")
+    ax.set_ylabel("reconstruction PSNR (dB)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("leakage vs the update's size in LSB (one point per attacked client)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = "uplink_bytes_total",

@@ -163,12 +163,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.report.plots import PRIVACY_PLOTS, plot_privacy, privacy_table
+        from fedtiny.report.plots import PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_table
 
         table = privacy_table(summaries)
         (run_dir / "privacy_table.md").write_text(table + "\n")
         for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
             plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
+        reports = {name: [json.loads(p.read_text()) for p in sorted((run_dir / name).glob("**/privacy.json"))]
+                   for name in summaries}
+        plot_attacks_vs_lsb(reports, {n: s.get("precision", "") for n, s in summaries.items()},
+                            run_dir / "psnr_vs_lsb.png")
         print("\n" + table)
     if args.json:
         print(json.dumps(summaries, sort_keys=True))
