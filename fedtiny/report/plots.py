@@ -189,6 +189,43 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
+                         accuracy: dict[str, list[dict[int, float]]] | None = None) -> str:
+    """Markdown: each method's client attacks split by the round they were made in.
+
+    ``reports``: method -> its runs' ``privacy.json`` (one per seed); ``accuracy``: method -> per
+    seed, round -> global accuracy. A row is one (method, round): the accuracy of the model the
+    clients received (the global model after the previous round), the mean |sent change| in LSB,
+    the match cosine at the truth, PSNR, SSIM and label accuracy; each the mean over the round's
+    attacked clients of one seed, then the mean ± half-width of the 95% interval over seeds.
+    """
+    from fedtiny.report.sweep import interval95
+
+    def cell(values: list[float], fmt: str) -> str:
+        if not values:
+            return "-"
+        lo, hi = interval95(values)
+        mean = float(np.mean(values))
+        return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
+
+    keys = (("change_lsb", ".3g"), ("match_cosine_at_truth", ".3f"), ("mean_psnr_db", ".2f"),
+            ("mean_ssim", ".3f"), ("label_accuracy", ".2f"))
+    cols = ["received model's accuracy", "change (LSB)", "match cos. at truth", "PSNR (dB)", "SSIM", "label acc."]
+    lines = ["| method | round | " + " | ".join(cols) + " |", "| --- | ---: |" + " ---: |" * len(cols)]
+    for name, runs in reports.items():
+        rounds = sorted({a["round"] for rep in runs for a in rep.get("attacks", []) if a.get("observed") == "client"})
+        for r in rounds:
+            per_seed = [[a for a in rep.get("attacks", []) if a.get("observed") == "client" and a["round"] == r
+                         and a.get("mean_psnr_db") is not None] for rep in runs]
+            per_seed = [atk for atk in per_seed if atk]
+            accs = [seed_acc[r - 1] for seed_acc in (accuracy or {}).get(name, []) if r - 1 in seed_acc]
+            cells = [cell(accs, ".4f")]
+            cells += [cell([float(np.mean([a[k] for a in atk])) for atk in per_seed
+                            if all(a.get(k) is not None for a in atk)], fmt) for k, fmt in keys]
+            lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 PRIVACY_PLOTS = {  # file: (x figure, x label, log x)
     "psnr_vs_uplink.png": ("uplink_bytes_total", "uplink bytes (total)", True),
     "psnr_vs_accuracy.png": ("final_accuracy", "final accuracy of the federation", False),

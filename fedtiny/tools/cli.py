@@ -163,7 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.report.plots import PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_table
+        from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_rounds_table,
+                                          privacy_table)
 
         table = privacy_table(summaries)
         (run_dir / "privacy_table.md").write_text(table + "\n")
@@ -173,6 +174,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                    for name in summaries}
         plot_attacks_vs_lsb(reports, {n: s.get("precision", "") for n, s in summaries.items()},
                             run_dir / "psnr_vs_lsb.png")
+        if any(len({a["round"] for rep in runs for a in rep.get("attacks", [])}) > 1 for runs in reports.values()):
+            accuracy = {name: [{r["round"]: r["global_accuracy"] for r in records if "global_accuracy" in r}
+                               for records in seed_records(name, s)] for name, s in summaries.items()}
+            (run_dir / "privacy_rounds.md").write_text(privacy_rounds_table(reports, accuracy) + "\n")
         print("\n" + table)
     if args.json:
         print(json.dumps(summaries, sort_keys=True))
