@@ -222,3 +222,25 @@ def test_the_privacy_table_carries_seeds_intervals_aggregate_columns_and_epsilon
     attacks = [{"observed": "client", "change_lsb": 0.5, "mean_psnr_db": 7.0}]
     assert plot_attacks_vs_lsb({"plain": [{"attacks": attacks}]}, {"plain": "int8"},
                                tmp_path / "lsb.png").stat().st_size > 0
+
+
+def test_the_rounds_table_splits_attacks_by_round_with_seed_intervals():
+    from fedtiny.report.plots import privacy_rounds_table
+
+    def attack(rnd, psnr, lsb, observed="client"):
+        return {"observed": observed, "round": rnd, "mean_psnr_db": psnr, "change_lsb": lsb,
+                "match_cosine_at_truth": 0.9, "mean_ssim": 0.5, "label_accuracy": 1.0}
+
+    # seed s: round 1 clients at 10+s and 12+s dB (mean 11+s), round 5 one client at 20+s dB;
+    # the aggregate's 99 dB must not count as a client's
+    reports = {"int8": [{"attacks": [attack(1, 10 + s, 1.0), attack(1, 12 + s, 3.0), attack(5, 20 + s, 0.5),
+                                     attack(1, 99.0, 9.0, observed="aggregate of 0,1")]} for s in range(3)]}
+    accuracy = {"int8": [{0: 0.8, 4: 0.5 + s / 10} for s in range(3)]}
+    rows = privacy_rounds_table(reports, accuracy).splitlines()
+    assert rows[0].startswith("| method | round | received model's accuracy | change (LSB)")
+    r1, r5 = rows[2], rows[3]
+    # round 1: mean over seeds of 11, 12, 13 = 12 ± t(0.975, 2) / sqrt(3) = 2.48; change 2 LSB every seed
+    assert r1.startswith("| int8 | 1 | 0.8000 ± 0.0000 | 2 ± 0 |") and "| 12.00 ± 2.48 |" in r1
+    # round 5 was attacked on the model after round 4: 0.5, 0.6, 0.7 -> 0.6 ± 0.248
+    assert r5.startswith("| int8 | 5 | 0.6000 ± 0.2484 | 0.5 ± 0 |") and "| 21.00 ± 2.48 |" in r5
+    assert len(rows) == 4
