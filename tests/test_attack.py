@@ -164,6 +164,9 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
     done = [a for a in report["attacks"] if "mean_psnr_db" in a]
     assert len(done) == 2 and all(np.isfinite(a["mean_psnr_db"]) and a["transmitted"] > 0 for a in done)
     assert all(-1.0 <= a["match_cosine_at_truth"] <= 1.0 for a in done)
+    # per image: PSNR, SSIM and the true label, aligned with each other
+    assert all(len(a["psnr_db"]) == len(a["ssim"]) == len(a["true_labels"]) == a["images"] for a in done)
+    assert all(0 <= lab < 10 for a in done for lab in a["true_labels"])
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["privacy_mean_psnr_db"] == pytest.approx(report["mean_psnr_db"])

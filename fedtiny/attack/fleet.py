@@ -261,5 +261,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
                             "change_lsb": _change_lsb(model, qmodel, obs, i),
                             "change_l2": float(sum(float((v[i] * m[i]).square().sum()) for v, m in obs.values())) ** 0.5,
-                            "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"]})
+                            "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"],
+                            # per image, in the order of psnr_db: which images (e.g. faces or not) leaked
+                            "ssim": sc["ssim"], "true_labels": data[i].y.tolist()})
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))
