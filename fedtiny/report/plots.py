@@ -226,6 +226,48 @@ def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
     return "\n".join(lines)
 
 
+LSB_BINS = (0.0, 0.01, 0.1, 0.3, 1.0, 3.0, float("inf"))
+REBUILT_DB = 20.0  # on 8x8 digits the attacks are all or nothing: rebuilt ones score 20-40 dB, failed ones 5-10
+
+
+def privacy_lsb_table(reports: dict[str, list[dict[str, Any]]], precision: dict[str, str]) -> str:
+    """Markdown: attacked client updates pooled by precision and by the size of what they sent, in LSB.
+
+    ``reports``: method -> its runs' ``privacy.json``, the i-th of every method from the same seed;
+    ``precision``: method -> the group it is pooled in (its precision, or e.g. ``"int8 + local DP"``).
+    Per (precision, LSB bin): the number of attacked updates, and per seed the mean PSNR and the
+    share rebuilt (PSNR >= :data:`REBUILT_DB`), then mean ± half-width of the 95% interval over the
+    seeds that have updates in that bin (a single seed's value is given alone).
+    """
+    from fedtiny.report.sweep import interval95
+
+    def cell(values: list[float], fmt: str) -> str:
+        lo, hi = interval95(values)
+        mean = float(np.mean(values))
+        return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
+
+    seeds = max((len(runs) for runs in reports.values()), default=0)
+    lines = ["| precision | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= "
+             f"{REBUILT_DB:g} dB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for prec in sorted({precision.get(n, "") for n in reports}):
+        for lo, hi in zip(LSB_BINS[:-1], LSB_BINS[1:]):
+            per_seed = []
+            for i in range(seeds):
+                psnrs = [a["mean_psnr_db"] for name, runs in reports.items() if precision.get(name, "") == prec
+                         and i < len(runs) for a in runs[i].get("attacks", [])
+                         if a.get("observed") == "client" and a.get("mean_psnr_db") is not None
+                         and a.get("change_lsb") is not None and lo <= a["change_lsb"] < hi]
+                if psnrs:
+                    per_seed.append(psnrs)
+            if not per_seed:
+                continue
+            span = f"< {hi:g}" if lo == 0 else (f">= {lo:g}" if hi == float("inf") else f"{lo:g} - {hi:g}")
+            lines.append(f"| {prec} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
+                         f"{cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
+                         f"{cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
+    return "\n".join(lines)
+
+
 PRIVACY_PLOTS = {  # file: (x figure, x label, log x)
     "psnr_vs_uplink.png": ("uplink_bytes_total", "uplink bytes (total)", True),
     "psnr_vs_accuracy.png": ("final_accuracy", "final accuracy of the federation", False),

@@ -147,9 +147,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtiny.report.plots import plot_methods
     from fedtiny.report.runlog import read_metrics
 
-    def seed_records(name: str, s: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    def seed_dirs(name: str, s: dict[str, Any]) -> list[Path]:
         base = run_dir / name if scenario.methods else run_dir
-        return [read_metrics(base / f"seed{seed}") for seed in s["seeds"]] if "seeds" in s else [read_metrics(base)]
+        return [base / f"seed{seed}" for seed in s["seeds"]] if "seeds" in s else [base]
+
+    def seed_records(name: str, s: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        return [read_metrics(d) for d in seed_dirs(name, s)]
 
     if not scenario.methods:
         from fedtiny.report.plots import plot_seeds
@@ -163,17 +166,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_rounds_table,
-                                          privacy_table)
+        from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_lsb_table,
+                                          privacy_rounds_table, privacy_table)
 
         table = privacy_table(summaries)
         (run_dir / "privacy_table.md").write_text(table + "\n")
         for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
             plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
-        reports = {name: [json.loads(p.read_text()) for p in sorted((run_dir / name).glob("**/privacy.json"))]
-                   for name in summaries}
-        plot_attacks_vs_lsb(reports, {n: s.get("precision", "") for n, s in summaries.items()},
-                            run_dir / "psnr_vs_lsb.png")
+        # one report per seed, in the same seed order for every method (privacy_lsb_table pairs them)
+        reports = {name: [json.loads((d / "privacy.json").read_text()) for d in seed_dirs(name, s)
+                          if (d / "privacy.json").exists()] for name, s in summaries.items()}
+        precisions = {n: s.get("precision", "") for n, s in summaries.items()}
+        plot_attacks_vs_lsb(reports, precisions, run_dir / "psnr_vs_lsb.png")
+        # DP noise makes a change large without carrying the gradient: pooled apart
+        groups = {n: precisions[n] + (f" + {s['dp']} DP" if s.get("dp", "none") != "none" else "")
+                  for n, s in summaries.items()}
+        (run_dir / "privacy_lsb.md").write_text(privacy_lsb_table(reports, groups) + "\n")
         if any(len({a["round"] for rep in runs for a in rep.get("attacks", [])}) > 1 for runs in reports.values()):
             accuracy = {name: [{r["round"]: r["global_accuracy"] for r in records if "global_accuracy" in r}
                                for records in seed_records(name, s)] for name, s in summaries.items()}
