@@ -189,6 +189,17 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seeds_cell(values: list[float], fmt: str) -> str:
+    """One figure over seeds: ``mean ± half-width`` of the 95% interval; the value alone for one seed."""
+    from fedtiny.report.sweep import interval95
+
+    if not values:
+        return "-"
+    lo, hi = interval95(values)
+    mean = float(np.mean(values))
+    return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
+
+
 def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
                          accuracy: dict[str, list[dict[int, float]]] | None = None) -> str:
     """Markdown: each method's client attacks split by the round they were made in.
@@ -199,15 +210,6 @@ def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
     the match cosine at the truth, PSNR, SSIM and label accuracy; each the mean over the round's
     attacked clients of one seed, then the mean ± half-width of the 95% interval over seeds.
     """
-    from fedtiny.report.sweep import interval95
-
-    def cell(values: list[float], fmt: str) -> str:
-        if not values:
-            return "-"
-        lo, hi = interval95(values)
-        mean = float(np.mean(values))
-        return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
-
     keys = (("change_lsb", ".3g"), ("match_cosine_at_truth", ".3f"), ("mean_psnr_db", ".2f"),
             ("mean_ssim", ".3f"), ("label_accuracy", ".2f"))
     cols = ["received model's accuracy", "change (LSB)", "match cos. at truth", "PSNR (dB)", "SSIM", "label acc."]
@@ -219,8 +221,8 @@ def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
                          and a.get("mean_psnr_db") is not None] for rep in runs]
             per_seed = [atk for atk in per_seed if atk]
             accs = [seed_acc[r - 1] for seed_acc in (accuracy or {}).get(name, []) if r - 1 in seed_acc]
-            cells = [cell(accs, ".4f")]
-            cells += [cell([float(np.mean([a[k] for a in atk])) for atk in per_seed
+            cells = [_seeds_cell(accs, ".4f")]
+            cells += [_seeds_cell([float(np.mean([a[k] for a in atk])) for atk in per_seed
                             if all(a.get(k) is not None for a in atk)], fmt) for k, fmt in keys]
             lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -239,13 +241,6 @@ def privacy_lsb_table(reports: dict[str, list[dict[str, Any]]], precision: dict[
     share rebuilt (PSNR >= :data:`REBUILT_DB`), then mean ± half-width of the 95% interval over the
     seeds that have updates in that bin (a single seed's value is given alone).
     """
-    from fedtiny.report.sweep import interval95
-
-    def cell(values: list[float], fmt: str) -> str:
-        lo, hi = interval95(values)
-        mean = float(np.mean(values))
-        return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
-
     seeds = max((len(runs) for runs in reports.values()), default=0)
     lines = ["| precision | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= "
              f"{REBUILT_DB:g} dB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -263,8 +258,8 @@ def privacy_lsb_table(reports: dict[str, list[dict[str, Any]]], precision: dict[
                 continue
             span = f"< {hi:g}" if lo == 0 else (f">= {lo:g}" if hi == float("inf") else f"{lo:g} - {hi:g}")
             lines.append(f"| {prec} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
-                         f"{cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
-                         f"{cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
+                         f"{_seeds_cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
+                         f"{_seeds_cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
     return "\n".join(lines)
 
 
