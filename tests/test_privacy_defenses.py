@@ -246,22 +246,27 @@ def test_the_rounds_table_splits_attacks_by_round_with_seed_intervals():
     assert len(rows) == 4
 
 
-def test_the_lsb_table_pools_client_updates_by_precision_and_size_over_seeds():
+def test_the_lsb_table_pools_client_updates_by_precision_attack_batch_and_size_over_seeds():
     from fedtiny.report.plots import privacy_lsb_table
 
-    def attack(psnr, lsb, observed="client"):
-        return {"observed": observed, "round": 1, "mean_psnr_db": psnr, "change_lsb": lsb}
+    def attack(psnr, lsb, observed="client", images=1):
+        return {"observed": observed, "round": 1, "mean_psnr_db": psnr, "change_lsb": lsb, "images": images}
 
-    # int8, per seed s: two updates below 0.01 LSB (5 and 7 dB) and one of 0.5 LSB at 24 + s dB, which is
-    # rebuilt; fp32 (one method, one seed only): 0.5 LSB at 10 dB. Aggregates never count.
-    reports = {"int8-a": [{"attacks": [attack(5.0, 0.001), attack(7.0, 0.005)]} for s in range(3)],
-               "int8-b": [{"attacks": [attack(24.0 + s, 0.5), attack(99.0, 0.5, "aggregate of 0,1")]}
-                          for s in range(3)],
-               "fp32": [{"attacks": [attack(10.0, 0.5)]}]}
-    rows = privacy_lsb_table(reports, {"int8-a": "int8", "int8-b": "int8", "fp32": "fp32"}).splitlines()
-    assert rows[0].startswith("| precision | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt")
-    assert rows[2] == "| fp32 | 0.3 - 1 | 1 | 1 | 10.00 | 0.00 |"
-    assert rows[3] == "| int8 | < 0.01 | 6 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |"
-    # 24, 25, 26 dB: mean 25 ± t(0.975, 2) * 1 / sqrt(3) = 2.48; every one rebuilt
-    assert rows[4] == "| int8 | 0.3 - 1 | 3 | 3 | 25.00 ± 2.48 | 1.00 ± 0.00 |"
-    assert len(rows) == 5
+    # int8 with IG, per seed s: two one-image updates below 0.01 LSB (5 and 7 dB) and one of 0.5 LSB at
+    # 24 + s dB, which is rebuilt; a 4-image update of 0.5 LSB pooled apart; fp32 (one seed only):
+    # 0.5 LSB at 10 dB; the rounding attack apart. Aggregates never count.
+    reports = {"int8-a": [{"method": "ig", "attacks": [attack(5.0, 0.001), attack(7.0, 0.005)]} for s in range(3)],
+               "int8-b": [{"method": "ig", "attacks": [attack(24.0 + s, 0.5), attack(99.0, 0.5, "aggregate of 0,1"),
+                                                       attack(8.0, 0.5, images=4)]} for s in range(3)],
+               "int8-r": [{"method": "rounding", "attacks": [attack(6.0, 0.5)]} for s in range(3)],
+               "fp32": [{"method": "ig", "attacks": [attack(10.0, 0.5)]}]}
+    rows = privacy_lsb_table(reports, {"int8-a": "int8", "int8-b": "int8", "int8-r": "int8", "fp32": "fp32"})
+    rows = rows.splitlines()
+    assert rows[0].startswith("| updates of | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt")
+    assert rows[2:] == [
+        "| fp32, ig, batch 1 | 0.3 - 1 | 1 | 1 | 10.00 | 0.00 |",
+        "| int8, ig, batch 1 | < 0.01 | 6 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |",
+        # 24, 25, 26 dB: mean 25 ± t(0.975, 2) * 1 / sqrt(3) = 2.48; every one rebuilt
+        "| int8, ig, batch 1 | 0.3 - 1 | 3 | 3 | 25.00 ± 2.48 | 1.00 ± 0.00 |",
+        "| int8, ig, batch 4 | 0.3 - 1 | 3 | 3 | 8.00 ± 0.00 | 0.00 ± 0.00 |",
+        "| int8, rounding, batch 1 | 0.3 - 1 | 3 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |"]

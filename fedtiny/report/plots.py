@@ -233,33 +233,35 @@ REBUILT_DB = 20.0  # on 8x8 digits the attacks are all or nothing: rebuilt ones 
 
 
 def privacy_lsb_table(reports: dict[str, list[dict[str, Any]]], precision: dict[str, str]) -> str:
-    """Markdown: attacked client updates pooled by precision and by the size of what they sent, in LSB.
+    """Markdown: attacked client updates pooled by what was attacked and by the size of what they sent, in LSB.
 
     ``reports``: method -> its runs' ``privacy.json``, the i-th of every method from the same seed;
-    ``precision``: method -> the group it is pooled in (its precision, or e.g. ``"int8 + local DP"``).
-    Per (precision, LSB bin): the number of attacked updates, and per seed the mean PSNR and the
-    share rebuilt (PSNR >= :data:`REBUILT_DB`), then mean ± half-width of the 95% interval over the
-    seeds that have updates in that bin (a single seed's value is given alone).
+    ``precision``: method -> its precision label (e.g. ``"int8"`` or ``"int8 + local DP"``). Updates are
+    pooled by (precision, the attack's method, the client's batch of images), so a weaker attack or a
+    larger batch does not dilute the others. Per group and LSB bin: the number of attacked updates, and
+    per seed the mean PSNR and the share rebuilt (PSNR >= :data:`REBUILT_DB`), then mean ± half-width
+    of the 95% interval over the seeds that have updates there (a single seed's value alone).
     """
     seeds = max((len(runs) for runs in reports.values()), default=0)
-    lines = ["| precision | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= "
+    # (group, bin) -> seed -> PSNRs
+    cells: dict[tuple[str, int], dict[int, list[float]]] = {}
+    for name, runs in reports.items():
+        for i, rep in enumerate(runs):
+            for a in rep.get("attacks", []):
+                if a.get("observed") != "client" or a.get("mean_psnr_db") is None or a.get("change_lsb") is None:
+                    continue
+                group = f"{precision.get(name, '')}, {rep.get('method', '?')}, batch {a.get('images', '?')}"
+                b = int(np.searchsorted(LSB_BINS, a["change_lsb"], side="right")) - 1
+                cells.setdefault((group, b), {}).setdefault(i, []).append(a["mean_psnr_db"])
+    lines = ["| updates of | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= "
              f"{REBUILT_DB:g} dB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for prec in sorted({precision.get(n, "") for n in reports}):
-        for lo, hi in zip(LSB_BINS[:-1], LSB_BINS[1:]):
-            per_seed = []
-            for i in range(seeds):
-                psnrs = [a["mean_psnr_db"] for name, runs in reports.items() if precision.get(name, "") == prec
-                         and i < len(runs) for a in runs[i].get("attacks", [])
-                         if a.get("observed") == "client" and a.get("mean_psnr_db") is not None
-                         and a.get("change_lsb") is not None and lo <= a["change_lsb"] < hi]
-                if psnrs:
-                    per_seed.append(psnrs)
-            if not per_seed:
-                continue
-            span = f"< {hi:g}" if lo == 0 else (f">= {lo:g}" if hi == float("inf") else f"{lo:g} - {hi:g}")
-            lines.append(f"| {prec} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
-                         f"{_seeds_cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
-                         f"{_seeds_cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
+    for (group, b), by_seed in sorted(cells.items()):
+        lo, hi = LSB_BINS[b], LSB_BINS[b + 1]
+        per_seed = [by_seed[i] for i in range(seeds) if i in by_seed]
+        span = f"< {hi:g}" if lo == 0 else (f">= {lo:g}" if hi == float("inf") else f"{lo:g} - {hi:g}")
+        lines.append(f"| {group} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
+                     f"{_seeds_cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
+                     f"{_seeds_cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
     return "\n".join(lines)
 
 
