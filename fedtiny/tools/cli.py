@@ -173,9 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         (run_dir / "privacy_table.md").write_text(table + "\n")
         for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
             plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
-        # one report per seed, in the same seed order for every method (privacy_lsb_table pairs them)
-        reports = {name: [json.loads((d / "privacy.json").read_text()) for d in seed_dirs(name, s)
-                          if (d / "privacy.json").exists()] for name, s in summaries.items()}
+        # one report per seed, in the same seed order for every method (privacy_lsb_table pairs them by
+        # position, so a seed without a report keeps its place as an empty one)
+        reports = {name: [json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").exists() else {}
+                          for d in seed_dirs(name, s)] for name, s in summaries.items()}
         precisions = {n: s.get("precision", "") for n, s in summaries.items()}
         plot_attacks_vs_lsb(reports, precisions, run_dir / "psnr_vs_lsb.png")
         # DP noise makes a change large without carrying the gradient: pooled apart
