@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fedtiny.attack.attacks import AttackConfig, idlg_labels, match_cosine, objective, reconstruct
-from fedtiny.attack.metrics import match, psnr, score, ssim
+from fedtiny.attack.metrics import flat_psnr, match, psnr, score, ssim
 from fedtiny.attack.presets import dlg_lenet, real_images
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import observe
@@ -197,6 +197,24 @@ def test_faces_and_photos_presets_are_real_images_on_the_3_channel_tiny_ir():
     assert torch.equal(x, again)
     _, px, py = preset_targets("photos", 4)
     assert px.shape == (4, 3, 32, 32) and not torch.equal(px[:, 0], px[:, 1]) and py.max() < 10
+
+
+def test_flat_baseline_is_the_psnr_of_each_channels_mean():
+    half = np.zeros((3, 4, 4))
+    half[:, :, 2:] = 1.0  # mean 0.5 everywhere, squared error 0.25: 10 log10(4) dB
+    assert flat_psnr(half) == pytest.approx(10 * np.log10(4.0))
+    assert flat_psnr(np.full((3, 4, 4), 0.3)) == 100.0  # a flat image is its own flat version
+    colour = np.stack([np.full((4, 4), 0.1), np.full((4, 4), 0.9), half[0]])
+    assert flat_psnr(colour) == pytest.approx(10 * np.log10(12.0))  # per channel: only the third errs
+
+
+def test_control_preset_rebuilds_the_faces_above_the_flat_baseline():
+    from fedtiny.attack.run import run_attack
+
+    summary, x, recon = run_attack("dlg-lenet-faces", 2, iterations=300, log=None)
+    assert x.shape == recon.shape == (2, 1, 3, 32, 32)
+    assert summary["label_accuracy"] == 1.0 and 10 < summary["flat_psnr_db"] < 25
+    assert summary["mean_psnr_db"] > summary["flat_psnr_db"] + 3  # DLG's LeNet gives the faces away
 
 
 def test_rounding_objective_is_zero_inside_the_sent_integers_intervals_only():

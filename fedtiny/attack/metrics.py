@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mse", "psnr", "ssim", "match", "score"]
+__all__ = ["mse", "psnr", "flat_psnr", "ssim", "match", "score"]
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -15,6 +15,16 @@ def psnr(a: np.ndarray, b: np.ndarray, cap: float = 100.0) -> float:
     """Peak signal-to-noise ratio in dB for images in [0, 1] (capped for identical images)."""
     e = mse(a, b)
     return cap if e <= 10 ** (-cap / 10) else float(10 * np.log10(1.0 / e))
+
+
+def flat_psnr(target: np.ndarray) -> float:
+    """PSNR of a C x H x W image's own flat version (every pixel its channel's mean).
+
+    The score of an attacker that learned only the brightness: a reconstruction at or
+    below it has recovered nothing a person could recognise.
+    """
+    t = np.asarray(target, np.float64)
+    return psnr(np.broadcast_to(t.mean(axis=(-2, -1), keepdims=True), t.shape), t)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

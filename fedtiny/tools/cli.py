@@ -317,6 +317,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     rows = [("preset / defense", f"{summary['preset']} / {summary['defense']}"), ("targets", summary["targets"]),
             ("PSNR mean / median / min (dB)", f"{summary['mean_psnr_db']:.2f} / {summary['median_psnr_db']:.2f} / "
                                               f"{summary['min_psnr_db']:.2f}"),
+            ("PSNR of each target's flat mean (baseline)", f"{summary['flat_psnr_db']:.2f}"),
             ("SSIM mean", summary["mean_ssim"]), ("label accuracy", summary["label_accuracy"]),
             ("seconds per target (batched)", summary["seconds_per_target"])]
     if "single_target_seconds" in summary:
@@ -414,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attack", help="gradient-leakage attack on real images (DLG, iDLG, Inverting Gradients)")
     p.add_argument("--preset", default="dlg-lenet", help="dlg-lenet (DLG's setting), ig-lenet-fedavg, faces (DLG's setting on "
-                                                    "faces with the 3-channel tiny-ir) or photos")
+                                                    "faces with the 3-channel tiny-ir), dlg-lenet-faces (the same "
+                                                    "faces on DLG's LeNet: the control) or photos")
     p.add_argument("--defense", default="none", help="none, prune-20, prune-90, topk-1, fp16, int8, ternary, "
                                                      "topk-1-ternary")
     p.add_argument("--targets", type=int, default=8, help="independent targets, attacked together")
