@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
-from fedtiny.attack.metrics import score
+from fedtiny.attack.metrics import flat_psnr, score
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
@@ -263,5 +263,6 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             "change_l2": float(sum(float((v[i] * m[i]).square().sum()) for v, m in obs.values())) ** 0.5,
                             "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"],
                             # per image, in the order of psnr_db: which images (e.g. faces or not) leaked
-                            "ssim": sc["ssim"], "true_labels": data[i].y.tolist()})
+                            "ssim": sc["ssim"], "true_labels": data[i].y.tolist(),
+                            "flat_psnr_db": [flat_psnr(img) for img in data[i].x]})
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))
