@@ -60,10 +60,9 @@ def main() -> None:
         f, g = match_only(x + t * d)
         cos = (g * d).flatten(1).sum(1) / (g.flatten(1).norm(dim=1) * d.flatten(1).norm(dim=1)).clamp_min(1e-30)
         print(f"{t:<7} {np.round((f / f1).numpy(), 4)}  {np.round(cos.numpy(), 3)}")
-    cfg = replace(p["attack"], iterations=a.iterations)
     for lr in (0.1, 0.01):
-        rec, _ = batched_signed_adam(f_and_grad, warm, iterations=cfg.iterations, lr=lr)
-        print(f"IG's optimizer from the warm start, lr {lr}, {cfg.iterations} iterations: {db(rec)} dB")
+        rec, _ = batched_signed_adam(f_and_grad, warm, iterations=a.iterations, lr=lr)
+        print(f"IG's optimizer from the warm start, lr {lr}, {a.iterations} iterations: {db(rec)} dB")
 
 
 if __name__ == "__main__":

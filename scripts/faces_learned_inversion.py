@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fedtiny.attack.metrics import flat_psnr, score
-from fedtiny.attack.presets import _resize
+from fedtiny.attack.presets import LFW_FACES, _resize, face_ids
 from fedtiny.attack.run import PRESETS, plot_grid, preset_targets
 from fedtiny.attack.user import observe
 
@@ -60,7 +60,7 @@ def public_images(n: int, exclude: np.ndarray, seed: int) -> tuple[np.ndarray, n
             im = lfw[j][:, ::-1] if rng.random() < 0.5 else lfw[j]
             im = np.roll(im, rng.integers(-2, 3, 2), (0, 1))
             im = (im - im.mean()) * rng.uniform(0.7, 1.3) + im.mean() + rng.uniform(-0.15, 0.15)
-            labels[i] = int(j < 100)  # lfw_subset: the first 100 patches are faces
+            labels[i] = int(j < LFW_FACES)
         else:
             p = photos[rng.integers(len(photos))]
             s = rng.integers(25, 120)
@@ -95,8 +95,7 @@ def main() -> None:
     preset = PRESETS["faces"]
     threat, classes = preset["threat"], preset["classes"]
     model, x, y = preset_targets("faces", a.targets, a.seed)
-    target_ids = np.random.default_rng(a.seed).permutation(100)[:a.targets]  # as face_images picks them
-    aux, aux_y = public_images(a.aux, target_ids, a.seed)
+    aux, aux_y = public_images(a.aux, face_ids(a.targets, a.seed), a.seed)
     aux32 = torch.from_numpy(_resize(aux[:, None], 32))  # [N, 1, 32, 32], the data's pipeline
     aux3, aux_labels = aux32.repeat(1, 3, 1, 1), torch.from_numpy(aux_y)
     first = gradient_rows(model, aux3[:4000], aux_labels[:4000], threat, classes)

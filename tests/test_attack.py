@@ -164,7 +164,7 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
     done = [a for a in report["attacks"] if "mean_psnr_db" in a]
     assert len(done) == 2 and all(np.isfinite(a["mean_psnr_db"]) and a["transmitted"] > 0 for a in done)
     assert all(-1.0 <= a["match_cosine_at_truth"] <= 1.0 for a in done)
-    # per image: PSNR, SSIM and the true label, aligned with each other
+    # per image: PSNR, SSIM, the true label and the flat baseline, aligned with each other
     assert all(len(a["psnr_db"]) == len(a["ssim"]) == len(a["true_labels"]) == len(a["flat_psnr_db"]) == a["images"]
                for a in done)
     assert all(5 < f < 100 for a in done for f in a["flat_psnr_db"])  # digits are not flat

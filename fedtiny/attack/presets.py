@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DLGLeNet", "dlg_lenet", "real_images", "tiny_ir_rgb", "face_images", "photo_patches"]
+__all__ = ["DLGLeNet", "dlg_lenet", "real_images", "tiny_ir_rgb", "face_ids", "face_images", "photo_patches"]
 
 
 class DLGLeNet(nn.Module):
@@ -73,16 +73,23 @@ def tiny_ir_rgb(num_classes: int = 2, seed: int = 0, image_size: int = 32) -> nn
     return build_model("tiny-ir", 3, num_classes, image_size=image_size, seed=seed).eval()
 
 
+LFW_FACES = 100  # scikit-image's lfw_subset: the first 100 of its 200 patches are faces, the rest are not
+
+
+def face_ids(n: int, seed: int = 0) -> np.ndarray:
+    """Indices into ``lfw_subset`` of the ``n`` faces :func:`face_images` picks for ``seed``."""
+    if not 0 < n <= LFW_FACES:
+        raise ValueError(f"faces: {n} targets asked, lfw_subset has {LFW_FACES} faces")
+    return np.random.default_rng(seed).permutation(LFW_FACES)[:n]
+
+
 def face_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` of the 100 faces of scikit-image's ``lfw_subset`` (25x25 grey), resized to ``size`` and
     repeated over 3 channels, seeded order; their label is 1 (face) of the set's two classes."""
     from skimage.data import lfw_subset
 
-    faces = lfw_subset()[:100].astype(np.float32)  # scikit-image: the first 100 patches are faces
-    if not 0 < n <= len(faces):
-        raise ValueError(f"faces: {n} targets asked, lfw_subset has {len(faces)} faces")
-    pick = np.random.default_rng(seed).permutation(len(faces))[:n]
-    x = _resize(faces[pick][:, None], size).repeat(3, axis=1)
+    faces = lfw_subset()[:LFW_FACES].astype(np.float32)
+    x = _resize(faces[face_ids(n, seed)][:, None], size).repeat(3, axis=1)
     return x.astype(np.float32), np.ones(n, np.int64)
 
 
