@@ -90,7 +90,7 @@ def test_folding_and_ptq_of_torchvision_mobilenet_v2():
     with torch.no_grad():
         torch.testing.assert_close(fold(model)(x), model(x), rtol=1e-4, atol=1e-5)
         q = ptq(model, x.numpy())
-        assert q.feature_mix is not None and len(q.convs()) == 52
+        assert len(q.convs()) == 52 and q.convs()[-1].kernel_hw == (1, 1)  # the feature mix is the last conv
         out = q(x)
     assert torch.isfinite(out).all()
     cos = torch.nn.functional.cosine_similarity(out.flatten(), model(x).detach().flatten(), dim=0)
@@ -138,9 +138,9 @@ def test_model_file_is_validated(tmp_path):
         meta = f.metadata()
     tensors = load_file(str(path))
     bad = dict(tensors)
-    bad["first_conv.weight"] = bad["first_conv.weight"].astype(np.float32)
+    bad["conv0.weight"] = bad["conv0.weight"].astype(np.float32)
     save_file(bad, str(tmp_path / "dtype.safetensors"), metadata=meta)
-    with pytest.raises(ModelFileError, match="first_conv.weight: dtype float32, expected int8"):
+    with pytest.raises(ModelFileError, match="conv0.weight: dtype float32, expected int8"):
         load_qmodel(tmp_path / "dtype.safetensors")
     save_file(tensors, str(tmp_path / "nometa.safetensors"))
     with pytest.raises(ModelFileError, match="no fedtiny layout"):
@@ -174,13 +174,13 @@ def test_int8_training_keeps_integers_and_qas_learns():
     moved = {}
     for opt in ("sgd", "sgd+qas"):
         q = small_qmodel()
-        w0 = q.blocks[0].depthwise.weight.detach().clone()
+        w0 = next(c for c in q.convs() if c.is_depthwise).weight.detach().clone()
         before = evaluate(q, data)[0]
         train_local(q, data, epochs=2, batch_size=16, lr=0.01, optimizer=opt, momentum=0.9, gen=seeded(0))
         for conv in q.convs() + [q.classifier]:
             for p, lo, hi in ((conv.weight, -127, 127), (conv.bias, -(2**31), 2**31 - 1)):
                 assert torch.equal(p, torch.round(p)) and p.min() >= lo and p.max() <= hi
-        moved[opt] = (q.blocks[0].depthwise.weight - w0).abs().sum().item()
+        moved[opt] = (next(c for c in q.convs() if c.is_depthwise).weight - w0).abs().sum().item()
         if opt == "sgd+qas":
             assert evaluate(q, data)[0] < 0.7 * before
     # Without QAS the same learning rate barely moves int8 weights.
@@ -241,7 +241,7 @@ def test_int8_forward_same_integers_with_every_cpu_kernel(tmp_path):
 
 def test_wide_int8_conv_accumulates_exactly():
     """A layer whose int32 sums pass 2^24 (float32's exact range) still gives the exact integers."""
-    from fedtiny.int8.graph import _int_conv
+    from fedtiny.int8.kernels import int_conv_acc
 
     cin, cout = 2048, 4
     w = rand_int8(cout, cin, 1, 1, lo=-127)
@@ -255,6 +255,6 @@ def test_wide_int8_conv_accumulates_exactly():
     conv = QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
                  torch.ones(cout), 1.0, xz, 1.0, 0, 1, 1)
     with torch.no_grad():
-        got = _int_conv(torch.from_numpy(x.astype(np.float32)) - xz, conv.weight, conv.bias, conv)
-    # float32 holds these sums only to its 24-bit mantissa; the sum itself was exact (float64).
-    assert np.array_equal(got.numpy(), want.astype(np.float64).astype(np.float32))
+        got = int_conv_acc(torch.from_numpy(x.astype(np.float32)) - xz, conv.weight, conv.bias, 1, conv.padding, 1)
+    # Past 2^24 the sum runs in float64 and comes back as exact int64 integers.
+    assert np.array_equal(got.numpy(), want)

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.graph import INT8_MAX, INT8_MIN, QConv, QModel, unit_scale
+from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape, unit_scale
 
 __all__ = ["Surrogate", "to_real_units"]
 
 
-def _range(scale: float, zero: int) -> tuple[float, float]:
-    return (INT8_MIN - zero) * scale, (INT8_MAX - zero) * scale
+def _range(scale: float, zero: int, lo: int = -128, hi: int = 127) -> tuple[float, float]:
+    return (lo - zero) * scale, (hi - zero) * scale
 
 
 class _Conv(nn.Module):
@@ -26,56 +26,82 @@ class _Conv(nn.Module):
         ws = q.w_scales.double().view(-1, *([1] * (q.weight.dim() - 1)))
         self.weight = nn.Parameter((q.weight.detach().double() * ws).float())
         self.bias = nn.Parameter((q.bias.detach().double() * q.w_scales.double() * q.x_scale).float())
-        self.stride, self.groups, self.padding = q.stride, q.groups, q.padding
-        self.lo, self.hi = _range(q.y_scale, q.y_zero)
+        self.stride, self.groups = q.stride, q.groups
+        self.padding, self.symmetric = q.torch_padding()
+        self.pad = q.pad_lrtb()
+        self.lo, self.hi = _range(q.y_scale, q.y_zero, *q.act_range())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.symmetric:
+            x = F.pad(x, self.pad)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return torch.clamp(y, self.lo, self.hi)
 
 
+class _Add(nn.Module):
+    def __init__(self, q: QAdd) -> None:
+        super().__init__()
+        self.lo, self.hi = _range(q.y_scale, q.y_zero, *q.act_range())
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(a + b, self.lo, self.hi)
+
+
+class _Pool(nn.Module):
+    def __init__(self, q: QAvgPool) -> None:
+        super().__init__()
+        self.q = q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q.is_global(tuple(x.shape)):
+            return x.mean(dim=(2, 3), keepdim=True)
+        pt, pb, pl, pr = self.q.padding
+        pad = (pl, pr, pt, pb)
+        count = F.avg_pool2d(F.pad(torch.ones_like(x), pad), self.q.kernel, self.q.stride, divisor_override=1)
+        return F.avg_pool2d(F.pad(x, pad), self.q.kernel, self.q.stride, divisor_override=1) / count
+
+
+class _Linear(nn.Module):
+    """An fp32 head on the pooled features."""
+
+    def __init__(self, q: nn.Module) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(q.weight.detach().clone())
+        self.bias = nn.Parameter(q.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.flatten(1), self.weight, self.bias)
+
+
 class Surrogate(nn.Module):
-    """Float twin of a :class:`QModel` whose parameter names match the int8 model's."""
+    """Float twin of a :class:`QModel` whose parameter names match the int8 model's (up to its head)."""
 
     def __init__(self, q: QModel) -> None:
         super().__init__()
-        self.first_conv = _Conv(q.first_conv)
-        self.blocks = nn.ModuleList()
-        self._residual = []
-        for b in q.blocks:
-            block = nn.Module()
-            for name in ("pointwise1", "depthwise", "pointwise2"):
-                conv = getattr(b, name)
-                setattr(block, name, _Conv(conv) if conv is not None else None)
-            self.blocks.append(block)
-            self._residual.append(_range(b.residual.y_scale, b.residual.y_zero) if b.residual is not None else None)
-        self.feature_mix = _Conv(q.feature_mix) if q.feature_mix is not None else None
+        self.nodes = q.nodes[:q.nodes.index(next(n for n in q.nodes if n.op == "classifier")) + 1]
+        for node in self.nodes:
+            m = q.op(node.op)
+            twin: nn.Module
+            if isinstance(m, QConv):
+                twin = _Conv(m)
+            elif isinstance(m, QAdd):
+                twin = _Add(m)
+            elif isinstance(m, QAvgPool):
+                twin = _Pool(m)
+            elif isinstance(m, QReshape):
+                twin = QReshape(m.shape)
+            else:
+                twin = _Linear(m)
+            self.add_module(node.op, twin)
         scale, zero, mean, std = (float(v) for v in q.input_params)
         self.input = (mean, std, *_range(scale, zero))
-        if isinstance(q.classifier, QConv):
-            self.classifier = _Conv(q.classifier)
-        else:
-            self.classifier = nn.Module()
-            self.classifier.weight = nn.Parameter(q.classifier.weight.detach().clone())
-            self.classifier.bias = nn.Parameter(q.classifier.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, std, lo, hi = self.input
-        y = self.first_conv(torch.clamp((x - mean) / std, lo, hi))
-        for block, res in zip(self.blocks, self._residual):
-            inp = y
-            for name in ("pointwise1", "depthwise", "pointwise2"):
-                conv = getattr(block, name)
-                if conv is not None:
-                    y = conv(y)
-            if res is not None:
-                y = torch.clamp(inp + y, *res)
-        if self.feature_mix is not None:
-            y = self.feature_mix(y)
-        y = y.mean(dim=(2, 3), keepdim=True)
-        if isinstance(self.classifier, _Conv):
-            return self.classifier(y).flatten(1)
-        return F.linear(y.flatten(1), self.classifier.weight, self.classifier.bias)
+        env = {"input": torch.clamp((x - mean) / std, lo, hi)}
+        for node in self.nodes:
+            env[node.op] = getattr(self, node.op)(*(env[t] for t in node.inputs))
+        return env["classifier"].flatten(1)
 
 
 def to_real_units(q: QModel, name: str, change: torch.Tensor) -> torch.Tensor:

@@ -37,26 +37,28 @@ def tensor_bytes(t: torch.Tensor | tuple[int, ...], kind: str = "int8") -> int:
     return {"int8": n, "bit": (n + 7) // 8, "fp32": 4 * n, "int32": 4 * n}[kind]
 
 
-def workspace_bytes(kernel: int, cin: int, depthwise: bool, in_hw: tuple[int, int], out_hw: tuple[int, int],
-                    inplace: bool) -> int:
+def workspace_bytes(kernel: tuple[int, int], cin: int, depthwise: bool, in_hw: tuple[int, int],
+                    out_hw: tuple[int, int], inplace: bool, padding: tuple[int, int, int, int]) -> int:
     """Scratch memory of one int8 convolution (TinyEngine-style kernels).
 
     Regular/pointwise: an im2col buffer of two output columns in q15 (2 bytes).
     Depthwise: one zero-padded input channel (int8), plus one output plane when it
     writes back in place.
     """
+    kh, kw = kernel
     if depthwise:
-        pad = kernel // 2
-        ws = (in_hw[0] + 2 * pad) * (in_hw[1] + 2 * pad)
+        pt, pb, pl, pr = padding
+        ws = (in_hw[0] + pt + pb) * (in_hw[1] + pl + pr)
         return ws + (out_hw[0] * out_hw[1] if inplace else 0)
-    return 2 * kernel * kernel * cin * 2
+    return 2 * kh * kw * cin * 2
 
 
-def fused_workspace_bytes(cin: int, kernel: int, mid_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+def fused_workspace_bytes(cin: int, kernel: tuple[int, int], mid_hw: tuple[int, int], out_hw: tuple[int, int],
+                          padding: tuple[int, int, int, int]) -> int:
     """Scratch of a fused expansion + depthwise: pointwise columns (q15), one zero-padded expanded
     channel plane (int8), and one output plane."""
-    pad = kernel // 2
-    return 2 * cin * 2 + (mid_hw[0] + 2 * pad) * (mid_hw[1] + 2 * pad) + out_hw[0] * out_hw[1]
+    pt, pb, pl, pr = padding
+    return 2 * cin * 2 + (mid_hw[0] + pt + pb) * (mid_hw[1] + pl + pr) + out_hw[0] * out_hw[1]
 
 
 @dataclass

@@ -38,7 +38,8 @@ from fedtiny.budget.ledger import Ledger, OpEvents, recording
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.errors import ScenarioError
-from fedtiny.int8.graph import FloatHead, QConv, QModel
+from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, fused_events, fusable,
+                                 to_nchw_shape)
 
 __all__ = ["MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
            "memory_report", "step_macs", "op_macs"]
@@ -145,7 +146,7 @@ class ScheduledOp:
     """One op of a training step's schedule: the module, its shapes and the buffers it holds."""
 
     kind: str  # conv, fused, add, pool, head
-    module: nn.Module
+    module: Any  # the op's module; for a fused op, its (pointwise, depthwise) pair
     in_shape: tuple[int, ...]  # N x C x H x W
     out_shape: tuple[int, ...]  # C x H x W (per sample)
     events: OpEvents
@@ -156,52 +157,59 @@ class ScheduledOp:
         return self.kind in ("conv", "head") and any(p.requires_grad for p in self.module.parameters())
 
 
+def _frozen(*modules: nn.Module) -> bool:
+    return not any(p.requires_grad for m in modules for p in m.parameters())
+
+
 def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *, fuse: bool = True,
              inplace_depthwise: bool = True) -> list[ScheduledOp]:
     """The forward schedule of one training step from shapes alone, with each op's buffers.
 
     Each op computes its own :class:`~fedtiny.budget.ledger.OpEvents` (the same method the
-    int8 graph calls while a step runs); this walk only supplies the shapes and whether a
-    gradient must reach each op's input (something upstream is trained).
+    int8 graph calls while a step runs) from its :class:`~fedtiny.int8.graph.Wiring`; this walk
+    supplies the shapes and whether a gradient must reach each op's input (something upstream
+    is trained). The graph runs up to its head.
     """
     ops: list[ScheduledOp] = []
-    shape, tag = (batch, *input_shape), "input"
-    upstream = False  # a trained tensor upstream of the current activation
-
-    def add_conv(conv: QConv, keep: bool) -> None:
-        nonlocal shape, tag, upstream
-        ev = conv.events(shape, tag, keep_input=keep, need_x=upstream, inplace_depthwise=inplace_depthwise)
-        ops.append(ScheduledOp("conv", conv, shape, (conv.out_channels, *conv.out_hw(shape[2:])), ev))
-        upstream |= ops[-1].trains
-        shape, tag = (batch, *ops[-1].out_shape), conv.tag
-
-    add_conv(model.first_conv, False)
-    for block in model.blocks:
-        block_shape, block_tag, block_upstream = shape, tag, upstream
-        convs = block.convs()
-        if fuse and block.pointwise1 is not None and not upstream and not any(
-                p.requires_grad for c in convs[:2] for p in c.parameters()):
-            dw = block.depthwise
-            out = (dw.out_channels, *dw.out_hw(block.pointwise1.out_hw(shape[2:])))
-            ops.append(ScheduledOp("fused", block, shape, out, block.fused_events(shape, tag)))
-            shape, tag = (batch, *out), dw.tag
-            convs = convs[2:]
-        for conv in convs:
-            add_conv(conv, conv is block.convs()[0] and block.residual is not None)
-        if block.residual is not None:
-            add = block.residual
-            ev = add.events(shape, block_tag, tag, need_x=block_upstream, need_b=upstream)
-            ops.append(ScheduledOp("add", add, block_shape, tuple(shape[1:]), ev))
-            tag = add.tag
-    if model.feature_mix is not None:
-        add_conv(model.feature_mix, False)
-    ops.append(ScheduledOp("pool", model.pool, shape, (shape[1], 1, 1), model.pool.events(shape, tag, need_x=upstream)))
-    shape, tag = (batch, shape[1], 1, 1), model.pool.tag
-    head = model.classifier
-    if isinstance(head, QConv):
-        add_conv(head, False)
-    else:
-        ops.append(ScheduledOp("head", head, shape, (head.weight.shape[0],), head.events(shape, tag, need_x=upstream)))
+    wiring = model.wiring()
+    nodes = model.nodes[:len(wiring)]
+    shapes: dict[str, tuple[int, ...]] = {"input": (batch, *input_shape)}
+    upstream: dict[str, bool] = {"input": False}  # a trained tensor upstream of each tensor
+    i = 0
+    while i < len(nodes):
+        node, m, w = nodes[i], model.op(nodes[i].op), wiring[i]
+        ins = [shapes[t] for t in node.inputs]
+        ups = [upstream[t] for t in node.inputs]
+        if isinstance(m, QReshape):
+            per = math.prod(ins[0][1:])
+            target = m.shape if math.prod(m.shape) == per else (per,)
+            shapes[node.op], upstream[node.op] = to_nchw_shape((batch, *target)), ups[0]
+            i += 1
+            continue
+        nxt = model.op(nodes[i + 1].op) if i + 1 < len(nodes) else None
+        if (fuse and nxt is not None and fusable(m, nxt) and nodes[i + 1].inputs == (node.op,)
+                and model._only_reader(i) and not ups[0] and _frozen(m, nxt)):
+            out = (nxt.out_channels, *nxt.out_hw(m.out_hw(ins[0][2:])))
+            ops.append(ScheduledOp("fused", (m, nxt), ins[0], out, fused_events(m, nxt, ins[0], w)))
+            shapes[nodes[i + 1].op], upstream[nodes[i + 1].op] = (batch, *out), False
+            i += 2
+            continue
+        if isinstance(m, QConv):
+            op = ScheduledOp("conv", m, ins[0], (m.out_channels, *m.out_hw(ins[0][2:])),
+                             m.events(ins[0], w, need_x=ups[0], inplace_depthwise=inplace_depthwise))
+        elif isinstance(m, QAdd):
+            op = ScheduledOp("add", m, ins[0], tuple(ins[1][1:]), m.events(ins[1], w, need_x=ups[0], need_b=ups[1]))
+        elif isinstance(m, QAvgPool):
+            op = ScheduledOp("pool", m, ins[0], (ins[0][1], *m.out_hw(ins[0][2:])),
+                             m.events(ins[0], w, need_x=ups[0]))
+        elif isinstance(m, FloatHead):
+            op = ScheduledOp("head", m, ins[0], (m.weight.shape[0],), m.events(ins[0], w, need_x=ups[0]))
+        else:
+            raise ScenarioError(f"memory: op {node.op} ({type(m).__name__}) cannot be part of a training step")
+        ops.append(op)
+        shapes[node.op] = (batch, *op.out_shape)
+        upstream[node.op] = any(ups) or op.trains
+        i += 1
     return ops
 
 
@@ -246,7 +254,7 @@ def op_macs(op: ScheduledOp) -> int:
     """Multiply-accumulates of one scheduled op's forward (0 for adds and pooling)."""
     m = op.module
     if op.kind == "conv":
-        return op.in_shape[0] * math.prod(op.out_shape) * (m.in_channels // m.groups) * m.kernel_size ** 2
+        return op.in_shape[0] * math.prod(op.out_shape) * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
     if op.kind == "head":
         return op.in_shape[0] * m.weight.numel()
     if op.kind == "fused":
@@ -256,8 +264,7 @@ def op_macs(op: ScheduledOp) -> int:
 
 def _fused_parts(op: ScheduledOp) -> list[ScheduledOp]:
     """The expansion and depthwise convolutions of a fused op, as ops of their own (for their MACs)."""
-    block, n = op.module, op.in_shape[0]
-    pw, dw = block.pointwise1, block.depthwise
+    (pw, dw), n = op.module, op.in_shape[0]
     mid = (n, pw.out_channels, *pw.out_hw(op.in_shape[2:]))
     return [ScheduledOp("conv", pw, op.in_shape, mid[1:], op.events),
             ScheduledOp("conv", dw, mid, (dw.out_channels, *dw.out_hw(mid[2:])), op.events)]
@@ -298,9 +305,9 @@ def _rows(ops: list[ScheduledOp], L: Ledger, batch: int) -> list[LayerRow]:
         params = 0
         if op.kind == "conv":
             params = m.trained_weight_elements() + (4 * m.out_channels if m.bias.requires_grad else 0)
-        name = f"{m.pointwise1.tag}+{tag}" if op.kind == "fused" else tag
+        name = f"{m[0].tag}+{tag}" if op.kind == "fused" else tag
         kind = op.kind if op.kind != "conv" else (
-            "depthwise" if m.is_depthwise else f"conv{m.kernel_size}x{m.kernel_size}")
+            "depthwise" if m.is_depthwise else "fc" if m.kind == "fc" else "conv{}x{}".format(*m.kernel_hw))
         rows.append(LayerRow(i, name, kind, tuple(op.out_shape), batch * math.prod(op.out_shape), op.events.saved,
                              params, fw.get(tag, 0), bw.get(tag, 0)))
     return rows

@@ -132,7 +132,7 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
         model = read_model(m.file)
     except ModelFileError as exc:
         raise ModelFileError(f"model.file: {exc}") from None
-    want = model.input_shape or (model.first_conv.in_channels, *fed.image_shape[1:])
+    want = model.input_shape or (model.input_channels, *fed.image_shape[1:])
     if tuple(want) != tuple(fed.image_shape):
         c, h, w = want
         raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedtiny.errors import ModelFileError, ScenarioError
-from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QBlock, QConv, QModel
+from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QConv, QModel, from_blocks
 
 __all__ = ["FoldedConv", "FoldedBlock", "FoldedNet", "fold", "calibrate", "quantize", "ptq", "ActRange"]
 
@@ -218,7 +218,7 @@ def quantize(net: FoldedNet, ranges: dict[str, ActRange], *, classifier_precisio
             residual = QAdd(block_in[0], block_in[1], x_q[0], x_q[1], out_q[0], out_q[1])
             x_q = out_q
         pw1 = convs[0] if len(convs) == 3 else None
-        blocks.append(QBlock(pw1, convs[-2], convs[-1], residual))
+        blocks.append((pw1, convs[-2], convs[-1], residual))
     mix = None
     if net.feature_mix is not None:
         idx += 1
@@ -234,7 +234,7 @@ def quantize(net: FoldedNet, ranges: dict[str, ActRange], *, classifier_precisio
         head = _qconv(fc, x_q, ranges["logits"].qparams())
     else:
         raise ScenarioError(f"model.classifier_precision: expected int8 or fp32, got {classifier_precision!r}")
-    return QModel(first, blocks, mix, head, INPUT_SCALE, INPUT_ZERO)
+    return from_blocks(first, blocks, mix, head, INPUT_SCALE, INPUT_ZERO)
 
 
 def ptq(model: nn.Module, calibration: np.ndarray, *, batch_size: int = 128, classifier_precision: str = "int8") -> QModel:

@@ -1,19 +1,31 @@
 """The int8 graph an MCU runs, emulated in PyTorch so that it can be trained.
 
+A :class:`QModel` is a list of ops in topological order, each reading named
+tensors (``"input"`` or an earlier op's name) and writing one: int8 convolutions
+(regular, depthwise, and fully connected as a 1x1 convolution), residual adds,
+average pools, reshapes and a softmax. The published MCUNet-style models,
+tiny-ir, a ``.tflite`` file and a traced PyTorch model are all this one kind
+of object (:func:`from_blocks` builds the inverted-residual layout).
+
 Tensors hold integer values in float32 storage: weights are int8 (symmetric, one
 scale per output channel), biases int32 (scale ``s_w * s_x``), activations int8
-with a scale and a zero point. Each convolution does what the MCU does: subtract
-the input zero point, accumulate in int32, add the bias, requantize with the
-effective scale ``s_x * s_w / s_y``, add the output zero point, round, clamp
-(a folded ReLU6 is the clamp). Rounding is straight-through for gradients, the
-clamp passes gradient only inside its range, so backward is what on-device
-training computes.
+with a scale and a zero point, in NCHW layout (a TFLite ``[N, C]`` tensor is
+``N x C x 1 x 1`` here). The forward is TensorFlow Lite Micro's integer
+arithmetic (:mod:`fedtiny.int8.kernels`): fixed-point multipliers, its rounding,
+its add and pool; the same integers on every CPU. Rounding is straight-through for
+gradients, the clamp passes gradient only inside its range, so backward is what
+on-device training computes.
 
-The classifier is a 1x1 convolution on the pooled features; in ``fp32`` precision
-it is a float linear layer on the dequantized features instead.
+The classifier (the op named ``classifier``, the head) is a 1x1 convolution on the
+pooled features; in ``fp32`` precision it is a float linear layer on the
+dequantized features instead. Ops after the head (a softmax) run only in
+:meth:`QModel.int8_forward`, the deployed graph.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +33,15 @@ from torch import nn
 
 from fedtiny.budget.ledger import (GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, fused_workspace_bytes,
                                    tensor_bytes, workspace_bytes)
-from fedtiny.errors import ScenarioError, SchemeError
+from fedtiny.errors import ModelFileError, ScenarioError, SchemeError
+from fedtiny.int8 import kernels
 
-__all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QBlock", "FloatHead", "QModel", "INT8_MIN", "INT8_MAX",
-           "unit_scale"]
+__all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QReshape", "QSoftmax", "FloatHead", "QModel", "Node", "Wiring",
+           "from_blocks", "replace_head", "head_weight_scales", "to_nchw_shape", "unit_scale", "INT8_MIN", "INT8_MAX", "ACTIVATIONS"]
 
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+ACTIVATIONS = ("NONE", "RELU", "RELU6", "RELU_N1_TO_1")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +75,6 @@ class _QParamsMixin:
         return int(self.qparams[3])
 
 
-def _conv_out_hw(hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
-    pad = kernel // 2
-    return ((hw[0] + 2 * pad - kernel) // stride + 1, (hw[1] + 2 * pad - kernel) // stride + 1)
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -79,25 +88,50 @@ def _grads(*flags: bool) -> tuple[bool, ...]:
     return tuple(on and f for f in flags)
 
 
-_EXACT_F32 = float(1 << 24)  # float32 holds every integer below this exactly
+def _as_int(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.int64)
 
 
-def _int_conv(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: "QConv") -> torch.Tensor:
-    """The int32 accumulation of an int8 convolution, the same integers on every CPU.
+@dataclass(frozen=True)
+class Wiring:
+    """How one op's inputs are connected, as far as its buffers are concerned.
 
-    float32 sums of integers are exact, in any order and with or without FMA, while every
-    partial sum stays below 2^24: then the vector kernels of any CPU (AVX-512, AVX2, none)
-    give the same integers. When the bound ``K * max|x - z| * max|w| + max|b|`` could pass
-    2^24 (wide layers, large biases), the sum runs in float64 (exact below 2^53), slower but
-    still exact; the cast back rounds deterministically.
+    Attributes
+    ----------
+    in_tags
+        Buffer of each input (``input`` or the tag of the op that wrote it; a reshape writes no buffer).
+    last_reader
+        This op is the last one to read that input in the forward, so it releases it.
+    grad_tags
+        Where each input's gradient goes: ``grad:<tag>`` for the input's first reader,
+        ``grad:skip:<op>`` (pending until the first reader merges it) for any later one.
+    skips
+        The pending gradients of later readers of this op's input, which it merges into its own.
     """
-    k = weight[0].numel()
-    bound = k * float(xc.abs().max()) * float(weight.abs().max()) + (float(bias.abs().max()) if bias is not None else 0.0)
-    if bound < _EXACT_F32:
-        return F.conv2d(xc, weight, bias, conv.stride, conv.padding, 1, conv.groups)
-    return F.conv2d(xc.double(), weight.double(), None if bias is None else bias.double(),
-                    conv.stride, conv.padding, 1, conv.groups).float()
 
+    in_tags: tuple[str, ...] = ("",)
+    last_reader: tuple[bool, ...] = (True,)
+    grad_tags: tuple[str, ...] = ("grad:",)
+    skips: tuple[str, ...] = ()
+
+    def frees(self) -> tuple[str, ...]:
+        return tuple(f"act:{t}" for t, last in zip(self.in_tags, self.last_reader) if last)
+
+    @staticmethod
+    def single(n: int = 1) -> "Wiring":
+        """An op run on its own (no graph around it)."""
+        return Wiring(("",) * n, (True,) * n, ("grad:",) + tuple(f"grad:skip:{i}" for i in range(1, n)))
+
+
+def _check_grads(led: Ledger | NullLedger, events: OpEvents, held: list[int]) -> None:
+    """The gradients an op's backward really produced against those its events planned."""
+    planned = [n for _, n, _ in events.param_grads] + [n for _, n in events.input_grads]
+    for i, (p, a) in enumerate(zip(planned, held, strict=False)):
+        led.check(f"gradient {i} of {events.tag}", p, a)
+    led.check(f"gradient count of {events.tag}", len(planned), len(held))
+
+
+# ---------------------------------------------------------------- convolution
 
 class _QConvFn(torch.autograd.Function):
     """int8 convolution whose backward keeps only what the device keeps.
@@ -110,13 +144,13 @@ class _QConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv: "QConv", events: OpEvents, led: Ledger | NullLedger):
-        acc = _int_conv(x - conv.x_zero, weight, bias, conv)
-        y = torch.round(acc * conv.multiplier().view(1, -1, 1, 1) + conv.y_zero)
+        y = conv.requantize(x, weight, bias)
+        lo, hi = conv.act_range()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.conv, ctx.in_shape, ctx.events, ctx.ledger = conv, x.shape, events, led
         mask = xsel = w = None
         if need_x or need_w or need_b:
-            mask = (y >= INT8_MIN) & (y <= INT8_MAX)
+            mask = (y >= lo) & (y <= hi)
         if need_w:
             sel = conv.train_channels
             xsel = (x if sel is None else x[:, sel]).to(torch.int8)
@@ -125,7 +159,7 @@ class _QConvFn(torch.autograd.Function):
         ctx.save_for_backward(mask, xsel, w)
         led.check(f"saved:{conv.tag}", events.saved,
                   0 if mask is None else tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0))
-        return y.clamp(INT8_MIN, INT8_MAX)
+        return y.clamp(lo, hi)
 
     @staticmethod
     def backward(ctx, g):
@@ -135,62 +169,72 @@ class _QConvFn(torch.autograd.Function):
         ga = g * mask * conv.multiplier().view(1, -1, 1, 1)
         grad_x = grad_w = grad_b = None
         held = []  # bytes of the gradients this op produces, in the order its events list them
+        pad, sym = conv.torch_padding()
         if ctx.needs_input_grad[2]:
             grad_b = ga.sum(dim=(0, 2, 3))
             held.append(GRAD_BYTES * grad_b.numel())
         if ctx.needs_input_grad[1]:
             sel = conv.train_channels
             xs = xsel.float() - conv.x_zero
-            k = conv.kernel_size
+            if not sym:
+                xs = F.pad(xs, conv.pad_lrtb())
+            kh, kw = conv.kernel_hw
             if conv.is_depthwise:
                 ch = sel if sel is not None else list(range(conv.out_channels))
-                gw = torch.nn.grad.conv2d_weight(xs, (len(ch), 1, k, k), ga[:, ch], conv.stride, conv.padding,
+                gw = torch.nn.grad.conv2d_weight(xs, (len(ch), 1, kh, kw), ga[:, ch], conv.stride, pad,
                                                  groups=len(ch))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[ch] = gw
             else:
                 ch = sel if sel is not None else list(range(conv.in_channels))
-                gw = torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), k, k), ga, conv.stride, conv.padding,
+                gw = torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), kh, kw), ga, conv.stride, pad,
                                                  groups=1)
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[:, ch] = gw
             held.append(GRAD_BYTES * gw.numel())
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.in_shape, w, ga, conv.stride, conv.padding, groups=conv.groups)
+            if sym:
+                grad_x = torch.nn.grad.conv2d_input(ctx.in_shape, w, ga, conv.stride, pad, groups=conv.groups)
+            else:
+                n, c, h, wd = ctx.in_shape
+                pt, pb, pl, pr = conv.padding
+                gp = torch.nn.grad.conv2d_input((n, c, h + pt + pb, wd + pl + pr), w, ga, conv.stride, 0,
+                                                groups=conv.groups)
+                grad_x = gp[:, :, pt:pt + h, pl:pl + wd].contiguous()
             held.append(tensor_bytes(grad_x, "fp32"))
         _check_grads(led, events, held)
         events.backward(led)
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _check_grads(led: Ledger | NullLedger, events: OpEvents, held: list[int]) -> None:
-    """The gradients an op's backward really produced against those its events planned."""
-    planned = [n for _, n, _ in events.param_grads] + [n for _, n in events.input_grads]
-    for i, (p, a) in enumerate(zip(planned, held, strict=False)):
-        led.check(f"gradient {i} of {events.tag}", p, a)
-    led.check(f"gradient count of {events.tag}", len(planned), len(held))
-
-
 class QConv(_QParamsMixin, nn.Module):
-    """An int8 convolution (regular, depthwise or pointwise) with int32 bias and per-channel weight scales.
+    """An int8 convolution (regular, depthwise, pointwise, or fully connected) with int32 bias.
 
     Parameters
     ----------
     weight
-        int8 values, ``O x I/groups x k x k``.
+        int8 values, ``O x I/groups x kh x kw`` (``O x I x 1 x 1`` for a fully connected op).
     bias
         int32 values, ``O`` (scale ``w_scales * x_scale``).
     w_scales
-        ``O`` float scales of the weight's output channels.
+        ``O`` float scales of the weight's output channels (all equal for a per-tensor FC).
     x_scale, x_zero, y_scale, y_zero
         Input and output activation quantization.
     stride, groups
-        As in ``nn.Conv2d``; padding is ``k // 2``.
+        As in ``nn.Conv2d``.
+    padding
+        ``(top, bottom, left, right)`` zero-point padding; default ``k // 2`` on every side.
+    activation
+        The fused activation (``NONE``, ``RELU``, ``RELU6``): TFLite's clamp of the output.
+    kind
+        ``conv``, ``depthwise`` or ``fc`` (a TFLite FULLY_CONNECTED: per-tensor multiplier
+        computed as TFLM does); default from ``groups``.
 
     Notes
     -----
-    A folded ReLU6 needs no clamp of its own: its output range [0, 6] is the
-    int8 range (``y_zero = -128``), so clamping to int8 is the activation.
+    A folded ReLU6 needs no clamp of its own when its output range [0, 6] is the
+    int8 range (``y_zero = -128``): clamping to int8 is the activation; ``relu``
+    records that one is there (the paper's accounting counts its mask).
     ``train_channels`` (set by a sparse-update scheme) restricts the weight
     gradient to some input channels (channels, for a depthwise conv).
     """
@@ -199,21 +243,34 @@ class QConv(_QParamsMixin, nn.Module):
     WIRE_DTYPES = {"weight": "int8", "bias": "int32"}
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scales: torch.Tensor, x_scale: float, x_zero: int,
-                 y_scale: float, y_zero: int, stride: int = 1, groups: int = 1) -> None:
+                 y_scale: float, y_zero: int, stride: int = 1, groups: int = 1, *,
+                 padding: tuple[int, int, int, int] | None = None, activation: str = "NONE",
+                 kind: str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
         self.register_buffer("w_scales", torch.as_tensor(w_scales, dtype=torch.float32).clone())
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.stride, self.groups = int(stride), int(groups)
-        self.padding = self.weight.shape[-1] // 2
+        kh, kw = (int(v) for v in self.weight.shape[-2:])
+        self.padding = tuple(int(p) for p in padding) if padding is not None else (kh // 2, kh // 2, kw // 2, kw // 2)
+        if activation not in ACTIVATIONS:
+            raise ModelFileError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+        self.activation = activation
+        self.kind = kind or ("depthwise" if self.is_depthwise else "conv")
         self.tag = "conv"
-        self.relu = False  # a folded ReLU6 follows (set by the model from the layer's role)
-        self.skip_tag = ""  # the first conv of a residual block merges the skip gradient
+        self.relu = activation != "NONE"  # a ReLU follows (folded or fused): its mask counts in the paper's accounting
         self.train_channels: list[int] | None = None
+        self._mult_key: tuple | None = None
+        self._mult: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]:
+        return int(self.weight.shape[-2]), int(self.weight.shape[-1])
 
     @property
     def kernel_size(self) -> int:
+        """The kernel's width (its side, for the square kernels of MCUNet-style models)."""
         return int(self.weight.shape[-1])
 
     @property
@@ -227,6 +284,17 @@ class QConv(_QParamsMixin, nn.Module):
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.out_channels
+
+    def torch_padding(self) -> tuple[int | tuple[int, int], bool]:
+        """``(padding for torch's conv, symmetric?)``: asymmetric padding is applied with ``F.pad`` first."""
+        pt, pb, pl, pr = self.padding
+        if pt == pb and pl == pr:
+            return (pt, pl), True
+        return 0, False
+
+    def pad_lrtb(self) -> tuple[int, int, int, int]:
+        pt, pb, pl, pr = self.padding
+        return pl, pr, pt, pb
 
     def set_train_channels(self, channels: list[int] | None) -> None:
         """Restrict weight training to these input channels (None: all channels of a trained weight)."""
@@ -247,11 +315,37 @@ class QConv(_QParamsMixin, nn.Module):
         return per * len(self.train_channels)
 
     def out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
-        return _conv_out_hw(hw, self.kernel_size, self.stride)
+        (kh, kw), (pt, pb, pl, pr), s = self.kernel_hw, self.padding, self.stride
+        return (hw[0] + pt + pb - kh) // s + 1, (hw[1] + pl + pr - kw) // s + 1
 
     def multiplier(self) -> torch.Tensor:
-        """Per-channel effective scale ``s_x * s_w / s_y`` of the requantization."""
+        """Per-channel effective scale ``s_x * s_w / s_y`` (float, for the backward)."""
         return (self.x_scale * self.w_scales.double() / self.y_scale).float()
+
+    def quantized_multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """TFLM's fixed-point ``(multiplier, shift)`` per output channel (int64), cached on the scales."""
+        key = (tuple(self.qparams.tolist()), self.w_scales.numpy().tobytes(), self.kind)
+        if key != self._mult_key:
+            if self.kind == "fc":
+                m, s = kernels.fc_multiplier(float(self.qparams[0]), float(self.w_scales[0]), float(self.qparams[2]))
+                n = self.out_channels
+                self._mult = (torch.full((n,), int(m), dtype=torch.int64), torch.full((n,), int(s), dtype=torch.int64))
+            else:
+                m, s = kernels.conv_multipliers(float(self.qparams[0]), self.w_scales.numpy(), float(self.qparams[2]))
+                self._mult = (torch.as_tensor(m, dtype=torch.int64), torch.as_tensor(s, dtype=torch.int64))
+            self._mult_key = key
+        return self._mult
+
+    def act_range(self) -> tuple[int, int]:
+        """The output clamp: the fused activation's quantized range within int8."""
+        return kernels.activation_range(self.activation, self.y_scale, self.y_zero)
+
+    def requantize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The output before the clamp: int32 accumulation, TFLM's requantization, zero point (float storage)."""
+        acc = kernels.int_conv_acc(x - self.x_zero, weight, bias, self.stride, self.padding, self.groups)
+        mult, shift = self.quantized_multiplier()
+        y = kernels.multiply_by_quantized_multiplier(_as_int(acc), mult.view(1, -1, 1, 1), shift.view(1, -1, 1, 1))
+        return (y + self.y_zero).to(torch.float32)
 
     def trained_input_elements(self, in_shape: tuple[int, ...]) -> int:
         """Input elements saved for the weight gradient: the trained channels of an ``N x C x H x W`` input."""
@@ -262,7 +356,7 @@ class QConv(_QParamsMixin, nn.Module):
             return n * (self.out_channels if self.is_depthwise else self.in_channels) * h * w
         return n * len(self.train_channels) * h * w
 
-    def events(self, in_shape: tuple[int, ...], in_tag: str, *, keep_input: bool = False, need_x: bool = False,
+    def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool = False,
                need_w: bool | None = None, need_b: bool | None = None, inplace_depthwise: bool = True) -> OpEvents:
         """The buffers this convolution holds in a training step, for an ``N x C x H x W`` input.
 
@@ -274,48 +368,53 @@ class QConv(_QParamsMixin, nn.Module):
         n, _, h, w = in_shape
         oh, ow = self.out_hw((h, w))
         out = n * self.out_channels * oh * ow
+        keep_input = not wiring.last_reader[0]
         inplace = inplace_depthwise and self.is_depthwise and not keep_input
         grads = need_x or need_w or need_b
         n_sel = self.out_channels if self.train_channels is None else len(self.train_channels)
         w_rows = n_sel if self.is_depthwise else self.out_channels
         return OpEvents(
-            self.tag, out, () if keep_input else (f"act:{in_tag}",),
-            workspace=workspace_bytes(self.kernel_size, self.in_channels, self.is_depthwise, (h, w), (oh, ow), inplace),
+            self.tag, out, wiring.frees(),
+            workspace=workspace_bytes(self.kernel_hw, self.in_channels, self.is_depthwise, (h, w), (oh, ow), inplace,
+                                      self.padding),
             saved=(out + 7) // 8 + (self.trained_input_elements(in_shape) if need_w else 0) if grads else 0,
             inplace=inplace, in_backward=grads, grad_bytes=GRAD_BYTES * out,
             param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * self.out_channels, 1),) * need_b
             + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.trained_weight_elements(), w_rows),) * need_w,
-            input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x,
-            # The first conv of a residual block sums the skip's pending gradient into its input gradient.
-            releases=(self.skip_tag,) * (need_x and bool(self.skip_tag)))
+            input_grads=((wiring.grad_tags[0], GRAD_BYTES * _numel(in_shape)),) * need_x,
+            # The input's first reader sums the later readers' pending gradients into its input gradient.
+            releases=wiring.skips * need_x)
 
-    def run(self, x: torch.Tensor, in_tag: str = "", keep_input: bool = False,
-            quiet: bool = False) -> tuple[torch.Tensor, str]:
-        """Forward, reporting buffers to a recording ledger (unless ``quiet``); returns the output and its tag."""
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        """Forward, reporting buffers to a recording ledger (unless ``quiet``)."""
+        (x,) = inputs
         led = NULL if quiet else active()
         need_x, need_w, need_b = _grads(x.requires_grad, self.weight.requires_grad, self.bias.requires_grad)
-        events = self.events(tuple(x.shape), in_tag, keep_input=keep_input, need_x=need_x, need_w=need_w,
+        events = self.events(tuple(x.shape), wiring or Wiring.single(), need_x=need_x, need_w=need_w,
                              need_b=need_b, inplace_depthwise=led.inplace_depthwise)
         y = _QConvFn.apply(x, self.weight, self.bias, self, events, led)
         events.forward(led)
-        return y, self.tag
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)[0]
+        return self.run([x])
 
+
+# ---------------------------------------------------------------- add
 
 class _QAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, add: "QAdd", events: OpEvents, led: Ledger | NullLedger):
+        y = kernels.add_int8(_as_int(x), _as_int(b), add.add_params(), INT32_MIN, INT32_MAX).to(torch.float32)
+        lo, hi = add.act_range()
         ra, rb = add.x_scale / add.y_scale, float(add.bparams[0]) / add.y_scale
-        y = torch.round((x - add.x_zero) * ra + (b - float(add.bparams[1])) * rb + add.y_zero)
         ctx.ratios, ctx.events, ctx.ledger = (ra, rb), events, led
         mask = None
         if any(ctx.needs_input_grad[:2]):
-            mask = (y >= INT8_MIN) & (y <= INT8_MAX)
+            mask = (y >= lo) & (y <= hi)
         led.check(f"saved:{add.tag}", events.saved, 0 if mask is None else tensor_bytes(mask, "bit"))
         ctx.save_for_backward(mask)
-        return y.clamp(INT8_MIN, INT8_MAX)
+        return y.clamp(lo, hi)
 
     @staticmethod
     def backward(ctx, g):
@@ -337,127 +436,197 @@ class _QAddFn(torch.autograd.Function):
 
 
 class QAdd(_QParamsMixin, nn.Module):
-    """Residual add: requantize both int8 inputs to the output scale, add, round, clamp.
+    """Elementwise add of two int8 tensors (a residual), as TFLM's ADD computes it.
 
-    ``x`` is the block input (``x_scale``, ``x_zero``); the other input carries
-    its own ``b_scale``, ``b_zero`` (the block's last convolution output).
+    ``x`` is the first input (``x_scale``, ``x_zero``); the other input carries its own
+    ``b_scale``, ``b_zero`` (``bparams``).
     """
 
-    def __init__(self, x_scale: float, x_zero: int, b_scale: float, b_zero: int, y_scale: float, y_zero: int) -> None:
+    def __init__(self, x_scale: float, x_zero: int, b_scale: float, b_zero: int, y_scale: float, y_zero: int,
+                 *, activation: str = "NONE") -> None:
         super().__init__()
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.register_buffer("bparams", torch.tensor([b_scale, b_zero], dtype=torch.float64))
+        self.activation = activation
         self.tag = "add"
+        self._key: tuple | None = None
+        self._params = None
 
-    def events(self, shape: tuple[int, ...], x_tag: str, b_tag: str, *, need_x: bool, need_b: bool) -> OpEvents:
-        """The buffers of the add in a training step: ``x`` is the block input, ``b`` the branch (both ``shape``)."""
+    def add_params(self):
+        key = (tuple(self.qparams.tolist()), tuple(self.bparams.tolist()))
+        if key != self._key:
+            self._params = kernels.add_params(self.x_scale, self.x_zero, float(self.bparams[0]), int(self.bparams[1]),
+                                              self.y_scale, self.y_zero)
+            self._key = key
+        return self._params
+
+    def act_range(self) -> tuple[int, int]:
+        return kernels.activation_range(self.activation, self.y_scale, self.y_zero)
+
+    def events(self, shape: tuple[int, ...], wiring: Wiring, *, need_x: bool, need_b: bool) -> OpEvents:
+        """The buffers of the add in a training step (both inputs ``shape``)."""
         out = _numel(shape)
         grads = need_x or need_b
-        return OpEvents(self.tag, out, (f"act:{x_tag}", f"act:{b_tag}"), saved=(out + 7) // 8 if grads else 0,
+        return OpEvents(self.tag, out, wiring.frees(), saved=(out + 7) // 8 if grads else 0,
                         in_backward=grads, grad_bytes=GRAD_BYTES * out,
-                        input_grads=((f"grad:skip:{self.tag}", GRAD_BYTES * out),) * need_x
-                        + ((f"grad:{b_tag}", GRAD_BYTES * out),) * need_b)
+                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * out),) * need_x
+                        + ((wiring.grad_tags[1], GRAD_BYTES * out),) * need_b,
+                        releases=wiring.skips * (need_x or need_b))
 
-    def run(self, x: torch.Tensor, x_tag: str, b: torch.Tensor, b_tag: str) -> tuple[torch.Tensor, str]:
-        led = active()
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        x, b = inputs
+        led = NULL if quiet else active()
         need_x, need_b = _grads(x.requires_grad, b.requires_grad)
-        events = self.events(tuple(b.shape), x_tag, b_tag, need_x=need_x, need_b=need_b)
+        events = self.events(tuple(b.shape), wiring or Wiring.single(2), need_x=need_x, need_b=need_b)
         y = _QAddFn.apply(x, b, self, events, led)
         events.forward(led)
-        return y, self.tag
+        return y
 
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.run(x, "", b, "")[0]
+        return self.run([x, b])
 
+
+# ---------------------------------------------------------------- average pool
 
 class _PoolFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, events: OpEvents, led: Ledger | NullLedger):
-        ctx.in_shape, ctx.events, ctx.ledger = x.shape, events, led
-        return torch.round(x.mean(dim=(2, 3), keepdim=True)).clamp(INT8_MIN, INT8_MAX)
+    def forward(ctx, x, pool: "QAvgPool", events: OpEvents, led: Ledger | NullLedger):
+        ctx.in_shape, ctx.pool, ctx.events, ctx.ledger = x.shape, pool, events, led
+        kernel, pad = pool.window(tuple(x.shape))
+        return kernels.avg_pool_int8(_as_int(x), kernel, pool.stride_for(tuple(x.shape)), pad,
+                                     INT8_MIN, INT8_MAX).to(torch.float32)
 
     @staticmethod
     def backward(ctx, g):
-        led, events = ctx.ledger, ctx.events
+        led, events, pool = ctx.ledger, ctx.events, ctx.pool
         led.check(f"grad:{events.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         n, c, h, w = ctx.in_shape
-        gx = (g / (h * w)).expand(n, c, h, w).contiguous()
+        if pool.is_global(tuple(ctx.in_shape)):
+            gx = (g / (h * w)).expand(n, c, h, w).contiguous()
+        else:
+            gx = pool.window_grad(tuple(ctx.in_shape), g)
         _check_grads(led, events, [tensor_bytes(gx, "fp32")])
         events.backward(led)
-        return gx, None, None
+        return gx, None, None, None
 
 
 class QAvgPool(nn.Module):
-    """Global average pool in the int8 domain: scale and zero point are unchanged, so
-    ``mean(x - z) + z = mean(x)``; the MCU sums in int32 and divides with rounding."""
+    """Average pool in the int8 domain (scale and zero point unchanged), as TFLM rounds it.
 
-    def __init__(self) -> None:
+    ``kernel=None`` is the global pool; otherwise a ``(kh, kw)`` window with ``stride``
+    and ``(top, bottom, left, right)`` padding (only valid elements are averaged).
+    """
+
+    def __init__(self, kernel: tuple[int, int] | None = None, stride: int = 1,
+                 padding: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
         super().__init__()
+        self.kernel = None if kernel is None else (int(kernel[0]), int(kernel[1]))
+        self.stride = int(stride)
+        self.padding = tuple(int(p) for p in padding)
         self.tag = "pool"
 
-    def events(self, in_shape: tuple[int, ...], in_tag: str, *, need_x: bool) -> OpEvents:
+    def is_global(self, in_shape: tuple[int, ...]) -> bool:
+        return self.kernel is None or (self.kernel == tuple(in_shape[2:]) and not any(self.padding))
+
+    def window(self, in_shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        if self.kernel is None:
+            return (int(in_shape[2]), int(in_shape[3])), (0, 0, 0, 0)
+        return self.kernel, self.padding
+
+    def stride_for(self, in_shape: tuple[int, ...]) -> int:
+        return 1 if self.kernel is None else self.stride
+
+    def out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        if self.kernel is None:
+            return 1, 1
+        (kh, kw), (pt, pb, pl, pr), s = self.kernel, self.padding, self.stride
+        return (hw[0] + pt + pb - kh) // s + 1, (hw[1] + pl + pr - kw) // s + 1
+
+    def window_grad(self, in_shape: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
+        """Gradient of a windowed mean over the valid elements of each window."""
+        pt, pb, pl, pr = self.padding
+        with torch.enable_grad():
+            x = torch.zeros(in_shape, requires_grad=True)
+            ones = torch.ones(in_shape)
+            pad = (pl, pr, pt, pb)
+            count = F.avg_pool2d(F.pad(ones, pad), self.kernel, self.stride, divisor_override=1)
+            y = F.avg_pool2d(F.pad(x, pad), self.kernel, self.stride, divisor_override=1) / count
+            (gx,) = torch.autograd.grad(y, x, g)
+        return gx
+
+    def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool) -> OpEvents:
         """The buffers of the pool in a training step, for an ``N x C x H x W`` input."""
-        out = in_shape[0] * in_shape[1]
-        return OpEvents(self.tag, out, (f"act:{in_tag}",), in_backward=need_x, grad_bytes=GRAD_BYTES * out,
-                        input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x)
+        out = in_shape[0] * in_shape[1] * _numel(self.out_hw(in_shape[2:]))
+        return OpEvents(self.tag, out, wiring.frees(), in_backward=need_x, grad_bytes=GRAD_BYTES * out,
+                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * _numel(in_shape)),) * need_x,
+                        releases=wiring.skips * need_x)
 
-    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        led = active()
-        events = self.events(tuple(x.shape), in_tag, need_x=_grads(x.requires_grad)[0])
-        y = _PoolFn.apply(x, events, led)
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        (x,) = inputs
+        led = NULL if quiet else active()
+        events = self.events(tuple(x.shape), wiring or Wiring.single(), need_x=_grads(x.requires_grad)[0])
+        y = _PoolFn.apply(x, self, events, led)
         events.forward(led)
-        return y, self.tag
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)[0]
+        return self.run([x])
 
 
-class QBlock(nn.Module):
-    """Inverted-residual block: optional pointwise expand, depthwise, pointwise project, optional add."""
+# ---------------------------------------------------------------- reshape, softmax
 
-    def __init__(self, pointwise1: QConv | None, depthwise: QConv, pointwise2: QConv, residual: QAdd | None) -> None:
+def to_nchw_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """fedtiny's NCHW form of a TFLite tensor shape (``[N, C]`` -> ``N x C x 1 x 1``; NHWC -> NCHW)."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) == 4:
+        return shape[0], shape[3], shape[1], shape[2]
+    if len(shape) == 2:
+        return shape[0], shape[1], 1, 1
+    raise ModelFileError(f"tensor shape {list(shape)}: only 2-D [N, C] and 4-D NHWC tensors are supported")
+
+
+class QReshape(nn.Module):
+    """RESHAPE in TFLite's (NHWC, row-major) element order; ``shape`` excludes the batch.
+
+    It writes no buffer of its own (a view of its input on the device).
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
         super().__init__()
-        self.pointwise1, self.depthwise, self.pointwise2, self.residual = pointwise1, depthwise, pointwise2, residual
-        depthwise.relu = True
-        if pointwise1 is not None:
-            pointwise1.relu = True
-
-    def convs(self) -> list[QConv]:
-        return [c for c in (self.pointwise1, self.depthwise, self.pointwise2) if c is not None]
-
-    def fusable(self, x: torch.Tensor) -> bool:
-        """Expansion and depthwise can run fused: no gradient passes through them."""
-        convs = [self.pointwise1, self.depthwise] if self.pointwise1 is not None else []
-        return bool(convs) and not x.requires_grad and not any(p.requires_grad for c in convs for p in c.parameters())
-
-    def fused_events(self, in_shape: tuple[int, ...], in_tag: str) -> OpEvents:
-        """The buffers of expansion + depthwise run fused (one expanded channel at a time, no gradient)."""
-        pw1, dw = self.pointwise1, self.depthwise
-        hw = (in_shape[2], in_shape[3])
-        mid_hw = pw1.out_hw(hw)
-        out_hw = dw.out_hw(mid_hw)
-        return OpEvents(dw.tag, in_shape[0] * dw.out_channels * out_hw[0] * out_hw[1],
-                        () if self.residual is not None else (f"act:{in_tag}",),
-                        workspace=fused_workspace_bytes(pw1.in_channels, dw.kernel_size, mid_hw, out_hw))
-
-    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        y, tag = x, in_tag
-        convs = self.convs()
-        led = active()
-        if led.fuse_frozen and self.fusable(x):
-            y, _ = self.pointwise1.run(y, tag, quiet=True)
-            y, tag = self.depthwise.run(y, "", quiet=True)
-            self.fused_events(tuple(x.shape), in_tag).forward(led)
-            convs = convs[2:]
-        for i, conv in enumerate(convs):
-            y, tag = conv.run(y, tag, keep_input=(conv is self.convs()[0] and self.residual is not None))
-        if self.residual is not None:
-            y, tag = self.residual.run(x, in_tag, y, tag)
-        return y, tag
+        self.shape = tuple(int(v) for v in shape)
+        self.tag = "reshape"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)[0]
+        n = x.shape[0]
+        nhwc = x.permute(0, 2, 3, 1).reshape(n, -1)
+        per = _numel(self.shape)
+        shape = self.shape if per == nhwc.shape[1] else (nhwc.shape[1],)  # a replaced head changed the width
+        c, h, w = to_nchw_shape((n, *shape))[1:]
+        return nhwc.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        return self(inputs[0])
+
+
+class QSoftmax(nn.Module):
+    """int8 SOFTMAX over channels as TFLM's reference kernel computes it (output scale 1/256, zero -128)."""
+
+    def __init__(self, x_scale: float, beta: float = 1.0, y_scale: float = 1 / 256, y_zero: int = -128) -> None:
+        super().__init__()
+        self.x_scale, self.beta, self.y_scale, self.y_zero = float(x_scale), float(beta), float(y_scale), int(y_zero)
+        self.tag = "softmax"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        flat = _as_int(x).permute(0, 2, 3, 1).reshape(-1, c)
+        y = kernels.softmax_int8(flat, kernels.softmax_params(self.x_scale, self.beta), self.y_zero)
+        return y.reshape(n, h, w, c).permute(0, 3, 1, 2).to(torch.float32)
+
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        return self(inputs[0])
+
+
+# ---------------------------------------------------------------- float head
 
 class _HeadFn(torch.autograd.Function):
     @staticmethod
@@ -501,107 +670,269 @@ class FloatHead(nn.Module):
         self.register_buffer("xparams", torch.tensor([x_scale, x_zero], dtype=torch.float64))
         self.tag = "classifier"
 
-    def events(self, in_shape: tuple[int, ...], in_tag: str, *, need_x: bool = False, need_w: bool | None = None,
+    def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool = False, need_w: bool | None = None,
                need_b: bool | None = None) -> OpEvents:
         """The buffers of the float head in a training step, for pooled ``N x C x 1 x 1`` features (fp32 logits)."""
         need_w = self.weight.requires_grad if need_w is None else need_w
         need_b = self.bias.requires_grad if need_b is None else need_b
         classes = self.weight.shape[0]
         out = 4 * in_shape[0] * classes
-        return OpEvents(self.tag, out, (f"act:{in_tag}",), saved=4 * _numel(in_shape) if need_w else 0,
+        return OpEvents(self.tag, out, wiring.frees(), saved=4 * _numel(in_shape) if need_w else 0,
                         in_backward=need_x or need_w or need_b, grad_bytes=GRAD_BYTES * in_shape[0] * classes,
                         param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * classes, 1),) * need_b
                         + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.weight.numel(), classes),) * need_w,
-                        input_grads=((f"grad:{in_tag}", GRAD_BYTES * _numel(in_shape)),) * need_x)
+                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * _numel(in_shape)),) * need_x,
+                        releases=wiring.skips * need_x)
 
-    def run(self, x: torch.Tensor, in_tag: str = "") -> tuple[torch.Tensor, str]:
-        led = active()
+    def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
+        (x,) = inputs
+        led = NULL if quiet else active()
         need_x, need_w, need_b = _grads(x.requires_grad, self.weight.requires_grad, self.bias.requires_grad)
-        events = self.events(tuple(x.shape), in_tag, need_x=need_x, need_w=need_w, need_b=need_b)
+        events = self.events(tuple(x.shape), wiring or Wiring.single(), need_x=need_x, need_w=need_w, need_b=need_b)
         y = _HeadFn.apply(x, self.weight, self.bias, self, events, led)
         events.forward(led)
-        return y, self.tag
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)[0]
+        return self.run([x])
+
+
+# ---------------------------------------------------------------- the graph
+
+@dataclass(frozen=True)
+class Node:
+    """One op of the graph: the module's name (also its output tensor and buffer tag) and what it reads."""
+
+    op: str
+    inputs: tuple[str, ...]
+
+
+def fusable(pw: nn.Module, dw: nn.Module) -> bool:
+    """A pointwise convolution whose output only a depthwise convolution reads can run fused with it."""
+    return (isinstance(pw, QConv) and isinstance(dw, QConv) and pw.kind == "conv" and pw.kernel_hw == (1, 1)
+            and pw.groups == 1 and dw.is_depthwise)
+
+
+def fused_events(pw: QConv, dw: QConv, in_shape: tuple[int, ...], wiring: Wiring) -> OpEvents:
+    """The buffers of a pointwise expansion + depthwise run fused (one expanded channel at a time, no gradient)."""
+    hw = (in_shape[2], in_shape[3])
+    mid_hw = pw.out_hw(hw)
+    out_hw = dw.out_hw(mid_hw)
+    return OpEvents(dw.tag, in_shape[0] * dw.out_channels * out_hw[0] * out_hw[1], wiring.frees(),
+                    workspace=fused_workspace_bytes(pw.in_channels, dw.kernel_hw, mid_hw, out_hw, dw.padding))
 
 
 class QModel(nn.Module):
-    """An int8 MCU network: input quantization, first conv, blocks, optional feature mix, pool, classifier.
+    """An int8 MCU network: a graph of ops in topological order, from the quantized input to the head.
 
     Parameters
     ----------
+    ops
+        ``(module, inputs)`` in topological order; each module's ``tag`` is its name, the name of
+        the tensor it writes, and its attribute on the model (so parameters are ``conv3.weight``).
+        ``inputs`` names the tensors it reads: ``"input"`` or earlier ops. One op must be
+        named ``classifier`` (the head: what transfer learning replaces).
     input_scale, input_zero
-        Quantization of the (normalized) input image.
+        Quantization of the (normalized) input.
     input_mean, input_std
         Normalization applied to images in ``[0, 1]`` before quantization.
     input_shape
-        ``(C, H, W)`` the network was built and quantized for, when known (a published model's 3x128x128).
+        ``(C, H, W)`` the network was built and quantized for, when known.
     """
 
-    def __init__(self, first_conv: QConv, blocks: list[QBlock], feature_mix: QConv | None, classifier: QConv | FloatHead,
-                 input_scale: float, input_zero: int, input_mean: float = 0.0, input_std: float = 1.0,
+    def __init__(self, ops: Sequence[tuple[nn.Module, Sequence[str]]], input_scale: float, input_zero: int,
+                 input_mean: float = 0.0, input_std: float = 1.0,
                  input_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
-        self.first_conv = first_conv
-        self.blocks = nn.ModuleList(blocks)
-        self.feature_mix = feature_mix
-        self.pool = QAvgPool()
-        self.classifier = classifier
         self.register_buffer("input_params", torch.tensor([input_scale, input_zero, input_mean, input_std],
                                                           dtype=torch.float64))
-        first_conv.relu = True
-        if feature_mix is not None:
-            feature_mix.relu = True
-        for i, conv in enumerate(self.convs()):
-            conv.tag = f"conv{i}"
-        for j, block in enumerate(blocks):
-            if block.residual is not None:
-                block.residual.tag = f"add{j}"
-                block.convs()[0].skip_tag = f"grad:skip:add{j}"
-        self.classifier.tag = "classifier"
+        known = {"input"}
+        nodes = []
+        for module, inputs in ops:
+            name = module.tag
+            if name in known or not name.isidentifier() or hasattr(nn.Module, name):
+                raise ModelFileError(f"graph: op name {name!r} is repeated or not a valid name")
+            missing = [t for t in inputs if t not in known]
+            if missing:
+                raise ModelFileError(f"graph: op {name!r} reads {missing[0]!r} before it is written")
+            self.add_module(name, module)
+            nodes.append(Node(name, tuple(inputs)))
+            known.add(name)
+        if "classifier" not in known:
+            raise ModelFileError("graph: no op is named 'classifier' (the head)")
+        self.nodes: list[Node] = nodes
+        self._head = [n.op for n in nodes].index("classifier")
+
+    # -- structure
+
+    def op(self, name: str) -> nn.Module:
+        return getattr(self, name)
 
     def convs(self) -> list[QConv]:
-        """Every int8 convolution in forward order (the classifier excluded): the paper's layer indices."""
-        out = [self.first_conv]
-        for b in self.blocks:
-            out += b.convs()
-        if self.feature_mix is not None:
-            out.append(self.feature_mix)
+        """Every int8 convolution (and FC) before the head, in forward order: the paper's layer indices."""
+        return [m for m in (self.op(n.op) for n in self.nodes[:self._head]) if isinstance(m, QConv)]
+
+    def buffer_of(self, tensor: str) -> str:
+        """The buffer holding ``tensor``: a reshape's output is its input's buffer."""
+        while tensor != "input" and isinstance(self.op(tensor), QReshape):
+            tensor = self.nodes[[n.op for n in self.nodes].index(tensor)].inputs[0]
+        return tensor
+
+    def wiring(self, upto: int | None = None) -> list[Wiring | None]:
+        """Each op's :class:`Wiring` (``None`` for reshapes) for the graph run up to op ``upto`` (the head)."""
+        upto = self._head if upto is None else upto
+        nodes = self.nodes[:upto + 1]
+        readers: dict[str, list[int]] = {}
+        for i, node in enumerate(nodes):
+            if isinstance(self.op(node.op), QReshape):
+                continue
+            for t in node.inputs:
+                readers.setdefault(self.buffer_of(t), []).append(i)
+        out: list[Wiring | None] = []
+        for i, node in enumerate(nodes):
+            if isinstance(self.op(node.op), QReshape):
+                out.append(None)
+                continue
+            tags = tuple(self.buffer_of(t) for t in node.inputs)
+            last = tuple(readers[t][-1] == i for t in tags)
+            grad_tags = tuple(f"grad:{t}" if readers[t][0] == i else f"grad:skip:{node.op}" for t in tags)
+            skips = tuple(f"grad:skip:{self.nodes[j].op}" for t in tags if readers[t][0] == i for j in readers[t][1:])
+            out.append(Wiring(tags, last, grad_tags, skips))
         return out
+
+    @property
+    def head(self) -> nn.Module:
+        return self.classifier
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the input image."""
+        if self.input_shape:
+            return self.input_shape[0]
+        first = next(self.op(n.op) for n in self.nodes if "input" in n.inputs)
+        return first.in_channels
+
+    # -- forward
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> int8 input (straight-through, so inputs can be attacked by gradient)."""
         scale, zero, mean, std = (float(v) for v in self.input_params)
         return torch.clamp(round_ste((x - mean) / std / scale) + zero, INT8_MIN, INT8_MAX)
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        xq = self.quantize_input(x)
-        OpEvents("input", xq.numel()).forward(active())
-        y, tag = self.first_conv.run(xq, "input")
-        for block in self.blocks:
-            y, tag = block.run(y, tag)
-        if self.feature_mix is not None:
-            y, tag = self.feature_mix.run(y, tag)
-        return self.pool.run(y, tag)
+    def _run(self, xq: torch.Tensor, upto: int, *, record: bool = True) -> dict[str, torch.Tensor]:
+        """Run ops ``0..upto`` on the int8 input; every tensor by name."""
+        led = active() if record else NULL
+        if record:
+            OpEvents("input", xq.numel()).forward(led)
+        env = {"input": xq}
+        wiring = self.wiring(upto) if record and led is not NULL else [None] * (upto + 1)
+        i = 0
+        while i <= upto:
+            node = self.nodes[i]
+            module = self.op(node.op)
+            xs = [env[t] for t in node.inputs]
+            nxt = self.nodes[i + 1] if i + 1 <= upto else None
+            w = wiring[i] or (None if isinstance(module, QReshape) else Wiring.single(len(xs)))
+            if (led.fuse_frozen and nxt is not None and fusable(module, self.op(nxt.op))
+                    and nxt.inputs == (node.op,) and self._only_reader(i) and not xs[0].requires_grad
+                    and not any(p.requires_grad for m in (module, self.op(nxt.op)) for p in m.parameters())):
+                dw = self.op(nxt.op)
+                mid = module.run(xs, quiet=True)
+                env[node.op] = mid
+                env[nxt.op] = dw.run([mid], quiet=True)
+                fused_events(module, dw, tuple(xs[0].shape), w).forward(led)
+                i += 2
+                continue
+            env[node.op] = module.run(xs, w, quiet=not record) if not isinstance(module, QReshape) else module(xs[0])
+            i += 1
+        return env
+
+    def _only_reader(self, i: int) -> bool:
+        """Op ``i + 1`` is the only reader of op ``i``'s output."""
+        name = self.nodes[i].op
+        return sum(name in n.inputs for n in self.nodes) == 1
+
+    def head_input_name(self) -> str:
+        return self.nodes[self._head].inputs[0]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """int8 pooled features (N x C x 1 x 1) of images in [0, 1]."""
-        return self._features(x)[0]
+        """int8 input of the head (``N x C x 1 x 1`` pooled features) of images in [0, 1]."""
+        upto = self._head - 1
+        env = self._run(self.quantize_input(x), upto)
+        return env[self.head_input_name()]
 
     def int8_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's int8 output (only for an int8 classifier)."""
         if not isinstance(self.classifier, QConv):
             raise TypeError("the classifier is fp32; use forward() for float logits")
-        return self.classifier.run(*self._features(x))[0].flatten(1)
+        return self._run(self.quantize_input(x), self._head)["classifier"].flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits: dequantized int8 logits, or the fp32 head's output."""
-        y, _ = self.classifier.run(*self._features(x))
+        y = self._run(self.quantize_input(x), self._head)["classifier"]
         if isinstance(self.classifier, QConv):
             return (y.flatten(1) - self.classifier.y_zero) * self.classifier.y_scale
         return y
+
+    @torch.no_grad()
+    def int8_forward(self, xq: torch.Tensor) -> torch.Tensor:
+        """The deployed graph on an int8 input (``N x C x H x W``): every op, the softmax included."""
+        env = self._run(xq.to(torch.float32), len(self.nodes) - 1, record=False)
+        return env[self.nodes[-1].op]
+
+    @torch.no_grad()
+    def int8_tensors(self, xq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of the deployed graph by name (tests compare them with TFLM's)."""
+        return self._run(xq.to(torch.float32), len(self.nodes) - 1, record=False)
+
+
+def from_blocks(first_conv: QConv, blocks: Sequence[tuple[QConv | None, QConv, QConv, QAdd | None]],
+                feature_mix: QConv | None, classifier: QConv | FloatHead, input_scale: float, input_zero: int,
+                input_mean: float = 0.0, input_std: float = 1.0,
+                input_shape: tuple[int, int, int] | None = None, pool: QAvgPool | None = None) -> QModel:
+    """The inverted-residual layout (tiny-training's MCUNet, MobileNetV2, ProxylessNAS; tiny-ir) as a graph.
+
+    ``blocks`` are ``(pointwise1 or None, depthwise, pointwise2, residual add or None)``. Convolutions
+    are named ``conv0``.. in forward order, a block's add ``add<block index>``; ReLU6 (folded into the
+    int8 clamp) follows the first conv, expansions, depthwise convs and the feature mix.
+    """
+    ops: list[tuple[nn.Module, tuple[str, ...]]] = []
+    convs: list[QConv] = []
+
+    def conv(c: QConv, relu: bool, src: str) -> str:
+        c.tag, c.relu = f"conv{len(convs)}", relu
+        convs.append(c)
+        ops.append((c, (src,)))
+        return c.tag
+
+    t = conv(first_conv, True, "input")
+    for j, (pw1, dw, pw2, res) in enumerate(blocks):
+        block_in = t
+        if pw1 is not None:
+            t = conv(pw1, True, t)
+        t = conv(dw, True, t)
+        t = conv(pw2, False, t)
+        if res is not None:
+            res.tag = f"add{j}"
+            ops.append((res, (block_in, t)))
+            t = res.tag
+    if feature_mix is not None:
+        t = conv(feature_mix, True, t)
+    pool = pool or QAvgPool()
+    pool.tag = "pool"
+    ops.append((pool, (t,)))
+    classifier.tag = "classifier"
+    ops.append((classifier, ("pool",)))
+    return QModel(ops, input_scale, input_zero, input_mean, input_std, input_shape)
+
+
+def head_weight_scales(w: torch.Tensor, *, per_tensor: bool) -> torch.Tensor:
+    """Symmetric int8 scales of a float head's rows: one per row, or one shared (a per-tensor FC)."""
+    rows = w.abs().max(dim=1).values
+    if per_tensor:
+        rows = rows.max().expand_as(rows)
+    return rows.clamp_min(1e-8) / 127
 
 
 def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", seed: int = 0,
@@ -617,12 +948,14 @@ def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", se
                                                                                  int(old.xparams[1]))
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(num_classes, cin, generator=gen) / cin ** 0.5
+    fc = isinstance(old, QConv) and old.kind == "fc"  # a TFLite FULLY_CONNECTED head stays one (per-tensor scale)
     if precision == "fp32":
         head: nn.Module = FloatHead(w, torch.zeros(num_classes), x_scale, x_zero)
     elif precision == "int8":
-        w_scales = w.abs().max(dim=1).values.clamp_min(1e-8) / 127
+        w_scales = head_weight_scales(w, per_tensor=fc)
         w_int = torch.round(w / w_scales[:, None]).clamp(-127, 127).view(num_classes, cin, 1, 1)
-        head = QConv(w_int, torch.zeros(num_classes), w_scales, x_scale, x_zero, 2 * logit_range / 255, 0)
+        head = QConv(w_int, torch.zeros(num_classes), w_scales, x_scale, x_zero, 2 * logit_range / 255, 0,
+                     kind="fc" if fc else None)
     else:
         raise ScenarioError(f"model.classifier_precision: must be int8 or fp32, got {precision!r}")
     head.tag = "classifier"

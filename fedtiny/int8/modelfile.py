@@ -13,62 +13,111 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedtiny.errors import ModelFileError
-from fedtiny.int8.graph import FloatHead, QAdd, QBlock, QConv, QModel
+
+from fedtiny.int8.graph import FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, QSoftmax, from_blocks
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
 __all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
            "FORMAT"]
 
 FORMAT = "fedtiny-int8"
-VERSION = 1
+VERSION = 2  # 2: a graph of ops; 1: the inverted-residual layout (still read)
 
-def _conv_desc(c: QConv) -> dict[str, int]:
-    return {"in": c.in_channels, "out": c.out_channels, "kernel": c.kernel_size, "stride": c.stride, "groups": c.groups}
+
+def _op_desc(m: nn.Module) -> dict[str, Any]:
+    if isinstance(m, QConv):
+        return {"op": "conv", "kind": m.kind, "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_hw),
+                "stride": m.stride, "groups": m.groups, "padding": list(m.padding), "activation": m.activation,
+                "relu": m.relu}
+    if isinstance(m, FloatHead):
+        return {"op": "float-head", "in": int(m.weight.shape[1]), "out": int(m.weight.shape[0])}
+    if isinstance(m, QAdd):
+        return {"op": "add", "activation": m.activation}
+    if isinstance(m, QAvgPool):
+        return {"op": "avgpool", "kernel": list(m.kernel) if m.kernel else None, "stride": m.stride,
+                "padding": list(m.padding)}
+    if isinstance(m, QReshape):
+        return {"op": "reshape", "shape": list(m.shape)}
+    if isinstance(m, QSoftmax):
+        return {"op": "softmax", "x_scale": m.x_scale, "beta": m.beta, "y_scale": m.y_scale, "y_zero": m.y_zero}
+    raise ModelFileError(f"cannot describe op {type(m).__name__}")
 
 
 def describe(model: QModel) -> dict[str, Any]:
-    """The layout of ``model`` (no tensor values) as JSON-able dict."""
-    head = model.classifier
+    """The layout of ``model`` (no tensor values) as JSON-able dict: its ops in order."""
     return {
         "format": FORMAT, "version": VERSION,
-        "first_conv": _conv_desc(model.first_conv),
-        "blocks": [{"pointwise1": _conv_desc(b.pointwise1) if b.pointwise1 is not None else None,
-                    "depthwise": _conv_desc(b.depthwise), "pointwise2": _conv_desc(b.pointwise2),
-                    "residual": b.residual is not None} for b in model.blocks],
-        "feature_mix": _conv_desc(model.feature_mix) if model.feature_mix is not None else None,
-        "classifier": {"precision": "int8" if isinstance(head, QConv) else "fp32",
-                       "in": int(head.weight.shape[1]), "out": int(head.weight.shape[0])},
-        # Optional in version 1: files written before it was recorded still load.
+        "ops": [{"name": n.op, "inputs": list(n.inputs), **_op_desc(model.op(n.op))} for n in model.nodes],
         **({"input_shape": list(model.input_shape)} if model.input_shape else {}),
     }
 
 
+def _ints(d: dict[str, Any], key: str, n: int, where: str) -> tuple[int, ...]:
+    v = d.get(key)
+    if not isinstance(v, list) or len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ModelFileError(f"{where}: {key} must be a list of {n} integers, got {v!r}")
+    return tuple(v)
+
+
 def _conv_from(d: dict[str, Any], where: str) -> QConv:
     try:
-        cin, cout, k, stride, groups = (int(d[key]) for key in ("in", "out", "kernel", "stride", "groups"))
+        cin, cout, stride, groups = (int(d[key]) for key in ("in", "out", "stride", "groups"))
+        k = d["kernel"]
+        kh, kw = (int(k), int(k)) if isinstance(k, int) else _ints(d, "kernel", 2, where)
+        padding = _ints(d, "padding", 4, where) if "padding" in d else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{where}: bad convolution layout {d!r} ({exc})") from None
-    if min(cin, cout, k, stride, groups) < 1 or cin % groups or cout % groups or k % 2 == 0 or k > 11:
+    if (min(cin, cout, kh, kw, stride, groups) < 1 or cin % groups or cout % groups or max(kh, kw) > 15
+            or (padding is not None and (min(padding) < 0 or max(padding) >= max(kh, kw)))):
         raise ModelFileError(f"{where}: impossible convolution {d!r}")
-    return QConv(torch.zeros(cout, cin // groups, k, k), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0,
-                 stride, groups)
+    conv = QConv(torch.zeros(cout, cin // groups, kh, kw), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0,
+                 stride, groups, padding=padding, activation=str(d.get("activation", "NONE")),
+                 kind=d.get("kind") if d.get("kind") in ("conv", "depthwise", "fc") else None)
+    conv.relu = bool(d.get("relu", conv.relu))
+    return conv
 
 
-def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
-    """A :class:`QModel` with ``layout``'s structure and placeholder values (load a state into it)."""
-    if layout.get("format") != FORMAT or layout.get("version") != VERSION:
-        raise ModelFileError(f"{where}: not a {FORMAT} v{VERSION} layout "
-                             f"(format={layout.get('format')!r}, version={layout.get('version')!r})")
+def _op_from(d: dict[str, Any], where: str) -> nn.Module:
+    op = d.get("op")
+    if op == "conv":
+        return _conv_from(d, where)
+    if op == "float-head":
+        cin, cout = int(d["in"]), int(d["out"])
+        return FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
+    if op == "add":
+        return QAdd(1.0, 0, 1.0, 0, 1.0, 0, activation=str(d.get("activation", "NONE")))
+    if op == "avgpool":
+        kernel = None if d.get("kernel") is None else _ints(d, "kernel", 2, where)
+        return QAvgPool(kernel, int(d.get("stride", 1)), _ints(d, "padding", 4, where) if "padding" in d else (0,) * 4)
+    if op == "reshape":
+        shape = d.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise ModelFileError(f"{where}: reshape shape must be positive integers, got {shape!r}")
+        return QReshape(shape)
+    if op == "softmax":
+        return QSoftmax(float(d["x_scale"]), float(d.get("beta", 1.0)), float(d.get("y_scale", 1 / 256)),
+                        int(d.get("y_zero", -128)))
+    raise ModelFileError(f"{where}: unknown op {op!r}")
+
+
+def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str]]:
+    """A version-1 (inverted-residual) layout, and the renaming of its tensors to the graph's names."""
+    old: list[str] = ["first_conv"]
     blocks = []
     for j, b in enumerate(layout["blocks"]):
         pw1 = _conv_from(b["pointwise1"], f"{where}: blocks[{j}].pointwise1") if b.get("pointwise1") else None
         dw = _conv_from(b["depthwise"], f"{where}: blocks[{j}].depthwise")
         pw2 = _conv_from(b["pointwise2"], f"{where}: blocks[{j}].pointwise2")
         res = QAdd(1.0, 0, 1.0, 0, 1.0, 0) if b.get("residual") else None
-        blocks.append(QBlock(pw1, dw, pw2, res))
+        old += [f"blocks.{j}.{n}" for n, c in (("pointwise1", pw1), ("depthwise", dw), ("pointwise2", pw2))
+                if c is not None]
+        blocks.append((pw1, dw, pw2, res))
     mix = _conv_from(layout["feature_mix"], f"{where}: feature_mix") if layout.get("feature_mix") else None
+    if mix is not None:
+        old.append("feature_mix")
     c = layout["classifier"]
     cin, cout = int(c["in"]), int(c["out"])
     if c["precision"] == "int8":
@@ -77,12 +126,39 @@ def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
         head = FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
     else:
         raise ModelFileError(f"{where}: classifier.precision must be int8 or fp32, got {c['precision']!r}")
+    model = from_blocks(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0)
+    rename = {o: f"conv{i}" for i, o in enumerate(old)}
+    rename.update({f"blocks.{j}.residual": f"add{j}" for j, b in enumerate(blocks) if b[3] is not None})
+    return model, rename
+
+
+def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
+    """A :class:`QModel` with ``layout``'s structure and placeholder values (load a state into it)."""
+    return _skeleton(layout, where)[0]
+
+
+def _skeleton(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str]]:
+    if layout.get("format") != FORMAT or layout.get("version") not in (1, VERSION):
+        raise ModelFileError(f"{where}: not a {FORMAT} v1/v{VERSION} layout "
+                             f"(format={layout.get('format')!r}, version={layout.get('version')!r})")
+    if layout["version"] == 1:
+        model, rename = _skeleton_v1(layout, where)
+    else:
+        ops = []
+        for i, d in enumerate(layout["ops"]):
+            name, inputs = d.get("name"), d.get("inputs")
+            if not isinstance(name, str) or not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+                raise ModelFileError(f"{where}: ops[{i}] needs a name and a list of inputs")
+            module = _op_from(d, f"{where}: ops[{i}] ({name})")
+            module.tag = name
+            ops.append((module, tuple(inputs)))
+        model, rename = QModel(ops, 1.0, 0), {}
     shape = layout.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or len(shape) != 3 or not all(
             isinstance(v, int) and v > 0 for v in shape)):
         raise ModelFileError(f"{where}: input_shape must be [C, H, W], got {shape!r}")
-    return QModel(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0,
-                  input_shape=tuple(shape) if shape else None)
+    model.input_shape = tuple(shape) if shape else None
+    return model, rename
 
 
 def save_qmodel(model: QModel, path: str | Path) -> Path:
@@ -112,11 +188,18 @@ def load_qmodel(path: str | Path) -> QModel:
     except (KeyError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path}: no fedtiny layout in the metadata ({exc})") from None
     try:
-        model = skeleton(layout, str(path))
-    except (KeyError, TypeError) as exc:
+        model, rename = _skeleton(layout, str(path))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"{path}: bad layout ({exc})") from None
+    if rename:  # a version-1 file: tensors named after the old module tree
+        tensors = {_renamed(k, rename): v for k, v in tensors.items()}
     load_state_checked(model, tensors, str(path))
     return model
+
+
+def _renamed(name: str, rename: dict[str, str]) -> str:
+    module, _, attr = name.rpartition(".")
+    return f"{rename.get(module, module)}.{attr}" if module else name
 
 
 def load_state_checked(model: QModel, tensors: dict[str, np.ndarray], where: str) -> None:
@@ -171,19 +254,19 @@ def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
                        int(rp["y_zero"]))
         if b.get("se"):
             raise ModelFileError(f"{where}: blocks[{j}]: squeeze-excite blocks are not supported")
-        blocks.append(QBlock(pw1, dw, pw2, res))
+        blocks.append((pw1, dw, pw2, res))
     mix = conv(obj["feature_mix"], "feature_mix") if obj.get("feature_mix") else None
     head = conv(obj["classifier"], "classifier")
     try:
         size = int(obj["first_conv"].get("in_shape", 0))
     except (TypeError, ValueError):
         size = 0
-    return QModel(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5,
+    return from_blocks(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5,
                   input_shape=(first.in_channels, size, size) if size > 0 else None)
 
 
 def read_model(path: str | Path) -> QModel:
-    """An int8 model from a tiny-training ``.pkl`` (restricted reader) or a fedtiny model file.
+    """An int8 model from a tiny-training ``.pkl`` (restricted reader), a ``.tflite`` or a fedtiny model file.
 
     Raises
     ------
@@ -197,4 +280,8 @@ def read_model(path: str | Path) -> QModel:
         raise ModelFileError(f"{path}: no such model file")
     if path.suffix == ".pkl":
         return from_tiny_training(read_tiny_training(path), where=str(path))
+    if path.suffix == ".tflite":
+        from fedtiny.int8.tfl_convert import read_tflite_model
+
+        return read_tflite_model(path)
     return load_qmodel(path)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedtiny.int8.graph import FloatHead, QConv, QModel
+from fedtiny.int8.graph import FloatHead, QConv, QModel, head_weight_scales
 
 __all__ = ["HeadFit", "pooled_features", "fit_head"]
 
@@ -60,7 +60,7 @@ def _install(model: QModel, w: torch.Tensor, b: torch.Tensor, logit_range: float
             head.bias.copy_(b)
             return
         x_scale = head.x_scale
-        w_scales = w.abs().max(dim=1).values.clamp_min(1e-8) / 127
+        w_scales = head_weight_scales(w, per_tensor=head.kind == "fc")
         head.weight.copy_(torch.round(w / w_scales[:, None]).clamp(-127, 127).view_as(head.weight))
         head.bias.copy_(torch.round(b / (w_scales * x_scale)))
         head.w_scales.copy_(w_scales)
@@ -97,6 +97,6 @@ def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
         _install(model, w.detach(), b.detach(), logit_range=float(logits.abs().max()) * 1.1)
         scale, zero = _head_input(model)
         head_in = (feats / scale + zero).round().view(len(feats), -1, 1, 1)  # back to the int8 features
-        out = model.classifier.run(head_in)[0].flatten(1)
+        out = model.classifier(head_in).flatten(1)
         acc = float((out.argmax(1) == labels).float().mean())
     return HeadFit(w.detach(), b.detach(), acc, float_acc)

@@ -33,22 +33,13 @@ class FisherResult:
     seconds: float
 
 
-def _twin_convs(twin) -> list:
-    convs = [twin.first_conv]
-    for block in twin.blocks:
-        convs += [getattr(block, n) for n in ("pointwise1", "depthwise", "pointwise2") if getattr(block, n) is not None]
-    if twin.feature_mix is not None:
-        convs.append(twin.feature_mix)
-    return convs
-
-
 def fisher_potential(model, data: ImageSet, *, batch_size: int = 32, max_samples: int = 256) -> list[np.ndarray]:
     """Per convolution of the int8 ``model`` (forward order), the Fisher potential of each input channel."""
     from fedtiny.attack.surrogate import Surrogate
 
     twin = Surrogate(model)
     twin.requires_grad_(False)
-    convs = _twin_convs(twin)
+    convs = [getattr(twin, c.tag) for c in model.convs()]
     if len(convs) != len(model.convs()):
         raise SchemeError("fisher: the float twin's convolutions do not line up with the model's")
     inputs: list[torch.Tensor] = []

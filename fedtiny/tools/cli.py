@@ -258,7 +258,7 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
         raise ModelFileError(f"--model: {spec!r} is neither a built-in model (tiny-ir) nor a model file")
     if num_classes is not None or classifier_precision == "fp32":
         replace_head(model, num_classes or int(model.classifier.weight.shape[0]), precision=classifier_precision)
-    return model, (model.first_conv.in_channels, 128, 128)
+    return model, model.input_shape or (model.input_channels, 128, 128)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -351,12 +351,13 @@ def model_info(model) -> dict[str, Any]:
     head = model.classifier
     return {
         "convolutions": len(convs),
-        "blocks": len(model.blocks),
+        "ops": len(model.nodes),
+        "adds": sum(type(model.op(n.op)).__name__ == "QAdd" for n in model.nodes),
         "depthwise": sum(c.is_depthwise for c in convs),
         "parameters": sum(p.numel() for p in model.parameters()),
         "classes": int(head.weight.shape[0]),
         "classifier_precision": "int8" if hasattr(head, "w_scales") else "fp32",
-        "input_channels": convs[0].in_channels,
+        "input_channels": model.input_channels,
     }
 
 
