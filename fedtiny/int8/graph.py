@@ -247,9 +247,10 @@ class QConv(_QParamsMixin, nn.Module):
                  padding: tuple[int, int, int, int] | None = None, activation: str = "NONE",
                  kind: str | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
-        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
-        self.register_buffer("w_scales", torch.as_tensor(w_scales, dtype=torch.float32).clone())
+        # Contiguous copies: a transposed import must not reach the wire or a file with its strides.
+        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).contiguous().clone())
+        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).contiguous().clone())
+        self.register_buffer("w_scales", torch.as_tensor(w_scales, dtype=torch.float32).contiguous().clone())
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.stride, self.groups = int(stride), int(groups)
         kh, kw = (int(v) for v in self.weight.shape[-2:])

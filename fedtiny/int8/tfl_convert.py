@@ -63,13 +63,18 @@ def _scales(t: TensorDesc, n: int) -> np.ndarray:
     return np.full(n, s[0], np.float32) if s.size == 1 else s.reshape(n)
 
 
-def from_tflite(g: TFLiteGraph, where: str = "model") -> QModel:
-    """The :class:`QModel` of a ``.tflite`` graph (checked with :func:`check_supported` first)."""
+def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | None = None) -> QModel:
+    """The :class:`QModel` of a ``.tflite`` graph (checked with :func:`check_supported` first).
+
+    ``names``, when given, is filled with the fedtiny tensor name of each TFLite tensor index
+    that an op writes (the tests compare every tensor with TFLM's).
+    """
     check_supported(g, where)
     if len(g.inputs) != 1 or len(g.outputs) != 1:
         raise ModelFileError(f"{where}: fedtiny runs models with one input and one output "
                              f"(this one has {len(g.inputs)} and {len(g.outputs)})")
-    names: dict[int, str] = {g.inputs[0]: "input"}
+    names = {} if names is None else names
+    names[g.inputs[0]] = "input"
     counts: dict[str, int] = {}
     weighted = [k for k, op in enumerate(g.ops) if op.op in _WEIGHTED]
     if not weighted:

@@ -36,8 +36,8 @@ def to_wire(a: torch.Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
     a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(a.astype(np.float64)), info.min, info.max).astype(dtype)
-    return a.astype(dtype, copy=True)
+        return np.ascontiguousarray(np.clip(np.rint(a.astype(np.float64)), info.min, info.max).astype(dtype))
+    return np.ascontiguousarray(a.astype(dtype, copy=True))
 
 
 def model_arrays(model: nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -214,21 +214,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from fedtiny.int8.modelfile import from_tiny_training, load_qmodel, save_qmodel
-    from fedtiny.int8.zoo import read_tiny_training
+    from fedtiny.int8.modelfile import open_model, save_qmodel
 
-    if args.zoo_command == "import":
-        model = from_tiny_training(read_tiny_training(args.file), where=args.file)
-        save_qmodel(model, args.out)
-    else:
-        model = load_qmodel(args.file)
+    if args.zoo_command == "run":
+        return _zoo_run(args)
+    model = open_model(args.file)
     info = model_info(model)
     if args.zoo_command == "import":
+        save_qmodel(model, args.out)
+        info["written"] = str(args.out)
+    elif args.zoo_command == "export":
+        from fedtiny.int8.tfl_convert import export_tflite
+
+        export_tflite(model, args.out, description=f"fedtiny export of {args.file}")
         info["written"] = str(args.out)
     if args.json:
         print(json.dumps(info, sort_keys=True))
     else:
         print(_table([(k, v) for k, v in info.items()]))
+    return 0
+
+
+def _zoo_run(args: argparse.Namespace) -> int:
+    """``fedtiny zoo run``: int8 inputs (leading batch, the model's own layout) -> its int8 output tensor."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from fedtiny.int8.modelfile import open_model
+
+    nhwc = Path(args.file).suffix == ".tflite"
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"--input {args.input}: not a readable .npy file ({exc})") from None
+    model = open_model(args.file)
+    want = tuple(model.input_shape)
+    c, h, w = want
+    shape = (h, w, c) if nhwc else want
+    if h == w == 1 and x.ndim == 2:  # a [N, C] input (an FC model)
+        shape = (c,)
+    if x.dtype != np.int8 or tuple(x.shape[1:]) != shape:
+        raise ModelFileError(f"--input {args.input}: expected int8 of shape [N, {', '.join(map(str, shape))}] "
+                             f"({'NHWC' if nhwc else 'NCHW'}), got {x.dtype} {list(x.shape)}")
+    t = torch.from_numpy(x.astype(np.float32)).reshape(len(x), *((h, w, c) if nhwc else want))
+    if nhwc:
+        t = t.permute(0, 3, 1, 2)
+    y = model.int8_forward(t)
+    last = model.op(model.nodes[-1].op)
+    if tuple(y.shape[2:]) == (1, 1):
+        y = y.flatten(1)  # [N, C]: a classifier's or an FC model's output
+    elif nhwc:
+        y = y.permute(0, 2, 3, 1)
+    y = y.numpy().astype(np.int8)
+    np.save(args.out, y, allow_pickle=False)
+    if not args.quiet:
+        print(f"wrote {args.out}: int8 {list(y.shape)} from {type(last).__name__} {model.nodes[-1].op}", file=sys.stderr)
     return 0
 
 
@@ -380,15 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print summary.json as the last line of stdout")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("zoo", help="import published int8 MCU models (tiny-training .pkl), inspect model files")
+    p = sub.add_parser("zoo", help="import int8 MCU models (.tflite, tiny-training .pkl), export .tflite, run, inspect")
     zsub = p.add_subparsers(dest="zoo_command", required=True)
-    z = zsub.add_parser("import", help="read a tiny-training .pkl safely and write a fedtiny model file")
-    z.add_argument("file", help="tiny-training model, e.g. ../shared/models/tiny-training/mcunet-5fps.pkl")
+    model_help = "a .tflite, a tiny-training .pkl, a fedtiny model file, or a run folder (its final global model)"
+    z = zsub.add_parser("import", help="read a .tflite or tiny-training .pkl safely and write a fedtiny model file")
+    z.add_argument("file", help="e.g. ../shared/models/mlperf-tiny/vww_96_int8.tflite")
     z.add_argument("--out", required=True, help="fedtiny model file to write (.safetensors)")
     z.add_argument("--json", action="store_true", help="print the model facts as JSON")
     z.set_defaults(func=cmd_zoo)
-    z = zsub.add_parser("info", help="validate a fedtiny model file and print its facts")
-    z.add_argument("file")
+    z = zsub.add_parser("export", help="write a .tflite that TensorFlow Lite Micro runs unchanged")
+    z.add_argument("file", help=model_help)
+    z.add_argument("--out", required=True, help=".tflite file to write")
+    z.add_argument("--json", action="store_true", help="print the model facts as JSON")
+    z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("run", help="run a model's int8 graph on int8 inputs from a .npy file")
+    z.add_argument("file", help=model_help)
+    z.add_argument("--input", required=True, help=".npy of int8 inputs with a leading batch dimension, in the "
+                   "model's layout (NHWC for a .tflite, NCHW otherwise)")
+    z.add_argument("--out", required=True, help=".npy to write the int8 output tensor to (after SOFTMAX if any)")
+    z.add_argument("--quiet", action="store_true")
+    z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("info", help="validate a model and print its facts")
+    z.add_argument("file", help=model_help)
     z.add_argument("--json", action="store_true")
     z.set_defaults(func=cmd_zoo)
 
