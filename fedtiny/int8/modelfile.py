@@ -21,7 +21,6 @@ from fedtiny.int8.graph import FloatHead, QAdd, QAvgPool, QConv, QModel, QReshap
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
 __all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
-           "run_model", "open_model",
            "FORMAT"]
 
 FORMAT = "fedtiny-int8"
@@ -287,27 +286,3 @@ def read_model(path: str | Path) -> QModel:
         return read_tflite_model(path)
     return load_qmodel(path)
 
-
-def run_model(run_dir: str | Path) -> QModel:
-    """The final global model of a run folder (its ``scenario.toml`` and last checkpoint), fp32 runs refused."""
-    from fedtiny.federated.checkpoint import load_checkpoint
-    from fedtiny.federated.task import make_task
-    from fedtiny.scenario import load_scenario
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "scenario.toml").is_file():
-        raise ModelFileError(f"{run_dir}: not a run folder (no scenario.toml)")
-    task = make_task(load_scenario(run_dir / "scenario.toml"))
-    if not isinstance(task.model, QModel):
-        raise ModelFileError(f"{run_dir}: the run trained an fp32 model (model.precision = fp32); nothing int8 to use")
-    ck = load_checkpoint(run_dir)
-    load_state_checked(task.model, ck.state, f"{run_dir}: checkpoint round {ck.server_round}")
-    return task.model
-
-
-def open_model(spec: str | Path) -> QModel:
-    """Any int8 model a user names: a run folder, a ``.tflite``, a tiny-training ``.pkl`` or a fedtiny file."""
-    path = Path(spec)
-    if path.is_dir():
-        return run_model(path)
-    return read_model(path)

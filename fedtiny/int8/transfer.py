@@ -77,7 +77,11 @@ def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
     # Near-constant features (dead channels of a pruned backbone) must not get huge weights: once
     # clients fine-tune the backbone they move, and a huge weight would turn that into huge logits.
     std = feats.std(0)
-    mean, std = feats.mean(0), std.clamp_min(0.1 * float(std.median()) + 1e-12)
+    # Features constant on the public split (dead channels: many in a model trained for other data)
+    # carry nothing here and take no weight; the others' floor comes from the live ones.
+    live = std > 0
+    ref = float(std[live].median()) if bool(live.any()) else 1.0
+    mean, std = feats.mean(0), std.clamp_min(0.1 * ref + 1e-12)
     z = (feats - mean) / std
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(classes, feats.shape[1], generator=gen) / feats.shape[1] ** 0.5).requires_grad_()
@@ -91,6 +95,7 @@ def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
             F.cross_entropy(z[idx] @ w.t() + b, labels[idx]).backward()
             opt.step()
     with torch.no_grad():
+        w = w * live.to(w.dtype)
         w, b = w / std, b - (w / std) @ mean
         logits = feats @ w.t() + b
         float_acc = float((logits.argmax(1) == labels).float().mean())

@@ -214,7 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from fedtiny.int8.modelfile import open_model, save_qmodel
+    from fedtiny.int8.modelfile import save_qmodel
+    from fedtiny.tools.models import open_model
 
     if args.zoo_command == "run":
         return _zoo_run(args)
@@ -242,7 +243,7 @@ def _zoo_run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fedtiny.int8.modelfile import open_model
+    from fedtiny.tools.models import open_model
 
     nhwc = Path(args.file).suffix == ".tflite"
     try:
