@@ -167,3 +167,25 @@ def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
     assert summary["refused_clients_total"] == 2 and summary["uploads"] == 0
     assert summary["uplink_ratio_vs_dense_fp32"] is None and "nothing sent" in proc.stdout
     assert summary["peak_sram_bytes_max"] > 64 * 1024  # the full update's step does not fit the nRF52832
+
+
+MLPERF = SHARED_MODELS.parent / "mlperf-tiny"
+
+
+@pytest.mark.parametrize("name", ["vww_96_int8", "kws_ref_model", "pretrainedResnet_quant", "ad01_int8"])
+@pytest.mark.parametrize("scheme", ["full", "last-k:3", '{"n_bias_update": 4, "weight_update_idx": [1], '
+                                    '"weight_update_ratio": [0.5]}'])
+def test_planner_equals_ledger_imported_tflite(name, scheme):
+    """Any graph (residual ADDs, FC-only, reshapes, windowed pools, non-square kernels): planner == real step."""
+    from fedtiny.int8.tfl_convert import read_tflite_model
+
+    path = MLPERF / f"{name}.tflite"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    q = replace_head(read_tflite_model(path), 5)
+    r = resolve(parse_scheme(scheme), q)
+    rep = memory_report(q, r, q.input_shape, momentum=0.9)
+    led = measure_step(q, r, torch.rand(1, *q.input_shape), torch.tensor([2]), momentum=0.9)
+    assert rep.peak_sram_bytes == led.peak, (rep.peak_at, led.peak_at)
+    planned, _ = plan(q, q.input_shape, momentum=0.9)
+    assert planned.events == led.events

@@ -280,8 +280,7 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
     from pathlib import Path
 
     from fedtiny.int8.graph import replace_head
-    from fedtiny.int8.modelfile import from_tiny_training, load_qmodel
-    from fedtiny.int8.zoo import read_tiny_training
+    from fedtiny.int8.modelfile import read_model
 
     path = Path(spec)
     if spec == "tiny-ir":
@@ -293,12 +292,9 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
         model = ptq(build_model("tiny-ir", 1, num_classes or 10, image_size=8), np.zeros((1, 1, 8, 8), np.float32),
                     classifier_precision=classifier_precision)
         return model, (1, 8, 8)
-    if path.suffix == ".pkl":
-        model = from_tiny_training(read_tiny_training(path), where=spec)
-    elif path.is_file():
-        model = load_qmodel(path)
-    else:
+    if not path.is_file():
         raise ModelFileError(f"--model: {spec!r} is neither a built-in model (tiny-ir) nor a model file")
+    model = read_model(path)
     if num_classes is not None or classifier_precision == "fp32":
         replace_head(model, num_classes or int(model.classifier.weight.shape[0]), precision=classifier_precision)
     return model, model.input_shape or (model.input_channels, 128, 128)
@@ -449,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("memory", help="peak SRAM and flash of one training step of a model under a scheme")
-    p.add_argument("--model", required=True, help="tiny-ir, a fedtiny model file, or a tiny-training .pkl")
+    p.add_argument("--model", required=True, help="tiny-ir, a .tflite, a fedtiny model file, or a tiny-training .pkl")
     p.add_argument("--scheme", default="full", help="full, bias-only, last-k:N, a JSON/TOML file (schemes.json#id) "
                    "or inline JSON")
     p.add_argument("--num-classes", type=int, help="replace the classifier by a new head with N classes")
