@@ -76,7 +76,7 @@ def test_only_selected_tensors_and_channels_get_gradients():
     r = resolve(parse_scheme('{"n_bias_update": 2, "weight_update_idx": [6, 7], "weight_update_ratio": [0.25, 0.5]}'), q)
     apply_scheme(q, r)
     names = trainable_names(q)
-    assert "blocks.2.pointwise1.weight" in names and "blocks.0.depthwise.weight" not in names
+    assert "conv6.weight" in names and "conv1.weight" not in names  # conv6: block 2's expansion
     q(torch.rand(4, 1, 8, 8)).sum().backward()
     for conv in q.convs()[:6]:
         assert conv.weight.grad is None and conv.bias.grad is None
