@@ -141,3 +141,23 @@ def test_unsupported_operator_is_one_line_exit_2(tmp_path, cli):
     (tmp_path / "junk.tflite").write_bytes(path.read_bytes()[:1000])
     r = cli("zoo", "info", str(tmp_path / "junk.tflite"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fast_requantization_equals_tflm_formula():
+    """The per-channel fast path gives MultiplyByQuantizedMultiplier's integers (ties, left shifts, wide sums)."""
+    from fedtiny.int8.kernels import multiply_by_quantized_multiplier, quantize_multipliers, requantize_channels
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        reals = np.exp(np.random.default_rng(trial).uniform(np.log(1e-6), np.log(40.0), 16))
+        m, s = (torch.as_tensor(v, dtype=torch.int64) for v in quantize_multipliers(reals))
+        big = [2**31 - 1, 2**20, 2**25, 300][trial % 4]
+        x = torch.randint(-big, big, (2, 16, 5, 5), generator=gen, dtype=torch.int64)
+        want = multiply_by_quantized_multiplier(x, m.view(1, -1, 1, 1), s.view(1, -1, 1, 1))
+        assert torch.equal(requantize_channels(x, m, s), want)
+    # Every accumulator near zero (all rounding ties) for multipliers with right shifts 0..12 and a left shift.
+    m = torch.tensor([2**30, 2**30 + 1, 2**31 - 1, 1518500250, 2**30 + 7], dtype=torch.int64)
+    s = torch.tensor([0, -1, -5, -12, 3])
+    x = torch.arange(-70000, 70000, dtype=torch.int64).view(1, 1, -1, 1).expand(1, 5, -1, 1)
+    assert torch.equal(requantize_channels(x, m, s),
+                       multiply_by_quantized_multiplier(x, m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)))
