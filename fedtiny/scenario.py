@@ -132,7 +132,9 @@ class ModelSection:
 @dataclass(frozen=True)
 class TrainSection:
     optimizer: str = _key("sgd+qas", "client optimizer: sgd, sgd+qas (int8 only), adam", _choice("sgd", "sgd+qas", "adam"))
-    lr: float = _key(0.005, "client learning rate", _range(0.0, 1e9, lo_open=True))
+    lr: float = _key(0.0, "client learning rate; 0 = the model's: 0.005 for a model the cloud pretrains (tiny-ir, "
+                     "model.module), chosen on the server's public split for a pretrained model.file "
+                     "(the run log and summary's lr, lr_source say which)", _range(0.0, 1e9))
     momentum: float = _key(0.0, "SGD momentum (0 = none; the state lives on the device)", _range(0.0, 0.999))
     local_epochs: int = _key(1, "local epochs per round", _range(1, 1000))
     batch_size: int = _key(16, "client batch size", _range(1, 65_536))

@@ -127,6 +127,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, *, state_dir: str 
         privacy = privacy_figures(report)
     return log.finish(pretrain_train_accuracy=cloud.pretrain_train_accuracy, cloud_fp32_accuracy=cloud.fp32_accuracy,
                       cloud_ptq_accuracy=cloud.ptq_accuracy, precision=scenario.model.precision,
+                      lr=cloud.lr, lr_source=cloud.lr_source,
                       optimizer=scenario.train.optimizer, scheme=task.scheme.summary() if task.scheme else "full",
                       schemes_by_device=by_device, channels=scenario.train.channels,
                       model_parameters=sum(p.numel() for p in task.model.parameters()),

@@ -62,6 +62,7 @@ def test_a_model_file_trains_in_a_simulation(tmp_path, cli, small_model_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["rounds"] == 2 and summary["uploads"] == 4 and summary["rejected_updates_total"] == 0
+    assert summary["lr_source"] == "public split"  # train.lr left at 0: the server chose it
     recs = read_metrics(tmp_path / "run")
     assert all(c["steps"] > 0 for r in recs[1:] for c in r["clients"])
     assert summary["model_parameters"] == sum(p.numel() for p in read_model(small_model_file).parameters()) - 5 * 16 - 5 + 2 * 16 + 2
@@ -124,3 +125,25 @@ def test_bench_train_times_the_int8_step_against_its_float_twin(cli, small_model
     assert r["input"] == [3, 32, 32] and r["steps"] == 2 and r["scheme"] == "last-k:2"
     assert r["int8_samples_per_s"] > 0 and r["float_samples_per_s"] > 0
     assert r["int8_vs_float_time_ratio"] == pytest.approx(r["float_samples_per_s"] / r["int8_samples_per_s"], rel=0.02)
+
+
+def test_learning_rate_comes_from_the_scenario_the_model_or_the_public_split(tmp_path, small_model_file):
+    from fedtiny.federated.lr import LR_GRID, MODEL_DEFAULT_LR, choose_lr
+    from fedtiny.federated.task import cloud_model, make_task
+    from fedtiny.scenario import load_scenario
+
+    path = tmp_path / "s.toml"
+    path.write_text(scenario_text(str(small_model_file)))
+    task = make_task(load_scenario(path))
+    state, _ = cloud_model(task)
+    chosen = choose_lr(task, state)
+    assert chosen.source == "public split" and chosen.lr in LR_GRID and set(chosen.scores) == set(LR_GRID)
+    top = max(acc for acc, _ in chosen.scores.values())
+    assert chosen.scores[chosen.lr][0] >= top - 0.2  # within one standard error of the best (small held-out set)
+    assert all(acc < top - 1e-9 or lr <= chosen.lr for lr, (acc, _) in chosen.scores.items() if acc >= top)
+    assert choose_lr(task, state) == chosen  # seeded: a resumed run chooses the same
+    fixed = make_task(load_scenario(path, {"train.lr": 0.01}))
+    assert choose_lr(fixed, state).source == "scenario" and choose_lr(fixed, state).lr == 0.01
+    path.write_text('[run]\nclients = 2\n[data]\nsource = "digits"\n')
+    builtin = choose_lr(make_task(load_scenario(path)), {})
+    assert (builtin.lr, builtin.source) == (MODEL_DEFAULT_LR, "model default")

@@ -215,8 +215,16 @@ def server_task(scenario, progress: Callable[[str], None] | None = _log):
     models; ``None`` for fp32) and puts the task under their union. The ServerApp and
     ``bench sim``'s bare baseline both start from this.
     """
+    from fedtiny.federated.lr import choose_lr, with_lr
+
     task = make_task(scenario)
     initial, cloud = cloud_model(task)
+    lr = choose_lr(task, initial, progress)
+    if lr.source != "scenario":  # the clients receive the scenario with the rate filled in
+        task = dataclasses.replace(task, scenario=with_lr(task.scenario, lr.lr))
+    if progress:
+        progress(lr.describe())
+    cloud = dataclasses.replace(cloud, lr=lr.lr, lr_source=lr.source)
     schemes = fleet_schemes(task, initial, progress) if scenario.model.precision == "int8" else None
     if schemes is not None:
         task = with_scheme(task, schemes.union)

@@ -108,6 +108,8 @@ class CloudReport:
     pretrain_train_accuracy: float
     fp32_accuracy: float
     ptq_accuracy: float | None
+    lr: float | None = None  # the clients' learning rate (fedtiny.federated.lr) and where it came from
+    lr_source: str = ""
 
 
 def _fp32_model(scenario: Scenario, fed: Federation) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,12 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
               f"on {scenario.data.source}")
     state, cloud = cloud_model(task)
+    if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
+        from fedtiny.federated.lr import choose_lr, with_lr
+
+        lr = choose_lr(task, state, _progress, scheme="last-k:fit")
+        task = dataclasses.replace(task, scenario=with_lr(task.scenario, lr.lr))
+        _progress(lr.describe())
     budget = args.budget_kb * 1024 or profile.sram_bytes
     model = Path(scenario.model.file).stem if scenario.model.file else "tiny-ir"
     name = f"search-{model}-{profile.name}"

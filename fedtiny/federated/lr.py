@@ -1,0 +1,96 @@
+"""The clients' learning rate when the scenario leaves it to the model (``train.lr = 0``).
+
+A model the cloud pretrains from scratch (tiny-ir, a ``model.module``) has its own default. A
+pretrained int8 network (``model.file``: a published MCUNet, an MLPerf Tiny ``.tflite``) has no
+value one can know in advance: a rate that suits tiny-ir (0.005) wrecks MCUNet, whose QAS-scaled
+steps want about 1e-4. The server then chooses it on its public split, seen through the fleet's
+sensors (the data the scheme search uses): starting from the cloud model, each rate of
+:data:`LR_GRID` fine-tunes the scheme a client of the smallest device would train (on at most
+:data:`TRIAL_SAMPLES` images, for the clients' local epochs, optimizer and batch size), and the
+largest rate whose held-out accuracy is within one standard error of the best is sent to the
+clients (the one-standard-error rule: the held-out set is small and the cloud model already
+scores well on it, so rates that do no measurable harm are ties, and the largest of them learns
+fastest). The run log and summary say which rate was used and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from fedtiny.models.state import load_arrays
+
+__all__ = ["LR_GRID", "MODEL_DEFAULT_LR", "LrChoice", "choose_lr", "with_lr"]
+
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+MODEL_DEFAULT_LR = 0.005  # tiny-ir fine-tuned after cloud pretraining (the quickstart's regime)
+TRIAL_SAMPLES = 256  # images each trial trains on: a few client rounds' worth, minutes at 128x128
+
+
+@dataclass(frozen=True)
+class LrChoice:
+    """The learning rate clients use, where it came from, and the trial scores behind a choice."""
+
+    lr: float
+    source: str  # "scenario", "model default", "public split"
+    scores: dict[float, tuple[float, float]] = field(default_factory=dict)  # lr -> (val accuracy, val loss)
+
+    def describe(self) -> str:
+        if self.source != "public split":
+            return f"learning rate {self.lr:g} ({self.source})"
+        tried = ", ".join(f"{lr:g}: {acc:.3f}" for lr, (acc, _) in sorted(self.scores.items()))
+        return f"learning rate {self.lr:g} chosen on the public split (held-out accuracy {tried})"
+
+
+def with_lr(scenario, lr: float):
+    """``scenario`` with ``train.lr`` set (what the clients receive)."""
+    return dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, lr=float(lr)))
+
+
+def choose_lr(task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = None, *,
+              scheme: str | None = None) -> LrChoice:
+    """The clients' learning rate for ``task`` starting from the cloud model ``state``.
+
+    The trials train the scenario's scheme (for the fleet's smallest device), or ``last-k:fit``
+    when a search chooses the scheme, or ``scheme`` when given.
+    """
+    s = task.scenario
+    if s.train.lr > 0:
+        return LrChoice(s.train.lr, "scenario")
+    if not s.model.file or s.model.precision != "int8":
+        return LrChoice(MODEL_DEFAULT_LR, "model default")
+    from fedtiny.federated.fleet import analysis_data, resolve_scheme
+    from fedtiny.federated.train import evaluate, seeded, train_local
+
+    t = s.train
+    if scheme is None and _searched(s.scheme_text):
+        scheme = "last-k:fit"
+    proxy = s if scheme is None else dataclasses.replace(s, train=dataclasses.replace(s.train, scheme=scheme))
+    trial = resolve_scheme(dataclasses.replace(task, scenario=proxy), state)
+    train, val = analysis_data(task)
+    train = train.subset(np.arange(min(len(train), TRIAL_SAMPLES)))
+    scores: dict[float, tuple[float, float]] = {}
+    for lr in LR_GRID:
+        load_arrays(trial.model, state)
+        train_local(trial.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=lr,
+                    optimizer=t.optimizer, momentum=t.momentum, gen=seeded(s.run.seed, 505),
+                    rounding=t.weight_rounding)
+        loss, acc = evaluate(trial.model, val)
+        scores[lr] = (acc, loss)
+        if progress:
+            progress(f"learning rate {lr:g}: held-out accuracy {acc:.4f}, loss {loss:.4f}")
+    load_arrays(trial.model, state)
+    top = max(acc for acc, _ in scores.values())
+    se = max(float(np.sqrt(top * (1 - top) / max(len(val), 1))), 1 / max(len(val), 1))
+    best = max(lr for lr in LR_GRID if scores[lr][0] >= top - se - 1e-12)
+    return LrChoice(best, "public split", scores)
+
+
+def _searched(text: str) -> bool:
+    """The scheme is chosen per device by a search (``search``, ``fisher``, ``random:N``): try last-k:fit."""
+    from fedtiny.budget.schemes import parse_scheme
+
+    return bool(parse_scheme(text).rule)
