@@ -117,9 +117,14 @@ class ShiftSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = _key("tiny-ir", "built-in model (used when model.file is empty)", _choice("tiny-ir"))
+    name: str = _key("tiny-ir", "built-in model (used when model.file and model.module are empty)", _choice("tiny-ir"))
     file: str = _key("", "an int8 model file clients train instead: a tiny-training .pkl or a fedtiny .safetensors "
                          "(relative to the scenario file); its classifier is replaced for the data's classes")
+    module: str = _key("", "your own float PyTorch model instead of model.name: \"package.module:function\" or "
+                       "\"path/to/file.py:function\" (relative to the scenario file) returning a torch.nn.Module "
+                       "(called with those of in_channels, num_classes, image_size it accepts); pretrained on the "
+                       "public split like tiny-ir, then traced with torch.fx, BatchNorm folded and quantized",
+                       lambda v: _module_problem(v))
     precision: str = _key("int8", "what clients train: int8 (the MCU's quantized graph) or fp32", _choice("int8", "fp32"))
     classifier_precision: str = _key("int8", "int8 classifier, or an fp32 head on int8 features", _choice("int8", "fp32"))
     calibration_samples: int = _key(512, "public-split images used to calibrate int8 activation ranges", _range(1))
@@ -334,11 +339,13 @@ class Scenario:
 
     @property
     def scheme_text(self) -> str:
-        """``train.scheme`` with ``{model}`` replaced by the model's name (a model file's stem).
+        """``train.scheme`` with ``{model}`` replaced by the model's name (a model file's stem, a
+        ``model.module``'s function name).
 
         One sweep then serves every published model: ``schemes.json#{model}/s3``.
         """
-        name = Path(self.model.file).stem if self.model.file else self.model.name
+        name = (Path(self.model.file).stem if self.model.file else self.model.module.rpartition(":")[2]
+                if self.model.module else self.model.name)
         return self.train.scheme.replace("{model}", name)
 
     @property
@@ -463,7 +470,29 @@ def _coerce_rates(where: str, key: str, value: Any) -> tuple[tuple[str, float], 
 
 
 # Keys naming a file: a relative path is read against the scenario file's folder.
-_FILE_KEYS = ("train.scheme", "model.file")
+_FILE_KEYS = ("train.scheme", "model.file", "model.module")
+
+
+def _module_problem(value: str) -> str | None:
+    from fedtiny.models.user import module_problem
+
+    return module_problem(value)
+
+
+def _key_path(key: str, value: Any, base_dir: Path | None) -> Any:
+    return _module_path(value, base_dir) if key == "model.module" else _file_path(value, base_dir)
+
+
+def _module_path(value: Any, base_dir: Path | None) -> Any:
+    """``model.module``: a ``file.py:function`` named relative to the scenario's folder, made absolute."""
+    if base_dir is None or not isinstance(value, str) or ":" not in value:
+        return value
+    where, _, func = value.rpartition(":")
+    if not (where.endswith(".py") or "/" in where or "\\" in where) or Path(where).is_absolute():
+        return value  # a dotted module name, or an absolute path
+    if (base_dir / where).is_file() or not Path(where).is_file():
+        return f"{(base_dir / where).resolve()}:{func}"
+    return value
 
 
 def _file_path(value: Any, base_dir: Path | None) -> Any:
@@ -518,7 +547,7 @@ def _build(where: str, raw: Mapping[str, Any], base_dir: Path | None = None) -> 
             flat = _flatten(over)
             for key in _FILE_KEYS:
                 if key in flat:
-                    flat[key] = _file_path(flat[key], base_dir)
+                    flat[key] = _key_path(key, flat[key], base_dir)
             _build(f"{where}: methods.{name}", _merge(scenario.to_dict(), flat, f"{where}: methods.{name}"))
             items.append((str(name), tuple(sorted(flat.items()))))
         scenario = dataclasses.replace(scenario, methods=tuple(items))
@@ -576,6 +605,9 @@ def _check_cross(where: str, s: Scenario) -> None:
             raise ScenarioError(f"{where}: device.profiles: unknown profile {name!r}; known: "
                                 f"{', '.join(sorted(PROFILES))}" + (" (or set device.custom_sram_kb)" if
                                                                      not s.device.custom_sram_kb else ""))
+    if s.model.file and s.model.module:
+        raise ScenarioError(f"{where}: model.module: set model.file (an int8 model file) or model.module (a float "
+                            f"PyTorch model), not both")
     if s.model.file and s.model.precision != "int8":
         raise ScenarioError(f"{where}: model.precision: a model file is an int8 network; set model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
@@ -658,7 +690,7 @@ def scenario_from_dict(
     for key in _FILE_KEYS:
         section, _, name = key.partition(".")
         if isinstance(merged.get(section), dict) and name in merged[section]:
-            merged[section][name] = _file_path(merged[section][name], base_dir)
+            merged[section][name] = _key_path(key, merged[section][name], base_dir)
     return _build(where, merged, base_dir)
 
 

@@ -113,15 +113,25 @@ class CloudReport:
 
 
 def _fp32_model(scenario: Scenario, fed: Federation) -> nn.Module:
+    """The float network the cloud pretrains: ``model.module``'s, or the built-in ``model.name``."""
     c, h, _ = fed.image_shape
     m = scenario.model
+    if m.module:
+        from fedtiny.models.user import build_user_model
+
+        return build_user_model(m.module, c, fed.num_classes, image_size=h, seed=scenario.run.seed)
     return build_model(m.name, c, fed.num_classes, width=m.width, image_size=h, seed=scenario.run.seed)
 
 
 def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn.Module:
     from fedtiny.int8.convert import ptq
 
-    return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
+    try:
+        return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
+    except ModelFileError as exc:
+        if scenario.model.module:  # the user's network: name the key (a layer without an int8 op, a failed trace)
+            raise ModelFileError(f"model.module: {exc}") from None
+        raise
 
 
 def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
@@ -146,8 +156,9 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
 def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
     """Build the federation (cached per process) and a model of the right layout for ``scenario``.
 
-    The int8 layout of a built-in model is made by converting the untrained network; its
-    values are placeholders until the server's state is loaded. A ``model.file`` network
+    The int8 layout of a built-in model (or ``model.module``'s) is made by converting the untrained
+    network (so a layer without an int8 op stops here, before pretraining); its values are
+    placeholders until the server's state is loaded. A ``model.file`` network
     comes with its pretrained values and a new classifier. With a resolved ``scheme`` only
     its tensors are trainable (and sent back).
     """
@@ -158,6 +169,8 @@ def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
         model = _fp32_model(scenario, fed)
         if scenario.model.precision == "int8":
             model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
+        elif scenario.model.module:  # an fp32 network is costed on its int8 twin: it must have one
+            _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
     task = Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
     return with_scheme(task, scheme)
 
