@@ -118,8 +118,9 @@ class ShiftSection:
 @dataclass(frozen=True)
 class ModelSection:
     name: str = _key("tiny-ir", "built-in model (used when model.file and model.module are empty)", _choice("tiny-ir"))
-    file: str = _key("", "an int8 model file clients train instead: a tiny-training .pkl or a fedtiny .safetensors "
-                         "(relative to the scenario file); its classifier is replaced for the data's classes")
+    file: str = _key("", "an int8 model file clients train instead: a .tflite (TFLite Micro's int8 ops), a "
+                         "tiny-training .pkl or a fedtiny .safetensors (relative to the scenario file); its "
+                         "classifier is replaced for the data's classes")
     module: str = _key("", "your own float PyTorch model instead of model.name: \"package.module:function\" or "
                        "\"path/to/file.py:function\" (relative to the scenario file) returning a torch.nn.Module "
                        "(called with those of in_channels, num_classes, image_size it accepts); pretrained on the "

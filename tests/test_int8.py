@@ -156,12 +156,12 @@ def test_qas_update_equals_the_float_update():
     model = torch.nn.Sequential(conv)
     g_fp = torch.full((4, 2, 1, 1), 2.0)
     conv.weight.grad = g_fp * conv.w_scales.view(-1, 1, 1, 1)  # dL/dW_int = s_w * dL/dW
-    conv.bias.grad = torch.ones(4) * conv.w_scales * 0.1  # dL/db_int = s_w * s_x * dL/db with dL/db = 1
+    conv.bias.grad = (torch.ones(4) * conv.w_scales * 0.1).double()  # dL/db_int = s_w * s_x * dL/db with dL/db = 1
     opt = QuantizedOptimizer(model, "sgd+qas", lr=0.1, rounding="nearest")
     opt.step()
     want_w = torch.round(-0.1 * g_fp / conv.w_scales.view(-1, 1, 1, 1))
     assert torch.equal(conv.weight.data, want_w)
-    torch.testing.assert_close(conv.bias.data, torch.round(-0.1 / (conv.w_scales * 0.1)))
+    torch.testing.assert_close(conv.bias.data, torch.round(-0.1 / (conv.w_scales * 0.1)).double())
 
 
 def test_int8_training_keeps_integers_and_qas_learns():

@@ -26,7 +26,7 @@ def test_defaults_fill_missing_keys(tmp_path):
     ("[rnu]\nrounds = 3\n", ["[rnu]", "unknown section", "did you mean 'run'"]),
     ("[run]\nrounds = 'ten'\n", ["run.rounds", "expected int", "str"]),
     ("[run]\nrounds = 0\n", ["run.rounds", "must be >= 1"]),
-    ("[train]\nlr = -0.1\n", ["train.lr", "must be > 0.0"]),
+    ("[train]\nlr = -0.1\n", ["train.lr", "must be >= 0.0"]),
     ("[data]\npartition = 'zipf'\n", ["data.partition", "must be one of"]),
     ("[run]\nclients = 4\nclients_per_round = 5\n", ["run.clients_per_round", "<= run.clients"]),
     ("[data]\nsource = 'mnist'\n", ["data.root", "needs a local dataset root"]),

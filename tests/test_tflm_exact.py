@@ -71,6 +71,13 @@ def test_tiny_training_models_exported_run_in_tflm_with_the_same_integers(name):
     want = tflm_invoke(data, x.transpose(0, 2, 3, 1))
     got = _as_tflite(model.int8_forward(torch.from_numpy(x.astype(np.float32))), want.shape)
     assert int((got != want).sum()) == 0
+    # Every tensor too: these models have int32-saturated biases on dead channels (2^31 - 1,
+    # which float32 would hold as 2^31 and wrap), so a wrong bias shows only inside the graph.
+    from fedtiny.tools.models import check_against_tflm
+
+    r = check_against_tflm(path, inputs=2)
+    assert r["tensor_elements_differing"] == 0 and r["output_elements_differing"] == 0
+    assert r["tensors_compared"] >= len(model.convs())
     # The symmetric padding of stride-2 convolutions went out as PAD + VALID and comes back folded.
     back = from_tflite(read_tflite(data))
     assert [c.padding for c in back.convs()] == [c.padding for c in model.convs()]
@@ -98,6 +105,30 @@ def test_trained_tiny_ir_exports_exactly_every_tensor():
     for i, t in enumerate(g.tensors):
         if t.name in ours:
             assert np.array_equal(_as_tflite(ours[t.name], ref[i].shape), ref[i]), t.name
+
+
+def test_large_and_saturated_biases_are_exact(tmp_path, cli):
+    """int32 biases beyond float32's 2^24 and at the int32 limits: the same integers as TFLM (``zoo check``)."""
+    from fedtiny.int8.modelfile import save_qmodel
+    from test_int8 import small_qmodel
+
+    q = small_qmodel()
+    q.input_shape = (1, 8, 8)
+    convs = q.convs()
+    with torch.no_grad():
+        convs[0].weight[0].zero_()  # a dead channel whose output is its saturated bias
+        convs[0].bias[0] = 2**31 - 1
+        convs[0].bias[1] = 2**24 + 1
+        convs[1].bias[2] = -(2**31)
+        convs[1].bias[3] = -(2**25) - 3
+    path = save_qmodel(q, tmp_path / "big-bias.safetensors")
+    r = cli("zoo", "check", str(path), "--inputs", "16", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    assert out["output_elements_differing"] == 0 and out["tensor_elements_differing"] == 0
+    assert out["tensors_compared"] >= len(convs) and out["exported"] is True
 
 
 def test_zoo_cli_import_run_export(tmp_path, cli):

@@ -128,7 +128,8 @@ def test_bench_train_times_the_int8_step_against_its_float_twin(cli, small_model
 
 
 def test_learning_rate_comes_from_the_scenario_the_model_or_the_public_split(tmp_path, small_model_file):
-    from fedtiny.federated.lr import LR_GRID, MODEL_DEFAULT_LR, choose_lr
+    from fedtiny.federated.fleet import choose_lr
+    from fedtiny.federated.lr import LR_GRID, MODEL_DEFAULT_LR
     from fedtiny.federated.task import cloud_model, make_task
     from fedtiny.scenario import load_scenario
 

@@ -26,7 +26,7 @@ from fedtiny.data.shift import apply_shift, fleet_shift
 from fedtiny.federated.task import Task, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 
-__all__ = ["FleetSchemes", "fleet_schemes", "server_task", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
+__all__ = ["FleetSchemes", "fleet_schemes", "server_task", "choose_lr", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
            "scheme_for_device", "search_space", "search_settings"]
 
 
@@ -208,6 +208,27 @@ def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
     return with_scheme(task, next(iter(fleet.by_profile.values())))
 
 
+def choose_lr(task: Task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = None, *,
+              scheme: str | None = None):
+    """The clients' learning rate for ``task`` from the cloud model ``state`` (:mod:`fedtiny.federated.lr`).
+
+    When the scenario leaves it to a pretrained int8 model, the trials train the scheme a client of
+    the fleet's smallest device would (``scheme``, or ``last-k:fit`` under a per-device search) on
+    the server's public split as the fleet's sensors see it.
+    """
+    from fedtiny.federated.lr import fixed_lr, grid_lr, trial_scheme
+
+    s = task.scenario
+    fixed = fixed_lr(s)
+    if fixed is not None:
+        return fixed
+    scheme = trial_scheme(s, scheme)
+    proxy = s if scheme is None else dataclasses.replace(s, train=dataclasses.replace(s.train, scheme=scheme))
+    trial = resolve_scheme(dataclasses.replace(task, scenario=proxy), state)
+    train, val = analysis_data(task)
+    return grid_lr(s, trial.model, state, train, val, progress)
+
+
 def server_task(scenario, progress: Callable[[str], None] | None = _log):
     """The server's side of a run before round 1: ``(task, initial_state, cloud_report, schemes)``.
 
@@ -215,7 +236,7 @@ def server_task(scenario, progress: Callable[[str], None] | None = _log):
     models; ``None`` for fp32) and puts the task under their union. The ServerApp and
     ``bench sim``'s bare baseline both start from this.
     """
-    from fedtiny.federated.lr import choose_lr, with_lr
+    from fedtiny.federated.lr import with_lr
 
     task = make_task(scenario)
     initial, cloud = cloud_model(task)

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedtiny.models.state import load_arrays
 
-__all__ = ["LR_GRID", "MODEL_DEFAULT_LR", "LrChoice", "choose_lr", "with_lr"]
+__all__ = ["LR_GRID", "MODEL_DEFAULT_LR", "LrChoice", "fixed_lr", "grid_lr", "trial_scheme", "with_lr"]
 
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 MODEL_DEFAULT_LR = 0.005  # tiny-ir fine-tuned after cloud pretraining (the quickstart's regime)
@@ -50,39 +50,43 @@ def with_lr(scenario, lr: float):
     return dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, lr=float(lr)))
 
 
-def choose_lr(task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = None, *,
-              scheme: str | None = None) -> LrChoice:
-    """The clients' learning rate for ``task`` starting from the cloud model ``state``.
-
-    The trials train the scenario's scheme (for the fleet's smallest device), or ``last-k:fit``
-    when a search chooses the scheme, or ``scheme`` when given.
-    """
-    s = task.scenario
-    if s.train.lr > 0:
-        return LrChoice(s.train.lr, "scenario")
-    if not s.model.file or s.model.precision != "int8":
+def fixed_lr(scenario) -> LrChoice | None:
+    """The rate when no trial is needed: the scenario's own, or the model's default; else ``None``."""
+    if scenario.train.lr > 0:
+        return LrChoice(scenario.train.lr, "scenario")
+    if not scenario.model.file or scenario.model.precision != "int8":
         return LrChoice(MODEL_DEFAULT_LR, "model default")
-    from fedtiny.federated.fleet import analysis_data, resolve_scheme
+    return None
+
+
+def trial_scheme(scenario, scheme: str | None = None) -> str | None:
+    """The scheme the trials train: ``scheme``, else ``last-k:fit`` when a search chooses the
+    scheme per device, else ``None`` (the scenario's own)."""
+    if scheme is None and _searched(scenario.scheme_text):
+        return "last-k:fit"
+    return scheme
+
+
+def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
+            progress: Callable[[str], None] | None = None) -> LrChoice:
+    """Fine-tune ``model`` from ``state`` at each rate of :data:`LR_GRID` on at most
+    :data:`TRIAL_SAMPLES` of ``train`` and keep the largest rate within one standard error of the
+    best accuracy on ``val``. ``model`` is left holding ``state``."""
     from fedtiny.federated.train import evaluate, seeded, train_local
 
-    t = s.train
-    if scheme is None and _searched(s.scheme_text):
-        scheme = "last-k:fit"
-    proxy = s if scheme is None else dataclasses.replace(s, train=dataclasses.replace(s.train, scheme=scheme))
-    trial = resolve_scheme(dataclasses.replace(task, scenario=proxy), state)
-    train, val = analysis_data(task)
+    t = scenario.train
     train = train.subset(np.arange(min(len(train), TRIAL_SAMPLES)))
     scores: dict[float, tuple[float, float]] = {}
     for lr in LR_GRID:
-        load_arrays(trial.model, state)
-        train_local(trial.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=lr,
-                    optimizer=t.optimizer, momentum=t.momentum, gen=seeded(s.run.seed, 505),
+        load_arrays(model, state)
+        train_local(model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=lr,
+                    optimizer=t.optimizer, momentum=t.momentum, gen=seeded(scenario.run.seed, 505),
                     rounding=t.weight_rounding)
-        loss, acc = evaluate(trial.model, val)
+        loss, acc = evaluate(model, val)
         scores[lr] = (acc, loss)
         if progress:
             progress(f"learning rate {lr:g}: held-out accuracy {acc:.4f}, loss {loss:.4f}")
-    load_arrays(trial.model, state)
+    load_arrays(model, state)
     top = max(acc for acc, _ in scores.values())
     se = max(float(np.sqrt(top * (1 - top) / max(len(val), 1))), 1 / max(len(val), 1))
     best = max(lr for lr in LR_GRID if scores[lr][0] >= top - se - 1e-12)

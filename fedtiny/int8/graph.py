@@ -249,7 +249,10 @@ class QConv(_QParamsMixin, nn.Module):
         super().__init__()
         # Contiguous copies: a transposed import must not reach the wire or a file with its strides.
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).contiguous().clone())
-        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).contiguous().clone())
+        # float64: every int32 bias exactly (float32 rounds those beyond 2^24, which pretrained
+        # models have on near-dead channels: VWW has 973), and the int32 range TFLM saturates to
+        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float64).clamp(-2**31, 2**31 - 1)
+                                 .contiguous().clone())
         self.register_buffer("w_scales", torch.as_tensor(w_scales, dtype=torch.float32).contiguous().clone())
         self.register_buffer("qparams", _qparams(x_scale, x_zero, y_scale, y_zero))
         self.stride, self.groups = int(stride), int(groups)

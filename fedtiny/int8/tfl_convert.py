@@ -136,7 +136,7 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
                 padding = pads.get(src) or _padding(op, x, w.shape[1:3])
             (xs, xz), (ys, yz) = _q(x), _q(y)
             module = QConv(torch.from_numpy(weight.astype(np.float32)),
-                           torch.from_numpy(_bias(g, op, o).astype(np.float32)),
+                           torch.from_numpy(_bias(g, op, o).astype(np.float64)),
                            torch.from_numpy(_scales(wt, o)), xs, xz, ys, yz, stride, groups,
                            padding=padding, activation=act, kind=kind)
             module.tag = "classifier" if k == head_k else name("conv")

@@ -219,6 +219,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     if args.zoo_command == "run":
         return _zoo_run(args)
+    if args.zoo_command == "check":
+        from fedtiny.tools.models import check_against_tflm
+
+        result = check_against_tflm(args.file, args.inputs, args.seed)
+        print(json.dumps(result, sort_keys=True) if args.json else _table([(k, v) for k, v in result.items()]))
+        return 0 if result["output_elements_differing"] == 0 and result["tensor_elements_differing"] == 0 else 1
     model = open_model(args.file)
     info = model_info(model)
     if args.zoo_command == "import":
@@ -438,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's layout (NHWC for a .tflite, NCHW otherwise)")
     z.add_argument("--out", required=True, help=".npy to write the int8 output tensor to (after SOFTMAX if any)")
     z.add_argument("--quiet", action="store_true")
+    z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("check", help="the model's int8 graph against TensorFlow Lite Micro's reference kernels "
+                        "on random int8 inputs (exit 1 when any element differs)")
+    z.add_argument("file", help=model_help)
+    z.add_argument("--inputs", type=int, default=32, help="random int8 inputs for the output comparison")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--json", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("info", help="validate a model and print its facts")
     z.add_argument("file", help=model_help)

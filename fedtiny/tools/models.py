@@ -8,7 +8,7 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.modelfile import load_state_checked, read_model
 
-__all__ = ["run_model", "open_model"]
+__all__ = ["run_model", "open_model", "check_against_tflm"]
 
 
 def run_model(run_dir: str | Path) -> QModel:
@@ -34,3 +34,45 @@ def open_model(spec: str | Path) -> QModel:
     if path.is_dir():
         return run_model(path)
     return read_model(path)
+
+
+def check_against_tflm(spec: str | Path, inputs: int = 32, seed: int = 0) -> dict:
+    """Run ``spec``'s int8 graph and TFLM's reference kernels on the same random int8 inputs; count differences.
+
+    A ``.tflite`` runs in TFLM as it is; any other model is exported first (what ``fedtiny zoo
+    export`` writes). Returns the counts for the graph's output and for every tensor of one input.
+    """
+    import numpy as np
+    import torch
+
+    from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
+    from fedtiny.int8.tfl_convert import from_tflite, to_tflite
+    from fedtiny.int8.tflite import read_tflite, write_tflite
+
+    path = Path(spec)
+    model = open_model(path)
+    blob = path.read_bytes() if path.suffix == ".tflite" else write_tflite(to_tflite(model))
+    graph = read_tflite(blob, where=str(path))
+    names: dict[int, str] = {}
+    from_tflite(graph, str(path), names)  # the fedtiny name of each TFLite tensor
+    shape = graph.tensors[graph.inputs[0]].shape
+    x = np.random.default_rng(seed).integers(-128, 128, (inputs, *shape[1:])).astype(np.int8)
+
+    def ours(xs: np.ndarray) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(xs.astype(np.float32))
+        return model.int8_tensors(t.permute(0, 3, 1, 2) if t.dim() == 4 else t[:, :, None, None])
+
+    def tfl(y: torch.Tensor, like: np.ndarray) -> np.ndarray:
+        return y.permute(0, 2, 3, 1).reshape(like.shape).numpy().astype(np.int64)
+
+    want = tflm_invoke(blob, x)
+    got = tfl(ours(x)[model.nodes[-1].op], want)
+    ref, mine = tflm_tensors(blob, x[:1]), ours(x[:1])
+    # a PAD that export inserts before a padded conv has no tensor of ours (import folds it into
+    # the conv, mapping its output to the conv's input): only tensors of equal size are compared
+    same = [i for i in names if i in ref and names[i] in mine and mine[names[i]].numel() == ref[i].size]
+    per_tensor = {names[i]: int((tfl(mine[names[i]], ref[i]) != ref[i]).sum()) for i in same}
+    return {"model": str(path), "inputs": inputs, "output_shape": list(want.shape),
+            "output_elements_differing": int((got != want).sum()), "output_elements": int(want.size),
+            "tensors_compared": len(per_tensor), "tensor_elements_differing": sum(per_tensor.values()),
+            "exported": path.suffix != ".tflite"}

@@ -55,7 +55,8 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
               f"on {scenario.data.source}")
     state, cloud = cloud_model(task)
     if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
-        from fedtiny.federated.lr import choose_lr, with_lr
+        from fedtiny.federated.fleet import choose_lr
+        from fedtiny.federated.lr import with_lr
 
         lr = choose_lr(task, state, _progress, scheme="last-k:fit")
         task = dataclasses.replace(task, scenario=with_lr(task.scenario, lr.lr))
