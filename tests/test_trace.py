@@ -72,6 +72,13 @@ def _check_fold_and_quantize(model: nn.Module, x: torch.Tensor) -> QModel:
         ref = model(x)
     cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.9, f"int8 output far from fp32 (cosine {cos:.3f})"
+    # exported to .tflite, TFLM computes the same integers on the output and every tensor
+    from fedtiny.tools.models import compare_with_tflm
+
+    q.input_shape = tuple(x.shape[1:])
+    r = compare_with_tflm(q, inputs=8)
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+    assert r["tensors_compared"] >= len(q.convs())
     return q
 
 

@@ -8,7 +8,7 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.modelfile import load_state_checked, read_model
 
-__all__ = ["run_model", "open_model", "check_against_tflm"]
+__all__ = ["run_model", "open_model", "check_against_tflm", "compare_with_tflm"]
 
 
 def run_model(run_dir: str | Path) -> QModel:
@@ -42,6 +42,16 @@ def check_against_tflm(spec: str | Path, inputs: int = 32, seed: int = 0) -> dic
     A ``.tflite`` runs in TFLM as it is; any other model is exported first (what ``fedtiny zoo
     export`` writes). Returns the counts for the graph's output and for every tensor of one input.
     """
+    path = Path(spec)
+    model = open_model(path)
+    result = compare_with_tflm(model, path.read_bytes() if path.suffix == ".tflite" else None, inputs, seed,
+                               where=str(path))
+    return {"model": str(path), **result, "exported": path.suffix != ".tflite"}
+
+
+def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32, seed: int = 0, *,
+                      where: str = "model") -> dict:
+    """:func:`check_against_tflm` for a model in hand: ``blob`` is its ``.tflite`` (default: its export)."""
     import numpy as np
     import torch
 
@@ -49,12 +59,10 @@ def check_against_tflm(spec: str | Path, inputs: int = 32, seed: int = 0) -> dic
     from fedtiny.int8.tfl_convert import from_tflite, to_tflite
     from fedtiny.int8.tflite import read_tflite, write_tflite
 
-    path = Path(spec)
-    model = open_model(path)
-    blob = path.read_bytes() if path.suffix == ".tflite" else write_tflite(to_tflite(model))
-    graph = read_tflite(blob, where=str(path))
+    blob = write_tflite(to_tflite(model)) if blob is None else blob
+    graph = read_tflite(blob, where=where)
     names: dict[int, str] = {}
-    from_tflite(graph, str(path), names)  # the fedtiny name of each TFLite tensor
+    from_tflite(graph, where, names)  # the fedtiny name of each TFLite tensor
     shape = graph.tensors[graph.inputs[0]].shape
     x = np.random.default_rng(seed).integers(-128, 128, (inputs, *shape[1:])).astype(np.int8)
 
@@ -72,7 +80,6 @@ def check_against_tflm(spec: str | Path, inputs: int = 32, seed: int = 0) -> dic
     # the conv, mapping its output to the conv's input): only tensors of equal size are compared
     same = [i for i in names if i in ref and names[i] in mine and mine[names[i]].numel() == ref[i].size]
     per_tensor = {names[i]: int((tfl(mine[names[i]], ref[i]) != ref[i]).sum()) for i in same}
-    return {"model": str(path), "inputs": inputs, "output_shape": list(want.shape),
+    return {"inputs": inputs, "output_shape": list(want.shape),
             "output_elements_differing": int((got != want).sum()), "output_elements": int(want.size),
-            "tensors_compared": len(per_tensor), "tensor_elements_differing": sum(per_tensor.values()),
-            "exported": path.suffix != ".tflite"}
+            "tensors_compared": len(per_tensor), "tensor_elements_differing": sum(per_tensor.values())}
