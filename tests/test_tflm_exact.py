@@ -107,6 +107,24 @@ def test_trained_tiny_ir_exports_exactly_every_tensor():
             assert np.array_equal(_as_tflite(ours[t.name], ref[i].shape), ref[i]), t.name
 
 
+@pytest.mark.parametrize("name", ["pretrainedResnet_quant", "vww_96_int8"])
+def test_a_new_head_before_softmax_exports_exactly(name):
+    """Transfer learning replaces a .tflite's FULLY_CONNECTED head; the SOFTMAX after it follows its scale."""
+    from fedtiny.int8.graph import QSoftmax, replace_head
+    from fedtiny.tools.models import compare_with_tflm
+
+    path = MLPERF / f"{name}.tflite"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    model = from_tflite(read_tflite(path.read_bytes()), str(path))
+    replace_head(model, 3, seed=1)
+    r = compare_with_tflm(model, inputs=8)
+    soft = [model.op(n.op) for n in model.nodes if isinstance(model.op(n.op), QSoftmax)]
+    assert soft and soft[0].x_scale == model.classifier.y_scale
+    assert r["output_shape"] == [8, 3]
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+
+
 def test_large_and_saturated_biases_are_exact(tmp_path, cli):
     """int32 biases beyond float32's 2^24 and at the int32 limits: the same integers as TFLM (``zoo check``)."""
     from fedtiny.int8.modelfile import save_qmodel

@@ -847,9 +847,22 @@ class QModel(nn.Module):
                 fused_events(module, dw, tuple(xs[0].shape), w).forward(led)
                 i += 2
                 continue
+            if isinstance(module, QSoftmax):
+                # TFLM derives a softmax's parameters from its input tensor's scale, which a new or
+                # refitted head (transfer learning, a checkpoint) sets: the softmax follows it
+                module.x_scale = self._output_scale(node.inputs[0], module.x_scale)
             env[node.op] = module.run(xs, w, quiet=not record) if not isinstance(module, QReshape) else module(xs[0])
             i += 1
         return env
+
+    def _output_scale(self, tensor: str, default: float) -> float:
+        """The int8 scale of ``tensor`` as its producer writes it (through reshapes); ``default`` if unknown."""
+        while tensor != "input":
+            op = self.op(tensor)
+            if not isinstance(op, QReshape):
+                return float(op.y_scale) if isinstance(op, QConv) else default
+            tensor = next(n.inputs[0] for n in self.nodes if n.op == tensor)
+        return default
 
     def _only_reader(self, i: int) -> bool:
         """Op ``i + 1`` is the only reader of op ``i``'s output."""
