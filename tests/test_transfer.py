@@ -66,6 +66,14 @@ def test_a_model_file_trains_in_a_simulation(tmp_path, cli, small_model_file):
     recs = read_metrics(tmp_path / "run")
     assert all(c["steps"] > 0 for r in recs[1:] for c in r["clients"])
     assert summary["model_parameters"] == sum(p.numel() for p in read_model(small_model_file).parameters()) - 5 * 16 - 5 + 2 * 16 + 2
+    # The run's final model: exported, TFLM computes the same integers and scores the run's final accuracy.
+    r = cli("zoo", "check", str(tmp_path / "run"), "--inputs", "8", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    check = json.loads(r.stdout)
+    assert check["output_elements_differing"] == 0 and check["tensor_elements_differing"] == 0
+    assert check["test_accuracy_tflm"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    r = cli("zoo", "export", str(tmp_path / "run"), "--out", str(tmp_path / "final.tflite"))
+    assert r.returncode == 0 and (tmp_path / "final.tflite").stat().st_size > 0, r.stderr
 
 
 @pytest.mark.parametrize("override, message", [

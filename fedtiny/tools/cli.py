@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("check", help="the model's int8 graph against TensorFlow Lite Micro's reference kernels "
-                        "on random int8 inputs (exit 1 when any element differs)")
+                        "on random int8 inputs (exit 1 when any element differs); for a run folder also TFLM's "
+                        "accuracy on the run's test set beside the run's final accuracy")
     z.add_argument("file", help=model_help)
     z.add_argument("--inputs", type=int, default=32, help="random int8 inputs for the output comparison")
     z.add_argument("--seed", type=int, default=0)

@@ -44,9 +44,40 @@ def check_against_tflm(spec: str | Path, inputs: int = 32, seed: int = 0) -> dic
     """
     path = Path(spec)
     model = open_model(path)
-    result = compare_with_tflm(model, path.read_bytes() if path.suffix == ".tflite" else None, inputs, seed,
-                               where=str(path))
-    return {"model": str(path), **result, "exported": path.suffix != ".tflite"}
+    blob = path.read_bytes() if path.suffix == ".tflite" else None
+    result = compare_with_tflm(model, blob, inputs, seed, where=str(path))
+    result = {"model": str(path), **result, "exported": path.suffix != ".tflite"}
+    if path.is_dir():
+        result.update(run_test_accuracy(path, model))
+    return result
+
+
+def run_test_accuracy(run_dir: Path, model: QModel) -> dict:
+    """A run's final model exported and run by TFLM on the run's global test set, beside the run's own figure.
+
+    The images go through the model's input quantization (what a device's preprocessing does);
+    the class is the argmax of TFLM's output tensor.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from fedtiny.federated.task import make_task
+    from fedtiny.int8.oracle import tflm_invoke
+    from fedtiny.int8.tfl_convert import to_tflite
+    from fedtiny.int8.tflite import write_tflite
+    from fedtiny.scenario import load_scenario
+
+    test = make_task(load_scenario(run_dir / "scenario.toml")).federation.test
+    with torch.no_grad():
+        xq = model.quantize_input(torch.from_numpy(test.x)).numpy().astype(np.int8)
+    y = tflm_invoke(write_tflite(to_tflite(model)), np.ascontiguousarray(xq.transpose(0, 2, 3, 1)))
+    summary = run_dir / "summary.json"
+    final = json.loads(summary.read_text()).get("final_accuracy") if summary.is_file() else None
+    return {"test_images": int(len(test.y)),
+            "test_accuracy_tflm": float((y.reshape(len(xq), -1).argmax(1) == test.y).mean()),
+            "run_final_accuracy": final}
 
 
 def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32, seed: int = 0, *,
