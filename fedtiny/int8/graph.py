@@ -346,9 +346,9 @@ class QConv(_QParamsMixin, nn.Module):
 
     def requantize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output before the clamp: int32 accumulation, TFLM's requantization, zero point (float storage)."""
-        acc = kernels.int_conv_acc(x - self.x_zero, weight, bias, self.stride, self.padding, self.groups)
+        acc = kernels.conv_acc(x - self.x_zero, weight, bias, self.stride, self.padding, self.groups)
         mult, shift = self.quantized_multiplier()
-        return (kernels.requantize_channels(acc, mult, shift) + self.y_zero).to(torch.float32)
+        return kernels.requantize_channels(acc, mult, shift).add_(self.y_zero).to(torch.float32)
 
     def trained_input_elements(self, in_shape: tuple[int, ...]) -> int:
         """Input elements saved for the weight gradient: the trained channels of an ``N x C x H x W`` input."""

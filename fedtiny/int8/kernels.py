@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = ["INT8_MIN", "INT8_MAX", "INT32_MIN", "INT32_MAX", "quantize_multiplier", "quantize_multipliers",
            "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "multiply_by_quantized_multiplier",
            "conv_multipliers", "fc_multiplier", "activation_range", "conv_weight", "same_padding",
-           "int_conv_acc", "conv2d_int8", "fully_connected_int8", "AddParams", "add_params", "add_int8",
+           "int_conv_acc", "conv_acc", "requantize_channels", "conv2d_int8", "fully_connected_int8", "AddParams", "add_params", "add_int8",
            "avg_pool_int8", "SoftmaxParams", "softmax_params", "exp_on_negative_values",
            "one_over_one_plus_x_for_x_in_0_1", "softmax_int8", "pad_int8"]
 
@@ -237,34 +237,46 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, mult: IntOrTensor, shift: 
 
 
 def requantize_channels(x: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """:func:`multiply_by_quantized_multiplier` per channel (dim 1 of NCHW ``x``), in fewer integer ops.
+    """:func:`multiply_by_quantized_multiplier` per channel (dim 1 of ``x``), exactly, in float64.
 
-    The same integers, by identities that hold for TFLite's multipliers (``mult >= 0``). With
-    ``L = max(shift, 0)``, ``e = max(-shift, 0)`` and ``p = x * 2^L * mult``:
+    ``x`` holds int32 values in any dtype; the result holds the same integers as
+    :func:`multiply_by_quantized_multiplier` (int64 for an integer ``x``, float64 for a
+    floating ``x``). Integer tensors need 64-bit multiplies and variable shifts, which
+    AVX2 lacks, so the int64 path runs scalar; float64 computes the same integers
+    vectorised, in place, by identities that hold for TFLite's multipliers (``mult >= 0``).
+    With ``L = max(shift, 0)``, ``e = max(-shift, 0)`` and ``p = x * 2^L * mult``:
 
-    - ``SaturatingRoundingDoublingHighMul(x 2^L, m) = (p + 2^30) >> 31`` (arithmetic shift, a
-      floor): for ``p >= 0`` it is the nudged truncating division; for ``p < 0``,
+    - ``SaturatingRoundingDoublingHighMul(x 2^L, m) = s = floor(p / 2^31 + 1/2)``: for
+      ``p >= 0`` it is the nudged truncating division; for ``p < 0``,
       ``trunc((p + 1 - 2^30) / 2^31) = ceil(...) = floor((p + 2^30) / 2^31)``. It cannot
       saturate (``m >= 0``).
-    - ``RoundingDivideByPOT(s, e) = (s + 2^(e-1) + (s >> 63)) >> e`` for ``e >= 1`` (ties away
-      from zero: ``s >> 63`` is -1 for a negative ``s``), and ``s`` for ``e = 0``.
+    - ``RoundingDivideByPOT(s, e) = floor((s - [s < 0]) / 2^e + 1/2)`` for ``e >= 1`` (ties
+      away from zero), and ``s`` for ``e = 0``; ``-[s < 0] = clamp(s, -1, 0)`` for an integer ``s``.
 
-    The identities need ``x * 2^L`` inside int32 (TFLM's product would wrap otherwise); when
-    ``max|x| * 2^max(L)`` could reach 2^31 the general path runs instead.
+    Every intermediate is exact in float64 while ``max|x| * max(mult 2^L) < 2^52`` (then
+    ``|s| < 2^21`` and ``s / 2^e + 1/2`` spans at most 53 bits for ``e <= 31``) and
+    ``x * 2^L`` stays inside int32 (TFLM's product would wrap otherwise); else the general
+    integer path runs.
     """
-    x = x.to(torch.int64)
-    left = shift.clamp(min=0).to(torch.int64)
-    if bool((left > 0).any()) and int(x.abs().max()) << int(left.max()) >= 2**31:
-        return multiply_by_quantized_multiplier(x, mult, shift)
+    floating = x.is_floating_point()
+    left = shift.clamp(min=0).to(torch.float64)
+    e = (-shift).clamp(min=0).to(torch.float64)
+    m_left = mult.to(torch.float64) * torch.exp2(left)
+    x_max = _abs_max(x)
+    if x_max * float(torch.exp2(left.max())) >= 2**31 or x_max * float(m_left.max()) >= 2**52:
+        out = multiply_by_quantized_multiplier(x.to(torch.int64), mult.view(1, -1, *([1] * (x.dim() - 2))),
+                                               shift.view(1, -1, *([1] * (x.dim() - 2))))
+        return out.to(torch.float64) if floating else out
     view = (1, -1, *([1] * (x.dim() - 2)))
-    e = (-shift).clamp(min=0).to(torch.int64)
-    s = (x * (mult.to(torch.int64) << left).view(view) + (1 << 30)) >> 31
-    half = ((torch.ones_like(e) << e) >> 1).view(view)
-    if bool((e == 0).any()):
-        neg = (s >> 63) * (e > 0).to(torch.int64).view(view)
-    else:
-        neg = s >> 63
-    return (s + half + neg) >> e.view(view)
+    a = x.to(torch.float64, copy=True)
+    half = torch.tensor(0.5, dtype=torch.float64)
+    torch.addcmul(half, a, (m_left * 2.0**-31).view(view), out=a)
+    a.floor_()  # s
+    right = (e > 0).to(torch.float64)
+    a.addcmul_(a.clamp(-1, 0), right.view(view))  # s - [s < 0] where e >= 1
+    torch.addcmul((0.5 * right).view(view), a, torch.exp2(-e).view(view), out=a)
+    a.floor_()
+    return a if floating else a.to(torch.int64)
 
 
 # --------------------------------------------------------------------------- convolution and fully connected
@@ -299,13 +311,31 @@ def same_padding(in_h: int, in_w: int, k_h: int, k_w: int, stride_h: int, stride
     return (pads[0], pads[1], pads[2], pads[3]), (outs[0], outs[1])
 
 
+def _abs_max(t: torch.Tensor) -> float:
+    """``max |t|`` in one pass without a temporary (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
 _EXACT_F32 = float(1 << 24)  # float32 holds every integer below this exactly
 
 
 def int_conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  stride: int | tuple[int, int] = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
                  groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
-    """The int32 accumulator of an int8 convolution, ``sum w * (x - x_zero) + b``, exactly (int64).
+    """:func:`conv_acc` as int64."""
+    return conv_acc(x_centered, weight, bias, stride, padding, groups, dilation).to(torch.int64)
+
+
+def conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             stride: int | tuple[int, int] = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+             groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+    """The int32 accumulator of an int8 convolution, ``sum w * (x - x_zero) + b``, exactly.
+
+    Returned as float32 or float64 holding the exact int32 values (see Notes); the
+    requantization (:func:`requantize_channels`) takes it as it is.
 
     Parameters
     ----------
@@ -321,26 +351,35 @@ def int_conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     -----
     float32 sums of integers are exact in any order, with or without FMA, while every
     partial sum stays below 2^24, so every CPU's vector kernels give the same integers
-    when ``K * max|x| * max|w| + max|b| < 2^24`` (``K`` = taps per output); otherwise
-    the sum runs in float64 (exact below 2^53). That needs a convolution that sums
-    products: NNPACK (PyTorch's float32 choice for batches of 16 or more when oneDNN
-    is off or absent) uses Winograd/FFT transforms, which are not exact, so it is
+    when ``max|x| * max_o sum|w[o]| + max|b| < 2^24``; otherwise the bias joins in
+    float64 after the sum, or the whole sum runs in float64 (exact below 2^53). That
+    needs a convolution that sums products: NNPACK (PyTorch's float32 choice for
+    batches of 16 or more when oneDNN is off or absent) uses Winograd/FFT transforms, which are not exact, so it is
     disabled here. The result is wrapped to int32 as TFLM's int32 accumulator would
     be (in practice it never overflows).
     """
-    k = weight[0].numel()
     xf, wf = x_centered.float(), weight.float()
-    bf = None if bias is None else bias.float()
-    bound = k * float(xf.abs().max()) * float(wf.abs().max()) + (0.0 if bf is None else float(bf.abs().max()))
-    if bound >= _EXACT_F32:
-        xf, wf = x_centered.double(), weight.double()
-        bf = None if bias is None else bias.double()
+    # Every partial sum of one output is a sum of some of its products (and maybe the bias),
+    # so it is bounded by max|x| * sum|w[o]| (+ |b[o]|): far tighter than K * max|x| * max|w|.
+    w_l1 = float(wf.abs().sum(dim=tuple(range(1, wf.dim()))).max()) if wf.numel() else 0.0
+    b_max = 0.0 if bias is None else _abs_max(bias)
+    x_bound = _abs_max(xf) * w_l1
     top, bottom, left, right = padding
-    xf = F.pad(xf, (left, right, top, bottom))
+    if top == bottom and left == right:
+        pad = (top, left)  # zero padding of the centered input is TFLM's skipped taps
+    else:
+        xf, pad = F.pad(xf, (left, right, top, bottom)), 0
+    bias_after = x_bound + b_max >= _EXACT_F32  # a wide bias (e.g. saturated) joins in float64
+    if x_bound >= _EXACT_F32:
+        xf, wf = xf.double(), wf.double()
+    bf = None if bias is None or bias_after else bias.to(xf.dtype)
     with torch.backends.nnpack.flags(enabled=False):
-        acc = F.conv2d(xf, wf, bf, stride, 0, dilation, groups)
-    acc = acc.to(torch.int64)
-    return acc if bound < 2**31 else _wrap32(acc)  # no int32 overflow below the bound
+        acc = F.conv2d(xf, wf, bf, stride, pad, dilation, groups)
+    if bias is not None and bias_after:
+        acc = acc.double().add_(bias.double().view(1, -1, *([1] * (acc.dim() - 2))))
+    if x_bound + b_max >= 2**31:  # an int32 accumulator could overflow: wrap as TFLM's would
+        acc = _wrap32(acc.to(torch.int64)).to(torch.float64)
+    return acc
 
 
 def _requantize(acc: torch.Tensor, mult: IntOrTensor, shift: IntOrTensor, y_zero: int, act_lo: int,
