@@ -34,7 +34,7 @@ from torch import nn
 from fedtiny.budget.ledger import (GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, fused_workspace_bytes,
                                    tensor_bytes, workspace_bytes)
 from fedtiny.errors import ModelFileError, ScenarioError, SchemeError
-from fedtiny.int8 import kernels
+from fedtiny.int8 import kernels, native
 
 __all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QReshape", "QSoftmax", "FloatHead", "QModel", "Node", "Wiring",
            "from_blocks", "replace_head", "head_weight_scales", "to_nchw_shape", "unit_scale", "INT8_MIN", "INT8_MAX", "ACTIVATIONS"]
@@ -144,13 +144,10 @@ class _QConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv: "QConv", events: OpEvents, led: Ledger | NullLedger):
-        y = conv.requantize(x, weight, bias)
-        lo, hi = conv.act_range()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        y, mask = conv.requantize_clamp(x, weight, bias, want_mask=need_x or need_w or need_b)
         ctx.conv, ctx.in_shape, ctx.events, ctx.ledger = conv, x.shape, events, led
-        mask = xsel = w = None
-        if need_x or need_w or need_b:
-            mask = (y >= lo) & (y <= hi)
+        xsel = w = None
         if need_w:
             sel = conv.train_channels
             xsel = (x if sel is None else x[:, sel]).to(torch.int8)
@@ -159,7 +156,7 @@ class _QConvFn(torch.autograd.Function):
         ctx.save_for_backward(mask, xsel, w)
         led.check(f"saved:{conv.tag}", events.saved,
                   0 if mask is None else tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0))
-        return y.clamp(lo, hi)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -267,6 +264,8 @@ class QConv(_QParamsMixin, nn.Module):
         self.train_channels: list[int] | None = None
         self._mult_key: tuple | None = None
         self._mult: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mult_i32_of: torch.Tensor | None = None
+        self._mult_i32_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def kernel_hw(self) -> tuple[int, int]:
@@ -344,11 +343,29 @@ class QConv(_QParamsMixin, nn.Module):
         """The output clamp: the fused activation's quantized range within int8."""
         return kernels.activation_range(self.activation, self.y_scale, self.y_zero)
 
-    def requantize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The output before the clamp: int32 accumulation, TFLM's requantization, zero point (float storage)."""
+    def requantize_clamp(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         want_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The int8 output (float storage) and, if wanted, the clamp's mask (values it kept).
+
+        int32 accumulation, TFLM's requantization, zero point, the activation's clamp: in the
+        host kernels when built (:mod:`fedtiny.int8.native`), else in PyTorch; same integers.
+        """
         acc = kernels.conv_acc(x - self.x_zero, weight, bias, self.stride, self.padding, self.groups)
+        lo, hi = self.act_range()
+        fast = native.requantize_clamp(acc, *self._mult_i32(), self.y_zero, lo, hi, want_mask)
+        if fast is not None:
+            return fast
         mult, shift = self.quantized_multiplier()
-        return kernels.requantize_channels(acc, mult, shift).add_(self.y_zero).to(torch.float32)
+        y = kernels.requantize_channels(acc, mult, shift).add_(self.y_zero).to(torch.float32)
+        return y.clamp(lo, hi), ((y >= lo) & (y <= hi)) if want_mask else None
+
+    def _mult_i32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`quantized_multiplier` as int32 (the host kernels' types), cached with it."""
+        mult, shift = self.quantized_multiplier()
+        if self._mult_i32_of is not mult:
+            self._mult_i32_cache = (mult.to(torch.int32).contiguous(), shift.to(torch.int32).contiguous())
+            self._mult_i32_of = mult
+        return self._mult_i32_cache
 
     def trained_input_elements(self, in_shape: tuple[int, ...]) -> int:
         """Input elements saved for the weight gradient: the trained channels of an ``N x C x H x W`` input."""
@@ -408,16 +425,20 @@ class QConv(_QParamsMixin, nn.Module):
 class _QAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, add: "QAdd", events: OpEvents, led: Ledger | NullLedger):
-        y = kernels.add_int8(_as_int(x), _as_int(b), add.add_params(), INT32_MIN, INT32_MAX).to(torch.float32)
         lo, hi = add.act_range()
+        want_mask = any(ctx.needs_input_grad[:2])
+        fast = native.add_clamp(x, b, add.add_params(), lo, hi, want_mask)
+        if fast is not None:
+            y, mask = fast
+        else:
+            y = kernels.add_int8(_as_int(x), _as_int(b), add.add_params(), INT32_MIN, INT32_MAX).to(torch.float32)
+            mask = ((y >= lo) & (y <= hi)) if want_mask else None
+            y = y.clamp(lo, hi)
         ra, rb = add.x_scale / add.y_scale, float(add.bparams[0]) / add.y_scale
         ctx.ratios, ctx.events, ctx.ledger = (ra, rb), events, led
-        mask = None
-        if any(ctx.needs_input_grad[:2]):
-            mask = (y >= lo) & (y <= hi)
         led.check(f"saved:{add.tag}", events.saved, 0 if mask is None else tensor_bytes(mask, "bit"))
         ctx.save_for_backward(mask)
-        return y.clamp(lo, hi)
+        return y
 
     @staticmethod
     def backward(ctx, g):

@@ -378,6 +378,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.data.sources import load_source
     from fedtiny.errors import ModelFileError
     from fedtiny.federated.task import limit_threads
+    from fedtiny.int8 import native
     from fedtiny.int8.graph import replace_head
     from fedtiny.int8.modelfile import read_model
     from fedtiny.int8.optim import QuantizedOptimizer
@@ -423,8 +424,11 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         float_sps = max(float_sps, timed(twin, float_opt))
     result = {"model": path.stem, "scheme": resolved.name, "batch_size": b, "input": [c, h, h],
               "steps": len(batches), "int8_samples_per_s": round(int8_sps, 2),
-              "float_samples_per_s": round(float_sps, 2), "int8_vs_float_time_ratio": round(float_sps / int8_sps, 3)}
-    print(f"bench train: {path.stem} scheme {resolved.name}, batch {b} at {c}x{h}x{h}, one thread\n"
+              "float_samples_per_s": round(float_sps, 2), "int8_vs_float_time_ratio": round(float_sps / int8_sps, 3),
+              "host_kernels": native.available()}
+    kernels = ("host kernels (device/c)" if result["host_kernels"]
+               else f"PyTorch kernels ({native.library_path().name} not built: make install)")
+    print(f"bench train: {path.stem} scheme {resolved.name}, batch {b} at {c}x{h}x{h}, one thread, {kernels}\n"
           f"  int8 (QAS) step  {int8_sps:8.2f} samples/s\n  float step       {float_sps:8.2f} samples/s\n"
           f"  int8 step takes {result['int8_vs_float_time_ratio']:.2f}x the float step's time")
     return result
