@@ -120,7 +120,10 @@ class ModelSection:
     name: str = _key("tiny-ir", "built-in model (used when model.file and model.module are empty)", _choice("tiny-ir"))
     file: str = _key("", "an int8 model file clients train instead: a .tflite (TFLite Micro's int8 ops), a "
                          "tiny-training .pkl or a fedtiny .safetensors (relative to the scenario file); its "
-                         "classifier is replaced for the data's classes")
+                         "classifier is replaced for the data's classes (see model.head)")
+    head: str = _key("new", "model.file: new = a new classifier for the data's classes, fitted in the cloud step; "
+                     "keep = the file's classifier as it is (the file is the cloud model: no cloud step; "
+                     "`fedtiny zoo cloud` writes one)", _choice("new", "keep"))
     module: str = _key("", "your own float PyTorch model instead of model.name: \"package.module:function\" or "
                        "\"path/to/file.py:function\" (relative to the scenario file) returning a torch.nn.Module "
                        "(called with those of in_channels, num_classes, image_size it accepts); pretrained on the "
@@ -145,6 +148,10 @@ class TrainSection:
     local_epochs: int = _key(1, "local epochs per round", _range(1, 1000))
     batch_size: int = _key(16, "client batch size", _range(1, 65_536))
     weight_rounding: str = _key("stochastic", "rounding of int8 weights after each step", _choice("stochastic", "nearest"))
+    gradients: str = _key("exact", "int8 models: exact = the exact step (integer sums, int8 output gradients with "
+                          "seeded stochastic rounding, fixed-point softmax: the same numbers on every CPU and on the "
+                          "device's C step); float = float32 gradients summed by PyTorch (CPU-dependent)",
+                          _choice("exact", "float"))
     scheme: str = _key("full", "sparse-update scheme: full, bias-only, last-k:N, a JSON/TOML file (path relative to "
                        "the scenario; schemes.json#id) or inline JSON; chosen per device: last-k:fit, search, "
                        "fisher, random:N")
@@ -587,6 +594,11 @@ def _check_cross(where: str, s: Scenario) -> None:
             f"{where}: data.public_fraction: public_fraction + test_fraction must leave data for the clients "
             f"(< 0.95), got {s.data.public_fraction + s.data.test_fraction:g}"
         )
+    if s.train.gradients == "exact" and s.model.precision == "int8" and (
+            s.train.optimizer == "adam" or s.model.classifier_precision == "fp32"):
+        raise ScenarioError(f"{where}: train.gradients: the exact step trains an int8 classifier with sgd or "
+                            f"sgd+qas (got optimizer {s.train.optimizer!r}, classifier "
+                            f"{s.model.classifier_precision!r}); set train.gradients = \"float\"")
     if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
@@ -609,6 +621,8 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.model.file and s.model.module:
         raise ScenarioError(f"{where}: model.module: set model.file (an int8 model file) or model.module (a float "
                             f"PyTorch model), not both")
+    if s.model.head == "keep" and not s.model.file:
+        raise ScenarioError(f"{where}: model.head: keep uses the classifier of model.file, which is not set")
     if s.model.file and s.model.precision != "int8":
         raise ScenarioError(f"{where}: model.precision: a model file is an int8 network; set model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")

@@ -40,6 +40,7 @@ def test_planner_macs_equal_the_convolutions_a_forward_pass_runs():
     from fedtiny.federated.task import make_task
 
     scenario = load_scenario(QUICKSTART, parse_overrides(["model.precision=\"fp32\"", "train.optimizer=\"sgd\"",
+                                                          "model.file=\"\"", "model.head=\"new\"",
                                                           "train.scheme=\"full\""]))
     task = make_task(scenario)
     counted = []

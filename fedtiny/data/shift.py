@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SensorShift", "fleet_shift", "client_shift", "apply_shift"]
+__all__ = ["SensorShift", "fleet_shift", "client_shift", "apply_shift", "rotate"]
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,43 @@ def client_shift(cfg, partition_id: int, seed: int) -> SensorShift:
     return SensorShift(float(rot), float(gain), cfg.offset, noise)
 
 
+def rotate(x: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate images ``x`` (N x C x H x W) about their centre: bilinear, zeros outside (float32).
+
+    The sampling of PyTorch's ``affine_grid`` + ``grid_sample`` (``align_corners=False``), written
+    as elementwise float64 NumPy arithmetic so that every CPU computes the same pixels (PyTorch's
+    vectorised kernels round differently from one instruction set to the next).
+    """
+    n, c, h, w = x.shape
+    a = np.deg2rad(degrees)
+    cos, sin = float(np.cos(a)), float(np.sin(a))
+    ys = (2.0 * np.arange(h) + 1.0) / h - 1.0
+    xs = (2.0 * np.arange(w) + 1.0) / w - 1.0
+    gx = cos * xs[None, :] - sin * ys[:, None]
+    gy = sin * xs[None, :] + cos * ys[:, None]
+    ix = ((gx + 1.0) * w - 1.0) / 2.0
+    iy = ((gy + 1.0) * h - 1.0) / 2.0
+    x0, y0 = np.floor(ix), np.floor(iy)
+    fx, fy = ix - x0, iy - y0
+    src = x.astype(np.float64)
+    out = np.zeros((n, c, h, w), np.float64)
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            yy, xx = (y0 + dy).astype(np.int64), (x0 + dx).astype(np.int64)
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            weight = np.where(inside, wy * wx, 0.0)
+            out += src[:, :, np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)] * weight
+    return out.astype(np.float32)
+
+
 def apply_shift(x: np.ndarray, shift: SensorShift, seed: int | list[int]) -> np.ndarray:
     """Apply ``shift`` to images ``x`` (N x C x H x W in [0, 1]); noise is seeded and fixed."""
     if shift.is_identity or len(x) == 0:
         return x
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = np.ascontiguousarray(x, dtype=np.float32)
     if shift.rotation_deg:
-        a = np.deg2rad(shift.rotation_deg)
-        theta = torch.tensor([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0]], dtype=torch.float32)
-        grid = F.affine_grid(theta.expand(len(t), 2, 3), list(t.shape), align_corners=False)
-        t = F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = t.numpy() * shift.gain + shift.offset
+        out = rotate(out, shift.rotation_deg)
+    out = out * np.float32(shift.gain) + np.float32(shift.offset)
     if shift.noise_std:
         out = out + np.random.default_rng(seed).normal(0.0, shift.noise_std, out.shape).astype(np.float32)
     return np.clip(out, 0.0, 1.0).astype(np.float32)

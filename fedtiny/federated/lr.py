@@ -83,7 +83,7 @@ def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
         load_arrays(model, state)
         train_local(model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=lr,
                     optimizer=t.optimizer, momentum=t.momentum, gen=seeded(scenario.run.seed, 505),
-                    rounding=t.weight_rounding)
+                    rounding=t.weight_rounding, gradients=t.gradients)
         loss, acc = evaluate(model, val)
         scores[lr] = (acc, loss)
         if progress:

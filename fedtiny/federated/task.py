@@ -150,6 +150,12 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
         raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives "
                             f"{'x'.join(map(str, fed.image_shape))}: set data.image_size = {h}"
                             + (f" and data.channels = {c}" if c != fed.image_shape[0] else ""))
+    if m.head == "keep":
+        classes = int(model.classifier.weight.shape[0])
+        if classes != fed.num_classes:
+            raise ScenarioError(f"model.head: keep: {m.file} classifies {classes} classes but the data has "
+                                f"{fed.num_classes}; set model.head = \"new\"")
+        return model
     return replace_head(model, fed.num_classes, precision=m.classifier_precision, seed=scenario.run.seed)
 
 
@@ -210,6 +216,9 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     Returns the state to send (in ``task.downlink_spec``'s names and dtypes) and a report.
     """
     s, fed = task.scenario, task.federation
+    if s.model.file and s.model.head == "keep":  # the file is the cloud model: its own figures, no float network
+        acc = evaluate(task.model, fed.test)[1]
+        return model_arrays(task.model), CloudReport(evaluate(task.model, fed.public)[1], acc, acc)
     if s.model.file:
         return _cloud_head(task)
     fp32 = _fp32_model(s, fed)

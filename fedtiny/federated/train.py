@@ -6,6 +6,7 @@ BatchNorm is folded into the convolutions, so only weights and biases can change
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from fedtiny.data import ImageSet
 from fedtiny.errors import ScenarioError
 
-__all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer"]
+__all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer", "exact_applies"]
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,28 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
                      if name == "sgd+qas" else f"train.optimizer: unknown optimizer {name!r}")
 
 
+def _exact_loss(model: nn.Module):
+    """The exact step's loss for an int8 graph with an int8 classifier (fixed-point softmax gradient)."""
+    from fedtiny.int8 import exact
+
+    head = model.classifier
+    return lambda out, y: exact.cross_entropy(out, y, float(head.y_scale), int(head.y_zero))
+
+
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
-            gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None) -> TrainResult:
+            gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
+            exact_seed: int | None = None) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
+    ``exact_seed``: run the exact step (:mod:`fedtiny.int8.exact`) with this seed; step ``k`` of the
+    run draws its stochastic rounding from ``StepKey(exact_seed, k)``.
     """
-    loss_fn = nn.CrossEntropyLoss()
+    from fedtiny.int8 import exact
+
+    loss_fn = nn.CrossEntropyLoss() if exact_seed is None else _exact_loss(model)
+    if exact_seed is not None:
+        model.number_convs()
     total_loss, correct, seen, steps, samples = 0.0, 0, 0, 0, 0
     for _ in range(epochs):
         if max_steps is not None and steps >= max_steps:
@@ -79,10 +95,11 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
             if max_steps is not None and steps >= max_steps:
                 break
             opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            loss.backward()
-            opt.step()
+            with exact.step(None if exact_seed is None else exact.StepKey(exact_seed, steps)):
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                loss.backward()
+                opt.step()
             total_loss += float(loss.detach()) * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
@@ -94,31 +111,66 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps, samples)
 
 
+def exact_applies(model: nn.Module, optimizer: str) -> bool:
+    """Whether the exact step can train ``model`` with ``optimizer``: an int8 graph, int8 head, SGD (with or without QAS)."""
+    from fedtiny.int8.graph import QConv, QModel
+
+    return isinstance(model, QModel) and isinstance(model.classifier, QConv) and optimizer in ("sgd", "sgd+qas")
+
+
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
-                freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None) -> TrainResult:
+                freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None,
+                gradients: str = "float") -> TrainResult:
     """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
 
-    ``max_steps``: stop after this many steps (None: all epochs).
+    ``max_steps``: stop after this many steps (None: all epochs). ``gradients``: ``exact`` runs
+    the exact step (:mod:`fedtiny.int8.exact`; int8 graph, int8 head, sgd or sgd+qas), seeded
+    from ``gen``'s seed; ``float`` the float-gradient step. An fp32 model always trains in float.
     """
+    from fedtiny.int8.graph import QModel
+
+    exact_seed = None
+    if gradients == "exact" and isinstance(model, QModel):
+        if not exact_applies(model, optimizer):
+            raise ScenarioError("train.gradients: the exact step trains an int8 classifier with sgd or sgd+qas "
+                                f"(got optimizer {optimizer!r}, classifier {type(model.classifier).__name__}); "
+                                "set train.gradients = \"float\"")
+        exact_seed = int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF)
+    elif gradients not in ("exact", "float"):
+        raise ScenarioError(f"train.gradients: expected exact or float, got {gradients!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps)
+                   max_steps=max_steps, exact_seed=exact_seed)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> tuple[float, float]:
-    """Return ``(loss, accuracy)`` of ``model`` on ``data`` (0, 0 for empty data)."""
+    """Return ``(loss, accuracy)`` of ``model`` on ``data`` (0, 0 for empty data).
+
+    An int8 graph with an int8 head reports the exact step's loss (fixed-point softmax of the int8
+    logits, summed with ``math.fsum``): the same figure on every CPU.
+    """
+    from fedtiny.int8 import exact
+    from fedtiny.int8.graph import QConv, QModel
+
     if len(data) == 0:
         return 0.0, 0.0
     model.eval()
+    int8_head = isinstance(model, QModel) and isinstance(model.classifier, QConv)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total, correct = 0.0, 0
+    losses: list[float] = []
+    correct = 0
     for xb, yb in _batches(data, batch_size, None):
         out = model(xb)
-        total += float(loss_fn(out, yb))
+        if int8_head:
+            head = model.classifier
+            q = torch.round(out / float(head.y_scale)).to(torch.int64) + int(head.y_zero)
+            losses += exact.loss_values(exact.softmax_q15(q, float(head.y_scale))[1], yb)
+        else:
+            losses.append(float(loss_fn(out, yb)))
         correct += int((out.argmax(1) == yb).sum())
-    return total / len(data), correct / len(data)
+    return math.fsum(losses) / len(data), correct / len(data)
 
 
 def pretrain(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, batch_size: int, seed: int) -> TrainResult:

@@ -34,7 +34,7 @@ from torch import nn
 from fedtiny.budget.ledger import (GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, fused_workspace_bytes,
                                    tensor_bytes, workspace_bytes)
 from fedtiny.errors import ModelFileError, ScenarioError, SchemeError
-from fedtiny.int8 import kernels, native
+from fedtiny.int8 import exact, kernels, native
 
 __all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QReshape", "QSoftmax", "FloatHead", "QModel", "Node", "Wiring",
            "from_blocks", "replace_head", "head_weight_scales", "to_nchw_shape", "unit_scale", "INT8_MIN", "INT8_MAX", "ACTIVATIONS"]
@@ -147,6 +147,7 @@ class _QConvFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         y, mask = conv.requantize_clamp(x, weight, bias, want_mask=need_x or need_w or need_b)
         ctx.conv, ctx.in_shape, ctx.events, ctx.ledger = conv, x.shape, events, led
+        ctx.key = exact.current()
         xsel = w = None
         if need_w:
             sel = conv.train_channels
@@ -164,11 +165,20 @@ class _QConvFn(torch.autograd.Function):
         conv, led, events = ctx.conv, ctx.ledger, ctx.events
         led.check(f"grad:{conv.tag}", events.grad_bytes, tensor_bytes(g, "fp32"))
         ga = g * mask * conv.multiplier().view(1, -1, 1, 1)
+        # The exact step: ga as int8 times one scale, every sum below a sum of integers (fedtiny.int8.exact)
+        scale = None
+        if ctx.key is not None:
+            ga, scale = exact.quantize_grad(ga, ctx.key, exact.grad_slot(conv.slot))
+        q_max = float(ga.abs().max()) if scale is not None and ga.numel() else 0.0
+
+        def scaled(int_sum: torch.Tensor) -> torch.Tensor:
+            return int_sum if scale is None else int_sum.float() * scale
+
         grad_x = grad_w = grad_b = None
         held = []  # bytes of the gradients this op produces, in the order its events list them
         pad, sym = conv.torch_padding()
         if ctx.needs_input_grad[2]:
-            grad_b = ga.sum(dim=(0, 2, 3))
+            grad_b = scaled(ga.sum(dim=(0, 2, 3)) if scale is None else ga.double().sum(dim=(0, 2, 3)))
             held.append(GRAD_BYTES * grad_b.numel())
         if ctx.needs_input_grad[1]:
             sel = conv.train_channels
@@ -176,28 +186,36 @@ class _QConvFn(torch.autograd.Function):
             if not sym:
                 xs = F.pad(xs, conv.pad_lrtb())
             kh, kw = conv.kernel_hw
+            gq = ga
+            if scale is not None:  # each sum is over one input channel's positions: bounded by its L1 norm
+                dt = exact.int_sum_dtype(q_max * float(xs.abs().sum(dim=(0, 2, 3)).max()) * 1.001)
+                xs, gq = xs.to(dt), ga.to(dt)
             if conv.is_depthwise:
                 ch = sel if sel is not None else list(range(conv.out_channels))
-                gw = torch.nn.grad.conv2d_weight(xs, (len(ch), 1, kh, kw), ga[:, ch], conv.stride, pad,
-                                                 groups=len(ch))
+                gw = scaled(torch.nn.grad.conv2d_weight(xs, (len(ch), 1, kh, kw), gq[:, ch], conv.stride, pad,
+                                                        groups=len(ch)))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[ch] = gw
             else:
                 ch = sel if sel is not None else list(range(conv.in_channels))
-                gw = torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), kh, kw), ga, conv.stride, pad,
-                                                 groups=1)
+                gw = scaled(torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), kh, kw), gq, conv.stride,
+                                                        pad, groups=1))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[:, ch] = gw
             held.append(GRAD_BYTES * gw.numel())
         if ctx.needs_input_grad[0]:
+            wq, gq = w, ga
+            if scale is not None:  # each sum is over one input channel's taps: bounded by their weights' L1 norm
+                dt = exact.int_sum_dtype(q_max * float(w.abs().sum(dim=(0, 2, 3)).max()) * 1.001)
+                wq, gq = w.to(dt), ga.to(dt)
             if sym:
-                grad_x = torch.nn.grad.conv2d_input(ctx.in_shape, w, ga, conv.stride, pad, groups=conv.groups)
+                grad_x = scaled(torch.nn.grad.conv2d_input(ctx.in_shape, wq, gq, conv.stride, pad, groups=conv.groups))
             else:
                 n, c, h, wd = ctx.in_shape
                 pt, pb, pl, pr = conv.padding
-                gp = torch.nn.grad.conv2d_input((n, c, h + pt + pb, wd + pl + pr), w, ga, conv.stride, 0,
+                gp = torch.nn.grad.conv2d_input((n, c, h + pt + pb, wd + pl + pr), wq, gq, conv.stride, 0,
                                                 groups=conv.groups)
-                grad_x = gp[:, :, pt:pt + h, pl:pl + wd].contiguous()
+                grad_x = scaled(gp[:, :, pt:pt + h, pl:pl + wd].contiguous())
             held.append(tensor_bytes(grad_x, "fp32"))
         _check_grads(led, events, held)
         events.backward(led)
@@ -264,6 +282,7 @@ class QConv(_QParamsMixin, nn.Module):
         self.train_channels: list[int] | None = None
         self._mult_key: tuple | None = None
         self._mult: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.slot = 0  # the op's index among the graph's convolutions (its exact step's random streams)
         self._mult_i32_of: torch.Tensor | None = None
         self._mult_i32_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -792,6 +811,11 @@ class QModel(nn.Module):
 
     def op(self, name: str) -> nn.Module:
         return getattr(self, name)
+
+    def number_convs(self) -> None:
+        """Number every convolution (the head included) in forward order: ``slot``, the exact step's stream index."""
+        for i, conv in enumerate(m for m in (self.op(n.op) for n in self.nodes) if isinstance(m, QConv)):
+            conv.slot = i
 
     def convs(self) -> list[QConv]:
         """Every int8 convolution (and FC) before the head, in forward order: the paper's layer indices."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedtiny.errors import ScenarioError
+from fedtiny.int8 import exact
 from fedtiny.int8.graph import INT32_MAX, INT32_MIN, QConv
 
 __all__ = ["QuantizedOptimizer", "OPTIMIZERS", "device_float_state"]
@@ -53,20 +54,28 @@ class QuantizedOptimizer:
             raise ScenarioError(f"train.weight_rounding: expected stochastic or nearest, got {rounding!r}")
         self.qas = name == "sgd+qas"
         self.rounding, self.gen = rounding, gen
+        # the exact step's update (fedtiny.int8.exact): float32 scalars, its own momentum buffers
+        self.lr32, self.momentum32 = torch.tensor(lr, dtype=torch.float32), torch.tensor(momentum, dtype=torch.float32)
+        self.momentum = float(momentum)
+        self.buffers: dict[int, torch.Tensor] = {}
         # (param, QAS gradient factor or None, integer range or None)
         self.slots: list[tuple[nn.Parameter, torch.Tensor | None, tuple[int, int] | None]] = []
+        self.owners: list[QConv | None] = []  # the convolution of each slot (its stream index for rounding)
         for module in model.modules():
             if isinstance(module, QConv):
                 shape = (-1,) + (1,) * (module.weight.dim() - 1)
                 ws = module.w_scales.double()
                 if module.weight.requires_grad:
                     self.slots.append((module.weight, (ws ** -2).float().view(shape), (-127, 127)))
+                    self.owners.append(module)
                 if module.bias.requires_grad:
                     self.slots.append((module.bias, ((ws * module.x_scale) ** -2).float(), (INT32_MIN, INT32_MAX)))
+                    self.owners.append(module)
         quantized = {id(p) for p, _, _ in self.slots}
         for p in model.parameters():
             if p.requires_grad and id(p) not in quantized:
                 self.slots.append((p, None, None))  # a float head: trained in float, no projection
+                self.owners.append(None)
         params = [p for p, _, _ in self.slots]
         if name == "adam":
             self.inner: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
@@ -78,6 +87,10 @@ class QuantizedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        key = exact.current()
+        if key is not None:
+            self._exact_step(key)
+            return
         if self.qas:
             for p, factor, _ in self.slots:
                 if factor is not None and p.grad is not None:
@@ -92,6 +105,35 @@ class QuantizedOptimizer:
             else:
                 p.copy_(torch.round(p))
             p.clamp_(*bounds)
+
+
+    def _exact_step(self, key: exact.StepKey) -> None:
+        """The exact step's update: float32 elementwise, integers rounded as :mod:`fedtiny.int8.exact` states."""
+        for i, ((p, factor, bounds), owner) in enumerate(zip(self.slots, self.owners)):
+            if p.grad is None:
+                continue
+            if bounds is None:
+                raise ValueError("the exact step trains int8 tensors only (a float head needs train.gradients = float)")
+            g = p.grad.to(torch.float32)  # a bias gradient is float64 holding a float32 value
+            if self.qas:
+                g = g * factor
+            if self.momentum > 0:
+                buf = self.buffers.get(i)
+                if buf is None:
+                    buf = self.buffers[i] = g.clone()
+                else:
+                    buf.mul_(self.momentum32).add_(g)
+                g = buf
+            d = g * self.lr32
+            if bounds[1] == 127:  # int8 weight: w - d rounded (stochastically: floor of + u)
+                t = p - d
+                if self.rounding == "stochastic":
+                    t = torch.floor(t + exact.uniform(key, exact.round_slot(owner.slot), tuple(p.shape)))
+                else:
+                    t = exact.round_half_away(t)
+                p.copy_(t.clamp_(-127, 127))
+            else:  # int32 bias in float64: plus the rounded change, exactly
+                p.add_(exact.round_half_away(-d).to(p.dtype)).clamp_(*bounds)
 
 
 def device_float_state(model: nn.Module, optimizer: str, momentum: float) -> dict[str, int]:

@@ -219,6 +219,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     if args.zoo_command == "run":
         return _zoo_run(args)
+    if args.zoo_command == "cloud":
+        from fedtiny.tools.models import cloud_model_file
+
+        result = cloud_model_file(load_scenario(args.scenario, parse_overrides(args.overrides)), args.out)
+        print(json.dumps(result, sort_keys=True) if args.json else _table([(k, v) for k, v in result.items()]))
+        return 0
     if args.zoo_command == "check":
         from fedtiny.tools.models import check_against_tflm
 
@@ -451,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("file", help=model_help)
     z.add_argument("--inputs", type=int, default=32, help="random int8 inputs for the output comparison")
     z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--json", action="store_true")
+    z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("cloud", help="run a scenario's cloud step and write its int8 model: name it in "
+                        "model.file with model.head = \"keep\" so every run and seed starts from the same integers")
+    z.add_argument("scenario", help="scenario TOML file, e.g. scenarios/quickstart.toml")
+    z.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key")
+    z.add_argument("--out", required=True, help="fedtiny model file to write (.safetensors)")
     z.add_argument("--json", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("info", help="validate a model and print its facts")

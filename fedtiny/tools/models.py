@@ -8,7 +8,7 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.modelfile import load_state_checked, read_model
 
-__all__ = ["run_model", "open_model", "check_against_tflm", "compare_with_tflm"]
+__all__ = ["run_model", "open_model", "cloud_model_file", "check_against_tflm", "compare_with_tflm"]
 
 
 def run_model(run_dir: str | Path) -> QModel:
@@ -26,6 +26,25 @@ def run_model(run_dir: str | Path) -> QModel:
     ck = load_checkpoint(run_dir)
     load_state_checked(task.model, ck.state, f"{run_dir}: checkpoint round {ck.server_round}")
     return task.model
+
+
+def cloud_model_file(scenario, out: str | Path) -> dict:
+    """Run ``scenario``'s cloud step (pretraining on the public split and PTQ, or the new head's fit) and write
+    the int8 model to ``out``: a file a scenario names with ``model.head = "keep"`` starts every run and seed
+    from the same integers, whatever the CPU (float pretraining differs across vector kernels)."""
+    from fedtiny.federated.task import cloud_model, limit_threads, make_task
+    from fedtiny.int8.modelfile import save_qmodel
+    from fedtiny.models.state import load_arrays
+
+    limit_threads()
+    task = make_task(scenario)
+    if not isinstance(task.model, QModel):
+        raise ModelFileError("the scenario trains an fp32 model (model.precision = fp32); nothing int8 to write")
+    state, cloud = cloud_model(task)
+    load_arrays(task.model, state)
+    save_qmodel(task.model, out)
+    return {"written": str(out), "pretrain_train_accuracy": cloud.pretrain_train_accuracy,
+            "cloud_fp32_accuracy": cloud.fp32_accuracy, "cloud_int8_accuracy": cloud.ptq_accuracy}
 
 
 def open_model(spec: str | Path) -> QModel:
