@@ -14,6 +14,26 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def build_c_library(target: str) -> None:
+    """Build ``device/c/<target>`` with the system compiler (skip the test when there is none)."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip(f"no C compiler: device/c/{target} cannot be built")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "c"), target], check=True)
+
+
+def env_with_capability(capability: str | None) -> dict:
+    """This process's environment with ``ATEN_CPU_CAPABILITY`` set (None: PyTorch's best kernels)."""
+    import os
+
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    return env
+
+
 def client_replies(strategy, messages, results):
     """Reply messages of one-client-per-node train messages, for the clients in ``results``."""
     from flwr.app import Message

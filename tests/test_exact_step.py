@@ -1,6 +1,5 @@
 """The exact training step (fedtiny.int8.exact): integer sums, stated rounding, the same numbers on any CPU."""
 
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, env_with_capability
 from fedtiny.errors import ScenarioError
 from fedtiny.int8 import exact
 
@@ -115,10 +114,7 @@ def test_the_same_numbers_with_scalar_kernels(tmp_path):
     script = _SCRIPT.format(tests=str(ROOT / "tests"), model=str(path))
     outs = []
     for capability in (None, "default"):
-        env = dict(os.environ)
-        env.pop("ATEN_CPU_CAPABILITY", None)
-        if capability:
-            env["ATEN_CPU_CAPABILITY"] = capability
+        env = env_with_capability(capability)
         r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                            cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -153,3 +149,29 @@ def test_a_cloud_model_file_with_head_keep_starts_the_run(tmp_path, cli):
     with pytest.raises(ScenarioError, match="model.head"):
         make_task(load_scenario(ROOT / "scenarios" / "quickstart.toml",
                                 {"model.file": str(out), "model.head": "keep", "data.source": "lfw-faces", "data.image_size": 8}))
+
+
+def _metrics_without_time(run_dir):
+    import json
+
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        row.pop("elapsed_s", None)
+        rows.append(row)
+    return rows
+
+
+def test_quickstart_metrics_identical_with_scalar_kernels(tmp_path):
+    """The quickstart (2 rounds, 3 clients) writes the same metrics.jsonl with ATEN_CPU_CAPABILITY=default."""
+    runs = []
+    for capability in (None, "default"):
+        env = env_with_capability(capability)
+        out = tmp_path / (capability or "best")
+        r = subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", "run", "scenarios/quickstart.toml", "--set",
+                            "run.rounds=2", "--set", "run.clients=3", "--out", str(out)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(_metrics_without_time(out))
+    assert len(runs[0]) == 3 and runs[0][-1]["global_accuracy"] > runs[0][0]["global_accuracy"]
+    assert runs[0] == runs[1]

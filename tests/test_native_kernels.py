@@ -1,24 +1,19 @@
 """The host kernels of device/c (fedtiny.int8.native) give the PyTorch kernels' integers, and a
 training step through them gives the same outputs and gradients as the PyTorch fallback."""
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, build_c_library
 from fedtiny.int8 import kernels as K
 from fedtiny.int8 import native
 
 
 @pytest.fixture(scope="module")
 def built():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the host kernels cannot be built (the PyTorch kernels run instead)")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "c"), "libfedtiny_host.so"], check=True)
+    build_c_library("libfedtiny_host.so")
     native._lib.cache_clear()
     assert native.available(), f"{native.library_path()} built but not loaded"
     yield

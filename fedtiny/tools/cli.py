@@ -379,6 +379,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    from fedtiny.devices import get_profile
+    from fedtiny.int8 import cstep
+    from fedtiny.tools.device_check import device_check
+
+    get_profile(args.device)  # an unknown profile fails here, before any work
+    if not 1 <= args.batch_size <= cstep.MAX_BATCH or args.steps < 1:
+        raise ScenarioError(f"--batch-size must be 1..{cstep.MAX_BATCH} and --steps >= 1")
+    if not cstep.available():
+        print(f"fedtiny: {cstep.library_path()} is not built: run make install (needs a C compiler)", file=sys.stderr)
+        return 2
+    say = None if args.json else (lambda m: print(f"[device check] {m}", file=sys.stderr))
+    result = device_check(args.model, args.scheme, args.device, args.steps, args.batch_size, args.lr, args.momentum,
+                          args.seed, progress=say)
+    print(json.dumps(result, sort_keys=True) if args.json else _table([(k, v) for k, v in result.items()]))
+    return 0 if result["forward_mismatches"] == 0 and result["param_mismatches"] == 0 else 1
+
+
 def cmd_device_emulator(args: argparse.Namespace) -> int:
     from fedtiny.bridge.device import serve
     from fedtiny.devices import get_profile
@@ -509,6 +527,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for privacy.json and reconstructions.png")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("device", help="the device side: check the C training step against the simulator's")
+    dsub = p.add_subparsers(dest="device_command", required=True)
+    d = dsub.add_parser("check", help="run N exact steps with PyTorch and with the C step (device/c) from the same "
+                        "model on the same images; print mismatches, the C arena's peak against the planner's, times")
+    d.add_argument("--model", required=True, help="tiny-ir (the quickstart's cloud model), a .tflite, a tiny-training "
+                   ".pkl or a fedtiny model file")
+    d.add_argument("--scheme", default="full", help="full, bias-only, last-k:N (or last-k:fit), a JSON/TOML file "
+                   "(schemes.json#id)")
+    d.add_argument("--device", default="mcu-256kb", help="device profile (the planner's budget)")
+    d.add_argument("--steps", type=int, default=3)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--momentum", type=float, default=0.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_device)
 
     p = sub.add_parser("device-emulator", help="a reference MCU that speaks the bridge protocol over TCP")
     p.add_argument("--port", type=int, required=True)

@@ -1,0 +1,473 @@
+/* fedtiny's exact training step (see fedtiny_step.h and fedtiny/int8/exact.py, its specification). */
+#include "fedtiny_step.h"
+
+#include <string.h>
+
+#include "fedtiny_int8.h"
+
+#define FT_MAX_TENSORS 256
+#define FT_MAX_BATCH 64
+#define FT_GRAD_LEVELS 127
+
+int ft_step_abi(void) { return FT_STEP_ABI; }
+
+/* ------------------------------------------------------------------ arena (a bump allocator) */
+
+typedef struct {
+    uint8_t *base;
+    size_t cap, used, high; /* high: the high-water mark */
+} arena_t;
+
+static void *take(arena_t *a, size_t bytes) {
+    size_t at = (a->used + 7u) & ~(size_t)7u;
+    if (a->base == 0) { /* sizing pass */
+        a->used = at + bytes;
+        a->high = a->used > a->high ? a->used : a->high;
+        return 0;
+    }
+    if (at + bytes > a->cap) return 0;
+    a->used = at + bytes;
+    a->high = a->used > a->high ? a->used : a->high;
+    memset(a->base + at, 0, bytes);
+    return a->base + at;
+}
+
+/* ------------------------------------------------------------------ counter-based uniform numbers */
+
+static uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+static uint32_t stream_base(uint32_t seed, uint32_t step, uint32_t slot) {
+    return hash32(seed ^ hash32(step ^ hash32(slot)));
+}
+
+/* u in [0, 1): (hash32(base + i) >> 8) * 2^-24, exact in float32 */
+static float uniform_at(uint32_t base, uint32_t i) { return (float)(hash32(base + i) >> 8) * (1.0f / 16777216.0f); }
+
+/* floor and round half away from zero without libm (|x| < 2^31 for floor) */
+static int32_t floor_f32(float x) {
+    int32_t i = (int32_t)x;
+    return ((float)i > x) ? i - 1 : i;
+}
+
+static int64_t round_half_away_f32(float x) {
+    float t = x + (x >= 0.0f ? 0.5f : -0.5f);
+    if (t >= 4.0e18f) return (int64_t)4e18;
+    if (t <= -4.0e18f) return -(int64_t)4e18;
+    return (int64_t)t; /* conversion truncates: trunc(x + copysign(0.5, x)) */
+}
+
+/* ------------------------------------------------------------------ sizes */
+
+static int32_t out_size(const ft_model *m, int32_t t) { /* elements per sample of tensor t */
+    if (t == 0) return m->in_c * m->in_h * m->in_w;
+    return m->ops[t - 1].oc * m->ops[t - 1].oh * m->ops[t - 1].ow;
+}
+
+static int valid_model(const ft_model *m, int32_t batch) {
+    int32_t i;
+    if (!m || m->n_ops <= 0 || m->n_ops >= FT_MAX_TENSORS || !m->ops || batch <= 0 || batch > FT_MAX_BATCH) return 0;
+    for (i = 0; i < m->n_ops; i++) {
+        const ft_op *op = &m->ops[i];
+        if (op->in0 < 0 || op->in0 > i || (op->kind == FT_OP_ADD && (op->in1 < 0 || op->in1 > i))) return 0;
+        if (op->kind == FT_OP_CONV && (!op->weight || !op->bias || !op->mult || !op->shift || op->groups <= 0 ||
+                                       op->stride <= 0 || op->c % op->groups || op->oc % op->groups))
+            return 0;
+        if (op->kind < FT_OP_CONV || op->kind > FT_OP_POOL) return 0;
+    }
+    return m->ops[m->n_ops - 1].kind == FT_OP_CONV && m->ops[m->n_ops - 1].oc == m->classes && m->classes > 0;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+static void conv_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t *y, uint8_t *mask) {
+    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
+    int32_t n, o, oy, ox, ci, ky, kx;
+    for (n = 0; n < batch; n++)
+        for (o = 0; o < op->oc; o++) {
+            const int32_t g = o / opg;
+            for (oy = 0; oy < op->oh; oy++)
+                for (ox = 0; ox < op->ow; ox++) {
+                    int32_t acc = op->bias[o], v;
+                    size_t at;
+                    for (ci = 0; ci < cpg; ci++) {
+                        const int8_t *xc = x + ((size_t)n * op->c + (size_t)(g * cpg + ci)) * op->h * op->w;
+                        const int8_t *wk = op->weight + (((size_t)o * cpg + ci) * op->kh) * op->kw;
+                        for (ky = 0; ky < op->kh; ky++) {
+                            const int32_t iy = oy * op->stride - op->pad_t + ky;
+                            if (iy < 0 || iy >= op->h) continue;
+                            for (kx = 0; kx < op->kw; kx++) {
+                                const int32_t ix = ox * op->stride - op->pad_l + kx;
+                                if (ix < 0 || ix >= op->w) continue;
+                                acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
+                            }
+                        }
+                    }
+                    v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
+                    at = (((size_t)n * op->oc + o) * op->oh + oy) * op->ow + ox;
+                    mask[at] = (uint8_t)(v >= op->act_lo && v <= op->act_hi);
+                    y[at] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+                }
+        }
+}
+
+static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count, int8_t *y, uint8_t *mask) {
+    size_t i;
+    for (i = 0; i < count; i++) {
+        const int32_t x1 = (int32_t)((uint32_t)((int32_t)a[i] - op->z1) << op->left_shift);
+        const int32_t x2 = (int32_t)((uint32_t)((int32_t)b[i] - op->z2) << op->left_shift);
+        const int32_t sum = ft_mbqm(x1, op->m1, op->s1) + ft_mbqm(x2, op->m2, op->s2);
+        const int32_t v = ft_mbqm(sum, op->mo, op->so) + op->z_out;
+        mask[i] = (uint8_t)(v >= op->act_lo && v <= op->act_hi);
+        y[i] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+    }
+}
+
+static void pool_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t *y) {
+    const int32_t count = op->h * op->w;
+    int32_t n, c, i;
+    for (n = 0; n < batch; n++)
+        for (c = 0; c < op->c; c++) {
+            const int8_t *xc = x + ((size_t)n * op->c + c) * count;
+            int32_t s = 0, v;
+            for (i = 0; i < count; i++) s += xc[i];
+            v = s > 0 ? (s + count / 2) / count : (s - count / 2) / count; /* TFLM: half away from zero */
+            y[(size_t)n * op->c + c] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+        }
+}
+
+typedef struct {
+    int8_t *act[FT_MAX_TENSORS];
+    uint8_t *mask[FT_MAX_TENSORS];
+} buffers_t;
+
+static int run_forward(const ft_model *m, const int8_t *x, int32_t batch, arena_t *a, buffers_t *b) {
+    int32_t i;
+    b->act[0] = (int8_t *)x;
+    for (i = 0; i < m->n_ops; i++) {
+        const ft_op *op = &m->ops[i];
+        const size_t count = (size_t)batch * out_size(m, i + 1);
+        b->act[i + 1] = (int8_t *)take(a, count);
+        b->mask[i + 1] = op->kind == FT_OP_POOL ? 0 : (uint8_t *)take(a, count);
+        if (a->base == 0) continue;
+        if (!b->act[i + 1] || (op->kind != FT_OP_POOL && !b->mask[i + 1])) return -2;
+        if (op->kind == FT_OP_CONV)
+            conv_forward(op, b->act[op->in0], batch, b->act[i + 1], b->mask[i + 1]);
+        else if (op->kind == FT_OP_ADD)
+            add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
+        else
+            pool_forward(op, b->act[op->in0], batch, b->act[i + 1]);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ loss: the fixed-point softmax */
+
+static int32_t sat_shift_left(int32_t x, int e) {
+    const int64_t v = (int64_t)x * ((int64_t)1 << e);
+    return v > INT32_MAX ? INT32_MAX : (v < INT32_MIN ? INT32_MIN : (int32_t)v);
+}
+
+static int32_t exp_quarter(int32_t a) { /* gemmlowp exp on [-1/4, 0), Q0.31 */
+    const int32_t e18 = 1895147668, third = 715827883;
+    const int32_t x = a + (1 << 28);
+    const int32_t x2 = ft_srdhm(x, x), x3 = ft_srdhm(x2, x), x4 = ft_srdhm(x2, x2);
+    const int32_t x4_4 = ft_rdbpot(x4, 2);
+    const int32_t poly = ft_rdbpot(ft_srdhm(x4_4 + x3, third) + x2, 1);
+    return e18 + ft_srdhm(x + poly, e18);
+}
+
+static int32_t exp_on_negative_values(int32_t a) { /* Q5.26 in, Q0.31 out (gemmlowp, 5 integer bits) */
+    static const int32_t barrel[7] = {1672461947, 1302514674, 790015084, 290630308, 39332535, 720401, 242};
+    const int frac = 26;
+    const int32_t quarter = 1 << (frac - 2);
+    const int32_t amq = (a & (quarter - 1)) - quarter;
+    int32_t result = exp_quarter(sat_shift_left(amq, 5));
+    const int32_t remainder = amq - a;
+    int e;
+    for (e = -2; e <= 4; e++)
+        if (5 > e && (remainder & (1 << (frac + e)))) result = ft_srdhm(result, barrel[e + 2]);
+    return a == 0 ? INT32_MAX : result;
+}
+
+static void loss_grad(const ft_model *m, const int8_t *logits, const int32_t *y, int32_t batch, float *g,
+                      ft_step_report *rep) {
+    const int32_t k = m->classes;
+    int32_t n, i;
+    for (n = 0; n < batch; n++) {
+        const int8_t *q = logits + (size_t)n * k;
+        int32_t qmax = -128;
+        int32_t e[256];
+        int64_t total = 0;
+        for (i = 0; i < k; i++) qmax = q[i] > qmax ? q[i] : qmax;
+        for (i = 0; i < k; i++) {
+            const int32_t d = (int32_t)q[i] - qmax;
+            e[i] = d >= m->sm_diff_min
+                       ? exp_on_negative_values(ft_srdhm((int32_t)((uint32_t)d << m->sm_shift), m->sm_mult))
+                       : 0;
+            total += e[i];
+        }
+        for (i = 0; i < k; i++) {
+            const int64_t p = ((int64_t)e[i] * 32768 + total / 2) / total;
+            const int64_t diff = p - (i == y[n] ? 32768 : 0);
+            /* gradient of the mean loss w.r.t. the logit, then through logits = (q - z) * s */
+            g[(size_t)n * k + i] = (((float)diff * (1.0f / 32768.0f)) / (float)batch) * m->logit_scale;
+        }
+        if (rep) {
+            rep->sum_exp[n] = total;
+            rep->exp_y[n] = e[y[n]];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ backward */
+
+static int conv_backward(const ft_model *m, const ft_op *op, int32_t batch, const int8_t *x, const uint8_t *mask,
+                         const float *g, float *gx, float *gw, float *gb, uint32_t seed, uint32_t step,
+                         arena_t *a) {
+    const size_t count = (size_t)batch * op->oc * op->oh * op->ow;
+    const size_t hw = (size_t)op->oh * op->ow;
+    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
+    int8_t *q = (int8_t *)take(a, count);
+    float *av = (float *)take(a, count * sizeof(float));
+    float amax = 0.0f, s;
+    size_t i;
+    int32_t n, o, oy, ox, ci, ky, kx;
+    uint32_t base;
+    (void)m;
+    if (!q || !av) return -2;
+    for (i = 0; i < count; i++) {
+        const int32_t o_ = (int32_t)((i / hw) % op->oc);
+        const float v = (g[i] * (float)mask[i]) * op->eff_scale[o_];
+        av[i] = v;
+        amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
+    }
+    if (amax == 0.0f) {
+        s = 1.0f;
+    } else {
+        s = amax / (float)FT_GRAD_LEVELS;
+        base = stream_base(seed, step, (uint32_t)(2 * op->slot));
+        for (i = 0; i < count; i++) {
+            int32_t v = floor_f32(av[i] / s + uniform_at(base, (uint32_t)i));
+            q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
+        }
+    }
+    if (gb)
+        for (o = 0; o < op->oc; o++) {
+            int64_t sum = 0;
+            for (n = 0; n < batch; n++)
+                for (i = 0; i < hw; i++) sum += q[((size_t)n * op->oc + o) * hw + i];
+            gb[o] = (float)sum * s;
+        }
+    if (gw)
+        for (o = 0; o < op->oc; o++) {
+            const int32_t grp = o / opg;
+            for (ci = 0; ci < cpg; ci++) {
+                const int32_t cin = grp * cpg + ci;
+                const int32_t sel = op->groups == op->c && op->groups == op->oc ? o : cin;
+                if (op->train_channels && !op->train_channels[sel]) continue;
+                for (ky = 0; ky < op->kh; ky++)
+                    for (kx = 0; kx < op->kw; kx++) {
+                        int64_t sum = 0;
+                        for (n = 0; n < batch; n++) {
+                            const int8_t *xc = x + ((size_t)n * op->c + cin) * op->h * op->w;
+                            const int8_t *qo = q + ((size_t)n * op->oc + o) * hw;
+                            for (oy = 0; oy < op->oh; oy++) {
+                                const int32_t iy = oy * op->stride - op->pad_t + ky;
+                                if (iy < 0 || iy >= op->h) continue;
+                                for (ox = 0; ox < op->ow; ox++) {
+                                    const int32_t ix = ox * op->stride - op->pad_l + kx;
+                                    if (ix < 0 || ix >= op->w) continue;
+                                    sum += (int64_t)qo[oy * op->ow + ox] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
+                                }
+                            }
+                        }
+                        gw[(((size_t)o * cpg + ci) * op->kh + ky) * op->kw + kx] = (float)sum * s;
+                    }
+            }
+        }
+    if (gx) { /* gx += s * sum_o,k q * w, one input element at a time (integer sum, then one float add) */
+        for (n = 0; n < batch; n++)
+            for (ci = 0; ci < op->c; ci++) {
+                const int32_t grp = ci / cpg, cl = ci % cpg;
+                int32_t iy, ix;
+                for (iy = 0; iy < op->h; iy++)
+                    for (ix = 0; ix < op->w; ix++) {
+                        int64_t sum = 0;
+                        for (o = grp * opg; o < (grp + 1) * opg; o++) {
+                            const int8_t *qo = q + ((size_t)n * op->oc + o) * hw;
+                            const int8_t *wk = op->weight + (((size_t)o * cpg + cl) * op->kh) * op->kw;
+                            for (ky = 0; ky < op->kh; ky++) {
+                                const int32_t ty = iy + op->pad_t - ky;
+                                if (ty < 0 || ty % op->stride) continue;
+                                oy = ty / op->stride;
+                                if (oy >= op->oh) continue;
+                                for (kx = 0; kx < op->kw; kx++) {
+                                    const int32_t tx = ix + op->pad_l - kx;
+                                    if (tx < 0 || tx % op->stride) continue;
+                                    ox = tx / op->stride;
+                                    if (ox >= op->ow) continue;
+                                    sum += (int64_t)qo[oy * op->ow + ox] * wk[ky * op->kw + kx];
+                                }
+                            }
+                        }
+                        gx[(((size_t)n * op->c + ci) * op->h + iy) * op->w + ix] += (float)sum * s;
+                    }
+            }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ update */
+
+static void update_tensor(const ft_model *m, float *grad, const float *qas, int32_t per, int32_t count, float *mom,
+                          uint32_t step, int8_t *w8, int32_t *b32, uint32_t base) {
+    int32_t i;
+    for (i = 0; i < count; i++) {
+        float gi = grad[i];
+        float d;
+        if (qas) gi = gi * qas[i / per];
+        if (m->momentum > 0.0f) {
+            mom[i] = step == 0 ? gi : mom[i] * m->momentum + gi;
+            gi = mom[i];
+        }
+        d = gi * m->lr;
+        if (w8) {
+            const float t = (float)w8[i] - d;
+            int64_t v = m->stochastic ? floor_f32(t + uniform_at(base, (uint32_t)i)) : round_half_away_f32(t);
+            w8[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
+        } else {
+            const int64_t v = (int64_t)b32[i] + round_half_away_f32(-d);
+            b32[i] = (int32_t)(v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : v));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the step */
+
+static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed,
+                     uint32_t step, arena_t *a, ft_step_report *rep) {
+    buffers_t b;
+    uint8_t needs[FT_MAX_TENSORS];
+    float *grad[FT_MAX_TENSORS];
+    float *gw[FT_MAX_TENSORS], *gb[FT_MAX_TENSORS];
+    int32_t i, rc;
+    memset(&b, 0, sizeof b);
+    memset(grad, 0, sizeof grad);
+    rc = run_forward(m, x, batch, a, &b);
+    if (rc) return rc;
+    /* which tensors a gradient reaches (as autograd's requires_grad) */
+    needs[0] = 0;
+    for (i = 0; i < m->n_ops; i++) {
+        const ft_op *op = &m->ops[i];
+        needs[i + 1] = (uint8_t)(needs[op->in0] || (op->kind == FT_OP_ADD && needs[op->in1]) ||
+                                 (op->kind == FT_OP_CONV && (op->train_w || op->train_b)));
+    }
+    for (i = 0; i <= m->n_ops; i++)
+        if (needs[i]) {
+            grad[i] = (float *)take(a, (size_t)batch * out_size(m, i) * sizeof(float));
+            if (a->base && !grad[i]) return -2;
+        }
+    for (i = 0; i < m->n_ops; i++) {
+        const ft_op *op = &m->ops[i];
+        gw[i] = gb[i] = 0;
+        if (op->kind != FT_OP_CONV) continue;
+        if (op->train_w) gw[i] = (float *)take(a, (size_t)op->oc * (op->c / op->groups) * op->kh * op->kw * 4);
+        if (op->train_b) gb[i] = (float *)take(a, (size_t)op->oc * 4);
+        if (a->base && ((op->train_w && !gw[i]) || (op->train_b && !gb[i]))) return -2;
+    }
+    if (a->base == 0) { /* sizing: the backward's temporaries of the largest convolution */
+        size_t most = 0;
+        for (i = 0; i < m->n_ops; i++)
+            if (m->ops[i].kind == FT_OP_CONV) {
+                size_t c = (size_t)batch * out_size(m, i + 1) * 5 + 16;
+                most = c > most ? c : most;
+            }
+        a->used += most;
+        a->high = a->used > a->high ? a->used : a->high;
+        return 0;
+    }
+    if (!needs[m->n_ops]) return 0; /* nothing trained */
+    loss_grad(m, b.act[m->n_ops], y, batch, grad[m->n_ops], rep);
+    for (i = m->n_ops - 1; i >= 0; i--) {
+        const ft_op *op = &m->ops[i];
+        const float *g = grad[i + 1];
+        const size_t count = (size_t)batch * out_size(m, i + 1);
+        size_t j;
+        if (!g) continue;
+        if (op->kind == FT_OP_CONV) {
+            const size_t mark = a->used;
+            rc = conv_backward(m, op, batch, b.act[op->in0], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
+                               gw[i], gb[i], seed, step, a);
+            a->used = mark; /* the temporaries are free again */
+            if (rc) return rc;
+        } else if (op->kind == FT_OP_ADD) {
+            for (j = 0; j < count; j++) {
+                const float gm = g[j] * (float)b.mask[i + 1][j];
+                if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
+                if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
+            }
+        } else if (needs[op->in0]) {
+            const int32_t hw = op->h * op->w;
+            for (j = 0; j < count; j++) {
+                const float v = g[j] / (float)hw;
+                int32_t p;
+                for (p = 0; p < hw; p++) grad[op->in0][j * hw + p] += v;
+            }
+        }
+    }
+    for (i = 0; i < m->n_ops; i++) {
+        const ft_op *op = &m->ops[i];
+        const int32_t per = (op->c / op->groups) * op->kh * op->kw;
+        if (op->kind != FT_OP_CONV) continue;
+        if (gw[i])
+            update_tensor(m, gw[i], op->qas_w, per, op->oc * per, op->mom_w, step, op->weight, 0,
+                          stream_base(seed, step, (uint32_t)(2 * op->slot + 1)));
+        if (gb[i]) update_tensor(m, gb[i], op->qas_b, 1, op->oc, op->mom_b, step, 0, op->bias, 0);
+    }
+    return 0;
+}
+
+size_t ft_step_arena_bytes(const ft_model *m, int32_t batch) {
+    arena_t a = {0, 0, 0, 0};
+    int8_t dummy = 0;
+    int32_t ydummy = 0;
+    if (!valid_model(m, batch)) return 0;
+    if (step_impl(m, &dummy, &ydummy, batch, 0, 0, &a, 0)) return 0;
+    return a.high + 64;
+}
+
+int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed, uint32_t step,
+                  uint8_t *arena, size_t arena_bytes, ft_step_report *report) {
+    arena_t a;
+    int32_t n, rc;
+    if (!valid_model(m, batch) || !x || !y || !arena) return -1;
+    for (n = 0; n < batch; n++)
+        if (y[n] < 0 || y[n] >= m->classes) return -1;
+    a.base = arena;
+    a.cap = arena_bytes;
+    a.used = a.high = 0;
+    rc = step_impl(m, x, y, batch, seed, step, &a, report);
+    if (report) report->arena_high_water = a.high;
+    return rc;
+}
+
+int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena, size_t arena_bytes, int8_t *logits) {
+    arena_t a;
+    buffers_t b;
+    int rc;
+    if (!valid_model(m, batch) || !x || !arena || !logits) return -1;
+    a.base = arena;
+    a.cap = arena_bytes;
+    a.used = a.high = 0;
+    memset(&b, 0, sizeof b);
+    rc = run_forward(m, x, batch, &a, &b);
+    if (rc) return rc;
+    memcpy(logits, b.act[m->n_ops], (size_t)batch * m->classes);
+    return 0;
+}

@@ -1,0 +1,74 @@
+/* fedtiny's exact training step in C99: the int8 forward (TFLM's arithmetic), the sparse backward
+ * and the update, exactly as fedtiny/int8/exact.py specifies them, so that a device's update equals
+ * the simulator's bit for bit. No dynamic allocation: every buffer lives in one caller-provided
+ * arena. Float32 is used only elementwise (an FPU helps; build with -ffp-contract=off so that no
+ * multiply-add is fused); every sum is an integer sum.
+ *
+ * Supported graph (v1): convolutions (regular, depthwise, pointwise, a fully connected head as a
+ * 1x1 convolution), ADD and global AVERAGE_POOL, NCHW tensors, in topological order. */
+#ifndef FEDTINY_STEP_H
+#define FEDTINY_STEP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FT_STEP_ABI 1
+
+enum ft_op_kind { FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2 };
+
+/* One op. Tensor ids: 0 is the int8 input, op i writes tensor i + 1. */
+typedef struct {
+    int32_t kind;
+    int32_t in0, in1;                 /* input tensor ids (in1: ADD only) */
+    int32_t c, h, w;                  /* input shape (per sample) */
+    int32_t oc, oh, ow;               /* output shape (per sample) */
+    /* convolution */
+    int32_t kh, kw, stride, groups, pad_t, pad_l;
+    int32_t x_zero, y_zero, act_lo, act_hi;
+    int8_t *weight;                   /* oc x (c / groups) x kh x kw, updated in place */
+    int32_t *bias;                    /* oc, updated in place */
+    const int32_t *mult, *shift;      /* TFLM's per-channel multipliers */
+    const float *eff_scale;           /* s_x s_w / s_y per channel (float32), for the backward */
+    const float *qas_w, *qas_b;       /* QAS factors per channel (NULL: plain SGD) */
+    const uint8_t *train_channels;    /* per input channel (per channel for depthwise); NULL: all */
+    int32_t train_w, train_b, slot;
+    float *mom_w, *mom_b;             /* momentum buffers (caller's, persistent over steps) */
+    /* ADD: TFLM's parameters and the backward's ratios s_a / s_y, s_b / s_y */
+    int32_t z1, z2, z_out, left_shift, m1, s1, m2, s2, mo, so;
+    float ratio_a, ratio_b;
+} ft_op;
+
+typedef struct {
+    int32_t n_ops;
+    ft_op *ops;
+    int32_t in_c, in_h, in_w;
+    int32_t classes;                  /* the last op's output channels */
+    float logit_scale;                /* the head's output scale */
+    int32_t sm_mult, sm_shift, sm_diff_min;  /* TFLM softmax parameters of the logits */
+    float lr, momentum;               /* momentum 0: none */
+    int32_t stochastic;               /* weight rounding: 1 stochastic, 0 nearest */
+} ft_model;
+
+typedef struct {
+    size_t arena_high_water;          /* bytes of the arena the step used */
+    float loss;                       /* not used by the step; ln terms computed by the caller */
+    int64_t sum_exp[64];              /* per sample: S and e_y of the fixed-point softmax (loss) */
+    int64_t exp_y[64];
+} ft_step_report;
+
+int ft_step_abi(void);
+
+/* Bytes of arena a step of `batch` samples needs (0 on a bad model). */
+size_t ft_step_arena_bytes(const ft_model *m, int32_t batch);
+
+/* One training step on int8 inputs x (batch x in_c x in_h x in_w) with labels y: forward, loss,
+ * backward, update. seed/step select the stochastic-rounding streams. Returns 0, or a negative
+ * error (-1 bad arguments, -2 arena too small). */
+int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed,
+                  uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report);
+
+/* The forward only: int8 logits (batch x classes). */
+int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena, size_t arena_bytes,
+               int8_t *logits);
+
+#endif

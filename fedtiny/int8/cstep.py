@@ -1,0 +1,222 @@
+"""The device's exact training step in C (``device/c/fedtiny_step.c``), driven from Python through ctypes.
+
+:class:`CStep` lays a :class:`~fedtiny.int8.graph.QModel` out as the C step's model description
+(int8 weights, int32 biases, TFLM multipliers, the scheme's trained tensors and channels), runs
+steps on int8 inputs in one arena, and writes the parameters back. Its results equal the PyTorch
+exact step's (:mod:`fedtiny.int8.exact`) bit for bit; the tests check that on every supported op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtiny.errors import ModelFileError
+from fedtiny.int8 import kernels
+from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape
+
+__all__ = ["CStep", "available", "library_path", "MAX_BATCH"]
+
+ABI = 1
+MAX_BATCH = 64
+_f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
+
+
+class _Op(ctypes.Structure):
+    _fields_ = [(n, _i) for n in ("kind", "in0", "in1", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "stride", "groups",
+                                  "pad_t", "pad_l", "x_zero", "y_zero", "act_lo", "act_hi")] + \
+               [(n, _p) for n in ("weight", "bias", "mult", "shift", "eff_scale", "qas_w", "qas_b", "train_channels")] + \
+               [(n, _i) for n in ("train_w", "train_b", "slot")] + [("mom_w", _p), ("mom_b", _p)] + \
+               [(n, _i) for n in ("z1", "z2", "z_out", "left_shift", "m1", "s1", "m2", "s2", "mo", "so")] + \
+               [("ratio_a", _f), ("ratio_b", _f)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_ops", _i), ("ops", ctypes.POINTER(_Op)), ("in_c", _i), ("in_h", _i), ("in_w", _i),
+                ("classes", _i), ("logit_scale", _f), ("sm_mult", _i), ("sm_shift", _i), ("sm_diff_min", _i),
+                ("lr", _f), ("momentum", _f), ("stochastic", _i)]
+
+
+class _Report(ctypes.Structure):
+    _fields_ = [("arena_high_water", ctypes.c_size_t), ("loss", _f), ("sum_exp", ctypes.c_int64 * MAX_BATCH),
+                ("exp_y", ctypes.c_int64 * MAX_BATCH)]
+
+
+def library_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "device" / "c" / "libfedtiny_step.so"
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    path = library_path()
+    if not path.is_file():
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.ft_step_abi() != ABI:
+            return None
+    except OSError:
+        return None
+    lib.ft_step_arena_bytes.restype = ctypes.c_size_t
+    lib.ft_step_arena_bytes.argtypes = [ctypes.POINTER(_Model), _i]
+    lib.ft_train_step.restype = ctypes.c_int
+    lib.ft_train_step.argtypes = [ctypes.POINTER(_Model), _p, _p, _i, ctypes.c_uint32, ctypes.c_uint32, _p,
+                                  ctypes.c_size_t, ctypes.POINTER(_Report)]
+    lib.ft_forward.restype = ctypes.c_int
+    lib.ft_forward.argtypes = [ctypes.POINTER(_Model), _p, _i, _p, ctypes.c_size_t, _p]
+    return lib
+
+
+def available() -> bool:
+    """Whether ``device/c/libfedtiny_step.so`` is built (``make install``) and loads."""
+    return _lib() is not None
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+class CStep:
+    """One model in the C step's layout. ``optimizer`` ``sgd`` or ``sgd+qas``; ``rounding`` as the scenario's."""
+
+    def __init__(self, model: QModel, *, lr: float, momentum: float = 0.0, optimizer: str = "sgd+qas",
+                 rounding: str = "stochastic") -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError(f"{library_path()} is not built: run make install (needs a C compiler)")
+        if optimizer not in ("sgd", "sgd+qas"):
+            raise ValueError(f"the C step trains with sgd or sgd+qas, not {optimizer!r}")
+        self.lib, self.model = lib, model
+        self.keep: list[np.ndarray] = []  # every array the C side points into
+        model.number_convs()
+        shapes = self._shapes(model)
+        nodes, ids = [], {"input": 0}
+        for node in model.nodes[:model._head + 1]:
+            if isinstance(model.op(node.op), QReshape):
+                if shapes[node.op][1:] != shapes[node.inputs[0]][1:]:  # only a flatten of N x C x 1 x 1 is a no-op
+                    raise ModelFileError(f"the C step does not run op {node.op!r} (a RESHAPE that moves elements)")
+                ids[node.op] = ids[node.inputs[0]]
+                continue
+            nodes.append(node)
+            ids[node.op] = len(nodes)
+        names = [n.op for n in nodes]
+        ops = (_Op * len(nodes))()
+        self.params: list[tuple[QConv, np.ndarray, np.ndarray]] = []
+        for i, node in enumerate(nodes):
+            module, op = model.op(node.op), ops[i]
+            (_, c, h, w), (_, oc, oh, ow) = shapes[node.inputs[0]], shapes[node.op]
+            op.in0, op.c, op.h, op.w, op.oc, op.oh, op.ow = ids[node.inputs[0]], c, h, w, oc, oh, ow
+            if isinstance(module, QConv):
+                self._conv(op, module, optimizer, momentum)
+            elif isinstance(module, QAdd):
+                op.kind, op.in1 = 1, ids[node.inputs[1]]
+                p = module.add_params()
+                op.z1, op.z2, op.z_out, op.left_shift = p.z1, p.z2, p.z_out, p.left_shift
+                op.m1, op.s1, op.m2, op.s2, op.mo, op.so = p.mult1, p.shift1, p.mult2, p.shift2, p.mult_out, p.shift_out
+                op.act_lo, op.act_hi = module.act_range()
+                op.ratio_a = module.x_scale / module.y_scale
+                op.ratio_b = float(module.bparams[0]) / module.y_scale
+            elif isinstance(module, QAvgPool) and module.is_global((1, c, h, w)):
+                op.kind = 2
+            else:
+                raise ModelFileError(f"the C step does not run op {node.op!r} ({type(module).__name__}"
+                                     + (", a windowed pool" if isinstance(module, QAvgPool) else "") + ")")
+        head = model.classifier
+        if not isinstance(head, QConv) or names[-1] != "classifier":
+            raise ModelFileError("the C step needs an int8 classifier as the last op")
+        sm = kernels.softmax_params(float(head.y_scale))
+        c, h, w = shapes["input"][1:]
+        self.m = _Model(len(names), ops, c, h, w, head.out_channels, float(head.y_scale), sm.input_multiplier,
+                        sm.input_left_shift, sm.diff_min, lr, momentum, int(rounding == "stochastic"))
+        self.ops = ops
+        self.arena: np.ndarray | None = None
+        self.high_water = 0
+
+    @staticmethod
+    def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
+        c, h, w = model.input_shape or (model.input_channels, 8, 8)
+        env = model._run(torch.zeros(1, c, h, w), model._head, record=False)
+        return {name: tuple(t.shape) for name, t in env.items()}
+
+    def _array(self, a) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        self.keep.append(a)
+        return a
+
+    def _conv(self, op: _Op, conv: QConv, optimizer: str, momentum: float) -> None:
+        op.kind = 0
+        op.kh, op.kw = conv.kernel_hw
+        op.stride, op.groups = conv.stride, conv.groups
+        op.pad_t, op.pad_l = conv.padding[0], conv.padding[2]
+        op.x_zero, op.y_zero = conv.x_zero, conv.y_zero
+        op.act_lo, op.act_hi = conv.act_range()
+        weight = self._array(conv.weight.detach().numpy().astype(np.int8))
+        bias = self._array(conv.bias.detach().numpy().astype(np.int32))
+        mult, shift = conv.quantized_multiplier()
+        op.weight, op.bias = _ptr(weight), _ptr(bias)
+        op.mult, op.shift = _ptr(self._array(mult.numpy().astype(np.int32))), _ptr(self._array(shift.numpy().astype(np.int32)))
+        op.eff_scale = _ptr(self._array(conv.multiplier().numpy().astype(np.float32)))
+        ws = conv.w_scales.double()
+        if optimizer == "sgd+qas":
+            op.qas_w = _ptr(self._array((ws ** -2).float().numpy()))
+            op.qas_b = _ptr(self._array(((ws * conv.x_scale) ** -2).float().numpy()))
+        if conv.train_channels is not None:
+            n = conv.out_channels if conv.is_depthwise else conv.in_channels
+            flags = np.zeros(n, np.uint8)
+            flags[conv.train_channels] = 1
+            op.train_channels = _ptr(self._array(flags))
+        op.train_w, op.train_b, op.slot = int(conv.weight.requires_grad), int(conv.bias.requires_grad), conv.slot
+        if momentum > 0:
+            op.mom_w = _ptr(self._array(np.zeros(conv.weight.numel(), np.float32)))
+            op.mom_b = _ptr(self._array(np.zeros(conv.out_channels, np.float32)))
+        self.params.append((conv, weight, bias))
+
+    def arena_bytes(self, batch: int) -> int:
+        """Bytes of arena a step of ``batch`` samples needs."""
+        return int(self.lib.ft_step_arena_bytes(ctypes.byref(self.m), int(batch)))
+
+    def step(self, xq: np.ndarray, y: np.ndarray, seed: int, step: int) -> list[float]:
+        """One exact step on int8 inputs ``xq`` (``N x C x H x W``) and labels; returns the per-sample losses."""
+        import math
+
+        xq = np.ascontiguousarray(xq, dtype=np.int8)
+        y = np.ascontiguousarray(y, dtype=np.int32)
+        n = len(y)
+        if not 0 < n <= MAX_BATCH or xq.shape[0] != n:
+            raise ValueError(f"batch of {n}: the C step takes 1..{MAX_BATCH} samples with one label each")
+        need = self.arena_bytes(n)
+        if self.arena is None or self.arena.nbytes < need:
+            self.arena = np.zeros(need, np.uint8)
+        rep = _Report()
+        rc = self.lib.ft_train_step(ctypes.byref(self.m), _ptr(xq), _ptr(y), n, seed & 0xFFFFFFFF, step & 0xFFFFFFFF,
+                                    _ptr(self.arena), self.arena.nbytes, ctypes.byref(rep))
+        if rc != 0:
+            raise RuntimeError(f"ft_train_step failed ({rc})")
+        self.high_water = max(self.high_water, int(rep.arena_high_water))
+        return [math.log(rep.sum_exp[i]) - math.log(rep.exp_y[i] if rep.exp_y[i] > 0 else 0.5) for i in range(n)]
+
+    def forward(self, xq: np.ndarray) -> np.ndarray:
+        """The int8 logits of int8 inputs (``N x classes``)."""
+        xq = np.ascontiguousarray(xq, dtype=np.int8)
+        n = len(xq)
+        arena = np.zeros(self.arena_bytes(min(n, MAX_BATCH)), np.uint8)
+        out = np.zeros((n, self.m.classes), np.int8)
+        for i in range(0, n, MAX_BATCH):
+            part = np.ascontiguousarray(xq[i:i + MAX_BATCH])
+            rc = self.lib.ft_forward(ctypes.byref(self.m), _ptr(part), len(part), _ptr(arena), arena.nbytes,
+                                     _ptr(out[i:i + MAX_BATCH]))
+            if rc != 0:
+                raise RuntimeError(f"ft_forward failed ({rc})")
+        return out
+
+    def write_back(self) -> None:
+        """Copy the C step's weights and biases into the model's parameters."""
+        with torch.no_grad():
+            for conv, weight, bias in self.params:
+                conv.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+                conv.bias.copy_(torch.from_numpy(bias.astype(np.float64)))

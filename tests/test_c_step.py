@@ -1,0 +1,133 @@
+"""The C step of device/c (fedtiny_step.c) against the simulator's exact step: the same bytes, op by op."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, build_c_library
+from fedtiny.int8 import cstep, exact
+from fedtiny.int8.optim import QuantizedOptimizer
+
+MLPERF = ROOT.parent / "shared" / "models" / "mlperf-tiny"
+
+
+@pytest.fixture(scope="module")
+def built():
+    build_c_library("libfedtiny_step.so")
+    cstep._lib.cache_clear()
+    assert cstep.available()
+
+
+def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", rounding="stochastic", seed=5):
+    """Train a copy with the C step and the model with PyTorch's exact step; count differing elements."""
+    from fedtiny.federated.train import _exact_loss
+
+    qc = copy.deepcopy(q)
+    cs = cstep.CStep(qc, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding)
+    opt = QuantizedOptimizer(q, optimizer, lr, momentum, rounding)
+    q.number_convs()
+    loss_fn = _exact_loss(q)
+    forward = params = 0
+    for k in range(steps):
+        xb, yb = xs[k], ys[k]
+        with torch.no_grad():
+            xq = q.quantize_input(xb).numpy().astype(np.int8)
+            forward += int((cs.forward(xq) != q.int8_logits(xb).numpy().astype(np.int8)).sum())
+        opt.zero_grad()
+        with exact.step(exact.StepKey(seed, k)):
+            loss = loss_fn(q(xb), yb)
+            loss.backward()
+            opt.step()
+        losses = cs.step(xq, yb.numpy(), seed, k)
+        assert abs(sum(losses) / len(losses) - float(loss.detach())) < 1e-6
+        cs.write_back()
+        params += sum(int((a.detach() != b.detach()).sum()) for a, b in zip(q.parameters(), qc.parameters()))
+    return forward, params, cs
+
+
+def _digits_batches(n_batches, size=16, image_size=None, channels=1):
+    from fedtiny.data import load_source
+
+    data = load_source("digits", **({"image_size": image_size, "channels": channels} if image_size else {}))
+    return ([torch.from_numpy(data.x[i * size:(i + 1) * size]) for i in range(n_batches)],
+            [torch.from_numpy(data.y[i * size:(i + 1) * size]) for i in range(n_batches)])
+
+
+def test_tiny_ir_every_tensor_trained_with_momentum(built):
+    from test_int8 import small_qmodel
+
+    q = small_qmodel()
+    q.input_shape = (1, 8, 8)
+    before = [p.detach().clone() for p in q.parameters()]
+    forward, params, cs = _compare(q, *_digits_batches(3), momentum=0.9)
+    assert forward == 0 and params == 0
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, q.parameters()))  # it did train
+    assert cs.high_water > 0 and cs.high_water <= cs.arena_bytes(16)
+
+
+@pytest.mark.parametrize("scheme", ["scenarios/schemes/tiny-ir-sparse.json", "bias-only"])
+def test_tiny_ir_sparse_schemes_nearest_rounding_plain_sgd(built, scheme):
+    from test_int8 import small_qmodel
+
+    from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
+
+    q = small_qmodel()
+    q.input_shape = (1, 8, 8)
+    apply_scheme(q, resolve(parse_scheme(str(ROOT / scheme) if scheme.endswith(".json") else scheme), q))
+    forward, params, _ = _compare(q, *_digits_batches(2), steps=2, optimizer="sgd", lr=5.0, rounding="nearest")
+    assert forward == 0 and params == 0
+
+
+def test_residual_adds_and_strided_shortcuts(built):
+    """A traced ResNet: ADDs with ReLU, a stride-2 1x1 shortcut, an FC head; every tensor trained."""
+    from test_trace import SmallResNet, _randomize_bn
+
+    from fedtiny.int8.graph import replace_head
+    from fedtiny.int8.trace import calibrate, quantize, trace
+
+    torch.manual_seed(0)
+    xs, ys = _digits_batches(2, size=8, image_size=16, channels=3)
+    graph = trace(_randomize_bn(SmallResNet()), xs[0])
+    q = replace_head(quantize(graph, calibrate(graph, [xs[0]])), 10)
+    q.input_shape = (3, 16, 16)
+    forward, params, _ = _compare(q, xs, ys, steps=2, momentum=0.5)
+    assert forward == 0 and params == 0
+
+
+@pytest.mark.skipif(not (MLPERF / "vww_96_int8.tflite").is_file(), reason="../shared/models/mlperf-tiny absent")
+def test_mlperf_vww_last_layers(built):
+    from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
+    from fedtiny.int8.graph import replace_head
+    from fedtiny.int8.modelfile import read_model
+
+    q = replace_head(read_model(MLPERF / "vww_96_int8.tflite"), 10)
+    apply_scheme(q, resolve(parse_scheme("last-k:4"), q))
+    forward, params, _ = _compare(q, *_digits_batches(1, size=4, image_size=96, channels=3), steps=1, lr=1e-3)
+    assert forward == 0 and params == 0
+
+
+def test_bad_batches_are_refused(built):
+    from test_int8 import small_qmodel
+
+    q = small_qmodel()
+    q.input_shape = (1, 8, 8)
+    cs = cstep.CStep(q, lr=0.01)
+    x = np.zeros((2, 1, 8, 8), np.int8)
+    with pytest.raises(RuntimeError, match="ft_train_step failed"):
+        cs.step(x, np.array([0, 10]), 0, 0)  # label outside the 10 classes
+    with pytest.raises(ValueError, match="batch"):
+        cs.step(np.zeros((65, 1, 8, 8), np.int8), np.zeros(65), 0, 0)
+
+
+def test_device_check_cli(built, cli):
+    r = cli("device", "check", "--model", "tiny-ir", "--scheme", "scenarios/schemes/tiny-ir-sparse.json",
+            "--device", "nrf52832", "--steps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["forward_mismatches"] == 0 and out["param_mismatches"] == 0
+    assert out["arena_peak_bytes"] > 0 and out["planner_peak_bytes"] > 0
+    r = cli("device", "check", "--model", "tiny-ir", "--device", "no-such-board")
+    assert r.returncode != 0 and "no-such-board" in r.stderr
