@@ -152,6 +152,8 @@ class TrainSection:
                           "seeded stochastic rounding, fixed-point softmax: the same numbers on every CPU and on the "
                           "device's C step); float = float32 gradients summed by PyTorch (CPU-dependent)",
                           _choice("exact", "float"))
+    engine: str = _key("torch", "what runs the exact step of simulated clients: torch, or c (device/c's C99 step "
+                       "through ctypes, built by make install; the same numbers, slower)", _choice("torch", "c"))
     scheme: str = _key("full", "sparse-update scheme: full, bias-only, last-k:N, a JSON/TOML file (path relative to "
                        "the scenario; schemes.json#id) or inline JSON; chosen per device: last-k:fit, search, "
                        "fisher, random:N")
@@ -599,6 +601,9 @@ def _check_cross(where: str, s: Scenario) -> None:
         raise ScenarioError(f"{where}: train.gradients: the exact step trains an int8 classifier with sgd or "
                             f"sgd+qas (got optimizer {s.train.optimizer!r}, classifier "
                             f"{s.model.classifier_precision!r}); set train.gradients = \"float\"")
+    if s.train.engine == "c" and (s.train.gradients != "exact" or s.model.precision != "int8"):
+        raise ScenarioError(f"{where}: train.engine: c runs the exact step of an int8 model; it needs "
+                            f"train.gradients = \"exact\" and model.precision = \"int8\"")
     if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")

@@ -54,13 +54,13 @@ def test_read_frame_times_out_and_detects_close():
             read_frame(a, timeout=1)
 
 
-def _emulator(port_box, fault=""):
+def _emulator(port_box, fault="", engine="torch"):
     from fedtiny.bridge.device import serve
     from fedtiny.devices import get_profile
     from fedtiny.scenario import load_scenario, parse_overrides
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                             parse_overrides(["run.clients=2", "model.pretrain_epochs=2"]))
+                             parse_overrides(["run.clients=2", "model.pretrain_epochs=2", f"train.engine={engine!r}"]))
     srv = socket.create_server(("127.0.0.1", 0))
     port_box.append(srv.getsockname()[1])
     srv.close()
@@ -93,6 +93,30 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     assert reply.num_examples > 0 and reply.info["device"] == "nrf52832"
     change = task.uplink.decode(reply.update, state)  # the server's decoder accepts it: valid for the model
     assert change and all(np.isfinite(v).all() for _, v in change.values())
+
+
+def test_an_emulator_training_with_the_c_step_sends_the_same_bytes():
+    """device-emulator --engine c: the device's C step gives the update the PyTorch exact step gives."""
+    from conftest import build_c_library
+
+    from fedtiny.bridge.protocol import model_hash
+    from fedtiny.bridge.relay import relay_round
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.federated.task import cloud_model, make_task
+
+    build_c_library("libfedtiny_step.so")
+    replies = []
+    for engine in ("torch", "c"):
+        port = []
+        scenario = _emulator(port, engine=engine)
+        task = make_task(scenario)
+        state, _ = cloud_model(task)
+        task = resolve_scheme(task, state)
+        meta = {"round": 1, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(), "downlink": "full"}
+        replies.append(relay_round(f"127.0.0.1:{port[0]}", model_hash(task.downlink_spec), meta,
+                                   pack_dense(state, task.downlink_spec), timeout=120))
+    assert replies[0].num_examples > 0 and replies[0].update == replies[1].update
 
 
 def test_relay_fails_cleanly_when_the_device_disconnects_mid_round():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, env_with_capability
+from conftest import ROOT, build_c_library, env_with_capability
 from fedtiny.errors import ScenarioError
 from fedtiny.int8 import exact
 
@@ -162,16 +162,18 @@ def _metrics_without_time(run_dir):
     return rows
 
 
-def test_quickstart_metrics_identical_with_scalar_kernels(tmp_path):
-    """The quickstart (2 rounds, 3 clients) writes the same metrics.jsonl with ATEN_CPU_CAPABILITY=default."""
+def test_quickstart_metrics_identical_with_scalar_kernels_and_the_c_step(tmp_path):
+    """The quickstart (2 rounds, 3 clients) writes the same metrics.jsonl with PyTorch's best kernels, with
+    ATEN_CPU_CAPABILITY=default, and with its clients' steps run by the C step (train.engine = c)."""
+    build_c_library("libfedtiny_step.so")
     runs = []
-    for capability in (None, "default"):
-        env = env_with_capability(capability)
-        out = tmp_path / (capability or "best")
+    for capability, engine in ((None, "torch"), ("default", "torch"), (None, "c")):
+        out = tmp_path / f"{capability or 'best'}-{engine}"
         r = subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", "run", "scenarios/quickstart.toml", "--set",
-                            "run.rounds=2", "--set", "run.clients=3", "--out", str(out)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+                            "run.rounds=2", "--set", "run.clients=3", "--set", f"train.engine={engine}", "--out",
+                            str(out)], cwd=ROOT, env=env_with_capability(capability), capture_output=True, text=True,
+                           timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(_metrics_without_time(out))
     assert len(runs[0]) == 3 and runs[0][-1]["global_accuracy"] > runs[0][0]["global_accuracy"]
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]

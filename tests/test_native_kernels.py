@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, build_c_library
+from conftest import build_c_library
 from fedtiny.int8 import kernels as K
 from fedtiny.int8 import native
 

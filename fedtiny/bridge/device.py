@@ -8,6 +8,8 @@ frames with fedtiny's int8/QAS/sparse client code. It is a stand-in for firmware
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import socket
 import sys
@@ -45,7 +47,10 @@ def handle_connection(conn: socket.socket, scenario, partition_id: int, profile,
             return
         meta, downlink = unpack_blob(frame.payload)
         try:
-            result, new_state = local_round(scenario_from_json(meta["scenario"]), partition_id, int(meta["round"]),
+            sent = scenario_from_json(meta["scenario"])
+            # what runs the step (PyTorch or the C step) is the device's own choice; the numbers are the same
+            sent = dataclasses.replace(sent, train=dataclasses.replace(sent.train, engine=scenario.train.engine))
+            result, new_state = local_round(sent, partition_id, int(meta["round"]),
                                             downlink, kind=str(meta.get("downlink", "full")),
                                             scheme=ResolvedScheme.from_json(meta["scheme"]) if meta.get("scheme")
                                             else None, state=state, profile=profile)

@@ -73,12 +73,13 @@ def _exact_loss(model: nn.Module):
 
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
             gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
-            exact_seed: int | None = None) -> TrainResult:
+            exact_seed: int | None = None, c_step=None) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
     ``exact_seed``: run the exact step (:mod:`fedtiny.int8.exact`) with this seed; step ``k`` of the
-    run draws its stochastic rounding from ``StepKey(exact_seed, k)``.
+    run draws its stochastic rounding from ``StepKey(exact_seed, k)``. ``c_step``: a
+    :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch.
     """
     from fedtiny.int8 import exact
 
@@ -94,19 +95,29 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
         for xb, yb in _batches(data, batch_size, gen):
             if max_steps is not None and steps >= max_steps:
                 break
-            opt.zero_grad(set_to_none=True)
-            with exact.step(None if exact_seed is None else exact.StepKey(exact_seed, steps)):
-                out = model(xb)
-                loss = loss_fn(out, yb)
-                loss.backward()
-                opt.step()
-            total_loss += float(loss.detach()) * len(yb)
-            correct += int((out.argmax(1) == yb).sum())
+            if c_step is not None:  # the device's C step: the same numbers (fedtiny.int8.cstep)
+                with torch.no_grad():
+                    xq = model.quantize_input(xb).numpy().astype(np.int8)
+                pred = torch.from_numpy(c_step.forward(xq).argmax(1))
+                losses = c_step.step(xq, yb.numpy(), exact_seed, steps)
+                loss_value = float(np.float32(math.fsum(losses) / len(losses)))
+            else:
+                opt.zero_grad(set_to_none=True)
+                with exact.step(None if exact_seed is None else exact.StepKey(exact_seed, steps)):
+                    out = model(xb)
+                    loss = loss_fn(out, yb)
+                    loss.backward()
+                    opt.step()
+                pred, loss_value = out.argmax(1), float(loss.detach())
+            total_loss += loss_value * len(yb)
+            correct += int((pred == yb).sum())
             seen += len(yb)
             samples += len(yb)
             steps += 1
         if scheduler is not None:
             scheduler.step()
+    if c_step is not None:
+        c_step.write_back()
     model.eval()
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps, samples)
 
@@ -121,12 +132,13 @@ def exact_applies(model: nn.Module, optimizer: str) -> bool:
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
                 freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None,
-                gradients: str = "float") -> TrainResult:
+                gradients: str = "float", engine: str = "torch") -> TrainResult:
     """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
 
     ``max_steps``: stop after this many steps (None: all epochs). ``gradients``: ``exact`` runs
     the exact step (:mod:`fedtiny.int8.exact`; int8 graph, int8 head, sgd or sgd+qas), seeded
-    from ``gen``'s seed; ``float`` the float-gradient step. An fp32 model always trains in float.
+    from the ``gen``'s seed; ``float`` the float-gradient step. An fp32 model always trains in float.
+    ``engine``: ``torch``, or ``c`` for the exact step in C (``device/c``; same numbers).
     """
     from fedtiny.int8.graph import QModel
 
@@ -139,9 +151,21 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
         exact_seed = int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF)
     elif gradients not in ("exact", "float"):
         raise ScenarioError(f"train.gradients: expected exact or float, got {gradients!r}")
+    c_step = None
+    if engine == "c":
+        from fedtiny.int8 import cstep
+
+        if exact_seed is None:
+            raise ScenarioError("train.engine: the C step is the exact step: it needs an int8 model and "
+                                "train.gradients = \"exact\"")
+        if not cstep.available():
+            raise ScenarioError(f"train.engine: c needs {cstep.library_path()}: run make install (a C compiler)")
+        c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding)
+    elif engine != "torch":
+        raise ScenarioError(f"train.engine: expected torch or c, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps, exact_seed=exact_seed)
+                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step)
 
 
 @torch.no_grad()

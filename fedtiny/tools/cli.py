@@ -403,7 +403,15 @@ def cmd_device_emulator(args: argparse.Namespace) -> int:
     from fedtiny.federated.task import limit_threads
 
     limit_threads()
-    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.engine:
+        overrides["train.engine"] = args.engine
+    scenario = load_scenario(args.scenario, overrides)
+    if scenario.train.engine == "c":
+        from fedtiny.int8 import cstep
+
+        if not cstep.available():
+            raise ScenarioError(f"--engine c: {cstep.library_path()} is not built: run make install")
     if not 0 <= args.data < scenario.run.clients:
         raise ScenarioError(f"--data: partition {args.data} is not one of the scenario's {scenario.run.clients}")
     try:
@@ -552,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="the scenario whose model it runs")
     p.add_argument("--data", type=int, default=0, help="the data partition of the scenario it holds")
     p.add_argument("--fault", default="", choices=["", "disconnect"], help="test peer: misbehave on purpose")
+    p.add_argument("--engine", default="", choices=["", "torch", "c"], help="what trains: the PyTorch exact step "
+                   "or the C step of device/c (default: the scenario's train.engine); the same update either way")
     _add_scenario_args(p)
     p.set_defaults(func=cmd_device_emulator)
 
