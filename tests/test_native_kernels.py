@@ -112,3 +112,12 @@ def test_a_training_step_is_identical_with_and_without_the_host_kernels(built, m
     assert grads_native.keys() == grads_torch.keys() and len(grads_native) >= 12
     for name, g in grads_native.items():
         assert torch.equal(g, grads_torch[name]), name
+
+
+def test_uniform_numbers_equal_the_pytorch_hash(built, monkeypatch):
+    from fedtiny.int8 import exact
+
+    key = exact.StepKey(seed=2**32 - 5, step=9)
+    fast = exact.uniform(key, 17, (3, 4099))
+    monkeypatch.setattr(native, "uniform", lambda base, count: None)
+    assert torch.equal(fast, exact.uniform(key, 17, (3, 4099)))

@@ -120,3 +120,23 @@ int ft_add_clamp(const float *a, const float *b, int64_t count, int32_t off1, in
     add_rows(a, b, count, off1, off2, left_shift, m1, -s1, m2, -s2, mo, -so, z_out, lo, hi, y, mask);
     return 0;
 }
+
+FT_CLONES
+static void uniform_rows(uint32_t base, int64_t count, float *out) {
+    int64_t i;
+    for (i = 0; i < count; i++) {
+        uint32_t x = base + (uint32_t)i; /* Wellons' lowbias32, as fedtiny/int8/exact.py states it */
+        x ^= x >> 16;
+        x *= 0x7FEB352Du;
+        x ^= x >> 15;
+        x *= 0x846CA68Bu;
+        x ^= x >> 16;
+        out[i] = (float)(x >> 8) * (1.0f / 16777216.0f);
+    }
+}
+
+int ft_uniform(uint32_t base, int64_t count, float *out) {
+    if (!out || count < 0) return -1;
+    uniform_rows(base, count, out);
+    return 0;
+}

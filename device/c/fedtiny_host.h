@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#define FT_HOST_ABI 1
+#define FT_HOST_ABI 2
 
 int ft_host_abi(void);
 
@@ -24,5 +24,8 @@ int ft_requantize_clamp(const float *acc_f32, const double *acc_f64, int64_t n, 
 int ft_add_clamp(const float *a, const float *b, int64_t count, int32_t off1, int32_t off2, int left_shift,
                  int32_t m1, int s1, int32_t m2, int s2, int32_t mo, int so, int32_t z_out, int32_t lo, int32_t hi,
                  float *y, uint8_t *mask);
+
+/* The exact step's uniform numbers: out[i] = (hash32(base + i) >> 8) * 2^-24 (fedtiny/int8/exact.py). */
+int ft_uniform(uint32_t base, int64_t count, float *out);
 
 #endif

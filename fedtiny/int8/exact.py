@@ -40,7 +40,7 @@ from typing import Iterator
 
 import torch
 
-from fedtiny.int8 import kernels
+from fedtiny.int8 import kernels, native
 
 __all__ = ["StepKey", "step", "current", "hash32", "uniform", "quantize_grad", "grad_slot", "round_slot",
            "round_half_away", "int_sum_dtype", "softmax_q15", "cross_entropy", "GRAD_LEVELS", "Q15"]
@@ -113,6 +113,9 @@ def uniform(key: StepKey, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
     """float32 uniform numbers on [0, 1) (multiples of 2^-24) for stream ``(key, slot)``, element by flat index."""
     base = hash32((key.seed & _M32) ^ hash32((key.step & _M32) ^ hash32(slot)))
     n = math.prod(shape)
+    fast = native.uniform(base, n)  # the same numbers from the host kernels, when built
+    if fast is not None:
+        return fast.view(shape)
     idx = (torch.arange(n, dtype=torch.int64) + base) & _M32
     return (_hash32_tensor(idx) >> 8).to(torch.float32).mul_(2.0 ** -24).view(shape)
 

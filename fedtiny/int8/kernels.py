@@ -377,7 +377,7 @@ def conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         acc = F.conv2d(xf, wf, bf, stride, pad, dilation, groups)
     if bias is not None and bias_after:
         acc = acc.double().add_(bias.double().view(1, -1, *([1] * (acc.dim() - 2))))
-    if x_bound + b_max >= 2**31:  # an int32 accumulator could overflow: wrap as TFLM's would
+    if x_bound + b_max >= 2**31 and _abs_max(acc) >= 2**31:  # an int32 accumulator overflowed: wrap as TFLM's
         acc = _wrap32(acc.to(torch.int64)).to(torch.float64)
     return acc
 

@@ -18,9 +18,9 @@ import torch
 
 from .kernels import AddParams
 
-__all__ = ["available", "library_path", "requantize_clamp", "add_clamp"]
+__all__ = ["available", "library_path", "requantize_clamp", "add_clamp", "uniform"]
 
-ABI = 1  # FT_HOST_ABI in device/c/fedtiny_host.h
+ABI = 2  # FT_HOST_ABI in device/c/fedtiny_host.h
 _P = ctypes.c_void_p
 _I32, _I64 = ctypes.c_int32, ctypes.c_int64
 
@@ -48,6 +48,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.ft_add_clamp.restype = ctypes.c_int
     lib.ft_add_clamp.argtypes = [_P, _P, _I64, _I32, _I32, ctypes.c_int, _I32, ctypes.c_int, _I32, ctypes.c_int,
                                  _I32, ctypes.c_int, _I32, _I32, _I32, _P, _P]
+    lib.ft_uniform.restype = ctypes.c_int
+    lib.ft_uniform.argtypes = [ctypes.c_uint32, _I64, _P]
     return lib
 
 
@@ -95,3 +97,12 @@ def add_clamp(a: torch.Tensor, b: torch.Tensor, p: AddParams, lo: int, hi: int,
     rc = lib.ft_add_clamp(_ptr(a), _ptr(b), a.numel(), -p.z1, -p.z2, p.left_shift, p.mult1, p.shift1, p.mult2,
                           p.shift2, p.mult_out, p.shift_out, p.z_out, int(lo), int(hi), _ptr(y), _ptr(mask))
     return None if rc != 0 else (y, mask)
+
+
+def uniform(base: int, count: int) -> torch.Tensor | None:
+    """The exact step's counter-based uniform numbers for stream ``base`` (see :func:`fedtiny.int8.exact.uniform`)."""
+    lib = _lib()
+    if lib is None:
+        return None
+    out = torch.empty(count, dtype=torch.float32)
+    return out if lib.ft_uniform(base & 0xFFFFFFFF, count, _ptr(out)) == 0 else None
