@@ -195,42 +195,40 @@ static int32_t exp_on_negative_values(int32_t a) { /* Q5.26 in, Q0.31 out (gemml
     return a == 0 ? INT32_MAX : result;
 }
 
-static void loss_grad(const ft_model *m, const int8_t *logits, const int32_t *y, int32_t batch, float *g,
+static void loss_grad(const ft_model *m, const int8_t *q, int32_t label, int32_t sample, int32_t batch, float *g,
                       ft_step_report *rep) {
     const int32_t k = m->classes;
-    int32_t n, i;
-    for (n = 0; n < batch; n++) {
-        const int8_t *q = logits + (size_t)n * k;
-        int32_t qmax = -128;
-        int32_t e[256];
-        int64_t total = 0;
-        for (i = 0; i < k; i++) qmax = q[i] > qmax ? q[i] : qmax;
-        for (i = 0; i < k; i++) {
-            const int32_t d = (int32_t)q[i] - qmax;
-            e[i] = d >= m->sm_diff_min
-                       ? exp_on_negative_values(ft_srdhm((int32_t)((uint32_t)d << m->sm_shift), m->sm_mult))
-                       : 0;
-            total += e[i];
-        }
-        for (i = 0; i < k; i++) {
-            const int64_t p = ((int64_t)e[i] * 32768 + total / 2) / total;
-            const int64_t diff = p - (i == y[n] ? 32768 : 0);
-            /* gradient of the mean loss w.r.t. the logit, then through logits = (q - z) * s */
-            g[(size_t)n * k + i] = (((float)diff * (1.0f / 32768.0f)) / (float)batch) * m->logit_scale;
-        }
-        if (rep) {
-            rep->sum_exp[n] = total;
-            rep->exp_y[n] = e[y[n]];
-        }
+    int32_t qmax = -128, i;
+    int32_t e[256];
+    int64_t total = 0;
+    for (i = 0; i < k; i++) qmax = q[i] > qmax ? q[i] : qmax;
+    for (i = 0; i < k; i++) {
+        const int32_t d = (int32_t)q[i] - qmax;
+        e[i] = d >= m->sm_diff_min ? exp_on_negative_values(ft_srdhm((int32_t)((uint32_t)d << m->sm_shift), m->sm_mult))
+                                   : 0;
+        total += e[i];
+    }
+    for (i = 0; i < k; i++) {
+        const int64_t p = ((int64_t)e[i] * 32768 + total / 2) / total;
+        const int64_t diff = p - (i == label ? 32768 : 0);
+        /* gradient of the batch's mean loss w.r.t. the logit, then through logits = (q - z) * s */
+        g[i] = (((float)diff * (1.0f / 32768.0f)) / (float)batch) * m->logit_scale;
+    }
+    if (rep) {
+        rep->sum_exp[sample] = total;
+        rep->exp_y[sample] = e[label];
     }
 }
 
 /* ------------------------------------------------------------------ backward */
 
-static int conv_backward(const ft_model *m, const ft_op *op, int32_t batch, const int8_t *x, const uint8_t *mask,
+/* One sample's backward (batch 1 buffers); `sample` places it in the batch's random stream. Bias and
+ * weight gradients are added to gb/gw (the batch's sum, in sample order). */
+static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, const int8_t *x, const uint8_t *mask,
                          const float *g, float *gx, float *gw, float *gb, uint32_t seed, uint32_t step,
                          arena_t *a) {
-    const size_t count = (size_t)batch * op->oc * op->oh * op->ow;
+    const int32_t batch = 1;
+    const size_t count = (size_t)op->oc * op->oh * op->ow;
     const size_t hw = (size_t)op->oh * op->ow;
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
     int8_t *q = (int8_t *)take(a, count);
@@ -253,7 +251,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t batch, cons
         s = amax / (float)FT_GRAD_LEVELS;
         base = stream_base(seed, step, (uint32_t)(2 * op->slot));
         for (i = 0; i < count; i++) {
-            int32_t v = floor_f32(av[i] / s + uniform_at(base, (uint32_t)i));
+            int32_t v = floor_f32(av[i] / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
             q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
         }
     }
@@ -262,7 +260,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t batch, cons
             int64_t sum = 0;
             for (n = 0; n < batch; n++)
                 for (i = 0; i < hw; i++) sum += q[((size_t)n * op->oc + o) * hw + i];
-            gb[o] = (float)sum * s;
+            gb[o] += (float)sum * s;
         }
     if (gw)
         for (o = 0; o < op->oc; o++) {
@@ -287,7 +285,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t batch, cons
                                 }
                             }
                         }
-                        gw[(((size_t)o * cpg + ci) * op->kh + ky) * op->kw + kx] = (float)sum * s;
+                        gw[(((size_t)o * cpg + ci) * op->kh + ky) * op->kw + kx] += (float)sum * s;
                     }
             }
         }
@@ -356,11 +354,9 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
     uint8_t needs[FT_MAX_TENSORS];
     float *grad[FT_MAX_TENSORS];
     float *gw[FT_MAX_TENSORS], *gb[FT_MAX_TENSORS];
-    int32_t i, rc;
-    memset(&b, 0, sizeof b);
-    memset(grad, 0, sizeof grad);
-    rc = run_forward(m, x, batch, a, &b);
-    if (rc) return rc;
+    const size_t in_size = (size_t)out_size(m, 0);
+    size_t mark;
+    int32_t i, n, rc;
     /* which tensors a gradient reaches (as autograd's requires_grad) */
     needs[0] = 0;
     for (i = 0; i < m->n_ops; i++) {
@@ -368,11 +364,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         needs[i + 1] = (uint8_t)(needs[op->in0] || (op->kind == FT_OP_ADD && needs[op->in1]) ||
                                  (op->kind == FT_OP_CONV && (op->train_w || op->train_b)));
     }
-    for (i = 0; i <= m->n_ops; i++)
-        if (needs[i]) {
-            grad[i] = (float *)take(a, (size_t)batch * out_size(m, i) * sizeof(float));
-            if (a->base && !grad[i]) return -2;
-        }
+    /* held for the whole step: the trained tensors' gradients, summed over the batch */
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
         gw[i] = gb[i] = 0;
@@ -381,43 +373,57 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         if (op->train_b) gb[i] = (float *)take(a, (size_t)op->oc * 4);
         if (a->base && ((op->train_w && !gw[i]) || (op->train_b && !gb[i]))) return -2;
     }
-    if (a->base == 0) { /* sizing: the backward's temporaries of the largest convolution */
-        size_t most = 0;
-        for (i = 0; i < m->n_ops; i++)
-            if (m->ops[i].kind == FT_OP_CONV) {
-                size_t c = (size_t)batch * out_size(m, i + 1) * 5 + 16;
-                most = c > most ? c : most;
+    mark = a->used;
+    /* one sample at a time (micro-batch 1): its activations, masks and activation gradients */
+    for (n = 0; n < batch; n++) {
+        a->used = mark;
+        memset(&b, 0, sizeof b);
+        memset(grad, 0, sizeof grad);
+        rc = run_forward(m, x + (size_t)n * in_size, 1, a, &b);
+        if (rc) return rc;
+        for (i = 0; i <= m->n_ops; i++)
+            if (needs[i]) {
+                grad[i] = (float *)take(a, (size_t)out_size(m, i) * sizeof(float));
+                if (a->base && !grad[i]) return -2;
             }
-        a->used += most;
-        a->high = a->used > a->high ? a->used : a->high;
-        return 0;
-    }
-    if (!needs[m->n_ops]) return 0; /* nothing trained */
-    loss_grad(m, b.act[m->n_ops], y, batch, grad[m->n_ops], rep);
-    for (i = m->n_ops - 1; i >= 0; i--) {
-        const ft_op *op = &m->ops[i];
-        const float *g = grad[i + 1];
-        const size_t count = (size_t)batch * out_size(m, i + 1);
-        size_t j;
-        if (!g) continue;
-        if (op->kind == FT_OP_CONV) {
-            const size_t mark = a->used;
-            rc = conv_backward(m, op, batch, b.act[op->in0], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
-                               gw[i], gb[i], seed, step, a);
-            a->used = mark; /* the temporaries are free again */
-            if (rc) return rc;
-        } else if (op->kind == FT_OP_ADD) {
-            for (j = 0; j < count; j++) {
-                const float gm = g[j] * (float)b.mask[i + 1][j];
-                if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
-                if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
-            }
-        } else if (needs[op->in0]) {
-            const int32_t hw = op->h * op->w;
-            for (j = 0; j < count; j++) {
-                const float v = g[j] / (float)hw;
-                int32_t p;
-                for (p = 0; p < hw; p++) grad[op->in0][j * hw + p] += v;
+        if (a->base == 0) { /* sizing: the backward's temporaries of the largest convolution */
+            size_t most = 0;
+            for (i = 0; i < m->n_ops; i++)
+                if (m->ops[i].kind == FT_OP_CONV) {
+                    size_t c = (size_t)out_size(m, i + 1) * 5 + 16;
+                    most = c > most ? c : most;
+                }
+            a->used += most;
+            a->high = a->used > a->high ? a->used : a->high;
+            return 0;
+        }
+        if (!needs[m->n_ops]) return 0; /* nothing trained */
+        loss_grad(m, b.act[m->n_ops], y[n], n, batch, grad[m->n_ops], rep);
+        for (i = m->n_ops - 1; i >= 0; i--) {
+            const ft_op *op = &m->ops[i];
+            const float *g = grad[i + 1];
+            const size_t count = (size_t)out_size(m, i + 1);
+            size_t j;
+            if (!g) continue;
+            if (op->kind == FT_OP_CONV) {
+                const size_t before = a->used;
+                rc = conv_backward(m, op, n, b.act[op->in0], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
+                                   gw[i], gb[i], seed, step, a);
+                a->used = before; /* the temporaries are free again */
+                if (rc) return rc;
+            } else if (op->kind == FT_OP_ADD) {
+                for (j = 0; j < count; j++) {
+                    const float gm = g[j] * (float)b.mask[i + 1][j];
+                    if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
+                    if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
+                }
+            } else if (needs[op->in0]) {
+                const int32_t hw = op->h * op->w;
+                for (j = 0; j < count; j++) {
+                    const float v = g[j] / (float)hw;
+                    int32_t p;
+                    for (p = 0; p < hw; p++) grad[op->in0][j * hw + p] += v;
+                }
             }
         }
     }
@@ -461,13 +467,17 @@ int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena
     arena_t a;
     buffers_t b;
     int rc;
-    if (!valid_model(m, batch) || !x || !arena || !logits) return -1;
+    if (!valid_model(m, batch > FT_MAX_BATCH ? FT_MAX_BATCH : batch) || !x || !arena || !logits) return -1;
+    int32_t n;
     a.base = arena;
     a.cap = arena_bytes;
-    a.used = a.high = 0;
-    memset(&b, 0, sizeof b);
-    rc = run_forward(m, x, batch, &a, &b);
-    if (rc) return rc;
-    memcpy(logits, b.act[m->n_ops], (size_t)batch * m->classes);
+    a.high = 0;
+    for (n = 0; n < batch; n++) { /* one sample at a time, as the step runs */
+        a.used = 0;
+        memset(&b, 0, sizeof b);
+        rc = run_forward(m, x + (size_t)n * out_size(m, 0), 1, &a, &b);
+        if (rc) return rc;
+        memcpy(logits + (size_t)n * m->classes, b.act[m->n_ops], (size_t)m->classes);
+    }
     return 0;
 }

@@ -4,6 +4,9 @@
  * arena. Float32 is used only elementwise (an FPU helps; build with -ffp-contract=off so that no
  * multiply-add is fused); every sum is an integer sum.
  *
+ * Samples are processed one at a time (micro-batch 1, as a 256KB device trains): the arena holds
+ * one sample's activations and gradients plus the batch's parameter gradients.
+ *
  * Supported graph (v1): convolutions (regular, depthwise, pointwise, a fully connected head as a
  * 1x1 convolution), ADD and global AVERAGE_POOL, NCHW tensors, in topological order. */
 #ifndef FEDTINY_STEP_H
@@ -12,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FT_STEP_ABI 1
+#define FT_STEP_ABI 2
 
 enum ft_op_kind { FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2 };
 

@@ -22,7 +22,7 @@ from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape
 
 __all__ = ["CStep", "available", "library_path", "MAX_BATCH"]
 
-ABI = 1
+ABI = 2
 MAX_BATCH = 64
 _f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
@@ -204,7 +204,7 @@ class CStep:
         """The int8 logits of int8 inputs (``N x classes``)."""
         xq = np.ascontiguousarray(xq, dtype=np.int8)
         n = len(xq)
-        arena = np.zeros(self.arena_bytes(min(n, MAX_BATCH)), np.uint8)
+        arena = np.zeros(self.arena_bytes(1), np.uint8)
         out = np.zeros((n, self.m.classes), np.int8)
         for i in range(0, n, MAX_BATCH):
             part = np.ascontiguousarray(xq[i:i + MAX_BATCH])

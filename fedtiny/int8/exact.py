@@ -14,9 +14,11 @@ precision, each operation rounded to nearest-even, no fused multiply-add) and su
   ``((p_i - 2^15 [i = y]) * 2^-15) / N`` in float32.
 - **Output gradients of a convolution** (:func:`quantize_grad`): ``a = g * mask * m[o]``
   (float32; ``m`` the per-channel effective scale ``s_x s_w / s_y``), quantized per tensor to
-  int8 with stochastic rounding: ``s = max|a| / 127``, ``q = clamp(floor(a / s + u), -127, 127)``.
-  Then ``grad_b[o] = f32(sum q) * s``, ``grad_w = f32(sum q * (x - z_x)) * s``,
-  ``grad_x = f32(sum q * w) * s``: integer sums (int8 times int8/int9 into wide integers).
+  int8 per sample with stochastic rounding: ``s_n = max|a[n]| / 127``,
+  ``q = clamp(floor(a / s_n + u), -127, 127)``. Then per sample ``f32(integer sum) * s_n`` for the
+  bias (``sum q``), weight (``sum q * (x - z_x)``) and input (``sum q * w``) gradients; the bias and
+  weight gradients of the batch are those per-sample terms added in float32 in sample order (what
+  a device training one sample at a time accumulates).
 - **ADD, average pool, reshape**: elementwise (a mask and a ratio; ``g / count``); gradients of
   a tensor read twice add in float32 (commutative, so exact for two readers).
 - **Update** (:class:`~fedtiny.int8.optim.QuantizedOptimizer`): ``g *= qas`` (float32),
@@ -43,7 +45,7 @@ import torch
 from fedtiny.int8 import kernels, native
 
 __all__ = ["StepKey", "step", "current", "hash32", "uniform", "quantize_grad", "grad_slot", "round_slot",
-           "round_half_away", "int_sum_dtype", "softmax_q15", "cross_entropy", "GRAD_LEVELS", "Q15"]
+           "round_half_away", "sum_in_order", "int_sum_dtype", "softmax_q15", "cross_entropy", "GRAD_LEVELS", "Q15"]
 
 GRAD_LEVELS = 127  # output gradients are int8 in [-127, 127]
 Q15 = 1 << 15
@@ -127,13 +129,24 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_grad(a: torch.Tensor, key: StepKey, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, s)``: ``a`` (float32) as int8 values (in float32) times a float32 scale, stochastically rounded."""
-    m = a.abs().max() if a.numel() else torch.tensor(0.0)
-    if float(m) == 0.0:
-        return torch.zeros_like(a), torch.tensor(1.0, dtype=torch.float32)
-    s = (m / GRAD_LEVELS).to(torch.float32)
-    q = torch.floor(a / s + uniform(key, slot, tuple(a.shape))).clamp_(-GRAD_LEVELS, GRAD_LEVELS)
+    """``(q, s)``: each sample of ``a`` (float32, ``N x ...``) as int8 values (in float32) times its own
+    float32 scale ``s[n] = max|a[n]| / 127`` (1 for an all-zero sample), stochastically rounded.
+
+    Per sample, so that a device training one sample at a time (micro-batch 1) computes the same."""
+    n = a.shape[0]
+    m = a.abs().reshape(n, -1).amax(dim=1) if a.numel() else torch.zeros(n)
+    s = torch.where(m > 0, m / GRAD_LEVELS, torch.ones_like(m)).to(torch.float32)
+    view = (n,) + (1,) * (a.dim() - 1)
+    q = torch.floor(a / s.view(view) + uniform(key, slot, tuple(a.shape))).clamp_(-GRAD_LEVELS, GRAD_LEVELS)
     return q, s
+
+
+def sum_in_order(terms) -> torch.Tensor:
+    """``terms[0] + terms[1] + ...`` in float32, in this order (the device accumulates sample by sample)."""
+    acc = None
+    for t in terms:
+        acc = t.clone() if acc is None else acc + t
+    return acc
 
 
 def int_sum_dtype(bound: float) -> torch.dtype:

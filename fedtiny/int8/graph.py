@@ -170,15 +170,24 @@ class _QConvFn(torch.autograd.Function):
         if ctx.key is not None:
             ga, scale = exact.quantize_grad(ga, ctx.key, exact.grad_slot(conv.slot))
         q_max = float(ga.abs().max()) if scale is not None and ga.numel() else 0.0
+        n_samples = ga.shape[0]
 
-        def scaled(int_sum: torch.Tensor) -> torch.Tensor:
-            return int_sum if scale is None else int_sum.float() * scale
+        def scaled(int_sum: torch.Tensor) -> torch.Tensor:  # per-sample integer sums (N x ...) times s[n]
+            return int_sum if scale is None else int_sum.float() * scale.view(-1, *([1] * (int_sum.dim() - 1)))
+
+        def batch_sum(per_sample) -> torch.Tensor:  # a parameter's gradient over the batch
+            if scale is None:
+                return per_sample(slice(None))
+            return exact.sum_in_order(per_sample(slice(i, i + 1)).float() * scale[i] for i in range(n_samples))
 
         grad_x = grad_w = grad_b = None
         held = []  # bytes of the gradients this op produces, in the order its events list them
         pad, sym = conv.torch_padding()
         if ctx.needs_input_grad[2]:
-            grad_b = scaled(ga.sum(dim=(0, 2, 3)) if scale is None else ga.double().sum(dim=(0, 2, 3)))
+            if scale is None:
+                grad_b = ga.sum(dim=(0, 2, 3))
+            else:
+                grad_b = exact.sum_in_order(scaled(ga.double().sum(dim=(2, 3))))
             held.append(GRAD_BYTES * grad_b.numel())
         if ctx.needs_input_grad[1]:
             sel = conv.train_channels
@@ -192,14 +201,14 @@ class _QConvFn(torch.autograd.Function):
                 xs, gq = xs.to(dt), ga.to(dt)
             if conv.is_depthwise:
                 ch = sel if sel is not None else list(range(conv.out_channels))
-                gw = scaled(torch.nn.grad.conv2d_weight(xs, (len(ch), 1, kh, kw), gq[:, ch], conv.stride, pad,
-                                                        groups=len(ch)))
+                gw = batch_sum(lambda b: torch.nn.grad.conv2d_weight(xs[b], (len(ch), 1, kh, kw), gq[b][:, ch],
+                                                                     conv.stride, pad, groups=len(ch)))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[ch] = gw
             else:
                 ch = sel if sel is not None else list(range(conv.in_channels))
-                gw = scaled(torch.nn.grad.conv2d_weight(xs, (conv.out_channels, len(ch), kh, kw), gq, conv.stride,
-                                                        pad, groups=1))
+                gw = batch_sum(lambda b: torch.nn.grad.conv2d_weight(xs[b], (conv.out_channels, len(ch), kh, kw),
+                                                                     gq[b], conv.stride, pad, groups=1))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[:, ch] = gw
             held.append(GRAD_BYTES * gw.numel())

@@ -57,7 +57,7 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
         scheme_text = f"last-k:{k}"
     resolved = resolve(parse_scheme(scheme_text), q)
     apply_scheme(q, resolved)
-    planner = memory_report(q, resolved, (c, h, w), device=profile, batch=batch)
+    planner = memory_report(q, resolved, (c, h, w), device=profile, momentum=momentum)  # one sample at a time, as the C step
     qc = copy.deepcopy(q)
     cs = CStep(qc, lr=lr, momentum=momentum)
     opt = QuantizedOptimizer(q, "sgd+qas", lr, momentum)
