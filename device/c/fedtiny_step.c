@@ -11,25 +11,57 @@
 
 int ft_step_abi(void) { return FT_STEP_ABI; }
 
-/* ------------------------------------------------------------------ arena (a bump allocator) */
+/* ------------------------------------------------------------------ arena: first fit, with frees */
+
+#define FT_MAX_BLOCKS 1024
 
 typedef struct {
-    uint8_t *base;
-    size_t cap, used, high; /* high: the high-water mark */
+    uint8_t *base;                 /* NULL: a sizing pass (bump, no frees: an upper bound) */
+    size_t cap, used, high;        /* high: the high-water mark (end of the highest live block) */
+    size_t at[FT_MAX_BLOCKS], size[FT_MAX_BLOCKS];  /* live blocks, sorted by offset */
+    int32_t n;
 } arena_t;
 
 static void *take(arena_t *a, size_t bytes) {
-    size_t at = (a->used + 7u) & ~(size_t)7u;
-    if (a->base == 0) { /* sizing pass */
-        a->used = at + bytes;
+    size_t start = 0, end;
+    int32_t i, j;
+    bytes = (bytes + 7u) & ~(size_t)7u;
+    if (a->base == 0) {
+        a->used += bytes;
         a->high = a->used > a->high ? a->used : a->high;
         return 0;
     }
-    if (at + bytes > a->cap) return 0;
-    a->used = at + bytes;
-    a->high = a->used > a->high ? a->used : a->high;
-    memset(a->base + at, 0, bytes);
-    return a->base + at;
+    if (a->n >= FT_MAX_BLOCKS) return 0;
+    for (i = 0; i <= a->n; i++) { /* the first gap that holds it */
+        end = i < a->n ? a->at[i] : a->cap;
+        if (end >= start && end - start >= bytes) break;
+        if (i < a->n) start = a->at[i] + a->size[i];
+    }
+    if (i > a->n || start + bytes > a->cap) return 0;
+    for (j = a->n; j > i; j--) {
+        a->at[j] = a->at[j - 1];
+        a->size[j] = a->size[j - 1];
+    }
+    a->at[i] = start;
+    a->size[i] = bytes;
+    a->n++;
+    a->high = start + bytes > a->high ? start + bytes : a->high;
+    memset(a->base + start, 0, bytes);
+    return a->base + start;
+}
+
+static void give(arena_t *a, const void *p) {
+    int32_t i;
+    if (a->base == 0 || p == 0) return;
+    for (i = 0; i < a->n; i++)
+        if (a->base + a->at[i] == (const uint8_t *)p) {
+            for (; i < a->n - 1; i++) {
+                a->at[i] = a->at[i + 1];
+                a->size[i] = a->size[i + 1];
+            }
+            a->n--;
+            return;
+        }
 }
 
 /* ------------------------------------------------------------------ counter-based uniform numbers */
@@ -110,7 +142,7 @@ static void conv_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t
                     }
                     v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
                     at = (((size_t)n * op->oc + o) * op->oh + oy) * op->ow + ox;
-                    mask[at] = (uint8_t)(v >= op->act_lo && v <= op->act_hi);
+                    if (mask && v >= op->act_lo && v <= op->act_hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
                     y[at] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
                 }
         }
@@ -123,7 +155,7 @@ static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_
         const int32_t x2 = (int32_t)((uint32_t)((int32_t)b[i] - op->z2) << op->left_shift);
         const int32_t sum = ft_mbqm(x1, op->m1, op->s1) + ft_mbqm(x2, op->m2, op->s2);
         const int32_t v = ft_mbqm(sum, op->mo, op->so) + op->z_out;
-        mask[i] = (uint8_t)(v >= op->act_lo && v <= op->act_hi);
+        if (mask && v >= op->act_lo && v <= op->act_hi) mask[i >> 3] |= (uint8_t)(1u << (i & 7));
         y[i] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
     }
 }
@@ -143,25 +175,56 @@ static void pool_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t
 
 typedef struct {
     int8_t *act[FT_MAX_TENSORS];
-    uint8_t *mask[FT_MAX_TENSORS];
+    uint8_t *mask[FT_MAX_TENSORS];  /* 1 bit per element: the clamp kept it (ops a gradient flows through) */
+    int8_t *saved[FT_MAX_TENSORS];  /* op i: its input's trained channels, for the weight gradient */
+    int32_t last[FT_MAX_TENSORS];   /* the last op reading each tensor */
 } buffers_t;
 
-static int run_forward(const ft_model *m, const int8_t *x, int32_t batch, arena_t *a, buffers_t *b) {
-    int32_t i;
+static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
+
+/* One sample's forward. needs[t]: a gradient reaches tensor t (NULL: inference). Activations are freed
+ * after their last reader; what the backward needs is kept: masks (bits) and trained channels' inputs. */
+static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs, arena_t *a, buffers_t *b) {
+    int32_t i, t;
     b->act[0] = (int8_t *)x;
+    for (t = 0; t <= m->n_ops; t++) b->last[t] = -1;
+    for (i = 0; i < m->n_ops; i++) {
+        b->last[m->ops[i].in0] = i;
+        if (m->ops[i].kind == FT_OP_ADD) b->last[m->ops[i].in1] = i;
+    }
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
-        const size_t count = (size_t)batch * out_size(m, i + 1);
+        const size_t count = (size_t)out_size(m, i + 1);
+        const int grads = needs && needs[i + 1] && op->kind != FT_OP_POOL;
         b->act[i + 1] = (int8_t *)take(a, count);
-        b->mask[i + 1] = op->kind == FT_OP_POOL ? 0 : (uint8_t *)take(a, count);
+        b->mask[i + 1] = grads ? (uint8_t *)take(a, (count + 7) / 8) : 0;
+        b->saved[i] = 0;
+        if (needs && op->kind == FT_OP_CONV && op->train_w) { /* the input channels the weight gradient reads */
+            const size_t hw = (size_t)op->h * op->w;
+            int32_t ch, k = 0;
+            for (ch = 0; ch < op->c; ch++) k += channel_trained(op, ch);
+            b->saved[i] = (int8_t *)take(a, (size_t)k * hw);
+            if (a->base && b->saved[i])
+                for (ch = 0, k = 0; ch < op->c; ch++)
+                    if (channel_trained(op, ch)) memcpy(b->saved[i] + (size_t)(k++) * hw, b->act[op->in0] + ch * hw, hw);
+            if (a->base && !b->saved[i]) return -2;
+        }
         if (a->base == 0) continue;
-        if (!b->act[i + 1] || (op->kind != FT_OP_POOL && !b->mask[i + 1])) return -2;
+        if (!b->act[i + 1] || (grads && !b->mask[i + 1])) return -2;
         if (op->kind == FT_OP_CONV)
-            conv_forward(op, b->act[op->in0], batch, b->act[i + 1], b->mask[i + 1]);
+            conv_forward(op, b->act[op->in0], 1, b->act[i + 1], b->mask[i + 1]);
         else if (op->kind == FT_OP_ADD)
             add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
         else
-            pool_forward(op, b->act[op->in0], batch, b->act[i + 1]);
+            pool_forward(op, b->act[op->in0], 1, b->act[i + 1]);
+        if (op->kind == FT_OP_ADD && op->in1 > 0 && op->in1 != op->in0 && b->last[op->in1] == i) {
+            give(a, b->act[op->in1]);
+            b->act[op->in1] = 0;
+        }
+        if (op->in0 > 0 && b->last[op->in0] == i) {
+            give(a, b->act[op->in0]);
+            b->act[op->in0] = 0;
+        }
     }
     return 0;
 }
@@ -232,17 +295,18 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
     const size_t hw = (size_t)op->oh * op->ow;
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
     int8_t *q = (int8_t *)take(a, count);
-    float *av = (float *)take(a, count * sizeof(float));
+    int32_t *slot_of = (int32_t *)take(a, (size_t)op->c * sizeof(int32_t)); /* channel -> its saved plane */
     float amax = 0.0f, s;
     size_t i;
-    int32_t n, o, oy, ox, ci, ky, kx;
+    int32_t n, o, oy, ox, ci, ky, kx, k;
     uint32_t base;
     (void)m;
-    if (!q || !av) return -2;
+    if (!q || !slot_of) return -2;
+    for (ci = 0, k = 0; ci < op->c; ci++) slot_of[ci] = channel_trained(op, ci) ? k++ : -1;
+    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
+#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * op->eff_scale[((i) / hw) % op->oc])
     for (i = 0; i < count; i++) {
-        const int32_t o_ = (int32_t)((i / hw) % op->oc);
-        const float v = (g[i] * (float)mask[i]) * op->eff_scale[o_];
-        av[i] = v;
+        const float v = FT_GRAD_A(i);
         amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
     }
     if (amax == 0.0f) {
@@ -251,7 +315,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
         s = amax / (float)FT_GRAD_LEVELS;
         base = stream_base(seed, step, (uint32_t)(2 * op->slot));
         for (i = 0; i < count; i++) {
-            int32_t v = floor_f32(av[i] / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
+            int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
             q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
         }
     }
@@ -273,7 +337,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
                     for (kx = 0; kx < op->kw; kx++) {
                         int64_t sum = 0;
                         for (n = 0; n < batch; n++) {
-                            const int8_t *xc = x + ((size_t)n * op->c + cin) * op->h * op->w;
+                            const int8_t *xc = x + (size_t)slot_of[cin] * op->h * op->w; /* saved plane */
                             const int8_t *qo = q + ((size_t)n * op->oc + o) * hw;
                             for (oy = 0; oy < op->oh; oy++) {
                                 const int32_t iy = oy * op->stride - op->pad_t + ky;
@@ -318,6 +382,9 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
                     }
             }
     }
+#undef FT_GRAD_A
+    give(a, slot_of);
+    give(a, q);
     return 0;
 }
 
@@ -356,7 +423,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
     float *gw[FT_MAX_TENSORS], *gb[FT_MAX_TENSORS];
     const size_t in_size = (size_t)out_size(m, 0);
     size_t mark;
-    int32_t i, n, rc;
+    int32_t i, n, rc, held;
     /* which tensors a gradient reaches (as autograd's requires_grad) */
     needs[0] = 0;
     for (i = 0; i < m->n_ops; i++) {
@@ -374,23 +441,22 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         if (a->base && ((op->train_w && !gw[i]) || (op->train_b && !gb[i]))) return -2;
     }
     mark = a->used;
+    held = a->n; /* the parameter gradients: the lowest blocks, kept over the samples */
     /* one sample at a time (micro-batch 1): its activations, masks and activation gradients */
     for (n = 0; n < batch; n++) {
         a->used = mark;
+        a->n = held;
         memset(&b, 0, sizeof b);
         memset(grad, 0, sizeof grad);
-        rc = run_forward(m, x + (size_t)n * in_size, 1, a, &b);
+        rc = run_forward(m, x + (size_t)n * in_size, needs, a, &b);
         if (rc) return rc;
-        for (i = 0; i <= m->n_ops; i++)
-            if (needs[i]) {
-                grad[i] = (float *)take(a, (size_t)out_size(m, i) * sizeof(float));
-                if (a->base && !grad[i]) return -2;
-            }
-        if (a->base == 0) { /* sizing: the backward's temporaries of the largest convolution */
+        if (a->base == 0) { /* sizing (an upper bound): every gradient and the largest backward's temporaries */
             size_t most = 0;
+            for (i = 0; i <= m->n_ops; i++)
+                if (needs[i]) take(a, (size_t)out_size(m, i) * sizeof(float));
             for (i = 0; i < m->n_ops; i++)
                 if (m->ops[i].kind == FT_OP_CONV) {
-                    size_t c = (size_t)out_size(m, i + 1) * 5 + 16;
+                    size_t c = (size_t)out_size(m, i + 1) + (size_t)m->ops[i].c * 4 + 32;
                     most = c > most ? c : most;
                 }
             a->used += most;
@@ -398,22 +464,30 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
             return 0;
         }
         if (!needs[m->n_ops]) return 0; /* nothing trained */
+        grad[m->n_ops] = (float *)take(a, (size_t)m->classes * sizeof(float));
+        if (!grad[m->n_ops]) return -2;
         loss_grad(m, b.act[m->n_ops], y[n], n, batch, grad[m->n_ops], rep);
+        give(a, b.act[m->n_ops]);
         for (i = m->n_ops - 1; i >= 0; i--) {
             const ft_op *op = &m->ops[i];
             const float *g = grad[i + 1];
             const size_t count = (size_t)out_size(m, i + 1);
             size_t j;
             if (!g) continue;
+            for (j = 0; j < 2; j++) { /* the input gradients this op adds to, allocated at their first writer */
+                const int32_t t = j == 0 ? op->in0 : (op->kind == FT_OP_ADD ? op->in1 : 0);
+                if (t > 0 && needs[t] && !grad[t]) {
+                    grad[t] = (float *)take(a, (size_t)out_size(m, t) * sizeof(float));
+                    if (!grad[t]) return -2;
+                }
+            }
             if (op->kind == FT_OP_CONV) {
-                const size_t before = a->used;
-                rc = conv_backward(m, op, n, b.act[op->in0], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
+                rc = conv_backward(m, op, n, b.saved[i], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
                                    gw[i], gb[i], seed, step, a);
-                a->used = before; /* the temporaries are free again */
                 if (rc) return rc;
             } else if (op->kind == FT_OP_ADD) {
                 for (j = 0; j < count; j++) {
-                    const float gm = g[j] * (float)b.mask[i + 1][j];
+                    const float gm = g[j] * (float)((b.mask[i + 1][j >> 3] >> (j & 7)) & 1u);
                     if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
                     if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
                 }
@@ -425,8 +499,13 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
                     for (p = 0; p < hw; p++) grad[op->in0][j * hw + p] += v;
                 }
             }
+            give(a, grad[i + 1]); /* consumed: its producer's backward is done */
+            grad[i + 1] = 0;
+            give(a, b.mask[i + 1]);
+            give(a, b.saved[i]);
         }
     }
+    a->n = held;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
         const int32_t per = (op->c / op->groups) * op->kh * op->kw;
@@ -440,10 +519,11 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
 }
 
 size_t ft_step_arena_bytes(const ft_model *m, int32_t batch) {
-    arena_t a = {0, 0, 0, 0};
+    arena_t a;
     int8_t dummy = 0;
     int32_t ydummy = 0;
     if (!valid_model(m, batch)) return 0;
+    memset(&a, 0, sizeof a);
     if (step_impl(m, &dummy, &ydummy, batch, 0, 0, &a, 0)) return 0;
     return a.high + 64;
 }
@@ -455,9 +535,9 @@ int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t 
     if (!valid_model(m, batch) || !x || !y || !arena) return -1;
     for (n = 0; n < batch; n++)
         if (y[n] < 0 || y[n] >= m->classes) return -1;
+    memset(&a, 0, sizeof a);
     a.base = arena;
     a.cap = arena_bytes;
-    a.used = a.high = 0;
     rc = step_impl(m, x, y, batch, seed, step, &a, report);
     if (report) report->arena_high_water = a.high;
     return rc;
@@ -469,13 +549,14 @@ int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena
     int rc;
     if (!valid_model(m, batch > FT_MAX_BATCH ? FT_MAX_BATCH : batch) || !x || !arena || !logits) return -1;
     int32_t n;
+    memset(&a, 0, sizeof a);
     a.base = arena;
     a.cap = arena_bytes;
-    a.high = 0;
     for (n = 0; n < batch; n++) { /* one sample at a time, as the step runs */
         a.used = 0;
+        a.n = 0;
         memset(&b, 0, sizeof b);
-        rc = run_forward(m, x + (size_t)n * out_size(m, 0), 1, &a, &b);
+        rc = run_forward(m, x + (size_t)n * out_size(m, 0), 0, &a, &b);
         if (rc) return rc;
         memcpy(logits + (size_t)n * m->classes, b.act[m->n_ops], (size_t)m->classes);
     }
