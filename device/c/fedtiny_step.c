@@ -285,6 +285,36 @@ static void loss_grad(const ft_model *m, const int8_t *q, int32_t label, int32_t
 
 /* ------------------------------------------------------------------ backward */
 
+/* Weight gradients are held for trained channels only: the index of weight element (o, ci, ky, kx) in
+ * that compact array, with slot_of[channel] the channel's rank among the trained ones (-1: frozen). */
+static int64_t gw_index(const ft_op *op, const int32_t *slot_of, int32_t o, int32_t ci, int32_t ky, int32_t kx) {
+    const int32_t cpg = op->c / op->groups, depthwise = op->groups == op->c && op->groups == op->oc;
+    int64_t row;
+    if (!op->train_channels) return (((int64_t)o * cpg + ci) * op->kh + ky) * op->kw + kx;
+    if (depthwise) {
+        if (slot_of[o] < 0) return -1;
+        row = slot_of[o];
+    } else {
+        const int32_t k = slot_of[op->c]; /* the count of trained channels, stored after the map */
+        if (slot_of[ci] < 0) return -1; /* groups == 1 when channels are selected */
+        row = (int64_t)o * k + slot_of[ci];
+    }
+    return (row * op->kh + ky) * op->kw + kx;
+}
+
+static int64_t gw_elements(const ft_op *op) {
+    int32_t ch, k = 0;
+    if (!op->train_channels) return (int64_t)op->oc * (op->c / op->groups) * op->kh * op->kw;
+    for (ch = 0; ch < op->c; ch++) k += op->train_channels[ch] != 0;
+    return (int64_t)k * (op->groups == op->c && op->groups == op->oc ? 1 : op->oc) * op->kh * op->kw;
+}
+
+static void channel_slots(const ft_op *op, int32_t *slot_of) { /* op->c + 1 entries */
+    int32_t ci, k = 0;
+    for (ci = 0; ci < op->c; ci++) slot_of[ci] = channel_trained(op, ci) ? k++ : -1;
+    slot_of[op->c] = k;
+}
+
 /* One sample's backward (batch 1 buffers); `sample` places it in the batch's random stream. Bias and
  * weight gradients are added to gb/gw (the batch's sum, in sample order). */
 static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, const int8_t *x, const uint8_t *mask,
@@ -295,14 +325,15 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
     const size_t hw = (size_t)op->oh * op->ow;
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
     int8_t *q = (int8_t *)take(a, count);
-    int32_t *slot_of = (int32_t *)take(a, (size_t)op->c * sizeof(int32_t)); /* channel -> its saved plane */
+    int32_t *slot_of = (int32_t *)take(a, (size_t)(op->c + 1) * sizeof(int32_t)); /* channel -> its saved plane */
     float amax = 0.0f, s;
     size_t i;
     int32_t n, o, oy, ox, ci, ky, kx, k;
     uint32_t base;
     (void)m;
     if (!q || !slot_of) return -2;
-    for (ci = 0, k = 0; ci < op->c; ci++) slot_of[ci] = channel_trained(op, ci) ? k++ : -1;
+    channel_slots(op, slot_of);
+    (void)k;
     /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
 #define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * op->eff_scale[((i) / hw) % op->oc])
     for (i = 0; i < count; i++) {
@@ -349,7 +380,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
                                 }
                             }
                         }
-                        gw[(((size_t)o * cpg + ci) * op->kh + ky) * op->kw + kx] += (float)sum * s;
+                        gw[gw_index(op, slot_of, o, ci, ky, kx)] += (float)sum * s;
                     }
             }
         }
@@ -390,26 +421,35 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
 
 /* ------------------------------------------------------------------ update */
 
-static void update_tensor(const ft_model *m, float *grad, const float *qas, int32_t per, int32_t count, float *mom,
-                          uint32_t step, int8_t *w8, int32_t *b32, uint32_t base) {
+static void update_one(const ft_model *m, float gi, const float *qas_i, float *mom_i, uint32_t step, int8_t *w8,
+                       int32_t *b32, uint32_t base, uint32_t index) {
+    float d;
+    if (qas_i) gi = gi * *qas_i;
+    if (m->momentum > 0.0f) {
+        *mom_i = step == 0 ? gi : *mom_i * m->momentum + gi;
+        gi = *mom_i;
+    }
+    d = gi * m->lr;
+    if (w8) {
+        const float t = (float)*w8 - d;
+        int64_t v = m->stochastic ? floor_f32(t + uniform_at(base, index)) : round_half_away_f32(t);
+        *w8 = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
+    } else {
+        const int64_t v = (int64_t)*b32 + round_half_away_f32(-d);
+        *b32 = (int32_t)(v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : v));
+    }
+}
+
+/* The update of a weight from its compact gradient (0 for frozen channels, as the simulator's). */
+static void update_weight(const ft_model *m, const ft_op *op, const float *gw, const int32_t *slot_of, uint32_t step,
+                          uint32_t base) {
+    const int32_t cpg = op->c / op->groups, per = cpg * op->kh * op->kw;
     int32_t i;
-    for (i = 0; i < count; i++) {
-        float gi = grad[i];
-        float d;
-        if (qas) gi = gi * qas[i / per];
-        if (m->momentum > 0.0f) {
-            mom[i] = step == 0 ? gi : mom[i] * m->momentum + gi;
-            gi = mom[i];
-        }
-        d = gi * m->lr;
-        if (w8) {
-            const float t = (float)w8[i] - d;
-            int64_t v = m->stochastic ? floor_f32(t + uniform_at(base, (uint32_t)i)) : round_half_away_f32(t);
-            w8[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
-        } else {
-            const int64_t v = (int64_t)b32[i] + round_half_away_f32(-d);
-            b32[i] = (int32_t)(v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : v));
-        }
+    for (i = 0; i < op->oc * per; i++) {
+        const int32_t o = i / per, rem = i % per, ci = rem / (op->kh * op->kw), kk = rem % (op->kh * op->kw);
+        const int64_t at = gw_index(op, slot_of, o, ci, kk / op->kw, kk % op->kw);
+        update_one(m, at < 0 ? 0.0f : gw[at], op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step,
+                   &op->weight[i], 0, base, (uint32_t)i);
     }
 }
 
@@ -436,7 +476,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         const ft_op *op = &m->ops[i];
         gw[i] = gb[i] = 0;
         if (op->kind != FT_OP_CONV) continue;
-        if (op->train_w) gw[i] = (float *)take(a, (size_t)op->oc * (op->c / op->groups) * op->kh * op->kw * 4);
+        if (op->train_w) gw[i] = (float *)take(a, (size_t)gw_elements(op) * 4);
         if (op->train_b) gb[i] = (float *)take(a, (size_t)op->oc * 4);
         if (a->base && ((op->train_w && !gw[i]) || (op->train_b && !gb[i]))) return -2;
     }
@@ -508,12 +548,20 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
     a->n = held;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
-        const int32_t per = (op->c / op->groups) * op->kh * op->kw;
         if (op->kind != FT_OP_CONV) continue;
-        if (gw[i])
-            update_tensor(m, gw[i], op->qas_w, per, op->oc * per, op->mom_w, step, op->weight, 0,
-                          stream_base(seed, step, (uint32_t)(2 * op->slot + 1)));
-        if (gb[i]) update_tensor(m, gb[i], op->qas_b, 1, op->oc, op->mom_b, step, 0, op->bias, 0);
+        if (gw[i]) {
+            int32_t *slot_of = (int32_t *)take(a, (size_t)(op->c + 1) * sizeof(int32_t));
+            if (!slot_of) return -2;
+            channel_slots(op, slot_of);
+            update_weight(m, op, gw[i], slot_of, step, stream_base(seed, step, (uint32_t)(2 * op->slot + 1)));
+            give(a, slot_of);
+        }
+        if (gb[i]) {
+            int32_t o;
+            for (o = 0; o < op->oc; o++)
+                update_one(m, gb[i][o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
+                           &op->bias[o], 0, (uint32_t)o);
+        }
     }
     return 0;
 }
