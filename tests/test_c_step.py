@@ -21,12 +21,26 @@ def built():
     assert cstep.available()
 
 
-def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", rounding="stochastic", seed=5):
-    """Train a copy with the C step and the model with PyTorch's exact step; count differing elements."""
+def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", rounding="stochastic", seed=5,
+             planned=True):
+    """Train a copy with the C step and the model with PyTorch's exact step; count differing elements.
+
+    ``planned``: the C step follows the memory planner's decisions and arena layout, and its arena is
+    checked against the planner's count of the same step.
+    """
+    from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.memory import c_layout
     from fedtiny.federated.train import _exact_loss
 
     qc = copy.deepcopy(q)
-    cs = cstep.CStep(qc, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding)
+    shape = tuple(xs[0].shape[1:])
+    cs = cstep.CStep(qc, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
+                     layout=c_layout(q, shape) if planned else None)
+    if planned:
+        batch = len(ys[0])
+        plan = lay_out(cs.record(batch))
+        cs.use_plan(plan.offsets, batch, plan.arena_bytes)
+        _check_arena_against_planner(q, plan, shape, batch)
     opt = QuantizedOptimizer(q, optimizer, lr, momentum, rounding)
     q.number_convs()
     loss_fn = _exact_loss(q)
@@ -45,7 +59,23 @@ def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", 
         assert abs(sum(losses) / len(losses) - float(loss.detach())) < 1e-6
         cs.write_back()
         params += sum(int((a.detach() != b.detach()).sum()) for a, b in zip(q.parameters(), qc.parameters()))
+    if planned:
+        assert cs.high_water == plan.arena_bytes  # the step stayed inside its planned arena
     return forward, params, cs
+
+
+def _check_arena_against_planner(q, arena_plan, shape, batch):
+    """The C step's buffers, as recorded, against the memory planner's count of the same step (the model's
+    scheme as its requires_grad and train_channels stand): the same peak of live bytes (up to alignment),
+    and a layout within 5% of the planner's peak."""
+    from fedtiny.budget.memory import plan
+
+    ledger, _ = plan(q, shape, accumulate=batch > 1)
+    planner_arena = ledger.peak_without("persistent:", "act:input")
+    # equal but for the C step's 8-byte alignment of each buffer
+    slack = 7 * len(arena_plan.offsets)
+    assert planner_arena <= arena_plan.peak_live_bytes <= planner_arena + slack, (arena_plan, planner_arena)
+    assert arena_plan.arena_bytes <= 1.05 * planner_arena
 
 
 def _digits_batches(n_batches, size=16, image_size=None, channels=1):
@@ -131,3 +161,31 @@ def test_device_check_cli(built, cli):
     assert out["arena_peak_bytes"] > 0 and out["planner_peak_bytes"] > 0
     r = cli("device", "check", "--model", "tiny-ir", "--device", "no-such-board")
     assert r.returncode != 0 and "no-such-board" in r.stderr
+
+
+def test_arena_plan_is_a_valid_layout_and_one_sample_steps_apply_at_once(built):
+    """No two buffers alive at the same time share a byte; batch 1 (no accumulators) and batch 4 both match
+    the planner and PyTorch."""
+    from test_int8 import small_qmodel
+
+    from fedtiny.budget.arena import buffers_from_log, lay_out
+    from fedtiny.budget.memory import c_layout
+
+    q = small_qmodel()
+    q.input_shape = (1, 8, 8)
+    for size in (1, 4):
+        forward, params, _ = _compare(copy.deepcopy(q), *_digits_batches(2, size=size), steps=2, momentum=0.9)
+        assert forward == 0 and params == 0
+    cs = cstep.CStep(copy.deepcopy(q), lr=0.01, layout=c_layout(q, (1, 8, 8)))
+    log = cs.record(4)
+    arena_plan = lay_out(log)
+    blocks = buffers_from_log(log)
+    where = {k: arena_plan.offsets[b.takes[0]] for k, b in enumerate(blocks)}
+    assert all(arena_plan.offsets[t] == where[k] for k, b in enumerate(blocks) for t in b.takes)
+    for i, a in enumerate(blocks):
+        for j in range(i + 1, len(blocks)):
+            b = blocks[j]
+            together = any(s0 < e1 and s1 < e0 for s0, e0, _ in a.segments for s1, e1, _ in b.segments)
+            apart = where[i] + a.size <= where[j] or where[j] + b.size <= where[i]
+            assert apart or not together, (i, j)
+    assert lay_out(log) == arena_plan  # deterministic

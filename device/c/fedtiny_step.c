@@ -2,6 +2,12 @@
 #include "fedtiny_step.h"
 
 #include <string.h>
+#ifdef FT_TRACE
+#include <stdio.h>
+#define TRACE(...) fprintf(stderr, __VA_ARGS__)
+#else
+#define TRACE(...) ((void)0)
+#endif
 
 #include "fedtiny_int8.h"
 
@@ -11,16 +17,33 @@
 
 int ft_step_abi(void) { return FT_STEP_ABI; }
 
-/* ------------------------------------------------------------------ arena: first fit, with frees */
+/* ------------------------------------------------------------------ arena
+ *
+ * Every buffer of the step comes from take() in an order that depends only on the model and the batch
+ * size (never on data). With a plan (ft_model.plan: one offset per take, in order, laid out ahead of
+ * time by fedtiny's memory planner from the step's recorded buffer lifetimes) each take returns its
+ * planned place and give() does nothing. Without one, blocks are placed first fit, and a recording
+ * step logs the lifetimes (ft_step_record) that the planner lays out. */
 
-#define FT_MAX_BLOCKS 1024
+#ifndef FT_MAX_BLOCKS
+#define FT_MAX_BLOCKS 1024 /* live blocks of the first-fit allocator (a planned arena needs none) */
+#endif
 
 typedef struct {
     uint8_t *base;                 /* NULL: a sizing pass (bump, no frees: an upper bound) */
-    size_t cap, used, high;        /* high: the high-water mark (end of the highest live block) */
-    size_t at[FT_MAX_BLOCKS], size[FT_MAX_BLOCKS];  /* live blocks, sorted by offset */
+    size_t cap, used, high;        /* high: the high-water mark (end of the highest block) */
+    const uint32_t *plan;          /* offsets of the takes, in order (NULL: first fit) */
+    int32_t plan_len, k;           /* k: takes so far */
+    int32_t *log, log_cap, log_len; /* recording: take = its bytes (> 0), give = -(1 + take index) */
+    size_t at[FT_MAX_BLOCKS], size[FT_MAX_BLOCKS];  /* first fit: live blocks, sorted by offset */
+    int32_t id[FT_MAX_BLOCKS];     /* ... and the take that made each */
     int32_t n;
 } arena_t;
+
+static void record(arena_t *a, int32_t v) {
+    if (a->log && a->log_len < a->log_cap) a->log[a->log_len] = v;
+    if (a->log) a->log_len++;
+}
 
 static void *take(arena_t *a, size_t bytes) {
     size_t start = 0, end;
@@ -31,35 +54,66 @@ static void *take(arena_t *a, size_t bytes) {
         a->high = a->used > a->high ? a->used : a->high;
         return 0;
     }
-    if (a->n >= FT_MAX_BLOCKS) return 0;
-    for (i = 0; i <= a->n; i++) { /* the first gap that holds it */
-        end = i < a->n ? a->at[i] : a->cap;
-        if (end >= start && end - start >= bytes) break;
-        if (i < a->n) start = a->at[i] + a->size[i];
+    if (a->plan) {
+        if (a->k >= a->plan_len || (size_t)a->plan[a->k] + bytes > a->cap) return 0;
+        start = a->plan[a->k++];
+    } else {
+        if (a->n >= FT_MAX_BLOCKS) return 0;
+        for (i = 0; i <= a->n; i++) { /* the first gap that holds it */
+            end = i < a->n ? a->at[i] : a->cap;
+            if (end >= start && end - start >= bytes) break;
+            if (i < a->n) start = a->at[i] + a->size[i];
+        }
+        if (i > a->n || start + bytes > a->cap) return 0;
+        for (j = a->n; j > i; j--) {
+            a->at[j] = a->at[j - 1];
+            a->size[j] = a->size[j - 1];
+            a->id[j] = a->id[j - 1];
+        }
+        a->at[i] = start;
+        a->size[i] = bytes;
+        a->id[i] = a->k++;
+        a->n++;
+        record(a, (int32_t)bytes);
     }
-    if (i > a->n || start + bytes > a->cap) return 0;
-    for (j = a->n; j > i; j--) {
-        a->at[j] = a->at[j - 1];
-        a->size[j] = a->size[j - 1];
-    }
-    a->at[i] = start;
-    a->size[i] = bytes;
-    a->n++;
     a->high = start + bytes > a->high ? start + bytes : a->high;
+    TRACE("take %zu at %zu high %zu\n", bytes, start, a->high);
     memset(a->base + start, 0, bytes);
     return a->base + start;
 }
 
 static void give(arena_t *a, const void *p) {
     int32_t i;
-    if (a->base == 0 || p == 0) return;
+    if (a->base == 0 || p == 0 || a->plan) return;
     for (i = 0; i < a->n; i++)
         if (a->base + a->at[i] == (const uint8_t *)p) {
+            TRACE("give %zu at %zu\n", a->size[i], a->at[i]);
+            record(a, -1 - a->id[i]);
             for (; i < a->n - 1; i++) {
                 a->at[i] = a->at[i + 1];
                 a->size[i] = a->size[i + 1];
+                a->id[i] = a->id[i + 1];
             }
             a->n--;
+            return;
+        }
+}
+
+/* A live block keeps only its first `bytes` (an in-place op's smaller output): recorded as its give
+ * and a new take of the smaller size, which the plan must place at the same offset. */
+static void shrink(arena_t *a, const void *p, size_t bytes) {
+    int32_t i;
+    if (a->base == 0 || p == 0 || a->plan) {
+        if (a->plan) a->k++; /* the plan's entry for the smaller block (the same offset) */
+        return;
+    }
+    bytes = (bytes + 7u) & ~(size_t)7u;
+    for (i = 0; i < a->n; i++)
+        if (a->base + a->at[i] == (const uint8_t *)p) {
+            record(a, -1 - a->id[i]);
+            a->size[i] = bytes;
+            a->id[i] = a->k++;
+            record(a, (int32_t)(bytes | 0x40000000)); /* bit 30: continues the block just given */
             return;
         }
 }
@@ -117,36 +171,79 @@ static int valid_model(const ft_model *m, int32_t batch) {
 
 /* ------------------------------------------------------------------ forward */
 
-static void conv_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t *y, uint8_t *mask) {
-    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
-    int32_t n, o, oy, ox, ci, ky, kx;
-    for (n = 0; n < batch; n++)
-        for (o = 0; o < op->oc; o++) {
-            const int32_t g = o / opg;
-            for (oy = 0; oy < op->oh; oy++)
-                for (ox = 0; ox < op->ow; ox++) {
-                    int32_t acc = op->bias[o], v;
-                    size_t at;
-                    for (ci = 0; ci < cpg; ci++) {
-                        const int8_t *xc = x + ((size_t)n * op->c + (size_t)(g * cpg + ci)) * op->h * op->w;
-                        const int8_t *wk = op->weight + (((size_t)o * cpg + ci) * op->kh) * op->kw;
-                        for (ky = 0; ky < op->kh; ky++) {
-                            const int32_t iy = oy * op->stride - op->pad_t + ky;
-                            if (iy < 0 || iy >= op->h) continue;
-                            for (kx = 0; kx < op->kw; kx++) {
-                                const int32_t ix = ox * op->stride - op->pad_l + kx;
-                                if (ix < 0 || ix >= op->w) continue;
-                                acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
-                            }
-                        }
+/* Output channel o of a convolution (one sample): y[oy * ystride + ox]; mask bits at mask_at + oy * ow + ox. */
+static void conv_channel(const ft_op *op, const int8_t *x, int32_t o, int8_t *y, int32_t ystride, uint8_t *mask,
+                         size_t mask_at) {
+    const int32_t cpg = op->c / op->groups, g = o / (op->oc / op->groups);
+    int32_t oy, ox, ci, ky, kx;
+    for (oy = 0; oy < op->oh; oy++)
+        for (ox = 0; ox < op->ow; ox++) {
+            int32_t acc = op->bias[o], v;
+            for (ci = 0; ci < cpg; ci++) {
+                const int8_t *xc = x + (size_t)(g * cpg + ci) * op->h * op->w;
+                const int8_t *wk = op->weight + (((size_t)o * cpg + ci) * op->kh) * op->kw;
+                for (ky = 0; ky < op->kh; ky++) {
+                    const int32_t iy = oy * op->stride - op->pad_t + ky;
+                    if (iy < 0 || iy >= op->h) continue;
+                    for (kx = 0; kx < op->kw; kx++) {
+                        const int32_t ix = ox * op->stride - op->pad_l + kx;
+                        if (ix < 0 || ix >= op->w) continue;
+                        acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
                     }
-                    v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
-                    at = (((size_t)n * op->oc + o) * op->oh + oy) * op->ow + ox;
-                    if (mask && v >= op->act_lo && v <= op->act_hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-                    y[at] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
                 }
+            }
+            v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
+            if (mask && v >= op->act_lo && v <= op->act_hi) {
+                const size_t at = mask_at + (size_t)oy * op->ow + ox;
+                mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+            }
+            y[(size_t)oy * ystride + ox] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
         }
 }
+
+/* The zero-point-padded window a depthwise convolution reads: rows and columns its outputs reach. */
+static void padded_dims(const ft_op *dw, int32_t *hp, int32_t *wp) {
+    *hp = (dw->oh - 1) * dw->stride + dw->kh;
+    *wp = (dw->ow - 1) * dw->stride + dw->kw;
+}
+
+/* Depthwise channel o over its padded plane (hp x wp, x_zero outside the input): padding adds
+ * (x_zero - x_zero) * w = 0, as skipping it does. */
+static void dw_channel(const ft_op *op, const int8_t *pad, int32_t wp, int32_t o, int8_t *y, uint8_t *mask,
+                       size_t mask_at) {
+    const int8_t *wk = op->weight + (size_t)o * op->kh * op->kw;
+    int32_t oy, ox, ky, kx;
+    for (oy = 0; oy < op->oh; oy++)
+        for (ox = 0; ox < op->ow; ox++) {
+            int32_t acc = op->bias[o], v;
+            for (ky = 0; ky < op->kh; ky++) {
+                const int8_t *row = pad + (size_t)(oy * op->stride + ky) * wp + ox * op->stride;
+                for (kx = 0; kx < op->kw; kx++) acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)row[kx] - op->x_zero);
+            }
+            v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
+            if (mask && v >= op->act_lo && v <= op->act_hi) {
+                const size_t at = mask_at + (size_t)oy * op->ow + ox;
+                mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+            }
+            y[(size_t)oy * op->ow + ox] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+        }
+}
+
+/* Fill a padded plane with x_zero and copy the h x w plane `in` into it (clipped to the window). */
+static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp, int8_t *pad) {
+    int32_t y, x;
+    memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
+    for (y = 0; y < dw->h; y++) {
+        const int32_t py = y + dw->pad_t;
+        if (py >= hp) break;
+        for (x = 0; x < dw->w; x++) {
+            const int32_t px = x + dw->pad_l;
+            if (px < wp) pad[(size_t)py * wp + px] = in[(size_t)y * dw->w + x];
+        }
+    }
+}
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
 static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count, int8_t *y, uint8_t *mask) {
     size_t i;
@@ -160,17 +257,16 @@ static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_
     }
 }
 
-static void pool_forward(const ft_op *op, const int8_t *x, int32_t batch, int8_t *y) {
+static void pool_forward(const ft_op *op, const int8_t *x, int8_t *y) {
     const int32_t count = op->h * op->w;
-    int32_t n, c, i;
-    for (n = 0; n < batch; n++)
-        for (c = 0; c < op->c; c++) {
-            const int8_t *xc = x + ((size_t)n * op->c + c) * count;
-            int32_t s = 0, v;
-            for (i = 0; i < count; i++) s += xc[i];
-            v = s > 0 ? (s + count / 2) / count : (s - count / 2) / count; /* TFLM: half away from zero */
-            y[(size_t)n * op->c + c] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
-        }
+    int32_t c, i;
+    for (c = 0; c < op->c; c++) {
+        const int8_t *xc = x + (size_t)c * count;
+        int32_t s = 0, v;
+        for (i = 0; i < count; i++) s += xc[i];
+        v = s > 0 ? (s + count / 2) / count : (s - count / 2) / count; /* TFLM: half away from zero */
+        y[c] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+    }
 }
 
 typedef struct {
@@ -181,6 +277,51 @@ typedef struct {
 } buffers_t;
 
 static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
+static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? op->slot_of[ch] : ch; }
+
+/* A frozen pointwise expansion (op) and its depthwise reader (dw) run one expanded channel at a time:
+ * the expanded tensor never exists whole (the planner's fused pair). */
+static int fused_forward(const ft_op *op, const ft_op *dw, const int8_t *x, int8_t *y, arena_t *a) {
+    int32_t hp, wp, e;
+    int8_t *pad;
+    padded_dims(dw, &hp, &wp);
+    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp));
+    if (!pad) return -2;
+    for (e = 0; e < dw->c; e++) {
+        memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
+        /* the pointwise channel e lands inside the padding; rows/columns beyond the window are not read */
+        if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp) {
+            conv_channel(op, x, e, pad + (size_t)dw->pad_t * wp + dw->pad_l, wp, 0, 0);
+        } else { /* a window narrower than the plane: compute the channel in the output plane, then pad */
+            int8_t *plane = (int8_t *)take(a, (size_t)op->oh * op->ow);
+            if (!plane) return -2;
+            conv_channel(op, x, e, plane, op->ow, 0, 0);
+            pad_plane(dw, plane, hp, wp, pad);
+            give(a, plane);
+        }
+        dw_channel(dw, pad, wp, e, y + (size_t)e * dw->oh * dw->ow, 0, 0);
+    }
+    give(a, pad);
+    return 0;
+}
+
+/* A depthwise convolution over its own input (the input's last reader): each channel is copied to the
+ * padded workspace, computed into the workspace's output plane and written back over the input. */
+static int inplace_forward(const ft_op *op, int8_t *x, uint8_t *mask, arena_t *a) {
+    const size_t ohw = (size_t)op->oh * op->ow;
+    int32_t hp, wp, o;
+    int8_t *pad;
+    padded_dims(op, &hp, &wp);
+    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp + ohw));
+    if (!pad) return -2;
+    for (o = 0; o < op->c; o++) { /* output plane o ends before input plane o + 1 starts: ohw <= hw */
+        pad_plane(op, x + (size_t)o * op->h * op->w, hp, wp, pad);
+        dw_channel(op, pad, wp, o, pad + (size_t)hp * wp, mask, (size_t)o * ohw);
+        memcpy(x + (size_t)o * ohw, pad + (size_t)hp * wp, ohw);
+    }
+    give(a, pad);
+    return 0;
+}
 
 /* One sample's forward. needs[t]: a gradient reaches tensor t (NULL: inference). Activations are freed
  * after their last reader; what the backward needs is kept: masks (bits) and trained channels' inputs. */
@@ -196,7 +337,26 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
         const ft_op *op = &m->ops[i];
         const size_t count = (size_t)out_size(m, i + 1);
         const int grads = needs && needs[i + 1] && op->kind != FT_OP_POOL;
-        b->act[i + 1] = (int8_t *)take(a, count);
+        const int inplace = op->kind == FT_OP_CONV && op->inplace && op->in0 > 0 && b->last[op->in0] == i;
+        int rc = 0;
+        if (op->kind == FT_OP_CONV && op->fuse_next && i + 1 < m->n_ops) { /* the pair writes tensor i + 2 */
+            const ft_op *dw = &m->ops[i + 1];
+            b->act[i + 2] = (int8_t *)take(a, (size_t)out_size(m, i + 2));
+            if (a->base == 0) {
+                take(a, max_size((size_t)op->workspace, (size_t)(dw->oh + dw->kh) * (dw->ow + dw->kw) * 2));
+            } else {
+                if (!b->act[i + 2]) return -2;
+                rc = fused_forward(op, dw, b->act[op->in0], b->act[i + 2], a);
+                if (rc) return rc;
+            }
+            if (op->in0 > 0 && b->last[op->in0] == i) {
+                give(a, b->act[op->in0]);
+                b->act[op->in0] = 0;
+            }
+            i++;
+            continue;
+        }
+        b->act[i + 1] = inplace ? b->act[op->in0] : (int8_t *)take(a, count);
         b->mask[i + 1] = grads ? (uint8_t *)take(a, (count + 7) / 8) : 0;
         b->saved[i] = 0;
         if (needs && op->kind == FT_OP_CONV && op->train_w) { /* the input channels the weight gradient reads */
@@ -209,19 +369,31 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
                     if (channel_trained(op, ch)) memcpy(b->saved[i] + (size_t)(k++) * hw, b->act[op->in0] + ch * hw, hw);
             if (a->base && !b->saved[i]) return -2;
         }
-        if (a->base == 0) continue;
+        if (a->base == 0) {
+            if (op->kind == FT_OP_CONV) take(a, max_size((size_t)op->workspace, (size_t)(op->h + op->kh) * (op->w + op->kw) * 2));
+            continue;
+        }
         if (!b->act[i + 1] || (grads && !b->mask[i + 1])) return -2;
-        if (op->kind == FT_OP_CONV)
-            conv_forward(op, b->act[op->in0], 1, b->act[i + 1], b->mask[i + 1]);
-        else if (op->kind == FT_OP_ADD)
+        if (inplace) {
+            rc = inplace_forward(op, b->act[i + 1], b->mask[i + 1], a);
+            if (rc) return rc;
+            shrink(a, b->act[i + 1], count);
+            b->act[op->in0] = 0; /* now the output */
+        } else if (op->kind == FT_OP_CONV) {
+            int32_t o;
+            for (o = 0; o < op->oc; o++)
+                conv_channel(op, b->act[op->in0], o, b->act[i + 1] + (size_t)o * op->oh * op->ow, op->ow,
+                             b->mask[i + 1], (size_t)o * op->oh * op->ow);
+        } else if (op->kind == FT_OP_ADD) {
             add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
-        else
-            pool_forward(op, b->act[op->in0], 1, b->act[i + 1]);
+        } else {
+            pool_forward(op, b->act[op->in0], b->act[i + 1]);
+        }
         if (op->kind == FT_OP_ADD && op->in1 > 0 && op->in1 != op->in0 && b->last[op->in1] == i) {
             give(a, b->act[op->in1]);
             b->act[op->in1] = 0;
         }
-        if (op->in0 > 0 && b->last[op->in0] == i) {
+        if (op->in0 > 0 && b->last[op->in0] == i && !inplace) {
             give(a, b->act[op->in0]);
             b->act[op->in0] = 0;
         }
@@ -283,142 +455,6 @@ static void loss_grad(const ft_model *m, const int8_t *q, int32_t label, int32_t
     }
 }
 
-/* ------------------------------------------------------------------ backward */
-
-/* Weight gradients are held for trained channels only: the index of weight element (o, ci, ky, kx) in
- * that compact array, with slot_of[channel] the channel's rank among the trained ones (-1: frozen). */
-static int64_t gw_index(const ft_op *op, const int32_t *slot_of, int32_t o, int32_t ci, int32_t ky, int32_t kx) {
-    const int32_t cpg = op->c / op->groups, depthwise = op->groups == op->c && op->groups == op->oc;
-    int64_t row;
-    if (!op->train_channels) return (((int64_t)o * cpg + ci) * op->kh + ky) * op->kw + kx;
-    if (depthwise) {
-        if (slot_of[o] < 0) return -1;
-        row = slot_of[o];
-    } else {
-        const int32_t k = slot_of[op->c]; /* the count of trained channels, stored after the map */
-        if (slot_of[ci] < 0) return -1; /* groups == 1 when channels are selected */
-        row = (int64_t)o * k + slot_of[ci];
-    }
-    return (row * op->kh + ky) * op->kw + kx;
-}
-
-static int64_t gw_elements(const ft_op *op) {
-    int32_t ch, k = 0;
-    if (!op->train_channels) return (int64_t)op->oc * (op->c / op->groups) * op->kh * op->kw;
-    for (ch = 0; ch < op->c; ch++) k += op->train_channels[ch] != 0;
-    return (int64_t)k * (op->groups == op->c && op->groups == op->oc ? 1 : op->oc) * op->kh * op->kw;
-}
-
-static void channel_slots(const ft_op *op, int32_t *slot_of) { /* op->c + 1 entries */
-    int32_t ci, k = 0;
-    for (ci = 0; ci < op->c; ci++) slot_of[ci] = channel_trained(op, ci) ? k++ : -1;
-    slot_of[op->c] = k;
-}
-
-/* One sample's backward (batch 1 buffers); `sample` places it in the batch's random stream. Bias and
- * weight gradients are added to gb/gw (the batch's sum, in sample order). */
-static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, const int8_t *x, const uint8_t *mask,
-                         const float *g, float *gx, float *gw, float *gb, uint32_t seed, uint32_t step,
-                         arena_t *a) {
-    const int32_t batch = 1;
-    const size_t count = (size_t)op->oc * op->oh * op->ow;
-    const size_t hw = (size_t)op->oh * op->ow;
-    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
-    int8_t *q = (int8_t *)take(a, count);
-    int32_t *slot_of = (int32_t *)take(a, (size_t)(op->c + 1) * sizeof(int32_t)); /* channel -> its saved plane */
-    float amax = 0.0f, s;
-    size_t i;
-    int32_t n, o, oy, ox, ci, ky, kx, k;
-    uint32_t base;
-    (void)m;
-    if (!q || !slot_of) return -2;
-    channel_slots(op, slot_of);
-    (void)k;
-    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
-#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * op->eff_scale[((i) / hw) % op->oc])
-    for (i = 0; i < count; i++) {
-        const float v = FT_GRAD_A(i);
-        amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
-    }
-    if (amax == 0.0f) {
-        s = 1.0f;
-    } else {
-        s = amax / (float)FT_GRAD_LEVELS;
-        base = stream_base(seed, step, (uint32_t)(2 * op->slot));
-        for (i = 0; i < count; i++) {
-            int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
-            q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
-        }
-    }
-    if (gb)
-        for (o = 0; o < op->oc; o++) {
-            int64_t sum = 0;
-            for (n = 0; n < batch; n++)
-                for (i = 0; i < hw; i++) sum += q[((size_t)n * op->oc + o) * hw + i];
-            gb[o] += (float)sum * s;
-        }
-    if (gw)
-        for (o = 0; o < op->oc; o++) {
-            const int32_t grp = o / opg;
-            for (ci = 0; ci < cpg; ci++) {
-                const int32_t cin = grp * cpg + ci;
-                const int32_t sel = op->groups == op->c && op->groups == op->oc ? o : cin;
-                if (op->train_channels && !op->train_channels[sel]) continue;
-                for (ky = 0; ky < op->kh; ky++)
-                    for (kx = 0; kx < op->kw; kx++) {
-                        int64_t sum = 0;
-                        for (n = 0; n < batch; n++) {
-                            const int8_t *xc = x + (size_t)slot_of[cin] * op->h * op->w; /* saved plane */
-                            const int8_t *qo = q + ((size_t)n * op->oc + o) * hw;
-                            for (oy = 0; oy < op->oh; oy++) {
-                                const int32_t iy = oy * op->stride - op->pad_t + ky;
-                                if (iy < 0 || iy >= op->h) continue;
-                                for (ox = 0; ox < op->ow; ox++) {
-                                    const int32_t ix = ox * op->stride - op->pad_l + kx;
-                                    if (ix < 0 || ix >= op->w) continue;
-                                    sum += (int64_t)qo[oy * op->ow + ox] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
-                                }
-                            }
-                        }
-                        gw[gw_index(op, slot_of, o, ci, ky, kx)] += (float)sum * s;
-                    }
-            }
-        }
-    if (gx) { /* gx += s * sum_o,k q * w, one input element at a time (integer sum, then one float add) */
-        for (n = 0; n < batch; n++)
-            for (ci = 0; ci < op->c; ci++) {
-                const int32_t grp = ci / cpg, cl = ci % cpg;
-                int32_t iy, ix;
-                for (iy = 0; iy < op->h; iy++)
-                    for (ix = 0; ix < op->w; ix++) {
-                        int64_t sum = 0;
-                        for (o = grp * opg; o < (grp + 1) * opg; o++) {
-                            const int8_t *qo = q + ((size_t)n * op->oc + o) * hw;
-                            const int8_t *wk = op->weight + (((size_t)o * cpg + cl) * op->kh) * op->kw;
-                            for (ky = 0; ky < op->kh; ky++) {
-                                const int32_t ty = iy + op->pad_t - ky;
-                                if (ty < 0 || ty % op->stride) continue;
-                                oy = ty / op->stride;
-                                if (oy >= op->oh) continue;
-                                for (kx = 0; kx < op->kw; kx++) {
-                                    const int32_t tx = ix + op->pad_l - kx;
-                                    if (tx < 0 || tx % op->stride) continue;
-                                    ox = tx / op->stride;
-                                    if (ox >= op->ow) continue;
-                                    sum += (int64_t)qo[oy * op->ow + ox] * wk[ky * op->kw + kx];
-                                }
-                            }
-                        }
-                        gx[(((size_t)n * op->c + ci) * op->h + iy) * op->w + ix] += (float)sum * s;
-                    }
-            }
-    }
-#undef FT_GRAD_A
-    give(a, slot_of);
-    give(a, q);
-    return 0;
-}
-
 /* ------------------------------------------------------------------ update */
 
 static void update_one(const ft_model *m, float gi, const float *qas_i, float *mom_i, uint32_t step, int8_t *w8,
@@ -440,17 +476,168 @@ static void update_one(const ft_model *m, float gi, const float *qas_i, float *m
     }
 }
 
-/* The update of a weight from its compact gradient (0 for frozen channels, as the simulator's). */
-static void update_weight(const ft_model *m, const ft_op *op, const float *gw, const int32_t *slot_of, uint32_t step,
-                          uint32_t base) {
-    const int32_t cpg = op->c / op->groups, per = cpg * op->kh * op->kw;
-    int32_t i;
-    for (i = 0; i < op->oc * per; i++) {
-        const int32_t o = i / per, rem = i % per, ci = rem / (op->kh * op->kw), kk = rem % (op->kh * op->kw);
-        const int64_t at = gw_index(op, slot_of, o, ci, kk / op->kw, kk % op->kw);
-        update_one(m, at < 0 ? 0.0f : gw[at], op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step,
-                   &op->weight[i], 0, base, (uint32_t)i);
+/* ------------------------------------------------------------------ backward */
+
+static int32_t is_depthwise(const ft_op *op) { return op->groups == op->c && op->groups == op->oc; }
+
+/* Weight gradients are held for trained channels only. Row o of that compact array holds the trained
+ * input channels of output channel o (depthwise: one row per trained channel); within a row, the
+ * element of (ci, ky, kx). */
+static int32_t gw_row_elements(const ft_op *op) {
+    const int32_t k = op->slot_of ? op->slot_of[op->c] : op->c / op->groups; /* trained channels, stored last */
+    return (is_depthwise(op) ? 1 : k) * op->kh * op->kw;
+}
+
+static int64_t gw_row(const ft_op *op, int32_t o) { /* -1: output channel o has no trained weight */
+    if (is_depthwise(op)) return op->train_channels && !op->train_channels[o] ? -1 : channel_slot(op, o);
+    return o;
+}
+
+static int64_t gw_elements(const ft_op *op) {
+    return (int64_t)(is_depthwise(op) && op->slot_of ? op->slot_of[op->c] : op->oc) * gw_row_elements(op);
+}
+
+/* The weight gradient of output channel o into row (gw_row_elements floats, added to). */
+static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, float s, int32_t o, float *row) {
+    const int32_t cpg = op->c / op->groups, grp = o / (op->oc / op->groups);
+    const int8_t *qo = q + (size_t)o * op->oh * op->ow;
+    int32_t ci, ky, kx, oy, ox;
+    for (ci = 0; ci < cpg; ci++) {
+        const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
+        const int8_t *xc;
+        float *r;
+        if (!channel_trained(op, sel)) continue;
+        xc = x + (size_t)channel_slot(op, sel) * op->h * op->w; /* the saved plane */
+        r = row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * op->kh * op->kw;
+        for (ky = 0; ky < op->kh; ky++)
+            for (kx = 0; kx < op->kw; kx++) {
+                int64_t sum = 0;
+                for (oy = 0; oy < op->oh; oy++) {
+                    const int32_t iy = oy * op->stride - op->pad_t + ky;
+                    if (iy < 0 || iy >= op->h) continue;
+                    for (ox = 0; ox < op->ow; ox++) {
+                        const int32_t ix = ox * op->stride - op->pad_l + kx;
+                        if (ix < 0 || ix >= op->w) continue;
+                        sum += (int64_t)qo[oy * op->ow + ox] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
+                    }
+                }
+                r[ky * op->kw + kx] += (float)sum * s;
+            }
     }
+}
+
+/* Update row o of a weight from its compact gradient row (NULL: no trained element: gradient 0, which
+ * still moves the weight under momentum, as the simulator's optimizer does). */
+static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, const float *row, uint32_t step,
+                              uint32_t base) {
+    const int32_t cpg = op->c / op->groups, per = cpg * op->kh * op->kw, grp = o / (op->oc / op->groups);
+    int32_t j;
+    for (j = 0; j < per; j++) {
+        const int32_t ci = j / (op->kh * op->kw), kk = j % (op->kh * op->kw);
+        const int32_t i = o * per + j, cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
+        float gi = 0.0f;
+        if (row && channel_trained(op, sel))
+            gi = row[(size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * op->kh * op->kw + kk];
+        update_one(m, gi, op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step, &op->weight[i], 0,
+                   base, (uint32_t)i);
+    }
+}
+
+/* One sample's backward; `sample` places it in the batch's random stream. The output gradient g is
+ * quantized to int8 in its own buffer (byte i overwrites float i / 4, already read). The input gradient
+ * is added to gx first (with the old weights); then the parameter gradients are either added to the
+ * batch's accumulators gw/gb, or (gw == gb == NULL, one sample per step) applied at once, one output
+ * channel at a time, from transient buffers. */
+static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, const int8_t *x, const uint8_t *mask,
+                         float *g, float *gx, float *gw, float *gb, int32_t apply, uint32_t seed, uint32_t step,
+                         arena_t *a) {
+    const size_t count = (size_t)op->oc * op->oh * op->ow;
+    const size_t hw = (size_t)op->oh * op->ow;
+    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
+    int8_t *q = (int8_t *)g;
+    float amax = 0.0f, s;
+    size_t i;
+    int32_t o, oy, ox, ci, ky, kx;
+    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
+#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * op->eff_scale[((i) / hw) % op->oc])
+    for (i = 0; i < count; i++) {
+        const float v = FT_GRAD_A(i);
+        amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
+    }
+    if (amax == 0.0f) {
+        s = 1.0f;
+        memset(q, 0, count);
+    } else {
+        const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot));
+        s = amax / (float)FT_GRAD_LEVELS;
+        for (i = 0; i < count; i++) {
+            const int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
+            q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
+        }
+    }
+#undef FT_GRAD_A
+    if (gx) /* gx += s * sum_o,k q * w, one input element at a time (integer sum, then one float add) */
+        for (ci = 0; ci < op->c; ci++) {
+            const int32_t grp = ci / cpg, cl = ci % cpg;
+            int32_t iy, ix;
+            for (iy = 0; iy < op->h; iy++)
+                for (ix = 0; ix < op->w; ix++) {
+                    int64_t sum = 0;
+                    for (o = grp * opg; o < (grp + 1) * opg; o++) {
+                        const int8_t *qo = q + (size_t)o * hw;
+                        const int8_t *wk = op->weight + (((size_t)o * cpg + cl) * op->kh) * op->kw;
+                        for (ky = 0; ky < op->kh; ky++) {
+                            const int32_t ty = iy + op->pad_t - ky;
+                            if (ty < 0 || ty % op->stride) continue;
+                            oy = ty / op->stride;
+                            if (oy >= op->oh) continue;
+                            for (kx = 0; kx < op->kw; kx++) {
+                                const int32_t tx = ix + op->pad_l - kx;
+                                if (tx < 0 || tx % op->stride) continue;
+                                ox = tx / op->stride;
+                                if (ox >= op->ow) continue;
+                                sum += (int64_t)qo[oy * op->ow + ox] * wk[ky * op->kw + kx];
+                            }
+                        }
+                    }
+                    gx[((size_t)ci * op->h + iy) * op->w + ix] += (float)sum * s;
+                }
+        }
+    if (op->train_b) {
+        float *b = apply ? (float *)take(a, (size_t)op->oc * sizeof(float)) : gb;
+        if (!b) return -2;
+        for (o = 0; o < op->oc; o++) {
+            int64_t sum = 0;
+            for (i = 0; i < hw; i++) sum += q[(size_t)o * hw + i];
+            b[o] += (float)sum * s;
+        }
+        if (apply) {
+            for (o = 0; o < op->oc; o++)
+                update_one(m, b[o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
+                           &op->bias[o], 0, (uint32_t)o);
+            give(a, b);
+        }
+    }
+    if (op->train_w) {
+        const size_t per = (size_t)gw_row_elements(op);
+        const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot + 1));
+        float *row = apply ? (float *)take(a, per * sizeof(float)) : 0;
+        if (apply && !row) return -2;
+        for (o = 0; o < op->oc; o++) {
+            const int64_t r = gw_row(op, o);
+            if (!apply) {
+                if (r >= 0) weight_grad_row(op, x, q, s, o, gw + (size_t)r * per);
+                continue;
+            }
+            if (r >= 0) {
+                memset(row, 0, per * sizeof(float));
+                weight_grad_row(op, x, q, s, o, row);
+            }
+            update_weight_row(m, op, o, r >= 0 ? row : 0, step, base);
+        }
+        give(a, row);
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ the step */
@@ -463,7 +650,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
     float *gw[FT_MAX_TENSORS], *gb[FT_MAX_TENSORS];
     const size_t in_size = (size_t)out_size(m, 0);
     size_t mark;
-    int32_t i, n, rc, held;
+    int32_t i, n, rc, held, held_k;
     /* which tensors a gradient reaches (as autograd's requires_grad) */
     needs[0] = 0;
     for (i = 0; i < m->n_ops; i++) {
@@ -471,21 +658,24 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         needs[i + 1] = (uint8_t)(needs[op->in0] || (op->kind == FT_OP_ADD && needs[op->in1]) ||
                                  (op->kind == FT_OP_CONV && (op->train_w || op->train_b)));
     }
-    /* held for the whole step: the trained tensors' gradients, summed over the batch */
+    /* more than one sample: the trained tensors' gradients, summed over the batch, held over the step */
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
         gw[i] = gb[i] = 0;
-        if (op->kind != FT_OP_CONV) continue;
+        if (op->kind != FT_OP_CONV || batch == 1) continue;
         if (op->train_w) gw[i] = (float *)take(a, (size_t)gw_elements(op) * 4);
         if (op->train_b) gb[i] = (float *)take(a, (size_t)op->oc * 4);
         if (a->base && ((op->train_w && !gw[i]) || (op->train_b && !gb[i]))) return -2;
     }
     mark = a->used;
     held = a->n; /* the parameter gradients: the lowest blocks, kept over the samples */
+    held_k = a->k;
     /* one sample at a time (micro-batch 1): its activations, masks and activation gradients */
     for (n = 0; n < batch; n++) {
         a->used = mark;
         a->n = held;
+        a->k = held_k; /* every sample takes the same buffers: the plan's entries repeat */
+        if (n == 1) a->log = 0; /* a recording holds the first sample's */
         memset(&b, 0, sizeof b);
         memset(grad, 0, sizeof grad);
         rc = run_forward(m, x + (size_t)n * in_size, needs, a, &b);
@@ -496,7 +686,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
                 if (needs[i]) take(a, (size_t)out_size(m, i) * sizeof(float));
             for (i = 0; i < m->n_ops; i++)
                 if (m->ops[i].kind == FT_OP_CONV) {
-                    size_t c = (size_t)out_size(m, i + 1) + (size_t)m->ops[i].c * 4 + 32;
+                    size_t c = ((size_t)m->ops[i].oc + (size_t)gw_row_elements(&m->ops[i])) * sizeof(float) + 32;
                     most = c > most ? c : most;
                 }
             a->used += most;
@@ -510,7 +700,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         give(a, b.act[m->n_ops]);
         for (i = m->n_ops - 1; i >= 0; i--) {
             const ft_op *op = &m->ops[i];
-            const float *g = grad[i + 1];
+            float *g = grad[i + 1];
             const size_t count = (size_t)out_size(m, i + 1);
             size_t j;
             if (!g) continue;
@@ -523,7 +713,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
             }
             if (op->kind == FT_OP_CONV) {
                 rc = conv_backward(m, op, n, b.saved[i], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
-                                   gw[i], gb[i], seed, step, a);
+                                   gw[i], gb[i], batch == 1, seed, step, a);
                 if (rc) return rc;
             } else if (op->kind == FT_OP_ADD) {
                 for (j = 0; j < count; j++) {
@@ -546,22 +736,22 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         }
     }
     a->n = held;
+    if (batch == 1) return 0; /* applied during the backward */
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
+        int32_t o;
         if (op->kind != FT_OP_CONV) continue;
         if (gw[i]) {
-            int32_t *slot_of = (int32_t *)take(a, (size_t)(op->c + 1) * sizeof(int32_t));
-            if (!slot_of) return -2;
-            channel_slots(op, slot_of);
-            update_weight(m, op, gw[i], slot_of, step, stream_base(seed, step, (uint32_t)(2 * op->slot + 1)));
-            give(a, slot_of);
+            const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot + 1));
+            for (o = 0; o < op->oc; o++) {
+                const int64_t r = gw_row(op, o);
+                update_weight_row(m, op, o, r >= 0 ? gw[i] + (size_t)r * gw_row_elements(op) : 0, step, base);
+            }
         }
-        if (gb[i]) {
-            int32_t o;
+        if (gb[i])
             for (o = 0; o < op->oc; o++)
                 update_one(m, gb[i][o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
                            &op->bias[o], 0, (uint32_t)o);
-        }
     }
     return 0;
 }
@@ -586,9 +776,30 @@ int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t 
     memset(&a, 0, sizeof a);
     a.base = arena;
     a.cap = arena_bytes;
+    if (m->plan && (m->plan_batch > 1) == (batch > 1)) { /* a plan holds accumulators or not */
+        a.plan = m->plan;
+        a.plan_len = m->plan_len;
+    }
     rc = step_impl(m, x, y, batch, seed, step, &a, report);
     if (report) report->arena_high_water = a.high;
     return rc;
+}
+
+int32_t ft_step_record(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint8_t *arena,
+                       size_t arena_bytes, int32_t *log, int32_t log_cap) {
+    arena_t a;
+    int32_t n, rc;
+    if (!valid_model(m, batch) || !x || !y || !arena || !log || log_cap <= 0) return -1;
+    for (n = 0; n < batch; n++)
+        if (y[n] < 0 || y[n] >= m->classes) return -1;
+    memset(&a, 0, sizeof a);
+    a.base = arena;
+    a.cap = arena_bytes;
+    a.log = log;
+    a.log_cap = log_cap;
+    rc = step_impl(m, x, y, batch, 0, 0, &a, 0);
+    if (rc) return rc;
+    return a.log_len <= log_cap ? a.log_len : -3;
 }
 
 int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena, size_t arena_bytes, int8_t *logits) {

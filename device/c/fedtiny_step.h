@@ -4,8 +4,12 @@
  * arena. Float32 is used only elementwise (an FPU helps; build with -ffp-contract=off so that no
  * multiply-add is fused); every sum is an integer sum.
  *
- * Samples are processed one at a time (micro-batch 1, as a 256KB device trains): the arena holds
- * one sample's activations and gradients plus the batch's parameter gradients.
+ * Samples are processed one at a time (micro-batch 1, as a 256KB device trains). With one sample per
+ * step each parameter gradient is applied as soon as it is computed, one output channel at a time
+ * (after the input gradient, which needs the old weights); with more, the batch's parameter
+ * gradients are summed in fp32 accumulators held over the step. The arena follows the memory
+ * planner's decisions (fedtiny/budget/memory.py), passed in per op: depthwise convolutions in place,
+ * frozen pointwise + depthwise pairs fused one expanded channel at a time, the planner's workspace.
  *
  * Supported graph (v1): convolutions (regular, depthwise, pointwise, a fully connected head as a
  * 1x1 convolution), ADD and global AVERAGE_POOL, NCHW tensors, in topological order. */
@@ -15,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FT_STEP_ABI 2
+#define FT_STEP_ABI 3
 
 enum ft_op_kind { FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2 };
 
@@ -34,7 +38,11 @@ typedef struct {
     const float *eff_scale;           /* s_x s_w / s_y per channel (float32), for the backward */
     const float *qas_w, *qas_b;       /* QAS factors per channel (NULL: plain SGD) */
     const uint8_t *train_channels;    /* per input channel (per channel for depthwise); NULL: all */
+    const int32_t *slot_of;           /* per channel of train_channels: its rank among the trained (-1 frozen) */
     int32_t train_w, train_b, slot;
+    int32_t inplace;                  /* depthwise: the output overwrites the input (its last reader) */
+    int32_t fuse_next;                /* frozen pointwise whose only reader, the next op (depthwise), runs fused */
+    int32_t workspace;                /* bytes of scratch the planner gives this op (or the fused pair) */
     float *mom_w, *mom_b;             /* momentum buffers (caller's, persistent over steps) */
     /* ADD: TFLM's parameters and the backward's ratios s_a / s_y, s_b / s_y */
     int32_t z1, z2, z_out, left_shift, m1, s1, m2, s2, mo, so;
@@ -50,6 +58,12 @@ typedef struct {
     int32_t sm_mult, sm_shift, sm_diff_min;  /* TFLM softmax parameters of the logits */
     float lr, momentum;               /* momentum 0: none */
     int32_t stochastic;               /* weight rounding: 1 stochastic, 0 nearest */
+    /* The arena's layout (NULL: first fit): the offset of each of the step's buffers, in the order it
+     * takes them, laid out by fedtiny's memory planner from a recorded step (ft_step_record). A plan is
+     * for one sample per step (plan_batch 1) or for more (plan_batch > 1: with accumulators); a step of
+     * the other kind places its buffers first fit. */
+    const uint32_t *plan;
+    int32_t plan_len, plan_batch;
 } ft_model;
 
 typedef struct {
@@ -69,6 +83,14 @@ size_t ft_step_arena_bytes(const ft_model *m, int32_t batch);
  * error (-1 bad arguments, -2 arena too small). */
 int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed,
                   uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report);
+
+/* Runs one real step (it updates the weights: run it on a copy) with a first-fit arena and records
+ * its buffers in order: a take as its bytes (> 0; with bit 30 set: a shrink, the block just given
+ * continues smaller at the same offset), a give as -(1 + the take's index). Only the first sample's
+ * buffers (and the accumulators before them) are recorded: every sample takes the same. Returns the
+ * log's length, or a negative error (-3: log_cap too small). */
+int32_t ft_step_record(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint8_t *arena,
+                       size_t arena_bytes, int32_t *log, int32_t log_cap);
 
 /* The forward only: int8 logits (batch x classes). */
 int ft_forward(const ft_model *m, const int8_t *x, int32_t batch, uint8_t *arena, size_t arena_bytes,

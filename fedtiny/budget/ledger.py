@@ -76,11 +76,16 @@ class Ledger:
         A block's pointwise expansion and depthwise convolution run fused, one
         expanded channel at a time, where no gradient will pass (the expanded
         activation is never materialized).
+    accumulate
+        The step trains more samples than one micro-batch: each parameter
+        gradient is added to an fp32 accumulator held over the whole step
+        (allocated by the caller), so no per-op parameter-gradient buffer exists.
     """
 
     reorder: bool = True
     inplace_depthwise: bool = True
     fuse_frozen: bool = True
+    accumulate: bool = False
     live: dict[str, int] = field(default_factory=dict)
     current: int = 0
     peak: int = 0
@@ -119,11 +124,23 @@ class Ledger:
 
         With reordering it is computed and applied one output channel at a time
         (a transient row); otherwise the whole gradient is kept until the step.
+        Accumulated gradients go straight into their accumulator.
         """
+        if self.accumulate:
+            return
         if self.reorder:
             self.transient(tag, nbytes // max(rows, 1), where)
         else:
             self.alloc(tag, nbytes, where)
+
+    def peak_without(self, *prefixes: str) -> int:
+        """The peak of the live bytes, not counting buffers whose tag starts with one of ``prefixes``."""
+        current = peak = 0
+        for _, tag, nbytes, _ in self.events:
+            if not tag.startswith(prefixes):
+                current += nbytes
+                peak = max(peak, current)
+        return peak
 
     def step_done(self) -> None:
         """The optimizer step: kept parameter gradients are released."""
@@ -139,7 +156,7 @@ class Ledger:
 class NullLedger:
     """The ledger when nothing records: every event is a no-op, so ops need no ``None`` checks."""
 
-    reorder = inplace_depthwise = fuse_frozen = False
+    reorder = inplace_depthwise = fuse_frozen = accumulate = False
 
     def alloc(self, tag: str, nbytes: int, where: str = "") -> None:
         pass
@@ -223,10 +240,11 @@ class OpEvents:
         t, where = self.tag, f"bw:{self.tag}"
         led.free(f"act:{t}", where)
         led.ensure(f"grad:{t}", self.grad_bytes, where)
-        for tag, nbytes, rows in self.param_grads:
-            led.param_grad(tag, nbytes, rows, where)
+        # the input gradient first: it needs the old weights, which a reordered update then overwrites
         for tag, nbytes in self.input_grads:
             led.alloc(tag, nbytes, where)
+        for tag, nbytes, rows in self.param_grads:
+            led.param_grad(tag, nbytes, rows, where)
         for tag in self.releases:
             led.free(tag, where)
         led.free(f"grad:{t}", where)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtiny.budget.ledger import Ledger, OpEvents, recording
+from fedtiny.budget.ledger import GRAD_BYTES, Ledger, OpEvents, recording
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.errors import ScenarioError
@@ -42,7 +42,7 @@ from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QResha
                                  to_nchw_shape)
 
 __all__ = ["MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
-           "memory_report", "step_macs", "op_macs"]
+           "memory_report", "step_macs", "op_macs", "c_layout"]
 
 
 @dataclass
@@ -82,6 +82,8 @@ class MemoryReport:
     breakdown: dict[str, int] = field(default_factory=dict)
     macs_forward: int = 0
     macs_backward: int = 0
+    arena_bytes: int = 0  # the peak without the persistent state and the input sample: a step's arena
+    accumulate: bool = False
 
     @property
     def macs(self) -> int:
@@ -213,13 +215,29 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
     return ops
 
 
+def trained_elements(model: QModel) -> int:
+    """Elements of the trained parameters (the trained channels' weights and the trained biases)."""
+    n = 0
+    for conv in model.convs() + ([model.classifier] if isinstance(model.classifier, QConv) else []):
+        n += conv.trained_weight_elements() + (conv.out_channels if conv.bias.requires_grad else 0)
+    if isinstance(model.classifier, FloatHead):
+        n += sum(p.numel() for p in model.classifier.parameters() if p.requires_grad)
+    return n
+
+
 def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "sgd+qas", momentum: float = 0.0,
          reorder: bool = True, inplace_depthwise: bool = True, fuse_frozen: bool = True,
-         batch: int = 1) -> tuple[Ledger, list[ScheduledOp]]:
-    """Replay one training step's buffers from shapes; return the accounting ledger and the schedule."""
-    L = Ledger(reorder=reorder, inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen)
+         batch: int = 1, accumulate: bool = False) -> tuple[Ledger, list[ScheduledOp]]:
+    """Replay one training step's buffers from shapes; return the accounting ledger and the schedule.
+
+    ``accumulate``: the step trains more samples than ``batch`` (the micro-batch), summing the parameter
+    gradients over micro-batches in fp32 accumulators held for the whole step.
+    """
+    L = Ledger(reorder=reorder, inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, accumulate=accumulate)
     for k, v in persistent_bytes(model, optimizer, momentum).items():
         L.alloc(f"persistent:{k}", v, "persistent")
+    if accumulate:
+        L.alloc("accumulators", GRAD_BYTES * trained_elements(model), "accumulators")
     ops = schedule(model, input_shape, batch, fuse=fuse_frozen, inplace_depthwise=inplace_depthwise)
     OpEvents("input", batch * math.prod(input_shape)).forward(L)
     for op in ops:
@@ -229,6 +247,20 @@ def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "
             op.events.backward(L)
     L.step_done()
     return L, ops
+
+
+def c_layout(model: QModel, input_shape: tuple[int, int, int], *, fuse_frozen: bool = True,
+             inplace_depthwise: bool = True) -> dict[str, tuple[int, int, int]]:
+    """The planner's decisions for the C step (``device/c/fedtiny_step.c``), per convolution's tag:
+    ``(inplace, fuse_next, workspace_bytes)`` of one sample's schedule, so that the C step's arena
+    holds the buffers this planner counts. The model must carry its scheme (``apply_scheme``)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for op in schedule(model, input_shape, 1, fuse=fuse_frozen, inplace_depthwise=inplace_depthwise):
+        if op.kind == "fused":
+            out[op.module[0].tag] = (0, 1, op.events.workspace)
+        elif op.kind == "conv":
+            out[op.module.tag] = (int(op.events.inplace), 0, op.events.workspace)
+    return out
 
 
 def paper_count(model: QModel, input_shape: tuple[int, int, int], batch: int = 1) -> dict[str, int]:
@@ -316,17 +348,23 @@ def _rows(ops: list[ScheduledOp], L: Ledger, batch: int) -> list[LayerRow]:
 def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,
                   device: DeviceProfile | None = None, accounting: str = "planner", optimizer: str = "sgd+qas",
                   momentum: float = 0.0, reorder: bool = True, inplace_depthwise: bool = True,
-                  fuse_frozen: bool = True, batch: int = 1) -> MemoryReport:
-    """Memory of one training step of ``model`` under ``resolved`` (applied to the model in place)."""
+                  fuse_frozen: bool = True, batch: int = 1, accumulate: bool = False) -> MemoryReport:
+    """Memory of one training step of ``model`` under ``resolved`` (applied to the model in place).
+
+    ``batch`` samples are trained at once (the device's micro-batch); ``accumulate`` counts the fp32
+    gradient accumulators a step of more samples than that needs.
+    """
     apply_scheme(model, resolved)
     L, ops = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
-                  inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=batch)
+                  inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=batch, accumulate=accumulate)
     persistent = persistent_bytes(model, optimizer, momentum)
     paper = paper_count(model, input_shape, batch)
     saved_planner = sum(r.saved_bytes for r in _rows(ops, L, batch))
     if accounting == "planner":
         peak, at, saved = L.peak, L.peak_at, saved_planner
         breakdown = {**persistent, "saved_for_backward": saved_planner}
+        if accumulate:
+            breakdown["accumulators"] = L.live.get("accumulators", 0) or GRAD_BYTES * trained_elements(model)
     elif accounting == "paper":
         peak, at, saved = sum(paper.values()), "sum of saved-for-backward parts", sum(paper.values())
         breakdown = dict(paper)
@@ -337,17 +375,18 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
     return MemoryReport(accounting, resolved.name, peak, at, flash, saved, sum(persistent.values()),
                         device.name if device else None, device.sram_bytes if device else None,
                         device.flash_bytes if device else None, fits, reorder, inplace_depthwise, batch,
-                        _rows(ops, L, batch), breakdown, *step_macs(ops))
+                        _rows(ops, L, batch), breakdown, *step_macs(ops), L.peak_without("persistent:", "act:input"),
+                        accumulate)
 
 
 def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: torch.Tensor, *,
                  optimizer: str = "sgd+qas", lr: float = 1e-3, momentum: float = 0.0, reorder: bool = True,
                  inplace_depthwise: bool = True, fuse_frozen: bool = True) -> Ledger:
     """Run one real training step (the clients' code path) with the ledger recording; return it."""
-    from fedtiny.federated.train import make_optimizer
+    from fedtiny.int8.optim import QuantizedOptimizer
 
     apply_scheme(model, resolved)
-    opt = make_optimizer(model, optimizer, lr, momentum, gen=torch.Generator().manual_seed(0))
+    opt = QuantizedOptimizer(model, optimizer, lr, momentum, gen=torch.Generator().manual_seed(0))
     led = Ledger(reorder=reorder, inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen)
     for k, v in persistent_bytes(model, optimizer, momentum).items():
         led.alloc(f"persistent:{k}", v, "persistent")

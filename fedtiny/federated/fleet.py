@@ -77,7 +77,8 @@ def peak_function(task: Task) -> Callable[[Scheme], int]:
         resolved = resolve(scheme, task.model, task.scenario.run.seed)
         return memory_report(task.model, resolved, task.federation.image_shape, optimizer=t.optimizer,
                              momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                             fuse_frozen=d.fuse_frozen, batch=d.micro_batch).peak_sram_bytes
+                             fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
+                             accumulate=d.accumulate and t.batch_size > d.micro_batch).peak_sram_bytes
 
     return peak_of
 

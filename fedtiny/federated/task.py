@@ -78,7 +78,8 @@ class Task:
             self._memory[key] = memory_report(
                 self.model, self.scheme, self.federation.image_shape, device=profile, optimizer=t.optimizer,
                 momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                fuse_frozen=d.fuse_frozen, batch=d.micro_batch)
+                fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
+                accumulate=d.accumulate and t.batch_size > d.micro_batch)
         return self._memory[key]
 
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:

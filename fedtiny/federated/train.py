@@ -160,7 +160,10 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
                                 "train.gradients = \"exact\"")
         if not cstep.available():
             raise ScenarioError(f"train.engine: c needs {cstep.library_path()}: run make install (a C compiler)")
-        c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding)
+        from fedtiny.budget.memory import c_layout
+
+        c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
+                             layout=c_layout(model, tuple(data.x.shape[1:])))
     elif engine != "torch":
         raise ScenarioError(f"train.engine: expected torch or c, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)

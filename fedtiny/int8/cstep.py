@@ -22,7 +22,7 @@ from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape
 
 __all__ = ["CStep", "available", "library_path", "MAX_BATCH"]
 
-ABI = 2
+ABI = 3
 MAX_BATCH = 64
 _f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
@@ -31,7 +31,8 @@ class _Op(ctypes.Structure):
     _fields_ = [(n, _i) for n in ("kind", "in0", "in1", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "stride", "groups",
                                   "pad_t", "pad_l", "x_zero", "y_zero", "act_lo", "act_hi")] + \
                [(n, _p) for n in ("weight", "bias", "mult", "shift", "eff_scale", "qas_w", "qas_b", "train_channels")] + \
-               [(n, _i) for n in ("train_w", "train_b", "slot")] + [("mom_w", _p), ("mom_b", _p)] + \
+               [("slot_of", _p)] + [(n, _i) for n in ("train_w", "train_b", "slot", "inplace", "fuse_next", "workspace")] + \
+               [("mom_w", _p), ("mom_b", _p)] + \
                [(n, _i) for n in ("z1", "z2", "z_out", "left_shift", "m1", "s1", "m2", "s2", "mo", "so")] + \
                [("ratio_a", _f), ("ratio_b", _f)]
 
@@ -39,7 +40,7 @@ class _Op(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("n_ops", _i), ("ops", ctypes.POINTER(_Op)), ("in_c", _i), ("in_h", _i), ("in_w", _i),
                 ("classes", _i), ("logit_scale", _f), ("sm_mult", _i), ("sm_shift", _i), ("sm_diff_min", _i),
-                ("lr", _f), ("momentum", _f), ("stochastic", _i)]
+                ("lr", _f), ("momentum", _f), ("stochastic", _i), ("plan", _p), ("plan_len", _i), ("plan_batch", _i)]
 
 
 class _Report(ctypes.Structure):
@@ -67,6 +68,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.ft_train_step.restype = ctypes.c_int
     lib.ft_train_step.argtypes = [ctypes.POINTER(_Model), _p, _p, _i, ctypes.c_uint32, ctypes.c_uint32, _p,
                                   ctypes.c_size_t, ctypes.POINTER(_Report)]
+    lib.ft_step_record.restype = _i
+    lib.ft_step_record.argtypes = [ctypes.POINTER(_Model), _p, _p, _i, _p, ctypes.c_size_t, _p, _i]
     lib.ft_forward.restype = ctypes.c_int
     lib.ft_forward.argtypes = [ctypes.POINTER(_Model), _p, _i, _p, ctypes.c_size_t, _p]
     return lib
@@ -82,10 +85,16 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 
 class CStep:
-    """One model in the C step's layout. ``optimizer`` ``sgd`` or ``sgd+qas``; ``rounding`` as the scenario's."""
+    """One model in the C step's layout. ``optimizer`` ``sgd`` or ``sgd+qas``; ``rounding`` as the scenario's.
+
+    ``layout`` maps an op's tag to the memory planner's decisions for it, ``(inplace, fuse_next,
+    workspace_bytes)`` (:func:`fedtiny.budget.memory.c_layout`), so that the C step's arena holds the
+    buffers the planner counts; without it every op writes a new buffer and nothing is fused (the same
+    numbers, more memory).
+    """
 
     def __init__(self, model: QModel, *, lr: float, momentum: float = 0.0, optimizer: str = "sgd+qas",
-                 rounding: str = "stochastic") -> None:
+                 rounding: str = "stochastic", layout: dict[str, tuple[int, int, int]] | None = None) -> None:
         lib = _lib()
         if lib is None:
             raise RuntimeError(f"{library_path()} is not built: run make install (needs a C compiler)")
@@ -113,6 +122,7 @@ class CStep:
             op.in0, op.c, op.h, op.w, op.oc, op.oh, op.ow = ids[node.inputs[0]], c, h, w, oc, oh, ow
             if isinstance(module, QConv):
                 self._conv(op, module, optimizer, momentum)
+                op.inplace, op.fuse_next, op.workspace = (layout or {}).get(module.tag, (0, 0, 0))
             elif isinstance(module, QAdd):
                 op.kind, op.in1 = 1, ids[node.inputs[1]]
                 p = module.add_params()
@@ -136,6 +146,7 @@ class CStep:
         self.ops = ops
         self.arena: np.ndarray | None = None
         self.high_water = 0
+        self.plan: np.ndarray | None = None
 
     @staticmethod
     def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
@@ -170,6 +181,10 @@ class CStep:
             flags = np.zeros(n, np.uint8)
             flags[conv.train_channels] = 1
             op.train_channels = _ptr(self._array(flags))
+            slots = np.full(n + 1, -1, np.int32)  # each trained channel's rank; the count last
+            slots[np.flatnonzero(flags)] = np.arange(int(flags.sum()), dtype=np.int32)
+            slots[n] = int(flags.sum())
+            op.slot_of = _ptr(self._array(slots))
         op.train_w, op.train_b, op.slot = int(conv.weight.requires_grad), int(conv.bias.requires_grad), conv.slot
         if momentum > 0:
             op.mom_w = _ptr(self._array(np.zeros(conv.weight.numel(), np.float32)))
@@ -177,8 +192,50 @@ class CStep:
         self.params.append((conv, weight, bias))
 
     def arena_bytes(self, batch: int) -> int:
-        """Bytes of arena a step of ``batch`` samples needs."""
+        """Bytes of arena a step of ``batch`` samples needs (an upper bound without a plan)."""
+        if self.plan is not None and (self.m.plan_batch > 1) == (batch > 1):
+            return int(self.plan_bytes)
         return int(self.lib.ft_step_arena_bytes(ctypes.byref(self.m), int(batch)))
+
+    def _state(self) -> list[np.ndarray]:
+        """Every array the C side points into (a step writes weights, biases and momentum)."""
+        return list(self.keep)
+
+    def record(self, batch: int) -> list[int]:
+        """The step's buffers in the order it takes them (``ft_step_record``'s log), for ``batch`` samples.
+
+        It runs one real step on zeros and restores every array the step wrote.
+        """
+        c, h, w = self.m.in_c, self.m.in_h, self.m.in_w
+        x = np.zeros((batch, c, h, w), np.int8)
+        y = np.zeros(batch, np.int32)
+        saved = [a.copy() for a in self._state()]
+        arena = np.zeros(int(self.lib.ft_step_arena_bytes(ctypes.byref(self.m), int(batch))), np.uint8)
+        plan = self.m.plan
+        self.m.plan = None
+        try:
+            cap = 1 << 16
+            while True:
+                log = np.zeros(cap, np.int32)
+                n = self.lib.ft_step_record(ctypes.byref(self.m), _ptr(x), _ptr(y), batch, _ptr(arena), arena.nbytes,
+                                            _ptr(log), cap)
+                if n != -3:
+                    break
+                cap *= 4
+        finally:
+            self.m.plan = plan
+            for a, b in zip(self._state(), saved):
+                a[...] = b
+        if n < 0:
+            raise RuntimeError(f"ft_step_record failed ({n})")
+        return log[:n].tolist()
+
+    def use_plan(self, offsets: list[int] | tuple[int, ...], batch: int, arena_bytes: int) -> None:
+        """Follow a layout (:func:`fedtiny.budget.arena.lay_out`) in steps of ``batch`` samples (1, or more)."""
+        self.plan = self._array(np.asarray(offsets, np.uint32))
+        self.plan_bytes = int(arena_bytes)
+        self.m.plan, self.m.plan_len, self.m.plan_batch = _ptr(self.plan), len(self.plan), int(batch)
+        self.arena = None
 
     def step(self, xq: np.ndarray, y: np.ndarray, seed: int, step: int) -> list[float]:
         """One exact step on int8 inputs ``xq`` (``N x C x H x W``) and labels; returns the per-sample losses."""
@@ -190,7 +247,7 @@ class CStep:
         if not 0 < n <= MAX_BATCH or xq.shape[0] != n:
             raise ValueError(f"batch of {n}: the C step takes 1..{MAX_BATCH} samples with one label each")
         need = self.arena_bytes(n)
-        if self.arena is None or self.arena.nbytes < need:
+        if self.arena is None or self.arena.nbytes != need:
             self.arena = np.zeros(need, np.uint8)
         rep = _Report()
         rc = self.lib.ft_train_step(ctypes.byref(self.m), _ptr(xq), _ptr(y), n, seed & 0xFFFFFFFF, step & 0xFFFFFFFF,

@@ -324,7 +324,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     report = memory_report(model, resolve(parse_scheme(args.scheme), model), shape, device=device,
                            accounting=args.accounting, optimizer=args.optimizer, momentum=args.momentum,
                            reorder=args.reorder, inplace_depthwise=args.inplace, fuse_frozen=args.fuse,
-                           batch=args.batch_size)
+                           batch=args.batch_size, accumulate=args.accumulate)
     if args.plot:
         from fedtiny.report.plots import plot_memory
 
@@ -334,7 +334,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     else:
         print(_table([("model", args.model), ("scheme", report.scheme), ("accounting", report.accounting),
                       ("input", "x".join(map(str, shape))), ("peak SRAM (bytes)", report.peak_sram_bytes),
-                      ("peak at", report.peak_at), ("saved for backward", report.saved_for_backward_bytes),
+                      ("peak at", report.peak_at), ("arena (all but persistent and input)", report.arena_bytes),
+                      ("saved for backward", report.saved_for_backward_bytes),
                       ("persistent (params+optimizer)", report.persistent_bytes), ("flash (bytes)", report.flash_bytes),
                       *[(f"  {k}", v) for k, v in report.breakdown.items()], ("verdict", report.reason())]))
     if report.fits is False:
@@ -515,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "sgd+qas", "adam"], default="sgd+qas")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=1, help="samples per on-device step")
+    p.add_argument("--accumulate", action="store_true", help="count fp32 gradient accumulators (a step of more "
+                   "samples than --batch-size, one micro-batch at a time)")
     p.add_argument("--input-size", type=int, help="input side length (default: 128 for imported models)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="write per-layer memory bars with the budget line to this PNG")

@@ -20,12 +20,16 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
 
     Returns ``forward_mismatches`` (int8 logits that differ before each step), ``param_mismatches``
     (weight and bias elements that differ after each step, summed), ``arena_peak_bytes`` (the C step's
-    high-water mark), ``planner_peak_bytes`` (fedtiny's memory planner for the same step, batch and
-    device), ``c_step_ms`` and ``torch_step_ms`` (mean per step, one thread).
+    high-water mark), ``planner_peak_bytes`` (fedtiny's memory planner for the same step: one sample at
+    a time, with gradient accumulators when ``batch`` > 1), ``planner_arena_bytes`` (the part of it an
+    arena holds: all but the trained parameters, the optimizer state and the input sample, which the
+    C step keeps outside its arena), ``arena_vs_planner``, ``c_step_ms`` and ``torch_step_ms`` (mean per
+    step, one thread).
     """
     import torch
 
-    from fedtiny.budget.memory import memory_report
+    from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.memory import c_layout, memory_report
     from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
     from fedtiny.data.sources import load_source
     from fedtiny.devices import get_profile
@@ -57,9 +61,12 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
         scheme_text = f"last-k:{k}"
     resolved = resolve(parse_scheme(scheme_text), q)
     apply_scheme(q, resolved)
-    planner = memory_report(q, resolved, (c, h, w), device=profile, momentum=momentum)  # one sample at a time, as the C step
+    # one sample at a time, as the C step; more than one per step sums parameter gradients in accumulators
+    planner = memory_report(q, resolved, (c, h, w), device=profile, momentum=momentum, accumulate=batch > 1)
     qc = copy.deepcopy(q)
-    cs = CStep(qc, lr=lr, momentum=momentum)
+    cs = CStep(qc, lr=lr, momentum=momentum, layout=c_layout(q, (c, h, w)))
+    arena_plan = lay_out(cs.record(batch))  # the planner places the step's buffers; the C step follows
+    cs.use_plan(arena_plan.offsets, batch, arena_plan.arena_bytes)
     opt = QuantizedOptimizer(q, "sgd+qas", lr, momentum)
     q.number_convs()
     loss_fn = _exact_loss(q)
@@ -88,5 +95,7 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
     return {"model": str(model_spec), "scheme": resolved.name, "device": profile.name, "steps": steps, "batch": batch,
             "input": [c, h, w], "forward_mismatches": forward_mismatches, "param_mismatches": param_mismatches,
             "arena_peak_bytes": cs.high_water, "planner_peak_bytes": planner.peak_sram_bytes,
-            "arena_vs_planner": round(cs.high_water / planner.peak_sram_bytes, 3),
+            "planner_arena_bytes": planner.arena_bytes, "planned_arena_bytes": arena_plan.arena_bytes,
+            "arena_live_peak_bytes": arena_plan.peak_live_bytes, "arena_vs_planner": round(cs.high_water / planner.arena_bytes, 4),
+            "planner_outside_arena_bytes": planner.peak_sram_bytes - planner.arena_bytes,
             "c_step_ms": round(1000 * c_time / steps, 1), "torch_step_ms": round(1000 * torch_time / steps, 1)}
