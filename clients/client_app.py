@@ -53,7 +53,8 @@ def train(message: Message, context: Context) -> Message:
         return Message(reply_content(results, cohort=True), reply_to=message)
     address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
     if address:  # this partition is a real device behind the bridge
-        return relay(message, address, float(context.node_config.get("device-timeout", scenario.bridge.timeout_s)))
+        return relay(message, address, float(context.node_config.get("device-timeout", scenario.bridge.timeout_s)),
+                     _partition_id(context))
     (job,) = train_jobs(message.content, _partition_id(context))
     if msg.STATE_DIR in config:
         results = run_jobs(scenario, server_round, [job], str(config[msg.STATE_DIR]))

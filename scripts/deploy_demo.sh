@@ -44,6 +44,19 @@ CMDS="$WORK/commands.txt"              # every command line this demo runs (chec
 record() { printf '%s\n' "$*" >> "$CMDS"; }
 
 SUPERLINK_PORT=8000 DEVICE_PORT=7001
+# FIRMWARE=1 (make firmware-demo): the bridged device is the Cortex-M firmware in QEMU (its UART on
+# DEVICE_PORT, a serial line: the bridge opens each exchange), built by `make firmware` for
+# scenarios/firmware-demo.toml; the last line is a JSON summary.
+case "${FIRMWARE:-0}" in 1|true|yes|on) FIRMWARE=1 ;; *) FIRMWARE=0 ;; esac
+BOARD="${BOARD:-an386}"
+if [ "$FIRMWARE" = 1 ]; then
+    # absolute: the model file it names is not part of the app bundle Flower ships to the SuperLink
+    SCENARIO="$PWD/scenarios/firmware-demo.toml" DEVICE_ADDRESS="serial:127.0.0.1:$DEVICE_PORT"
+    ELF="build/firmware/$BOARD/firmware.elf"
+    [ -f "$ELF" ] || { echo "deploy-demo: $ELF is missing: run make firmware" >&2; exit 2; }
+else
+    SCENARIO=scenarios/deploy-demo.toml DEVICE_ADDRESS="127.0.0.1:$DEVICE_PORT"
+fi
 echo "[deploy-demo] logs in $WORK"
 
 if [ "$TLS" = 1 ]; then
@@ -110,9 +123,15 @@ if [ "$TLS" = 1 ]; then
     done
 fi
 
-record fedtiny device-emulator --port "$DEVICE_PORT" --profile nrf52832 --scenario scenarios/deploy-demo.toml --data 1
-"$BIN/fedtiny" device-emulator --port "$DEVICE_PORT" --profile nrf52832 --scenario scenarios/deploy-demo.toml \
-    --data 1 > "$WORK/device.log" 2>&1 &
+if [ "$FIRMWARE" = 1 ]; then
+    mapfile -t QEMU < <("$BIN/python" -m fedtiny.tools.qemu "$ELF" "$BOARD" "$DEVICE_PORT")
+    record "${QEMU[@]}"
+    "${QEMU[@]}" > "$WORK/device.log" 2>&1 &
+else
+    record fedtiny device-emulator --port "$DEVICE_PORT" --profile nrf52832 --scenario "$SCENARIO" --data 1
+    "$BIN/fedtiny" device-emulator --port "$DEVICE_PORT" --profile nrf52832 --scenario "$SCENARIO" \
+        --data 1 > "$WORK/device.log" 2>&1 &
+fi
 PIDS+=($!)
 wait_port "$DEVICE_PORT"
 
@@ -124,17 +143,17 @@ record flower-supernode "${SUPERNODE_SECURITY[@]}" --superlink "127.0.0.1:$SUPER
 PIDS+=($!)
 supernode_security supernode-1
 record flower-supernode "${SUPERNODE_SECURITY[@]}" --superlink "127.0.0.1:$SUPERLINK_PORT" --port 9095 \
-    --node-config "partition-id=1 num-partitions=2 device-address=\"127.0.0.1:$DEVICE_PORT\""
+    --node-config "partition-id=1 num-partitions=2 device-address=\"$DEVICE_ADDRESS\""
 "$BIN/flower-supernode" "${SUPERNODE_SECURITY[@]}" --superlink "127.0.0.1:$SUPERLINK_PORT" --port 9095 \
-    --node-config "partition-id=1 num-partitions=2 device-address=\"127.0.0.1:$DEVICE_PORT\"" \
+    --node-config "partition-id=1 num-partitions=2 device-address=\"$DEVICE_ADDRESS\"" \
     > "$WORK/supernode-1.log" 2>&1 &
 PIDS+=($!)
 
 RUN_DIR="$WORK/run"
 record flwr run . deploy-demo --stream \
-    --run-config "scenario=\"scenarios/deploy-demo.toml\" run-dir=\"$RUN_DIR\""
+    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\""
 PATH="$BIN:$PATH" "$BIN/flwr" run . deploy-demo --stream \
-    --run-config "scenario=\"scenarios/deploy-demo.toml\" run-dir=\"$RUN_DIR\"" > "$WORK/flwr-run.log" 2>&1 &
+    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\"" > "$WORK/flwr-run.log" 2>&1 &
 RUN_PID=$!
 PIDS+=($RUN_PID)
 for _ in $(seq 1 600); do
@@ -164,6 +183,34 @@ for r in recs[1:]:
 ok = s["rounds"] == 2 and all(sorted(c["partition_id"] for c in r["clients"]) == [0, 1] for r in recs[1:])
 sys.exit(0 if ok else 1)
 PY
+if [ "$FIRMWARE" = 1 ]; then  # the JSON summary: what the firmware did, against fedtiny's models of it
+    "$BIN/python" - "$RUN_DIR" "$ELF" "$BOARD" build/firmware/gen/summary.json <<'PY'
+import json, platform, subprocess, sys
+from pathlib import Path
+from fedtiny.tools.qemu import BOARDS
+run, elf, board, gen = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(Path(sys.argv[4]).read_text())
+recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][1:]
+mine = [c for r in recs for c in r["clients"] if c["partition_id"] == gen["partition"]]
+sections = {}
+for line in subprocess.run(["arm-none-eabi-size", "-A", "-d", elf], capture_output=True, text=True, check=True).stdout.splitlines():
+    parts = line.split()
+    if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
+        sections[parts[0]] = int(parts[1])
+stack = max(int(c["stack_bytes"]) for c in mine)
+ips = sum(c["instructions_per_step"] for c in mine) / len(mine)
+per_step = gen["samples"] / max(1, int(mine[0]["steps"]))  # samples per step, averaged over the epoch
+model = gen["cycles_per_mac"] * (gen["macs_forward_per_sample"] + gen["backward_factor"] * gen["macs_backward_per_sample"]) * per_step
+print(json.dumps({
+    "machine": f"qemu {BOARDS[board][0]} ({BOARDS[board][1]}), -icount shift=0; host {platform.machine()}",
+    "firmware_updates_accepted": len(mine), "rounds": len(recs),
+    "sram_bytes": sections.get(".data", 0) + sections.get(".bss", 0) + stack,
+    "stack_bytes": stack, "flash_bytes": sections.get(".vectors", 0) + sections.get(".text", 0) + sections.get(".data", 0),
+    "arena_bytes": gen["arena_bytes"], "planner_peak_bytes": gen["planner_peak_bytes"],
+    "instructions_per_step": round(ips), "model_cycles_per_step": round(model),
+    "instructions_vs_model": round(ips / model, 2), "profile": gen["profile"], "scheme": gen["scheme"],
+    "final_accuracy": recs[-1]["global_accuracy"]}, sort_keys=True))
+PY
+fi
 [ "$TLS" = 1 ] || exit 0
 
 # ---- TLS mode: what was secured, and a SuperNode whose key was never registered ----

@@ -132,6 +132,10 @@ static uint32_t stream_base(uint32_t seed, uint32_t step, uint32_t slot) {
     return hash32(seed ^ hash32(step ^ hash32(slot)));
 }
 
+uint32_t ft_hash32(uint32_t x) { return hash32(x); }
+
+uint32_t ft_stream_base(uint32_t seed, uint32_t step, uint32_t slot) { return stream_base(seed, step, slot); }
+
 /* u in [0, 1): (hash32(base + i) >> 8) * 2^-24, exact in float32 */
 static float uniform_at(uint32_t base, uint32_t i) { return (float)(hash32(base + i) >> 8) * (1.0f / 16777216.0f); }
 

@@ -75,6 +75,11 @@ typedef struct {
 
 int ft_step_abi(void);
 
+/* The counter-based generator of the step (Wellons' lowbias32), and the base of stream (seed, step, slot):
+ * element i of a stream is hash32(base + i). Firmware orders its samples with it (train.shuffle = "hash"). */
+uint32_t ft_hash32(uint32_t x);
+uint32_t ft_stream_base(uint32_t seed, uint32_t step, uint32_t slot);
+
 /* Bytes of arena a step of `batch` samples needs (0 on a bad model). */
 size_t ft_step_arena_bytes(const ft_model *m, int32_t batch);
 

@@ -10,7 +10,7 @@ from typing import Any
 from fedtiny.bridge.protocol import (ERROR, HELLO, METRICS, TRAIN, UPDATE, VERSION, ProtocolError, pack_blob,
                                      read_frame, send_frame, unpack_blob)
 
-__all__ = ["DeviceReply", "relay_round", "parse_address"]
+__all__ = ["DeviceReply", "relay_round", "parse_address", "is_serial"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,31 @@ class DeviceReply:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
+    host, sep, port = address.removeprefix("serial:").rpartition(":")
     if not sep or not port.isdigit():
-        raise ProtocolError(f"device address {address!r}: expected HOST:PORT")
+        raise ProtocolError(f"device address {address!r}: expected HOST:PORT or serial:HOST:PORT")
     return host or "127.0.0.1", int(port)
+
+
+def is_serial(address: str) -> bool:
+    """``serial:HOST:PORT``: a serial line behind a TCP port (an emulator's UART, a serial server). A
+    serial line has no connections, so the bridge opens each exchange with a HELLO of its own."""
+    return address.startswith("serial:")
+
+
+def _read_synced(sock: socket.socket, timeout: float):
+    """The first frame of a serial exchange: bytes before the magic (a line's leftovers) are skipped."""
+    from fedtiny.bridge.protocol import MAGIC, _recv_exact, decode_frame, _check_header, _HEADER
+
+    sock.settimeout(timeout)
+    window = b""
+    for _ in range(1 << 20):
+        window = (window + _recv_exact(sock, 1))[-len(MAGIC):]
+        if window == MAGIC:
+            rest = _recv_exact(sock, _HEADER.size - len(MAGIC))
+            _, length = _check_header(MAGIC + rest)
+            return decode_frame(MAGIC + rest + _recv_exact(sock, length + 4))
+    raise ProtocolError("no frame in 1 MiB of serial input")
 
 
 def relay_round(address: str, expected_hash: str, meta: dict[str, Any], downlink: bytes, *,
@@ -46,7 +67,11 @@ def relay_round(address: str, expected_hash: str, meta: dict[str, Any], downlink
     except OSError as exc:
         raise ProtocolError(f"cannot reach the device at {address}: {exc}") from None
     with sock:
-        hello = read_frame(sock, timeout)
+        if is_serial(address):
+            send_frame(sock, HELLO, json.dumps({"protocol": VERSION}).encode())
+            hello = _read_synced(sock, timeout)
+        else:
+            hello = read_frame(sock, timeout)
         if hello.type != HELLO:
             raise ProtocolError(f"expected HELLO from the device, got frame type {hello.type}")
         h = hello.json()

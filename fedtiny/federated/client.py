@@ -119,7 +119,7 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
                       gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None,
-                      gradients=t.gradients, engine=t.engine)
+                      gradients=t.gradients, engine=t.engine, shuffle=t.shuffle)
     _, test_acc = evaluate(task.model, test)
     trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
     if scenario.privacy.dp == "local":

@@ -33,13 +33,22 @@ class TrainResult:
 def seeded(*parts: int) -> torch.Generator:
     """A torch generator seeded from integers (round, client, ...)."""
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+    g.manual_seed(round_seed(*parts))
     return g
 
 
-def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None):
+def round_seed(*parts: int) -> int:
+    """The 32-bit seed :func:`seeded` gives its generator (the exact step's seed of a client round; the
+    bridge sends it to devices so that they need not reimplement NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None, order: list[int] | None = None):
     n = len(data)
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    if order is not None:
+        order = torch.tensor(order, dtype=torch.int64)
+    else:
+        order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
@@ -73,13 +82,14 @@ def _exact_loss(model: nn.Module):
 
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
             gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
-            exact_seed: int | None = None, c_step=None) -> TrainResult:
+            exact_seed: int | None = None, c_step=None, shuffle: str = "torch") -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
     ``exact_seed``: run the exact step (:mod:`fedtiny.int8.exact`) with this seed; step ``k`` of the
     run draws its stochastic rounding from ``StepKey(exact_seed, k)``. ``c_step``: a
-    :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch.
+    :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch. ``shuffle``:
+    ``hash`` orders each epoch by :func:`fedtiny.int8.exact.permutation` of the exact seed.
     """
     from fedtiny.int8 import exact
 
@@ -87,12 +97,13 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
     if exact_seed is not None:
         model.number_convs()
     total_loss, correct, seen, steps, samples = 0.0, 0, 0, 0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         if max_steps is not None and steps >= max_steps:
             break
         model.train(bn_train)
         total_loss, correct, seen = 0.0, 0, 0
-        for xb, yb in _batches(data, batch_size, gen):
+        order = exact.permutation(len(data), exact_seed, epoch) if shuffle == "hash" and exact_seed is not None else None
+        for xb, yb in _batches(data, batch_size, gen, order):
             if max_steps is not None and steps >= max_steps:
                 break
             if c_step is not None:  # the device's C step: the same numbers (fedtiny.int8.cstep)
@@ -132,7 +143,7 @@ def exact_applies(model: nn.Module, optimizer: str) -> bool:
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
                 freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None,
-                gradients: str = "float", engine: str = "torch") -> TrainResult:
+                gradients: str = "float", engine: str = "torch", shuffle: str = "torch") -> TrainResult:
     """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
 
     ``max_steps``: stop after this many steps (None: all epochs). ``gradients``: ``exact`` runs
@@ -168,7 +179,7 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
         raise ScenarioError(f"train.engine: expected torch or c, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step)
+                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, shuffle=shuffle)
 
 
 @torch.no_grad()

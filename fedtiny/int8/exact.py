@@ -44,7 +44,7 @@ import torch
 
 from fedtiny.int8 import kernels, native
 
-__all__ = ["StepKey", "step", "current", "hash32", "uniform", "quantize_grad", "grad_slot", "round_slot",
+__all__ = ["StepKey", "step", "current", "hash32", "permutation", "uniform", "quantize_grad", "grad_slot", "round_slot",
            "round_half_away", "sum_in_order", "int_sum_dtype", "softmax_q15", "cross_entropy", "GRAD_LEVELS", "Q15"]
 
 GRAD_LEVELS = 127  # output gradients are int8 in [-127, 127]
@@ -109,6 +109,21 @@ def hash32(v: int) -> int:
     v ^= v >> 15
     v = (v * 0x846CA68B) & _M32
     return v ^ (v >> 16)
+
+
+SHUFFLE_SLOT = 0x53485546  # "SHUF": the stream of the portable shuffle (conv slots are small)
+
+
+def permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The portable order of ``n`` samples in ``epoch`` (``train.shuffle = "hash"``): Fisher-Yates from the
+    last position down, swapping position ``i`` with ``hash32(base + i) % (i + 1)``, ``base`` the stream
+    ``(seed, epoch, SHUFFLE_SLOT)``. A device computes the same order (``device/firmware``)."""
+    base = hash32((seed & _M32) ^ hash32((epoch & _M32) ^ hash32(SHUFFLE_SLOT)))
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = hash32((base + i) & _M32) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 def uniform(key: StepKey, slot: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -398,6 +398,15 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0 if result["forward_mismatches"] == 0 and result["param_mismatches"] == 0 else 1
 
 
+def cmd_device_firmware(args: argparse.Namespace) -> int:
+    from fedtiny.tools.firmware import generate
+
+    say = None if args.json else (lambda m: print(f"[firmware] {m}", file=sys.stderr))
+    summary = generate(args.scenario, args.partition, args.out, progress=say)
+    print(json.dumps(summary, sort_keys=True) if args.json else _table(list(summary.items())))
+    return 0
+
+
 def cmd_device_emulator(args: argparse.Namespace) -> int:
     from fedtiny.bridge.device import serve
     from fedtiny.devices import get_profile
@@ -555,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_device)
+
+    d = dsub.add_parser("firmware", help="write the C source of a scenario's client for the Cortex-M firmware "
+                        "(device/firmware; make firmware calls this)")
+    d.add_argument("scenario", help="the scenario the firmware trains (see scenarios/firmware-demo.toml)")
+    d.add_argument("--partition", type=int, default=1, help="the data partition compiled in")
+    d.add_argument("--out", required=True, help="directory for firmware_model.c and firmware_model.h")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_device_firmware)
 
     p = sub.add_parser("device-emulator", help="a reference MCU that speaks the bridge protocol over TCP")
     p.add_argument("--port", type=int, required=True)

@@ -1,0 +1,231 @@
+"""``fedtiny firmware generate``: a scenario's client as C source for the Cortex-M firmware (device/firmware).
+
+The firmware trains one partition of one scenario. Everything it must agree on with the server is
+computed here, from the same code the simulator runs, and written as C:
+
+- the model as the server starts it (:func:`fedtiny.federated.fleet.server_task`: the model file, the
+  scheme the server sends this partition's device profile, the learning rate), laid out as the C
+  step's ``ft_op`` array by :class:`~fedtiny.int8.cstep.CStep` itself; frozen tensors ``const`` (flash),
+  trained weights and biases and the momentum buffers in RAM;
+- the memory planner's arena plans (:mod:`fedtiny.budget.arena`) for a step of one sample and of more;
+- the downlink layout (where each dense tensor of a TRAIN frame goes, or the CRC-32 a frozen one must
+  have) and the uplink (the dense trained tensors, in order);
+- the partition's training samples, quantized to int8 as the simulated client quantizes them (a few
+  hundred 8x8 images: compiled in, so the device needs no enrolment exchange and the samples are the
+  simulator's by construction).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["generate"]
+
+_CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t",
+          np.dtype(np.uint32): "uint32_t", np.dtype(np.float32): "float"}
+_MUTABLE = {"weight": "train_w", "bias": "train_b", "mom_w": None, "mom_b": None}
+
+
+def _literal(v, dtype: np.dtype) -> str:
+    if dtype == np.float32:
+        f = float(np.float32(v))
+        return f"{f.hex()}f" if np.isfinite(f) else "0.0f"
+    return str(int(v))
+
+
+def _array(name: str, a: np.ndarray, const: bool, per_line: int = 16) -> str:
+    dtype = a.dtype
+    flat = a.ravel()
+    body = ",\n    ".join(", ".join(_literal(v, dtype) for v in flat[i:i + per_line])
+                          for i in range(0, len(flat), per_line))
+    return f"static {'const ' if const else ''}{_CTYPE[dtype]} {name}[{max(len(flat), 1)}] = {{\n    {body or '0'}\n}};\n"
+
+
+def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progress=None) -> dict:
+    """Write ``firmware_model.c`` and ``firmware_model.h`` into ``out_dir``; return a summary."""
+    import torch
+
+    from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.memory import c_layout, memory_report
+    from fedtiny.bridge.protocol import model_hash
+    from fedtiny.errors import ScenarioError
+    from fedtiny.federated.client import client_task
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile
+    from fedtiny.int8.cstep import CStep
+    from fedtiny.models.state import load_arrays, model_arrays
+    from fedtiny.scenario import load_scenario
+
+    say = progress or (lambda _: None)
+    scenario = load_scenario(scenario_path)
+    t = scenario.train
+    problems = []
+    if scenario.model.precision != "int8" or t.gradients != "exact":
+        problems.append("model.precision = \"int8\" and train.gradients = \"exact\"")
+    if t.shuffle != "hash":
+        problems.append("train.shuffle = \"hash\" (the order a device can compute)")
+    if scenario.compression.uplink != "dense" or scenario.compression.downlink != "full":
+        problems.append("compression.uplink = \"dense\" and compression.downlink = \"full\"")
+    if t.optimizer not in ("sgd", "sgd+qas") or scenario.privacy.dp != "none" or t.batch_size > 64:
+        problems.append("train.optimizer sgd or sgd+qas, privacy.dp = \"none\", train.batch_size <= 64")
+    if not 0 <= partition_id < scenario.run.clients:
+        problems.append(f"a partition in 0..{scenario.run.clients - 1} (got {partition_id})")
+    if problems:
+        raise ScenarioError(f"{scenario_path}: the firmware needs " + "; ".join(problems))
+    say("the server's starting point (model, scheme, learning rate)")
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    profile = client_profile(task.scenario, partition_id)
+    scheme = schemes.by_profile[profile.name]
+    client = client_task(task.scenario, scheme)
+    load_arrays(client.model, initial)
+    model, lr = client.model, task.scenario.train.lr
+    train, _ = client.federation.client_data(partition_id)
+    shape = tuple(train.x.shape[1:])
+    model.input_shape = shape
+    report = memory_report(model, scheme, shape, device=profile, optimizer=t.optimizer, momentum=t.momentum,
+                           accumulate=t.batch_size > 1)
+    say("the C step's layout and arena plans")
+    cs = CStep(model, lr=lr, momentum=t.momentum, optimizer=t.optimizer, rounding=t.weight_rounding,
+               layout=c_layout(model, shape))
+    one = lay_out(cs.record(1))
+    many = lay_out(cs.record(2)) if t.batch_size > 1 else one  # every step of 2+ samples takes the same buffers
+    arena_bytes = max(one.arena_bytes, many.arena_bytes)
+
+    arrays: dict[int, tuple[str, np.ndarray]] = {a.ctypes.data: (f"a{i}", a) for i, a in enumerate(cs.keep)}
+    out, ops = [], []
+    for i, op in enumerate(cs.ops):
+        fields = []
+        for f, ftype in type(op)._fields_:
+            v = getattr(op, f)
+            if ftype is ctypes.c_void_p:
+                if not v:
+                    continue
+                name, a = arrays[v]
+                gate = _MUTABLE.get(f, "const")
+                const = gate == "const" or (gate is not None and not getattr(op, gate))
+                out.append(_array(f"op{i}_{f}", a, const))
+                ctype = _CTYPE[a.dtype]
+                fields.append(f".{f} = ({ctype} *)op{i}_{f}")
+            elif ftype is ctypes.c_float:
+                fields.append(f".{f} = {_literal(v, np.dtype(np.float32))}")
+            elif v:
+                fields.append(f".{f} = {int(v)}")
+        ops.append("    {" + ", ".join(fields) + "}")
+    m = cs.m
+    out.append(_array("plan_one", np.asarray(one.offsets, np.uint32), True))
+    out.append(_array("plan_many", np.asarray(many.offsets, np.uint32), True))
+
+    # the downlink: where each tensor of a full dense model goes, or the CRC its bytes must have
+    received = model_arrays(model, [n for n, *_ in client.downlink_spec])
+    trained = {n for n, *_ in client.uplink_spec}
+    where = {}
+    for i, op in enumerate(cs.ops):
+        if op.kind == 0:
+            conv = next(c for c, w, _ in cs.params if w.ctypes.data == op.weight)
+            where[f"{conv.tag}.weight"] = f"op{i}_weight" if op.train_w else None
+            where[f"{conv.tag}.bias"] = f"op{i}_bias" if op.train_b else None
+    down, offset = [], 0
+    for name, shp, dt in client.downlink_spec:
+        data = np.ascontiguousarray(received[name]).astype(np.dtype(dt).newbyteorder("<")).tobytes()
+        dest = where.get(name)
+        down.append(f"    {{{offset}u, {len(data)}u, {f'(void *){dest}' if dest else '0'}, 0x{zlib.crc32(data):08x}u}}"
+                    f"  /* {name} */")
+        offset += len(data)
+    up, up_bytes = [], 0
+    for name, shp, dt in client.uplink_spec:
+        conv_tag, _, attr = name.rpartition(".")
+        i = next(i for i, op in enumerate(cs.ops) if op.kind == 0 and
+                 next(c for c, w, _ in cs.params if w.ctypes.data == op.weight).tag == conv_tag)
+        n = int(np.prod(shp)) * np.dtype(dt).itemsize
+        up.append(f"    {{(const void *)op{i}_{attr}, {n}u}}  /* {name} */")
+        up_bytes += n
+        if name not in trained:
+            raise ScenarioError(f"uplink tensor {name} is not trained")
+
+    with torch.no_grad():
+        xq = model.quantize_input(torch.from_numpy(train.x)).numpy().astype(np.int8).reshape(len(train), -1)
+    out.append(_array("samples_x", xq, True))
+    out.append(_array("samples_y", train.y.astype(np.uint8), True))
+
+    hash_ = model_hash(client.downlink_spec)
+    h = f"""/* Generated by `fedtiny firmware generate {scenario_path} --partition {partition_id}`: do not edit. */
+#ifndef FIRMWARE_MODEL_H
+#define FIRMWARE_MODEL_H
+#include <stddef.h>
+#include <stdint.h>
+#include "fedtiny_step.h"
+
+#define FW_MODEL_HASH "{hash_}"
+#define FW_PROFILE "{profile.name}"
+#define FW_PARTITION {partition_id}
+#define FW_SAMPLES {len(train)}
+#define FW_SAMPLE_BYTES {xq.shape[1]}
+#define FW_BATCH {t.batch_size}
+#define FW_EPOCHS {t.local_epochs}
+#define FW_ARENA_BYTES {arena_bytes}
+#define FW_DOWNLINK_BYTES {offset}
+#define FW_UPLINK_BYTES {up_bytes}
+#define FW_DOWNLINK_TENSORS {len(down)}
+#define FW_UPLINK_TENSORS {len(up)}
+#define FW_PLANNER_PEAK_BYTES {report.peak_sram_bytes}
+#define FW_MACS_FORWARD {report.macs_forward}
+#define FW_MACS_BACKWARD {report.macs_backward}
+
+typedef struct {{ uint32_t offset, bytes; void *dest; uint32_t crc; }} fw_tensor; /* dest 0: frozen, check crc */
+typedef struct {{ const void *src; uint32_t bytes; }} fw_upload;
+
+extern ft_model fw_model;
+extern const uint32_t *const fw_plan_one, *const fw_plan_many;
+extern const int32_t fw_plan_one_len, fw_plan_many_len;
+extern const fw_tensor fw_downlink[FW_DOWNLINK_TENSORS];
+extern const fw_upload fw_uplink[FW_UPLINK_TENSORS];
+extern const int8_t *const fw_samples_x;
+extern const uint8_t *const fw_samples_y;
+extern uint8_t fw_arena[FW_ARENA_BYTES];
+#endif
+"""
+    c = f"""/* Generated by `fedtiny firmware generate {scenario_path} --partition {partition_id}`: do not edit.
+ * Model {hash_}, scheme {scheme.name}, profile {profile.name}, lr {lr!r}, momentum {t.momentum}. */
+#include "firmware_model.h"
+
+{''.join(out)}
+static ft_op ops[{len(ops)}] = {{
+{(',' + chr(10)).join(ops)}
+}};
+
+ft_model fw_model = {{.n_ops = {m.n_ops}, .ops = ops, .in_c = {m.in_c}, .in_h = {m.in_h}, .in_w = {m.in_w},
+    .classes = {m.classes}, .logit_scale = {_literal(m.logit_scale, np.dtype(np.float32))},
+    .sm_mult = {m.sm_mult}, .sm_shift = {m.sm_shift}, .sm_diff_min = {m.sm_diff_min},
+    .lr = {_literal(m.lr, np.dtype(np.float32))}, .momentum = {_literal(m.momentum, np.dtype(np.float32))},
+    .stochastic = {m.stochastic}}};
+
+const uint32_t *const fw_plan_one = plan_one, *const fw_plan_many = plan_many;
+const int32_t fw_plan_one_len = {len(one.offsets)}, fw_plan_many_len = {len(many.offsets)};
+const fw_tensor fw_downlink[FW_DOWNLINK_TENSORS] = {{
+{(',' + chr(10)).join(down)}
+}};
+const fw_upload fw_uplink[FW_UPLINK_TENSORS] = {{
+{(',' + chr(10)).join(up)}
+}};
+const int8_t *const fw_samples_x = (const int8_t *)samples_x;
+const uint8_t *const fw_samples_y = samples_y;
+uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
+"""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "firmware_model.h").write_text(h)
+    (out_dir / "firmware_model.c").write_text(c)
+    summary = {"model_hash": hash_, "scheme": scheme.name, "profile": profile.name, "partition": partition_id,
+               "samples": len(train), "batch_size": t.batch_size, "arena_bytes": arena_bytes,
+               "planner_peak_bytes": report.peak_sram_bytes, "planner_arena_bytes": report.arena_bytes,
+               "downlink_bytes": offset, "uplink_bytes": up_bytes, "lr": lr,
+               "macs_forward_per_sample": report.macs_forward, "macs_backward_per_sample": report.macs_backward,
+               "clock_mhz": profile.clock_mhz, "cycles_per_mac": profile.cycles_per_mac,
+               "backward_factor": profile.backward_factor}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary

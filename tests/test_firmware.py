@@ -1,0 +1,85 @@
+"""The Cortex-M firmware (device/firmware) in QEMU against the simulator: the same update bytes.
+
+Needs Debian's gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (.ci/run installs them
+when it runs as root); without them the test is skipped with their names.
+"""
+
+import socket
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from fedtiny.tools.qemu import missing_packages, start_qemu
+
+SCENARIO = ROOT / "scenarios" / "firmware-demo.toml"
+MISSING = missing_packages()
+pytestmark = pytest.mark.skipif(bool(MISSING), reason="the firmware test needs the Debian packages "
+                                + ", ".join(MISSING) + " (apt-get install " + " ".join(MISSING) + ")")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory):
+    from fedtiny.tools.firmware import generate
+
+    out = tmp_path_factory.mktemp("firmware")
+    summary = generate(str(SCENARIO), 1, out / "gen")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={out / 'gen'}",
+                    f"OUT={out / 'an386'}"], check=True, capture_output=True)
+    return out / "an386" / "firmware.elf", summary
+
+
+def _round_one():
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import client_task
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.train import round_seed
+    from fedtiny.scenario import load_scenario
+
+    task, initial, _, schemes = server_task(load_scenario(SCENARIO), progress=None)
+    scheme = next(iter(schemes.by_profile.values()))
+    client = client_task(task.scenario, scheme)
+    down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
+    meta = {"round": 1, "scenario": task.scenario.to_json(), "scheme": scheme.to_json(), "downlink": "full",
+            "seed": round_seed(task.scenario.run.seed, 1, 1)}
+    return task, scheme, client, down, meta
+
+
+def test_firmware_update_equals_the_simulators(firmware, tmp_path):
+    import dataclasses
+
+    from fedtiny.bridge.protocol import ProtocolError, model_hash
+    from fedtiny.bridge.relay import relay_round
+    from fedtiny.federated.client import local_round
+
+    elf, summary = firmware
+    task, scheme, client, down, meta = _round_one()
+    port = _free_port()
+    qemu = start_qemu(elf, "an386", port, tmp_path / "qemu.log")
+    try:
+        address = f"serial:127.0.0.1:{port}"
+        reply = relay_round(address, model_hash(client.downlink_spec), meta, down, timeout=300)
+        # a downlink whose frozen part is not the firmware's model is refused, and the device stays up
+        bad = bytearray(down)
+        bad[-1] ^= 0xFF  # the classifier's qparams: frozen
+        with pytest.raises(ProtocolError, match="frozen tensor"):
+            relay_round(address, model_hash(client.downlink_spec), meta, bytes(bad), timeout=120)
+        assert relay_round(address, model_hash(client.downlink_spec), meta, down, timeout=300).update == reply.update
+    finally:
+        qemu.kill()
+        qemu.wait()
+    host, _ = local_round(task.scenario, 1, 1, down, kind="full", scheme=scheme)
+    on_c = dataclasses.replace(task.scenario, train=dataclasses.replace(task.scenario.train, engine="c"))
+    host_c, _ = local_round(on_c, 1, 1, down, kind="full", scheme=scheme)
+    assert len(reply.update) == summary["uplink_bytes"] > 0
+    assert reply.update == host.update == host_c.update  # firmware = simulator (PyTorch) = host C step
+    assert reply.num_examples == host.num_examples == summary["samples"]
+    assert abs(reply.metrics["train_loss"] - host.train_loss) < 1e-4
+    assert reply.metrics["steps"] == host.steps and reply.metrics["instructions_per_step"] > 0
+    assert reply.metrics["arena_high_water"] == summary["arena_bytes"]
