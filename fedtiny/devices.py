@@ -20,6 +20,17 @@ Time and energy (what :func:`round_cost` turns MACs and bytes into):
   * Cortex-M0+ (RP2040, STM32G031): 8.5, an assumption: no SIMD multiply-accumulate, about 4x
     the Cortex-M4 figure. No published whole-network figure was found.
 
+  * fedtiny's own C step (``device.kernels = "reference"``): Cortex-M4 42.7, Cortex-M7 40.6.
+    The firmware (device/firmware) counts the instructions of each training step in QEMU
+    (``-icount shift=0``: one instruction per nanosecond of virtual time, read from SysTick at
+    the boards' 25 MHz, checked against a loop of known length): 558.7 M (mps2-an386, -mcpu
+    cortex-m4) and 531.3 M (mps2-an500, cortex-m7) per step of 15.6 samples of
+    scenarios/firmware-demo.toml, 13.08 M weighted MACs (forward + 2 x backward), at an assumed
+    CPI of 1 (single-issue pipeline, zero-wait memory; an M7's dual issue would lower it, flash
+    wait states raise it). Plain C loops with bounds checks, no SIMD: 20x the published kernels,
+    which is what a device running this reference step spends (tests/test_firmware.py
+    re-measures it).
+
 - ``backward_factor``: cycles per MAC of the backward pass relative to the forward. No
   MCU measurement is published per MAC; we assume 2 (gradient kernels accumulate in 32 bits
   without the int8 SIMD packing of inference kernels). The MACs themselves come from the
@@ -55,7 +66,7 @@ per byte is the radio's power over its goodput (the core's power while it waits 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from fedtiny.errors import ScenarioError
 
@@ -171,6 +182,24 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in [
     DeviceProfile("mcu-256kb", 256 * KB, 1024 * KB, 200, "generic", "the 256KB budget of Lin et al. 2022 "
                   "(Cortex-M7 costs)", _M7, 2.0, 0.47 * 200 * 3.3, "ble-1m"),
 ]}
+
+
+# cycles per MAC of fedtiny's C step (see the module docstring): a core's family -> measured value
+REFERENCE_CYCLES_PER_MAC = {"Cortex-M4": 42.7, "Cortex-M7": 40.6}
+_FAMILY = {"cortex-m4f": "Cortex-M4", "cortex-m4": "Cortex-M4", "cortex-m7": "Cortex-M7", "generic": "Cortex-M7"}
+
+
+def with_kernels(profile: DeviceProfile, kernels: str) -> DeviceProfile:
+    """``profile`` with the compute cost of its kernels: ``optimized`` (the published figures) or
+    ``reference`` (fedtiny's C step as the firmware runs it, measured; Cortex-M4 and M7 only)."""
+    if kernels == "optimized":
+        return profile
+    family = _FAMILY.get(profile.core.lower())
+    if kernels != "reference" or family is None:
+        raise ScenarioError(f"device.kernels: {kernels!r} is measured for Cortex-M4 and Cortex-M7 profiles; "
+                            f"{profile.name} is a {profile.core or 'custom'} core" if kernels == "reference"
+                            else f"device.kernels: expected optimized or reference, got {kernels!r}")
+    return replace(profile, cycles_per_mac=REFERENCE_CYCLES_PER_MAC[family])
 
 
 def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile:

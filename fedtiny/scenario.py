@@ -195,6 +195,9 @@ class DeviceSection:
     custom_clock_mhz: int = _key(100, "clock of the scenario's own profile", _range(1, 10_000))
     enforce: bool = _key(True, "a client whose training step does not fit its device refuses to train")
     micro_batch: int = _key(1, "samples per on-device training step, for the memory check", _range(1, 4096))
+    kernels: str = _key("optimized", "compute cost of the clients' kernels for device time and energy: optimized "
+                        "(each profile's published cycles per MAC) or reference (fedtiny's C step as the firmware "
+                        "runs it, measured in QEMU; Cortex-M4/M7 profiles)", _choice("optimized", "reference"))
     accumulate: bool = _key(False, "the memory check counts fp32 accumulators of the trained parameters, which a "
                             "device needs to train train.batch_size samples per step one micro-batch at a time "
                             "(false: each micro-batch's gradient is applied at once, as tiny-training's engine does)")

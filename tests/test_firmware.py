@@ -83,3 +83,8 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
     assert abs(reply.metrics["train_loss"] - host.train_loss) < 1e-4
     assert reply.metrics["steps"] == host.steps and reply.metrics["instructions_per_step"] > 0
     assert reply.metrics["arena_high_water"] == summary["arena_bytes"]
+    # the device-time model of the reference kernels (device.kernels = "reference") predicts the measured
+    # instructions per step within 10% (CPI 1; fedtiny.devices)
+    weighted = summary["macs_forward_per_sample"] + summary["backward_factor"] * summary["macs_backward_per_sample"]
+    predicted = summary["cycles_per_mac"] * weighted * summary["samples"] / host.steps
+    assert 0.9 < reply.metrics["instructions_per_step"] / predicted < 1.1

@@ -14,11 +14,13 @@ static volatile uint32_t systick_wraps;
 void systick_handler(void) { systick_wraps++; }
 
 uint64_t board_ticks(void) { /* 25 MHz ticks since start (24-bit counter + wraps) */
-    uint32_t w, v;
+    uint32_t w, v, pending;
     do {
         w = systick_wraps;
         v = SYST_CVR;
+        pending = SCB_ICSR & (1u << 26); /* PENDSTSET: wrapped, handler not yet run */
     } while (w != systick_wraps);
+    if (pending && v > 0x800000u) w++; /* the counter reloaded after the wrap we have not counted */
     return (uint64_t)w * 0x1000000u + (0xFFFFFFu - v);
 }
 
@@ -46,6 +48,8 @@ __attribute__((noreturn)) void reset_handler(void) {
     SYST_RVR = 0xFFFFFFu;
     SYST_CVR = 0;
     SYST_CSR = 7u; /* processor clock, interrupt, enable */
+    while (SYST_CVR == 0) { /* the first clock loads the reload value (no wrap): count from there */
+    }
     board_exit(main());
     for (;;) {
     }

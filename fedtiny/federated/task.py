@@ -15,7 +15,7 @@ from fedtiny.compress.dense import Spec
 from fedtiny.compress.uplink import Uplink, make_uplink
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
-from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio
+from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio, with_kernels
 from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.federated.train import evaluate, pretrain
@@ -208,7 +208,7 @@ def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:
     d = scenario.device
     custom = DeviceProfile(d.custom_name.lower(), d.custom_sram_kb * 1024, d.custom_flash_kb * 1024,
                            d.custom_clock_mhz, "custom") if d.custom_sram_kb else None
-    return get_profile(d.profiles[partition_id % len(d.profiles)], custom)
+    return with_kernels(get_profile(d.profiles[partition_id % len(d.profiles)], custom), d.kernels)
 
 
 def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:

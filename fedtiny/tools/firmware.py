@@ -53,6 +53,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     from fedtiny.budget.arena import lay_out
     from fedtiny.budget.memory import c_layout, memory_report
     from fedtiny.bridge.protocol import model_hash
+    from fedtiny.devices import get_profile
     from fedtiny.errors import ScenarioError
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
@@ -226,6 +227,7 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
                "downlink_bytes": offset, "uplink_bytes": up_bytes, "lr": lr,
                "macs_forward_per_sample": report.macs_forward, "macs_backward_per_sample": report.macs_backward,
                "clock_mhz": profile.clock_mhz, "cycles_per_mac": profile.cycles_per_mac,
+               "published_cycles_per_mac": get_profile(profile.name).cycles_per_mac,
                "backward_factor": profile.backward_factor}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary
