@@ -4,15 +4,18 @@
  * answers with its own. TRAIN carries the full model as dense tensors: trained tensors are copied
  * into RAM, frozen ones are checked against the flash copy (CRC-32). The device trains its
  * compiled-in samples with the C step (the scenario's epochs and batch size, the portable sample
- * order, the round's seed from TRAIN), and answers UPDATE with its dense trained tensors. */
+ * order, the round's seed from TRAIN), and answers UPDATE with its trained tensors: dense, or their
+ * change sparsified (top-k with error feedback), quantized to int8 and encoded with the C codec,
+ * exactly as fedtiny/compress/sparsify.py does. */
 #include <math.h>
 #include <string.h>
 
 #include "board.h"
+#include "fedtiny_codec.h"
 #include "fedtiny_step.h"
 #include "firmware_model.h"
 
-#define JSON_MAX 24576
+#define JSON_MAX 8192 /* the TRAIN header: round, seed, the resolved scenario (about 4 KB) and scheme */
 #define PAYLOAD_MAX (4 + JSON_MAX + FW_DOWNLINK_BYTES)
 #define HELLO 1
 #define TRAIN 2
@@ -162,6 +165,119 @@ static void send_error(const char *code, const char *message) {
     send_frame(ERROR, text, (uint32_t)(p - text), 0, 0);
 }
 
+/* ------------------------------------------------------------------ the sparse uplink */
+
+#if FW_UPLINK_SPARSE
+static const fw_slice *cur; /* the tensor being encoded (for the sort's key) */
+static uint16_t rank_[FW_SLICE_MAX], scratch[FW_SLICE_MAX];
+static uint32_t sent_idx[FW_SENT_TOTAL];
+static float sent_val[FW_SENT_TOTAL];
+static ft_tensor tensors[FW_UPLINK_TENSORS];
+static uint8_t uplink[16 + FW_UPLINK_TENSORS * 64 + FW_SENT_TOTAL * 6];
+
+static int32_t element(const fw_slice *s, uint32_t p) {
+    return s->is_int32 ? ((const int32_t *)s->data)[p] : (int32_t)((const int8_t *)s->data)[p];
+}
+
+static int32_t before(const fw_slice *s, uint32_t j) {
+    return s->is_int32 ? ((const int32_t *)s->before)[j] : (int32_t)((const int8_t *)s->before)[j];
+}
+
+/* what position j would send: its change this round plus what earlier rounds did not send */
+static double change(const fw_slice *s, uint32_t j) {
+    return ((double)element(s, s->pos[j]) - (double)before(s, j)) + (FW_ERROR_FEEDBACK ? s->residual[j] : 0.0);
+}
+
+static void snapshot(void) { /* the trainable values as the round's model has them */
+    uint32_t t, j;
+    for (t = 0; t < FW_UPLINK_TENSORS; t++) {
+        const fw_slice *s = &fw_slices[t];
+        for (j = 0; j < s->n; j++) {
+            if (s->is_int32)
+                ((int32_t *)s->before)[j] = element(s, s->pos[j]);
+            else
+                ((int8_t *)s->before)[j] = (int8_t)element(s, s->pos[j]);
+        }
+    }
+}
+
+static int ahead(uint16_t a, uint16_t b, int by_magnitude) { /* top-k: larger magnitude, then lower position */
+    double x, y;
+    if (!by_magnitude) return a < b;
+    x = fabs(change(cur, a));
+    y = fabs(change(cur, b));
+    return x > y || (x == y && a < b);
+}
+
+static void sort_indices(uint16_t *v, uint32_t n, int by_magnitude) { /* bottom-up merge sort */
+    uint32_t width, i;
+    for (width = 1; width < n; width *= 2) {
+        for (i = 0; i < n; i += 2 * width) {
+            uint32_t a = i, mid = i + width < n ? i + width : n, b = mid, end = i + 2 * width < n ? i + 2 * width : n, k = i;
+            while (a < mid || b < end)
+                if (b >= end || (a < mid && !ahead(v[b], v[a], by_magnitude)))
+                    scratch[k++] = v[a++];
+                else
+                    scratch[k++] = v[b++];
+        }
+        memcpy(v, scratch, n * sizeof *v);
+    }
+}
+
+/* fedtiny.compress.sparsify.compress_update for int8 values and per-tensor top-k: the change at each
+ * uplink tensor's trainable positions plus the residual, its top ceil(density n), int8 with one scale
+ * (1 when the values are integers within 127), the residual kept; returns the encoded length (< 0 error). */
+static int32_t encode_sparse(void) {
+    uint32_t t, j, used = 0, n_tensors = 0;
+    size_t len = 0;
+    for (t = 0; t < FW_UPLINK_TENSORS; t++) {
+        const fw_slice *s = cur = &fw_slices[t];
+        uint32_t k = (uint32_t)ceil(FW_DENSITY * (double)s->n), next = 0;
+        double peak = 0.0, scale = 1.0;
+        int integral = 1;
+        k = k < s->n ? k : s->n;
+        for (j = 0; j < s->n; j++) rank_[j] = (uint16_t)j;
+        if (k < s->n) {
+            sort_indices(rank_, s->n, 1);
+            sort_indices(rank_, k, 0);
+        }
+        for (j = 0; j < k; j++) {
+            const double v = change(s, rank_[j]);
+            peak = fabs(v) > peak ? fabs(v) : peak;
+            integral &= v == nearbyint(v);
+        }
+        if (!(integral && peak <= 127.0)) scale = peak > 0.0 ? (double)(float)(peak / 127.0) : 1.0;
+        for (j = 0; j < s->n; j++) { /* in position order: the chosen ones are rank_[0..k) */
+            const double v = change(s, j);
+            double sent = 0.0;
+            if (next < k && rank_[next] == j) {
+                double q = nearbyint(v / scale);
+                q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
+                sent = q * scale;
+                sent_idx[used + next] = s->pos[j];
+                sent_val[used + next] = (float)sent;
+                next++;
+            }
+            if (FW_ERROR_FEEDBACK) s->residual[j] = next && rank_[next - 1] == j ? v - sent : v;
+        }
+        if (k == 0) continue;
+        memset(&tensors[n_tensors], 0, sizeof tensors[n_tensors]);
+        tensors[n_tensors].tensor_id = s->id;
+        tensors[n_tensors].ndim = s->ndim;
+        memcpy(tensors[n_tensors].dims, s->dims, sizeof tensors[n_tensors].dims);
+        tensors[n_tensors].nnz = k;
+        tensors[n_tensors].value_type = FT_INT8;
+        tensors[n_tensors].scale = (float)scale;
+        tensors[n_tensors].indices = sent_idx + used;
+        tensors[n_tensors].values = sent_val + used;
+        used += k;
+        n_tensors++;
+    }
+    if (ft_encode(tensors, n_tensors, uplink, sizeof uplink, &len) != FT_OK) return -1;
+    return (int32_t)len;
+}
+#endif
+
 /* ------------------------------------------------------------------ the round */
 
 static void shuffle(uint32_t seed, uint32_t epoch) { /* fedtiny.int8.exact.permutation */
@@ -201,6 +317,9 @@ static void train_round(uint32_t len) {
         else if (crc32_update(0, down + t->offset, t->bytes) != t->crc)
             { send_error("model", "a frozen tensor differs from the firmware's: flash this scenario's model"); return; }
     }
+#if FW_UPLINK_SPARSE
+    snapshot();
+#endif
     for (epoch = 0; epoch < FW_EPOCHS; epoch++) {
         shuffle((uint32_t)seed, epoch);
         for (i = 0; i < FW_SAMPLES; i += FW_BATCH) {
@@ -248,7 +367,18 @@ static void train_round(uint32_t len) {
         memmove(text + 4, text, (size_t)(p - text));
         memcpy(text, n4, 4);
     }
+#if FW_UPLINK_SPARSE
+    {
+        const int32_t n_up = encode_sparse();
+        fw_upload part;
+        if (n_up <= 0) { send_error("encode", "the sparse update does not fit its buffer"); return; }
+        part.src = uplink;
+        part.bytes = (uint32_t)n_up;
+        send_frame(UPDATE, text, (uint32_t)(p - text) + 4, &part, 1);
+    }
+#else
     send_frame(UPDATE, text, (uint32_t)(p - text) + 4, fw_uplink, FW_UPLINK_TENSORS);
+#endif
 }
 
 int main(void) {

@@ -186,8 +186,9 @@ class CStep:
             slots[n] = int(flags.sum())
             op.slot_of = _ptr(self._array(slots))
         op.train_w, op.train_b, op.slot = int(conv.weight.requires_grad), int(conv.bias.requires_grad), conv.slot
-        if momentum > 0:
+        if momentum > 0 and conv.weight.requires_grad:  # state of trained tensors only
             op.mom_w = _ptr(self._array(np.zeros(conv.weight.numel(), np.float32)))
+        if momentum > 0 and conv.bias.requires_grad:
             op.mom_b = _ptr(self._array(np.zeros(conv.out_channels, np.float32)))
         self.params.append((conv, weight, bias))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         problems.append("model.precision = \"int8\" and train.gradients = \"exact\"")
     if t.shuffle != "hash":
         problems.append("train.shuffle = \"hash\" (the order a device can compute)")
-    if scenario.compression.uplink != "dense" or scenario.compression.downlink != "full":
-        problems.append("compression.uplink = \"dense\" and compression.downlink = \"full\"")
+    cmp = scenario.compression
+    if cmp.downlink != "full":
+        problems.append("compression.downlink = \"full\" (the whole model each round)")
+    if cmp.uplink == "sparse" and (cmp.values != "int8" or cmp.topk != "tensor" or cmp.momentum_correction
+                                   or cmp.warmup_rounds):
+        problems.append("a sparse uplink with values = \"int8\", topk = \"tensor\", no momentum_correction "
+                        "and warmup_rounds = 0")
     if t.optimizer not in ("sgd", "sgd+qas") or scenario.privacy.dp != "none" or t.batch_size > 64:
         problems.append("train.optimizer sgd or sgd+qas, privacy.dp = \"none\", train.batch_size <= 64")
     if not 0 <= partition_id < scenario.run.clients:
@@ -137,8 +143,8 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         down.append(f"    {{{offset}u, {len(data)}u, {f'(void *){dest}' if dest else '0'}, 0x{zlib.crc32(data):08x}u}}"
                     f"  /* {name} */")
         offset += len(data)
-    up, up_bytes = [], 0
-    for name, shp, dt in client.uplink_spec:
+    up, up_bytes, sparse, slice_max, slice_total, sent_total = [], 0, [], 1, 0, 0
+    for tid, (name, shp, dt) in enumerate(client.uplink_spec):
         conv_tag, _, attr = name.rpartition(".")
         i = next(i for i, op in enumerate(cs.ops) if op.kind == 0 and
                  next(c for c, w, _ in cs.params if w.ctypes.data == op.weight).tag == conv_tag)
@@ -147,6 +153,20 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         up_bytes += n
         if name not in trained:
             raise ScenarioError(f"uplink tensor {name} is not trained")
+        # the sparse uplink: the change at the scheme's trainable positions (fedtiny.compress.sparsify)
+        pos = np.asarray(client.slices[name], np.uint32)
+        if np.any(np.diff(pos.astype(np.int64)) <= 0):
+            raise ScenarioError(f"uplink tensor {name}: trainable positions are not increasing")
+        out.append(_array(f"slice{tid}_pos", pos, True))
+        out.append(f"static {'int32_t' if dt == 'int32' else 'int8_t'} slice{tid}_before[{max(len(pos), 1)}];\n"
+                   f"static double slice{tid}_residual[{max(len(pos), 1) if cmp.error_feedback else 1}];\n")
+        sent_total += math.ceil(cmp.density * len(pos))
+        dims = ", ".join(str(int(v)) for v in shp)
+        sparse.append(f"    {{(const void *)op{i}_{attr}, {int(dt == 'int32')}, {tid}u, {len(shp)}, {{{dims}}}, "
+                      f"{len(pos)}u, slice{tid}_pos, slice{tid}_before, slice{tid}_residual}}  /* {name} */")
+        slice_max, slice_total = max(slice_max, len(pos)), slice_total + len(pos)
+        if len(pos) >= 1 << 16:
+            raise ScenarioError(f"uplink tensor {name}: {len(pos)} trainable positions (the firmware ranks < 65536)")
 
     with torch.no_grad():
         xq = model.quantize_input(torch.from_numpy(train.x)).numpy().astype(np.int8).reshape(len(train), -1)
@@ -173,18 +193,29 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
 #define FW_UPLINK_BYTES {up_bytes}
 #define FW_DOWNLINK_TENSORS {len(down)}
 #define FW_UPLINK_TENSORS {len(up)}
+#define FW_UPLINK_SPARSE {int(cmp.uplink == "sparse")}
+#define FW_DENSITY {float(cmp.density).hex()} /* top-k density (a double, bit for bit the scenario's) */
+#define FW_ERROR_FEEDBACK {int(cmp.error_feedback)}
+#define FW_SLICE_MAX {slice_max}
+#define FW_SLICE_TOTAL {max(slice_total, 1)}
+#define FW_SENT_TOTAL {max(sent_total, 1)} /* elements a sparse update sends at most */
 #define FW_PLANNER_PEAK_BYTES {report.peak_sram_bytes}
 #define FW_MACS_FORWARD {report.macs_forward}
 #define FW_MACS_BACKWARD {report.macs_backward}
 
 typedef struct {{ uint32_t offset, bytes; void *dest; uint32_t crc; }} fw_tensor; /* dest 0: frozen, check crc */
 typedef struct {{ const void *src; uint32_t bytes; }} fw_upload;
+/* an uplink tensor's trainable positions, their values when the round's model arrived, and the
+ * error-feedback residual there (kept across rounds) */
+typedef struct {{ const void *data; uint8_t is_int32; uint32_t id; uint8_t ndim; uint32_t dims[8]; uint32_t n;
+                 const uint32_t *pos; void *before; double *residual; }} fw_slice;
 
 extern ft_model fw_model;
 extern const uint32_t *const fw_plan_one, *const fw_plan_many;
 extern const int32_t fw_plan_one_len, fw_plan_many_len;
 extern const fw_tensor fw_downlink[FW_DOWNLINK_TENSORS];
 extern const fw_upload fw_uplink[FW_UPLINK_TENSORS];
+extern const fw_slice fw_slices[FW_UPLINK_TENSORS];
 extern const int8_t *const fw_samples_x;
 extern const uint8_t *const fw_samples_y;
 extern uint8_t fw_arena[FW_ARENA_BYTES];
@@ -213,6 +244,9 @@ const fw_tensor fw_downlink[FW_DOWNLINK_TENSORS] = {{
 const fw_upload fw_uplink[FW_UPLINK_TENSORS] = {{
 {(',' + chr(10)).join(up)}
 }};
+const fw_slice fw_slices[FW_UPLINK_TENSORS] = {{
+{(',' + chr(10)).join(sparse)}
+}};
 const int8_t *const fw_samples_x = (const int8_t *)samples_x;
 const uint8_t *const fw_samples_y = samples_y;
 uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
@@ -224,7 +258,7 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
     summary = {"model_hash": hash_, "scheme": scheme.name, "profile": profile.name, "partition": partition_id,
                "samples": len(train), "batch_size": t.batch_size, "arena_bytes": arena_bytes,
                "planner_peak_bytes": report.peak_sram_bytes, "planner_arena_bytes": report.arena_bytes,
-               "downlink_bytes": offset, "uplink_bytes": up_bytes, "lr": lr,
+               "downlink_bytes": offset, "uplink": cmp.uplink, "dense_uplink_bytes": up_bytes, "lr": lr,
                "macs_forward_per_sample": report.macs_forward, "macs_backward_per_sample": report.macs_backward,
                "clock_mhz": profile.clock_mhz, "cycles_per_mac": profile.cycles_per_mac,
                "published_cycles_per_mac": get_profile(profile.name).cycles_per_mac,
