@@ -235,3 +235,33 @@ def test_rounding_objective_is_zero_inside_the_sent_integers_intervals_only():
     assert bool((elsewhere > 1e-3).all()) and bool(grad.abs().sum() > 0)
     with pytest.raises(Exception, match="rounding intervals"):
         objective(model, rounded, threat, y, 10, AttackConfig(method="rounding"))
+
+
+def test_analytic_inversion_is_exact_on_a_float_layer_at_batch_1_and_close_through_int8():
+    """x = sum_i db_i dW_i / sum_i db_i^2 of a linear layer's gradient at batch 1 is its input; the label is
+    the bias gradient's negative entry; int8 values on the wire (per-tensor scale) leave it close."""
+    import torch
+    from torch import nn
+
+    from fedtiny.attack.analytic import invert_layer, labels_from_bias
+    from fedtiny.attack.threat import ThreatModel
+    from fedtiny.attack.user import _wire
+
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 10).double()
+    xs, ys = torch.rand(6, 48, dtype=torch.float64), torch.randint(0, 10, (6,))
+    dws, dbs = [], []
+    for x, y in zip(xs, ys):
+        layer.zero_grad()
+        nn.functional.cross_entropy(layer(x[None]), y[None]).backward()
+        dws.append(layer.weight.grad.clone())
+        dbs.append(layer.bias.grad.clone())
+    dw, db = torch.stack(dws), torch.stack(dbs)
+    assert torch.allclose(invert_layer(dw, db), xs, rtol=1e-9, atol=1e-12)
+    assert torch.equal(labels_from_bias(db), ys)
+    threat = ThreatModel(values="int8")
+    (qw, mw), (qb, mb) = _wire(dw.float(), threat), _wire(db.float(), threat)
+    est = invert_layer(qw.view_as(dw), qb.view_as(db), mw.view_as(dw), mb.view_as(db))
+    rel = ((est - xs).norm(dim=1) / xs.norm(dim=1)).max()
+    assert rel < 0.05, rel
+    assert torch.equal(labels_from_bias(qb.view_as(db)), ys)
