@@ -265,3 +265,15 @@ def test_analytic_inversion_is_exact_on_a_float_layer_at_batch_1_and_close_throu
     rel = ((est - xs).norm(dim=1) / xs.norm(dim=1)).max()
     assert rel < 0.05, rel
     assert torch.equal(labels_from_bias(qb.view_as(db)), ys)
+
+
+def test_worst_case_takes_each_images_best_attack_and_counts_recognisable_ones():
+    from fedtiny.attack.metrics import worst_case
+
+    w = worst_case({"ig": [30.0, 12.0, 18.0], "analytic": [20.0, 26.0, 17.0]},
+                   {"ig": [0.9, 0.1, 0.3], "analytic": [0.5, 0.8, 0.2]}, [15.0, 14.0, 19.0])
+    assert w["max_psnr_db"] == [30.0, 26.0, 18.0] and w["best_attack"] == ["ig", "analytic", "ig"]
+    assert w["max_ssim"] == [0.9, 0.8, 0.3]
+    assert w["frac_psnr_25db"] == 2 / 3 and w["frac_above_flat"] == 2 / 3  # 18 dB is below its 19 dB baseline
+    with pytest.raises(ValueError):
+        worst_case({"ig": [1.0]}, {"ig": [0.1]}, [1.0, 2.0])

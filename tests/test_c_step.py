@@ -158,7 +158,8 @@ def test_device_check_cli(built, cli):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["forward_mismatches"] == 0 and out["param_mismatches"] == 0
-    assert out["arena_peak_bytes"] > 0 and out["planner_peak_bytes"] > 0
+    assert out["arena_peak_bytes"] > 0 and out["planner_peak_bytes"] > out["planner_arena_bytes"] > 0
+    assert out["arena_vs_planner"] <= 1.05  # the C step's arena, as the planner laid it out, against its count
     r = cli("device", "check", "--model", "tiny-ir", "--device", "no-such-board")
     assert r.returncode != 0 and "no-such-board" in r.stderr
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
-from fedtiny.attack.metrics import flat_psnr, score
+from fedtiny.attack.metrics import flat_psnr, score, worst_case
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
@@ -167,7 +167,8 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     return report
 
 
-_REPORTED = ("mean_psnr_db", "mean_ssim", "label_accuracy", "match_cosine_at_truth", "change_lsb")
+_REPORTED = ("mean_psnr_db", "mean_ssim", "label_accuracy", "match_cosine_at_truth", "change_lsb", "frac_psnr_25db",
+             "mean_flat_psnr_db")
 
 
 def _means(done: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -180,7 +181,8 @@ def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
     """``summary.json``'s privacy figures: ``privacy_*`` from the top level, ``privacy_aggregate_*`` when an
     aggregate was attacked besides or instead of the clients."""
     short = {"mean_psnr_db": "mean_psnr_db", "mean_ssim": "mean_ssim", "label_accuracy": "label_accuracy",
-             "match_cosine_at_truth": "match_cosine", "change_lsb": "change_lsb"}
+             "match_cosine_at_truth": "match_cosine", "change_lsb": "change_lsb", "frac_psnr_25db": "frac_psnr_25db",
+             "mean_flat_psnr_db": "flat_psnr_db"}
     out = {f"privacy_{v}": report[k] for k, v in short.items()}
     if report.get("aggregate"):
         out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
@@ -265,4 +267,6 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             # per image, in the order of psnr_db: which images (e.g. faces or not) leaked
                             "ssim": sc["ssim"], "true_labels": data[i].y.tolist(),
                             "flat_psnr_db": [flat_psnr(img) for img in data[i].x]})
+            worst = worst_case({cfg.method: sc["psnr"]}, {cfg.method: sc["ssim"]}, results[-1]["flat_psnr_db"])
+            results[-1].update(frac_psnr_25db=worst["frac_psnr_25db"], mean_flat_psnr_db=worst["mean_flat_psnr_db"])
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))

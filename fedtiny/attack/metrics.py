@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mse", "psnr", "flat_psnr", "ssim", "match", "score"]
+__all__ = ["mse", "psnr", "flat_psnr", "ssim", "match", "score", "worst_case", "RECOGNISABLE_DB"]
+
+RECOGNISABLE_DB = 25.0  # a reconstruction at or above this PSNR is counted as the image leaking
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,3 +61,24 @@ def score(recon: np.ndarray, target: np.ndarray, recon_labels=None, target_label
         tl = sorted(np.asarray(target_labels).tolist())
         out["label_accuracy"] = float(np.mean([a == b for a, b in zip(rl, tl)]))
     return out
+
+
+def worst_case(psnr_by_attack: dict[str, list[float]], ssim_by_attack: dict[str, list[float]],
+               flat_db: list[float]) -> dict:
+    """Per target image, the best any attack did (the defender's worst case), and its summary.
+
+    ``psnr_by_attack``/``ssim_by_attack``: per attack, one score per target (the same target order);
+    ``flat_db``: each target's brightness-only baseline (:func:`flat_psnr`).
+    """
+    names = list(psnr_by_attack)
+    if not names or any(len(psnr_by_attack[n]) != len(flat_db) or len(ssim_by_attack[n]) != len(flat_db)
+                        for n in names):
+        raise ValueError("worst_case: every attack needs one PSNR and one SSIM per target")
+    best_psnr = np.max([psnr_by_attack[n] for n in names], axis=0)
+    best_ssim = np.max([ssim_by_attack[n] for n in names], axis=0)
+    best_by = [names[int(i)] for i in np.argmax([psnr_by_attack[n] for n in names], axis=0)]
+    return {"attacks": names, "max_psnr_db": best_psnr.tolist(), "max_ssim": best_ssim.tolist(), "best_attack": best_by,
+            "flat_psnr_db": list(map(float, flat_db)), "mean_max_psnr_db": float(best_psnr.mean()),
+            "mean_max_ssim": float(best_ssim.mean()), "mean_flat_psnr_db": float(np.mean(flat_db)),
+            "frac_psnr_25db": float(np.mean(best_psnr >= RECOGNISABLE_DB)),
+            "frac_above_flat": float(np.mean(best_psnr > np.asarray(flat_db)))}

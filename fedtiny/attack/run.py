@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
-from fedtiny.attack.metrics import flat_psnr, score
+from fedtiny.attack.metrics import flat_psnr, score, worst_case
 from fedtiny.attack.presets import dlg_lenet, face_images, photo_patches, real_images, tiny_ir_rgb
 from fedtiny.attack.threat import DEFENSES, ThreatModel
 from fedtiny.attack.user import observe
@@ -91,6 +91,10 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
         "seconds": round(seconds, 2), "seconds_per_target": round(seconds / targets, 3),
         "psnr_db": psnrs,
     }
+    flats = [flat_psnr(img) for img in x.reshape(-1, *x.shape[-3:]).numpy()]
+    worst = worst_case({cfg.method: psnrs}, {cfg.method: ssims}, flats)
+    summary.update(frac_psnr_25db=worst["frac_psnr_25db"], frac_above_flat=worst["frac_above_flat"],
+                   flat_psnr_db_per_image=worst["flat_psnr_db"], ssim=ssims)
     order = [sc["order"] for sc in scores]
     recon = np.stack([rec[i].numpy()[order[i]] for i in range(targets)])
     return summary, x.numpy(), np.clip(recon, 0, 1)

@@ -370,13 +370,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
             ("PSNR mean / median / min (dB)", f"{summary['mean_psnr_db']:.2f} / {summary['median_psnr_db']:.2f} / "
                                               f"{summary['min_psnr_db']:.2f}"),
             ("PSNR of each target's flat mean (baseline)", f"{summary['flat_psnr_db']:.2f}"),
+            ("images at >= 25 dB / above their flat baseline", f"{summary['frac_psnr_25db']:.2f} / "
+                                                                f"{summary['frac_above_flat']:.2f}"),
             ("SSIM mean", summary["mean_ssim"]), ("label accuracy", summary["label_accuracy"]),
             ("seconds per target (batched)", summary["seconds_per_target"])]
     if "single_target_seconds" in summary:
         rows.append(("seconds for one target alone", summary["single_target_seconds"]))
     print(_table(rows))
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "psnr_db"}, sort_keys=True))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("psnr_db", "ssim", "flat_psnr_db_per_image")},
+                         sort_keys=True))
     return 0
 
 
