@@ -195,6 +195,13 @@ class DeviceSection:
     custom_clock_mhz: int = _key(100, "clock of the scenario's own profile", _range(1, 10_000))
     enforce: bool = _key(True, "a client whose training step does not fit its device refuses to train")
     micro_batch: int = _key(1, "samples per on-device training step, for the memory check", _range(1, 4096))
+    policy_frozen_first: int = _key(0, "privacy policy: a client refuses a scheme that trains any of the model's "
+                                    "first N convolutions (0: none)", _range(0, 10_000))
+    policy_max_saturation: float = _key(1.0, "privacy policy: a client refuses a downlink that clamps more than this "
+                                        "share of a layer's outputs on its own samples, as trap weights do (1: never)",
+                                        _range(0.0, 1.0))
+    policy_max_change_lsb: int = _key(0, "privacy policy: a client clips each trained int8 weight's change per round "
+                                      "to this many quantization steps before sending (0: no bound)", _range(0, 255))
     kernels: str = _key("optimized", "compute cost of the clients' kernels for device time and energy: optimized "
                         "(each profile's published cycles per MAC) or reference (fedtiny's C step as the firmware "
                         "runs it, measured in QEMU; Cortex-M4/M7 profiles)", _choice("optimized", "reference"))

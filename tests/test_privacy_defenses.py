@@ -270,3 +270,52 @@ def test_the_lsb_table_pools_client_updates_by_precision_attack_batch_and_size_o
         "| int8, ig, batch 1 | 0.3 - 1 | 3 | 3 | 25.00 ± 2.48 | 1.00 ± 0.00 |",
         "| int8, ig, batch 4 | 0.3 - 1 | 3 | 3 | 8.00 ± 0.00 | 0.00 ± 0.00 |",
         "| int8, rounding, batch 1 | 0.3 - 1 | 3 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |"]
+
+
+def _quickstart_round(overrides, tamper=None):
+    """One client round of the quickstart (2 clients) under ``overrides``; ``tamper(state)`` edits the downlink."""
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import client_task, local_round
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.scenario import load_scenario
+
+    s = load_scenario(ROOT / "scenarios" / "quickstart.toml",
+                      {"run.clients": 2, "compression.uplink": "dense", "compression.downlink": "full", **overrides})
+    task, initial, _, schemes = server_task(s, progress=None)
+    scheme = next(iter(schemes.by_profile.values()))
+    client = client_task(task.scenario, scheme)
+    state = {k: v.copy() for k, v in initial.items()}
+    if tamper:
+        tamper(state)
+    down = pack_dense({n: state[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
+    result, _ = local_round(task.scenario, 0, 1, down, kind="full", scheme=scheme)
+    return result, state, client
+
+
+def test_client_policies_refuse_early_layers_and_saturating_downlinks_and_bound_the_change():
+    import numpy as np
+
+    from fedtiny.compress.dense import unpack_dense
+
+    honest, _, _ = _quickstart_round({"device.policy_max_saturation": 0.9})
+    assert honest.refusal == "" and honest.update  # an honest model clamps about half of each layer
+    refused, _, _ = _quickstart_round({"device.policy_frozen_first": 2})
+    assert "conv0" in refused.refusal and refused.update == b""
+
+    def trap(state):  # conv0 pushed below its clamp everywhere: the kind of downlink a trap looks like
+        state["conv0.bias"] = np.full_like(state["conv0.bias"], -(2 ** 30))
+
+    refused, _, _ = _quickstart_round({"device.policy_max_saturation": 0.9}, trap)
+    assert "conv0" in refused.refusal and "refused" in refused.refusal and refused.update == b""
+
+    bounded, start, client = _quickstart_round({"device.policy_max_change_lsb": 1})
+    free, _, _ = _quickstart_round({})
+    sent = unpack_dense(bounded.update, client.uplink_spec)
+    unbounded = unpack_dense(free.update, client.uplink_spec)
+    moved = 0
+    for name, _, dt in client.uplink_spec:
+        if dt == "int8":
+            change = sent[name].astype(np.int16) - start[name].astype(np.int16)
+            assert np.abs(change).max() <= 1
+            moved += int(np.abs(unbounded[name].astype(np.int16) - start[name].astype(np.int16)).max() > 1)
+    assert moved > 0  # without the policy some weight moved further

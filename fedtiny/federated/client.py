@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedtiny.compress.dense import dense_nbytes
 from fedtiny.compress.uplink import DENSE
@@ -26,6 +27,7 @@ from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.models.state import to_wire
 from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
+from fedtiny.privacy.policy import clip_weight_change, saturation_refusal, scheme_refusal
 from fedtiny.scenario import Scenario, scenario_from_json
 
 __all__ = ["LocalResult", "local_round", "privatize", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
@@ -109,7 +111,13 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
              "peak_sram_bytes": report.peak_sram_bytes if report else 0, "trained_round": server_round}
     if report is not None and not report.fits and scenario.device.enforce:
         return LocalResult(b"", len(train), refusal=report.reason(), **facts), state
+    d = scenario.device
+    refusal = scheme_refusal(task.model, d.policy_frozen_first) if task.scheme is not None else ""
     load_arrays(task.model, received)
+    if not refusal and task.scheme is not None:
+        refusal = saturation_refusal(task.model, torch.from_numpy(train.x), d.policy_max_saturation)
+    if refusal:
+        return LocalResult(b"", len(train), refusal=refusal, **facts), state
     t, fleet = scenario.train, scenario.fleet
     fwd, bwd = task.sample_macs(profile)
     max_steps = None
@@ -121,7 +129,8 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
                       gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None,
                       gradients=t.gradients, engine=t.engine, shuffle=t.shuffle)
     _, test_acc = evaluate(task.model, test)
-    trained = model_arrays(task.model, [n for n, *_ in task.uplink_spec])
+    trained = clip_weight_change(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), received,
+                                 d.policy_max_change_lsb)
     if scenario.privacy.dp == "local":
         trained = privatize(task, trained, received, np.random.default_rng((scenario.run.seed, server_round,
                                                                             partition_id, DP_STREAM)))
