@@ -238,9 +238,13 @@ class AttackSection:
     enabled: bool = _key(False, "the server attacks chosen clients' updates at chosen rounds (results: privacy.json)")
     clients: tuple[int, ...] = _key((0,), "partition ids to attack", _each(_range(0)))
     rounds: tuple[int, ...] = _key((1,), "rounds in which to attack them", _each(_range(1)))
-    method: str = _key("ig", "dlg (L2, L-BFGS), ig (cosine + TV, signed Adam) or rounding (int8 updates: distance "
+    server: str = _key("honest", "honest (the server sends the federation's model and scheme and only looks at what "
+                       "comes back) or malicious (from round 1 it sends tiny-ir's imprint trap and a scheme that "
+                       "trains the trap layer; needs attack.method = imprint)", _choice("honest", "malicious"))
+    method: str = _key("ig", "dlg (L2, L-BFGS), ig (cosine + TV, signed Adam), rounding (int8 updates: distance "
                        "outside each sent integer's rounding interval, in LSB, + TV; needs attack.unroll or one "
-                       "local step)", _choice("dlg", "ig", "rounding"))
+                       "local step) or imprint (the malicious server's analytic attack on its trap)",
+                       _choice("dlg", "ig", "rounding", "imprint"))
     iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
     restarts: int = _key(4, "random starts per target, solved together; the best match is kept", _range(1, 64))
     unroll: bool = _key(True, "simulate the client's local steps exactly (costly); false: match one gradient "
@@ -650,6 +654,15 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.model.file and s.model.precision != "int8":
         raise ScenarioError(f"{where}: model.precision: a model file is an int8 network; set model.precision = "
                             f"\"int8\" (got {s.model.precision!r})")
+    if s.attack.enabled and (s.attack.server == "malicious") != (s.attack.method == "imprint"):
+        raise ScenarioError(f"{where}: attack.method: the imprint attack reads the malicious server's trap and a "
+                            f"malicious server runs it: set attack.server = \"malicious\" with attack.method = "
+                            f"\"imprint\" (got server {s.attack.server!r}, method {s.attack.method!r})")
+    if s.attack.enabled and s.attack.server == "malicious" and (
+            s.model.name != "tiny-ir" or s.model.file or s.model.module or s.model.width != 16
+            or s.data.image_size != 32 or s.data.channels != 3):
+        raise ScenarioError(f"{where}: attack.server: the malicious server's trap is built for the built-in tiny-ir "
+                            f"(model.width = 16) on 3x32x32 images (data.image_size = 32, data.channels = 3)")
     if s.privacy.dp == "central" and s.server.aggregation != "fedavg":
         raise ScenarioError(f"{where}: privacy.dp: central DP adds its noise to the clipped changes' mean; it needs "
                             f"server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")

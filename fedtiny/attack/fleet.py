@@ -168,7 +168,7 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
 
 
 _REPORTED = ("mean_psnr_db", "mean_ssim", "label_accuracy", "match_cosine_at_truth", "change_lsb", "frac_psnr_25db",
-             "mean_flat_psnr_db")
+             "mean_flat_psnr_db", "oracle_mean_psnr_db", "leaked_blocks")
 
 
 def _means(done: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -182,7 +182,8 @@ def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
     aggregate was attacked besides or instead of the clients."""
     short = {"mean_psnr_db": "mean_psnr_db", "mean_ssim": "mean_ssim", "label_accuracy": "label_accuracy",
              "match_cosine_at_truth": "match_cosine", "change_lsb": "change_lsb", "frac_psnr_25db": "frac_psnr_25db",
-             "mean_flat_psnr_db": "flat_psnr_db"}
+             "mean_flat_psnr_db": "flat_psnr_db", "oracle_mean_psnr_db": "oracle_psnr_db",
+             "leaked_blocks": "leaked_blocks"}
     out = {f"privacy_{v}": report[k] for k, v in short.items()}
     if report.get("aggregate"):
         out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
@@ -219,6 +220,26 @@ def _images_behind(task, ob: Observed):
                     parts[0].name)
 
 
+def _imprint_all(task, members: list, results: list, grids: list) -> None:
+    """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
+    from fedtiny.attack.malicious import grey, imprint, target_public, trap_for
+
+    public = target_public(task.federation.public)
+    trap, prior = trap_for(public), grey(public).mean(axis=0)
+    for ob, data in members:
+        out = imprint(task, ob["changes"], ob["state"], trap, prior, data.x)
+        rec = out.pop("recon")
+        results.append({"round": ob["round"], "partition_id": ob["partition_id"], "images": len(data),
+                        "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob
+                        else "client", "mean_psnr_db": float(np.mean(out["psnr_db"])),
+                        "mean_ssim": float(np.mean(out["ssim"])), "label_accuracy": None,
+                        "match_cosine_at_truth": None, "change_lsb": None, "true_labels": data.y.tolist(),
+                        "oracle_mean_psnr_db": float(np.mean(out["oracle_psnr_db"])), **out})
+        worst = worst_case({"imprint": out["psnr_db"]}, {"imprint": out["ssim"]}, out["flat_psnr_db"])
+        results[-1].update(frac_psnr_25db=worst["frac_psnr_25db"], mean_flat_psnr_db=worst["mean_flat_psnr_db"])
+        grids.append((data.x, np.clip(rec, 0, 1), out["psnr_db"]))
+
+
 def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
     """Attack the observed updates, one vectorized problem per (round, number of images)."""
     s = task.scenario
@@ -230,6 +251,9 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             f"{len(train)} training images > attack.max_images = {cfg.max_images}"})
             continue
         groups.setdefault((ob["round"], len(train)), []).append((ob, train))
+    if cfg.method == "imprint":
+        _imprint_all(task, [m for g in sorted(groups.items(), key=lambda g: g[0]) for m in g[1]], results, grids)
+        return
     for (rnd, n), members in sorted(groups.items(), key=lambda g: g[0]):
         obs_list, data = [ob for ob, _ in members], [d for _, d in members]
         # All of a round's updates were computed from the same global model.

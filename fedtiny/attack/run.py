@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
-from fedtiny.attack.metrics import flat_psnr, score, worst_case
-from fedtiny.attack.presets import dlg_lenet, face_images, photo_patches, real_images, tiny_ir_rgb
+from fedtiny.attack.metrics import flat_psnr, psnr, score, ssim, worst_case
+from fedtiny.attack.presets import _resize, dlg_lenet, face_ids, face_images, photo_patches, real_images, tiny_ir_rgb
 from fedtiny.attack.threat import DEFENSES, ThreatModel
 from fedtiny.attack.user import observe
 from fedtiny.errors import ScenarioError
@@ -64,7 +64,7 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
                log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Attack ``targets`` real images under ``preset`` and ``defense``; return the summary and images."""
     if preset not in PRESETS:
-        raise ScenarioError(f"--preset: unknown {preset!r}; known: {', '.join(PRESETS)}")
+        raise ScenarioError(f"--preset: unknown {preset!r}; known: {', '.join(PRESETS)}, faces-malicious")
     if defense not in DEFENSES:
         raise ScenarioError(f"--defense: unknown {defense!r}; known: {', '.join(DEFENSES)}")
     p = PRESETS[preset]
@@ -122,3 +122,180 @@ def plot_grid(targets: np.ndarray, recon: np.ndarray, psnrs: list[float], path: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def malicious_scenario(targets: int, batch: int, *, local_steps: int = 1, density: float = 1.0, values: str = "int8",
+                       precision: str = "int8", lr: float = 0.1, seed: int = 0, overrides: dict | None = None):
+    """The client side of ``faces-malicious``: tiny-ir on 3x32x32 faces, ``targets`` clients of ``batch``
+    images, ``local_steps`` full-batch steps, the trap's scheme, a sparse uplink of ``density`` in
+    ``values`` (int8) or, with ``precision = "fp32"``, dense fp32 updates of the whole float network."""
+    import json
+
+    from fedtiny.attack.malicious import trap_scheme_dict
+    from fedtiny.scenario import scenario_from_dict
+
+    int8 = precision == "int8"
+    raw = {
+        "run": {"name": "faces-malicious", "seed": seed, "rounds": 1, "clients": max(2, targets)},
+        "data": {"source": "lfw-faces", "image_size": 32, "channels": 3, "partition": "iid", "public_fraction": 0.5},
+        "model": {"name": "tiny-ir", "precision": precision, "pretrain_epochs": 0},
+        "train": {"lr": lr, "momentum": 0.0, "batch_size": batch, "local_epochs": local_steps,
+                  "optimizer": "sgd+qas" if int8 else "sgd",
+                  "scheme": json.dumps(trap_scheme_dict()) if int8 else "full"},
+        "device": {"profiles": ["mcu-256kb"]},
+        "compression": ({"uplink": "sparse", "error_feedback": True, "density": density, "values": values} if int8
+                        else {"uplink": "dense"}),
+    }
+    return scenario_from_dict(raw, overrides, where="faces-malicious")
+
+
+def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray,
+                   *, first_partition: int = 0, log=None) -> list[dict | str]:
+    """Each batch ``images[i]`` (``[b, C, H, W]``) trained by one client on the ``sent`` state, through
+    :func:`fedtiny.federated.client.local_round`; the server's decoded update of each, or the
+    client's refusal (a string)."""
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.data.sources import ImageSet
+    from fedtiny.federated.client import local_round
+
+    downlink = pack_dense(sent, task.downlink_spec)
+    out: list[dict | str] = []
+    for i in range(len(images)):
+        pid = (first_partition + i) % scenario.run.clients
+        result, _ = local_round(scenario, pid, 1, downlink, scheme=scheme,
+                                data=ImageSet(images[i], labels[i], 2, "faces"))
+        out.append(result.refusal or task.uplink.decode(result.update, sent))
+        if log is not None and (i + 1) % 500 == 0:
+            print(f"[fedtiny attack] {i + 1}/{len(images)} public updates", file=log, flush=True)
+    return out
+
+
+def update_row(task, changes: dict) -> np.ndarray:
+    """A decoded update as one vector: every uplink tensor's trainable slice (zeros where not sent)."""
+    parts = []
+    for name, _, _ in task.uplink_spec:
+        full = np.zeros(int(task.slices[name].max(initial=-1)) + 1)
+        if name in changes:
+            idx, values = changes[name]
+            full[np.asarray(idx)] = values
+        parts.append(full[task.slices[name]])
+    return np.concatenate(parts)
+
+
+def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density: float = 1.0, values: str = "int8",
+                  precision: str = "int8", seed: int = 0, overrides: dict | None = None, learned: int = 0,
+                  epochs: int = 30, log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
+
+    The server builds the trap from the faces that are not targets (its public data: bin edges,
+    calibration of the int8 conversion, the prior to place blocks on), sends it as the full
+    downlink with the trap's scheme; each client runs :func:`fedtiny.federated.client.local_round`
+    on its own faces (the memory check, the client's privacy policies, training with the exact
+    int8 step, top-k with error feedback, the codec); the server decodes and attacks each update:
+    the imprint (:func:`fedtiny.attack.malicious.imprint`) and, with ``learned`` > 0 at batch 1, the
+    learned inverter trained on the updates of ``learned`` augmented public faces made by the same
+    client code. Scores are per image, with the worst case over the attacks.
+    """
+    from skimage.data import lfw_subset
+
+    from fedtiny.attack.learned import augment, fit_inverter
+    from fedtiny.attack.malicious import grey, imprint, trap_for, trap_scheme, trap_state
+    from fedtiny.attack.presets import LFW_FACES
+    from fedtiny.federated.task import make_task, with_scheme
+
+    if targets * batch > LFW_FACES - 8:
+        raise ScenarioError(f"faces-malicious: {targets} targets x batch {batch} faces leave fewer than 8 of "
+                            f"lfw_subset's {LFW_FACES} faces as the server's public data")
+    if learned and batch != 1:
+        raise ScenarioError("faces-malicious: the learned inverter maps one update to one image: batch 1 only")
+    scenario = malicious_scenario(targets, batch, local_steps=local_steps, density=density, values=values,
+                                  precision=precision, seed=seed, overrides=overrides)
+    x, y = face_images(targets * batch, seed=seed)
+    rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
+    public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], 32).repeat(3, axis=1)
+    trap = trap_for(public)
+    task = make_task(scenario)
+    scheme = trap_scheme(task.model) if precision == "int8" else None
+    task = with_scheme(task, scheme)
+    sent = trap_state(task, public, trap)
+    prior = grey(public).mean(axis=0)
+    t0 = time.perf_counter()
+    xb, yb = x.reshape(targets, batch, *x.shape[1:]), y.reshape(targets, batch)
+    updates = client_updates(scenario, task, scheme, sent, xb, yb)
+    rows, recon = [], []
+    for i, changes in enumerate(updates):
+        if isinstance(changes, str):
+            rows.append({"target": i, "refused": changes})
+            recon.append(np.repeat(prior[None, None], 3, 1).repeat(batch, 0))
+            print(f"[fedtiny attack] target {i + 1}/{targets}: refused: {changes}", file=log, flush=True)
+            continue
+        out = imprint(task, changes, sent, trap, prior, xb[i])
+        recon.append(out.pop("recon"))
+        rows.append({"target": i, **out})
+        print(f"[fedtiny attack] target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
+              f"{np.mean(out['oracle_psnr_db']):.2f} dB at true positions, {out['leaked_blocks']:.2f} of blocks "
+              f"leaked", file=log, flush=True)
+    attacked = [i for i, u in enumerate(updates) if not isinstance(u, str)]
+    if learned and attacked:
+        pub = augment(grey(public), learned, seed)
+        pub3 = np.repeat(pub[:, None, None], 3, axis=2)
+        print(f"[fedtiny attack] learned inverter: {learned} public updates through the client", file=log,
+              flush=True)
+        pub_updates = client_updates(scenario, task, scheme, sent, pub3, np.ones((learned, 1), np.int64),
+                                     first_partition=targets, log=log)
+        keep = [j for j, u in enumerate(pub_updates) if not isinstance(u, str)]
+        if len(keep) >= 2:
+            inverter = fit_inverter(np.stack([update_row(task, pub_updates[j]) for j in keep]), pub[keep],
+                                    epochs=epochs, seed=seed, log=log)
+            guess = inverter(np.stack([update_row(task, updates[i]) for i in attacked]))
+            for k, i in enumerate(attacked):
+                img = np.repeat(guess[k][None], 3, 0)
+                rows[i]["learned_psnr_db"] = [psnr(img, xb[i][0])]
+                rows[i]["learned_ssim"] = [ssim(img, xb[i][0])]
+                if rows[i]["learned_psnr_db"][0] > rows[i]["psnr_db"][0]:
+                    recon[i] = img[None]
+    seconds = time.perf_counter() - t0
+    summary = _malicious_summary(rows, x, batch)
+    summary.update(preset="faces-malicious", targets=targets, batch_size=batch, local_steps=local_steps,
+                   density=density, values=values if precision == "int8" else "fp32", precision=precision,
+                   seed=seed, seconds=round(seconds, 2), public_faces=len(rest), learned_public=learned,
+                   targets_detail=rows,
+                   policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")})
+    return summary, xb, np.stack(recon)
+
+
+def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str, Any]:
+    """Means over every target image (a refused client's images count at their flat baseline: the
+    server learned nothing) and the worst case per image over the attacks run (placed, and oracle as a bound)."""
+    flats = [flat_psnr(img) for img in x]
+    placed, oracle, ssims, refused = [], [], [], 0
+    learned, learned_ssim = [], []
+    for r in rows:
+        own = flats[r["target"] * batch:(r["target"] + 1) * batch]
+        if "refused" in r:  # nothing was sent: the server has the brightness at best
+            refused += 1
+            placed, oracle, ssims = placed + own, oracle + own, ssims + [0.0] * batch
+            learned, learned_ssim = learned + own, learned_ssim + [0.0] * batch
+        else:
+            placed += r["psnr_db"]
+            oracle += r["oracle_psnr_db"]
+            ssims += r["ssim"]
+            learned += r.get("learned_psnr_db", [-np.inf] * batch)
+            learned_ssim += r.get("learned_ssim", [-np.inf] * batch)
+    done = [r for r in rows if "refused" not in r]
+    by_psnr, by_ssim = {"imprint": placed}, {"imprint": ssims}
+    if any(np.isfinite(learned)):
+        by_psnr["learned"], by_ssim["learned"] = learned, learned_ssim
+    worst = worst_case(by_psnr, by_ssim, flats)
+    return {"mean_psnr_db": float(np.mean(placed)), "mean_ssim": float(np.mean(ssims)),
+            "learned_mean_psnr_db": float(np.mean(learned)) if "learned" in by_psnr else None,
+            "learned_mean_ssim": float(np.mean(learned_ssim)) if "learned" in by_psnr else None,
+            "worst_case_mean_psnr_db": worst["mean_max_psnr_db"], "worst_case_mean_ssim": worst["mean_max_ssim"],
+            "best_attack": worst["best_attack"],
+            "mean_flat_psnr_db": float(np.mean(flats)), "frac_psnr_25db": worst["frac_psnr_25db"],
+            "frac_above_flat": worst["frac_above_flat"], "psnr_db": placed, "ssim": ssims, "flat_psnr_db": flats,
+            "oracle_mean_psnr_db": float(np.mean(oracle)),
+            "oracle_frac_psnr_25db": float(np.mean(np.asarray(oracle) >= 25.0)),
+            "isolated": float(np.mean([r["isolated"] for r in done])) if done else 0.0,
+            "leaked_blocks": float(np.mean([r["leaked_blocks"] for r in done])) if done else 0.0,
+            "refused": refused}

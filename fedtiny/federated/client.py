@@ -81,7 +81,7 @@ def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Tas
 
 def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
                 scheme: ResolvedScheme | None = None, state: dict[str, np.ndarray] | None = None,
-                profile: DeviceProfile | None = None) -> tuple[LocalResult, dict[str, np.ndarray]]:
+                profile: DeviceProfile | None = None, data=None) -> tuple[LocalResult, dict[str, np.ndarray]]:
     """Run client ``partition_id``'s round ``server_round``; return its reply and its new persistent state.
 
     The client applies the downlink (the full model, or the change since the model
@@ -89,6 +89,8 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     device (if not, and ``device.enforce``, it does not train and says why), trains,
     and encodes its update: the trained tensors (dense uplink) or their change,
     sparsified with error feedback (sparse uplink; the residual lives in ``state``).
+    ``data`` (an :class:`~fedtiny.data.sources.ImageSet`) replaces the partition's training
+    images: an attack harness runs its target images through this same path.
 
     Raises
     ------
@@ -104,6 +106,8 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     received = apply_downlink(kind, downlink, task.downlink_spec, base)
     state.update({f"global/{n}": a for n, a in received.items()})
     train, test = task.federation.client_data(partition_id)
+    if data is not None:  # an attack harness's target images stand in for the partition's training data
+        train = data
     profile = profile or client_profile(scenario, partition_id)
     radio = client_radio(scenario, profile)
     report = task.memory(profile)

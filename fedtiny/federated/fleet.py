@@ -230,6 +230,23 @@ def choose_lr(task: Task, state: dict[str, np.ndarray], progress: Callable[[str]
     return grid_lr(s, trial.model, state, train, val, progress)
 
 
+def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callable[[str], None] | None):
+    """A malicious server's round-1 model and schemes: the imprint trap built from the public split, and
+    (int8) the trap's scheme for every device profile (``fedtiny.attack.malicious``)."""
+    from fedtiny.attack.malicious import target_public, trap_for, trap_scheme, trap_state
+
+    public = target_public(task.federation.public)
+    state = trap_state(task, public, trap_for(public))
+    if progress:
+        progress("attack.server = malicious: the clients receive the imprint trap" +
+                 (" and train its scheme" if schemes is not None else ""))
+    if schemes is None:
+        return state, None
+    load_arrays(task.model, state)
+    trap = trap_scheme(task.model)
+    return state, FleetSchemes({name: trap for name in schemes.by_profile}, False, schemes.seed)
+
+
 def server_task(scenario, progress: Callable[[str], None] | None = _log):
     """The server's side of a run before round 1: ``(task, initial_state, cloud_report, schemes)``.
 
@@ -248,6 +265,8 @@ def server_task(scenario, progress: Callable[[str], None] | None = _log):
         progress(lr.describe())
     cloud = dataclasses.replace(cloud, lr=lr.lr, lr_source=lr.source)
     schemes = fleet_schemes(task, initial, progress) if scenario.model.precision == "int8" else None
+    if scenario.attack.enabled and scenario.attack.server == "malicious":
+        initial, schemes = _malicious_start(task, schemes, progress)
     if schemes is not None:
         task = with_scheme(task, schemes.union)
     return task, initial, cloud, schemes

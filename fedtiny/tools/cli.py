@@ -344,6 +344,44 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack_malicious(args: argparse.Namespace) -> int:
+    """``fedtiny attack --preset faces-malicious``: the trap through the client's own update path."""
+    from fedtiny.attack.run import plot_grid, run_malicious
+    from fedtiny.scenario import parse_overrides
+
+    if args.defense != "none":
+        raise ScenarioError("--defense: faces-malicious runs the client's real path; set its compression and "
+                            "policies with --density, --values and --set device.policy_...=N")
+    summary, targets, recon = run_malicious(args.targets, args.batch_size, local_steps=args.local_steps,
+                                            density=args.density, values=args.values, precision=args.precision,
+                                            seed=args.seed, overrides=parse_overrides(args.set or []),
+                                            learned=args.learned, epochs=args.learned_epochs)
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "privacy.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        plot_grid(targets, recon, summary["psnr_db"], out / "reconstructions.png")
+    learned = summary["learned_mean_psnr_db"]
+    rows = [("preset", f"faces-malicious ({summary['precision']}, {summary['values']}, density {summary['density']})"),
+            ("targets x batch, local steps", f"{summary['targets']} x {summary['batch_size']}, {summary['local_steps']}"),
+            ("clients that refused", summary["refused"]),
+            ("imprint PSNR mean (dB), blocks placed on the public prior", f"{summary['mean_psnr_db']:.2f}"),
+            ("learned inverter PSNR mean (dB)", "not run" if learned is None else f"{learned:.2f}"),
+            ("worst case per image: PSNR / SSIM mean", f"{summary['worst_case_mean_psnr_db']:.2f} / "
+                                                      f"{summary['worst_case_mean_ssim']:.3f}"),
+            ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
+            ("images at >= 25 dB / above their flat baseline", f"{summary['frac_psnr_25db']:.2f} / "
+                                                                f"{summary['frac_above_flat']:.2f}"),
+            ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
+            ("blocks isolated / leaked within 4/255", f"{summary['isolated']:.3f} / {summary['leaked_blocks']:.3f}")]
+    print(_table(rows))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "targets_detail"}, sort_keys=True))
+    return 0
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     import time
 
@@ -352,6 +390,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from fedtiny.attack.run import plot_grid, run_attack
 
     torch.set_num_threads(args.threads)
+    if args.preset == "faces-malicious":
+        return _attack_malicious(args)
     summary, targets, recon = run_attack(args.preset, args.targets, args.defense, seed=args.seed,
                                          iterations=args.iterations)
     if args.compare_single and args.targets > 1:
@@ -538,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attack", help="gradient-leakage attack on real images (DLG, iDLG, Inverting Gradients)")
     p.add_argument("--preset", default="dlg-lenet", help="dlg-lenet (DLG's setting), ig-lenet-fedavg, faces (DLG's setting on "
                                                     "faces with the 3-channel tiny-ir), dlg-lenet-faces (the same "
-                                                    "faces on DLG's LeNet: the control) or photos")
+                                                    "faces on DLG's LeNet: the control), photos, or faces-malicious "
+                                                    "(a server that sets the weights and the scheme: the imprint "
+                                                    "trap through the int8 client's own update path)")
     p.add_argument("--defense", default="none", help="none, prune-20, prune-90, topk-1, fp16, int8, ternary, "
                                                      "topk-1-ternary")
     p.add_argument("--targets", type=int, default=8, help="independent targets, attacked together")
@@ -549,6 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time one target attacked alone")
     p.add_argument("--out", help="folder for privacy.json and reconstructions.png")
     p.add_argument("--json", action="store_true")
+    m = p.add_argument_group("faces-malicious (the client's real path)")
+    m.add_argument("--batch-size", type=int, default=1, help="faces per client (one local batch)")
+    m.add_argument("--local-steps", type=int, default=1, help="full-batch local steps")
+    m.add_argument("--density", type=float, default=1.0, help="top-k share of the uplink (error feedback on)")
+    m.add_argument("--values", default="int8", help="uplink values: int8, fp16 or fp32")
+    m.add_argument("--precision", default="int8", help="int8 (the device) or fp32 (dense float updates: contrast)")
+    m.add_argument("--learned", type=int, default=0, help="also train the learned inverter on this many augmented "
+                   "public faces' updates (batch 1)")
+    m.add_argument("--learned-epochs", type=int, default=30)
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="scenario override for the clients, e.g. "
+                   "device.policy_max_change_lsb=2 or privacy.dp=\"local\"")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("device", help="the device side: check the C training step against the simulator's")

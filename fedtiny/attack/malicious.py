@@ -1,0 +1,390 @@
+"""A server that lies: trap weights for tiny-ir and the imprint attack on what a client sends back.
+
+Threat model ``malicious``: the server sets every value of the model it sends (weights, biases,
+scales, activation ranges: all of them travel in the downlink) and the scheme a client trains,
+never the architecture the device runs. What tiny-ir's architecture allows ("Robbing the Fed",
+Fowl et al. 2022, adapted to a network whose only dense layer sees globally pooled features):
+
+- the stem and the first two blocks pass the image on losslessly as grey 4x4 blocks: the stride-2
+  stem as a space-to-depth (4 of its channels carry each 2x2 block), block 0 as an identity, block
+  1's expansion and stride-2 depthwise as a second space-to-depth (16 of its 48 channels), its
+  projection onto the first 16 of the 32 channels at 8x8, scaled by ``pixel_gain``;
+- block 2's expansion (32 -> 96, ReLU6, with a bias) becomes 96 brightness bins: channel ``o`` is in
+  its linear range only where the block's mean lies in ``[edge_o, edge_{o+1})`` (equal-mass
+  quantiles of public blocks), saturated (no gradient) elsewhere;
+- everything after makes the gradient reaching those bins the same at every position: block 2's
+  depthwise passes them on, its projection sums them into one channel, block 3 averages that
+  channel down to 4x4 inside its ReLU6 windows, the classifier reads it with opposite signs;
+- the scheme trains block 2's expansion (``conv6``: the 16 pixel channels and the bias) and the
+  classifier.
+
+A bin that one position falls in gives that 4x4 block exactly as ``dW_o / db_o``; more positions
+give their mean; the bias change counts them. Convolutions are translation-equivariant and the
+global pool discards position, so the attacker places the blocks it recovers on a public prior
+(the mean public face) by the Hungarian algorithm; :func:`oracle_place` (true positions) bounds
+what any placement could do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtiny.errors import ScenarioError
+
+__all__ = ["Trap", "TRAP_LAYER", "trap_network", "trap_for", "trap_state", "trap_scheme", "trap_scheme_dict", "imprint", "block_edges", "blocks_of", "image_of",
+           "recover_blocks", "place", "oracle_place"]
+
+TARGET_CLASS = 1   # the class whose samples send the trap's gradient (lfw-faces: faces); the others send none
+BLOCK = 4          # side of the pixel blocks each 8x8 position of block 2 holds
+TRAP_LAYER = 6     # conv6: block 2's expansion, the bins
+PIXELS = BLOCK * BLOCK
+
+
+@dataclass(frozen=True)
+class Trap:
+    """The malicious model's settings.
+
+    Attributes
+    ----------
+    edges
+        ``bins + 1`` increasing bin edges of block brightness in [0, 1] (``block_edges``).
+    pixel_gain
+        Block 2's input carries pixels times this: the weight change of a bin grows with its square
+        (its input and its smaller weight scale), so the change stands well above int8 rounding.
+    head_gain
+        Classifier weight on the summed bins (its sign flips between the two logits).
+    """
+
+    edges: tuple[float, ...]
+    pixel_gain: float = 10.0
+    head_gain: float = 1000.0
+
+    @property
+    def bins(self) -> int:
+        return len(self.edges) - 1
+
+
+def blocks_of(img: np.ndarray) -> np.ndarray:
+    """``H x W`` -> ``(H/4 * W/4) x 16`` non-overlapping 4x4 blocks, row-major, pixels row-major."""
+    h, w = img.shape
+    return img.reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(-1, PIXELS)
+
+
+def image_of(blocks: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Inverse of :func:`blocks_of`."""
+    return blocks.reshape(h // BLOCK, w // BLOCK, BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(h, w)
+
+
+def grey(images: np.ndarray) -> np.ndarray:
+    """``N x C x H x W`` in [0, 1] -> ``N x H x W``: the channel mean (what the trap's stem passes on)."""
+    return np.asarray(images, np.float64).mean(axis=1)
+
+
+def block_edges(public: np.ndarray, bins: int = 96) -> tuple[float, ...]:
+    """Equal-mass bin edges of 4x4-block brightness over ``public`` images (``N x C x 32 x 32``)."""
+    means = np.concatenate([blocks_of(g).mean(axis=1) for g in grey(public)])
+    inner = np.quantile(means, np.linspace(0, 1, bins + 1)[1:-1])
+    inner = np.maximum.accumulate(inner + np.arange(bins - 1) * 1e-6)  # strictly increasing
+    return (-1e-3, *map(float, inner), 1.0 + 1e-3)
+
+
+# Block 2's input channel of pixel (r, c) of a 4x4 block: block 1's depthwise phase (r // 2, c // 2)
+# times 4 plus the stem's 2x2 offset (r % 2, c % 2).
+def _channel(r: int, c: int) -> int:
+    return 4 * (2 * (r // 2) + c // 2) + 2 * (r % 2) + c % 2
+
+
+PIXEL_CHANNELS = np.array([_channel(r, c) for r in range(BLOCK) for c in range(BLOCK)])  # pixel k -> channel
+
+
+def _set(conv_bn: nn.Sequential, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """A conv + BatchNorm pair that computes ``conv(x, weight) + bias`` (BatchNorm an identity plus the bias)."""
+    conv, bn = conv_bn[0], conv_bn[1]
+    conv.weight.copy_(weight)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)
+    bn.weight.fill_(1.0)
+    bn.bias.copy_(bias)
+
+
+@torch.no_grad()
+def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
+    """Set a 32x32 3-channel tiny-ir (``fedtiny.models.TinyIR``, width 16, 4 blocks) to the trap; eval mode."""
+    from fedtiny.models.tinyir import TinyIR
+
+    if not isinstance(model, TinyIR) or len(model.blocks) != 4 or model.stem[0].out_channels != 16 \
+            or model.stem[0].in_channels != 3 or model.stem[0].stride != (2, 2):
+        raise ScenarioError("the trap is built for tiny-ir at width 16 on 3x32x32 images "
+                            "(data.image_size = 32, data.channels = 3, model.width = 16)")
+    if trap.bins != 96:
+        raise ScenarioError(f"the trap needs one bin per channel of block 2's expansion: 96, got {trap.bins}")
+    z = torch.zeros
+    # stem (3 -> 16, 3x3 stride 2, pad 1): channel 2dy+dx is the grey pixel (2i+dy, 2j+dx)
+    w = z(16, 3, 3, 3)
+    for dy in range(2):
+        for dx in range(2):
+            w[2 * dy + dx, :, 1 + dy, 1 + dx] = 1.0 / 3.0
+    _set(model.stem, w, z(16))
+    # block 0 (depthwise, pointwise, residual): identity twice over, so x + x = 2 * pixels
+    b0 = model.blocks[0].conv
+    w = z(16, 1, 3, 3)
+    w[:4, 0, 1, 1] = 1.0
+    _set(b0[0], w, z(16))
+    w = z(16, 16, 1, 1)
+    w[range(4), range(4)] = 1.0
+    _set(b0[1], w, z(16))
+    # block 1: expansion copies the 4 pixel channels into 4 phases; the stride-2 depthwise picks
+    # phase (py, px) of each 2x2 neighbourhood; the projection keeps the 16 values, times pixel_gain / 2
+    b1 = model.blocks[1].conv
+    w = z(48, 16, 1, 1)
+    for ph in range(4):
+        for k in range(4):
+            w[4 * ph + k, k] = 1.0
+    _set(b1[0], w, z(48))
+    w = z(48, 1, 3, 3)
+    for py in range(2):
+        for px in range(2):
+            w[4 * (2 * py + px):4 * (2 * py + px) + 4, 0, 1 + py, 1 + px] = 1.0
+    _set(b1[1], w, z(48))
+    w = z(32, 48, 1, 1)
+    w[range(16), range(16)] = trap.pixel_gain / 2
+    _set(b1[2], w, z(32))
+    # block 2's expansion: the bins. On mean m of a block (pixels times the gain), channel o is
+    # 6 (m - e_o) / (e_{o+1} - e_o): linear inside its bin, clamped by ReLU6 outside.
+    b2 = model.blocks[2].conv
+    edges = torch.tensor(trap.edges, dtype=torch.float64)
+    slope = 6.0 / (edges[1:] - edges[:-1]) / trap.pixel_gain
+    w = z(96, 32, 1, 1, dtype=torch.float64)
+    w[:, :16, 0, 0] = (slope / 16).unsqueeze(1)
+    # an input that is always zero (channel 31) with twice the pixel weight: the per-channel weight
+    # scale doubles, so the pixel weights sit at 64 of 127 and may change both ways
+    w[:, 31, 0, 0] = slope / 8
+    _set(b2[0], w.float(), (-slope * edges[:-1] * trap.pixel_gain).float())
+    w = z(96, 1, 3, 3)
+    w[:, 0, 1, 1] = 1.0
+    _set(b2[1], w, z(96))
+    # the projection sums the bins with alternating signs: the bins a position has passed are
+    # saturated at 6 and cancel in pairs, so the sum stays in [0, 6] whatever the brightness while
+    # the gradient reaching every bin has the same magnitude
+    w = z(32, 96, 1, 1)
+    w[16, :, 0, 0] = torch.tensor([1.0, -1.0] * 48)
+    _set(b2[2], w, z(32))
+    # block 3: channel 0 = 3 + sum / 4 (inside ReLU6's window), averaged over each 2x2 by the stride-2 depthwise
+    b3 = model.blocks[3].conv
+    w = z(96, 32, 1, 1)
+    w[0, 16] = 0.25
+    bias = z(96)
+    bias[0] = 3.0
+    _set(b3[0], w, bias)
+    w = z(96, 1, 3, 3)
+    w[0, 0, 1:, 1:] = 0.25
+    _set(b3[1], w, z(96))
+    w = z(32, 96, 1, 1)
+    w[0, 0] = 1.0
+    _set(b3[2], w, z(32))
+    # The classifier reads that channel with a large gain (the gradient every bin receives) and a
+    # larger bias for class 0: the softmax is saturated there, so a sample of any other class
+    # (TARGET_CLASS) sends the same full gradient (p - onehot = +-1) whatever its image, and a sample
+    # of class 0 sends none: the gain that makes changes stand above int8 rounding saturates the
+    # softmax, so a trap serves one class.
+    head = torch.zeros_like(model.classifier.weight)
+    head[0, 0], head[1:, 0] = trap.head_gain, -trap.head_gain
+    model.classifier.weight.copy_(head)
+    bias = torch.full_like(model.classifier.bias, -trap.head_gain * 3.0)
+    bias[0] = trap.head_gain * 3.0
+    model.classifier.bias.copy_(bias - head[:, 0] * 3.75)
+    return model.eval()
+
+
+def target_public(public) -> np.ndarray:
+    """The server's public images of the trap's target class (an ``ImageSet``; all of them if it has none)."""
+    mine = public.x[public.y == TARGET_CLASS]
+    return mine if len(mine) else public.x
+
+
+def trap_for(public: np.ndarray, *, pixel_gain: float = 10.0, head_gain: float = 1000.0) -> Trap:
+    """The trap the server builds from its ``public`` images (bin edges of their block brightness)."""
+    return Trap(block_edges(public), pixel_gain, head_gain)
+
+
+def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
+    """The malicious server's model in ``task``'s downlink layout: the trap network, quantized by
+    fedtiny's own post-training quantization calibrated on ``public`` for an int8 task."""
+    from fedtiny.federated.task import _fp32_model
+    from fedtiny.models.state import model_arrays
+
+    s = task.scenario
+    if s.model.name != "tiny-ir" or s.model.file or s.model.module:
+        raise ScenarioError("attack.server = malicious: the trap is built for the built-in tiny-ir "
+                            "(model.name = \"tiny-ir\", no model.file or model.module)")
+    net = trap_network(_fp32_model(s, task.federation), trap)
+    if s.model.precision == "int8":
+        from fedtiny.int8.convert import ptq
+
+        net = ptq(net, public.astype(np.float32), classifier_precision=s.model.classifier_precision)
+    names = [n for n, *_ in task.downlink_spec]
+    arrays = model_arrays(net, names)
+    for name, shape, _ in task.downlink_spec:
+        if tuple(arrays[name].shape) != tuple(shape):
+            raise ScenarioError(f"attack.server = malicious: trap tensor {name} is {arrays[name].shape}, "
+                                f"the task's is {shape}")
+    return arrays
+
+
+def bins_tensors(task) -> tuple[str, str]:
+    """Names of the bins' weight and bias in ``task``'s state (int8 graph or float network)."""
+    if task.scenario.model.precision == "int8":
+        return f"conv{TRAP_LAYER}.weight", f"conv{TRAP_LAYER}.bias"
+    return "blocks.2.conv.0.0.weight", "blocks.2.conv.0.1.bias"
+
+
+def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray]):
+    """``(dw [96, 16] pixel order, db [96], sent_w, sent_b)`` in real units from a decoded update
+    ``{name: (indices, values)}`` against the ``sent`` state."""
+    wname, bname = bins_tensors(task)
+    wshape = sent[wname].shape
+    dw, mw = np.zeros(int(np.prod(wshape))), np.zeros(int(np.prod(wshape)), bool)
+    db, mb = np.zeros(wshape[0]), np.zeros(wshape[0], bool)
+    for name, (flat, mask) in ((wname, (dw, mw)), (bname, (db, mb))):
+        if name in changes:
+            idx, values = changes[name]
+            flat[np.asarray(idx)] = values
+            mask[np.asarray(idx)] = True
+    dw, mw = dw.reshape(wshape)[:, PIXEL_CHANNELS, 0, 0], mw.reshape(wshape)[:, PIXEL_CHANNELS, 0, 0]
+    if task.scenario.model.precision == "int8":  # integer units -> real: weight scale; bias s_w * s_x
+        s_w = sent[f"conv{TRAP_LAYER}.w_scales"].astype(np.float64)
+        s_x = float(sent[f"conv{TRAP_LAYER}.qparams"][0])
+        dw, db = dw * s_w[:, None], db * s_w * s_x
+    return dw, db, mw, mb
+
+
+def trap_scheme_dict() -> dict:
+    """The scheme the malicious server asks for (``schemes.json`` form): conv6's pixel channels and bias."""
+    channels = sorted(int(c) for c in PIXEL_CHANNELS)
+    return {"id": "imprint-trap", "n_bias_update": 0, "weight_update_idx": [TRAP_LAYER],
+            "weight_update_channels": [channels]}
+
+
+def trap_scheme(model):
+    """:func:`trap_scheme_dict` resolved against an int8 tiny-ir."""
+    from fedtiny.budget.schemes import parse_scheme, resolve
+
+    import json
+
+    return resolve(parse_scheme(json.dumps(trap_scheme_dict())), model)
+
+
+def recover_blocks(dw: np.ndarray, db: np.ndarray, pixel_gain: float, sent_w: np.ndarray | None = None,
+                   sent_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of each bin and how many positions each bin caught, from one update of the bins.
+
+    Parameters
+    ----------
+    dw, db
+        The bins' weight change on the 16 pixel channels ``[96, 16]`` (pixel order, real units) and
+        their bias change ``[96]`` (real units).
+    sent_w, sent_b
+        Which coordinates were transmitted (top-k); a bin counts only when its bias and all its
+        pixel coordinates were.
+
+    Returns
+    -------
+    ``(blocks [96, 16] in [0, 1], counts [96])``: the mean block of the positions in each bin
+    (``dW_o / db_o``) and their number (``db_o`` over the smallest bias change: one position's).
+    """
+    dw, db = np.asarray(dw, np.float64), np.asarray(db, np.float64)
+    ok = np.abs(db) > 0
+    if sent_b is not None:
+        ok &= np.asarray(sent_b, bool)
+    if sent_w is not None:
+        ok &= np.asarray(sent_w, bool).all(axis=1)
+    blocks = np.zeros_like(dw)
+    blocks[ok] = dw[ok] / db[ok, None] / pixel_gain
+    counts = np.zeros(len(db), np.int64)
+    if ok.any():
+        unit = np.abs(db[ok]).min()
+        counts[ok] = np.maximum(1, np.round(np.abs(db[ok]) / unit)).astype(np.int64)
+    return np.clip(blocks, 0.0, 1.0), counts
+
+
+def place(blocks: np.ndarray, counts: np.ndarray, prior: np.ndarray, images: int = 1) -> np.ndarray:
+    """``images`` grey images ``[n, H, W]`` from recovered blocks, placed where they best fit a public ``prior``.
+
+    Each bin contributes ``counts[o]`` copies of its block; positions left over (bins lost to top-k
+    or rounding) take the prior's block. The Hungarian algorithm minimizes the squared difference
+    to the prior's blocks (translation equivariance leaves nothing better to place them by).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pb = np.concatenate([blocks_of(prior)] * images)
+    pieces = np.repeat(blocks, counts, axis=0)[:len(pb)]
+    cost = ((pieces[:, None, :] - pb[None, :, :]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    out = pb.copy()
+    out[cols] = pieces[rows]
+    n = len(blocks_of(prior))
+    return np.stack([image_of(out[i * n:(i + 1) * n], *prior.shape) for i in range(images)])
+
+
+def oracle_place(blocks: np.ndarray, counts: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The bound on any placement: the isolated blocks (bins of count 1) each at the position of the
+    target block it matches best (Hungarian algorithm on the target itself, which only an oracle has),
+    every other position the target's mean (the flat baseline)."""
+    from scipy.optimize import linear_sum_assignment
+
+    tb = blocks_of(target)
+    alone = blocks[counts == 1]
+    out = np.full_like(tb, target.mean())
+    if len(alone):
+        rows, cols = linear_sum_assignment(((alone[:, None, :] - tb[None, :, :]) ** 2).sum(-1))
+        out[cols] = alone[rows]
+    return image_of(out, *target.shape)
+
+
+LEAK_ERROR = 4 / 255  # a block counts as leaked when an isolated bin returns it within this max error
+
+
+def imprint(task, changes, sent: dict[str, np.ndarray], trap: Trap, prior: np.ndarray, targets: np.ndarray) -> dict:
+    """The imprint attack on one observed update and its scores against the ``targets`` behind it.
+
+    Parameters
+    ----------
+    changes
+        The decoded update ``{name: (indices, values)}`` (a client's, or an aggregate's).
+    sent
+        The state the server sent (the trap).
+    prior
+        A public grey image ``H x W`` (the mean public face) to place blocks on.
+    targets
+        The images behind the update, ``N x C x H x W`` in [0, 1] (to score; the attack never reads them
+        except for the oracle-placed bound).
+
+    Returns
+    -------
+    Per target (matched by the Hungarian algorithm): ``psnr_db``, ``ssim`` (placed on the prior),
+    ``oracle_psnr_db`` (isolated blocks at their best-matching true positions: the bound of any
+    placement), ``flat_psnr_db``; and ``isolated`` (share of the targets' blocks that came back
+    alone in a bin), ``leaked_blocks`` (share of the targets' blocks an isolated bin returned
+    within ``LEAK_ERROR``), ``recon`` (``N x C x H x W``).
+    """
+    from fedtiny.attack.metrics import flat_psnr, psnr, score
+
+    dw, db, mw, mb = bins_change(task, changes, sent)
+    blocks, counts = recover_blocks(dw, db, trap.pixel_gain, mw, mb)
+    n, c, h, w = targets.shape
+    rec = np.repeat(place(blocks, counts, prior, n)[:, None], c, axis=1)
+    sc = score(rec, targets)
+    g = grey(targets)
+    tb = np.stack([blocks_of(t) for t in g])
+    alone = blocks[counts == 1]
+    err = np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size))
+    oracle = [psnr(np.repeat(oracle_place(blocks, counts, t)[None], c, 0), x) for t, x in zip(g, targets)]
+    return {"psnr_db": sc["psnr"], "ssim": sc["ssim"], "oracle_psnr_db": oracle,
+            "flat_psnr_db": [flat_psnr(x) for x in targets],
+            "isolated": float(len(alone) / (n * len(tb[0]))),
+            "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()), "bins_counted": int((counts > 0).sum()),
+            "recon": rec[sc["order"]]}

@@ -1,0 +1,108 @@
+"""The malicious server: tiny-ir's imprint trap, read back through fedtiny's own client path, the learned
+inverter on the same updates, what the client policies stop, and the in-simulation pipeline."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedtiny.attack.malicious import (PIXEL_CHANNELS, blocks_of, block_edges, grey, recover_blocks, trap_for,
+                                      trap_network)
+from fedtiny.attack.presets import face_images, tiny_ir_rgb
+from fedtiny.attack.run import run_malicious
+from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
+
+from conftest import ROOT
+
+MALICIOUS = ROOT / "scenarios" / "privacy-malicious.toml"
+
+
+def test_float_trap_returns_isolated_blocks_exactly():
+    """On the float trap at batch 1, every position falls in one bin, and a bin that caught one
+    position returns that 4x4 block as dW / db (autograd is the oracle)."""
+    x, _ = face_images(20, seed=0)
+    trap = trap_for(x[4:])
+    model = trap_network(tiny_ir_rgb(2), trap)
+    target = torch.from_numpy(x[:1])
+    loss = torch.nn.functional.cross_entropy(model(target), torch.tensor([1]))
+    loss.backward()
+    dw = model.blocks[2].conv[0][0].weight.grad[:, PIXEL_CHANNELS, 0, 0].numpy()
+    db = model.blocks[2].conv[0][1].bias.grad.numpy()
+    blocks, counts = recover_blocks(dw, db, trap.pixel_gain)
+    assert counts.sum() == 64
+    truth = blocks_of(grey(x[:1])[0])
+    which = np.searchsorted(np.asarray(trap.edges)[1:-1], truth.mean(axis=1), side="right")
+    np.testing.assert_array_equal(np.bincount(which, minlength=96), counts)
+    alone = [p for p, o in enumerate(which) if counts[o] == 1]
+    assert len(alone) >= 16
+    for p in alone:
+        np.testing.assert_allclose(blocks[which[p]], truth[p], atol=1e-5)
+
+
+def test_block_edges_are_increasing_and_cover_the_range():
+    x, _ = face_images(8, seed=1)
+    edges = np.asarray(block_edges(x))
+    assert len(edges) == 97 and np.all(np.diff(edges) > 0) and edges[0] < 0 and edges[-1] > 1
+
+
+def test_imprint_through_the_int8_sparse_path_and_fp32_contrast():
+    """The trap goes out as the full downlink, each client trains it with the exact int8 step and sends
+    a top-k update with error feedback through the codec; the bins still isolate and return blocks."""
+    int8, x, recon = run_malicious(2, 1, density=0.5, log=None)
+    assert int8["refused"] == 0 and recon.shape == (2, 1, 3, 32, 32)
+    assert int8["isolated"] > 0.1 and int8["leaked_blocks"] > 0
+    fp32, _, _ = run_malicious(2, 1, precision="fp32", log=None)
+    assert fp32["leaked_blocks"] > int8["leaked_blocks"]
+    assert fp32["oracle_mean_psnr_db"] > fp32["mean_flat_psnr_db"]
+    again, _, _ = run_malicious(2, 1, density=0.5, log=None)
+    assert again["psnr_db"] == int8["psnr_db"]  # seeded end to end
+
+
+@pytest.mark.parametrize("policy,refused", [("device.policy_frozen_first=7", True),
+                                            ("device.policy_max_saturation=0.9", True),
+                                            ("device.policy_max_change_lsb=2", False)])
+def test_client_policies_stop_the_trap(policy, refused):
+    s, _, _ = run_malicious(2, 1, overrides=parse_overrides([policy]), log=None)
+    if refused:
+        assert s["refused"] == 2 and s["mean_psnr_db"] == pytest.approx(s["mean_flat_psnr_db"])
+    else:  # the clipped change carries at most 5 levels per pixel
+        assert s["refused"] == 0 and s["leaked_blocks"] < 0.02
+
+
+def test_learned_inverter_trains_on_the_clients_own_updates():
+    s, _, _ = run_malicious(2, 1, learned=24, epochs=2, log=None)
+    assert s["learned_mean_psnr_db"] is not None and np.isfinite(s["learned_mean_psnr_db"])
+    assert s["worst_case_mean_psnr_db"] >= max(s["mean_psnr_db"], s["learned_mean_psnr_db"]) - 1e-9
+    with pytest.raises(ScenarioError, match="batch 1"):
+        run_malicious(2, 2, learned=8, log=None)
+
+
+def test_malicious_scenario_keys_are_checked():
+    with pytest.raises(ScenarioError, match="attack.method"):
+        load_scenario(MALICIOUS, parse_overrides(['attack.server="honest"']))
+    with pytest.raises(ScenarioError, match="attack.server"):
+        load_scenario(MALICIOUS, parse_overrides(["model.width=8"]))
+
+
+def test_in_simulation_malicious_server_and_imprint_report():
+    """The ServerApp's start (server_task) sends the trap and its scheme; a client's real round; the
+    server's privacy report of the imprint on what it decoded."""
+    from fedtiny.attack.fleet import attack_observed, privacy_figures
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import local_round
+    from fedtiny.federated.fleet import server_task
+
+    scenario = load_scenario(MALICIOUS, parse_overrides(["model.pretrain_epochs=0"]))
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    scheme = schemes.by_profile["mcu-256kb"]
+    assert scheme.name == "imprint-trap" and scheme.channels[6] == sorted(PIXEL_CHANNELS.tolist())
+    faces = [p for p in range(scenario.run.clients) if task.federation.client_data(p)[0].y[0] == 1]
+    observed = []
+    for pid in faces[:2]:
+        result, _ = local_round(scenario, pid, 1, pack_dense(initial, task.downlink_spec), scheme=scheme)
+        assert not result.refusal
+        observed.append({"round": 1, "partition_id": pid, "changes": task.uplink.decode(result.update, initial),
+                         "state": initial})
+    report = attack_observed(task, observed, scenario.attack)
+    figures = privacy_figures(report)
+    assert figures["privacy_leaked_blocks"] > 0
+    assert figures["privacy_oracle_psnr_db"] > 0 and figures["privacy_mean_psnr_db"] > 0
