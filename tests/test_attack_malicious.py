@@ -57,6 +57,15 @@ def test_imprint_through_the_int8_sparse_path_and_fp32_contrast():
     assert again["psnr_db"] == int8["psnr_db"]  # seeded end to end
 
 
+def test_rounds_of_new_projections_isolate_more_blocks():
+    """A new trap each round (another projection of the blocks) separates blocks of equal brightness;
+    the clients keep their error-feedback state between the rounds."""
+    one, _, _ = run_malicious(2, 1, density=0.5, log=None)
+    three, _, _ = run_malicious(2, 1, density=0.5, rounds=3, log=None)
+    assert three["rounds"] == 3 and three["isolated"] > one["isolated"]
+    assert three["oracle_mean_psnr_db"] > one["oracle_mean_psnr_db"]
+
+
 @pytest.mark.parametrize("policy,refused", [("device.policy_frozen_first=7", True),
                                             ("device.policy_max_saturation=0.9", True),
                                             ("device.policy_max_change_lsb=2", False)])

@@ -227,7 +227,7 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
     public = target_public(task.federation.public)
     trap, prior = trap_for(public), grey(public).mean(axis=0)
     for ob, data in members:
-        out = imprint(task, ob["changes"], ob["state"], trap, prior, data.x)
+        out = imprint(task, [(ob["changes"], ob["state"], trap)], prior, data.x)
         rec = out.pop("recon")
         results.append({"round": ob["round"], "partition_id": ob["partition_id"], "images": len(data),
                         "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob

@@ -57,11 +57,20 @@ class Trap:
         (its input and its smaller weight scale), so the change stands well above int8 rounding.
     head_gain
         Classifier weight on the summed bins (its sign flips between the two logits).
+    projection
+        The bins cut ``projection . block`` instead of the block's mean (16 weights): a server that
+        sends a new trap each round with a new projection separates blocks of equal brightness.
     """
 
     edges: tuple[float, ...]
     pixel_gain: float = 10.0
     head_gain: float = 1000.0
+    projection: tuple[float, ...] | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The 16 pixel weights of the binned feature: the block mean, or the round's projection."""
+        return np.full(PIXELS, 1.0 / PIXELS) if self.projection is None else np.asarray(self.projection)
 
     @property
     def bins(self) -> int:
@@ -84,12 +93,24 @@ def grey(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float64).mean(axis=1)
 
 
-def block_edges(public: np.ndarray, bins: int = 96) -> tuple[float, ...]:
-    """Equal-mass bin edges of 4x4-block brightness over ``public`` images (``N x C x 32 x 32``)."""
-    means = np.concatenate([blocks_of(g).mean(axis=1) for g in grey(public)])
-    inner = np.quantile(means, np.linspace(0, 1, bins + 1)[1:-1])
+def block_edges(public: np.ndarray, bins: int = 96, weights: np.ndarray | None = None) -> tuple[float, ...]:
+    """Equal-mass bin edges of ``weights . block`` (default: the block mean) over ``public`` images
+    (``N x C x 32 x 32``); the outer edges cover every block in [0, 1]."""
+    v = np.full(PIXELS, 1.0 / PIXELS) if weights is None else np.asarray(weights, np.float64)
+    values = np.concatenate([blocks_of(g) @ v for g in grey(public)])
+    inner = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
     inner = np.maximum.accumulate(inner + np.arange(bins - 1) * 1e-6)  # strictly increasing
-    return (-1e-3, *map(float, inner), 1.0 + 1e-3)
+    lo, hi = float(np.minimum(v, 0).sum()), float(np.maximum(v, 0).sum())
+    return (lo - 1e-3, *map(float, inner), hi + 1e-3)
+
+
+def round_projection(index: int, seed: int = 0) -> tuple[float, ...] | None:
+    """The binned feature of a malicious server's ``index``-th trap: the block mean first, then
+    seeded Gaussian directions (scaled to the mean's norm)."""
+    if index == 0:
+        return None
+    v = np.random.default_rng((seed, index)).normal(size=PIXELS)
+    return tuple(float(a) for a in v / np.linalg.norm(v) * 0.25)
 
 
 # Block 2's input channel of pixel (r, c) of a 4x4 block: block 1's depthwise phase (r // 2, c // 2)
@@ -158,11 +179,12 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     b2 = model.blocks[2].conv
     edges = torch.tensor(trap.edges, dtype=torch.float64)
     slope = 6.0 / (edges[1:] - edges[:-1]) / trap.pixel_gain
+    v = torch.from_numpy(trap.weights)
     w = z(96, 32, 1, 1, dtype=torch.float64)
-    w[:, :16, 0, 0] = (slope / 16).unsqueeze(1)
-    # an input that is always zero (channel 31) with twice the pixel weight: the per-channel weight
-    # scale doubles, so the pixel weights sit at 64 of 127 and may change both ways
-    w[:, 31, 0, 0] = slope / 8
+    w[:, PIXEL_CHANNELS.tolist(), 0, 0] = slope.unsqueeze(1) * v.unsqueeze(0)
+    # an input that is always zero (channel 31) with twice the largest pixel weight: the per-channel
+    # weight scale doubles, so the pixel weights sit within 64 of 127 and may change both ways
+    w[:, 31, 0, 0] = 2 * slope * v.abs().max()
     _set(b2[0], w.float(), (-slope * edges[:-1] * trap.pixel_gain).float())
     w = z(96, 1, 3, 3)
     w[:, 0, 1, 1] = 1.0
@@ -206,9 +228,11 @@ def target_public(public) -> np.ndarray:
     return mine if len(mine) else public.x
 
 
-def trap_for(public: np.ndarray, *, pixel_gain: float = 10.0, head_gain: float = 1000.0) -> Trap:
-    """The trap the server builds from its ``public`` images (bin edges of their block brightness)."""
-    return Trap(block_edges(public), pixel_gain, head_gain)
+def trap_for(public: np.ndarray, *, pixel_gain: float = 10.0, head_gain: float = 1000.0,
+             projection: tuple[float, ...] | None = None) -> Trap:
+    """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature)."""
+    weights = None if projection is None else np.asarray(projection)
+    return Trap(block_edges(public, weights=weights), pixel_gain, head_gain, projection)
 
 
 def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
@@ -321,7 +345,7 @@ def place(blocks: np.ndarray, counts: np.ndarray, prior: np.ndarray, images: int
     from scipy.optimize import linear_sum_assignment
 
     pb = np.concatenate([blocks_of(prior)] * images)
-    pieces = np.repeat(blocks, counts, axis=0)[:len(pb)]
+    pieces = np.repeat(blocks, counts, axis=0)  # more pieces than positions: the assignment picks
     cost = ((pieces[:, None, :] - pb[None, :, :]) ** 2).sum(-1)
     rows, cols = linear_sum_assignment(cost)
     out = pb.copy()
@@ -348,43 +372,72 @@ def oracle_place(blocks: np.ndarray, counts: np.ndarray, target: np.ndarray) -> 
 LEAK_ERROR = 4 / 255  # a block counts as leaked when an isolated bin returns it within this max error
 
 
-def imprint(task, changes, sent: dict[str, np.ndarray], trap: Trap, prior: np.ndarray, targets: np.ndarray) -> dict:
-    """The imprint attack on one observed update and its scores against the ``targets`` behind it.
+DUPLICATE = 2 * LEAK_ERROR  # isolated blocks of several rounds closer than this are one block seen twice
+
+
+def distinct(blocks: np.ndarray) -> np.ndarray:
+    """``blocks`` without repeats: a block within ``DUPLICATE`` of a kept one is the same block seen
+    again, and is averaged into it (each round rounds it independently, so the mean is closer)."""
+    sums: list[np.ndarray] = []
+    seen: list[int] = []
+    for b in blocks:
+        if sums:
+            d = np.abs(np.stack(sums) / np.asarray(seen)[:, None] - b).max(axis=1)
+            j = int(d.argmin())
+            if d[j] <= DUPLICATE:
+                sums[j] = sums[j] + b
+                seen[j] += 1
+                continue
+        sums.append(b.astype(np.float64))
+        seen.append(1)
+    return np.stack(sums) / np.asarray(seen)[:, None] if sums else np.zeros((0, PIXELS))
+
+
+def imprint(task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], prior: np.ndarray,
+            targets: np.ndarray) -> dict:
+    """The imprint attack on the updates one client sent (one per round's trap) and its scores.
 
     Parameters
     ----------
-    changes
-        The decoded update ``{name: (indices, values)}`` (a client's, or an aggregate's).
-    sent
-        The state the server sent (the trap).
+    observations
+        Per round: the decoded update ``{name: (indices, values)}`` (a client's, or an aggregate's),
+        the state the server sent (that round's trap) and the trap.
     prior
         A public grey image ``H x W`` (the mean public face) to place blocks on.
     targets
-        The images behind the update, ``N x C x H x W`` in [0, 1] (to score; the attack never reads them
-        except for the oracle-placed bound).
+        The images behind the updates, ``N x C x H x W`` in [0, 1] (to score; the attack never reads
+        them except for the oracle-placed bound).
 
     Returns
     -------
-    Per target (matched by the Hungarian algorithm): ``psnr_db``, ``ssim`` (placed on the prior),
-    ``oracle_psnr_db`` (isolated blocks at their best-matching true positions: the bound of any
-    placement), ``flat_psnr_db``; and ``isolated`` (share of the targets' blocks that came back
-    alone in a bin), ``leaked_blocks`` (share of the targets' blocks an isolated bin returned
+    Per target (matched by the Hungarian algorithm): ``psnr_db``, ``ssim`` (blocks placed on the
+    prior), ``oracle_psnr_db`` (the isolated blocks at their best-matching true positions: the
+    bound of any placement), ``flat_psnr_db``; and ``isolated`` (distinct isolated blocks over
+    the targets' blocks), ``leaked_blocks`` (share of the targets' blocks an isolated bin returned
     within ``LEAK_ERROR``), ``recon`` (``N x C x H x W``).
     """
     from fedtiny.attack.metrics import flat_psnr, psnr, score
 
-    dw, db, mw, mb = bins_change(task, changes, sent)
-    blocks, counts = recover_blocks(dw, db, trap.pixel_gain, mw, mb)
+    alone, pieces, counts = [], None, None
+    for changes, sent, trap in observations:
+        dw, db, mw, mb = bins_change(task, changes, sent)
+        blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb)
+        alone.append(blocks[cnt == 1])
+        if pieces is None:  # the first round's bins (mean blocks, with their counts) fill what is not isolated
+            pieces, counts = blocks, cnt
+    alone = distinct(np.concatenate(alone))
     n, c, h, w = targets.shape
-    rec = np.repeat(place(blocks, counts, prior, n)[:, None], c, axis=1)
+    shared = pieces[counts >= 2]
+    rec = np.repeat(place(np.concatenate([alone, shared]), np.r_[np.ones(len(alone), np.int64), counts[counts >= 2]],
+                          prior, n)[:, None], c, axis=1)
     sc = score(rec, targets)
     g = grey(targets)
     tb = np.stack([blocks_of(t) for t in g])
-    alone = blocks[counts == 1]
-    err = np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size))
-    oracle = [psnr(np.repeat(oracle_place(blocks, counts, t)[None], c, 0), x) for t, x in zip(g, targets)]
+    err = np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size * n))
+    oracle = [psnr(np.repeat(oracle_place(alone, np.ones(len(alone), np.int64), t)[None], c, 0), x)
+              for t, x in zip(g, targets)]
     return {"psnr_db": sc["psnr"], "ssim": sc["ssim"], "oracle_psnr_db": oracle,
             "flat_psnr_db": [flat_psnr(x) for x in targets],
-            "isolated": float(len(alone) / (n * len(tb[0]))),
-            "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()), "bins_counted": int((counts > 0).sum()),
+            "isolated": float(min(1.0, len(alone) / (n * len(tb[0])))),
+            "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()), "rounds": len(observations),
             "recon": rec[sc["order"]]}

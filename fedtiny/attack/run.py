@@ -150,10 +150,12 @@ def malicious_scenario(targets: int, batch: int, *, local_steps: int = 1, densit
 
 
 def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray,
-                   *, first_partition: int = 0, log=None) -> list[dict | str]:
+                   *, first_partition: int = 0, server_round: int = 1, states: dict | None = None,
+                   log=None) -> list[dict | str]:
     """Each batch ``images[i]`` (``[b, C, H, W]``) trained by one client on the ``sent`` state, through
     :func:`fedtiny.federated.client.local_round`; the server's decoded update of each, or the
-    client's refusal (a string)."""
+    client's refusal (a string). ``states`` (client index -> its persistent state: the error-feedback
+    residual) is read and updated when given, as a client keeps it between rounds."""
     from fedtiny.compress.dense import pack_dense
     from fedtiny.data.sources import ImageSet
     from fedtiny.federated.client import local_round
@@ -162,8 +164,11 @@ def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: 
     out: list[dict | str] = []
     for i in range(len(images)):
         pid = (first_partition + i) % scenario.run.clients
-        result, _ = local_round(scenario, pid, 1, downlink, scheme=scheme,
-                                data=ImageSet(images[i], labels[i], 2, "faces"))
+        result, state = local_round(scenario, pid, server_round, downlink, scheme=scheme,
+                                    state=None if states is None else states.get(i),
+                                    data=ImageSet(images[i], labels[i], 2, "faces"))
+        if states is not None:
+            states[i] = state
         out.append(result.refusal or task.uplink.decode(result.update, sent))
         if log is not None and (i + 1) % 500 == 0:
             print(f"[fedtiny attack] {i + 1}/{len(images)} public updates", file=log, flush=True)
@@ -184,7 +189,7 @@ def update_row(task, changes: dict) -> np.ndarray:
 
 def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density: float = 1.0, values: str = "int8",
                   precision: str = "int8", seed: int = 0, overrides: dict | None = None, learned: int = 0,
-                  epochs: int = 30, log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+                  epochs: int = 30, rounds: int = 1, log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
 
     The server builds the trap from the faces that are not targets (its public data: bin edges,
@@ -194,12 +199,15 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     int8 step, top-k with error feedback, the codec); the server decodes and attacks each update:
     the imprint (:func:`fedtiny.attack.malicious.imprint`) and, with ``learned`` > 0 at batch 1, the
     learned inverter trained on the updates of ``learned`` augmented public faces made by the same
-    client code. Scores are per image, with the worst case over the attacks.
+    client code. With ``rounds`` > 1 the server sends a new trap each round, binning a new
+    projection of the blocks (``round_projection``); the clients keep their state (error-feedback
+    residual) between rounds, and the imprint pools the blocks isolated in any round. Scores are
+    per image, with the worst case over the attacks.
     """
     from skimage.data import lfw_subset
 
     from fedtiny.attack.learned import augment, fit_inverter
-    from fedtiny.attack.malicious import grey, imprint, trap_for, trap_scheme, trap_state
+    from fedtiny.attack.malicious import grey, imprint, round_projection, trap_for, trap_scheme, trap_state
     from fedtiny.attack.presets import LFW_FACES
     from fedtiny.federated.task import make_task, with_scheme
 
@@ -213,15 +221,26 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     x, y = face_images(targets * batch, seed=seed)
     rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
     public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], 32).repeat(3, axis=1)
-    trap = trap_for(public)
     task = make_task(scenario)
     scheme = trap_scheme(task.model) if precision == "int8" else None
     task = with_scheme(task, scheme)
-    sent = trap_state(task, public, trap)
     prior = grey(public).mean(axis=0)
     t0 = time.perf_counter()
     xb, yb = x.reshape(targets, batch, *x.shape[1:]), y.reshape(targets, batch)
-    updates = client_updates(scenario, task, scheme, sent, xb, yb)
+    states: dict = {}
+    seen: list[list] = [[] for _ in range(targets)]  # per target: (update, sent, trap) of each round
+    for r in range(rounds):
+        trap = trap_for(public, projection=round_projection(r, seed))
+        sent = trap_state(task, public, trap)
+        if r == 0:
+            first = (trap, sent)
+        for i, u in enumerate(client_updates(scenario, task, scheme, sent, xb, yb, server_round=r + 1,
+                                             states=states)):
+            seen[i].append(u if isinstance(u, str) else (u, sent, trap))
+        if rounds > 1:
+            print(f"[fedtiny attack] round {r + 1}/{rounds}: {targets} clients trained the trap", file=log, flush=True)
+    trap, sent = first
+    updates = [next((u for u in obs if isinstance(u, str)), None) or obs[0][0] for obs in seen]
     rows, recon = [], []
     for i, changes in enumerate(updates):
         if isinstance(changes, str):
@@ -229,7 +248,7 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
             recon.append(np.repeat(prior[None, None], 3, 1).repeat(batch, 0))
             print(f"[fedtiny attack] target {i + 1}/{targets}: refused: {changes}", file=log, flush=True)
             continue
-        out = imprint(task, changes, sent, trap, prior, xb[i])
+        out = imprint(task, seen[i], prior, xb[i])
         recon.append(out.pop("recon"))
         rows.append({"target": i, **out})
         print(f"[fedtiny attack] target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
@@ -258,7 +277,7 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     summary = _malicious_summary(rows, x, batch)
     summary.update(preset="faces-malicious", targets=targets, batch_size=batch, local_steps=local_steps,
                    density=density, values=values if precision == "int8" else "fp32", precision=precision,
-                   seed=seed, seconds=round(seconds, 2), public_faces=len(rest), learned_public=learned,
+                   seed=seed, seconds=round(seconds, 2), public_faces=len(rest), learned_public=learned, rounds=rounds,
                    targets_detail=rows,
                    policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")})
     return summary, xb, np.stack(recon)

@@ -355,7 +355,7 @@ def _attack_malicious(args: argparse.Namespace) -> int:
     summary, targets, recon = run_malicious(args.targets, args.batch_size, local_steps=args.local_steps,
                                             density=args.density, values=args.values, precision=args.precision,
                                             seed=args.seed, overrides=parse_overrides(args.set or []),
-                                            learned=args.learned, epochs=args.learned_epochs)
+                                            learned=args.learned, epochs=args.learned_epochs, rounds=args.rounds)
     if args.out:
         from pathlib import Path
 
@@ -365,7 +365,8 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         plot_grid(targets, recon, summary["psnr_db"], out / "reconstructions.png")
     learned = summary["learned_mean_psnr_db"]
     rows = [("preset", f"faces-malicious ({summary['precision']}, {summary['values']}, density {summary['density']})"),
-            ("targets x batch, local steps", f"{summary['targets']} x {summary['batch_size']}, {summary['local_steps']}"),
+            ("targets x batch, local steps, rounds", f"{summary['targets']} x {summary['batch_size']}, "
+                                                     f"{summary['local_steps']}, {summary['rounds']}"),
             ("clients that refused", summary["refused"]),
             ("imprint PSNR mean (dB), blocks placed on the public prior", f"{summary['mean_psnr_db']:.2f}"),
             ("learned inverter PSNR mean (dB)", "not run" if learned is None else f"{learned:.2f}"),
@@ -600,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--learned", type=int, default=0, help="also train the learned inverter on this many augmented "
                    "public faces' updates (batch 1)")
     m.add_argument("--learned-epochs", type=int, default=30)
+    m.add_argument("--rounds", type=int, default=1, help="rounds of traps, each binning a new projection of the "
+                   "blocks; the clients keep their error-feedback state between rounds")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="scenario override for the clients, e.g. "
                    "device.policy_max_change_lsb=2 or privacy.dp=\"local\"")
     p.set_defaults(func=cmd_attack)
