@@ -216,7 +216,14 @@ def test_the_privacy_table_carries_seeds_intervals_aggregate_columns_and_epsilon
     plain, dp = table[2], table[3]
     # mean 21 over seeds 20, 21, 22; half-width t(0.975, 2) * 1 / sqrt(3) = 2.48
     assert "| 21.00 ± 2.48 |" in plain and "| 7.00 ± 2.48 |" in plain and plain.endswith("| inf (no DP) |")
-    assert dp.endswith("| 7.97 |") and "4,096" in dp and "Mean over 3 seeds" in table[-1]
+    assert dp.endswith("| 7.97 |") and "4,096" in dp and "Mean over 3 seeds" in "\n".join(table)
+    assert "| images >= 25 dB |" in table[0] and "bound at true positions" not in table[0]
+    trap = combine_seeds([{**run(s, 12.0, None), "privacy_oracle_psnr_db": 20.0, "privacy_leaked_blocks": 0.1,
+                           "privacy_frac_psnr_25db": 0.0, "privacy_flat_psnr_db": 15.0, "refused_clients_total": 0}
+                          for s in range(3)])
+    rows = privacy_table({"malicious": trap}).splitlines()
+    assert "bound at true positions (dB)" in rows[0] and "| 20.00 ± 0.00 | 0.100 ± 0.000 |" in rows[2]
+    assert "| 15.00 ± 0.00 | 0.00 ± 0.00 |" in rows[2]
     for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
         assert plot_privacy(summaries, tmp_path / file, x_key, xlabel, logx).stat().st_size > 0
     attacks = [{"observed": "client", "change_lsb": 0.5, "mean_psnr_db": 7.0}]

@@ -275,6 +275,8 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
                     recon[i] = img[None]
     seconds = time.perf_counter() - t0
     summary = _malicious_summary(rows, x, batch)
+    # the attacker's public knowledge alone: the mean public face, the same for every target
+    summary["prior_psnr_db"] = float(np.mean([psnr(np.repeat(prior[None], 3, 0), img) for img in x]))
     summary.update(preset="faces-malicious", targets=targets, batch_size=batch, local_steps=local_steps,
                    density=density, values=values if precision == "int8" else "fp32", precision=precision,
                    seed=seed, seconds=round(seconds, 2), public_faces=len(rest), learned_public=learned, rounds=rounds,

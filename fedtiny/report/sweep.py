@@ -19,7 +19,8 @@ MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_byte
              "wall_time_s", "refused_clients_total", "rejected_updates_total", "privacy_mean_psnr_db",
              "privacy_mean_ssim", "privacy_label_accuracy", "privacy_match_cosine", "privacy_change_lsb",
              "privacy_aggregate_mean_psnr_db", "privacy_aggregate_mean_ssim", "privacy_aggregate_label_accuracy",
-             "privacy_aggregate_match_cosine", "privacy_aggregate_change_lsb", "dp_epsilon")
+             "privacy_aggregate_match_cosine", "privacy_aggregate_change_lsb", "dp_epsilon", "privacy_frac_psnr_25db",
+             "privacy_flat_psnr_db", "privacy_oracle_psnr_db", "privacy_leaked_blocks")
 
 
 def interval95(values) -> tuple[float, float]:
