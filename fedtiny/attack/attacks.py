@@ -124,11 +124,18 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
 def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
                      every: int = 250) -> Callable[[int, torch.Tensor], None]:
     """A ``progress`` callback for :func:`reconstruct` that prints the median loss every ``every`` iterations."""
+    import time
+
+    from fedtiny.report.progress import left, say, seconds
+
+    t0 = time.perf_counter()
 
     def progress(it: int, f: torch.Tensor) -> None:
         if log is not None and (it + 1) % every == 0:
-            print(f"[fedtiny attack] iteration {it + 1}/{iterations}: median loss {float(f.median()):.3g}",
-                  file=log, flush=True)
+            spent = time.perf_counter() - t0
+            pace = left(it + 1, iterations, spent)
+            say(f"attack iteration {it + 1}/{iterations}: median loss {float(f.median()):.3g} | {seconds(spent)}"
+                + (f" | {pace}" if pace else ""), log)
 
     return progress
 

@@ -25,6 +25,7 @@ from fedtiny.attack.metrics import flat_psnr, score, worst_case
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
+from fedtiny.report.progress import say
 
 __all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "targets_of"]
 
@@ -270,8 +271,8 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                              batch_size=n, labels=cfg.labels, trainable=tuple(obs))
         num_classes, shape = data[0].num_classes, tuple(data[0].x.shape[1:])
         fidelity = match_cosine(model, obs, threat, x, y, num_classes)
-        print(f"[fedtiny attack] round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
-              f"{cfg.iterations} iterations x {cfg.restarts} starts", file=sys.stderr, flush=True)
+        say(f"attack: round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
+              f"{cfg.iterations} iterations x {cfg.restarts} starts")
         intervals = _intervals(task, qmodel, obs, threat.local_steps) if cfg.method == "rounding" else None
         rec, lab = reconstruct(model, obs, threat, shape, num_classes,
                                AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,

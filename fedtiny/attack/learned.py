@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedtiny.report.progress import say
+
 __all__ = ["Inverter", "fit_inverter", "augment"]
 
 
@@ -74,8 +76,7 @@ def fit_inverter(rows: np.ndarray | torch.Tensor, images: np.ndarray, *, compone
             opt.step()
         sched.step()
         if log is not None and (epoch + 1) % max(1, epochs // 5) == 0:
-            print(f"[fedtiny attack] learned inverter: epoch {epoch + 1}/{epochs}, training MSE {loss.item():.4f}",
-                  file=log, flush=True)
+            say(f"attack: learned inverter: epoch {epoch + 1}/{epochs}, training MSE {loss.item():.4f}", log)
     net.eval()
     return Inverter(mu, sd, basis, scale, net, tuple(images.shape[1:]))
 

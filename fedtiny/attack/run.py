@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtiny.report.progress import say
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.metrics import flat_psnr, psnr, score, ssim, worst_case
 from fedtiny.attack.presets import _resize, dlg_lenet, face_ids, face_images, photo_patches, real_images, tiny_ir_rgb
@@ -171,7 +172,7 @@ def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: 
             states[i] = state
         out.append(result.refusal or task.uplink.decode(result.update, sent))
         if log is not None and (i + 1) % 500 == 0:
-            print(f"[fedtiny attack] {i + 1}/{len(images)} public updates", file=log, flush=True)
+            say(f"attack: {i + 1}/{len(images)} public updates", log)
     return out
 
 
@@ -238,7 +239,7 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
                                              states=states)):
             seen[i].append(u if isinstance(u, str) else (u, sent, trap))
         if rounds > 1:
-            print(f"[fedtiny attack] round {r + 1}/{rounds}: {targets} clients trained the trap", file=log, flush=True)
+            say(f"attack: round {r + 1}/{rounds}: {targets} clients trained the trap", log)
     trap, sent = first
     updates = [next((u for u in obs if isinstance(u, str)), None) or obs[0][0] for obs in seen]
     rows, recon = [], []
@@ -246,20 +247,19 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
         if isinstance(changes, str):
             rows.append({"target": i, "refused": changes})
             recon.append(np.repeat(prior[None, None], 3, 1).repeat(batch, 0))
-            print(f"[fedtiny attack] target {i + 1}/{targets}: refused: {changes}", file=log, flush=True)
+            say(f"attack: target {i + 1}/{targets}: refused: {changes}", log)
             continue
         out = imprint(task, seen[i], prior, xb[i])
         recon.append(out.pop("recon"))
         rows.append({"target": i, **out})
-        print(f"[fedtiny attack] target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
+        say(f"attack: target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
               f"{np.mean(out['oracle_psnr_db']):.2f} dB at true positions, {out['leaked_blocks']:.2f} of blocks "
-              f"leaked", file=log, flush=True)
+              f"leaked", log)
     attacked = [i for i, u in enumerate(updates) if not isinstance(u, str)]
     if learned and attacked:
         pub = augment(grey(public), learned, seed)
         pub3 = np.repeat(pub[:, None, None], 3, axis=2)
-        print(f"[fedtiny attack] learned inverter: {learned} public updates through the client", file=log,
-              flush=True)
+        say(f"attack: learned inverter: {learned} public updates through the client", log)
         pub_updates = client_updates(scenario, task, scheme, sent, pub3, np.ones((learned, 1), np.int64),
                                      first_partition=targets, log=log)
         keep = [j for j, u in enumerate(pub_updates) if not isinstance(u, str)]

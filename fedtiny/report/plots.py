@@ -31,6 +31,7 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     ax.bar([x - width / 2 for x in rounds], up, width, label="uplink (clients -> server)")
     ax.bar([x + width / 2 for x in rounds], down, width, label="downlink (server -> clients)")
     ax.set_xlabel("round")
+    _integer_ticks(ax)
     ax.set_ylabel("kB per round (all clients)")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"{title}: bytes on the radio")
@@ -41,10 +42,13 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     plt.close(fig)
     paths.append(plot_methods({title: [records]}, run_dir / "accuracy_vs_uplink.png"))
     if any(r.get("fleet_time_s") for r in records):
-        paths.append(_accuracy_against([r.get("fleet_time_s", 0.0) for r in records], records,
-                                       "simulated fleet time (s; each round: its slowest counted client, or the "
-                                       "deadline)", f"{title}: accuracy against device time",
-                                       run_dir / "accuracy_vs_fleet_time.png", symlog=True))
+        times = [r.get("fleet_time_s", 0.0) for r in records]
+        positive = [t for t in times if t > 0]
+        # a symmetric log axis over less than a decade labels nothing but its ends
+        paths.append(_accuracy_against(times, records, "simulated fleet time (s; each round: its slowest counted "
+                                       "client, or the deadline)", f"{title}: accuracy against device time",
+                                       run_dir / "accuracy_vs_fleet_time.png",
+                                       symlog=max(positive) >= 10 * min(positive)))
     return paths
 
 
@@ -57,6 +61,8 @@ def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str
     ax.plot(x, [r["global_accuracy"] for r in records], marker="o", label="global test")
     if symlog:
         ax.set_xscale("symlog", linthresh=1.0)
+    elif x and all(float(v).is_integer() for v in x):
+        _integer_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.0)
@@ -69,14 +75,24 @@ def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str
     return path
 
 
+def _integer_ticks(ax) -> None:
+    """Rounds are whole numbers: no 0.5 ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per round over seeds: mean and the 95% interval of the mean (the mean itself with one seed)."""
+    """Per round over seeds: mean and the 95% interval of the mean (the mean itself with one seed); an
+    accuracy's interval is clipped to [0, 1] (with few seeds the t interval reaches past it)."""
     from fedtiny.report.sweep import interval95
 
     n = min(len(r) for r in runs)
     vals = np.array([[r[i][key] for i in range(n)] for r in runs], dtype=float)
-    lo, hi = zip(*(interval95(vals[:, i]) for i in range(n)))
-    return vals.mean(axis=0), np.array(lo), np.array(hi)
+    lo, hi = (np.array(v) for v in zip(*(interval95(vals[:, i]) for i in range(n))))
+    if key.endswith("accuracy"):
+        lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
+    return vals.mean(axis=0), lo, hi
 
 
 def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
@@ -122,6 +138,7 @@ def plot_seeds(seeds: list[list[dict[str, Any]]], path: Path, title: str = "") -
     ax.plot(rounds, mean, color="C0", lw=2, label=f"mean of {len(seeds)} seeds")
     ax.fill_between(rounds, lo, hi, color="C0", alpha=0.25, linewidth=0, label="95% interval of the mean")
     ax.set_xlabel("round")
+    _integer_ticks(ax)
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -156,6 +173,13 @@ def plot_memory(report, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def privacy_groups(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Method -> the group its attacked updates are pooled in by size: precision, and the DP kind apart
+    (DP noise makes a change large without carrying the gradient)."""
+    return {n: s.get("precision", "") + (f" + {s['dp']} DP" if s.get("dp", "none") != "none" else "")
+            for n, s in summaries.items()}
 
 
 def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedtiny.report.progress import left, say
 from fedtiny.scenario import Scenario
 
 __all__ = ["RunLog", "new_run_dir", "write_scenario", "read_metrics"]
@@ -92,7 +93,7 @@ class RunLog:
     def note(self, message: str) -> None:
         """Print a progress note (not part of the metrics)."""
         if self.progress is not None:
-            print(f"[fedtiny] {message}", file=self.progress, flush=True)
+            say(message, self.progress)
 
     def add_round_stats(self, server_round: int, stats: dict[str, Any]) -> None:
         """A round's client facts and bytes; the line is written once its evaluation is in too."""
@@ -124,14 +125,16 @@ class RunLog:
             rej = len(record.get("rejected", []))
             ref = len(record.get("refused", []))
             late = len(record.get("stragglers", []))
-            print(f"[fedtiny] round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
-                  f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
-                  f"down {_kb(record.get('downlink_bytes', 0))}"
-                  + (f" | rejected {rej}" if rej else "") + (f" | refused {ref} (memory)" if ref else "")
-                  + (f" | stragglers {late}" if late else "")
-                  + (f" | fleet {record['fleet_time_s']:.1f}s sim" if record.get("fleet_time_s") else "")
-                  + f" | {record['elapsed_s']:.1f}s",
-                  file=self.progress, flush=True)
+            first = self.records[0]
+            # the pace of the federated rounds so far (round 0 is the cloud step, not a round)
+            pace = left(r - first["round"], total - first["round"], record["elapsed_s"] - first["elapsed_s"])
+            say(f"round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
+                f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
+                f"down {_kb(record.get('downlink_bytes', 0))}"
+                + (f" | rejected {rej}" if rej else "") + (f" | refused {ref} (memory)" if ref else "")
+                + (f" | stragglers {late}" if late else "")
+                + (f" | fleet {record['fleet_time_s']:.1f}s sim" if record.get("fleet_time_s") else "")
+                + f" | {record['elapsed_s']:.1f}s" + (f" | {pace}" if pace else ""), self.progress)
 
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` and the plots; return the summary."""

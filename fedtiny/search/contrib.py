@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
+from fedtiny.report.progress import left, seconds
 from fedtiny.budget.schemes import Scheme, apply_scheme, resolve
 from fedtiny.errors import SchemeError
 from fedtiny.data import ImageSet
@@ -156,7 +157,9 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
         nonlocal done
         done += 1
         if progress and (done % max(1, total // 20) == 0 or done == total):
-            progress(f"contribution analysis {done}/{total} ({what}) {time.perf_counter() - t0:.0f}s")
+            spent = time.perf_counter() - t0
+            progress(f"contribution analysis {done}/{total} ({what}) | {seconds(spent)}"
+                     + (f" | {left(done, total, spent)}" if done < total else ""))
 
     bias_gain = [0.0]
     for k in grid[1:]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.report.progress import left, seconds
 from fedtiny.budget.schemes import Scheme
 from fedtiny.errors import SchemeError
 from fedtiny.search.contrib import Contributions
@@ -126,8 +127,11 @@ def evolve(space: Space, settings: SearchSettings,
         best = parents[0]
         history.append({"generation": gen, "best_gain": round(space.gain(best), 6), "peak_sram_bytes": space.peak(best)})
         if progress:
+            spent = time.perf_counter() - t0
+            pace = left(gen + 1, settings.generations, spent)
             progress(f"generation {gen + 1}/{settings.generations}: best gain {space.gain(best):+.4f}, "
-                     f"peak {space.peak(best):,} B, {space.evaluations} evaluations")
+                     f"peak {space.peak(best):,} B, {space.evaluations} evaluations | {seconds(spent)}"
+                     + (f" | {pace}" if pace else ""))
         children = []
         while len(parents) + len(children) < settings.population:
             a, b = (parents[int(i)] for i in rng.choice(len(parents), 2, replace=False))

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from fedtiny.errors import FedtinyError, ModelFileError, ScenarioError
 from fedtiny.scenario import load_scenario, parse_overrides
+from fedtiny.report.progress import say
 
 __all__ = ["main"]
 
@@ -65,7 +66,7 @@ def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dic
     from fedtiny.tools.sim import simulate
 
     if resume and (where / "summary.json").exists():
-        print(f"[fedtiny] {where}: finished before; kept", file=sys.stderr, flush=True)
+        say(f"{where}: finished before; kept")
         return json.loads((where / "summary.json").read_text())
     if resume and (where / CHECKPOINT_DIR).exists():
         ck = load_checkpoint(where)  # a damaged checkpoint stops here, before Ray starts
@@ -73,7 +74,7 @@ def _run_or_resume(scenario, where: Path, *, verbose: bool, resume: bool) -> dic
             raise CheckpointError(f"{where}: its checkpoint was written by another scenario than {where}/scenario.toml")
         return simulate(scenario, where, verbose=verbose, resume=True)
     if resume:
-        print(f"[fedtiny] {where}: no round completed before the stop; starting it over", file=sys.stderr, flush=True)
+        say(f"{where}: no round completed before the stop; starting it over")
     where.mkdir(parents=True, exist_ok=True)
     write_scenario(scenario, where)
     return simulate(scenario, where, verbose=verbose)
@@ -119,29 +120,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
     if not resume:
         write_scenario(scenario, run_dir)
-    print(f"[fedtiny] scenario {source} -> {run_dir}" + (" (resuming)" if resume else ""), file=sys.stderr, flush=True)
+    say(f"scenario {source} -> {run_dir}" + (" (resuming)" if resume else ""))
     if not scenario.methods and not scenario.run.seeds:
         summary = _run_or_resume(scenario, run_dir, verbose=args.verbose, resume=resume)
         print(_summary_table(scenario.run.name, summary))
+        _report_if_asked(args, run_dir)
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         return 0
-    from fedtiny.report.sweep import combine_seeds, paired_table, sweep_table
+    import time
+
+    from fedtiny.report.html import sweep_tables
+    from fedtiny.report.progress import left
+    from fedtiny.report.sweep import combine_seeds
 
     summaries = {}
+    total_runs, done, t_sweep = sum(len(sc.run.seeds or (sc.run.seed,)) for _, sc in methods), 0, time.monotonic()
     for name, sc in methods:
         sub = run_dir / name if scenario.methods else run_dir
         runs = []
         for seed in sc.run.seeds or (sc.run.seed,):
             seeded = dataclasses.replace(sc, run=dataclasses.replace(sc.run, seed=seed))
             where = sub / f"seed{seed}" if sc.run.seeds else sub
-            print(f"[fedtiny] method {name}" + (f", seed {seed}" if sc.run.seeds else ""), file=sys.stderr, flush=True)
+            pace = left(done, total_runs, time.monotonic() - t_sweep)
+            say(f"method {name}" + (f", seed {seed}" if sc.run.seeds else "") + f" (run {done + 1}/{total_runs}"
+                + (f", {pace}" if pace else "") + ")")
             runs.append(_run_or_resume(seeded, where, verbose=args.verbose, resume=resume))
+            done += 1
             print(_summary_table(f"{name} (seed {seed})" if sc.run.seeds else name, runs[-1]))
         summaries[name] = combine_seeds(runs) if sc.run.seeds else runs[0]
-    table = sweep_table(summaries)
-    paired = paired_table(summaries) if scenario.methods else ""
-    table += f"\n\n{paired}" if paired else ""
+    tables = sweep_tables(summaries, bool(scenario.methods))  # the same tables fedtiny report --table prints
+    table = "\n\n".join(tables[k] for k in ("sweep", "paired") if k in tables)
     (run_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
     from fedtiny.report.plots import plot_methods
@@ -160,16 +169,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         plot_seeds(seed_records(scenario.run.name, summaries[scenario.run.name]), run_dir / "accuracy_seeds.png",
                    title=f"{scenario.run.name}: {len(scenario.run.seeds)} seeds")
         (run_dir / "summary.json").write_text(json.dumps(summaries[scenario.run.name], indent=2, sort_keys=True) + "\n")
+        _report_if_asked(args, run_dir)
         if args.json:
             print(json.dumps(summaries[scenario.run.name], sort_keys=True))
         return 0
     plot_methods({name: seed_records(name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png")
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
-    if any(v.get("privacy_mean_psnr_db") is not None for v in summaries.values()):
-        from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_lsb_table,
-                                          privacy_rounds_table, privacy_table)
+    if "privacy" in tables:
+        from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_groups,
+                                          privacy_lsb_table, privacy_rounds_table)
 
-        table = privacy_table(summaries)
+        table = tables["privacy"]
         (run_dir / "privacy_table.md").write_text(table + "\n")
         for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
             plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
@@ -179,17 +189,44 @@ def cmd_run(args: argparse.Namespace) -> int:
                           for d in seed_dirs(name, s)] for name, s in summaries.items()}
         precisions = {n: s.get("precision", "") for n, s in summaries.items()}
         plot_attacks_vs_lsb(reports, precisions, run_dir / "psnr_vs_lsb.png")
-        # DP noise makes a change large without carrying the gradient: pooled apart
-        groups = {n: precisions[n] + (f" + {s['dp']} DP" if s.get("dp", "none") != "none" else "")
-                  for n, s in summaries.items()}
-        (run_dir / "privacy_lsb.md").write_text(privacy_lsb_table(reports, groups) + "\n")
+        (run_dir / "privacy_lsb.md").write_text(privacy_lsb_table(reports, privacy_groups(summaries)) + "\n")
         if any(len({a["round"] for rep in runs for a in rep.get("attacks", [])}) > 1 for runs in reports.values()):
             accuracy = {name: [{r["round"]: r["global_accuracy"] for r in records if "global_accuracy" in r}
                                for records in seed_records(name, s)] for name, s in summaries.items()}
             (run_dir / "privacy_rounds.md").write_text(privacy_rounds_table(reports, accuracy) + "\n")
         print("\n" + table)
+    _report_if_asked(args, run_dir)
     if args.json:
         print(json.dumps(summaries, sort_keys=True))
+    return 0
+
+
+def _report_if_asked(args: argparse.Namespace, run_dir: Path) -> None:
+    """``fedtiny run --report``: the run's (or sweep's) report.html, its path on stderr (stdout keeps --json's line)."""
+    if args.report:
+        from fedtiny.report.html import write_report
+
+        say(f"report: {write_report(run_dir)}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``fedtiny report PATH``: a run's or sweep's report.html; ``--table``: the sweep's tables from its runs."""
+    from fedtiny.report.html import folder_kind, report_tables, write_report
+
+    kind = folder_kind(args.path)  # a path that is neither stops here, named
+    if args.table:
+        tables, missing = report_tables(args.path)
+        for d in missing:
+            say(f"left out {d}: no summary.json (unfinished)")
+        print("\n\n".join(tables.values()))
+        if args.json:
+            print(json.dumps({"kind": kind, "path": str(Path(args.path).resolve()), "tables": tables,
+                              "left_out": [str(d) for d in missing]}, sort_keys=True))
+        return 0
+    path = write_report(args.path)
+    print(path)
+    if args.json:
+        print(json.dumps({"kind": kind, "report": str(path)}, sort_keys=True))
     return 0
 
 
@@ -373,6 +410,7 @@ def _attack_malicious(args: argparse.Namespace) -> int:
             ("worst case per image: PSNR / SSIM mean", f"{summary['worst_case_mean_psnr_db']:.2f} / "
                                                       f"{summary['worst_case_mean_ssim']:.3f}"),
             ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
+            ("PSNR of the mean public face (the prior alone)", f"{summary['prior_psnr_db']:.2f}"),
             ("images at >= 25 dB / above their flat baseline", f"{summary['frac_psnr_25db']:.2f} / "
                                                                 f"{summary['frac_above_flat']:.2f}"),
             ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
@@ -509,7 +547,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this method of a sweep ([methods.NAME]; repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print summary.json as the last line of stdout")
+    p.add_argument("--report", action="store_true", help="write report.html into the run folder at the end "
+                   "(a sweep: the sweep's page and one per run; see fedtiny report)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run or sweep folder, or (--table) the "
+                       "sweep's markdown tables computed again from its runs' summary.json")
+    p.add_argument("path", help="a run folder (metrics.jsonl) or a sweep folder (scenario.toml over its run folders)")
+    p.add_argument("--table", action="store_true", help="print the sweep table, the paired differences and the "
+                   "privacy table (when the runs were attacked) instead of writing report.html")
+    p.add_argument("--json", action="store_true", help="print the report's path (or the tables) as JSON on the "
+                   "last line")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("zoo", help="import int8 MCU models (.tflite, tiny-training .pkl), export .tflite, run, inspect")
     zsub = p.add_subparsers(dest="zoo_command", required=True)
@@ -693,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedtiny.report.progress import set_quiet
+
+    set_quiet(bool(getattr(args, "json", False)))  # --json: stdout's last line is the JSON, stderr stays quiet
     try:
         return args.func(args)
     except FedtinyError as exc:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtiny.report.progress import say
 from fedtiny.errors import ScenarioError
 
 __all__ = ["search_command"]
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _progress(text: str) -> None:
-    print(f"[fedtiny] {text}", file=sys.stderr, flush=True)
+    say(text)
 
 
 def search_command(args: argparse.Namespace) -> dict[str, Any]:
