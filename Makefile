@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(B
 
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
 	FIRMWARE=1 BOARD=$(BOARD) ./scripts/deploy_demo.sh
+
+# The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
+docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/
+	$(BIN)/python -m fedtiny.tools.reference > docs/guide/scenario-reference.md
+	$(BIN)/python -m pytest -q tests/test_docs.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
