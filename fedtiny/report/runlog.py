@@ -125,8 +125,9 @@ class RunLog:
             rej = len(record.get("rejected", []))
             ref = len(record.get("refused", []))
             late = len(record.get("stragglers", []))
-            first = self.records[0]
-            # the pace of the federated rounds so far (round 0 is the cloud step, not a round)
+            # the pace of the federated rounds so far: from round 1 on once there are two (round 0 is the
+            # cloud step, and round 1 carries the simulation's start-up)
+            first = self.records[1] if len(self.records) > 2 else self.records[0]
             pace = left(r - first["round"], total - first["round"], record["elapsed_s"] - first["elapsed_s"])
             say(f"round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
                 f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "

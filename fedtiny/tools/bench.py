@@ -11,11 +11,12 @@ round 2 is the one timed. Ray's start-up is reported apart.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from fedtiny.report.progress import say
 
 __all__ = ["bench_sim", "BENCHES"]
 
@@ -119,15 +120,14 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     pids = sample_clients(scenario.run.seed, 2, scenario.run.clients, scenario.clients_per_round)
     with tempfile.TemporaryDirectory() as tmp:
         bare_s = _bare_round(scenario, pids, workers, str(Path(tmp) / "state"))
-        print(f"[bench sim] bare: {n} clients in {workers} processes, {bare_s:.2f} s", file=sys.stderr)
+        say(f"bench sim: bare: {n} clients in {workers} processes, {bare_s:.2f} s")
         t0 = time.perf_counter()
         simulate(scenario, Path(tmp) / "run", verbose=args.verbose)
         total_s = time.perf_counter() - t0
         recs = read_metrics(Path(tmp) / "run")
     by_round = {r["round"]: r["elapsed_s"] for r in recs}
     flower_s = by_round[2] - by_round[1]
-    print(f"[bench sim] flower round: {n} clients in {flower_s:.2f} s (whole simulation {total_s:.1f} s)",
-          file=sys.stderr)
+    say(f"bench sim: flower round: {n} clients in {flower_s:.2f} s (whole simulation {total_s:.1f} s)")
     result = {
         "clients_per_round": n,
         "cohort_size": cohort,
@@ -165,8 +165,11 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
 
     from fedtiny.federated.train import _batches, evaluate, make_optimizer, seeded
 
+    from fedtiny.report.progress import left
+
     loss_fn = torch.nn.CrossEntropyLoss()
     rows, best = [], {}
+    trials, t_all = len(methods) * lr_points, time.perf_counter()
     for method, (make, opt_name, center) in methods.items():
         for lr in [center * 3.0 ** (i - (lr_points - 1) / 2) for i in range(lr_points)]:
             model = make()
@@ -186,8 +189,9 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
             row = {"method": method, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
                    "step_ms": 1000 * t_steps / steps, "seed": seed}
             rows.append(row)
-            print(f"[bench qas{label}] {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  test {test_acc:.4f}  "
-                  f"{row['step_ms']:.2f} ms/step", file=sys.stderr, flush=True)
+            pace = left(len(rows), trials, time.perf_counter() - t_all)
+            say(f"bench qas{label}: trial {len(rows)}/{trials} {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  "
+                f"test {test_acc:.4f}  {row['step_ms']:.2f} ms/step" + (f" | {pace}" if pace else ""))
             if method not in best or val_acc > best[method]["val_accuracy"]:
                 best[method] = row
     return rows, best
@@ -478,8 +482,8 @@ def bench_codec(args: argparse.Namespace) -> dict[str, Any]:
                "entropy_floor_bits": round(floor, 4), "overhead": round(pos_bits / floor - 1, 4),
                "encode_mb_s": round(len(data) / t_enc / 1e6, 2), "decode_mb_s": round(len(data) / t_dec / 1e6, 2)}
         rows.append(row)
-        print(f"[bench codec] density {density:g}: {pos_bits:.3f} bits/position vs floor {floor:.3f} "
-              f"({100 * row['overhead']:+.1f}%)", file=sys.stderr)
+        say(f"bench codec: density {density:g}: {pos_bits:.3f} bits/position vs floor {floor:.3f} "
+              f"({100 * row['overhead']:+.1f}%)")
     print(f"\nbench codec ({d:,} elements, int8 values)\n"
           f"  {'density':>8} {'nnz':>8} {'bits/pos':>9} {'floor':>7} {'over':>7} {'enc MB/s':>9} {'dec MB/s':>9}")
     for r in rows:
@@ -533,13 +537,13 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
     # SecAgg+ clips to [-C, C] and quantizes to 2^22 levels: C must hold every change (int32 biases move by
     # thousands of units), and a power of two keeps the levels' spacing exact in binary.
     clip = float(2 ** math.ceil(math.log2(largest + 1)))
-    print(f"[bench secagg] {n} clients' dense int8 changes ({sum(a.size for a in changes[0]):,} elements, "
-          f"largest |change| {largest:g}: clipping range {clip:g})", file=sys.stderr)
+    say(f"bench secagg: {n} clients' dense int8 changes ({sum(a.size for a in changes[0]):,} elements, "
+          f"largest |change| {largest:g}: clipping range {clip:g})")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for secagg in (False, True):
             label = "secagg+" if secagg else "plain"
-            print(f"[bench secagg] {label} round ...", file=sys.stderr, flush=True)
+            say(f"bench secagg: {label} round ...")
             runs[label] = simulate_secagg(changes, Path(tmp), secagg=secagg, num_cpus=scenario.run.num_cpus,
                                           clipping_range=clip)
     plain, sa = runs["plain"], runs["secagg+"]
