@@ -155,3 +155,14 @@ def test_bad_path_is_one_error_line_naming_it(tmp_path):
     proc = run_cli("report", str(empty), "--table")
     assert proc.returncode == 2 and str(empty) in proc.stderr and "not a run folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_accuracy_against_bytes_when_nothing_was_sent(tmp_path):
+    """A method whose clients all refused sent 0 bytes: the plot is still drawn (no log axis), and round 0
+    of a method that did send is a level, not a point at 1 byte."""
+    from fedtiny.report.plots import plot_methods
+
+    refused = [{"round": r, "uplink_bytes": 0, "global_accuracy": 0.5} for r in range(3)]
+    sent = [{"round": r, "uplink_bytes": 0 if r == 0 else 1000, "global_accuracy": 0.5 + r / 10} for r in range(3)]
+    assert plot_methods({"refused": [refused]}, tmp_path / "a.png").stat().st_size > 0
+    assert plot_methods({"refused": [refused], "sent": [sent, sent]}, tmp_path / "b.png").stat().st_size > 0

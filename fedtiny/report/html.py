@@ -279,7 +279,8 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sa
 main{max-width:1200px;margin:0 auto;padding:22px 32px 60px;background:#fff;min-height:100vh}
 h1{font-size:1.55em;margin:0 0 2px}
 .sub{color:#57606a;margin:0 0 10px;font-size:.92em}
-nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #d0d7de;padding:7px 0;font-size:.9em;z-index:2}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #d0d7de;padding:7px 0;font-size:.9em;z-index:2;
+display:flex;flex-wrap:wrap;row-gap:4px}
 nav a{margin-right:16px;color:#0969da;text-decoration:none;white-space:nowrap}
 section{margin-top:26px}
 h2{font-size:1.22em;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin:0 0 10px}
@@ -287,6 +288,8 @@ h3{font-size:1.02em;margin:18px 0 6px}
 p{margin:6px 0}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.86em;margin:6px 0 10px}
+table.dense{font-size:.74em}
+table.dense th,table.dense td{padding:2px 5px}
 th,td{border:1px solid #d0d7de;padding:3px 8px;vertical-align:top}
 th{background:#f3f5f7;text-align:left;font-weight:600}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
@@ -341,7 +344,8 @@ def _table(headers: list[str], rows: list[list[Any]], *, numbers: bool = True, f
     the page."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(_cell(c, numbers) for c in row) + "</tr>" for row in rows)
-    table = f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    dense = ' class="dense"' if len(headers) > 10 else ""  # a wide sweep table still fits the page
+    table = f'<div class="scroll"><table{dense}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
     return _details(f"{len(rows)} {what or 'rows'}", table) if fold and len(rows) > fold else table
 
 

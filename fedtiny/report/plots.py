@@ -104,19 +104,30 @@ def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    any_sent = False
     for name, seeds in runs.items():
-        up = [np.maximum(np.cumsum([r.get("uplink_bytes", 0) for r in recs]), 1) for recs in seeds]
+        up = [np.cumsum([r.get("uplink_bytes", 0) for r in recs]) for recs in seeds]
         xs = np.mean([u[:min(map(len, up))] for u in up], axis=0)
         mean, lo, hi = _band(seeds, "global_accuracy")
-        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        sent = xs > 0  # round 0 (nothing sent yet) has no place on a log axis: a dotted level instead
+        any_sent |= bool(sent.any())
+        (line,) = ax.plot(xs[sent], mean[sent], marker="o", markersize=3,
+                          label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        if not sent.all():
+            ax.axhline(mean[0], color=line.get_color(), ls=":", lw=1, alpha=0.7)
         if len(seeds) > 1:
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xscale("log")
+            ax.fill_between(xs[sent], lo[sent], hi[sent], color=line.get_color(), alpha=0.2, linewidth=0)
+    if any_sent:  # else every client refused: nothing to put on a log axis
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on minor ticks overlap within a decade
     ax.set_xlabel("cumulative uplink bytes (all clients)")
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("accuracy vs bytes sent up (band: 95% interval over seeds)")
+    ax.set_title("accuracy vs bytes sent up (band: 95% interval over seeds;\ndotted: round 0, before any upload)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
