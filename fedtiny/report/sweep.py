@@ -72,6 +72,12 @@ def pm(s: dict[str, Any], key: str, fmt: str = ".4f") -> str:
     return f"{s[key]:{fmt}} ± {(hi - lo) / 2:{fmt}}"
 
 
+def _peak(s: dict[str, Any]) -> str:
+    """Peak SRAM of a step; an fp32 run has no int8 step to count (0 in its summary)."""
+    peak = int(s.get("peak_sram_bytes_max", 0) or 0)
+    return f"{peak:,}" if peak else "not counted (fp32)" if s.get("precision") == "fp32" else "-"
+
+
 def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Markdown: per method, final and best accuracy (mean ± 95% half-interval over seeds), peak SRAM, bytes."""
     seeds = {len(s.get("seeds", [])) or 1 for s in summaries.values()}
@@ -79,7 +85,7 @@ def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summaries.items():
         lines.append(f"| {name} | {pm(s, 'final_accuracy')} | {pm(s, 'best_accuracy')} | "
-                     f"{int(s.get('peak_sram_bytes_max', 0)):,} | {int(s['uplink_bytes_total']):,} | "
+                     f"{_peak(s)} | {int(s['uplink_bytes_total']):,} | "
                      f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |")
     n = max(seeds)
     if n > 1:
