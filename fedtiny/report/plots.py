@@ -338,8 +338,9 @@ def plot_attacks_vs_lsb(reports: dict[str, list[dict[str, Any]]], precision: dic
         c = colors[i % 20]
         ax.scatter(*zip(*pts), s=18, color=c, marker=markers[i % len(markers)], label=name,
                    facecolors="none" if precision.get(name) == "fp32" else c)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_xscale("log")
+    if ax.get_legend_handles_labels()[0]:  # an attack that records no update size (the imprint) draws nothing
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_xscale("log")
     ax.set_xlabel("mean |sent weight change| in LSB (fp32: per-channel max|w| / 127)")
     ax.set_ylabel("reconstruction PSNR (dB)")
     ax.grid(alpha=0.3, which="both")

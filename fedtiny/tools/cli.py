@@ -206,7 +206,7 @@ def _report_if_asked(args: argparse.Namespace, run_dir: Path) -> None:
     if args.report:
         from fedtiny.report.html import write_report
 
-        say(f"report: {write_report(run_dir)}")
+        print(f"[fedtiny] report: {write_report(run_dir)}", file=sys.stderr, flush=True)  # asked for: not progress
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -217,7 +217,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.table:
         tables, missing = report_tables(args.path)
         for d in missing:
-            say(f"left out {d}: no summary.json (unfinished)")
+            print(f"[fedtiny] left out {d}: no summary.json (unfinished)", file=sys.stderr)  # a warning, not progress
         print("\n\n".join(tables.values()))
         if args.json:
             print(json.dumps({"kind": kind, "path": str(Path(args.path).resolve()), "tables": tables,
