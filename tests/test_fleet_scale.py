@@ -71,3 +71,26 @@ def test_paired_differences_by_seed():
     lines = table.splitlines()
     assert lines[2].startswith("| b | +0.0200 | +0.0200 to +0.0200 | higher")  # same gain in every seed
     assert "0.0000 |" in lines[3] and lines[3].endswith("no difference |")
+
+
+def test_large_fleets_get_cohorts_without_asking():
+    """Past MAX_NODES clients a simulation left at one node per client runs cohorts, one per CPU, and
+    says so; small fleets and an explicit run.cohort_size are left as they are."""
+    from fedtiny.federated.layout import MAX_NODES, simulation_layout
+    from fedtiny.scenario import parse_overrides
+
+    quick = ROOT / "scenarios" / "quickstart.toml"
+    small = load_scenario(quick)
+    assert simulation_layout(small) == (small, "")
+    big = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
+                                                "run.clients_per_round=100"]))
+    chosen, note = simulation_layout(big)
+    assert big.run.clients > MAX_NODES and chosen.run.cohort_size == 50  # 100 per round on 2 CPUs
+    assert "run.cohort_size = 50" in note and "10,000 clients" in note
+    assert chosen.to_dict() == {**big.to_dict(), "run": {**big.to_dict()["run"], "cohort_size": 50}}
+    few = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
+                                                "run.clients_per_round=2"]))
+    assert simulation_layout(few)[0].run.cohort_size == 2  # a cohort is at least 2 clients
+    explicit = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
+                                                     "run.cohort_size=7"]))
+    assert simulation_layout(explicit) == (explicit, "")

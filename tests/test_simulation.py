@@ -43,8 +43,38 @@ def test_run_folder_and_summary(two_runs):
         assert (d / name).stat().st_size > 0
     resolved = load_scenario(d / "scenario.toml")
     assert resolved.run.clients == 4 and resolved.run.rounds == 2
-    # Progress went to stderr, one line per round (0 = the pretrained model).
-    assert proc.stderr.count("[fedtiny] round") == 3
+    # --json: stdout's last line is the summary and the progress lines stay quiet.
+    assert proc.stderr.count("[fedtiny] round") == 0
+
+
+def test_round_progress_lines_say_time_left(tmp_path):
+    """Without --json a run prints one line per round on stderr, with the time left at the rounds' pace."""
+    import io
+    import time
+
+    from fedtiny.report.progress import quiet, set_quiet
+    from fedtiny.report.runlog import RunLog
+
+    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.rounds=4"]))
+    stream, was = io.StringIO(), quiet()
+    set_quiet(False)
+    try:
+        log = RunLog(tmp_path, scenario, progress=stream)
+        for r in range(5):
+            time.sleep(0.02)  # the pace is measured on the clock
+            log.add_round({"round": r, "global_accuracy": 0.5, "global_loss": 1.0, "uplink_bytes": 10,
+                           "downlink_bytes": 10})
+    finally:
+        set_quiet(was)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 5 and all(line.startswith("[fedtiny] round") for line in lines)
+    assert "left" in lines[1] and "left" not in lines[-1]  # nothing is left after the last round
+    set_quiet(True)
+    try:
+        log.add_round({"round": 5, "global_accuracy": 0.5, "global_loss": 1.0})
+    finally:
+        set_quiet(was)
+    assert len(stream.getvalue().splitlines()) == 5
 
 
 def test_metrics_per_round_and_byte_counts(two_runs):

@@ -116,13 +116,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ScenarioError(f"{source}: --method {', '.join(unknown or args.method)}: not a method of this "
                                 f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})")
         methods = [(name, sc) for name, sc in methods if name in args.method]
+    from fedtiny.federated.layout import simulation_layout
+
+    laid_out = [(name, *simulation_layout(sc)) for name, sc in methods]
+    methods = [(name, sc) for name, sc, _ in laid_out]
+    for note in dict.fromkeys(n for _, _, n in laid_out if n):
+        say(note)
     for _, sc in methods:
         make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
     if not resume:
         write_scenario(scenario, run_dir)
     say(f"scenario {source} -> {run_dir}" + (" (resuming)" if resume else ""))
     if not scenario.methods and not scenario.run.seeds:
-        summary = _run_or_resume(scenario, run_dir, verbose=args.verbose, resume=resume)
+        summary = _run_or_resume(methods[0][1], run_dir, verbose=args.verbose, resume=resume)
         print(_summary_table(scenario.run.name, summary))
         _report_if_asked(args, run_dir)
         if args.json:
