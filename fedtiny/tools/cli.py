@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     laid_out = [(name, *simulation_layout(sc)) for name, sc in methods]
     methods = [(name, sc) for name, sc, _ in laid_out]
     for note in dict.fromkeys(n for _, _, n in laid_out if n):
-        say(note)
+        print(f"[fedtiny] {note}", file=sys.stderr, flush=True)  # a choice made for the user: said even with --json
     for _, sc in methods:
         make_task(sc)  # fail fast, before Ray starts: missing data, impossible partitions, a bad model file
     if not resume:
