@@ -663,6 +663,10 @@ def _check_cross(where: str, s: Scenario) -> None:
             or s.data.image_size != 32 or s.data.channels != 3):
         raise ScenarioError(f"{where}: attack.server: the malicious server's trap is built for the built-in tiny-ir "
                             f"(model.width = 16) on 3x32x32 images (data.image_size = 32, data.channels = 3)")
+    if s.run.cohort_size > 1 and s.bridge.devices:
+        raise ScenarioError(f"{where}: run.cohort_size: a cohort runs its virtual clients in the simulation, so the "
+                            f"partitions of [bridge.devices] ({', '.join(str(p) for p, _ in s.bridge.devices)}) would "
+                            f"not reach their devices; keep run.cohort_size = 1 with bridged devices")
     if s.privacy.dp == "central" and s.server.aggregation != "fedavg":
         raise ScenarioError(f"{where}: privacy.dp: central DP adds its noise to the clipped changes' mean; it needs "
                             f"server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")

@@ -94,3 +94,8 @@ def test_large_fleets_get_cohorts_without_asking():
     explicit = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
                                                      "run.cohort_size=7"]))
     assert simulation_layout(explicit) == (explicit, "")
+    bridged = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
+                                                    "bridge.devices={1=\"127.0.0.1:9000\"}"]))
+    assert simulation_layout(bridged) == (bridged, "")  # a cohort would simulate the bridged partition
+    with pytest.raises(ScenarioError, match="run.cohort_size.*bridge"):
+        load_scenario(quick, parse_overrides(["run.cohort_size=5", "bridge.devices={1=\"127.0.0.1:9000\"}"]))

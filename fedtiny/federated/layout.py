@@ -23,12 +23,12 @@ MAX_NODES = 100
 def simulation_layout(scenario) -> tuple[object, str]:
     """The scenario a simulation runs, and a line saying what was chosen (empty when nothing was).
 
-    Cohorts are chosen only when ``run.cohort_size`` is 1 and the fleet is larger than
-    :data:`MAX_NODES`: ``ceil(clients_per_round / run.num_cpus)`` virtual clients per cohort (at
+    Cohorts are chosen only when ``run.cohort_size`` is 1, no partition is a bridged device, and the
+    fleet is larger than :data:`MAX_NODES`: ``ceil(clients_per_round / run.num_cpus)`` virtual clients per cohort (at
     least 2), so a round is ``run.num_cpus`` ClientApp calls at most.
     """
     r = scenario.run
-    if r.cohort_size > 1 or r.clients <= MAX_NODES:
+    if r.cohort_size > 1 or r.clients <= MAX_NODES or scenario.bridge.devices:  # bridged devices need their nodes
         return scenario, ""
     per_round = scenario.clients_per_round
     size = max(2, math.ceil(per_round / r.num_cpus))
