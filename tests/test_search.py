@@ -141,6 +141,10 @@ def test_search_cli_writes_a_feasible_scheme_and_caches(tmp_path, monkeypatch):
     assert a["scheme"] == b["scheme"] and a["peak_sram_bytes"] <= a["budget_bytes"] == 64 * 1024
     for key in ("peak_sram_bytes", "predicted_gain", "evaluations", "seconds"):
         assert key in a
+    # each phase's time, the analysis named cached the second time; together they are the run's time
+    assert set(a["phase_seconds"]) >= {"cloud model", "contribution analysis", "evolutionary search",
+                                       "random baseline"} and "contribution analysis (cached)" in b["phase_seconds"]
+    assert sum(a["phase_seconds"].values()) <= a["seconds"] + 0.1
     scheme = parse_scheme(str(tmp_path / "scheme.json"))
     assert scheme.name == a["scheme"]["id"]
     assert (tmp_path / "report" / "contributions.png").stat().st_size > 0

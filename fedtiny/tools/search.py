@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtiny.report.progress import say
+from fedtiny.report.progress import say, seconds
 from fedtiny.errors import ScenarioError
 
 __all__ = ["search_command"]
@@ -34,6 +34,16 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.tools.bench import _model_and_scheme
 
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [t0]
+
+    def phase(name: str) -> None:
+        """Close phase ``name``: its seconds go to the result and to a progress line."""
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 2)
+        mark[0] = now
+        _progress(f"phase {name}: {seconds(phases[name])}")
+
     limit_threads()
     profile = get_profile(args.device)
     over = parse_overrides(args.overrides)
@@ -55,6 +65,7 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
               f"on {scenario.data.source}")
     state, cloud = cloud_model(task)
+    phase("cloud model")
     if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
         from fedtiny.federated.fleet import choose_lr
         from fedtiny.federated.lr import with_lr
@@ -62,14 +73,18 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
         lr = choose_lr(task, state, _progress, scheme="last-k:fit")
         task = dataclasses.replace(task, scenario=with_lr(task.scenario, lr.lr))
         _progress(lr.describe())
+        phase("learning rate")
     budget = args.budget_kb * 1024 or profile.sram_bytes
     model = Path(scenario.model.file).stem if scenario.model.file else "tiny-ir"
     name = f"search-{model}-{profile.name}"
     space = search_space(task, state, budget, name, _progress, cache=not args.no_cache)
     contrib = space.c
+    phase("contribution analysis" + (" (cached)" if contrib.cached else ""))
     found = evolve(space, search_settings(scenario), _progress)
+    phase("evolutionary search")
     baseline = random_search(Space(contrib, space.peak_of, budget, name + "-random"), found.evaluations,
                              scenario.run.seed)
+    phase("random baseline")
     load_arrays(task.model, state)
     resolved = resolve(found.scheme, task.model, scenario.run.seed)
     entry = {**resolved.to_dict(), "predicted_gain": found.predicted_gain, "peak_sram_bytes": found.peak_sram_bytes,
@@ -79,6 +94,7 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 2), "search_seconds": found.seconds,
               "analysis_seconds": contrib.seconds, "analysis_cached": contrib.cached,
               "analysis_evaluations": contrib.evaluations, "baseline_accuracy": contrib.baseline_accuracy,
+              "phase_seconds": phases,
               "cloud_accuracy": cloud.ptq_accuracy,
               "random_search": {"predicted_gain": baseline.predicted_gain, "peak_sram_bytes": baseline.peak_sram_bytes,
                                 "evaluations": baseline.evaluations,
