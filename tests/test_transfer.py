@@ -156,3 +156,31 @@ def test_learning_rate_comes_from_the_scenario_the_model_or_the_public_split(tmp
     path.write_text('[run]\nclients = 2\n[data]\nsource = "digits"\n')
     builtin = choose_lr(make_task(load_scenario(path)), {})
     assert (builtin.lr, builtin.source) == (MODEL_DEFAULT_LR, "model default")
+
+
+def test_bench_qas_widens_each_grid_until_the_best_rate_is_inside(tmp_path, cli, small_model_file):
+    # lr-center 1e-9 puts every method's two-rate grid far below a useful rate: each grid must grow
+    # upwards (3x a step) until its best rate is not the largest tried, or say it is still at an edge.
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(scenario_text(str(small_model_file)).replace("pretrain_epochs = 5", "pretrain_epochs = 2"))
+    proc = cli("bench", "qas", "--model", str(small_model_file), "--scheme", "last-k:2", "--seeds", "2",
+               "--epochs", "1", "--lr-points", "2", "--lr-center", "1e-9", "--scenario", str(scenario), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["seeds"] == 2 and len(r["per_seed"]) == 2
+    for row in r["per_seed"]:
+        for m in ("fp32", "int8_sgd", "int8_qas"):
+            grid = row["lr_grid"][m]
+            assert len(grid) > 2  # widened: the starting grid's best was at its top
+            assert grid == sorted(grid) and all(b == pytest.approx(3 * a) for a, b in zip(grid, grid[1:]))
+            assert row["best_lr"][m] in grid
+            if m not in row["best_lr_at_edge"]:
+                assert grid[0] < row["best_lr"][m] < grid[-1]
+    for m in ("fp32", "int8_sgd", "int8_qas"):
+        lo, hi = r[f"{m}_accuracy_ci95"]
+        assert lo <= r[f"{m}_accuracy_mean"] <= hi
+    d = r["paired"]["int8_qas - int8_sgd"]
+    diffs = [row["int8_qas_accuracy"] - row["int8_sgd_accuracy"] for row in r["per_seed"]]
+    assert d["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-4)
+    assert d["verdict"] == ("no difference" if d["ci95"][0] <= 0 <= d["ci95"][1] else
+                            "higher" if d["ci95"][0] > 0 else "lower")

@@ -155,46 +155,68 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sim": ben
 
 def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, val, test, *, epochs: int,
                lr_points: int, batch_size: int, momentum: float, rounding: str, seed: int,
-               label: str = "") -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+               label: str = "", max_widen: int = 4) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Fine-tune a fresh model per (method, learning rate); pick each method's rate on ``val``.
 
     ``methods`` maps a name to (model factory, optimizer name, centre of its learning-rate grid);
-    the grid has ``lr_points`` rates 3x apart. Returns every trial and each method's best.
+    the grid has ``lr_points`` rates 3x apart. A best rate at an edge of its grid says only that
+    the best lies beyond it, so the grid grows by one rate (3x further) on that side until the
+    best is inside, at most ``max_widen`` times per method (the best row then says
+    ``at_edge``). Returns every trial and each method's best.
     """
+    from fedtiny.report.progress import left
+
+    rows, best = [], {}
+    planned, t_all = len(methods) * lr_points, time.perf_counter()
+    for method, (make, opt_name, center) in methods.items():
+        grid = [center * 3.0 ** (i - (lr_points - 1) / 2) for i in range(lr_points)]
+        todo, mine = list(grid), []
+        for widen in range(max_widen + 1):
+            for lr in todo:
+                row = _lr_trial(make, opt_name, lr, train, val, test, epochs=epochs, batch_size=batch_size,
+                                momentum=momentum, rounding=rounding, seed=seed)
+                row["method"] = method
+                rows.append(row)
+                mine.append(row)
+                pace = left(len(rows), max(planned, len(rows)), time.perf_counter() - t_all)
+                say(f"bench qas{label}: trial {len(rows)}/{max(planned, len(rows))} {method:9s} lr {lr:10.4g}  "
+                    f"val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}  {row['step_ms']:.2f} ms/step"
+                    + (f" | {pace}" if pace else ""))
+            # ties go to the smaller rate: the grid is walked in increasing order
+            top = max(sorted(mine, key=lambda r: r["lr"]), key=lambda r: r["val_accuracy"])
+            lrs = sorted(r["lr"] for r in mine)
+            edge = "low" if top["lr"] == lrs[0] else "high" if top["lr"] == lrs[-1] else ""
+            if not edge or len(lrs) < 2 or widen == max_widen:
+                break
+            todo = [lrs[0] / 3.0] if edge == "low" else [lrs[-1] * 3.0]
+            planned += 1
+        best[method] = {**top, "grid": sorted(r["lr"] for r in mine), "at_edge": bool(edge)}
+    return rows, best
+
+
+def _lr_trial(make: Callable[[], Any], opt_name: str, lr: float, train, val, test, *, epochs: int, batch_size: int,
+              momentum: float, rounding: str, seed: int) -> dict[str, Any]:
+    """One fine-tuning of a fresh model at rate ``lr``: its validation and test accuracy and ms per step."""
     import torch
 
     from fedtiny.federated.train import _batches, evaluate, make_optimizer, seeded
 
-    from fedtiny.report.progress import left
-
     loss_fn = torch.nn.CrossEntropyLoss()
-    rows, best = [], {}
-    trials, t_all = len(methods) * lr_points, time.perf_counter()
-    for method, (make, opt_name, center) in methods.items():
-        for lr in [center * 3.0 ** (i - (lr_points - 1) / 2) for i in range(lr_points)]:
-            model = make()
-            opt = make_optimizer(model, opt_name, lr, momentum, rounding=rounding, gen=seeded(seed, 99))
-            gen, steps, t_steps = seeded(seed, 7), 0, 0.0
-            for _ in range(epochs):
-                model.train(False)
-                for xb, yb in _batches(train, batch_size, gen):
-                    t0 = time.perf_counter()
-                    opt.zero_grad()
-                    loss = loss_fn(model(xb), yb)
-                    loss.backward()
-                    opt.step()
-                    t_steps += time.perf_counter() - t0
-                    steps += 1
-            val_acc, test_acc = evaluate(model, val)[1], evaluate(model, test)[1]
-            row = {"method": method, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
-                   "step_ms": 1000 * t_steps / steps, "seed": seed}
-            rows.append(row)
-            pace = left(len(rows), trials, time.perf_counter() - t_all)
-            say(f"bench qas{label}: trial {len(rows)}/{trials} {method:9s} lr {lr:10.4g}  val {val_acc:.4f}  "
-                f"test {test_acc:.4f}  {row['step_ms']:.2f} ms/step" + (f" | {pace}" if pace else ""))
-            if method not in best or val_acc > best[method]["val_accuracy"]:
-                best[method] = row
-    return rows, best
+    model = make()
+    opt = make_optimizer(model, opt_name, lr, momentum, rounding=rounding, gen=seeded(seed, 99))
+    gen, steps, t_steps = seeded(seed, 7), 0, 0.0
+    for _ in range(epochs):
+        model.train(False)
+        for xb, yb in _batches(train, batch_size, gen):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            t_steps += time.perf_counter() - t0
+            steps += 1
+    return {"lr": lr, "val_accuracy": evaluate(model, val)[1], "test_accuracy": evaluate(model, test)[1],
+            "step_ms": 1000 * t_steps / max(steps, 1), "seed": seed}
 
 
 def _pooled_clients(fed, clients: int):
@@ -328,21 +350,59 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
                              rounding=s.train.weight_rounding, seed=seed, label=f" seed {seed}")
         per_seed.append({"seed": seed, "cloud_ptq_accuracy": cloud.ptq_accuracy,
                          **{f"{m}_accuracy": best[m]["test_accuracy"] for m in methods},
-                         "best_lr": {m: best[m]["lr"] for m in methods}})
-    names = ("cloud_ptq", "fp32", "int8_sgd", "int8_qas")
+                         "best_lr": {m: best[m]["lr"] for m in methods},
+                         "lr_grid": {m: best[m]["grid"] for m in methods},
+                         "best_lr_at_edge": sorted(m for m in methods if best[m]["at_edge"])})
     result: dict[str, Any] = {"model": path.stem, "scheme": scheme.rpartition("#")[2] or scheme,
                               "seeds": args.seeds, "epochs": args.epochs, "lr_points": args.lr_points,
                               "per_seed": per_seed}
+    result.update(_seed_statistics(per_seed, ("cloud_ptq", "fp32", "int8_sgd", "int8_qas"),
+                                   (("int8_qas", "int8_sgd"), ("int8_qas", "fp32"), ("int8_sgd", "fp32"))))
+    print(f"\nbench qas: {path.stem}, scheme {result['scheme']}, {args.seeds} seeds, {args.epochs} epochs, "
+          f"from {args.lr_points} learning rates each, widened while the best sat at an edge "
+          "(picked on client validation splits)")
+    print(_seed_table(result))
+    edges = [f"seed {r['seed']}: {', '.join(r['best_lr_at_edge'])}" for r in per_seed if r["best_lr_at_edge"]]
+    if edges:
+        print("  best rate still at a grid edge after widening: " + "; ".join(edges))
+    return result
+
+
+def _seed_statistics(per_seed: list[dict[str, Any]], names: tuple[str, ...],
+                     pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Mean, spread and 95% interval over seeds of each ``{name}_accuracy``, and of each paired difference."""
+    import numpy as np
+
+    from fedtiny.report.sweep import interval95
+
+    out: dict[str, Any] = {}
     for n in names:
         vals = np.array([r[f"{n}_accuracy"] for r in per_seed])
-        result[f"{n}_accuracy_mean"] = round(float(vals.mean()), 4)
-        result[f"{n}_accuracy_spread"] = round(float(vals.max() - vals.min()), 4)
-    print(f"\nbench qas: {path.stem}, scheme {result['scheme']}, {args.seeds} seeds, {args.epochs} epochs, "
-          f"{args.lr_points} learning rates each (picked on client validation splits)")
+        out[f"{n}_accuracy_mean"] = round(float(vals.mean()), 4)
+        out[f"{n}_accuracy_spread"] = round(float(vals.max() - vals.min()), 4)
+        out[f"{n}_accuracy_ci95"] = [round(v, 4) for v in interval95(vals)]
+    out["paired"] = {}
+    for a, b in pairs:
+        diff = np.array([r[f"{a}_accuracy"] - r[f"{b}_accuracy"] for r in per_seed])
+        lo, hi = interval95(diff)
+        out["paired"][f"{a} - {b}"] = {"mean": round(float(diff.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)],
+                                       "verdict": "no difference" if lo <= 0 <= hi or len(diff) < 2
+                                       else ("higher" if lo > 0 else "lower")}
+    return out
+
+
+def _seed_table(result: dict[str, Any]) -> str:
+    """Markdown: each method's accuracy (mean, 95% interval) and the paired differences, from :func:`_seed_statistics`."""
+    names = [k[:-len("_accuracy_mean")] for k in result if k.endswith("_accuracy_mean")]
+    lines = ["| method | test accuracy (mean) | 95% interval | spread |", "| --- | --- | --- | --- |"]
     for n in names:
-        print(f"  {n:<10} test accuracy {result[f'{n}_accuracy_mean']:.4f} "
-              f"(spread over seeds {result[f'{n}_accuracy_spread']:.4f})")
-    return result
+        lo, hi = result[f"{n}_accuracy_ci95"]
+        lines.append(f"| {n} | {result[f'{n}_accuracy_mean']:.4f} | {lo:.4f} to {hi:.4f} | "
+                     f"{result[f'{n}_accuracy_spread']:.4f} |")
+    lines += ["", "| difference (paired by seed) | mean | 95% interval | verdict |", "| --- | --- | --- | --- |"]
+    for pair, d in result["paired"].items():
+        lines.append(f"| {pair} | {d['mean']:+.4f} | {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f} | {d['verdict']} |")
+    return "\n".join(lines)
 
 
 BENCHES["qas"] = bench_qas
