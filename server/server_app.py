@@ -21,6 +21,7 @@ from fedtiny.federated.rounds import RoundOutcome
 from fedtiny.federated.fleet import server_task
 from fedtiny.federated.task import limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate
+from fedtiny.int8.prefix import server_prefixes
 from fedtiny.models import load_arrays
 from fedtiny.report.runlog import RunLog, new_run_dir, write_scenario
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
@@ -85,6 +86,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, *, state_dir: str 
     log.note(f"cloud model: fp32 accuracy {cloud.fp32_accuracy:.4f}"
              + (f", after int8 PTQ {cloud.ptq_accuracy:.4f}" if cloud.ptq_accuracy is not None else ""))
     global_model = GlobalModel(initial, [n for n, *_ in task.uplink_spec])
+    prefixes = server_prefixes(task.model, [n for n, *_ in task.uplink_spec])  # the test split's frozen prefix
     recorder = ObservationRecorder(scenario.attack)
     if scenario.run.cohort_size > 1:  # nodes are workers; the server places cohorts of virtual clients on them
         node_of, workers = {}, wait_for_nodes(grid, cohort_nodes(scenario))
@@ -106,7 +108,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, *, state_dir: str 
             return None  # the model the resumed run starts from was evaluated before it stopped
         server_round = flower_round + strategy.round_offset
         load_arrays(task.model, unpack_dense(record_bytes(arrays), task.downlink_spec))
-        loss, acc = evaluate(task.model, task.federation.test)
+        loss, acc = evaluate(task.model, task.federation.test, prefixes=prefixes)
         log.add_evaluation(server_round, acc, loss)
         if server_round > 0:
             save_checkpoint(run_dir, Checkpoint(server_round, log.elapsed(), global_model.state, global_model.master,

@@ -24,6 +24,7 @@ from fedtiny.federated.faults import draw_fault, inject_fault, poison, remember_
 from fedtiny.federated.sampling import malicious_clients
 from fedtiny.federated.task import Task, client_profile, client_radio, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate, seeded, train_local
+from fedtiny.int8.prefix import PrefixStore, without_prefixes
 from fedtiny.models import load_arrays, model_arrays
 from fedtiny.models.state import to_wire
 from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
@@ -128,11 +129,15 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     if fleet.partial_work and fleet.deadline_s > 0:
         max_steps = steps_in_time(fleet.deadline_s, profile, radio, fwd, bwd, t.batch_size, len(downlink),
                                   dense_nbytes(task.uplink_spec))
+    # The frozen prefix's int8 outputs for this client's samples, kept in its state between rounds
+    # (the simulator's saving: the same numbers, and the device's time still counts every op)
+    prefixes = PrefixStore.from_state(state)
     fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
                       gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None,
-                      gradients=t.gradients, engine=t.engine, shuffle=t.shuffle)
-    _, test_acc = evaluate(task.model, test)
+                      gradients=t.gradients, engine=t.engine, shuffle=t.shuffle, prefixes=prefixes)
+    _, test_acc = evaluate(task.model, test, prefixes=prefixes)
+    state = {**without_prefixes(state), **prefixes.to_state()}
     trained = clip_weight_change(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), received,
                                  d.policy_max_change_lsb)
     if scenario.privacy.dp == "local":

@@ -44,6 +44,12 @@ def round_seed(*parts: int) -> int:
 
 
 def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None, order: list[int] | None = None):
+    for xb, yb, _ in _indexed_batches(data, batch_size, gen, order):
+        yield xb, yb
+
+
+def _indexed_batches(data: ImageSet, batch_size: int, gen: torch.Generator | None, order: list[int] | None = None):
+    """Batches ``(x, y, sample indices)``: shuffled by ``gen``, in ``order``, or in order."""
     n = len(data)
     if order is not None:
         order = torch.tensor(order, dtype=torch.int64)
@@ -52,7 +58,14 @@ def _batches(data: ImageSet, batch_size: int, gen: torch.Generator | None, order
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
+        yield x[idx], y[idx], idx
+
+
+def _model_output(model: nn.Module, xb: torch.Tensor, idx: torch.Tensor, prefix) -> torch.Tensor:
+    """The model's logits of a batch: from its cached frozen prefix when there is one."""
+    if prefix is None:
+        return model(xb)
+    return model.forward_from(prefix.start, prefix.batch(idx))
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, *, rounding: str = "stochastic",
@@ -82,14 +95,15 @@ def _exact_loss(model: nn.Module):
 
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
             gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
-            exact_seed: int | None = None, c_step=None, shuffle: str = "torch") -> TrainResult:
+            exact_seed: int | None = None, c_step=None, shuffle: str = "torch", prefix=None) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
     ``exact_seed``: run the exact step (:mod:`fedtiny.int8.exact`) with this seed; step ``k`` of the
     run draws its stochastic rounding from ``StepKey(exact_seed, k)``. ``c_step``: a
     :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch. ``shuffle``:
-    ``hash`` orders each epoch by :func:`fedtiny.int8.exact.permutation` of the exact seed.
+    ``hash`` orders each epoch by :func:`fedtiny.int8.exact.permutation` of the exact seed. ``prefix``:
+    a :class:`~fedtiny.int8.prefix.FrozenPrefix` of ``data`` for the model's scheme (PyTorch steps only).
     """
     from fedtiny.int8 import exact
 
@@ -103,7 +117,7 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
         model.train(bn_train)
         total_loss, correct, seen = 0.0, 0, 0
         order = exact.permutation(len(data), exact_seed, epoch) if shuffle == "hash" and exact_seed is not None else None
-        for xb, yb in _batches(data, batch_size, gen, order):
+        for xb, yb, idx in _indexed_batches(data, batch_size, gen, order):
             if max_steps is not None and steps >= max_steps:
                 break
             if c_step is not None:  # the device's C step: the same numbers (fedtiny.int8.cstep)
@@ -115,7 +129,7 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
             else:
                 opt.zero_grad(set_to_none=True)
                 with exact.step(None if exact_seed is None else exact.StepKey(exact_seed, steps)):
-                    out = model(xb)
+                    out = _model_output(model, xb, idx, prefix)
                     loss = loss_fn(out, yb)
                     loss.backward()
                     opt.step()
@@ -143,13 +157,16 @@ def exact_applies(model: nn.Module, optimizer: str) -> bool:
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
                 optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
                 freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None,
-                gradients: str = "float", engine: str = "torch", shuffle: str = "torch") -> TrainResult:
+                gradients: str = "float", engine: str = "torch", shuffle: str = "torch",
+                prefixes=None) -> TrainResult:
     """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
 
     ``max_steps``: stop after this many steps (None: all epochs). ``gradients``: ``exact`` runs
     the exact step (:mod:`fedtiny.int8.exact`; int8 graph, int8 head, sgd or sgd+qas), seeded
     from the ``gen``'s seed; ``float`` the float-gradient step. An fp32 model always trains in float.
     ``engine``: ``torch``, or ``c`` for the exact step in C (``device/c``; same numbers).
+    ``prefixes``: a :class:`~fedtiny.int8.prefix.PrefixStore`: the PyTorch steps of an int8 graph run
+    from the first trained op on the data's cached frozen prefix (the same numbers, less work).
     """
     from fedtiny.int8.graph import QModel
 
@@ -178,16 +195,18 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
     elif engine != "torch":
         raise ScenarioError(f"train.engine: expected torch or c, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
+    prefix = prefixes.get(model, data.x) if prefixes is not None and c_step is None and freeze_bn else None
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, shuffle=shuffle)
+                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, shuffle=shuffle, prefix=prefix)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512, prefixes=None) -> tuple[float, float]:
     """Return ``(loss, accuracy)`` of ``model`` on ``data`` (0, 0 for empty data).
 
     An int8 graph with an int8 head reports the exact step's loss (fixed-point softmax of the int8
-    logits, summed with ``math.fsum``): the same figure on every CPU.
+    logits, summed with ``math.fsum``): the same figure on every CPU. ``prefixes``: a
+    :class:`~fedtiny.int8.prefix.PrefixStore` whose cached frozen prefix of ``data`` the graph starts from.
     """
     from fedtiny.int8 import exact
     from fedtiny.int8.graph import QConv, QModel
@@ -199,8 +218,9 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> tuple[f
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     losses: list[float] = []
     correct = 0
-    for xb, yb in _batches(data, batch_size, None):
-        out = model(xb)
+    prefix = prefixes.get(model, data.x) if prefixes is not None else None
+    for xb, yb, idx in _indexed_batches(data, batch_size, None):
+        out = _model_output(model, xb, idx, prefix)
         if int8_head:
             head = model.classifier
             q = torch.round(out / float(head.y_scale)).to(torch.int64) + int(head.y_zero)

@@ -133,6 +133,24 @@ def _check_grads(led: Ledger | NullLedger, events: OpEvents, held: list[int]) ->
 
 # ---------------------------------------------------------------- convolution
 
+def _input_tap_l1(w: torch.Tensor, groups: int) -> float:
+    """The largest L1 norm of the weights one input channel meets (within its group: a depthwise
+    channel meets only its own taps), which bounds each sum of its input gradient."""
+    o, c, kh, kw = w.shape
+    return float(w.abs().reshape(groups, o // groups, c, kh * kw).sum(dim=(1, 3)).max())
+
+
+def _per_sample_weight_grads(x: torch.Tensor, shape: tuple[int, ...], g: torch.Tensor, stride, padding,
+                             groups: int) -> torch.Tensor:
+    """Each sample's weight gradient of a convolution (``N x shape``) in one call: the batch becomes
+    groups (sample ``n``'s channels are group block ``n``)."""
+    n = x.shape[0]
+    xs = x.reshape(1, n * x.shape[1], *x.shape[2:])
+    gs = g.reshape(1, n * g.shape[1], *g.shape[2:])
+    per = torch.nn.grad.conv2d_weight(xs, (n * shape[0], *shape[1:]), gs, stride, padding, groups=n * groups)
+    return per.reshape(n, *shape)
+
+
 class _QConvFn(torch.autograd.Function):
     """int8 convolution whose backward keeps only what the device keeps.
 
@@ -175,10 +193,13 @@ class _QConvFn(torch.autograd.Function):
         def scaled(int_sum: torch.Tensor) -> torch.Tensor:  # per-sample integer sums (N x ...) times s[n]
             return int_sum if scale is None else int_sum.float() * scale.view(-1, *([1] * (int_sum.dim() - 1)))
 
-        def batch_sum(per_sample) -> torch.Tensor:  # a parameter's gradient over the batch
+        def weight_grad(xs: torch.Tensor, shape: tuple[int, ...], gq: torch.Tensor, groups: int) -> torch.Tensor:
             if scale is None:
-                return per_sample(slice(None))
-            return exact.sum_in_order(per_sample(slice(i, i + 1)).float() * scale[i] for i in range(n_samples))
+                return torch.nn.grad.conv2d_weight(xs, shape, gq, conv.stride, pad, groups=groups)
+            # each sample's integer gradient (one grouped call for the batch: integer sums are exact in
+            # any order), then scaled and accumulated sample by sample as the device does
+            per = _per_sample_weight_grads(xs, shape, gq, conv.stride, pad, groups)
+            return exact.sum_in_order(per[i].float() * scale[i] for i in range(n_samples))
 
         grad_x = grad_w = grad_b = None
         held = []  # bytes of the gradients this op produces, in the order its events list them
@@ -201,21 +222,19 @@ class _QConvFn(torch.autograd.Function):
                 xs, gq = xs.to(dt), ga.to(dt)
             if conv.is_depthwise:
                 ch = sel if sel is not None else list(range(conv.out_channels))
-                gw = batch_sum(lambda b: torch.nn.grad.conv2d_weight(xs[b], (len(ch), 1, kh, kw), gq[b][:, ch],
-                                                                     conv.stride, pad, groups=len(ch)))
+                gw = weight_grad(xs, (len(ch), 1, kh, kw), gq[:, ch], len(ch))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[ch] = gw
             else:
                 ch = sel if sel is not None else list(range(conv.in_channels))
-                gw = batch_sum(lambda b: torch.nn.grad.conv2d_weight(xs[b], (conv.out_channels, len(ch), kh, kw),
-                                                                     gq[b], conv.stride, pad, groups=1))
+                gw = weight_grad(xs, (conv.out_channels, len(ch), kh, kw), gq, 1)
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[:, ch] = gw
             held.append(GRAD_BYTES * gw.numel())
         if ctx.needs_input_grad[0]:
             wq, gq = w, ga
             if scale is not None:  # each sum is over one input channel's taps: bounded by their weights' L1 norm
-                dt = exact.int_sum_dtype(q_max * float(w.abs().sum(dim=(0, 2, 3)).max()) * 1.001)
+                dt = exact.int_sum_dtype(q_max * _input_tap_l1(w, conv.groups) * 1.001)
                 wq, gq = w.to(dt), ga.to(dt)
             if sym:
                 grad_x = scaled(torch.nn.grad.conv2d_input(ctx.in_shape, wq, gq, conv.stride, pad, groups=conv.groups))
@@ -877,14 +896,21 @@ class QModel(nn.Module):
         scale, zero, mean, std = (float(v) for v in self.input_params)
         return torch.clamp(round_ste((x - mean) / std / scale) + zero, INT8_MIN, INT8_MAX)
 
-    def _run(self, xq: torch.Tensor, upto: int, *, record: bool = True) -> dict[str, torch.Tensor]:
-        """Run ops ``0..upto`` on the int8 input; every tensor by name."""
+    def _run(self, xq: torch.Tensor | None, upto: int, *, record: bool = True, start: int = 0,
+             env: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run ops ``start..upto`` on the int8 input (``start`` 0), or on ``env``, the tensors ops before
+        ``start`` wrote that later ops read (:meth:`boundary`); every tensor by name."""
         led = active() if record else NULL
-        if record:
-            OpEvents("input", xq.numel()).forward(led)
-        env = {"input": xq}
+        if start:
+            if led is not NULL:
+                raise RuntimeError("a run from a cached prefix cannot be recorded: the memory model counts every op")
+            env = dict(env or {})
+        else:
+            if record:
+                OpEvents("input", xq.numel()).forward(led)
+            env = {"input": xq}
         wiring = self.wiring(upto) if record and led is not NULL else [None] * (upto + 1)
-        i = 0
+        i = start
         while i <= upto:
             node = self.nodes[i]
             module = self.op(node.op)
@@ -940,10 +966,34 @@ class QModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits: dequantized int8 logits, or the fp32 head's output."""
-        y = self._run(self.quantize_input(x), self._head)["classifier"]
+        return self._logits(self._run(self.quantize_input(x), self._head)["classifier"])
+
+    def forward_from(self, start: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` from op ``start`` on: ``tensors`` are the :meth:`boundary` tensors of ``start``
+        (what ops ``0..start-1`` wrote for the batch). The same logits, bit for bit, when they are."""
+        return self._logits(self._run(None, self._head, start=start, env=tensors)["classifier"])
+
+    def _logits(self, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.classifier, QConv):
             return (y.flatten(1) - self.classifier.y_zero) * self.classifier.y_scale
         return y
+
+    # -- the frozen prefix (what a sparse update does not change)
+
+    def first_trained_op(self) -> int:
+        """Index of the first op (up to the head) with a trained parameter; the head's index when none is."""
+        for i, node in enumerate(self.nodes[:self._head + 1]):
+            if any(p.requires_grad for p in self.op(node.op).parameters()):
+                return i
+        return self._head
+
+    def boundary(self, start: int) -> tuple[str, ...]:
+        """The tensors that ops ``0..start-1`` (or the input) write and ops ``start..head`` read, skips included."""
+        written = {"input"} | {n.op for n in self.nodes[:start]}
+        out: list[str] = []
+        for node in self.nodes[start:self._head + 1]:
+            out += [t for t in node.inputs if t in written and t not in out]
+        return tuple(out)
 
     @torch.no_grad()
     def int8_forward(self, xq: torch.Tensor) -> torch.Tensor:

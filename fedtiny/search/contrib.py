@@ -27,6 +27,7 @@ from fedtiny.budget.schemes import Scheme, apply_scheme, resolve
 from fedtiny.errors import SchemeError
 from fedtiny.data import ImageSet
 from fedtiny.federated.train import evaluate, seeded, train_local
+from fedtiny.int8.prefix import PrefixStore
 from fedtiny.models.state import load_arrays
 
 __all__ = ["AnalysisSettings", "Contributions", "analyse", "cache_dir", "default_bias_grid", "RATIOS"]
@@ -139,13 +140,17 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
     if grid[0] != 0 or max(grid) > n:
         raise SchemeError(f"search.bias_grid {list(grid)} must start at 0 and stay within the model's {n} convolutions")
 
+    # Each candidate trains from the first op its scheme trains: the frozen prefix's outputs for the
+    # public samples are computed once per start (from the nearest earlier one) and reused.
+    prefixes = PrefixStore(keep=8)
+
     def accuracy(scheme: Scheme) -> float:
         load_arrays(model, state)
         apply_scheme(model, resolve(scheme, model, settings.seed))
         train_local(model, train, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                     optimizer=settings.optimizer, momentum=settings.momentum, rounding=settings.rounding,
-                    gen=seeded(settings.seed, 101))
-        return evaluate(model, val)[1]
+                    gen=seeded(settings.seed, 101), prefixes=prefixes)
+        return evaluate(model, val, prefixes=prefixes)[1]
 
     load_arrays(model, state)
     start = evaluate(model, val)[1]

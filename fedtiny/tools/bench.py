@@ -317,7 +317,7 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.federated.task import cloud_model, limit_threads, make_task
     from fedtiny.federated.fleet import resolve_scheme
     from fedtiny.models.state import load_arrays
-    from fedtiny.scenario import load_scenario, parse_overrides
+    from fedtiny.scenario import parse_overrides
 
     limit_threads()
     path, scheme = _model_and_scheme(args.model_file, args.scheme)
@@ -325,7 +325,7 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     over = {**parse_overrides(args.overrides), "model.file": str(path.resolve()), "train.scheme": scheme}
     per_seed = []
     for seed in range(args.seeds):
-        s = load_scenario(scenario, {**over, "run.seed": seed})
+        s = _one_method(scenario, {**over, "run.seed": seed})
         task = make_task(s)
         state, cloud = cloud_model(task)
         task = resolve_scheme(task, state)
@@ -408,6 +408,21 @@ def _seed_table(result: dict[str, Any]) -> str:
 BENCHES["qas"] = bench_qas
 
 
+
+
+def _one_method(path: str, overrides: dict[str, Any]):
+    """The scenario of ``path`` with ``overrides`` and without its ``[methods]`` (a bench trains one model
+    with one scheme; the file's methods may name schemes of another model)."""
+    import tomllib
+
+    from fedtiny.scenario import load_scenario, scenario_from_dict
+
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return load_scenario(path, overrides)  # its own one-line error
+    raw.pop("methods", None)
+    return scenario_from_dict(raw, overrides, where=str(path), base_dir=Path(path).parent)
 
 
 def _model_and_scheme(model: str, scheme: str):
@@ -501,6 +516,92 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHES["train"] = bench_train
+
+
+def bench_round(args: argparse.Namespace) -> dict[str, Any]:
+    """One client round of the scenario's size on the reference path and on the fast path, in this process.
+
+    The round is :func:`~fedtiny.federated.client.local_round` of client 0 in round 2 (after a round 1
+    that leaves its state: the model it holds and, on the fast path, its frozen prefix): downlink,
+    memory check, the exact int8 step, the evaluation on its held-out split, the encoded update. The
+    reference path runs every op of the graph; the fast path reuses the frozen prefix
+    (:mod:`fedtiny.int8.prefix`). The two are alternated, best of ``--repeat``; ``identical`` says
+    whether both rounds' update bytes are equal.
+    """
+    import numpy as np
+
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.compress.downlink import FULL
+    from fedtiny.errors import SchemeError
+    from fedtiny.federated.client import local_round
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile, limit_threads
+    from fedtiny.int8.prefix import STATE_PREFIX, PrefixStore, prefix_cache
+    from fedtiny.scenario import parse_overrides
+
+    limit_threads()
+    over = parse_overrides(args.overrides)
+    model = args.model_file or "mcunet-5fps"
+    if model == "tiny-ir":  # the built-in network: the quickstart's task
+        scenario_path = args.scenario if args.scenario != DEFAULT_SCENARIO else DEFAULT_SCENARIO
+        over = {**over, "model.name": "tiny-ir", "train.scheme": args.scheme}
+        label = "tiny-ir"
+    else:
+        path, scheme = _model_and_scheme(model, args.scheme)
+        scenario_path = args.scenario if args.scenario != DEFAULT_SCENARIO else "scenarios/mcunet-256kb.toml"
+        over = {**over, "model.file": str(path.resolve()), "train.scheme": scheme}
+        label = path.stem
+    s = _one_method(scenario_path, over)
+    say(f"bench round: {label}, scheme {args.scheme}: cloud step and scheme (once)")
+    task, initial, _, schemes = server_task(s, progress=None)
+    s = task.scenario  # the learning rate filled in, as the server sends it
+    profile = client_profile(s, 0)
+    scheme = schemes.for_client(profile.name, 0, 2) if schemes is not None else None
+    payload = pack_dense(initial, task.downlink_spec)
+
+    def round_of(fast: bool, state: dict, server_round: int):
+        with prefix_cache(fast):
+            t0 = time.perf_counter()
+            result, new_state = local_round(s, 0, server_round, payload, kind=FULL, scheme=scheme, state=state,
+                                            profile=profile)
+            return time.perf_counter() - t0, result, new_state
+
+    _, first_ref, state_ref = round_of(False, {}, 1)
+    _, first_fast, state_fast = round_of(True, {}, 1)
+    if first_ref.refusal:
+        raise SchemeError(f"bench round: client 0 refuses the scheme: {first_ref.refusal}")
+    times = {"reference": [], "fast": []}
+    updates = {}
+    for r in range(args.repeat):
+        for name, fast, state in (("reference", False, state_ref), ("fast", True, state_fast)):
+            dt, result, _ = round_of(fast, state, 2)
+            times[name].append(dt)
+            updates[name] = result.update
+        say(f"bench round: repeat {r + 1}/{args.repeat}: reference {times['reference'][-1]:.3f} s, "
+            f"fast {times['fast'][-1]:.3f} s")
+    held = PrefixStore.from_state(state_fast).items
+    graph = task.model
+    start = held[0].start if held else 0
+    ref_s, fast_s = min(times["reference"]), min(times["fast"])
+    result = {"model": label, "scheme": scheme.summary() if scheme else args.scheme, "samples": first_ref.num_examples,
+              "batch_size": s.train.batch_size, "reference_s": round(ref_s, 4), "fast_s": round(fast_s, 4),
+              "speedup": round(ref_s / fast_s, 3), "repeats": args.repeat,
+              "identical": updates["reference"] == updates["fast"] and first_ref.update == first_fast.update,
+              "update_bytes": len(updates["fast"]), "prefix_start_op": start,
+              "ops": len(graph.nodes) if hasattr(graph, "nodes") else 0,
+              "prefix_boundary": list(held[0].tensors) if held else [],
+              "prefix_state_bytes": int(sum(np.asarray(v).nbytes for k, v in state_fast.items()
+                                            if k.startswith(STATE_PREFIX)))}
+    print(f"bench round: {label} scheme {result['scheme']}, client 0 round 2 ({result['samples']} samples, batch "
+          f"{result['batch_size']}, one thread), best of {args.repeat}\n"
+          f"  reference path (every op)       {ref_s:8.3f} s\n"
+          f"  fast path (from op {start} of {result['ops']}) {fast_s:8.3f} s   cached prefix "
+          f"{result['prefix_state_bytes']:,} B in the client's state\n"
+          f"  speedup {result['speedup']:.2f}x, update bytes identical: {result['identical']}")
+    return result
+
+
+BENCHES["round"] = bench_round
 
 
 def bench_codec(args: argparse.Namespace) -> dict[str, Any]:

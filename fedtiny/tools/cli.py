@@ -716,14 +716,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline run in the same process)")
-    p.add_argument("bench", choices=["sim", "qas", "codec", "train", "secagg"],
+    p.add_argument("bench", choices=["sim", "qas", "codec", "train", "secagg", "round"],
                    help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
+                        "round: a client round on the reference path vs the fast path (cached frozen prefix); "
                         "codec: bits per position of the wire format vs the entropy floor; "
                         "train: the client's int8 step vs a float step of the same network; "
                         "secagg: Flower's SecAgg+ on dense int8 changes vs the same round without it")
     p.add_argument("--model", dest="model_file", default="",
-                   help="train (default mcunet-5fps), qas: a published model name (in ../shared/models/tiny-training) "
-                        "or a model file")
+                   help="train, round (default mcunet-5fps), qas: a published model name (in "
+                        "../shared/models/tiny-training) or a model file; round: also tiny-ir")
     p.add_argument("--scheme", default="s3", help="train: s1..s5 (published), full, bias-only, last-k:N, a file")
     p.add_argument("--batch-size", type=int, default=16, help="train: samples per step")
     p.add_argument("--steps", type=int, default=6, help="train: timed steps")
@@ -736,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5, help="qas: fine-tuning epochs per trial")
     p.add_argument("--lr-points", type=int, default=5, help="qas: learning rates tried per method")
     p.add_argument("--numel", type=int, default=1_000_000, help="codec: tensor size")
-    p.add_argument("--repeat", type=int, default=3, help="codec, train: timing repetitions (best kept)")
+    p.add_argument("--repeat", type=int, default=3, help="codec, train, round: timing repetitions (best kept)")
     p.add_argument("--lr-center", type=float, default=0.0,
                    help="qas: middle of the fp32/QAS learning-rate grid (0: 0.003, or 1e-4 with --model)")
     p.add_argument("--seeds", type=int, default=3, help="qas with --model: seeds to average over")
