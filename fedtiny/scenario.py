@@ -177,6 +177,8 @@ class SearchSection:
                       "to); none: as it is", _choice("fleet", "none"))
     bias_grid: tuple[int, ...] = _key((), "numbers of last convolutions whose biases are tried (empty: automatic)",
                                       _each(_range(0)))
+    workers: int = _key(0, "contribution analysis: processes fine-tuning candidates side by side (0: run.num_cpus); "
+                        "the gains do not depend on it", _range(0, 256))
     population: int = _key(32, "evolutionary search: population", _range(2, 100_000))
     generations: int = _key(30, "evolutionary search: generations", _range(1, 100_000))
     mutation: float = _key(0.1, "evolutionary search: probability of re-drawing a gene", _range(0.0, 1.0))

@@ -126,18 +126,24 @@ def test_client_rounds_keep_their_prefix_and_send_the_same_bytes():
     assert {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}.keys() == ref_state.keys()
 
 
-def test_the_contribution_analysis_measures_the_same_gains_from_prefixes(tmp_path, monkeypatch, digits_model):
+def test_the_contribution_analysis_measures_the_same_gains_from_prefixes_in_any_number_of_processes(tmp_path, monkeypatch, digits_model):
     model, data = digits_model
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
     train = type(data)(data.x[:120], data.y[:120], 10, "t")
     val = type(data)(data.x[120:200], data.y[120:200], 10, "v")
     settings = AnalysisSettings(epochs=1, lr=0.05, batch_size=16, ratios=(0.5, 1.0), bias_grid=(0, 2, 6))
     state = model_arrays(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every analysis process runs (float gradients: the thread count matters)
     with prefix_cache(False):
         ref = analyse(model, state, train, val, settings, cache=False)
-    got = analyse(model, state, train, val, settings, cache=False)
-    assert got.bias_gain == ref.bias_gain and got.weight_gain == ref.weight_gain
-    assert got.baseline_accuracy == ref.baseline_accuracy
+    ticks: list[str] = []
+    for workers in (1, 2):  # and in two processes: each candidate is seeded alone
+        got = analyse(model, state, train, val, settings, cache=False, workers=workers, progress=ticks.append)
+        assert got.bias_gain == ref.bias_gain and got.weight_gain == ref.weight_gain
+        assert got.baseline_accuracy == ref.baseline_accuracy and got.evaluations == ref.evaluations
+    torch.set_num_threads(threads)
+    assert ticks[-1].startswith(f"contribution analysis {ref.evaluations - 1}/{ref.evaluations - 1}")
     assert any(g != 0 for row in got.weight_gain for g in row + got.bias_gain)  # not a comparison of zeros
 
 

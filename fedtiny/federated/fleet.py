@@ -158,7 +158,8 @@ def search_space(task: Task, state: dict[str, np.ndarray], budget: int, name: st
     from fedtiny.search.evolve import Space
 
     train, val = analysis_data(task)
-    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=cache, progress=progress)
+    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=cache, progress=progress,
+                      workers=task.scenario.search.workers or task.scenario.run.num_cpus)
     load_arrays(task.model, state)
     if progress:
         progress(f"contribution analysis: {contrib.evaluations} fine-tunings in {contrib.seconds:.0f}s"

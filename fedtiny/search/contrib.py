@@ -108,6 +108,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedtiny"
 
 
+def _each_unit(units: list[list[Scheme]], tuner: _FineTuner, workers: int, args: tuple):
+    """Each unit's accuracies, in order: here, or in ``workers`` spawned processes (a fork could copy
+    the locks of threads a simulation runs; a spawned worker starts clean)."""
+    if workers <= 1 or len(units) < 2:
+        yield from ([tuner.accuracy(s) for s in unit] for unit in units)
+        return
+    import multiprocessing as mp
+    import pickle
+
+    # The model goes as plain pickle bytes: a tensor handed to multiprocessing directly is moved to
+    # shared memory, and the workers would then train one set of weights concurrently.
+    model, *rest = args
+    with mp.get_context("spawn").Pool(min(workers, len(units)), initializer=_start_worker,
+                                      initargs=(pickle.dumps(model), *rest)) as pool:
+        yield from pool.imap(_run_unit, units)
+
+
 def _key(state: dict[str, np.ndarray], train: ImageSet, val: ImageSet, settings: AnalysisSettings) -> str:
     h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
     for name in sorted(state):
@@ -119,12 +136,49 @@ def _key(state: dict[str, np.ndarray], train: ImageSet, val: ImageSet, settings:
     return h.hexdigest()
 
 
+class _FineTuner:
+    """Fine-tunes candidates from ``state`` (one per process): each from the first op its scheme trains,
+    on the public samples' frozen prefix, computed once per start (from the nearest earlier one)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val: ImageSet,
+                 settings: AnalysisSettings) -> None:
+        self.model, self.state, self.train, self.val, self.settings = model, state, train, val, settings
+        self.prefixes = PrefixStore(keep=8)
+
+    def accuracy(self, scheme: Scheme) -> float:
+        st, model = self.settings, self.model
+        load_arrays(model, self.state)
+        apply_scheme(model, resolve(scheme, model, st.seed))
+        train_local(model, self.train, epochs=st.epochs, batch_size=st.batch_size, lr=st.lr,
+                    optimizer=st.optimizer, momentum=st.momentum, rounding=st.rounding,
+                    gen=seeded(st.seed, 101), prefixes=self.prefixes)
+        return evaluate(model, self.val, prefixes=self.prefixes)[1]
+
+
+_WORKER: list[_FineTuner] = []  # the fine-tuner of an analysis worker process
+
+
+def _start_worker(model_bytes: bytes, *args) -> None:
+    import pickle
+
+    from fedtiny.federated.task import limit_threads
+
+    limit_threads()
+    _WORKER[:] = [_FineTuner(pickle.loads(model_bytes), *args)]  # our own bytes, from the parent process
+
+
+def _run_unit(unit: list[Scheme]) -> list[float]:
+    return [_WORKER[0].accuracy(scheme) for scheme in unit]
+
+
 def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val: ImageSet,
             settings: AnalysisSettings, *, cache: bool = True,
-            progress: Callable[[str], None] | None = None) -> Contributions:
+            progress: Callable[[str], None] | None = None, workers: int = 1) -> Contributions:
     """Measure every candidate's contribution for the int8 ``model`` starting from ``state``.
 
     ``model`` is changed in place (values and trainable tensors); the caller reloads what it needs.
+    ``workers``: processes that fine-tune candidates side by side (each candidate's fine-tuning is
+    seeded alone, so the gains do not depend on how many).
     """
     key = _key(state, train, val, settings)
     path = cache_dir() / f"contrib-{key[:24]}.json"
@@ -140,22 +194,14 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
     if grid[0] != 0 or max(grid) > n:
         raise SchemeError(f"search.bias_grid {list(grid)} must start at 0 and stay within the model's {n} convolutions")
 
-    # Each candidate trains from the first op its scheme trains: the frozen prefix's outputs for the
-    # public samples are computed once per start (from the nearest earlier one) and reused.
-    prefixes = PrefixStore(keep=8)
-
-    def accuracy(scheme: Scheme) -> float:
-        load_arrays(model, state)
-        apply_scheme(model, resolve(scheme, model, settings.seed))
-        train_local(model, train, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                    optimizer=settings.optimizer, momentum=settings.momentum, rounding=settings.rounding,
-                    gen=seeded(settings.seed, 101), prefixes=prefixes)
-        return evaluate(model, val, prefixes=prefixes)[1]
-
+    tuner = _FineTuner(model, state, train, val, settings)
     load_arrays(model, state)
     start = evaluate(model, val)[1]
-    base = accuracy(Scheme("classifier", 0, ()))
-    total = n * len(settings.ratios) + len(grid) - 1
+    base = tuner.accuracy(Scheme("classifier", 0, ()))
+    # Units of work: one bias candidate, or every ratio of one convolution (they share a prefix).
+    units = [[Scheme(f"bias-{k}", k, ())] for k in grid[1:]]
+    units += [[Scheme(f"w{i}@{r:g}", 0, ((i, r),)) for r in settings.ratios] for i in range(n)]
+    total = sum(len(u) for u in units)
     done = 0
 
     def tick(what: str) -> None:
@@ -166,17 +212,14 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
             progress(f"contribution analysis {done}/{total} ({what}) | {seconds(spent)}"
                      + (f" | {left(done, total, spent)}" if done < total else ""))
 
-    bias_gain = [0.0]
-    for k in grid[1:]:
-        bias_gain.append(round(accuracy(Scheme(f"bias-{k}", k, ())) - base, 6))
-        tick(f"biases of last {k}")
-    weight_gain = []
-    for i in range(n):
-        row = []
-        for r in settings.ratios:
-            row.append(round(accuracy(Scheme(f"w{i}@{r:g}", 0, ((i, r),))) - base, 6))
-            tick(f"conv {i} at {r:g}")
-        weight_gain.append(row)
+    accuracies: list[list[float]] = []
+    for unit, accs in zip(units, _each_unit(units, tuner, workers, (model, state, train, val, settings))):
+        accuracies.append(accs)
+        for scheme in unit:
+            tick(f"biases of last {scheme.n_bias_update}" if scheme.n_bias_update else
+                 f"conv {scheme.weight_update[0][0]} at {scheme.weight_update[0][1]:g}")
+    bias_gain = [0.0] + [round(accs[0] - base, 6) for accs in accuracies[:len(grid) - 1]]
+    weight_gain = [[round(a - base, 6) for a in accs] for accs in accuracies[len(grid) - 1:]]
     out = Contributions(list(grid), bias_gain, list(settings.ratios), weight_gain, round(base, 6), round(start, 6),
                         total + 1, round(time.perf_counter() - t0, 2), False, key, asdict(settings))
     if cache:
