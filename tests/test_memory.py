@@ -8,7 +8,7 @@ import torch
 
 from fedtiny.devices import PROFILES, get_profile
 from fedtiny.errors import ScenarioError
-from fedtiny.budget.memory import measure_step, memory_report, plan
+from fedtiny.budget.memory import measure_step, memory_report, peak_sram_bytes, plan
 from fedtiny.int8.graph import QConv, replace_head
 from fedtiny.budget.schemes import parse_scheme, resolve
 
@@ -31,6 +31,7 @@ def test_planner_equals_ledger_tiny_ir(scheme, reorder, inplace, fuse):
     rep = memory_report(q, r, (1, 8, 8), momentum=0.9, **opts)
     led = measure_step(q, r, torch.rand(1, 1, 8, 8), torch.tensor([3]), momentum=0.9, **opts)
     assert rep.peak_sram_bytes == led.peak, (rep.peak_at, led.peak_at)
+    assert peak_sram_bytes(q, r, (1, 8, 8), momentum=0.9, **opts) == rep.peak_sram_bytes  # the search's shortcut
     assert rep.peak_at == led.peak_at
     assert led.current == rep.persistent_bytes  # everything but persistent state was released
     # Not just the peak: the same buffers, in the same order, as the real step.

@@ -379,6 +379,17 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
                         accumulate)
 
 
+def peak_sram_bytes(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,
+                    optimizer: str = "sgd+qas", momentum: float = 0.0, reorder: bool = True,
+                    inplace_depthwise: bool = True, fuse_frozen: bool = True, batch: int = 1,
+                    accumulate: bool = False) -> int:
+    """:func:`memory_report`'s ``peak_sram_bytes`` alone (the planner's accounting), for a search that
+    asks it of thousands of schemes: the plan without the report's tables."""
+    apply_scheme(model, resolved)
+    return plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
+                inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=batch, accumulate=accumulate)[0].peak
+
+
 def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: torch.Tensor, *,
                  optimizer: str = "sgd+qas", lr: float = 1e-3, momentum: float = 0.0, reorder: bool = True,
                  inplace_depthwise: bool = True, fuse_frozen: bool = True) -> Ledger:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.budget.memory import memory_report
+from fedtiny.budget.memory import peak_sram_bytes
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve,
                                     union)
@@ -76,10 +76,10 @@ def peak_function(task: Task) -> Callable[[Scheme], int]:
 
     def peak_of(scheme: Scheme) -> int:
         resolved = resolve(scheme, task.model, task.scenario.run.seed)
-        return memory_report(task.model, resolved, task.federation.image_shape, optimizer=t.optimizer,
-                             momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                             fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
-                             accumulate=d.accumulate and t.batch_size > d.micro_batch).peak_sram_bytes
+        return peak_sram_bytes(task.model, resolved, task.federation.image_shape, optimizer=t.optimizer,
+                               momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
+                               fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
+                               accumulate=d.accumulate and t.batch_size > d.micro_batch)
 
     return peak_of
 

@@ -314,22 +314,25 @@ class QConv(_QParamsMixin, nn.Module):
         self._mult_i32_of: torch.Tensor | None = None
         self._mult_i32_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # Shapes read through _parameters: the planner asks them millions of times in a search, and
+    # nn.Module's attribute fallback is the slow path.
     @property
     def kernel_hw(self) -> tuple[int, int]:
-        return int(self.weight.shape[-2]), int(self.weight.shape[-1])
+        shape = self._parameters["weight"].shape
+        return int(shape[-2]), int(shape[-1])
 
     @property
     def kernel_size(self) -> int:
         """The kernel's width (its side, for the square kernels of MCUNet-style models)."""
-        return int(self.weight.shape[-1])
+        return int(self._parameters["weight"].shape[-1])
 
     @property
     def in_channels(self) -> int:
-        return int(self.weight.shape[1]) * self.groups
+        return int(self._parameters["weight"].shape[1]) * self.groups
 
     @property
     def out_channels(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self._parameters["weight"].shape[0])
 
     @property
     def is_depthwise(self) -> bool:
@@ -838,7 +841,7 @@ class QModel(nn.Module):
     # -- structure
 
     def op(self, name: str) -> nn.Module:
-        return getattr(self, name)
+        return self._modules[name]
 
     def number_convs(self) -> None:
         """Number every convolution (the head included) in forward order: ``slot``, the exact step's stream index."""

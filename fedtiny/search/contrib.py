@@ -108,21 +108,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedtiny"
 
 
-def _each_unit(units: list[list[Scheme]], tuner: _FineTuner, workers: int, args: tuple):
-    """Each unit's accuracies, in order: here, or in ``workers`` spawned processes (a fork could copy
-    the locks of threads a simulation runs; a spawned worker starts clean)."""
-    if workers <= 1 or len(units) < 2:
-        yield from ([tuner.accuracy(s) for s in unit] for unit in units)
-        return
+def _pool(workers: int, units: int, args: tuple):
+    """``workers`` spawned analysis processes (a fork could copy the locks of threads a simulation
+    runs; a spawned worker starts clean), or None for one."""
+    if workers <= 1 or units < 2:
+        return None
     import multiprocessing as mp
     import pickle
 
     # The model goes as plain pickle bytes: a tensor handed to multiprocessing directly is moved to
     # shared memory, and the workers would then train one set of weights concurrently.
     model, *rest = args
-    with mp.get_context("spawn").Pool(min(workers, len(units)), initializer=_start_worker,
-                                      initargs=(pickle.dumps(model), *rest)) as pool:
-        yield from pool.imap(_run_unit, units)
+    return mp.get_context("spawn").Pool(min(workers, units), initializer=_start_worker,
+                                        initargs=(pickle.dumps(model), *rest))
 
 
 def _key(state: dict[str, np.ndarray], train: ImageSet, val: ImageSet, settings: AnalysisSettings) -> str:
@@ -194,10 +192,6 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
     if grid[0] != 0 or max(grid) > n:
         raise SchemeError(f"search.bias_grid {list(grid)} must start at 0 and stay within the model's {n} convolutions")
 
-    tuner = _FineTuner(model, state, train, val, settings)
-    load_arrays(model, state)
-    start = evaluate(model, val)[1]
-    base = tuner.accuracy(Scheme("classifier", 0, ()))
     # Units of work: one bias candidate, or every ratio of one convolution (they share a prefix).
     units = [[Scheme(f"bias-{k}", k, ())] for k in grid[1:]]
     units += [[Scheme(f"w{i}@{r:g}", 0, ((i, r),)) for r in settings.ratios] for i in range(n)]
@@ -212,12 +206,26 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
             progress(f"contribution analysis {done}/{total} ({what}) | {seconds(spent)}"
                      + (f" | {left(done, total, spent)}" if done < total else ""))
 
-    accuracies: list[list[float]] = []
-    for unit, accs in zip(units, _each_unit(units, tuner, workers, (model, state, train, val, settings))):
-        accuracies.append(accs)
-        for scheme in unit:
-            tick(f"biases of last {scheme.n_bias_update}" if scheme.n_bias_update else
-                 f"conv {scheme.weight_update[0][0]} at {scheme.weight_update[0][1]:g}")
+    pool = _pool(workers, len(units), (model, state, train, val, settings))  # starts while this process works
+    try:
+        tuner = _FineTuner(model, state, train, val, settings)
+        load_arrays(model, state)
+        start = evaluate(model, val)[1]
+        base = tuner.accuracy(Scheme("classifier", 0, ()))
+        if pool is None:
+            results = ([tuner.accuracy(scheme) for scheme in unit] for unit in units)
+        else:
+            results = pool.imap(_run_unit, units)
+        accuracies: list[list[float]] = []
+        for unit, accs in zip(units, results):
+            accuracies.append(accs)
+            for scheme in unit:
+                tick(f"biases of last {scheme.n_bias_update}" if scheme.n_bias_update else
+                     f"conv {scheme.weight_update[0][0]} at {scheme.weight_update[0][1]:g}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+
     bias_gain = [0.0] + [round(accs[0] - base, 6) for accs in accuracies[:len(grid) - 1]]
     weight_gain = [[round(a - base, 6) for a in accs] for accs in accuracies[len(grid) - 1:]]
     out = Contributions(list(grid), bias_gain, list(settings.ratios), weight_gain, round(base, 6), round(start, 6),
