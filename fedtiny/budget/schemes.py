@@ -190,7 +190,8 @@ def _select(weight: torch.Tensor, depthwise: bool, ratio: float, criterion: str,
         return sorted(int(i) for i in np.random.default_rng(seed).choice(n, k, replace=False))
     w = weight.detach().double()
     norms = w.flatten(1).norm(dim=1) if depthwise else w.transpose(0, 1).flatten(1).norm(dim=1)
-    order = sorted(range(n), key=lambda i: (-float(norms[i]), i))
+    values = norms.tolist()  # Python floats (a tensor indexed per element is slow in a search's loop)
+    order = sorted(range(n), key=lambda i: (-values[i], i))
     return sorted(order[:k])
 
 

@@ -237,6 +237,7 @@ def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     """Transfer learning's cloud step: fit the new classifier of a pretrained int8 network on the public split."""
     import copy
 
+    from fedtiny.int8.prefix import PrefixStore
     from fedtiny.int8.transfer import fit_head
 
     s, fed = task.scenario, task.federation
@@ -246,8 +247,11 @@ def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     fit = fit_head(model, fed.public.x, fed.public.y, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
                    batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
     # No float network exists for a published int8 model: the "fp32" figure is the float head on its int8 features.
-    return model_arrays(model), CloudReport(fit.train_accuracy, fit.float_accuracy(model, fed.test.x, fed.test.y),
-                                            evaluate(model, fed.test)[1])
+    # Nothing trains here, so the test split's features are computed once for both figures.
+    prefixes = PrefixStore(keep=1)
+    return model_arrays(model), CloudReport(fit.train_accuracy,
+                                            fit.float_accuracy(model, fed.test.x, fed.test.y, prefixes),
+                                            evaluate(model, fed.test, prefixes=prefixes)[1])
 
 
 def limit_threads() -> None:

@@ -30,9 +30,10 @@ class HeadFit:
     train_accuracy: float
     float_train_accuracy: float
 
-    def float_accuracy(self, model: QModel, x: np.ndarray, y: np.ndarray) -> float:
-        """Accuracy of the float classifier on the backbone's features of images ``x``."""
-        logits = pooled_features(model, x) @ self.weight.t() + self.bias
+    def float_accuracy(self, model: QModel, x: np.ndarray, y: np.ndarray, prefixes=None) -> float:
+        """Accuracy of the float classifier on the backbone's features of images ``x`` (from ``prefixes``,
+        a :class:`~fedtiny.int8.prefix.PrefixStore` of the frozen backbone, when given)."""
+        logits = pooled_features(model, x, prefixes=prefixes) @ self.weight.t() + self.bias
         return float((logits.argmax(1) == torch.from_numpy(np.asarray(y, np.int64))).float().mean())
 
 
@@ -44,10 +45,15 @@ def _head_input(model: QModel) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def pooled_features(model: QModel, x: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Dequantized pooled features (``N x C``, float32) of images ``x`` in [0, 1]."""
+def pooled_features(model: QModel, x: np.ndarray, batch_size: int = 64, prefixes=None) -> torch.Tensor:
+    """Dequantized pooled features (``N x C``, float32) of images ``x`` in [0, 1]; with ``prefixes``
+    (a :class:`~fedtiny.int8.prefix.PrefixStore` of a model that trains nothing) the head's input is
+    computed once and kept there for an evaluation of the same images."""
     model.eval()
     scale, zero = _head_input(model)
+    cached = prefixes.get(model, x) if prefixes is not None else None
+    if cached is not None and tuple(cached.tensors) == (model.head_input_name(),):
+        return (cached.tensors[model.head_input_name()].to(torch.float32).flatten(1) - zero) * scale
     out = [model.features(torch.from_numpy(x[i:i + batch_size])).flatten(1) for i in range(0, len(x), batch_size)]
     return (torch.cat(out) - zero) * scale
 
