@@ -195,7 +195,11 @@ class DeviceSection:
     custom_sram_kb: int = _key(0, "SRAM of the scenario's own profile in KB (0: no custom profile)", _range(0, 1 << 20))
     custom_flash_kb: int = _key(1024, "flash of the scenario's own profile in KB", _range(1, 1 << 22))
     custom_clock_mhz: int = _key(100, "clock of the scenario's own profile", _range(1, 10_000))
-    enforce: bool = _key(True, "a client whose training step does not fit its device refuses to train")
+    enforce: bool = _key(True, "a client that does not fit its device refuses to train")
+    fit: str = _key("device", "what must fit the device's SRAM and flash: device (the whole client across a round: "
+                    "the step at train.batch_size, trained tensors, optimizer and uplink state, buffers, stack, as "
+                    "the firmware holds them; device_ram_bytes) or step (one training step, the publication's "
+                    "count; peak_sram_bytes)", _choice("device", "step"))
     micro_batch: int = _key(1, "samples per on-device training step, for the memory check", _range(1, 4096))
     policy_frozen_first: int = _key(0, "privacy policy: a client refuses a scheme that trains any of the model's "
                                     "first N convolutions (0: none)", _range(0, 10_000))
@@ -230,6 +234,9 @@ class CompressionSection:
     warmup_start_density: float = _key(0.25, "density of the first warm-up round", _range(0.0, 1.0, lo_open=True))
     values: str = _key("int8", "value type of the sparse uplink", _choice("int8", "fp16", "ternary", "fp32"))
     error_feedback: bool = _key(True, "keep what was not sent and add it to the next round's change")
+    residual: str = _key("float64", "how the error-feedback residual is kept between rounds: float64, or compact "
+                         "(int16 in 1/256 quantization steps, saturating, for int8 tensors; float32 for int32 ones: "
+                         "what fits a 64 KB device; the firmware keeps it the same way)", _choice("float64", "compact"))
     momentum_correction: bool = _key(False, "DGC momentum correction (a velocity over rounds) when train.momentum > 0")
     downlink: str = _key("full", "full model every round, or the change since the client's last round when smaller",
                          _choice("full", "delta"))

@@ -11,7 +11,14 @@
 
 #include "fedtiny_int8.h"
 
+/* Tables on the stack are sized by these: firmware sets them to its model's (a 256-entry table is 1 KB
+ * of a device's stack per array) */
+#ifndef FT_MAX_TENSORS
 #define FT_MAX_TENSORS 256
+#endif
+#ifndef FT_MAX_CLASSES
+#define FT_MAX_CLASSES 256
+#endif
 #define FT_MAX_BATCH 64
 #define FT_GRAD_LEVELS 127
 
@@ -170,7 +177,8 @@ static int valid_model(const ft_model *m, int32_t batch) {
             return 0;
         if (op->kind < FT_OP_CONV || op->kind > FT_OP_POOL) return 0;
     }
-    return m->ops[m->n_ops - 1].kind == FT_OP_CONV && m->ops[m->n_ops - 1].oc == m->classes && m->classes > 0;
+    return m->ops[m->n_ops - 1].kind == FT_OP_CONV && m->ops[m->n_ops - 1].oc == m->classes && m->classes > 0 &&
+           m->classes <= FT_MAX_CLASSES;
 }
 
 /* ------------------------------------------------------------------ forward */
@@ -438,7 +446,7 @@ static void loss_grad(const ft_model *m, const int8_t *q, int32_t label, int32_t
                       ft_step_report *rep) {
     const int32_t k = m->classes;
     int32_t qmax = -128, i;
-    int32_t e[256];
+    int32_t e[FT_MAX_CLASSES];
     int64_t total = 0;
     for (i = 0; i < k; i++) qmax = q[i] > qmax ? q[i] : qmax;
     for (i = 0; i < k; i++) {

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedtiny.compress.codec import SparseTensor, SparseUpdate, quantize_values
 
-__all__ = ["CompressionConfig", "density_at", "compress_update"]
+__all__ = ["CompressionConfig", "density_at", "compress_update", "compact_residual"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,16 @@ class CompressionConfig:
     values: str = "int8"
     error_feedback: bool = True
     momentum: float = 0.0  # > 0 enables DGC momentum correction
+    residual: str = "float64"  # or compact: as a 64 KB device keeps it (compact_residual)
+
+
+def compact_residual(residual: np.ndarray, dtype: str) -> np.ndarray:
+    """The residual as a device with little RAM keeps it (``compression.residual = "compact"``): for an int8
+    tensor int16 in 1/256 of a quantization step, rounded half to even and saturated at +-128 steps; for
+    any other tensor float32. Both are exact operations in C (device/firmware), so the bytes stay equal."""
+    if dtype == "int8":
+        return np.clip(np.round(residual * 256.0), -32768, 32767) / 256.0
+    return residual.astype(np.float32).astype(np.float64)
 
 
 def density_at(cfg: CompressionConfig, server_round: int) -> float:
@@ -97,14 +107,14 @@ def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
     else:
         picks = {n: _topk(acc[n], math.ceil(density * len(acc[n]))) for n, _, _ in spec}
     update = SparseUpdate()
-    for tid, (name, shape, _) in enumerate(spec):
+    for tid, (name, shape, dtype) in enumerate(spec):
         sel = picks[name]
         sent, scale = quantize_values(acc[name][sel], cfg.values)
         if cfg.error_feedback:
             residual = carried(f"residual/{name}", int(np.prod(shape)))
             kept = acc[name].copy()
             kept[sel] -= sent
-            residual[slices[name]] = kept
+            residual[slices[name]] = compact_residual(kept, dtype) if cfg.residual == "compact" else kept
             state[f"residual/{name}"] = residual
         if cfg.momentum > 0:
             state[f"velocity/{name}"][np.asarray(slices[name])[sel]] = 0.0  # momentum factor masking

@@ -95,7 +95,7 @@ def compression_config(scenario: Scenario) -> CompressionConfig:
     """The sparse encoder's settings from the scenario's ``[compression]`` section."""
     c = scenario.compression
     return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
-                             scenario.train.momentum if c.momentum_correction else 0.0)
+                             scenario.train.momentum if c.momentum_correction else 0.0, c.residual)
 
 
 def make_uplink(scenario: Scenario, spec: Spec, slices: dict[str, np.ndarray]) -> Uplink:

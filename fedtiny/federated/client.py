@@ -46,6 +46,7 @@ class LocalResult:
     steps: int = 0
     device: str = ""
     peak_sram_bytes: int = 0
+    device_ram_bytes: int = 0
     sram_bytes: int = 0
     refusal: str = ""
     trained_round: int = 0
@@ -60,7 +61,8 @@ class LocalResult:
         """Scalar metrics for the reply message."""
         return {msg.NUM_EXAMPLES: self.num_examples, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps,
-                "peak_sram_bytes": self.peak_sram_bytes, "sram_bytes": self.sram_bytes,
+                "peak_sram_bytes": self.peak_sram_bytes, "device_ram_bytes": self.device_ram_bytes,
+                "sram_bytes": self.sram_bytes,
                 msg.REFUSED: int(bool(self.refusal)), msg.TRAINED_ROUND: self.trained_round, "macs": self.macs,
                 "compute_s": self.compute_s, "radio_s": self.radio_s, "energy_mj": self.energy_mj}
 
@@ -112,10 +114,14 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     profile = profile or client_profile(scenario, partition_id)
     radio = client_radio(scenario, profile)
     report = task.memory(profile)
+    whole = task.device_memory(profile, len(train))
     facts = {"device": profile.name, "sram_bytes": profile.sram_bytes, "radio": radio.name,
-             "peak_sram_bytes": report.peak_sram_bytes if report else 0, "trained_round": server_round}
-    if report is not None and not report.fits and scenario.device.enforce:
-        return LocalResult(b"", len(train), refusal=report.reason(), **facts), state
+             "peak_sram_bytes": report.peak_sram_bytes if report else 0,
+             "device_ram_bytes": whole.device_ram_bytes if whole else 0, "trained_round": server_round}
+    # device.fit: the whole client across a round (default), or one step (the publication's count)
+    verdict = whole if scenario.device.fit == "device" else report
+    if verdict is not None and not verdict.fits and scenario.device.enforce:
+        return LocalResult(b"", len(train), refusal=verdict.reason(), **facts), state
     d = scenario.device
     refusal = scheme_refusal(task.model, d.policy_frozen_first) if task.scheme is not None else ""
     load_arrays(task.model, received)

@@ -176,6 +176,7 @@ def round_stats(replies: list[Reply], result: AggregateResult, downlink: dict[in
     refused = [{"partition_id": r.partition_id, "device": str(r.info.get("device", "")),
                 "reason": str(r.info.get("refusal", ""))[:300],
                 "peak_sram_bytes": int(r.metrics.get("peak_sram_bytes", 0)),
+                "device_ram_bytes": int(r.metrics.get("device_ram_bytes", 0)),
                 "sram_bytes": int(r.metrics.get("sram_bytes", 0))} for r in replies if r.refused]
     faults: dict[str, list[int]] = {}
     for r in [*replies, *stragglers]:

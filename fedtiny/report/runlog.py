@@ -158,6 +158,9 @@ class RunLog:
             # The memory planner's peak of one training step, over every client that trained or refused.
             "peak_sram_bytes_max": max((c.get("peak_sram_bytes", 0) for r in recs
                                         for c in r.get("clients", []) + r.get("refused", [])), default=0),
+            # The whole client across a round (fedtiny.budget.device_memory): what refusals use by default.
+            "device_ram_bytes_max": max((c.get("device_ram_bytes", 0) for r in recs
+                                         for c in r.get("clients", []) + r.get("refused", [])), default=0),
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
             **fleet_summary(recs, self.scenario.fleet.target_accuracy),

@@ -54,6 +54,7 @@ def _summary_table(name: str, summary: dict[str, Any]) -> str:
         ("rejected updates", summary["rejected_updates_total"]),
         ("refused (memory)", summary.get("refused_clients_total", 0)),
         ("peak SRAM of a step (max)", summary.get("peak_sram_bytes_max", 0)),
+        ("device RAM of a client's round (max)", summary.get("device_ram_bytes_max", 0)),
         ("wall time (s)", summary["wall_time_s"]),
         ("run folder", summary["run_dir"]),
     ])
@@ -512,6 +513,19 @@ def cmd_device_emulator(args: argparse.Namespace) -> int:
             raise ScenarioError(f"--engine c: {cstep.library_path()} is not built: run make install")
     if not 0 <= args.data < scenario.run.clients:
         raise ScenarioError(f"--data: partition {args.data} is not one of the scenario's {scenario.run.clients}")
+    if (args.port is None) == (not args.serial):
+        raise ScenarioError("device-emulator: give --port PORT (a TCP device) or --serial PATH[@BAUD] (a serial "
+                            "port), one of them")
+    if args.serial:
+        from fedtiny.bridge.address import parse_address
+        from fedtiny.bridge.device import serve_serial
+
+        port = parse_address(f"serial:{args.serial}")
+        if port.kind != "serial-port":
+            raise ScenarioError(f"--serial: {args.serial!r} is not a serial port (a device path such as "
+                                f"/dev/ttyUSB0, or COMn, optionally @BAUD)")
+        serve_serial(port.path, scenario, args.data, get_profile(args.profile), baud=port.baud, fault=args.fault)
+        return 0
     try:
         serve(args.port, scenario, args.data, get_profile(args.profile), host=args.host, fault=args.fault)
     except OSError as exc:
@@ -687,13 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_device_firmware)
 
-    p = sub.add_parser("device-emulator", help="a reference MCU that speaks the bridge protocol over TCP")
-    p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("device-emulator", help="a reference MCU that speaks the bridge protocol over TCP or a "
+                                                "serial port")
+    p.add_argument("--port", type=int, default=None, help="listen on this TCP port (bridge address HOST:PORT)")
+    p.add_argument("--serial", default="", metavar="PATH[@BAUD]", help="serve a serial port instead (the device's "
+                   "end of a cable or of a pseudo-terminal pair; the bridge's address is serial:OTHER_END@BAUD)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--profile", default="mcu-256kb", help="device profile whose memory it respects")
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="the scenario whose model it runs")
     p.add_argument("--data", type=int, default=0, help="the data partition of the scenario it holds")
-    p.add_argument("--fault", default="", choices=["", "disconnect"], help="test peer: misbehave on purpose")
+    p.add_argument("--fault", default="", choices=["", "disconnect", "stall", "reset", "garbage", "noise"],
+                   help="test peer: misbehave on purpose (fedtiny.bridge.device.FAULTS)")
     p.add_argument("--engine", default="", choices=["", "torch", "c"], help="what trains: the PyTorch exact step "
                    "or the C step of device/c (default: the scenario's train.engine); the same update either way")
     _add_scenario_args(p)

@@ -32,6 +32,17 @@ _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(n
 _MUTABLE = {"weight": "train_w", "bias": "train_b", "mom_w": None, "mom_b": None}
 
 
+# scenario keys the device checks in each TRAIN against the values it was built with
+_SETTINGS = [("train", "lr"), ("train", "momentum"), ("train", "batch_size"), ("train", "local_epochs"),
+             ("train", "optimizer"), ("train", "weight_rounding"), ("train", "shuffle"), ("train", "gradients"),
+             ("compression", "uplink"), ("compression", "density"), ("compression", "values"),
+             ("compression", "topk"), ("compression", "error_feedback"), ("compression", "residual")]
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _literal(v, dtype: np.dtype) -> str:
     if dtype == np.float32:
         f = float(np.float32(v))
@@ -52,6 +63,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     import torch
 
     from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.device_memory import FRAME_BYTES, TEXT_BYTES, encoded_bound
     from fedtiny.budget.memory import c_layout, memory_report
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.devices import get_profile
@@ -78,6 +90,8 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
                                    or cmp.warmup_rounds):
         problems.append("a sparse uplink with values = \"int8\", topk = \"tensor\", no momentum_correction "
                         "and warmup_rounds = 0")
+    if scenario.device.micro_batch != 1:
+        problems.append("device.micro_batch = 1 (the C step trains one sample at a time)")
     if t.optimizer not in ("sgd", "sgd+qas") or scenario.privacy.dp != "none" or t.batch_size > 64:
         problems.append("train.optimizer sgd or sgd+qas, privacy.dp = \"none\", train.batch_size <= 64")
     if not 0 <= partition_id < scenario.run.clients:
@@ -96,6 +110,10 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     model.input_shape = shape
     report = memory_report(model, scheme, shape, device=profile, optimizer=t.optimizer, momentum=t.momentum,
                            accumulate=t.batch_size > 1)
+    whole = client.device_memory(profile, len(train))
+    # what TRAIN's scenario must say for this image to train it (checked on the device, text for text)
+    sections = task.scenario.to_dict()
+    settings = [(f"{sec}.{key}", json.dumps(sections[sec][key])) for sec, key in _SETTINGS]
     say("the C step's layout and arena plans")
     cs = CStep(model, lr=lr, momentum=t.momentum, optimizer=t.optimizer, rounding=t.weight_rounding,
                layout=c_layout(model, shape))
@@ -143,7 +161,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         down.append(f"    {{{offset}u, {len(data)}u, {f'(void *){dest}' if dest else '0'}, 0x{zlib.crc32(data):08x}u}}"
                     f"  /* {name} */")
         offset += len(data)
-    up, up_bytes, sparse, slice_max, slice_total, sent_total = [], 0, [], 1, 0, 0
+    up, up_bytes, sparse, slice_max, slice_total, k_max, ndim_max = [], 0, [], 1, 0, 1, 1
     for tid, (name, shp, dt) in enumerate(client.uplink_spec):
         conv_tag, _, attr = name.rpartition(".")
         i = next(i for i, op in enumerate(cs.ops) if op.kind == 0 and
@@ -158,12 +176,15 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         if np.any(np.diff(pos.astype(np.int64)) <= 0):
             raise ScenarioError(f"uplink tensor {name}: trainable positions are not increasing")
         out.append(_array(f"slice{tid}_pos", pos, True))
+        rtype = ("double" if cmp.residual == "float64" else "int16_t" if dt == "int8" else "float")
         out.append(f"static {'int32_t' if dt == 'int32' else 'int8_t'} slice{tid}_before[{max(len(pos), 1)}];\n"
-                   f"static double slice{tid}_residual[{max(len(pos), 1) if cmp.error_feedback else 1}];\n")
-        sent_total += math.ceil(cmp.density * len(pos))
+                   + (f"static {rtype} slice{tid}_residual[{max(len(pos), 1)}];\n" if cmp.error_feedback else ""))
+        k_max = max(k_max, min(len(pos), math.ceil(cmp.density * len(pos))))
+        ndim_max = max(ndim_max, len(shp))
         dims = ", ".join(str(int(v)) for v in shp)
         sparse.append(f"    {{(const void *)op{i}_{attr}, {int(dt == 'int32')}, {tid}u, {len(shp)}, {{{dims}}}, "
-                      f"{len(pos)}u, slice{tid}_pos, slice{tid}_before, slice{tid}_residual}}  /* {name} */")
+                      f"{len(pos)}u, slice{tid}_pos, slice{tid}_before, "
+                      f"{f'slice{tid}_residual' if cmp.error_feedback else '0'}}}  /* {name} */")
         slice_max, slice_total = max(slice_max, len(pos)), slice_total + len(pos)
         if len(pos) >= 1 << 16:
             raise ScenarioError(f"uplink tensor {name}: {len(pos)} trainable positions (the firmware ranks < 65536)")
@@ -197,8 +218,16 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
 #define FW_DENSITY {float(cmp.density).hex()} /* top-k density (a double, bit for bit the scenario's) */
 #define FW_ERROR_FEEDBACK {int(cmp.error_feedback)}
 #define FW_SLICE_MAX {slice_max}
-#define FW_SLICE_TOTAL {max(slice_total, 1)}
-#define FW_SENT_TOTAL {max(sent_total, 1)} /* elements a sparse update sends at most */
+#define FW_K_MAX {k_max} /* elements one tensor of a sparse update sends at most */
+#define FW_ENC_BYTES {encoded_bound(ndim_max, k_max)} /* one tensor's encoding, at most */
+#define FW_RESIDUAL_COMPACT {int(cmp.residual == "compact")}
+#define FW_FRAME_BYTES {FRAME_BYTES}
+#define FW_TEXT_BYTES {TEXT_BYTES}
+#define FW_SETTINGS {len(settings)}
+/* fedtiny.budget.device_memory: what the simulator counts for this client (RAM and flash) and its profile */
+#define FW_DEVICE_RAM_BYTES {whole.device_ram_bytes}
+#define FW_DEVICE_FLASH_BYTES {whole.device_flash_bytes}
+#define FW_PROFILE_SRAM_BYTES {profile.sram_bytes}
 #define FW_PLANNER_PEAK_BYTES {report.peak_sram_bytes}
 #define FW_MACS_FORWARD {report.macs_forward}
 #define FW_MACS_BACKWARD {report.macs_backward}
@@ -208,7 +237,8 @@ typedef struct {{ const void *src; uint32_t bytes; }} fw_upload;
 /* an uplink tensor's trainable positions, their values when the round's model arrived, and the
  * error-feedback residual there (kept across rounds) */
 typedef struct {{ const void *data; uint8_t is_int32; uint32_t id; uint8_t ndim; uint32_t dims[8]; uint32_t n;
-                 const uint32_t *pos; void *before; double *residual; }} fw_slice;
+                 const uint32_t *pos; void *before; void *residual; }} fw_slice;
+typedef struct {{ const char *path, *json; }} fw_setting; /* a scenario key TRAIN must carry with this value */
 
 extern ft_model fw_model;
 extern const uint32_t *const fw_plan_one, *const fw_plan_many;
@@ -216,6 +246,7 @@ extern const int32_t fw_plan_one_len, fw_plan_many_len;
 extern const fw_tensor fw_downlink[FW_DOWNLINK_TENSORS];
 extern const fw_upload fw_uplink[FW_UPLINK_TENSORS];
 extern const fw_slice fw_slices[FW_UPLINK_TENSORS];
+extern const fw_setting fw_settings[FW_SETTINGS];
 extern const int8_t *const fw_samples_x;
 extern const uint8_t *const fw_samples_y;
 extern uint8_t fw_arena[FW_ARENA_BYTES];
@@ -226,11 +257,11 @@ extern uint8_t fw_arena[FW_ARENA_BYTES];
 #include "firmware_model.h"
 
 {''.join(out)}
-static ft_op ops[{len(ops)}] = {{
+static const ft_op ops[{len(ops)}] = {{ /* flash: the step never writes its op table */
 {(',' + chr(10)).join(ops)}
 }};
 
-ft_model fw_model = {{.n_ops = {m.n_ops}, .ops = ops, .in_c = {m.in_c}, .in_h = {m.in_h}, .in_w = {m.in_w},
+ft_model fw_model = {{.n_ops = {m.n_ops}, .ops = (ft_op *)ops, .in_c = {m.in_c}, .in_h = {m.in_h}, .in_w = {m.in_w},
     .classes = {m.classes}, .logit_scale = {_literal(m.logit_scale, np.dtype(np.float32))},
     .sm_mult = {m.sm_mult}, .sm_shift = {m.sm_shift}, .sm_diff_min = {m.sm_diff_min},
     .lr = {_literal(m.lr, np.dtype(np.float32))}, .momentum = {_literal(m.momentum, np.dtype(np.float32))},
@@ -247,6 +278,9 @@ const fw_upload fw_uplink[FW_UPLINK_TENSORS] = {{
 const fw_slice fw_slices[FW_UPLINK_TENSORS] = {{
 {(',' + chr(10)).join(sparse)}
 }};
+const fw_setting fw_settings[FW_SETTINGS] = {{
+{(',' + chr(10)).join(f'    {{"{k}", {_c_string(v)}}}' for k, v in settings)}
+}};
 const int8_t *const fw_samples_x = (const int8_t *)samples_x;
 const uint8_t *const fw_samples_y = samples_y;
 uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
@@ -255,6 +289,14 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "firmware_model.h").write_text(h)
     (out_dir / "firmware_model.c").write_text(c)
+    # the board's link script includes this: the image must link within the profile's memory
+    (out_dir / "firmware_memory.ld").write_text(
+        f"/* Generated for profile {profile.name}: the device this client is. */\n"
+        f"FW_RAM_BYTES = {profile.sram_bytes};\nFW_FLASH_BYTES = {profile.flash_bytes};\n"
+        f"FW_STACK_BYTES = {whole.ram['stack']};\n")
+    # the C step's stack tables sized to this model (fedtiny_step.c), the first-fit allocator unused (plans)
+    (out_dir / "firmware.mk").write_text(
+        f"FW_CFLAGS := -DFT_MAX_TENSORS={m.n_ops + 1} -DFT_MAX_CLASSES={m.classes} -DFT_MAX_BLOCKS=8\n")
     summary = {"model_hash": hash_, "scheme": scheme.name, "profile": profile.name, "partition": partition_id,
                "samples": len(train), "batch_size": t.batch_size, "arena_bytes": arena_bytes,
                "planner_peak_bytes": report.peak_sram_bytes, "planner_arena_bytes": report.arena_bytes,
@@ -262,6 +304,9 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
                "macs_forward_per_sample": report.macs_forward, "macs_backward_per_sample": report.macs_backward,
                "clock_mhz": profile.clock_mhz, "cycles_per_mac": profile.cycles_per_mac,
                "published_cycles_per_mac": get_profile(profile.name).cycles_per_mac,
-               "backward_factor": profile.backward_factor}
+               "backward_factor": profile.backward_factor, "device_ram_bytes": whole.device_ram_bytes,
+               "device_flash_bytes": whole.device_flash_bytes, "device_ram": whole.ram, "device_flash": whole.flash,
+               "profile_sram_bytes": profile.sram_bytes, "profile_flash_bytes": profile.flash_bytes,
+               "stack_reserved_bytes": whole.ram["stack"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary

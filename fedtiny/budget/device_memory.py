@@ -1,0 +1,208 @@
+"""Whole-device memory: everything a client holds in RAM and flash across a round, not one step.
+
+:func:`~fedtiny.budget.memory.memory_report` answers the publication's question (does one training
+step fit: ``peak_sram_bytes``). A device must hold more for a whole round, and this module counts it
+part by part, as the firmware (``device/firmware``) lays it out:
+
+- the step's arena as the device runs it at the scenario's batch size: with more samples per step
+  than the micro-batch, the fp32 gradient accumulators are in it whatever ``device.accumulate`` says;
+- the input batch (int8 samples of one step) and the sample order (2 B per sample);
+- the trained tensors, whole, in RAM (the device updates them in place; frozen ones stay in flash)
+  and the optimizer state (fp32 per element of each trained tensor, per slot);
+- the sparse uplink's state between rounds: the trainable values when the round began and the
+  error-feedback residual (float64 per position, or ``compact``: int16 in 1/256 steps for int8
+  tensors, float32 for int32 ones), a DGC velocity when momentum correction is on;
+- the sparse uplink's buffers: each tensor is ranked, encoded and sent one at a time (a top-k heap,
+  its positions and values, its encoding);
+- the protocol's buffers (TRAIN streams into the tensors: no model-sized buffer), the step's report;
+- the stack the firmware reserves.
+
+Flash: the code, the whole model's initial values (frozen tensors and the trained tensors' start),
+the op table and arena plans, the compiled-in samples.
+
+The firmware generator (:mod:`fedtiny.tools.firmware`) sizes its buffers from the same constants, and
+a test holds the linked image within 5% of :attr:`DeviceMemory.device_ram_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "encoded_bound",
+           "residual_bytes",
+           "FRAME_BYTES", "TEXT_BYTES", "REPORT_BYTES", "stack_bytes", "CODE_BYTES", "RUNTIME_BYTES",
+           "OP_BYTES"]
+
+FRAME_BYTES = 256  # the device's buffer for small frames (HELLO, ACK, ERROR); TRAIN streams into the tensors
+TEXT_BYTES = 512  # JSON the device composes (HELLO, UPDATE's header, ERROR, BUSY)
+REPORT_BYTES = 1032  # ft_step_report (device/c/fedtiny_step.h) on a 32-bit MCU
+RUNTIME_BYTES = 512  # the C library's and the board's statics, section alignment (measured, see firmware README)
+CODE_BYTES = 40 * 1024  # firmware code and libm/libc on Cortex-M4F at -O2 (measured, see the firmware README)
+OP_BYTES = 208  # one ft_op in flash (the op table)
+
+
+def stack_bytes(ops: int, classes: int) -> int:
+    """The stack the firmware reserves: the protocol and the C step's frames, whose tables have an entry
+    per tensor (8 of 4 B) and per class (fedtiny_step.c, built with FT_MAX_TENSORS = ops + 1); rounded up
+    to 256 B. tiny-ir's 13 ops measured 1,416 B in QEMU (device/firmware/README.md)."""
+    need = 1536 + 32 * (ops + 1) + 4 * classes
+    return -(-need // 256) * 256
+
+
+@dataclass(frozen=True)
+class UplinkTensor:
+    """One uplink tensor as the device's encoder sees it."""
+
+    name: str
+    ndim: int
+    positions: int  # trainable positions (the scheme's slice)
+    itemsize: int  # bytes of one element on the device (1 int8, 4 int32 or fp32)
+
+
+@dataclass(frozen=True)
+class ClientLoad:
+    """What a client does in a round besides one step: how it trains, what it sends, what it keeps."""
+
+    batch_size: int  # samples per step (train.batch_size)
+    micro_batch: int  # samples the step's buffers hold at once (device.micro_batch)
+    samples: int  # training samples on the device
+    sample_bytes: int  # bytes of one int8 sample
+    uplink: str = "sparse"  # dense | sparse
+    density: float = 1.0
+    error_feedback: bool = True
+    residual: str = "float64"  # float64 | compact
+    dgc_velocity: bool = False  # compression.momentum_correction
+
+
+def residual_bytes(itemsize: int, residual: str) -> int:
+    """Bytes of one position's error-feedback residual (``compression.residual``)."""
+    if residual == "float64":
+        return 8
+    return 2 if itemsize == 1 else 4  # compact: int16 in 1/256 steps for int8 tensors, float32 otherwise
+
+
+def encoded_bound(ndim: int, nnz: int) -> int:
+    """Upper bound of one tensor's bytes in fedtiny's wire format with int8 values (docs/compression.md):
+    varint header fields (5 B each at most), flags, value type, scale, position coding, then at most
+    5 B of gap and 1 B of value per element."""
+    return 5 * (4 + ndim) + 1 + 1 + 4 + 2 + 6 * nnz
+
+
+@dataclass
+class DeviceMemory:
+    """RAM and flash of a client's whole round on its device, by part."""
+
+    device_ram_bytes: int
+    device_flash_bytes: int
+    ram: dict[str, int] = field(default_factory=dict)
+    flash: dict[str, int] = field(default_factory=dict)
+    sram_bytes: int | None = None  # the profile's
+    flash_capacity_bytes: int | None = None
+    device: str | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        if self.sram_bytes is None:
+            return None
+        return self.device_ram_bytes <= self.sram_bytes and self.device_flash_bytes <= (self.flash_capacity_bytes or 0)
+
+    def reason(self) -> str:
+        """One line: whether the whole client fits its device, and the figure that does not."""
+        if self.fits is None:
+            return f"device RAM {self.device_ram_bytes:,} B (no device given)"
+        if self.fits:
+            return (f"fits {self.device}: device RAM {self.device_ram_bytes:,} B <= {self.sram_bytes:,} B, "
+                    f"flash {self.device_flash_bytes:,} B <= {self.flash_capacity_bytes:,} B")
+        parts = []
+        if self.device_ram_bytes > (self.sram_bytes or 0):
+            big = max(self.ram, key=self.ram.get)
+            parts.append(f"device RAM {self.device_ram_bytes:,} B > {self.sram_bytes:,} B "
+                         f"(largest part: {big} {self.ram[big]:,} B)")
+        if self.device_flash_bytes > (self.flash_capacity_bytes or 0):
+            parts.append(f"flash {self.device_flash_bytes:,} B > {self.flash_capacity_bytes:,} B")
+        return f"does not fit {self.device}: " + "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fits"], d["reason"] = self.fits, self.reason()
+        return d
+
+
+def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor_elements: int,
+                  optimizer_slots: int, uplink: list[UplinkTensor], load: ClientLoad, model_flash_bytes: int,
+                  ops: int, classes: int, plans: int = 0, sram_bytes: int | None = None, flash_bytes: int | None = None,
+                  device: str | None = None) -> DeviceMemory:
+    """The whole client's RAM and flash (see the module docstring for the parts).
+
+    Parameters
+    ----------
+    arena_bytes
+        The step's arena at ``load.micro_batch`` samples, with the accumulators when
+        ``load.batch_size > load.micro_batch`` (:attr:`MemoryReport.arena_bytes` of that plan).
+    trained_tensor_bytes, trained_tensor_elements
+        Whole tensors that have a trained element (device dtypes), and their elements.
+    optimizer_slots
+        fp32 values per trained element the optimizer keeps (1 momentum, 2 Adam, 0 none).
+    uplink
+        The uplink tensors and their trainable positions.
+    model_flash_bytes
+        The whole model's initial values (:func:`fedtiny.budget.memory.flash_bytes`).
+    ops, classes, plans
+        Ops of the step's table, the model's classes (the stack's tables) and entries of its arena
+        plans (flash).
+    """
+    ram = {"step arena": arena_bytes,
+           "input batch": load.batch_size * load.sample_bytes,
+           "sample order": 2 * load.samples,
+           "trained tensors": trained_tensor_bytes,
+           "optimizer state": 4 * optimizer_slots * trained_tensor_elements}
+    if load.uplink == "sparse":
+        state = sum(u.positions * u.itemsize for u in uplink)  # the values when the round began
+        if load.error_feedback:
+            state += sum(u.positions * residual_bytes(u.itemsize, load.residual) for u in uplink)
+        if load.dgc_velocity:
+            state += sum(8 * u.positions for u in uplink)
+        ram["uplink state"] = state
+        kmax = max((min(u.positions, math.ceil(load.density * u.positions)) for u in uplink), default=0)
+        ndim = max((u.ndim for u in uplink), default=1)
+        ram["uplink buffers"] = 2 * kmax + 8 * kmax + encoded_bound(ndim, kmax)
+    ram["protocol buffers"] = FRAME_BYTES + TEXT_BYTES + REPORT_BYTES
+    ram["runtime"] = RUNTIME_BYTES
+    ram["stack"] = stack_bytes(ops, classes)
+    flash = {"code": CODE_BYTES, "model": model_flash_bytes, "op table and plans": OP_BYTES * ops + 4 * plans,
+             "samples": load.samples * (load.sample_bytes + 1)}
+    return DeviceMemory(sum(ram.values()), sum(flash.values()), ram, flash, sram_bytes, flash_bytes, device)
+
+
+def client_memory(model, step, load: ClientLoad, *, optimizer: str = "sgd+qas", momentum: float = 0.0,
+                  profile=None) -> DeviceMemory:
+    """:func:`device_memory` of an int8 ``model`` that carries its scheme, from its step's report ``step``
+    (:func:`~fedtiny.budget.memory.memory_report` at ``load.micro_batch`` samples, with accumulators when
+    ``load.batch_size`` is larger). The uplink tensors are the trained ones, in device dtypes."""
+    import numpy as np
+
+    from fedtiny.budget.memory import flash_bytes
+    from fedtiny.budget.schemes import trainable_slices
+    from fedtiny.models.state import array_spec, trainable_names
+
+    if (load.batch_size > load.micro_batch) != step.accumulate:
+        raise ValueError("client_memory: the step's report must count accumulators exactly when the batch is "
+                         "larger than the micro-batch")
+    spec = array_spec(model, trainable_names(model))
+    slices = trainable_slices(model, spec)
+    uplink = [UplinkTensor(n, len(shape), len(slices[n]), np.dtype(dt).itemsize) for n, shape, dt in spec]
+    slots = 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+    return device_memory(arena_bytes=step.arena_bytes,
+                         trained_tensor_bytes=sum(math.prod(s) * np.dtype(dt).itemsize for _, s, dt in spec),
+                         trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec), optimizer_slots=slots,
+                         uplink=uplink, load=load, model_flash_bytes=flash_bytes(model), ops=len(model.nodes),
+                         classes=_classes(model),
+                         sram_bytes=profile.sram_bytes if profile else None,
+                         flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None)
+
+
+def _classes(model) -> int:
+    head = model.classifier
+    return int(head.out_channels if hasattr(head, "out_channels") else head.weight.shape[0])
