@@ -1,26 +1,28 @@
-/* The MPS2 boards as QEMU models them (AN386 Cortex-M4F, AN500 Cortex-M7): UART0, SysTick, exit. */
+/* The board layer: what main.c uses of a board (device/firmware/boards/<board>/, README.md there).
+ * Every board provides these functions and, in its board_config.h, BOARD_NAME and BOARD_TICK_HZ. */
 #ifndef FEDTINY_BOARD_H
 #define FEDTINY_BOARD_H
 #include <stddef.h>
 #include <stdint.h>
 
-#define REG(a) (*(volatile uint32_t *)(a))
-#define UART0_BASE 0x40004000u /* CMSDK APB UART */
-#define UART_DATA REG(UART0_BASE + 0x00)
-#define UART_STATE REG(UART0_BASE + 0x04) /* bit 0 TX full, bit 1 RX full */
-#define UART_CTRL REG(UART0_BASE + 0x08)  /* bit 0 TX enable, bit 1 RX enable */
-#define UART_BAUDDIV REG(UART0_BASE + 0x10)
-#define SYST_CSR REG(0xE000E010u)
-#define SYST_RVR REG(0xE000E014u)
-#define SYST_CVR REG(0xE000E018u)
-#define SCB_CPACR REG(0xE000ED88u)
-#define SCB_ICSR REG(0xE000ED04u)
-#define BOARD_TICK_HZ 25000000u /* QEMU's MPS2 system clock: 40 ns per tick, 40 instructions at -icount shift=0 */
+#include "board_config.h" /* boards/<board>/board_config.h: BOARD_NAME, BOARD_TICK_HZ, clocks, addresses */
 
-void uart_init(void);
-void uart_write(const void *data, size_t n);
-int uart_read_byte(void); /* blocks */
-uint64_t board_ticks(void);
-size_t board_stack_used(void);
-__attribute__((noreturn)) void board_exit(int code);
+/* board_exit codes the board layer itself uses (main's own codes are below 3) */
+#define BOARD_EXIT_FAULT 3          /* HardFault, MemManage, BusFault or UsageFault */
+#define BOARD_EXIT_STACK_OVERFLOW 4 /* the stack ran into its guard (or below its limit) */
+#define BOARD_EXIT_WATCHDOG 5       /* the watchdog expired (its early-warning interrupt, where it has one) */
+
+#ifndef BOARD_WATCHDOG_MS
+#define BOARD_WATCHDOG_MS 8000u /* the watchdog's period in board time: kick it at least this often */
+#endif
+
+void board_init(void);                       /* clocks, UART, watchdog (call first in main) */
+void uart_init(void);                        /* the UART alone (board_init calls it; a second call does nothing) */
+void uart_write(const void *data, size_t n); /* polled */
+int uart_read_byte(void);                    /* blocks (kicking the watchdog while it waits) */
+int uart_read_byte_timeout(uint32_t timeout_us); /* the next byte, or -1 when none came within timeout_us of board time */
+uint64_t board_ticks(void);                  /* BOARD_TICK_HZ ticks since start */
+size_t board_stack_used(void);               /* the stack's measured high-water mark (bytes) */
+void board_watchdog_kick(void);              /* a no-op where the board has no watchdog */
+__attribute__((noreturn)) void board_exit(int code); /* semihosting exit under QEMU/a debugger, else a reset */
 #endif

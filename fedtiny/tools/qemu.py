@@ -1,4 +1,4 @@
-"""The firmware in QEMU: the command line that runs it on an emulated MPS2 board with its UART on a TCP port.
+"""The firmware in QEMU: the command line that runs it on an emulated board with its UART on a TCP port.
 
 ``-icount shift=0`` makes virtual time advance one nanosecond per instruction (the firmware counts its
 instructions with SysTick); ``-semihosting`` lets it exit with a status. The bridge reaches the UART as
@@ -15,7 +15,10 @@ from pathlib import Path
 
 __all__ = ["BOARDS", "PACKAGES", "missing_packages", "qemu_command", "start_qemu", "wait_listening"]
 
-BOARDS = {"an386": ("mps2-an386", "Cortex-M4F"), "an500": ("mps2-an500", "Cortex-M7")}
+# board (device/firmware/boards/<board>) -> (QEMU machine, core); the first -serial is the firmware's UART
+# (UART0 on the MPS2 boards, USART1 on the STM32F405 of netduinoplus2)
+BOARDS = {"an386": ("mps2-an386", "Cortex-M4F"), "an500": ("mps2-an500", "Cortex-M7"),
+          "netduinoplus2": ("netduinoplus2", "Cortex-M4F (STM32F405)")}
 # what the firmware needs on Debian: the cross compiler, its C library, the emulator
 PACKAGES = {"arm-none-eabi-gcc": "gcc-arm-none-eabi", "newlib": "libnewlib-arm-none-eabi",
             "qemu-system-arm": "qemu-system-arm"}
