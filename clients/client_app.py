@@ -2,7 +2,8 @@
 
 A node whose node config has ``device-address`` (or whose partition the scenario's
 ``bridge.devices`` maps to a device) relays its rounds to that device instead
-(:mod:`clients.bridge`); ``device-timeout`` in the node config overrides ``bridge.timeout_s``.
+(:mod:`clients.bridge`); ``device-timeout`` in the node config overrides ``bridge.timeout_s`` (the idle
+timeout) and ``device-round-timeout`` overrides ``bridge.round_timeout_s``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def train(message: Message, context: Context) -> Message:
         return Message(reply_content(results, cohort=True), reply_to=message)
     address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
     if address:  # this partition is a real device behind the bridge
-        return relay(message, address, float(context.node_config.get("device-timeout", scenario.bridge.timeout_s)),
-                     _partition_id(context))
+        node = context.node_config
+        return relay(message, address, float(node.get("device-timeout", scenario.bridge.timeout_s)),
+                     _partition_id(context), float(node.get("device-round-timeout", scenario.bridge.round_timeout_s)))
     (job,) = train_jobs(message.content, _partition_id(context))
     if msg.STATE_DIR in config:
         results = run_jobs(scenario, server_round, [job], str(config[msg.STATE_DIR]))

@@ -8,7 +8,7 @@ class; its message names the file, key or value that was wrong.
 from __future__ import annotations
 
 __all__ = ["FedtinyError", "ScenarioError", "DataError", "ModelFileError", "ZooError", "SchemeError",
-           "UpdateError", "PayloadError", "CodecError", "ProtocolError"]
+           "UpdateError", "PayloadError", "CodecError", "ProtocolError", "StreamClosed"]
 
 
 class FedtinyError(Exception):
@@ -49,3 +49,7 @@ class CodecError(UpdateError):
 
 class ProtocolError(FedtinyError):
     """A bridge frame or exchange that breaks the protocol (the message says how)."""
+
+
+class StreamClosed(ProtocolError):
+    """The byte stream to a bridged device (or to the bridge) was closed or failed."""

@@ -328,8 +328,14 @@ class PrivacySection:
 @dataclass(frozen=True)
 class BridgeSection:
     devices: tuple[tuple[int, str], ...] = _key((), "partitions served by real devices over the bridge protocol: "
-                                                "a table [bridge.devices] of PARTITION = \"HOST:PORT\"")
-    timeout_s: float = _key(120.0, "seconds to wait for a device's frames", _range(0.1, 86_400))
+                                                "a table [bridge.devices] of PARTITION = ADDRESS, where ADDRESS is "
+                                                "\"HOST:PORT\" (TCP), \"serial:HOST:PORT\" (a serial line behind a "
+                                                "TCP port) or \"serial:/dev/ttyACM0@115200\" (a serial port; "
+                                                "\"serial:COM3@115200\" on Windows; 115200 baud unless given)")
+    timeout_s: float = _key(30.0, "idle timeout: seconds without a byte from a bridged device before its round fails "
+                            "(a training device sends BUSY keep-alives)", _range(0.1, 86_400))
+    round_timeout_s: float = _key(3600.0, "seconds a bridged device's whole round (HELLO to UPDATE) may take; "
+                                  "0: no limit", _range(0.0, 7 * 86_400))
 
 
 @dataclass(frozen=True)
@@ -373,7 +379,7 @@ class Scenario:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def device_address(self, partition_id: int) -> str:
-        """HOST:PORT of the device serving ``partition_id`` over the bridge ('' for a simulated client)."""
+        """The address of the device serving ``partition_id`` over the bridge ('' for a simulated client)."""
         return dict(self.bridge.devices).get(partition_id, "")
 
     @property
@@ -464,17 +470,23 @@ def _coerce_list(where: str, key: str, value: Any, item: type) -> tuple:
 
 
 def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str], ...]:
-    """A table ``PARTITION = "HOST:PORT"``, or (older scenarios) the string ``"1=HOST:PORT,3=HOST:PORT"``."""
+    """A table ``PARTITION = "ADDRESS"``, or (older scenarios) the string ``"1=HOST:PORT,3=HOST:PORT"``.
+
+    Each address is checked by :func:`fedtiny.bridge.address.parse_address` (TCP, serial over TCP,
+    serial port with its baud rate).
+    """
+    from fedtiny.bridge.address import address_problem
+
     if isinstance(value, str):
         table = {}
         for item in filter(None, (p.strip() for p in value.split(","))):
             pid, sep, addr = item.partition("=")
             if not sep:
-                raise ScenarioError(f"{where}: {key}: expected PARTITION=HOST:PORT entries, got {item!r}")
+                raise ScenarioError(f"{where}: {key}: expected PARTITION=ADDRESS entries, got {item!r}")
             table[pid.strip()] = addr.strip()
         value = table
     if not isinstance(value, Mapping):
-        raise ScenarioError(f"{where}: {key}: expected a table of PARTITION = \"HOST:PORT\", "
+        raise ScenarioError(f"{where}: {key}: expected a table of PARTITION = \"ADDRESS\", "
                             f"got {type(value).__name__} {value!r}")
     out = {}
     for pid, addr in value.items():
@@ -482,9 +494,9 @@ def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str]
             pid = int(pid)
         if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
             raise ScenarioError(f"{where}: {key}: partition {pid!r} is not a partition id (an integer >= 0)")
-        host, sep, port = str(addr).strip().rpartition(":")
-        if not isinstance(addr, str) or not sep or not port.isdigit():
-            raise ScenarioError(f"{where}: {key}: partition {pid}: expected \"HOST:PORT\", got {addr!r}")
+        problem = address_problem(addr)
+        if problem:
+            raise ScenarioError(f"{where}: {key}: partition {pid}: {problem}")
         out[pid] = addr.strip()
     return tuple(sorted(out.items()))
 

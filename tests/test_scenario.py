@@ -124,8 +124,12 @@ def test_list_valued_keys_are_typed_and_old_comma_strings_still_load(tmp_path):
     ('[device]\nprofiles = []\n', "device.profiles: must not be empty"),
     ('[device]\nprofiles = ["z80"]\n', "device.profiles: unknown profile 'z80'"),
     ('[bridge.devices]\nx = "h:1"\n', "bridge.devices: partition 'x' is not a partition id"),
-    ('[bridge.devices]\n1 = "nohost"\n', "bridge.devices: partition 1: expected \"HOST:PORT\""),
-    ('[bridge]\ndevices = "1"\n', "bridge.devices: expected PARTITION=HOST:PORT"),
+    ('[bridge.devices]\n1 = "nohost"\n', "bridge.devices: partition 1: device address 'nohost': expected HOST:PORT"),
+    ('[bridge]\ndevices = "1"\n', "bridge.devices: expected PARTITION=ADDRESS"),
+    ('[bridge.devices]\n1 = "serial:/dev/ttyACM0@fast"\n',
+     "bridge.devices: partition 1: device address 'serial:/dev/ttyACM0@fast': the baud rate"),
+    ('[bridge.devices]\n1 = "serial:"\n', "bridge.devices: partition 1: device address 'serial:': a serial port is"),
+    ('[bridge.devices]\n1 = 7070\n', "bridge.devices: partition 1: device address 7070"),
 ])
 def test_bad_list_values_name_the_key(tmp_path, text, message):
     with pytest.raises(ScenarioError, match=message):

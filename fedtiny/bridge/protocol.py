@@ -6,15 +6,21 @@ Frame::
 
 The CRC (zlib's CRC-32) covers header and payload. Payloads:
 
-- HELLO (device -> bridge): JSON ``{"protocol": 1, "profile": ..., "model_hash": ..., "partition_id": ...}``
-- TRAIN (bridge -> device): ``u32 LE json length | JSON {"round", "scenario", "scheme", "downlink"} | downlink bytes``
+- HELLO (device -> bridge): JSON ``{"protocol": 1, "profile": ..., "model_hash": ..., "partition_id": ...}``;
+  on a serial line the bridge opens each exchange with its own HELLO ``{"protocol": 1}``
+- TRAIN (bridge -> device): ``u32 LE json length | JSON {"round", "scenario", "scheme", "downlink", "seed"} |
+  downlink bytes``
 - UPDATE (device -> bridge): ``u32 LE json length | JSON {"num_examples", "metrics", "info"} | update bytes``
   (the update in fedtiny's wire format; the bridge treats it as untrusted, the server decodes it)
 - METRICS (device -> bridge): JSON of scalar metrics (optional, informational)
 - ERROR (either way): JSON ``{"code": ..., "message": ...}``
+- BUSY (device -> bridge): JSON ``{"round": r, "step": k, "steps": n}``, a keep-alive while it trains
+- ACK (bridge -> device): JSON ``{"round": r}``, the bridge took round r's UPDATE: the device commits
+  the state of that round (its error-feedback residual, the model it received) only now
 
-Every read has a timeout; a bad magic, version, CRC, type, oversized length or a closed
-stream raises :class:`ProtocolError` with the reason.
+Reads run on a :class:`~fedtiny.bridge.transport.Stream` (a bare socket is wrapped) with an idle
+timeout (seconds without a byte) and an optional deadline; a bad magic, version, CRC, type, flags,
+oversized length, a timeout or a closed stream raises :class:`ProtocolError` with the reason.
 """
 
 from __future__ import annotations
@@ -23,21 +29,25 @@ import hashlib
 import json
 import socket
 import struct
+import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from fedtiny.bridge.transport import Stream, as_stream
 from fedtiny.errors import ProtocolError
 
-__all__ = ["ProtocolError", "Frame", "HELLO", "TRAIN", "UPDATE", "METRICS", "ERROR", "VERSION", "encode_frame",
-           "decode_frame", "read_frame", "send_frame", "pack_blob", "unpack_blob", "MAX_PAYLOAD",
-           "model_hash"]
+__all__ = ["ProtocolError", "Frame", "HELLO", "TRAIN", "UPDATE", "METRICS", "ERROR", "BUSY", "ACK", "VERSION",
+           "MAGIC", "NAMES", "HEADER_SIZE", "encode_frame", "decode_frame", "read_frame", "sync_frame", "send_frame",
+           "send_json", "pack_blob", "unpack_blob", "MAX_PAYLOAD", "model_hash"]
 
 MAGIC = b"FTB"
 VERSION = 1
-HELLO, TRAIN, UPDATE, METRICS, ERROR = 1, 2, 3, 4, 5
-NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", ERROR: "ERROR"}
+HELLO, TRAIN, UPDATE, METRICS, ERROR, BUSY, ACK = 1, 2, 3, 4, 5, 6, 7
+NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", ERROR: "ERROR", BUSY: "BUSY",
+         ACK: "ACK"}
 _HEADER = struct.Struct("<3sBBBI")
+HEADER_SIZE = _HEADER.size
 MAX_PAYLOAD = 16 << 20
 
 
@@ -46,13 +56,17 @@ class Frame:
     type: int
     payload: bytes
 
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.type, str(self.type))
+
     def json(self) -> dict[str, Any]:
         try:
             obj = json.loads(self.payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"{NAMES.get(self.type, self.type)} payload is not JSON: {exc}") from None
+            raise ProtocolError(f"{self.name} payload is not JSON: {exc}") from None
         if not isinstance(obj, dict):
-            raise ProtocolError(f"{NAMES.get(self.type, self.type)} payload must be a JSON object")
+            raise ProtocolError(f"{self.name} payload must be a JSON object")
         return obj
 
 
@@ -92,37 +106,140 @@ def decode_frame(data: bytes) -> Frame:
     return Frame(ftype, data[_HEADER.size:_HEADER.size + length])
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _wait(timeout: float | None, deadline: float | None) -> float | None:
+    """Seconds the next read may wait: the idle timeout, cut at the deadline (``0``: the deadline passed)."""
+    if deadline is None:
+        return timeout
+    left = max(0.0, deadline - time.monotonic())
+    return left if timeout is None else min(timeout, left)
+
+
+def _timed_out(timeout: float | None, deadline: float | None, what: str) -> ProtocolError:
+    if deadline is not None and time.monotonic() >= deadline:
+        return ProtocolError(f"time limit of the exchange reached {what}")
+    return ProtocolError(f"timed out: no byte in {timeout:g} s {what}")
+
+
+def _recv_exact(stream: Stream, n: int, timeout: float | None, deadline: float | None,
+                what: Callable[[int], str]) -> bytes:
     chunks, got = [], 0
     while got < n:
-        try:
-            chunk = sock.recv(min(n - got, 1 << 16))
-        except socket.timeout:
-            raise ProtocolError(f"timed out waiting for {n - got} more bytes") from None
-        except OSError as exc:
-            raise ProtocolError(f"connection failed: {exc}") from None
+        chunk = stream.read(n - got, _wait(timeout, deadline))
         if not chunk:
-            raise ProtocolError(f"connection closed with {n - got} bytes of a frame missing")
+            raise _timed_out(timeout, deadline, what(n - got))
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
 
 
-def read_frame(sock: socket.socket, timeout: float | None = None) -> Frame:
-    """Read one frame from a socket (``timeout`` seconds per read)."""
-    if timeout is not None:
-        sock.settimeout(timeout)
-    head = _recv_exact(sock, _HEADER.size)
-    _, length = _check_header(head)
-    rest = _recv_exact(sock, length + 4)
+def read_frame(stream: Stream | socket.socket, timeout: float | None = None, *,
+               deadline: float | None = None) -> Frame:
+    """Read one frame; every byte must belong to it (no resynchronisation).
+
+    Parameters
+    ----------
+    stream
+        The byte stream (a bare socket is wrapped).
+    timeout
+        The idle timeout: seconds without a byte before giving up (``None``: wait forever).
+    deadline
+        A :func:`time.monotonic` instant after which no read waits (the exchange's time limit).
+
+    Raises
+    ------
+    ProtocolError
+        A malformed frame, a timeout (saying whether the device stopped mid-frame), a closed stream.
+    """
+    stream = as_stream(stream)
+    first = _recv_exact(stream, 1, timeout, deadline, lambda _: "while waiting for a frame")
+
+    def mid(total: int, kind: str) -> Callable[[int], str]:
+        return lambda missing: (f"in the middle of a {kind}: {missing} of its {total} bytes missing "
+                                f"(the device stopped mid-frame)")
+
+    head = first + _recv_exact(stream, _HEADER.size - 1, timeout, deadline, mid(_HEADER.size, "frame header"))
+    ftype, length = _check_header(head)
+    rest = _recv_exact(stream, length + 4, timeout, deadline, mid(_HEADER.size + length + 4, NAMES[ftype] + " frame"))
     return decode_frame(head + rest)
 
 
-def send_frame(sock: socket.socket, ftype: int, payload: bytes) -> None:
+def sync_frame(stream: Stream | socket.socket, accept: Callable[[Frame], bool], timeout: float | None = None, *,
+               deadline: float | None = None, skipped: list[str] | None = None) -> Frame:
+    """The first intact frame ``accept`` takes, skipping everything before it (a serial line's leftovers).
+
+    Bytes that are not a frame, corrupted or truncated frames and intact frames ``accept`` refuses
+    (a BUSY, ERROR or UPDATE of an aborted exchange) are skipped; a description of each skipped
+    frame goes to ``skipped``. A frame is recognised by its magic, a valid header and its CRC; the
+    earliest position where a complete intact frame starts wins, so a truncated stale frame whose
+    length field promises more bytes cannot hide a good frame after it. Bytes after the frame stay
+    in the stream. Gives up like :func:`read_frame`: after ``timeout`` seconds without a byte or
+    at ``deadline``.
+    """
+    stream = as_stream(stream)
+    buf = bytearray()
+    pos = 0  # the next offset to look for a magic at
+    candidates: list[tuple[int, int]] = []  # (start, end) of headers that are valid so far
+    limit = 2 * (_HEADER.size + MAX_PAYLOAD + 4)
+    while True:
+        while True:
+            i = buf.find(MAGIC, pos)
+            if i < 0:
+                pos = max(pos, len(buf) - len(MAGIC) + 1)
+                break
+            if len(buf) - i < _HEADER.size:
+                pos = i
+                break
+            try:
+                _, length = _check_header(bytes(buf[i:i + _HEADER.size]))
+                candidates.append((i, i + _HEADER.size + length + 4))
+            except ProtocolError:
+                pass
+            pos = i + 1
+        for start, end in list(candidates):
+            if end > len(buf):
+                continue
+            candidates.remove((start, end))
+            try:
+                frame = decode_frame(bytes(buf[start:end]))
+            except ProtocolError:
+                continue
+            if accept(frame):
+                stream.unread(bytes(buf[end:]))
+                return frame
+            if skipped is not None:
+                skipped.append(f"{frame.name} frame of {len(frame.payload)} bytes")
+            # nothing before the end of an intact frame can start another one
+            candidates = [(s, e) for s, e in candidates if s >= end]
+            del buf[:end]
+            pos = max(0, pos - end)
+            candidates = [(s - end, e - end) for s, e in candidates]
+            break
+        else:
+            if len(buf) > limit:  # no frame can start this far back: forget the oldest bytes
+                cut = len(buf) - limit
+                del buf[:cut]
+                pos = max(0, pos - cut)
+                candidates = [(s - cut, e - cut) for s, e in candidates if s >= cut]
+            chunk = stream.read(1 << 16, _wait(timeout, deadline))
+            if not chunk:
+                raise _timed_out(timeout, deadline, "while waiting for a frame (after skipping "
+                                 f"{len(buf)} bytes{' and ' + ', '.join(skipped) if skipped else ''})")
+            buf += chunk
+
+
+def send_frame(stream: Stream | socket.socket, ftype: int, payload: bytes) -> None:
+    """Write one frame (a failure raises :class:`ProtocolError` naming the frame)."""
+    stream = as_stream(stream)
+    data = encode_frame(ftype, payload)
     try:
-        sock.sendall(encode_frame(ftype, payload))
-    except OSError as exc:
-        raise ProtocolError(f"connection failed while sending {NAMES[ftype]}: {exc}") from None
+        stream.write(data)
+    except ProtocolError as exc:
+        raise type(exc)(f"{exc} (sending {NAMES[ftype]})") from None
+
+
+def send_json(stream: Stream | socket.socket, ftype: int, obj: dict[str, Any]) -> None:
+    """Write a frame whose payload is the JSON of ``obj``."""
+    send_frame(stream, ftype, json.dumps(obj, sort_keys=True).encode())
 
 
 def model_hash(spec: list[tuple[str, tuple[int, ...], str]]) -> str:

@@ -710,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="mcu-256kb", help="device profile whose memory it respects")
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="the scenario whose model it runs")
     p.add_argument("--data", type=int, default=0, help="the data partition of the scenario it holds")
-    p.add_argument("--fault", default="", choices=["", "disconnect", "stall", "reset", "garbage", "noise"],
+    p.add_argument("--fault", default="", choices=["", "disconnect", "stall", "reset", "garbage", "busy", "noise"],
                    help="test peer: misbehave on purpose (fedtiny.bridge.device.FAULTS)")
     p.add_argument("--engine", default="", choices=["", "torch", "c"], help="what trains: the PyTorch exact step "
                    "or the C step of device/c (default: the scenario's train.engine); the same update either way")
