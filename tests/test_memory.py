@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,7 +112,9 @@ def test_device_profiles():
         get_profile("z80")
 
 
-def test_quickstart_scheme_fits_its_device_and_full_does_not():
+def test_quickstart_client_fits_its_device_and_full_does_not():
+    """The whole client (device.fit = "device") of the quickstart's scheme fits an nRF52832's 64 KB; the full
+    update's does not, although one step of it would (the publication's count, device.fit = "step")."""
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.federated.task import client_profile, cloud_model, make_task
     from fedtiny.federated.fleet import resolve_scheme
@@ -121,19 +124,65 @@ def test_quickstart_scheme_fits_its_device_and_full_does_not():
         s = load_scenario(ROOT / "scenarios" / "quickstart.toml", over)
         task = make_task(s)
         task = resolve_scheme(task, cloud_model(task)[0])
-        assert task.memory(client_profile(s, 0)).fits is fits
+        profile = client_profile(s, 0)
+        whole = task.device_memory(profile, 72)
+        assert whole.fits is fits and task.memory(profile).fits is True
+        assert whole.device_ram_bytes > task.memory(profile).peak_sram_bytes
+        assert whole.device_ram_bytes == sum(whole.ram.values()) and whole.ram["optimizer state"] == 0
+        if not fits:
+            assert "does not fit nrf52832: device RAM" in whole.reason()
+
+
+def test_device_count_holds_what_a_round_keeps():
+    """Batches of 16 add the accumulators whatever device.accumulate says; momentum, a float64 residual and
+    the ranking's buffers are counted; the compact residual is 2 B per int8 position and 4 per int32 one."""
+    from fedtiny.budget.device_memory import ClientLoad, client_memory
+    from fedtiny.scenario import load_scenario
+    from fedtiny.federated.task import client_profile, cloud_model, make_task
+    from fedtiny.federated.fleet import resolve_scheme
+
+    s = load_scenario(ROOT / "scenarios" / "quickstart.toml")
+    task = make_task(s)
+    task = resolve_scheme(task, cloud_model(task)[0])
+    prof = client_profile(s, 0)
+    small = task.device_memory(prof, 72)
+    weights = sum(len(v) for n, v in task.slices.items() if n.endswith("weight"))
+    biases = sum(len(v) for n, v in task.slices.items() if n.endswith("bias"))
+    assert small.ram["uplink state"] == (weights + 4 * biases) + (2 * weights + 4 * biases)
+    base = dict(batch_size=1, micro_batch=1, samples=72, sample_bytes=64, uplink="sparse", density=0.1)
+    one = client_memory(task.model, task.memory(prof).arena_bytes, ClientLoad(**base, residual="float64"))
+    assert one.ram["uplink state"] == (weights + 4 * biases) + 8 * (weights + biases)
+    big = dataclasses.replace(s, train=dataclasses.replace(s.train, batch_size=16, momentum=0.9))
+    t16 = make_task(big)
+    t16 = resolve_scheme(t16, cloud_model(t16)[0])
+    whole = t16.device_memory(prof, 72)
+    acc = 4 * (weights + biases)  # fp32 accumulators of every trained element
+    with_acc = memory_report(t16.model, t16.scheme, (1, 8, 8), momentum=0.9, accumulate=True)
+    assert whole.ram["step arena"] == with_acc.arena_bytes > small.ram["step arena"] + acc - 1024
+    assert with_acc.breakdown["accumulators"] == acc
+    assert whole.ram["optimizer state"] == 4 * sum(int(np.prod(shape)) for _, shape, _ in t16.uplink_spec)
+    assert whole.ram["input batch"] == 16 * 64 and not whole.fits
 
 
 def test_cli_memory(tmp_path, cli):
     scheme = '{"n_bias_update": 9, "weight_update_idx": [5, 6, 8], "weight_update_ratio": [0.5, 0.5, 1]}'
     proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--momentum", "0.9",
-               "--json", "--plot", str(tmp_path / "m.png"))
+               "--fit", "step", "--json", "--plot", str(tmp_path / "m.png"))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for key in ("peak_sram_bytes", "flash_bytes", "saved_for_backward_bytes", "device", "sram_bytes", "fits",
-                "layers"):
+                "layers", "device_ram_bytes", "device_ram", "device_flash_bytes", "device_fits"):
         assert key in out
     assert out["fits"] is True and out["device"] == "nrf52832" and len(out["layers"]) > 9
+    # one step fits; the whole client with momentum and a float64 residual does not (exit 3 by default)
+    assert out["device_fits"] is False and out["device_ram_bytes"] == sum(out["device_ram"].values())
+    proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--momentum", "0.9")
+    assert proc.returncode == 3 and "device RAM" in proc.stderr
+    proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--residual", "compact",
+               "--samples", "72", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["device_fits"] is True and out["peak_sram_bytes"] < out["device_ram_bytes"] <= 64 * 1024
     assert (tmp_path / "m.png").stat().st_size > 0
     proc = cli("memory", "--model", "tiny-ir", "--scheme", "full", "--device", "stm32g031")
     assert proc.returncode == 3
@@ -154,7 +203,8 @@ def test_simulation_refuses_clients_whose_step_does_not_fit(tmp_path, cli):
     assert [c["partition_id"] for c in rec["clients"]] == [0]
     (refusal,) = rec["refused"]
     assert refusal["partition_id"] == 1 and refusal["device"] == "stm32g031"
-    assert refusal["peak_sram_bytes"] > refusal["sram_bytes"] == 8192 and "does not fit" in refusal["reason"]
+    assert refusal["device_ram_bytes"] > refusal["peak_sram_bytes"] > refusal["sram_bytes"] == 8192
+    assert "does not fit" in refusal["reason"]
 
 
 def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
@@ -167,7 +217,8 @@ def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["refused_clients_total"] == 2 and summary["uploads"] == 0
     assert summary["uplink_ratio_vs_dense_fp32"] is None and "nothing sent" in proc.stdout
-    assert summary["peak_sram_bytes_max"] > 64 * 1024  # the full update's step does not fit the nRF52832
+    # the full update's whole client does not fit the nRF52832 (one step of it would: the publication's count)
+    assert summary["device_ram_bytes_max"] > 64 * 1024 > summary["peak_sram_bytes_max"]
 
 
 MLPERF = SHARED_MODELS.parent / "mlperf-tiny"

@@ -30,7 +30,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "encoded_bound",
+__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "device_ram_bytes",
+           "encoded_bound",
            "residual_bytes",
            "FRAME_BYTES", "TEXT_BYTES", "REPORT_BYTES", "stack_bytes", "CODE_BYTES", "RUNTIME_BYTES",
            "OP_BYTES"]
@@ -176,31 +177,44 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     return DeviceMemory(sum(ram.values()), sum(flash.values()), ram, flash, sram_bytes, flash_bytes, device)
 
 
-def client_memory(model, step, load: ClientLoad, *, optimizer: str = "sgd+qas", momentum: float = 0.0,
+def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str = "sgd+qas", momentum: float = 0.0,
                   profile=None) -> DeviceMemory:
-    """:func:`device_memory` of an int8 ``model`` that carries its scheme, from its step's report ``step``
-    (:func:`~fedtiny.budget.memory.memory_report` at ``load.micro_batch`` samples, with accumulators when
-    ``load.batch_size`` is larger). The uplink tensors are the trained ones, in device dtypes."""
+    """:func:`device_memory` of an int8 ``model`` that carries its scheme, whose step's arena (at
+    ``load.micro_batch`` samples, with accumulators when ``load.batch_size`` is larger) is ``arena_bytes``
+    (:attr:`~fedtiny.budget.memory.MemoryReport.arena_bytes`). The uplink tensors are the trained ones, in
+    device dtypes."""
     import numpy as np
 
     from fedtiny.budget.memory import flash_bytes
     from fedtiny.budget.schemes import trainable_slices
     from fedtiny.models.state import array_spec, trainable_names
 
-    if (load.batch_size > load.micro_batch) != step.accumulate:
-        raise ValueError("client_memory: the step's report must count accumulators exactly when the batch is "
-                         "larger than the micro-batch")
     spec = array_spec(model, trainable_names(model))
     slices = trainable_slices(model, spec)
     uplink = [UplinkTensor(n, len(shape), len(slices[n]), np.dtype(dt).itemsize) for n, shape, dt in spec]
     slots = 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
-    return device_memory(arena_bytes=step.arena_bytes,
+    return device_memory(arena_bytes=arena_bytes,
                          trained_tensor_bytes=sum(math.prod(s) * np.dtype(dt).itemsize for _, s, dt in spec),
                          trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec), optimizer_slots=slots,
                          uplink=uplink, load=load, model_flash_bytes=flash_bytes(model), ops=len(model.nodes),
-                         classes=_classes(model),
-                         sram_bytes=profile.sram_bytes if profile else None,
+                         classes=_classes(model), sram_bytes=profile.sram_bytes if profile else None,
                          flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None)
+
+
+def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: ClientLoad, *,
+                     optimizer: str = "sgd+qas", momentum: float = 0.0, reorder: bool = True,
+                     inplace_depthwise: bool = True, fuse_frozen: bool = True) -> int:
+    """:attr:`DeviceMemory.device_ram_bytes` of ``model`` under ``resolved`` (applied in place), for a search
+    that asks it of many schemes: the planner's step without the report's tables."""
+    from fedtiny.budget.memory import plan
+    from fedtiny.budget.schemes import apply_scheme
+
+    apply_scheme(model, resolved)
+    ledger, _ = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
+                     inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=load.micro_batch,
+                     accumulate=load.batch_size > load.micro_batch)
+    arena = ledger.peak_without("persistent:", "act:input")
+    return client_memory(model, arena, load, optimizer=optimizer, momentum=momentum).device_ram_bytes
 
 
 def _classes(model) -> int:

@@ -56,6 +56,13 @@ class Federation:
     def image_shape(self) -> tuple[int, int, int]:
         return self.public.shape
 
+    def largest_partition(self) -> int:
+        """Samples of the largest client partition (train and test together: a bound of any client's training
+        samples), without drawing them where the source draws lazily (its clients are all the same size)."""
+        if self.draw is not None:
+            return len(self.draw(0)) if self.num_clients else 0
+        return max((len(p) for p in self.partitions), default=0)
+
     def client_shift(self, partition_id: int) -> SensorShift:
         """The fixed sensor shift of client ``partition_id``."""
         return client_shift(self.scenario_shift, partition_id, self.seed)

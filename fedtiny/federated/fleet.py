@@ -17,13 +17,14 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.budget.device_memory import device_ram_bytes
 from fedtiny.budget.memory import peak_sram_bytes
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve,
                                     union)
 from fedtiny.data import ImageSet
 from fedtiny.data.shift import apply_shift, fleet_shift
-from fedtiny.federated.task import Task, client_profile, cloud_model, make_task, with_scheme
+from fedtiny.federated.task import Task, client_load, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 from fedtiny.report.progress import say
 
@@ -71,8 +72,19 @@ def _log(text: str) -> None:
 
 
 def peak_function(task: Task) -> Callable[[Scheme], int]:
-    """Peak SRAM of one step of a scheme, with the scenario's device options (the model's values must be loaded)."""
+    """What must fit a device's SRAM for a scheme, with the scenario's device options (the model's values must
+    be loaded): the whole client across a round (``device.fit = "device"``; with the largest partition's
+    samples) or the peak of one step."""
     d, t = task.scenario.device, task.scenario.train
+    if d.fit == "device":
+        load = client_load(task.scenario, task.federation.largest_partition(), task.federation.image_shape)
+
+        def device_of(scheme: Scheme) -> int:
+            return device_ram_bytes(task.model, resolve(scheme, task.model, task.scenario.run.seed),
+                                    task.federation.image_shape, load, optimizer=t.optimizer, momentum=t.momentum,
+                                    reorder=d.reorder, inplace_depthwise=d.inplace_depthwise, fuse_frozen=d.fuse_frozen)
+
+        return device_of
 
     def peak_of(scheme: Scheme) -> int:
         resolved = resolve(scheme, task.model, task.scenario.run.seed)

@@ -21,7 +21,7 @@ from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.federated.train import evaluate, pretrain
 
-__all__ = ["Task", "CloudReport", "make_task", "with_scheme", "cloud_model", "limit_threads", "client_profile",
+__all__ = ["Task", "CloudReport", "make_task", "client_load", "with_scheme", "cloud_model", "limit_threads", "client_profile",
            "client_radio"]
 
 
@@ -100,10 +100,9 @@ class Task:
                     momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
                     fuse_frozen=d.fuse_frozen, batch=d.micro_batch, accumulate=accumulate)
             apply_scheme(self.model, self.scheme)
-            load = ClientLoad(t.batch_size, d.micro_batch, samples, int(np.prod(self.federation.image_shape)),
-                              c.uplink, c.density, c.error_feedback, c.residual, c.momentum_correction)
-            self._memory[key] = client_memory(self.model, step, load, optimizer=t.optimizer, momentum=t.momentum,
-                                              profile=profile)
+            load = client_load(self.scenario, samples, self.federation.image_shape)
+            self._memory[key] = client_memory(self.model, step.arena_bytes, load, optimizer=t.optimizer,
+                                              momentum=t.momentum, profile=profile)
         return self._memory[key]
 
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:
@@ -204,6 +203,13 @@ def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
             _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
     task = Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
     return with_scheme(task, scheme)
+
+
+def client_load(scenario: Scenario, samples: int, image_shape: tuple[int, ...]) -> ClientLoad:
+    """What a client of ``scenario`` does in a round besides one step, for the whole device's count."""
+    d, t, c = scenario.device, scenario.train, scenario.compression
+    return ClientLoad(t.batch_size, d.micro_batch, samples, int(np.prod(image_shape)), c.uplink, c.density,
+                      c.error_feedback, c.residual, c.momentum_correction)
 
 
 def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:

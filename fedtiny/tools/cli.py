@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -359,33 +360,66 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
 def cmd_memory(args: argparse.Namespace) -> int:
     from fedtiny.devices import get_profile
     from fedtiny.budget.memory import memory_report
-    from fedtiny.budget.schemes import parse_scheme, resolve
 
     model, shape = _load_memory_model(args.model, args.num_classes, args.classifier_precision)
     if args.input_size:
         shape = (shape[0], args.input_size, args.input_size)
     device = get_profile(args.device) if args.device else None
-    report = memory_report(model, resolve(parse_scheme(args.scheme), model), shape, device=device,
+    report = memory_report(model, _step_scheme(args, model), shape, device=device,
                            accounting=args.accounting, optimizer=args.optimizer, momentum=args.momentum,
                            reorder=args.reorder, inplace_depthwise=args.inplace, fuse_frozen=args.fuse,
                            batch=args.batch_size, accumulate=args.accumulate)
+    whole = _device_memory(args, model, shape, device, report)
     if args.plot:
         from fedtiny.report.plots import plot_memory
 
         plot_memory(report, args.plot)
     if args.json:
-        print(json.dumps(report.to_dict(), sort_keys=True))
+        print(json.dumps({**report.to_dict(), "device_ram_bytes": whole.device_ram_bytes,
+                          "device_flash_bytes": whole.device_flash_bytes, "device_ram": whole.ram,
+                          "device_flash": whole.flash, "device_fits": whole.fits, "device_reason": whole.reason()},
+                         sort_keys=True))
     else:
         print(_table([("model", args.model), ("scheme", report.scheme), ("accounting", report.accounting),
                       ("input", "x".join(map(str, shape))), ("peak SRAM (bytes)", report.peak_sram_bytes),
                       ("peak at", report.peak_at), ("arena (all but persistent and input)", report.arena_bytes),
                       ("saved for backward", report.saved_for_backward_bytes),
                       ("persistent (params+optimizer)", report.persistent_bytes), ("flash (bytes)", report.flash_bytes),
-                      *[(f"  {k}", v) for k, v in report.breakdown.items()], ("verdict", report.reason())]))
-    if report.fits is False:
-        print(f"fedtiny: {report.reason()}", file=sys.stderr)
+                      *[(f"  {k}", v) for k, v in report.breakdown.items()], ("verdict (one step)", report.reason()),
+                      ("device RAM of a round (bytes)", whole.device_ram_bytes),
+                      *[(f"  {k}", v) for k, v in whole.ram.items()],
+                      ("device flash (bytes)", whole.device_flash_bytes), ("verdict (whole device)", whole.reason())]))
+    verdict = whole if args.fit == "device" else report
+    if verdict.fits is False:
+        print(f"fedtiny: {verdict.reason()}", file=sys.stderr)
         return 3
     return 0
+
+
+def _device_memory(args: argparse.Namespace, model, shape, device, step):
+    """The whole client's memory across a round (fedtiny.budget.device_memory) for ``fedtiny memory``."""
+    from fedtiny.budget.device_memory import ClientLoad, client_memory
+    from fedtiny.budget.memory import memory_report
+
+    if args.fit == "device" and args.accounting != "planner":
+        raise ScenarioError("--fit device counts the planner's step: use --accounting planner or --fit step")
+    train_batch = args.train_batch or (args.batch_size + 1 if args.accumulate else args.batch_size)
+    if train_batch < args.batch_size:
+        raise ScenarioError(f"--train-batch {train_batch}: at least --batch-size ({args.batch_size})")
+    if (train_batch > args.batch_size) != step.accumulate:  # the device holds accumulators for larger batches
+        step = memory_report(model, _step_scheme(args, model), shape, device=device, optimizer=args.optimizer,
+                             momentum=args.momentum, reorder=args.reorder, inplace_depthwise=args.inplace,
+                             fuse_frozen=args.fuse, batch=args.batch_size, accumulate=train_batch > args.batch_size)
+    load = ClientLoad(train_batch, args.batch_size, args.samples, math.prod(shape), args.uplink, args.density,
+                      args.residual != "none", args.residual if args.residual != "none" else "float64")
+    return client_memory(model, step.arena_bytes, load, optimizer=args.optimizer, momentum=args.momentum,
+                         profile=device)
+
+
+def _step_scheme(args: argparse.Namespace, model):
+    from fedtiny.budget.schemes import parse_scheme, resolve
+
+    return resolve(parse_scheme(args.scheme), model)
 
 
 def _attack_malicious(args: argparse.Namespace) -> int:
@@ -641,6 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", action="store_true", help="count fp32 gradient accumulators (a step of more "
                    "samples than --batch-size, one micro-batch at a time)")
     p.add_argument("--input-size", type=int, help="input side length (default: 128 for imported models)")
+    p.add_argument("--train-batch", type=int, default=0, help="samples per training step (train.batch_size) for "
+                   "the whole device's count: more than --batch-size adds the accumulators (default: --batch-size)")
+    p.add_argument("--samples", type=int, default=0, help="training samples the device holds (the order buffer)")
+    p.add_argument("--uplink", choices=["sparse", "dense"], default="sparse")
+    p.add_argument("--density", type=float, default=0.1, help="top-k density of the sparse uplink")
+    p.add_argument("--residual", choices=["float64", "compact", "none"], default="float64",
+                   help="the error-feedback residual (compression.residual; none: no error feedback)")
+    p.add_argument("--fit", choices=["device", "step"], default="device", help="what --device must hold for exit "
+                   "status 0: the whole client across a round (device_ram_bytes) or one step (peak_sram_bytes)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="write per-layer memory bars with the budget line to this PNG")
     p.set_defaults(func=cmd_memory)
