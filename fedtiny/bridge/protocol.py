@@ -154,12 +154,14 @@ def read_frame(stream: Stream | socket.socket, timeout: float | None = None, *,
     first = _recv_exact(stream, 1, timeout, deadline, lambda _: "while waiting for a frame")
 
     def mid(total: int, kind: str) -> Callable[[int], str]:
-        return lambda missing: (f"in the middle of a {kind}: {missing} of its {total} bytes missing "
+        return lambda missing: (f"in the middle of {kind}: {missing} of its {total} bytes missing "
                                 f"(the device stopped mid-frame)")
 
-    head = first + _recv_exact(stream, _HEADER.size - 1, timeout, deadline, mid(_HEADER.size, "frame header"))
+    head = first + _recv_exact(stream, _HEADER.size - 1, timeout, deadline, mid(_HEADER.size, "a frame header"))
     ftype, length = _check_header(head)
-    rest = _recv_exact(stream, length + 4, timeout, deadline, mid(_HEADER.size + length + 4, NAMES[ftype] + " frame"))
+    name = NAMES[ftype]
+    rest = _recv_exact(stream, length + 4, timeout, deadline,
+                       mid(_HEADER.size + length + 4, f"{'an' if name[0] in 'AEIOU' else 'a'} {name} frame"))
     return decode_frame(head + rest)
 
 
