@@ -32,18 +32,23 @@ bench: $(STAMP) native  ## benchmarks (ratios against an in-process baseline)
 deploy-demo: $(STAMP) native  ## SuperLink + 2 SuperNodes (one bridged to a device emulator), 2 rounds, then stop; TLS=1: with TLS and SuperNode auth
 	TLS=$(TLS) ./scripts/deploy_demo.sh
 
-# The Cortex-M firmware (device/firmware) for QEMU's mps2-an386 (BOARD=an500: Cortex-M7), training
-# partition 1 of FIRMWARE_SCENARIO. Needs Debian's gcc-arm-none-eabi and libnewlib-arm-none-eabi.
+# The Cortex-M firmware (device/firmware) for QEMU's mps2-an386 (BOARD=an500: Cortex-M7; netduinoplus2:
+# STM32F405), training partition 1 of FIRMWARE_SCENARIO. The demo federates two of the scenario's clients
+# for two rounds (FIRMWARE_SET, applied to the firmware and the federation alike). Needs Debian's
+# gcc-arm-none-eabi and libnewlib-arm-none-eabi.
 FIRMWARE_SCENARIO ?= scenarios/firmware-demo.toml
+FIRMWARE_SET ?= run.clients=2 run.rounds=2
 BOARD ?= an386
 firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(BOARD)/firmware.elf
 	@command -v arm-none-eabi-gcc >/dev/null 2>&1 || { echo "make firmware: arm-none-eabi-gcc not found: install the Debian package gcc-arm-none-eabi (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)" >&2; exit 2; }
 	@test -f "$$(arm-none-eabi-gcc -mthumb -mcpu=cortex-m4 -mfloat-abi=hard -mfpu=fpv4-sp-d16 -print-file-name=libc_nano.a)" || { echo "make firmware: newlib for arm-none-eabi not found: install the Debian package libnewlib-arm-none-eabi" >&2; exit 2; }
-	$(BIN)/fedtiny device firmware $(FIRMWARE_SCENARIO) --partition 1 --out build/firmware/gen --json
+	$(BIN)/fedtiny device firmware $(FIRMWARE_SCENARIO) --partition 1 --out build/firmware/gen --json \
+	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
 	$(MAKE) -s -C device/firmware BOARD=$(BOARD) GEN=$(CURDIR)/build/firmware/gen OUT=$(CURDIR)/build/firmware/$(BOARD)
 
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
-	FIRMWARE=1 BOARD=$(BOARD) ./scripts/deploy_demo.sh
+	FIRMWARE=1 BOARD=$(BOARD) FIRMWARE_SCENARIO=$(FIRMWARE_SCENARIO) FIRMWARE_SET="$(FIRMWARE_SET)" \
+	    ./scripts/deploy_demo.sh
 
 # The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
 docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/

@@ -51,11 +51,13 @@ case "${FIRMWARE:-0}" in 1|true|yes|on) FIRMWARE=1 ;; *) FIRMWARE=0 ;; esac
 BOARD="${BOARD:-an386}"
 if [ "$FIRMWARE" = 1 ]; then
     # absolute: the model file it names is not part of the app bundle Flower ships to the SuperLink
-    SCENARIO="$PWD/scenarios/firmware-demo.toml" DEVICE_ADDRESS="serial:127.0.0.1:$DEVICE_PORT"
+    SCENARIO="$PWD/${FIRMWARE_SCENARIO:-scenarios/firmware-demo.toml}" DEVICE_ADDRESS="serial:127.0.0.1:$DEVICE_PORT"
+    # two of the scenario's clients for two rounds, as `make firmware` built the image (FIRMWARE_SET)
+    OVERRIDES="$(printf '%s;' ${FIRMWARE_SET:-run.clients=2 run.rounds=2})"
     ELF="build/firmware/$BOARD/firmware.elf"
     [ -f "$ELF" ] || { echo "deploy-demo: $ELF is missing: run make firmware" >&2; exit 2; }
 else
-    SCENARIO=scenarios/deploy-demo.toml DEVICE_ADDRESS="127.0.0.1:$DEVICE_PORT"
+    SCENARIO=scenarios/deploy-demo.toml DEVICE_ADDRESS="127.0.0.1:$DEVICE_PORT" OVERRIDES=""
 fi
 echo "[deploy-demo] logs in $WORK"
 
@@ -151,9 +153,9 @@ PIDS+=($!)
 
 RUN_DIR="$WORK/run"
 record flwr run . deploy-demo --stream \
-    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\""
+    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\" overrides=\"$OVERRIDES\""
 PATH="$BIN:$PATH" "$BIN/flwr" run . deploy-demo --stream \
-    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\"" > "$WORK/flwr-run.log" 2>&1 &
+    --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\" overrides=\"$OVERRIDES\"" > "$WORK/flwr-run.log" 2>&1 &
 RUN_PID=$!
 PIDS+=($RUN_PID)
 for _ in $(seq 1 600); do
@@ -205,6 +207,10 @@ print(json.dumps({
     "machine": f"qemu {BOARDS[board][0]} ({BOARDS[board][1]}), -icount shift=0; host {platform.machine()}",
     "firmware_updates_accepted": len(mine), "rounds": len(recs),
     "sram_bytes": sections.get(".data", 0) + sections.get(".bss", 0) + stack,
+    "device_ram_bytes": gen["device_ram_bytes"], "profile_sram_bytes": gen["profile_sram_bytes"],
+    "sram_vs_model": round((sections.get(".data", 0) + sections.get(".bss", 0) + stack) / gen["device_ram_bytes"], 4),
+    "device_flash_bytes": gen["device_flash_bytes"], "profile_flash_bytes": gen["profile_flash_bytes"],
+    "scenario": gen["scenario"], "board": board,
     "stack_bytes": stack, "flash_bytes": sections.get(".vectors", 0) + sections.get(".text", 0) + sections.get(".data", 0),
     "arena_bytes": gen["arena_bytes"], "planner_peak_bytes": gen["planner_peak_bytes"],
     "instructions_per_step": round(ips), "model_cycles_per_step": round(model),

@@ -525,7 +525,7 @@ def cmd_device_firmware(args: argparse.Namespace) -> int:
     from fedtiny.tools.firmware import generate
 
     say = None if args.json else (lambda m: print(f"[firmware] {m}", file=sys.stderr))
-    summary = generate(args.scenario, args.partition, args.out, progress=say)
+    summary = generate(args.scenario, args.partition, args.out, progress=say, overrides=parse_overrides(args.overrides))
     print(json.dumps(summary, sort_keys=True) if args.json else _table(list(summary.items())))
     return 0
 
@@ -741,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("scenario", help="the scenario the firmware trains (see scenarios/firmware-demo.toml)")
     d.add_argument("--partition", type=int, default=1, help="the data partition compiled in")
     d.add_argument("--out", required=True, help="directory for firmware_model.c and firmware_model.h")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key (the federation the firmware joins must use the same)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_device_firmware)
 
