@@ -203,9 +203,14 @@ def test_a_device_that_resets_is_counted_and_leaves_the_global_model_alone(flowe
     result, _ = local_round(scenario, 0, 1, job.downlink, kind=job.kind, scheme=task.scheme,
                             profile=get_profile(PROFILE))
     assert result.update
+    to1 = next(m for m in sent["bridged"] if m.metadata.dst_node_id == 101)
+    missing = bridge_relay(to1, "serial:/dev/fedtiny-no-such-tty@9600", 1.0, 1)  # a SuperNode's bad device-address
+    assert "serial port '/dev/fedtiny-no-such-tty'" in missing.content["info"]["error"]
     with pty_device("reset") as address:
-        to1 = next(m for m in sent["bridged"] if m.metadata.dst_node_id == 101)
         failed = bridge_relay(to1, address, 5.0, 1)
+        with pytest.raises(ProtocolError, match="exclusively lock"):  # one bridge per port
+            with open_stream(address, 1):
+                open_stream(address, 1)
     from flwr.app import Message
 
     replies = {k: [Message(reply_content([(0, result)], cohort=False),

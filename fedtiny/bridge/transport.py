@@ -141,7 +141,8 @@ class SerialStream(Stream):
             raise ProtocolError(f"{self.name}: pyserial is not installed (pip install pyserial==3.5)") from None
         self._errors = serial.SerialException
         try:
-            self.port = serial.Serial(path, baudrate=baud, timeout=None, write_timeout=None)
+            # exclusive: a second bridge (or a serial monitor using pyserial) on the port is refused
+            self.port = serial.Serial(path, baudrate=baud, timeout=None, write_timeout=None, exclusive=True)
         except (serial.SerialException, OSError, ValueError) as exc:
             raise ProtocolError(f"serial port {path!r} (device address {self.name}): cannot open it: {exc}") from None
 
