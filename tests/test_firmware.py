@@ -1,9 +1,15 @@
-"""The Cortex-M firmware (device/firmware) in QEMU against the simulator: the same update bytes.
+"""The Cortex-M firmware (device/firmware) in QEMU against the simulator: the same update bytes, and the RAM the
+simulator counts for the whole client (fedtiny.budget.device_memory) is what the image links.
+
+Two firmwares: scenarios/firmware-demo.toml (batches of 16 with accumulators, momentum, a float64 residual: an
+nRF52840's 256 KB) and a quickstart client (one sample per step, no momentum, a compact residual: an nRF52832's
+64 KB, the linker's limit).
 
 Needs Debian's gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (.ci/run installs them
 when it runs as root); without them the test is skipped with their names.
 """
 
+import json
 import socket
 import subprocess
 
@@ -12,10 +18,11 @@ import pytest
 from conftest import ROOT
 from fedtiny.tools.qemu import missing_packages, start_qemu
 
-SCENARIO = ROOT / "scenarios" / "firmware-demo.toml"
 MISSING = missing_packages()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="the firmware test needs the Debian packages "
                                 + ", ".join(MISSING) + " (apt-get install " + " ".join(MISSING) + ")")
+SCENARIOS = {"firmware-demo": ROOT / "scenarios" / "firmware-demo.toml",
+             "quickstart": ROOT / "scenarios" / "quickstart.toml"}
 
 
 def _free_port() -> int:
@@ -24,25 +31,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory):
+def _sections(elf) -> dict[str, int]:
+    out = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(elf)], capture_output=True, text=True, check=True)
+    return {p[0]: int(p[1]) for p in (line.split() for line in out.stdout.splitlines())
+            if len(p) >= 2 and p[0].startswith(".") and p[1].isdigit()}
+
+
+@pytest.fixture(scope="module", params=sorted(SCENARIOS))
+def firmware(request, tmp_path_factory):
     from fedtiny.tools.firmware import generate
 
-    out = tmp_path_factory.mktemp("firmware")
-    summary = generate(str(SCENARIO), 1, out / "gen")
+    out = tmp_path_factory.mktemp(request.param)
+    summary = generate(str(SCENARIOS[request.param]), 1, out / "gen")
     subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={out / 'gen'}",
                     f"OUT={out / 'an386'}"], check=True, capture_output=True)
-    return out / "an386" / "firmware.elf", summary
+    return request.param, out / "an386" / "firmware.elf", summary
 
 
-def _round(server_round=1):
+def _round(path, server_round=1):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
 
-    task, initial, _, schemes = server_task(load_scenario(SCENARIO), progress=None)
+    task, initial, _, schemes = server_task(load_scenario(path), progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     client = client_task(task.scenario, scheme)
     down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
@@ -52,27 +65,36 @@ def _round(server_round=1):
 
 
 def test_firmware_update_equals_the_simulators(firmware, tmp_path):
-    """Two rounds (the error-feedback residual carried on the device): the firmware's UPDATE bytes equal
-    the simulated client's, with the PyTorch exact step and with the host C step."""
+    """Two rounds (the error-feedback residual carried on the device, committed on the bridge's ACK): the
+    firmware's UPDATE bytes equal the simulated client's, with the PyTorch exact step and with the host C step;
+    the image's RAM (.data + .bss + measured stack) is within 5% of the simulator's device_ram_bytes and
+    within the profile; a TRAIN whose settings or frozen tensors differ from the image's is refused by name."""
     import dataclasses
 
     from fedtiny.bridge.protocol import ProtocolError, model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.federated.client import local_round
 
-    elf, summary = firmware
-    task, scheme, client, down, meta = _round(1)
-    meta2 = {**meta, "round": 2, "seed": _round(2)[4]["seed"]}
+    name, elf, summary = firmware
+    task, scheme, client, down, meta = _round(SCENARIOS[name], 1)
+    meta2 = {**meta, "round": 2, "seed": _round(SCENARIOS[name], 2)[4]["seed"]}
     port = _free_port()
     qemu = start_qemu(elf, "an386", port, tmp_path / "qemu.log")
     try:
         address = f"serial:127.0.0.1:{port}"
-        # a downlink whose frozen part is not the firmware's model is refused, and the device stays up
-        bad = bytearray(down)
-        bad[-1] ^= 0xFF  # the classifier's qparams: frozen
-        with pytest.raises(ProtocolError, match="frozen tensor"):
-            relay_round(address, model_hash(client.downlink_spec), meta, bytes(bad), timeout=120)
-        replies = [relay_round(address, model_hash(client.downlink_spec), m, down, timeout=300) for m in (meta, meta2)]
+        expected = model_hash(client.downlink_spec)
+        if name == "firmware-demo":  # a downlink whose frozen part is not the firmware's model is refused
+            bad = bytearray(down)
+            bad[-1] ^= 0xFF  # the classifier's qparams: frozen
+            with pytest.raises(ProtocolError, match="frozen tensor"):
+                relay_round(address, expected, meta, bytes(bad), timeout=120)
+        else:  # a scenario whose training settings differ from the image's: the device names the key
+            other = json.loads(meta["scenario"])
+            other["train"]["lr"] = 0.125
+            with pytest.raises(ProtocolError, match="train.lr differs"):
+                relay_round(address, expected, {**meta, "scenario": json.dumps(other, sort_keys=True)}, down,
+                            timeout=120)
+        replies = [relay_round(address, expected, m, down, timeout=120) for m in (meta, meta2)]
     finally:
         qemu.kill()
         qemu.wait()
@@ -85,11 +107,39 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
             assert reply.num_examples == host.num_examples == summary["samples"]
             assert abs(reply.metrics["train_loss"] - host.train_loss) < 1e-4
             assert reply.metrics["steps"] == host.steps
+            assert reply.metrics["device_ram_bytes"] == host.device_ram_bytes == summary["device_ram_bytes"]
     assert replies[0].update != replies[1].update  # round 2 differs: its seed and the carried residual
     reply = replies[0]
     assert reply.metrics["arena_high_water"] == summary["arena_bytes"]
-    # the device-time model of the reference kernels (device.kernels = "reference") predicts the measured
-    # instructions per step within 10% (CPI 1; fedtiny.devices)
-    weighted = summary["macs_forward_per_sample"] + summary["backward_factor"] * summary["macs_backward_per_sample"]
-    predicted = summary["cycles_per_mac"] * weighted * summary["samples"] / reply.metrics["steps"]
-    assert 0.9 < reply.metrics["instructions_per_step"] / predicted < 1.1
+    # whole-device memory: what links (and the stack the round used) against the simulator's count
+    sections = _sections(elf)
+    stack = max(int(r.metrics["stack_bytes"]) for r in replies)
+    linked = sections[".data"] + sections[".bss"] + sections.get(".bss2", 0) + stack
+    assert abs(linked / summary["device_ram_bytes"] - 1) < 0.05, (linked, summary["device_ram"])
+    assert linked <= summary["profile_sram_bytes"] and summary["device_ram_bytes"] <= summary["profile_sram_bytes"]
+    assert stack <= summary["stack_reserved_bytes"]
+    flash = sections[".vectors"] + sections[".text"] + sections[".data"]
+    assert flash <= summary["profile_flash_bytes"]
+    if task.scenario.device.kernels == "reference":
+        # the device-time model of the reference kernels predicts the measured instructions per step within 10%
+        weighted = (summary["macs_forward_per_sample"]
+                    + summary["backward_factor"] * summary["macs_backward_per_sample"])
+        predicted = summary["cycles_per_mac"] * weighted * summary["samples"] / reply.metrics["steps"]
+        assert 0.9 < reply.metrics["instructions_per_step"] / predicted < 1.1
+
+
+def test_a_client_that_does_not_fit_is_refused_before_the_build(tmp_path):
+    """The generator refuses a client whose whole device does not fit its profile, with the figure; and an
+    image forced past the profile's SRAM does not link, naming the limit."""
+    from fedtiny.errors import ScenarioError
+    from fedtiny.tools.firmware import generate
+
+    with pytest.raises(ScenarioError, match=r"does not fit nrf52832: device RAM [\d,]+ B > 65,536 B"):
+        generate(str(SCENARIOS["quickstart"]), 1, tmp_path / "gen", overrides={"train.momentum": 0.9})
+    gen = tmp_path / "small"
+    generate(str(SCENARIOS["quickstart"]), 1, gen)
+    memory = (gen / "firmware_memory.ld").read_text()
+    (gen / "firmware_memory.ld").write_text(memory.replace("FW_RAM_BYTES = 65536", "FW_RAM_BYTES = 32768"))
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={gen}",
+                           f"OUT={tmp_path / 'an386'}"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "RAM" in proc.stderr and "FW_RAM_BYTES" in proc.stderr, proc.stderr[-800:]
