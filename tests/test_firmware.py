@@ -119,6 +119,7 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
     assert linked <= summary["profile_sram_bytes"] and summary["device_ram_bytes"] <= summary["profile_sram_bytes"]
     assert stack <= summary["stack_reserved_bytes"]
     flash = sections[".vectors"] + sections[".text"] + sections[".data"]
+    assert abs(flash / summary["device_flash_bytes"] - 1) < 0.05, (flash, summary["device_flash"])
     assert flash <= summary["profile_flash_bytes"]
     if task.scenario.device.kernels == "reference":
         # the device-time model of the reference kernels predicts the measured instructions per step within 10%

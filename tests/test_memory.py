@@ -161,7 +161,7 @@ def test_device_count_holds_what_a_round_keeps():
     assert whole.ram["step arena"] == with_acc.arena_bytes > small.ram["step arena"] + acc - 1024
     assert with_acc.breakdown["accumulators"] == acc
     assert whole.ram["optimizer state"] == 4 * sum(int(np.prod(shape)) for _, shape, _ in t16.uplink_spec)
-    assert whole.ram["input batch"] == 16 * 64 and not whole.fits
+    assert whole.ram["input batch"] == 16 * 8 and not whole.fits  # pointers to the samples and labels
 
 
 def test_cli_memory(tmp_path, cli):

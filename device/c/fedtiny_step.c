@@ -654,8 +654,10 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
 
 /* ------------------------------------------------------------------ the step */
 
-static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed,
-                     uint32_t step, arena_t *a, ft_step_report *rep) {
+/* The samples are x (contiguous, batch x in_size) or, when xs is given, one pointer each (a device's samples
+ * read where they lie, in the order it chose: no batch copied into RAM). */
+static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs, const int32_t *y, int32_t batch,
+                     uint32_t seed, uint32_t step, arena_t *a, ft_step_report *rep) {
     buffers_t b;
     uint8_t needs[FT_MAX_TENSORS];
     float *grad[FT_MAX_TENSORS];
@@ -690,7 +692,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int32_t *y, int32
         if (n == 1) a->log = 0; /* a recording holds the first sample's */
         memset(&b, 0, sizeof b);
         memset(grad, 0, sizeof grad);
-        rc = run_forward(m, x + (size_t)n * in_size, needs, a, &b);
+        rc = run_forward(m, xs ? xs[n] : x + (size_t)n * in_size, needs, a, &b);
         if (rc) return rc;
         if (a->base == 0) { /* sizing (an upper bound): every gradient and the largest backward's temporaries */
             size_t most = 0;
@@ -774,17 +776,17 @@ size_t ft_step_arena_bytes(const ft_model *m, int32_t batch) {
     int32_t ydummy = 0;
     if (!valid_model(m, batch)) return 0;
     memset(&a, 0, sizeof a);
-    if (step_impl(m, &dummy, &ydummy, batch, 0, 0, &a, 0)) return 0;
+    if (step_impl(m, &dummy, 0, &ydummy, batch, 0, 0, &a, 0)) return 0;
     return a.high + 64;
 }
 
-int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed, uint32_t step,
-                  uint8_t *arena, size_t arena_bytes, ft_step_report *report) {
+static int train_step(const ft_model *m, const int8_t *x, const int8_t *const *xs, const int32_t *y, int32_t batch,
+                      uint32_t seed, uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report) {
     arena_t a;
     int32_t n, rc;
-    if (!valid_model(m, batch) || !x || !y || !arena) return -1;
+    if (!valid_model(m, batch) || (!x && !xs) || !y || !arena) return -1;
     for (n = 0; n < batch; n++)
-        if (y[n] < 0 || y[n] >= m->classes) return -1;
+        if (y[n] < 0 || y[n] >= m->classes || (xs && !xs[n])) return -1;
     memset(&a, 0, sizeof a);
     a.base = arena;
     a.cap = arena_bytes;
@@ -792,9 +794,19 @@ int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t 
         a.plan = m->plan;
         a.plan_len = m->plan_len;
     }
-    rc = step_impl(m, x, y, batch, seed, step, &a, report);
+    rc = step_impl(m, x, xs, y, batch, seed, step, &a, report);
     if (report) report->arena_high_water = a.high;
     return rc;
+}
+
+int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed, uint32_t step,
+                  uint8_t *arena, size_t arena_bytes, ft_step_report *report) {
+    return x ? train_step(m, x, 0, y, batch, seed, step, arena, arena_bytes, report) : -1;
+}
+
+int ft_train_step_samples(const ft_model *m, const int8_t *const *xs, const int32_t *y, int32_t batch, uint32_t seed,
+                          uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report) {
+    return xs ? train_step(m, 0, xs, y, batch, seed, step, arena, arena_bytes, report) : -1;
 }
 
 int32_t ft_step_record(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint8_t *arena,
@@ -809,7 +821,7 @@ int32_t ft_step_record(const ft_model *m, const int8_t *x, const int32_t *y, int
     a.cap = arena_bytes;
     a.log = log;
     a.log_cap = log_cap;
-    rc = step_impl(m, x, y, batch, 0, 0, &a, 0);
+    rc = step_impl(m, x, 0, y, batch, 0, 0, &a, 0);
     if (rc) return rc;
     return a.log_len <= log_cap ? a.log_len : -3;
 }

@@ -89,6 +89,11 @@ size_t ft_step_arena_bytes(const ft_model *m, int32_t batch);
 int ft_train_step(const ft_model *m, const int8_t *x, const int32_t *y, int32_t batch, uint32_t seed,
                   uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report);
 
+/* The same step on samples that need not be contiguous: xs[n] is sample n (a device passes pointers into
+ * its flash, in the order it chose, instead of copying a batch into RAM). */
+int ft_train_step_samples(const ft_model *m, const int8_t *const *xs, const int32_t *y, int32_t batch, uint32_t seed,
+                          uint32_t step, uint8_t *arena, size_t arena_bytes, ft_step_report *report);
+
 /* Runs one real step (it updates the weights: run it on a copy) with a first-fit arena and records
  * its buffers in order: a take as its bytes (> 0; with bit 30 set: a shrink, the block just given
  * continues smaller at the same offset), a give as -(1 + the take's index). Only the first sample's

@@ -33,7 +33,7 @@
 #define BYTE_TIMEOUT_US 200000u /* silence inside a frame after which it is abandoned (the line resyncs) */
 
 static uint8_t frame[FW_FRAME_BYTES]; /* payload of a small frame (HELLO, ACK, ERROR) */
-static int8_t batch_x[FW_BATCH * FW_SAMPLE_BYTES];
+static const int8_t *batch_x[FW_BATCH]; /* the step's samples, read where they lie in flash */
 static int32_t batch_y[FW_BATCH];
 static uint16_t order[FW_SAMPLES];
 static char text[FW_TEXT_BYTES];
@@ -626,16 +626,15 @@ static void train_round(void) {
             uint64_t t0;
             int rc;
             for (k = 0; k < n; k++) {
-                memcpy(batch_x + k * FW_SAMPLE_BYTES, fw_samples_x + (size_t)order[i + k] * FW_SAMPLE_BYTES,
-                       FW_SAMPLE_BYTES);
+                batch_x[k] = fw_samples_x + (size_t)order[i + k] * FW_SAMPLE_BYTES;
                 batch_y[k] = fw_samples_y[order[i + k]];
             }
             fw_model.plan = n > 1 ? fw_plan_many : fw_plan_one;
             fw_model.plan_len = n > 1 ? fw_plan_many_len : fw_plan_one_len;
             fw_model.plan_batch = n > 1 ? 2 : 1;
             t0 = board_ticks();
-            rc = ft_train_step(&fw_model, batch_x, batch_y, (int32_t)n, seed, steps, fw_arena, FW_ARENA_BYTES,
-                               &report);
+            rc = ft_train_step_samples(&fw_model, batch_x, batch_y, (int32_t)n, seed, steps, fw_arena,
+                                       FW_ARENA_BYTES, &report);
             ticks += board_ticks() - t0;
             board_watchdog_kick();
             if (rc) { send_error("step", "ft_train_step failed (arena or model)"); return; }

@@ -6,7 +6,8 @@ part by part, as the firmware (``device/firmware``) lays it out:
 
 - the step's arena as the device runs it at the scenario's batch size: with more samples per step
   than the micro-batch, the fp32 gradient accumulators are in it whatever ``device.accumulate`` says;
-- the input batch (int8 samples of one step) and the sample order (2 B per sample);
+- the step's batch (a pointer to each sample, read where it lies in flash, and its label) and the
+  sample order (2 B per sample);
 - the trained tensors, whole, in RAM (the device updates them in place; frozen ones stay in flash)
   and the optimizer state (fp32 per element of each trained tensor, per slot);
 - the sparse uplink's state between rounds: the trainable values when the round began and the
@@ -40,7 +41,7 @@ FRAME_BYTES = 256  # the device's buffer for small frames (HELLO, ACK, ERROR); T
 TEXT_BYTES = 512  # JSON the device composes (HELLO, UPDATE's header, ERROR, BUSY)
 REPORT_BYTES = 1032  # ft_step_report (device/c/fedtiny_step.h) on a 32-bit MCU
 RUNTIME_BYTES = 512  # the C library's and the board's statics, section alignment (measured, see firmware README)
-CODE_BYTES = 40 * 1024  # firmware code and libm/libc on Cortex-M4F at -O2 (measured, see the firmware README)
+CODE_BYTES = 64 * 1024  # firmware code with libm/libc (newlib nano) on Cortex-M4F at -O2: 64.6-64.9 KB measured
 OP_BYTES = 208  # one ft_op in flash (the op table)
 
 
@@ -155,7 +156,7 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
         plans (flash).
     """
     ram = {"step arena": arena_bytes,
-           "input batch": load.batch_size * load.sample_bytes,
+           "input batch": 8 * load.batch_size,  # a pointer to each sample (they stay in flash) and its label
            "sample order": 2 * load.samples,
            "trained tensors": trained_tensor_bytes,
            "optimizer state": 4 * optimizer_slots * trained_tensor_elements}

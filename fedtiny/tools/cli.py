@@ -361,6 +361,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from fedtiny.devices import get_profile
     from fedtiny.budget.memory import memory_report
 
+    if args.scenario:
+        return _memory_of_scenario(args)
+    if not args.model:
+        raise ScenarioError("fedtiny memory: give --model (with --scheme, --device ...) or --scenario FILE")
+
     model, shape = _load_memory_model(args.model, args.num_classes, args.classifier_precision)
     if args.input_size:
         shape = (shape[0], args.input_size, args.input_size)
@@ -393,6 +398,55 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if verdict.fits is False:
         print(f"fedtiny: {verdict.reason()}", file=sys.stderr)
         return 3
+    return 0
+
+
+def _memory_of_scenario(args: argparse.Namespace) -> int:
+    """``fedtiny memory --scenario S``: each method's clients, one step and the whole device, and who refuses."""
+    import dataclasses
+
+    from fedtiny.federated.client import client_task
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile
+
+    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
+    rows, out = [], []
+    for name, sc in scenario.expand():
+        if args.method and name not in args.method:
+            continue
+        if scenario.methods:
+            say(f"method {name}: the server's start (model, scheme per device)")
+        task, _, _, schemes = server_task(sc, progress=None)
+        if task.scenario.model.precision != "int8":
+            out.append({"method": name, "precision": "fp32", "note": "an fp32 model is not counted"})
+            continue
+        per: dict[str, dict] = {}
+        for pid in range(task.scenario.run.clients):
+            profile = client_profile(task.scenario, pid)
+            client = client_task(task.scenario, schemes.by_profile[profile.name])
+            samples = len(client.federation.client_data(pid)[0])
+            step, whole = client.memory(profile), client.device_memory(profile, samples)
+            row = per.setdefault(profile.name, {
+                "method": name, "profile": profile.name, "scheme": schemes.by_profile[profile.name].name,
+                "clients": 0, "sram_bytes": profile.sram_bytes, "peak_sram_bytes": step.peak_sram_bytes,
+                "device_ram_bytes": 0, "device_ram": whole.ram, "device_flash_bytes": whole.device_flash_bytes,
+                "refused_by_step": 0, "refused_by_device": 0})
+            row["clients"] += 1
+            if whole.device_ram_bytes > row["device_ram_bytes"]:
+                row["device_ram_bytes"], row["device_ram"] = whole.device_ram_bytes, whole.ram
+            row["refused_by_step"] += not step.fits
+            row["refused_by_device"] += not whole.fits
+        for row in per.values():
+            row["refused"] = row["refused_by_device" if task.scenario.device.fit == "device" else "refused_by_step"]
+            out.append(row)
+            rows.append((f"{row['method']} / {row['profile']}", f"{row['scheme']}: step {row['peak_sram_bytes']:,} B, "
+                         f"device {row['device_ram_bytes']:,} B of {row['sram_bytes']:,} B; refused "
+                         f"{row['refused_by_step']}/{row['clients']} by the step, {row['refused_by_device']}/"
+                         f"{row['clients']} by the device"))
+    if args.json:
+        print(json.dumps({"scenario": str(args.scenario), "fit": scenario.device.fit, "methods": out}, sort_keys=True))
+    else:
+        print(_table(rows or [("scenario", "no method matched --method")]))
     return 0
 
 
@@ -655,8 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--json", action="store_true")
     z.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("memory", help="peak SRAM and flash of one training step of a model under a scheme")
-    p.add_argument("--model", required=True, help="tiny-ir, a .tflite, a fedtiny model file, or a tiny-training .pkl")
+    p = sub.add_parser("memory", help="peak SRAM of one training step and the whole device's RAM and flash across "
+                       "a round, of a model under a scheme or of a scenario's clients")
+    p.add_argument("--model", help="tiny-ir, a .tflite, a fedtiny model file, or a tiny-training .pkl")
+    p.add_argument("--scenario", help="instead of --model: every client of this scenario (each method of a sweep), "
+                   "the step and the whole device, and how many refuse under each count")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --scenario: override a scenario key")
+    p.add_argument("--method", action="append", default=[], help="with --scenario: only this method (repeatable)")
     p.add_argument("--scheme", default="full", help="full, bias-only, last-k:N, a JSON/TOML file (schemes.json#id) "
                    "or inline JSON")
     p.add_argument("--num-classes", type=int, help="replace the classifier by a new head with N classes")
