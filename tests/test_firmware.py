@@ -23,6 +23,9 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason="the firmware test needs t
                                 + ", ".join(MISSING) + " (apt-get install " + " ".join(MISSING) + ")")
 SCENARIOS = {"firmware-demo": ROOT / "scenarios" / "firmware-demo.toml",
              "quickstart": ROOT / "scenarios" / "quickstart.toml"}
+# the demo's client on a tenth of the data (ten partitions: ~72 samples, 5 steps of 16), so that a round is
+# seconds of emulation; make firmware-demo runs its 359 samples
+OVERRIDES = {"firmware-demo": {"run.clients": 10}, "quickstart": {}}
 
 
 def _free_port() -> int:
@@ -42,20 +45,20 @@ def firmware(request, tmp_path_factory):
     from fedtiny.tools.firmware import generate
 
     out = tmp_path_factory.mktemp(request.param)
-    summary = generate(str(SCENARIOS[request.param]), 1, out / "gen")
+    summary = generate(str(SCENARIOS[request.param]), 1, out / "gen", overrides=OVERRIDES[request.param])
     subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={out / 'gen'}",
                     f"OUT={out / 'an386'}"], check=True, capture_output=True)
     return request.param, out / "an386" / "firmware.elf", summary
 
 
-def _round(path, server_round=1):
+def _round(name, server_round=1):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
 
-    task, initial, _, schemes = server_task(load_scenario(path), progress=None)
+    task, initial, _, schemes = server_task(load_scenario(SCENARIOS[name], OVERRIDES[name]), progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     client = client_task(task.scenario, scheme)
     down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
@@ -76,8 +79,8 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
     from fedtiny.federated.client import local_round
 
     name, elf, summary = firmware
-    task, scheme, client, down, meta = _round(SCENARIOS[name], 1)
-    meta2 = {**meta, "round": 2, "seed": _round(SCENARIOS[name], 2)[4]["seed"]}
+    task, scheme, client, down, meta = _round(name, 1)
+    meta2 = {**meta, "round": 2, "seed": _round(name, 2)[4]["seed"]}
     port = _free_port()
     qemu = start_qemu(elf, "an386", port, tmp_path / "qemu.log")
     try:
