@@ -86,6 +86,8 @@ class DataSection:
     )
     root: str = _key("", "dataset root for torchvision sources (never downloaded)")
     image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))
+    image_width: int = _key(0, "with data.image_size: resize to image_size (height) x image_width (e.g. 49 x 10, "
+                            "the MFCC frames of a keyword spotter); 0: square", _range(0, 512))
     channels: int = _key(0, "image channels: 3 turns grayscale into RGB, 1 RGB into grayscale; 0 keeps the source's",
                          lambda v: None if v in (0, 1, 3) else f"must be 0, 1 or 3, got {v}")
     max_samples: int = _key(0, "use at most this many samples (seeded subset); 0 means all", _range(0))
@@ -681,7 +683,7 @@ def _check_cross(where: str, s: Scenario) -> None:
                             f"\"imprint\" (got server {s.attack.server!r}, method {s.attack.method!r})")
     if s.attack.enabled and s.attack.server == "malicious" and (
             s.model.name != "tiny-ir" or s.model.file or s.model.module or s.model.width != 16
-            or s.data.image_size != 32 or s.data.channels != 3):
+            or s.data.image_size != 32 or s.data.image_width not in (0, 32) or s.data.channels != 3):
         raise ScenarioError(f"{where}: attack.server: the malicious server's trap is built for the built-in tiny-ir "
                             f"(model.width = 16) on 3x32x32 images (data.image_size = 32, data.channels = 3)")
     if s.run.cohort_size > 1 and s.bridge.devices:
@@ -691,6 +693,9 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.privacy.dp == "central" and s.server.aggregation != "fedavg":
         raise ScenarioError(f"{where}: privacy.dp: central DP adds its noise to the clipped changes' mean; it needs "
                             f"server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")
+    if s.data.image_width and not s.data.image_size:
+        raise ScenarioError(f"{where}: data.image_width: set data.image_size too (the height; got image_width "
+                            f"{s.data.image_width} alone)")
     if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 

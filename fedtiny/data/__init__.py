@@ -87,7 +87,7 @@ def build_federation(scenario) -> Federation:
     if d.source == "synthetic":
         return _synthetic_federation(scenario)
     data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed,
-                       channels=d.channels)
+                       channels=d.channels, image_width=d.image_width)
     order = np.random.default_rng([seed, 3]).permutation(len(data))
     n_pub, n_test = int(d.public_fraction * len(data)), int(d.test_fraction * len(data))
     public = data.subset(np.sort(order[:n_pub]))
@@ -103,7 +103,7 @@ def build_federation(scenario) -> Federation:
 def _synthetic_federation(scenario) -> Federation:
     d, seed = scenario.data, scenario.run.seed
     gen = Synthetic(seed, d.num_classes, d.image_size or DEFAULT_SIZE, d.channels or 1, d.samples_per_client,
-                    d.partition, d.alpha, d.classes_per_client)
+                    d.partition, d.alpha, d.classes_per_client, width=d.image_width)
     images = lambda xy: ImageSet(*xy, gen.num_classes, "synthetic")  # noqa: E731
     public, test = images(gen.server_split(0, d.server_samples)), images(gen.server_split(1, d.server_samples))
     test = ImageSet(apply_shift(test.x, fleet_shift(scenario.shift), [seed, 5]), test.y, test.num_classes, test.name)

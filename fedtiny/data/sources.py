@@ -130,12 +130,12 @@ def _imagefolder(root: str) -> ImageSet:
 SOURCES = ("digits", "lfw-faces", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
-def _resize(x: np.ndarray, size: int) -> np.ndarray:
+def _resize(x: np.ndarray, size: int, width: int = 0) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     t = torch.from_numpy(x)
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).numpy()
+    return F.interpolate(t, size=(size, width or size), mode="bilinear", align_corners=False, antialias=True).numpy()
 
 
 def _channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -150,7 +150,7 @@ def _channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 
 def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: int = 0, seed: int = 0,
-                channels: int = 0) -> ImageSet:
+                channels: int = 0, image_width: int = 0) -> ImageSet:
     """Load a data source.
 
     Parameters
@@ -160,7 +160,8 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
     root
         Local dataset root for the torchvision sources and ``imagefolder``.
     image_size
-        Resize to ``image_size x image_size`` (0 keeps the source's size).
+        Resize to ``image_size x image_size`` (0 keeps the source's size), or to ``image_size x image_width``
+        (height x width) when ``image_width`` is given.
     max_samples
         Keep a seeded random subset of this many samples (0 keeps all).
     seed
@@ -183,8 +184,8 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
     if max_samples and max_samples < len(data):
         idx = np.sort(np.random.default_rng(seed).choice(len(data), max_samples, replace=False))
         data = data.subset(idx)
-    if image_size and image_size != data.shape[-1]:
-        data = ImageSet(_resize(data.x, image_size), data.y, data.num_classes, data.name)
+    if image_size and (image_size, image_width or image_size) != tuple(data.shape[-2:]):
+        data = ImageSet(_resize(data.x, image_size, image_width), data.y, data.num_classes, data.name)
     if channels:
         data = ImageSet(_channels(data.x, channels), data.y, data.num_classes, data.name)
     return data

@@ -29,7 +29,7 @@ class Synthetic:
     seed
         The run's seed (prototypes, server splits and every client's draw derive from it).
     num_classes, size, channels
-        Classes, image side and channels.
+        Classes, image side (the height when ``width`` is given) and channels.
     samples_per_client
         Images each client holds.
     partition, alpha, classes_per_client
@@ -48,15 +48,18 @@ class Synthetic:
     alpha: float = 0.5
     classes_per_client: int = 2
     noise: float = 0.15
+    width: int = 0  # image width; 0: square (size x size)
 
     def prototypes(self) -> np.ndarray:
-        """``num_classes x C x size x size`` class prototypes in [0, 1]."""
+        """``num_classes x C x size x width`` class prototypes in [0, 1] (``width`` 0: ``size``)."""
+        width = self.width or self.size
         coarse = max(2, self.size // 2)
-        grid = np.random.default_rng([self.seed, 71]).random((self.num_classes, self.channels, coarse, coarse))
+        coarse_w = max(2, width // 2) if self.width else coarse
+        grid = np.random.default_rng([self.seed, 71]).random((self.num_classes, self.channels, coarse, coarse_w))
         import torch
         import torch.nn.functional as F
 
-        protos = F.interpolate(torch.from_numpy(grid.astype(np.float32)), size=(self.size, self.size),
+        protos = F.interpolate(torch.from_numpy(grid.astype(np.float32)), size=(self.size, width),
                                mode="bilinear", align_corners=False).numpy()
         lo = protos.min(axis=(1, 2, 3), keepdims=True)
         hi = protos.max(axis=(1, 2, 3), keepdims=True)

@@ -173,6 +173,7 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
         c, h, w = want
         raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives "
                             f"{'x'.join(map(str, fed.image_shape))}: set data.image_size = {h}"
+                            + (f" and data.image_width = {w}" if w != h else "")
                             + (f" and data.channels = {c}" if c != fed.image_shape[0] else ""))
     if m.head == "keep":
         classes = int(model.classifier.weight.shape[0])
