@@ -19,7 +19,9 @@ part by part, as the firmware (``device/firmware``) lays it out:
 - the stack the firmware reserves.
 
 Flash: the code, the whole model's initial values (frozen tensors and the trained tensors' start),
-the op table and arena plans, the compiled-in samples.
+the C step's per-channel tables (requantization, QAS), the op table and arena plans, the compiled-in
+samples, and for a sparse uplink the trainable positions of each uplink tensor (4 B each: 236 KB
+for MCUNet's scheme s3).
 
 The firmware generator (:mod:`fedtiny.tools.firmware`) sizes its buffers from the same constants, and
 a test holds the linked image within 5% of :attr:`DeviceMemory.device_ram_bytes`.
@@ -41,7 +43,10 @@ FRAME_BYTES = 256  # the device's buffer for small frames (HELLO, ACK, ERROR); T
 TEXT_BYTES = 512  # JSON the device composes (HELLO, UPDATE's header, ERROR, BUSY)
 REPORT_BYTES = 1032  # ft_step_report (device/c/fedtiny_step.h) on a 32-bit MCU
 RUNTIME_BYTES = 512  # the C library's and the board's statics, section alignment (measured, see firmware README)
-CODE_BYTES = 64 * 1024  # firmware code with libm/libc (newlib nano) on Cortex-M4F at -O2: 64.6-64.9 KB measured
+CODE_BYTES = 34 * 1024  # firmware code with libm/libc (newlib nano) on Cortex-M4F at -O2: 31.9-36.6 KB measured
+# (the linked flash less the parts below: tiny-ir, KWS DS-CNN, MCUNet; device/firmware/README.md)
+STEP_TABLE_BYTES = 16  # per conv output channel: the C step's multiplier, shift, effective scale, QAS scales
+# (fp32/int32 each) besides the bias, in place of the state's w_scales
 OP_BYTES = 208  # one ft_op in flash (the op table)
 
 
@@ -135,7 +140,7 @@ class DeviceMemory:
 def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor_elements: int,
                   optimizer_slots: int, uplink: list[UplinkTensor], load: ClientLoad, model_flash_bytes: int,
                   ops: int, classes: int, plans: int = 0, sram_bytes: int | None = None, flash_bytes: int | None = None,
-                  device: str | None = None) -> DeviceMemory:
+                  device: str | None = None, conv_channels: int = 0) -> DeviceMemory:
     """The whole client's RAM and flash (see the module docstring for the parts).
 
     Parameters
@@ -154,6 +159,8 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     ops, classes, plans
         Ops of the step's table, the model's classes (the stack's tables) and entries of its arena
         plans (flash).
+    conv_channels
+        Output channels of the model's convolutions, the classifier's included (the step's tables).
     """
     ram = {"step arena": arena_bytes,
            "input batch": 8 * load.batch_size,  # a pointer to each sample (they stay in flash) and its label
@@ -173,8 +180,11 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     ram["protocol buffers"] = FRAME_BYTES + TEXT_BYTES + REPORT_BYTES
     ram["runtime"] = RUNTIME_BYTES
     ram["stack"] = stack_bytes(ops, classes)
-    flash = {"code": CODE_BYTES, "model": model_flash_bytes, "op table and plans": OP_BYTES * ops + 4 * plans,
+    flash = {"code": CODE_BYTES, "model": model_flash_bytes, "step tables": STEP_TABLE_BYTES * conv_channels,
+             "op table and plans": OP_BYTES * ops + 4 * plans,
              "samples": load.samples * (load.sample_bytes + 1)}
+    if load.uplink == "sparse":  # each uplink tensor's trainable positions (uint32), a table in flash
+        flash["uplink positions"] = 4 * sum(u.positions for u in uplink)
     return DeviceMemory(sum(ram.values()), sum(flash.values()), ram, flash, sram_bytes, flash_bytes, device)
 
 
@@ -199,7 +209,8 @@ def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str =
                          trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec), optimizer_slots=slots,
                          uplink=uplink, load=load, model_flash_bytes=flash_bytes(model), ops=len(model.nodes),
                          classes=_classes(model), sram_bytes=profile.sram_bytes if profile else None,
-                         flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None)
+                         flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None,
+                         conv_channels=_conv_channels(model))
 
 
 def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: ClientLoad, *,
@@ -216,6 +227,12 @@ def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: C
                      accumulate=load.batch_size > load.micro_batch)
     arena = ledger.peak_without("persistent:", "act:input")
     return client_memory(model, arena, load, optimizer=optimizer, momentum=momentum).device_ram_bytes
+
+
+def _conv_channels(model) -> int:
+    from fedtiny.int8.graph import QConv
+
+    return sum(int(m.out_channels) for m in model.modules() if isinstance(m, QConv))
 
 
 def _classes(model) -> int:
