@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(B
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
 	FIRMWARE=1 BOARD=$(BOARD) FIRMWARE_SCENARIO=$(FIRMWARE_SCENARIO) FIRMWARE_SET="$(FIRMWARE_SET)" \
 	    ./scripts/deploy_demo.sh
+
+firmware-check: firmware  ## the firmware in QEMU for 2 rounds against the simulated client: UPDATE bytes identical, JSON line
+	$(BIN)/python scripts/firmware_check.py build/firmware/$(BOARD)/firmware.elf $(FIRMWARE_SCENARIO) --board $(BOARD) \
+	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
 
 # The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
 docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/

@@ -158,7 +158,7 @@ PATH="$BIN:$PATH" "$BIN/flwr" run . deploy-demo --stream \
     --run-config "scenario=\"$SCENARIO\" run-dir=\"$RUN_DIR\" overrides=\"$OVERRIDES\"" > "$WORK/flwr-run.log" 2>&1 &
 RUN_PID=$!
 PIDS+=($RUN_PID)
-for _ in $(seq 1 600); do
+for _ in $(seq 1 "${DEMO_WAIT_S:-1800}"); do  # seconds the run may take (MCUNet in QEMU: minutes a round)
     [ -f "$RUN_DIR/summary.json" ] && break
     kill -0 "$RUN_PID" 2>/dev/null || { sleep 2; break; }
     sleep 1

@@ -11,8 +11,8 @@ computed here, from the same code the simulator runs, and written as C:
 - the downlink layout (where each dense tensor of a TRAIN frame goes, or the CRC-32 a frozen one must
   have) and the uplink (the dense trained tensors, in order);
 - the partition's training samples, quantized to int8 as the simulated client quantizes them (a few
-  hundred 8x8 images: compiled in, so the device needs no enrolment exchange and the samples are the
-  simulator's by construction).
+  hundred 8x8 images, or 16 of MCUNet's 3x128x128: compiled in, so the device needs no enrolment
+  exchange and the samples are the simulator's by construction).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     from fedtiny.errors import ScenarioError
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
-    from fedtiny.federated.task import client_profile
+    from fedtiny.federated.task import client_profile, limit_threads
     from fedtiny.int8.cstep import CStep
     from fedtiny.models.state import load_arrays, model_arrays
     from fedtiny.scenario import load_scenario
@@ -106,7 +106,14 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     if problems:
         raise ScenarioError(f"{scenario_path}: the firmware needs " + "; ".join(problems))
     say("the server's starting point (model, scheme, learning rate)")
-    task, initial, _, schemes = server_task(scenario, progress=None)
+    # with the server's one intra-op thread (server/server_app.py): a cloud step's new head, fitted in
+    # float, differs in its last bits with the thread count, and its frozen scales must be the server's
+    threads = torch.get_num_threads()
+    limit_threads()
+    try:
+        task, initial, _, schemes = server_task(scenario, progress=None)
+    finally:
+        torch.set_num_threads(threads)
     profile = client_profile(task.scenario, partition_id)
     scheme = schemes.by_profile[profile.name]
     client = client_task(task.scenario, scheme)
@@ -117,6 +124,9 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     model.input_shape = shape
     report = memory_report(model, scheme, shape, device=profile, optimizer=t.optimizer, momentum=t.momentum,
                            accumulate=t.batch_size > 1)
+    if len(train) >= 1 << 16:  # main.c's sample order is uint16_t
+        raise ScenarioError(f"{scenario_path}: partition {partition_id} holds {len(train)} training samples; the "
+                            f"firmware's sample order takes fewer than 65,536 (fewer data.max_samples or more clients)")
     whole = client.device_memory(profile, len(train))
     if not whole.fits:
         raise ScenarioError(f"{scenario_path}: partition {partition_id}'s client {whole.reason()}; its parts: "
