@@ -157,8 +157,8 @@ class TrainSection:
     engine: str = _key("torch", "what runs the exact step of simulated clients: torch, or c (device/c's C99 step "
                        "through ctypes, built by make install; the same numbers, slower)", _choice("torch", "c"))
     shuffle: str = _key("torch", "order of a client's samples in each epoch: torch (torch.randperm of the round's "
-                        "generator) or hash (a counter-based Fisher-Yates from the exact step's seed that firmware "
-                        "computes too; needs train.gradients = \"exact\")", _choice("torch", "hash"))
+                        "generator) or hash (a counter-based Fisher-Yates from the round's seed, the exact step's, that "
+                        "firmware computes too)", _choice("torch", "hash"))
     scheme: str = _key("full", "sparse-update scheme: full, bias-only, last-k:N, a JSON/TOML file (path relative to "
                        "the scenario; schemes.json#id) or inline JSON; chosen per device: last-k:fit, search, "
                        "fisher, random:N")
@@ -644,9 +644,6 @@ def _check_cross(where: str, s: Scenario) -> None:
         raise ScenarioError(f"{where}: train.gradients: the exact step trains an int8 classifier with sgd or "
                             f"sgd+qas (got optimizer {s.train.optimizer!r}, classifier "
                             f"{s.model.classifier_precision!r}); set train.gradients = \"float\"")
-    if s.train.shuffle == "hash" and (s.train.gradients != "exact" or s.model.precision != "int8"):
-        raise ScenarioError(f"{where}: train.shuffle: hash draws from the exact step's seed; it needs "
-                            f"train.gradients = \"exact\" and model.precision = \"int8\"")
     if s.train.engine == "c" and (s.train.gradients != "exact" or s.model.precision != "int8"):
         raise ScenarioError(f"{where}: train.engine: c runs the exact step of an int8 model; it needs "
                             f"train.gradients = \"exact\" and model.precision = \"int8\"")

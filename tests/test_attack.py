@@ -157,6 +157,7 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
     proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=100", "--set", "run.rounds=1",
                "--set", "data.client_test_fraction=0.5",
                "--set", "model.pretrain_epochs=3", "--set", "train.batch_size=64", "--set", "train.momentum=0.0",
+               "--set", 'device.profiles=["mcu-256kb"]',  # batches of 64 need their accumulators: not in 64 KB
                "--set", "attack.enabled=true", "--set", "attack.clients=0,1", "--set", "attack.iterations=60",
                "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -129,7 +129,8 @@ def test_exact_step_needs_an_int8_head_and_sgd(tmp_path):
         with pytest.raises(ScenarioError, match="train.gradients"):
             load_scenario(ROOT / "scenarios" / "quickstart.toml", {"model.file": "", "model.head": "new", **sets})
     s = load_scenario(ROOT / "scenarios" / "quickstart.toml", {"train.optimizer": "adam", "train.gradients": "float",
-                                                               "model.file": "", "model.head": "new"})
+                                                               "train.shuffle": "torch", "model.file": "",
+                                                               "model.head": "new"})
     assert s.train.gradients == "float"
 
 

@@ -89,8 +89,10 @@ def _federate(overrides, rounds=2, on_round=()):
     from fedtiny.federated.fleet import server_task
     from server.strategy import FedTinyStrategy
 
+    # a 256 KB device: dense positions and fp32 values need more RAM for the update than a 64 KB one has
     scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=4", "model.pretrain_epochs=3",
-                                                          'compression.downlink="full"', *overrides]))
+                                                          'compression.downlink="full"',
+                                                          'device.profiles=["mcu-256kb"]', *overrides]))
     task, initial, _, schemes = server_task(scenario, progress=None)
     strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)},
                                GlobalModel(initial, [n for n, *_ in task.uplink_spec]), schemes=schemes,

@@ -81,6 +81,7 @@ class ClientLoad:
     error_feedback: bool = True
     residual: str = "float64"  # float64 | compact
     dgc_velocity: bool = False  # compression.momentum_correction
+    values: str = "int8"  # compression.values: the encoded update's value type
 
 
 def residual_bytes(itemsize: int, residual: str) -> int:
@@ -90,11 +91,14 @@ def residual_bytes(itemsize: int, residual: str) -> int:
     return 2 if itemsize == 1 else 4  # compact: int16 in 1/256 steps for int8 tensors, float32 otherwise
 
 
-def encoded_bound(ndim: int, nnz: int) -> int:
-    """Upper bound of one tensor's bytes in fedtiny's wire format with int8 values (docs/compression.md):
-    varint header fields (5 B each at most), flags, value type, scale, position coding, then at most
-    5 B of gap and 1 B of value per element."""
-    return 5 * (4 + ndim) + 1 + 1 + 4 + 2 + 6 * nnz
+VALUE_BYTES = {"int8": 1, "ternary": 1, "fp16": 2, "fp32": 4}  # a value's bytes in the wire format (at most)
+
+
+def encoded_bound(ndim: int, nnz: int, values: str = "int8") -> int:
+    """Upper bound of one tensor's bytes in fedtiny's wire format (docs/compression.md): varint header
+    fields (5 B each at most), flags, value type, scale, position coding, then at most 5 B of gap and a
+    value per element."""
+    return 5 * (4 + ndim) + 1 + 1 + 4 + 2 + (5 + VALUE_BYTES[values]) * nnz
 
 
 @dataclass
@@ -176,7 +180,7 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
         ram["uplink state"] = state
         kmax = max((min(u.positions, math.ceil(load.density * u.positions)) for u in uplink), default=0)
         ndim = max((u.ndim for u in uplink), default=1)
-        ram["uplink buffers"] = 2 * kmax + 8 * kmax + encoded_bound(ndim, kmax)
+        ram["uplink buffers"] = 2 * kmax + 8 * kmax + encoded_bound(ndim, kmax, load.values)
     ram["protocol buffers"] = FRAME_BYTES + TEXT_BYTES + REPORT_BYTES
     ram["runtime"] = RUNTIME_BYTES
     ram["stack"] = stack_bytes(ops, classes)

@@ -210,7 +210,7 @@ def client_load(scenario: Scenario, samples: int, image_shape: tuple[int, ...]) 
     """What a client of ``scenario`` does in a round besides one step, for the whole device's count."""
     d, t, c = scenario.device, scenario.train, scenario.compression
     return ClientLoad(t.batch_size, d.micro_batch, samples, int(np.prod(image_shape)), c.uplink, c.density,
-                      c.error_feedback, c.residual, c.momentum_correction)
+                      c.error_feedback, c.residual, c.momentum_correction, c.values)
 
 
 def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:

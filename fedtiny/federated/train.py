@@ -95,14 +95,14 @@ def _exact_loss(model: nn.Module):
 
 def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
             gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
-            exact_seed: int | None = None, c_step=None, shuffle: str = "torch", prefix=None) -> TrainResult:
+            exact_seed: int | None = None, c_step=None, order_seed: int | None = None, prefix=None) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
     ``exact_seed``: run the exact step (:mod:`fedtiny.int8.exact`) with this seed; step ``k`` of the
     run draws its stochastic rounding from ``StepKey(exact_seed, k)``. ``c_step``: a
-    :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch. ``shuffle``:
-    ``hash`` orders each epoch by :func:`fedtiny.int8.exact.permutation` of the exact seed. ``prefix``:
+    :class:`~fedtiny.int8.cstep.CStep` of ``model`` that runs the steps instead of PyTorch. ``order_seed``:
+    order each epoch by :func:`fedtiny.int8.exact.permutation` of it (``train.shuffle = "hash"``). ``prefix``:
     a :class:`~fedtiny.int8.prefix.FrozenPrefix` of ``data`` for the model's scheme (PyTorch steps only).
     """
     from fedtiny.int8 import exact
@@ -116,7 +116,7 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
             break
         model.train(bn_train)
         total_loss, correct, seen = 0.0, 0, 0
-        order = exact.permutation(len(data), exact_seed, epoch) if shuffle == "hash" and exact_seed is not None else None
+        order = exact.permutation(len(data), order_seed, epoch) if order_seed is not None else None
         for xb, yb, idx in _indexed_batches(data, batch_size, gen, order):
             if max_steps is not None and steps >= max_steps:
                 break
@@ -197,7 +197,10 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     prefix = prefixes.get(model, data.x) if prefixes is not None and c_step is None and freeze_bn else None
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, shuffle=shuffle, prefix=prefix)
+                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, prefix=prefix,
+                   # the portable order a device computes: from the round's seed (the exact step's, when exact)
+                   order_seed=int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF)
+                   if shuffle == "hash" else None)
 
 
 @torch.no_grad()
