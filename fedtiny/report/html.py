@@ -484,6 +484,8 @@ def _headline(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
         ("downlink (all clients, all rounds)", _kb(s.get("downlink_bytes_total")), "server -> clients"),
         ("peak SRAM of a training step (max)", _kb(s.get("peak_sram_bytes_max")) if s.get("peak_sram_bytes_max")
          else "not counted", ("device SRAM " + ", ".join(_kb(b) for b in budgets)) if budgets else "memory planner"),
+        ("device RAM of a client's round (max)", _kb(s.get("device_ram_bytes_max")) if s.get("device_ram_bytes_max")
+         else "not counted", "the whole client: step, trained tensors, uplink state, buffers, stack"),
         ("simulated fleet time", f"{_f(s.get('fleet_time_s'), '.2f')} s",
          f"reached {_f(target, '.2f')} in round {reached}" if reached is not None
          else f"target accuracy {_f(target, '.2f')} not reached"),
@@ -618,7 +620,8 @@ def _clients_section(run_dir: Path, records: list[dict[str, Any]]) -> str:
         rows.append([c["partition_id"], device(c["partition_id"]), "accepted", _f(c.get("num_examples"), "d"),
                      _f(c.get("steps"), "d"), _f(c.get("train_loss")), _f(c.get("train_accuracy")),
                      _f(c.get("test_accuracy")), _int(c.get("uplink_bytes")), _int(c.get("downlink_bytes")),
-                     c.get("downlink_kind") or "-", _int(c.get("peak_sram_bytes")), _f(c.get("compute_s"), ".3f"),
+                     c.get("downlink_kind") or "-", _int(c.get("peak_sram_bytes")), _int(c.get("device_ram_bytes")),
+                     _f(c.get("compute_s"), ".3f"),
                      _f(c.get("radio_s"), ".3f"), _f(c.get("energy_mj"), ".2f")])
     for kind in ("refused", "rejected", "stragglers"):
         for c in last.get(kind, []):
@@ -626,11 +629,13 @@ def _clients_section(run_dir: Path, records: list[dict[str, Any]]) -> str:
                 status[c["partition_id"]] = kind
                 rows.append([c["partition_id"], c.get("device") or device(c["partition_id"]),
                              kind.rstrip("s"), "-", "-", "-", "-", "-", "-", "-", "-", _int(c.get("peak_sram_bytes")),
+                             _int(c.get("device_ram_bytes")),
                              _f(c.get("seconds"), ".3f"), "-",
                              _f(c.get("energy_mj"), ".2f")])
     rows.sort(key=lambda row: row[0])
     headers = ["partition", "device", "status", "examples", "steps", "train loss", "train acc.", "local test acc.",
-               "uplink (B)", "downlink (B)", "downlink kind", "peak SRAM (B)", "compute (s, sim)", "radio (s, sim)",
+               "uplink (B)", "downlink (B)", "downlink kind", "peak SRAM (B)", "device RAM (B)", "compute (s, sim)",
+               "radio (s, sim)",
                "energy (mJ)"]
     return (_h3(f"Round {last['round']} (the last)") + _table(headers, rows, fold=FOLD, what="clients")
             + _h3("Over the run") + _table(

@@ -55,6 +55,7 @@ def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if key.endswith("accuracy"):
             out[f"{key}_spread"] = round(float(max(vals) - min(vals)), 4)
     out["peak_sram_bytes_max"] = max(r.get("peak_sram_bytes_max", 0) for r in runs)
+    out["device_ram_bytes_max"] = max(r.get("device_ram_bytes_max", 0) for r in runs)
     out["schemes_by_device"] = {d: sorted({r["schemes_by_device"][d]["scheme"] for r in runs
                                           if d in r.get("schemes_by_device", {})})
                                 for d in runs[0].get("schemes_by_device", {})}
@@ -79,13 +80,15 @@ def _peak(s: dict[str, Any]) -> str:
 
 
 def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """Markdown: per method, final and best accuracy (mean ± 95% half-interval over seeds), peak SRAM, bytes."""
+    """Markdown: per method, final and best accuracy (mean ± 95% half-interval over seeds), peak SRAM of a step and
+    device RAM of a client's round, bytes."""
     seeds = {len(s.get("seeds", [])) or 1 for s in summaries.values()}
-    lines = ["| method | final accuracy | best | peak SRAM (max) | uplink bytes | refused | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | final accuracy | best | peak SRAM (max) | device RAM (max) | uplink bytes | refused | wall (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summaries.items():
+        device = int(s.get("device_ram_bytes_max", 0) or 0)
         lines.append(f"| {name} | {pm(s, 'final_accuracy')} | {pm(s, 'best_accuracy')} | "
-                     f"{_peak(s)} | {int(s['uplink_bytes_total']):,} | "
+                     f"{_peak(s)} | {f'{device:,}' if device else '-'} | {int(s['uplink_bytes_total']):,} | "
                      f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |")
     n = max(seeds)
     if n > 1:
