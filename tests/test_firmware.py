@@ -26,6 +26,9 @@ SCENARIOS = {"firmware-demo": ROOT / "scenarios" / "firmware-demo.toml",
 # the demo's client on a tenth of the data (ten partitions: ~72 samples, 5 steps of 16), so that a round is
 # seconds of emulation; make firmware-demo runs its 359 samples
 OVERRIDES = {"firmware-demo": {"run.clients": 10}, "quickstart": {}}
+# the quickstart's image abandons a frame after 200 ms of silence instead of 2 s: the test waits for it, and
+# QEMU takes about 27 s of wall time per second of board time spent polling the UART
+BUILD_FLAGS = {"firmware-demo": "", "quickstart": "-DBYTE_TIMEOUT_US=200000u"}
 
 
 def _free_port() -> int:
@@ -47,7 +50,8 @@ def firmware(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     summary = generate(str(SCENARIOS[request.param]), 1, out / "gen", overrides=OVERRIDES[request.param])
     subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={out / 'gen'}",
-                    f"OUT={out / 'an386'}"], check=True, capture_output=True)
+                    f"OUT={out / 'an386'}", f"EXTRA_CFLAGS={BUILD_FLAGS[request.param]}"], check=True,
+                   capture_output=True)
     return request.param, out / "an386" / "firmware.elf", summary
 
 
@@ -71,7 +75,9 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
     """Two rounds (the error-feedback residual carried on the device, committed on the bridge's ACK): the
     firmware's UPDATE bytes equal the simulated client's, with the PyTorch exact step and with the host C step;
     the image's RAM (.data + .bss + measured stack) is within 5% of the simulator's device_ram_bytes and
-    within the profile; a TRAIN whose settings or frozen tensors differ from the image's is refused by name."""
+    within the profile; a TRAIN whose settings or frozen tensors differ from the image's is refused by name; the
+    device sends a BUSY keep-alive per step; and (the quickstart's client) a TRAIN cut short is abandoned after
+    the inter-byte timeout, and a round whose UPDATE the bridge never acknowledges leaves the residual as it was."""
     import dataclasses
 
     from fedtiny.bridge.protocol import ProtocolError, model_hash
@@ -97,6 +103,7 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
             with pytest.raises(ProtocolError, match="train.lr differs"):
                 relay_round(address, expected, {**meta, "scenario": json.dumps(other, sort_keys=True)}, down,
                             timeout=120)
+            unacked = _cut_frame_then_no_ack(port, meta, down)
         replies = [relay_round(address, expected, m, down, timeout=120) for m in (meta, meta2)]
     finally:
         qemu.kill()
@@ -112,6 +119,10 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
             assert reply.metrics["steps"] == host.steps
             assert reply.metrics["device_ram_bytes"] == host.device_ram_bytes == summary["device_ram_bytes"]
     assert replies[0].update != replies[1].update  # round 2 differs: its seed and the carried residual
+    for reply in replies:  # a BUSY keep-alive before training and after every step
+        assert reply.busy == reply.metrics["steps"] + 1
+    if name == "quickstart":  # the round the bridge never acknowledged sent round 1's update and left the
+        assert unacked.endswith(replies[0].update)  # residual as it was: round 1 again gives the same bytes
     reply = replies[0]
     assert reply.metrics["arena_high_water"] == summary["arena_bytes"]
     # whole-device memory: what links (and the stack the round used) against the simulator's count
@@ -147,3 +158,22 @@ def test_a_client_that_does_not_fit_is_refused_before_the_build(tmp_path):
     proc = subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={gen}",
                            f"OUT={tmp_path / 'an386'}"], capture_output=True, text=True)
     assert proc.returncode != 0 and "RAM" in proc.stderr and "FW_RAM_BYTES" in proc.stderr, proc.stderr[-800:]
+
+
+
+def _cut_frame_then_no_ack(port: int, meta: dict, down: bytes) -> bytes:
+    """On the device's serial line: a TRAIN cut short (the device abandons it after its inter-byte timeout
+    and says so), then a whole round whose UPDATE is never acknowledged; returns that UPDATE's payload."""
+    from fedtiny.bridge.protocol import ERROR, HELLO, TRAIN, UPDATE, encode_frame, pack_blob, read_frame, send_frame
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(encode_frame(TRAIN, pack_blob(meta, down))[:1000])  # ... and then nothing
+        got = read_frame(sock, 120)
+        assert got.type == ERROR and got.json()["code"] == "timeout", got
+        send_frame(sock, HELLO, b'{"protocol": 1}')
+        assert read_frame(sock, 60).type == HELLO
+        send_frame(sock, TRAIN, pack_blob(meta, down))
+        frame = read_frame(sock, 120)
+        while frame.type != UPDATE:
+            frame = read_frame(sock, 120)
+        return frame.payload

@@ -94,6 +94,7 @@ def test_a_bad_model_file_is_one_line_exit_2(tmp_path, cli, small_model_file, ov
 
 
 def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
+    """The whole device (device.fit = "device", the default; with the largest partition's samples) decides."""
     from fedtiny.budget.schemes import parse_scheme, resolve
     from fedtiny.federated.task import make_task
     from fedtiny.federated.fleet import resolve_scheme
@@ -106,7 +107,8 @@ def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
     fitted = resolve_scheme(task, model_arrays(task.model))
     k = int(fitted.scheme.name.split(":")[1])
     small = __import__("fedtiny.devices", fromlist=["get_profile"]).get_profile("nrf52832")
-    fits = [make_task(s, resolve(parse_scheme(f"last-k:{n}"), task.model)).memory(small).fits
+    samples = task.federation.largest_partition()
+    fits = [make_task(s, resolve(parse_scheme(f"last-k:{n}"), task.model)).device_memory(small, samples).fits
             for n in (k, k + 1)]
     assert 0 < k < len(task.model.convs()) and fits == [True, False]
 
