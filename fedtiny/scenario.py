@@ -154,8 +154,10 @@ class TrainSection:
                           "seeded stochastic rounding, fixed-point softmax: the same numbers on every CPU and on the "
                           "device's C step); float = float32 gradients summed by PyTorch (CPU-dependent)",
                           _choice("exact", "float"))
-    engine: str = _key("torch", "what runs the exact step of simulated clients: torch, or c (device/c's C99 step "
-                       "through ctypes, built by make install; the same numbers, slower)", _choice("torch", "c"))
+    engine: str = _key("torch", "what runs the exact step of simulated clients: torch, c (device/c's C99 step "
+                       "through ctypes, built by make install; the same numbers: slower on batches, faster one "
+                       "sample per step), or auto (c where it is built and runs the model, else torch)",
+                       _choice("torch", "c", "auto"))
     shuffle: str = _key("torch", "order of a client's samples in each epoch: torch (torch.randperm of the round's "
                         "generator) or hash (a counter-based Fisher-Yates from the round's seed, the exact step's, that "
                         "firmware computes too)", _choice("torch", "hash"))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedtiny.data import ImageSet
-from fedtiny.errors import ScenarioError
+from fedtiny.errors import ModelFileError, ScenarioError
 
 __all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer", "exact_applies"]
 
@@ -180,20 +180,25 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
     elif gradients not in ("exact", "float"):
         raise ScenarioError(f"train.gradients: expected exact or float, got {gradients!r}")
     c_step = None
-    if engine == "c":
+    if engine in ("c", "auto"):
         from fedtiny.int8 import cstep
 
-        if exact_seed is None:
+        if engine == "c" and exact_seed is None:
             raise ScenarioError("train.engine: the C step is the exact step: it needs an int8 model and "
                                 "train.gradients = \"exact\"")
-        if not cstep.available():
+        if engine == "c" and not cstep.available():
             raise ScenarioError(f"train.engine: c needs {cstep.library_path()}: run make install (a C compiler)")
-        from fedtiny.budget.memory import c_layout
+        if exact_seed is not None and cstep.available():  # auto: the C step where it runs (the same integers)
+            from fedtiny.budget.memory import c_layout
 
-        c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
-                             layout=c_layout(model, tuple(data.x.shape[1:])))
+            try:
+                c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
+                                     layout=c_layout(model, tuple(data.x.shape[1:])))
+            except ModelFileError:
+                if engine == "c":
+                    raise
     elif engine != "torch":
-        raise ScenarioError(f"train.engine: expected torch or c, got {engine!r}")
+        raise ScenarioError(f"train.engine: expected torch, c or auto, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     prefix = prefixes.get(model, data.x) if prefixes is not None and c_step is None and freeze_bn else None
     return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
