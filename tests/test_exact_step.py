@@ -164,11 +164,13 @@ def _metrics_without_time(run_dir):
 
 
 def test_quickstart_metrics_identical_with_scalar_kernels_and_the_c_step(tmp_path):
-    """The quickstart (2 rounds, 3 clients) writes the same metrics.jsonl with PyTorch's best kernels, with
-    ATEN_CPU_CAPABILITY=default, and with its clients' steps run by the C step (train.engine = c)."""
+    """The quickstart (2 rounds, 3 clients) writes the same metrics.jsonl with PyTorch's best kernels and its
+    clients' steps in PyTorch, and with ATEN_CPU_CAPABILITY=default (the server's evaluation and the clients'
+    forward on scalar kernels) and the clients' steps run by the C step (train.engine = c). Scalar kernels
+    alone: test_the_same_numbers_with_scalar_kernels."""
     build_c_library("libfedtiny_step.so")
     runs = []
-    for capability, engine in ((None, "torch"), ("default", "torch"), (None, "c")):
+    for capability, engine in ((None, "torch"), ("default", "c")):
         out = tmp_path / f"{capability or 'best'}-{engine}"
         r = subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", "run", "scenarios/quickstart.toml", "--set",
                             "run.rounds=2", "--set", "run.clients=3", "--set", f"train.engine={engine}", "--out",
@@ -177,4 +179,4 @@ def test_quickstart_metrics_identical_with_scalar_kernels_and_the_c_step(tmp_pat
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(_metrics_without_time(out))
     assert len(runs[0]) == 3 and runs[0][-1]["global_accuracy"] > runs[0][0]["global_accuracy"]
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1]
