@@ -33,11 +33,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "device_ram_bytes",
-           "encoded_bound",
-           "residual_bytes",
-           "FRAME_BYTES", "TEXT_BYTES", "REPORT_BYTES", "stack_bytes", "CODE_BYTES", "RUNTIME_BYTES",
-           "OP_BYTES"]
+__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "step_arena",
+           "device_ram_bytes", "encoded_bound", "residual_bytes", "stack_bytes", "FRAME_BYTES", "TEXT_BYTES",
+           "REPORT_BYTES", "CODE_BYTES", "RUNTIME_BYTES", "OP_BYTES"]
 
 FRAME_BYTES = 256  # the device's buffer for small frames (HELLO, ACK, ERROR); TRAIN streams into the tensors
 TEXT_BYTES = 512  # JSON the device composes (HELLO, UPDATE's header, ERROR, BUSY)
@@ -200,36 +198,45 @@ def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str =
     device dtypes."""
     import numpy as np
 
-    from fedtiny.budget.memory import flash_bytes
+    from fedtiny.budget.memory import flash_bytes, optimizer_slots
     from fedtiny.budget.schemes import trainable_slices
     from fedtiny.models.state import array_spec, trainable_names
 
     spec = array_spec(model, trainable_names(model))
     slices = trainable_slices(model, spec)
     uplink = [UplinkTensor(n, len(shape), len(slices[n]), np.dtype(dt).itemsize) for n, shape, dt in spec]
-    slots = 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
     return device_memory(arena_bytes=arena_bytes,
                          trained_tensor_bytes=sum(math.prod(s) * np.dtype(dt).itemsize for _, s, dt in spec),
-                         trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec), optimizer_slots=slots,
+                         trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec),
+                         optimizer_slots=optimizer_slots(optimizer, momentum),
                          uplink=uplink, load=load, model_flash_bytes=flash_bytes(model), ops=len(model.nodes),
                          classes=_classes(model), sram_bytes=profile.sram_bytes if profile else None,
                          flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None,
                          conv_channels=_conv_channels(model))
 
 
-def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: ClientLoad, *,
-                     optimizer: str = "sgd+qas", momentum: float = 0.0, reorder: bool = True,
-                     inplace_depthwise: bool = True, fuse_frozen: bool = True) -> int:
-    """:attr:`DeviceMemory.device_ram_bytes` of ``model`` under ``resolved`` (applied in place), for a search
-    that asks it of many schemes: the planner's step without the report's tables."""
+def step_arena(model, input_shape: tuple[int, int, int], load: ClientLoad, *, optimizer: str = "sgd+qas",
+               momentum: float = 0.0, reorder: bool = True, inplace_depthwise: bool = True,
+               fuse_frozen: bool = True) -> int:
+    """The arena of one step of ``model`` (which carries its scheme) as the device runs it: ``load.micro_batch``
+    samples at a time, with the accumulators when ``load.batch_size`` is larger (the planner, without the
+    persistent state and the input, which the device holds apart)."""
     from fedtiny.budget.memory import plan
-    from fedtiny.budget.schemes import apply_scheme
 
-    apply_scheme(model, resolved)
     ledger, _ = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
                      inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=load.micro_batch,
                      accumulate=load.batch_size > load.micro_batch)
-    arena = ledger.peak_without("persistent:", "act:input")
+    return ledger.peak_without("persistent:", "act:input")
+
+
+def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: ClientLoad, *,
+                     optimizer: str = "sgd+qas", momentum: float = 0.0, **options) -> int:
+    """:attr:`DeviceMemory.device_ram_bytes` of ``model`` under ``resolved`` (applied in place), for a search
+    that asks it of many schemes. ``options``: the planner's (reorder, inplace_depthwise, fuse_frozen)."""
+    from fedtiny.budget.schemes import apply_scheme
+
+    apply_scheme(model, resolved)
+    arena = step_arena(model, input_shape, load, optimizer=optimizer, momentum=momentum, **options)
     return client_memory(model, arena, load, optimizer=optimizer, momentum=momentum).device_ram_bytes
 
 

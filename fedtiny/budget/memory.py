@@ -41,7 +41,7 @@ from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, fused_events, fusable,
                                  to_nchw_shape)
 
-__all__ = ["MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
+__all__ = ["optimizer_slots", "MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
            "memory_report", "step_macs", "op_macs", "c_layout"]
 
 
@@ -111,7 +111,8 @@ class MemoryReport:
         return d
 
 
-def _optimizer_slots(optimizer: str, momentum: float) -> int:
+def optimizer_slots(optimizer: str, momentum: float) -> int:
+    """fp32 values the optimizer keeps per trained element: Adam's two moments, momentum, or none."""
     return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
 
 
@@ -127,7 +128,7 @@ def persistent_bytes(model: QModel, optimizer: str = "sgd+qas", momentum: float 
         n = sum(p.numel() for p in model.classifier.parameters() if p.requires_grad)
         params += 4 * n
         elements += n
-    return {"trained_params": params, "optimizer_state": 4 * elements * _optimizer_slots(optimizer, momentum)}
+    return {"trained_params": params, "optimizer_state": 4 * elements * optimizer_slots(optimizer, momentum)}
 
 
 def flash_bytes(model: QModel) -> int:

@@ -16,7 +16,7 @@ from fedtiny.compress.uplink import Uplink, make_uplink
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
 from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio, with_kernels
-from fedtiny.budget.device_memory import ClientLoad, DeviceMemory, client_memory
+from fedtiny.budget.device_memory import ClientLoad, DeviceMemory, client_memory, step_arena
 from fedtiny.budget.memory import MemoryReport, memory_report
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.federated.train import evaluate, pretrain
@@ -89,20 +89,16 @@ class Task:
         runs it: with more samples per step than ``device.micro_batch``, with its accumulators."""
         if self.scheme is None:
             return None
-        d, t, c = self.scenario.device, self.scenario.train, self.scenario.compression
+        d, t = self.scenario.device, self.scenario.train
         key = ("device", profile.name, self.scheme.layout(), samples)
         if key not in self._memory:
-            accumulate = t.batch_size > d.micro_batch
-            step = self.memory(profile)
-            if step.accumulate != accumulate:
-                step = memory_report(
-                    self.model, self.scheme, self.federation.image_shape, device=profile, optimizer=t.optimizer,
-                    momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                    fuse_frozen=d.fuse_frozen, batch=d.micro_batch, accumulate=accumulate)
             apply_scheme(self.model, self.scheme)
             load = client_load(self.scenario, samples, self.federation.image_shape)
-            self._memory[key] = client_memory(self.model, step.arena_bytes, load, optimizer=t.optimizer,
-                                              momentum=t.momentum, profile=profile)
+            arena = step_arena(self.model, self.federation.image_shape, load, optimizer=t.optimizer,
+                               momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
+                               fuse_frozen=d.fuse_frozen)
+            self._memory[key] = client_memory(self.model, arena, load, optimizer=t.optimizer, momentum=t.momentum,
+                                              profile=profile)
         return self._memory[key]
 
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:

@@ -360,6 +360,7 @@ def _load_memory_model(spec: str, num_classes: int | None, classifier_precision:
 def cmd_memory(args: argparse.Namespace) -> int:
     from fedtiny.devices import get_profile
     from fedtiny.budget.memory import memory_report
+    from fedtiny.budget.schemes import parse_scheme, resolve
 
     if args.scenario:
         return _memory_of_scenario(args)
@@ -370,11 +371,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.input_size:
         shape = (shape[0], args.input_size, args.input_size)
     device = get_profile(args.device) if args.device else None
-    report = memory_report(model, _step_scheme(args, model), shape, device=device,
+    report = memory_report(model, resolve(parse_scheme(args.scheme), model), shape, device=device,
                            accounting=args.accounting, optimizer=args.optimizer, momentum=args.momentum,
                            reorder=args.reorder, inplace_depthwise=args.inplace, fuse_frozen=args.fuse,
                            batch=args.batch_size, accumulate=args.accumulate)
-    whole = _device_memory(args, model, shape, device, report)
+    whole = _device_memory(args, model, shape, device)
     if args.plot:
         from fedtiny.report.plots import plot_memory
 
@@ -450,30 +451,21 @@ def _memory_of_scenario(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_memory(args: argparse.Namespace, model, shape, device, step):
-    """The whole client's memory across a round (fedtiny.budget.device_memory) for ``fedtiny memory``."""
-    from fedtiny.budget.device_memory import ClientLoad, client_memory
-    from fedtiny.budget.memory import memory_report
+def _device_memory(args: argparse.Namespace, model, shape, device):
+    """The whole client's memory across a round (fedtiny.budget.device_memory) for ``fedtiny memory``; the
+    model carries its scheme (memory_report applied it)."""
+    from fedtiny.budget.device_memory import ClientLoad, client_memory, step_arena
 
     if args.fit == "device" and args.accounting != "planner":
         raise ScenarioError("--fit device counts the planner's step: use --accounting planner or --fit step")
-    train_batch = args.train_batch or (args.batch_size + 1 if args.accumulate else args.batch_size)
+    train_batch = args.train_batch or args.batch_size
     if train_batch < args.batch_size:
         raise ScenarioError(f"--train-batch {train_batch}: at least --batch-size ({args.batch_size})")
-    if (train_batch > args.batch_size) != step.accumulate:  # the device holds accumulators for larger batches
-        step = memory_report(model, _step_scheme(args, model), shape, device=device, optimizer=args.optimizer,
-                             momentum=args.momentum, reorder=args.reorder, inplace_depthwise=args.inplace,
-                             fuse_frozen=args.fuse, batch=args.batch_size, accumulate=train_batch > args.batch_size)
     load = ClientLoad(train_batch, args.batch_size, args.samples, math.prod(shape), args.uplink, args.density,
                       args.residual != "none", args.residual if args.residual != "none" else "float64")
-    return client_memory(model, step.arena_bytes, load, optimizer=args.optimizer, momentum=args.momentum,
-                         profile=device)
-
-
-def _step_scheme(args: argparse.Namespace, model):
-    from fedtiny.budget.schemes import parse_scheme, resolve
-
-    return resolve(parse_scheme(args.scheme), model)
+    arena = step_arena(model, shape, load, optimizer=args.optimizer, momentum=args.momentum, reorder=args.reorder,
+                       inplace_depthwise=args.inplace, fuse_frozen=args.fuse)
+    return client_memory(model, arena, load, optimizer=args.optimizer, momentum=args.momentum, profile=device)
 
 
 def _attack_malicious(args: argparse.Namespace) -> int:
