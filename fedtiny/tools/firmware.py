@@ -182,7 +182,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         down.append(f"    {{{offset}u, {len(data)}u, {f'(void *){dest}' if dest else '0'}, 0x{zlib.crc32(data):08x}u}}"
                     f"  /* {name} */")
         offset += len(data)
-    up, up_bytes, sparse, slice_max, slice_total, k_max, ndim_max = [], 0, [], 1, 0, 1, 1
+    up, up_bytes, sparse, k_max, ndim_max = [], 0, [], 1, 1
     for tid, (name, shp, dt) in enumerate(client.uplink_spec):
         conv_tag, _, attr = name.rpartition(".")
         i = next(i for i, op in enumerate(cs.ops) if op.kind == 0 and
@@ -206,7 +206,6 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
         sparse.append(f"    {{(const void *)op{i}_{attr}, {int(dt == 'int32')}, {tid}u, {len(shp)}, {{{dims}}}, "
                       f"{len(pos)}u, slice{tid}_pos, slice{tid}_before, "
                       f"{f'slice{tid}_residual' if cmp.error_feedback else '0'}}}  /* {name} */")
-        slice_max, slice_total = max(slice_max, len(pos)), slice_total + len(pos)
         if len(pos) >= 1 << 16:
             raise ScenarioError(f"uplink tensor {name}: {len(pos)} trainable positions (the firmware ranks < 65536)")
 
@@ -238,7 +237,6 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
 #define FW_UPLINK_SPARSE {int(cmp.uplink == "sparse")}
 #define FW_DENSITY {float(cmp.density).hex()} /* top-k density (a double, bit for bit the scenario's) */
 #define FW_ERROR_FEEDBACK {int(cmp.error_feedback)}
-#define FW_SLICE_MAX {slice_max}
 #define FW_K_MAX {k_max} /* elements one tensor of a sparse update sends at most */
 #define FW_ENC_BYTES {encoded_bound(ndim_max, k_max)} /* one tensor's encoding, at most */
 #define FW_RESIDUAL_COMPACT {int(cmp.residual == "compact")}
