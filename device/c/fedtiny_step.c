@@ -10,6 +10,20 @@
 #endif
 
 #include "fedtiny_int8.h"
+#include "fedtiny_kernels.h"
+
+/* Profiling (firmware built with FT_PROFILE): the time of each op's parts, read from the firmware's
+ * instruction counter and tallied by it per op (device/firmware/main.c). Off, it costs nothing. */
+enum { FT_PART_FORWARD = 0, FT_PART_QUANTIZE = 1, FT_PART_INPUT_GRAD = 2, FT_PART_WEIGHT_GRAD = 3 };
+#ifdef FT_PROFILE
+uint32_t ft_profile_clock(void);
+void ft_profile_add(int32_t op, int32_t part, uint32_t elapsed);
+#define PROFILE_BEGIN(t) const uint32_t t = ft_profile_clock()
+#define PROFILE_END(t, op, part) ft_profile_add((op), (part), ft_profile_clock() - (t))
+#else
+#define PROFILE_BEGIN(t) do { } while (0)
+#define PROFILE_END(t, op, part) ((void)(op))
+#endif
 
 /* Tables on the stack are sized by these: firmware sets them to its model's (a 256-entry table is 1 KB
  * of a device's stack per array) */
@@ -176,6 +190,11 @@ static int valid_model(const ft_model *m, int32_t batch) {
                                        op->stride <= 0 || op->c % op->groups || op->oc % op->groups))
             return 0;
         if (op->kind < FT_OP_CONV || op->kind > FT_OP_POOL) return 0;
+        /* the backward's int32 sums: an input gradient element's (output channels of its group x taps)
+         * and a weight gradient element's (outputs) */
+        if (op->kind == FT_OP_CONV && (!ft_kernels_fit((int64_t)(op->oc / op->groups) * op->kh * op->kw) ||
+                                       !ft_kernels_fit((int64_t)op->oh * op->ow)))
+            return 0;
     }
     return m->ops[m->n_ops - 1].kind == FT_OP_CONV && m->ops[m->n_ops - 1].oc == m->classes && m->classes > 0 &&
            m->classes <= FT_MAX_CLASSES;
@@ -183,34 +202,135 @@ static int valid_model(const ft_model *m, int32_t batch) {
 
 /* ------------------------------------------------------------------ forward */
 
+/* One output: TFLM's requantization, the clamp, and the mask bit the backward reads (at: its index). */
+static inline void store_output(const ft_op *op, int32_t o, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
+    const int32_t v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
+    if (mask && v >= op->act_lo && v <= op->act_hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+    *y = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+}
+
+/* bias - x_zero * sum(w): TFLM's bias + sum w (x - x_zero) is this plus sum w x whenever every tap reads
+ * the input (or x_zero, which a padded plane holds); computed mod 2^32 as TFLM's int32 sums are. */
+static int32_t folded_bias(const ft_op *op, int32_t o, const int8_t *w, int32_t n) {
+    return (int32_t)((uint32_t)op->bias[o] - (uint32_t)op->x_zero * (uint32_t)ft_sum_s8(w, n));
+}
+
+#define FT_MAX_KH 16 /* windows taller than this take the bounds-checked path */
+
+/* Output channel o of a convolution over a view of its input: the group's input planes at x (plane
+ * stride h * w), padded by pad_t / pad_l (a zero-point-padded plane passes its own size and 0, 0). Writes
+ * y[oy * ystride + ox] and the mask bit at mask_at + oy * ow + ox. Outputs whose window lies inside the
+ * view are summed by ft_dw_row, FT_PIX at a time, with the offset folded into the bias; the border's
+ * with bounds checks, as TFLM. */
+static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32_t w, int32_t pad_t, int32_t pad_l,
+                              int32_t o, int8_t *y, int32_t ystride, uint8_t *mask, size_t mask_at) {
+    const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, s = op->stride;
+    const int8_t *wo = op->weight + (size_t)o * cpg * kk;
+    const int32_t folded = folded_bias(op, o, wo, cpg * kk);
+    /* the interior: iy0 = oy * s - pad_t >= 0 and iy0 + kh <= h (likewise x) */
+    const int32_t oy_lo = (pad_t + s - 1) / s, ox_lo = (pad_l + s - 1) / s;
+    int32_t oy_hi = h - op->kh + pad_t >= 0 ? (h - op->kh + pad_t) / s + 1 : 0;
+    int32_t ox_hi = w - op->kw + pad_l >= 0 ? (w - op->kw + pad_l) / s + 1 : 0;
+    int32_t oy, ox, ci, ky, kx, j;
+    oy_hi = op->kh > FT_MAX_KH ? 0 : (oy_hi < op->oh ? oy_hi : op->oh);
+    ox_hi = ox_hi < op->ow ? ox_hi : op->ow;
+    for (oy = 0; oy < op->oh; oy++) {
+        const int interior_row = oy >= oy_lo && oy < oy_hi && ox_lo < ox_hi;
+        for (ox = 0; ox < op->ow;) {
+            if (interior_row && ox == ox_lo) { /* the row's interior, a block at a time */
+                for (; ox < ox_hi; ox += FT_PIX) {
+                    const int32_t n = ox_hi - ox < FT_PIX ? ox_hi - ox : FT_PIX;
+                    int32_t acc[FT_PIX];
+                    const int8_t *rows[FT_MAX_KH];
+                    for (j = 0; j < n; j++) acc[j] = 0;
+                    for (ci = 0; ci < cpg; ci++) {
+                        const int8_t *xc = x + (size_t)ci * h * w + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l);
+                        for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
+                        ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
+                    }
+                    for (j = 0; j < n; j++)
+                        store_output(op, o, (int32_t)((uint32_t)acc[j] + (uint32_t)folded), y + (size_t)oy * ystride + ox + j,
+                                     mask, mask_at + (size_t)oy * op->ow + ox + j);
+                }
+                ox = ox_hi;
+                continue;
+            }
+            {
+                int32_t acc = op->bias[o];
+                for (ci = 0; ci < cpg; ci++) {
+                    const int8_t *xc = x + (size_t)ci * h * w;
+                    const int8_t *wk = wo + (size_t)ci * kk;
+                    for (ky = 0; ky < op->kh; ky++) {
+                        const int32_t iy = oy * s - pad_t + ky;
+                        if (iy < 0 || iy >= h) continue;
+                        for (kx = 0; kx < op->kw; kx++) {
+                            const int32_t ix = ox * s - pad_l + kx;
+                            if (ix < 0 || ix >= w) continue;
+                            acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)xc[(size_t)iy * w + ix] - op->x_zero);
+                        }
+                    }
+                }
+                store_output(op, o, acc, y + (size_t)oy * ystride + ox, mask, mask_at + (size_t)oy * op->ow + ox);
+            }
+            ox++;
+        }
+    }
+}
+
 /* Output channel o of a convolution (one sample): y[oy * ystride + ox]; mask bits at mask_at + oy * ow + ox. */
 static void conv_channel(const ft_op *op, const int8_t *x, int32_t o, int8_t *y, int32_t ystride, uint8_t *mask,
                          size_t mask_at) {
     const int32_t cpg = op->c / op->groups, g = o / (op->oc / op->groups);
-    int32_t oy, ox, ci, ky, kx;
-    for (oy = 0; oy < op->oh; oy++)
-        for (ox = 0; ox < op->ow; ox++) {
-            int32_t acc = op->bias[o], v;
-            for (ci = 0; ci < cpg; ci++) {
-                const int8_t *xc = x + (size_t)(g * cpg + ci) * op->h * op->w;
-                const int8_t *wk = op->weight + (((size_t)o * cpg + ci) * op->kh) * op->kw;
-                for (ky = 0; ky < op->kh; ky++) {
-                    const int32_t iy = oy * op->stride - op->pad_t + ky;
-                    if (iy < 0 || iy >= op->h) continue;
-                    for (kx = 0; kx < op->kw; kx++) {
-                        const int32_t ix = ox * op->stride - op->pad_l + kx;
-                        if (ix < 0 || ix >= op->w) continue;
-                        acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
-                    }
-                }
-            }
-            v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
-            if (mask && v >= op->act_lo && v <= op->act_hi) {
-                const size_t at = mask_at + (size_t)oy * op->ow + ox;
-                mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-            }
-            y[(size_t)oy * ystride + ox] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+    conv_channel_view(op, x + (size_t)g * cpg * op->h * op->w, op->h, op->w, op->pad_t, op->pad_l, o, y, ystride,
+                      mask, mask_at);
+}
+
+static int32_t is_pointwise(const ft_op *op) {
+    return op->kh == 1 && op->kw == 1 && op->stride == 1 && op->groups == 1 && op->pad_t == 0 && op->pad_l == 0 &&
+           op->oh == op->h && op->ow == op->w;
+}
+
+/* Output channels o0 .. o0 + rows - 1 (rows 1 or 2) of a pointwise convolution (or a fully connected layer,
+ * h = w = 1): FT_PIX pixels at a time through ft_mac_block; channel o's plane at y + (o - o0) * ystep, its
+ * rows ystride apart. */
+static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, size_t ystep,
+                           int32_t ystride, uint8_t *mask) {
+    const int32_t hw = op->h * op->w;
+    int32_t folded[2], acc[2 * FT_PIX], r, j, p;
+    for (r = 0; r < rows; r++) folded[r] = folded_bias(op, o0 + r, op->weight + (size_t)(o0 + r) * op->c, op->c);
+    if (hw == 1) { /* a fully connected layer: dot products of weight rows with the input */
+        if (rows == 2)
+            ft_dot_s8_1x2(x, op->weight + (size_t)o0 * op->c, op->weight + (size_t)(o0 + 1) * op->c, op->c, acc);
+        else
+            acc[0] = ft_dot_s8(x, op->weight + (size_t)o0 * op->c, op->c);
+        for (r = 0; r < rows; r++)
+            store_output(op, o0 + r, (int32_t)((uint32_t)acc[r] + (uint32_t)folded[r]), y + r * ystep, mask,
+                         (size_t)(o0 + r));
+        return;
+    }
+    for (p = 0; p < hw; p += FT_PIX) {
+        const int32_t n = hw - p < FT_PIX ? hw - p : FT_PIX;
+        int32_t oy = p / op->ow, ox = p % op->ow;
+        ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
+        for (j = 0; j < n; j++) {
+            for (r = 0; r < rows; r++)
+                store_output(op, o0 + r, (int32_t)((uint32_t)acc[r * FT_PIX + j] + (uint32_t)folded[r]),
+                             y + r * ystep + (size_t)oy * ystride + ox, mask, (size_t)(o0 + r) * hw + p + j);
+            if (++ox == op->ow) ox = 0, oy++;
         }
+    }
+}
+
+/* Every output channel of a convolution (one sample) into y (oc x oh x ow). */
+static void conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask) {
+    const size_t ohw = (size_t)op->oh * op->ow;
+    int32_t o;
+    if (is_pointwise(op)) {
+        for (o = 0; o < op->oc; o += 2)
+            pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask);
+        return;
+    }
+    for (o = 0; o < op->oc; o++) conv_channel(op, x, o, y + (size_t)o * ohw, op->ow, mask, (size_t)o * ohw);
 }
 
 /* The zero-point-padded window a depthwise convolution reads: rows and columns its outputs reach. */
@@ -220,25 +340,10 @@ static void padded_dims(const ft_op *dw, int32_t *hp, int32_t *wp) {
 }
 
 /* Depthwise channel o over its padded plane (hp x wp, x_zero outside the input): padding adds
- * (x_zero - x_zero) * w = 0, as skipping it does. */
-static void dw_channel(const ft_op *op, const int8_t *pad, int32_t wp, int32_t o, int8_t *y, uint8_t *mask,
-                       size_t mask_at) {
-    const int8_t *wk = op->weight + (size_t)o * op->kh * op->kw;
-    int32_t oy, ox, ky, kx;
-    for (oy = 0; oy < op->oh; oy++)
-        for (ox = 0; ox < op->ow; ox++) {
-            int32_t acc = op->bias[o], v;
-            for (ky = 0; ky < op->kh; ky++) {
-                const int8_t *row = pad + (size_t)(oy * op->stride + ky) * wp + ox * op->stride;
-                for (kx = 0; kx < op->kw; kx++) acc += (int32_t)wk[ky * op->kw + kx] * ((int32_t)row[kx] - op->x_zero);
-            }
-            v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
-            if (mask && v >= op->act_lo && v <= op->act_hi) {
-                const size_t at = mask_at + (size_t)oy * op->ow + ox;
-                mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-            }
-            y[(size_t)oy * op->ow + ox] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
-        }
+ * (x_zero - x_zero) * w = 0, as skipping it does; every output is an interior one. */
+static void dw_channel(const ft_op *op, const int8_t *pad, int32_t hp, int32_t wp, int32_t o, int8_t *y,
+                       uint8_t *mask, size_t mask_at) {
+    conv_channel_view(op, pad, hp, wp, 0, 0, o, y, op->ow, mask, mask_at);
 }
 
 /* Fill a padded plane with x_zero and copy the h x w plane `in` into it (clipped to the window). */
@@ -293,25 +398,37 @@ static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? 
 
 /* A frozen pointwise expansion (op) and its depthwise reader (dw) run one expanded channel at a time:
  * the expanded tensor never exists whole (the planner's fused pair). */
-static int fused_forward(const ft_op *op, const ft_op *dw, const int8_t *x, int8_t *y, arena_t *a) {
+static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const int8_t *x, int8_t *y, arena_t *a) {
     int32_t hp, wp, e;
     int8_t *pad;
     padded_dims(dw, &hp, &wp);
     pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp));
     if (!pad) return -2;
     for (e = 0; e < dw->c; e++) {
+        PROFILE_BEGIN(t_pw);
         memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
         /* the pointwise channel e lands inside the padding; rows/columns beyond the window are not read */
         if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp) {
-            conv_channel(op, x, e, pad + (size_t)dw->pad_t * wp + dw->pad_l, wp, 0, 0);
+            if (is_pointwise(op))
+                pointwise_rows(op, x, e, 1, pad + (size_t)dw->pad_t * wp + dw->pad_l, 0, wp, 0);
+            else
+                conv_channel(op, x, e, pad + (size_t)dw->pad_t * wp + dw->pad_l, wp, 0, 0);
         } else { /* a window narrower than the plane: compute the channel in the output plane, then pad */
             int8_t *plane = (int8_t *)take(a, (size_t)op->oh * op->ow);
             if (!plane) return -2;
-            conv_channel(op, x, e, plane, op->ow, 0, 0);
+            if (is_pointwise(op))
+                pointwise_rows(op, x, e, 1, plane, 0, op->ow, 0);
+            else
+                conv_channel(op, x, e, plane, op->ow, 0, 0);
             pad_plane(dw, plane, hp, wp, pad);
             give(a, plane);
         }
-        dw_channel(dw, pad, wp, e, y + (size_t)e * dw->oh * dw->ow, 0, 0);
+        PROFILE_END(t_pw, index, FT_PART_FORWARD);
+        {
+            PROFILE_BEGIN(t_dw);
+            dw_channel(dw, pad, hp, wp, e, y + (size_t)e * dw->oh * dw->ow, 0, 0);
+            PROFILE_END(t_dw, index + 1, FT_PART_FORWARD);
+        }
     }
     give(a, pad);
     return 0;
@@ -328,7 +445,7 @@ static int inplace_forward(const ft_op *op, int8_t *x, uint8_t *mask, arena_t *a
     if (!pad) return -2;
     for (o = 0; o < op->c; o++) { /* output plane o ends before input plane o + 1 starts: ohw <= hw */
         pad_plane(op, x + (size_t)o * op->h * op->w, hp, wp, pad);
-        dw_channel(op, pad, wp, o, pad + (size_t)hp * wp, mask, (size_t)o * ohw);
+        dw_channel(op, pad, hp, wp, o, pad + (size_t)hp * wp, mask, (size_t)o * ohw);
         memcpy(x + (size_t)o * ohw, pad + (size_t)hp * wp, ohw);
     }
     give(a, pad);
@@ -358,7 +475,7 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
                 take(a, max_size((size_t)op->workspace, (size_t)(dw->oh + dw->kh) * (dw->ow + dw->kw) * 2));
             } else {
                 if (!b->act[i + 2]) return -2;
-                rc = fused_forward(op, dw, b->act[op->in0], b->act[i + 2], a);
+                rc = fused_forward(op, dw, i, b->act[op->in0], b->act[i + 2], a);
                 if (rc) return rc;
             }
             if (op->in0 > 0 && b->last[op->in0] == i) {
@@ -386,21 +503,20 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
             continue;
         }
         if (!b->act[i + 1] || (grads && !b->mask[i + 1])) return -2;
+        PROFILE_BEGIN(t_forward);
         if (inplace) {
             rc = inplace_forward(op, b->act[i + 1], b->mask[i + 1], a);
             if (rc) return rc;
             shrink(a, b->act[i + 1], count);
             b->act[op->in0] = 0; /* now the output */
         } else if (op->kind == FT_OP_CONV) {
-            int32_t o;
-            for (o = 0; o < op->oc; o++)
-                conv_channel(op, b->act[op->in0], o, b->act[i + 1] + (size_t)o * op->oh * op->ow, op->ow,
-                             b->mask[i + 1], (size_t)o * op->oh * op->ow);
+            conv_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1]);
         } else if (op->kind == FT_OP_ADD) {
             add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
         } else {
             pool_forward(op, b->act[op->in0], b->act[i + 1]);
         }
+        PROFILE_END(t_forward, i, FT_PART_FORWARD);
         if (op->kind == FT_OP_ADD && op->in1 > 0 && op->in1 != op->in0 && b->last[op->in1] == i) {
             give(a, b->act[op->in1]);
             b->act[op->in1] = 0;
@@ -509,11 +625,34 @@ static int64_t gw_elements(const ft_op *op) {
     return (int64_t)(is_depthwise(op) && op->slot_of ? op->slot_of[op->c] : op->oc) * gw_row_elements(op);
 }
 
-/* The weight gradient of output channel o into row (gw_row_elements floats, added to). */
+/* The outputs a tap k reaches inside the input along one axis: o in [*lo, *hi) with 0 <= o s - pad + k < n. */
+static void tap_range(int32_t k, int32_t pad, int32_t s, int32_t n, int32_t outs, int32_t *lo, int32_t *hi) {
+    const int32_t a = pad - k, b = n - 1 + pad - k; /* a <= o s <= b */
+    *lo = a > 0 ? (a + s - 1) / s : 0;
+    *hi = b >= 0 ? b / s + 1 : 0;
+    *hi = *hi < outs ? *hi : outs;
+    *lo = *lo < *hi ? *lo : *hi;
+}
+
+/* The weight gradient of output channel o into row (gw_row_elements floats, added to): for each trained
+ * weight, s * sum over the outputs its tap reaches of q (x - x_zero), an int32 sum (ft_kernels_fit) taken
+ * as sum q x - x_zero sum q over each tap's rectangle of outputs, its rows by ft_dot_s8. */
 static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, float s, int32_t o, float *row) {
-    const int32_t cpg = op->c / op->groups, grp = o / (op->oc / op->groups);
-    const int8_t *qo = q + (size_t)o * op->oh * op->ow;
-    int32_t ci, ky, kx, oy, ox;
+    const int32_t cpg = op->c / op->groups, grp = o / (op->oc / op->groups), ohw = op->oh * op->ow;
+    const int8_t *qo = q + (size_t)o * ohw;
+    int32_t ci, ky, kx, oy, j;
+    if (is_pointwise(op)) { /* the saved planes are the trained channels in order: two at a time */
+        const int32_t k = op->slot_of ? op->slot_of[op->c] : op->c;
+        const uint32_t offset = (uint32_t)op->x_zero * (uint32_t)ft_sum_s8(qo, ohw);
+        int32_t d[2];
+        for (j = 0; j + 2 <= k; j += 2) {
+            ft_dot_s8_1x2(qo, x + (size_t)j * ohw, x + (size_t)(j + 1) * ohw, ohw, d);
+            row[j] += (float)(int32_t)((uint32_t)d[0] - offset) * s;
+            row[j + 1] += (float)(int32_t)((uint32_t)d[1] - offset) * s;
+        }
+        if (j < k) row[j] += (float)(int32_t)((uint32_t)ft_dot_s8(qo, x + (size_t)j * ohw, ohw) - offset) * s;
+        return;
+    }
     for (ci = 0; ci < cpg; ci++) {
         const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
         const int8_t *xc;
@@ -521,20 +660,109 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
         if (!channel_trained(op, sel)) continue;
         xc = x + (size_t)channel_slot(op, sel) * op->h * op->w; /* the saved plane */
         r = row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * op->kh * op->kw;
-        for (ky = 0; ky < op->kh; ky++)
+        for (ky = 0; ky < op->kh; ky++) {
+            int32_t oy_lo, oy_hi;
+            tap_range(ky, op->pad_t, op->stride, op->h, op->oh, &oy_lo, &oy_hi);
             for (kx = 0; kx < op->kw; kx++) {
-                int64_t sum = 0;
-                for (oy = 0; oy < op->oh; oy++) {
-                    const int32_t iy = oy * op->stride - op->pad_t + ky;
-                    if (iy < 0 || iy >= op->h) continue;
-                    for (ox = 0; ox < op->ow; ox++) {
-                        const int32_t ix = ox * op->stride - op->pad_l + kx;
-                        if (ix < 0 || ix >= op->w) continue;
-                        sum += (int64_t)qo[oy * op->ow + ox] * ((int32_t)xc[iy * op->w + ix] - op->x_zero);
+                int32_t ox_lo, ox_hi, n;
+                uint32_t sum = 0, qs = 0;
+                tap_range(kx, op->pad_l, op->stride, op->w, op->ow, &ox_lo, &ox_hi);
+                n = ox_hi - ox_lo;
+                for (oy = oy_lo; oy < oy_hi && n > 0; oy++) {
+                    const int8_t *qr = qo + (size_t)oy * op->ow + ox_lo;
+                    const int8_t *xr = xc + (size_t)(oy * op->stride - op->pad_t + ky) * op->w +
+                                       (ox_lo * op->stride - op->pad_l + kx);
+                    if (op->stride == 1) {
+                        sum += (uint32_t)ft_dot_s8(qr, xr, n);
+                    } else {
+                        int32_t t = 0;
+                        for (j = 0; j < n; j++) t += (int32_t)qr[j] * xr[(size_t)j * op->stride];
+                        sum += (uint32_t)t;
                     }
+                    qs += (uint32_t)ft_sum_s8(qr, n);
                 }
-                r[ky * op->kw + kx] += (float)sum * s;
+                r[ky * op->kw + kx] += (float)(int32_t)(sum - (uint32_t)op->x_zero * qs) * s;
             }
+        }
+    }
+}
+
+/* The input gradient's integer sums, added to gx as s * sum (one float add per element): for input
+ * element (ci, iy, ix), sum over the outputs o, oy, ox whose window reads it of q[o, oy, ox] w[o, ci, ky, kx].
+ * Pointwise: the transposed product by ft_mac_block (a weight column against the output gradient's
+ * planes). Otherwise a gather: at stride 1, inputs every tap of whose window lies inside the outputs are
+ * summed by ft_dw_row with the kernel flipped, FT_PIX at a time; the rest with checks. */
+static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
+    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups, kk = op->kh * op->kw;
+    const int32_t hw = op->h * op->w, ohw = op->oh * op->ow;
+    int32_t acc[2 * FT_PIX], ci, iy, ix, o, ky, kx, j, r;
+    int8_t flipped[64];
+    const int8_t *rows[FT_MAX_KH];
+    if (is_pointwise(op)) {
+        for (ci = 0; ci < op->c; ci += 2) {
+            const int32_t n_rows = ci + 1 < op->c ? 2 : 1;
+            int32_t p;
+            for (p = 0; p < hw; p += FT_PIX) {
+                const int32_t n = hw - p < FT_PIX ? hw - p : FT_PIX;
+                ft_mac_block(op->weight + ci, 1, op->c, n_rows, q + p, ohw, op->oc, n, acc);
+                for (r = 0; r < n_rows; r++)
+                    for (j = 0; j < n; j++) gx[(size_t)(ci + r) * hw + p + j] += (float)acc[r * FT_PIX + j] * s;
+            }
+        }
+        return;
+    }
+    for (ci = 0; ci < op->c; ci++) {
+        const int32_t grp = ci / cpg, cl = ci % cpg;
+        const int fast = op->stride == 1 && kk <= 64 && op->kh <= FT_MAX_KH;
+        const int32_t ix_lo = op->kw - 1 - op->pad_l > 0 ? op->kw - 1 - op->pad_l : 0;
+        const int32_t ix_hi = op->ow - op->pad_l < op->w ? op->ow - op->pad_l : op->w;
+        float *gxc = gx + (size_t)ci * hw;
+        for (iy = 0; iy < op->h; iy++) {
+            const int row_fast = fast && iy + op->pad_t - (op->kh - 1) >= 0 && iy + op->pad_t < op->oh;
+            for (ix = 0; ix < op->w;) {
+                if (row_fast && ix == ix_lo && ix_lo < ix_hi) {
+                    for (; ix < ix_hi; ix += FT_PIX) {
+                        const int32_t n = ix_hi - ix < FT_PIX ? ix_hi - ix : FT_PIX;
+                        for (j = 0; j < n; j++) acc[j] = 0;
+                        for (o = grp * opg; o < (grp + 1) * opg; o++) {
+                            const int8_t *wk = op->weight + ((size_t)o * cpg + cl) * kk;
+                            const int8_t *qo = q + (size_t)o * ohw + (size_t)(iy + op->pad_t - (op->kh - 1)) * op->ow +
+                                               (ix + op->pad_l - (op->kw - 1));
+                            for (j = 0; j < kk; j++) flipped[j] = wk[kk - 1 - j];
+                            for (ky = 0; ky < op->kh; ky++) rows[ky] = qo + (size_t)ky * op->ow;
+                            ft_dw_row(rows, flipped, op->kh, op->kw, 1, n, acc);
+                        }
+                        for (j = 0; j < n; j++) gxc[(size_t)iy * op->w + ix + j] += (float)acc[j] * s;
+                    }
+                    ix = ix_hi;
+                    continue;
+                }
+                {
+                    int32_t sum = 0;
+                    for (o = grp * opg; o < (grp + 1) * opg; o++) {
+                        const int8_t *qo = q + (size_t)o * ohw;
+                        const int8_t *wk = op->weight + ((size_t)o * cpg + cl) * kk;
+                        for (ky = 0; ky < op->kh; ky++) {
+                            const int32_t ty = iy + op->pad_t - ky;
+                            int32_t oy;
+                            if (ty < 0 || ty % op->stride) continue;
+                            oy = ty / op->stride;
+                            if (oy >= op->oh) continue;
+                            for (kx = 0; kx < op->kw; kx++) {
+                                const int32_t tx = ix + op->pad_l - kx;
+                                int32_t ox;
+                                if (tx < 0 || tx % op->stride) continue;
+                                ox = tx / op->stride;
+                                if (ox >= op->ow) continue;
+                                sum += (int32_t)qo[(size_t)oy * op->ow + ox] * wk[ky * op->kw + kx];
+                            }
+                        }
+                    }
+                    gxc[(size_t)iy * op->w + ix] += (float)sum * s;
+                }
+                ix++;
+            }
+        }
     }
 }
 
@@ -542,16 +770,14 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
  * still moves the weight under momentum, as the simulator's optimizer does). */
 static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, const float *row, uint32_t step,
                               uint32_t base) {
-    const int32_t cpg = op->c / op->groups, per = cpg * op->kh * op->kw, grp = o / (op->oc / op->groups);
-    int32_t j;
-    for (j = 0; j < per; j++) {
-        const int32_t ci = j / (op->kh * op->kw), kk = j % (op->kh * op->kw);
-        const int32_t i = o * per + j, cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
-        float gi = 0.0f;
-        if (row && channel_trained(op, sel))
-            gi = row[(size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * op->kh * op->kw + kk];
-        update_one(m, gi, op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step, &op->weight[i], 0,
-                   base, (uint32_t)i);
+    const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, grp = o / (op->oc / op->groups);
+    int32_t ci, t, i = o * cpg * kk;
+    for (ci = 0; ci < cpg; ci++) {
+        const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
+        const float *g = row && channel_trained(op, sel) ? row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * kk : 0;
+        for (t = 0; t < kk; t++, i++)
+            update_one(m, g ? g[t] : 0.0f, op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step,
+                       &op->weight[i], 0, base, (uint32_t)i);
     }
 }
 
@@ -560,80 +786,65 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
  * is added to gx first (with the old weights); then the parameter gradients are either added to the
  * batch's accumulators gw/gb, or (gw == gb == NULL, one sample per step) applied at once, one output
  * channel at a time, from transient buffers. */
-static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, const int8_t *x, const uint8_t *mask,
-                         float *g, float *gx, float *gw, float *gb, int32_t apply, uint32_t seed, uint32_t step,
+static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int32_t sample, const int8_t *x,
+                         const uint8_t *mask, float *g, float *gx, float *gw, float *gb, int32_t apply, uint32_t seed, uint32_t step,
                          arena_t *a) {
     const size_t count = (size_t)op->oc * op->oh * op->ow;
     const size_t hw = (size_t)op->oh * op->ow;
-    const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups;
     int8_t *q = (int8_t *)g;
     float amax = 0.0f, s;
-    size_t i;
-    int32_t o, oy, ox, ci, ky, kx;
+    size_t i, p;
+    int32_t o;
     /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
-#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * op->eff_scale[((i) / hw) % op->oc])
-    for (i = 0; i < count; i++) {
-        const float v = FT_GRAD_A(i);
-        amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
+#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * es)
+    PROFILE_BEGIN(t_quant);
+    for (o = 0, i = 0; o < op->oc; o++) {
+        const float es = op->eff_scale[o];
+        for (p = 0; p < hw; p++, i++) {
+            const float v = FT_GRAD_A(i);
+            amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
+        }
     }
     if (amax == 0.0f) {
         s = 1.0f;
         memset(q, 0, count);
     } else {
         const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot));
+        const uint32_t at = (uint32_t)((size_t)sample * count);
         s = amax / (float)FT_GRAD_LEVELS;
-        for (i = 0; i < count; i++) {
-            const int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, (uint32_t)((size_t)sample * count + i)));
-            q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
+        for (o = 0, i = 0; o < op->oc; o++) {
+            const float es = op->eff_scale[o];
+            for (p = 0; p < hw; p++, i++) {
+                const int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, at + (uint32_t)i));
+                q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
+            }
         }
     }
 #undef FT_GRAD_A
-    if (gx) /* gx += s * sum_o,k q * w, one input element at a time (integer sum, then one float add) */
-        for (ci = 0; ci < op->c; ci++) {
-            const int32_t grp = ci / cpg, cl = ci % cpg;
-            int32_t iy, ix;
-            for (iy = 0; iy < op->h; iy++)
-                for (ix = 0; ix < op->w; ix++) {
-                    int64_t sum = 0;
-                    for (o = grp * opg; o < (grp + 1) * opg; o++) {
-                        const int8_t *qo = q + (size_t)o * hw;
-                        const int8_t *wk = op->weight + (((size_t)o * cpg + cl) * op->kh) * op->kw;
-                        for (ky = 0; ky < op->kh; ky++) {
-                            const int32_t ty = iy + op->pad_t - ky;
-                            if (ty < 0 || ty % op->stride) continue;
-                            oy = ty / op->stride;
-                            if (oy >= op->oh) continue;
-                            for (kx = 0; kx < op->kw; kx++) {
-                                const int32_t tx = ix + op->pad_l - kx;
-                                if (tx < 0 || tx % op->stride) continue;
-                                ox = tx / op->stride;
-                                if (ox >= op->ow) continue;
-                                sum += (int64_t)qo[oy * op->ow + ox] * wk[ky * op->kw + kx];
-                            }
-                        }
-                    }
-                    gx[((size_t)ci * op->h + iy) * op->w + ix] += (float)sum * s;
-                }
-        }
+    PROFILE_END(t_quant, index, FT_PART_QUANTIZE);
+    if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */
+        PROFILE_BEGIN(t_input);
+        input_grad(op, q, s, gx);
+        PROFILE_END(t_input, index, FT_PART_INPUT_GRAD);
+    }
     if (op->train_b) {
         float *b = apply ? (float *)take(a, (size_t)op->oc * sizeof(float)) : gb;
+        PROFILE_BEGIN(t_bias);
         if (!b) return -2;
-        for (o = 0; o < op->oc; o++) {
-            int64_t sum = 0;
-            for (i = 0; i < hw; i++) sum += q[(size_t)o * hw + i];
-            b[o] += (float)sum * s;
-        }
+        for (o = 0; o < op->oc; o++) b[o] += (float)ft_sum_s8(q + (size_t)o * hw, (int32_t)hw) * s;
         if (apply) {
             for (o = 0; o < op->oc; o++)
                 update_one(m, b[o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
                            &op->bias[o], 0, (uint32_t)o);
             give(a, b);
         }
+        PROFILE_END(t_bias, index, FT_PART_QUANTIZE);
     }
     if (op->train_w) {
         const size_t per = (size_t)gw_row_elements(op);
         const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot + 1));
         float *row = apply ? (float *)take(a, per * sizeof(float)) : 0;
+        PROFILE_BEGIN(t_weight);
         if (apply && !row) return -2;
         for (o = 0; o < op->oc; o++) {
             const int64_t r = gw_row(op, o);
@@ -648,6 +859,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t sample, con
             update_weight_row(m, op, o, r >= 0 ? row : 0, step, base);
         }
         give(a, row);
+        PROFILE_END(t_weight, index, FT_PART_WEIGHT_GRAD);
     }
     return 0;
 }
@@ -726,7 +938,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
                 }
             }
             if (op->kind == FT_OP_CONV) {
-                rc = conv_backward(m, op, n, b.saved[i], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
+                rc = conv_backward(m, op, i, n, b.saved[i], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
                                    gw[i], gb[i], batch == 1, seed, step, a);
                 if (rc) return rc;
             } else if (op->kind == FT_OP_ADD) {

@@ -1,0 +1,57 @@
+/* The integer sums of fedtiny's training step: one kernel per kind of work, each giving exactly the
+ * int32 sum its definition states (integer addition is exact, so the order of the terms, the blocking
+ * and the instructions are free). Two builds of the same kernels:
+ *
+ *   - Cortex-M4/M7 with the DSP extension (__ARM_FEATURE_DSP, unless FT_PORTABLE is defined): ACLE
+ *     intrinsics, SXTB16 to widen four int8 values into two pairs of int16 and SMLAD for two
+ *     multiply-accumulates per instruction, blocked two output rows by four pixels so that every
+ *     widened input serves two rows;
+ *   - everything else (the host, other cores): plain C99 loops over fixed-size pixel blocks that a
+ *     compiler vectorises (gcc/clang -O3 on x86-64 and AArch64).
+ *
+ * Every sum is held in int32: the C step refuses a model whose sums could leave it (ft_kernels_fit).
+ * Tensors are NCHW (a channel's plane is contiguous). */
+#ifndef FEDTINY_KERNELS_H
+#define FEDTINY_KERNELS_H
+
+#include <stdint.h>
+
+#if defined(__ARM_FEATURE_DSP) && !defined(FT_PORTABLE)
+#define FT_KERNELS_DSP 1
+#define FT_PIX 4  /* pixels of a block: one 32-bit load of int8 */
+#else
+#define FT_KERNELS_DSP 0
+#define FT_PIX 16 /* pixels of a block: one or two vector registers of int32 */
+#endif
+
+/* The kernels' name for this build ("dsp" or "portable"), reported by the firmware. */
+const char *ft_kernels_name(void);
+
+/* Whether every int32 sum of a convolution of these sizes is exact: |term| <= 128 * 255, at most
+ * `terms` terms (an output's or a gradient element's). */
+int ft_kernels_fit(int64_t terms);
+
+/* sum_i a[i] * b[i], n >= 0 (contiguous int8 vectors). */
+int32_t ft_dot_s8(const int8_t *a, const int8_t *b, int32_t n);
+
+/* out[s] = sum_i a[i] * b_s[i] for s = 0, 1: one row against two (n >= 0); a is widened once. */
+void ft_dot_s8_1x2(const int8_t *a, const int8_t *b0, const int8_t *b1, int32_t n, int32_t out[2]);
+
+/* sum_i a[i], n >= 0. */
+int32_t ft_sum_s8(const int8_t *a, int32_t n);
+
+/* The matrix kernel of pointwise convolutions, forward and input gradient alike: for rows r < rows
+ * (1 or 2) and pixels j < pixels (<= FT_PIX),
+ *     acc[r * FT_PIX + j] = sum_{k < depth} w[r * w_row + k * w_k] * x[k * x_k + j].
+ * The forward passes a weight row (w_row = c, w_k = 1) and the input's channel planes (x_k = h * w);
+ * the input gradient passes a weight column (w_row = 1, w_k = c) and the output gradient's planes. */
+void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, const int8_t *x, int32_t x_k,
+                  int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]);
+
+/* Outputs of a depthwise window read without bounds checks (kh rows, each at least (n - 1) * stride + kw
+ * long from rows[ky]): acc[j] += sum_{ky < kh, kx < kw} wk[ky * kw + kx] * rows[ky][j * stride + kx]
+ * for j < n <= FT_PIX. */
+void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t stride, int32_t n,
+               int32_t *acc);
+
+#endif
