@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,20 +39,30 @@ deploy-demo: $(STAMP) native  ## SuperLink + 2 SuperNodes (one bridged to a devi
 FIRMWARE_SCENARIO ?= scenarios/firmware-demo.toml
 FIRMWARE_SET ?= run.clients=2 run.rounds=2
 BOARD ?= an386
+KERNELS ?= dsp
+PROFILE ?= 0
+# a measurement build (PROFILE=1) or the portable kernels (KERNELS=portable) get their own folder
+FIRMWARE_OUT = build/firmware/$(BOARD)$(if $(filter portable,$(KERNELS)),-portable)$(if $(filter 1,$(PROFILE)),-profile)
 firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(BOARD)/firmware.elf
 	@command -v arm-none-eabi-gcc >/dev/null 2>&1 || { echo "make firmware: arm-none-eabi-gcc not found: install the Debian package gcc-arm-none-eabi (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)" >&2; exit 2; }
 	@test -f "$$(arm-none-eabi-gcc -mthumb -mcpu=cortex-m4 -mfloat-abi=hard -mfpu=fpv4-sp-d16 -print-file-name=libc_nano.a)" || { echo "make firmware: newlib for arm-none-eabi not found: install the Debian package libnewlib-arm-none-eabi" >&2; exit 2; }
 	$(BIN)/fedtiny device firmware $(FIRMWARE_SCENARIO) --partition 1 --out build/firmware/gen --json \
 	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
-	$(MAKE) -s -C device/firmware BOARD=$(BOARD) GEN=$(CURDIR)/build/firmware/gen OUT=$(CURDIR)/build/firmware/$(BOARD)
+	$(MAKE) -s -C device/firmware BOARD=$(BOARD) KERNELS=$(KERNELS) PROFILE=$(PROFILE) GEN=$(CURDIR)/build/firmware/gen \
+	    OUT=$(CURDIR)/$(FIRMWARE_OUT)
 
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
 	FIRMWARE=1 BOARD=$(BOARD) FIRMWARE_SCENARIO=$(FIRMWARE_SCENARIO) FIRMWARE_SET="$(FIRMWARE_SET)" \
 	    ./scripts/deploy_demo.sh
 
 firmware-check: firmware  ## the firmware in QEMU for 2 rounds against the simulated client: UPDATE bytes identical, JSON line
-	$(BIN)/python scripts/firmware_check.py build/firmware/$(BOARD)/firmware.elf $(FIRMWARE_SCENARIO) --board $(BOARD) \
+	$(BIN)/python scripts/firmware_check.py $(FIRMWARE_OUT)/firmware.elf $(FIRMWARE_SCENARIO) --board $(BOARD) \
 	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
+
+firmware-profile:  ## a measurement build in QEMU for one round: instructions per op kind and part, JSON line (PROFILE_OUT=file)
+	$(MAKE) -s firmware PROFILE=1
+	$(BIN)/python scripts/firmware_profile.py $(FIRMWARE_OUT)-profile/firmware.elf build/firmware/gen $(FIRMWARE_SCENARIO) \
+	    --board $(BOARD) $(foreach kv,$(FIRMWARE_SET),--set $(kv)) $(if $(PROFILE_OUT),--out $(PROFILE_OUT))
 
 # The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
 docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/

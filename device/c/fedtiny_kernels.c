@@ -17,11 +17,28 @@ static inline uint32_t load32(const int8_t *p) { /* an unaligned LDR (M4/M7 allo
 
 static inline uint32_t ror8(uint32_t v) { return (v >> 8) | (v << 24); }
 
+/* SXTB16 with its rotation, PKHBT and PKHTB (not in ACLE): one instruction each */
+static inline uint32_t sxtb16_ror8(uint32_t v) {
+    uint32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+
+static inline uint32_t pack_lo(uint32_t a, uint32_t b) { /* (a.low, b.low) */
+    uint32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+static inline uint32_t pack_hi(uint32_t a, uint32_t b) { /* (a.high, b.high) */
+    uint32_t r;
+    __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(b), "r"(a));
+    return r;
+}
+
 /* bytes (b0, b1, b2, b3) -> the int16 pairs (b0, b2) and (b1, b3) */
-#define WIDEN(v, even, odd) do { even = (uint32_t)__sxtb16((int32_t)(v)); odd = (uint32_t)__sxtb16((int32_t)ror8(v)); } while (0)
-/* low halves of a and b as one pair (a, b); high halves likewise (gcc emits PKHBT / PKHTB) */
-#define PAIR_LO(a, b) (((a) & 0xFFFFu) | ((b) << 16))
-#define PAIR_HI(a, b) (((b) & 0xFFFF0000u) | ((a) >> 16))
+#define WIDEN(v, even, odd) do { const uint32_t v_ = (v); even = (uint32_t)__sxtb16((int32_t)v_); odd = sxtb16_ror8(v_); } while (0)
+#define SMLAD(a, b, acc) __smlad((int32_t)(a), (int32_t)(b), (acc))
 
 int32_t ft_dot_s8(const int8_t *a, const int8_t *b, int32_t n) {
     int32_t s = 0, i = 0;
@@ -66,30 +83,34 @@ int32_t ft_sum_s8(const int8_t *a, int32_t n) {
 
 /* Two rows x four pixels, two k per iteration: the inputs of channels k and k + 1 are widened and
  * paired per pixel, (x[k][j], x[k+1][j]), then each pair meets both rows' weight pairs (w[k], w[k+1]). */
-static void mac_2x4(const int8_t *w0, const int8_t *w1, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth,
+static void mac_2x4(const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth,
                     int32_t acc[2 * FT_PIX]) {
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0, k = 0;
-    for (; k + 2 <= depth; k += 2) {
-        uint32_t pe, po, qe, qo, x0, x1, x2, x3, wa, wb;
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+    const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
+    const int32_t x_k2 = 2 * x_k, w_k2 = 2 * w_k;
+    while (x != end) {
+        uint32_t pe, po, qe, qo, p, wa, wb;
         WIDEN(load32(x), pe, po);
         WIDEN(load32(x + x_k), qe, qo);
-        x0 = PAIR_LO(pe, qe), x2 = PAIR_HI(pe, qe), x1 = PAIR_LO(po, qo), x3 = PAIR_HI(po, qo);
-        wa = PAIR_LO((uint32_t)(int32_t)w0[0], (uint32_t)(int32_t)w0[w_k]);
-        wb = PAIR_LO((uint32_t)(int32_t)w1[0], (uint32_t)(int32_t)w1[w_k]);
-        a0 = __smlad((int32_t)wa, (int32_t)x0, a0);
-        a1 = __smlad((int32_t)wa, (int32_t)x1, a1);
-        a2 = __smlad((int32_t)wa, (int32_t)x2, a2);
-        a3 = __smlad((int32_t)wa, (int32_t)x3, a3);
-        b0 = __smlad((int32_t)wb, (int32_t)x0, b0);
-        b1 = __smlad((int32_t)wb, (int32_t)x1, b1);
-        b2 = __smlad((int32_t)wb, (int32_t)x2, b2);
-        b3 = __smlad((int32_t)wb, (int32_t)x3, b3);
-        x += 2 * x_k;
-        w0 += 2 * w_k;
-        w1 += 2 * w_k;
+        wa = pack_lo((uint32_t)(int32_t)w[0], (uint32_t)(int32_t)w[w_k]);
+        wb = pack_lo((uint32_t)(int32_t)w[w_row], (uint32_t)(int32_t)w[w_row + w_k]);
+        p = pack_lo(pe, qe);
+        a0 = SMLAD(wa, p, a0);
+        b0 = SMLAD(wb, p, b0);
+        p = pack_lo(po, qo);
+        a1 = SMLAD(wa, p, a1);
+        b1 = SMLAD(wb, p, b1);
+        p = pack_hi(pe, qe);
+        a2 = SMLAD(wa, p, a2);
+        b2 = SMLAD(wb, p, b2);
+        p = pack_hi(po, qo);
+        a3 = SMLAD(wa, p, a3);
+        b3 = SMLAD(wb, p, b3);
+        x += x_k2;
+        w += w_k2;
     }
-    if (k < depth) {
-        const int32_t wa = w0[0], wb = w1[0];
+    if (depth & 1) {
+        const int32_t wa = w[0], wb = w[w_row];
         a0 += wa * x[0], a1 += wa * x[1], a2 += wa * x[2], a3 += wa * x[3];
         b0 += wb * x[0], b1 += wb * x[1], b2 += wb * x[2], b3 += wb * x[3];
     }
@@ -98,25 +119,99 @@ static void mac_2x4(const int8_t *w0, const int8_t *w1, int32_t w_k, const int8_
 }
 
 /* One row x four pixels (a fused expansion computes one channel at a time) */
-static void mac_1x4(const int8_t *w0, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth, int32_t acc[FT_PIX]) {
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, k = 0;
-    for (; k + 2 <= depth; k += 2) {
+static void mac_1x4(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth, int32_t acc[FT_PIX]) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
+    const int32_t x_k2 = 2 * x_k, w_k2 = 2 * w_k;
+    while (x != end) {
         uint32_t pe, po, qe, qo, wa;
         WIDEN(load32(x), pe, po);
         WIDEN(load32(x + x_k), qe, qo);
-        wa = PAIR_LO((uint32_t)(int32_t)w0[0], (uint32_t)(int32_t)w0[w_k]);
-        a0 = __smlad((int32_t)wa, (int32_t)PAIR_LO(pe, qe), a0);
-        a1 = __smlad((int32_t)wa, (int32_t)PAIR_LO(po, qo), a1);
-        a2 = __smlad((int32_t)wa, (int32_t)PAIR_HI(pe, qe), a2);
-        a3 = __smlad((int32_t)wa, (int32_t)PAIR_HI(po, qo), a3);
-        x += 2 * x_k;
-        w0 += 2 * w_k;
+        wa = pack_lo((uint32_t)(int32_t)w[0], (uint32_t)(int32_t)w[w_k]);
+        a0 = SMLAD(wa, pack_lo(pe, qe), a0);
+        a1 = SMLAD(wa, pack_lo(po, qo), a1);
+        a2 = SMLAD(wa, pack_hi(pe, qe), a2);
+        a3 = SMLAD(wa, pack_hi(po, qo), a3);
+        x += x_k2;
+        w += w_k2;
     }
-    if (k < depth) {
-        const int32_t wa = w0[0];
+    if (depth & 1) {
+        const int32_t wa = w[0];
         a0 += wa * x[0], a1 += wa * x[1], a2 += wa * x[2], a3 += wa * x[3];
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+/* Depthwise 3 x 3 at stride 1, n outputs of one row: the weights in registers as (w0, w2) pairs and w1;
+ * two outputs per word of input: (w0, w2).(x0, x2) + w1 x1 and (w0, w2).(x1, x3) + w1 x2. */
+static int32_t dw3_s1(const int8_t *const *rows, const int8_t *wk, int32_t n, int32_t *acc) {
+    const uint32_t p0 = pack_lo((uint32_t)(int32_t)wk[0], (uint32_t)(int32_t)wk[2]);
+    const uint32_t p1 = pack_lo((uint32_t)(int32_t)wk[3], (uint32_t)(int32_t)wk[5]);
+    const uint32_t p2 = pack_lo((uint32_t)(int32_t)wk[6], (uint32_t)(int32_t)wk[8]);
+    const int32_t c0 = wk[1], c1 = wk[4], c2 = wk[7];
+    const int8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
+    int32_t j;
+    for (j = 0; j + 2 <= n; j += 2) {
+        int32_t s0 = acc[j], s1 = acc[j + 1];
+        uint32_t e, o;
+        WIDEN(load32(r0 + j), e, o);
+        s0 = __smlabb(c0, (int32_t)o, SMLAD(p0, e, s0));
+        s1 = __smlabt(c0, (int32_t)e, SMLAD(p0, o, s1));
+        WIDEN(load32(r1 + j), e, o);
+        s0 = __smlabb(c1, (int32_t)o, SMLAD(p1, e, s0));
+        s1 = __smlabt(c1, (int32_t)e, SMLAD(p1, o, s1));
+        WIDEN(load32(r2 + j), e, o);
+        s0 = __smlabb(c2, (int32_t)o, SMLAD(p2, e, s0));
+        s1 = __smlabt(c2, (int32_t)e, SMLAD(p2, o, s1));
+        acc[j] = s0, acc[j + 1] = s1;
+    }
+    return j;
+}
+
+/* Depthwise 3 x 3 at stride 2: one output per word of input, (w0, w2).(x0, x2) + w1 x1. The word's fourth
+ * byte is read but not used: rows hold (n - 1) * 2 + 3 bytes, so the last output reads its own word only
+ * while j * 2 + 4 fits; the rest takes the plain loop. */
+static int32_t dw3_s2(const int8_t *const *rows, const int8_t *wk, int32_t n, int32_t *acc) {
+    const uint32_t p0 = pack_lo((uint32_t)(int32_t)wk[0], (uint32_t)(int32_t)wk[2]);
+    const uint32_t p1 = pack_lo((uint32_t)(int32_t)wk[3], (uint32_t)(int32_t)wk[5]);
+    const uint32_t p2 = pack_lo((uint32_t)(int32_t)wk[6], (uint32_t)(int32_t)wk[8]);
+    const int32_t c0 = wk[1], c1 = wk[4], c2 = wk[7];
+    const int8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
+    int32_t j;
+    for (j = 0; j + 1 < n; j++) { /* the last output may not own a fourth byte */
+        int32_t s = acc[j];
+        uint32_t e, o;
+        WIDEN(load32(r0 + 2 * j), e, o);
+        s = __smlabb(c0, (int32_t)o, SMLAD(p0, e, s));
+        WIDEN(load32(r1 + 2 * j), e, o);
+        s = __smlabb(c1, (int32_t)o, SMLAD(p1, e, s));
+        WIDEN(load32(r2 + 2 * j), e, o);
+        s = __smlabb(c2, (int32_t)o, SMLAD(p2, e, s));
+        acc[j] = s;
+    }
+    return j;
+}
+
+/* Stride 1, any width: per output and row, taps four at a time as (w0, w2).(x0, x2) + (w1, w3).(x1, x3). */
+static int32_t dw_s1(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t n, int32_t *acc) {
+    const int32_t quads = kw / 4;
+    int32_t j, ky, t;
+    if (quads == 0) return 0;
+    for (j = 0; j < n; j++) {
+        int32_t s = acc[j];
+        for (ky = 0; ky < kh; ky++) {
+            const int8_t *r = rows[ky] + j, *w = wk + ky * kw;
+            for (t = 0; t < quads; t++, r += 4, w += 4) {
+                uint32_t xe, xo, we, wo;
+                WIDEN(load32(r), xe, xo);
+                WIDEN(load32(w), we, wo);
+                s = SMLAD(we, xe, SMLAD(wo, xo, s));
+            }
+            for (t = quads * 4; t < kw; t++, r++, w++) s += (int32_t)*w * *r;
+        }
+        acc[j] = s;
+    }
+    return n;
 }
 
 #else /* portable */
@@ -154,7 +249,7 @@ void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, con
 #if FT_KERNELS_DSP
     if (pixels == FT_PIX) {
         if (rows == 2)
-            mac_2x4(w, w + w_row, w_k, x, x_k, depth, acc);
+            mac_2x4(w, w_row, w_k, x, x_k, depth, acc);
         else
             mac_1x4(w, w_k, x, x_k, depth, acc);
         return;
@@ -191,21 +286,12 @@ void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t 
                int32_t *acc) {
     int32_t ky, kx, j = 0;
 #if FT_KERNELS_DSP
-    if (kw == 3 && stride == 1) { /* two outputs per word of input: (w0, w2).(x0, x2) + w1 x1 and (w0, w2).(x1, x3) + w1 x2 */
-        for (; j + 2 <= n; j += 2) {
-            int32_t s0 = acc[j], s1 = acc[j + 1];
-            for (ky = 0; ky < kh; ky++) {
-                const int8_t *w = wk + ky * 3;
-                const uint32_t w02 = PAIR_LO((uint32_t)(int32_t)w[0], (uint32_t)(int32_t)w[2]);
-                const int32_t w1 = w[1];
-                uint32_t e, o;
-                WIDEN(load32(rows[ky] + j), e, o);
-                s0 = __smlabb(w1, (int32_t)o, __smlad((int32_t)w02, (int32_t)e, s0));
-                s1 = __smlabt(w1, (int32_t)e, __smlad((int32_t)w02, (int32_t)o, s1));
-            }
-            acc[j] = s0, acc[j + 1] = s1;
-        }
-    }
+    if (kh == 3 && kw == 3 && stride == 1)
+        j = dw3_s1(rows, wk, n, acc);
+    else if (kh == 3 && kw == 3 && stride == 2)
+        j = dw3_s2(rows, wk, n, acc);
+    else if (stride == 1 && kw >= 4)
+        j = dw_s1(rows, wk, kh, kw, n, acc);
 #endif
     for (; j < n; j++) {
         int32_t s = acc[j];

@@ -24,6 +24,9 @@
 #define FT_PIX 16 /* pixels of a block: one or two vector registers of int32 */
 #endif
 
+/* Outputs of a window kernel per call (its accumulators on the caller's stack) */
+#define FT_ROW_BLOCK 16
+
 /* The kernels' name for this build ("dsp" or "portable"), reported by the firmware. */
 const char *ft_kernels_name(void);
 
@@ -50,7 +53,7 @@ void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, con
 
 /* Outputs of a depthwise window read without bounds checks (kh rows, each at least (n - 1) * stride + kw
  * long from rows[ky]): acc[j] += sum_{ky < kh, kx < kw} wk[ky * kw + kx] * rows[ky][j * stride + kx]
- * for j < n <= FT_PIX. */
+ * for j < n <= FT_ROW_BLOCK. */
 void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t stride, int32_t n,
                int32_t *acc);
 

@@ -14,7 +14,7 @@
 
 /* Profiling (firmware built with FT_PROFILE): the time of each op's parts, read from the firmware's
  * instruction counter and tallied by it per op (device/firmware/main.c). Off, it costs nothing. */
-enum { FT_PART_FORWARD = 0, FT_PART_QUANTIZE = 1, FT_PART_INPUT_GRAD = 2, FT_PART_WEIGHT_GRAD = 3 };
+enum { FT_PART_FORWARD = 0, FT_PART_QUANTIZE = 1, FT_PART_INPUT_GRAD = 2, FT_PART_WEIGHT_GRAD = 3, FT_PART_UPDATE = 4 };
 #ifdef FT_PROFILE
 uint32_t ft_profile_clock(void);
 void ft_profile_add(int32_t op, int32_t part, uint32_t elapsed);
@@ -202,11 +202,26 @@ static int valid_model(const ft_model *m, int32_t batch) {
 
 /* ------------------------------------------------------------------ forward */
 
-/* One output: TFLM's requantization, the clamp, and the mask bit the backward reads (at: its index). */
-static inline void store_output(const ft_op *op, int32_t o, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
-    const int32_t v = ft_mbqm(acc, op->mult[o], op->shift[o]) + op->y_zero;
-    if (mask && v >= op->act_lo && v <= op->act_hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-    *y = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+/* One output channel's requantization, held in locals: an int8 store may alias anything, so values read
+ * through op would be reloaded after every output. */
+typedef struct {
+    int32_t mult, shift, zero, lo, hi;
+} requant_t;
+
+static inline requant_t requant_of(const ft_op *op, int32_t o) {
+    requant_t r;
+    r.mult = op->mult[o], r.shift = op->shift[o], r.zero = op->y_zero, r.lo = op->act_lo, r.hi = op->act_hi;
+    return r;
+}
+
+/* One output: TFLM's requantization, the clamp, and the mask bit the backward reads (at: its index). The
+ * multiplier is a quantized one, in [2^30, 2^31) or 0, never INT32_MIN: no saturation case to test. */
+static inline void store_output(requant_t r, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
+    const int left = r.shift > 0 ? r.shift : 0, right = r.shift > 0 ? 0 : -r.shift;
+    const int32_t x = (int32_t)((uint32_t)acc << left);
+    const int32_t v = ft_rdbpot((int32_t)(((int64_t)x * r.mult + ((int64_t)1 << 30)) >> 31), right) + r.zero;
+    if (mask && v >= r.lo && v <= r.hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+    *y = (int8_t)(v < r.lo ? r.lo : (v > r.hi ? r.hi : v));
 }
 
 /* bias - x_zero * sum(w): TFLM's bias + sum w (x - x_zero) is this plus sum w x whenever every tap reads
@@ -227,6 +242,7 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
     const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, s = op->stride;
     const int8_t *wo = op->weight + (size_t)o * cpg * kk;
     const int32_t folded = folded_bias(op, o, wo, cpg * kk);
+    const requant_t rq = requant_of(op, o);
     /* the interior: iy0 = oy * s - pad_t >= 0 and iy0 + kh <= h (likewise x) */
     const int32_t oy_lo = (pad_t + s - 1) / s, ox_lo = (pad_l + s - 1) / s;
     int32_t oy_hi = h - op->kh + pad_t >= 0 ? (h - op->kh + pad_t) / s + 1 : 0;
@@ -238,9 +254,9 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
         const int interior_row = oy >= oy_lo && oy < oy_hi && ox_lo < ox_hi;
         for (ox = 0; ox < op->ow;) {
             if (interior_row && ox == ox_lo) { /* the row's interior, a block at a time */
-                for (; ox < ox_hi; ox += FT_PIX) {
-                    const int32_t n = ox_hi - ox < FT_PIX ? ox_hi - ox : FT_PIX;
-                    int32_t acc[FT_PIX];
+                for (; ox < ox_hi; ox += FT_ROW_BLOCK) {
+                    const int32_t n = ox_hi - ox < FT_ROW_BLOCK ? ox_hi - ox : FT_ROW_BLOCK;
+                    int32_t acc[FT_ROW_BLOCK];
                     const int8_t *rows[FT_MAX_KH];
                     for (j = 0; j < n; j++) acc[j] = 0;
                     for (ci = 0; ci < cpg; ci++) {
@@ -249,7 +265,7 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                         ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
                     }
                     for (j = 0; j < n; j++)
-                        store_output(op, o, (int32_t)((uint32_t)acc[j] + (uint32_t)folded), y + (size_t)oy * ystride + ox + j,
+                        store_output(rq, (int32_t)((uint32_t)acc[j] + (uint32_t)folded), y + (size_t)oy * ystride + ox + j,
                                      mask, mask_at + (size_t)oy * op->ow + ox + j);
                 }
                 ox = ox_hi;
@@ -270,7 +286,7 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                         }
                     }
                 }
-                store_output(op, o, acc, y + (size_t)oy * ystride + ox, mask, mask_at + (size_t)oy * op->ow + ox);
+                store_output(rq, acc, y + (size_t)oy * ystride + ox, mask, mask_at + (size_t)oy * op->ow + ox);
             }
             ox++;
         }
@@ -285,6 +301,8 @@ static void conv_channel(const ft_op *op, const int8_t *x, int32_t o, int8_t *y,
                       mask, mask_at);
 }
 
+static int32_t is_depthwise(const ft_op *op) { return op->groups == op->c && op->groups == op->oc; }
+
 static int32_t is_pointwise(const ft_op *op) {
     return op->kh == 1 && op->kw == 1 && op->stride == 1 && op->groups == 1 && op->pad_t == 0 && op->pad_l == 0 &&
            op->oh == op->h && op->ow == op->w;
@@ -295,28 +313,41 @@ static int32_t is_pointwise(const ft_op *op) {
  * rows ystride apart. */
 static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, size_t ystep,
                            int32_t ystride, uint8_t *mask) {
-    const int32_t hw = op->h * op->w;
+    const int32_t hw = op->h * op->w, ow = op->ow;
     int32_t folded[2], acc[2 * FT_PIX], r, j, p;
-    for (r = 0; r < rows; r++) folded[r] = folded_bias(op, o0 + r, op->weight + (size_t)(o0 + r) * op->c, op->c);
+    requant_t rq[2];
+    for (r = 0; r < rows; r++) {
+        folded[r] = folded_bias(op, o0 + r, op->weight + (size_t)(o0 + r) * op->c, op->c);
+        rq[r] = requant_of(op, o0 + r);
+    }
     if (hw == 1) { /* a fully connected layer: dot products of weight rows with the input */
         if (rows == 2)
             ft_dot_s8_1x2(x, op->weight + (size_t)o0 * op->c, op->weight + (size_t)(o0 + 1) * op->c, op->c, acc);
         else
             acc[0] = ft_dot_s8(x, op->weight + (size_t)o0 * op->c, op->c);
         for (r = 0; r < rows; r++)
-            store_output(op, o0 + r, (int32_t)((uint32_t)acc[r] + (uint32_t)folded[r]), y + r * ystep, mask,
+            store_output(rq[r], (int32_t)((uint32_t)acc[r] + (uint32_t)folded[r]), y + r * ystep, mask,
                          (size_t)(o0 + r));
         return;
     }
     for (p = 0; p < hw; p += FT_PIX) {
         const int32_t n = hw - p < FT_PIX ? hw - p : FT_PIX;
-        int32_t oy = p / op->ow, ox = p % op->ow;
         ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
-        for (j = 0; j < n; j++) {
-            for (r = 0; r < rows; r++)
-                store_output(op, o0 + r, (int32_t)((uint32_t)acc[r * FT_PIX + j] + (uint32_t)folded[r]),
-                             y + r * ystep + (size_t)oy * ystride + ox, mask, (size_t)(o0 + r) * hw + p + j);
-            if (++ox == op->ow) ox = 0, oy++;
+        for (r = 0; r < rows; r++) {
+            const requant_t q = rq[r];
+            const uint32_t f = (uint32_t)folded[r];
+            const int32_t *ar = acc + r * FT_PIX;
+            int8_t *yr = y + r * ystep;
+            const size_t at = (size_t)(o0 + r) * hw + p;
+            if (ystride == ow) { /* the plane is contiguous */
+                for (j = 0; j < n; j++) store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + p + j, mask, at + j);
+            } else {
+                int32_t oy = p / ow, ox = p % ow;
+                for (j = 0; j < n; j++) {
+                    store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + (size_t)oy * ystride + ox, mask, at + j);
+                    if (++ox == ow) ox = 0, oy++;
+                }
+            }
         }
     }
 }
@@ -452,6 +483,23 @@ static int inplace_forward(const ft_op *op, int8_t *x, uint8_t *mask, arena_t *a
     return 0;
 }
 
+/* A depthwise convolution into a new output: each channel through the padded workspace (the planner's), so
+ * that every output is an interior one. */
+static int dw_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
+    const size_t ohw = (size_t)op->oh * op->ow;
+    int32_t hp, wp, o;
+    int8_t *pad;
+    padded_dims(op, &hp, &wp);
+    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp));
+    if (!pad) return -2;
+    for (o = 0; o < op->c; o++) {
+        pad_plane(op, x + (size_t)o * op->h * op->w, hp, wp, pad);
+        dw_channel(op, pad, hp, wp, o, y + (size_t)o * ohw, mask, (size_t)o * ohw);
+    }
+    give(a, pad);
+    return 0;
+}
+
 /* One sample's forward. needs[t]: a gradient reaches tensor t (NULL: inference). Activations are freed
  * after their last reader; what the backward needs is kept: masks (bits) and trained channels' inputs. */
 static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs, arena_t *a, buffers_t *b) {
@@ -509,6 +557,9 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
             if (rc) return rc;
             shrink(a, b->act[i + 1], count);
             b->act[op->in0] = 0; /* now the output */
+        } else if (op->kind == FT_OP_CONV && is_depthwise(op)) {
+            rc = dw_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1], a);
+            if (rc) return rc;
         } else if (op->kind == FT_OP_CONV) {
             conv_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1]);
         } else if (op->kind == FT_OP_ADD) {
@@ -606,7 +657,6 @@ static void update_one(const ft_model *m, float gi, const float *qas_i, float *m
 
 /* ------------------------------------------------------------------ backward */
 
-static int32_t is_depthwise(const ft_op *op) { return op->groups == op->c && op->groups == op->oc; }
 
 /* Weight gradients are held for trained channels only. Row o of that compact array holds the trained
  * input channels of output channel o (depthwise: one row per trained channel); within a row, the
@@ -695,7 +745,7 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
 static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups, kk = op->kh * op->kw;
     const int32_t hw = op->h * op->w, ohw = op->oh * op->ow;
-    int32_t acc[2 * FT_PIX], ci, iy, ix, o, ky, kx, j, r;
+    int32_t acc[FT_ROW_BLOCK > 2 * FT_PIX ? FT_ROW_BLOCK : 2 * FT_PIX], ci, iy, ix, o, ky, kx, j, r;
     int8_t flipped[64];
     const int8_t *rows[FT_MAX_KH];
     if (is_pointwise(op)) {
@@ -717,18 +767,21 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
         const int32_t ix_lo = op->kw - 1 - op->pad_l > 0 ? op->kw - 1 - op->pad_l : 0;
         const int32_t ix_hi = op->ow - op->pad_l < op->w ? op->ow - op->pad_l : op->w;
         float *gxc = gx + (size_t)ci * hw;
+        if (fast && opg == 1)
+            for (j = 0; j < kk; j++) flipped[j] = op->weight[((size_t)grp * cpg + cl) * kk + kk - 1 - j];
         for (iy = 0; iy < op->h; iy++) {
             const int row_fast = fast && iy + op->pad_t - (op->kh - 1) >= 0 && iy + op->pad_t < op->oh;
             for (ix = 0; ix < op->w;) {
                 if (row_fast && ix == ix_lo && ix_lo < ix_hi) {
-                    for (; ix < ix_hi; ix += FT_PIX) {
-                        const int32_t n = ix_hi - ix < FT_PIX ? ix_hi - ix : FT_PIX;
+                    for (; ix < ix_hi; ix += FT_ROW_BLOCK) {
+                        const int32_t n = ix_hi - ix < FT_ROW_BLOCK ? ix_hi - ix : FT_ROW_BLOCK;
                         for (j = 0; j < n; j++) acc[j] = 0;
                         for (o = grp * opg; o < (grp + 1) * opg; o++) {
                             const int8_t *wk = op->weight + ((size_t)o * cpg + cl) * kk;
                             const int8_t *qo = q + (size_t)o * ohw + (size_t)(iy + op->pad_t - (op->kh - 1)) * op->ow +
                                                (ix + op->pad_l - (op->kw - 1));
-                            for (j = 0; j < kk; j++) flipped[j] = wk[kk - 1 - j];
+                            if (opg > 1) /* one output channel per input (depthwise): flipped once, below */
+                                for (j = 0; j < kk; j++) flipped[j] = wk[kk - 1 - j];
                             for (ky = 0; ky < op->kh; ky++) rows[ky] = qo + (size_t)ky * op->ow;
                             ft_dw_row(rows, flipped, op->kh, op->kw, 1, n, acc);
                         }
@@ -738,21 +791,17 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
                     continue;
                 }
                 {
-                    int32_t sum = 0;
+                    /* the taps that reach an output: ky = (iy + pad_t) mod stride, + stride, ...; likewise kx */
+                    const int32_t ty = iy + op->pad_t, tx = ix + op->pad_l, st = op->stride;
+                    const int32_t ky0 = st > 1 ? ty % st : 0, kx0 = st > 1 ? tx % st : 0;
+                    const int32_t oy0 = st > 1 ? (ty - ky0) / st : ty, ox0 = st > 1 ? (tx - kx0) / st : tx;
+                    int32_t sum = 0, oy, ox;
                     for (o = grp * opg; o < (grp + 1) * opg; o++) {
                         const int8_t *qo = q + (size_t)o * ohw;
                         const int8_t *wk = op->weight + ((size_t)o * cpg + cl) * kk;
-                        for (ky = 0; ky < op->kh; ky++) {
-                            const int32_t ty = iy + op->pad_t - ky;
-                            int32_t oy;
-                            if (ty < 0 || ty % op->stride) continue;
-                            oy = ty / op->stride;
+                        for (ky = ky0, oy = oy0; ky < op->kh && oy >= 0; ky += st, oy--) {
                             if (oy >= op->oh) continue;
-                            for (kx = 0; kx < op->kw; kx++) {
-                                const int32_t tx = ix + op->pad_l - kx;
-                                int32_t ox;
-                                if (tx < 0 || tx % op->stride) continue;
-                                ox = tx / op->stride;
+                            for (kx = kx0, ox = ox0; kx < op->kw && ox >= 0; kx += st, ox--) {
                                 if (ox >= op->ow) continue;
                                 sum += (int32_t)qo[(size_t)oy * op->ow + ox] * wk[ky * op->kw + kx];
                             }
@@ -844,22 +893,22 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
         const size_t per = (size_t)gw_row_elements(op);
         const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot + 1));
         float *row = apply ? (float *)take(a, per * sizeof(float)) : 0;
-        PROFILE_BEGIN(t_weight);
         if (apply && !row) return -2;
         for (o = 0; o < op->oc; o++) {
             const int64_t r = gw_row(op, o);
-            if (!apply) {
-                if (r >= 0) weight_grad_row(op, x, q, s, o, gw + (size_t)r * per);
-                continue;
-            }
             if (r >= 0) {
-                memset(row, 0, per * sizeof(float));
-                weight_grad_row(op, x, q, s, o, row);
+                PROFILE_BEGIN(t_weight);
+                if (apply) memset(row, 0, per * sizeof(float));
+                weight_grad_row(op, x, q, s, o, apply ? row : gw + (size_t)r * per);
+                PROFILE_END(t_weight, index, FT_PART_WEIGHT_GRAD);
             }
-            update_weight_row(m, op, o, r >= 0 ? row : 0, step, base);
+            if (apply) {
+                PROFILE_BEGIN(t_update);
+                update_weight_row(m, op, o, r >= 0 ? row : 0, step, base);
+                PROFILE_END(t_update, index, FT_PART_UPDATE);
+            }
         }
         give(a, row);
-        PROFILE_END(t_weight, index, FT_PART_WEIGHT_GRAD);
     }
     return 0;
 }
@@ -966,6 +1015,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
         int32_t o;
+        PROFILE_BEGIN(t_update);
         if (op->kind != FT_OP_CONV) continue;
         if (gw[i]) {
             const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot + 1));
@@ -978,6 +1028,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
             for (o = 0; o < op->oc; o++)
                 update_one(m, gb[i][o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
                            &op->bias[o], 0, (uint32_t)o);
+        PROFILE_END(t_update, i, FT_PART_UPDATE);
     }
     return 0;
 }

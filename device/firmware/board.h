@@ -25,4 +25,5 @@ uint64_t board_ticks(void);                  /* BOARD_TICK_HZ ticks since start 
 size_t board_stack_used(void);               /* the stack's measured high-water mark (bytes) */
 void board_watchdog_kick(void);              /* a no-op where the board has no watchdog */
 __attribute__((noreturn)) void board_exit(int code); /* semihosting exit under QEMU/a debugger, else a reset */
+void board_debug_write(const char *text);    /* the host's console (semihosting builds only; else nothing) */
 #endif

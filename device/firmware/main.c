@@ -601,6 +601,43 @@ static void shuffle(uint32_t seed, uint32_t epoch) { /* fedtiny.int8.exact.permu
     }
 }
 
+#ifdef FT_PROFILE
+/* A measurement build (make firmware PROFILE=1): the C step reports each op's parts (forward, gradient
+ * quantization and bias, input gradient, weight gradient, weight update) and this tallies their ticks over
+ * the round; the round's end prints them on the host's console (semihosting) as one line,
+ *   FTPROFILE {"steps": S, "tick_hz": H, "ops": [[forward, quantize, input, weight, update] per op]} */
+static uint32_t profile_ticks[FW_N_OPS][5];
+
+uint32_t ft_profile_clock(void) { return (uint32_t)board_ticks(); }
+
+void ft_profile_add(int32_t op, int32_t part, uint32_t elapsed) {
+    if (op >= 0 && op < FW_N_OPS && part >= 0 && part < 5) profile_ticks[op][part] += elapsed;
+}
+
+static void profile_report(uint32_t steps) {
+    char line[96];
+    int32_t i, k;
+    char *p = put_str(line, "FTPROFILE {\"steps\": ");
+    p = put_uint(p, steps);
+    p = put_str(p, ", \"tick_hz\": ");
+    p = put_uint(p, BOARD_TICK_HZ);
+    p = put_str(p, ", \"ops\": [");
+    *p = 0;
+    board_debug_write(line);
+    for (i = 0; i < FW_N_OPS; i++) {
+        p = put_str(line, i ? ", [" : "[");
+        for (k = 0; k < 5; k++) {
+            p = put_uint(p, profile_ticks[i][k]);
+            p = put_str(p, k < 4 ? ", " : "]");
+            profile_ticks[i][k] = 0;
+        }
+        *p = 0;
+        board_debug_write(line);
+    }
+    board_debug_write("]}\n");
+}
+#endif
+
 static void send_busy(uint32_t round_, uint32_t step, uint32_t steps) {
     char *p = put_str(text, "{\"round\": ");
     p = put_uint(p, round_);
@@ -652,6 +689,9 @@ static void train_round(void) {
             send_busy(round_, steps, steps_total);
         }
     }
+#ifdef FT_PROFILE
+    profile_report(steps);
+#endif
     p = put_str(text + 4, "{\"info\": {\"device\": \"" FW_PROFILE "\", \"firmware\": \"fedtiny " FW_MODEL_HASH " "
                           BOARD_NAME "\"}, \"metrics\": {\"arena_high_water\": ");
     p = put_uint(p, arena_high);

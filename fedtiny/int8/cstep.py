@@ -144,9 +144,26 @@ class CStep:
         self.m = _Model(len(names), ops, c, h, w, head.out_channels, float(head.y_scale), sm.input_multiplier,
                         sm.input_left_shift, sm.diff_min, lr, momentum, int(rounding == "stochastic"))
         self.ops = ops
+        self.names = names
         self.arena: np.ndarray | None = None
         self.high_water = 0
         self.plan: np.ndarray | None = None
+
+    def op_geometry(self) -> list[dict]:
+        """The C step's ops as plain values: kind (conv, add, pool), inputs, shapes, kernel, which parameters
+        train and how many channels (input channels; a depthwise convolution's channels) train."""
+        out = []
+        for name, op in zip(self.names, self.ops):
+            kind = ("conv", "add", "pool")[op.kind]
+            g = {"name": name, "kind": kind, "in0": op.in0, "in1": op.in1 if kind == "add" else 0,
+                 **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
+            if kind == "conv":
+                n = op.oc if op.groups == op.c == op.oc else op.c
+                trained = ctypes.cast(op.slot_of, ctypes.POINTER(ctypes.c_int32))[n] if op.slot_of else n
+                g.update({k: int(getattr(op, k)) for k in ("kh", "kw", "stride", "groups", "train_w", "train_b")},
+                         trained_channels=int(trained))
+            out.append(g)
+        return out
 
     @staticmethod
     def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:

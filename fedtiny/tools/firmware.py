@@ -230,6 +230,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
 #define FW_BATCH {t.batch_size}
 #define FW_EPOCHS {t.local_epochs}
 #define FW_ARENA_BYTES {arena_bytes}
+#define FW_N_OPS {m.n_ops}
 #define FW_DOWNLINK_BYTES {offset}
 #define FW_UPLINK_BYTES {up_bytes}
 #define FW_DOWNLINK_TENSORS {len(down)}
@@ -329,4 +330,6 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
                "profile_sram_bytes": profile.sram_bytes, "profile_flash_bytes": profile.flash_bytes,
                "stack_reserved_bytes": whole.ram["stack"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    # the C step's ops, for attributing a measurement build's profile (scripts/firmware_profile.py)
+    (out_dir / "ops.json").write_text(json.dumps(cs.op_geometry(), indent=1))
     return summary

@@ -88,6 +88,18 @@ static void semihosting_exit(int code) {
     __asm volatile("bkpt 0xab" : "+r"(r0) : "r"(r1) : "memory");
 }
 
+/* Semihosting SYS_WRITE0: a NUL-terminated string on the host's console (QEMU's standard output). Only in
+ * images built for a host (SEMIHOSTING=1): a measurement build's report (FT_PROFILE), never the protocol. */
+void board_debug_write(const char *text) {
+#if BOARD_SEMIHOSTING
+    register uint32_t r0 __asm("r0") = 0x04u;
+    register const char *r1 __asm("r1") = text;
+    __asm volatile("bkpt 0xab" : "+r"(r0) : "r"(r1) : "memory");
+#else
+    (void)text;
+#endif
+}
+
 /* With BOARD_SEMIHOSTING (the QEMU builds: the Makefile's SEMIHOSTING=1) the exit is a semihosting call; a
  * BKPT that no debugger takes becomes a HardFault (HFSR.DEBUGEVT on a core; QEMU without semihosting takes
  * it too), whose handler resets, so a thread-mode exit does not lock a board up. From a fault handler the

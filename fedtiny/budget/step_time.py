@@ -1,0 +1,197 @@
+"""Device time of a training step, op kind by op kind: the work of each kind and what it costs.
+
+A step's work is counted per **kind** of op (``pointwise``, ``depthwise``, ``regular`` convolutions,
+``fc`` fully connected layers) and **part**:
+
+- ``forward``: the forward's MACs;
+- ``input``: the input gradient's MACs (an op through which a gradient flows to a trained tensor);
+- ``weight``: the weight gradient's MACs (trained channels only) with the update of the trained rows;
+- ``gradient``: elements of the output gradient an op quantizes (QAS's int8 gradient, the bias gradient),
+  counted as elements, not MACs;
+- ``elementwise``: elements of ADD and pooling, forward and backward.
+
+:class:`KernelCosts` holds a core's cycles per MAC (per element for the last two) of each kind and
+part, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``; docs/results/device-time.md).
+The same work is counted from the memory planner's schedule (:func:`schedule_work`, what the simulator
+charges) and from the C step's op list (:func:`c_op_work`, what the firmware's profile is attributed to).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["KINDS", "PARTS", "conv_kind", "OpWork", "StepWork", "KernelCosts", "schedule_work", "c_op_work",
+           "fit_costs"]
+
+KINDS = ("pointwise", "depthwise", "regular", "fc")
+PARTS = ("forward", "input", "weight")
+
+
+def conv_kind(kernel_hw: tuple[int, int], groups: int, in_channels: int, out_channels: int,
+              out_hw: tuple[int, int], stride: int = 1) -> str:
+    """The kernel kind a convolution runs on: ``fc`` (1 x 1 output of a 1 x 1 kernel), ``pointwise`` (1 x 1,
+    stride 1, one group), ``depthwise`` (one channel per group) or ``regular``."""
+    if groups == in_channels == out_channels and groups > 1:
+        return "depthwise"
+    if tuple(kernel_hw) == (1, 1) and groups == 1:
+        if tuple(out_hw) == (1, 1):
+            return "fc"
+        if stride == 1:
+            return "pointwise"
+    return "regular"
+
+
+@dataclass
+class OpWork:
+    """One op's work in one sample's step."""
+
+    name: str
+    kind: str  # a KINDS entry, or "add" / "pool"
+    macs: dict[str, int] = field(default_factory=dict)  # part -> MACs
+    gradient_elements: int = 0
+    elementwise: int = 0
+
+
+@dataclass
+class StepWork:
+    """A step's work per sample, summed over ops."""
+
+    macs: dict[tuple[str, str], int]  # (kind, part) -> MACs
+    gradient_elements: int
+    elementwise: int
+
+    @classmethod
+    def of(cls, ops: Iterable[OpWork]) -> "StepWork":
+        macs: dict[tuple[str, str], int] = {}
+        grad = elem = 0
+        for op in ops:
+            for part, n in op.macs.items():
+                if n:
+                    macs[(op.kind, part)] = macs.get((op.kind, part), 0) + n
+            grad += op.gradient_elements
+            elem += op.elementwise
+        return cls(macs, grad, elem)
+
+    @property
+    def forward_macs(self) -> int:
+        return sum(n for (_, part), n in self.macs.items() if part == "forward")
+
+    @property
+    def backward_macs(self) -> int:
+        return sum(n for (_, part), n in self.macs.items() if part != "forward")
+
+
+@dataclass(frozen=True)
+class KernelCosts:
+    """Cycles of a core's kernels: per MAC of each (kind, part), per gradient element, per elementwise element.
+
+    ``source`` says where the figures come from (the measurement they were fitted on)."""
+
+    per_mac: tuple[tuple[tuple[str, str], float], ...]
+    per_gradient_element: float
+    per_elementwise: float
+    source: str = ""
+
+    def cycles(self, work: StepWork) -> float:
+        """Cycles of ``work`` (a missing (kind, part) costs its kind's forward figure, else the mean)."""
+        table = dict(self.per_mac)
+        mean = sum(table.values()) / len(table)
+        total = 0.0
+        for key, n in work.macs.items():
+            total += n * table.get(key, table.get((key[0], "forward"), mean))
+        return total + work.gradient_elements * self.per_gradient_element + work.elementwise * self.per_elementwise
+
+    def table(self) -> dict[str, float]:
+        return {f"{k}/{p}": v for (k, p), v in self.per_mac}
+
+
+def _conv_work(name: str, kind: str, forward: int, input_grad: bool, weight_macs: int, outputs: int,
+               gradient: bool) -> OpWork:
+    return OpWork(name, kind, {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
+                  outputs if gradient else 0, 0)
+
+
+def c_op_work(ops: list[dict]) -> list[OpWork]:
+    """Each op of the C step's list (:meth:`fedtiny.int8.cstep.CStep.op_geometry`) with its work per sample,
+    as ``device/c/fedtiny_step.c`` does it: which tensors a gradient reaches (``needs``), input gradients
+    where one flows to a trained tensor, weight gradients for trained channels."""
+    needs = [False]
+    out: list[OpWork] = []
+    for op in ops:
+        trains = op["kind"] == "conv" and (op["train_w"] or op["train_b"])
+        needs.append(needs[op["in0"]] or (op["kind"] == "add" and needs[op["in1"]]) or trains)
+    for i, op in enumerate(ops):
+        outputs = op["oc"] * op["oh"] * op["ow"]
+        if op["kind"] != "conv":
+            backward = outputs if needs[i + 1] and needs[op["in0"]] else 0
+            out.append(OpWork(op["name"], op["kind"], {}, 0, outputs + backward))
+            continue
+        cpg, kk = op["c"] // op["groups"], op["kh"] * op["kw"]
+        kind = conv_kind((op["kh"], op["kw"]), op["groups"], op["c"], op["oc"], (op["oh"], op["ow"]), op["stride"])
+        forward = outputs * cpg * kk
+        weight = 0
+        if op["train_w"]:
+            trained = op["trained_channels"]  # input channels (depthwise: channels) whose weights train
+            weight = (trained if kind == "depthwise" else op["oc"] * trained) * kk * op["oh"] * op["ow"]
+        out.append(_conv_work(op["name"], kind, forward, needs[i + 1] and needs[op["in0"]], weight, outputs,
+                              needs[i + 1]))
+    return out
+
+
+def schedule_work(ops) -> list[OpWork]:
+    """Each op of the memory planner's schedule (:func:`fedtiny.budget.memory.schedule`, one sample) with its
+    work, as :func:`fedtiny.budget.memory.step_macs` counts it: an input gradient for every op at or after the
+    first trained one where a trained tensor lies upstream, weight gradients for trained channels."""
+    from fedtiny.budget.memory import _fused_parts
+
+    out: list[OpWork] = []
+    upstream = False
+    for op in ops:
+        parts = _fused_parts(op) if op.kind == "fused" else [op]
+        for part in parts:
+            m = part.module
+            outputs = math.prod(part.out_shape)
+            if part.kind in ("add", "pool"):
+                out.append(OpWork(getattr(m, "tag", part.kind), part.kind, {}, 0,
+                                  outputs * (2 if upstream else 1)))
+                continue
+            if part.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
+                kind, forward = "fc", m.weight.numel()
+                trained = forward if m.weight.requires_grad else 0
+            else:
+                hw = tuple(part.out_shape[1:]) if len(part.out_shape) == 3 else (1, 1)
+                kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw,
+                                 getattr(m, "stride", 1))
+                forward = outputs * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
+                trained = (round(forward * m.trained_weight_elements() / m.weight.numel())
+                           if m.weight.requires_grad else 0)
+            trains = part.kind in ("conv", "head") and any(p.requires_grad for p in m.parameters())
+            out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
+                                  upstream or trains))
+        upstream |= op.trains
+    return out
+
+
+def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], source: str) -> KernelCosts:
+    """Costs from a profile: per (kind, part), the measured cycles of every op over their MACs; the
+    quantization part per gradient element; ADD and pooling per element. ``measured`` pairs each op's work
+    with its cycles per part (``forward``, ``quantize``, ``input``, ``weight``) for the same samples."""
+    cyc: dict[tuple[str, str], float] = {}
+    macs: dict[tuple[str, str], int] = {}
+    q_cycles = q_elems = e_cycles = e_elems = 0.0
+    for work, cycles in measured:
+        if work.kind in ("add", "pool"):
+            e_cycles += sum(cycles.values())
+            e_elems += work.elementwise
+            continue
+        for part in PARTS:
+            if work.macs.get(part):
+                cyc[(work.kind, part)] = cyc.get((work.kind, part), 0.0) + cycles.get(part, 0.0)
+                macs[(work.kind, part)] = macs.get((work.kind, part), 0) + work.macs[part]
+        q_cycles += cycles.get("quantize", 0.0)
+        q_elems += work.gradient_elements
+    per_mac = tuple(sorted((k, round(cyc[k] / macs[k], 3)) for k in cyc))
+    return KernelCosts(per_mac, round(q_cycles / q_elems, 2) if q_elems else 0.0,
+                       round(e_cycles / e_elems, 2) if e_elems else 0.0, source)
