@@ -142,6 +142,37 @@ static void mac_1x4(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k, 
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
 
+/* One row x eight pixels: the fused expansion's case, with as many accumulators as mac_2x4 */
+static void mac_1x8(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth, int32_t acc[FT_PIX]) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
+    const int32_t x_k2 = 2 * x_k, w_k2 = 2 * w_k;
+    while (x != end) {
+        uint32_t pe, po, qe, qo, wa;
+        wa = pack_lo((uint32_t)(int32_t)w[0], (uint32_t)(int32_t)w[w_k]);
+        WIDEN(load32(x), pe, po);
+        WIDEN(load32(x + x_k), qe, qo);
+        a0 = SMLAD(wa, pack_lo(pe, qe), a0);
+        a1 = SMLAD(wa, pack_lo(po, qo), a1);
+        a2 = SMLAD(wa, pack_hi(pe, qe), a2);
+        a3 = SMLAD(wa, pack_hi(po, qo), a3);
+        WIDEN(load32(x + 4), pe, po);
+        WIDEN(load32(x + x_k + 4), qe, qo);
+        a4 = SMLAD(wa, pack_lo(pe, qe), a4);
+        a5 = SMLAD(wa, pack_lo(po, qo), a5);
+        a6 = SMLAD(wa, pack_hi(pe, qe), a6);
+        a7 = SMLAD(wa, pack_hi(po, qo), a7);
+        x += x_k2;
+        w += w_k2;
+    }
+    if (depth & 1) {
+        const int32_t wa = w[0];
+        a0 += wa * x[0], a1 += wa * x[1], a2 += wa * x[2], a3 += wa * x[3];
+        a4 += wa * x[4], a5 += wa * x[5], a6 += wa * x[6], a7 += wa * x[7];
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+}
+
 /* Depthwise 3 x 3 at stride 1, n outputs of one row: the weights in registers as (w0, w2) pairs and w1;
  * two outputs per word of input: (w0, w2).(x0, x2) + w1 x1 and (w0, w2).(x1, x3) + w1 x2. */
 static int32_t dw3_s1(const int8_t *const *rows, const int8_t *wk, int32_t n, int32_t *acc) {
@@ -247,11 +278,25 @@ void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, con
                   int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]) {
     int32_t k, j;
 #if FT_KERNELS_DSP
-    if (pixels == FT_PIX) {
-        if (rows == 2)
-            mac_2x4(w, w_row, w_k, x, x_k, depth, acc);
-        else
-            mac_1x4(w, w_k, x, x_k, depth, acc);
+    {
+        int32_t done = 0;
+        if (rows == 1 && pixels == 8) {
+            mac_1x8(w, w_k, x, x_k, depth, acc);
+            return;
+        }
+        for (; done + 4 <= pixels; done += 4) {
+            if (rows == 2)
+                mac_2x4(w, w_row, w_k, x + done, x_k, depth, acc + done);
+            else
+                mac_1x4(w, w_k, x + done, x_k, depth, acc + done);
+        }
+        if (done == pixels) return;
+        for (j = done; j < pixels; j++) acc[j] = acc[FT_PIX + j] = 0;
+        for (k = 0; k < depth; k++) { /* the last pixels of a plane, fewer than four */
+            const int8_t *xk = x + (size_t)k * x_k;
+            const int32_t wa = w[(size_t)k * w_k], wb = rows > 1 ? w[w_row + (size_t)k * w_k] : 0;
+            for (j = done; j < pixels; j++) acc[j] += wa * xk[j], acc[FT_PIX + j] += wb * xk[j];
+        }
         return;
     }
 #endif

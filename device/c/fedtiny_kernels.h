@@ -18,7 +18,7 @@
 
 #if defined(__ARM_FEATURE_DSP) && !defined(FT_PORTABLE)
 #define FT_KERNELS_DSP 1
-#define FT_PIX 4  /* pixels of a block: one 32-bit load of int8 */
+#define FT_PIX 8  /* pixels of a block: two 32-bit loads of int8 */
 #else
 #define FT_KERNELS_DSP 0
 #define FT_PIX 16 /* pixels of a block: one or two vector registers of int32 */

@@ -791,20 +791,21 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
                     continue;
                 }
                 {
-                    /* the taps that reach an output: ky = (iy + pad_t) mod stride, + stride, ...; likewise kx */
+                    /* the taps that reach an output: ky = ty - stride * oy for 0 <= oy < oh, so ky runs from
+                     * max(ty mod stride, ty - stride (oh - 1)) to min(kh - 1, ty) in steps of stride; likewise kx */
                     const int32_t ty = iy + op->pad_t, tx = ix + op->pad_l, st = op->stride;
+                    const int32_t ky_lo = ty - st * (op->oh - 1), kx_lo = tx - st * (op->ow - 1);
                     const int32_t ky0 = st > 1 ? ty % st : 0, kx0 = st > 1 ? tx % st : 0;
-                    const int32_t oy0 = st > 1 ? (ty - ky0) / st : ty, ox0 = st > 1 ? (tx - kx0) / st : tx;
+                    const int32_t ky1 = ky_lo > ky0 ? ky_lo : ky0, kx1 = kx_lo > kx0 ? kx_lo : kx0;
+                    const int32_t ky_end = op->kh - 1 < ty ? op->kh - 1 : ty, kx_end = op->kw - 1 < tx ? op->kw - 1 : tx;
+                    const int32_t oy1 = st > 1 ? (ty - ky1) / st : ty - ky1, ox1 = st > 1 ? (tx - kx1) / st : tx - kx1;
                     int32_t sum = 0, oy, ox;
                     for (o = grp * opg; o < (grp + 1) * opg; o++) {
                         const int8_t *qo = q + (size_t)o * ohw;
                         const int8_t *wk = op->weight + ((size_t)o * cpg + cl) * kk;
-                        for (ky = ky0, oy = oy0; ky < op->kh && oy >= 0; ky += st, oy--) {
-                            if (oy >= op->oh) continue;
-                            for (kx = kx0, ox = ox0; kx < op->kw && ox >= 0; kx += st, ox--) {
-                                if (ox >= op->ow) continue;
-                                sum += (int32_t)qo[(size_t)oy * op->ow + ox] * wk[ky * op->kw + kx];
-                            }
+                        for (ky = ky1, oy = oy1; ky <= ky_end; ky += st, oy--) {
+                            const int8_t *qr = qo + (size_t)oy * op->ow, *wr = wk + ky * op->kw;
+                            for (kx = kx1, ox = ox1; kx <= kx_end; kx += st, ox--) sum += (int32_t)qr[ox] * wr[kx];
                         }
                     }
                     gxc[(size_t)iy * op->w + ix] += (float)sum * s;
@@ -819,14 +820,28 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
  * still moves the weight under momentum, as the simulator's optimizer does). */
 static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, const float *row, uint32_t step,
                               uint32_t base) {
+    /* update_one's arithmetic with the step's settings in locals: an int8 store may alias them */
     const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, grp = o / (op->oc / op->groups);
+    const float lr = m->lr, momentum = m->momentum, qas = op->qas_w ? op->qas_w[o] : 1.0f;
+    const int32_t stochastic = m->stochastic, has_qas = op->qas_w != 0;
+    int8_t *const w = op->weight;
+    float *const mom = op->mom_w;
     int32_t ci, t, i = o * cpg * kk;
     for (ci = 0; ci < cpg; ci++) {
         const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
         const float *g = row && channel_trained(op, sel) ? row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * kk : 0;
-        for (t = 0; t < kk; t++, i++)
-            update_one(m, g ? g[t] : 0.0f, op->qas_w ? &op->qas_w[o] : 0, op->mom_w ? &op->mom_w[i] : 0, step,
-                       &op->weight[i], 0, base, (uint32_t)i);
+        for (t = 0; t < kk; t++, i++) {
+            float gi = g ? g[t] : 0.0f, tw;
+            int64_t v;
+            if (has_qas) gi = gi * qas;
+            if (momentum > 0.0f) {
+                mom[i] = step == 0 ? gi : mom[i] * momentum + gi;
+                gi = mom[i];
+            }
+            tw = (float)w[i] - gi * lr;
+            v = stochastic ? floor_f32(tw + uniform_at(base, (uint32_t)i)) : round_half_away_f32(tw);
+            w[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
+        }
     }
 }
 
