@@ -77,6 +77,37 @@ KB = 1024
 
 
 @dataclass(frozen=True)
+class KernelCosts:
+    """Cycles of a core's training kernels, measured: per MAC of each (kind, part) of a step
+    (:mod:`fedtiny.budget.step_time`: kinds pointwise, depthwise, regular, fc; parts forward, input, weight),
+    per output-gradient element quantized, per elementwise (ADD, pooling) element and per weight element
+    the update writes. ``source`` names the measurement the figures were fitted on."""
+
+    per_mac: tuple[tuple[tuple[str, str], float], ...]
+    per_gradient_element: float
+    per_elementwise: float
+    per_update_element: float
+    source: str = ""
+
+    def cycles(self, work) -> float:
+        """Cycles of a step's work (a :class:`fedtiny.budget.step_time.StepWork`). A (kind, part) the fit
+        never saw costs the same part of the nearest kind it did (regular, then pointwise)."""
+        table = dict(self.per_mac)
+        total = 0.0
+        for (kind, part), n in work.macs.items():
+            cost = next((table[(k, part)] for k in (kind, "regular", "pointwise", "depthwise", "fc")
+                         if (k, part) in table), None)
+            if cost is None:
+                raise ValueError(f"kernel costs ({self.source}) have no figure for {kind}/{part}")
+            total += n * cost
+        return (total + work.gradient_elements * self.per_gradient_element
+                + work.elementwise * self.per_elementwise + work.updated * self.per_update_element)
+
+    def table(self) -> dict[str, float]:
+        return {f"{k}/{p}": v for (k, p), v in self.per_mac}
+
+
+@dataclass(frozen=True)
 class Radio:
     """A device's link to the server.
 

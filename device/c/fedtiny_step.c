@@ -308,13 +308,33 @@ static int32_t is_pointwise(const ft_op *op) {
            op->oh == op->h && op->ow == op->w;
 }
 
+/* Pixels p0 .. p0 + count - 1 of output channels o0 (.. o0 + rows - 1) of a pointwise convolution, FT_PIX at a
+ * time; pixel p of channel o0 + r lands at y + r * ystep + p. */
+static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, const requant_t *rq,
+                           const int32_t *folded, int32_t p0, int32_t count, int8_t *y, size_t ystep, uint8_t *mask) {
+    const int32_t hw = op->h * op->w;
+    int32_t acc[2 * FT_PIX], r, j, p;
+    for (p = p0; p < p0 + count; p += FT_PIX) {
+        const int32_t n = p0 + count - p < FT_PIX ? p0 + count - p : FT_PIX;
+        ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
+        for (r = 0; r < rows; r++) {
+            const requant_t q = rq[r];
+            const uint32_t f = (uint32_t)folded[r];
+            const int32_t *ar = acc + r * FT_PIX;
+            int8_t *yr = y + r * ystep;
+            const size_t at = (size_t)(o0 + r) * hw + p;
+            for (j = 0; j < n; j++) store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + p + j, mask, at + j);
+        }
+    }
+}
+
 /* Output channels o0 .. o0 + rows - 1 (rows 1 or 2) of a pointwise convolution (or a fully connected layer,
  * h = w = 1): FT_PIX pixels at a time through ft_mac_block; channel o's plane at y + (o - o0) * ystep, its
  * rows ystride apart. */
 static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, size_t ystep,
                            int32_t ystride, uint8_t *mask) {
     const int32_t hw = op->h * op->w, ow = op->ow;
-    int32_t folded[2], acc[2 * FT_PIX], r, j, p;
+    int32_t folded[2], acc[2], r;
     requant_t rq[2];
     for (r = 0; r < rows; r++) {
         folded[r] = folded_bias(op, o0 + r, op->weight + (size_t)(o0 + r) * op->c, op->c);
@@ -330,26 +350,13 @@ static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t
                          (size_t)(o0 + r));
         return;
     }
-    for (p = 0; p < hw; p += FT_PIX) {
-        const int32_t n = hw - p < FT_PIX ? hw - p : FT_PIX;
-        ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
-        for (r = 0; r < rows; r++) {
-            const requant_t q = rq[r];
-            const uint32_t f = (uint32_t)folded[r];
-            const int32_t *ar = acc + r * FT_PIX;
-            int8_t *yr = y + r * ystep;
-            const size_t at = (size_t)(o0 + r) * hw + p;
-            if (ystride == ow) { /* the plane is contiguous */
-                for (j = 0; j < n; j++) store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + p + j, mask, at + j);
-            } else {
-                int32_t oy = p / ow, ox = p % ow;
-                for (j = 0; j < n; j++) {
-                    store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + (size_t)oy * ystride + ox, mask, at + j);
-                    if (++ox == ow) ox = 0, oy++;
-                }
-            }
-        }
+    if (ystride != ow) { /* rows of a wider plane (a fused pair's padded window): one output row at a time */
+        int32_t oy;
+        for (oy = 0; oy < op->oh; oy++)
+            pointwise_span(op, x, o0, rows, rq, folded, oy * ow, ow, y + (size_t)oy * (ystride - ow), ystep, mask);
+        return;
     }
+    pointwise_span(op, x, o0, rows, rq, folded, 0, hw, y, ystep, mask);
 }
 
 /* Every output channel of a convolution (one sample) into y (oc x oh x ow). */
@@ -379,16 +386,11 @@ static void dw_channel(const ft_op *op, const int8_t *pad, int32_t hp, int32_t w
 
 /* Fill a padded plane with x_zero and copy the h x w plane `in` into it (clipped to the window). */
 static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp, int8_t *pad) {
-    int32_t y, x;
+    const int32_t cols = dw->w < wp - dw->pad_l ? dw->w : wp - dw->pad_l; /* the input columns inside the window */
+    int32_t y;
     memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
-    for (y = 0; y < dw->h; y++) {
-        const int32_t py = y + dw->pad_t;
-        if (py >= hp) break;
-        for (x = 0; x < dw->w; x++) {
-            const int32_t px = x + dw->pad_l;
-            if (px < wp) pad[(size_t)py * wp + px] = in[(size_t)y * dw->w + x];
-        }
-    }
+    for (y = 0; y < dw->h && y + dw->pad_t < hp && cols > 0; y++)
+        memcpy(pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l, in + (size_t)y * dw->w, (size_t)cols);
 }
 
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }

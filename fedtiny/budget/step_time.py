@@ -8,10 +8,13 @@ A step's work is counted per **kind** of op (``pointwise``, ``depthwise``, ``reg
 - ``weight``: the weight gradient's MACs (trained channels only) with the update of the trained rows;
 - ``gradient``: elements of the output gradient an op quantizes (QAS's int8 gradient, the bias gradient),
   counted as elements, not MACs;
+- ``update``: weight elements the optimizer writes (every element of a trained weight: stochastic rounding
+  and momentum move untrained ones too);
 - ``elementwise``: elements of ADD and pooling, forward and backward.
 
-:class:`KernelCosts` holds a core's cycles per MAC (per element for the last two) of each kind and
-part, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``; docs/results/device-time.md).
+:class:`fedtiny.devices.KernelCosts` holds a core's cycles per MAC (per element for the last three) of
+each kind and part, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``;
+docs/results/device-time.md).
 The same work is counted from the memory planner's schedule (:func:`schedule_work`, what the simulator
 charges) and from the C step's op list (:func:`c_op_work`, what the firmware's profile is attributed to).
 """
@@ -22,8 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
-__all__ = ["KINDS", "PARTS", "conv_kind", "OpWork", "StepWork", "KernelCosts", "schedule_work", "c_op_work",
-           "fit_costs"]
+from fedtiny.devices import KernelCosts
+
+__all__ = ["KINDS", "PARTS", "conv_kind", "OpWork", "StepWork", "schedule_work", "c_op_work", "fit_costs"]
 
 KINDS = ("pointwise", "depthwise", "regular", "fc")
 PARTS = ("forward", "input", "weight")
@@ -52,6 +56,7 @@ class OpWork:
     macs: dict[str, int] = field(default_factory=dict)  # part -> MACs
     gradient_elements: int = 0
     elementwise: int = 0
+    updated: int = 0  # weight elements the update writes
 
 
 @dataclass
@@ -61,18 +66,20 @@ class StepWork:
     macs: dict[tuple[str, str], int]  # (kind, part) -> MACs
     gradient_elements: int
     elementwise: int
+    updated: int = 0
 
     @classmethod
     def of(cls, ops: Iterable[OpWork]) -> "StepWork":
         macs: dict[tuple[str, str], int] = {}
-        grad = elem = 0
+        grad = elem = upd = 0
         for op in ops:
             for part, n in op.macs.items():
                 if n:
                     macs[(op.kind, part)] = macs.get((op.kind, part), 0) + n
             grad += op.gradient_elements
             elem += op.elementwise
-        return cls(macs, grad, elem)
+            upd += op.updated
+        return cls(macs, grad, elem, upd)
 
     @property
     def forward_macs(self) -> int:
@@ -83,34 +90,10 @@ class StepWork:
         return sum(n for (_, part), n in self.macs.items() if part != "forward")
 
 
-@dataclass(frozen=True)
-class KernelCosts:
-    """Cycles of a core's kernels: per MAC of each (kind, part), per gradient element, per elementwise element.
-
-    ``source`` says where the figures come from (the measurement they were fitted on)."""
-
-    per_mac: tuple[tuple[tuple[str, str], float], ...]
-    per_gradient_element: float
-    per_elementwise: float
-    source: str = ""
-
-    def cycles(self, work: StepWork) -> float:
-        """Cycles of ``work`` (a missing (kind, part) costs its kind's forward figure, else the mean)."""
-        table = dict(self.per_mac)
-        mean = sum(table.values()) / len(table)
-        total = 0.0
-        for key, n in work.macs.items():
-            total += n * table.get(key, table.get((key[0], "forward"), mean))
-        return total + work.gradient_elements * self.per_gradient_element + work.elementwise * self.per_elementwise
-
-    def table(self) -> dict[str, float]:
-        return {f"{k}/{p}": v for (k, p), v in self.per_mac}
-
-
 def _conv_work(name: str, kind: str, forward: int, input_grad: bool, weight_macs: int, outputs: int,
-               gradient: bool) -> OpWork:
+               gradient: bool, updated: int) -> OpWork:
     return OpWork(name, kind, {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
-                  outputs if gradient else 0, 0)
+                  outputs if gradient else 0, 0, updated)
 
 
 def c_op_work(ops: list[dict]) -> list[OpWork]:
@@ -135,8 +118,9 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
         if op["train_w"]:
             trained = op["trained_channels"]  # input channels (depthwise: channels) whose weights train
             weight = (trained if kind == "depthwise" else op["oc"] * trained) * kk * op["oh"] * op["ow"]
+        updated = op["oc"] * cpg * kk if op["train_w"] else 0
         out.append(_conv_work(op["name"], kind, forward, needs[i + 1] and needs[op["in0"]], weight, outputs,
-                              needs[i + 1]))
+                              needs[i + 1], updated))
     return out
 
 
@@ -157,6 +141,7 @@ def schedule_work(ops) -> list[OpWork]:
                 out.append(OpWork(getattr(m, "tag", part.kind), part.kind, {}, 0,
                                   outputs * (2 if upstream else 1)))
                 continue
+            updated = m.weight.numel() if m.weight.requires_grad else 0
             if part.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
                 kind, forward = "fc", m.weight.numel()
                 trained = forward if m.weight.requires_grad else 0
@@ -169,29 +154,36 @@ def schedule_work(ops) -> list[OpWork]:
                            if m.weight.requires_grad else 0)
             trains = part.kind in ("conv", "head") and any(p.requires_grad for p in m.parameters())
             out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
-                                  upstream or trains))
+                                  upstream or trains, updated))
         upstream |= op.trains
     return out
 
 
 def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], source: str) -> KernelCosts:
     """Costs from a profile: per (kind, part), the measured cycles of every op over their MACs; the
-    quantization part per gradient element; ADD and pooling per element. ``measured`` pairs each op's work
-    with its cycles per part (``forward``, ``quantize``, ``input``, ``weight``) for the same samples."""
+    quantization part per gradient element; the update per weight element written; ADD and pooling per
+    element. ``measured`` pairs each op's work with its cycles per part (``forward``, ``quantize``, ``input``,
+    ``weight``, ``update``) for the same samples."""
     cyc: dict[tuple[str, str], float] = {}
     macs: dict[tuple[str, str], int] = {}
-    q_cycles = q_elems = e_cycles = e_elems = 0.0
+    sums = {"quantize": [0.0, 0], "update": [0.0, 0], "elementwise": [0.0, 0]}
     for work, cycles in measured:
         if work.kind in ("add", "pool"):
-            e_cycles += sum(cycles.values())
-            e_elems += work.elementwise
+            sums["elementwise"][0] += sum(cycles.values())
+            sums["elementwise"][1] += work.elementwise
             continue
         for part in PARTS:
             if work.macs.get(part):
                 cyc[(work.kind, part)] = cyc.get((work.kind, part), 0.0) + cycles.get(part, 0.0)
                 macs[(work.kind, part)] = macs.get((work.kind, part), 0) + work.macs[part]
-        q_cycles += cycles.get("quantize", 0.0)
-        q_elems += work.gradient_elements
+        sums["quantize"][0] += cycles.get("quantize", 0.0)
+        sums["quantize"][1] += work.gradient_elements
+        sums["update"][0] += cycles.get("update", 0.0)
+        sums["update"][1] += work.updated
+
+    def per(name: str) -> float:
+        total, count = sums[name]
+        return round(total / count, 2) if count else 0.0
+
     per_mac = tuple(sorted((k, round(cyc[k] / macs[k], 3)) for k in cyc))
-    return KernelCosts(per_mac, round(q_cycles / q_elems, 2) if q_elems else 0.0,
-                       round(e_cycles / e_elems, 2) if e_elems else 0.0, source)
+    return KernelCosts(per_mac, per("quantize"), per("elementwise"), per("update"), source)
