@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-calibrate docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ deploy-demo: $(STAMP) native  ## SuperLink + 2 SuperNodes (one bridged to a devi
 FIRMWARE_SCENARIO ?= scenarios/firmware-demo.toml
 FIRMWARE_SET ?= run.clients=2 run.rounds=2
 BOARD ?= an386
-KERNELS ?= dsp
+KERNELS ?=
 PROFILE ?= 0
 # a measurement build (PROFILE=1) or the portable kernels (KERNELS=portable) get their own folder
 FIRMWARE_OUT = build/firmware/$(BOARD)$(if $(filter portable,$(KERNELS)),-portable)$(if $(filter 1,$(PROFILE)),-profile)
@@ -48,7 +48,7 @@ firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(B
 	@test -f "$$(arm-none-eabi-gcc -mthumb -mcpu=cortex-m4 -mfloat-abi=hard -mfpu=fpv4-sp-d16 -print-file-name=libc_nano.a)" || { echo "make firmware: newlib for arm-none-eabi not found: install the Debian package libnewlib-arm-none-eabi" >&2; exit 2; }
 	$(BIN)/fedtiny device firmware $(FIRMWARE_SCENARIO) --partition 1 --out build/firmware/gen --json \
 	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
-	$(MAKE) -s -C device/firmware BOARD=$(BOARD) KERNELS=$(KERNELS) PROFILE=$(PROFILE) GEN=$(CURDIR)/build/firmware/gen \
+	$(MAKE) -s -C device/firmware BOARD=$(BOARD) $(if $(KERNELS),KERNELS=$(KERNELS)) PROFILE=$(PROFILE) GEN=$(CURDIR)/build/firmware/gen \
 	    OUT=$(CURDIR)/$(FIRMWARE_OUT)
 
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
@@ -63,6 +63,17 @@ firmware-profile:  ## a measurement build in QEMU for one round: instructions pe
 	$(MAKE) -s firmware PROFILE=1
 	$(BIN)/python scripts/firmware_profile.py $(FIRMWARE_OUT)-profile/firmware.elf build/firmware/gen $(FIRMWARE_SCENARIO) \
 	    --board $(BOARD) $(foreach kv,$(FIRMWARE_SET),--set $(kv)) $(if $(PROFILE_OUT),--out $(PROFILE_OUT))
+
+# The per-kind kernel costs the device-time model charges (fedtiny/kernel_costs.py): tiny-ir trained in full
+# (every op kind and part) on the Cortex-M4 (an386) and M7 (an500), DSP and portable kernels.
+CALIBRATE_SET ?= run.clients=2 run.rounds=2 train.scheme=full
+firmware-calibrate:  ## measure the kernel costs on tiny-ir in QEMU (M4, M7; dsp, portable) and write fedtiny/kernel_costs.py
+	@mkdir -p build/calibrate
+	for b in an386 an500; do for k in dsp portable; do \
+	    $(MAKE) -s firmware-profile BOARD=$$b KERNELS=$$k FIRMWARE_SCENARIO=scenarios/firmware-demo.toml \
+	        FIRMWARE_SET="$(CALIBRATE_SET)" PROFILE_OUT=build/calibrate/$$b-$$k.json > /dev/null || exit 1; done; done
+	$(BIN)/python scripts/firmware_calibrate.py build/calibrate/an386-dsp.json build/calibrate/an386-portable.json \
+	    build/calibrate/an500-dsp.json build/calibrate/an500-portable.json > fedtiny/kernel_costs.py
 
 # The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
 docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/

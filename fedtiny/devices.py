@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, replace
 from fedtiny.errors import ScenarioError
 
 __all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB", "Radio", "RADIOS", "get_radio", "RoundCost",
-           "round_cost", "compute_seconds"]
+           "round_cost", "compute_seconds", "compute_cycles", "KernelCosts", "with_kernels"]
 
 KB = 1024
 
@@ -79,19 +79,22 @@ KB = 1024
 @dataclass(frozen=True)
 class KernelCosts:
     """Cycles of a core's training kernels, measured: per MAC of each (kind, part) of a step
-    (:mod:`fedtiny.budget.step_time`: kinds pointwise, depthwise, regular, fc; parts forward, input, weight),
-    per output-gradient element quantized, per elementwise (ADD, pooling) element and per weight element
-    the update writes. ``source`` names the measurement the figures were fitted on."""
+    (:mod:`fedtiny.budget.step_time`: kinds pointwise, depthwise, regular, fc; parts forward, input, weight)
+    and per element each part writes, per output-gradient element quantized, per elementwise (ADD,
+    pooling) element and per weight element the update writes. ``source`` names the measurement the
+    figures were fitted on."""
 
     per_mac: tuple[tuple[tuple[str, str], float], ...]
     per_gradient_element: float
     per_elementwise: float
     per_update_element: float
     source: str = ""
+    per_written: tuple[tuple[str, float], ...] = ()  # part -> cycles per element the part writes (any kind)
 
     def cycles(self, work) -> float:
-        """Cycles of a step's work (a :class:`fedtiny.budget.step_time.StepWork`). A (kind, part) the fit
-        never saw costs the same part of the nearest kind it did (regular, then pointwise)."""
+        """Cycles of one sample's work (a :class:`fedtiny.budget.step_time.StepWork`), the update aside. A
+        (kind, part) the fit never saw costs the same part of another kind it did (regular, pointwise,
+        depthwise, fc, in that order)."""
         table = dict(self.per_mac)
         total = 0.0
         for (kind, part), n in work.macs.items():
@@ -100,8 +103,12 @@ class KernelCosts:
             if cost is None:
                 raise ValueError(f"kernel costs ({self.source}) have no figure for {kind}/{part}")
             total += n * cost
-        return (total + work.gradient_elements * self.per_gradient_element
-                + work.elementwise * self.per_elementwise + work.updated * self.per_update_element)
+        total += sum(work.written.get(part, 0) * cost for part, cost in self.per_written)
+        return total + work.gradient_elements * self.per_gradient_element + work.elementwise * self.per_elementwise
+
+    def update_cycles(self, work) -> float:
+        """Cycles of one step's update (once per step, whatever its samples)."""
+        return work.updated * self.per_update_element
 
     def table(self) -> dict[str, float]:
         return {f"{k}/{p}": v for (k, p), v in self.per_mac}
@@ -183,6 +190,7 @@ class DeviceProfile:
     backward_factor: float = 2.0
     active_mw: float = 10.0
     radio: str = "ble-1m"
+    kernel_costs: KernelCosts | None = None  # measured per kind (with_kernels); None: cycles_per_mac
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,22 +223,26 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in [
 ]}
 
 
-# cycles per MAC of fedtiny's C step (see the module docstring): a core's family -> measured value
-REFERENCE_CYCLES_PER_MAC = {"Cortex-M4": 42.7, "Cortex-M7": 40.6}
 _FAMILY = {"cortex-m4f": "Cortex-M4", "cortex-m4": "Cortex-M4", "cortex-m7": "Cortex-M7", "generic": "Cortex-M7"}
 
 
 def with_kernels(profile: DeviceProfile, kernels: str) -> DeviceProfile:
-    """``profile`` with the compute cost of its kernels: ``optimized`` (the published figures) or
-    ``reference`` (fedtiny's C step as the firmware runs it, measured; Cortex-M4 and M7 only)."""
-    if kernels == "optimized":
-        return profile
+    """``profile`` with the compute cost of the kernels its clients run (``device.kernels``).
+
+    On Cortex-M4 and M7 cores both are fedtiny's own C kernels, measured per op kind in QEMU
+    (:data:`fedtiny.kernel_costs.MEASURED`): ``optimized`` the DSP build, ``reference`` the portable loops.
+    Other cores have no measurement: ``optimized`` keeps their published cycles per MAC."""
+    from fedtiny.kernel_costs import MEASURED
+
+    if kernels not in ("optimized", "reference"):
+        raise ScenarioError(f"device.kernels: expected optimized or reference, got {kernels!r}")
     family = _FAMILY.get(profile.core.lower())
-    if kernels != "reference" or family is None:
-        raise ScenarioError(f"device.kernels: {kernels!r} is measured for Cortex-M4 and Cortex-M7 profiles; "
-                            f"{profile.name} is a {profile.core or 'custom'} core" if kernels == "reference"
-                            else f"device.kernels: expected optimized or reference, got {kernels!r}")
-    return replace(profile, cycles_per_mac=REFERENCE_CYCLES_PER_MAC[family])
+    if family is None:
+        if kernels == "reference":
+            raise ScenarioError(f"device.kernels: 'reference' is measured for Cortex-M4 and Cortex-M7 profiles; "
+                                f"{profile.name} is a {profile.core or 'custom'} core")
+        return profile
+    return replace(profile, kernel_costs=MEASURED[(family, kernels)])
 
 
 def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile:
@@ -271,16 +283,25 @@ class RoundCost:
         return self.compute_s + self.radio_s
 
 
-def compute_seconds(profile: DeviceProfile, macs_forward: int, macs_backward: int) -> float:
-    """Seconds ``profile``'s core takes for these forward and backward MACs."""
-    cycles = profile.cycles_per_mac * (macs_forward + profile.backward_factor * macs_backward)
+def compute_cycles(profile: DeviceProfile, work, samples: int = 1, steps: int = 1) -> float:
+    """Cycles ``profile``'s core spends training ``samples`` samples in ``steps`` steps, each sample's work a
+    :class:`fedtiny.budget.step_time.StepWork`: the measured kernel costs per op kind (the update once per
+    step), or, without them, the published cycles per MAC with the backward factor."""
+    if profile.kernel_costs is not None:
+        return samples * profile.kernel_costs.cycles(work) + steps * profile.kernel_costs.update_cycles(work)
+    return samples * profile.cycles_per_mac * (work.forward_macs + profile.backward_factor * work.backward_macs)
+
+
+def compute_seconds(profile: DeviceProfile, cycles: float) -> float:
+    """Seconds ``profile``'s core takes for ``cycles``."""
     return cycles / (profile.clock_mhz * 1e6)
 
 
-def round_cost(profile: DeviceProfile, radio: Radio, macs_forward: int, macs_backward: int, downlink_bytes: int,
+def round_cost(profile: DeviceProfile, radio: Radio, cycles: float, downlink_bytes: int,
                uplink_bytes: int) -> RoundCost:
-    """A client's simulated seconds and millijoules for a round (mW x s = mJ)."""
-    compute = compute_seconds(profile, macs_forward, macs_backward)
+    """A client's simulated seconds and millijoules for a round (mW x s = mJ): ``cycles`` of training
+    (:func:`compute_cycles` of its samples' work) and the bytes on the air."""
+    compute = compute_seconds(profile, cycles)
     down, up = radio.airtime_s(downlink_bytes), radio.airtime_s(uplink_bytes)
     energy = compute * profile.active_mw + down * radio.rx_mw + up * radio.tx_mw
     return RoundCost(compute, (down + up) / radio.duty_cycle, energy)

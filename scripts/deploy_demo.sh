@@ -202,8 +202,8 @@ stack = max(int(c["stack_bytes"]) for c in mine)
 ram = sections.get(".data", 0) + sections.get(".bss", 0) + sections.get(".bss2", 0)  # .bss2: a second RAM region
 ips = sum(c["instructions_per_step"] for c in mine) / len(mine)
 per_step = gen["samples"] / max(1, int(mine[0]["steps"]))  # samples per step, averaged over the epoch
-weighted = (gen["macs_forward_per_sample"] + gen["backward_factor"] * gen["macs_backward_per_sample"]) * per_step
-model, published = gen["cycles_per_mac"] * weighted, gen["published_cycles_per_mac"] * weighted
+model = gen["cycles_per_sample"] * per_step + gen["update_cycles_per_step"]
+published = gen["published_cycles_per_sample"] * per_step
 print(json.dumps({
     "machine": f"qemu {BOARDS[board][0]} ({BOARDS[board][1]}), -icount shift=0; host {platform.machine()}",
     "firmware_updates_accepted": len(mine), "rounds": len(recs),
@@ -215,7 +215,7 @@ print(json.dumps({
     "stack_bytes": stack, "flash_bytes": sections.get(".vectors", 0) + sections.get(".text", 0) + sections.get(".data", 0),
     "arena_bytes": gen["arena_bytes"], "planner_peak_bytes": gen["planner_peak_bytes"],
     "instructions_per_step": round(ips), "model_cycles_per_step": round(model),
-    "instructions_vs_model": round(ips / model, 3), "model_cycles_per_mac": gen["cycles_per_mac"],
+    "instructions_vs_model": round(ips / model, 3), "kernels": gen["kernels"],
     "published_model_cycles_per_step": round(published), "instructions_vs_published_model": round(ips / published, 2),
     "profile": gen["profile"], "scheme": gen["scheme"],
     "final_accuracy": recs[-1]["global_accuracy"]}, sort_keys=True))

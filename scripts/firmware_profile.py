@@ -16,19 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_profile(log: Path) -> dict:
@@ -41,17 +34,13 @@ def read_profile(log: Path) -> dict:
 
 
 def main() -> int:
-    from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.budget.step_time import PARTS, StepWork, c_op_work, fit_costs
-    from fedtiny.compress.dense import pack_dense
     from fedtiny.devices import get_profile
-    from fedtiny.federated.client import client_task, local_round
-    from fedtiny.federated.fleet import server_task
-    from fedtiny.federated.task import client_profile, limit_threads
-    from fedtiny.federated.train import round_seed
-    from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.tools.qemu import start_qemu
+    from fedtiny.federated.client import local_round
+    from fedtiny.scenario import parse_overrides
+    from fedtiny.tools.firmware import bridged_client
+    from fedtiny.tools.qemu import running
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("elf")
@@ -65,27 +54,16 @@ def main() -> int:
     gen = Path(a.gen)
     ops = json.loads((gen / "ops.json").read_text())
     summary = json.loads((gen / "summary.json").read_text())
-    pid = a.partition
-    limit_threads()
-    task, initial, _, schemes = server_task(load_scenario(a.scenario, parse_overrides(a.overrides)), progress=None)
-    scheme = schemes.by_profile[client_profile(task.scenario, pid).name]
-    client = client_task(task.scenario, scheme)
-    down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
-    port = _free_port()
+    bc = bridged_client(a.scenario, a.partition, parse_overrides(a.overrides))
+    task = bc.task
     log = Path(tempfile.mkdtemp(prefix="fedtiny-firmware-profile-")) / "qemu.log"
-    qemu = start_qemu(a.elf, a.board, port, log)
-    try:
-        meta = {"round": 1, "scenario": task.scenario.to_json(), "scheme": scheme.to_json(), "downlink": "full",
-                "seed": round_seed(task.scenario.run.seed, 1, pid)}
+    with running(a.elf, a.board, log) as address:
         t0 = time.monotonic()
-        reply = relay_round(f"serial:127.0.0.1:{port}", model_hash(client.downlink_spec), meta, down,
+        reply = relay_round(address, bc.model_hash(), bc.train_meta(1), bc.downlink,
                             timeout=task.scenario.bridge.timeout_s)
         wall = time.monotonic() - t0
         time.sleep(0.5)  # the console line is written before UPDATE; let QEMU flush it
-    finally:
-        qemu.kill()
-        qemu.wait()
-    host, _ = local_round(task.scenario, pid, 1, down, kind="full", scheme=scheme, state={})
+    host, _ = local_round(task.scenario, a.partition, 1, bc.downlink, kind="full", scheme=bc.scheme, state={})
     prof = read_profile(log)
     steps = prof["steps"]
     per_tick = 1e9 / prof["tick_hz"]  # instructions per tick at -icount shift=0
@@ -94,27 +72,29 @@ def main() -> int:
     if len(works) != len(prof["ops"]):
         raise SystemExit(f"firmware_profile: {len(prof['ops'])} ops profiled, {len(works)} in {gen / 'ops.json'}")
     names = ("forward", "quantize", "input", "weight", "update")
-    rows, measured = [], []
-    for work, ticks in zip(works, prof["ops"]):
+    rows, measured = [], []  # measured: (one sample's work, instructions per step by part)
+    for geometry, work, ticks in zip(ops, works, prof["ops"]):
         instr = {n: t * per_tick / steps for n, t in zip(names, ticks)}
-        per_sample = {n: v / samples_per_step for n, v in instr.items()}
-        measured.append((work, per_sample))
-        rows.append({"op": work.name, "kind": work.kind, "macs_per_sample": work.macs,
-                     "gradient_elements": work.gradient_elements,
+        measured.append((work, instr))
+        rows.append({"op": work.name, "kind": work.kind, "geometry": geometry, "macs_per_sample": work.macs,
+                     "gradient_elements": work.gradient_elements, "updated": work.updated,
                      "instructions_per_step": {n: round(v) for n, v in instr.items() if v}})
     step = StepWork.of(works)
-    by_kind: dict[str, dict] = {}
-    for work, per_sample in measured:
-        for part in (PARTS if work.kind not in ("add", "pool") else ()):
+    by_kind: dict[str, dict] = {}  # per step: MACs or elements, instructions
+    for work, per_step in measured:
+        elementwise = work.kind in ("add", "pool")
+        for part in (() if elementwise else PARTS):
             if work.macs.get(part):
                 d = by_kind.setdefault(f"{work.kind}/{part}", {"macs": 0, "instructions": 0.0})
                 d["macs"] += work.macs[part] * samples_per_step
-                d["instructions"] += per_sample.get(part, 0.0) * samples_per_step
-        extra = ("quantize", per_sample.get("quantize", 0.0)) if work.kind not in ("add", "pool") else \
-            ("elementwise", sum(per_sample.values()))
-        d = by_kind.setdefault(extra[0], {"elements": 0, "instructions": 0.0})
-        d["elements"] += (work.gradient_elements if extra[0] == "quantize" else work.elementwise) * samples_per_step
-        d["instructions"] += extra[1] * samples_per_step
+                d["instructions"] += per_step.get(part, 0.0)
+        extras = [("elementwise", work.elementwise * samples_per_step, sum(per_step.values()))] if elementwise else [
+            ("quantize", work.gradient_elements * samples_per_step, per_step.get("quantize", 0.0)),
+            ("update", work.updated if per_step.get("update") else 0, per_step.get("update", 0.0))]
+        for name, elements, instructions in extras:
+            d = by_kind.setdefault(name, {"elements": 0, "instructions": 0.0})
+            d["elements"] += elements
+            d["instructions"] += instructions
     for d in by_kind.values():
         d["instructions"] = round(d["instructions"])
         if d.get("macs"):
@@ -124,8 +104,10 @@ def main() -> int:
     model = published.cycles_per_mac * (step.forward_macs + published.backward_factor * step.backward_macs) \
         * samples_per_step
     whole = float(reply.metrics["instructions_per_step"])
-    costs = fit_costs(measured, f"{summary['scenario']} on {a.board}")
-    result = {"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "kernels_build": str(gen),
+    costs = fit_costs(measured, samples_per_step, f"{summary['scenario']} on {a.board}")
+    flags = Path(a.elf).with_name("cflags.txt")
+    kernels = "portable" if flags.exists() and "-DFT_PORTABLE" in flags.read_text() else "dsp"
+    result = {"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "kernels": kernels,
               "steps": steps, "samples_per_step": round(samples_per_step, 3), "wall_s": round(wall, 1),
               "update_identical": reply.update == host.update,
               "instructions_per_step_profile_build": round(whole),
@@ -136,7 +118,9 @@ def main() -> int:
               "published_cycles_per_mac": published.cycles_per_mac, "backward_factor": published.backward_factor,
               "by_kind": by_kind, "ops": rows,
               "fitted_costs": {"per_mac": costs.table(), "per_gradient_element": costs.per_gradient_element,
-                               "per_elementwise": costs.per_elementwise}}
+                               "per_elementwise": costs.per_elementwise,
+                               "per_update_element": costs.per_update_element,
+                               "per_written": dict(costs.per_written)}}
     text = json.dumps(result, sort_keys=True)
     print(text)
     if a.out:

@@ -21,7 +21,11 @@
 #define FT_PIX 8  /* pixels of a block: two 32-bit loads of int8 */
 #else
 #define FT_KERNELS_DSP 0
+#if defined(__arm__) || defined(__thumb__)
+#define FT_PIX 8  /* a microcontroller's portable build: the block's accumulators stay small on its stack */
+#else
 #define FT_PIX 16 /* pixels of a block: one or two vector registers of int32 */
+#endif
 #endif
 
 /* Outputs of a window kernel per call (its accumulators on the caller's stack) */

@@ -50,9 +50,10 @@ OP_BYTES = 208  # one ft_op in flash (the op table)
 
 def stack_bytes(ops: int, classes: int) -> int:
     """The stack the firmware reserves: the protocol and the C step's frames, whose tables have an entry
-    per tensor (8 of 4 B) and per class (fedtiny_step.c, built with FT_MAX_TENSORS = ops + 1); rounded up
-    to 256 B. tiny-ir's 13 ops measured 1,416 B in QEMU (device/firmware/README.md)."""
-    need = 1536 + 32 * (ops + 1) + 4 * classes
+    per tensor (8 of 4 B) and per class (fedtiny_step.c, built with FT_MAX_TENSORS = ops + 1), and the
+    kernels' block accumulators and row pointers (fedtiny_kernels.h: about 256 B); rounded up to 256 B.
+    tiny-ir's 13 ops measured 1,900 B in QEMU with the DSP kernels, 1,952 B with the portable ones."""
+    need = 1792 + 32 * (ops + 1) + 4 * classes
     return -(-need // 256) * 256
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from fedtiny.budget.ledger import GRAD_BYTES, Ledger, OpEvents, recording
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
+from fedtiny.budget.step_time import StepWork, schedule_work
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, fused_events, fusable,
                                  to_nchw_shape)
@@ -84,6 +85,7 @@ class MemoryReport:
     macs_backward: int = 0
     arena_bytes: int = 0  # the peak without the persistent state and the input sample: a step's arena
     accumulate: bool = False
+    work: Any = None  # one sample's work by op kind and part (fedtiny.budget.step_time.StepWork)
 
     @property
     def macs(self) -> int:
@@ -108,6 +110,8 @@ class MemoryReport:
         d = asdict(self)
         d["reason"] = self.reason()
         d["macs"] = self.macs
+        if self.work is not None:  # (kind, part) keys as "kind/part"
+            d["work"] = {**d["work"], "macs": {f"{k}/{p}": n for (k, p), n in self.work.macs.items()}}
         return d
 
 
@@ -377,7 +381,7 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
                         device.name if device else None, device.sram_bytes if device else None,
                         device.flash_bytes if device else None, fits, reorder, inplace_depthwise, batch,
                         _rows(ops, L, batch), breakdown, *step_macs(ops), L.peak_without("persistent:", "act:input"),
-                        accumulate)
+                        accumulate, StepWork.of(schedule_work(ops)))
 
 
 def peak_sram_bytes(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,

@@ -57,6 +57,7 @@ class OpWork:
     gradient_elements: int = 0
     elementwise: int = 0
     updated: int = 0  # weight elements the update writes
+    written: dict[str, int] = field(default_factory=dict)  # part -> elements it writes (outputs, gx, gw)
 
 
 @dataclass
@@ -67,19 +68,22 @@ class StepWork:
     gradient_elements: int
     elementwise: int
     updated: int = 0
+    written: dict[str, int] = field(default_factory=dict)  # part -> elements written (every kind)
 
     @classmethod
     def of(cls, ops: Iterable[OpWork]) -> "StepWork":
         macs: dict[tuple[str, str], int] = {}
+        written: dict[str, int] = {}
         grad = elem = upd = 0
         for op in ops:
             for part, n in op.macs.items():
                 if n:
                     macs[(op.kind, part)] = macs.get((op.kind, part), 0) + n
+                    written[part] = written.get(part, 0) + op.written.get(part, 0)
             grad += op.gradient_elements
             elem += op.elementwise
             upd += op.updated
-        return cls(macs, grad, elem, upd)
+        return cls(macs, grad, elem, upd, written)
 
     @property
     def forward_macs(self) -> int:
@@ -91,9 +95,11 @@ class StepWork:
 
 
 def _conv_work(name: str, kind: str, forward: int, input_grad: bool, weight_macs: int, outputs: int,
-               gradient: bool, updated: int) -> OpWork:
+               gradient: bool, updated: int, inputs: int, weight_elements: int) -> OpWork:
+    """``weight_elements``: the weight gradient's elements (trained rows x trained elements of a row)."""
     return OpWork(name, kind, {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
-                  outputs if gradient else 0, 0, updated)
+                  outputs if gradient else 0, 0, updated,
+                  {"forward": outputs, "input": inputs if input_grad else 0, "weight": weight_elements})
 
 
 def c_op_work(ops: list[dict]) -> list[OpWork]:
@@ -114,13 +120,14 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
         cpg, kk = op["c"] // op["groups"], op["kh"] * op["kw"]
         kind = conv_kind((op["kh"], op["kw"]), op["groups"], op["c"], op["oc"], (op["oh"], op["ow"]), op["stride"])
         forward = outputs * cpg * kk
-        weight = 0
+        weight = grads = 0
         if op["train_w"]:
             trained = op["trained_channels"]  # input channels (depthwise: channels) whose weights train
-            weight = (trained if kind == "depthwise" else op["oc"] * trained) * kk * op["oh"] * op["ow"]
+            grads = (trained if kind == "depthwise" else op["oc"] * trained) * kk
+            weight = grads * op["oh"] * op["ow"]
         updated = op["oc"] * cpg * kk if op["train_w"] else 0
         out.append(_conv_work(op["name"], kind, forward, needs[i + 1] and needs[op["in0"]], weight, outputs,
-                              needs[i + 1], updated))
+                              needs[i + 1], updated, op["c"] * op["h"] * op["w"], grads))
     return out
 
 
@@ -142,48 +149,67 @@ def schedule_work(ops) -> list[OpWork]:
                                   outputs * (2 if upstream else 1)))
                 continue
             updated = m.weight.numel() if m.weight.requires_grad else 0
+            inputs = math.prod(part.in_shape[1:])
             if part.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
                 kind, forward = "fc", m.weight.numel()
-                trained = forward if m.weight.requires_grad else 0
+                trained = grads = forward if m.weight.requires_grad else 0
             else:
                 hw = tuple(part.out_shape[1:]) if len(part.out_shape) == 3 else (1, 1)
                 kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw,
                                  getattr(m, "stride", 1))
                 forward = outputs * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
-                trained = (round(forward * m.trained_weight_elements() / m.weight.numel())
-                           if m.weight.requires_grad else 0)
+                grads = m.trained_weight_elements() if m.weight.requires_grad else 0
+                trained = round(forward * grads / m.weight.numel())
             trains = part.kind in ("conv", "head") and any(p.requires_grad for p in m.parameters())
             out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
-                                  upstream or trains, updated))
+                                  upstream or trains, updated, inputs, grads))
         upstream |= op.trains
     return out
 
 
-def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], source: str) -> KernelCosts:
-    """Costs from a profile: per (kind, part), the measured cycles of every op over their MACs; the
-    quantization part per gradient element; the update per weight element written; ADD and pooling per
-    element. ``measured`` pairs each op's work with its cycles per part (``forward``, ``quantize``, ``input``,
-    ``weight``, ``update``) for the same samples."""
-    cyc: dict[tuple[str, str], float] = {}
-    macs: dict[tuple[str, str], int] = {}
+def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step: float, source: str) -> KernelCosts:
+    """Costs from a profile. Per part, the ops' cycles are fitted (non-negative least squares) as a cost per
+    MAC of each kind plus one cost per element the part writes, shared by every kind (an output's
+    requantization and store; an input gradient element's float add; a weight gradient element's): that
+    term is what makes a small layer dearer per MAC than a large one. The quantization part costs per
+    gradient element, ADD and pooling per element, the update (once per step) per weight element written.
+    ``measured`` pairs each op's work (one sample's) with its cycles per step by part (``forward``,
+    ``quantize``, ``input``, ``weight``, ``update``), steps of ``samples_per_step`` samples."""
+    import numpy as np
+    from scipy.optimize import nnls
+
     sums = {"quantize": [0.0, 0], "update": [0.0, 0], "elementwise": [0.0, 0]}
-    for work, cycles in measured:
+    per_mac: list[tuple[tuple[str, str], float]] = []
+    per_written: list[tuple[str, float]] = []
+    for part in PARTS:
+        rows = [(w, c[part] / samples_per_step) for w, c in measured
+                if w.kind not in ("add", "pool") and w.macs.get(part)]
+        if not rows:
+            continue
+        kinds = sorted({w.kind for w, _ in rows})
+        a = np.array([[w.macs[part] if w.kind == k else 0 for k in kinds] + [w.written.get(part, 0)] for w, _ in rows],
+                     dtype=float)
+        y = np.array([c for _, c in rows])
+        scale = a.max(axis=0)
+        scale[scale == 0] = 1.0
+        x, _ = nnls(a / scale, y)
+        x = x / scale
+        per_mac += [((k, part), round(float(v), 3)) for k, v in zip(kinds, x[:-1])]
+        per_written.append((part, round(float(x[-1]), 2)))
+    for work, per_step in measured:
+        cycles = {part: v / samples_per_step for part, v in per_step.items() if part != "update"}
         if work.kind in ("add", "pool"):
             sums["elementwise"][0] += sum(cycles.values())
             sums["elementwise"][1] += work.elementwise
             continue
-        for part in PARTS:
-            if work.macs.get(part):
-                cyc[(work.kind, part)] = cyc.get((work.kind, part), 0.0) + cycles.get(part, 0.0)
-                macs[(work.kind, part)] = macs.get((work.kind, part), 0) + work.macs[part]
         sums["quantize"][0] += cycles.get("quantize", 0.0)
         sums["quantize"][1] += work.gradient_elements
-        sums["update"][0] += cycles.get("update", 0.0)
+        sums["update"][0] += per_step.get("update", 0.0)
         sums["update"][1] += work.updated
 
     def per(name: str) -> float:
         total, count = sums[name]
         return round(total / count, 2) if count else 0.0
 
-    per_mac = tuple(sorted((k, round(cyc[k] / macs[k], 3)) for k in cyc))
-    return KernelCosts(per_mac, per("quantize"), per("elementwise"), per("update"), source)
+    return KernelCosts(tuple(sorted(per_mac)), per("quantize"), per("elementwise"), per("update"), source,
+                       tuple(per_written))

@@ -15,7 +15,7 @@ import torch
 
 from fedtiny.compress.dense import dense_nbytes
 from fedtiny.compress.uplink import DENSE
-from fedtiny.devices import DeviceProfile, Radio, compute_seconds, round_cost
+from fedtiny.devices import DeviceProfile, Radio, compute_cycles, compute_seconds, round_cost
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.federated import messages as msg
@@ -131,9 +131,10 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
         return LocalResult(b"", len(train), refusal=refusal, **facts), state
     t, fleet = scenario.train, scenario.fleet
     fwd, bwd = task.sample_macs(profile)
+    work = task.sample_work(profile)
     max_steps = None
     if fleet.partial_work and fleet.deadline_s > 0:
-        max_steps = steps_in_time(fleet.deadline_s, profile, radio, fwd, bwd, t.batch_size, len(downlink),
+        max_steps = steps_in_time(fleet.deadline_s, profile, radio, work, t.batch_size, len(downlink),
                                   dense_nbytes(task.uplink_spec))
     # The frozen prefix's int8 outputs for this client's samples, kept in its state between rounds
     # (the simulator's saving: the same numbers, and the device's time still counts every op)
@@ -155,7 +156,7 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
             trained = {n: to_wire(trained[n], np.dtype(dt)) for n, _, dt in task.uplink_spec}
     update, carried = task.uplink.encode(trained, received, server_round, state)
     state.update(carried)
-    cost = round_cost(profile, radio, fwd * fit.samples, bwd * fit.samples, len(downlink), len(update))
+    cost = round_cost(profile, radio, compute_cycles(profile, work, fit.samples, fit.steps), len(downlink), len(update))
     # A client cut short by the deadline weighs by the samples it trained on.
     examples = fit.num_examples if max_steps is None else min(fit.num_examples, fit.samples)
     return LocalResult(update, examples, fit.loss, fit.accuracy, test_acc, fit.steps, macs=(fwd + bwd) * fit.samples,
@@ -182,15 +183,15 @@ def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np
     return out
 
 
-def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, fwd: int, bwd: int, batch_size: int,
+def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, work, batch_size: int,
                   downlink_bytes: int, uplink_bound: int) -> int:
     """Training steps a client can take and still send before the deadline (0: not even one).
 
     Radio time is reserved for the downlink it received and for ``uplink_bound`` bytes up
     (the dense size of its trained tensors, which bounds the sparse formats below density 1).
     """
-    radio_s = round_cost(profile, radio, 0, 0, downlink_bytes, uplink_bound).radio_s
-    per_step = compute_seconds(profile, fwd * batch_size, bwd * batch_size)
+    radio_s = round_cost(profile, radio, 0, downlink_bytes, uplink_bound).radio_s
+    per_step = compute_seconds(profile, compute_cycles(profile, work, batch_size, 1))
     return max(0, math.floor((deadline_s - radio_s) / per_step)) if per_step > 0 else 0
 
 

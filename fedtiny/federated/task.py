@@ -101,6 +101,22 @@ class Task:
                                               profile=profile)
         return self._memory[key]
 
+    def sample_work(self, profile: DeviceProfile):
+        """One sample's work by op kind and part (:class:`fedtiny.budget.step_time.StepWork`; the planner's
+        schedule, an fp32 network counted on its int8 twin with everything trained)."""
+        report = self.memory(profile)
+        if report is not None:
+            return report.work
+        if "fp32-work" not in self._memory:
+            from fedtiny.budget.memory import schedule
+            from fedtiny.budget.step_time import StepWork, schedule_work
+
+            twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
+            for p in twin.parameters():
+                p.requires_grad_(True)
+            self._memory["fp32-work"] = StepWork.of(schedule_work(schedule(twin, self.federation.image_shape, 1)))
+        return self._memory["fp32-work"]
+
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:
         """Forward and backward multiply-accumulates of training on one sample (the planner's schedule).
 

@@ -21,7 +21,9 @@ import ctypes
 import json
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +64,47 @@ def _array(name: str, a: np.ndarray, const: bool, per_line: int = 16) -> str:
     return f"static {'const ' if const else ''}{_CTYPE[dtype]} {name}[{max(len(flat), 1)}] = {{\n    {body or '0'}\n}};\n"
 
 
+@dataclass
+class BridgedClient:
+    """A scenario's client as the server sees it when a device trains it: the task, the scheme the server
+    resolved for its profile, the client's task and the server's starting model as the full downlink."""
+
+    task: Any
+    scheme: Any
+    client: Any
+    downlink: bytes
+    partition: int
+
+    def train_meta(self, server_round: int) -> dict:
+        """The TRAIN message's metadata for a round (the scenario, the scheme, the round's seed)."""
+        from fedtiny.federated.train import round_seed
+
+        return {"round": server_round, "scenario": self.task.scenario.to_json(), "scheme": self.scheme.to_json(),
+                "downlink": "full", "seed": round_seed(self.task.scenario.run.seed, server_round, self.partition)}
+
+    def model_hash(self) -> str:
+        from fedtiny.bridge.protocol import model_hash
+
+        return model_hash(self.client.downlink_spec)
+
+
+def bridged_client(scenario_path: str, partition_id: int, overrides: dict | None = None) -> BridgedClient:
+    """:class:`BridgedClient` of ``partition_id`` (the server's start-up with its one intra-op thread, as
+    server/server_app.py runs it)."""
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import client_task
+    from fedtiny.federated.fleet import server_task
+    from fedtiny.federated.task import client_profile, limit_threads
+    from fedtiny.scenario import load_scenario
+
+    limit_threads()
+    task, initial, _, schemes = server_task(load_scenario(scenario_path, overrides), progress=None)
+    scheme = schemes.by_profile[client_profile(task.scenario, partition_id).name]
+    client = client_task(task.scenario, scheme)
+    down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
+    return BridgedClient(task, scheme, client, down, partition_id)
+
+
 def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progress=None,
              overrides: dict | None = None) -> dict:
     """Write ``firmware_model.c``, ``firmware_model.h``, ``firmware_memory.ld`` and ``firmware.mk`` into
@@ -73,7 +116,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     from fedtiny.budget.device_memory import FRAME_BYTES, TEXT_BYTES, encoded_bound
     from fedtiny.budget.memory import c_layout, memory_report
     from fedtiny.bridge.protocol import model_hash
-    from fedtiny.devices import get_profile
+    from fedtiny.devices import compute_cycles, get_profile
     from fedtiny.errors import ScenarioError
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
@@ -314,16 +357,21 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
         f"/* Generated for profile {profile.name}: the device this client is. */\n"
         f"FW_RAM_BYTES = {profile.sram_bytes};\nFW_FLASH_BYTES = {profile.flash_bytes};\n"
         f"FW_STACK_BYTES = {whole.ram['stack']};\n")
-    # the C step's stack tables sized to this model (fedtiny_step.c), the first-fit allocator unused (plans)
+    # the C step's stack tables sized to this model (fedtiny_step.c), the first-fit allocator unused (plans),
+    # and the kernels device.kernels names (optimized: the DSP build; reference: the portable loops)
     (out_dir / "firmware.mk").write_text(
-        f"FW_CFLAGS := -DFT_MAX_TENSORS={m.n_ops + 1} -DFT_MAX_CLASSES={m.classes} -DFT_MAX_BLOCKS=8\n")
+        f"FW_CFLAGS := -DFT_MAX_TENSORS={m.n_ops + 1} -DFT_MAX_CLASSES={m.classes} -DFT_MAX_BLOCKS=8\n"
+        f"FW_KERNELS := {'dsp' if scenario.device.kernels == 'optimized' else 'portable'}\n")
     summary = {"scenario": str(scenario_path), "overrides": {k: str(v) for k, v in (overrides or {}).items()},
                "model_hash": hash_, "scheme": scheme.name, "profile": profile.name, "partition": partition_id,
                "samples": len(train), "batch_size": t.batch_size, "arena_bytes": arena_bytes,
                "planner_peak_bytes": report.peak_sram_bytes, "planner_arena_bytes": report.arena_bytes,
                "downlink_bytes": offset, "uplink": cmp.uplink, "dense_uplink_bytes": up_bytes, "lr": lr,
                "macs_forward_per_sample": report.macs_forward, "macs_backward_per_sample": report.macs_backward,
-               "clock_mhz": profile.clock_mhz, "cycles_per_mac": profile.cycles_per_mac,
+               "clock_mhz": profile.clock_mhz, "kernels": scenario.device.kernels,
+               "cycles_per_sample": round(compute_cycles(profile, report.work, 1, 0)),
+               "update_cycles_per_step": round(compute_cycles(profile, report.work, 0, 1)),
+               "published_cycles_per_sample": round(compute_cycles(get_profile(profile.name), report.work)),
                "published_cycles_per_mac": get_profile(profile.name).cycles_per_mac,
                "backward_factor": profile.backward_factor, "device_ram_bytes": whole.device_ram_bytes,
                "device_flash_bytes": whole.device_flash_bytes, "device_ram": whole.ram, "device_flash": whole.flash,

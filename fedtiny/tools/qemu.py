@@ -7,13 +7,16 @@ instructions with SysTick); ``-semihosting`` lets it exit with a status. The bri
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["BOARDS", "PACKAGES", "missing_packages", "qemu_command", "start_qemu", "wait_listening"]
+__all__ = ["BOARDS", "PACKAGES", "missing_packages", "qemu_command", "start_qemu", "wait_listening", "free_port",
+           "running"]
 
 # board (device/firmware/boards/<board>) -> (QEMU machine, core); the first -serial is the firmware's UART
 # (UART0 on the MPS2 boards, USART1 on the STM32F405 of netduinoplus2)
@@ -65,6 +68,26 @@ def start_qemu(elf: str | Path, board: str, port: int, log: Path | None = None) 
         proc.kill()
         raise
     return proc
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(elf: str | Path, board: str, log: Path | None = None) -> Iterator[str]:
+    """The firmware in QEMU for the block's duration: yields its bridge address (``serial:127.0.0.1:PORT``);
+    QEMU is stopped on the way out, whatever happened."""
+    port = free_port()
+    proc = start_qemu(elf, board, port, log)
+    try:
+        yield f"serial:127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == "__main__":  # the command line, one argument per line (scripts/deploy_demo.sh runs it)
