@@ -1,0 +1,121 @@
+/* Every kernel of fedtiny_kernels.c on pseudo-random int8 data of many shapes, each result folded into a
+ * checksum, one line per kernel and shape: "kernel shape checksum". The same program built for the host
+ * (the portable kernels) and for a Cortex-M4/M7 (the DSP kernels, run in QEMU) must print the same lines:
+ * tests/test_kernels_dsp.py compares them. Odd sizes on purpose: every tail path runs.
+ *
+ * Host: cc -std=c99 -O2 kernel_check.c fedtiny_kernels.c -DFT_KERNEL_CHECK_HOST -o kernel_check
+ * Device: make -C device/firmware kernel-check (the board layer's start-up, output by semihosting). */
+#include <stdint.h>
+#include <string.h>
+
+#include "fedtiny_kernels.h"
+
+#ifdef FT_KERNEL_CHECK_HOST
+#include <stdio.h>
+static void emit(const char *line) { fputs(line, stdout); }
+#else
+#include "board.h"
+static void emit(const char *line) { board_debug_write(line); }
+#endif
+
+static uint32_t state = 0x9E3779B9u;
+
+static int8_t next8(void) { /* xorshift32: the same bytes on every machine */
+    state ^= state << 13;
+    state ^= state >> 17;
+    state ^= state << 5;
+    return (int8_t)(state >> 24);
+}
+
+static void fill(int8_t *a, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++) a[i] = next8();
+}
+
+static uint32_t mix(uint32_t h, int32_t v) { return (h ^ (uint32_t)v) * 16777619u; }
+
+static char *put_u(char *p, uint32_t v) {
+    char tmp[12];
+    int n = 0;
+    do tmp[n++] = (char)('0' + v % 10u); while ((v /= 10u) != 0);
+    while (n) *p++ = tmp[--n];
+    return p;
+}
+
+static void report(const char *name, int32_t a, int32_t b, int32_t c, uint32_t h) {
+    char line[96], *p = line;
+    const char *s = name;
+    while (*s) *p++ = *s++;
+    *p++ = ' ';
+    p = put_u(p, (uint32_t)a), *p++ = 'x';
+    p = put_u(p, (uint32_t)b), *p++ = 'x';
+    p = put_u(p, (uint32_t)c), *p++ = ' ';
+    p = put_u(p, h);
+    *p++ = '\n', *p = 0;
+    emit(line);
+}
+
+static int8_t x_buf[4096], w_buf[1024];
+
+int ft_kernel_check(void) {
+    static const int32_t lengths[] = {0, 1, 3, 4, 7, 8, 9, 16, 27, 64, 100, 257};
+    static const int32_t depths[] = {1, 2, 3, 8, 15, 16, 48};
+    static const int32_t pixels[] = {1, 3, 4, 5, 7, 8};
+    static const int32_t kernels[] = {1, 3, 5, 7};
+    int32_t i, j, r, s;
+    for (i = 0; i < (int32_t)(sizeof lengths / sizeof *lengths); i++) {
+        const int32_t n = lengths[i];
+        int32_t out[2];
+        uint32_t h = 2166136261u;
+        fill(x_buf, 3 * n + 3);
+        h = mix(h, ft_dot_s8(x_buf + 1, x_buf + n + 2, n)); /* unaligned on purpose */
+        ft_dot_s8_1x2(x_buf, x_buf + n + 1, x_buf + 2 * n + 3, n, out);
+        h = mix(mix(h, out[0]), out[1]);
+        h = mix(h, ft_sum_s8(x_buf + 3, n));
+        report("dot_sum", n, 1, 1, h);
+    }
+    for (i = 0; i < (int32_t)(sizeof depths / sizeof *depths); i++)
+        for (j = 0; j < (int32_t)(sizeof pixels / sizeof *pixels); j++)
+            for (r = 1; r <= 2; r++)
+                for (s = 0; s < 2; s++) { /* s = 0: a weight row (w_k = 1); 1: a weight column (w_k = depth + 1) */
+                    const int32_t depth = depths[i], n = pixels[j], x_k = n + 5, w_row = s ? 1 : depth + 2;
+                    const int32_t w_k = s ? depth + 1 : 1;
+                    int32_t acc[2 * FT_PIX], k;
+                    uint32_t h = 2166136261u;
+                    if (n > FT_PIX) continue;
+                    fill(x_buf, depth * x_k + 8);
+                    fill(w_buf, 2 * (depth + 2) * (depth + 2));
+                    ft_mac_block(w_buf, w_row, w_k, r, x_buf + 1, x_k, depth, n, acc);
+                    for (k = 0; k < n; k++) h = mix(h, acc[k]);
+                    if (r == 2)
+                        for (k = 0; k < n; k++) h = mix(h, acc[FT_PIX + k]);
+                    report(s ? "mac_block_column" : "mac_block_row", depth, n, r, h);
+                }
+    for (i = 0; i < (int32_t)(sizeof kernels / sizeof *kernels); i++)
+        for (s = 1; s <= 2; s++)
+            for (j = 1; j <= FT_ROW_BLOCK; j += 3) {
+                const int32_t k = kernels[i], n = j, width = (n - 1) * s + k;
+                const int8_t *rows[8];
+                int32_t acc[FT_ROW_BLOCK], t;
+                uint32_t h = 2166136261u;
+                fill(x_buf, k * (width + 1));
+                fill(w_buf, k * k);
+                for (t = 0; t < k; t++) rows[t] = x_buf + t * (width + 1);
+                for (t = 0; t < n; t++) acc[t] = t * 7 - 20;
+                ft_dw_row(rows, w_buf, k, k, s, n, acc);
+                for (t = 0; t < n; t++) h = mix(h, acc[t]);
+                report("dw_row", k, s, n, h);
+            }
+    emit("done\n");
+    return 0;
+}
+
+#ifdef FT_KERNEL_CHECK_HOST
+int main(void) { return ft_kernel_check(); }
+#else
+int main(void) {
+    board_init();
+    ft_kernel_check();
+    board_exit(0);
+}
+#endif
