@@ -69,6 +69,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from fedtiny.errors import ScenarioError
+from fedtiny.kernel_costs import MEASURED
 
 __all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB", "Radio", "RADIOS", "get_radio", "RoundCost",
            "round_cost", "compute_seconds", "compute_cycles", "KernelCosts", "with_kernels"]
@@ -112,6 +113,12 @@ class KernelCosts:
 
     def table(self) -> dict[str, float]:
         return {f"{k}/{p}": v for (k, p), v in self.per_mac}
+
+    @classmethod
+    def from_table(cls, t: dict) -> "KernelCosts":
+        """From an entry of :data:`fedtiny.kernel_costs.MEASURED`."""
+        return cls(tuple(sorted(t["per_mac"].items())), t["per_gradient_element"], t["per_elementwise"],
+                   t["per_update_element"], t["source"], tuple(sorted(t["per_written"].items())))
 
 
 @dataclass(frozen=True)
@@ -232,8 +239,6 @@ def with_kernels(profile: DeviceProfile, kernels: str) -> DeviceProfile:
     On Cortex-M4 and M7 cores both are fedtiny's own C kernels, measured per op kind in QEMU
     (:data:`fedtiny.kernel_costs.MEASURED`): ``optimized`` the DSP build, ``reference`` the portable loops.
     Other cores have no measurement: ``optimized`` keeps their published cycles per MAC."""
-    from fedtiny.kernel_costs import MEASURED
-
     if kernels not in ("optimized", "reference"):
         raise ScenarioError(f"device.kernels: expected optimized or reference, got {kernels!r}")
     family = _FAMILY.get(profile.core.lower())
@@ -242,7 +247,7 @@ def with_kernels(profile: DeviceProfile, kernels: str) -> DeviceProfile:
             raise ScenarioError(f"device.kernels: 'reference' is measured for Cortex-M4 and Cortex-M7 profiles; "
                                 f"{profile.name} is a {profile.core or 'custom'} core")
         return profile
-    return replace(profile, kernel_costs=MEASURED[(family, kernels)])
+    return replace(profile, kernel_costs=KernelCosts.from_table(MEASURED[(family, kernels)]))
 
 
 def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile:

@@ -5,6 +5,7 @@ Each argument is the JSON `scripts/firmware_profile.py --out` wrote for one boar
 become fedtiny.kernel_costs.MEASURED[(core family, device.kernels)], with the run that produced them.
 
 usage: python scripts/firmware_calibrate.py PROFILE.json [...] > fedtiny/kernel_costs.py
+(pure data: fedtiny.devices imports it)
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ def main() -> int:
              "Each entry is fitted (fedtiny.budget.step_time.fit_costs) on one QEMU run of a measurement build",
              "(`make firmware-profile`): instructions per MAC of each (kind, part) and per element each part",
              "writes, per output-gradient element, per elementwise element and per weight element updated, read",
-             "as cycles at CPI 1. Derivation and checks: docs/results/device-time.md.",
-             '"""', "", "from fedtiny.devices import KernelCosts", "", "MEASURED = {"]
+             "as cycles at CPI 1; fedtiny.devices.with_kernels turns an entry into a KernelCosts. Derivation and",
+             "checks: docs/results/device-time.md.",
+             '"""', "", "MEASURED = {"]
     for run in runs:
         key = (FAMILY[run["board"]], KERNELS[run["kernels"]])
         c = run["fitted_costs"]
-        per_mac = ", ".join(f'(("{k.split("/")[0]}", "{k.split("/")[1]}"), {v})' for k, v in sorted(c["per_mac"].items()))
+        per_mac = {tuple(k.split("/")): v for k, v in sorted(c["per_mac"].items())}
         source = (f'{run["scenario"]} {" ".join(run["overrides"])} on {run["board"]}, {run["kernels"]} kernels, '
                   f'commit {commit}')
-        lines += [f"    {key!r}: KernelCosts(",
-                  f"        ({per_mac},),",
-                  f'        {c["per_gradient_element"]}, {c["per_elementwise"]}, {c["per_update_element"]},',
-                  f'        "{source}",',
-                  f'        {tuple(sorted(c["per_written"].items()))!r}),']
+        lines += [f"    {key!r}: {{",
+                  f'        "per_mac": {per_mac!r},',
+                  f'        "per_written": {dict(sorted(c["per_written"].items()))!r},',
+                  f'        "per_gradient_element": {c["per_gradient_element"]}, "per_elementwise": {c["per_elementwise"]},',
+                  f'        "per_update_element": {c["per_update_element"]},',
+                  f'        "source": "{source}"}},']
     lines.append("}")
     print("\n".join(lines))
     return 0

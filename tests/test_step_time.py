@@ -4,7 +4,7 @@ the fit recovers costs it was given, and device.kernels picks measured costs whe
 import pytest
 
 from conftest import ROOT, build_c_library
-from fedtiny.budget.step_time import OpWork, StepWork, c_op_work, fit_costs, schedule_work
+from fedtiny.budget.step_time import OpWork, StepWork, c_op_work, fit_costs
 from fedtiny.devices import PROFILES, compute_cycles, with_kernels
 from fedtiny.errors import ScenarioError
 
@@ -13,7 +13,7 @@ from fedtiny.errors import ScenarioError
 def test_planner_and_c_step_count_the_same_work(scheme):
     from test_int8 import small_qmodel
 
-    from fedtiny.budget.memory import c_layout, schedule
+    from fedtiny.budget.memory import c_layout, schedule, step_work
     from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
     from fedtiny.int8 import cstep
 
@@ -22,7 +22,7 @@ def test_planner_and_c_step_count_the_same_work(scheme):
     q = small_qmodel()
     q.input_shape = (1, 8, 8)
     apply_scheme(q, resolve(parse_scheme(str(ROOT / scheme) if scheme.endswith(".json") else scheme), q))
-    planner = StepWork.of(schedule_work(schedule(q, (1, 8, 8), 1)))
+    planner = step_work(schedule(q, (1, 8, 8), 1))
     c = StepWork.of(c_op_work(cstep.CStep(q, lr=0.01, layout=c_layout(q, (1, 8, 8))).op_geometry()))
     assert planner.macs == c.macs and planner.written == c.written
     assert (planner.gradient_elements, planner.updated) == (c.gradient_elements, c.updated)

@@ -861,13 +861,16 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     float amax = 0.0f, s;
     size_t i, p;
     int32_t o;
-    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored */
-#define FT_GRAD_A(i) ((g[i] * (float)((mask[(i) >> 3] >> ((i) & 7)) & 1u)) * es)
+    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored. Where the mask
+     * is 0 or a is 0, a / s + u = u in [0, 1) (a signed zero added to u is u), whose floor is 0: no draw */
+#define FT_KEPT(i) ((mask[(i) >> 3] >> ((i) & 7)) & 1u)
     PROFILE_BEGIN(t_quant);
     for (o = 0, i = 0; o < op->oc; o++) {
         const float es = op->eff_scale[o];
         for (p = 0; p < hw; p++, i++) {
-            const float v = FT_GRAD_A(i);
+            float v;
+            if (!FT_KEPT(i)) continue;
+            v = g[i] * es; /* g * 1.0f = g */
             amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
         }
     }
@@ -881,12 +884,18 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
         for (o = 0, i = 0; o < op->oc; o++) {
             const float es = op->eff_scale[o];
             for (p = 0; p < hw; p++, i++) {
-                const int32_t v = floor_f32(FT_GRAD_A(i) / s + uniform_at(base, at + (uint32_t)i));
+                float a;
+                int32_t v;
+                if (!FT_KEPT(i) || (a = g[i] * es) == 0.0f) {
+                    q[i] = 0;
+                    continue;
+                }
+                v = floor_f32(a / s + uniform_at(base, at + (uint32_t)i));
                 q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
             }
         }
     }
-#undef FT_GRAD_A
+#undef FT_KEPT
     PROFILE_END(t_quant, index, FT_PART_QUANTIZE);
     if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */
         PROFILE_BEGIN(t_input);

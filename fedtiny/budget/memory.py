@@ -43,7 +43,7 @@ from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QResha
                                  to_nchw_shape)
 
 __all__ = ["optimizer_slots", "MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
-           "memory_report", "step_macs", "op_macs", "c_layout"]
+           "memory_report", "step_macs", "step_work", "op_macs", "c_layout"]
 
 
 @dataclass
@@ -307,6 +307,12 @@ def _fused_parts(op: ScheduledOp) -> list[ScheduledOp]:
             ScheduledOp("conv", dw, mid, (dw.out_channels, *dw.out_hw(mid[2:])), op.events)]
 
 
+def step_work(ops: list[ScheduledOp]) -> StepWork:
+    """One sample's work by op kind and part (:mod:`fedtiny.budget.step_time`) of a schedule, each fused pair
+    counted as its two convolutions (what the C step runs, one channel at a time)."""
+    return StepWork.of(schedule_work([p for op in ops for p in (_fused_parts(op) if op.kind == "fused" else [op])]))
+
+
 def step_macs(ops: list[ScheduledOp]) -> tuple[int, int]:
     """Forward and backward multiply-accumulates of one training step of a schedule.
 
@@ -381,7 +387,7 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
                         device.name if device else None, device.sram_bytes if device else None,
                         device.flash_bytes if device else None, fits, reorder, inplace_depthwise, batch,
                         _rows(ops, L, batch), breakdown, *step_macs(ops), L.peak_without("persistent:", "act:input"),
-                        accumulate, StepWork.of(schedule_work(ops)))
+                        accumulate, step_work(ops))
 
 
 def peak_sram_bytes(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,

@@ -132,38 +132,34 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
 
 
 def schedule_work(ops) -> list[OpWork]:
-    """Each op of the memory planner's schedule (:func:`fedtiny.budget.memory.schedule`, one sample) with its
-    work, as :func:`fedtiny.budget.memory.step_macs` counts it: an input gradient for every op at or after the
-    first trained one where a trained tensor lies upstream, weight gradients for trained channels."""
-    from fedtiny.budget.memory import _fused_parts
-
+    """Each op of the memory planner's schedule (one sample; fused pairs given as their two convolutions:
+    :func:`fedtiny.budget.memory.step_work` does that) with its work, as
+    :func:`fedtiny.budget.memory.step_macs` counts it: an input gradient for every op after the first
+    trained one (a trained tensor lies upstream), weight gradients for trained channels."""
     out: list[OpWork] = []
     upstream = False
     for op in ops:
-        parts = _fused_parts(op) if op.kind == "fused" else [op]
-        for part in parts:
-            m = part.module
-            outputs = math.prod(part.out_shape)
-            if part.kind in ("add", "pool"):
-                out.append(OpWork(getattr(m, "tag", part.kind), part.kind, {}, 0,
-                                  outputs * (2 if upstream else 1)))
-                continue
-            updated = m.weight.numel() if m.weight.requires_grad else 0
-            inputs = math.prod(part.in_shape[1:])
-            if part.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
-                kind, forward = "fc", m.weight.numel()
-                trained = grads = forward if m.weight.requires_grad else 0
-            else:
-                hw = tuple(part.out_shape[1:]) if len(part.out_shape) == 3 else (1, 1)
-                kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw,
-                                 getattr(m, "stride", 1))
-                forward = outputs * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
-                grads = m.trained_weight_elements() if m.weight.requires_grad else 0
-                trained = round(forward * grads / m.weight.numel())
-            trains = part.kind in ("conv", "head") and any(p.requires_grad for p in m.parameters())
-            out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
-                                  upstream or trains, updated, inputs, grads))
-        upstream |= op.trains
+        m = op.module
+        outputs = math.prod(op.out_shape)
+        if op.kind in ("add", "pool"):
+            out.append(OpWork(getattr(m, "tag", op.kind), op.kind, {}, 0, outputs * (2 if upstream else 1)))
+            continue
+        updated = m.weight.numel() if m.weight.requires_grad else 0
+        inputs = math.prod(op.in_shape[1:])
+        if op.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
+            kind, forward = "fc", m.weight.numel()
+            trained = grads = forward if m.weight.requires_grad else 0
+        else:
+            hw = tuple(op.out_shape[1:]) if len(op.out_shape) == 3 else (1, 1)
+            kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw,
+                             getattr(m, "stride", 1))
+            forward = outputs * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
+            grads = m.trained_weight_elements() if m.weight.requires_grad else 0
+            trained = round(forward * grads / m.weight.numel())
+        trains = any(p.requires_grad for p in m.parameters())
+        out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
+                              upstream or trains, updated, inputs, grads))
+        upstream |= trains
     return out
 
 

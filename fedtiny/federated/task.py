@@ -108,13 +108,12 @@ class Task:
         if report is not None:
             return report.work
         if "fp32-work" not in self._memory:
-            from fedtiny.budget.memory import schedule
-            from fedtiny.budget.step_time import StepWork, schedule_work
+            from fedtiny.budget.memory import schedule, step_work
 
             twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
             for p in twin.parameters():
                 p.requires_grad_(True)
-            self._memory["fp32-work"] = StepWork.of(schedule_work(schedule(twin, self.federation.image_shape, 1)))
+            self._memory["fp32-work"] = step_work(schedule(twin, self.federation.image_shape, 1))
         return self._memory["fp32-work"]
 
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:
