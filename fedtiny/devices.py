@@ -81,8 +81,8 @@ KB = 1024
 class KernelCosts:
     """Cycles of a core's training kernels, measured: per MAC of each (kind, part) of a step
     (:mod:`fedtiny.budget.step_time`: kinds pointwise, depthwise, regular, fc; parts forward, input, weight)
-    and per element each part writes, per output-gradient element quantized, per elementwise (ADD,
-    pooling) element and per weight element the update writes. ``source`` names the measurement the
+    and per element each writes, per output plane the forward sets up, per output-gradient element
+    quantized, per elementwise (ADD, pooling) element and per weight element the update writes. ``source`` names the measurement the
     figures were fitted on."""
 
     per_mac: tuple[tuple[tuple[str, str], float], ...]
@@ -90,22 +90,22 @@ class KernelCosts:
     per_elementwise: float
     per_update_element: float
     source: str = ""
-    per_written: tuple[tuple[str, float], ...] = ()  # part -> cycles per element the part writes (any kind)
+    per_written: tuple[tuple[tuple[str, str], float], ...] = ()  # (kind, part) -> cycles per element written
+    per_channel: float = 0.0  # cycles per output plane the forward sets up
 
     def cycles(self, work) -> float:
         """Cycles of one sample's work (a :class:`fedtiny.budget.step_time.StepWork`), the update aside. A
         (kind, part) the fit never saw costs the same part of another kind it did (regular, pointwise,
         depthwise, fc, in that order)."""
-        table = dict(self.per_mac)
+        per_mac, per_written = dict(self.per_mac), dict(self.per_written)
         total = 0.0
         for (kind, part), n in work.macs.items():
-            cost = next((table[(k, part)] for k in (kind, "regular", "pointwise", "depthwise", "fc")
-                         if (k, part) in table), None)
-            if cost is None:
+            k = next((k for k in (kind, "regular", "pointwise", "depthwise", "fc") if (k, part) in per_mac), None)
+            if k is None:
                 raise ValueError(f"kernel costs ({self.source}) have no figure for {kind}/{part}")
-            total += n * cost
-        total += sum(work.written.get(part, 0) * cost for part, cost in self.per_written)
-        return total + work.gradient_elements * self.per_gradient_element + work.elementwise * self.per_elementwise
+            total += n * per_mac[(k, part)] + work.written.get((kind, part), 0) * per_written.get((k, part), 0.0)
+        return (total + work.channels * self.per_channel + work.gradient_elements * self.per_gradient_element
+                + work.elementwise * self.per_elementwise)
 
     def update_cycles(self, work) -> float:
         """Cycles of one step's update (once per step, whatever its samples)."""
@@ -117,8 +117,10 @@ class KernelCosts:
     @classmethod
     def from_table(cls, t: dict) -> "KernelCosts":
         """From an entry of :data:`fedtiny.kernel_costs.MEASURED`."""
+        written = {(k if isinstance(k, tuple) else ("", k)): v for k, v in t["per_written"].items()}
         return cls(tuple(sorted(t["per_mac"].items())), t["per_gradient_element"], t["per_elementwise"],
-                   t["per_update_element"], t["source"], tuple(sorted(t["per_written"].items())))
+                   t["per_update_element"], t["source"], tuple(sorted(written.items())),
+                   t.get("per_channel", 0.0))  # a table fitted without the per-plane term: none
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ def main() -> int:
     lines = ['"""Measured cycles of fedtiny\'s C kernels per op kind (written by `make firmware-calibrate`: do not edit).',
              "",
              "Each entry is fitted (fedtiny.budget.step_time.fit_costs) on one QEMU run of a measurement build",
-             "(`make firmware-profile`): instructions per MAC of each (kind, part) and per element each part",
-             "writes, per output-gradient element, per elementwise element and per weight element updated, read",
+             "(`make firmware-profile`): instructions per MAC of each (kind, part) and per element it writes, per",
+             "output plane, per output-gradient element, per elementwise element and per weight element updated, read",
              "as cycles at CPI 1; fedtiny.devices.with_kernels turns an entry into a KernelCosts. Derivation and",
              "checks: docs/results/device-time.md.",
              '"""', "", "MEASURED = {"]
@@ -40,7 +40,8 @@ def main() -> int:
                   f'commit {commit}')
         lines += [f"    {key!r}: {{",
                   f'        "per_mac": {per_mac!r},',
-                  f'        "per_written": {dict(sorted(c["per_written"].items()))!r},',
+                  f'        "per_written": {dict((tuple(k.split("/")), v) for k, v in sorted(c["per_written"].items()))!r},',
+                  f'        "per_channel": {c["per_channel"]},',
                   f'        "per_gradient_element": {c["per_gradient_element"]}, "per_elementwise": {c["per_elementwise"]},',
                   f'        "per_update_element": {c["per_update_element"]},',
                   f'        "source": "{source}"}},']

@@ -77,6 +77,7 @@ def main() -> int:
         instr = {n: t * per_tick / steps for n, t in zip(names, ticks)}
         measured.append((work, instr))
         rows.append({"op": work.name, "kind": work.kind, "geometry": geometry, "macs_per_sample": work.macs,
+                     "written_per_sample": work.written,
                      "gradient_elements": work.gradient_elements, "updated": work.updated,
                      "instructions_per_step": {n: round(v) for n, v in instr.items() if v}})
     step = StepWork.of(works)
@@ -120,7 +121,8 @@ def main() -> int:
               "fitted_costs": {"per_mac": costs.table(), "per_gradient_element": costs.per_gradient_element,
                                "per_elementwise": costs.per_elementwise,
                                "per_update_element": costs.per_update_element,
-                               "per_written": dict(costs.per_written)}}
+                               "per_written": {f"{k}/{p}": v for (k, p), v in costs.per_written},
+                               "per_channel": costs.per_channel}}
     text = json.dumps(result, sort_keys=True)
     print(text)
     if a.out:

@@ -24,7 +24,7 @@ def test_planner_and_c_step_count_the_same_work(scheme):
     apply_scheme(q, resolve(parse_scheme(str(ROOT / scheme) if scheme.endswith(".json") else scheme), q))
     planner = step_work(schedule(q, (1, 8, 8), 1))
     c = StepWork.of(c_op_work(cstep.CStep(q, lr=0.01, layout=c_layout(q, (1, 8, 8))).op_geometry()))
-    assert planner.macs == c.macs and planner.written == c.written
+    assert planner.macs == c.macs and planner.written == c.written and planner.channels == c.channels
     assert (planner.gradient_elements, planner.updated) == (c.gradient_elements, c.updated)
     assert planner.macs[("pointwise", "forward")] > 0
     if scheme == "bias-only":  # only the classifier's weights train
@@ -34,26 +34,31 @@ def test_planner_and_c_step_count_the_same_work(scheme):
 def test_fit_recovers_the_costs_it_was_given():
     """Ops of two kinds and several sizes whose cycles are made from known costs: the fit returns them."""
     truth = {("pointwise", "forward"): 2.5, ("depthwise", "forward"): 4.0}
-    per_output, quantize, update, batch = 30.0, 60.0, 100.0, 4
+    written = {("pointwise", "forward"): 30.0, ("depthwise", "forward"): 20.0}
+    per_plane, quantize, update, batch = 300.0, 60.0, 100.0, 4
     measured = []
-    for kind, macs, outputs in [("pointwise", 4096, 256), ("pointwise", 9216, 128), ("pointwise", 1024, 64),
-                                ("depthwise", 2304, 256), ("depthwise", 1600, 64)]:
-        work = OpWork(kind, kind, {"forward": macs}, outputs, 0, 10, {"forward": outputs})
-        cycles = {"forward": batch * (truth[(kind, "forward")] * macs + per_output * outputs),
+    for kind, macs, outputs, planes in [("pointwise", 4096, 256, 16), ("pointwise", 9216, 128, 32),
+                                        ("pointwise", 1024, 64, 4), ("pointwise", 8192, 1024, 16),
+                                        ("depthwise", 2304, 256, 16), ("depthwise", 1600, 64, 64),
+                                        ("depthwise", 4900, 100, 4)]:
+        work = OpWork(kind, kind, {"forward": macs}, outputs, 0, 10, {"forward": outputs}, planes)
+        cycles = {"forward": batch * (truth[(kind, "forward")] * macs + written[(kind, "forward")] * outputs
+                                      + per_plane * planes),
                   "quantize": batch * quantize * outputs, "update": update * 10}
         measured.append((work, cycles))
     costs = fit_costs(measured, batch, "synthetic")
     assert dict(costs.per_mac) == pytest.approx(truth, rel=1e-6)
-    assert dict(costs.per_written)["forward"] == pytest.approx(per_output)
+    assert dict(costs.per_written) == pytest.approx(written, rel=1e-6)
+    assert costs.per_channel == pytest.approx(per_plane)
     assert (costs.per_gradient_element, costs.per_update_element) == (quantize, update)
     step = StepWork.of(w for w, _ in measured)
-    assert compute_cycles(PROFILES["nrf52840"].__class__(**{**PROFILES["nrf52840"].to_dict(), "kernel_costs": costs}),
-                          step, batch, 1) == pytest.approx(sum(sum(c.values()) for _, c in measured))
+    profile = PROFILES["nrf52840"].__class__(**{**PROFILES["nrf52840"].to_dict(), "kernel_costs": costs})
+    assert compute_cycles(profile, step, batch, 1) == pytest.approx(sum(sum(c.values()) for _, c in measured))
 
 
 def test_kernels_choose_measured_costs_on_cortex_m_and_published_figures_elsewhere():
     work = StepWork({("pointwise", "forward"): 1000, ("depthwise", "input"): 500}, 10, 0, 0,
-                    {"forward": 10, "input": 20})
+                    {("pointwise", "forward"): 10, ("depthwise", "input"): 20}, 4)
     nrf = PROFILES["nrf52840"]
     optimized, reference = with_kernels(nrf, "optimized"), with_kernels(nrf, "reference")
     assert optimized.kernel_costs is not None and "dsp" in optimized.kernel_costs.source

@@ -111,7 +111,8 @@ class MemoryReport:
         d["reason"] = self.reason()
         d["macs"] = self.macs
         if self.work is not None:  # (kind, part) keys as "kind/part"
-            d["work"] = {**d["work"], "macs": {f"{k}/{p}": n for (k, p), n in self.work.macs.items()}}
+            d["work"] = {**d["work"], "macs": {f"{k}/{p}": n for (k, p), n in self.work.macs.items()},
+                         "written": {f"{k}/{p}": n for (k, p), n in self.work.written.items()}}
         return d
 
 

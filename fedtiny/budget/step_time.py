@@ -10,7 +10,9 @@ A step's work is counted per **kind** of op (``pointwise``, ``depthwise``, ``reg
   counted as elements, not MACs;
 - ``update``: weight elements the optimizer writes (every element of a trained weight: stochastic rounding
   and momentum move untrained ones too);
-- ``elementwise``: elements of ADD and pooling, forward and backward.
+- ``elementwise``: elements of ADD and pooling, forward and backward;
+- per (kind, part), the elements the part writes (outputs; input gradient elements; weight gradient
+  elements), and the output planes the forward sets up.
 
 :class:`fedtiny.devices.KernelCosts` holds a core's cycles per MAC (per element for the last three) of
 each kind and part, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``;
@@ -58,6 +60,7 @@ class OpWork:
     elementwise: int = 0
     updated: int = 0  # weight elements the update writes
     written: dict[str, int] = field(default_factory=dict)  # part -> elements it writes (outputs, gx, gw)
+    channels: int = 0  # output planes the forward sets up (a convolution's output channels)
 
 
 @dataclass
@@ -68,22 +71,24 @@ class StepWork:
     gradient_elements: int
     elementwise: int
     updated: int = 0
-    written: dict[str, int] = field(default_factory=dict)  # part -> elements written (every kind)
+    written: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, part) -> elements written
+    channels: int = 0  # convolutions' output planes the forward sets up
 
     @classmethod
     def of(cls, ops: Iterable[OpWork]) -> "StepWork":
         macs: dict[tuple[str, str], int] = {}
-        written: dict[str, int] = {}
-        grad = elem = upd = 0
+        written: dict[tuple[str, str], int] = {}
+        grad = elem = upd = ch = 0
         for op in ops:
             for part, n in op.macs.items():
                 if n:
                     macs[(op.kind, part)] = macs.get((op.kind, part), 0) + n
-                    written[part] = written.get(part, 0) + op.written.get(part, 0)
+                    written[(op.kind, part)] = written.get((op.kind, part), 0) + op.written.get(part, 0)
             grad += op.gradient_elements
             elem += op.elementwise
             upd += op.updated
-        return cls(macs, grad, elem, upd, written)
+            ch += op.channels
+        return cls(macs, grad, elem, upd, written, ch)
 
     @property
     def forward_macs(self) -> int:
@@ -95,11 +100,11 @@ class StepWork:
 
 
 def _conv_work(name: str, kind: str, forward: int, input_grad: bool, weight_macs: int, outputs: int,
-               gradient: bool, updated: int, inputs: int, weight_elements: int) -> OpWork:
+               gradient: bool, updated: int, inputs: int, weight_elements: int, channels: int) -> OpWork:
     """``weight_elements``: the weight gradient's elements (trained rows x trained elements of a row)."""
     return OpWork(name, kind, {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
                   outputs if gradient else 0, 0, updated,
-                  {"forward": outputs, "input": inputs if input_grad else 0, "weight": weight_elements})
+                  {"forward": outputs, "input": inputs if input_grad else 0, "weight": weight_elements}, channels)
 
 
 def c_op_work(ops: list[dict]) -> list[OpWork]:
@@ -127,7 +132,7 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
             weight = grads * op["oh"] * op["ow"]
         updated = op["oc"] * cpg * kk if op["train_w"] else 0
         out.append(_conv_work(op["name"], kind, forward, needs[i + 1] and needs[op["in0"]], weight, outputs,
-                              needs[i + 1], updated, op["c"] * op["h"] * op["w"], grads))
+                              needs[i + 1], updated, op["c"] * op["h"] * op["w"], grads, op["oc"]))
     return out
 
 
@@ -158,40 +163,45 @@ def schedule_work(ops) -> list[OpWork]:
             trained = round(forward * grads / m.weight.numel())
         trains = any(p.requires_grad for p in m.parameters())
         out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
-                              upstream or trains, updated, inputs, grads))
+                              upstream or trains, updated, inputs, grads, op.out_shape[0]))
         upstream |= trains
     return out
 
 
 def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step: float, source: str) -> KernelCosts:
     """Costs from a profile. Per part, the ops' cycles are fitted (non-negative least squares) as a cost per
-    MAC of each kind plus one cost per element the part writes, shared by every kind (an output's
-    requantization and store; an input gradient element's float add; a weight gradient element's): that
-    term is what makes a small layer dearer per MAC than a large one. The quantization part costs per
-    gradient element, ADD and pooling per element, the update (once per step) per weight element written.
-    ``measured`` pairs each op's work (one sample's) with its cycles per step by part (``forward``,
-    ``quantize``, ``input``, ``weight``, ``update``), steps of ``samples_per_step`` samples."""
+    MAC and a cost per element written of each kind (an output's requantization and store; a gathered input
+    gradient element against a float add; a weight gradient element), and, in the forward, one cost per
+    output plane set up (padding a plane, a kernel call per row), shared by every kind: the terms that make
+    a small layer dearer per MAC than a large one. The quantization part costs per gradient element, ADD
+    and pooling per element, the update (once per step) per weight element written. ``measured`` pairs
+    each op's work (one sample's) with its cycles per step by part (``forward``, ``quantize``, ``input``,
+    ``weight``, ``update``), steps of ``samples_per_step`` samples."""
     import numpy as np
     from scipy.optimize import nnls
 
     sums = {"quantize": [0.0, 0], "update": [0.0, 0], "elementwise": [0.0, 0]}
     per_mac: list[tuple[tuple[str, str], float]] = []
-    per_written: list[tuple[str, float]] = []
+    per_written: list[tuple[tuple[str, str], float]] = []
+    per_channel = 0.0
     for part in PARTS:
         rows = [(w, c[part] / samples_per_step) for w, c in measured
                 if w.kind not in ("add", "pool") and w.macs.get(part)]
         if not rows:
             continue
         kinds = sorted({w.kind for w, _ in rows})
-        a = np.array([[w.macs[part] if w.kind == k else 0 for k in kinds] + [w.written.get(part, 0)] for w, _ in rows],
-                     dtype=float)
+        a = np.array([[w.macs[part] if w.kind == k else 0 for k in kinds]
+                      + [w.written.get(part, 0) if w.kind == k else 0 for k in kinds]
+                      + ([w.channels] if part == "forward" else []) for w, _ in rows], dtype=float)
         y = np.array([c for _, c in rows])
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
         x, _ = nnls(a / scale, y)
         x = x / scale
-        per_mac += [((k, part), round(float(v), 3)) for k, v in zip(kinds, x[:-1])]
-        per_written.append((part, round(float(x[-1]), 2)))
+        per_mac += [((k, part), round(float(v), 3)) for k, v in zip(kinds, x[:len(kinds)])]
+        per_written += [((k, part), round(float(v), 2)) for k, v in zip(kinds, x[len(kinds):2 * len(kinds)])]
+        if part == "forward":
+            per_channel = round(float(x[-1]), 1)
     for work, per_step in measured:
         cycles = {part: v / samples_per_step for part, v in per_step.items() if part != "update"}
         if work.kind in ("add", "pool"):
@@ -208,4 +218,4 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
         return round(total / count, 2) if count else 0.0
 
     return KernelCosts(tuple(sorted(per_mac)), per("quantize"), per("elementwise"), per("update"), source,
-                       tuple(per_written))
+                       tuple(sorted(per_written)), per_channel)
