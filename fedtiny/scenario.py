@@ -212,9 +212,10 @@ class DeviceSection:
                                         _range(0.0, 1.0))
     policy_max_change_lsb: int = _key(0, "privacy policy: a client clips each trained int8 weight's change per round "
                                       "to this many quantization steps before sending (0: no bound)", _range(0, 255))
-    kernels: str = _key("optimized", "compute cost of the clients' kernels for device time and energy: optimized "
-                        "(each profile's published cycles per MAC) or reference (fedtiny's C step as the firmware "
-                        "runs it, measured in QEMU; Cortex-M4/M7 profiles)", _choice("optimized", "reference"))
+    kernels: str = _key("optimized", "the clients' kernels, for device time and energy and for the firmware: optimized "
+                        "(fedtiny's DSP kernels, SXTB16/SMLAD) or reference (its portable loops), each priced per op "
+                        "kind as measured in QEMU on Cortex-M4/M7 profiles; other cores use their published cycles "
+                        "per MAC (reference: M4/M7 only)", _choice("optimized", "reference"))
     accumulate: bool = _key(False, "the memory check counts fp32 accumulators of the trained parameters, which a "
                             "device needs to train train.batch_size samples per step one micro-batch at a time "
                             "(false: each micro-batch's gradient is applied at once, as tiny-training's engine does)")
