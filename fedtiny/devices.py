@@ -4,7 +4,7 @@ Memory figures are the on-chip totals a firmware can use for data (SRAM) and cod
 read-only weights (flash). Parts without on-chip flash (RP2040, ESP32-S3) list the
 external flash of their reference board/module.
 
-Time and energy (what :func:`round_cost` turns MACs and bytes into):
+Time and energy (what :func:`compute_cycles` and :func:`round_cost` turn a step's work and bytes into):
 
 - ``cycles_per_mac``: int8 inference cycles per multiply-accumulate of a whole network,
   from published latencies divided by the network's MACs:
@@ -20,22 +20,19 @@ Time and energy (what :func:`round_cost` turns MACs and bytes into):
   * Cortex-M0+ (RP2040, STM32G031): 8.5, an assumption: no SIMD multiply-accumulate, about 4x
     the Cortex-M4 figure. No published whole-network figure was found.
 
-  * fedtiny's own C step (``device.kernels = "reference"``): Cortex-M4 42.7, Cortex-M7 40.6.
-    The firmware (device/firmware) counts the instructions of each training step in QEMU
-    (``-icount shift=0``: one instruction per nanosecond of virtual time, read from SysTick at
-    the boards' 25 MHz, checked against a loop of known length): 558.7 M (mps2-an386, -mcpu
-    cortex-m4) and 531.3 M (mps2-an500, cortex-m7) per step of 15.6 samples of
-    scenarios/firmware-demo.toml, 13.08 M weighted MACs (forward + 2 x backward), at an assumed
-    CPI of 1 (single-issue pipeline, zero-wait memory; an M7's dual issue would lower it, flash
-    wait states raise it). Plain C loops with bounds checks, no SIMD: 20x the published kernels,
-    which is what a device running this reference step spends (tests/test_firmware.py
-    re-measures it).
+  These describe CMSIS-NN / TinyEngine-class inference. On Cortex-M4 and M7 profiles the simulator
+  charges instead what fedtiny's own training kernels measure (:class:`KernelCosts`, per op kind and
+  part: ``device.kernels = "optimized"`` the DSP kernels, ``"reference"`` the portable loops; the
+  tables in :mod:`fedtiny.kernel_costs`, written by ``make firmware-calibrate`` from the firmware's
+  per-op instruction counts in QEMU at an assumed CPI of 1; docs/results/device-time.md). A whole
+  training step costs 1.9-2.4x what the published figures give it, mostly per element rather than
+  per MAC (requantization, QAS's gradient quantization, the update). Other cores keep
+  ``cycles_per_mac``.
 
-- ``backward_factor``: cycles per MAC of the backward pass relative to the forward. No
-  MCU measurement is published per MAC; we assume 2 (gradient kernels accumulate in 32 bits
-  without the int8 SIMD packing of inference kernels). The MACs themselves come from the
-  memory planner's schedule (input gradients only where a trained tensor lies upstream,
-  weight gradients only for trained channels), so a sparse update is cheap where it is.
+- ``backward_factor``: with ``cycles_per_mac``, cycles per backward MAC relative to the forward. No
+  MCU measurement is published per MAC; we assume 2. The MACs themselves come from the memory
+  planner's schedule (input gradients only where a trained tensor lies upstream, weight gradients
+  only for trained channels), so a sparse update is cheap where it is.
 
 - ``active_mw``: core power while computing (run mode from flash at the listed clock,
   3 V for nRF52 and 3.3 V otherwise). nRF52840 3.3 mA and nRF52832 3.7 mA (product
@@ -44,7 +41,9 @@ Time and energy (what :func:`round_cost` turns MACs and bytes into):
   F411 ~0.1, L432 ~0.084, G031 ~0.1); RP2040 ~22 mA at 133 MHz; ESP32-S3 ~55 mA with the CPU
   at 240 MHz and the radio off. The STM32, RP2040 and ESP32-S3 currents are typical values
   quoted from the datasheets' tables as we know them and were not re-checked against the PDFs
-  here: treat them as +-30%.
+  here: treat them as +-30%. Against one published measurement of on-device training on a
+  Cortex-M4F (0.38 nJ per cycle, STM32L4R5 at 120 MHz) the STM32L4 profile's 0.28 nJ is 0.73x:
+  docs/results/device-time.md, "Energy, with a basis". Not tuned to it.
 
 Radios (:data:`RADIOS`): goodput is application payload per second of radio time; energy
 per byte is the radio's power over its goodput (the core's power while it waits is not added).
