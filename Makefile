@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-calibrate docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,14 +41,15 @@ FIRMWARE_SET ?= run.clients=2 run.rounds=2
 BOARD ?= an386
 KERNELS ?=
 PROFILE ?= 0
+CHECK ?= 0
 # a measurement build (PROFILE=1) or the portable kernels (KERNELS=portable) get their own folder
-FIRMWARE_OUT = build/firmware/$(BOARD)$(if $(filter portable,$(KERNELS)),-portable)$(if $(filter 1,$(PROFILE)),-profile)
+FIRMWARE_OUT = build/firmware/$(BOARD)$(if $(filter portable,$(KERNELS)),-portable)$(if $(filter 1,$(PROFILE)),-profile)$(if $(filter 1,$(CHECK)),-check)
 firmware: $(STAMP) native  ## cross-compile the firmware into build/firmware/$(BOARD)/firmware.elf
 	@command -v arm-none-eabi-gcc >/dev/null 2>&1 || { echo "make firmware: arm-none-eabi-gcc not found: install the Debian package gcc-arm-none-eabi (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)" >&2; exit 2; }
 	@test -f "$$(arm-none-eabi-gcc -mthumb -mcpu=cortex-m4 -mfloat-abi=hard -mfpu=fpv4-sp-d16 -print-file-name=libc_nano.a)" || { echo "make firmware: newlib for arm-none-eabi not found: install the Debian package libnewlib-arm-none-eabi" >&2; exit 2; }
 	$(BIN)/fedtiny device firmware $(FIRMWARE_SCENARIO) --partition 1 --out build/firmware/gen --json \
 	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
-	$(MAKE) -s -C device/firmware BOARD=$(BOARD) $(if $(KERNELS),KERNELS=$(KERNELS)) PROFILE=$(PROFILE) GEN=$(CURDIR)/build/firmware/gen \
+	$(MAKE) -s -C device/firmware BOARD=$(BOARD) $(if $(KERNELS),KERNELS=$(KERNELS)) PROFILE=$(PROFILE) CHECK=$(CHECK) GEN=$(CURDIR)/build/firmware/gen \
 	    OUT=$(CURDIR)/$(FIRMWARE_OUT)
 
 firmware-demo: firmware  ## QEMU running the firmware + SuperLink + 2 SuperNodes (one bridged to QEMU's UART), 2 rounds, JSON summary
@@ -63,6 +64,12 @@ firmware-profile:  ## a measurement build in QEMU for one round: instructions pe
 	$(MAKE) -s firmware PROFILE=1
 	$(BIN)/python scripts/firmware_profile.py $(FIRMWARE_OUT)-profile/firmware.elf build/firmware/gen $(FIRMWARE_SCENARIO) \
 	    --board $(BOARD) $(foreach kv,$(FIRMWARE_SET),--set $(kv)) $(if $(PROFILE_OUT),--out $(PROFILE_OUT))
+
+firmware-opcheck:  ## the firmware's check build in QEMU against the host's C step, op by op (every tensor's hash), one round
+	$(MAKE) -s firmware CHECK=1
+	$(MAKE) -s -C device/c libfedtiny_step_check.so
+	$(BIN)/python scripts/firmware_opcheck.py $(FIRMWARE_OUT)-check/firmware.elf $(FIRMWARE_SCENARIO) --board $(BOARD) \
+	    $(foreach kv,$(FIRMWARE_SET),--set $(kv))
 
 # The per-kind kernel costs the device-time model charges (fedtiny/kernel_costs.py): tiny-ir trained in full
 # (every op kind and part) on the Cortex-M4 (an386) and M7 (an500), DSP and portable kernels.

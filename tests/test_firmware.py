@@ -176,3 +176,27 @@ def _cut_frame_then_no_ack(port: int, meta: dict, down: bytes) -> bytes:
         while frame.type != UPDATE:
             frame = read_frame(sock, 120)
         return frame.payload
+
+
+def test_every_op_of_the_firmware_step_equals_the_host_step(tmp_path):
+    """The firmware's op-check build (DSP kernels, in QEMU) against the host's (portable kernels): every tensor
+    of every step of a round, op by op (forward output and mask, quantized gradient, input gradient, updated
+    weight and bias), the same bytes (scripts/firmware_opcheck.py, make firmware-opcheck)."""
+    import json
+    import sys
+
+    from fedtiny.tools.firmware import generate
+
+    generate(str(SCENARIOS["firmware-demo"]), 1, tmp_path / "gen", overrides=OVERRIDES["firmware-demo"])
+    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", "CHECK=1",
+                    f"GEN={tmp_path / 'gen'}", f"OUT={tmp_path / 'an386'}"], check=True, capture_output=True)
+    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "c"), "libfedtiny_step_check.so"], check=True,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "firmware_opcheck.py"),
+                          str(tmp_path / "an386" / "firmware.elf"), str(SCENARIOS["firmware-demo"]),
+                          *[f"--set={k}={v}" for k, v in OVERRIDES["firmware-demo"].items()]],
+                         capture_output=True, text=True, cwd=str(ROOT))
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert run.returncode == 0 and result["identical"], result
+    assert result["device_lines"] == result["host_lines"] > 1000
+    assert set(result["by_kind"]) == {"output", "mask", "quantized gradient", "input gradient", "weight", "bias"}

@@ -25,6 +25,21 @@ void ft_profile_add(int32_t op, int32_t part, uint32_t elapsed);
 #define PROFILE_END(t, op, part) ((void)(op))
 #endif
 
+/* Op checks (built with FT_CHECK_OPS: the firmware's check build and the host's libfedtiny_step_check.so):
+ * every tensor a training step produces, op by op, handed to ft_check_tensor, which prints its hash, so
+ * that the DSP build in QEMU and the portable build on the host can be compared op by op
+ * (scripts/firmware_opcheck.py). What: the forward's output and mask, the quantized output gradient, the
+ * input gradient after the op's contribution, the weight and bias after their update. */
+enum { FT_CHECK_OUTPUT = 0, FT_CHECK_MASK = 1, FT_CHECK_GRAD_Q = 2, FT_CHECK_GRAD_IN = 3, FT_CHECK_WEIGHT = 4,
+       FT_CHECK_BIAS = 5 };
+#ifdef FT_CHECK_OPS
+void ft_check_tensor(int32_t op, int32_t what, const void *data, size_t bytes);
+#define CHECK_TENSOR(a, op, what, data, bytes) \
+    do { if ((a)->base && !(a)->quiet && (data)) ft_check_tensor((op), (what), (data), (bytes)); } while (0)
+#else
+#define CHECK_TENSOR(a, op, what, data, bytes) ((void)(a))
+#endif
+
 /* Tables on the stack are sized by these: firmware sets them to its model's (a 256-entry table is 1 KB
  * of a device's stack per array) */
 #ifndef FT_MAX_TENSORS
@@ -56,6 +71,7 @@ typedef struct {
     const uint32_t *plan;          /* offsets of the takes, in order (NULL: first fit) */
     int32_t plan_len, k;           /* k: takes so far */
     int32_t *log, log_cap, log_len; /* recording: take = its bytes (> 0), give = -(1 + take index) */
+    int32_t quiet;                  /* a recording step: no op checks (FT_CHECK_OPS) */
     size_t at[FT_MAX_BLOCKS], size[FT_MAX_BLOCKS];  /* first fit: live blocks, sorted by offset */
     int32_t id[FT_MAX_BLOCKS];     /* ... and the take that made each */
     int32_t n;
@@ -527,6 +543,7 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
                 if (!b->act[i + 2]) return -2;
                 rc = fused_forward(op, dw, i, b->act[op->in0], b->act[i + 2], a);
                 if (rc) return rc;
+                if (needs) CHECK_TENSOR(a, i + 1, FT_CHECK_OUTPUT, b->act[i + 2], (size_t)out_size(m, i + 2));
             }
             if (op->in0 > 0 && b->last[op->in0] == i) {
                 give(a, b->act[op->in0]);
@@ -570,6 +587,10 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
             pool_forward(op, b->act[op->in0], b->act[i + 1]);
         }
         PROFILE_END(t_forward, i, FT_PART_FORWARD);
+        if (needs) {
+            CHECK_TENSOR(a, i, FT_CHECK_OUTPUT, b->act[i + 1], count);
+            CHECK_TENSOR(a, i, FT_CHECK_MASK, b->mask[i + 1], (count + 7) / 8);
+        }
         if (op->kind == FT_OP_ADD && op->in1 > 0 && op->in1 != op->in0 && b->last[op->in1] == i) {
             give(a, b->act[op->in1]);
             b->act[op->in1] = 0;
@@ -897,10 +918,12 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     }
 #undef FT_KEPT
     PROFILE_END(t_quant, index, FT_PART_QUANTIZE);
+    CHECK_TENSOR(a, index, FT_CHECK_GRAD_Q, q, count);
     if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */
         PROFILE_BEGIN(t_input);
         input_grad(op, q, s, gx);
         PROFILE_END(t_input, index, FT_PART_INPUT_GRAD);
+        CHECK_TENSOR(a, index, FT_CHECK_GRAD_IN, gx, (size_t)op->c * op->h * op->w * sizeof(float));
     }
     if (op->train_b) {
         float *b = apply ? (float *)take(a, (size_t)op->oc * sizeof(float)) : gb;
@@ -912,6 +935,7 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
                 update_one(m, b[o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
                            &op->bias[o], 0, (uint32_t)o);
             give(a, b);
+            CHECK_TENSOR(a, index, FT_CHECK_BIAS, op->bias, (size_t)op->oc * sizeof(int32_t));
         }
         PROFILE_END(t_bias, index, FT_PART_QUANTIZE);
     }
@@ -935,6 +959,8 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
             }
         }
         give(a, row);
+        if (apply)
+            CHECK_TENSOR(a, index, FT_CHECK_WEIGHT, op->weight, (size_t)op->oc * (op->c / op->groups) * op->kh * op->kw);
     }
     return 0;
 }
@@ -1022,6 +1048,7 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
                     if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
                     if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
                 }
+                if (needs[op->in0]) CHECK_TENSOR(a, i, FT_CHECK_GRAD_IN, grad[op->in0], count * sizeof(float));
             } else if (needs[op->in0]) {
                 const int32_t hw = op->h * op->w;
                 for (j = 0; j < count; j++) {
@@ -1055,6 +1082,8 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
                 update_one(m, gb[i][o], op->qas_b ? &op->qas_b[o] : 0, op->mom_b ? &op->mom_b[o] : 0, step, 0,
                            &op->bias[o], 0, (uint32_t)o);
         PROFILE_END(t_update, i, FT_PART_UPDATE);
+        if (gw[i]) CHECK_TENSOR(a, i, FT_CHECK_WEIGHT, op->weight, (size_t)op->oc * (op->c / op->groups) * op->kh * op->kw);
+        if (gb[i]) CHECK_TENSOR(a, i, FT_CHECK_BIAS, op->bias, (size_t)op->oc * sizeof(int32_t));
     }
     return 0;
 }
@@ -1109,6 +1138,7 @@ int32_t ft_step_record(const ft_model *m, const int8_t *x, const int32_t *y, int
     a.base = arena;
     a.cap = arena_bytes;
     a.log = log;
+    a.quiet = 1;
     a.log_cap = log_cap;
     rc = step_impl(m, x, 0, y, batch, 0, 0, &a, 0);
     if (rc) return rc;

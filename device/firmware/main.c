@@ -638,6 +638,29 @@ static void profile_report(uint32_t steps) {
 }
 #endif
 
+#ifdef FT_CHECK_OPS
+/* An op-check build (make firmware CHECK=1): every tensor the step produces, its FNV-1a hash on the host's
+ * console as "FTCHECK op what bytes hash", the lines the host's check build prints (device/c/check_host.c). */
+void ft_check_tensor(int32_t op, int32_t what, const void *data, size_t bytes) {
+    const uint8_t *d = (const uint8_t *)data;
+    uint32_t h = 2166136261u;
+    char line[64], *p;
+    size_t i;
+    for (i = 0; i < bytes; i++) h = (h ^ d[i]) * 16777619u;
+    p = put_str(line, "FTCHECK ");
+    p = put_uint(p, (uint32_t)op);
+    p = put_str(p, " ");
+    p = put_uint(p, (uint32_t)what);
+    p = put_str(p, " ");
+    p = put_uint(p, bytes);
+    p = put_str(p, " ");
+    p = put_uint(p, h);
+    p = put_str(p, "\n");
+    *p = 0;
+    board_debug_write(line);
+}
+#endif
+
 static void send_busy(uint32_t round_, uint32_t step, uint32_t steps) {
     char *p = put_str(text, "{\"round\": ");
     p = put_uint(p, round_);

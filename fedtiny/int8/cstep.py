@@ -49,7 +49,10 @@ class _Report(ctypes.Structure):
 
 
 def library_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "device" / "c" / "libfedtiny_step.so"
+    """``device/c/libfedtiny_step.so``, or the build ``FEDTINY_STEP_LIB`` names (the op-check build of
+    scripts/firmware_opcheck.py: the same step, printing every tensor's hash)."""
+    return Path(os.environ.get("FEDTINY_STEP_LIB") or
+                Path(__file__).resolve().parents[2] / "device" / "c" / "libfedtiny_step.so")
 
 
 @lru_cache(maxsize=1)
