@@ -116,10 +116,8 @@ class KernelCosts:
     @classmethod
     def from_table(cls, t: dict) -> "KernelCosts":
         """From an entry of :data:`fedtiny.kernel_costs.MEASURED`."""
-        written = {(k if isinstance(k, tuple) else ("", k)): v for k, v in t["per_written"].items()}
         return cls(tuple(sorted(t["per_mac"].items())), t["per_gradient_element"], t["per_elementwise"],
-                   t["per_update_element"], t["source"], tuple(sorted(written.items())),
-                   t.get("per_channel", 0.0))  # a table fitted without the per-plane term: none
+                   t["per_update_element"], t["source"], tuple(sorted(t["per_written"].items())), t["per_channel"])
 
 
 @dataclass(frozen=True)

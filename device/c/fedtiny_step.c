@@ -251,7 +251,7 @@ static int32_t folded_bias(const ft_op *op, int32_t o, const int8_t *w, int32_t 
 /* Output channel o of a convolution over a view of its input: the group's input planes at x (plane
  * stride h * w), padded by pad_t / pad_l (a zero-point-padded plane passes its own size and 0, 0). Writes
  * y[oy * ystride + ox] and the mask bit at mask_at + oy * ow + ox. Outputs whose window lies inside the
- * view are summed by ft_dw_row, FT_PIX at a time, with the offset folded into the bias; the border's
+ * view are summed by ft_dw_row, FT_ROW_BLOCK at a time, with the offset folded into the bias; the border's
  * with bounds checks, as TFLM. */
 static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32_t w, int32_t pad_t, int32_t pad_l,
                               int32_t o, int8_t *y, int32_t ystride, uint8_t *mask, size_t mask_at) {
@@ -764,7 +764,7 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
  * element (ci, iy, ix), sum over the outputs o, oy, ox whose window reads it of q[o, oy, ox] w[o, ci, ky, kx].
  * Pointwise: the transposed product by ft_mac_block (a weight column against the output gradient's
  * planes). Otherwise a gather: at stride 1, inputs every tap of whose window lies inside the outputs are
- * summed by ft_dw_row with the kernel flipped, FT_PIX at a time; the rest with checks. */
+ * summed by ft_dw_row with the kernel flipped, FT_ROW_BLOCK at a time; the rest with checks. */
 static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups, kk = op->kh * op->kw;
     const int32_t hw = op->h * op->w, ohw = op->oh * op->ow;
