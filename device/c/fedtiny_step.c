@@ -483,36 +483,22 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
     return 0;
 }
 
-/* A depthwise convolution over its own input (the input's last reader): each channel is copied to the
- * padded workspace, computed into the workspace's output plane and written back over the input. */
-static int inplace_forward(const ft_op *op, int8_t *x, uint8_t *mask, arena_t *a) {
+/* A depthwise convolution, each channel through the padded workspace (the planner's) so that every output is
+ * an interior one. In place (y == x, the input's last reader) the workspace also holds the channel's output
+ * plane, written back over the input: output plane o ends before input plane o + 1 starts (ohw <= hw). */
+static int dw_forward(const ft_op *op, int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
     const size_t ohw = (size_t)op->oh * op->ow;
+    const int inplace = y == x;
     int32_t hp, wp, o;
     int8_t *pad;
     padded_dims(op, &hp, &wp);
-    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp + ohw));
-    if (!pad) return -2;
-    for (o = 0; o < op->c; o++) { /* output plane o ends before input plane o + 1 starts: ohw <= hw */
-        pad_plane(op, x + (size_t)o * op->h * op->w, hp, wp, pad);
-        dw_channel(op, pad, hp, wp, o, pad + (size_t)hp * wp, mask, (size_t)o * ohw);
-        memcpy(x + (size_t)o * ohw, pad + (size_t)hp * wp, ohw);
-    }
-    give(a, pad);
-    return 0;
-}
-
-/* A depthwise convolution into a new output: each channel through the padded workspace (the planner's), so
- * that every output is an interior one. */
-static int dw_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
-    const size_t ohw = (size_t)op->oh * op->ow;
-    int32_t hp, wp, o;
-    int8_t *pad;
-    padded_dims(op, &hp, &wp);
-    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp));
+    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp + (inplace ? ohw : 0)));
     if (!pad) return -2;
     for (o = 0; o < op->c; o++) {
+        int8_t *out = inplace ? pad + (size_t)hp * wp : y + (size_t)o * ohw;
         pad_plane(op, x + (size_t)o * op->h * op->w, hp, wp, pad);
-        dw_channel(op, pad, hp, wp, o, y + (size_t)o * ohw, mask, (size_t)o * ohw);
+        dw_channel(op, pad, hp, wp, o, out, mask, (size_t)o * ohw);
+        if (inplace) memcpy(x + (size_t)o * ohw, out, ohw);
     }
     give(a, pad);
     return 0;
@@ -572,7 +558,7 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
         if (!b->act[i + 1] || (grads && !b->mask[i + 1])) return -2;
         PROFILE_BEGIN(t_forward);
         if (inplace) {
-            rc = inplace_forward(op, b->act[i + 1], b->mask[i + 1], a);
+            rc = dw_forward(op, b->act[i + 1], b->act[i + 1], b->mask[i + 1], a);
             if (rc) return rc;
             shrink(a, b->act[i + 1], count);
             b->act[op->in0] = 0; /* now the output */

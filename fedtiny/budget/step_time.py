@@ -5,7 +5,7 @@ A step's work is counted per **kind** of op (``pointwise``, ``depthwise``, ``reg
 
 - ``forward``: the forward's MACs;
 - ``input``: the input gradient's MACs (an op through which a gradient flows to a trained tensor);
-- ``weight``: the weight gradient's MACs (trained channels only) with the update of the trained rows;
+- ``weight``: the weight gradient's MACs (trained channels only);
 - ``gradient``: elements of the output gradient an op quantizes (QAS's int8 gradient, the bias gradient),
   counted as elements, not MACs;
 - ``update``: weight elements the optimizer writes (every element of a trained weight: stochastic rounding
@@ -14,8 +14,8 @@ A step's work is counted per **kind** of op (``pointwise``, ``depthwise``, ``reg
 - per (kind, part), the elements the part writes (outputs; input gradient elements; weight gradient
   elements), and the output planes the forward sets up.
 
-:class:`fedtiny.devices.KernelCosts` holds a core's cycles per MAC (per element for the last three) of
-each kind and part, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``;
+:class:`fedtiny.devices.KernelCosts` holds a core's cycles per MAC and per element written of each kind
+and part, per plane, per gradient element, per elementwise element and per weight element updated, measured on fedtiny's own C kernels in QEMU (``make firmware-profile``;
 docs/results/device-time.md).
 The same work is counted from the memory planner's schedule (:func:`schedule_work`, what the simulator
 charges) and from the C step's op list (:func:`c_op_work`, what the firmware's profile is attributed to).

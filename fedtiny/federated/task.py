@@ -107,14 +107,9 @@ class Task:
         report = self.memory(profile)
         if report is not None:
             return report.work
-        if "fp32-work" not in self._memory:
-            from fedtiny.budget.memory import schedule, step_work
+        from fedtiny.budget.memory import step_work
 
-            twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
-            for p in twin.parameters():
-                p.requires_grad_(True)
-            self._memory["fp32-work"] = step_work(schedule(twin, self.federation.image_shape, 1))
-        return self._memory["fp32-work"]
+        return step_work(self._fp32_schedule())
 
     def sample_macs(self, profile: DeviceProfile) -> tuple[int, int]:
         """Forward and backward multiply-accumulates of training on one sample (the planner's schedule).
@@ -126,14 +121,20 @@ class Task:
         if report is not None:
             batch = self.scenario.device.micro_batch
             return report.macs_forward // batch, report.macs_backward // batch
-        if "fp32-macs" not in self._memory:
-            from fedtiny.budget.memory import schedule, step_macs
+        from fedtiny.budget.memory import step_macs
+
+        return step_macs(self._fp32_schedule())
+
+    def _fp32_schedule(self) -> list:
+        """One sample's schedule of an fp32 network's int8 twin, everything trained (built once)."""
+        if "fp32-schedule" not in self._memory:
+            from fedtiny.budget.memory import schedule
 
             twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
             for p in twin.parameters():
                 p.requires_grad_(True)
-            self._memory["fp32-macs"] = step_macs(schedule(twin, self.federation.image_shape, 1))
-        return self._memory["fp32-macs"]
+            self._memory["fp32-schedule"] = schedule(twin, self.federation.image_shape, 1)
+        return self._memory["fp32-schedule"]
 
 
 @dataclass(frozen=True)
