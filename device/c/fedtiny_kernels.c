@@ -245,7 +245,54 @@ static int32_t dw_s1(const int8_t *const *rows, const int8_t *wk, int32_t kh, in
     return n;
 }
 
+void ft_cols_prepare(int16_t *col, int32_t depth) {
+    int32_t k;
+    for (k = 0; k + 4 <= depth; k += 4) { /* (x0, x1), (x2, x3) -> (x0, x2), (x1, x3) */
+        uint32_t a, b, lo, hi;
+        memcpy(&a, col + k, 4);
+        memcpy(&b, col + k + 2, 4);
+        lo = pack_lo(a, b), hi = pack_hi(a, b);
+        memcpy(col + k, &lo, 4);
+        memcpy(col + k + 2, &hi, 4);
+    }
+}
+
+void ft_mac_2x2_cols(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int32_t depth,
+                     int32_t acc[4]) {
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, k;
+    for (k = 0; k + 4 <= depth; k += 4) {
+        uint32_t we, wo, x0, x1, y0, y1;
+        memcpy(&x0, c0 + k, 4), memcpy(&x1, c0 + k + 2, 4);
+        memcpy(&y0, c1 + k, 4), memcpy(&y1, c1 + k + 2, 4);
+        WIDEN(load32(w0 + k), we, wo);
+        a00 = SMLAD(we, x0, SMLAD(wo, x1, a00));
+        a01 = SMLAD(we, y0, SMLAD(wo, y1, a01));
+        WIDEN(load32(w1 + k), we, wo);
+        a10 = SMLAD(we, x0, SMLAD(wo, x1, a10));
+        a11 = SMLAD(we, y0, SMLAD(wo, y1, a11));
+    }
+    for (; k < depth; k++) {
+        a00 += (int32_t)w0[k] * c0[k], a01 += (int32_t)w0[k] * c1[k];
+        a10 += (int32_t)w1[k] * c0[k], a11 += (int32_t)w1[k] * c1[k];
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
 #else /* portable */
+
+void ft_cols_prepare(int16_t *col, int32_t depth) {
+    (void)col, (void)depth;
+}
+
+void ft_mac_2x2_cols(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int32_t depth,
+                     int32_t acc[4]) {
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, k;
+    for (k = 0; k < depth; k++) {
+        a00 += (int32_t)w0[k] * c0[k], a01 += (int32_t)w0[k] * c1[k];
+        a10 += (int32_t)w1[k] * c0[k], a11 += (int32_t)w1[k] * c1[k];
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
 
 const char *ft_kernels_name(void) { return "portable"; }
 

@@ -55,6 +55,17 @@ int32_t ft_sum_s8(const int8_t *a, int32_t n);
 void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, const int8_t *x, int32_t x_k,
                   int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]);
 
+/* A column is one output pixel's inputs (depth values, as int16, the input's zero point already taken
+ * off) for the matrix kernel over columns: ft_cols_prepare puts a column written in natural order into
+ * the order ft_mac_2x2_cols reads (on the DSP build each four k as (k, k+2), (k+1, k+3), the pairs
+ * SXTB16 makes of four weights; nothing on the portable build). Columns start 4-byte aligned. */
+void ft_cols_prepare(int16_t *col, int32_t depth);
+
+/* Two weight rows (w0, w1: depth int8 each) against two prepared columns (c0, c1):
+ *     acc[2 r + p] = sum_{k < depth} w_r[k] * c_p[k]. */
+void ft_mac_2x2_cols(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int32_t depth,
+                     int32_t acc[4]);
+
 /* Outputs of a depthwise window read without bounds checks (kh rows, each at least (n - 1) * stride + kw
  * long from rows[ky]): acc[j] += sum_{ky < kh, kx < kw} wk[ky * kw + kx] * rows[ky][j * stride + kx]
  * for j < n <= FT_ROW_BLOCK. */

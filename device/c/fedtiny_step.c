@@ -219,25 +219,54 @@ static int valid_model(const ft_model *m, int32_t batch) {
 /* ------------------------------------------------------------------ forward */
 
 /* One output channel's requantization, held in locals: an int8 store may alias anything, so values read
- * through op would be reloaded after every output. */
+ * through op would be reloaded after every output. The shift is split once into TFLM's left shift and
+ * RoundingDivideByPOT's exponent, with that division's mask and half-mask. */
 typedef struct {
-    int32_t mult, shift, zero, lo, hi;
+    int32_t mult, left, right, rmask, rhalf, zero, lo, hi;
 } requant_t;
 
 static inline requant_t requant_of(const ft_op *op, int32_t o) {
     requant_t r;
-    r.mult = op->mult[o], r.shift = op->shift[o], r.zero = op->y_zero, r.lo = op->act_lo, r.hi = op->act_hi;
+    const int32_t shift = op->shift[o];
+    r.mult = op->mult[o], r.zero = op->y_zero, r.lo = op->act_lo, r.hi = op->act_hi;
+    r.left = shift > 0 ? shift : 0, r.right = shift > 0 ? 0 : -shift;
+    r.rmask = (int32_t)(((uint32_t)1 << r.right) - 1u), r.rhalf = r.rmask >> 1;
     return r;
 }
 
-/* One output: TFLM's requantization, the clamp, and the mask bit the backward reads (at: its index). The
- * multiplier is a quantized one, in [2^30, 2^31) or 0, never INT32_MIN: no saturation case to test. */
-static inline void store_output(requant_t r, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
-    const int left = r.shift > 0 ? r.shift : 0, right = r.shift > 0 ? 0 : -r.shift;
-    const int32_t x = (int32_t)((uint32_t)acc << left);
-    const int32_t v = ft_rdbpot((int32_t)(((int64_t)x * r.mult + ((int64_t)1 << 30)) >> 31), right) + r.zero;
-    if (mask && v >= r.lo && v <= r.hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-    *y = (int8_t)(v < r.lo ? r.lo : (v > r.hi ? r.hi : v));
+/* TFLM's MultiplyByQuantizedMultiplier of one accumulator plus the zero point (ft_mbqm's arithmetic with
+ * the split shift). The multiplier is a quantized one, in [2^30, 2^31) or 0, never INT32_MIN: no
+ * saturation case to test. The threshold's (x < 0) is x's sign bit. */
+static inline int32_t requant_value(const requant_t *r, int32_t acc) {
+    const int32_t x = (int32_t)((uint32_t)acc << r->left);
+    const int32_t h = (int32_t)(((int64_t)x * r->mult + ((int64_t)1 << 30)) >> 31);
+    return (h >> r->right) + ((h & r->rmask) > r->rhalf + (int32_t)((uint32_t)h >> 31)) + r->zero;
+}
+
+/* One output: the requantization, the clamp, and the mask bit the backward reads (at: its index). */
+static inline void store_output(const requant_t *r, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
+    const int32_t v = requant_value(r, acc);
+    if (mask && v >= r->lo && v <= r->hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+    *y = (int8_t)(v < r->lo ? r->lo : (v > r->hi ? r->hi : v));
+}
+
+/* n <= 24 outputs of one channel: acc[j] + folded requantized into y[j], their mask bits (from index at)
+ * gathered in a word and OR-ed in a byte at a time. Not inlined: one copy of the loop with the channel's
+ * constants in registers serves every kernel's block. */
+static __attribute__((noinline)) void store_outputs(const requant_t *rq, const int32_t *acc, int32_t n,
+                                                     int32_t folded, int8_t *y, uint8_t *mask, size_t at) {
+    const requant_t r = *rq;
+    uint32_t bits = 0;
+    int32_t j;
+    for (j = 0; j < n; j++) {
+        const int32_t v = requant_value(&r, (int32_t)((uint32_t)acc[j] + (uint32_t)folded));
+        bits |= (uint32_t)(v >= r.lo && v <= r.hi) << j;
+        y[j] = (int8_t)(v < r.lo ? r.lo : (v > r.hi ? r.hi : v));
+    }
+    if (mask) {
+        uint8_t *m = mask + (at >> 3);
+        for (bits <<= (at & 7); bits; bits >>= 8) *m++ |= (uint8_t)bits;
+    }
 }
 
 /* bias - x_zero * sum(w): TFLM's bias + sum w (x - x_zero) is this plus sum w x whenever every tap reads
@@ -280,9 +309,8 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                         for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
                         ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
                     }
-                    for (j = 0; j < n; j++)
-                        store_output(rq, (int32_t)((uint32_t)acc[j] + (uint32_t)folded), y + (size_t)oy * ystride + ox + j,
-                                     mask, mask_at + (size_t)oy * op->ow + ox + j);
+                    store_outputs(&rq, acc, n, folded, y + (size_t)oy * ystride + ox, mask,
+                                  mask_at + (size_t)oy * op->ow + ox);
                 }
                 ox = ox_hi;
                 continue;
@@ -302,7 +330,7 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                         }
                     }
                 }
-                store_output(rq, acc, y + (size_t)oy * ystride + ox, mask, mask_at + (size_t)oy * op->ow + ox);
+                store_output(&rq, acc, y + (size_t)oy * ystride + ox, mask, mask_at + (size_t)oy * op->ow + ox);
             }
             ox++;
         }
@@ -329,18 +357,12 @@ static int32_t is_pointwise(const ft_op *op) {
 static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, const requant_t *rq,
                            const int32_t *folded, int32_t p0, int32_t count, int8_t *y, size_t ystep, uint8_t *mask) {
     const int32_t hw = op->h * op->w;
-    int32_t acc[2 * FT_PIX], r, j, p;
+    int32_t acc[2 * FT_PIX], r, p;
     for (p = p0; p < p0 + count; p += FT_PIX) {
         const int32_t n = p0 + count - p < FT_PIX ? p0 + count - p : FT_PIX;
         ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
-        for (r = 0; r < rows; r++) {
-            const requant_t q = rq[r];
-            const uint32_t f = (uint32_t)folded[r];
-            const int32_t *ar = acc + r * FT_PIX;
-            int8_t *yr = y + r * ystep;
-            const size_t at = (size_t)(o0 + r) * hw + p;
-            for (j = 0; j < n; j++) store_output(q, (int32_t)((uint32_t)ar[j] + f), yr + p + j, mask, at + j);
-        }
+        for (r = 0; r < rows; r++)
+            store_outputs(&rq[r], acc + r * FT_PIX, n, folded[r], y + r * ystep + p, mask, (size_t)(o0 + r) * hw + p);
     }
 }
 
@@ -362,7 +384,7 @@ static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t
         else
             acc[0] = ft_dot_s8(x, op->weight + (size_t)o0 * op->c, op->c);
         for (r = 0; r < rows; r++)
-            store_output(rq[r], (int32_t)((uint32_t)acc[r] + (uint32_t)folded[r]), y + r * ystep, mask,
+            store_output(&rq[r], (int32_t)((uint32_t)acc[r] + (uint32_t)folded[r]), y + r * ystep, mask,
                          (size_t)(o0 + r));
         return;
     }
@@ -375,16 +397,79 @@ static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t
     pointwise_span(op, x, o0, rows, rq, folded, 0, hw, y, ystep, mask);
 }
 
+/* Output pixel p's inputs as a column (natural order ci, ky, kx, then ft_cols_prepare's): x - x_zero
+ * inside the input, 0 in the padding (TFLM skips those taps). */
+static void conv_column(const ft_op *op, const int8_t *x, int32_t p, int16_t *col) {
+    const int32_t hw = op->h * op->w, oy = p / op->ow, ox = p % op->ow, kk = op->kh * op->kw;
+    const int32_t iy0 = oy * op->stride - op->pad_t, ix0 = ox * op->stride - op->pad_l;
+    int32_t ci, ky, kx;
+    if (kk == 1) {
+        const int8_t *xp = x + (size_t)iy0 * op->w + ix0;
+        for (ci = 0; ci < op->c; ci++) col[ci] = (int16_t)(xp[(size_t)ci * hw] - op->x_zero);
+    } else {
+        for (ci = 0; ci < op->c; ci++)
+            for (ky = 0; ky < op->kh; ky++) {
+                const int32_t iy = iy0 + ky;
+                const int8_t *xr = x + (size_t)ci * hw + (size_t)iy * op->w;
+                for (kx = 0; kx < op->kw; kx++, col++) {
+                    const int32_t ix = ix0 + kx;
+                    *col = (int16_t)(iy >= 0 && iy < op->h && ix >= 0 && ix < op->w ? xr[ix] - op->x_zero : 0);
+                }
+            }
+        col -= (size_t)op->c * kk;
+    }
+    ft_cols_prepare(col, op->c * kk);
+}
+
+/* A convolution whose groups are 1 (pointwise or regular, over planes of more than one pixel) by columns,
+ * as CMSIS-NN's partial im2col: two output pixels' columns (int16, the planner's workspace of 2 x 2 x depth
+ * bytes), then every pair of output channels against both by ft_mac_2x2_cols: bias + sum w (x - x_zero),
+ * TFLM's sum, for four outputs per call. Returns 0 when this path does not apply, -2 without memory. */
+static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
+    const int32_t depth = op->c * op->kh * op->kw, ohw = op->oh * op->ow;
+    int16_t *cols;
+    int32_t p, o, r, j;
+    /* below 32 input channels a pointwise layer's outputs cost more than its MACs: pointwise_rows' blocks
+     * of eight pixels requantize a row at a time (measured on tiny-ir's 16-channel layers) */
+    if (op->groups != 1 || ohw < 2 || op->workspace < 4 * depth || (depth == op->c && depth < 32)) return 0;
+    cols = (int16_t *)take(a, (size_t)4 * depth);
+    if (!cols) return -2;
+    for (p = 0; p < ohw; p += 2) {
+        const int32_t np = ohw - p < 2 ? ohw - p : 2;
+        conv_column(op, x, p, cols);
+        if (np == 2) conv_column(op, x, p + 1, cols + depth);
+        for (o = 0; o < op->oc; o += 2) {
+            const int32_t nr = op->oc - o < 2 ? op->oc - o : 2;
+            int32_t acc[4];
+            ft_mac_2x2_cols(op->weight + (size_t)o * depth, op->weight + (size_t)(o + nr - 1) * depth, cols,
+                            cols + (np - 1) * depth, depth, acc);
+            for (r = 0; r < nr; r++) {
+                const requant_t rq = requant_of(op, o + r);
+                const uint32_t bias = (uint32_t)op->bias[o + r];
+                for (j = 0; j < np; j++) {
+                    const size_t at = (size_t)(o + r) * ohw + p + j;
+                    store_output(&rq, (int32_t)((uint32_t)acc[2 * r + j] + bias), y + at, mask, at);
+                }
+            }
+        }
+    }
+    give(a, cols);
+    return 1;
+}
+
 /* Every output channel of a convolution (one sample) into y (oc x oh x ow). */
-static void conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask) {
+static int conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
     const size_t ohw = (size_t)op->oh * op->ow;
     int32_t o;
+    const int rc = conv_forward_cols(op, x, y, mask, a);
+    if (rc) return rc < 0 ? rc : 0;
     if (is_pointwise(op)) {
         for (o = 0; o < op->oc; o += 2)
             pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask);
-        return;
+        return 0;
     }
     for (o = 0; o < op->oc; o++) conv_channel(op, x, o, y + (size_t)o * ohw, op->ow, mask, (size_t)o * ohw);
+    return 0;
 }
 
 /* The zero-point-padded window a depthwise convolution reads: rows and columns its outputs reach. */
@@ -566,7 +651,8 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
             rc = dw_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1], a);
             if (rc) return rc;
         } else if (op->kind == FT_OP_CONV) {
-            conv_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1]);
+            rc = conv_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1], a);
+            if (rc) return rc;
         } else if (op->kind == FT_OP_ADD) {
             add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
         } else {
@@ -746,10 +832,64 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
     }
 }
 
+/* A depthwise convolution's input gradient by rows (any stride): for input row iy and tap row ky the
+ * output row oy = (iy + pad_t - ky) / stride, when it divides and lies in the outputs, is spread into a
+ * row D with D[kw - 1 + ox * stride] = q[oy][ox] and zeros between and around (no such row: zeros), so that
+ *     gx[iy][ix] += s * sum_{ky, j < kw} w[ky][kw - 1 - j] * D_ky[ix + pad_l + j],
+ * the depthwise forward's window sum at stride 1 with the kernel flipped, every input inside: ft_dw_row
+ * over whole rows. The spread rows live in a ring of kh slots (slot oy mod kh), filled in order of oy once
+ * per channel: the rows an input row reads are within kh consecutive ones. The flipped kernel, the ring
+ * and a zero row use `scratch` (the output gradient's buffer past its int8 copy). Returns 0 when they do
+ * not fit (the caller's gather serves). */
+static int dw_input_grad(const ft_op *op, const int8_t *q, float s, float *gx, int8_t *scratch, size_t scratch_bytes) {
+    const int32_t kh = op->kh, kw = op->kw, kk = kh * kw, st = op->stride, hw = op->h * op->w, ohw = op->oh * op->ow;
+    const int32_t reach = op->w + op->pad_l + kw - 1, span = (op->ow - 1) * st + kw;
+    const int32_t wd = reach > span ? reach : span;
+    int8_t *const flipped = scratch, *const ring = scratch + kk, *const zero = ring + (size_t)kh * wd;
+    int32_t acc[FT_ROW_BLOCK], c, iy, ix, ky, j;
+    const int8_t *rows[FT_MAX_KH];
+    if (kh > FT_MAX_KH || (size_t)kk + (size_t)(kh + 1) * wd > scratch_bytes) return 0;
+    memset(zero, 0, (size_t)wd);
+    for (c = 0; c < op->c; c++) {
+        const int8_t *qc = q + (size_t)c * ohw;
+        float *gxc = gx + (size_t)c * hw;
+        int32_t filled = -1; /* the ring holds output rows filled - kh + 1 .. filled */
+        for (j = 0; j < kk; j++) flipped[j] = op->weight[(size_t)c * kk + kk - 1 - j];
+        for (iy = 0; iy < op->h; iy++) {
+            for (ky = 0; ky < kh; ky++) { /* flipped row ky reads tap row kh - 1 - ky */
+                const int32_t t = iy + op->pad_t - (kh - 1 - ky), oy = t / st;
+                if (t < 0 || oy * st != t || oy >= op->oh) {
+                    rows[ky] = zero + op->pad_l;
+                    continue;
+                }
+                for (; filled < oy; ) {
+                    int8_t *d = ring + (size_t)(++filled % kh) * wd;
+                    const int8_t *qr = qc + (size_t)filled * op->ow;
+                    int32_t ox;
+                    memset(d, 0, (size_t)wd);
+                    if (st == 1)
+                        memcpy(d + kw - 1, qr, (size_t)op->ow);
+                    else
+                        for (ox = 0; ox < op->ow; ox++) d[kw - 1 + ox * st] = qr[ox];
+                }
+                rows[ky] = ring + (size_t)(oy % kh) * wd + op->pad_l;
+            }
+            for (ix = 0; ix < op->w; ix += FT_ROW_BLOCK) {
+                const int32_t n = op->w - ix < FT_ROW_BLOCK ? op->w - ix : FT_ROW_BLOCK;
+                for (j = 0; j < n; j++) acc[j] = 0;
+                ft_dw_row(rows, flipped, kh, kw, 1, n, acc);
+                for (ky = 0; ky < kh; ky++) rows[ky] += FT_ROW_BLOCK;
+                for (j = 0; j < n; j++) gxc[(size_t)iy * op->w + ix + j] += (float)acc[j] * s;
+            }
+        }
+    }
+    return 1;
+}
+
 /* The input gradient's integer sums, added to gx as s * sum (one float add per element): for input
  * element (ci, iy, ix), sum over the outputs o, oy, ox whose window reads it of q[o, oy, ox] w[o, ci, ky, kx].
  * Pointwise: the transposed product by ft_mac_block (a weight column against the output gradient's
- * planes). Otherwise a gather: at stride 1, inputs every tap of whose window lies inside the outputs are
+ * planes). Otherwise (depthwise ones take dw_input_grad when its rows fit) a gather: at stride 1, inputs every tap of whose window lies inside the outputs are
  * summed by ft_dw_row with the kernel flipped, FT_ROW_BLOCK at a time; the rest with checks. */
 static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups, kk = op->kh * op->kw;
@@ -907,7 +1047,11 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     CHECK_TENSOR(a, index, FT_CHECK_GRAD_Q, q, count);
     if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */
         PROFILE_BEGIN(t_input);
-        input_grad(op, q, s, gx);
+        /* the buffer past q's count bytes is free once quantized */
+        /* spread rows at stride 2 cost kh kw MACs per input for about a quarter of them: worth it over the
+         * gather for 3 x 3 windows (a fast kernel), not for 5 x 5 or 7 x 7 ones (measured on MCUNet) */
+        const int spread = is_depthwise(op) && (op->stride == 1 || op->kh * op->kw <= 9);
+        if (!spread || !dw_input_grad(op, q, s, gx, q + count, 3 * count)) input_grad(op, q, s, gx);
         PROFILE_END(t_input, index, FT_PART_INPUT_GRAD);
         CHECK_TENSOR(a, index, FT_CHECK_GRAD_IN, gx, (size_t)op->c * op->h * op->w * sizeof(float));
     }

@@ -106,6 +106,20 @@ int ft_kernel_check(void) {
                 for (t = 0; t < n; t++) h = mix(h, acc[t]);
                 report("dw_row", k, s, n, h);
             }
+    for (i = 0; i < (int32_t)(sizeof lengths / sizeof *lengths); i++) { /* columns: int16 in -255 .. 255 */
+        static int16_t cols[2 * 257 + 1];
+        const int32_t depth = lengths[i];
+        int32_t acc[4], t;
+        uint32_t h = 2166136261u;
+        fill(x_buf, 2 * depth + 2);
+        fill(w_buf, 2 * depth + 3);
+        for (t = 0; t < 2 * depth + 1; t++) cols[t] = (int16_t)(x_buf[t] - x_buf[t + 1]);
+        ft_cols_prepare(cols, depth);
+        ft_cols_prepare(cols + depth + 1, depth); /* the second column 2-byte aligned, as an odd depth leaves it */
+        ft_mac_2x2_cols(w_buf + 1, w_buf + depth + 2, cols, cols + depth + 1, depth, acc);
+        for (t = 0; t < 4; t++) h = mix(h, acc[t]);
+        report("mac_2x2_cols", depth, 1, 1, h);
+    }
     emit("done\n");
     return 0;
 }
