@@ -407,13 +407,20 @@ static void conv_column(const ft_op *op, const int8_t *x, int32_t p, int16_t *co
         const int8_t *xp = x + (size_t)iy0 * op->w + ix0;
         for (ci = 0; ci < op->c; ci++) col[ci] = (int16_t)(xp[(size_t)ci * hw] - op->x_zero);
     } else {
+        const int inside_x = ix0 >= 0 && ix0 + op->kw <= op->w;
         for (ci = 0; ci < op->c; ci++)
             for (ky = 0; ky < op->kh; ky++) {
                 const int32_t iy = iy0 + ky;
                 const int8_t *xr = x + (size_t)ci * hw + (size_t)iy * op->w;
-                for (kx = 0; kx < op->kw; kx++, col++) {
-                    const int32_t ix = ix0 + kx;
-                    *col = (int16_t)(iy >= 0 && iy < op->h && ix >= 0 && ix < op->w ? xr[ix] - op->x_zero : 0);
+                if (iy < 0 || iy >= op->h) {
+                    for (kx = 0; kx < op->kw; kx++) *col++ = 0;
+                } else if (inside_x) {
+                    for (kx = 0; kx < op->kw; kx++) *col++ = (int16_t)(xr[ix0 + kx] - op->x_zero);
+                } else {
+                    for (kx = 0; kx < op->kw; kx++, col++) {
+                        const int32_t ix = ix0 + kx;
+                        *col = (int16_t)(ix >= 0 && ix < op->w ? xr[ix] - op->x_zero : 0);
+                    }
                 }
             }
         col -= (size_t)op->c * kk;
