@@ -438,7 +438,7 @@ static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_
     int32_t p, o, r, j;
     /* below 32 input channels a pointwise layer's outputs cost more than its MACs: pointwise_rows' blocks
      * of eight pixels requantize a row at a time (measured on tiny-ir's 16-channel layers) */
-    if (op->groups != 1 || ohw < 2 || op->workspace < 4 * depth || (depth == op->c && depth < 32)) return 0;
+    if (op->groups != 1 || ohw < 2 || op->workspace < 4 * depth || (is_pointwise(op) && op->c < 32)) return 0;
     cols = (int16_t *)take(a, (size_t)4 * depth);
     if (!cols) return -2;
     for (p = 0; p < ohw; p += 2) {
