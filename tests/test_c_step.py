@@ -191,3 +191,33 @@ def test_arena_plan_is_a_valid_layout_and_one_sample_steps_apply_at_once(built):
                     if s0 < e1 and s1 < e0:  # alive together: their bytes apart
                         assert where[i] + size0 <= where[j] or where[j] + size1 <= where[i], (i, j)
     assert lay_out(log) == arena_plan  # deterministic
+
+
+def test_requantization_is_tflm_double_rounding(built):
+    """The step's requantization (one rounding where TFLM takes two) against TFLM's two, on random
+    accumulators and on the ties of the second rounding, for every shift."""
+    import ctypes
+
+    from fedtiny.int8.kernels import multiply_by_quantized_multiplier
+
+    lib = cstep._lib()
+    lib.ft_requantize.restype = ctypes.c_int32
+    lib.ft_requantize.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    rng = np.random.default_rng(0)
+    cases = []
+    for shift in range(-31, 31):
+        for mult in (0, 1 << 30, (1 << 30) + 1, int(rng.integers(1 << 30, 1 << 31)), (1 << 31) - 1):
+            left = max(shift, 0)
+            lim = (1 << (31 - left)) - 1 if left else (1 << 31) - 1
+            accs = list(rng.integers(-lim - 1, lim + 1, 40)) + [0, 1, -1, lim, -lim - 1]
+            e = max(-shift, 0)
+            if e and mult:  # accumulators whose h = round(acc mult / 2^31) sits on a tie of h / 2^e
+                for h in (1 << (e - 1), -(1 << (e - 1)), 3 << (e - 1), -(3 << (e - 1))):
+                    acc = (h << 31) // mult
+                    accs += [a for a in (acc - 1, acc, acc + 1) if -lim - 1 <= a <= lim]
+            cases += [(int(a), mult, shift) for a in accs]
+    acc, mult, shift = (torch.tensor(c, dtype=torch.int64) for c in zip(*cases))
+    want = multiply_by_quantized_multiplier(acc, mult, shift).tolist()
+    got = [lib.ft_requantize(a, m, s) for a, m, s in cases]
+    differ = [(c, w, g) for c, w, g in zip(cases, want, got) if w != g]
+    assert len(cases) > 15_000 and differ == [], differ[:5]

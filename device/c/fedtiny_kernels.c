@@ -278,7 +278,53 @@ void ft_mac_2x2_cols(const int8_t *w0, const int8_t *w1, const int16_t *c0, cons
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 }
 
+uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t mult, int32_t k2, int32_t e,
+                        uint32_t range, int32_t lo, int8_t *y) {
+    /* 14 instructions an output: SMMLAR's 2^31 is the offset's low word once x is doubled; the kept bits
+     * are collected by ADC from the compare's carry, first output highest, then reversed */
+    const int32_t f2 = (int32_t)((uint32_t)folded << 1), count = n;
+    uint32_t bits = 0;
+    int32_t x, t;
+    if (n <= 0) return 0;
+    __asm__ volatile("1:\n\t"
+                     "ldr    %[x], [%[acc]], #4\n\t"
+                     "add    %[x], %[f2], %[x], lsl #1\n\t"
+                     "add    %[t], %[k2], %[x], asr #31\n\t"
+                     "smmlar %[t], %[x], %[mult], %[t]\n\t"
+                     "asr    %[t], %[t], %[e]\n\t"
+                     "cmp    %[range], %[t]\n\t"
+                     "adc    %[bits], %[bits], %[bits]\n\t"
+                     "it     lt\n\t"
+                     "movlt  %[t], %[range]\n\t"
+                     "bic    %[t], %[t], %[t], asr #31\n\t"
+                     "add    %[t], %[t], %[lo]\n\t"
+                     "strb   %[t], [%[y]], #1\n\t"
+                     "subs   %[n], %[n], #1\n\t"
+                     "bne    1b\n\t"
+                     : [x] "=&r"(x), [t] "=&r"(t), [bits] "+r"(bits), [acc] "+r"(acc), [y] "+r"(y), [n] "+r"(n)
+                     : [f2] "r"(f2), [k2] "r"(k2), [mult] "r"(mult), [e] "r"(e), [range] "r"(range), [lo] "r"(lo)
+                     : "cc", "memory");
+    __asm__("rbit %0, %1" : "=r"(t) : "r"(bits));
+    return (uint32_t)t >> (32 - count);
+}
+
 #else /* portable */
+
+uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t mult, int32_t k2, int32_t e,
+                        uint32_t range, int32_t lo, int8_t *y) {
+    uint32_t bits = 0;
+    int32_t j;
+    for (j = 0; j < n; j++) {
+        const int32_t x2 = (int32_t)(((uint32_t)acc[j] + (uint32_t)folded) << 1);
+        const int64_t high = (int64_t)(k2 + (x2 < 0 ? -1 : 0)) * 4294967296LL;
+        int32_t u = (int32_t)((high + (int64_t)x2 * mult + 2147483648LL) >> 32) >> e;
+        bits |= (uint32_t)((uint32_t)u <= range) << j;
+        u = u > (int32_t)range ? (int32_t)range : u;
+        y[j] = (int8_t)((u < 0 ? 0 : u) + lo);
+    }
+    return bits;
+}
+
 
 void ft_cols_prepare(int16_t *col, int32_t depth) {
     (void)col, (void)depth;

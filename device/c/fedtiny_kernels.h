@@ -66,6 +66,15 @@ void ft_cols_prepare(int16_t *col, int32_t depth);
 void ft_mac_2x2_cols(const int8_t *w0, const int8_t *w1, const int16_t *c0, const int16_t *c1, int32_t depth,
                      int32_t acc[4]);
 
+/* The requantization of n (1..32) outputs of one channel, each x = acc[j] + folded with |x| < 2^30 (the
+ * caller's bound), by TFLM's MultiplyByQuantizedMultiplier with a right shift e in [1, 22] taken as one
+ * rounding (fedtiny_step.c derives k2 from the offset of requant_value): with x2 = 2 x,
+ *     u = floor(((k2 - [x < 0]) 2^32 + x2 mult + 2^31) / 2^32) >> e,
+ * the value minus the clamp's lower bound lo; y[j] = clamp(u, 0, range) + lo. Returns the kept bits (bit j
+ * set when 0 <= u <= range): the ReLU masks' bits. */
+uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t mult, int32_t k2, int32_t e,
+                        uint32_t range, int32_t lo, int8_t *y);
+
 /* Outputs of a depthwise window read without bounds checks (kh rows, each at least (n - 1) * stride + kw
  * long from rows[ky]): acc[j] += sum_{ky < kh, kx < kw} wk[ky * kw + kx] * rows[ky][j * stride + kx]
  * for j < n <= FT_ROW_BLOCK. */

@@ -82,7 +82,7 @@ static void record(arena_t *a, int32_t v) {
     if (a->log) a->log_len++;
 }
 
-static void *take(arena_t *a, size_t bytes) {
+static void *take_block(arena_t *a, size_t bytes, int zeroed) {
     size_t start = 0, end;
     int32_t i, j;
     bytes = (bytes + 7u) & ~(size_t)7u;
@@ -115,9 +115,14 @@ static void *take(arena_t *a, size_t bytes) {
     }
     a->high = start + bytes > a->high ? start + bytes : a->high;
     TRACE("take %zu at %zu high %zu\n", bytes, start, a->high);
-    memset(a->base + start, 0, bytes);
+    if (zeroed) memset(a->base + start, 0, bytes);
     return a->base + start;
 }
+
+/* A block of the arena, zeroed (accumulators, masks) or not (buffers their user writes whole before reading:
+ * activations, padded planes, columns) */
+static void *take(arena_t *a, size_t bytes) { return take_block(a, bytes, 1); }
+static void *take_uninit(arena_t *a, size_t bytes) { return take_block(a, bytes, 0); }
 
 static void give(arena_t *a, const void *p) {
     int32_t i;
@@ -196,6 +201,22 @@ static int32_t out_size(const ft_model *m, int32_t t) { /* elements per sample o
     return m->ops[t - 1].oc * m->ops[t - 1].oh * m->ops[t - 1].ow;
 }
 
+/* requant_value's domain: TFLM's QuantizeMultiplier gives multipliers in [0, 2^31) and shifts in [-31, 30] */
+static int valid_multiplier(int32_t mult, int32_t shift) { return mult >= 0 && shift >= -31 && shift <= 30; }
+
+/* Every output channel's multiplier in [0, 2^31) and shift in [-31, 30], as TFLM's QuantizeMultiplier makes
+ * them: requant_value's arithmetic relies on both. */
+static int valid_requant(const ft_op *op) {
+    int32_t o;
+    if (op->kind == FT_OP_ADD)
+        return valid_multiplier(op->m1, op->s1) && valid_multiplier(op->m2, op->s2) &&
+               valid_multiplier(op->mo, op->so) && op->left_shift >= 0 && op->left_shift <= 30;
+    if (op->kind != FT_OP_CONV) return 1;
+    for (o = 0; o < op->oc; o++)
+        if (!valid_multiplier(op->mult[o], op->shift[o])) return 0;
+    return 1;
+}
+
 static int valid_model(const ft_model *m, int32_t batch) {
     int32_t i;
     if (!m || m->n_ops <= 0 || m->n_ops >= FT_MAX_TENSORS || !m->ops || batch <= 0 || batch > FT_MAX_BATCH) return 0;
@@ -206,6 +227,7 @@ static int valid_model(const ft_model *m, int32_t batch) {
                                        op->stride <= 0 || op->c % op->groups || op->oc % op->groups))
             return 0;
         if (op->kind < FT_OP_CONV || op->kind > FT_OP_POOL) return 0;
+        if (!valid_requant(op)) return 0;
         /* the backward's int32 sums: an input gradient element's (output channels of its group x taps)
          * and a weight gradient element's (outputs) */
         if (op->kind == FT_OP_CONV && (!ft_kernels_fit((int64_t)(op->oc / op->groups) * op->kh * op->kw) ||
@@ -219,35 +241,72 @@ static int valid_model(const ft_model *m, int32_t batch) {
 /* ------------------------------------------------------------------ forward */
 
 /* One output channel's requantization, held in locals: an int8 store may alias anything, so values read
- * through op would be reloaded after every output. The shift is split once into TFLM's left shift and
- * RoundingDivideByPOT's exponent, with that division's mask and half-mask. */
+ * through op would be reloaded after every output. TFLM's shift is split once into its left shift and
+ * RoundingDivideByPOT's exponent e. With 1 <= e <= 22 (every layer seen so far) the two roundings are
+ * taken as one, with the zero point and the clamp's lower bound folded into the offset (store_output). */
 typedef struct {
-    int32_t mult, left, right, rmask, rhalf, zero, lo, hi;
+    int32_t mult, left, e, zero, lo, hi;
+    uint32_t klo, range; /* 1 <= e <= 22: the offset's low word; hi - lo */
+    int32_t khi;         /* and its high word */
+    int32_t narrow;      /* every x = acc + folded is below 2^30 in magnitude (requant_bound): ft_requant_row */
 } requant_t;
 
-static inline requant_t requant_of(const ft_op *op, int32_t o) {
+static inline requant_t requant_make(int32_t mult, int32_t shift, int32_t zero, int32_t lo, int32_t hi) {
     requant_t r;
-    const int32_t shift = op->shift[o];
-    r.mult = op->mult[o], r.zero = op->y_zero, r.lo = op->act_lo, r.hi = op->act_hi;
-    r.left = shift > 0 ? shift : 0, r.right = shift > 0 ? 0 : -shift;
-    r.rmask = (int32_t)(((uint32_t)1 << r.right) - 1u), r.rhalf = r.rmask >> 1;
+    r.mult = mult, r.zero = zero, r.lo = lo, r.hi = hi, r.range = (uint32_t)(hi - lo);
+    r.left = shift > 0 ? shift : 0, r.e = shift > 0 ? 0 : -shift;
+    /* 2^30 + 2^(30+e) + (zero - lo) 2^(31+e) as two words (|zero - lo| < 2^9: below 2^62 for e <= 22) */
+    r.klo = r.e == 1 ? 0xC0000000u : 0x40000000u;
+    r.khi = (r.e >= 2 ? (int32_t)1 << (r.e - 2) : 0) + (int32_t)((uint32_t)(zero - lo) << (r.e >= 1 ? r.e - 1 : 0));
+    r.narrow = 0;
     return r;
 }
 
-/* TFLM's MultiplyByQuantizedMultiplier of one accumulator plus the zero point (ft_mbqm's arithmetic with
- * the split shift). The multiplier is a quantized one, in [2^30, 2^31) or 0, never INT32_MIN: no
- * saturation case to test. The threshold's (x < 0) is x's sign bit. */
-static inline int32_t requant_value(const requant_t *r, int32_t acc) {
-    const int32_t x = (int32_t)((uint32_t)acc << r->left);
-    const int32_t h = (int32_t)(((int64_t)x * r->mult + ((int64_t)1 << 30)) >> 31);
-    return (h >> r->right) + ((h & r->rmask) > r->rhalf + (int32_t)((uint32_t)h >> 31)) + r->zero;
+/* Marks r narrow when a sum of `depth` terms w (x - x_zero) (|w| <= 128, |x - x_zero| <= 255) plus the
+ * channel's bias stays below 2^30 in magnitude: ft_requant_row may then double it in 32 bits. */
+static inline void requant_bound(requant_t *r, int32_t bias, int32_t depth) {
+    const int64_t most = (bias < 0 ? -(int64_t)bias : (int64_t)bias) + (int64_t)depth * 128 * 255;
+    r->narrow = r->e >= 1 && r->e <= 22 && most < ((int64_t)1 << 30);
+}
+
+static inline requant_t requant_of(const ft_op *op, int32_t o) {
+    return requant_make(op->mult[o], op->shift[o], op->y_zero, op->act_lo, op->act_hi);
+}
+
+static inline int32_t requant_fast(const requant_t *r) { return r->e >= 1 && r->e <= 22; }
+
+/* TFLM's MultiplyByQuantizedMultiplier of one accumulator, plus the zero point, minus lo (requant_fast) or
+ * plus the zero point (otherwise: ft_mbqm's arithmetic). The multiplier is in [0, 2^31) (valid_model): no
+ * saturation case. With a right shift (e >= 1, no left shift) RoundingDivideByPOT(h, e), h = floor((x m +
+ * 2^30) / 2^31), is floor((h + 2^(e-1) - [h < 0]) / 2^e) (ties away from zero), and nested floors of
+ * divisions by powers of two are one: floor((x m + 2^30 + 2^(30+e) - [h < 0] 2^31) / 2^(31+e)), to which
+ * adding (zero - lo) 2^(31+e) adds zero - lo. [h < 0] may be read as [x < 0]: they differ only where h = 0,
+ * whose value the 2^31 cannot move (the sum stays in [0, 2^(31+e))). One multiply-accumulate and a shift of
+ * its high word, where the two roundings took a dozen instructions. */
+static inline int32_t requant_shifted(const requant_t *r, int32_t x) {
+    const uint32_t neg = (uint32_t)x & 0x80000000u;
+    const uint64_t k = ((uint64_t)(uint32_t)r->khi << 32 | r->klo) - neg;
+    const int64_t t = (int64_t)x * r->mult + (int64_t)k;
+    return (int32_t)(t >> 32) >> (r->e - 1);
+}
+
+static inline int32_t requant_value(const requant_t *r, int32_t acc) { /* the requantized value, zero point added */
+    if (requant_fast(r)) return requant_shifted(r, acc) + r->lo;
+    return ft_rdbpot((int32_t)(((int64_t)(int32_t)((uint32_t)acc << r->left) * r->mult + ((int64_t)1 << 30)) >> 31),
+                     r->e) + r->zero;
+}
+
+int32_t ft_requantize(int32_t acc, int32_t mult, int32_t shift) {
+    const requant_t r = requant_make(mult, shift, 0, -128, 127);
+    return valid_multiplier(mult, shift) ? requant_value(&r, acc) : 0;
 }
 
 /* One output: the requantization, the clamp, and the mask bit the backward reads (at: its index). */
 static inline void store_output(const requant_t *r, int32_t acc, int8_t *y, uint8_t *mask, size_t at) {
-    const int32_t v = requant_value(r, acc);
-    if (mask && v >= r->lo && v <= r->hi) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
-    *y = (int8_t)(v < r->lo ? r->lo : (v > r->hi ? r->hi : v));
+    int32_t u = requant_fast(r) ? requant_shifted(r, acc) : requant_value(r, acc) - r->lo; /* v - lo */
+    if (mask && (uint32_t)u <= r->range) mask[at >> 3] |= (uint8_t)(1u << (at & 7));
+    u = u > (int32_t)r->range ? (int32_t)r->range : u;
+    *y = (int8_t)((u & ~(u >> 31)) + r->lo);
 }
 
 /* n <= 24 outputs of one channel: acc[j] + folded requantized into y[j], their mask bits (from index at)
@@ -258,10 +317,24 @@ static __attribute__((noinline)) void store_outputs(const requant_t *rq, const i
     const requant_t r = *rq;
     uint32_t bits = 0;
     int32_t j;
-    for (j = 0; j < n; j++) {
-        const int32_t v = requant_value(&r, (int32_t)((uint32_t)acc[j] + (uint32_t)folded));
-        bits |= (uint32_t)(v >= r.lo && v <= r.hi) << j;
-        y[j] = (int8_t)(v < r.lo ? r.lo : (v > r.hi ? r.hi : v));
+    if (r.narrow) {
+        /* the offset 2K of 2x m: (2 khi + [e == 1]) 2^32 + 2^31 - [x < 0] 2^32 (requant_make's words doubled) */
+        bits = ft_requant_row(acc, n, folded, r.mult, 2 * r.khi + (r.e == 1), r.e, r.range, r.lo, y);
+    } else if (requant_fast(&r)) {
+        for (j = 0; j < n; j++) {
+            int32_t u = requant_shifted(&r, (int32_t)((uint32_t)acc[j] + (uint32_t)folded));
+            bits = (bits >> 1) | (uint32_t)((uint32_t)u <= r.range) << 31; /* bit j lands at 32 - n + j */
+            u = u > (int32_t)r.range ? (int32_t)r.range : u;
+            y[j] = (int8_t)((u & ~(u >> 31)) + r.lo);
+        }
+        bits = n ? bits >> (32 - n) : 0;
+    } else {
+        for (j = 0; j < n; j++) {
+            int32_t v = requant_value(&r, (int32_t)((uint32_t)acc[j] + (uint32_t)folded));
+            bits |= (uint32_t)((uint32_t)(v - r.lo) <= r.range) << j;
+            v = v < r.lo ? r.lo : v;
+            y[j] = (int8_t)(v > r.hi ? r.hi : v);
+        }
     }
     if (mask) {
         uint8_t *m = mask + (at >> 3);
@@ -287,7 +360,8 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
     const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, s = op->stride;
     const int8_t *wo = op->weight + (size_t)o * cpg * kk;
     const int32_t folded = folded_bias(op, o, wo, cpg * kk);
-    const requant_t rq = requant_of(op, o);
+    requant_t rq = requant_of(op, o);
+    requant_bound(&rq, op->bias[o], cpg * kk);
     /* the interior: iy0 = oy * s - pad_t >= 0 and iy0 + kh <= h (likewise x) */
     const int32_t oy_lo = (pad_t + s - 1) / s, ox_lo = (pad_l + s - 1) / s;
     int32_t oy_hi = h - op->kh + pad_t >= 0 ? (h - op->kh + pad_t) / s + 1 : 0;
@@ -377,6 +451,7 @@ static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t
     for (r = 0; r < rows; r++) {
         folded[r] = folded_bias(op, o0 + r, op->weight + (size_t)(o0 + r) * op->c, op->c);
         rq[r] = requant_of(op, o0 + r);
+        requant_bound(&rq[r], op->bias[o0 + r], op->c);
     }
     if (hw == 1) { /* a fully connected layer: dot products of weight rows with the input */
         if (rows == 2)
@@ -439,7 +514,7 @@ static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_
     /* below 32 input channels a pointwise layer's outputs cost more than its MACs: pointwise_rows' blocks
      * of eight pixels requantize a row at a time (measured on tiny-ir's 16-channel layers) */
     if (op->groups != 1 || ohw < 2 || op->workspace < 4 * depth || (is_pointwise(op) && op->c < 32)) return 0;
-    cols = (int16_t *)take(a, (size_t)4 * depth);
+    cols = (int16_t *)take_uninit(a, (size_t)4 * depth);
     if (!cols) return -2;
     for (p = 0; p < ohw; p += 2) {
         const int32_t np = ohw - p < 2 ? ohw - p : 2;
@@ -503,15 +578,17 @@ static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp,
 
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
+/* TFLM's int8 ADD: each input's offset value shifted left, scaled to the common scale, summed, scaled to the
+ * output's (three MultiplyByQuantizedMultiplierSmallerThanOneExp, requant_value's arithmetic). */
 static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count, int8_t *y, uint8_t *mask) {
+    const requant_t r1 = requant_make(op->m1, op->s1, 0, 0, 0), r2 = requant_make(op->m2, op->s2, 0, 0, 0);
+    const requant_t ro = requant_make(op->mo, op->so, op->z_out, op->act_lo, op->act_hi);
+    const int32_t z1 = op->z1, z2 = op->z2, left = op->left_shift;
     size_t i;
     for (i = 0; i < count; i++) {
-        const int32_t x1 = (int32_t)((uint32_t)((int32_t)a[i] - op->z1) << op->left_shift);
-        const int32_t x2 = (int32_t)((uint32_t)((int32_t)b[i] - op->z2) << op->left_shift);
-        const int32_t sum = ft_mbqm(x1, op->m1, op->s1) + ft_mbqm(x2, op->m2, op->s2);
-        const int32_t v = ft_mbqm(sum, op->mo, op->so) + op->z_out;
-        if (mask && v >= op->act_lo && v <= op->act_hi) mask[i >> 3] |= (uint8_t)(1u << (i & 7));
-        y[i] = (int8_t)(v < op->act_lo ? op->act_lo : (v > op->act_hi ? op->act_hi : v));
+        const int32_t x1 = (int32_t)((uint32_t)((int32_t)a[i] - z1) << left);
+        const int32_t x2 = (int32_t)((uint32_t)((int32_t)b[i] - z2) << left);
+        store_output(&ro, requant_value(&r1, x1) + requant_value(&r2, x2), y + i, mask, i);
     }
 }
 
@@ -543,7 +620,7 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
     int32_t hp, wp, e;
     int8_t *pad;
     padded_dims(dw, &hp, &wp);
-    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp));
+    pad = (int8_t *)take_uninit(a, max_size((size_t)op->workspace, (size_t)hp * wp));
     if (!pad) return -2;
     for (e = 0; e < dw->c; e++) {
         PROFILE_BEGIN(t_pw);
@@ -555,7 +632,7 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
             else
                 conv_channel(op, x, e, pad + (size_t)dw->pad_t * wp + dw->pad_l, wp, 0, 0);
         } else { /* a window narrower than the plane: compute the channel in the output plane, then pad */
-            int8_t *plane = (int8_t *)take(a, (size_t)op->oh * op->ow);
+            int8_t *plane = (int8_t *)take_uninit(a, (size_t)op->oh * op->ow);
             if (!plane) return -2;
             if (is_pointwise(op))
                 pointwise_rows(op, x, e, 1, plane, 0, op->ow, 0);
@@ -584,7 +661,7 @@ static int dw_forward(const ft_op *op, int8_t *x, int8_t *y, uint8_t *mask, aren
     int32_t hp, wp, o;
     int8_t *pad;
     padded_dims(op, &hp, &wp);
-    pad = (int8_t *)take(a, max_size((size_t)op->workspace, (size_t)hp * wp + (inplace ? ohw : 0)));
+    pad = (int8_t *)take_uninit(a, max_size((size_t)op->workspace, (size_t)hp * wp + (inplace ? ohw : 0)));
     if (!pad) return -2;
     for (o = 0; o < op->c; o++) {
         int8_t *out = inplace ? pad + (size_t)hp * wp : y + (size_t)o * ohw;
@@ -614,7 +691,7 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
         int rc = 0;
         if (op->kind == FT_OP_CONV && op->fuse_next && i + 1 < m->n_ops) { /* the pair writes tensor i + 2 */
             const ft_op *dw = &m->ops[i + 1];
-            b->act[i + 2] = (int8_t *)take(a, (size_t)out_size(m, i + 2));
+            b->act[i + 2] = (int8_t *)take_uninit(a, (size_t)out_size(m, i + 2));
             if (a->base == 0) {
                 take(a, max_size((size_t)op->workspace, (size_t)(dw->oh + dw->kh) * (dw->ow + dw->kw) * 2));
             } else {
@@ -630,14 +707,14 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
             i++;
             continue;
         }
-        b->act[i + 1] = inplace ? b->act[op->in0] : (int8_t *)take(a, count);
+        b->act[i + 1] = inplace ? b->act[op->in0] : (int8_t *)take_uninit(a, count);
         b->mask[i + 1] = grads ? (uint8_t *)take(a, (count + 7) / 8) : 0;
         b->saved[i] = 0;
         if (needs && op->kind == FT_OP_CONV && op->train_w) { /* the input channels the weight gradient reads */
             const size_t hw = (size_t)op->h * op->w;
             int32_t ch, k = 0;
             for (ch = 0; ch < op->c; ch++) k += channel_trained(op, ch);
-            b->saved[i] = (int8_t *)take(a, (size_t)k * hw);
+            b->saved[i] = (int8_t *)take_uninit(a, (size_t)k * hw);
             if (a->base && b->saved[i])
                 for (ch = 0, k = 0; ch < op->c; ch++)
                     if (channel_trained(op, ch)) memcpy(b->saved[i] + (size_t)(k++) * hw, b->act[op->in0] + ch * hw, hw);
@@ -974,32 +1051,149 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
 
 /* Update row o of a weight from its compact gradient row (NULL: no trained element: gradient 0, which
  * still moves the weight under momentum, as the simulator's optimizer does). */
+/* n elements of a weight row from g (NULL: gradient 0) with stochastic rounding; with_g and with_mom fixed at
+ * each call site so that every combination compiles to its own loop (update_one's arithmetic, in order) */
+static inline __attribute__((always_inline)) void update_span(int8_t *w, float *mom, const float *g, int32_t n,
+                                                              float qas, float lr, float momentum, int32_t first,
+                                                              uint32_t base, uint32_t i0, const int with_g,
+                                                              const int with_mom) {
+    const float g0 = 0.0f * qas;
+    int32_t t;
+    for (t = 0; t < n; t++) {
+        float gi = with_g ? g[t] * qas : g0;
+        int32_t v;
+        if (with_mom) {
+            mom[t] = first ? gi : mom[t] * momentum + gi;
+            gi = mom[t];
+        }
+        v = floor_f32(((float)w[t] - gi * lr) + uniform_at(base, i0 + (uint32_t)t));
+        v = v < -127 ? -127 : v;
+        w[t] = (int8_t)(v > 127 ? 127 : v);
+    }
+}
+
+/* Update row o of a weight from its compact gradient row (NULL: no trained element: gradient 0, which
+ * still moves the weight under momentum, as the simulator's optimizer does). */
 static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, const float *row, uint32_t step,
                               uint32_t base) {
-    /* update_one's arithmetic with the step's settings in locals: an int8 store may alias them */
+    /* update_one's arithmetic with the step's settings in locals: an int8 store may alias them. Without QAS
+     * the scale is 1, and g * 1 is g. */
     const int32_t cpg = op->c / op->groups, kk = op->kh * op->kw, grp = o / (op->oc / op->groups);
     const float lr = m->lr, momentum = m->momentum, qas = op->qas_w ? op->qas_w[o] : 1.0f;
-    const int32_t stochastic = m->stochastic, has_qas = op->qas_w != 0;
+    const int32_t with_mom = momentum > 0.0f, first = step == 0;
     int8_t *const w = op->weight;
     float *const mom = op->mom_w;
-    int32_t ci, t, i = o * cpg * kk;
-    for (ci = 0; ci < cpg; ci++) {
+    int32_t ci, t, i = o * cpg * kk, run;
+    /* runs of input channels alike (all trained, with consecutive gradient slots, or all not): one span each,
+     * so that a pointwise row (one element per channel) is a few spans rather than a span per element */
+    for (ci = 0; ci < cpg; ci += run, i += run * kk) {
         const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
         const float *g = row && channel_trained(op, sel) ? row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * kk : 0;
-        for (t = 0; t < kk; t++, i++) {
-            float gi = g ? g[t] : 0.0f, tw;
+        float *mo = with_mom ? mom + i : 0;
+        int32_t n;
+        for (run = 1; !is_depthwise(op) && ci + run < cpg; run++) {
+            const int32_t next = cin + run, trained = row && channel_trained(op, next);
+            if (trained != (g != 0) || (trained && channel_slot(op, next) != channel_slot(op, cin) + run)) break;
+        }
+        n = run * kk;
+        if (m->stochastic) {
+            if (g && with_mom)
+                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 1);
+            else if (g)
+                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 0);
+            else if (with_mom)
+                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 1);
+            else
+                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 0);
+            continue;
+        }
+        for (t = 0; t < n; t++) { /* nearest rounding */
+            float gi = (g ? g[t] : 0.0f) * qas, tw;
             int64_t v;
-            if (has_qas) gi = gi * qas;
-            if (momentum > 0.0f) {
-                mom[i] = step == 0 ? gi : mom[i] * momentum + gi;
-                gi = mom[i];
+            if (with_mom) {
+                mo[t] = first ? gi : mo[t] * momentum + gi;
+                gi = mo[t];
             }
-            tw = (float)w[i] - gi * lr;
-            v = stochastic ? floor_f32(tw + uniform_at(base, (uint32_t)i)) : round_half_away_f32(tw);
-            w[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
+            tw = (float)w[i + t] - gi * lr;
+            v = round_half_away_f32(tw);
+            w[i + t] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
         }
     }
 }
+
+/* QAS's gradient quantization of an op's output gradient g: a = g * mask * m[o] (m: the channel's QAS scale
+ * eff_scale), s = max |a| / 127, q = clamp(floor(a / s + u), -127, 127) with u the stream's uniform draw
+ * for the element. a is computed twice (for the max, then to quantize) rather than stored. Where the mask
+ * or a is 0, a / s + u = u in [0, 1), whose floor is 0: no draw. Planes whose size is a multiple of 8 are
+ * walked a mask byte at a time (a byte of 0 skips eight elements). */
+#define FT_KEPT(i) ((mask[(i) >> 3] >> ((i) & 7)) & 1u)
+
+static __attribute__((noinline)) float grad_amax(const ft_op *op, const float *g, const uint8_t *mask) {
+    const size_t hw = (size_t)op->oh * op->ow;
+    float amax = 0.0f;
+    size_t i, p;
+    int32_t o;
+    for (o = 0, i = 0; o < op->oc; o++) {
+        /* max |g es| = max |g| * |es|: multiplying by a positive float is monotonic, rounding included */
+        const float es = op->eff_scale[o] < 0 ? -op->eff_scale[o] : op->eff_scale[o];
+        float m = 0.0f, v;
+        if (hw % 8 == 0) {
+            for (p = 0; p < hw; p += 8, i += 8) {
+                uint32_t bits = mask[i >> 3];
+                const float *gi = g + i;
+                for (; bits; bits &= bits - 1) {
+                    v = gi[__builtin_ctz(bits)];
+                    v = v < 0 ? -v : v;
+                    m = v > m ? v : m;
+                }
+            }
+        } else {
+            for (p = 0; p < hw; p++, i++) {
+                if (!FT_KEPT(i)) continue;
+                v = g[i] < 0 ? -g[i] : g[i];
+                m = v > m ? v : m;
+            }
+        }
+        v = m * es;
+        amax = v > amax ? v : amax;
+    }
+    return amax;
+}
+
+/* One element's quantization, a = g * es kept by the mask (element at of the stream) */
+static inline int8_t quantize_one(float a, float s, uint32_t base, uint32_t at) {
+    int32_t v;
+    if (a == 0.0f) return 0;
+    v = floor_f32(a / s + uniform_at(base, at));
+    return (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
+}
+
+/* q (int8, in g's own buffer: byte i overwrites float i / 4, already read) from g; at: the sample's first
+ * element in the stream */
+static __attribute__((noinline)) void quantize_grad(const ft_op *op, const float *g, const uint8_t *mask, float s, uint32_t base, uint32_t at,
+                          int8_t *q) {
+    const size_t hw = (size_t)op->oh * op->ow;
+    size_t i, p;
+    int32_t o, j;
+    for (o = 0, i = 0; o < op->oc; o++) {
+        const float es = op->eff_scale[o];
+        if (hw % 8 == 0) {
+            for (p = 0; p < hw; p += 8, i += 8) {
+                const uint32_t bits = mask[i >> 3];
+                if (!bits) { /* eight zeros; the floats they overwrite were read (a byte of 0 reads none) */
+                    memset(q + i, 0, 8);
+                    continue;
+                }
+                for (j = 0; j < 8; j++)
+                    q[i + j] = (bits >> j) & 1u ? quantize_one(g[i + j] * es, s, base, at + (uint32_t)(i + j)) : 0;
+            }
+        } else {
+            for (p = 0; p < hw; p++, i++)
+                q[i] = FT_KEPT(i) ? quantize_one(g[i] * es, s, base, at + (uint32_t)i) : 0;
+        }
+    }
+}
+#undef FT_KEPT
 
 /* One sample's backward; `sample` places it in the batch's random stream. The output gradient g is
  * quantized to int8 in its own buffer (byte i overwrites float i / 4, already read). The input gradient
@@ -1012,44 +1206,18 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     const size_t count = (size_t)op->oc * op->oh * op->ow;
     const size_t hw = (size_t)op->oh * op->ow;
     int8_t *q = (int8_t *)g;
-    float amax = 0.0f, s;
-    size_t i, p;
+    float amax, s;
     int32_t o;
-    /* a = g * mask * m[o], computed twice (for the max, then to quantize) rather than stored. Where the mask
-     * is 0 or a is 0, a / s + u = u in [0, 1) (a signed zero added to u is u), whose floor is 0: no draw */
-#define FT_KEPT(i) ((mask[(i) >> 3] >> ((i) & 7)) & 1u)
     PROFILE_BEGIN(t_quant);
-    for (o = 0, i = 0; o < op->oc; o++) {
-        const float es = op->eff_scale[o];
-        for (p = 0; p < hw; p++, i++) {
-            float v;
-            if (!FT_KEPT(i)) continue;
-            v = g[i] * es; /* g * 1.0f = g */
-            amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
-        }
-    }
+    amax = grad_amax(op, g, mask);
     if (amax == 0.0f) {
         s = 1.0f;
         memset(q, 0, count);
     } else {
-        const uint32_t base = stream_base(seed, step, (uint32_t)(2 * op->slot));
-        const uint32_t at = (uint32_t)((size_t)sample * count);
         s = amax / (float)FT_GRAD_LEVELS;
-        for (o = 0, i = 0; o < op->oc; o++) {
-            const float es = op->eff_scale[o];
-            for (p = 0; p < hw; p++, i++) {
-                float a;
-                int32_t v;
-                if (!FT_KEPT(i) || (a = g[i] * es) == 0.0f) {
-                    q[i] = 0;
-                    continue;
-                }
-                v = floor_f32(a / s + uniform_at(base, at + (uint32_t)i));
-                q[i] = (int8_t)(v < -FT_GRAD_LEVELS ? -FT_GRAD_LEVELS : (v > FT_GRAD_LEVELS ? FT_GRAD_LEVELS : v));
-            }
-        }
+        quantize_grad(op, g, mask, s, stream_base(seed, step, (uint32_t)(2 * op->slot)), (uint32_t)((size_t)sample * count),
+                      q);
     }
-#undef FT_KEPT
     PROFILE_END(t_quant, index, FT_PART_QUANTIZE);
     CHECK_TENSOR(a, index, FT_CHECK_GRAD_Q, q, count);
     if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */

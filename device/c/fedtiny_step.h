@@ -80,6 +80,10 @@ int ft_step_abi(void);
 uint32_t ft_hash32(uint32_t x);
 uint32_t ft_stream_base(uint32_t seed, uint32_t step, uint32_t slot);
 
+/* TFLM's MultiplyByQuantizedMultiplier(acc, mult, shift) as the step computes it (one rounding where TFLM
+ * takes two: tests compare it with the two); 0 outside mult in [0, 2^31), shift in [-31, 30]. */
+int32_t ft_requantize(int32_t acc, int32_t mult, int32_t shift);
+
 /* Bytes of arena a step of `batch` samples needs (0 on a bad model). */
 size_t ft_step_arena_bytes(const ft_model *m, int32_t batch);
 

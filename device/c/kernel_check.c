@@ -120,6 +120,22 @@ int ft_kernel_check(void) {
         for (t = 0; t < 4; t++) h = mix(h, acc[t]);
         report("mac_2x2_cols", depth, 1, 1, h);
     }
+    for (i = 0; i < 40; i++) { /* requantization: |x| < 2^30, shifts 1 .. 22, ReLU-like and full ranges */
+        static const int32_t shifts[] = {1, 2, 3, 7, 12, 22};
+        const int32_t e = shifts[i % 6], n = 1 + (i * 7) % 32, lo = i % 3 ? -128 : next8() / 2;
+        const uint32_t range = (uint32_t)(i % 2 ? 127 - lo : (i % 5) * 60);
+        const int32_t mult = (int32_t)(0x40000000u | ((uint32_t)next8() << 16) | (uint32_t)(uint8_t)next8());
+        const int32_t k2 = (int32_t)((uint32_t)(uint8_t)next8() << (e + 2)) + (e == 1);
+        const int32_t folded = (int32_t)((uint32_t)next8() << (8 + i % 14));
+        int32_t acc[32], t;
+        int8_t y[32];
+        uint32_t h = 2166136261u;
+        for (t = 0; t < n; t++) /* small sums, and sums near the bound: every sign, many ties */
+            acc[t] = i % 4 == 3 ? (int32_t)((uint32_t)next8() << 21) : (int32_t)next8() * (1 + i % 5) * 97 + t;
+        h = mix(h, (int32_t)ft_requant_row(acc, n, folded, mult, k2, e, range, lo, y));
+        for (t = 0; t < n; t++) h = mix(h, y[t]);
+        report("requant_row", e, n, i, h);
+    }
     emit("done\n");
     return 0;
 }

@@ -2,12 +2,15 @@
 
 ``-icount shift=0`` makes virtual time advance one nanosecond per instruction (the firmware counts its
 instructions with SysTick); ``-semihosting`` lets it exit with a status. The bridge reaches the UART as
-``serial:HOST:PORT`` (:mod:`fedtiny.bridge.relay`).
+``serial:HOST:PORT`` (:mod:`fedtiny.bridge.relay`). ``FEDTINY_QEMU_ARGS`` appends arguments (a developer's
+switch: ``scripts/firmware_hotspots.py`` adds QEMU's execution log with it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -43,7 +46,7 @@ def qemu_command(elf: str | Path, board: str, port: int, host: str = "127.0.0.1"
         raise ValueError(f"board {board!r}: expected one of {', '.join(BOARDS)}")
     return ["qemu-system-arm", "-M", BOARDS[board][0], "-nographic", "-monitor", "none", "-kernel", str(elf),
             "-serial", f"tcp:{host}:{port},server=on,wait=off", "-icount", "shift=0",
-            "-semihosting-config", "enable=on,target=native"]
+            "-semihosting-config", "enable=on,target=native", *shlex.split(os.environ.get("FEDTINY_QEMU_ARGS", ""))]
 
 
 def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
