@@ -83,7 +83,7 @@ int32_t ft_sum_s8(const int8_t *a, int32_t n) {
 
 /* Two rows x four pixels, two k per iteration: the inputs of channels k and k + 1 are widened and
  * paired per pixel, (x[k][j], x[k+1][j]), then each pair meets both rows' weight pairs (w[k], w[k+1]). */
-static void mac_2x4(const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth,
+static __attribute__((noinline)) void mac_2x4(const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth,
                     int32_t acc[2 * FT_PIX]) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
     const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
@@ -116,6 +116,106 @@ static void mac_2x4(const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
     acc[FT_PIX] = b0, acc[FT_PIX + 1] = b1, acc[FT_PIX + 2] = b2, acc[FT_PIX + 3] = b3;
+}
+
+static inline uint32_t load16(const int8_t *p) { /* an unaligned LDRH */
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* Two outputs (a, b) x two adjacent pixels (j, j + 1) over depth k, four k per step, in assembly: GCC spills
+ * the accumulators of such loops (mac_2x4 spends half its instructions on the stack), this keeps four
+ * accumulators, the pointers and six temporaries in the fourteen registers and reads the end from the
+ * stack once a step. The inputs of pixels j, j + 1 of channels k .. k + 3 (planes x_k apart: four LDRH)
+ * become int16 pairs (k, k + 2) and (k + 1, k + 3), the pairs SXTB16 makes of four bytes:
+ *   x02_j = (x[k][j], x[k+2][j]), x13_j = (x[k+1][j], x[k+3][j]).
+ * mac_2x2_rows: the weights of a and b are rows (w[k], w + w_row; one word per four k: SXTB16 gives
+ * (w[k], w[k+2]) and, rotated, (w[k+1], w[k+3])); the forward's case. mac_2x2_columns: a and b are adjacent
+ * (w[k w_k], w[k w_k + 1]; paired as the inputs are); the input gradient's case. 29 and 35 instructions per
+ * 16 MACs. */
+#define FT_PAIR_X                                                                                          \
+    "ldrh   %[t0], [%[x]]\n\t"                                                                           \
+    "ldrh   %[t1], [%[x], %[xk]]\n\t"                                                                    \
+    "add    %[t2], %[x], %[xk], lsl #1\n\t"                                                              \
+    "ldrh   %[t3], [%[t2]]\n\t"                                                                          \
+    "ldrh   %[t2], [%[t2], %[xk]]\n\t"                                                                   \
+    "orr    %[t0], %[t0], %[t3], lsl #16\n\t" /* x[k][j,j+1], x[k+2][j,j+1] */                          \
+    "orr    %[t1], %[t1], %[t2], lsl #16\n\t" /* x[k+1][j,j+1], x[k+3][j,j+1] */                        \
+    "add    %[x], %[x], %[xk], lsl #2\n\t"
+/* with weight words t2 (pairs for k, k + 2 in its bytes 0, 2 for a and ... see the callers) and t3 */
+#define FT_MAC_2X2(ae, be, ao, bo)                                                                         \
+    "sxtb16 %[t4], %[t0]\n\t"        /* x02_0 */                                                         \
+    "sxtb16 %[t5], " ae "\n\t"                                                                          \
+    "smlad  %[a0], %[t5], %[t4], %[a0]\n\t"                                                             \
+    "sxtb16 %[t0], %[t0], ror #8\n\t" /* x02_1 */                                                        \
+    "smlad  %[a1], %[t5], %[t0], %[a1]\n\t"                                                             \
+    "sxtb16 %[t5], " be "\n\t"                                                                          \
+    "smlad  %[b0], %[t5], %[t4], %[b0]\n\t"                                                             \
+    "smlad  %[b1], %[t5], %[t0], %[b1]\n\t"                                                             \
+    "sxtb16 %[t4], %[t1]\n\t"        /* x13_0 */                                                         \
+    "sxtb16 %[t5], " ao "\n\t"                                                                          \
+    "smlad  %[a0], %[t5], %[t4], %[a0]\n\t"                                                             \
+    "sxtb16 %[t1], %[t1], ror #8\n\t" /* x13_1 */                                                        \
+    "smlad  %[a1], %[t5], %[t1], %[a1]\n\t"                                                             \
+    "sxtb16 %[t5], " bo "\n\t"                                                                          \
+    "smlad  %[b0], %[t5], %[t4], %[b0]\n\t"                                                             \
+    "smlad  %[b1], %[t5], %[t1], %[b1]\n\t"
+#define FT_MAC_2X2_OPERANDS                                                                                \
+    [a0] "+r"(a0), [a1] "+r"(a1), [b0] "+r"(b0), [b1] "+r"(b1), [x] "+r"(x), [w] "+r"(w), [t0] "=&r"(t0), \
+        [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+
+static __attribute__((noinline)) void mac_2x2_rows(const int8_t *w, int32_t w_row, const int8_t *x, int32_t x_k,
+                                                    int32_t depth, int32_t *a, int32_t *b) {
+    int32_t a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+    const int8_t *end = w + (depth & ~3);
+    const int8_t *const last = w + depth;
+    uint32_t t0, t1, t2, t3, t4, t5;
+    if (w != end)
+        __asm__ volatile("1:\n\t" FT_PAIR_X
+                         "ldr    %[t2], [%[w], %[wrow]]\n\t" /* b's w[k .. k+3] */
+                         "ldr    %[t3], [%[w]], #4\n\t"      /* a's */
+                         FT_MAC_2X2("%[t3]", "%[t2]", "%[t3], ror #8", "%[t2], ror #8")
+                         "ldr    %[t2], %[end]\n\t"
+                         "cmp    %[w], %[t2]\n\t"
+                         "bne    1b\n\t"
+                         : FT_MAC_2X2_OPERANDS
+                         : [xk] "r"(x_k), [wrow] "r"(w_row), [end] "m"(end)
+                         : "cc", "memory");
+    for (; w != last; w++, x += x_k) {
+        const int32_t wa = w[0], wb = w[w_row];
+        a0 += wa * x[0], a1 += wa * x[1], b0 += wb * x[0], b1 += wb * x[1];
+    }
+    a[0] = a0, a[1] = a1, b[0] = b0, b[1] = b1;
+}
+
+static __attribute__((noinline)) void mac_2x2_columns(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k,
+                                                       int32_t depth, int32_t *a, int32_t *b) {
+    int32_t a0 = 0, a1 = 0, b0 = 0, b1 = 0, k = depth & ~3;
+    const int8_t *end = x + (size_t)k * x_k;
+    uint32_t t0, t1, t2, t3, t4, t5;
+    if (k)
+        __asm__ volatile("1:\n\t" FT_PAIR_X
+                         "ldrh   %[t2], [%[w]]\n\t"          /* (a, b) of k */
+                         "ldrh   %[t3], [%[w], %[wk]]\n\t"   /* of k + 1 */
+                         "add    %[t4], %[w], %[wk], lsl #1\n\t"
+                         "ldrh   %[t5], [%[t4]]\n\t"         /* of k + 2 */
+                         "ldrh   %[t4], [%[t4], %[wk]]\n\t"  /* of k + 3 */
+                         "orr    %[t2], %[t2], %[t5], lsl #16\n\t"
+                         "orr    %[t3], %[t3], %[t4], lsl #16\n\t"
+                         "add    %[w], %[w], %[wk], lsl #2\n\t"
+                         FT_MAC_2X2("%[t2]", "%[t2], ror #8", "%[t3]", "%[t3], ror #8")
+                         "ldr    %[t2], %[end]\n\t"
+                         "cmp    %[x], %[t2]\n\t"
+                         "bne    1b\n\t"
+                         : FT_MAC_2X2_OPERANDS
+                         : [xk] "r"(x_k), [wk] "r"(w_k), [end] "m"(end)
+                         : "cc", "memory");
+    for (; k < depth; k++, x += x_k, w += w_k) {
+        const int32_t wa = w[0], wb = w[1];
+        a0 += wa * x[0], a1 += wa * x[1], b0 += wb * x[0], b1 += wb * x[1];
+    }
+    a[0] = a0, a[1] = a1, b[0] = b0, b[1] = b1;
 }
 
 /* One row x four pixels (a fused expansion computes one channel at a time) */
@@ -308,7 +408,79 @@ uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t m
     return (uint32_t)t >> (32 - count);
 }
 
+/* Each four k: (a[k], a[k+2]), (b[k], b[k+2]), (a[k+1], a[k+3]), (b[k+1], b[k+3]) as int16 pairs, the pairs
+ * FT_PAIR_X makes of the inputs */
+void ft_pair_prepare(const int8_t *w, int32_t w_row, int32_t w_k, int32_t depth, uint32_t *prep) {
+    int32_t k;
+    for (k = 0; k + 4 <= depth; k += 4, prep += 4) {
+        const int8_t *a = w + (size_t)k * w_k, *b = a + w_row;
+        prep[0] = pack_lo((uint32_t)(int32_t)a[0], (uint32_t)(int32_t)a[2 * w_k]);
+        prep[1] = pack_lo((uint32_t)(int32_t)b[0], (uint32_t)(int32_t)b[2 * w_k]);
+        prep[2] = pack_lo((uint32_t)(int32_t)a[w_k], (uint32_t)(int32_t)a[3 * w_k]);
+        prep[3] = pack_lo((uint32_t)(int32_t)b[w_k], (uint32_t)(int32_t)b[3 * w_k]);
+    }
+}
+
+/* 25 instructions per 16 MACs: the weights come two words at a time (LDRD) instead of from eight bytes */
+static __attribute__((noinline)) void mac_2x2_prepared(const uint32_t *prep, const int8_t *x, int32_t x_k,
+                                                        int32_t groups, int32_t *a, int32_t *b) {
+    int32_t a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+    const int8_t *end = x + (size_t)groups * 4 * x_k;
+    uint32_t t0, t1, t2, t3, t4, t5, t6;
+    if (groups)
+        __asm__ volatile("1:\n\t" FT_PAIR_X
+                         "ldrd   %[t2], %[t3], [%[p]], #16\n\t"
+                         "ldrd   %[t4], %[t5], [%[p], #-8]\n\t"
+                         "sxtb16 %[t6], %[t0]\n\t"
+                         "smlad  %[a0], %[t2], %[t6], %[a0]\n\t"
+                         "smlad  %[b0], %[t3], %[t6], %[b0]\n\t"
+                         "sxtb16 %[t0], %[t0], ror #8\n\t"
+                         "smlad  %[a1], %[t2], %[t0], %[a1]\n\t"
+                         "smlad  %[b1], %[t3], %[t0], %[b1]\n\t"
+                         "sxtb16 %[t6], %[t1]\n\t"
+                         "smlad  %[a0], %[t4], %[t6], %[a0]\n\t"
+                         "smlad  %[b0], %[t5], %[t6], %[b0]\n\t"
+                         "sxtb16 %[t1], %[t1], ror #8\n\t"
+                         "smlad  %[a1], %[t4], %[t1], %[a1]\n\t"
+                         "smlad  %[b1], %[t5], %[t1], %[b1]\n\t"
+                         "ldr    %[t6], %[end]\n\t"
+                         "cmp    %[x], %[t6]\n\t"
+                         "bne    1b\n\t"
+                         : [a0] "+r"(a0), [a1] "+r"(a1), [b0] "+r"(b0), [b1] "+r"(b1), [x] "+r"(x), [p] "+r"(prep),
+                           [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4),
+                           [t5] "=&r"(t5), [t6] "=&r"(t6)
+                         : [xk] "r"(x_k), [end] "m"(end)
+                         : "cc", "memory");
+    a[0] = a0, a[1] = a1, b[0] = b0, b[1] = b1;
+}
+
+void ft_mac_block_prepared(const uint32_t *prep, const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x,
+                           int32_t x_k, int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]) {
+    const int32_t head = depth & ~3;
+    int32_t j, k;
+    for (j = 0; j + 2 <= pixels; j += 2)
+        mac_2x2_prepared(prep, x + j, x_k, head / 4, acc + j, acc + FT_PIX + j);
+    if (j < pixels) acc[j] = acc[FT_PIX + j] = 0; /* the last pixel of an odd block: every k below */
+    for (k = j < pixels ? 0 : head; k < depth; k++) {
+        const int8_t *xk = x + (size_t)k * x_k;
+        const int32_t wa = w[(size_t)k * w_k], wb = w[w_row + (size_t)k * w_k];
+        int32_t p;
+        for (p = k < head ? j : 0; p < pixels; p++) acc[p] += wa * xk[p], acc[FT_PIX + p] += wb * xk[p];
+    }
+}
+
 #else /* portable */
+
+void ft_pair_prepare(const int8_t *w, int32_t w_row, int32_t w_k, int32_t depth, uint32_t *prep) {
+    (void)w, (void)w_row, (void)w_k, (void)depth, (void)prep;
+}
+
+void ft_mac_block_prepared(const uint32_t *prep, const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x,
+                           int32_t x_k, int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]) {
+    (void)prep;
+    ft_mac_block(w, w_row, w_k, 2, x, x_k, depth, pixels, acc);
+}
+
 
 uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t mult, int32_t k2, int32_t e,
                         uint32_t range, int32_t lo, int8_t *y) {
@@ -377,6 +549,13 @@ void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, con
             mac_1x8(w, w_k, x, x_k, depth, acc);
             return;
         }
+        if (rows == 2 && (w_k == 1 || w_row == 1)) /* two pixels at a time, nothing spilled */
+            for (; done + 2 <= pixels; done += 2) {
+                if (w_k == 1)
+                    mac_2x2_rows(w, w_row, x + done, x_k, depth, acc + done, acc + FT_PIX + done);
+                else
+                    mac_2x2_columns(w, w_k, x + done, x_k, depth, acc + done, acc + FT_PIX + done);
+            }
         for (; done + 4 <= pixels; done += 4) {
             if (rows == 2)
                 mac_2x4(w, w_row, w_k, x + done, x_k, depth, acc + done);

@@ -55,6 +55,15 @@ int32_t ft_sum_s8(const int8_t *a, int32_t n);
 void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, const int8_t *x, int32_t x_k,
                   int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]);
 
+/* ft_mac_block's two-row case with the rows' weights prepared once for many pixel blocks (the pointwise
+ * forward of few input channels, the pointwise input gradient): ft_pair_prepare writes depth words to prep
+ * (4-byte aligned) from the weights of rows a (w[k w_k]) and b (w[w_row + k w_k]); ft_mac_block_prepared
+ * then gives ft_mac_block(w, w_row, w_k, 2, x, x_k, depth, pixels, acc)'s acc. (The portable build reads
+ * w and leaves prep unused.) */
+void ft_pair_prepare(const int8_t *w, int32_t w_row, int32_t w_k, int32_t depth, uint32_t *prep);
+void ft_mac_block_prepared(const uint32_t *prep, const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x,
+                           int32_t x_k, int32_t depth, int32_t pixels, int32_t acc[2 * FT_PIX]);
+
 /* A column is one output pixel's inputs (depth values, as int16, the input's zero point already taken
  * off) for the matrix kernel over columns: ft_cols_prepare puts a column written in natural order into
  * the order ft_mac_2x2_cols reads (on the DSP build each four k as (k, k+2), (k+1, k+3), the pairs

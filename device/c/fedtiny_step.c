@@ -369,7 +369,29 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
     int32_t oy, ox, ci, ky, kx, j;
     oy_hi = op->kh > FT_MAX_KH ? 0 : (oy_hi < op->oh ? oy_hi : op->oh);
     ox_hi = ox_hi < op->ow ? ox_hi : op->ow;
+    if (ox_lo == 0 && ox_hi == op->ow && op->ow * 2 <= FT_ROW_BLOCK && ystride == op->ow) {
+        /* whole rows inside and narrow (a padded plane of a small map): several rows a block, so that one
+         * store serves them (the interior rows; the others below take the checked path) */
+        const int32_t per = FT_ROW_BLOCK / op->ow;
+        for (oy = oy_lo; oy < oy_hi; oy += per) {
+            const int32_t nr = oy_hi - oy < per ? oy_hi - oy : per;
+            int32_t acc[FT_ROW_BLOCK], r;
+            const int8_t *rows[FT_MAX_KH];
+            for (j = 0; j < nr * op->ow; j++) acc[j] = 0;
+            for (r = 0; r < nr; r++)
+                for (ci = 0; ci < cpg; ci++) {
+                    const int8_t *xc = x + (size_t)ci * h * w + (size_t)((oy + r) * s - pad_t) * w - pad_l;
+                    for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
+                    ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, op->ow, acc + r * op->ow);
+                }
+            store_outputs(&rq, acc, nr * op->ow, folded, y + (size_t)oy * ystride, mask, mask_at + (size_t)oy * op->ow);
+        }
+        if (oy_lo == 0 && oy_hi == op->oh) return;
+    }
     for (oy = 0; oy < op->oh; oy++) {
+        if (ox_lo == 0 && ox_hi == op->ow && op->ow * 2 <= FT_ROW_BLOCK && ystride == op->ow && oy >= oy_lo &&
+            oy < oy_hi)
+            continue; /* done above */
         const int interior_row = oy >= oy_lo && oy < oy_hi && ox_lo < ox_hi;
         for (ox = 0; ox < op->ow;) {
             if (interior_row && ox == ox_lo) { /* the row's interior, a block at a time */
@@ -429,12 +451,17 @@ static int32_t is_pointwise(const ft_op *op) {
 /* Pixels p0 .. p0 + count - 1 of output channels o0 (.. o0 + rows - 1) of a pointwise convolution, FT_PIX at a
  * time; pixel p of channel o0 + r lands at y + r * ystep + p. */
 static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, const requant_t *rq,
-                           const int32_t *folded, int32_t p0, int32_t count, int8_t *y, size_t ystep, uint8_t *mask) {
+                           const int32_t *folded, int32_t p0, int32_t count, int8_t *y, size_t ystep, uint8_t *mask,
+                           const uint32_t *prep) {
     const int32_t hw = op->h * op->w;
+    const int8_t *const w = op->weight + (size_t)o0 * op->c;
     int32_t acc[2 * FT_PIX], r, p;
     for (p = p0; p < p0 + count; p += FT_PIX) {
         const int32_t n = p0 + count - p < FT_PIX ? p0 + count - p : FT_PIX;
-        ft_mac_block(op->weight + (size_t)o0 * op->c, op->c, 1, rows, x + p, hw, op->c, n, acc);
+        if (prep && rows == 2)
+            ft_mac_block_prepared(prep, w, op->c, 1, x + p, hw, op->c, n, acc);
+        else
+            ft_mac_block(w, op->c, 1, rows, x + p, hw, op->c, n, acc);
         for (r = 0; r < rows; r++)
             store_outputs(&rq[r], acc + r * FT_PIX, n, folded[r], y + r * ystep + p, mask, (size_t)(o0 + r) * hw + p);
     }
@@ -444,7 +471,7 @@ static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t
  * h = w = 1): FT_PIX pixels at a time through ft_mac_block; channel o's plane at y + (o - o0) * ystep, its
  * rows ystride apart. */
 static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, size_t ystep,
-                           int32_t ystride, uint8_t *mask) {
+                           int32_t ystride, uint8_t *mask, uint32_t *prep) {
     const int32_t hw = op->h * op->w, ow = op->ow;
     int32_t folded[2], acc[2], r;
     requant_t rq[2];
@@ -463,13 +490,15 @@ static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t
                          (size_t)(o0 + r));
         return;
     }
+    if (prep && rows == 2) ft_pair_prepare(op->weight + (size_t)o0 * op->c, op->c, 1, op->c, prep);
     if (ystride != ow) { /* rows of a wider plane (a fused pair's padded window): one output row at a time */
         int32_t oy;
         for (oy = 0; oy < op->oh; oy++)
-            pointwise_span(op, x, o0, rows, rq, folded, oy * ow, ow, y + (size_t)oy * (ystride - ow), ystep, mask);
+            pointwise_span(op, x, o0, rows, rq, folded, oy * ow, ow, y + (size_t)oy * (ystride - ow), ystep, mask,
+                           prep);
         return;
     }
-    pointwise_span(op, x, o0, rows, rq, folded, 0, hw, y, ystep, mask);
+    pointwise_span(op, x, o0, rows, rq, folded, 0, hw, y, ystep, mask, prep);
 }
 
 /* Output pixel p's inputs as a column (natural order ci, ky, kx, then ft_cols_prepare's): x - x_zero
@@ -546,8 +575,11 @@ static int conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *ma
     const int rc = conv_forward_cols(op, x, y, mask, a);
     if (rc) return rc < 0 ? rc : 0;
     if (is_pointwise(op)) {
+        /* the planner's workspace (columns of 4 x c bytes) holds a row pair's prepared weights */
+        uint32_t *prep = ohw > 1 && op->workspace >= 4 * op->c ? (uint32_t *)take_uninit(a, (size_t)4 * op->c) : 0;
         for (o = 0; o < op->oc; o += 2)
-            pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask);
+            pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask, prep);
+        give(a, prep);
         return 0;
     }
     for (o = 0; o < op->oc; o++) conv_channel(op, x, o, y + (size_t)o * ohw, op->ow, mask, (size_t)o * ohw);
@@ -571,6 +603,17 @@ static void dw_channel(const ft_op *op, const int8_t *pad, int32_t hp, int32_t w
 static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp, int8_t *pad) {
     const int32_t cols = dw->w < wp - dw->pad_l ? dw->w : wp - dw->pad_l; /* the input columns inside the window */
     int32_t y;
+    if (hp * wp <= 256) { /* a small map's plane: byte loops cost less than the calls */
+        const int8_t z = (int8_t)dw->x_zero;
+        int32_t i;
+        for (i = 0; i < hp * wp; i++) pad[i] = z;
+        for (y = 0; y < dw->h && y + dw->pad_t < hp && cols > 0; y++) {
+            int8_t *d = pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l;
+            const int8_t *r = in + (size_t)y * dw->w;
+            for (i = 0; i < cols; i++) d[i] = r[i];
+        }
+        return;
+    }
     memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
     for (y = 0; y < dw->h && y + dw->pad_t < hp && cols > 0; y++)
         memcpy(pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l, in + (size_t)y * dw->w, (size_t)cols);
@@ -628,14 +671,14 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
         /* the pointwise channel e lands inside the padding; rows/columns beyond the window are not read */
         if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp) {
             if (is_pointwise(op))
-                pointwise_rows(op, x, e, 1, pad + (size_t)dw->pad_t * wp + dw->pad_l, 0, wp, 0);
+                pointwise_rows(op, x, e, 1, pad + (size_t)dw->pad_t * wp + dw->pad_l, 0, wp, 0, 0);
             else
                 conv_channel(op, x, e, pad + (size_t)dw->pad_t * wp + dw->pad_l, wp, 0, 0);
         } else { /* a window narrower than the plane: compute the channel in the output plane, then pad */
             int8_t *plane = (int8_t *)take_uninit(a, (size_t)op->oh * op->ow);
             if (!plane) return -2;
             if (is_pointwise(op))
-                pointwise_rows(op, x, e, 1, plane, 0, op->ow, 0);
+                pointwise_rows(op, x, e, 1, plane, 0, op->ow, 0, 0);
             else
                 conv_channel(op, x, e, plane, op->ow, 0, 0);
             pad_plane(dw, plane, hp, wp, pad);
@@ -975,7 +1018,7 @@ static int dw_input_grad(const ft_op *op, const int8_t *q, float s, float *gx, i
  * Pointwise: the transposed product by ft_mac_block (a weight column against the output gradient's
  * planes). Otherwise (depthwise ones take dw_input_grad when its rows fit) a gather: at stride 1, inputs every tap of whose window lies inside the outputs are
  * summed by ft_dw_row with the kernel flipped, FT_ROW_BLOCK at a time; the rest with checks. */
-static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
+static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx, uint32_t *prep, size_t prep_bytes) {
     const int32_t cpg = op->c / op->groups, opg = op->oc / op->groups, kk = op->kh * op->kw;
     const int32_t hw = op->h * op->w, ohw = op->oh * op->ow;
     int32_t acc[FT_ROW_BLOCK > 2 * FT_PIX ? FT_ROW_BLOCK : 2 * FT_PIX], ci, iy, ix, o, ky, kx, j, r;
@@ -985,9 +1028,15 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx) {
         for (ci = 0; ci < op->c; ci += 2) {
             const int32_t n_rows = ci + 1 < op->c ? 2 : 1;
             int32_t p;
+            /* a pair of input channels' weights (columns of the weight) prepared once for all pixels */
+            const int prepared = n_rows == 2 && prep && (size_t)op->oc * 4 <= prep_bytes;
+            if (prepared) ft_pair_prepare(op->weight + ci, 1, op->c, op->oc, prep);
             for (p = 0; p < hw; p += FT_PIX) {
                 const int32_t n = hw - p < FT_PIX ? hw - p : FT_PIX;
-                ft_mac_block(op->weight + ci, 1, op->c, n_rows, q + p, ohw, op->oc, n, acc);
+                if (prepared)
+                    ft_mac_block_prepared(prep, op->weight + ci, 1, op->c, q + p, ohw, op->oc, n, acc);
+                else
+                    ft_mac_block(op->weight + ci, 1, op->c, n_rows, q + p, ohw, op->oc, n, acc);
                 for (r = 0; r < n_rows; r++)
                     for (j = 0; j < n; j++) gx[(size_t)(ci + r) * hw + p + j] += (float)acc[r * FT_PIX + j] * s;
             }
@@ -1226,7 +1275,11 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
         /* spread rows at stride 2 cost kh kw MACs per input for about a quarter of them: worth it over the
          * gather for 3 x 3 windows (a fast kernel), not for 5 x 5 or 7 x 7 ones (measured on MCUNet) */
         const int spread = is_depthwise(op) && (op->stride == 1 || op->kh * op->kw <= 9);
-        if (!spread || !dw_input_grad(op, q, s, gx, q + count, 3 * count)) input_grad(op, q, s, gx);
+        if (!spread || !dw_input_grad(op, q, s, gx, q + count, 3 * count)) {
+            /* the prepared weights, 4-byte aligned, in the same free tail */
+            uint32_t *prep = (uint32_t *)(((uintptr_t)(q + count) + 3u) & ~(uintptr_t)3u);
+            input_grad(op, q, s, gx, prep, 3 * count - (size_t)((int8_t *)prep - (q + count)));
+        }
         PROFILE_END(t_input, index, FT_PART_INPUT_GRAD);
         CHECK_TENSOR(a, index, FT_CHECK_GRAD_IN, gx, (size_t)op->c * op->h * op->w * sizeof(float));
     }

@@ -90,6 +90,14 @@ int ft_kernel_check(void) {
                     if (r == 2)
                         for (k = 0; k < n; k++) h = mix(h, acc[FT_PIX + k]);
                     report(s ? "mac_block_column" : "mac_block_row", depth, n, r, h);
+                    if (r == 2) { /* the same sums from prepared weights */
+                        static uint32_t prep[64];
+                        h = 2166136261u;
+                        ft_pair_prepare(w_buf, w_row, w_k, depth, prep);
+                        ft_mac_block_prepared(prep, w_buf, w_row, w_k, x_buf + 1, x_k, depth, n, acc);
+                        for (k = 0; k < n; k++) h = mix(mix(h, acc[k]), acc[FT_PIX + k]);
+                        report(s ? "prepared_column" : "prepared_row", depth, n, r, h);
+                    }
                 }
     for (i = 0; i < (int32_t)(sizeof kernels / sizeof *kernels); i++)
         for (s = 1; s <= 2; s++)
