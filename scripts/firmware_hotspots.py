@@ -123,6 +123,8 @@ def main() -> int:
         per_insn = collections.Counter({int(k, 16): v for k, v in saved["per_insn"].items()})
     else:
         per_insn, steps = run_round(a)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"steps": steps, "per_insn": {f"{k:08x}": v for k, v in per_insn.items()}}))
     starts, names = symbols(a.elf)
     by_func: collections.Counter = collections.Counter()
     for addr, n in per_insn.items():
@@ -152,9 +154,6 @@ def main() -> int:
             except ValueError:
                 continue
             print(f"{per_insn.get(addr, 0) / steps:12,.0f}  {line.strip()}")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"steps": steps, "by_func": by_func,
-                                           "per_insn": {f"{k:08x}": v for k, v in per_insn.items()}}))
     return 0
 
 

@@ -469,7 +469,35 @@ void ft_mac_block_prepared(const uint32_t *prep, const int8_t *w, int32_t w_row,
     }
 }
 
+void ft_dot_s8_1x4(const int8_t *a, const int8_t *b, int32_t b_stride, int32_t n, int32_t out[4]) {
+    const int8_t *b1 = b + b_stride, *b2 = b1 + b_stride, *b3 = b2 + b_stride;
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, i = 0;
+    for (; i + 4 <= n; i += 4) { /* a widened once for four rows */
+        uint32_t ae, ao, e, o;
+        WIDEN(load32(a + i), ae, ao);
+        WIDEN(load32(b + i), e, o);
+        s0 = SMLAD(ae, e, SMLAD(ao, o, s0));
+        WIDEN(load32(b1 + i), e, o);
+        s1 = SMLAD(ae, e, SMLAD(ao, o, s1));
+        WIDEN(load32(b2 + i), e, o);
+        s2 = SMLAD(ae, e, SMLAD(ao, o, s2));
+        WIDEN(load32(b3 + i), e, o);
+        s3 = SMLAD(ae, e, SMLAD(ao, o, s3));
+    }
+    for (; i < n; i++) {
+        const int32_t v = a[i];
+        s0 += v * b[i], s1 += v * b1[i], s2 += v * b2[i], s3 += v * b3[i];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
 #else /* portable */
+
+void ft_dot_s8_1x4(const int8_t *a, const int8_t *b, int32_t b_stride, int32_t n, int32_t out[4]) {
+    int32_t s;
+    for (s = 0; s < 4; s++) out[s] = ft_dot_s8(a, b + (size_t)s * b_stride, n);
+}
+
 
 void ft_pair_prepare(const int8_t *w, int32_t w_row, int32_t w_k, int32_t depth, uint32_t *prep) {
     (void)w, (void)w_row, (void)w_k, (void)depth, (void)prep;

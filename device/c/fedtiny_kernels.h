@@ -44,6 +44,9 @@ int32_t ft_dot_s8(const int8_t *a, const int8_t *b, int32_t n);
 /* out[s] = sum_i a[i] * b_s[i] for s = 0, 1: one row against two (n >= 0); a is widened once. */
 void ft_dot_s8_1x2(const int8_t *a, const int8_t *b0, const int8_t *b1, int32_t n, int32_t out[2]);
 
+/* out[s] = sum_i a[i] * b[s * b_stride + i] for s < 4: one row against four rows b_stride apart (n >= 0). */
+void ft_dot_s8_1x4(const int8_t *a, const int8_t *b, int32_t b_stride, int32_t n, int32_t out[4]);
+
 /* sum_i a[i], n >= 0. */
 int32_t ft_sum_s8(const int8_t *a, int32_t n);
 

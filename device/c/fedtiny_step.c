@@ -657,6 +657,23 @@ typedef struct {
 static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
 static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? op->slot_of[ch] : ch; }
 
+/* A compact oh x ow plane lying at the end of pad (hp x wp) moved into rows pad_t.. at column pad_l, and
+ * everything else set to z. Row y moves down to (y + pad_t) wp + pad_l from hp wp - oh ow + y ow, never
+ * above it (the window fits the plane), so a forward copy reads each byte before a write reaches it. */
+static void spread_rows(int8_t *pad, const int8_t *compact, int32_t oh, int32_t ow, int32_t hp, int32_t wp,
+                        int32_t pad_t, int32_t pad_l, int8_t z) {
+    int32_t y, i;
+    for (i = 0; i < pad_t * wp; i++) pad[i] = z;
+    for (y = 0; y < oh; y++) {
+        int8_t *d = pad + (size_t)(y + pad_t) * wp;
+        const int8_t *r = compact + (size_t)y * ow;
+        for (i = 0; i < pad_l; i++) d[i] = z;
+        for (i = 0; i < ow; i++) d[pad_l + i] = r[i];
+        for (i = pad_l + ow; i < wp; i++) d[i] = z;
+    }
+    for (i = (pad_t + oh) * wp; i < hp * wp; i++) pad[i] = z;
+}
+
 /* A frozen pointwise expansion (op) and its depthwise reader (dw) run one expanded channel at a time:
  * the expanded tensor never exists whole (the planner's fused pair). */
 static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const int8_t *x, int8_t *y, arena_t *a) {
@@ -667,6 +684,14 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
     if (!pad) return -2;
     for (e = 0; e < dw->c; e++) {
         PROFILE_BEGIN(t_pw);
+        if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp && is_pointwise(op) && op->ow % FT_PIX) {
+            /* rows not a whole number of blocks: the channel computed as one span at the plane's end, then
+             * moved into its padded rows (each lands at or below where it is read from) */
+            const size_t hw = (size_t)op->oh * op->ow;
+            int8_t *const compact = pad + (size_t)hp * wp - hw;
+            pointwise_rows(op, x, e, 1, compact, 0, op->ow, 0, 0);
+            spread_rows(pad, compact, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, (int8_t)dw->x_zero);
+        } else {
         memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
         /* the pointwise channel e lands inside the padding; rows/columns beyond the window are not read */
         if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp) {
@@ -683,6 +708,7 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
                 conv_channel(op, x, e, plane, op->ow, 0, 0);
             pad_plane(dw, plane, hp, wp, pad);
             give(a, plane);
+        }
         }
         PROFILE_END(t_pw, index, FT_PART_FORWARD);
         {
@@ -916,8 +942,13 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
     if (is_pointwise(op)) { /* the saved planes are the trained channels in order: two at a time */
         const int32_t k = op->slot_of ? op->slot_of[op->c] : op->c;
         const uint32_t offset = (uint32_t)op->x_zero * (uint32_t)ft_sum_s8(qo, ohw);
-        int32_t d[2];
-        for (j = 0; j + 2 <= k; j += 2) {
+        int32_t d[4];
+        for (j = 0; j + 4 <= k; j += 4) { /* four planes against the gradient row widened once */
+            int32_t t;
+            ft_dot_s8_1x4(qo, x + (size_t)j * ohw, ohw, ohw, d);
+            for (t = 0; t < 4; t++) row[j + t] += (float)(int32_t)((uint32_t)d[t] - offset) * s;
+        }
+        for (; j + 2 <= k; j += 2) {
             ft_dot_s8_1x2(qo, x + (size_t)j * ohw, x + (size_t)(j + 1) * ohw, ohw, d);
             row[j] += (float)(int32_t)((uint32_t)d[0] - offset) * s;
             row[j + 1] += (float)(int32_t)((uint32_t)d[1] - offset) * s;
@@ -1140,10 +1171,16 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
         const float *g = row && channel_trained(op, sel) ? row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * kk : 0;
         float *mo = with_mom ? mom + i : 0;
         int32_t n;
-        for (run = 1; !is_depthwise(op) && ci + run < cpg; run++) {
-            const int32_t next = cin + run, trained = row && channel_trained(op, next);
-            if (trained != (g != 0) || (trained && channel_slot(op, next) != channel_slot(op, cin) + run)) break;
-        }
+        if (is_depthwise(op))
+            run = 1;
+        else if (!op->train_channels && !op->slot_of) /* every channel trained */
+            run = cpg;
+        else if (g) { /* trained channels with consecutive slots */
+            const int32_t slot = channel_slot(op, cin);
+            for (run = 1; ci + run < cpg && channel_trained(op, cin + run) && channel_slot(op, cin + run) == slot + run;)
+                run++;
+        } else /* frozen channels (or no gradient at all) */
+            for (run = 1; ci + run < cpg && !(row && channel_trained(op, cin + run));) run++;
         n = run * kk;
         if (m->stochastic) {
             if (g && with_mom)

@@ -72,6 +72,11 @@ int ft_kernel_check(void) {
         ft_dot_s8_1x2(x_buf, x_buf + n + 1, x_buf + 2 * n + 3, n, out);
         h = mix(mix(h, out[0]), out[1]);
         h = mix(h, ft_sum_s8(x_buf + 3, n));
+        {
+            int32_t four[4];
+            ft_dot_s8_1x4(x_buf + 2, x_buf + 1, n / 2 + 1, n, four); /* rows overlapping, unaligned */
+            h = mix(mix(mix(mix(h, four[0]), four[1]), four[2]), four[3]);
+        }
         report("dot_sum", n, 1, 1, h);
     }
     for (i = 0; i < (int32_t)(sizeof depths / sizeof *depths); i++)
