@@ -674,6 +674,56 @@ static void spread_rows(int8_t *pad, const int8_t *compact, int32_t oh, int32_t 
     for (i = (pad_t + oh) * wp; i < hp * wp; i++) pad[i] = z;
 }
 
+/* Whether a fused pair can expand two channels at a time: a pointwise expansion, a depthwise reader at stride
+ * 1 (its output plane, which the planner's workspace counts, is then an expanded plane: room for the second
+ * channel) and a window that fits the padded plane. */
+static int fused_pairs(const ft_op *op, const ft_op *dw, int32_t hp, int32_t wp) {
+    const int64_t hw = (int64_t)op->oh * op->ow;
+    return is_pointwise(op) && dw->stride == 1 && dw->c >= 2 && op->oh + dw->pad_t <= hp &&
+           op->ow + dw->pad_l <= wp && (int64_t)op->workspace >= 4 * (int64_t)op->c + (int64_t)hp * wp + hw;
+}
+
+/* The fused pair two expanded channels at a time, in the workspace as [prepared weights: 4 c bytes][padded
+ * plane: hp x wp][the second channel: oh x ow]: both channels through the prepared two-row kernel, the first
+ * computed at the padded plane's end, the second in the spare plane, each spread into the padded plane
+ * (spread_rows) before its depthwise channel. */
+static void fused_forward_pairs(const ft_op *op, const ft_op *dw, int32_t index, const int8_t *x, int8_t *y,
+                                int8_t *ws, int32_t hp, int32_t wp) {
+    const size_t hw = (size_t)op->oh * op->ow, dohw = (size_t)dw->oh * dw->ow;
+    uint32_t *const prep = (uint32_t *)ws;
+    int8_t *const plane = ws + (size_t)4 * op->c, *const compact = plane + (size_t)hp * wp - hw;
+    int8_t *const spare = plane + (size_t)hp * wp;
+    const int8_t z = (int8_t)dw->x_zero;
+    int32_t e;
+    (void)index;
+    for (e = 0; e < dw->c; e += 2) {
+        const int32_t rows = e + 1 < dw->c ? 2 : 1;
+        {
+            PROFILE_BEGIN(t_pw);
+            pointwise_rows(op, x, e, rows, compact, (size_t)(spare - compact), op->ow, 0, prep);
+            spread_rows(plane, compact, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
+            PROFILE_END(t_pw, index, FT_PART_FORWARD);
+        }
+        {
+            PROFILE_BEGIN(t_dw);
+            dw_channel(dw, plane, hp, wp, e, y + (size_t)e * dohw, 0, 0);
+            PROFILE_END(t_dw, index + 1, FT_PART_FORWARD);
+        }
+        if (rows == 2) {
+            {
+                PROFILE_BEGIN(t_pw2);
+                spread_rows(plane, spare, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
+                PROFILE_END(t_pw2, index, FT_PART_FORWARD);
+            }
+            {
+                PROFILE_BEGIN(t_dw2);
+                dw_channel(dw, plane, hp, wp, e + 1, y + (size_t)(e + 1) * dohw, 0, 0);
+                PROFILE_END(t_dw2, index + 1, FT_PART_FORWARD);
+            }
+        }
+    }
+}
+
 /* A frozen pointwise expansion (op) and its depthwise reader (dw) run one expanded channel at a time:
  * the expanded tensor never exists whole (the planner's fused pair). */
 static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const int8_t *x, int8_t *y, arena_t *a) {
@@ -682,6 +732,11 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
     padded_dims(dw, &hp, &wp);
     pad = (int8_t *)take_uninit(a, max_size((size_t)op->workspace, (size_t)hp * wp));
     if (!pad) return -2;
+    if (fused_pairs(op, dw, hp, wp)) {
+        fused_forward_pairs(op, dw, index, x, y, pad, hp, wp);
+        give(a, pad);
+        return 0;
+    }
     for (e = 0; e < dw->c; e++) {
         PROFILE_BEGIN(t_pw);
         if (op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp && is_pointwise(op) && op->ow % FT_PIX) {

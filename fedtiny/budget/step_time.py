@@ -190,8 +190,14 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
         if not rows:
             continue
         kinds = sorted({w.kind for w, _ in rows})
+        # A kind whose ops all do the same MACs per element written (tiny-ir's depthwise layers are all 3x3)
+        # cannot tell the two terms apart: its cost is charged per MAC, so that a 7x7 window costs more
+        # than a 3x3 one, as the window kernels' loops do (per element, it would cost the same).
+        ratios = {k: {w.macs[part] / w.written[part] for w, _ in rows if w.kind == k and w.written.get(part)}
+                  for k in kinds}
+        fixed = {k for k in kinds if len(ratios[k]) == 1}
         a = np.array([[w.macs[part] if w.kind == k else 0 for k in kinds]
-                      + [w.written.get(part, 0) if w.kind == k else 0 for k in kinds]
+                      + [w.written.get(part, 0) if w.kind == k and k not in fixed else 0 for k in kinds]
                       + ([w.channels] if part == "forward" else []) for w, _ in rows], dtype=float)
         y = np.array([c for _, c in rows])
         scale = a.max(axis=0)
