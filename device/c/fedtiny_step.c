@@ -555,12 +555,19 @@ static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_
             ft_mac_2x2_cols(op->weight + (size_t)o * depth, op->weight + (size_t)(o + nr - 1) * depth, cols,
                             cols + (np - 1) * depth, depth, acc);
             for (r = 0; r < nr; r++) {
-                const requant_t rq = requant_of(op, o + r);
+                requant_t rq = requant_of(op, o + r);
                 const uint32_t bias = (uint32_t)op->bias[o + r];
-                for (j = 0; j < np; j++) {
-                    const size_t at = (size_t)(o + r) * ohw + p + j;
-                    store_output(&rq, (int32_t)((uint32_t)acc[2 * r + j] + bias), y + at, mask, at);
+                const size_t at = (size_t)(o + r) * ohw + p;
+                requant_bound(&rq, op->bias[o + r], depth);
+                if (rq.narrow) { /* the pixel pair's two outputs by the row kernel, their mask bits at once */
+                    uint32_t bits = ft_requant_row(acc + 2 * r, np, (int32_t)bias, rq.mult, 2 * rq.khi + (rq.e == 1),
+                                                   rq.e, rq.range, rq.lo, y + at);
+                    if (mask)
+                        for (bits <<= (at & 7), j = 0; bits; bits >>= 8, j++) mask[(at >> 3) + j] |= (uint8_t)bits;
+                    continue;
                 }
+                for (j = 0; j < np; j++)
+                    store_output(&rq, (int32_t)((uint32_t)acc[2 * r + j] + bias), y + at + j, mask, at + j);
             }
         }
     }
@@ -1325,8 +1332,20 @@ static __attribute__((noinline)) void quantize_grad(const ft_op *op, const float
                     memset(q + i, 0, 8);
                     continue;
                 }
-                for (j = 0; j < 8; j++)
-                    q[i + j] = (bits >> j) & 1u ? quantize_one(g[i + j] * es, s, base, at + (uint32_t)(i + j)) : 0;
+                if (i == 0) { /* the tensor's first byte: its zeros would overwrite floats 0 and 1 unread */
+                    for (j = 0; j < 8; j++)
+                        q[j] = (bits >> j) & 1u ? quantize_one(g[j] * es, s, base, at + (uint32_t)j) : 0;
+                    continue;
+                }
+                { /* eight zeros (over floats of earlier bytes, read; this byte's floats lie past them), then
+                   * the kept elements only */
+                    uint32_t left;
+                    memset(q + i, 0, 8);
+                    for (left = bits; left; left &= left - 1) {
+                        j = (int32_t)__builtin_ctz(left);
+                        q[i + j] = quantize_one(g[i + j] * es, s, base, at + (uint32_t)(i + j));
+                    }
+                }
             }
         } else {
             for (p = 0; p < hw; p++, i++)
