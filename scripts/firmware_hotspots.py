@@ -105,13 +105,9 @@ def run_round(a: argparse.Namespace) -> tuple[collections.Counter, int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("elf")
-    ap.add_argument("gen")
-    ap.add_argument("scenario")
-    ap.add_argument("--board", default="an386")
-    ap.add_argument("--partition", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    from firmware_profile import round_parser
+
+    ap = round_parser(__doc__)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--annotate", action="append", default=[])
     ap.add_argument("--out", help="write the per-instruction counts as JSON")

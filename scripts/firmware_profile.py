@@ -33,6 +33,19 @@ def read_profile(log: Path) -> dict:
     return json.loads(found[-1])
 
 
+def round_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a script that runs one round of a built firmware (ELF, GEN_DIR, SCENARIO, board,
+    partition, --set) in QEMU."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("elf")
+    ap.add_argument("gen")
+    ap.add_argument("scenario")
+    ap.add_argument("--board", default="an386")
+    ap.add_argument("--partition", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    return ap
+
+
 def main() -> int:
     from fedtiny.bridge.relay import relay_round
     from fedtiny.budget.step_time import PARTS, StepWork, c_op_work, fit_costs
@@ -42,13 +55,7 @@ def main() -> int:
     from fedtiny.tools.firmware import bridged_client
     from fedtiny.tools.qemu import running
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("elf")
-    ap.add_argument("gen")
-    ap.add_argument("scenario")
-    ap.add_argument("--board", default="an386")
-    ap.add_argument("--partition", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap = round_parser(__doc__)
     ap.add_argument("--out", help="also write the JSON here")
     a = ap.parse_args()
     gen = Path(a.gen)
