@@ -81,43 +81,6 @@ int32_t ft_sum_s8(const int8_t *a, int32_t n) {
     return s;
 }
 
-/* Two rows x four pixels, two k per iteration: the inputs of channels k and k + 1 are widened and
- * paired per pixel, (x[k][j], x[k+1][j]), then each pair meets both rows' weight pairs (w[k], w[k+1]). */
-static __attribute__((noinline)) void mac_2x4(const int8_t *w, int32_t w_row, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth,
-                    int32_t acc[2 * FT_PIX]) {
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-    const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
-    const int32_t x_k2 = 2 * x_k, w_k2 = 2 * w_k;
-    while (x != end) {
-        uint32_t pe, po, qe, qo, p, wa, wb;
-        WIDEN(load32(x), pe, po);
-        WIDEN(load32(x + x_k), qe, qo);
-        wa = pack_lo((uint32_t)(int32_t)w[0], (uint32_t)(int32_t)w[w_k]);
-        wb = pack_lo((uint32_t)(int32_t)w[w_row], (uint32_t)(int32_t)w[w_row + w_k]);
-        p = pack_lo(pe, qe);
-        a0 = SMLAD(wa, p, a0);
-        b0 = SMLAD(wb, p, b0);
-        p = pack_lo(po, qo);
-        a1 = SMLAD(wa, p, a1);
-        b1 = SMLAD(wb, p, b1);
-        p = pack_hi(pe, qe);
-        a2 = SMLAD(wa, p, a2);
-        b2 = SMLAD(wb, p, b2);
-        p = pack_hi(po, qo);
-        a3 = SMLAD(wa, p, a3);
-        b3 = SMLAD(wb, p, b3);
-        x += x_k2;
-        w += w_k2;
-    }
-    if (depth & 1) {
-        const int32_t wa = w[0], wb = w[w_row];
-        a0 += wa * x[0], a1 += wa * x[1], a2 += wa * x[2], a3 += wa * x[3];
-        b0 += wb * x[0], b1 += wb * x[1], b2 += wb * x[2], b3 += wb * x[3];
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-    acc[FT_PIX] = b0, acc[FT_PIX + 1] = b1, acc[FT_PIX + 2] = b2, acc[FT_PIX + 3] = b3;
-}
-
 static inline uint32_t load16(const int8_t *p) { /* an unaligned LDRH */
     uint16_t v;
     memcpy(&v, p, 2);
@@ -125,7 +88,7 @@ static inline uint32_t load16(const int8_t *p) { /* an unaligned LDRH */
 }
 
 /* Two outputs (a, b) x two adjacent pixels (j, j + 1) over depth k, four k per step, in assembly: GCC spills
- * the accumulators of such loops (mac_2x4 spends half its instructions on the stack), this keeps four
+ * the accumulators of eight-accumulator loops (half their instructions went to the stack), this keeps four
  * accumulators, the pointers and six temporaries in the fourteen registers and reads the end from the
  * stack once a step. The inputs of pixels j, j + 1 of channels k .. k + 3 (planes x_k apart: four LDRH)
  * become int16 pairs (k, k + 2) and (k + 1, k + 3), the pairs SXTB16 makes of four bytes:
@@ -242,7 +205,7 @@ static void mac_1x4(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k, 
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
 
-/* One row x eight pixels: the fused expansion's case, with as many accumulators as mac_2x4 */
+/* One row x eight pixels: the fused expansion's case */
 static void mac_1x8(const int8_t *w, int32_t w_k, const int8_t *x, int32_t x_k, int32_t depth, int32_t acc[FT_PIX]) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
     const int8_t *const end = x + (size_t)(depth & ~1) * x_k;
@@ -584,15 +547,10 @@ void ft_mac_block(const int8_t *w, int32_t w_row, int32_t w_k, int32_t rows, con
                 else
                     mac_2x2_columns(w, w_k, x + done, x_k, depth, acc + done, acc + FT_PIX + done);
             }
-        for (; done + 4 <= pixels; done += 4) {
-            if (rows == 2)
-                mac_2x4(w, w_row, w_k, x + done, x_k, depth, acc + done);
-            else
-                mac_1x4(w, w_k, x + done, x_k, depth, acc + done);
-        }
+        for (; rows == 1 && done + 4 <= pixels; done += 4) mac_1x4(w, w_k, x + done, x_k, depth, acc + done);
         if (done == pixels) return;
         for (j = done; j < pixels; j++) acc[j] = acc[FT_PIX + j] = 0;
-        for (k = 0; k < depth; k++) { /* the last pixels of a plane, fewer than four */
+        for (k = 0; k < depth; k++) { /* the pixels left (two rows with other strides: every pixel) */
             const int8_t *xk = x + (size_t)k * x_k;
             const int32_t wa = w[(size_t)k * w_k], wb = rows > 1 ? w[w_row + (size_t)k * w_k] : 0;
             for (j = done; j < pixels; j++) acc[j] += wa * xk[j], acc[FT_PIX + j] += wb * xk[j];

@@ -309,6 +309,12 @@ static inline void store_output(const requant_t *r, int32_t acc, int8_t *y, uint
     *y = (int8_t)((u & ~(u >> 31)) + r->lo);
 }
 
+/* Mask bits of up to 24 consecutive outputs (bit j: output at + j) OR-ed in a byte at a time. */
+static void or_mask_bits(uint8_t *mask, size_t at, uint32_t bits) {
+    uint8_t *m = mask + (at >> 3);
+    for (bits <<= (at & 7); bits; bits >>= 8) *m++ |= (uint8_t)bits;
+}
+
 /* n <= 24 outputs of one channel: acc[j] + folded requantized into y[j], their mask bits (from index at)
  * gathered in a word and OR-ed in a byte at a time. Not inlined: one copy of the loop with the channel's
  * constants in registers serves every kernel's block. */
@@ -336,10 +342,7 @@ static __attribute__((noinline)) void store_outputs(const requant_t *rq, const i
             y[j] = (int8_t)(v > r.hi ? r.hi : v);
         }
     }
-    if (mask) {
-        uint8_t *m = mask + (at >> 3);
-        for (bits <<= (at & 7); bits; bits >>= 8) *m++ |= (uint8_t)bits;
-    }
+    if (mask) or_mask_bits(mask, at, bits);
 }
 
 /* bias - x_zero * sum(w): TFLM's bias + sum w (x - x_zero) is this plus sum w x whenever every tap reads
@@ -562,8 +565,7 @@ static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_
                 if (rq.narrow) { /* the pixel pair's two outputs by the row kernel, their mask bits at once */
                     uint32_t bits = ft_requant_row(acc + 2 * r, np, (int32_t)bias, rq.mult, 2 * rq.khi + (rq.e == 1),
                                                    rq.e, rq.range, rq.lo, y + at);
-                    if (mask)
-                        for (bits <<= (at & 7), j = 0; bits; bits >>= 8, j++) mask[(at >> 3) + j] |= (uint8_t)bits;
+                    if (mask) or_mask_bits(mask, at, bits);
                     continue;
                 }
                 for (j = 0; j < np; j++)
@@ -606,23 +608,35 @@ static void dw_channel(const ft_op *op, const int8_t *pad, int32_t hp, int32_t w
     conv_channel_view(op, pad, hp, wp, 0, 0, o, y, op->ow, mask, mask_at);
 }
 
+/* rows x cols values (src, rows src_stride apart) into a padded plane (hp x wp) at row pad_t, column pad_l,
+ * everything else set to z (pad_t + rows <= hp, pad_l + cols <= wp). A forward copy, byte by byte: src may
+ * lie in the plane itself at or beyond each row's destination (a fused pair's channel computed at the
+ * plane's end), where every byte is read before a write reaches it. */
+static void spread_rows(int8_t *pad, const int8_t *src, int32_t rows, int32_t cols, int32_t src_stride, int32_t hp,
+                        int32_t wp, int32_t pad_t, int32_t pad_l, int8_t z) {
+    int32_t y, i;
+    for (i = 0; i < pad_t * wp; i++) pad[i] = z;
+    for (y = 0; y < rows; y++) {
+        int8_t *d = pad + (size_t)(y + pad_t) * wp;
+        const int8_t *r = src + (size_t)y * src_stride;
+        for (i = 0; i < pad_l; i++) d[i] = z;
+        for (i = 0; i < cols; i++) d[pad_l + i] = r[i];
+        for (i = pad_l + cols; i < wp; i++) d[i] = z;
+    }
+    for (i = (pad_t + rows) * wp; i < hp * wp; i++) pad[i] = z;
+}
+
 /* Fill a padded plane with x_zero and copy the h x w plane `in` into it (clipped to the window). */
 static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp, int8_t *pad) {
     const int32_t cols = dw->w < wp - dw->pad_l ? dw->w : wp - dw->pad_l; /* the input columns inside the window */
+    const int32_t fit = dw->h < hp - dw->pad_t ? dw->h : hp - dw->pad_t, rows = cols <= 0 || fit < 0 ? 0 : fit;
     int32_t y;
     if (hp * wp <= 256) { /* a small map's plane: byte loops cost less than the calls */
-        const int8_t z = (int8_t)dw->x_zero;
-        int32_t i;
-        for (i = 0; i < hp * wp; i++) pad[i] = z;
-        for (y = 0; y < dw->h && y + dw->pad_t < hp && cols > 0; y++) {
-            int8_t *d = pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l;
-            const int8_t *r = in + (size_t)y * dw->w;
-            for (i = 0; i < cols; i++) d[i] = r[i];
-        }
+        spread_rows(pad, in, rows, cols, dw->w, hp, wp, dw->pad_t, dw->pad_l, (int8_t)dw->x_zero);
         return;
     }
     memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
-    for (y = 0; y < dw->h && y + dw->pad_t < hp && cols > 0; y++)
+    for (y = 0; y < rows; y++)
         memcpy(pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l, in + (size_t)y * dw->w, (size_t)cols);
 }
 
@@ -664,23 +678,6 @@ typedef struct {
 static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
 static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? op->slot_of[ch] : ch; }
 
-/* A compact oh x ow plane lying at the end of pad (hp x wp) moved into rows pad_t.. at column pad_l, and
- * everything else set to z. Row y moves down to (y + pad_t) wp + pad_l from hp wp - oh ow + y ow, never
- * above it (the window fits the plane), so a forward copy reads each byte before a write reaches it. */
-static void spread_rows(int8_t *pad, const int8_t *compact, int32_t oh, int32_t ow, int32_t hp, int32_t wp,
-                        int32_t pad_t, int32_t pad_l, int8_t z) {
-    int32_t y, i;
-    for (i = 0; i < pad_t * wp; i++) pad[i] = z;
-    for (y = 0; y < oh; y++) {
-        int8_t *d = pad + (size_t)(y + pad_t) * wp;
-        const int8_t *r = compact + (size_t)y * ow;
-        for (i = 0; i < pad_l; i++) d[i] = z;
-        for (i = 0; i < ow; i++) d[pad_l + i] = r[i];
-        for (i = pad_l + ow; i < wp; i++) d[i] = z;
-    }
-    for (i = (pad_t + oh) * wp; i < hp * wp; i++) pad[i] = z;
-}
-
 /* Whether a fused pair can expand two channels at a time: a pointwise expansion, a depthwise reader at stride
  * 1 (its output plane, which the planner's workspace counts, is then an expanded plane: room for the second
  * channel) and a window that fits the padded plane. */
@@ -702,13 +699,12 @@ static void fused_forward_pairs(const ft_op *op, const ft_op *dw, int32_t index,
     int8_t *const spare = plane + (size_t)hp * wp;
     const int8_t z = (int8_t)dw->x_zero;
     int32_t e;
-    (void)index;
     for (e = 0; e < dw->c; e += 2) {
         const int32_t rows = e + 1 < dw->c ? 2 : 1;
         {
             PROFILE_BEGIN(t_pw);
             pointwise_rows(op, x, e, rows, compact, (size_t)(spare - compact), op->ow, 0, prep);
-            spread_rows(plane, compact, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
+            spread_rows(plane, compact, op->oh, op->ow, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
             PROFILE_END(t_pw, index, FT_PART_FORWARD);
         }
         {
@@ -719,7 +715,7 @@ static void fused_forward_pairs(const ft_op *op, const ft_op *dw, int32_t index,
         if (rows == 2) {
             {
                 PROFILE_BEGIN(t_pw2);
-                spread_rows(plane, spare, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
+                spread_rows(plane, spare, op->oh, op->ow, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
                 PROFILE_END(t_pw2, index, FT_PART_FORWARD);
             }
             {
@@ -752,7 +748,7 @@ static int fused_forward(const ft_op *op, const ft_op *dw, int32_t index, const 
             const size_t hw = (size_t)op->oh * op->ow;
             int8_t *const compact = pad + (size_t)hp * wp - hw;
             pointwise_rows(op, x, e, 1, compact, 0, op->ow, 0, 0);
-            spread_rows(pad, compact, op->oh, op->ow, hp, wp, dw->pad_t, dw->pad_l, (int8_t)dw->x_zero);
+            spread_rows(pad, compact, op->oh, op->ow, op->ow, hp, wp, dw->pad_t, dw->pad_l, (int8_t)dw->x_zero);
         } else {
         memset(pad, (int)(int8_t)dw->x_zero, (size_t)hp * wp);
         /* the pointwise channel e lands inside the padding; rows/columns beyond the window are not read */
@@ -1193,22 +1189,29 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx, uin
 
 /* Update row o of a weight from its compact gradient row (NULL: no trained element: gradient 0, which
  * still moves the weight under momentum, as the simulator's optimizer does). */
-/* n elements of a weight row from g (NULL: gradient 0) with stochastic rounding; with_g and with_mom fixed at
- * each call site so that every combination compiles to its own loop (update_one's arithmetic, in order) */
+/* n elements of a weight row from g (NULL: gradient 0); with_g, with_mom and stochastic fixed at the call
+ * sites of stochastic rounding so that each combination compiles to its own loop (update_one's arithmetic,
+ * in order) */
 static inline __attribute__((always_inline)) void update_span(int8_t *w, float *mom, const float *g, int32_t n,
                                                               float qas, float lr, float momentum, int32_t first,
                                                               uint32_t base, uint32_t i0, const int with_g,
-                                                              const int with_mom) {
+                                                              const int with_mom, const int stochastic) {
     const float g0 = 0.0f * qas;
     int32_t t;
     for (t = 0; t < n; t++) {
-        float gi = with_g ? g[t] * qas : g0;
+        float gi = with_g ? g[t] * qas : g0, tw;
         int32_t v;
         if (with_mom) {
             mom[t] = first ? gi : mom[t] * momentum + gi;
             gi = mom[t];
         }
-        v = floor_f32(((float)w[t] - gi * lr) + uniform_at(base, i0 + (uint32_t)t));
+        tw = (float)w[t] - gi * lr;
+        if (stochastic) {
+            v = floor_f32(tw + uniform_at(base, i0 + (uint32_t)t));
+        } else { /* a 64-bit rounding: tw may lie beyond int32 */
+            const int64_t r = round_half_away_f32(tw);
+            v = (int32_t)(r < -128 ? -128 : (r > 127 ? 127 : r));
+        }
         v = v < -127 ? -127 : v;
         w[t] = (int8_t)(v > 127 ? 127 : v);
     }
@@ -1225,7 +1228,7 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
     const int32_t with_mom = momentum > 0.0f, first = step == 0;
     int8_t *const w = op->weight;
     float *const mom = op->mom_w;
-    int32_t ci, t, i = o * cpg * kk, run;
+    int32_t ci, i = o * cpg * kk, run;
     /* runs of input channels alike (all trained, with consecutive gradient slots, or all not): one span each,
      * so that a pointwise row (one element per channel) is a few spans rather than a span per element */
     for (ci = 0; ci < cpg; ci += run, i += run * kk) {
@@ -1244,28 +1247,16 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
         } else /* frozen channels (or no gradient at all) */
             for (run = 1; ci + run < cpg && !(row && channel_trained(op, cin + run));) run++;
         n = run * kk;
-        if (m->stochastic) {
-            if (g && with_mom)
-                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 1);
-            else if (g)
-                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 0);
-            else if (with_mom)
-                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 1);
-            else
-                update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 0);
-            continue;
-        }
-        for (t = 0; t < n; t++) { /* nearest rounding */
-            float gi = (g ? g[t] : 0.0f) * qas, tw;
-            int64_t v;
-            if (with_mom) {
-                mo[t] = first ? gi : mo[t] * momentum + gi;
-                gi = mo[t];
-            }
-            tw = (float)w[i + t] - gi * lr;
-            v = round_half_away_f32(tw);
-            w[i + t] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
-        }
+        if (!m->stochastic) /* nearest rounding: one loop with the choices read as it goes */
+            update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, g != 0, with_mom, 0);
+        else if (g && with_mom)
+            update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 1, 1);
+        else if (g)
+            update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 1, 0, 1);
+        else if (with_mom)
+            update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 1, 1);
+        else
+            update_span(w + i, mo, g, n, qas, lr, momentum, first, base, (uint32_t)i, 0, 0, 1);
     }
 }
 
