@@ -286,6 +286,116 @@ static int32_t dw3_s2(const int8_t *const *rows, const int8_t *wk, int32_t n, in
     return j;
 }
 
+/* ft_dw3_rows: the weights in registers as in dw3_s1; two outputs per word at stride 1, one at stride 2
+ * (dw3_s1's and dw3_s2's steps); an output whose word would reach past its window (the last of an odd row at
+ * stride 1, the last of each row at stride 2) reads its three bytes as a half word and a byte. */
+static void dw3_rows(const int8_t *x, int32_t w, const int8_t *wk, int32_t st, int32_t rows, int32_t n,
+                     int32_t *acc) {
+    const uint32_t p0 = pack_lo((uint32_t)(int32_t)wk[0], (uint32_t)(int32_t)wk[2]);
+    const uint32_t p1 = pack_lo((uint32_t)(int32_t)wk[3], (uint32_t)(int32_t)wk[5]);
+    const uint32_t p2 = pack_lo((uint32_t)(int32_t)wk[6], (uint32_t)(int32_t)wk[8]);
+    const int32_t c0 = wk[1], c1 = wk[4], c2 = wk[7];
+    int32_t r, j;
+    for (r = 0; r < rows; r++, acc += n) {
+        const int8_t *r0 = x + (size_t)r * st * w, *r1 = r0 + w, *r2 = r1 + w;
+        j = 0;
+        if (st == 1) {
+            for (; j + 2 <= n; j += 2) {
+                int32_t s0, s1;
+                uint32_t e, o;
+                WIDEN(load32(r0 + j), e, o);
+                s0 = __smlabb(c0, (int32_t)o, SMLAD(p0, e, 0));
+                s1 = __smlabt(c0, (int32_t)e, SMLAD(p0, o, 0));
+                WIDEN(load32(r1 + j), e, o);
+                s0 = __smlabb(c1, (int32_t)o, SMLAD(p1, e, s0));
+                s1 = __smlabt(c1, (int32_t)e, SMLAD(p1, o, s1));
+                WIDEN(load32(r2 + j), e, o);
+                acc[j] = __smlabb(c2, (int32_t)o, SMLAD(p2, e, s0));
+                acc[j + 1] = __smlabt(c2, (int32_t)e, SMLAD(p2, o, s1));
+            }
+        } else {
+            for (; j + 1 < n; j++) {
+                int32_t s;
+                uint32_t e, o;
+                WIDEN(load32(r0 + 2 * j), e, o);
+                s = __smlabb(c0, (int32_t)o, SMLAD(p0, e, 0));
+                WIDEN(load32(r1 + 2 * j), e, o);
+                s = __smlabb(c1, (int32_t)o, SMLAD(p1, e, s));
+                WIDEN(load32(r2 + 2 * j), e, o);
+                acc[j] = __smlabb(c2, (int32_t)o, SMLAD(p2, e, s));
+            }
+        }
+        for (; j < n; j++) {
+            const int32_t at = j * st;
+            int32_t s;
+            uint32_t e, o;
+            WIDEN(load16(r0 + at) | (uint32_t)(uint8_t)r0[at + 2] << 16, e, o);
+            s = __smlabb(c0, (int32_t)o, SMLAD(p0, e, 0));
+            WIDEN(load16(r1 + at) | (uint32_t)(uint8_t)r1[at + 2] << 16, e, o);
+            s = __smlabb(c1, (int32_t)o, SMLAD(p1, e, s));
+            WIDEN(load16(r2 + at) | (uint32_t)(uint8_t)r2[at + 2] << 16, e, o);
+            acc[j] = __smlabb(c2, (int32_t)o, SMLAD(p2, e, s));
+        }
+    }
+}
+
+/* The 3 x 3 scatter: the weights in registers as the int16 pairs (w0, w1), (w2, w3), (w4, w5), (w6, w7) and
+ * w8, one SMLABB / SMLABT per tap (v is int8, its low half its value) */
+static void dw3_scatter(const int8_t *q, int32_t oh, int32_t ow, const int8_t *wk, int32_t st, int32_t *acc,
+                        int32_t aw) {
+    const int32_t p01 = (int32_t)pack_lo((uint32_t)(int32_t)wk[0], (uint32_t)(int32_t)wk[1]);
+    const int32_t p23 = (int32_t)pack_lo((uint32_t)(int32_t)wk[2], (uint32_t)(int32_t)wk[3]);
+    const int32_t p45 = (int32_t)pack_lo((uint32_t)(int32_t)wk[4], (uint32_t)(int32_t)wk[5]);
+    const int32_t p67 = (int32_t)pack_lo((uint32_t)(int32_t)wk[6], (uint32_t)(int32_t)wk[7]);
+    const int32_t w8 = wk[8];
+    int32_t oy, ox;
+    for (oy = 0; oy < oh; oy++) {
+        const int8_t *qr = q + (size_t)oy * ow;
+        int32_t *a = acc + (size_t)oy * st * aw;
+        for (ox = 0; ox < ow; ox++, a += st) {
+            const int32_t v = qr[ox];
+            int32_t *b, *c;
+            if (!v) continue;
+            b = a + aw, c = b + aw;
+            a[0] = __smlabb(v, p01, a[0]), a[1] = __smlabt(v, p01, a[1]), a[2] = __smlabb(v, p23, a[2]);
+            b[0] = __smlabt(v, p23, b[0]), b[1] = __smlabb(v, p45, b[1]), b[2] = __smlabt(v, p45, b[2]);
+            c[0] = __smlabb(v, p67, c[0]), c[1] = __smlabt(v, p67, c[1]), c[2] += v * w8;
+        }
+    }
+}
+
+/* 5 x 5 and 7 x 7 windows at any stride, a row of taps at a time: the row's weights widened once, then every
+ * output's taps of that row added to acc[j]: taps 0-3 as (w0, w2).(x0, x2) + (w1, w3).(x1, x3), then w4 x4
+ * (5 wide) or (w4, w6).(x4, x6) + w5 x5 from a half word and a byte (7 wide: no byte past the window). */
+static int32_t dw_wide(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t st, int32_t n,
+                       int32_t *acc) {
+    int32_t ky, j;
+    if (kw != 5 && kw != 7) return 0;
+    for (ky = 0; ky < kh; ky++) {
+        const int8_t *w = wk + ky * kw, *r = rows[ky];
+        uint32_t we, wo, xe, xo;
+        WIDEN(load32(w), we, wo);
+        if (kw == 5) {
+            const int32_t w4 = w[4];
+            for (j = 0; j < n; j++, r += st) {
+                WIDEN(load32(r), xe, xo);
+                acc[j] = SMLAD(we, xe, SMLAD(wo, xo, acc[j])) + w4 * r[4];
+            }
+        } else {
+            const uint32_t p46 = pack_lo((uint32_t)(int32_t)w[4], (uint32_t)(int32_t)w[6]);
+            const int32_t w5 = w[5];
+            for (j = 0; j < n; j++, r += st) {
+                int32_t s;
+                WIDEN(load32(r), xe, xo);
+                s = SMLAD(we, xe, SMLAD(wo, xo, acc[j]));
+                WIDEN(load16(r + 4) | (uint32_t)(uint8_t)r[6] << 16, xe, xo);
+                acc[j] = __smlabb(w5, (int32_t)xo, SMLAD(p46, xe, s));
+            }
+        }
+    }
+    return n;
+}
+
 /* Stride 1, any width: per output and row, taps four at a time as (w0, w2).(x0, x2) + (w1, w3).(x1, x3). */
 static int32_t dw_s1(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t n, int32_t *acc) {
     const int32_t quads = kw / 4;
@@ -423,12 +533,23 @@ void ft_mac_block_prepared(const uint32_t *prep, const int8_t *w, int32_t w_row,
     int32_t j, k;
     for (j = 0; j + 2 <= pixels; j += 2)
         mac_2x2_prepared(prep, x + j, x_k, head / 4, acc + j, acc + FT_PIX + j);
-    if (j < pixels) acc[j] = acc[FT_PIX + j] = 0; /* the last pixel of an odd block: every k below */
-    for (k = j < pixels ? 0 : head; k < depth; k++) {
+    if (j < pixels) { /* the last pixel of an odd block: its inputs paired as the prepared weights are */
+        const uint32_t *p = prep;
+        const int8_t *xj = x + j;
+        int32_t sa = 0, sb = 0;
+        for (k = 0; k < head; k += 4, p += 4, xj += 4 * (size_t)x_k) {
+            const uint32_t e = pack_lo((uint32_t)(int32_t)xj[0], (uint32_t)(int32_t)xj[2 * (size_t)x_k]);
+            const uint32_t o = pack_lo((uint32_t)(int32_t)xj[x_k], (uint32_t)(int32_t)xj[3 * (size_t)x_k]);
+            sa = SMLAD(p[0], e, SMLAD(p[2], o, sa));
+            sb = SMLAD(p[1], e, SMLAD(p[3], o, sb));
+        }
+        acc[j] = sa, acc[FT_PIX + j] = sb;
+    }
+    for (k = head; k < depth; k++) {
         const int8_t *xk = x + (size_t)k * x_k;
         const int32_t wa = w[(size_t)k * w_k], wb = w[w_row + (size_t)k * w_k];
         int32_t p;
-        for (p = k < head ? j : 0; p < pixels; p++) acc[p] += wa * xk[p], acc[FT_PIX + p] += wb * xk[p];
+        for (p = 0; p < pixels; p++) acc[p] += wa * xk[p], acc[FT_PIX + p] += wb * xk[p];
     }
 }
 
@@ -593,6 +714,8 @@ void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t 
         j = dw3_s1(rows, wk, n, acc);
     else if (kh == 3 && kw == 3 && stride == 2)
         j = dw3_s2(rows, wk, n, acc);
+    else if (kw == 5 || kw == 7)
+        j = dw_wide(rows, wk, kh, kw, stride, n, acc);
     else if (stride == 1 && kw >= 4)
         j = dw_s1(rows, wk, kh, kw, n, acc);
 #endif
@@ -604,4 +727,42 @@ void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t 
         }
         acc[j] = s;
     }
+}
+
+void ft_dw_scatter(const int8_t *q, int32_t oh, int32_t ow, const int8_t *wk, int32_t kh, int32_t kw,
+                   int32_t stride, int32_t *acc, int32_t acc_w) {
+    int32_t oy, ox, ky, kx;
+#if FT_KERNELS_DSP
+    if (kh == 3 && kw == 3) {
+        dw3_scatter(q, oh, ow, wk, stride, acc, acc_w);
+        return;
+    }
+#endif
+    for (oy = 0; oy < oh; oy++)
+        for (ox = 0; ox < ow; ox++) {
+            const int32_t v = q[(size_t)oy * ow + ox];
+            int32_t *a = acc + ((size_t)oy * acc_w + ox) * stride;
+            if (!v) continue;
+            for (ky = 0; ky < kh; ky++, a += acc_w)
+                for (kx = 0; kx < kw; kx++) a[kx] += v * wk[ky * kw + kx];
+        }
+}
+
+void ft_dw3_rows(const int8_t *x, int32_t w, const int8_t *wk, int32_t stride, int32_t rows, int32_t n,
+                 int32_t *acc) {
+    int32_t r, j, ky, kx;
+#if FT_KERNELS_DSP
+    if (stride == 1 || stride == 2) {
+        dw3_rows(x, w, wk, stride, rows, n, acc);
+        return;
+    }
+#endif
+    for (r = 0; r < rows; r++)
+        for (j = 0; j < n; j++) {
+            const int8_t *t = x + (size_t)r * stride * w + (size_t)j * stride;
+            int32_t s = 0;
+            for (ky = 0; ky < 3; ky++)
+                for (kx = 0; kx < 3; kx++) s += (int32_t)wk[ky * 3 + kx] * t[(size_t)ky * w + kx];
+            acc[r * n + j] = s;
+        }
 }

@@ -93,4 +93,21 @@ uint32_t ft_requant_row(const int32_t *acc, int32_t n, int32_t folded, int32_t m
 void ft_dw_row(const int8_t *const *rows, const int8_t *wk, int32_t kh, int32_t kw, int32_t stride, int32_t n,
                int32_t *acc);
 
+/* A depthwise 3 x 3 window over `rows` output rows of n outputs each at stride 1 or 2, every tap inside:
+ * output (r, j) reads the input rows r * stride + ky (w bytes apart) from x, columns j * stride + kx:
+ *     acc[r * n + j] = sum_{ky, kx < 3} wk[ky * 3 + kx] * x[(r * stride + ky) * w + j * stride + kx].
+ * One call for a block of a small plane's rows (the weights widened once); no byte outside the windows
+ * is read. */
+void ft_dw3_rows(const int8_t *x, int32_t w, const int8_t *wk, int32_t stride, int32_t rows, int32_t n,
+                 int32_t *acc);
+
+/* The depthwise input gradient's transposed window, scattered from the outputs: for every nonzero
+ * q[oy * ow + ox] (oy < oh, ox < ow) and tap (ky < kh, kx < kw),
+ *     acc[(oy * stride + ky) * acc_w + ox * stride + kx] += q[oy * ow + ox] * wk[ky * kw + kx];
+ * acc holds (oh - 1) * stride + kh rows of acc_w >= (ow - 1) * stride + kw. A zero output adds nothing
+ * (gradients are often zero where the ReLU clamped), and no row is spread with zeros between its values
+ * at stride 2. */
+void ft_dw_scatter(const int8_t *q, int32_t oh, int32_t ow, const int8_t *wk, int32_t kh, int32_t kw,
+                   int32_t stride, int32_t *acc, int32_t acc_w);
+
 #endif

@@ -1,6 +1,7 @@
 /* fedtiny's exact training step (see fedtiny_step.h and fedtiny/int8/exact.py, its specification). */
 #include "fedtiny_step.h"
 
+#include <stddef.h>
 #include <string.h>
 #ifdef FT_TRACE
 #include <stdio.h>
@@ -273,6 +274,18 @@ static inline requant_t requant_of(const ft_op *op, int32_t o) {
     return requant_make(op->mult[o], op->shift[o], op->y_zero, op->act_lo, op->act_hi);
 }
 
+/* ft_requant_row's constants of output channel o straight from the op, where a requant_t per pair of
+ * outputs would cost more than the pair (requant_make and requant_bound in one): when the channel is narrow
+ * (its shift a right shift e in 1..22, |bias| + `most` below 2^30, most = depth * 128 * 255), returns e and
+ * sets k2 = 2 khi + [e == 1] = 2^(e-1) + (zero - lo) 2^e; otherwise returns 0. */
+static inline int32_t requant_row_shift(const ft_op *op, int32_t o, uint32_t most, int32_t *k2) {
+    const int32_t e = -op->shift[o], b = op->bias[o];
+    const uint32_t mag = b < 0 ? 0u - (uint32_t)b : (uint32_t)b;
+    if (e < 1 || e > 22 || most >= (1u << 30) || mag >= (1u << 30) - most) return 0;
+    *k2 = (int32_t)((1u << (e - 1)) + ((uint32_t)(op->y_zero - op->act_lo) << e));
+    return e;
+}
+
 static inline int32_t requant_fast(const requant_t *r) { return r->e >= 1 && r->e <= 22; }
 
 /* TFLM's MultiplyByQuantizedMultiplier of one accumulator, plus the zero point, minus lo (requant_fast) or
@@ -352,6 +365,7 @@ static int32_t folded_bias(const ft_op *op, int32_t o, const int8_t *w, int32_t 
 }
 
 #define FT_MAX_KH 16 /* windows taller than this take the bounds-checked path */
+#define FT_SCATTER_WIDTH 8 /* depthwise input gradients of outputs this narrow or less scatter (ft_dw_scatter) */
 
 /* Output channel o of a convolution over a view of its input: the group's input planes at x (plane
  * stride h * w), padded by pad_t / pad_l (a zero-point-padded plane passes its own size and 0, 0). Writes
@@ -369,6 +383,7 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
     const int32_t oy_lo = (pad_t + s - 1) / s, ox_lo = (pad_l + s - 1) / s;
     int32_t oy_hi = h - op->kh + pad_t >= 0 ? (h - op->kh + pad_t) / s + 1 : 0;
     int32_t ox_hi = w - op->kw + pad_l >= 0 ? (w - op->kw + pad_l) / s + 1 : 0;
+    const int dw3 = cpg == 1 && op->kh == 3 && op->kw == 3 && s <= 2; /* ft_dw3_rows' windows */
     int32_t oy, ox, ci, ky, kx, j;
     oy_hi = op->kh > FT_MAX_KH ? 0 : (oy_hi < op->oh ? oy_hi : op->oh);
     ox_hi = ox_hi < op->ow ? ox_hi : op->ow;
@@ -380,6 +395,12 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
             const int32_t nr = oy_hi - oy < per ? oy_hi - oy : per;
             int32_t acc[FT_ROW_BLOCK], r;
             const int8_t *rows[FT_MAX_KH];
+            if (dw3) { /* the block in one call */
+                ft_dw3_rows(x + (size_t)(oy * s - pad_t) * w - pad_l, w, wo, s, nr, op->ow, acc);
+                store_outputs(&rq, acc, nr * op->ow, folded, y + (size_t)oy * ystride, mask,
+                              mask_at + (size_t)oy * op->ow);
+                continue;
+            }
             for (j = 0; j < nr * op->ow; j++) acc[j] = 0;
             for (r = 0; r < nr; r++)
                 for (ci = 0; ci < cpg; ci++) {
@@ -402,8 +423,11 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                     const int32_t n = ox_hi - ox < FT_ROW_BLOCK ? ox_hi - ox : FT_ROW_BLOCK;
                     int32_t acc[FT_ROW_BLOCK];
                     const int8_t *rows[FT_MAX_KH];
-                    for (j = 0; j < n; j++) acc[j] = 0;
-                    for (ci = 0; ci < cpg; ci++) {
+                    if (dw3)
+                        ft_dw3_rows(x + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l), w, wo, s, 1, n, acc);
+                    else
+                        for (j = 0; j < n; j++) acc[j] = 0;
+                    for (ci = 0; ci < cpg && !dw3; ci++) {
                         const int8_t *xc = x + (size_t)ci * h * w + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l);
                         for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
                         ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
@@ -454,7 +478,7 @@ static int32_t is_pointwise(const ft_op *op) {
 /* Pixels p0 .. p0 + count - 1 of output channels o0 (.. o0 + rows - 1) of a pointwise convolution, FT_PIX at a
  * time; pixel p of channel o0 + r lands at y + r * ystep + p. */
 static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, const requant_t *rq,
-                           const int32_t *folded, int32_t p0, int32_t count, int8_t *y, size_t ystep, uint8_t *mask,
+                           const int32_t *folded, int32_t p0, int32_t count, int8_t *y, ptrdiff_t ystep, uint8_t *mask,
                            const uint32_t *prep) {
     const int32_t hw = op->h * op->w;
     const int8_t *const w = op->weight + (size_t)o0 * op->c;
@@ -473,7 +497,7 @@ static void pointwise_span(const ft_op *op, const int8_t *x, int32_t o0, int32_t
 /* Output channels o0 .. o0 + rows - 1 (rows 1 or 2) of a pointwise convolution (or a fully connected layer,
  * h = w = 1): FT_PIX pixels at a time through ft_mac_block; channel o's plane at y + (o - o0) * ystep, its
  * rows ystride apart. */
-static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, size_t ystep,
+static void pointwise_rows(const ft_op *op, const int8_t *x, int32_t o0, int32_t rows, int8_t *y, ptrdiff_t ystep,
                            int32_t ystride, uint8_t *mask, uint32_t *prep) {
     const int32_t hw = op->h * op->w, ow = op->ow;
     int32_t folded[2], acc[2], r;
@@ -541,6 +565,7 @@ static void conv_column(const ft_op *op, const int8_t *x, int32_t p, int16_t *co
  * TFLM's sum, for four outputs per call. Returns 0 when this path does not apply, -2 without memory. */
 static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
     const int32_t depth = op->c * op->kh * op->kw, ohw = op->oh * op->ow;
+    const uint32_t most = (uint32_t)depth * 128u * 255u, range = (uint32_t)(op->act_hi - op->act_lo);
     int16_t *cols;
     int32_t p, o, r, j;
     /* below 32 input channels a pointwise layer's outputs cost more than its MACs: pointwise_rows' blocks
@@ -558,41 +583,24 @@ static int conv_forward_cols(const ft_op *op, const int8_t *x, int8_t *y, uint8_
             ft_mac_2x2_cols(op->weight + (size_t)o * depth, op->weight + (size_t)(o + nr - 1) * depth, cols,
                             cols + (np - 1) * depth, depth, acc);
             for (r = 0; r < nr; r++) {
-                requant_t rq = requant_of(op, o + r);
                 const uint32_t bias = (uint32_t)op->bias[o + r];
                 const size_t at = (size_t)(o + r) * ohw + p;
-                requant_bound(&rq, op->bias[o + r], depth);
-                if (rq.narrow) { /* the pixel pair's two outputs by the row kernel, their mask bits at once */
-                    uint32_t bits = ft_requant_row(acc + 2 * r, np, (int32_t)bias, rq.mult, 2 * rq.khi + (rq.e == 1),
-                                                   rq.e, rq.range, rq.lo, y + at);
+                int32_t k2;
+                const int32_t e = requant_row_shift(op, o + r, most, &k2);
+                if (e) { /* the pixel pair's two outputs by the row kernel, their mask bits at once */
+                    uint32_t bits = ft_requant_row(acc + 2 * r, np, (int32_t)bias, op->mult[o + r], k2, e, range,
+                                                   op->act_lo, y + at);
                     if (mask) or_mask_bits(mask, at, bits);
-                    continue;
+                } else {
+                    const requant_t rq = requant_of(op, o + r);
+                    for (j = 0; j < np; j++)
+                        store_output(&rq, (int32_t)((uint32_t)acc[2 * r + j] + bias), y + at + j, mask, at + j);
                 }
-                for (j = 0; j < np; j++)
-                    store_output(&rq, (int32_t)((uint32_t)acc[2 * r + j] + bias), y + at + j, mask, at + j);
             }
         }
     }
     give(a, cols);
     return 1;
-}
-
-/* Every output channel of a convolution (one sample) into y (oc x oh x ow). */
-static int conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
-    const size_t ohw = (size_t)op->oh * op->ow;
-    int32_t o;
-    const int rc = conv_forward_cols(op, x, y, mask, a);
-    if (rc) return rc < 0 ? rc : 0;
-    if (is_pointwise(op)) {
-        /* the planner's workspace (columns of 4 x c bytes) holds a row pair's prepared weights */
-        uint32_t *prep = ohw > 1 && op->workspace >= 4 * op->c ? (uint32_t *)take_uninit(a, (size_t)4 * op->c) : 0;
-        for (o = 0; o < op->oc; o += 2)
-            pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask, prep);
-        give(a, prep);
-        return 0;
-    }
-    for (o = 0; o < op->oc; o++) conv_channel(op, x, o, y + (size_t)o * ohw, op->ow, mask, (size_t)o * ohw);
-    return 0;
 }
 
 /* The zero-point-padded window a depthwise convolution reads: rows and columns its outputs reach. */
@@ -614,16 +622,25 @@ static void dw_channel(const ft_op *op, const int8_t *pad, int32_t hp, int32_t w
  * plane's end), where every byte is read before a write reaches it. */
 static void spread_rows(int8_t *pad, const int8_t *src, int32_t rows, int32_t cols, int32_t src_stride, int32_t hp,
                         int32_t wp, int32_t pad_t, int32_t pad_l, int8_t z) {
+    const uint32_t z4 = (uint32_t)(uint8_t)z * 0x01010101u;
     int32_t y, i;
-    for (i = 0; i < pad_t * wp; i++) pad[i] = z;
+    for (i = 0; i + 4 <= pad_t * wp; i += 4) memcpy(pad + i, &z4, 4);
+    for (; i < pad_t * wp; i++) pad[i] = z;
     for (y = 0; y < rows; y++) {
         int8_t *d = pad + (size_t)(y + pad_t) * wp;
         const int8_t *r = src + (size_t)y * src_stride;
         for (i = 0; i < pad_l; i++) d[i] = z;
-        for (i = 0; i < cols; i++) d[pad_l + i] = r[i];
+        /* a word at a time (each word read before its bytes are written: the order of the byte loop) */
+        for (i = 0; i + 4 <= cols; i += 4) {
+            uint32_t v;
+            memcpy(&v, r + i, 4);
+            memcpy(d + pad_l + i, &v, 4);
+        }
+        for (; i < cols; i++) d[pad_l + i] = r[i];
         for (i = pad_l + cols; i < wp; i++) d[i] = z;
     }
-    for (i = (pad_t + rows) * wp; i < hp * wp; i++) pad[i] = z;
+    for (i = (pad_t + rows) * wp; i + 4 <= hp * wp; i += 4) memcpy(pad + i, &z4, 4);
+    for (; i < hp * wp; i++) pad[i] = z;
 }
 
 /* Fill a padded plane with x_zero and copy the h x w plane `in` into it (clipped to the window). */
@@ -640,15 +657,85 @@ static void pad_plane(const ft_op *dw, const int8_t *in, int32_t hp, int32_t wp,
         memcpy(pad + (size_t)(y + dw->pad_t) * wp + dw->pad_l, in + (size_t)y * dw->w, (size_t)cols);
 }
 
+/* Every output channel of a convolution (one sample) into y (oc x oh x ow). */
+static int conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *mask, arena_t *a) {
+    const size_t ohw = (size_t)op->oh * op->ow;
+    int32_t o, hp, wp;
+    int rc;
+    padded_dims(op, &hp, &wp);
+    if (op->groups == 1 && op->c == 1 && ohw > 1 && (int64_t)op->workspace >= (int64_t)hp * wp) {
+        /* one input plane (the planner's workspace holds it padded): each output channel a depthwise window
+         * over it (dw_channel's arithmetic) */
+        int8_t *pad = (int8_t *)take_uninit(a, (size_t)hp * wp);
+        if (!pad) return -2;
+        pad_plane(op, x, hp, wp, pad);
+        for (o = 0; o < op->oc; o++) dw_channel(op, pad, hp, wp, o, y + (size_t)o * ohw, mask, (size_t)o * ohw);
+        give(a, pad);
+        return 0;
+    }
+    rc = conv_forward_cols(op, x, y, mask, a);
+    if (rc) return rc < 0 ? rc : 0;
+    if (is_pointwise(op)) {
+        /* the planner's workspace (columns of 4 x c bytes) holds a row pair's prepared weights */
+        uint32_t *prep = ohw > 1 && op->workspace >= 4 * op->c ? (uint32_t *)take_uninit(a, (size_t)4 * op->c) : 0;
+        for (o = 0; o < op->oc; o += 2)
+            pointwise_rows(op, x, o, o + 1 < op->oc ? 2 : 1, y + (size_t)o * ohw, ohw, op->ow, mask, prep);
+        give(a, prep);
+        return 0;
+    }
+    for (o = 0; o < op->oc; o++) conv_channel(op, x, o, y + (size_t)o * ohw, op->ow, mask, (size_t)o * ohw);
+    return 0;
+}
+
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
 /* TFLM's int8 ADD: each input's offset value shifted left, scaled to the common scale, summed, scaled to the
  * output's (three MultiplyByQuantizedMultiplierSmallerThanOneExp, requant_value's arithmetic). */
-static void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count, int8_t *y, uint8_t *mask) {
+/* One ADD input's scaling, MultiplyByQuantizedMultiplierSmallerThanOneExp((v - zero) 2^left, mult, -e) for e in
+ * 0 .. 22, as one rounding of a 64-bit sum: x = (v - zero) 2^(left + pre), floor((x mult + k - [x < 0] n) / 2^32)
+ * >> s. With e >= 1 these are requant_shifted's words (pre = 0, k = 2^30 + 2^(30+e), n = 2^31, s = e - 1); with
+ * e = 0 the rounding is SRDHM's alone, floor((x mult + 2^30) / 2^31), taken with x doubled (pre = 1, k = 2^31,
+ * n = 0, s = 0). |x| < 2^30 (left <= 20): no wrap. */
+typedef struct {
+    int32_t zero, left, mult, s;
+    uint32_t neg, klo, khi;
+} add_input_t;
+
+static add_input_t add_input_of(int32_t zero, int32_t left, int32_t mult, int32_t shift) {
+    add_input_t p;
+    const requant_t r = requant_make(mult, shift, 0, 0, 0);
+    p.zero = zero, p.mult = mult;
+    p.left = left + (r.e == 0), p.s = r.e ? r.e - 1 : 0;
+    p.neg = r.e ? 0x80000000u : 0u;
+    p.klo = r.e ? r.klo : 0x80000000u, p.khi = r.e ? (uint32_t)r.khi : 0u;
+    return p;
+}
+
+static inline int32_t add_input(const add_input_t p, int32_t v) {
+    const int32_t x = (int32_t)((uint32_t)(v - p.zero) << p.left);
+    const uint64_t k = ((uint64_t)p.khi << 32 | p.klo) - ((uint32_t)x & p.neg);
+    return (int32_t)(((int64_t)x * p.mult + (int64_t)k) >> 32) >> p.s;
+}
+
+static __attribute__((noinline)) void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count,
+                                                  int8_t *y, uint8_t *mask) {
     const requant_t r1 = requant_make(op->m1, op->s1, 0, 0, 0), r2 = requant_make(op->m2, op->s2, 0, 0, 0);
-    const requant_t ro = requant_make(op->mo, op->so, op->z_out, op->act_lo, op->act_hi);
+    requant_t ro = requant_make(op->mo, op->so, op->z_out, op->act_lo, op->act_hi);
     const int32_t z1 = op->z1, z2 = op->z2, left = op->left_shift;
     size_t i;
+    /* the common case (TFLM's left shift of 20, multipliers below one): each scaled input is at most
+     * |x| + 1 <= 255 2^20 + 1 in magnitude, their sum below 2^30: the output row kernel applies (narrow) */
+    if (left <= 20 && r1.left == 0 && r1.e <= 22 && r2.left == 0 && r2.e <= 22 && requant_fast(&ro)) {
+        const add_input_t p1 = add_input_of(z1, left, op->m1, op->s1), p2 = add_input_of(z2, left, op->m2, op->s2);
+        int32_t acc[FT_ROW_BLOCK], j;
+        ro.narrow = 1;
+        for (i = 0; i < count; i += FT_ROW_BLOCK) {
+            const int32_t n = count - i < FT_ROW_BLOCK ? (int32_t)(count - i) : FT_ROW_BLOCK;
+            for (j = 0; j < n; j++) acc[j] = add_input(p1, a[i + j]) + add_input(p2, b[i + j]);
+            store_outputs(&ro, acc, n, 0, y + i, mask, i);
+        }
+        return;
+    }
     for (i = 0; i < count; i++) {
         const int32_t x1 = (int32_t)((uint32_t)((int32_t)a[i] - z1) << left);
         const int32_t x2 = (int32_t)((uint32_t)((int32_t)b[i] - z2) << left);
@@ -678,32 +765,43 @@ typedef struct {
 static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
 static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? op->slot_of[ch] : ch; }
 
-/* Whether a fused pair can expand two channels at a time: a pointwise expansion, a depthwise reader at stride
- * 1 (its output plane, which the planner's workspace counts, is then an expanded plane: room for the second
- * channel) and a window that fits the padded plane. */
+/* Whether a fused pair can expand two channels at a time: a pointwise expansion whose channel plane fits the
+ * depthwise reader's padded plane (hp x wp) at the padding's offset, and a workspace that holds the prepared
+ * weights (4 c bytes) and that plane. The second channel waits in a spare plane: at stride 1 the workspace's
+ * output plane (an expanded plane's size), at stride 2 the output's planes not yet written (fused_spare). */
 static int fused_pairs(const ft_op *op, const ft_op *dw, int32_t hp, int32_t wp) {
     const int64_t hw = (int64_t)op->oh * op->ow;
-    return is_pointwise(op) && dw->stride == 1 && dw->c >= 2 && op->oh + dw->pad_t <= hp &&
-           op->ow + dw->pad_l <= wp && (int64_t)op->workspace >= 4 * (int64_t)op->c + (int64_t)hp * wp + hw;
+    return is_pointwise(op) && dw->c >= 2 && op->oh + dw->pad_t <= hp && op->ow + dw->pad_l <= wp &&
+           (int64_t)op->workspace >= 4 * (int64_t)op->c + (int64_t)hp * wp + (dw->stride == 1 ? hw : 0);
+}
+
+/* Where expanded channel e + 1 waits while channel e is read: the workspace's spare plane at stride 1; at
+ * stride 2, the output planes from e + 1 on (written only after channel e + 1 is spread, which reads it
+ * whole first) when they hold an expanded plane; else NULL (one channel at a time). */
+static int8_t *fused_spare(const ft_op *op, const ft_op *dw, int32_t e, int8_t *ws_spare, int8_t *y) {
+    const size_t hw = (size_t)op->oh * op->ow, dohw = (size_t)dw->oh * dw->ow;
+    if (dw->stride == 1) return ws_spare;
+    return (size_t)(dw->c - e - 1) * dohw >= hw ? y + (size_t)(e + 1) * dohw : 0;
 }
 
 /* The fused pair two expanded channels at a time, in the workspace as [prepared weights: 4 c bytes][padded
- * plane: hp x wp][the second channel: oh x ow]: both channels through the prepared two-row kernel, the first
- * computed at the padded plane's end, the second in the spare plane, each spread into the padded plane
- * (spread_rows) before its depthwise channel. */
+ * plane: hp x wp][spare plane at stride 1: oh x ow]: both channels through the prepared two-row kernel, the
+ * first computed at the padded plane's end, the second in the spare plane (fused_spare), each spread into the
+ * padded plane (spread_rows) before its depthwise channel. Channels without a spare go one at a time. */
 static void fused_forward_pairs(const ft_op *op, const ft_op *dw, int32_t index, const int8_t *x, int8_t *y,
                                 int8_t *ws, int32_t hp, int32_t wp) {
     const size_t hw = (size_t)op->oh * op->ow, dohw = (size_t)dw->oh * dw->ow;
     uint32_t *const prep = (uint32_t *)ws;
     int8_t *const plane = ws + (size_t)4 * op->c, *const compact = plane + (size_t)hp * wp - hw;
-    int8_t *const spare = plane + (size_t)hp * wp;
+    int8_t *const ws_spare = plane + (size_t)hp * wp;
     const int8_t z = (int8_t)dw->x_zero;
     int32_t e;
-    for (e = 0; e < dw->c; e += 2) {
-        const int32_t rows = e + 1 < dw->c ? 2 : 1;
+    for (e = 0; e < dw->c;) {
+        int8_t *const spare = e + 1 < dw->c ? fused_spare(op, dw, e, ws_spare, y) : 0;
+        const int32_t rows = spare ? 2 : 1;
         {
             PROFILE_BEGIN(t_pw);
-            pointwise_rows(op, x, e, rows, compact, (size_t)(spare - compact), op->ow, 0, prep);
+            pointwise_rows(op, x, e, rows, compact, rows == 2 ? spare - compact : 0, op->ow, 0, rows == 2 ? prep : 0);
             spread_rows(plane, compact, op->oh, op->ow, op->ow, hp, wp, dw->pad_t, dw->pad_l, z);
             PROFILE_END(t_pw, index, FT_PART_FORWARD);
         }
@@ -724,6 +822,7 @@ static void fused_forward_pairs(const ft_op *op, const ft_op *dw, int32_t index,
                 PROFILE_END(t_dw2, index + 1, FT_PART_FORWARD);
             }
         }
+        e += rows;
     }
 }
 
@@ -993,6 +1092,18 @@ static void tap_range(int32_t k, int32_t pad, int32_t s, int32_t n, int32_t outs
 /* The weight gradient of output channel o into row (gw_row_elements floats, added to): for each trained
  * weight, s * sum over the outputs its tap reaches of q (x - x_zero), an int32 sum (ft_kernels_fit) taken
  * as sum q x - x_zero sum q over each tap's rectangle of outputs, its rows by ft_dot_s8. */
+/* d[j] += (float)acc[j] * s for j < n: an input gradient's integer sums, one float multiply and add each
+ * (four per pass) */
+static inline void add_scaled(float *d, const int32_t *acc, int32_t n, float s) {
+    int32_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float a0 = (float)acc[j] * s, a1 = (float)acc[j + 1] * s;
+        const float a2 = (float)acc[j + 2] * s, a3 = (float)acc[j + 3] * s;
+        d[j] += a0, d[j + 1] += a1, d[j + 2] += a2, d[j + 3] += a3;
+    }
+    for (; j < n; j++) d[j] += (float)acc[j] * s;
+}
+
 static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, float s, int32_t o, float *row) {
     const int32_t cpg = op->c / op->groups, grp = o / (op->oc / op->groups), ohw = op->oh * op->ow;
     const int8_t *qo = q + (size_t)o * ohw;
@@ -1095,9 +1206,34 @@ static int dw_input_grad(const ft_op *op, const int8_t *q, float s, float *gx, i
                 for (j = 0; j < n; j++) acc[j] = 0;
                 ft_dw_row(rows, flipped, kh, kw, 1, n, acc);
                 for (ky = 0; ky < kh; ky++) rows[ky] += FT_ROW_BLOCK;
-                for (j = 0; j < n; j++) gxc[(size_t)iy * op->w + ix + j] += (float)acc[j] * s;
+                add_scaled(gxc + (size_t)iy * op->w + ix, acc, n, s);
             }
         }
+    }
+    return 1;
+}
+
+/* A depthwise convolution's input gradient scattered from the outputs (ft_dw_scatter) into a plane of int32
+ * sums covering every tap and every input (input (iy, ix) at (iy + pad_t, ix + pad_l)), then added to gx as
+ * s * sum, every input once. The plane lives in `scratch` (4-byte aligned inside it). Returns 0 when it does
+ * not fit. */
+static int dw_input_grad_scatter(const ft_op *op, const int8_t *q, float s, float *gx, int8_t *scratch,
+                                 size_t scratch_bytes) {
+    const int32_t st = op->stride, hw = op->h * op->w, ohw = op->oh * op->ow, kk = op->kh * op->kw;
+    const int32_t tall = (op->oh - 1) * st + op->kh, wide = (op->ow - 1) * st + op->kw;
+    const int32_t rows = tall > op->h + op->pad_t ? tall : op->h + op->pad_t;
+    const int32_t cols = wide > op->w + op->pad_l ? wide : op->w + op->pad_l;
+    int32_t *const plane = (int32_t *)(((uintptr_t)scratch + 3u) & ~(uintptr_t)3u);
+    const size_t words = (size_t)rows * cols, skew = (size_t)((int8_t *)plane - scratch);
+    int32_t c, iy;
+    if (skew + words * sizeof(int32_t) > scratch_bytes) return 0;
+    for (c = 0; c < op->c; c++) {
+        float *gxc = gx + (size_t)c * hw;
+        memset(plane, 0, words * sizeof(int32_t));
+        ft_dw_scatter(q + (size_t)c * ohw, op->oh, op->ow, op->weight + (size_t)c * kk, op->kh, op->kw, st, plane,
+                      cols);
+        for (iy = 0; iy < op->h; iy++)
+            add_scaled(gxc + (size_t)iy * op->w, plane + (size_t)(iy + op->pad_t) * cols + op->pad_l, op->w, s);
     }
     return 1;
 }
@@ -1127,7 +1263,7 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx, uin
                 else
                     ft_mac_block(op->weight + ci, 1, op->c, n_rows, q + p, ohw, op->oc, n, acc);
                 for (r = 0; r < n_rows; r++)
-                    for (j = 0; j < n; j++) gx[(size_t)(ci + r) * hw + p + j] += (float)acc[r * FT_PIX + j] * s;
+                    add_scaled(gx + (size_t)(ci + r) * hw + p, acc + r * FT_PIX, n, s);
             }
         }
         return;
@@ -1156,7 +1292,7 @@ static void input_grad(const ft_op *op, const int8_t *q, float s, float *gx, uin
                             for (ky = 0; ky < op->kh; ky++) rows[ky] = qo + (size_t)ky * op->ow;
                             ft_dw_row(rows, flipped, op->kh, op->kw, 1, n, acc);
                         }
-                        for (j = 0; j < n; j++) gxc[(size_t)iy * op->w + ix + j] += (float)acc[j] * s;
+                        add_scaled(gxc + (size_t)iy * op->w + ix, acc, n, s);
                     }
                     ix = ix_hi;
                     continue;
@@ -1269,30 +1405,33 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
 
 static __attribute__((noinline)) float grad_amax(const ft_op *op, const float *g, const uint8_t *mask) {
     const size_t hw = (size_t)op->oh * op->ow;
-    float amax = 0.0f;
+    float amax = 0.0f, m, v;
     size_t i, p;
     int32_t o;
     for (o = 0, i = 0; o < op->oc; o++) {
-        /* max |g es| = max |g| * |es|: multiplying by a positive float is monotonic, rounding included */
+        /* max |g es| = max |g| * |es|: multiplying by a positive float is monotonic, rounding included.
+         * max |g| on the bits: a finite float's magnitude orders as its bits without the sign do */
         const float es = op->eff_scale[o] < 0 ? -op->eff_scale[o] : op->eff_scale[o];
-        float m = 0.0f, v;
+        uint32_t most = 0, bits_of;
         if (hw % 8 == 0) {
             for (p = 0; p < hw; p += 8, i += 8) {
                 uint32_t bits = mask[i >> 3];
                 const float *gi = g + i;
                 for (; bits; bits &= bits - 1) {
-                    v = gi[__builtin_ctz(bits)];
-                    v = v < 0 ? -v : v;
-                    m = v > m ? v : m;
+                    memcpy(&bits_of, gi + __builtin_ctz(bits), 4);
+                    bits_of &= 0x7FFFFFFFu;
+                    most = bits_of > most ? bits_of : most;
                 }
             }
         } else {
             for (p = 0; p < hw; p++, i++) {
                 if (!FT_KEPT(i)) continue;
-                v = g[i] < 0 ? -g[i] : g[i];
-                m = v > m ? v : m;
+                memcpy(&bits_of, g + i, 4);
+                bits_of &= 0x7FFFFFFFu;
+                most = bits_of > most ? bits_of : most;
             }
         }
+        memcpy(&m, &most, 4);
         v = m * es;
         amax = v > amax ? v : amax;
     }
@@ -1377,7 +1516,10 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
         /* spread rows at stride 2 cost kh kw MACs per input for about a quarter of them: worth it over the
          * gather for 3 x 3 windows (a fast kernel), not for 5 x 5 or 7 x 7 ones (measured on MCUNet) */
         const int spread = is_depthwise(op) && (op->stride == 1 || op->kh * op->kw <= 9);
-        if (!spread || !dw_input_grad(op, q, s, gx, q + count, 3 * count)) {
+        /* small planes and strides above 1 scatter from the outputs: no spread rows, no zero outputs */
+        const int scatter = is_depthwise(op) && (op->stride > 1 || op->ow <= FT_SCATTER_WIDTH);
+        if (!(scatter && dw_input_grad_scatter(op, q, s, gx, q + count, 3 * count)) &&
+            !(spread && dw_input_grad(op, q, s, gx, q + count, 3 * count))) {
             /* the prepared weights, 4-byte aligned, in the same free tail */
             uint32_t *prep = (uint32_t *)(((uintptr_t)(q + count) + 3u) & ~(uintptr_t)3u);
             input_grad(op, q, s, gx, prep, 3 * count - (size_t)((int8_t *)prep - (q + count)));
@@ -1503,10 +1645,15 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
                                    gw[i], gb[i], batch == 1, seed, step, a);
                 if (rc) return rc;
             } else if (op->kind == FT_OP_ADD) {
+                /* only where the mask keeps the output: elsewhere the gradient is 0 and adds nothing (a sum of
+                 * floats started at +0 is never -0, the one value adding +0 would change) */
                 for (j = 0; j < count; j++) {
-                    const float gm = g[j] * (float)((b.mask[i + 1][j >> 3] >> (j & 7)) & 1u);
-                    if (needs[op->in0]) grad[op->in0][j] += gm * op->ratio_a;
-                    if (needs[op->in1]) grad[op->in1][j] += gm * op->ratio_b;
+                    if (!((b.mask[i + 1][j >> 3] >> (j & 7)) & 1u)) {
+                        if (!b.mask[i + 1][j >> 3] && (j & 7) == 0) j += 7; /* a byte of zeros: eight outputs */
+                        continue;
+                    }
+                    if (needs[op->in0]) grad[op->in0][j] += g[j] * op->ratio_a;
+                    if (needs[op->in1]) grad[op->in1][j] += g[j] * op->ratio_b;
                 }
                 if (needs[op->in0]) CHECK_TENSOR(a, i, FT_CHECK_GRAD_IN, grad[op->in0], count * sizeof(float));
             } else if (needs[op->in0]) {

@@ -119,6 +119,33 @@ int ft_kernel_check(void) {
                 for (t = 0; t < n; t++) h = mix(h, acc[t]);
                 report("dw_row", k, s, n, h);
             }
+    for (s = 1; s <= 2; s++) /* 3 x 3 windows over blocks of rows, the plane exactly as wide as they reach */
+        for (j = 1; j <= 9; j++) {
+            const int32_t n = j, rows = 1 + (j * 3) % 4, w = (n - 1) * s + 3 + (j % 3 == 0);
+            int32_t acc[4 * 9], t;
+            uint32_t h = 2166136261u;
+            fill(x_buf, ((rows - 1) * s + 3) * w);
+            fill(w_buf, 9);
+            ft_dw3_rows(x_buf, w, w_buf, s, rows, n, acc);
+            for (t = 0; t < rows * n; t++) h = mix(h, acc[t]);
+            report("dw3_rows", s, rows, n, h);
+        }
+    for (i = 0; i < (int32_t)(sizeof kernels / sizeof *kernels); i++) /* scatter: some outputs zero */
+        for (s = 1; s <= 2; s++)
+            for (j = 1; j <= 9; j += 2) {
+                static int32_t plane[(8 * 2 + 7) * (9 * 2 + 7)];
+                const int32_t k = kernels[i], oh = 1 + (j * 5) % 8, ow = j;
+                const int32_t rows = (oh - 1) * s + k, aw = (ow - 1) * s + k + 1;
+                int32_t t;
+                uint32_t h = 2166136261u;
+                fill(x_buf, oh * ow);
+                for (t = 0; t < oh * ow; t += 3) x_buf[t] = 0;
+                fill(w_buf, k * k);
+                for (t = 0; t < rows * aw; t++) plane[t] = t * 5 - 99;
+                ft_dw_scatter(x_buf, oh, ow, w_buf, k, k, s, plane, aw);
+                for (t = 0; t < rows * aw; t++) h = mix(h, plane[t]);
+                report("dw_scatter", k, s, oh * 16 + ow, h);
+            }
     for (i = 0; i < (int32_t)(sizeof lengths / sizeof *lengths); i++) { /* columns: int16 in -255 .. 255 */
         static int16_t cols[2 * 257 + 1];
         const int32_t depth = lengths[i];

@@ -37,20 +37,28 @@ def tensor_bytes(t: torch.Tensor | tuple[int, ...], kind: str = "int8") -> int:
     return {"int8": n, "bit": (n + 7) // 8, "fp32": 4 * n, "int32": 4 * n}[kind]
 
 
+SMALL_PLANE_BYTES = 256  # the C step pads planes up to this size byte by byte (fedtiny_step.c: pad_plane)
+
+
 def workspace_bytes(kernel: tuple[int, int], cin: int, depthwise: bool, in_hw: tuple[int, int],
                     out_hw: tuple[int, int], inplace: bool, padding: tuple[int, int, int, int]) -> int:
     """Scratch memory of one int8 convolution (TinyEngine-style kernels).
 
     Regular/pointwise: an im2col buffer of two output columns in q15 (2 bytes).
     Depthwise: one zero-padded input channel (int8), plus one output plane when it
-    writes back in place.
+    writes back in place. A regular convolution of one input channel over a small map
+    (its padded plane at most ``SMALL_PLANE_BYTES``) pads that plane once and reads
+    each output channel from it as a depthwise window: the larger of the two.
     """
     kh, kw = kernel
+    pt, pb, pl, pr = padding
+    plane = (in_hw[0] + pt + pb) * (in_hw[1] + pl + pr)
     if depthwise:
-        pt, pb, pl, pr = padding
-        ws = (in_hw[0] + pt + pb) * (in_hw[1] + pl + pr)
-        return ws + (out_hw[0] * out_hw[1] if inplace else 0)
-    return 2 * kh * kw * cin * 2
+        return plane + (out_hw[0] * out_hw[1] if inplace else 0)
+    cols = 2 * kh * kw * cin * 2
+    if cin == 1 and plane <= SMALL_PLANE_BYTES:
+        return max(cols, plane)
+    return cols
 
 
 def fused_workspace_bytes(cin: int, kernel: tuple[int, int], mid_hw: tuple[int, int], out_hw: tuple[int, int],
