@@ -112,7 +112,7 @@ def main() -> int:
     model = published.cycles_per_mac * (step.forward_macs + published.backward_factor * step.backward_macs) \
         * samples_per_step
     whole = float(reply.metrics["instructions_per_step"])
-    costs = fit_costs(measured, samples_per_step, f"{summary['scenario']} on {a.board}")
+    costs = fit_costs(measured, samples_per_step, f"{summary['scenario']} on {a.board}", outside=whole - profiled)
     flags = Path(a.elf).with_name("cflags.txt")
     kernels = "portable" if flags.exists() and "-DFT_PORTABLE" in flags.read_text() else "dsp"
     result = {"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "kernels": kernels,

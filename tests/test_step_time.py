@@ -54,6 +54,9 @@ def test_fit_recovers_the_costs_it_was_given():
     step = StepWork.of(w for w, _ in measured)
     profile = PROFILES["nrf52840"].__class__(**{**PROFILES["nrf52840"].to_dict(), "kernel_costs": costs})
     assert compute_cycles(profile, step, batch, 1) == pytest.approx(sum(sum(c.values()) for _, c in measured))
+    # the step's work outside any op is charged per gradient element, with the quantization
+    outside = batch * 7.0 * step.gradient_elements
+    assert fit_costs(measured, batch, "synthetic", outside).per_gradient_element == pytest.approx(quantize + 7.0)
 
 
 def test_kernels_choose_measured_costs_on_cortex_m_and_published_figures_elsewhere():
