@@ -764,6 +764,12 @@ typedef struct {
 
 static int32_t channel_trained(const ft_op *op, int32_t ch) { return !op->train_channels || op->train_channels[ch]; }
 static int32_t channel_slot(const ft_op *op, int32_t ch) { return op->slot_of ? op->slot_of[ch] : ch; }
+/* Where input channel ci of its group (cin overall) starts in a compact weight gradient row, in units of kh kw:
+ * a depthwise row has one channel; a grouped one (a depth multiplier, trained whole) its group's channels in
+ * order; otherwise the channel's slot among the trained ones. */
+static int32_t row_slot(const ft_op *op, int32_t ci, int32_t cin) {
+    return is_depthwise(op) ? 0 : (op->groups > 1 ? ci : channel_slot(op, cin));
+}
 
 /* Whether a fused pair can expand two channels at a time: a pointwise expansion whose channel plane fits the
  * depthwise reader's padded plane (hp x wp) at the padding's offset, and a workspace that holds the prepared
@@ -1131,7 +1137,7 @@ static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, f
         float *r;
         if (!channel_trained(op, sel)) continue;
         xc = x + (size_t)channel_slot(op, sel) * op->h * op->w; /* the saved plane */
-        r = row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * op->kh * op->kw;
+        r = row + (size_t)row_slot(op, ci, cin) * op->kh * op->kw;
         for (ky = 0; ky < op->kh; ky++) {
             int32_t oy_lo, oy_hi;
             tap_range(ky, op->pad_t, op->stride, op->h, op->oh, &oy_lo, &oy_hi);
@@ -1369,7 +1375,7 @@ static void update_weight_row(const ft_model *m, const ft_op *op, int32_t o, con
      * so that a pointwise row (one element per channel) is a few spans rather than a span per element */
     for (ci = 0; ci < cpg; ci += run, i += run * kk) {
         const int32_t cin = grp * cpg + ci, sel = is_depthwise(op) ? o : cin;
-        const float *g = row && channel_trained(op, sel) ? row + (size_t)(is_depthwise(op) ? 0 : channel_slot(op, cin)) * kk : 0;
+        const float *g = row && channel_trained(op, sel) ? row + (size_t)row_slot(op, ci, cin) * kk : 0;
         float *mo = with_mom ? mom + i : 0;
         int32_t n;
         if (is_depthwise(op))

@@ -221,6 +221,11 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
             if sel and sel[-1] >= in_ch[idx]:
                 raise SchemeError(f"scheme {scheme.name}: weight_update_channels of layer {idx} names channel "
                                   f"{sel[-1]}; the layer has {in_ch[idx]}")
+        elif convs[idx].groups > 1 and not convs[idx].is_depthwise:  # grouped (a depth multiplier): whole or not
+            if 0 < ratio < 1:
+                raise SchemeError(f"scheme {scheme.name}: layer {idx} ({convs[idx].tag}) is a grouped convolution, "
+                                  f"trained whole or not at all: weight_update_ratio {ratio} is not 0 or 1")
+            sel = list(range(in_ch[idx])) if ratio >= 1 else []
         else:
             sel = _select(convs[idx].weight, convs[idx].is_depthwise, ratio, scheme.weight_select,
                           seed * 1000 + idx)

@@ -225,6 +225,9 @@ class _QConvFn(torch.autograd.Function):
                 gw = weight_grad(xs, (len(ch), 1, kh, kw), gq[:, ch], len(ch))
                 grad_w = torch.zeros_like(conv.weight)
                 grad_w[ch] = gw
+            elif conv.groups > 1:  # grouped (a depth multiplier): trained whole (set_train_channels)
+                gw = weight_grad(xs, tuple(conv.weight.shape), gq, conv.groups)
+                grad_w = gw
             else:
                 ch = sel if sel is not None else list(range(conv.in_channels))
                 gw = weight_grad(xs, (conv.out_channels, len(ch), kh, kw), gq, 1)
@@ -337,6 +340,13 @@ class QConv(_QParamsMixin, nn.Module):
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.out_channels
+
+    @property
+    def depth_multiplier(self) -> int:
+        """Output channels per input channel of a convolution with one input channel per group (TFLite's
+        DEPTHWISE_CONV_2D ``depth_multiplier``: output ``c * m + j`` reads input ``c``); 0 for other groupings."""
+        one_each = self.groups > 1 and self.groups == self.in_channels and self.out_channels % self.groups == 0
+        return self.out_channels // self.groups if one_each else 0
 
     def torch_padding(self) -> tuple[int | tuple[int, int], bool]:
         """``(padding for torch's conv, symmetric?)``: asymmetric padding is applied with ``F.pad`` first."""

@@ -129,9 +129,13 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
             else:
                 o = w.shape[3]
                 c_in = x.shape[3]
-                if o != c_in:
-                    raise ModelFileError(f"{label}: depth_multiplier {o // max(c_in, 1)} is not supported (only 1)")
-                weight, kind, groups = w.transpose(3, 0, 1, 2), "depthwise", o
+                if c_in < 1 or o % c_in:
+                    raise ModelFileError(f"{label}: {o} output channels are not a multiple of the {c_in} input "
+                                         "channels")
+                # a depth multiplier m above 1 is a convolution of c_in groups of m outputs each (output
+                # c * m + j reads input c, as TFLite orders them); kind from the groups
+                weight, groups = w.transpose(3, 0, 1, 2), c_in
+                kind = "depthwise" if o == c_in else None
                 stride = _stride(op, label)
                 padding = pads.get(src) or _padding(op, x, w.shape[1:3])
             (xs, xz), (ys, yz) = _q(x), _q(y)
@@ -301,13 +305,13 @@ def _export_conv(wr: _Writer, m: QConv, name: str, xi: int, xshape, xrank) -> tu
         wr.op("PAD", (xi, pi), (po,))
         xi, mode = po, "VALID"
     bscale = (ws.astype(np.float32) * xs).astype(np.float32)
-    if m.is_depthwise:
+    if m.depth_multiplier:  # one input channel per group: output c * m + j reads input c, TFLite's order too
         wi = wr.tensor(f"{name}/weight", (1, kh, kw, m.out_channels), scale=ws, qdim=3,
                        data=np.ascontiguousarray(w.transpose(1, 2, 3, 0)))
         bi = wr.tensor(f"{name}/bias", b.shape, "int32", scale=bscale, data=b)
         out = wr.tensor(name, _tfl_shape(oshape, 4), scale=m.y_scale, zero=m.y_zero)
         wr.op("DEPTHWISE_CONV_2D", (xi, wi, bi), (out,), padding=mode, stride_h=m.stride, stride_w=m.stride,
-              depth_multiplier=1, fused_activation=m.activation, dilation_h=1, dilation_w=1)
+              depth_multiplier=m.depth_multiplier, fused_activation=m.activation, dilation_h=1, dilation_w=1)
         return xi, out
     if m.groups != 1:
         raise ModelFileError(f"export: {name}: grouped convolutions have no TFLM form")

@@ -249,14 +249,13 @@ def _tensor(t: Any, i: int, buffers: list, where: str) -> TensorDesc:
         raise _fail(where, f"{label} is sparse or stored in an external file, which fedtiny does not read")
     if not 0 <= t.buffer < len(buffers):
         raise _fail(where, f"{label} refers to buffer {t.buffer}, but there are {len(buffers)} buffers")
-    scales, zeros, qdim = _quantization(t.quantization, shape, label, where)
+    scales, zeros, qdim = _quantization(t.quantization, label, where)
     raw = buffers[t.buffer]
     return TensorDesc(name, shape, dtype, scales, zeros, qdim, _constant(raw, shape, dtype, label, where)
                       if len(raw) else None)
 
 
-def _quantization(q: Any, shape: tuple[int, ...], label: str,
-                  where: str) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+def _quantization(q: Any, label: str, where: str) -> tuple[np.ndarray | None, np.ndarray | None, int]:
     if q is None or q.scale is None or len(q.scale) == 0:
         return None, None, 0
     if q.detailsType:
@@ -264,12 +263,11 @@ def _quantization(q: Any, shape: tuple[int, ...], label: str,
     scales = np.asarray(q.scale, dtype=np.float32).copy()
     zeros = (np.zeros(len(scales), np.int64) if q.zeroPoint is None or len(q.zeroPoint) == 0
              else np.asarray(q.zeroPoint, dtype=np.int64).copy())
-    qdim = int(q.quantizedDimension)
-    if len(zeros) != len(scales):
-        raise _fail(where, f"{label} has {len(scales)} scales but {len(zeros)} zero points")
-    if len(scales) > 1 and not (0 <= qdim < len(shape) and shape[qdim] == len(scales)):
-        raise _fail(where, f"{label} has {len(scales)} per-channel scales along dimension {qdim} of shape {shape}")
-    return scales, zeros, qdim
+    # As TFLM reads them: the arrays as written, whatever their lengths and quantized dimension (converters
+    # write per-channel fields on biases, one zero point for many scales, ...). An activation uses the first
+    # scale and zero point; a weight's per-channel scales are checked where an operator uses them
+    # (check_supported, as TFLM's Prepare functions do).
+    return scales, zeros, int(q.quantizedDimension)
 
 
 def _constant(raw: np.ndarray | bytes, shape: tuple[int, ...], dtype: str, label: str, where: str) -> np.ndarray:
@@ -507,7 +505,7 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
             else:
                 _check_int8(graph, i, f"{label} input", where)
                 if op.op in _WEIGHTED and pos == 1:
-                    _check_weights(t, i, label, where)
+                    _check_weights(t, i, label, op.op, where)
         for i in op.outputs:
             _check_int8(graph, i, f"{label} output", where)
         dilation = (op.options.get("dilation_h", 1), op.options.get("dilation_w", 1))
@@ -525,10 +523,15 @@ def _check_int8(graph: TFLiteGraph, i: int, what: str, where: str) -> None:
         raise _fail(where, f"{what}: tensor {i} {t.name!r} has a scale that is not positive and finite")
 
 
-def _check_weights(t: TensorDesc, i: int, label: str, where: str) -> None:
+def _check_weights(t: TensorDesc, i: int, label: str, op: str, where: str) -> None:
     if t.data is None:
         raise _fail(where, f"{label}: weights tensor {i} {t.name!r} is not a constant")
+    axis = 3 if op == "DEPTHWISE_CONV_2D" else 0
+    outputs = t.shape[axis] if len(t.shape) > axis else 0
+    if len(t.scales) not in (1, outputs):  # TFLM's Prepare: one scale, or one per output channel
+        raise _fail(where, f"{label}: weights tensor {i} {t.name!r} has {len(t.scales)} scales for {outputs} "
+                           "output channels (one, or one per output channel)")
     assert t.zeros is not None  # _check_int8 saw its scales
-    if np.any(t.zeros != 0):
+    if np.any(t.zeros != 0):  # every zero point written, however many
         raise _fail(where, f"{label}: weights tensor {i} {t.name!r} has zero point {int(t.zeros[t.zeros != 0][0])}; "
                            f"fedtiny needs symmetric weights (zero point 0)")

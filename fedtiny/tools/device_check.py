@@ -50,7 +50,7 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
     except ModelFileError as exc:
         raise ModelFileError(f"--model: {exc}") from None
     c, h, w = q.input_shape or (q.input_channels, 128, 128)
-    data = load_source("digits", image_size=h, channels=c)
+    data = load_source("digits", image_size=h, image_width=w, channels=c)
     if not isinstance(q.classifier, QConv) or q.classifier.out_channels != data.num_classes:
         q = replace_head(q, data.num_classes, seed=seed)
     q.input_shape = (c, h, w)
