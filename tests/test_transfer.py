@@ -79,7 +79,8 @@ def test_a_model_file_trains_in_a_simulation(tmp_path, cli, small_model_file):
 @pytest.mark.parametrize("override, message", [
     ("model.file=missing.pkl", "model.file: .*missing.pkl: no such model file"),
     ("model.file=s.toml", "model.file: .*s.toml: not a safetensors model file"),
-    ("data.image_size=16", "model.file: .* takes 3x32x32 images but the data gives 3x16x16: set data.image_size = 32"),
+    ("data.image_size=16", "model.file: .* takes 3x32x32 images but the data gives 3x16x16: set data.image_size = 32"
+                           r".*or train a model for 3x16x16 images: model.file = \"\" and model.head = \"new\""),
     ("data.channels=1", "takes 3x32x32 images but the data gives 1x32x32: .*data.channels = 3"),
 ])
 def test_a_bad_model_file_is_one_line_exit_2(tmp_path, cli, small_model_file, override, message):

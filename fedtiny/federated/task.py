@@ -183,10 +183,14 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
     want = model.input_shape or (model.input_channels, *fed.image_shape[1:])
     if tuple(want) != tuple(fed.image_shape):
         c, h, w = want
-        raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives "
-                            f"{'x'.join(map(str, fed.image_shape))}: set data.image_size = {h}"
+        given = "x".join(map(str, fed.image_shape))
+        raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives {given}: "
+                            f"set data.image_size = {h}"
                             + (f" and data.image_width = {w}" if w != h else "")
-                            + (f" and data.channels = {c}" if c != fed.image_shape[0] else ""))
+                            + (f" and data.channels = {c}" if c != fed.image_shape[0] else "")
+                            + f" (the data resized to the file's input), or train a model for {given} images: "
+                            f"model.file = \"\" and model.head = \"new\" (the server pretrains model.name "
+                            f"{m.name} on the data; or model.module, your own network)")
     if m.head == "keep":
         classes = int(model.classifier.weight.shape[0])
         if classes != fed.num_classes:
