@@ -96,3 +96,26 @@ def test_quantization_fields_tflm_ignores_are_read_as_tflm_reads_them(tmp_path):
     weights.scales = weights.scales[:3]
     with pytest.raises(ModelFileError, match=r"weights tensor \d+ .* has 3 scales for \d+ output channels"):
         from_tflite(read_tflite(write_tflite(g)))
+
+
+def test_squeeze_reads_as_a_reshape(tmp_path):
+    """SQUEEZE (TFLM's squeeze of the pooled 1x1 map before a classifier) equals TFLM as fedtiny reads it."""
+    from fedtiny.int8.tflite import OpDesc, TensorDesc, write_tflite
+
+    torch.manual_seed(0)
+    q = ptq(DepthMultiplier(), np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32))
+    g = read_tflite(export_tflite(q, tmp_path / "dm.tflite").read_bytes())
+    # the pooled 1x1 map squeezed to a vector and reshaped back before the classifier (a 1x1 CONV_2D)
+    k = next(i for i, op in enumerate(g.ops) if op.op == "AVERAGE_POOL_2D")
+    pooled = g.tensors[g.ops[k].outputs[0]]
+    flat = TensorDesc("squeezed", (1, pooled.shape[3]), "int8", pooled.scales, pooled.zeros)
+    back = TensorDesc("unsqueezed", pooled.shape, "int8", pooled.scales, pooled.zeros)
+    shape = TensorDesc("unsqueezed/shape", (4,), "int32", None, None, 0, np.asarray(pooled.shape, np.int32))
+    g.tensors += [flat, back, shape]
+    n = len(g.tensors)
+    g.ops[k + 1].inputs = (n - 2, *g.ops[k + 1].inputs[1:])
+    g.ops[k + 1:k + 1] = [OpDesc("SQUEEZE", (g.ops[k].outputs[0],), (n - 3,), {"squeeze_dims": [1, 2]}),
+                          OpDesc("RESHAPE", (n - 3, n - 1), (n - 2,), {"new_shape": list(pooled.shape)})]
+    data = write_tflite(g)
+    assert [op.op for op in read_tflite(data).ops].count("SQUEEZE") == 1
+    assert _tflm_differences(data) == (0, 0)

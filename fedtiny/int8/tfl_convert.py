@@ -160,7 +160,7 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
             whole = kernel == _hw(x) and not any(padding)
             module = QAvgPool(kernel, 1 if whole else _stride(op, label), padding)
             module.tag = name("pool")
-        elif op.op == "RESHAPE":
+        elif op.op in ("RESHAPE", "SQUEEZE"):  # the same bytes in a new shape: the output tensor's
             module = QReshape(tuple(int(v) for v in y.shape[1:]))
             to_nchw_shape(y.shape)  # refuses ranks fedtiny cannot hold
             module.tag = name("reshape")

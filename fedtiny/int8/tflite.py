@@ -31,7 +31,7 @@ __all__ = ["SUPPORTED_OPS", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite"
            "check_supported", "ModelFileError"]
 
 SUPPORTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "RESHAPE", "SOFTMAX",
-                 "PAD")
+                 "PAD", "SQUEEZE")
 
 _ALIGN = 16  # TFLM reads constants in place: their bytes must start on a 16-byte boundary of the model
 _VERSION = 3  # the only schema version TFLite and TFLM accept
