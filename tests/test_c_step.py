@@ -221,3 +221,13 @@ def test_requantization_is_tflm_double_rounding(built):
     got = [lib.ft_requantize(a, m, s) for a, m, s in cases]
     differ = [(c, w, g) for c, w, g in zip(cases, want, got) if w != g]
     assert len(cases) > 15_000 and differ == [], differ[:5]
+
+
+def test_op_kinds_are_the_headers():
+    """cstep.OpKind mirrors fedtiny_step.h's enum ft_op_kind name for name, value for value."""
+    import re
+
+    header = (ROOT / "device" / "c" / "fedtiny_step.h").read_text()
+    body = re.search(r"enum ft_op_kind \{([^}]*)\}", header).group(1)
+    kinds = {n.strip().removeprefix("FT_OP_"): int(v) for n, v in (e.split("=") for e in body.split(","))}
+    assert kinds == {k.name: k.value for k in cstep.OpKind}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,16 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
 from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape
 
-__all__ = ["CStep", "available", "library_path", "MAX_BATCH"]
+__all__ = ["CStep", "OpKind", "available", "library_path", "MAX_BATCH"]
+
+
+class OpKind(IntEnum):
+    """The C step's op kinds: ``enum ft_op_kind`` of device/c/fedtiny_step.h, value for value (a test reads
+    the header)."""
+
+    CONV = 0
+    ADD = 1
+    POOL = 2
 
 ABI = 3
 MAX_BATCH = 64
@@ -127,7 +137,7 @@ class CStep:
                 self._conv(op, module, optimizer, momentum)
                 op.inplace, op.fuse_next, op.workspace = (layout or {}).get(module.tag, (0, 0, 0))
             elif isinstance(module, QAdd):
-                op.kind, op.in1 = 1, ids[node.inputs[1]]
+                op.kind, op.in1 = OpKind.ADD, ids[node.inputs[1]]
                 p = module.add_params()
                 op.z1, op.z2, op.z_out, op.left_shift = p.z1, p.z2, p.z_out, p.left_shift
                 op.m1, op.s1, op.m2, op.s2, op.mo, op.so = p.mult1, p.shift1, p.mult2, p.shift2, p.mult_out, p.shift_out
@@ -135,7 +145,7 @@ class CStep:
                 op.ratio_a = module.x_scale / module.y_scale
                 op.ratio_b = float(module.bparams[0]) / module.y_scale
             elif isinstance(module, QAvgPool) and module.is_global((1, c, h, w)):
-                op.kind = 2
+                op.kind = OpKind.POOL
             else:
                 raise ModelFileError(f"the C step does not run op {node.op!r} ({type(module).__name__}"
                                      + (", a windowed pool" if isinstance(module, QAvgPool) else "") + ")")
@@ -157,7 +167,7 @@ class CStep:
         train and how many channels (input channels; a depthwise convolution's channels) train."""
         out = []
         for name, op in zip(self.names, self.ops):
-            kind = ("conv", "add", "pool")[op.kind]
+            kind = OpKind(op.kind).name.lower()
             g = {"name": name, "kind": kind, "in0": op.in0, "in1": op.in1 if kind == "add" else 0,
                  **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
             if kind == "conv":
@@ -180,7 +190,7 @@ class CStep:
         return a
 
     def _conv(self, op: _Op, conv: QConv, optimizer: str, momentum: float) -> None:
-        op.kind = 0
+        op.kind = OpKind.CONV
         op.kh, op.kw = conv.kernel_hw
         op.stride, op.groups = conv.stride, conv.groups
         op.pad_t, op.pad_l = conv.padding[0], conv.padding[2]
