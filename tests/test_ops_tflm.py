@@ -74,6 +74,9 @@ def test_a_grouped_convolution_trains_whole_or_not_at_all():
     half = '{"weight_update_idx": [1], "weight_update_ratio": [0.5]}'
     with pytest.raises(SchemeError, match="grouped convolution, trained whole or not at all"):
         resolve(parse_scheme(half), q)
+    # another model's scheme (the quickstart's, for tiny-ir) says which schemes fit any model
+    with pytest.raises(SchemeError, match=r"exceeds the model's 3 convolutions; .* use a preset \(last-k:fit"):
+        resolve(parse_scheme('{"n_bias_update": 9}'), q)
 
 
 def test_quantization_fields_tflm_ignores_are_read_as_tflm_reads_them(tmp_path):

@@ -207,15 +207,18 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
     else:
         n_bias = n if scheme.n_bias_update is None else scheme.n_bias_update
         weights = tuple((i, 1.0) for i in range(n)) if scheme.weight_update is None else scheme.weight_update
+    # a scheme of layer indices is made for one model: another model needs a preset, which fits any
+    other = ("; a scheme names one model's layers: for this model use a preset (last-k:fit, full, bias-only "
+             "or search)")
     if n_bias > n:
-        raise SchemeError(f"scheme {scheme.name}: n_bias_update {n_bias} exceeds the model's {n} convolutions")
+        raise SchemeError(f"scheme {scheme.name}: n_bias_update {n_bias} exceeds the model's {n} convolutions{other}")
     bias = [i >= n - n_bias for i in range(n)]
     channels: list[list[int] | None] = [None] * n
     in_ch = [c.out_channels if c.is_depthwise else c.in_channels for c in convs]
     for j, (idx, ratio) in enumerate(weights):
         if idx >= n:
             raise SchemeError(f"scheme {scheme.name}: weight_update_idx {idx} out of range "
-                              f"(the model has {n} convolutions, 0..{n - 1})")
+                              f"(the model has {n} convolutions, 0..{n - 1}){other}")
         if scheme.weight_channels is not None:
             sel = list(scheme.weight_channels[j])
             if sel and sel[-1] >= in_ch[idx]:
