@@ -423,14 +423,15 @@ static void conv_channel_view(const ft_op *op, const int8_t *x, int32_t h, int32
                     const int32_t n = ox_hi - ox < FT_ROW_BLOCK ? ox_hi - ox : FT_ROW_BLOCK;
                     int32_t acc[FT_ROW_BLOCK];
                     const int8_t *rows[FT_MAX_KH];
-                    if (dw3)
+                    if (dw3) {
                         ft_dw3_rows(x + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l), w, wo, s, 1, n, acc);
-                    else
+                    } else {
                         for (j = 0; j < n; j++) acc[j] = 0;
-                    for (ci = 0; ci < cpg && !dw3; ci++) {
-                        const int8_t *xc = x + (size_t)ci * h * w + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l);
-                        for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
-                        ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
+                        for (ci = 0; ci < cpg; ci++) {
+                            const int8_t *xc = x + (size_t)ci * h * w + (size_t)(oy * s - pad_t) * w + (ox * s - pad_l);
+                            for (ky = 0; ky < op->kh; ky++) rows[ky] = xc + (size_t)ky * w;
+                            ft_dw_row(rows, wo + (size_t)ci * kk, op->kh, op->kw, s, n, acc);
+                        }
                     }
                     store_outputs(&rq, acc, n, folded, y + (size_t)oy * ystride + ox, mask,
                                   mask_at + (size_t)oy * op->ow + ox);
@@ -689,8 +690,6 @@ static int conv_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *ma
 
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
-/* TFLM's int8 ADD: each input's offset value shifted left, scaled to the common scale, summed, scaled to the
- * output's (three MultiplyByQuantizedMultiplierSmallerThanOneExp, requant_value's arithmetic). */
 /* One ADD input's scaling, MultiplyByQuantizedMultiplierSmallerThanOneExp((v - zero) 2^left, mult, -e) for e in
  * 0 .. 22, as one rounding of a 64-bit sum: x = (v - zero) 2^(left + pre), floor((x mult + k - [x < 0] n) / 2^32)
  * >> s. With e >= 1 these are requant_shifted's words (pre = 0, k = 2^30 + 2^(30+e), n = 2^31, s = e - 1); with
@@ -717,6 +716,8 @@ static inline int32_t add_input(const add_input_t p, int32_t v) {
     return (int32_t)(((int64_t)x * p.mult + (int64_t)k) >> 32) >> p.s;
 }
 
+/* TFLM's int8 ADD: each input's offset value shifted left, scaled to the common scale, summed, scaled to the
+ * output's (three MultiplyByQuantizedMultiplierSmallerThanOneExp, requant_value's arithmetic). */
 static __attribute__((noinline)) void add_forward(const ft_op *op, const int8_t *a, const int8_t *b, size_t count,
                                                   int8_t *y, uint8_t *mask) {
     const requant_t r1 = requant_make(op->m1, op->s1, 0, 0, 0), r2 = requant_make(op->m2, op->s2, 0, 0, 0);
@@ -1095,9 +1096,6 @@ static void tap_range(int32_t k, int32_t pad, int32_t s, int32_t n, int32_t outs
     *lo = *lo < *hi ? *lo : *hi;
 }
 
-/* The weight gradient of output channel o into row (gw_row_elements floats, added to): for each trained
- * weight, s * sum over the outputs its tap reaches of q (x - x_zero), an int32 sum (ft_kernels_fit) taken
- * as sum q x - x_zero sum q over each tap's rectangle of outputs, its rows by ft_dot_s8. */
 /* d[j] += (float)acc[j] * s for j < n: an input gradient's integer sums, one float multiply and add each
  * (four per pass) */
 static inline void add_scaled(float *d, const int32_t *acc, int32_t n, float s) {
@@ -1110,6 +1108,9 @@ static inline void add_scaled(float *d, const int32_t *acc, int32_t n, float s) 
     for (; j < n; j++) d[j] += (float)acc[j] * s;
 }
 
+/* The weight gradient of output channel o into row (gw_row_elements floats, added to): for each trained
+ * weight, s * sum over the outputs its tap reaches of q (x - x_zero), an int32 sum (ft_kernels_fit) taken
+ * as sum q x - x_zero sum q over each tap's rectangle of outputs, its rows by ft_dot_s8. */
 static void weight_grad_row(const ft_op *op, const int8_t *x, const int8_t *q, float s, int32_t o, float *row) {
     const int32_t cpg = op->c / op->groups, grp = o / (op->oc / op->groups), ohw = op->oh * op->ow;
     const int8_t *qo = q + (size_t)o * ohw;
@@ -1519,11 +1520,12 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     if (gx) { /* gx += s * sum_o,k q * w (an integer sum, then one float add per element) */
         PROFILE_BEGIN(t_input);
         /* the buffer past q's count bytes is free once quantized */
-        /* spread rows at stride 2 cost kh kw MACs per input for about a quarter of them: worth it over the
-         * gather for 3 x 3 windows (a fast kernel), not for 5 x 5 or 7 x 7 ones (measured on MCUNet) */
-        const int spread = is_depthwise(op) && (op->stride == 1 || op->kh * op->kw <= 9);
-        /* small planes and strides above 1 scatter from the outputs: no spread rows, no zero outputs */
+        /* depthwise: strides above 1 and maps up to FT_SCATTER_WIDTH wide scatter from the outputs (no spread
+         * rows, zero outputs skipped); the rest, and those whose scatter plane does not fit, spread rows, which at
+         * stride 2 cost kh kw MACs per input for about a quarter of them: worth it over the gather for 3 x 3
+         * windows only (measured on MCUNet) */
         const int scatter = is_depthwise(op) && (op->stride > 1 || op->ow <= FT_SCATTER_WIDTH);
+        const int spread = is_depthwise(op) && (op->stride == 1 || op->kh * op->kw <= 9);
         if (!(scatter && dw_input_grad_scatter(op, q, s, gx, q + count, 3 * count)) &&
             !(spread && dw_input_grad(op, q, s, gx, q + count, 3 * count))) {
             /* the prepared weights, 4-byte aligned, in the same free tail */
