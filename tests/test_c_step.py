@@ -224,10 +224,10 @@ def test_requantization_is_tflm_double_rounding(built):
 
 
 def test_op_kinds_are_the_headers():
-    """cstep.OpKind mirrors fedtiny_step.h's enum ft_op_kind name for name, value for value."""
+    """cstep.CKind mirrors fedtiny_step.h's enum ft_op_kind name for name, value for value."""
     import re
 
     header = (ROOT / "device" / "c" / "fedtiny_step.h").read_text()
     body = re.search(r"enum ft_op_kind \{([^}]*)\}", header).group(1)
     kinds = {n.strip().removeprefix("FT_OP_"): int(v) for n, v in (e.split("=") for e in body.split(","))}
-    assert kinds == {k.name: k.value for k in cstep.OpKind}
+    assert kinds == {k.name: k.value for k in cstep.CKind}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape, unit_scale
+from fedtiny.int8.resolver import kind_of
 
 __all__ = ["Surrogate", "to_real_units"]
 
@@ -73,6 +74,11 @@ class _Linear(nn.Module):
         return F.linear(x.flatten(1), self.weight, self.bias)
 
 
+# Each op kind's float twin, by kind name.
+TWINS: dict[str, type[nn.Module] | object] = {"conv": _Conv, "add": _Add, "avgpool": _Pool,
+                                              "reshape": lambda m: QReshape(m.shape), "float-head": _Linear}
+
+
 class Surrogate(nn.Module):
     """Float twin of a :class:`QModel` whose parameter names match the int8 model's (up to its head)."""
 
@@ -81,18 +87,10 @@ class Surrogate(nn.Module):
         self.nodes = q.nodes[:q.nodes.index(next(n for n in q.nodes if n.op == "classifier")) + 1]
         for node in self.nodes:
             m = q.op(node.op)
-            twin: nn.Module
-            if isinstance(m, QConv):
-                twin = _Conv(m)
-            elif isinstance(m, QAdd):
-                twin = _Add(m)
-            elif isinstance(m, QAvgPool):
-                twin = _Pool(m)
-            elif isinstance(m, QReshape):
-                twin = QReshape(m.shape)
-            else:
-                twin = _Linear(m)
-            self.add_module(node.op, twin)
+            kind = kind_of(m).name
+            if kind not in TWINS:
+                raise ValueError(f"the float surrogate has no twin of op {node.op!r} ({kind})")
+            self.add_module(node.op, TWINS[kind](m))
         scale, zero, mean, std = (float(v) for v in q.input_params)
         self.input = (mean, std, *_range(scale, zero))
 

@@ -39,8 +39,8 @@ from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.budget.step_time import StepWork, schedule_work
 from fedtiny.errors import ScenarioError
-from fedtiny.int8.graph import (FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, fused_events, fusable,
-                                 to_nchw_shape)
+from fedtiny.int8.graph import FloatHead, QConv, QModel, fused_events, fusable
+from fedtiny.int8.resolver import kind_of
 
 __all__ = ["optimizer_slots", "MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
            "memory_report", "step_macs", "step_work", "op_macs", "c_layout"]
@@ -162,7 +162,7 @@ class ScheduledOp:
     @property
     def trains(self) -> bool:
         """A weight or bias of this op is trained."""
-        return self.kind in ("conv", "head") and any(p.requires_grad for p in self.module.parameters())
+        return self.kind in ("conv", "float-head") and any(p.requires_grad for p in self.module.parameters())
 
 
 def _frozen(*modules: nn.Module) -> bool:
@@ -188,10 +188,9 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
         node, m, w = nodes[i], model.op(nodes[i].op), wiring[i]
         ins = [shapes[t] for t in node.inputs]
         ups = [upstream[t] for t in node.inputs]
-        if isinstance(m, QReshape):
-            per = math.prod(ins[0][1:])
-            target = m.shape if math.prod(m.shape) == per else (per,)
-            shapes[node.op], upstream[node.op] = to_nchw_shape((batch, *target)), ups[0]
+        kind = kind_of(m)
+        if kind.view:
+            shapes[node.op], upstream[node.op] = (batch, *m.out_shape(ins[0][1:])), ups[0]
             i += 1
             continue
         nxt = model.op(nodes[i + 1].op) if i + 1 < len(nodes) else None
@@ -202,18 +201,10 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
             shapes[nodes[i + 1].op], upstream[nodes[i + 1].op] = (batch, *out), False
             i += 2
             continue
-        if isinstance(m, QConv):
-            op = ScheduledOp("conv", m, ins[0], (m.out_channels, *m.out_hw(ins[0][2:])),
-                             m.events(ins[0], w, need_x=ups[0], inplace_depthwise=inplace_depthwise))
-        elif isinstance(m, QAdd):
-            op = ScheduledOp("add", m, ins[0], tuple(ins[1][1:]), m.events(ins[1], w, need_x=ups[0], need_b=ups[1]))
-        elif isinstance(m, QAvgPool):
-            op = ScheduledOp("pool", m, ins[0], (ins[0][1], *m.out_hw(ins[0][2:])),
-                             m.events(ins[0], w, need_x=ups[0]))
-        elif isinstance(m, FloatHead):
-            op = ScheduledOp("head", m, ins[0], (m.weight.shape[0],), m.events(ins[0], w, need_x=ups[0]))
-        else:
-            raise ScenarioError(f"memory: op {node.op} ({type(m).__name__}) cannot be part of a training step")
+        if not hasattr(m, "schedule"):
+            raise ScenarioError(f"memory: op {node.op} ({kind.name}) cannot be part of a training step")
+        out, events = m.schedule(ins, w, ups, inplace_depthwise=inplace_depthwise)
+        op = ScheduledOp(kind.name, m, ins[0], out, events)
         ops.append(op)
         shapes[node.op] = (batch, *op.out_shape)
         upstream[node.op] = any(ups) or op.trains
@@ -293,7 +284,7 @@ def op_macs(op: ScheduledOp) -> int:
     m = op.module
     if op.kind == "conv":
         return op.in_shape[0] * math.prod(op.out_shape) * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
-    if op.kind == "head":
+    if op.kind == "float-head":
         return op.in_shape[0] * m.weight.numel()
     if op.kind == "fused":
         return sum(op_macs(part) for part in _fused_parts(op))
@@ -328,7 +319,7 @@ def step_macs(ops: list[ScheduledOp]) -> tuple[int, int]:
         macs = op_macs(op)
         if upstream:
             backward += macs
-        if op.kind in ("conv", "head") and op.module.weight.requires_grad:
+        if op.kind in ("conv", "float-head") and op.module.weight.requires_grad:
             m = op.module
             share = m.trained_weight_elements() / m.weight.numel() if op.kind == "conv" else 1.0
             backward += round(macs * share)

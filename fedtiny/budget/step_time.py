@@ -54,7 +54,7 @@ class OpWork:
     """One op's work in one sample's step."""
 
     name: str
-    kind: str  # a KINDS entry, or "add" / "pool"
+    kind: str  # a KINDS entry, or an elementwise op's kind (add, avgpool, ...)
     macs: dict[str, int] = field(default_factory=dict)  # part -> MACs
     gradient_elements: int = 0
     elementwise: int = 0
@@ -146,12 +146,12 @@ def schedule_work(ops) -> list[OpWork]:
     for op in ops:
         m = op.module
         outputs = math.prod(op.out_shape)
-        if op.kind in ("add", "pool"):
+        if op.kind not in ("conv", "float-head"):  # elementwise: no MACs
             out.append(OpWork(getattr(m, "tag", op.kind), op.kind, {}, 0, outputs * (2 if upstream else 1)))
             continue
         updated = m.weight.numel() if m.weight.requires_grad else 0
         inputs = math.prod(op.in_shape[1:])
-        if op.kind == "head" and not hasattr(m, "groups"):  # a float head: a fully connected layer
+        if op.kind == "float-head":  # a float head: a fully connected layer
             kind, forward = "fc", m.weight.numel()
             trained = grads = forward if m.weight.requires_grad else 0
         else:
@@ -190,7 +190,7 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
     per_channel = 0.0
     for part in PARTS:
         rows = [(w, c[part] / samples_per_step) for w, c in measured
-                if w.kind not in ("add", "pool") and w.macs.get(part)]
+                if w.macs.get(part)]
         if not rows:
             continue
         kinds = sorted({w.kind for w, _ in rows})
@@ -214,7 +214,7 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
             per_channel = round(float(x[-1]), 1)
     for work, per_step in measured:
         cycles = {part: v / samples_per_step for part, v in per_step.items() if part != "update"}
-        if work.kind in ("add", "pool"):
+        if not work.macs:  # elementwise ops
             sums["elementwise"][0] += sum(cycles.values())
             sums["elementwise"][1] += work.elementwise
             continue

@@ -11,7 +11,6 @@ with the round's instructions, so it knows what every update may touch.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 

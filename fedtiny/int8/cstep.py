@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,18 +18,12 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
-from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel, QReshape
+from fedtiny.int8.graph import QConv, QModel
+from fedtiny.int8.resolver import kind_of
+from fedtiny.int8.ops.base import CKind
 
-__all__ = ["CStep", "OpKind", "available", "library_path", "MAX_BATCH"]
+__all__ = ["CStep", "CKind", "available", "library_path", "MAX_BATCH"]
 
-
-class OpKind(IntEnum):
-    """The C step's op kinds: ``enum ft_op_kind`` of device/c/fedtiny_step.h, value for value (a test reads
-    the header)."""
-
-    CONV = 0
-    ADD = 1
-    POOL = 2
 
 ABI = 3
 MAX_BATCH = 64
@@ -119,7 +112,7 @@ class CStep:
         shapes = self._shapes(model)
         nodes, ids = [], {"input": 0}
         for node in model.nodes[:model._head + 1]:
-            if isinstance(model.op(node.op), QReshape):
+            if kind_of(model.op(node.op)).view:
                 if shapes[node.op][1:] != shapes[node.inputs[0]][1:]:  # only a flatten of N x C x 1 x 1 is a no-op
                     raise ModelFileError(f"the C step does not run op {node.op!r} (a RESHAPE that moves elements)")
                 ids[node.op] = ids[node.inputs[0]]
@@ -129,28 +122,17 @@ class CStep:
         names = [n.op for n in nodes]
         ops = (_Op * len(nodes))()
         self.params: list[tuple[QConv, np.ndarray, np.ndarray]] = []
+        self.optimizer, self.momentum, self.layout = optimizer, momentum, layout or {}
         for i, node in enumerate(nodes):
             module, op = model.op(node.op), ops[i]
             (_, c, h, w), (_, oc, oh, ow) = shapes[node.inputs[0]], shapes[node.op]
             op.in0, op.c, op.h, op.w, op.oc, op.oh, op.ow = ids[node.inputs[0]], c, h, w, oc, oh, ow
-            if isinstance(module, QConv):
-                self._conv(op, module, optimizer, momentum)
-                op.inplace, op.fuse_next, op.workspace = (layout or {}).get(module.tag, (0, 0, 0))
-            elif isinstance(module, QAdd):
-                op.kind, op.in1 = OpKind.ADD, ids[node.inputs[1]]
-                p = module.add_params()
-                op.z1, op.z2, op.z_out, op.left_shift = p.z1, p.z2, p.z_out, p.left_shift
-                op.m1, op.s1, op.m2, op.s2, op.mo, op.so = p.mult1, p.shift1, p.mult2, p.shift2, p.mult_out, p.shift_out
-                op.act_lo, op.act_hi = module.act_range()
-                op.ratio_a = module.x_scale / module.y_scale
-                op.ratio_b = float(module.bparams[0]) / module.y_scale
-            elif isinstance(module, QAvgPool) and module.is_global((1, c, h, w)):
-                op.kind = OpKind.POOL
-            else:
-                raise ModelFileError(f"the C step does not run op {node.op!r} ({type(module).__name__}"
-                                     + (", a windowed pool" if isinstance(module, QAvgPool) else "") + ")")
+            kind = kind_of(module)
+            if kind.c_fill is None:
+                raise ModelFileError(f"the C step does not run op {node.op!r} ({kind.name})")
+            kind.c_fill(self, op, module, [ids[t] for t in node.inputs], shapes[node.inputs[0]])
         head = model.classifier
-        if not isinstance(head, QConv) or names[-1] != "classifier":
+        if kind_of(head).c_kind != CKind.CONV or names[-1] != "classifier":
             raise ModelFileError("the C step needs an int8 classifier as the last op")
         sm = kernels.softmax_params(float(head.y_scale))
         c, h, w = shapes["input"][1:]
@@ -167,7 +149,7 @@ class CStep:
         train and how many channels (input channels; a depthwise convolution's channels) train."""
         out = []
         for name, op in zip(self.names, self.ops):
-            kind = OpKind(op.kind).name.lower()
+            kind = CKind(op.kind).name.lower()
             g = {"name": name, "kind": kind, "in0": op.in0, "in1": op.in1 if kind == "add" else 0,
                  **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
             if kind == "conv":
@@ -184,43 +166,13 @@ class CStep:
         env = model._run(torch.zeros(1, c, h, w), model._head, record=False)
         return {name: tuple(t.shape) for name, t in env.items()}
 
-    def _array(self, a) -> np.ndarray:
+    def array(self, a) -> np.ndarray:
+        """``a`` as a contiguous array kept alive as long as the C side points into it."""
         a = np.ascontiguousarray(a)
         self.keep.append(a)
         return a
 
-    def _conv(self, op: _Op, conv: QConv, optimizer: str, momentum: float) -> None:
-        op.kind = OpKind.CONV
-        op.kh, op.kw = conv.kernel_hw
-        op.stride, op.groups = conv.stride, conv.groups
-        op.pad_t, op.pad_l = conv.padding[0], conv.padding[2]
-        op.x_zero, op.y_zero = conv.x_zero, conv.y_zero
-        op.act_lo, op.act_hi = conv.act_range()
-        weight = self._array(conv.weight.detach().numpy().astype(np.int8))
-        bias = self._array(conv.bias.detach().numpy().astype(np.int32))
-        mult, shift = conv.quantized_multiplier()
-        op.weight, op.bias = _ptr(weight), _ptr(bias)
-        op.mult, op.shift = _ptr(self._array(mult.numpy().astype(np.int32))), _ptr(self._array(shift.numpy().astype(np.int32)))
-        op.eff_scale = _ptr(self._array(conv.multiplier().numpy().astype(np.float32)))
-        ws = conv.w_scales.double()
-        if optimizer == "sgd+qas":
-            op.qas_w = _ptr(self._array((ws ** -2).float().numpy()))
-            op.qas_b = _ptr(self._array(((ws * conv.x_scale) ** -2).float().numpy()))
-        if conv.train_channels is not None:
-            n = conv.out_channels if conv.is_depthwise else conv.in_channels
-            flags = np.zeros(n, np.uint8)
-            flags[conv.train_channels] = 1
-            op.train_channels = _ptr(self._array(flags))
-            slots = np.full(n + 1, -1, np.int32)  # each trained channel's rank; the count last
-            slots[np.flatnonzero(flags)] = np.arange(int(flags.sum()), dtype=np.int32)
-            slots[n] = int(flags.sum())
-            op.slot_of = _ptr(self._array(slots))
-        op.train_w, op.train_b, op.slot = int(conv.weight.requires_grad), int(conv.bias.requires_grad), conv.slot
-        if momentum > 0 and conv.weight.requires_grad:  # state of trained tensors only
-            op.mom_w = _ptr(self._array(np.zeros(conv.weight.numel(), np.float32)))
-        if momentum > 0 and conv.bias.requires_grad:
-            op.mom_b = _ptr(self._array(np.zeros(conv.out_channels, np.float32)))
-        self.params.append((conv, weight, bias))
+    ptr = staticmethod(_ptr)
 
     def arena_bytes(self, batch: int) -> int:
         """Bytes of arena a step of ``batch`` samples needs (an upper bound without a plan)."""
@@ -263,7 +215,7 @@ class CStep:
 
     def use_plan(self, offsets: list[int] | tuple[int, ...], batch: int, arena_bytes: int) -> None:
         """Follow a layout (:func:`fedtiny.budget.arena.lay_out`) in steps of ``batch`` samples (1, or more)."""
-        self.plan = self._array(np.asarray(offsets, np.uint32))
+        self.plan = self.array(np.asarray(offsets, np.uint32))
         self.plan_bytes = int(arena_bytes)
         self.m.plan, self.m.plan_len, self.m.plan_batch = _ptr(self.plan), len(self.plan), int(batch)
         self.arena = None

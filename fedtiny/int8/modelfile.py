@@ -17,7 +17,9 @@ from torch import nn
 
 from fedtiny.errors import ModelFileError
 
-from fedtiny.int8.graph import FloatHead, QAdd, QAvgPool, QConv, QModel, QReshape, QSoftmax, from_blocks
+from fedtiny.int8.graph import FloatHead, QAdd, QConv, QModel, from_blocks
+from fedtiny.int8.resolver import kind_named, kind_of
+from fedtiny.int8.ops.conv import build as conv_layout
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
 __all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
@@ -27,80 +29,24 @@ FORMAT = "fedtiny-int8"
 VERSION = 2  # 2: a graph of ops; 1: the inverted-residual layout (still read)
 
 
-def _op_desc(m: nn.Module) -> dict[str, Any]:
-    if isinstance(m, QConv):
-        return {"op": "conv", "kind": m.kind, "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_hw),
-                "stride": m.stride, "groups": m.groups, "padding": list(m.padding), "activation": m.activation,
-                "relu": m.relu}
-    if isinstance(m, FloatHead):
-        return {"op": "float-head", "in": int(m.weight.shape[1]), "out": int(m.weight.shape[0])}
-    if isinstance(m, QAdd):
-        return {"op": "add", "activation": m.activation}
-    if isinstance(m, QAvgPool):
-        return {"op": "avgpool", "kernel": list(m.kernel) if m.kernel else None, "stride": m.stride,
-                "padding": list(m.padding)}
-    if isinstance(m, QReshape):
-        return {"op": "reshape", "shape": list(m.shape)}
-    if isinstance(m, QSoftmax):
-        return {"op": "softmax", "x_scale": m.x_scale, "beta": m.beta, "y_scale": m.y_scale, "y_zero": m.y_zero}
-    raise ModelFileError(f"cannot describe op {type(m).__name__}")
-
-
 def describe(model: QModel) -> dict[str, Any]:
     """The layout of ``model`` (no tensor values) as JSON-able dict: its ops in order."""
     return {
         "format": FORMAT, "version": VERSION,
-        "ops": [{"name": n.op, "inputs": list(n.inputs), **_op_desc(model.op(n.op))} for n in model.nodes],
+        "ops": [{"name": n.op, "inputs": list(n.inputs), "op": kind_of(model.op(n.op)).name,
+                 **kind_of(model.op(n.op)).describe(model.op(n.op))} for n in model.nodes],
         **({"input_shape": list(model.input_shape)} if model.input_shape else {}),
     }
 
 
-def _ints(d: dict[str, Any], key: str, n: int, where: str) -> tuple[int, ...]:
-    v = d.get(key)
-    if not isinstance(v, list) or len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ModelFileError(f"{where}: {key} must be a list of {n} integers, got {v!r}")
-    return tuple(v)
-
-
-def _conv_from(d: dict[str, Any], where: str) -> QConv:
-    try:
-        cin, cout, stride, groups = (int(d[key]) for key in ("in", "out", "stride", "groups"))
-        k = d["kernel"]
-        kh, kw = (int(k), int(k)) if isinstance(k, int) else _ints(d, "kernel", 2, where)
-        padding = _ints(d, "padding", 4, where) if "padding" in d else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{where}: bad convolution layout {d!r} ({exc})") from None
-    if (min(cin, cout, kh, kw, stride, groups) < 1 or cin % groups or cout % groups or max(kh, kw) > 15
-            or (padding is not None and (min(padding) < 0 or max(padding) >= max(kh, kw)))):
-        raise ModelFileError(f"{where}: impossible convolution {d!r}")
-    conv = QConv(torch.zeros(cout, cin // groups, kh, kw), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0,
-                 stride, groups, padding=padding, activation=str(d.get("activation", "NONE")),
-                 kind=d.get("kind") if d.get("kind") in ("conv", "depthwise", "fc") else None)
-    conv.relu = bool(d.get("relu", conv.relu))
-    return conv
-
-
 def _op_from(d: dict[str, Any], where: str) -> nn.Module:
-    op = d.get("op")
-    if op == "conv":
-        return _conv_from(d, where)
-    if op == "float-head":
-        cin, cout = int(d["in"]), int(d["out"])
-        return FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
-    if op == "add":
-        return QAdd(1.0, 0, 1.0, 0, 1.0, 0, activation=str(d.get("activation", "NONE")))
-    if op == "avgpool":
-        kernel = None if d.get("kernel") is None else _ints(d, "kernel", 2, where)
-        return QAvgPool(kernel, int(d.get("stride", 1)), _ints(d, "padding", 4, where) if "padding" in d else (0,) * 4)
-    if op == "reshape":
-        shape = d.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise ModelFileError(f"{where}: reshape shape must be positive integers, got {shape!r}")
-        return QReshape(shape)
-    if op == "softmax":
-        return QSoftmax(float(d["x_scale"]), float(d.get("beta", 1.0)), float(d.get("y_scale", 1 / 256)),
-                        int(d.get("y_zero", -128)))
-    raise ModelFileError(f"{where}: unknown op {op!r}")
+    kind = kind_named(d.get("op"), where)
+    if kind.build is None:
+        raise ModelFileError(f"{where}: op {kind.name!r} cannot be stored in a model file")
+    try:
+        return kind.build(d, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{where}: bad {kind.name} layout {d!r} ({exc})") from None
 
 
 def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str]]:
@@ -108,14 +54,14 @@ def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, 
     old: list[str] = ["first_conv"]
     blocks = []
     for j, b in enumerate(layout["blocks"]):
-        pw1 = _conv_from(b["pointwise1"], f"{where}: blocks[{j}].pointwise1") if b.get("pointwise1") else None
-        dw = _conv_from(b["depthwise"], f"{where}: blocks[{j}].depthwise")
-        pw2 = _conv_from(b["pointwise2"], f"{where}: blocks[{j}].pointwise2")
+        pw1 = conv_layout(b["pointwise1"], f"{where}: blocks[{j}].pointwise1") if b.get("pointwise1") else None
+        dw = conv_layout(b["depthwise"], f"{where}: blocks[{j}].depthwise")
+        pw2 = conv_layout(b["pointwise2"], f"{where}: blocks[{j}].pointwise2")
         res = QAdd(1.0, 0, 1.0, 0, 1.0, 0) if b.get("residual") else None
         old += [f"blocks.{j}.{n}" for n, c in (("pointwise1", pw1), ("depthwise", dw), ("pointwise2", pw2))
                 if c is not None]
         blocks.append((pw1, dw, pw2, res))
-    mix = _conv_from(layout["feature_mix"], f"{where}: feature_mix") if layout.get("feature_mix") else None
+    mix = conv_layout(layout["feature_mix"], f"{where}: feature_mix") if layout.get("feature_mix") else None
     if mix is not None:
         old.append("feature_mix")
     c = layout["classifier"]
@@ -126,7 +72,7 @@ def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, 
         head = FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
     else:
         raise ModelFileError(f"{where}: classifier.precision must be int8 or fp32, got {c['precision']!r}")
-    model = from_blocks(_conv_from(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0)
+    model = from_blocks(conv_layout(layout["first_conv"], f"{where}: first_conv"), blocks, mix, head, 1.0, 0)
     rename = {o: f"conv{i}" for i, o in enumerate(old)}
     rename.update({f"blocks.{j}.residual": f"add{j}" for j, b in enumerate(blocks) if b[3] is not None})
     return model, rename

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from fedtiny.errors import ModelFileError
+from fedtiny.int8.resolver import kind_for_tflite, tflite_ops
 
 __all__ = ["SUPPORTED_OPS", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite", "write_tflite",
            "check_supported", "ModelFileError"]
 
-SUPPORTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "RESHAPE", "SOFTMAX",
-                 "PAD", "SQUEEZE")
+# Every operator a registered op kind reads, and PAD, which folds into the convolution after it.
+SUPPORTED_OPS = (*tflite_ops(), "PAD")
+_FOLDED_INDEX_INPUTS = {"PAD": (1,)}  # the paddings
 
 _ALIGN = 16  # TFLM reads constants in place: their bytes must start on a 16-byte boundary of the model
 _VERSION = 3  # the only schema version TFLite and TFLM accept
@@ -45,7 +47,7 @@ _OPTION_NAMES = {"strideH": "stride_h", "strideW": "stride_w", "dilationHFactor"
                  "dilationWFactor": "dilation_w", "filterHeight": "filter_h", "filterWidth": "filter_w",
                  "fusedActivationFunction": "fused_activation"}
 # Options tables whose name is not the operator's name in CamelCase.
-_OPTION_TABLES = {"AVERAGE_POOL_2D": "Pool2DOptions", "MAX_POOL_2D": "Pool2DOptions", "L2_POOL_2D": "Pool2DOptions"}
+_OPTION_TABLES = {"MEAN": "ReducerOptions", "AVERAGE_POOL_2D": "Pool2DOptions", "MAX_POOL_2D": "Pool2DOptions", "L2_POOL_2D": "Pool2DOptions"}
 
 
 @dataclass(eq=False)
@@ -498,9 +500,9 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
                 if t.data is None or t.dtype != "int32":
                     raise _fail(where, f"{label}: bias tensor {i} {t.name!r} must be a constant int32 "
                                        f"(it is {'a constant ' if t.data is not None else 'an activation '}{t.dtype})")
-            elif op.op in ("RESHAPE", "PAD") and pos == 1:
+            elif pos in _index_inputs(op.op):
                 if t.dtype not in ("int32", "int64"):
-                    raise _fail(where, f"{label}: shape or padding tensor {i} {t.name!r} is {t.dtype}, "
+                    raise _fail(where, f"{label}: shape, padding or index tensor {i} {t.name!r} is {t.dtype}, "
                                        f"expected int32 or int64")
             else:
                 _check_int8(graph, i, f"{label} input", where)
@@ -511,6 +513,12 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
         dilation = (op.options.get("dilation_h", 1), op.options.get("dilation_w", 1))
         if dilation != (1, 1):
             raise _fail(where, f"{label} has dilation {dilation[0]}x{dilation[1]}; fedtiny supports dilation 1 only")
+
+
+def _index_inputs(op: str) -> tuple[int, ...]:
+    """Positions of the operator's constant integer inputs (a shape, paddings, axes, slice bounds)."""
+    kind = kind_for_tflite(op)
+    return kind.index_inputs.get(op, ()) if kind is not None else _FOLDED_INDEX_INPUTS.get(op, ())
 
 
 def _check_int8(graph: TFLiteGraph, i: int, what: str, where: str) -> None:

@@ -310,7 +310,6 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     """
     import copy
 
-    import numpy as np
     import torch
 
     from fedtiny.attack.surrogate import Surrogate

@@ -404,7 +404,6 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def _memory_of_scenario(args: argparse.Namespace) -> int:
     """``fedtiny memory --scenario S``: each method's clients, one step and the whole device, and who refuses."""
-    import dataclasses
 
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task

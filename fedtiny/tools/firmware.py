@@ -121,7 +121,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     from fedtiny.federated.client import client_task
     from fedtiny.federated.fleet import server_task
     from fedtiny.federated.task import client_profile, limit_threads
-    from fedtiny.int8.cstep import CStep, OpKind
+    from fedtiny.int8.cstep import CStep, CKind
     from fedtiny.models.state import load_arrays, model_arrays
     from fedtiny.scenario import load_scenario
 
@@ -214,7 +214,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     trained = {n for n, *_ in client.uplink_spec}
     where = {}
     for i, op in enumerate(cs.ops):
-        if op.kind == OpKind.CONV:
+        if op.kind == CKind.CONV:
             conv = next(c for c, w, _ in cs.params if w.ctypes.data == op.weight)
             where[f"{conv.tag}.weight"] = f"op{i}_weight" if op.train_w else None
             where[f"{conv.tag}.bias"] = f"op{i}_bias" if op.train_b else None
@@ -228,7 +228,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     up, up_bytes, sparse, k_max, ndim_max = [], 0, [], 1, 1
     for tid, (name, shp, dt) in enumerate(client.uplink_spec):
         conv_tag, _, attr = name.rpartition(".")
-        i = next(i for i, op in enumerate(cs.ops) if op.kind == OpKind.CONV and
+        i = next(i for i, op in enumerate(cs.ops) if op.kind == CKind.CONV and
                  next(c for c, w, _ in cs.params if w.ctypes.data == op.weight).tag == conv_tag)
         n = int(np.prod(shp)) * np.dtype(dt).itemsize
         up.append(f"    {{(const void *)op{i}_{attr}, {n}u}}  /* {name} */")
