@@ -43,6 +43,10 @@ from torch import nn
 
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QAvgPool, QConv, QModel, from_blocks
+from fedtiny.int8.ops.concat import QConcat
+from fedtiny.int8.ops.lookup import QHardSwish, QLogistic
+from fedtiny.int8.ops.maxpool import QMaxPool
+from fedtiny.int8.ops.mul import QMul
 
 __all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLinear", "ActRange", "calibrate",
            "quantize", "SUPPORTED", "INPUT_SCALE", "INPUT_ZERO"]
@@ -50,8 +54,8 @@ __all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLi
 # Images in [0, 1] are quantized with this scale and zero point (exact for 8-bit images).
 INPUT_SCALE, INPUT_ZERO = 1.0 / 255.0, -128
 
-SUPPORTED = ("Conv2d, BatchNorm2d, ReLU, ReLU6, Linear, add, AdaptiveAvgPool2d(1), flatten, Dropout (removed), "
-             "Identity")
+SUPPORTED = ("Conv2d, BatchNorm2d, ReLU, ReLU6, Linear, add, AdaptiveAvgPool2d(1), mean, MaxPool2d, cat, mul, "
+             "Sigmoid, Hardswish, flatten, Dropout (removed), Identity")
 
 
 def _act(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -120,6 +124,54 @@ class FloatPool(nn.Module):
         return x.mean(dim=(2, 3), keepdim=True)
 
 
+class FloatMaxPool(nn.Module):
+    """A max pool (padded taps never win)."""
+
+    def __init__(self, kernel: tuple[int, int], stride: int, padding: tuple[int, int, int, int],
+                 layer: str = "") -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding, self.layer = kernel, stride, padding, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pt, pb, pl, pr = self.padding
+        return F.max_pool2d(F.pad(x, (pl, pr, pt, pb), value=float("-inf")), self.kernel, self.stride)
+
+
+class FloatCat(nn.Module):
+    """Tensors joined along the channels."""
+
+    def __init__(self, layer: str = "") -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=1)
+
+
+class FloatMul(nn.Module):
+    """An elementwise product (the second factor may be one value per channel: a gate)."""
+
+    def __init__(self, activation: str = "NONE", layer: str = "") -> None:
+        super().__init__()
+        self.activation, self.layer = activation, layer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _act(a * b, self.activation)
+
+
+class FloatUnary(nn.Module):
+    """An elementwise activation of its own (``sigmoid`` or ``hardswish``)."""
+
+    FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish}
+
+    def __init__(self, fn: str, layer: str = "") -> None:
+        super().__init__()
+        self.fn, self.layer = fn, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.FUNCTIONS[self.fn](x)
+
+
 class FloatGraph(nn.Module):
     """A float network in the int8 graph's layout: ops in topological order, BatchNorm folded.
 
@@ -167,7 +219,7 @@ class _Unmappable(Exception):
 
 @dataclass
 class _Op:
-    kind: str                 # conv, linear, add, pool
+    kind: str                 # conv, linear, add, pool, maxpool, cat, mul, sigmoid, hardswish
     inputs: tuple[int | str, ...]
     layer: str                # the source layer, for messages
     shape: tuple[int, ...]    # N x C x H x W of its output
@@ -178,6 +230,7 @@ class _Op:
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     activation: str = "NONE"
     folded: bool = False      # a BatchNorm is folded in
+    kernel: tuple[int, int] = (1, 1)  # a max pool's window
 
 
 _SHAPE = object()  # a non-tensor value (a size, a shape) that only feeds a reshape
@@ -186,6 +239,9 @@ _ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd)
 _ALIAS_FUNCTIONS = {torch.flatten, F.dropout, torch.dropout, F.dropout2d, torch.reshape}
 _ALIAS_METHODS = {"flatten", "view", "reshape", "contiguous"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_UNARY_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish"}
+_UNARY_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"))
 _RELU_FUNCTIONS = {F.relu: "RELU", torch.relu: "RELU", torch.relu_: "RELU", F.relu_: "RELU", F.relu6: "RELU6"}
 
 
@@ -344,8 +400,42 @@ class _Tracer:
         layer = str(node.target) if node.op == "call_module" else node.name
         self.add_op(node, _Op("pool", (t,), layer, (s[0], s[1], 1, 1)))
 
+    def maxpool(self, node: torch.fx.Node, x: Any, kernel, stride, padding, dilation=1, ceil_mode=False) -> None:
+        t = self.tensor(x, "input")
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        stride = kernel if stride is None or stride == [] else stride
+        sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        if dilation not in (1, (1, 1)) or ceil_mode or sh != sw:
+            raise _Unmappable("only max pools with equal strides, no dilation and ceil_mode=False are supported")
+        self.add_op(node, _Op("maxpool", (t,), _label(node, self.modules)[0], self.shape(node), stride=int(sh),
+                              padding=(ph, ph, pw, pw), kernel=(int(kh), int(kw))))
+
+    def cat(self, node: torch.fx.Node, xs: Any, dim: int) -> None:
+        if not isinstance(xs, (list, tuple)) or len(xs) < 2:
+            raise _Unmappable("torch.cat needs a list of two or more tensors")
+        ts = tuple(self.tensor(x, f"input {i}") for i, x in enumerate(xs))
+        if dim % 4 != 1 or any(len(self.tensor_shape(u)) != 4 for u in ts):
+            raise _Unmappable(f"torch.cat along dim {dim}: only channels (dim 1) of N x C x H x W tensors")
+        self.add_op(node, _Op("cat", ts, node.name, self.shape(node)))
+
+    def mul(self, node: torch.fx.Node, a: Any, b: Any) -> None:
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+            raise _Unmappable("only the product of two tensors is supported, not with a constant")
+        ta, tb = self.tensor(a, "first input"), self.tensor(b, "second input")
+        sa, sb = self.tensor_shape(ta), self.tensor_shape(tb)
+        if sa[2:] == (1, 1) and sb[2:] != (1, 1):  # the gate second
+            ta, tb, sa, sb = tb, ta, sb, sa
+        if len(sa) != 4 or not (sa == sb or (sb[:2] == sa[:2] and sb[2:] == (1, 1))):
+            raise _Unmappable(f"multiplies {sa} by {sb}: equal shapes, or one value per channel, only")
+        self.add_op(node, _Op("mul", (ta, tb), node.name, sa))
+
+    def unary(self, node: torch.fx.Node, x: Any, fn: str) -> None:
+        t = self.tensor(x, "input")
+        self.add_op(node, _Op(fn, (t,), _label(node, self.modules)[0], self.tensor_shape(t)))
+
     def activation(self, node: torch.fx.Node, x: Any, act: str) -> None:
-        op = self.producer(node, x, ("conv", "linear", "add"), act.replace("RELU", "ReLU"))
+        op = self.producer(node, x, ("conv", "linear", "add", "mul"), act.replace("RELU", "ReLU"))
         op.activation = _combine(op.activation, act)
         self.fused(node, x)
 
@@ -419,6 +509,10 @@ class _Tracer:
                 self.alias(node, args[0])
             elif isinstance(m, nn.Linear):
                 self.linear(node, m)
+            elif isinstance(m, nn.MaxPool2d):
+                self.maxpool(node, args[0], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            elif any(isinstance(m, cls) for cls, _ in _UNARY_MODULES):
+                self.unary(node, args[0], next(fn for cls, fn in _UNARY_MODULES if isinstance(m, cls)))
             else:
                 raise self.unsupported(node)
         elif node.op == "call_function":
@@ -429,6 +523,17 @@ class _Tracer:
                 self.add(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
             elif f in _RELU_FUNCTIONS:
                 self.activation(node, args[0], _RELU_FUNCTIONS[f])
+            elif f in _MUL_FUNCTIONS:
+                self.mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+            elif f in _UNARY_FUNCTIONS:
+                self.unary(node, args[0], _UNARY_FUNCTIONS[f])
+            elif f is torch.cat or f is torch.concat:
+                self.cat(node, args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            elif f is F.max_pool2d:
+                names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+                given = dict(zip(names, args[1:]), **{k: v for k, v in kwargs.items() if k in names})
+                self.maxpool(node, args[0], given["kernel_size"], given.get("stride"), given.get("padding", 0),
+                             given.get("dilation", 1), given.get("ceil_mode", False))
             elif f is F.hardtanh and tuple(args[1:3]) + tuple(kwargs.get(k) for k in ("min_val", "max_val")
                                                                  if k in kwargs) in ((0, 6), (0.0, 6.0)):
                 self.activation(node, args[0], "RELU6")
@@ -459,6 +564,10 @@ class _Tracer:
                 self.add(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
             elif name == "mean":
                 self.mean(node, args[1:], kwargs)
+            elif name in ("mul", "mul_"):
+                self.mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+            elif name == "sigmoid":
+                self.unary(node, args[0], "sigmoid")
             elif name in ("size", "dim"):
                 self.value[node] = _SHAPE
             elif name == "flatten":
@@ -534,7 +643,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> FloatGraph:
 def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int]) -> FloatGraph:
     live = _live(ops, output)
     names: dict[int | str, str] = {"input": "input"}
-    counts = {"conv": 0, "add": 0, "pool": 0}
+    counts = {"conv": 0, "add": 0, "pool": 0, "maxpool": 0, "cat": 0, "mul": 0, "sigmoid": 0, "hardswish": 0}
     out: list[tuple[str, nn.Module, tuple[str, ...]]] = []
     for i in live:
         op = ops[i]
@@ -542,8 +651,8 @@ def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int])
             name = "classifier"
         elif op.kind in ("conv", "linear"):
             name, counts["conv"] = f"conv{counts['conv']}", counts["conv"] + 1
-        elif op.kind == "add":
-            name, counts["add"] = f"add{counts['add']}", counts["add"] + 1
+        elif op.kind != "pool":
+            name, counts[op.kind] = f"{op.kind}{counts[op.kind]}", counts[op.kind] + 1
         else:
             name = "pool" if counts["pool"] == 0 else f"pool{counts['pool']}"
             counts["pool"] += 1
@@ -556,6 +665,14 @@ def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int])
             module = FloatLinear(op.weight.float(), op.bias.float(), op.activation, op.layer)
         elif op.kind == "add":
             module = FloatAdd(op.activation, op.layer)
+        elif op.kind == "maxpool":
+            module = FloatMaxPool(op.kernel, op.stride, op.padding, op.layer)
+        elif op.kind == "cat":
+            module = FloatCat(op.layer)
+        elif op.kind == "mul":
+            module = FloatMul(op.activation, op.layer)
+        elif op.kind in FloatUnary.FUNCTIONS:
+            module = FloatUnary(op.kind, op.layer)
         else:
             module = FloatPool(op.layer)
         out.append((name, module, tuple(names[t] for t in op.inputs)))
@@ -611,6 +728,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
     """Build the int8 graph of ``graph`` from calibrated activation ranges."""
     if classifier_precision not in ("int8", "fp32"):
         raise ScenarioError(f"model.classifier_precision: expected int8 or fp32, got {classifier_precision!r}")
+    ranges = _concat_ranges(graph, ranges)
     q: dict[str, tuple[float, int]] = {"input": (INPUT_SCALE, INPUT_ZERO)}
     ops: list[tuple[nn.Module, tuple[str, ...]]] = []
     for name, inputs in graph.nodes:
@@ -619,6 +737,21 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
         if isinstance(m, FloatPool):
             module: nn.Module = QAvgPool()
             q[name] = x_q
+        elif isinstance(m, FloatMaxPool):
+            module = QMaxPool(m.kernel, m.stride, m.padding, *x_q)
+            q[name] = x_q
+        elif isinstance(m, FloatCat):
+            q[name] = ranges[name].qparams()
+            module = QConcat(1, *q[name])
+        elif isinstance(m, FloatMul):
+            q[name] = ranges[name].qparams()
+            module = QMul(*x_q, *q[inputs[1]], *q[name], activation=m.activation)
+        elif isinstance(m, FloatUnary) and m.fn == "sigmoid":
+            q[name] = (1 / 256, -128)  # TFLM's LOGISTIC writes [0, 1) in steps of 1/256
+            module = QLogistic(*x_q, *q[name])
+        elif isinstance(m, FloatUnary):
+            q[name] = ranges[name].qparams()
+            module = QHardSwish(*x_q, *q[name])
         elif isinstance(m, FloatAdd):
             q[name] = ranges[name].qparams()
             module = QAdd(*x_q, *q[inputs[1]], *q[name], activation=m.activation)
@@ -639,6 +772,24 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
     if blocks is not None:
         return from_blocks(*blocks, INPUT_SCALE, INPUT_ZERO, input_shape=graph.input_shape, pool=ops[-2][0])
     return QModel(ops, INPUT_SCALE, INPUT_ZERO, input_shape=graph.input_shape)
+
+
+def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, ActRange]:
+    """Ranges where every concatenation's inputs share its range (TFLM's int8 CONCATENATION copies, so its
+    inputs must have its quantization): the union of theirs, given to each producer."""
+    ranges = dict(ranges)
+    for name, inputs in graph.nodes:
+        if not isinstance(graph.op(name), FloatCat):
+            continue
+        fixed = [t for t in inputs if t == "input" or isinstance(graph.op(t), (FloatPool, FloatMaxPool, FloatUnary))
+                 and not (isinstance(graph.op(t), FloatUnary) and graph.op(t).fn == "hardswish")]
+        if fixed:
+            raise ModelFileError(f"{name}: torch.cat of {fixed[0]!r}, whose quantization is another op's or fixed: "
+                                 "fedtiny concatenates outputs of convolutions, adds, products and hardswish")
+        union = ActRange(min(ranges[t].lo for t in (*inputs, name)), max(ranges[t].hi for t in (*inputs, name)))
+        for t in (*inputs, name):
+            ranges[t] = union
+    return ranges
 
 
 def _inverted_residual(ops: list[tuple[nn.Module, tuple[str, ...]]]):

@@ -34,3 +34,39 @@ def small_resnet(in_channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                          Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def se_net(in_channels: int, num_classes: int) -> nn.Module:
+    """A small MCU network with the operators converters emit beyond convolutions: max pooling, a two-branch
+    block joined by ``torch.cat``, a squeeze-and-excitation gate (mean, 1x1 convolutions, sigmoid, ``*``) and
+    hardswish."""
+    import torch
+    import torch.nn.functional as F
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, channels: int, reduced: int) -> None:
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(channels, reduced, 1), nn.Conv2d(reduced, channels, 1)
+
+        def forward(self, x):
+            s = x.mean((2, 3), keepdim=True)
+            return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.pool = nn.MaxPool2d(2)
+            self.wide = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.narrow = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.se = SqueezeExcite(32, 8)
+            self.mix = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32))
+            self.head = nn.Linear(32, num_classes)
+
+        def forward(self, x):
+            x = self.pool(self.stem(x))
+            x = self.se(torch.cat([self.wide(x), self.narrow(x)], 1))
+            x = F.hardswish(self.mix(x))
+            return self.head(x.mean((2, 3)))
+
+    return Net()
