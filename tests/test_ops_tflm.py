@@ -13,6 +13,7 @@ from fedtiny.int8.convert import ptq
 from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
 from fedtiny.int8.tfl_convert import export_tflite, from_tflite
 from fedtiny.int8.tflite import read_tflite
+from conftest import ROOT
 from test_tflm_exact import _as_tflite, _nchw, _random_inputs
 
 
@@ -122,3 +123,176 @@ def test_squeeze_reads_as_a_reshape(tmp_path):
     data = write_tflite(g)
     assert [op.op for op in read_tflite(data).ops].count("SQUEEZE") == 1
     assert _tflm_differences(data) == (0, 0)
+
+
+# ---------------------------------------------------------------- the common MCU operators
+
+def _se_net(size: int = 16) -> "QModel":
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scenarios" / "models"))
+    from torchvision_nets import se_net
+
+    torch.manual_seed(0)
+    return ptq(se_net(1, 10), np.random.default_rng(0).random((64, 1, size, size), dtype=np.float32))
+
+
+def _spliced(q):
+    """``q`` with a MEAN (its own output quantization) in place of the head's pool, and a requantize and a
+    strided slice before the mix convolution (the slice keeps every channel, every other row and column)."""
+    from fedtiny.int8.graph import QModel
+    from fedtiny.int8.ops.lookup import QRequantize
+    from fedtiny.int8.ops.mean import QMean
+    from fedtiny.int8.ops.slice import QSlice
+
+    ops, renames = [], {}
+    for node in q.nodes:
+        m = q.op(node.op)
+        inputs = tuple(renames.get(t, t) for t in node.inputs)
+        if node.op == "conv5":  # the mix convolution: read a requantized, sliced copy of its input
+            x_scale, x_zero = m.x_scale, m.x_zero
+            rq = QRequantize(x_scale, x_zero, x_scale * 1.5, x_zero // 2)
+            rq.tag = "requantize0"
+            sl = QSlice([(0, 32, 1), (0, 8, 1), (1, 8, 1)])
+            sl.tag = "slice0"
+            back = QRequantize(x_scale * 1.5, x_zero // 2, x_scale, x_zero)
+            back.tag = "requantize1"
+            ops += [(rq, inputs), (sl, ("requantize0",)), (back, ("slice0",))]
+            inputs = ("requantize1",)
+        if node.op == "pool1":
+            hs_scale, hs_zero = q.op("hardswish0").y_scale, q.op("hardswish0").y_zero
+            m = QMean(hs_scale, hs_zero, hs_scale * 0.75, hs_zero + 3, keep_dims=False)
+            m.tag = "mean0"
+            renames["pool1"] = "mean0"
+            c = q.classifier
+            c.qparams[0], c.qparams[1] = hs_scale * 0.75, hs_zero + 3  # the head reads the mean's quantization
+        ops.append((m, inputs))
+    return QModel(ops, *[float(v) for v in q.input_params[:2]], *[float(v) for v in q.input_params[2:]],
+                  input_shape=q.input_shape)
+
+
+def test_pytorch_operators_trace_export_and_equal_tflm(tmp_path):
+    """MaxPool2d, torch.cat, a squeeze-and-excitation gate (mean, sigmoid, *) and hardswish trace to int8 ops
+    that TFLM runs with 0 differing elements in every tensor."""
+    q = _se_net()
+    path = export_tflite(q, tmp_path / "se.tflite")
+    ops = {op.op for op in read_tflite(path.read_bytes()).ops}
+    assert {"MAX_POOL_2D", "CONCATENATION", "MUL", "LOGISTIC", "HARD_SWISH"} <= ops
+    assert _tflm_differences(path.read_bytes()) == (0, 0)
+
+
+def test_mean_requantize_and_slice_equal_tflm(tmp_path):
+    q = _spliced(_se_net())
+    path = export_tflite(q, tmp_path / "more.tflite")
+    ops = [op.op for op in read_tflite(path.read_bytes()).ops]
+    assert {"MEAN", "QUANTIZE", "STRIDED_SLICE"} <= set(ops)
+    assert _tflm_differences(path.read_bytes()) == (0, 0)
+
+
+def test_float_edges_fold_into_the_input_and_output(tmp_path):
+    """A float input QUANTIZEd first and the logits DEQUANTIZEd last (how converters often write a model):
+    fedtiny quantizes the input as TFLM does (float32 division, half away from zero) and writes both back."""
+    q = _se_net()
+    q.float_input = q.float_output = True
+    data = export_tflite(q, tmp_path / "edges.tflite").read_bytes()
+    g = read_tflite(data)
+    assert (g.ops[0].op, g.ops[-1].op) == ("QUANTIZE", "DEQUANTIZE")
+    names: dict[int, str] = {}
+    back = from_tflite(g, "edges", names)
+    assert back.float_input and back.float_output
+    x = np.random.default_rng(3).random((1, 16, 16, 1), dtype=np.float32)
+    x[0, 0, :4, 0] = np.array([0.5, 1.5, 2.5, 3.5], np.float32) * float(back.input_params[0])  # ties
+    ref = tflm_tensors(data, x)
+    ours = back.int8_tensors(back.quantize_input(torch.from_numpy(x).permute(0, 3, 1, 2)))
+    padded = {op.outputs[0] for op in g.ops if op.op == "PAD"}  # fedtiny pads inside the convolution
+    compared = [i for i in names if ref[i].dtype == np.int8 and i not in padded]
+    differing = sum(int((_as_tflite(ours[names[i]], ref[i].shape) != ref[i]).sum()) for i in compared)
+    assert len(compared) == len(back.nodes) + 1 and differing == 0
+
+
+def test_new_operators_round_trip_through_the_model_file(tmp_path):
+    from fedtiny.int8.modelfile import load_qmodel, save_qmodel
+
+    q = _spliced(_se_net())
+    x = torch.rand(4, 1, 16, 16)
+    back = load_qmodel(save_qmodel(q, tmp_path / "m.safetensors"))
+    assert torch.equal(back(x), q(x))
+
+
+def test_the_backward_rules_of_the_new_operators():
+    """Max pool routes to the first maximal tap (overlapping windows add tap by tap), MUL is the product rule
+    with the broadcast gate's plane summed, the lookups use their table's central difference: each against a
+    plain loop written from the rule."""
+    from fedtiny.int8.ops.lookup import QLogistic, lookup_slope
+    from fedtiny.int8.ops.maxpool import QMaxPool
+    from fedtiny.int8.ops.mul import QMul
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (2, 3, 7, 7), generator=gen).float().requires_grad_(True)
+    pool = QMaxPool((3, 3), 2, (1, 1, 1, 1), 0.05, -10)
+    y = pool(x)
+    g = torch.randn(y.shape, generator=gen)
+    (gx,) = torch.autograd.grad(y, x, g)
+    want = np.zeros((2, 3, 7, 7), np.float32)
+    xv, gv = x.detach().numpy(), g.numpy()
+    for n in range(2):
+        for c in range(3):
+            for i in range(3):  # tap by tap, as the rule adds them
+                for j in range(3):
+                    for oy in range(y.shape[2]):
+                        for ox in range(y.shape[3]):
+                            taps = [(oy * 2 + a - 1, ox * 2 + b - 1) for a in range(3) for b in range(3)]
+                            vals = [xv[n, c, r, s] if 0 <= r < 7 and 0 <= s < 7 else -129 for r, s in taps]
+                            if int(np.argmax(vals)) == i * 3 + j:
+                                r, s = taps[i * 3 + j]
+                                want[n, c, r, s] = np.float32(want[n, c, r, s] + np.float32(gv[n, c, oy, ox]))
+    assert np.array_equal(gx.numpy(), want)
+
+    a = torch.randint(-128, 128, (2, 4, 3, 3), generator=gen).float().requires_grad_(True)
+    b = torch.randint(-128, 128, (2, 4, 1, 1), generator=gen).float().requires_grad_(True)
+    mul = QMul(0.02, 3, 1 / 256, -128, 0.01, 1)
+    y = mul(a, b)
+    g = torch.randn(y.shape, generator=gen)
+    ga, gb = torch.autograd.grad(y, (a, b), g)
+    r = np.float32(0.02 * (1 / 256) / 0.01)
+    raw = ((a.detach() - 3) * (b.detach() + 128) * (0.02 / 256 / 0.01) + 1).numpy()
+    mask = (np.round(raw) > -129) & (np.round(raw) < 128)  # far from the clamp's edges here
+    gm = np.where(mask, g.numpy(), 0).astype(np.float32)
+    assert np.array_equal(ga.numpy(), gm * ((b.detach().numpy() + 128).astype(np.float32) * r))
+    per = gm * ((a.detach().numpy() - 3).astype(np.float32) * r)
+    want_b = np.zeros((2, 4, 1, 1), np.float32)
+    for k in range(9):
+        want_b[:, :, 0, 0] = want_b[:, :, 0, 0] + per.reshape(2, 4, 9)[:, :, k]
+    assert np.array_equal(gb.numpy(), want_b)
+
+    sig = QLogistic(0.05, 0, 1 / 256, -128)
+    table, slope = sig.tables()
+    assert np.array_equal(slope.numpy()[1:-1], ((table[2:] - table[:-2]).numpy() / 2).astype(np.float32))
+    assert torch.equal(lookup_slope(table), slope)
+    x = torch.randint(-128, 128, (3, 5, 2, 2), generator=gen).float().requires_grad_(True)
+    g = torch.randn(3, 5, 2, 2, generator=gen)
+    (gx,) = torch.autograd.grad(sig(x), x, g)
+    assert torch.equal(gx, g * slope[x.detach().long() + 128])
+    assert slope.max() > 0 and table.min() >= -128 and table.max() <= 127
+
+
+def test_a_pytorch_model_with_the_new_operators_trains_in_the_exact_step():
+    """Gradients cross every new op in the exact step, and the planner's buffers are those a real step holds
+    (the ledger checks each op's planned buffers against the ones its step keeps)."""
+    from fedtiny.budget.memory import measure_step, memory_report
+    from fedtiny.budget.schemes import parse_scheme, resolve
+    from fedtiny.int8 import exact
+
+    q = _spliced(_se_net())
+    for p in q.parameters():
+        p.requires_grad_(True)
+    x, y = torch.rand(2, 1, 16, 16), torch.tensor([1, 7])
+    with exact.step(exact.StepKey(0, 0)):
+        torch.nn.functional.cross_entropy(q(x), y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in q.parameters())
+    assert q.conv0.weight.grad.abs().sum() > 0  # through max pool, concat, the SE gate, hardswish, slice, mean
+    for scheme in ("full", "last-k:3"):
+        r = resolve(parse_scheme(scheme), q)
+        rep = memory_report(q, r, (1, 16, 16))
+        led = measure_step(q, r, x[:1], y[:1])
+        assert (rep.peak_sram_bytes, rep.peak_at) == (led.peak, led.peak_at), scheme

@@ -33,6 +33,7 @@ from torch import nn
 from fedtiny.budget.ledger import NULL, OpEvents, active, fused_workspace_bytes
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.ops.add import QAdd
+from fedtiny.int8.kernels_misc import quantize_float
 from fedtiny.int8.resolver import kind_of
 from fedtiny.int8.ops.base import ACTIVATIONS, INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Wiring, round_ste, to_nchw_shape
 from fedtiny.int8.ops.conv import QConv
@@ -94,6 +95,9 @@ class QModel(nn.Module):
                  input_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
+        # A .tflite whose input is float (a QUANTIZE first) and whose output is float (a DEQUANTIZE last):
+        # the input is quantized as TFLM's QUANTIZE does it, and export writes both edges back.
+        self.float_input = self.float_output = False
         self.register_buffer("input_params", torch.tensor([input_scale, input_zero, input_mean, input_std],
                                                           dtype=torch.float64))
         known = {"input"}
@@ -172,6 +176,10 @@ class QModel(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> int8 input (straight-through, so inputs can be attacked by gradient)."""
         scale, zero, mean, std = (float(v) for v in self.input_params)
+        if self.float_input:  # TFLM's QUANTIZE: float32 division, rounded half away from zero
+            v = (x - mean) / std
+            q = quantize_float(v.detach().to(torch.float32), scale, zero).to(x.dtype)
+            return q + (v / scale - (v / scale).detach())
         return torch.clamp(round_ste((x - mean) / std / scale) + zero, INT8_MIN, INT8_MAX)
 
     def _run(self, xq: torch.Tensor | None, upto: int, *, record: bool = True, start: int = 0,

@@ -36,6 +36,8 @@ def describe(model: QModel) -> dict[str, Any]:
         "ops": [{"name": n.op, "inputs": list(n.inputs), "op": kind_of(model.op(n.op)).name,
                  **kind_of(model.op(n.op)).describe(model.op(n.op))} for n in model.nodes],
         **({"input_shape": list(model.input_shape)} if model.input_shape else {}),
+        **({"float_input": True} if model.float_input else {}),
+        **({"float_output": True} if model.float_output else {}),
     }
 
 
@@ -104,6 +106,7 @@ def _skeleton(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str
             isinstance(v, int) and v > 0 for v in shape)):
         raise ModelFileError(f"{where}: input_shape must be [C, H, W], got {shape!r}")
     model.input_shape = tuple(shape) if shape else None
+    model.float_input, model.float_output = bool(layout.get("float_input")), bool(layout.get("float_output"))
     return model, rename
 
 

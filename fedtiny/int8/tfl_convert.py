@@ -39,6 +39,8 @@ class Reader:
         self.pads: dict[int, tuple[int, int, int, int]] = {}  # PAD outputs folded into the convolution reading them
         self.ops: list[tuple[nn.Module, tuple[str, ...]]] = []
         self._counts: dict[str, int] = {}
+        self.input: int | None = None  # the int8 tensor a folded QUANTIZE made of the float input
+        self.output_float = False
 
     def tensor(self, i: int) -> TensorDesc:
         return self.g.tensors[i]
@@ -86,7 +88,7 @@ class Reader:
         return flat.tag
 
 
-def _fold_pad(rd: Reader, k: int, op: OpDesc) -> None:
+def _fold_pad(rd: Reader, k: int, op: OpDesc) -> bool:
     """A spatial PAD feeding one VALID convolution becomes that convolution's padding."""
     p = np.asarray(rd.tensor(op.inputs[1]).data, np.int64).reshape(-1, 2)
     nxt = [o for o in rd.g.ops if op.outputs[0] in o.inputs]
@@ -95,10 +97,29 @@ def _fold_pad(rd: Reader, k: int, op: OpDesc) -> None:
         raise ModelFileError(f"{rd.label(k, op)}: only a spatial PAD feeding one VALID convolution is supported")
     rd.pads[op.outputs[0]] = (int(p[1, 0]), int(p[1, 1]), int(p[2, 0]), int(p[2, 1]))
     rd.names[op.outputs[0]] = rd.names[op.inputs[0]]
+    return True
 
 
-# Operators that become no op of their own: they fold into their neighbours.
-FOLDED = {"PAD": _fold_pad}
+def _fold_input_quantize(rd: Reader, k: int, op: OpDesc) -> bool:
+    """A QUANTIZE of the float graph input is the model's input quantization (TFLM's rounding)."""
+    if op.inputs[0] not in rd.g.inputs or rd.tensor(op.inputs[0]).dtype != "float32":
+        return False  # a requantize between int8 tensors: an op of its own
+    if rd.input is not None and rd.input != op.outputs[0]:
+        raise ModelFileError(f"{rd.label(k, op)}: the float input is quantized twice")
+    rd.input = op.outputs[0]
+    rd.names[op.outputs[0]] = "input"
+    return True
+
+
+def _fold_output_dequantize(rd: Reader, k: int, op: OpDesc) -> bool:
+    """A DEQUANTIZE of the graph's output: fedtiny's float logits are the int8 ones dequantized already."""
+    rd.names[op.outputs[0]] = rd.names[op.inputs[0]]
+    rd.output_float = True
+    return True
+
+
+# Operators that become no op of their own (when their handler says so): they fold into their neighbours.
+FOLDED = {"PAD": _fold_pad, "QUANTIZE": _fold_input_quantize, "DEQUANTIZE": _fold_output_dequantize}
 
 
 def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | None = None) -> QModel:
@@ -119,8 +140,7 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
         raise ModelFileError(f"{where}: no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED op to train")
     rd = Reader(g, where, names, weighted[-1])
     for k, op in enumerate(g.ops):
-        if op.op in FOLDED:
-            FOLDED[op.op](rd, k, op)
+        if op.op in FOLDED and FOLDED[op.op](rd, k, op):
             continue
         kind = kind_for_tflite(op.op)
         if kind is None or kind.read is None:  # check_supported let it through: a bug
@@ -129,10 +149,15 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
         rd.ops.append((module, inputs))
         names[op.outputs[0]] = module.tag
     inp = g.tensors[g.inputs[0]]
-    scale, zero = rd.q(g.inputs[0])
-    std = 1.0 / (255.0 * scale)  # images in [0, 1] fill the int8 range: q = round(255 x) - 128
-    mean = (zero + 128) / 255.0
-    return QModel(rd.ops, scale, zero, mean, std, input_shape=to_nchw_shape(inp.shape)[1:])
+    if rd.input is not None:  # a float input: images in [0, 1] are what the model's QUANTIZE reads
+        model = QModel(rd.ops, *rd.q(rd.input), 0.0, 1.0, input_shape=to_nchw_shape(inp.shape)[1:])
+    else:
+        scale, zero = rd.q(g.inputs[0])
+        std = 1.0 / (255.0 * scale)  # images in [0, 1] fill the int8 range: q = round(255 x) - 128
+        mean = (zero + 128) / 255.0
+        model = QModel(rd.ops, scale, zero, mean, std, input_shape=to_nchw_shape(inp.shape)[1:])
+    model.float_input, model.float_output = rd.input is not None, rd.output_float
+    return model
 
 
 def read_tflite_model(path: str | Path) -> QModel:
@@ -188,16 +213,26 @@ def to_tflite(model: QModel, description: str = "fedtiny") -> TFLiteGraph:
     first = model.op(next(n.op for n in model.nodes if "input" in n.inputs))
     in_rank = 2 if getattr(first, "kind", None) == "fc" and model.input_shape[1:] == (1, 1) else 4
     shape = (1, *model.input_shape)
-    tensors = {"input": (wr.tensor("input", wr.shape(shape, in_rank), scale=scale, zero=zero), shape, in_rank,
-                         (scale, zero))}
+    if model.float_input:  # the float input and TFLM's QUANTIZE of it
+        fi = wr.tensor("input/float", wr.shape(shape, in_rank), "float32")
+        qi = wr.tensor("input", wr.shape(shape, in_rank), scale=scale, zero=zero)
+        wr.op("QUANTIZE", (fi,), (qi,))
+        graph_input = fi
+    else:
+        qi = graph_input = wr.tensor("input", wr.shape(shape, in_rank), scale=scale, zero=zero)
+    tensors = {"input": (qi, shape, in_rank, (scale, zero))}
     for node in model.nodes:
         m = model.op(node.op)
         kind = kind_of(m)
         if kind.write is None:
             raise ModelFileError(f"export: op {node.op} ({kind.name}) has no TFLite form")
         tensors[node.op] = kind.write(wr, m, node.op, [tensors[t] for t in node.inputs])
-    last = tensors[model.nodes[-1].op][0]
-    return TFLiteGraph(wr.tensors, wr.ops, (tensors["input"][0],), (last,), description)
+    last, lshape, lrank, _ = tensors[model.nodes[-1].op]
+    if model.float_output:
+        out = wr.tensor(f"{model.nodes[-1].op}/float", wr.shape(lshape, lrank), "float32")
+        wr.op("DEQUANTIZE", (last,), (out,))
+        last = out
+    return TFLiteGraph(wr.tensors, wr.ops, (graph_input,), (last,), description)
 
 
 def export_tflite(model: QModel, path: str | Path, description: str = "fedtiny") -> Path:

@@ -29,10 +29,11 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.resolver import kind_for_tflite, tflite_ops
 
 __all__ = ["SUPPORTED_OPS", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite", "write_tflite",
-           "check_supported", "ModelFileError"]
+           "check_supported", "float_edges", "ModelFileError"]
 
-# Every operator a registered op kind reads, and PAD, which folds into the convolution after it.
-SUPPORTED_OPS = (*tflite_ops(), "PAD")
+# Every operator a registered op kind reads; PAD, which folds into the convolution after it; DEQUANTIZE of
+# the graph's output (a QUANTIZE of a float input folds into the model's input quantization).
+SUPPORTED_OPS = (*tflite_ops(), "PAD", "DEQUANTIZE")
 _FOLDED_INDEX_INPUTS = {"PAD": (1,)}  # the paddings
 
 _ALIGN = 16  # TFLM reads constants in place: their bytes must start on a 16-byte boundary of the model
@@ -488,8 +489,10 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
             name = f"CUSTOM ({op.options.get('custom_code', '')})" if op.op == "CUSTOM" else op.op
             raise _fail(where, f"operator {k} is {name}, which fedtiny does not support "
                                f"(supported: {', '.join(SUPPORTED_OPS)})")
+    edges = float_edges(graph)
     for i in (*graph.inputs, *graph.outputs):
-        _check_int8(graph, i, "graph input or output", where)
+        if i not in edges:
+            _check_int8(graph, i, "graph input or output", where)
     for k, op in enumerate(graph.ops):
         label = f"operator {k} ({op.op})"
         for pos, i in enumerate(op.inputs):
@@ -504,15 +507,32 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
                 if t.dtype not in ("int32", "int64"):
                     raise _fail(where, f"{label}: shape, padding or index tensor {i} {t.name!r} is {t.dtype}, "
                                        f"expected int32 or int64")
-            else:
+            elif i not in edges:
                 _check_int8(graph, i, f"{label} input", where)
                 if op.op in _WEIGHTED and pos == 1:
                     _check_weights(t, i, label, op.op, where)
+        if op.op == "DEQUANTIZE" and op.outputs[0] not in edges:
+            raise _fail(where, f"{label}: fedtiny dequantizes only the graph's output (its logits)")
         for i in op.outputs:
-            _check_int8(graph, i, f"{label} output", where)
+            if i not in edges:
+                _check_int8(graph, i, f"{label} output", where)
         dilation = (op.options.get("dilation_h", 1), op.options.get("dilation_w", 1))
         if dilation != (1, 1):
             raise _fail(where, f"{label} has dilation {dilation[0]}x{dilation[1]}; fedtiny supports dilation 1 only")
+
+
+def float_edges(graph: TFLiteGraph) -> set[int]:
+    """The float32 tensors at the graph's edges fedtiny folds away: a graph input read only by QUANTIZE ops
+    (the model's input quantization) and a graph output written by DEQUANTIZE (its float logits)."""
+    edges = set()
+    for i in graph.inputs:
+        readers = [op for op in graph.ops if i in op.inputs]
+        if graph.tensors[i].dtype == "float32" and readers and all(op.op == "QUANTIZE" for op in readers):
+            edges.add(i)
+    for op in graph.ops:
+        if op.op == "DEQUANTIZE" and op.outputs[0] in graph.outputs and graph.tensors[op.outputs[0]].dtype == "float32":
+            edges.add(op.outputs[0])
+    return edges
 
 
 def _index_inputs(op: str) -> tuple[int, ...]:

@@ -432,6 +432,11 @@ def _write(wr, m: QConv, name: str, ins):
               keep_num_dims=False)
         return out, oshape, 2, (m.y_scale, m.y_zero)
     kh, kw = m.kernel_hw
+    if xrank == 2:  # a convolution reads NHWC: a [N, C] input (a MEAN without kept dims) is reshaped first
+        shp = wr.tensor(f"{name}/input_shape", (4,), "int32", data=np.asarray((1, 1, 1, xshape[1]), np.int32))
+        xi4 = wr.tensor(f"{name}/input4", (1, 1, 1, xshape[1]), scale=m.x_scale, zero=m.x_zero)
+        wr.op("RESHAPE", (xi, shp), (xi4,), new_shape=(1, 1, 1, xshape[1]))
+        xi = xi4
     mode = wr.pad_mode(m.padding, xshape[2:], (kh, kw), m.stride)
     if mode is None:  # e.g. PyTorch's symmetric padding of a stride-2 conv on an even input
         pt, pb, pl, pr = m.padding
