@@ -296,3 +296,43 @@ def test_a_pytorch_model_with_the_new_operators_trains_in_the_exact_step():
         rep = memory_report(q, r, (1, 16, 16))
         led = measure_step(q, r, x[:1], y[:1])
         assert (rep.peak_sram_bytes, rep.peak_at) == (led.peak, led.peak_at), scheme
+
+
+def test_a_new_op_kind_is_one_module_and_one_registration(tmp_path):
+    """docs/architecture.md's worked example: a kind defined and registered here (ELU as a table) is read and
+    written as .tflite, stored in the model file, planned and trained, with no other change."""
+    from fedtiny.budget.memory import measure_step, memory_report
+    from fedtiny.budget.schemes import parse_scheme, resolve
+    from fedtiny.int8.graph import QModel
+    from fedtiny.int8.modelfile import load_qmodel, save_qmodel
+    from fedtiny.int8.ops.lookup import QLookup, _builder, _reader, _writer
+    from fedtiny.int8.ops.registry import OpKind, kind_for_tflite, register
+
+    class QElu(QLookup):
+        def table(self) -> torch.Tensor:
+            x = (torch.arange(-128, 128, dtype=torch.float64) - self.x_zero) * self.x_scale
+            y = torch.where(x < 0, torch.expm1(x), x)
+            return (torch.round(y / self.y_scale) + self.y_zero).clamp(-128, 127).to(torch.int64)
+
+    if kind_for_tflite("ELU") is None:
+        register(OpKind("test-elu", QElu, ("ELU",), read=_reader(QElu, "elu"), write=_writer("ELU"),
+                        build=_builder(QElu)))
+    q = _se_net()
+    ops = []
+    for node in q.nodes:
+        m = q.op(node.op)
+        if node.op == "hardswish0":
+            m = kind_for_tflite("ELU").module(m.x_scale, m.x_zero, m.y_scale, m.y_zero)
+            m.tag = "hardswish0"
+        ops.append((m, node.inputs))
+    q = QModel(ops, *[float(v) for v in q.input_params], input_shape=q.input_shape)
+    x, y = torch.rand(3, 1, 16, 16), torch.tensor([0, 4, 9])
+    path = export_tflite(q, tmp_path / "elu.tflite")
+    g = read_tflite(path.read_bytes())
+    assert "ELU" in [op.op for op in g.ops]
+    back = from_tflite(g)
+    assert torch.equal(back(x), q(x))
+    assert torch.equal(load_qmodel(save_qmodel(q, tmp_path / "elu.safetensors"))(x), q(x))
+    r = resolve(parse_scheme("full"), q)
+    rep, led = memory_report(q, r, (1, 16, 16)), measure_step(q, r, x[:1], y[:1])
+    assert rep.peak_sram_bytes == led.peak and q.conv0.weight.grad.abs().sum() > 0

@@ -28,12 +28,17 @@ import numpy as np
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.resolver import kind_for_tflite, tflite_ops
 
-__all__ = ["SUPPORTED_OPS", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite", "write_tflite",
+__all__ = ["SUPPORTED_OPS", "supported_ops", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite", "write_tflite",
            "check_supported", "float_edges", "ModelFileError"]
 
 # Every operator a registered op kind reads; PAD, which folds into the convolution after it; DEQUANTIZE of
 # the graph's output (a QUANTIZE of a float input folds into the model's input quantization).
-SUPPORTED_OPS = (*tflite_ops(), "PAD", "DEQUANTIZE")
+def supported_ops() -> tuple[str, ...]:
+    """The operators fedtiny reads (the registry's, looked up when asked: a kind registered later counts)."""
+    return (*tflite_ops(), "PAD", "DEQUANTIZE")
+
+
+SUPPORTED_OPS = supported_ops()  # at import
 _FOLDED_INDEX_INPUTS = {"PAD": (1,)}  # the paddings
 
 _ALIGN = 16  # TFLM reads constants in place: their bytes must start on a 16-byte boundary of the model
@@ -485,10 +490,10 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
         The first unsupported operator, else the first offending tensor or option.
     """
     for k, op in enumerate(graph.ops):
-        if op.op not in SUPPORTED_OPS:
+        if op.op not in supported_ops():
             name = f"CUSTOM ({op.options.get('custom_code', '')})" if op.op == "CUSTOM" else op.op
             raise _fail(where, f"operator {k} is {name}, which fedtiny does not support "
-                               f"(supported: {', '.join(SUPPORTED_OPS)})")
+                               f"(supported: {', '.join(supported_ops())})")
     edges = float_edges(graph)
     for i in (*graph.inputs, *graph.outputs):
         if i not in edges:

@@ -8,6 +8,10 @@ maps its layers onto the ops of :mod:`fedtiny.int8.graph`:
 - ``ReLU`` / ``ReLU6`` (modules, ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``,
   ``Hardtanh(0, 6)``) fused into the convolution or add that produces their input;
 - ``+`` / ``torch.add`` of two tensors (a residual add);
+- ``*`` / ``torch.mul`` of two tensors of one shape, or by a per-channel ``N x C x 1 x 1`` gate
+  (squeeze-and-excitation), ``torch.cat`` along channels (its inputs get its quantization: TFLM's
+  CONCATENATION copies), ``MaxPool2d`` / ``F.max_pool2d``, ``Sigmoid`` (LOGISTIC, output 1/256,
+  -128) and ``Hardswish``, each an op of its own;
 - the global average pool (``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
   ``x.mean((2, 3))``);
 - ``flatten`` / ``view`` / ``reshape`` of the pooled ``N x C x 1 x 1`` features to ``[N, C]``
@@ -48,7 +52,8 @@ from fedtiny.int8.ops.lookup import QHardSwish, QLogistic
 from fedtiny.int8.ops.maxpool import QMaxPool
 from fedtiny.int8.ops.mul import QMul
 
-__all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLinear", "ActRange", "calibrate",
+__all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLinear", "FloatMaxPool", "FloatCat",
+           "FloatMul", "FloatUnary", "ActRange", "calibrate",
            "quantize", "SUPPORTED", "INPUT_SCALE", "INPUT_ZERO"]
 
 # Images in [0, 1] are quantized with this scale and zero point (exact for 8-bit images).
