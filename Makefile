@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate ops-tflm docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,9 @@ firmware-calibrate:  ## measure the kernel costs on tiny-ir in QEMU (M4, M7; dsp
 	        FIRMWARE_SET="$(CALIBRATE_SET)" PROFILE_OUT=build/calibrate/$$b-$$k.json > /dev/null || exit 1; done; done
 	$(BIN)/python scripts/firmware_calibrate.py build/calibrate/an386-dsp.json build/calibrate/an386-portable.json \
 	    build/calibrate/an500-dsp.json build/calibrate/an500-portable.json > fedtiny/kernel_costs.py
+
+ops-tflm: $(STAMP) native  ## every op kind's output tensors against TFLite Micro on 32 random inputs (markdown table)
+	$(BIN)/python scripts/ops_vs_tflm.py
 
 # The scenario reference is generated from the schema (fedtiny/scenario.py), then the docs' links are checked.
 docs: $(STAMP)  ## regenerate docs/guide/scenario-reference.md and check every relative link in README.md and docs/
