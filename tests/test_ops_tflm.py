@@ -336,3 +336,15 @@ def test_a_new_op_kind_is_one_module_and_one_registration(tmp_path):
     r = resolve(parse_scheme("full"), q)
     rep, led = memory_report(q, r, (1, 16, 16)), measure_step(q, r, x[:1], y[:1])
     assert rep.peak_sram_bytes == led.peak and q.conv0.weight.grad.abs().sum() > 0
+
+
+def test_the_attacks_float_twin_covers_the_new_operators():
+    """The gradient-leakage attacks' float twin (real units, no rounding) has a twin of every new kind and
+    follows the int8 model to within its rounding."""
+    from fedtiny.attack.surrogate import Surrogate
+
+    q = _spliced(_se_net())
+    x = torch.rand(16, 1, 16, 16)
+    twin, ours = Surrogate(q)(x), q(x)
+    assert (twin - ours).abs().max() < 0.05 * ours.abs().max()
+    assert (twin.argmax(1) == ours.argmax(1)).float().mean() >= 0.9

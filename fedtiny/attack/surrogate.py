@@ -74,9 +74,37 @@ class _Linear(nn.Module):
         return F.linear(x.flatten(1), self.weight, self.bias)
 
 
+class _Clamped(nn.Module):
+    """A parameter-free op in real units: ``fn`` of its inputs, clamped to its output's int8 range."""
+
+    def __init__(self, fn, lo: float = float("-inf"), hi: float = float("inf")) -> None:
+        super().__init__()
+        self.fn, self.lo, self.hi = fn, lo, hi
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.fn(*xs), self.lo, self.hi)
+
+
+def _max_pool(q) -> nn.Module:
+    pt, pb, pl, pr = q.padding
+    return _Clamped(lambda x: F.max_pool2d(F.pad(x, (pl, pr, pt, pb), value=float("-inf")), q.kernel, q.stride),
+                    *_range(*q.q(0), *q.act_range()))
+
+
+def _lookup(fn):
+    return lambda q: _Clamped(fn, *_range(*q.q(1)))
+
+
 # Each op kind's float twin, by kind name.
-TWINS: dict[str, type[nn.Module] | object] = {"conv": _Conv, "add": _Add, "avgpool": _Pool,
-                                              "reshape": lambda m: QReshape(m.shape), "float-head": _Linear}
+TWINS: dict[str, object] = {
+    "conv": _Conv, "add": _Add, "avgpool": _Pool, "reshape": lambda m: QReshape(m.shape), "float-head": _Linear,
+    "maxpool": _max_pool,
+    "mean": lambda q: _Clamped(lambda x: x.mean(dim=(2, 3), keepdim=True), *_range(*q.q(1))),
+    "mul": lambda q: _Clamped(torch.mul, *_range(*q.q(2), *q.act_range())),
+    "concat": lambda q: _Clamped(lambda *xs: torch.cat(xs, dim=q.axis)),
+    "logistic": _lookup(torch.sigmoid), "hard-swish": _lookup(F.hardswish), "requantize": _lookup(lambda x: x),
+    "slice": lambda q: _Clamped(lambda x: x[q._index()]),
+}
 
 
 class Surrogate(nn.Module):
