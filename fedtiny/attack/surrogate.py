@@ -104,6 +104,8 @@ TWINS: dict[str, object] = {
     "concat": lambda q: _Clamped(lambda *xs: torch.cat(xs, dim=q.axis)),
     "logistic": _lookup(torch.sigmoid), "hard-swish": _lookup(F.hardswish), "requantize": _lookup(lambda x: x),
     "slice": lambda q: _Clamped(lambda x: x[q._index()]),
+    "relu": _lookup(F.relu), "relu6": _lookup(lambda x: torch.clamp(x, 0.0, 6.0)), "tanh": _lookup(torch.tanh),
+    "leaky-relu": lambda q: _Clamped(lambda x: F.leaky_relu(x, q.alpha), *_range(*q.q(1))),
 }
 
 

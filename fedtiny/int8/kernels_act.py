@@ -287,3 +287,269 @@ def table(fn: Callable[[torch.Tensor, P], torch.Tensor], params: P) -> torch.Ten
     Elementwise ops are fully described by it: ``fn(x, params) == table(fn, params)[x + 128]``.
     """
     return fn(torch.arange(INT8_MIN, INT8_MAX + 1, dtype=torch.int64), params)
+
+
+# =========================================================================== standalone activations
+#
+# RELU, RELU6, LEAKY_RELU and TANH as TFLM runs them when a converter could not fuse the activation
+# into the op before it. Sources read: ``tensorflow/lite/micro/kernels/activations.h`` and
+# ``activations_common.cc`` (``ReluQuantized``, ``CalculateReluOpData``, ``Relu6Quantized``,
+# ``Relu6Prepare``), ``tensorflow/lite/micro/micro_utils.h`` (``FloatToQuantizedType``),
+# ``leaky_relu_common.cc`` and ``tensorflow/lite/kernels/internal/reference/leaky_relu.h``
+# (``QuantizeLeakyRelu``), ``tanh.cc`` and ``reference/integer_ops/tanh.h``, gemmlowp's ``tanh``.
+# TFLM registers no RELU_N1_TO_1 kernel (a model holding one does not load), so there is none here.
+
+__all__ += ["ReluParams", "relu_params", "relu_int8", "Relu6Params", "relu6_params", "relu6_int8",
+            "LeakyReluParams", "leaky_relu_params", "leaky_relu_int8", "TanhParams", "tanh_params", "tanh_int8",
+            "TANH_OUTPUT_SCALE", "TANH_OUTPUT_ZERO"]
+
+from fedtiny.int8.kernels import saturating_rounding_doubling_high_mul  # noqa: E402
+
+TANH_OUTPUT_SCALE = 1.0 / 128.0  # what the int8 kernel computes in; TFLM checks neither scale nor zero point
+TANH_OUTPUT_ZERO = 0
+
+_MAX_LEFT_SHIFT = 30  # MultiplyByQuantizedMultiplier's ``1 << shift`` is an int32: 31 and up is undefined in C
+
+
+def _positive_scale(op: str, name: str, scale: float) -> np.float32:
+    s = _f32(scale)
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"{op} {name} scale must be positive and finite, got {scale!r}")
+    return s
+
+
+def _multiplier(op: str, what: str, real: float) -> tuple[int, int]:
+    """``QuantizeMultiplier(real)``, refusing a left shift over 30 (C's ``1 << 31`` in the kernel)."""
+    mult, shift = quantize_multiplier(real)
+    if shift > _MAX_LEFT_SHIFT:
+        raise ValueError(f"{op}: the {what} multiplier {real!r} needs a left shift of {shift}; "
+                         f"TFLM's MultiplyByQuantizedMultiplier is undefined above {_MAX_LEFT_SHIFT}")
+    return mult, shift
+
+
+# --------------------------------------------------------------------------- relu
+
+@dataclass(frozen=True)
+class ReluParams:
+    """TFLM's int8 RELU parameters (``ReluOpData::params``): one multiplier and the output's clamp."""
+
+    input_zero_point: int
+    output_zero_point: int
+    output_multiplier: int
+    output_shift: int
+    quantized_activation_min: int
+    quantized_activation_max: int
+
+
+def relu_params(x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> ReluParams:
+    """int8 RELU parameters as TFLM's ``CalculateReluOpData<int8_t>``.
+
+    ``(mult, shift) = QuantizeMultiplier(double(x_scale) / double(y_scale))`` (float32 scales, the
+    quotient in double: see :func:`leaky_relu_params`); ``min = max(-128, y_zero + int(roundf(0.0f /
+    y_scale))) = max(-128, y_zero)``; ``max = 127`` (RELU's upper bound is infinite). TFLM's Prepare
+    checks nothing else for int8.
+
+    Raises
+    ------
+    ValueError
+        A scale is not positive and finite, or the ratio needs a left shift above 30.
+    """
+    s_in, s_out = _positive_scale("relu", "input", x_scale), _positive_scale("relu", "output", y_scale)
+    mult, shift = _multiplier("relu", "input/output", float(s_in) / float(s_out))
+    return ReluParams(int(x_zero), int(y_zero), mult, shift, max(INT8_MIN, int(y_zero)), INT8_MAX)
+
+
+def relu_int8(x: torch.Tensor, p: ReluParams) -> torch.Tensor:
+    """int8 RELU as TFLM's ``ReluQuantized<int8_t>``.
+
+    ``y = clamp(y_zero + MultiplyByQuantizedMultiplier(x - x_zero, mult, shift), min, max)``: a
+    requantize whose clamp starts at the output's zero point.
+    """
+    d = x.to(torch.int64) - p.input_zero_point
+    y = p.output_zero_point + multiply_by_quantized_multiplier(d, p.output_multiplier, p.output_shift)
+    return y.clamp(p.quantized_activation_min, p.quantized_activation_max)
+
+
+# --------------------------------------------------------------------------- relu6
+
+@dataclass(frozen=True)
+class Relu6Params:
+    """TFLM's int8 RELU6 parameters (``Relu6OpData``): the input's zero and six, as int8 values."""
+
+    zero: int
+    six: int
+
+
+def relu6_params(x_scale: float, x_zero: int) -> Relu6Params:
+    """int8 RELU6 parameters as TFLM's ``Relu6Prepare``: from the *input* quantization only.
+
+    ``zero = x_zero``; ``six = FloatToQuantizedType<int8_t>(6.0f, x_scale, x_zero)`` =
+    ``clamp(int32(round(float32(6 / x_scale)) + x_zero), -128, 127)`` (a float32 quotient, rounded half
+    away from zero). TFLM then requires ``-128 <= six <= 127``, which the clamp always satisfies, and
+    never reads the output tensor's quantization.
+
+    Raises
+    ------
+    ValueError
+        The scale is not positive and finite, or ``6 / x_scale`` does not fit an int32 (C's conversion
+        is undefined there).
+    """
+    s = _positive_scale("relu6", "input", x_scale)
+    q = _f32(6.0) / s
+    if not abs(float(q)) < 2.0**31 - 256:
+        raise ValueError(f"relu6 input scale {float(s)!r} is too small: 6 / scale = {float(q)!r} overflows int32")
+    six = int(math.copysign(math.floor(abs(float(q)) + 0.5), float(q))) + int(x_zero)  # exact for a float32 q
+    return Relu6Params(int(x_zero), min(max(six, INT8_MIN), INT8_MAX))
+
+
+def relu6_int8(x: torch.Tensor, p: Relu6Params) -> torch.Tensor:
+    """int8 RELU6 as TFLM's ``Relu6Quantized<int8_t>``: ``y = clamp(x, zero, six)``, the input's int8 value copied.
+
+    No rescaling happens: when the output tensor's quantization differs from the input's, TFLM still
+    writes the clamped input value, which the next op reads with the output's quantization.
+    """
+    return x.to(torch.int64).clamp(p.zero, p.six)
+
+
+# --------------------------------------------------------------------------- leaky relu
+
+@dataclass(frozen=True)
+class LeakyReluParams:
+    """TFLM's int8 LEAKY_RELU parameters (``LeakyReluOpData``): an identity and an alpha multiplier.
+
+    ``output_multiplier_alpha`` keeps its sign (negative for a negative ``alpha``).
+    """
+
+    input_zero_point: int
+    output_zero_point: int
+    output_multiplier_identity: int
+    output_shift_identity: int
+    output_multiplier_alpha: int
+    output_shift_alpha: int
+
+
+def leaky_relu_params(x_scale: float, x_zero: int, y_scale: float, y_zero: int, alpha: float) -> LeakyReluParams:
+    """int8 LEAKY_RELU parameters as TFLM's ``CalculateOpDataLeakyRelu``.
+
+    ``alpha_multiplier = double(x_scale) * double(alpha) / double(y_scale)``;
+    ``identity_multiplier = double(x_scale) / double(y_scale)``; each through ``QuantizeMultiplier``
+    (a negative real gives a negative multiplier). TFLM's Prepare checks nothing else for int8.
+
+    In double, as the TFLM build fedtiny is checked against computes them (its ``CalculateReluOpData``
+    too: ``cvtss2sd``/``divsd`` in ``tflite_micro`` 0.dev20261023's ``_runtime.so``), although the
+    ``tflite-micro`` sources of August 2026 write ``static_cast<double>(float / float)``, a float32
+    quotient. The two differ only where ``d * multiplier`` lies within a float32 rounding of a half, and
+    the one-op tests against TFLM tell them apart.
+
+    Raises
+    ------
+    ValueError
+        A scale is not positive and finite, ``alpha`` is not finite, or a multiplier needs a left shift
+        above 30.
+    """
+    s_in, s_out = _positive_scale("leaky-relu", "input", x_scale), _positive_scale("leaky-relu", "output", y_scale)
+    a = _f32(alpha)
+    if not np.isfinite(a):
+        raise ValueError(f"leaky-relu alpha must be finite, got {alpha!r}")
+    m_id, s_id = _multiplier("leaky-relu", "identity", float(s_in) / float(s_out))
+    m_a, s_a = _multiplier("leaky-relu", "alpha", float(s_in) * float(a) / float(s_out))
+    return LeakyReluParams(int(x_zero), int(y_zero), m_id, s_id, m_a, s_a)
+
+
+def leaky_relu_int8(x: torch.Tensor, p: LeakyReluParams) -> torch.Tensor:
+    """int8 LEAKY_RELU as TFLM's ``reference_ops::QuantizeLeakyRelu<int8_t>``.
+
+    With ``d = x - x_zero``: ``d >= 0``: ``y_zero + MBQM(d, m_id, s_id)``; ``d < 0``:
+    ``y_zero + sign(m_a) * MBQM(d, |m_a|, s_a)`` (TFLM multiplies by the magnitude and negates, so a
+    negative alpha rounds as the positive one does); then clamped to [-128, 127].
+    """
+    d = x.to(torch.int64) - p.input_zero_point
+    identity = multiply_by_quantized_multiplier(d.clamp(min=0), p.output_multiplier_identity, p.output_shift_identity)
+    scaled = multiply_by_quantized_multiplier(d.clamp(max=0), abs(p.output_multiplier_alpha), p.output_shift_alpha)
+    alpha = -scaled if p.output_multiplier_alpha < 0 else scaled
+    return (p.output_zero_point + torch.where(d >= 0, identity, alpha)).clamp(INT8_MIN, INT8_MAX)
+
+
+# --------------------------------------------------------------------------- tanh
+
+@dataclass(frozen=True)
+class TanhParams:
+    """TFLM's int8 TANH parameters (``tanh.cc``'s ``OpData``), computed as LOGISTIC's are.
+
+    ``input_left_shift >= 0``; ``input_range_radius >= 0``: centred inputs at or beyond it saturate.
+    """
+
+    input_zero_point: int
+    input_multiplier: int
+    input_left_shift: int
+    input_range_radius: int
+
+
+def tanh_params(x_scale: float, x_zero: int) -> TanhParams:
+    """int8 TANH parameters as TFLM's ``CalculateArithmeticOpData`` (``kInputIntegerBits = 4``).
+
+    ``(q, input_left_shift) = frexp(double(float32(x_scale)) * 2^27)``; ``input_multiplier =
+    round(q * 2^31)`` (exact: ``q * 2^31`` is an integer below 2^31); ``input_range_radius =
+    floor(15 * 2^27 / 2^input_left_shift)``. The output quantization is not read and not checked: the
+    kernel writes 1/128 steps around 0 whatever the output tensor says.
+
+    Raises
+    ------
+    ValueError
+        ``x_scale`` is not positive and finite, or below 2^-28 (a negative shift in
+        ``CalculateInputRadius``, undefined in C).
+    """
+    scale = float(_positive_scale("tanh", "input", x_scale))
+    mult, shift = quantize_multiplier(scale * float(1 << (31 - _LOGISTIC_INPUT_INTEGER_BITS)))
+    if shift < 0:
+        raise ValueError(f"tanh input scale {scale!r} is below 2^-28, which TFLM cannot handle")
+    radius = (((1 << _LOGISTIC_INPUT_INTEGER_BITS) - 1) << (31 - _LOGISTIC_INPUT_INTEGER_BITS)) >> shift
+    return TanhParams(int(x_zero), mult, shift, radius)
+
+
+def _sat_shl32(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """gemmlowp's ``SaturatingRoundingMultiplyByPOT<exponent > 0>`` on int32: ``x * 2^exponent``, saturated."""
+    return (x * (1 << exponent)).clamp(-(2**31), INT32_MAX)
+
+
+def _one_minus_x_over_one_plus_x_for_x_in_0_1(a: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's ``(1 - a) / (1 + a)`` for Q0.31 ``a`` in (0, 1]: Q0.31 output.
+
+    ``d = RoundingHalfSum(a, INT32_MAX)``; Newton-Raphson in Q2.29 from ``x = 48/17 - 32/17 * d``, three
+    times ``x += Rescale<2>(x * (1 - d * x))``; the result ``x - 1`` rescaled to Q0.31 (saturating shift
+    left by 2). Products are SRDHM; sums are plain int32 additions.
+    """
+    srdhm = saturating_rounding_doubling_high_mul
+    total = a + INT32_MAX
+    d = torch.div(total + torch.where(total >= 0, 1, -1), 2, rounding_mode="trunc")
+    one_q2 = 1 << 29
+    x = 1515870810 + srdhm(d, -1010580540)
+    for _ in range(3):
+        x = x + _sat_shl32(srdhm(x, one_q2 - srdhm(d, x)), 2)
+    return _sat_shl32(x - one_q2, 2)
+
+
+def _gemmlowp_tanh_q4(a: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's ``tanh`` of a Q4.27 int32 ``a``: Q0.31 output.
+
+    ``n = -|a|``; ``t = (1 - e) / (1 + e)`` with ``e = exp_on_negative_values`` of ``n`` read as Q5.26
+    (``ExactMulByPot<1>``: ``exp(2n)``); ``t`` for ``a > 0``, ``-t`` for ``a < 0``, 0 for ``a == 0``.
+    """
+    t = _one_minus_x_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(-a.abs(), _LOGISTIC_INPUT_INTEGER_BITS + 1))
+    return torch.where(a == 0, 0, torch.where(a < 0, -t, t))
+
+
+def tanh_int8(x: torch.Tensor, p: TanhParams) -> torch.Tensor:
+    """int8 TANH as TFLM's ``reference_integer_ops::Tanh`` (int8 overload): output 1/128 steps, zero 0.
+
+    With ``d = x - input_zero_point``: -128 if ``d <= -radius``; 127 if ``d >= radius``; otherwise
+    ``a = MultiplyByQuantizedMultiplier(d, input_multiplier, input_left_shift)`` (Q4.27) and
+    ``y = clamp(RoundingDivideByPOT(tanh(a), 24), -128, 127)``. A radius of 0 (input scales of 16 and
+    up) makes every input -128 or 127.
+    """
+    d = x.to(torch.int64) - p.input_zero_point
+    low, high = d <= -p.input_range_radius, d >= p.input_range_radius
+    inside = ~(low | high)
+    a = multiply_by_quantized_multiplier(torch.where(inside, d, 0), p.input_multiplier, p.input_left_shift)
+    y = rounding_divide_by_pot(_gemmlowp_tanh_q4(a), 31 - 7).clamp(INT8_MIN, INT8_MAX)
+    return torch.where(low, INT8_MIN, torch.where(high, INT8_MAX, y))

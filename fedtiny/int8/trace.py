@@ -11,7 +11,7 @@ maps its layers onto the ops of :mod:`fedtiny.int8.graph`:
 - ``*`` / ``torch.mul`` of two tensors of one shape, or by a per-channel ``N x C x 1 x 1`` gate
   (squeeze-and-excitation), ``torch.cat`` along channels (its inputs get its quantization: TFLM's
   CONCATENATION copies), ``MaxPool2d`` / ``F.max_pool2d``, ``Sigmoid`` (LOGISTIC, output 1/256,
-  -128) and ``Hardswish``, each an op of its own;
+  -128), ``Hardswish``, ``Tanh`` (TANH, output 1/128, 0) and ``LeakyReLU``, each an op of its own;
 - the global average pool (``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
   ``x.mean((2, 3))``);
 - ``flatten`` / ``view`` / ``reshape`` of the pooled ``N x C x 1 x 1`` features to ``[N, C]``
@@ -47,6 +47,7 @@ from torch import nn
 
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QAvgPool, QConv, QModel, from_blocks
+from fedtiny.int8.ops.activations import QLeakyRelu, QTanh
 from fedtiny.int8.ops.concat import QConcat
 from fedtiny.int8.ops.lookup import QHardSwish, QLogistic
 from fedtiny.int8.ops.maxpool import QMaxPool
@@ -60,7 +61,7 @@ __all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLi
 INPUT_SCALE, INPUT_ZERO = 1.0 / 255.0, -128
 
 SUPPORTED = ("Conv2d, BatchNorm2d, ReLU, ReLU6, Linear, add, AdaptiveAvgPool2d(1), mean, MaxPool2d, cat, mul, "
-             "Sigmoid, Hardswish, flatten, Dropout (removed), Identity")
+             "Sigmoid, Hardswish, Tanh, LeakyReLU, flatten, Dropout (removed), Identity")
 
 
 def _act(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -167,13 +168,16 @@ class FloatMul(nn.Module):
 class FloatUnary(nn.Module):
     """An elementwise activation of its own (``sigmoid`` or ``hardswish``)."""
 
-    FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish}
+    FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "tanh": torch.tanh,
+                 "leaky_relu": F.leaky_relu}
 
-    def __init__(self, fn: str, layer: str = "") -> None:
+    def __init__(self, fn: str, layer: str = "", alpha: float = 0.01) -> None:
         super().__init__()
-        self.fn, self.layer = fn, layer
+        self.fn, self.layer, self.alpha = fn, layer, float(alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn == "leaky_relu":
+            return F.leaky_relu(x, self.alpha)
         return self.FUNCTIONS[self.fn](x)
 
 
@@ -236,6 +240,7 @@ class _Op:
     activation: str = "NONE"
     folded: bool = False      # a BatchNorm is folded in
     kernel: tuple[int, int] = (1, 1)  # a max pool's window
+    alpha: float = 0.0        # a leaky ReLU's negative slope
 
 
 _SHAPE = object()  # a non-tensor value (a size, a shape) that only feeds a reshape
@@ -245,8 +250,10 @@ _ALIAS_FUNCTIONS = {torch.flatten, F.dropout, torch.dropout, F.dropout2d, torch.
 _ALIAS_METHODS = {"flatten", "view", "reshape", "contiguous"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-_UNARY_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish"}
-_UNARY_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"))
+_UNARY_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish", torch.tanh: "tanh",
+                    F.tanh: "tanh"}
+_UNARY_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"))
+_FIXED_OUTPUT = ("sigmoid", "tanh")  # TFLM fixes their output quantization
 _RELU_FUNCTIONS = {F.relu: "RELU", torch.relu: "RELU", torch.relu_: "RELU", F.relu_: "RELU", F.relu6: "RELU6"}
 
 
@@ -435,9 +442,9 @@ class _Tracer:
             raise _Unmappable(f"multiplies {sa} by {sb}: equal shapes, or one value per channel, only")
         self.add_op(node, _Op("mul", (ta, tb), node.name, sa))
 
-    def unary(self, node: torch.fx.Node, x: Any, fn: str) -> None:
+    def unary(self, node: torch.fx.Node, x: Any, fn: str, alpha: float = 0.0) -> None:
         t = self.tensor(x, "input")
-        self.add_op(node, _Op(fn, (t,), _label(node, self.modules)[0], self.tensor_shape(t)))
+        self.add_op(node, _Op(fn, (t,), _label(node, self.modules)[0], self.tensor_shape(t), alpha=float(alpha)))
 
     def activation(self, node: torch.fx.Node, x: Any, act: str) -> None:
         op = self.producer(node, x, ("conv", "linear", "add", "mul"), act.replace("RELU", "ReLU"))
@@ -516,6 +523,8 @@ class _Tracer:
                 self.linear(node, m)
             elif isinstance(m, nn.MaxPool2d):
                 self.maxpool(node, args[0], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            elif isinstance(m, nn.LeakyReLU):
+                self.unary(node, args[0], "leaky_relu", m.negative_slope)
             elif any(isinstance(m, cls) for cls, _ in _UNARY_MODULES):
                 self.unary(node, args[0], next(fn for cls, fn in _UNARY_MODULES if isinstance(m, cls)))
             else:
@@ -532,6 +541,8 @@ class _Tracer:
                 self.mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
             elif f in _UNARY_FUNCTIONS:
                 self.unary(node, args[0], _UNARY_FUNCTIONS[f])
+            elif f is F.leaky_relu:
+                self.unary(node, args[0], "leaky_relu", args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
             elif f is torch.cat or f is torch.concat:
                 self.cat(node, args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
             elif f is F.max_pool2d:
@@ -648,7 +659,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> FloatGraph:
 def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int]) -> FloatGraph:
     live = _live(ops, output)
     names: dict[int | str, str] = {"input": "input"}
-    counts = {"conv": 0, "add": 0, "pool": 0, "maxpool": 0, "cat": 0, "mul": 0, "sigmoid": 0, "hardswish": 0}
+    counts = {"conv": 0, "add": 0, "pool": 0, "maxpool": 0, "cat": 0, "mul": 0, **dict.fromkeys(FloatUnary.FUNCTIONS, 0)}
     out: list[tuple[str, nn.Module, tuple[str, ...]]] = []
     for i in live:
         op = ops[i]
@@ -677,7 +688,7 @@ def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int])
         elif op.kind == "mul":
             module = FloatMul(op.activation, op.layer)
         elif op.kind in FloatUnary.FUNCTIONS:
-            module = FloatUnary(op.kind, op.layer)
+            module = FloatUnary(op.kind, op.layer, op.alpha)
         else:
             module = FloatPool(op.layer)
         out.append((name, module, tuple(names[t] for t in op.inputs)))
@@ -754,6 +765,12 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
         elif isinstance(m, FloatUnary) and m.fn == "sigmoid":
             q[name] = (1 / 256, -128)  # TFLM's LOGISTIC writes [0, 1) in steps of 1/256
             module = QLogistic(*x_q, *q[name])
+        elif isinstance(m, FloatUnary) and m.fn == "tanh":
+            q[name] = (1 / 128, 0)  # TFLM's TANH writes (-1, 1) in steps of 1/128
+            module = QTanh(*x_q, *q[name])
+        elif isinstance(m, FloatUnary) and m.fn == "leaky_relu":
+            q[name] = ranges[name].qparams()
+            module = QLeakyRelu(*x_q, *q[name], alpha=m.alpha)
         elif isinstance(m, FloatUnary):
             q[name] = ranges[name].qparams()
             module = QHardSwish(*x_q, *q[name])
@@ -786,11 +803,12 @@ def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, 
     for name, inputs in graph.nodes:
         if not isinstance(graph.op(name), FloatCat):
             continue
-        fixed = [t for t in inputs if t == "input" or isinstance(graph.op(t), (FloatPool, FloatMaxPool, FloatUnary))
-                 and not (isinstance(graph.op(t), FloatUnary) and graph.op(t).fn == "hardswish")]
+        fixed = [t for t in inputs if t == "input" or isinstance(graph.op(t), (FloatPool, FloatMaxPool))
+                 or (isinstance(graph.op(t), FloatUnary) and graph.op(t).fn in _FIXED_OUTPUT)]
         if fixed:
             raise ModelFileError(f"{name}: torch.cat of {fixed[0]!r}, whose quantization is another op's or fixed: "
-                                 "fedtiny concatenates outputs of convolutions, adds, products and hardswish")
+                                 "fedtiny concatenates outputs of convolutions, adds, products, hardswish and "
+                                 "leaky ReLU")
         union = ActRange(min(ranges[t].lo for t in (*inputs, name)), max(ranges[t].hi for t in (*inputs, name)))
         for t in (*inputs, name):
             ranges[t] = union
