@@ -2,7 +2,7 @@
 random int8 inputs, in models fedtiny builds, exports and reads back (the tests' models: a traced PyTorch
 network with max pooling, concatenation, a squeeze-and-excitation gate and hardswish, the same with a MEAN,
 two requantizes and a strided slice spliced in, a depthwise convolution with multiplier 2, and the float
-edges). Prints a markdown table; exits 1 if any element differs.
+edges, and the network with standalone activations spliced in). Prints a markdown table; exits 1 if any element differs.
 
     .venv/bin/python scripts/ops_vs_tflm.py
 """
@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from test_ops_activations_tflm import _with_activations  # noqa: E402
 from test_ops_tflm import DepthMultiplier, _se_net, _spliced  # noqa: E402
 from test_tflm_exact import _as_tflite, _nchw  # noqa: E402
 
@@ -66,7 +67,7 @@ def main() -> int:
     edges = _se_net()
     edges.float_input = edges.float_output = True
     with tempfile.TemporaryDirectory() as tmp:
-        for model, name in ((se, "se"), (_spliced(_se_net()), "spliced"), (dm, "dm")):
+        for model, name in ((se, "se"), (_spliced(_se_net()), "spliced"), (dm, "dm"), (_with_activations(), "act")):
             per_operator(export_tflite(model, Path(tmp) / f"{name}.tflite").read_bytes(), counts)
         per_operator(export_tflite(edges, Path(tmp) / "edges.tflite").read_bytes(), counts, float_input=True)
     print(f"| TFLite operator | fedtiny kind | output elements compared ({SAMPLES} inputs per model) | differing |")
