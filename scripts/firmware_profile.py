@@ -90,7 +90,7 @@ def main() -> int:
     step = StepWork.of(works)
     by_kind: dict[str, dict] = {}  # per step: MACs or elements, instructions
     for work, per_step in measured:
-        elementwise = work.kind in ("add", "pool")
+        elementwise = not work.macs  # ADD, pools, the parameter-free kinds
         for part in (() if elementwise else PARTS):
             if work.macs.get(part):
                 d = by_kind.setdefault(f"{work.kind}/{part}", {"macs": 0, "instructions": 0.0})

@@ -202,6 +202,20 @@ static int32_t out_size(const ft_model *m, int32_t t) { /* elements per sample o
     return m->ops[t - 1].oc * m->ops[t - 1].oh * m->ops[t - 1].ow;
 }
 
+/* The tensor ids an op reads, in order (CONCAT: in0, in1, then in_more); returns how many. */
+static int32_t op_inputs(const ft_op *op, int32_t *ins) {
+    int32_t k;
+    ins[0] = op->in0;
+    if (op->kind == FT_OP_ADD || op->kind == FT_OP_MUL) {
+        ins[1] = op->in1;
+        return 2;
+    }
+    if (op->kind != FT_OP_CONCAT) return 1;
+    ins[1] = op->in1;
+    for (k = 2; k < op->n_in; k++) ins[k] = op->in_more[k - 2];
+    return op->n_in;
+}
+
 /* requant_value's domain: TFLM's QuantizeMultiplier gives multipliers in [0, 2^31) and shifts in [-31, 30] */
 static int valid_multiplier(int32_t mult, int32_t shift) { return mult >= 0 && shift >= -31 && shift <= 30; }
 
@@ -212,10 +226,48 @@ static int valid_requant(const ft_op *op) {
     if (op->kind == FT_OP_ADD)
         return valid_multiplier(op->m1, op->s1) && valid_multiplier(op->m2, op->s2) &&
                valid_multiplier(op->mo, op->so) && op->left_shift >= 0 && op->left_shift <= 30;
+    if (op->kind == FT_OP_MUL || op->kind == FT_OP_MEAN) return valid_multiplier(op->mo, op->so);
     if (op->kind != FT_OP_CONV) return 1;
     for (o = 0; o < op->oc; o++)
         if (!valid_multiplier(op->mult[o], op->shift[o])) return 0;
     return 1;
+}
+
+/* The geometry of an op without parameters (its inputs already checked to be earlier tensors): what its
+ * forward and backward index stays inside its tensors. */
+static int valid_elementwise(const ft_model *m, const ft_op *op) {
+    const int64_t hw = (int64_t)op->h * op->w, ohw = (int64_t)op->oh * op->ow, count = op->oc * ohw;
+    int32_t ins[FT_MAX_INPUTS], n_in, k;
+    int64_t total = 0;
+    if (op->c <= 0 || hw <= 0 || op->oc <= 0 || ohw <= 0 || (int64_t)op->c * hw != out_size(m, op->in0)) return 0;
+    switch (op->kind) {
+    case FT_OP_ADD: return out_size(m, op->in1) == count && out_size(m, op->in0) == count;
+    case FT_OP_POOL:
+    case FT_OP_MEAN: return op->oc == op->c && ohw == 1;
+    case FT_OP_MAXPOOL:
+        return op->oc == op->c && op->kh > 0 && op->kw > 0 && op->kh * op->kw < 255 && op->stride > 0 &&
+               op->pad_t >= 0 && op->pad_l >= 0;
+    case FT_OP_MUL: /* the second input whole or one value per channel */
+        return out_size(m, op->in0) == count && (out_size(m, op->in1) == count || out_size(m, op->in1) == op->oc);
+    case FT_OP_CONCAT:
+        if (op->n_in < 2 || op->n_in > FT_MAX_INPUTS || (op->n_in > 2 && !op->in_more) || op->oh != op->h ||
+            op->ow != op->w)
+            return 0;
+        for (k = 2; k < op->n_in; k++)
+            if (op->in_more[k - 2] < 0 || op->in_more[k - 2] > (int32_t)(op - m->ops)) return 0;
+        for (k = 0, n_in = op_inputs(op, ins); k < n_in; k++) {
+            if (out_size(m, ins[k]) % ohw) return 0;
+            total += out_size(m, ins[k]);
+        }
+        return total == count;
+    case FT_OP_LOOKUP: return op->table && op->slope && count == (int64_t)op->c * hw;
+    case FT_OP_SLICE:
+        return op->oc == 0 || (op->begin_c >= 0 && op->begin_h >= 0 && op->begin_w >= 0 && op->step_c > 0 &&
+                               op->step_h > 0 && op->step_w > 0 && op->begin_c + (op->oc - 1) * op->step_c < op->c &&
+                               op->begin_h + (op->oh - 1) * op->step_h < op->h &&
+                               op->begin_w + (op->ow - 1) * op->step_w < op->w);
+    default: return 0;
+    }
 }
 
 static int valid_model(const ft_model *m, int32_t batch) {
@@ -223,11 +275,14 @@ static int valid_model(const ft_model *m, int32_t batch) {
     if (!m || m->n_ops <= 0 || m->n_ops >= FT_MAX_TENSORS || !m->ops || batch <= 0 || batch > FT_MAX_BATCH) return 0;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
-        if (op->in0 < 0 || op->in0 > i || (op->kind == FT_OP_ADD && (op->in1 < 0 || op->in1 > i))) return 0;
+        if (op->kind < FT_OP_CONV || op->kind > FT_OP_SLICE) return 0;
+        if (op->in0 < 0 || op->in0 > i || ((op->kind == FT_OP_ADD || op->kind == FT_OP_MUL || op->kind == FT_OP_CONCAT) &&
+                                           (op->in1 < 0 || op->in1 > i)))
+            return 0;
         if (op->kind == FT_OP_CONV && (!op->weight || !op->bias || !op->mult || !op->shift || op->groups <= 0 ||
                                        op->stride <= 0 || op->c % op->groups || op->oc % op->groups))
             return 0;
-        if (op->kind < FT_OP_CONV || op->kind > FT_OP_POOL) return 0;
+        if (op->kind != FT_OP_CONV && !valid_elementwise(m, op)) return 0;
         if (!valid_requant(op)) return 0;
         /* the backward's int32 sums: an input gradient element's (output channels of its group x taps)
          * and a weight gradient element's (outputs) */
@@ -756,6 +811,102 @@ static void pool_forward(const ft_op *op, const int8_t *x, int8_t *y) {
     }
 }
 
+/* TFLM's int8 MAX_POOL_2D: the running max of each window's taps inside the input (from -128), clamped to
+ * the fused activation's range. taps (one byte per output; NULL: none kept): the first tap in row-major
+ * order holding the window's maximum, or 255 where the clamp changed the output or no tap lies inside
+ * (the backward passes nothing there). */
+static void maxpool_forward(const ft_op *op, const int8_t *x, int8_t *y, uint8_t *taps) {
+    const int32_t s = op->stride, hw = op->h * op->w;
+    int32_t c, oy, ox, ky, kx;
+    size_t at = 0;
+    for (c = 0; c < op->c; c++) {
+        const int8_t *xc = x + (size_t)c * hw;
+        for (oy = 0; oy < op->oh; oy++)
+            for (ox = 0; ox < op->ow; ox++, at++) {
+                int32_t best = -129, tap = 255; /* below any int8: the first tap inside takes it */
+                for (ky = 0; ky < op->kh; ky++) {
+                    const int32_t iy = oy * s - op->pad_t + ky;
+                    if (iy < 0 || iy >= op->h) continue;
+                    for (kx = 0; kx < op->kw; kx++) {
+                        const int32_t ix = ox * s - op->pad_l + kx;
+                        if (ix >= 0 && ix < op->w && xc[iy * op->w + ix] > best) {
+                            best = xc[iy * op->w + ix];
+                            tap = ky * op->kw + kx;
+                        }
+                    }
+                }
+                if (taps) taps[at] = (uint8_t)(best >= op->act_lo && best <= op->act_hi ? tap : 255);
+                best = best < -128 ? -128 : best;
+                best = best < op->act_lo ? op->act_lo : (best > op->act_hi ? op->act_hi : best);
+                y[at] = (int8_t)best;
+            }
+    }
+}
+
+/* TFLM's int8 MEAN over a channel's plane (QuantizedMeanOrSum): S = sum x (int32), d = S - x_zero count,
+ * y = clamp(MultiplyByQuantizedMultiplier(d, mo, so) + z_out, -128, 127), the multiplier with 1 / count
+ * folded in. */
+static void mean_forward(const ft_op *op, const int8_t *x, int8_t *y) {
+    const int32_t count = op->h * op->w;
+    const requant_t r = requant_make(op->mo, op->so, op->z_out, -128, 127);
+    int32_t c, i;
+    for (c = 0; c < op->c; c++) {
+        const int8_t *xc = x + (size_t)c * count;
+        int32_t sum = 0, v;
+        for (i = 0; i < count; i++) sum += xc[i];
+        v = requant_value(&r, (int32_t)((uint32_t)sum - (uint32_t)op->z1 * (uint32_t)count));
+        y[c] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+    }
+}
+
+/* TFLM's int8 MUL: y = clamp(MultiplyByQuantizedMultiplier((a - z1)(b - z2), mo, so) + z_out, act_lo, act_hi)
+ * with the clamp's mask; b holds one value per channel (b_hw 1: broadcast over the plane) or a whole
+ * plane (b_hw = oh ow). */
+static void mul_forward(const ft_op *op, const int8_t *a, const int8_t *b, int32_t b_hw, int8_t *y, uint8_t *mask) {
+    const requant_t r = requant_make(op->mo, op->so, op->z_out, op->act_lo, op->act_hi);
+    const int32_t hw = op->oh * op->ow;
+    int32_t c, p;
+    size_t at = 0;
+    for (c = 0; c < op->oc; c++)
+        for (p = 0; p < hw; p++, at++) {
+            const int32_t bv = b[b_hw == 1 ? (size_t)c : at];
+            store_output(&r, ((int32_t)a[at] - op->z1) * (bv - op->z2), y + at, mask, at);
+        }
+}
+
+/* TFLM's int8 CONCATENATION along channels: each input's planes copied after the previous input's (every
+ * input has the output's quantization). */
+static void concat_forward(const ft_model *m, const ft_op *op, int8_t *const *act, int8_t *y) {
+    int32_t ins[FT_MAX_INPUTS], n, k;
+    size_t at = 0;
+    n = op_inputs(op, ins);
+    for (k = 0; k < n; k++) {
+        const size_t size = (size_t)out_size(m, ins[k]);
+        memcpy(y + at, act[ins[k]], size);
+        at += size;
+    }
+}
+
+/* An elementwise lookup (LOGISTIC, HARD_SWISH, an int8 QUANTIZE): y = table[x + 128]. */
+static void lookup_forward(const ft_op *op, const int8_t *x, size_t count, int8_t *y) {
+    const int8_t *const table = op->table;
+    size_t i;
+    for (i = 0; i < count; i++) y[i] = table[(int32_t)x[i] + 128];
+}
+
+/* STRIDED_SLICE: output (c, y, x) copied from input (begin_c + c step_c, begin_h + y step_h, begin_w + x step_w). */
+static void slice_forward(const ft_op *op, const int8_t *x, int8_t *y) {
+    int32_t c, oy, ox;
+    size_t at = 0;
+    for (c = 0; c < op->oc; c++) {
+        const int8_t *xc = x + (size_t)(op->begin_c + c * op->step_c) * op->h * op->w;
+        for (oy = 0; oy < op->oh; oy++) {
+            const int8_t *xr = xc + (size_t)(op->begin_h + oy * op->step_h) * op->w + op->begin_w;
+            for (ox = 0; ox < op->ow; ox++, at++) y[at] = xr[(size_t)ox * op->step_w];
+        }
+    }
+}
+
 typedef struct {
     int8_t *act[FT_MAX_TENSORS];
     uint8_t *mask[FT_MAX_TENSORS];  /* 1 bit per element: the clamp kept it (ops a gradient flows through) */
@@ -906,20 +1057,60 @@ static int dw_forward(const ft_op *op, int8_t *x, int8_t *y, uint8_t *mask, aren
     return 0;
 }
 
+/* Bytes an op without parameters keeps for its backward (a gradient flows through it), as the memory planner
+ * counts them (the op's saved_bytes; a MUL's mask is its own block, as every mask): MUL both int8 inputs,
+ * a lookup its int8 input, MAX_POOL_2D one tap byte per output. */
+static size_t saved_bytes(const ft_model *m, const ft_op *op) {
+    const size_t count = (size_t)op->oc * op->oh * op->ow;
+    if (op->kind == FT_OP_MUL) return count + (size_t)out_size(m, op->in1);
+    if (op->kind == FT_OP_LOOKUP || op->kind == FT_OP_MAXPOOL) return count;
+    return 0;
+}
+
+/* One op without parameters (any kind but CONV) on one sample's buffers: output y, mask (MUL, ADD), saved
+ * (what saved_bytes sizes, NULL: nothing kept). */
+static void elementwise_forward(const ft_model *m, const ft_op *op, buffers_t *b, int8_t *y, uint8_t *mask,
+                                int8_t *saved) {
+    const size_t count = (size_t)op->oc * op->oh * op->ow;
+    const int8_t *x = b->act[op->in0];
+    switch (op->kind) {
+    case FT_OP_ADD: add_forward(op, x, b->act[op->in1], count, y, mask); break;
+    case FT_OP_POOL: pool_forward(op, x, y); break;
+    case FT_OP_MAXPOOL: maxpool_forward(op, x, y, (uint8_t *)saved); break;
+    case FT_OP_MEAN: mean_forward(op, x, y); break;
+    case FT_OP_MUL: {
+        const size_t nb = (size_t)out_size(m, op->in1);
+        mul_forward(op, x, b->act[op->in1], nb == count ? op->oh * op->ow : 1, y, mask);
+        if (saved) { /* the inputs, for the other's gradient */
+            memcpy(saved, x, count);
+            memcpy(saved + count, b->act[op->in1], nb);
+        }
+        break;
+    }
+    case FT_OP_CONCAT: concat_forward(m, op, b->act, y); break;
+    case FT_OP_LOOKUP:
+        lookup_forward(op, x, count, y);
+        if (saved) memcpy(saved, x, count); /* the input, to look its slope up */
+        break;
+    case FT_OP_SLICE: slice_forward(op, x, y); break;
+    default: break;
+    }
+}
+
 /* One sample's forward. needs[t]: a gradient reaches tensor t (NULL: inference). Activations are freed
- * after their last reader; what the backward needs is kept: masks (bits) and trained channels' inputs. */
+ * after their last reader; what the backward needs is kept: masks (bits), trained channels' inputs, and
+ * what saved_bytes says for the ops without parameters. */
 static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs, arena_t *a, buffers_t *b) {
-    int32_t i, t;
+    int32_t i, t, k, n_in, ins[FT_MAX_INPUTS];
     b->act[0] = (int8_t *)x;
     for (t = 0; t <= m->n_ops; t++) b->last[t] = -1;
-    for (i = 0; i < m->n_ops; i++) {
-        b->last[m->ops[i].in0] = i;
-        if (m->ops[i].kind == FT_OP_ADD) b->last[m->ops[i].in1] = i;
-    }
+    for (i = 0; i < m->n_ops; i++)
+        for (k = 0, n_in = op_inputs(&m->ops[i], ins); k < n_in; k++) b->last[ins[k]] = i;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
         const size_t count = (size_t)out_size(m, i + 1);
-        const int grads = needs && needs[i + 1] && op->kind != FT_OP_POOL;
+        const int flows = needs && needs[i + 1];
+        const int grads = flows && (op->kind == FT_OP_CONV || op->kind == FT_OP_ADD || op->kind == FT_OP_MUL);
         const int inplace = op->kind == FT_OP_CONV && op->inplace && op->in0 > 0 && b->last[op->in0] == i;
         int rc = 0;
         if (op->kind == FT_OP_CONV && op->fuse_next && i + 1 < m->n_ops) { /* the pair writes tensor i + 2 */
@@ -945,12 +1136,16 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
         b->saved[i] = 0;
         if (needs && op->kind == FT_OP_CONV && op->train_w) { /* the input channels the weight gradient reads */
             const size_t hw = (size_t)op->h * op->w;
-            int32_t ch, k = 0;
+            int32_t ch;
+            k = 0;
             for (ch = 0; ch < op->c; ch++) k += channel_trained(op, ch);
             b->saved[i] = (int8_t *)take_uninit(a, (size_t)k * hw);
             if (a->base && b->saved[i])
                 for (ch = 0, k = 0; ch < op->c; ch++)
                     if (channel_trained(op, ch)) memcpy(b->saved[i] + (size_t)(k++) * hw, b->act[op->in0] + ch * hw, hw);
+            if (a->base && !b->saved[i]) return -2;
+        } else if (flows && saved_bytes(m, op)) {
+            b->saved[i] = (int8_t *)take_uninit(a, saved_bytes(m, op));
             if (a->base && !b->saved[i]) return -2;
         }
         if (a->base == 0) {
@@ -970,23 +1165,23 @@ static int run_forward(const ft_model *m, const int8_t *x, const uint8_t *needs,
         } else if (op->kind == FT_OP_CONV) {
             rc = conv_forward(op, b->act[op->in0], b->act[i + 1], b->mask[i + 1], a);
             if (rc) return rc;
-        } else if (op->kind == FT_OP_ADD) {
-            add_forward(op, b->act[op->in0], b->act[op->in1], count, b->act[i + 1], b->mask[i + 1]);
         } else {
-            pool_forward(op, b->act[op->in0], b->act[i + 1]);
+            elementwise_forward(m, op, b, b->act[i + 1], b->mask[i + 1], b->saved[i]);
         }
         PROFILE_END(t_forward, i, FT_PART_FORWARD);
         if (needs) {
             CHECK_TENSOR(a, i, FT_CHECK_OUTPUT, b->act[i + 1], count);
             CHECK_TENSOR(a, i, FT_CHECK_MASK, b->mask[i + 1], (count + 7) / 8);
         }
-        if (op->kind == FT_OP_ADD && op->in1 > 0 && op->in1 != op->in0 && b->last[op->in1] == i) {
-            give(a, b->act[op->in1]);
-            b->act[op->in1] = 0;
-        }
-        if (op->in0 > 0 && b->last[op->in0] == i && !inplace) {
-            give(a, b->act[op->in0]);
-            b->act[op->in0] = 0;
+        /* inputs this op read last (each once: an op may read a tensor twice), later inputs first */
+        for (k = op_inputs(op, ins) - 1; k >= 0; k--) {
+            const int32_t u = ins[k];
+            int32_t j, again = 0;
+            for (j = 0; j < k; j++) again |= ins[j] == u;
+            if (u > 0 && !again && b->last[u] == i && !(inplace && u == op->in0)) {
+                give(a, b->act[u]);
+                b->act[u] = 0;
+            }
         }
     }
     return 0;
@@ -1575,6 +1770,176 @@ static int conv_backward(const ft_model *m, const ft_op *op, int32_t index, int3
     return 0;
 }
 
+/* ------------------------------------------------------------------ backward of the ops without parameters
+ *
+ * Each adds its input gradients to the buffers gx (one per input a gradient reaches; NULL: none), float32
+ * elementwise in the order the exact step states (fedtiny/int8/ops: each kind's `gradients`). A buffer may
+ * hold other readers' gradients already: each element gets this op's contribution in one add (a tensor's
+ * readers' gradients add as autograd adds them, later readers first). Where an element gets no
+ * contribution (a mask's 0, a max pool's other taps, a slice's unread elements) nothing is added: adding
+ * +0 changes no sum. */
+
+/* ADD: g * ratio where the mask keeps the output (a sum of floats started at +0 is never -0, the one value
+ * adding +0 would change) */
+static void add_backward(const ft_op *op, size_t count, const uint8_t *mask, const float *g, float *ga, float *gb) {
+    size_t j;
+    for (j = 0; j < count; j++) {
+        if (!((mask[j >> 3] >> (j & 7)) & 1u)) {
+            if (!mask[j >> 3] && (j & 7) == 0) j += 7; /* a byte of zeros: eight outputs */
+            continue;
+        }
+        if (ga) ga[j] += g[j] * op->ratio_a;
+        if (gb) gb[j] += g[j] * op->ratio_b;
+    }
+}
+
+/* global AVERAGE_POOL: g / (h w) to every element of the plane */
+static void pool_backward(const ft_op *op, const float *g, float *gx) {
+    const int32_t hw = op->h * op->w;
+    int32_t c, p;
+    for (c = 0; c < op->oc; c++) {
+        const float v = g[c] / (float)hw;
+        for (p = 0; p < hw; p++) gx[(size_t)c * hw + p] += v;
+    }
+}
+
+/* MAX_POOL_2D: each output's gradient to the tap its forward kept (taps: 255 none). Windows that do not
+ * overlap (kernel <= stride) reach each input from one output at most: scattered. Overlapping ones are
+ * gathered: each input's contributions summed from +0 tap by tap in row-major tap order (the exact step's
+ * order), then added once. */
+static void maxpool_backward(const ft_op *op, const uint8_t *taps, const float *g, float *gx) {
+    const int32_t s = op->stride, hw = op->h * op->w, ohw = op->oh * op->ow;
+    int32_t c, oy, ox, iy, ix, ky, kx;
+    if (op->kh <= s && op->kw <= s) {
+        size_t at = 0;
+        for (c = 0; c < op->c; c++)
+            for (oy = 0; oy < op->oh; oy++)
+                for (ox = 0; ox < op->ow; ox++, at++) {
+                    const int32_t t = taps[at];
+                    if (t == 255) continue;
+                    iy = oy * s - op->pad_t + t / op->kw;
+                    ix = ox * s - op->pad_l + t % op->kw;
+                    gx[(size_t)c * hw + (size_t)iy * op->w + ix] += g[at];
+                }
+        return;
+    }
+    for (c = 0; c < op->c; c++) {
+        const uint8_t *tc = taps + (size_t)c * ohw;
+        const float *gc = g + (size_t)c * ohw;
+        for (iy = 0; iy < op->h; iy++)
+            for (ix = 0; ix < op->w; ix++) {
+                float acc = 0.0f;
+                int32_t any = 0;
+                for (ky = 0; ky < op->kh; ky++) {
+                    const int32_t ty = iy + op->pad_t - ky; /* oy s for the output whose tap ky reads row iy */
+                    if (ty < 0 || ty % s || ty / s >= op->oh) continue;
+                    oy = ty / s;
+                    for (kx = 0; kx < op->kw; kx++) {
+                        const int32_t tx = ix + op->pad_l - kx;
+                        if (tx < 0 || tx % s || tx / s >= op->ow) continue;
+                        ox = tx / s;
+                        if (tc[oy * op->ow + ox] == ky * op->kw + kx) {
+                            acc += gc[oy * op->ow + ox];
+                            any = 1;
+                        }
+                    }
+                }
+                if (any) gx[(size_t)c * hw + (size_t)iy * op->w + ix] += acc;
+            }
+    }
+}
+
+/* MEAN: (g / f32(h w)) * f32(s_x / s_y) to every element of the plane */
+static void mean_backward(const ft_op *op, const float *g, float *gx) {
+    const int32_t hw = op->h * op->w;
+    int32_t c, p;
+    for (c = 0; c < op->c; c++) {
+        const float v = (g[c] / (float)hw) * op->ratio_a;
+        for (p = 0; p < hw; p++) gx[(size_t)c * hw + p] += v;
+    }
+}
+
+/* MUL, from the saved inputs a (count) and b (b_hw per channel: 1 or the plane): where the mask keeps the
+ * output, g_a = g * (f32(b - z2) * r) and g_b = g * (f32(a - z1) * r) (r = ratio_a). A broadcast b gets its
+ * plane of g_b summed in row-major order from the first element (sum_hw_in_order: masked elements add
+ * g * 0), then added once. */
+static void mul_backward(const ft_op *op, const int8_t *saved, int32_t b_hw, const uint8_t *mask, const float *g,
+                         float *ga, float *gb) {
+    const int32_t hw = op->oh * op->ow;
+    const int8_t *a = saved, *b = saved + (size_t)op->oc * hw;
+    const float r = op->ratio_a;
+    int32_t c, p;
+    size_t at = 0;
+    for (c = 0; c < op->oc; c++) {
+        float sum = 0.0f;
+        for (p = 0; p < hw; p++, at++) {
+            const int32_t kept = (mask[at >> 3] >> (at & 7)) & 1u;
+            const int32_t bv = b[b_hw == 1 ? (size_t)c : at];
+            if (ga && kept) ga[at] += g[at] * ((float)(bv - op->z2) * r);
+            if (gb && b_hw == 1) {
+                const float v = (kept ? g[at] : 0.0f) * ((float)((int32_t)a[at] - op->z1) * r);
+                sum = p == 0 ? v : sum + v;
+            } else if (gb && kept) {
+                gb[at] += g[at] * ((float)((int32_t)a[at] - op->z1) * r);
+            }
+        }
+        if (gb && b_hw == 1) gb[c] += sum;
+    }
+}
+
+/* CONCATENATION: each input's part of g, unchanged */
+static void concat_backward(const ft_model *m, const ft_op *op, const float *g, float *const *gx) {
+    int32_t ins[FT_MAX_INPUTS], n, k;
+    size_t at = 0, j;
+    n = op_inputs(op, ins);
+    for (k = 0; k < n; k++) {
+        const size_t size = (size_t)out_size(m, ins[k]);
+        if (gx[k])
+            for (j = 0; j < size; j++) gx[k][j] += g[at + j];
+        at += size;
+    }
+}
+
+/* a lookup: g * slope[x + 128], x the saved input */
+static void lookup_backward(const ft_op *op, size_t count, const int8_t *x, const float *g, float *gx) {
+    const float *const slope = op->slope;
+    size_t j;
+    for (j = 0; j < count; j++) gx[j] += g[j] * slope[(int32_t)x[j] + 128];
+}
+
+/* STRIDED_SLICE: each output's gradient back to the element it copied */
+static void slice_backward(const ft_op *op, const float *g, float *gx) {
+    int32_t c, oy, ox;
+    size_t at = 0;
+    for (c = 0; c < op->oc; c++) {
+        float *gc = gx + (size_t)(op->begin_c + c * op->step_c) * op->h * op->w;
+        for (oy = 0; oy < op->oh; oy++) {
+            float *gr = gc + (size_t)(op->begin_h + oy * op->step_h) * op->w + op->begin_w;
+            for (ox = 0; ox < op->ow; ox++, at++) gr[(size_t)ox * op->step_w] += g[at];
+        }
+    }
+}
+
+/* The backward of op (any kind but CONV) of one sample: g its output gradient, gx[k] input k's gradient
+ * buffer (NULL: no gradient reaches input k). */
+static void elementwise_backward(const ft_model *m, const ft_op *op, const int8_t *saved, const uint8_t *mask,
+                                 const float *g, float *const *gx) {
+    const size_t count = (size_t)op->oc * op->oh * op->ow;
+    switch (op->kind) {
+    case FT_OP_ADD: add_backward(op, count, mask, g, gx[0], gx[1]); break;
+    case FT_OP_POOL: if (gx[0]) pool_backward(op, g, gx[0]); break;
+    case FT_OP_MAXPOOL: if (gx[0]) maxpool_backward(op, (const uint8_t *)saved, g, gx[0]); break;
+    case FT_OP_MEAN: if (gx[0]) mean_backward(op, g, gx[0]); break;
+    case FT_OP_MUL:
+        mul_backward(op, saved, (size_t)out_size(m, op->in1) == count ? op->oh * op->ow : 1, mask, g, gx[0], gx[1]);
+        break;
+    case FT_OP_CONCAT: concat_backward(m, op, g, gx); break;
+    case FT_OP_LOOKUP: if (gx[0]) lookup_backward(op, count, saved, g, gx[0]); break;
+    case FT_OP_SLICE: if (gx[0]) slice_backward(op, g, gx[0]); break;
+    default: break;
+    }
+}
+
 /* ------------------------------------------------------------------ the step */
 
 /* The samples are x (contiguous, batch x in_size) or, when xs is given, one pointer each (a device's samples
@@ -1592,8 +1957,9 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
     needs[0] = 0;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
-        needs[i + 1] = (uint8_t)(needs[op->in0] || (op->kind == FT_OP_ADD && needs[op->in1]) ||
-                                 (op->kind == FT_OP_CONV && (op->train_w || op->train_b)));
+        int32_t ins[FT_MAX_INPUTS], k, n_in = op_inputs(op, ins);
+        needs[i + 1] = (uint8_t)(op->kind == FT_OP_CONV && (op->train_w || op->train_b));
+        for (k = 0; k < n_in; k++) needs[i + 1] |= needs[ins[k]];
     }
     /* more than one sample: the trained tensors' gradients, summed over the batch, held over the step */
     for (i = 0; i < m->n_ops; i++) {
@@ -1637,40 +2003,25 @@ static int step_impl(const ft_model *m, const int8_t *x, const int8_t *const *xs
         give(a, b.act[m->n_ops]);
         for (i = m->n_ops - 1; i >= 0; i--) {
             const ft_op *op = &m->ops[i];
-            float *g = grad[i + 1];
-            const size_t count = (size_t)out_size(m, i + 1);
-            size_t j;
+            float *g = grad[i + 1], *gx[FT_MAX_INPUTS];
+            int32_t ins[FT_MAX_INPUTS], k, n_in;
             if (!g) continue;
-            for (j = 0; j < 2; j++) { /* the input gradients this op adds to, allocated at their first writer */
-                const int32_t t = j == 0 ? op->in0 : (op->kind == FT_OP_ADD ? op->in1 : 0);
+            n_in = op_inputs(op, ins);
+            for (k = 0; k < n_in; k++) { /* the input gradients this op adds to, allocated at their first writer */
+                const int32_t t = ins[k];
                 if (t > 0 && needs[t] && !grad[t]) {
                     grad[t] = (float *)take(a, (size_t)out_size(m, t) * sizeof(float));
                     if (!grad[t]) return -2;
                 }
+                gx[k] = needs[t] ? grad[t] : 0;
             }
             if (op->kind == FT_OP_CONV) {
-                rc = conv_backward(m, op, i, n, b.saved[i], b.mask[i + 1], g, needs[op->in0] ? grad[op->in0] : 0,
-                                   gw[i], gb[i], batch == 1, seed, step, a);
+                rc = conv_backward(m, op, i, n, b.saved[i], b.mask[i + 1], g, gx[0], gw[i], gb[i], batch == 1, seed,
+                                   step, a);
                 if (rc) return rc;
-            } else if (op->kind == FT_OP_ADD) {
-                /* only where the mask keeps the output: elsewhere the gradient is 0 and adds nothing (a sum of
-                 * floats started at +0 is never -0, the one value adding +0 would change) */
-                for (j = 0; j < count; j++) {
-                    if (!((b.mask[i + 1][j >> 3] >> (j & 7)) & 1u)) {
-                        if (!b.mask[i + 1][j >> 3] && (j & 7) == 0) j += 7; /* a byte of zeros: eight outputs */
-                        continue;
-                    }
-                    if (needs[op->in0]) grad[op->in0][j] += g[j] * op->ratio_a;
-                    if (needs[op->in1]) grad[op->in1][j] += g[j] * op->ratio_b;
-                }
-                if (needs[op->in0]) CHECK_TENSOR(a, i, FT_CHECK_GRAD_IN, grad[op->in0], count * sizeof(float));
-            } else if (needs[op->in0]) {
-                const int32_t hw = op->h * op->w;
-                for (j = 0; j < count; j++) {
-                    const float v = g[j] / (float)hw;
-                    int32_t p;
-                    for (p = 0; p < hw; p++) grad[op->in0][j * hw + p] += v;
-                }
+            } else {
+                elementwise_backward(m, op, b.saved[i], b.mask[i + 1], g, gx);
+                if (gx[0]) CHECK_TENSOR(a, i, FT_CHECK_GRAD_IN, gx[0], (size_t)out_size(m, op->in0) * sizeof(float));
             }
             give(a, grad[i + 1]); /* consumed: its producer's backward is done */
             grad[i + 1] = 0;

@@ -11,25 +11,33 @@
  * planner's decisions (fedtiny/budget/memory.py), passed in per op: depthwise convolutions in place,
  * frozen pointwise + depthwise pairs fused one expanded channel at a time, the planner's workspace.
  *
- * Supported graph (v1): convolutions (regular, depthwise, pointwise, a fully connected head as a
- * 1x1 convolution), ADD and global AVERAGE_POOL, NCHW tensors, in topological order. */
+ * Supported graph: convolutions (regular, depthwise, pointwise, a fully connected head as a 1x1
+ * convolution), ADD, global AVERAGE_POOL, MAX_POOL_2D, MEAN over H and W, MUL (the second input
+ * equal or broadcast over H and W), CONCATENATION along channels, elementwise lookups (LOGISTIC,
+ * HARD_SWISH, an int8 QUANTIZE: a 256-entry table and its slope) and STRIDED_SLICE, NCHW tensors, in
+ * topological order. */
 #ifndef FEDTINY_STEP_H
 #define FEDTINY_STEP_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define FT_STEP_ABI 3
+#define FT_STEP_ABI 4
 
-enum ft_op_kind { FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2 };
+enum ft_op_kind {
+    FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2, FT_OP_MAXPOOL = 3, FT_OP_MEAN = 4, FT_OP_MUL = 5,
+    FT_OP_CONCAT = 6, FT_OP_LOOKUP = 7, FT_OP_SLICE = 8
+};
+
+#define FT_MAX_INPUTS 10              /* inputs of an op at most (TFLM's CONCATENATION takes 10) */
 
 /* One op. Tensor ids: 0 is the int8 input, op i writes tensor i + 1. */
 typedef struct {
     int32_t kind;
-    int32_t in0, in1;                 /* input tensor ids (in1: ADD only) */
-    int32_t c, h, w;                  /* input shape (per sample) */
+    int32_t in0, in1;                 /* input tensor ids (in1: ADD, MUL, CONCAT) */
+    int32_t c, h, w;                  /* input shape (per sample; in0's) */
     int32_t oc, oh, ow;               /* output shape (per sample) */
-    /* convolution */
+    /* convolution (MAXPOOL: kh, kw, stride, pad_t, pad_l, act_lo, act_hi) */
     int32_t kh, kw, stride, groups, pad_t, pad_l;
     int32_t x_zero, y_zero, act_lo, act_hi;
     int8_t *weight;                   /* oc x (c / groups) x kh x kw, updated in place */
@@ -44,9 +52,20 @@ typedef struct {
     int32_t fuse_next;                /* frozen pointwise whose only reader, the next op (depthwise), runs fused */
     int32_t workspace;                /* bytes of scratch the planner gives this op (or the fused pair) */
     float *mom_w, *mom_b;             /* momentum buffers (caller's, persistent over steps) */
-    /* ADD: TFLM's parameters and the backward's ratios s_a / s_y, s_b / s_y */
+    /* ADD: TFLM's parameters and the backward's ratios s_a / s_y, s_b / s_y.
+     * MUL: z1, z2 the inputs' zero points, z_out, mo / so TFLM's multiplier of s_a s_b / s_y (act_lo, act_hi:
+     * the fused activation), ratio_a = f32(s_a s_b / s_y). MEAN: z1 the input's zero point, z_out, mo / so
+     * TFLM's multiplier with 1 / (h w) folded in (QuantizedMeanOrSum's), ratio_a = f32(s_x / s_y). */
     int32_t z1, z2, z_out, left_shift, m1, s1, m2, s2, mo, so;
     float ratio_a, ratio_b;
+    /* CONCAT: n_in inputs (in0, in1, then in_more[0 .. n_in - 3]) joined along channels */
+    int32_t n_in;
+    const int32_t *in_more;
+    /* SLICE: output (c, y, x) is input (begin_c + c step_c, begin_h + y step_h, begin_w + x step_w) */
+    int32_t begin_c, begin_h, begin_w, step_c, step_h, step_w;
+    /* LOOKUP: y = table[x + 128]; the backward's g * slope[x + 128] */
+    const int8_t *table;
+    const float *slope;
 } ft_op;
 
 typedef struct {

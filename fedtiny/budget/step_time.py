@@ -111,15 +111,18 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
     """Each op of the C step's list (:meth:`fedtiny.int8.cstep.CStep.op_geometry`) with its work per sample,
     as ``device/c/fedtiny_step.c`` does it: which tensors a gradient reaches (``needs``), input gradients
     where one flows to a trained tensor, weight gradients for trained channels."""
+    def inputs(op: dict) -> list[int]:  # every input (a MUL's and a concat's too); in0 and in1 of older lists
+        return op.get("inputs") or [op["in0"]] + ([op["in1"]] if op["kind"] == "add" else [])
+
     needs = [False]
     out: list[OpWork] = []
     for op in ops:
         trains = op["kind"] == "conv" and (op["train_w"] or op["train_b"])
-        needs.append(needs[op["in0"]] or (op["kind"] == "add" and needs[op["in1"]]) or trains)
+        needs.append(any(needs[t] for t in inputs(op)) or trains)
     for i, op in enumerate(ops):
         outputs = op["oc"] * op["oh"] * op["ow"]
         if op["kind"] != "conv":
-            backward = outputs if needs[i + 1] and needs[op["in0"]] else 0
+            backward = outputs if needs[i + 1] and any(needs[t] for t in inputs(op)) else 0
             out.append(OpWork(op["name"], op["kind"], {}, 0, outputs + backward))
             continue
         cpg, kk = op["c"] // op["groups"], op["kh"] * op["kw"]

@@ -25,7 +25,7 @@ from fedtiny.int8.ops.base import CKind
 __all__ = ["CStep", "CKind", "available", "library_path", "MAX_BATCH"]
 
 
-ABI = 3
+ABI = 4
 MAX_BATCH = 64
 _f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
@@ -37,7 +37,9 @@ class _Op(ctypes.Structure):
                [("slot_of", _p)] + [(n, _i) for n in ("train_w", "train_b", "slot", "inplace", "fuse_next", "workspace")] + \
                [("mom_w", _p), ("mom_b", _p)] + \
                [(n, _i) for n in ("z1", "z2", "z_out", "left_shift", "m1", "s1", "m2", "s2", "mo", "so")] + \
-               [("ratio_a", _f), ("ratio_b", _f)]
+               [("ratio_a", _f), ("ratio_b", _f), ("n_in", _i), ("in_more", _p)] + \
+               [(n, _i) for n in ("begin_c", "begin_h", "begin_w", "step_c", "step_h", "step_w")] + \
+               [("table", _p), ("slope", _p)]
 
 
 class _Model(ctypes.Structure):
@@ -119,6 +121,8 @@ class CStep:
                 continue
             nodes.append(node)
             ids[node.op] = len(nodes)
+        # each tensor id's shape (per sample), for the fills of ops of more than one input
+        self.tensor_shapes = {ids[name]: tuple(int(v) for v in shapes[name][1:]) for name in ids}
         names = [n.op for n in nodes]
         ops = (_Op * len(nodes))()
         self.params: list[tuple[QConv, np.ndarray, np.ndarray]] = []
@@ -145,13 +149,18 @@ class CStep:
         self.plan: np.ndarray | None = None
 
     def op_geometry(self) -> list[dict]:
-        """The C step's ops as plain values: kind (conv, add, pool), inputs, shapes, kernel, which parameters
-        train and how many channels (input channels; a depthwise convolution's channels) train."""
+        """The C step's ops as plain values: kind (a :class:`CKind` name in lower case: conv, add, pool, maxpool,
+        mean, mul, concat, lookup, slice), inputs (``in0``, ``in1`` of two-input kinds, ``inputs`` all of them),
+        shapes, kernel, which parameters train and how many channels (input channels; a depthwise
+        convolution's channels) train."""
         out = []
         for name, op in zip(self.names, self.ops):
             kind = CKind(op.kind).name.lower()
-            g = {"name": name, "kind": kind, "in0": op.in0, "in1": op.in1 if kind == "add" else 0,
-                 **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
+            inputs = [int(op.in0)] + ([int(op.in1)] if kind in ("add", "mul", "concat") else [])
+            if kind == "concat" and op.n_in > 2:
+                inputs += ctypes.cast(op.in_more, ctypes.POINTER(ctypes.c_int32))[:op.n_in - 2]
+            g = {"name": name, "kind": kind, "in0": op.in0, "in1": inputs[1] if len(inputs) > 1 else 0,
+                 "inputs": inputs, **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
             if kind == "conv":
                 n = op.oc if op.groups == op.c == op.oc else op.c
                 trained = ctypes.cast(op.slot_of, ctypes.POINTER(ctypes.c_int32))[n] if op.slot_of else n

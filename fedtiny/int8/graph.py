@@ -106,6 +106,10 @@ class QModel(nn.Module):
             name = module.tag
             if name in known or not name.isidentifier() or hasattr(nn.Module, name):
                 raise ModelFileError(f"graph: op name {name!r} is repeated or not a valid name")
+            twice = sorted({t for t in inputs if list(inputs).count(t) > 1})
+            if twice:  # its two gradients would need one buffer each, which the memory planner does not lay out
+                raise ModelFileError(f"graph: op {name!r} reads {twice[0]!r} twice (as x * x or cat(x, x)); "
+                                     "fedtiny's ops read each tensor once")
             missing = [t for t in inputs if t not in known]
             if missing:
                 raise ModelFileError(f"graph: op {name!r} reads {missing[0]!r} before it is written")

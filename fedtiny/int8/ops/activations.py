@@ -25,8 +25,7 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels_act
-from fedtiny.int8.ops.lookup import QLookup, _builder, _reader, _writer
-from fedtiny.int8.ops.registry import OpKind, register
+from fedtiny.int8.ops.lookup import QLookup, register_lookup
 
 __all__ = ["QRelu", "QRelu6", "QLeakyRelu", "QTanh"]
 
@@ -103,12 +102,8 @@ def _build_leaky_relu(d, where: str) -> QLeakyRelu:
     return QLeakyRelu(1.0, 0, 1.0, 0, alpha=float(alpha))  # placeholder quantization (the model's state sets it)
 
 
-RELU = register(OpKind("relu", QRelu, ("RELU",), read=_reader(QRelu, "relu"), write=_writer("RELU"),
-                       build=_builder(QRelu)))
-RELU6 = register(OpKind("relu6", QRelu6, ("RELU6",), read=_reader(QRelu6, "relu6_"), write=_writer("RELU6"),
-                        build=_builder(QRelu6)))
-TANH = register(OpKind("tanh", QTanh, ("TANH",), read=_reader(QTanh, "tanh"), write=_writer("TANH"),
-                       build=_builder(QTanh)))
-LEAKY_RELU = register(OpKind("leaky-relu", QLeakyRelu, ("LEAKY_RELU",), read=_read_leaky_relu,
-                             write=_write_leaky_relu, describe=lambda m: {"alpha": m.alpha},
-                             build=_build_leaky_relu))
+RELU = register_lookup("relu", QRelu, "RELU", "relu")
+RELU6 = register_lookup("relu6", QRelu6, "RELU6", "relu6_")
+TANH = register_lookup("tanh", QTanh, "TANH", "tanh")
+LEAKY_RELU = register_lookup("leaky-relu", QLeakyRelu, "LEAKY_RELU", "leaky_relu", read=_read_leaky_relu,
+                             write=_write_leaky_relu, describe=lambda m: {"alpha": m.alpha}, build=_build_leaky_relu)

@@ -124,3 +124,9 @@ class CKind(IntEnum):
     CONV = 0
     ADD = 1
     POOL = 2
+    MAXPOOL = 3
+    MEAN = 4
+    MUL = 5
+    CONCAT = 6
+    LOOKUP = 7
+    SLICE = 8

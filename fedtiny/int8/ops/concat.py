@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from fedtiny.errors import ModelFileError
+from fedtiny.int8.ops.base import CKind
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -61,6 +62,18 @@ def _write(wr, m: QConcat, name: str, ins):
     return out, yshape, rank, m.q(0)
 
 
+def _c_fill(cs, op, m: QConcat, in_ids, in_shape) -> None:
+    """CONCATENATION's fields of an ``ft_op``: its inputs (``in0``, ``in1``, the rest in ``in_more``; 2 to 10,
+    TFLM's limit), joined along channels (the only axis the C step joins)."""
+    if m.axis != 1 or not 2 <= len(in_ids) <= 10:
+        raise ModelFileError(f"the C step does not run op {m.tag!r} (it joins 2 to 10 inputs along channels, "
+                             f"not {len(in_ids)} along axis {m.axis})")
+    op.kind = CKind.CONCAT
+    op.in1, op.n_in = in_ids[1], len(in_ids)
+    if len(in_ids) > 2:
+        op.in_more = cs.ptr(cs.array(np.asarray(in_ids[2:], np.int32)))
+
+
 KIND = register(OpKind("concat", QConcat, ("CONCATENATION",), read=_read, write=_write,
                        describe=lambda m: {"axis": m.axis},
-                       build=lambda d, where: QConcat(int(d["axis"]), 1.0, 0)))
+                       build=lambda d, where: QConcat(int(d["axis"]), 1.0, 0), c_kind=CKind.CONCAT, c_fill=_c_fill))

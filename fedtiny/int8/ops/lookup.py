@@ -14,10 +14,11 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels_act, kernels_misc
+from fedtiny.int8.ops.base import CKind
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
-__all__ = ["QLookup", "QLogistic", "QHardSwish", "QRequantize", "lookup_slope"]
+__all__ = ["QLookup", "QLogistic", "QHardSwish", "QRequantize", "lookup_slope", "register_lookup"]
 
 
 def lookup_slope(table: torch.Tensor) -> torch.Tensor:
@@ -127,9 +128,23 @@ def _builder(cls: type[QLookup]):
     return lambda d, where: cls(1.0, 0, 1 / 256, -128)
 
 
-LOGISTIC = register(OpKind("logistic", QLogistic, ("LOGISTIC",), read=_reader(QLogistic, "logistic"),
-                           write=_writer("LOGISTIC"), build=_builder(QLogistic)))
-HARD_SWISH = register(OpKind("hard-swish", QHardSwish, ("HARD_SWISH",), read=_reader(QHardSwish, "hardswish"),
-                             write=_writer("HARD_SWISH"), build=_builder(QHardSwish)))
-REQUANTIZE = register(OpKind("requantize", QRequantize, ("QUANTIZE",), read=_reader(QRequantize, "requantize"),
-                             write=_writer("QUANTIZE"), build=_builder(QRequantize)))
+def _c_fill(cs, op, m: QLookup, in_ids, in_shape) -> None:
+    """A lookup's fields of an ``ft_op`` (LOGISTIC, HARD_SWISH and QUANTIZE alike): its 256-entry int8 table and
+    the backward's 256 float32 slopes, both indexed by ``x + 128``."""
+    table, slope = m.tables()
+    op.kind = CKind.LOOKUP
+    op.table = cs.ptr(cs.array(table.to(torch.int8).numpy()))
+    op.slope = cs.ptr(cs.array(slope.to(torch.float32).numpy()))
+
+
+def register_lookup(name: str, cls: type[QLookup], op: str, prefix: str, **fields) -> OpKind:
+    """Register a lookup kind: read and written as ``op``, built with placeholder quantization, run in the C
+    step as a table (``fields`` override any of these, e.g. an op with options of its own)."""
+    kind = dict(read=_reader(cls, prefix), write=_writer(op), build=_builder(cls), c_kind=CKind.LOOKUP,
+                c_fill=_c_fill)
+    return register(OpKind(name, cls, (op,), **{**kind, **fields}))
+
+
+LOGISTIC = register_lookup("logistic", QLogistic, "LOGISTIC", "logistic")
+HARD_SWISH = register_lookup("hard-swish", QHardSwish, "HARD_SWISH", "hardswish")
+REQUANTIZE = register_lookup("requantize", QRequantize, "QUANTIZE", "requantize")

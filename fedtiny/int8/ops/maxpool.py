@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
 from fedtiny.int8.kernels_misc import max_pool_int8
-from fedtiny.int8.ops.base import ACTIVATIONS
+from fedtiny.int8.ops.base import ACTIVATIONS, CKind
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -115,7 +115,19 @@ def _build(d: dict, where: str) -> QMaxPool:
     return QMaxPool(tuple(d["kernel"]), int(d["stride"]), tuple(d["padding"]), 1.0, 0, str(d.get("activation", "NONE")))
 
 
+def _c_fill(cs, op, m: QMaxPool, in_ids, in_shape) -> None:
+    """MAX_POOL_2D's fields of an ``ft_op``: the window, stride, top and left padding (the output's size implies
+    the rest) and the fused activation's range. The C step keeps one tap byte per output (``saved_bytes``)."""
+    if m.kernel[0] * m.kernel[1] >= 255:  # a tap is one byte, 255 meaning none
+        raise ModelFileError(f"the C step does not run op {m.tag!r} (a max pool window of 255 taps or more)")
+    op.kind = CKind.MAXPOOL
+    op.kh, op.kw = m.kernel
+    op.stride = m.stride
+    op.pad_t, op.pad_l = m.padding[0], m.padding[2]
+    op.act_lo, op.act_hi = m.act_range()
+
+
 KIND = register(OpKind("maxpool", QMaxPool, ("MAX_POOL_2D",), read=_read, write=_write,
                        describe=lambda m: {"kernel": list(m.kernel), "stride": m.stride, "padding": list(m.padding),
                                            "activation": m.activation},
-                       build=_build))
+                       build=_build, c_kind=CKind.MAXPOOL, c_fill=_c_fill))

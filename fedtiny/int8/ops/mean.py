@@ -7,6 +7,7 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.kernels_misc import mean_int8, mean_params
+from fedtiny.int8.ops.base import CKind
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -62,7 +63,16 @@ def _write(wr, m: QMean, name: str, ins):
     return out, yshape, rank, m.q(1)
 
 
+def _c_fill(cs, op, m: QMean, in_ids, in_shape) -> None:
+    """MEAN's fields of an ``ft_op``: the input's and output's zero points (``z1``, ``z_out``), TFLM's multiplier
+    with ``1 / (H W)`` folded in (``mo``, ``so``) and the backward's ``f32(s_x / s_y)`` (``ratio_a``)."""
+    p = mean_params(*m.q(0), *m.q(1), int(in_shape[2]) * int(in_shape[3]))
+    op.kind = CKind.MEAN
+    op.z1, op.z_out, op.mo, op.so = p.x_zero, p.y_zero, p.count_mult, p.count_shift
+    op.ratio_a = float(np.float32(m.q(0)[0] / m.q(1)[0]))
+
+
 KIND = register(OpKind("mean", QMean, ("MEAN",), read=_read, write=_write,
                        describe=lambda m: {"keep_dims": m.keep_dims},
                        build=lambda d, where: QMean(1.0, 0, 1.0, 0, bool(d.get("keep_dims", True))),
-                       index_inputs={"MEAN": (1,)}))
+                       index_inputs={"MEAN": (1,)}, c_kind=CKind.MEAN, c_fill=_c_fill))

@@ -9,7 +9,7 @@ import torch
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
 from fedtiny.int8.kernels_misc import mul_int8, mul_params
-from fedtiny.int8.ops.base import ACTIVATIONS, to_nchw_shape
+from fedtiny.int8.ops.base import ACTIVATIONS, CKind, to_nchw_shape
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -106,6 +106,29 @@ def _write(wr, m: QMul, name: str, ins):
     return out, yshape, arank, m.q(2)
 
 
+def _c_fill(cs, op, m: QMul, in_ids, in_shape) -> None:
+    """MUL's fields of an ``ft_op``: the inputs' zero points (``z1``, ``z2``), the output's (``z_out``), TFLM's
+    multiplier (``mo``, ``so``), the activation's range and the backward's ``r`` (``ratio_a``). The C step
+    takes the broadcast operand (one value per channel) second: a broadcast first operand is swapped with
+    the other (the product and both gradients are the same numbers either way round)."""
+    p, r = m.derived()
+    (a, za), (b, zb) = (in_ids[0], p.a_zero), (in_ids[1], p.b_zero)
+    sa, sb = cs.tensor_shapes[a], cs.tensor_shapes[b]
+    out = (op.oc, op.oh, op.ow)
+    if sa != out and sb == out:
+        (a, za, sa), (b, zb, sb) = (b, zb, sb), (a, za, sa)
+        op.c, op.h, op.w = out
+    if sa != out or sb not in (out, (out[0], 1, 1)):
+        raise ModelFileError(f"the C step does not run op {m.tag!r} (a MUL of {sa} and {sb}: it multiplies equal "
+                             "shapes, or one by a value per channel)")
+    op.kind = CKind.MUL
+    op.in0, op.in1 = a, b
+    op.z1, op.z2, op.z_out, op.mo, op.so = za, zb, p.y_zero, p.mult, p.shift
+    op.act_lo, op.act_hi = m.act_range()
+    op.ratio_a = r
+
+
 KIND = register(OpKind("mul", QMul, ("MUL",), read=_read, write=_write,
                        describe=lambda m: {"activation": m.activation},
-                       build=lambda d, where: QMul(1.0, 0, 1.0, 0, 1.0, 0, str(d.get("activation", "NONE")))))
+                       build=lambda d, where: QMul(1.0, 0, 1.0, 0, 1.0, 0, str(d.get("activation", "NONE"))),
+                       c_kind=CKind.MUL, c_fill=_c_fill))

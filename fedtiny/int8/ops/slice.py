@@ -7,6 +7,7 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.kernels_misc import _slice_start, _slice_stop
+from fedtiny.int8.ops.base import CKind
 from fedtiny.int8.ops.elementwise import ParameterFreeOp
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -78,6 +79,14 @@ def _write(wr, m: QSlice, name: str, ins):
     return out, yshape, 4, xq
 
 
+def _c_fill(cs, op, m: QSlice, in_ids, in_shape) -> None:
+    """STRIDED_SLICE's fields of an ``ft_op``: the start and step of channels, rows and columns (the output's
+    shape gives the stops)."""
+    op.kind = CKind.SLICE
+    (op.begin_c, _, op.step_c), (op.begin_h, _, op.step_h), (op.begin_w, _, op.step_w) = m.bounds
+
+
 KIND = register(OpKind("slice", QSlice, ("STRIDED_SLICE",), read=_read, write=_write,
                        describe=lambda m: {"bounds": [list(b) for b in m.bounds]},
-                       build=lambda d, where: QSlice(d["bounds"]), index_inputs={"STRIDED_SLICE": (1, 2, 3)}))
+                       build=lambda d, where: QSlice(d["bounds"]), index_inputs={"STRIDED_SLICE": (1, 2, 3)},
+                       c_kind=CKind.SLICE, c_fill=_c_fill))
