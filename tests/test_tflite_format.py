@@ -144,6 +144,11 @@ def test_unsupported_operator_is_named(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: operator {k} is L2_POOL_2D, which fedtiny does not support")
     assert ", ".join(supported_ops()) in message and "\n" not in message
+    # every operator it lacks is named, once, at its first place
+    j = next(j for j, op in enumerate(graph.ops) if op.op == "RESHAPE")
+    graph.ops[j].op, graph.ops[j].options = "GATHER", {}
+    with pytest.raises(ModelFileError, match=rf"operator {min(j, k)} is \w+, operator {max(j, k)} is \w+, which"):
+        check_supported(graph, str(path))
 
 
 def _refusal(graph: TFLiteGraph) -> str:

@@ -181,12 +181,12 @@ def test_unsupported_operator_is_one_line_exit_2(tmp_path, cli):
         pytest.skip(f"{path} absent")
     g = read_tflite(path.read_bytes())
     k = next(i for i, op in enumerate(g.ops) if op.op == "AVERAGE_POOL_2D")
-    g.ops[k].op = "MAX_POOL_2D"
+    g.ops[k].op = "L2_POOL_2D"
     (tmp_path / "m.tflite").write_bytes(write_tflite(g))
     r = cli("zoo", "import", str(tmp_path / "m.tflite"), "--out", str(tmp_path / "m.safetensors"))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"operator {k} is MAX_POOL_2D" in lines[0]
+    assert len(lines) == 1 and f"operator {k} is L2_POOL_2D" in lines[0]
     (tmp_path / "junk.tflite").write_bytes(path.read_bytes()[:1000])
     r = cli("zoo", "info", str(tmp_path / "junk.tflite"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

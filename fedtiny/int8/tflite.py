@@ -489,11 +489,14 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
     ModelFileError
         The first unsupported operator, else the first offending tensor or option.
     """
+    unsupported: dict[str, int] = {}  # each operator fedtiny lacks, at its first index
     for k, op in enumerate(graph.ops):
         if op.op not in supported_ops():
             name = f"CUSTOM ({op.options.get('custom_code', '')})" if op.op == "CUSTOM" else op.op
-            raise _fail(where, f"operator {k} is {name}, which fedtiny does not support "
-                               f"(supported: {', '.join(supported_ops())})")
+            unsupported.setdefault(name, k)
+    if unsupported:
+        named = ", ".join(f"operator {k} is {name}" for name, k in unsupported.items())
+        raise _fail(where, f"{named}, which fedtiny does not support (supported: {', '.join(supported_ops())})")
     edges = float_edges(graph)
     for i in (*graph.inputs, *graph.outputs):
         if i not in edges:
