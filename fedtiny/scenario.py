@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedtiny.errors import ScenarioError
+from fedtiny.rules import rule_named, rule_names
 
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
 
@@ -311,7 +312,8 @@ class FleetSection:
 @dataclass(frozen=True)
 class ServerSection:
     aggregation: str = _key("fedavg", "how accepted changes are combined: fedavg, or robust to a minority of bad "
-                            "clients: median, trimmed-mean, krum", _choice("fedavg", "median", "trimmed-mean", "krum"))
+                            "clients: median, trimmed-mean, krum (the rules registered in fedtiny.rules)",
+                            lambda v: _choice(*rule_names())(v))
     trim_fraction: float = _key(0.1, "trimmed-mean: share of the smallest and of the largest values dropped per "
                                 "element", _range(0.0, 0.49))
     krum_byzantine: int = _key(1, "krum: bad clients tolerated (f); each change is scored on its n - f - 2 nearest",
@@ -690,9 +692,9 @@ def _check_cross(where: str, s: Scenario) -> None:
         raise ScenarioError(f"{where}: run.cohort_size: a cohort runs its virtual clients in the simulation, so the "
                             f"partitions of [bridge.devices] ({', '.join(str(p) for p, _ in s.bridge.devices)}) would "
                             f"not reach their devices; keep run.cohort_size = 1 with bridged devices")
-    if s.privacy.dp == "central" and s.server.aggregation != "fedavg":
+    if s.privacy.dp == "central" and not rule_named(s.server.aggregation).streams:
         raise ScenarioError(f"{where}: privacy.dp: central DP adds its noise to the clipped changes' mean; it needs "
-                            f"server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")
+                            f"a rule of weighted sums, server.aggregation = \"fedavg\" (got {s.server.aggregation!r})")
     if s.data.image_width and not s.data.image_size:
         raise ScenarioError(f"{where}: data.image_width: set data.image_size too (the height; got image_width "
                             f"{s.data.image_width} alone)")

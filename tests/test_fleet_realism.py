@@ -149,6 +149,58 @@ def test_robust_rules_run_over_the_clients_that_trained_each_element():
     np.testing.assert_array_equal(trimmed, [2.5, 6.0, 0.0])  # element 0 drops 1 and 100; element 1 keeps both
 
 
+def test_a_registered_rule_is_a_scenario_choice_and_moves_the_global_model(flower_task_identity):
+    """docs/architecture.md's worked example: a rule registered here (the change of the client with the most
+    examples) is accepted by the scenario and, through the server's strategy, is what the global model moves by."""
+    from fedtiny import rules
+    from fedtiny.rules import AggregationRule, register
+
+    returned = []
+
+    def largest_client(rows, sizes, params):
+        _, change = max(rows, key=lambda r: r[0])
+        returned.append({n: np.nan_to_num(change.get(n, np.zeros(s))) for n, s in sizes.items()})
+        return returned[-1]
+
+    register(AggregationRule("test-largest-client", "the largest client's change", largest_client))
+    try:
+        _round_with_the_rule(returned)
+    finally:  # the scenario reference (tests/test_docs.py) lists the built-in rules
+        del rules._RULES["test-largest-client"]
+
+
+def _round_with_the_rule(returned):
+    from clients.wire import bytes_record, train_jobs
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.aggregate import GlobalModel
+    from fedtiny.federated.client import local_round
+    from fedtiny.federated.fleet import server_task
+    from server.strategy import FedTinyStrategy
+
+    with pytest.raises(ScenarioError, match="must be one of fedavg, median, trimmed-mean, krum"):
+        load_scenario(QUICKSTART, parse_overrides(['server.aggregation="no-such-rule"']))
+    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=4", "model.pretrain_epochs=2",
+                                                          'server.aggregation="test-largest-client"']))
+    with pytest.raises(ScenarioError, match="central DP .* needs a rule of weighted sums"):
+        load_scenario(QUICKSTART, parse_overrides(['server.aggregation="test-largest-client"', 'privacy.dp="central"']))
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    trained = [n for n, *_ in task.uplink_spec]
+    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)}, GlobalModel(initial, trained), schemes=schemes)
+    before = {n: strategy.global_model.master[n].copy() for n in trained}
+    sent = list(strategy.configure_train(1, bytes_record(pack_dense(initial, task.downlink_spec)), None, None))
+    results = {}
+    for m in sent:
+        pid = m.metadata.dst_node_id - 100
+        (job,) = train_jobs(m.content, pid)
+        results[pid], _ = local_round(scenario, pid, 1, job.downlink, kind=job.kind, scheme=job.scheme, state={})
+    strategy.aggregate_train(1, client_replies(strategy, sent, results))
+    assert len(returned) == 1
+    for name in trained:
+        np.testing.assert_array_equal(strategy.global_model.master[name],
+                                      before[name] + returned[0][name].reshape(before[name].shape))
+    assert any(returned[0][n].any() for n in trained)
+
+
 def test_malicious_set_is_fixed_and_sized():
     bad = malicious_clients(0, 100, 0.1)
     assert len(bad) == 10 and bad == malicious_clients(0, 100, 0.1) and not malicious_clients(0, 100, 0.0)

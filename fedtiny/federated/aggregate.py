@@ -11,12 +11,13 @@ from fedtiny.compress.uplink import Decoded
 from fedtiny.errors import UpdateError
 from fedtiny.models.state import to_wire
 from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
+from fedtiny.rules import RuleParams, rule_named
 
 if TYPE_CHECKING:
     from fedtiny.federated.task import Task
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "AGGREGATIONS",
-           "CentralDP", "central_dp"]
+__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "CentralDP",
+           "central_dp"]
 
 
 @dataclass(frozen=True)
@@ -45,26 +46,19 @@ class AggregateResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
-
-
 @dataclass(frozen=True)
 class Rule:
-    """How accepted changes are combined (``[server]``): FedAvg, or a rule robust to a minority of bad changes.
-
-    Attributes
-    ----------
-    name
-        ``fedavg`` (example-weighted mean), ``median`` (element-wise median), ``trimmed-mean``
-        (element-wise mean without the ``trim_fraction`` smallest and largest values) or
-        ``krum`` (the change, or with ``krum_selected > 1`` the example-weighted mean of the
-        changes, closest to their ``n - f - 2`` nearest neighbours, f = ``krum_byzantine``).
-    """
+    """How accepted changes are combined (``[server]``): a registered rule's name (:mod:`fedtiny.rules`:
+    ``fedavg``, ``median``, ``trimmed-mean``, ``krum``, and any registered since) and the parameters it reads."""
 
     name: str = "fedavg"
     trim_fraction: float = 0.1
     krum_byzantine: int = 1
     krum_selected: int = 1
+
+    @property
+    def params(self) -> RuleParams:
+        return RuleParams(self.trim_fraction, self.krum_byzantine, self.krum_selected)
 
 
 @dataclass(frozen=True)
@@ -112,11 +106,13 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
     client trained (its scheme's slices; ``None``: every element of every tensor). Each element
     is combined over the clients that trained it (a trained element a client did not send has
     change 0); an element nobody trained keeps its value (change 0). FedAvg weights by
-    examples, so with one scheme for all clients it is plain FedAvg; median and trimmed mean
-    are unweighted, as Flower's ``FedMedian`` and ``FedTrimmedAvg``. Sums run in float64 in a
-    fixed order so results repeat. With ``dp`` the mean is DP-FedAvg's (:class:`CentralDP`).
+    examples, so with one scheme for all clients it is plain FedAvg; any other rule
+    (:mod:`fedtiny.rules`) combines every accepted client's dense change (NaN where it did not
+    train). Sums run in float64 in a fixed order so results repeat. With ``dp`` the mean is
+    DP-FedAvg's (:class:`CentralDP`).
     """
     result = AggregateResult(None)
+    kind = rule_named(rule.name)
     # Coverage arrays are shared by the clients of one scheme: one mask each (the array is kept with its
     # mask so that its id cannot be reused by another array during this call).
     masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -152,7 +148,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             kept = {n: (w, i, clipped[n]) for n, (w, i, _) in kept.items()}
         dense: dict[str, np.ndarray] = {}
         for name, (where, idx, values) in kept.items():
-            if rule.name == "fedavg":
+            if kind.streams:
                 weight = 1 if dp is not None else u.num_examples  # DP-FedAvg: one client, one vote
                 weights[name][where] += weight
                 sums[name][idx] += values * weight
@@ -161,7 +157,7 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
                 row[where] = 0.0
                 row[idx] = values
                 dense[name] = row
-        if rule.name != "fedavg":
+        if not kind.streams:
             rows.append((u.num_examples, dense))
         result.accepted.append(u.partition_id)
     if not result.accepted:
@@ -175,51 +171,13 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
             out = np.zeros_like(s)
             out[weights[name] > 0] = noised[name] / dp.denominator
             flat[name] = out
-    elif rule.name == "fedavg":
+    elif kind.streams:
         flat = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0)
                 for name, s in sums.items()}
     else:
-        flat = _robust(rows, {name: len(s) for name, s in sums.items()}, rule)
+        flat = kind.combine(rows, {name: len(s) for name, s in sums.items()}, rule.params)
     result.arrays = {name: a.reshape(shapes[name]) for name, a in flat.items()}
     return result
-
-
-def _robust(rows: list[tuple[int, dict[str, np.ndarray]]], sizes: dict[str, int], rule: Rule) -> dict[str, np.ndarray]:
-    """Median, trimmed mean or Krum over the accepted clients' dense changes (NaN: the client did not train it)."""
-    def matrix(name: str) -> np.ndarray:
-        return np.stack([d.get(name, np.full(sizes[name], np.nan)) for _, d in rows])
-
-    out = {}
-    if rule.name == "krum":
-        # Distances over everything: an element a client did not train counts as no change.
-        flat = np.stack([np.concatenate([np.nan_to_num(d.get(n, np.zeros(sizes[n]))) for n in sizes]) for _, d in rows])
-        sq = (flat * flat).sum(1)
-        dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
-        closest = max(1, len(rows) - rule.krum_byzantine - 2)
-        scores = np.sort(dist, axis=1)[:, 1:closest + 1].sum(1)
-        chosen = sorted(np.argsort(scores, kind="stable")[:max(1, min(rule.krum_selected, len(rows)))])
-        rows = [rows[i] for i in chosen]
-    for name in sizes:
-        m = matrix(name)
-        trained = ~np.isnan(m)
-        count = trained.sum(0)
-        if rule.name == "median":
-            with np.errstate(all="ignore"):
-                value = np.where(count > 0, np.nanmedian(np.where(count > 0, m, 0.0), axis=0), 0.0)
-        elif rule.name == "trimmed-mean":
-            cut = np.floor(rule.trim_fraction * count).astype(np.int64)
-            order = np.sort(m, axis=0)  # NaN (untrained) sort last
-            rank = np.arange(len(m))[:, None]
-            keep = (rank >= cut) & (rank < count - cut)
-            value = np.divide(np.where(keep, order, 0.0).sum(0), keep.sum(0), out=np.zeros(m.shape[1]),
-                              where=keep.sum(0) > 0)
-        else:  # krum: example-weighted mean of the selected changes
-            n = np.array([e for e, _ in rows], np.float64)[:, None]
-            w = np.where(trained, n, 0.0)
-            value = np.divide((np.where(trained, m, 0.0) * n).sum(0), w.sum(0), out=np.zeros(m.shape[1]),
-                              where=w.sum(0) > 0)
-        out[name] = value
-    return out
 
 
 class GlobalModel:
