@@ -23,7 +23,8 @@ native:
 demo: $(STAMP) native  ## run the quickstart scenario
 	$(BIN)/fedtiny run scenarios/quickstart.toml
 
-test: $(STAMP) native  ## run the test suite
+test: $(STAMP) native  ## lint (ruff, a second) and run the test suite
+	$(BIN)/ruff check fedtiny clients server tests scripts
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) native  ## benchmarks (ratios against an in-process baseline)

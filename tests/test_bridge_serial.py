@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT
 from fedtiny.bridge.address import parse_address
-from fedtiny.bridge.protocol import (ACK, BUSY, HELLO, TRAIN, UPDATE, ProtocolError, pack_blob, read_frame,
+from fedtiny.bridge.protocol import (HELLO, TRAIN, UPDATE, ProtocolError, pack_blob, read_frame,
                                      send_frame, send_json, sync_frame, unpack_blob)
 from fedtiny.bridge.relay import relay_round
 from fedtiny.bridge.transport import open_stream

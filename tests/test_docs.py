@@ -1,7 +1,6 @@
 """The documentation: a short README, links that resolve, a scenario reference that cannot drift."""
 
 import re
-from pathlib import Path
 
 import pytest
 

@@ -127,7 +127,7 @@ def test_squeeze_reads_as_a_reshape(tmp_path):
 
 # ---------------------------------------------------------------- the common MCU operators
 
-def _se_net(size: int = 16) -> "QModel":
+def _se_net(size: int = 16):
     import sys
 
     sys.path.insert(0, str(ROOT / "scenarios" / "models"))

@@ -4,7 +4,6 @@ The oracle is TFLM itself (the ``tflite-micro`` package's interpreter). Models: 
 reference ``.tflite`` files imported, the tiny-training models and tiny-ir exported.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
