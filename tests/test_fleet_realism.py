@@ -284,3 +284,22 @@ def test_fleet_run_with_availability_deadline_and_faults(tmp_path):
     assert summary["fleet_time_s"] == pytest.approx(sum(r["round_time_s"] for r in recs[1:]))
     assert summary["energy_mj_per_client_round"] > 0
     assert (tmp_path / "accuracy_vs_fleet_time.png").is_file()
+
+
+def test_poisoning_lives_in_the_fleet_simulation_not_in_a_devices_round():
+    """A malicious partition's round through client_round (the simulated fleet) is poisoned; local_round, which the
+    bridge's device emulator runs, is the honest round whatever fleet.malicious_fraction says."""
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import ClientJob, client_round, local_round
+    from fedtiny.federated.fleet import server_task
+
+    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=2", "model.pretrain_epochs=2",
+                                                          "fleet.malicious_fraction=1.0"]))
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    scheme = next(iter(schemes.by_profile.values()))
+    down = pack_dense(initial, task.downlink_spec)
+    honest, _ = local_round(scenario, 0, 1, down, scheme=scheme)
+    poisoned, _ = client_round(scenario, ClientJob(0, down, scheme=scheme), 1, {})
+    clean = load_scenario(QUICKSTART, parse_overrides(["run.clients=2", "model.pretrain_epochs=2"]))
+    fleet_honest, _ = client_round(clean, ClientJob(0, down, scheme=scheme), 1, {})
+    assert honest.update == fleet_honest.update and poisoned.update != honest.update

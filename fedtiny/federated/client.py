@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -84,7 +85,9 @@ def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Tas
 
 def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
                 scheme: ResolvedScheme | None = None, state: dict[str, np.ndarray] | None = None,
-                profile: DeviceProfile | None = None, data=None) -> tuple[LocalResult, dict[str, np.ndarray]]:
+                profile: DeviceProfile | None = None, data=None,
+                tamper: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                ) -> tuple[LocalResult, dict[str, np.ndarray]]:
     """Run client ``partition_id``'s round ``server_round``; return its reply and its new persistent state.
 
     The client applies the downlink (the full model, or the change since the model
@@ -93,7 +96,9 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     and encodes its update: the trained tensors (dense uplink) or their change,
     sparsified with error feedback (sparse uplink; the residual lives in ``state``).
     ``data`` (an :class:`~fedtiny.data.sources.ImageSet`) replaces the partition's training
-    images: an attack harness runs its target images through this same path.
+    images: an attack harness runs its target images through this same path. ``tamper(trained,
+    received)`` changes the trained tensors before they are encoded: the fleet simulation's poisoned
+    clients (:func:`client_round`); a device's round (the bridge's emulator, the firmware's) is honest.
 
     Raises
     ------
@@ -150,8 +155,8 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     if scenario.privacy.dp == "local":
         trained = privatize(task, trained, received, np.random.default_rng((scenario.run.seed, server_round,
                                                                             partition_id, DP_STREAM)))
-    if partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
-        trained = poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
+    if tamper is not None:
+        trained = tamper(trained, received)
         if task.uplink.kind == DENSE:
             trained = {n: to_wire(trained[n], np.dtype(dt)) for n, _, dt in task.uplink_spec}
     update, carried = task.uplink.encode(trained, received, server_round, state)
@@ -197,16 +202,22 @@ def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, work,
 
 def client_round(scenario: Scenario, job: "ClientJob", server_round: int,
                  state: dict[str, np.ndarray]) -> tuple[LocalResult, dict[str, np.ndarray]]:
-    """A client's round as the fleet runs it: :func:`local_round`, then the fault it has this round, if any.
+    """A client's round as the fleet simulation runs it: :func:`local_round` (poisoned, for the fleet's malicious
+    clients), then the fault it has this round, if any.
 
     Raises
     ------
     fedtiny.federated.faults.ClientCrash
         When the client crashes this round (it sends nothing and keeps no new state).
     """
+    fleet = scenario.fleet
+    tamper = None
+    if job.partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
+        def tamper(trained, received):  # a poisoned client of the simulated fleet
+            return poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
     result, state = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
-                                scheme=job.scheme, state=state)
-    rates = dict(scenario.fleet.faults)
+                                scheme=job.scheme, state=state, tamper=tamper)
+    rates = dict(fleet.faults)
     if rates:
         honest = result
         fault = draw_fault(rates, scenario.run.seed, server_round, job.partition_id)
