@@ -18,7 +18,7 @@ from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import GlobalModel
 from fedtiny.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtiny.federated.rounds import RoundOutcome
-from fedtiny.federated.fleet import server_task
+from fedtiny.server_setup import server_task
 from fedtiny.federated.task import limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate
 from fedtiny.int8.prefix import server_prefixes

@@ -16,7 +16,7 @@ from fedtiny.federated import messages as msg
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate, central_dp
 from fedtiny.federated.client import ClientJob
-from fedtiny.federated.fleet import FleetSchemes
+from fedtiny.server_setup import FleetSchemes
 from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats, screen
 from fedtiny.federated.sampling import awake_clients, sample_clients
 from fedtiny.federated.task import Task, client_profile, with_scheme

@@ -98,7 +98,7 @@ def test_in_simulation_malicious_server_and_imprint_report():
     from fedtiny.attack.fleet import attack_observed, privacy_figures
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
 
     scenario = load_scenario(MALICIOUS, parse_overrides(["model.pretrain_epochs=0"]))
     task, initial, _, schemes = server_task(scenario, progress=None)

@@ -55,7 +55,7 @@ def test_read_frame_times_out_and_detects_close():
 
 
 def _emulator(port_box, fault="", engine="torch"):
-    from fedtiny.bridge.device import serve
+    from fedtiny.device_emulator import serve
     from fedtiny.devices import get_profile
     from fedtiny.scenario import load_scenario, parse_overrides
 
@@ -76,7 +76,7 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.federated.task import cloud_model, make_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
 
     port = []
     scenario = _emulator(port)
@@ -102,7 +102,7 @@ def test_an_emulator_training_with_the_c_step_sends_the_same_bytes():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
     from fedtiny.federated.task import cloud_model, make_task
 
     build_c_library("libfedtiny_step.so")

@@ -1,6 +1,6 @@
 """The bridge on a serial port: a pseudo-terminal pair stands in for the cable.
 
-The device end is the Python emulator (``fedtiny.bridge.device.serve_serial`` on the pty's master);
+The device end is the Python emulator (``fedtiny.device_emulator.serve_serial`` on the pty's master);
 the bridge opens the slave's path through pyserial as ``serial:/dev/pts/N@115200``. Covers the
 update bytes against ``local_round``, the ACK commit rule, a device that stalls mid-frame, line
 noise before the HELLO (resync), garbage and a reset mid-round, and a faulty device through the
@@ -37,7 +37,7 @@ def setup():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
     from fedtiny.federated.task import cloud_model, make_task
     from fedtiny.scenario import load_scenario, parse_overrides
 
@@ -80,7 +80,7 @@ def host_rounds():
 @contextlib.contextmanager
 def pty_device(fault: str = "", keepalive_s: float = 5.0):
     """The emulator on a pseudo-terminal's master; yields the bridge's address of the slave end."""
-    from fedtiny.bridge.device import serve_serial
+    from fedtiny.device_emulator import serve_serial
     from fedtiny.devices import get_profile
 
     scenario = setup()[0]

@@ -58,7 +58,7 @@ def firmware(request, tmp_path_factory):
 def _round(name, server_round=1):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
 

@@ -133,7 +133,7 @@ def test_netduinoplus2_trains_the_round_an386_trains(generated, images, tmp_path
     from fedtiny.bridge.relay import relay_round
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
 

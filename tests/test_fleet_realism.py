@@ -174,7 +174,7 @@ def _round_with_the_rule(returned):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.federated.client import local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from server.strategy import FedTinyStrategy
 
     with pytest.raises(ScenarioError, match="must be one of fedavg, median, trimmed-mean, krum"):
@@ -213,7 +213,7 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.federated.client import local_round
     from fedtiny.federated.faults import remember_update
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=7", "model.pretrain_epochs=3",
@@ -291,7 +291,7 @@ def test_poisoning_lives_in_the_fleet_simulation_not_in_a_devices_round():
     bridge's device emulator runs, is the honest round whatever fleet.malicious_fraction says."""
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import ClientJob, client_round, local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
 
     scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=2", "model.pretrain_epochs=2",
                                                           "fleet.malicious_fraction=1.0"]))

@@ -100,3 +100,32 @@ def test_clients_never_import_the_server():
     graph = import_graph()
     assert not [(m, d) for m, deps in graph.items() if m.startswith("clients") for d in deps
                 if d.startswith("server")]
+
+
+def folder_of(module: str) -> str:
+    """``fedtiny.int8.ops.conv`` -> ``fedtiny.int8``; ``fedtiny.scenario`` -> itself; ``server.strategy`` -> ``server``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "fedtiny" and len(parts) > 1 else parts[0]
+
+
+def stated_floors() -> dict[str, int]:
+    """docs/architecture.md's floors: ``- floor N: `fedtiny/int8/`, `fedtiny/scenario.py` ...``."""
+    import re
+
+    floors = {}
+    for n, names in re.findall(r"^- floor (\d+): (.+)$", (ROOT / "docs" / "architecture.md").read_text(), re.M):
+        for path in re.findall(r"`([^`]+)`", names):
+            floors[path.rstrip("/").removesuffix(".py").replace("/", ".")] = int(n)
+    return floors
+
+
+def test_folders_import_one_way_as_the_architecture_page_states():
+    floors = stated_floors()
+    graph = import_graph()
+    folders = {folder_of(m) for m in graph} - {"fedtiny"}
+    assert folders <= set(floors), f"folders without a floor on the architecture page: {sorted(folders - set(floors))}"
+    wrong = sorted({(folder_of(a), folder_of(b), a, b) for a, bs in graph.items() for b in bs
+                    if folder_of(b) not in ("fedtiny", folder_of(a))
+                    and floors[folder_of(a)] <= floors[folder_of(b)]})
+    assert not wrong, "imports that do not run down a floor: " + "; ".join(f"{a} -> {b}" for *_, a, b in wrong[:10])
+

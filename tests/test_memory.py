@@ -117,7 +117,7 @@ def test_quickstart_client_fits_its_device_and_full_does_not():
     update's does not, although one step of it would (the publication's count, device.fit = "step")."""
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.federated.task import client_profile, cloud_model, make_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
 
     for scheme, fits in (("", True), ("full", False)):
         over = parse_overrides([f"train.scheme={scheme}"] if scheme else []) | {"model.pretrain_epochs": 1}
@@ -139,7 +139,7 @@ def test_device_count_holds_what_a_round_keeps():
     from fedtiny.budget.device_memory import ClientLoad, client_memory
     from fedtiny.scenario import load_scenario
     from fedtiny.federated.task import client_profile, cloud_model, make_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
 
     s = load_scenario(ROOT / "scenarios" / "quickstart.toml")
     task = make_task(s)

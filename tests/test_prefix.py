@@ -14,7 +14,7 @@ from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import FULL
 from fedtiny.data.sources import load_source
 from fedtiny.federated.client import local_round
-from fedtiny.federated.fleet import server_task
+from fedtiny.server_setup import server_task
 from fedtiny.federated.task import client_profile
 from fedtiny.federated.train import evaluate, pretrain, seeded, train_local
 from fedtiny.int8.convert import ptq

@@ -86,7 +86,7 @@ def _federate(overrides, rounds=2, on_round=()):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.federated.client import local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from server.strategy import FedTinyStrategy
 
     # a 256 KB device: dense positions and fp32 values need more RAM for the update than a 64 KB one has
@@ -285,7 +285,7 @@ def _quickstart_round(overrides, tamper=None):
     """One client round of the quickstart (2 clients) under ``overrides``; ``tamper(state)`` edits the downlink."""
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task, local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.scenario import load_scenario
 
     s = load_scenario(ROOT / "scenarios" / "quickstart.toml",

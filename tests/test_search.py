@@ -10,7 +10,7 @@ from fedtiny.budget.memory import memory_report
 from fedtiny.budget.schemes import ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve
 from fedtiny.compress.dense import dense_nbytes
 from fedtiny.federated.aggregate import ClientUpdate, aggregate
-from fedtiny.federated.fleet import analysis_data, analysis_settings, peak_function
+from fedtiny.server_setup import analysis_data, analysis_settings, peak_function
 from fedtiny.federated.task import cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 from fedtiny.scenario import load_scenario, parse_overrides

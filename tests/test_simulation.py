@@ -52,7 +52,7 @@ def test_round_progress_lines_say_time_left(tmp_path):
     import io
     import time
 
-    from fedtiny.report.progress import quiet, set_quiet
+    from fedtiny.progress import quiet, set_quiet
     from fedtiny.report.runlog import RunLog
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.rounds=4"]))
@@ -82,7 +82,7 @@ def test_metrics_per_round_and_byte_counts(two_runs):
     recs = read_metrics(d)
     assert [r["round"] for r in recs] == [0, 1, 2]
     from fedtiny.federated.task import cloud_model
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
 
     task = make_task(load_scenario(d / "scenario.toml"))
     task = resolve_scheme(task, cloud_model(task)[0])  # the sparse scheme decides what is sent back
@@ -180,7 +180,7 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
     from fedtiny.federated.task import cloud_model
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
     from server.strategy import FedTinyStrategy
 
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",

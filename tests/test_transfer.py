@@ -98,7 +98,7 @@ def test_last_k_fit_is_the_largest_last_k_that_fits_the_smallest_device():
     """The whole device (device.fit = "device", the default; with the largest partition's samples) decides."""
     from fedtiny.budget.schemes import parse_scheme, resolve
     from fedtiny.federated.task import make_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
     from fedtiny.models import model_arrays
     from fedtiny.scenario import scenario_from_dict
 
@@ -139,7 +139,7 @@ def test_bench_train_times_the_int8_step_against_its_float_twin(cli, small_model
 
 
 def test_learning_rate_comes_from_the_scenario_the_model_or_the_public_split(tmp_path, small_model_file):
-    from fedtiny.federated.fleet import choose_lr
+    from fedtiny.server_setup import choose_lr
     from fedtiny.federated.lr import LR_GRID, MODEL_DEFAULT_LR
     from fedtiny.federated.task import cloud_model, make_task
     from fedtiny.scenario import load_scenario

@@ -126,7 +126,7 @@ def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
     """A ``progress`` callback for :func:`reconstruct` that prints the median loss every ``every`` iterations."""
     import time
 
-    from fedtiny.report.progress import left, say, seconds
+    from fedtiny.progress import left, say, seconds
 
     t0 = time.perf_counter()
 

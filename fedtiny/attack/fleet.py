@@ -24,7 +24,7 @@ from fedtiny.attack.metrics import flat_psnr, score, worst_case
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 
 __all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "targets_of"]
 

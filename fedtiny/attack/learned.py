@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 
 __all__ = ["Inverter", "fit_inverter", "augment"]
 

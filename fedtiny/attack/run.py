@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.metrics import flat_psnr, psnr, score, ssim, worst_case
 from fedtiny.attack.presets import _resize, dlg_lenet, face_ids, face_images, photo_patches, real_images, tiny_ir_rgb

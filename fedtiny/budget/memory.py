@@ -22,7 +22,7 @@ backward: 1-bit ReLU masks of updated layers, int8 inputs of weight-updated
 channels, int8 updated weights, int32 updated biases, the classifier's input.
 
 :func:`measure_step` runs a real training step of the same model with the
-:class:`~fedtiny.budget.ledger.Ledger` recording; its peak equals the planner's.
+:class:`~fedtiny.int8.ledger.Ledger` recording; its peak equals the planner's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtiny.budget.ledger import GRAD_BYTES, Ledger, OpEvents, recording
+from fedtiny.int8.ledger import GRAD_BYTES, Ledger, OpEvents, recording
 from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.budget.step_time import StepWork, schedule_work
@@ -173,7 +173,7 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
              inplace_depthwise: bool = True) -> list[ScheduledOp]:
     """The forward schedule of one training step from shapes alone, with each op's buffers.
 
-    Each op computes its own :class:`~fedtiny.budget.ledger.OpEvents` (the same method the
+    Each op computes its own :class:`~fedtiny.int8.ledger.OpEvents` (the same method the
     int8 graph calls while a step runs) from its :class:`~fedtiny.int8.graph.Wiring`; this walk
     supplies the shapes and whether a gradient must reach each op's input (something upstream
     is trained). The graph runs up to its head.

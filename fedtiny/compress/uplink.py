@@ -21,9 +21,8 @@ from fedtiny.compress.codec import decode, encode
 from fedtiny.compress.dense import Spec, pack_dense, unpack_dense
 from fedtiny.compress.sparsify import CompressionConfig, compress_update
 from fedtiny.errors import CodecError
-from fedtiny.scenario import Scenario
 
-__all__ = ["Uplink", "Decoded", "DENSE", "SPARSE", "make_uplink", "compression_config"]
+__all__ = ["Uplink", "Decoded", "DENSE", "SPARSE"]
 
 DENSE, SPARSE = "dense", "sparse"
 
@@ -89,15 +88,3 @@ class Uplink:
                 raise CodecError(f"tensor {name}: changes elements outside the scheme's trainable slice")
             out[name] = (t.indices, t.values)
         return out
-
-
-def compression_config(scenario: Scenario) -> CompressionConfig:
-    """The sparse encoder's settings from the scenario's ``[compression]`` section."""
-    c = scenario.compression
-    return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
-                             scenario.train.momentum if c.momentum_correction else 0.0, c.residual)
-
-
-def make_uplink(scenario: Scenario, spec: Spec, slices: dict[str, np.ndarray]) -> Uplink:
-    """The scenario's uplink for tensors ``spec`` with trainable ``slices``."""
-    return Uplink(scenario.compression.uplink, spec, slices, compression_config(scenario))

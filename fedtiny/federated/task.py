@@ -12,7 +12,8 @@ from torch import nn
 from fedtiny.data import Federation, load_federation
 from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
 from fedtiny.compress.dense import Spec
-from fedtiny.compress.uplink import Uplink, make_uplink
+from fedtiny.compress.sparsify import CompressionConfig
+from fedtiny.compress.uplink import Uplink
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.scenario import Scenario
 from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio, with_kernels
@@ -304,3 +305,15 @@ def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
 def limit_threads() -> None:
     """One intra-op thread: the simulation runs one client per core, and it keeps results repeatable."""
     torch.set_num_threads(1)
+
+
+def compression_config(scenario: Scenario) -> CompressionConfig:
+    """The sparse encoder's settings from the scenario's ``[compression]`` section."""
+    c = scenario.compression
+    return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
+                             scenario.train.momentum if c.momentum_correction else 0.0, c.residual)
+
+
+def make_uplink(scenario: Scenario, spec: Spec, slices: dict[str, np.ndarray]) -> Uplink:
+    """The scenario's uplink (``compression.uplink``) for tensors ``spec`` with trainable ``slices``."""
+    return Uplink(scenario.compression.uplink, spec, slices, compression_config(scenario))

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedtiny.budget.ledger import NULL, OpEvents, active, fused_workspace_bytes
+from fedtiny.int8.ledger import NULL, OpEvents, active, fused_workspace_bytes
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.ops.add import QAdd
 from fedtiny.int8.kernels_misc import quantize_float

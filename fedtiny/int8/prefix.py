@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fedtiny.budget.ledger import NULL, active
+from fedtiny.int8.ledger import NULL, active
 from fedtiny.int8.graph import QModel
 
 __all__ = ["FrozenPrefix", "PrefixStore", "prefix_key", "data_digest", "first_changing_op", "without_prefixes",

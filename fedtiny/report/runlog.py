@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedtiny.report.progress import left, say
+from fedtiny.progress import left, say
 from fedtiny.scenario import Scenario
 
 __all__ = ["RunLog", "new_run_dir", "write_scenario", "read_metrics"]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from fedtiny.report.progress import left, seconds
+from fedtiny.progress import left, seconds
 from fedtiny.budget.schemes import Scheme, apply_scheme, resolve
 from fedtiny.errors import SchemeError
 from fedtiny.data import ImageSet

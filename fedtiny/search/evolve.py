@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.report.progress import left, seconds
+from fedtiny.progress import left, seconds
 from fedtiny.budget.schemes import Scheme
 from fedtiny.errors import SchemeError
 from fedtiny.search.contrib import Contributions

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 
 __all__ = ["bench_sim", "BENCHES"]
 
@@ -53,7 +53,7 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
 
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.aggregate import ClientUpdate, GlobalModel, aggregate
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile, with_scheme
     from fedtiny.federated.train import evaluate
     from fedtiny.models import load_arrays
@@ -164,7 +164,7 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
     best is inside, at most ``max_widen`` times per method (the best row then says
     ``at_edge``). Returns every trial and each method's best.
     """
-    from fedtiny.report.progress import left
+    from fedtiny.progress import left
 
     rows, best = [], {}
     planned, t_all = len(methods) * lr_points, time.perf_counter()
@@ -314,7 +314,7 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedtiny.attack.surrogate import Surrogate
     from fedtiny.federated.task import cloud_model, limit_threads, make_task
-    from fedtiny.federated.fleet import resolve_scheme
+    from fedtiny.server_setup import resolve_scheme
     from fedtiny.models.state import load_arrays
     from fedtiny.scenario import parse_overrides
 
@@ -533,7 +533,7 @@ def bench_round(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.compress.downlink import FULL
     from fedtiny.errors import SchemeError
     from fedtiny.federated.client import local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile, limit_threads
     from fedtiny.int8.prefix import STATE_PREFIX, PrefixStore, prefix_cache
     from fedtiny.scenario import parse_overrides
@@ -671,7 +671,7 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import local_round
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile, with_scheme
     from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.tools.sim import simulate_secagg

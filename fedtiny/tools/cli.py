@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from fedtiny.errors import FedtinyError, ModelFileError, ScenarioError
 from fedtiny.scenario import load_scenario, parse_overrides
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 
 __all__ = ["main"]
 
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from fedtiny.report.html import sweep_tables
-    from fedtiny.report.progress import left
+    from fedtiny.progress import left
     from fedtiny.report.sweep import combine_seeds
 
     summaries = {}
@@ -406,7 +406,7 @@ def _memory_of_scenario(args: argparse.Namespace) -> int:
     """``fedtiny memory --scenario S``: each method's clients, one step and the whole device, and who refuses."""
 
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile
 
     scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
@@ -576,7 +576,7 @@ def cmd_device_firmware(args: argparse.Namespace) -> int:
 
 
 def cmd_device_emulator(args: argparse.Namespace) -> int:
-    from fedtiny.bridge.device import serve
+    from fedtiny.device_emulator import serve
     from fedtiny.devices import get_profile
     from fedtiny.federated.task import limit_threads
 
@@ -597,7 +597,7 @@ def cmd_device_emulator(args: argparse.Namespace) -> int:
                             "port), one of them")
     if args.serial:
         from fedtiny.bridge.address import parse_address
-        from fedtiny.bridge.device import serve_serial
+        from fedtiny.device_emulator import serve_serial
 
         port = parse_address(f"serial:{args.serial}")
         if port.kind != "serial-port":
@@ -807,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="scenarios/quickstart.toml", help="the scenario whose model it runs")
     p.add_argument("--data", type=int, default=0, help="the data partition of the scenario it holds")
     p.add_argument("--fault", default="", choices=["", "disconnect", "stall", "reset", "garbage", "busy", "noise"],
-                   help="test peer: misbehave on purpose (fedtiny.bridge.device.FAULTS)")
+                   help="test peer: misbehave on purpose (fedtiny.device_emulator.FAULTS)")
     p.add_argument("--engine", default="", choices=["", "torch", "c"], help="what trains: the PyTorch exact step "
                    "or the C step of device/c (default: the scenario's train.engine); the same update either way")
     _add_scenario_args(p)
@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedtiny.report.progress import set_quiet
+    from fedtiny.progress import set_quiet
 
     set_quiet(bool(getattr(args, "json", False)))  # --json: stdout's last line is the JSON, stderr stays quiet
     try:

@@ -3,7 +3,7 @@
 The firmware trains one partition of one scenario. Everything it must agree on with the server is
 computed here, from the same code the simulator runs, and written as C:
 
-- the model as the server starts it (:func:`fedtiny.federated.fleet.server_task`: the model file, the
+- the model as the server starts it (:func:`fedtiny.server_setup.server_task`: the model file, the
   scheme the server sends this partition's device profile, the learning rate), laid out as the C
   step's ``ft_op`` array by :class:`~fedtiny.int8.cstep.CStep` itself; frozen tensors ``const`` (flash),
   trained weights and biases and the momentum buffers in RAM;
@@ -93,7 +93,7 @@ def bridged_client(scenario_path: str, partition_id: int, overrides: dict | None
     server/server_app.py runs it)."""
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile, limit_threads
     from fedtiny.scenario import load_scenario
 
@@ -119,7 +119,7 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
     from fedtiny.devices import compute_cycles, get_profile
     from fedtiny.errors import ScenarioError
     from fedtiny.federated.client import client_task
-    from fedtiny.federated.fleet import server_task
+    from fedtiny.server_setup import server_task
     from fedtiny.federated.task import client_profile, limit_threads
     from fedtiny.int8.cstep import CStep, CKind
     from fedtiny.models.state import load_arrays, model_arrays

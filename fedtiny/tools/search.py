@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtiny.report.progress import say, seconds
+from fedtiny.progress import say, seconds
 from fedtiny.errors import ScenarioError
 
 __all__ = ["search_command"]
@@ -25,7 +25,7 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run the contribution analysis (cached), the evolutionary search and the random baseline; report."""
     from fedtiny.devices import get_profile
     from fedtiny.budget.schemes import resolve
-    from fedtiny.federated.fleet import search_settings, search_space
+    from fedtiny.server_setup import search_settings, search_space
     from fedtiny.federated.task import cloud_model, limit_threads, make_task
     from fedtiny.models.state import load_arrays
     from fedtiny.scenario import load_scenario, parse_overrides
@@ -66,7 +66,7 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     state, cloud = cloud_model(task)
     phase("cloud model")
     if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
-        from fedtiny.federated.fleet import choose_lr
+        from fedtiny.server_setup import choose_lr
         from fedtiny.federated.lr import with_lr
 
         lr = choose_lr(task, state, _progress, scheme="last-k:fit")

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedtiny.budget.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels, native
 from fedtiny.int8.ops.base import (INT32_MAX, INT32_MIN, CKind, QParamsMixin, Wiring, as_int, check_grads, grads, numel,

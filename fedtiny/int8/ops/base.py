@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from fedtiny.budget.ledger import Ledger, NullLedger, OpEvents
+from fedtiny.int8.ledger import Ledger, NullLedger, OpEvents
 from fedtiny.errors import ModelFileError
 
 __all__ = ["round_ste", "qparams", "QParamsMixin", "numel", "grads", "as_int", "Wiring", "check_grads",

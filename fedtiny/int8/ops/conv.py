@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.budget.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes, workspace_bytes
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes, workspace_bytes
 from fedtiny.errors import ModelFileError, SchemeError
 from fedtiny.int8 import exact, kernels, native
 from fedtiny.int8.ops.base import ACTIVATIONS, CKind, QParamsMixin, Wiring, check_grads, grads, numel, qparams

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fedtiny.budget.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.int8.ops.base import Wiring, check_grads, grads, numel
 
 __all__ = ["ParameterFreeOp", "op_events"]

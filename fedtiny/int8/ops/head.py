@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.budget.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.ops.base import Wiring, check_grads, grads, numel
 from fedtiny.int8.ops.registry import OpKind, register

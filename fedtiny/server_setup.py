@@ -25,7 +25,7 @@ from fedtiny.data import ImageSet
 from fedtiny.data.shift import apply_shift, fleet_shift
 from fedtiny.federated.task import Task, client_load, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
-from fedtiny.report.progress import say
+from fedtiny.progress import say
 
 __all__ = ["FleetSchemes", "fleet_schemes", "server_task", "choose_lr", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
            "scheme_for_device", "search_space", "search_settings"]
