@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedtiny.errors import ScenarioError
+from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 from fedtiny.rules import rule_named, rule_names
 
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
@@ -143,7 +144,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    optimizer: str = _key("sgd+qas", "client optimizer: sgd, sgd+qas (int8 only), adam", _choice("sgd", "sgd+qas", "adam"))
+    optimizer: str = _key("sgd+qas", "client optimizer: sgd, sgd+qas (int8 only), adam (the optimizers registered in "
+                          "fedtiny.int8.optimizers)", lambda v: _choice(*optimizer_names())(v))
     lr: float = _key(0.0, "client learning rate; 0 = the model's: 0.005 for a model the cloud pretrains (tiny-ir, "
                      "model.module), chosen on the server's public split for a pretrained model.file "
                      "(the run log and summary's lr, lr_source say which)", _range(0.0, 1e9))
@@ -645,16 +647,16 @@ def _check_cross(where: str, s: Scenario) -> None:
             f"(< 0.95), got {s.data.public_fraction + s.data.test_fraction:g}"
         )
     if s.train.gradients == "exact" and s.model.precision == "int8" and (
-            s.train.optimizer == "adam" or s.model.classifier_precision == "fp32"):
+            not optimizer_kind(s.train.optimizer).exact or s.model.classifier_precision == "fp32"):
         raise ScenarioError(f"{where}: train.gradients: the exact step trains an int8 classifier with sgd or "
                             f"sgd+qas (got optimizer {s.train.optimizer!r}, classifier "
                             f"{s.model.classifier_precision!r}); set train.gradients = \"float\"")
     if s.train.engine == "c" and (s.train.gradients != "exact" or s.model.precision != "int8"):
         raise ScenarioError(f"{where}: train.engine: c runs the exact step of an int8 model; it needs "
                             f"train.gradients = \"exact\" and model.precision = \"int8\"")
-    if s.train.optimizer == "sgd+qas" and s.model.precision != "int8":
-        raise ScenarioError(f"{where}: train.optimizer: sgd+qas scales int8 gradients; it needs model.precision = "
-                            f"\"int8\" (got {s.model.precision!r})")
+    if optimizer_kind(s.train.optimizer).qas and s.model.precision != "int8":
+        raise ScenarioError(f"{where}: train.optimizer: {s.train.optimizer} scales int8 gradients; it needs "
+                            f"model.precision = \"int8\" (got {s.model.precision!r})")
     from fedtiny.budget.schemes import SchemeError, parse_scheme
 
     try:

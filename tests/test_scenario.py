@@ -134,3 +134,36 @@ def test_list_valued_keys_are_typed_and_old_comma_strings_still_load(tmp_path):
 def test_bad_list_values_name_the_key(tmp_path, text, message):
     with pytest.raises(ScenarioError, match=message):
         load_scenario(write(tmp_path, text))
+
+
+def test_an_optimizer_is_registered_and_chosen_by_name():
+    """An optimizer kind carries its own update: one registered here is a scenario choice and trains a model; the
+    memory model asks it for its state (Adam's two moments, SGD's momentum buffer)."""
+    import torch
+
+    from fedtiny.budget.memory import optimizer_slots
+    from fedtiny.federated.train import make_optimizer
+    from fedtiny.int8 import optimizers
+    from fedtiny.int8.optimizers import OptimizerKind, register
+
+    assert (optimizer_slots("adam", 0.0), optimizer_slots("sgd", 0.9), optimizer_slots("sgd+qas", 0.0)) == (2, 1, 0)
+    register(OptimizerKind("test-half-sgd", "SGD at half the rate", exact=False,
+                           torch=lambda params, lr, momentum: torch.optim.SGD(params, lr=lr / 2)))
+    try:
+        s = load_scenario(ROOT / "scenarios" / "quickstart.toml",
+                          parse_overrides(['train.optimizer="test-half-sgd"', 'train.gradients="float"']))
+        assert s.train.optimizer == "test-half-sgd"
+        with pytest.raises(ScenarioError, match="train.gradients: the exact step"):
+            load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(['train.optimizer="test-half-sgd"']))
+        moved = {}
+        for name in ("sgd", "test-half-sgd"):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 2)
+            before = model.weight.detach().clone()
+            opt = make_optimizer(model, name, 0.1)
+            model(torch.ones(3, 4)).sum().backward()
+            opt.step()
+            moved[name] = model.weight.detach() - before
+        assert torch.allclose(moved["test-half-sgd"], moved["sgd"] / 2) and moved["sgd"].abs().sum() > 0
+    finally:  # the scenario reference (tests/test_docs.py) lists the built-in optimizers
+        del optimizers._KINDS["test-half-sgd"]

@@ -40,6 +40,7 @@ from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.budget.step_time import StepWork, schedule_work
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import FloatHead, QConv, QModel, fused_events, fusable
+from fedtiny.int8.optimizers import optimizer_kind
 from fedtiny.int8.resolver import kind_of
 
 __all__ = ["optimizer_slots", "MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
@@ -118,7 +119,7 @@ class MemoryReport:
 
 def optimizer_slots(optimizer: str, momentum: float) -> int:
     """fp32 values the optimizer keeps per trained element: Adam's two moments, momentum, or none."""
-    return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+    return optimizer_kind(optimizer).state_slots(momentum)
 
 
 def persistent_bytes(model: QModel, optimizer: str = "sgd+qas", momentum: float = 0.0) -> dict[str, int]:

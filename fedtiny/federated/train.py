@@ -15,6 +15,7 @@ from torch import nn
 
 from fedtiny.data import ImageSet
 from fedtiny.errors import ModelFileError, ScenarioError
+from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 
 __all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer", "exact_applies"]
 
@@ -77,12 +78,12 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
     if isinstance(model, QModel):
         return QuantizedOptimizer(model, name, lr, momentum, rounding, gen)
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ScenarioError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")"
-                     if name == "sgd+qas" else f"train.optimizer: unknown optimizer {name!r}")
+    if name not in optimizer_names():
+        raise ScenarioError(f"train.optimizer: unknown optimizer {name!r}")
+    kind = optimizer_kind(name)
+    if kind.qas:
+        raise ScenarioError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")")
+    return kind.torch(params, lr, momentum)
 
 
 def _exact_loss(model: nn.Module):
@@ -151,7 +152,8 @@ def exact_applies(model: nn.Module, optimizer: str) -> bool:
     """Whether the exact step can train ``model`` with ``optimizer``: an int8 graph, int8 head, SGD (with or without QAS)."""
     from fedtiny.int8.graph import QConv, QModel
 
-    return isinstance(model, QModel) and isinstance(model.classifier, QConv) and optimizer in ("sgd", "sgd+qas")
+    return (isinstance(model, QModel) and isinstance(model.classifier, QConv)
+            and optimizer in optimizer_names() and optimizer_kind(optimizer).exact)
 
 
 def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,

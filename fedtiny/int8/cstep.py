@@ -19,6 +19,7 @@ import torch
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
 from fedtiny.int8.graph import QConv, QModel
+from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 from fedtiny.int8.resolver import kind_of
 from fedtiny.int8.ops.base import CKind
 
@@ -106,7 +107,7 @@ class CStep:
         lib = _lib()
         if lib is None:
             raise RuntimeError(f"{library_path()} is not built: run make install (needs a C compiler)")
-        if optimizer not in ("sgd", "sgd+qas"):
+        if optimizer not in optimizer_names() or not optimizer_kind(optimizer).exact:
             raise ValueError(f"the C step trains with sgd or sgd+qas, not {optimizer!r}")
         self.lib, self.model = lib, model
         self.keep: list[np.ndarray] = []  # every array the C side points into

@@ -23,10 +23,9 @@ from torch import nn
 from fedtiny.errors import ScenarioError
 from fedtiny.int8 import exact
 from fedtiny.int8.graph import INT32_MAX, INT32_MIN, QConv
+from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 
-__all__ = ["QuantizedOptimizer", "OPTIMIZERS", "device_float_state"]
-
-OPTIMIZERS = ("sgd", "sgd+qas", "adam")
+__all__ = ["QuantizedOptimizer", "device_float_state"]
 
 
 class QuantizedOptimizer:
@@ -37,7 +36,7 @@ class QuantizedOptimizer:
     model
         A :class:`~fedtiny.int8.graph.QModel` (only parameters with ``requires_grad`` are trained).
     name
-        ``sgd``, ``sgd+qas`` or ``adam``.
+        A registered optimizer (:mod:`fedtiny.int8.optimizers`: ``sgd``, ``sgd+qas``, ``adam``).
     lr, momentum
         Learning rate (in float units for ``sgd+qas``; in integer units otherwise) and SGD momentum.
     rounding
@@ -48,11 +47,12 @@ class QuantizedOptimizer:
 
     def __init__(self, model: nn.Module, name: str, lr: float, momentum: float = 0.0, rounding: str = "stochastic",
                  gen: torch.Generator | None = None) -> None:
-        if name not in OPTIMIZERS:
-            raise ScenarioError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        if name not in optimizer_names():
+            raise ScenarioError(f"train.optimizer: expected one of {', '.join(optimizer_names())}, got {name!r}")
+        kind = optimizer_kind(name)
         if rounding not in ("stochastic", "nearest"):
             raise ScenarioError(f"train.weight_rounding: expected stochastic or nearest, got {rounding!r}")
-        self.qas = name == "sgd+qas"
+        self.qas = kind.qas
         self.rounding, self.gen = rounding, gen
         # the exact step's update (fedtiny.int8.exact): float32 scalars, its own momentum buffers
         self.lr32, self.momentum32 = torch.tensor(lr, dtype=torch.float32), torch.tensor(momentum, dtype=torch.float32)
@@ -77,10 +77,7 @@ class QuantizedOptimizer:
                 self.slots.append((p, None, None))  # a float head: trained in float, no projection
                 self.owners.append(None)
         params = [p for p, _, _ in self.slots]
-        if name == "adam":
-            self.inner: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
-        else:
-            self.inner = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        self.inner: torch.optim.Optimizer = kind.torch(params, lr, momentum)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -145,5 +142,5 @@ def device_float_state(model: nn.Module, optimizer: str, momentum: float) -> dic
     trained = [p for p in model.parameters() if p.requires_grad]
     head = sum(p.numel() for m in model.modules() if not isinstance(m, QConv)
                for p in m.parameters(recurse=False) if p.requires_grad)
-    per = 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+    per = optimizer_kind(optimizer).state_slots(momentum)
     return {"head": head, "optimizer": per * sum(p.numel() for p in trained)}

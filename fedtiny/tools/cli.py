@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedtiny.errors import FedtinyError, ModelFileError, ScenarioError
+from fedtiny.int8.optimizers import optimizer_names
 from fedtiny.scenario import load_scenario, parse_overrides
 from fedtiny.progress import say
 
@@ -720,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-place depthwise convolution")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse expansion+depthwise of blocks no gradient passes through")
-    p.add_argument("--optimizer", choices=["sgd", "sgd+qas", "adam"], default="sgd+qas")
+    p.add_argument("--optimizer", choices=optimizer_names(), default="sgd+qas")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=1, help="samples per on-device step")
     p.add_argument("--accumulate", action="store_true", help="count fp32 gradient accumulators (a step of more "

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
+
 __all__ = ["generate"]
 
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t",
@@ -142,8 +144,9 @@ def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progres
                         "and warmup_rounds = 0")
     if scenario.device.micro_batch != 1:
         problems.append("device.micro_batch = 1 (the C step trains one sample at a time)")
-    if t.optimizer not in ("sgd", "sgd+qas") or scenario.privacy.dp != "none" or t.batch_size > 64:
-        problems.append("train.optimizer sgd or sgd+qas, privacy.dp = \"none\", train.batch_size <= 64")
+    if not optimizer_kind(t.optimizer).exact or scenario.privacy.dp != "none" or t.batch_size > 64:
+        exact = ", ".join(n for n in optimizer_names() if optimizer_kind(n).exact)
+        problems.append(f"train.optimizer one of {exact}, privacy.dp = \"none\", train.batch_size <= 64")
     if not 0 <= partition_id < scenario.run.clients:
         problems.append(f"a partition in 0..{scenario.run.clients - 1} (got {partition_id})")
     if problems:

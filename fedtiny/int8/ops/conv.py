@@ -14,6 +14,7 @@ from fedtiny.errors import ModelFileError, SchemeError
 from fedtiny.int8 import exact, kernels, native
 from fedtiny.int8.ops.base import ACTIVATIONS, CKind, QParamsMixin, Wiring, check_grads, grads, numel, qparams
 from fedtiny.int8.ops.registry import OpKind, register
+from fedtiny.int8.optimizers import optimizer_kind
 
 
 def _input_tap_l1(w: torch.Tensor, groups: int) -> float:
@@ -514,7 +515,7 @@ def _c_fill(cs, op, conv: QConv, in_ids, in_shape) -> None:
     op.shift = cs.ptr(cs.array(shift.numpy().astype(np.int32)))
     op.eff_scale = cs.ptr(cs.array(conv.multiplier().numpy().astype(np.float32)))
     ws = conv.w_scales.double()
-    if cs.optimizer == "sgd+qas":
+    if optimizer_kind(cs.optimizer).qas:
         op.qas_w = cs.ptr(cs.array((ws ** -2).float().numpy()))
         op.qas_b = cs.ptr(cs.array(((ws * conv.x_scale) ** -2).float().numpy()))
     if conv.train_channels is not None:
