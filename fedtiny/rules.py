@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.registry import Registry
+
 __all__ = ["RuleParams", "AggregationRule", "Rows", "register", "rule_named", "rule_names"]
 
 Rows = list[tuple[int, dict[str, np.ndarray]]]
@@ -64,28 +66,22 @@ class AggregationRule:
         return self.combine is None
 
 
-_RULES: dict[str, AggregationRule] = {}
+_RULES: Registry[AggregationRule] = Registry("aggregation rule")
 
 
 def register(rule: AggregationRule) -> AggregationRule:
     """Add ``rule`` (a name taken twice is a bug)."""
-    if rule.name in _RULES:
-        raise ValueError(f"aggregation rule {rule.name!r} is already registered")
-    _RULES[rule.name] = rule
-    return rule
+    return _RULES.add(rule.name, rule)
 
 
 def rule_named(name: str) -> AggregationRule:
     """The rule called ``name`` (the scenario checked it is one)."""
-    try:
-        return _RULES[name]
-    except KeyError:
-        raise ValueError(f"unknown aggregation rule {name!r} (known: {', '.join(_RULES)})") from None
+    return _RULES.get(name)
 
 
 def rule_names() -> tuple[str, ...]:
     """Every registered rule's name, in registration order."""
-    return tuple(_RULES)
+    return _RULES.names()
 
 
 # ---------------------------------------------------------------- the built-in rules

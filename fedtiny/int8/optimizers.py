@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from fedtiny.registry import Registry
+
 __all__ = ["OptimizerKind", "register", "optimizer_kind", "optimizer_names"]
 
 
@@ -46,26 +48,20 @@ class OptimizerKind:
         return self.moments or (1 if momentum > 0 else 0)
 
 
-_KINDS: dict[str, OptimizerKind] = {}
+_KINDS: Registry[OptimizerKind] = Registry("optimizer")
 
 
 def register(kind: OptimizerKind) -> OptimizerKind:
-    if kind.name in _KINDS:
-        raise ValueError(f"optimizer {kind.name!r} is already registered")
-    _KINDS[kind.name] = kind
-    return kind
+    return _KINDS.add(kind.name, kind)
 
 
 def optimizer_kind(name: str) -> OptimizerKind:
     """The optimizer called ``name`` (the scenario checked it is one)."""
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(_KINDS)})") from None
+    return _KINDS.get(name)
 
 
 def optimizer_names() -> tuple[str, ...]:
-    return tuple(_KINDS)
+    return _KINDS.names()
 
 
 def _sgd(params, lr: float, momentum: float):
