@@ -253,7 +253,6 @@ _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 _UNARY_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish", torch.tanh: "tanh",
                     F.tanh: "tanh"}
 _UNARY_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"))
-_FIXED_OUTPUT = ("sigmoid", "tanh")  # TFLM fixes their output quantization
 _RELU_FUNCTIONS = {F.relu: "RELU", torch.relu: "RELU", torch.relu_: "RELU", F.relu_: "RELU", F.relu6: "RELU6"}
 
 
@@ -762,18 +761,10 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
         elif isinstance(m, FloatMul):
             q[name] = ranges[name].qparams()
             module = QMul(*x_q, *q[inputs[1]], *q[name], activation=m.activation)
-        elif isinstance(m, FloatUnary) and m.fn == "sigmoid":
-            q[name] = (1 / 256, -128)  # TFLM's LOGISTIC writes [0, 1) in steps of 1/256
-            module = QLogistic(*x_q, *q[name])
-        elif isinstance(m, FloatUnary) and m.fn == "tanh":
-            q[name] = (1 / 128, 0)  # TFLM's TANH writes (-1, 1) in steps of 1/128
-            module = QTanh(*x_q, *q[name])
-        elif isinstance(m, FloatUnary) and m.fn == "leaky_relu":
-            q[name] = ranges[name].qparams()
-            module = QLeakyRelu(*x_q, *q[name], alpha=m.alpha)
         elif isinstance(m, FloatUnary):
-            q[name] = ranges[name].qparams()
-            module = QHardSwish(*x_q, *q[name])
+            cls, fixed = _UNARY_OPS[m.fn]
+            q[name] = fixed or ranges[name].qparams()
+            module = cls(*x_q, *q[name], **({"alpha": m.alpha} if m.fn == "leaky_relu" else {}))
         elif isinstance(m, FloatAdd):
             q[name] = ranges[name].qparams()
             module = QAdd(*x_q, *q[inputs[1]], *q[name], activation=m.activation)
@@ -796,6 +787,12 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
     return QModel(ops, INPUT_SCALE, INPUT_ZERO, input_shape=graph.input_shape)
 
 
+# Each elementwise activation's int8 op, and the output quantization TFLM fixes for it (None: calibrated):
+# LOGISTIC writes [0, 1) in steps of 1/256, TANH (-1, 1) in steps of 1/128.
+_UNARY_OPS = {"sigmoid": (QLogistic, (1 / 256, -128)), "tanh": (QTanh, (1 / 128, 0)),
+              "hardswish": (QHardSwish, None), "leaky_relu": (QLeakyRelu, None)}
+
+
 def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, ActRange]:
     """Ranges where every concatenation's inputs share its range (TFLM's int8 CONCATENATION copies, so its
     inputs must have its quantization): the union of theirs, given to each producer."""
@@ -804,7 +801,7 @@ def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, 
         if not isinstance(graph.op(name), FloatCat):
             continue
         fixed = [t for t in inputs if t == "input" or isinstance(graph.op(t), (FloatPool, FloatMaxPool))
-                 or (isinstance(graph.op(t), FloatUnary) and graph.op(t).fn in _FIXED_OUTPUT)]
+                 or (isinstance(graph.op(t), FloatUnary) and _UNARY_OPS[graph.op(t).fn][1] is not None)]
         if fixed:
             raise ModelFileError(f"{name}: torch.cat of {fixed[0]!r}, whose quantization is another op's or fixed: "
                                  "fedtiny concatenates outputs of convolutions, adds, products, hardswish and "

@@ -13,7 +13,7 @@ from fedtiny.int8.ledger import Ledger, NullLedger, OpEvents
 from fedtiny.errors import ModelFileError
 
 __all__ = ["round_ste", "qparams", "QParamsMixin", "numel", "grads", "as_int", "Wiring", "check_grads",
-           "to_nchw_shape", "CKind", "INT8_MIN", "INT8_MAX", "INT32_MIN", "INT32_MAX", "ACTIVATIONS"]
+           "to_nchw_shape", "layout_ints", "CKind", "INT8_MIN", "INT8_MAX", "INT32_MIN", "INT32_MAX", "ACTIVATIONS"]
 
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -130,3 +130,11 @@ class CKind(IntEnum):
     CONCAT = 6
     LOOKUP = 7
     SLICE = 8
+
+
+def layout_ints(d: dict, key: str, n: int, where: str) -> tuple[int, ...]:
+    """``d[key]`` of a model file's layout as ``n`` integers, or a ModelFileError naming it."""
+    v = d.get(key)
+    if not isinstance(v, list) or len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ModelFileError(f"{where}: {key} must be a list of {n} integers, got {v!r}")
+    return tuple(v)

@@ -12,7 +12,8 @@ from torch import nn
 from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes, workspace_bytes
 from fedtiny.errors import ModelFileError, SchemeError
 from fedtiny.int8 import exact, kernels, native
-from fedtiny.int8.ops.base import ACTIVATIONS, CKind, QParamsMixin, Wiring, check_grads, grads, numel, qparams
+from fedtiny.int8.ops.base import (ACTIVATIONS, CKind, QParamsMixin, Wiring, check_grads, grads, layout_ints,
+                                   numel, qparams)
 from fedtiny.int8.ops.registry import OpKind, register
 from fedtiny.int8.optimizers import optimizer_kind
 
@@ -472,20 +473,13 @@ def _describe(m: QConv) -> dict:
             "relu": m.relu}
 
 
-def _ints(d: dict, key: str, n: int, where: str) -> tuple[int, ...]:
-    v = d.get(key)
-    if not isinstance(v, list) or len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ModelFileError(f"{where}: {key} must be a list of {n} integers, got {v!r}")
-    return tuple(v)
-
-
 def build(d: dict, where: str) -> QConv:
     """A convolution of the model file's layout ``d`` (placeholder values)."""
     try:
         cin, cout, stride, groups = (int(d[key]) for key in ("in", "out", "stride", "groups"))
         k = d["kernel"]
-        kh, kw = (int(k), int(k)) if isinstance(k, int) else _ints(d, "kernel", 2, where)
-        padding = _ints(d, "padding", 4, where) if "padding" in d else None
+        kh, kw = (int(k), int(k)) if isinstance(k, int) else layout_ints(d, "kernel", 2, where)
+        padding = layout_ints(d, "padding", 4, where) if "padding" in d else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{where}: bad convolution layout {d!r} ({exc})") from None
     if (min(cin, cout, kh, kw, stride, groups) < 1 or cin % groups or cout % groups or max(kh, kw) > 15

@@ -74,6 +74,8 @@ class QLogistic(QLookup):
     """LOGISTIC: output scale 1/256, zero point -128 (TFLM requires that zero point)."""
 
     def table(self) -> torch.Tensor:
+        if self.y_zero != -128:  # TFLM's Prepare refuses any other
+            raise ValueError(f"TFLM's int8 LOGISTIC needs output zero point -128, not {self.y_zero}")
         return kernels_act.table(kernels_act.logistic_int8, kernels_act.logistic_params(self.x_scale, self.x_zero))
 
 
@@ -102,8 +104,6 @@ def _reader(cls: type[QLookup], prefix: str):
     def read(rd, k: int, op) -> tuple[QLookup, tuple[str, ...]]:
         label = rd.label(k, op)
         (xs, xz), (ys, yz) = rd.q(op.inputs[0]), rd.q(op.outputs[0])
-        if cls is QLogistic and yz != -128:
-            raise ModelFileError(f"{label}: TFLM's int8 LOGISTIC needs output zero point -128, not {yz}")
         try:
             module = cls(xs, xz, ys, yz)
             module.tables()

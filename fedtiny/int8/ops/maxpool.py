@@ -75,7 +75,7 @@ class QMaxPool(ParameterFreeOp):
         (kh, kw), (pt, pb, pl, pr), s = self.kernel, self.padding, self.stride
         n, c, h, w = shapes[0]
         oh, ow = g.shape[2:]
-        gp = torch.zeros(n, c, h + pt + pb + s, w + pl + pr + s, dtype=torch.float32)
+        gp = torch.zeros(n, c, h + pt + pb, w + pl + pr, dtype=torch.float32)
         tap = saved.to(torch.int64)
         for i in range(kh):
             for j in range(kw):

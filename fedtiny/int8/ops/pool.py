@@ -11,7 +11,8 @@ from torch import nn
 from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
-from fedtiny.int8.ops.base import INT8_MAX, INT8_MIN, CKind, Wiring, as_int, check_grads, grads, numel
+from fedtiny.int8.ops.base import (INT8_MAX, INT8_MIN, CKind, Wiring, as_int, check_grads, grads, layout_ints,
+                                   numel)
 from fedtiny.int8.ops.registry import OpKind, register
 
 
@@ -136,10 +137,8 @@ def _write(wr, m: QAvgPool, name: str, ins):
 
 
 def _build(d: dict, where: str) -> QAvgPool:
-    from fedtiny.int8.ops.conv import _ints
-
-    kernel = None if d.get("kernel") is None else _ints(d, "kernel", 2, where)
-    return QAvgPool(kernel, int(d.get("stride", 1)), _ints(d, "padding", 4, where) if "padding" in d else (0,) * 4)
+    kernel = None if d.get("kernel") is None else layout_ints(d, "kernel", 2, where)
+    return QAvgPool(kernel, int(d.get("stride", 1)), layout_ints(d, "padding", 4, where) if "padding" in d else (0,) * 4)
 
 
 def _c_fill(cs, op, pool: QAvgPool, in_ids, in_shape) -> None:
