@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
 
-from clients.wire import bytes_record, record_bytes
+from clients.wire import error_content, scheme_text, train_header, train_jobs, update_content
 from fedtiny.bridge.protocol import model_hash
 from fedtiny.bridge.relay import relay_round
 from fedtiny.errors import ProtocolError
-from fedtiny.budget.schemes import ResolvedScheme
-from fedtiny.federated import messages as msg
 from fedtiny.federated.client import client_task
 from fedtiny.federated.train import round_seed
 from fedtiny.scenario import scenario_from_json
@@ -35,19 +33,16 @@ def relay(message: Message, address: str, timeout: float, partition_id: int, rou
     limit of the whole exchange (0: none). A protocol failure becomes a reply whose info record
     carries the error (the server's ``client error: bridged device ...`` rejection).
     """
-    config = message.content[msg.CONFIG]
-    scenario = scenario_from_json(str(config[msg.SCENARIO]))
-    scheme = str(config.get(msg.SCHEME, ""))
-    task = client_task(scenario, ResolvedScheme.from_json(scheme) if scheme else None)
-    meta = {"round": int(config[msg.SERVER_ROUND]), "scenario": str(config[msg.SCENARIO]), "scheme": scheme,
-            "downlink": str(config.get(msg.DOWNLINK, "full")),
-            "seed": round_seed(scenario.run.seed, int(config[msg.SERVER_ROUND]), partition_id)}
+    header = train_header(message.content)
+    (job,) = train_jobs(message.content, partition_id)
+    scenario = scenario_from_json(header.scenario_json)
+    task = client_task(scenario, job.scheme)
+    meta = {"round": header.server_round, "scenario": header.scenario_json, "scheme": scheme_text(message.content),
+            "downlink": job.kind, "seed": round_seed(scenario.run.seed, header.server_round, partition_id)}
     try:
-        reply = relay_round(address, model_hash(task.downlink_spec), meta, record_bytes(message.content[msg.GLOBAL]),
-                            timeout=timeout, round_timeout=round_timeout)
+        reply = relay_round(address, model_hash(task.downlink_spec), meta, job.downlink, timeout=timeout,
+                            round_timeout=round_timeout)
     except ProtocolError as exc:
         logging.getLogger("fedtiny.bridge").warning("partition %d, round %d: %s", partition_id, meta["round"], exc)
-        return Message(RecordDict({msg.INFO: ConfigRecord({msg.ERROR: f"bridged device: {exc}"})}), reply_to=message)
-    metrics = {**reply.metrics, msg.NUM_EXAMPLES: reply.num_examples}
-    return Message(RecordDict({msg.UPDATE: bytes_record(reply.update), msg.METRICS: MetricRecord(metrics),
-                               msg.INFO: ConfigRecord(reply.info)}), reply_to=message)
+        return Message(error_content(f"bridged device: {exc}"), reply_to=message)
+    return Message(update_content(reply.update, reply.metrics, reply.num_examples, reply.info), reply_to=message)

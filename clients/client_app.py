@@ -8,11 +8,11 @@ timeout) and ``device-round-timeout`` overrides ``bridge.round_timeout_s``.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.bridge import relay
-from clients.wire import reply_content, train_jobs
+from clients.wire import node_content, reply_content, train_header, train_jobs
 from fedtiny.federated import messages as msg
 from fedtiny.federated.client import client_round, run_jobs
 from fedtiny.scenario import scenario_from_json
@@ -33,8 +33,7 @@ def _partition_id(context: Context) -> int:
 @app.query()
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds."""
-    node = ConfigRecord({msg.PARTITION_ID: _partition_id(context)})
-    return Message(RecordDict({msg.NODE: node}), reply_to=message)
+    return Message(node_content(_partition_id(context)), reply_to=message)
 
 
 @app.train()
@@ -45,12 +44,12 @@ def train(message: Message, context: Context) -> Message:
     states on disk; a single-client message trains the node's own partition, whose state
     stays in the node's context unless the server named a state folder.
     """
-    config = message.content[msg.CONFIG]
-    scenario = scenario_from_json(str(config[msg.SCENARIO]))
-    server_round = int(config[msg.SERVER_ROUND])
-    if msg.COHORT in config:
+    header = train_header(message.content)
+    scenario = scenario_from_json(header.scenario_json)
+    server_round = header.server_round
+    if header.cohort:
         jobs = train_jobs(message.content, None)
-        results = run_jobs(scenario, server_round, jobs, str(config[msg.STATE_DIR]))
+        results = run_jobs(scenario, server_round, jobs, header.state_dir)
         return Message(reply_content(results, cohort=True), reply_to=message)
     address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
     if address:  # this partition is a real device behind the bridge
@@ -58,8 +57,8 @@ def train(message: Message, context: Context) -> Message:
         return relay(message, address, float(node.get("device-timeout", scenario.bridge.timeout_s)),
                      _partition_id(context), float(node.get("device-round-timeout", scenario.bridge.round_timeout_s)))
     (job,) = train_jobs(message.content, _partition_id(context))
-    if msg.STATE_DIR in config:
-        results = run_jobs(scenario, server_round, [job], str(config[msg.STATE_DIR]))
+    if header.state_dir:
+        results = run_jobs(scenario, server_round, [job], header.state_dir)
         return Message(reply_content(results, cohort=False), reply_to=message)
     kept = {k: a.numpy() for k, a in context.state[STATE].items()} if STATE in context.state else {}
     result, kept = client_round(scenario, job, server_round, kept)

@@ -1,21 +1,26 @@
 """How fedtiny payloads ride in Flower messages: one raw-``stype`` Array of bytes.
 
 A raw Array carries the payload bytes as they are (no ``np.save`` header), so the
-byte count on the wire is the payload's own. Both apps use these helpers, and the
-train message and reply layouts (one client, or a cohort of virtual clients) are built
-and read here and nowhere else.
+byte count on the wire is the payload's own. Both apps and the bridge use these helpers:
+the query (a node's partition), train message and reply layouts (one client, or a cohort
+of virtual clients) are built and read here and nowhere else.
 """
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from dataclasses import dataclass
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtiny.budget.schemes import ResolvedScheme
-from fedtiny.errors import PayloadError
+from fedtiny.errors import PayloadError, UpdateError
 from fedtiny.federated import messages as msg
 from fedtiny.federated.client import ClientJob, LocalResult
+from fedtiny.federated.rounds import Reply
 
-__all__ = ["PAYLOAD", "bytes_record", "record_bytes", "train_content", "train_jobs", "reply_content"]
+__all__ = ["PAYLOAD", "TrainHeader", "bytes_record", "record_bytes", "train_content", "train_header", "train_jobs",
+           "scheme_text", "reply_content", "update_content", "error_content", "parse_reply", "node_content",
+           "node_partition"]
 
 PAYLOAD = "payload"
 _STYPE = "raw"
@@ -60,6 +65,28 @@ def train_content(scenario_json: str, server_round: int, jobs: list[ClientJob], 
     return RecordDict({**records, msg.CONFIG: ConfigRecord(cfg)})
 
 
+@dataclass(frozen=True)
+class TrainHeader:
+    """What a train message says of the whole round: the scenario, the round, a cohort or one client, and the
+    simulation's state folder ("" on a real node)."""
+
+    scenario_json: str
+    server_round: int
+    cohort: bool
+    state_dir: str
+
+
+def train_header(content: RecordDict) -> TrainHeader:
+    cfg = content[msg.CONFIG]
+    return TrainHeader(str(cfg[msg.SCENARIO]), int(cfg[msg.SERVER_ROUND]), msg.COHORT in cfg,
+                       str(cfg.get(msg.STATE_DIR, "")))
+
+
+def scheme_text(content: RecordDict, partition_id: int | None = None) -> str:
+    """The scheme JSON a train message sends (a cohort's client ``partition_id``); "" when it sends none."""
+    return str(content[msg.CONFIG].get(msg.keyed(msg.SCHEME, partition_id), ""))
+
+
 def train_jobs(content: RecordDict, node_partition: int | None) -> list[ClientJob]:
     """The client jobs of a train message (a single-client message is the node's own partition)."""
     cfg = content[msg.CONFIG]
@@ -86,7 +113,67 @@ def reply_content(results: list[tuple[int, LocalResult | str]], *, cohort: bool)
                 raise RuntimeError(result)
             out[msg.keyed(msg.INFO, key)] = ConfigRecord({msg.ERROR: result})
             continue
-        out[msg.keyed(msg.UPDATE, key)] = bytes_record(result.update)
-        out[msg.keyed(msg.METRICS, key)] = MetricRecord(result.metrics())
-        out[msg.keyed(msg.INFO, key)] = ConfigRecord(result.info())
+        out.update(_update_records(result.update, result.metrics(), result.info(), key))
     return RecordDict(out)
+
+
+def _update_records(update: bytes, metrics: dict, info: dict, key: int | None) -> dict:
+    return {msg.keyed(msg.UPDATE, key): bytes_record(update), msg.keyed(msg.METRICS, key): MetricRecord(metrics),
+            msg.keyed(msg.INFO, key): ConfigRecord(info)}
+
+
+def update_content(update: bytes, metrics: dict, num_examples: int, info: dict) -> RecordDict:
+    """One client's reply from parts (a bridged device's): its update, metrics with its example count, info."""
+    return RecordDict(_update_records(update, {**metrics, msg.NUM_EXAMPLES: num_examples}, info, None))
+
+
+def error_content(error: str) -> RecordDict:
+    """One client's reply saying why it has no update (the server rejects it as ``client error: ...``)."""
+    return RecordDict({msg.INFO: ConfigRecord({msg.ERROR: error})})
+
+
+def parse_reply(message: Message, sent: dict[int, list[int]]) -> list[Reply]:
+    """A train reply as :class:`Reply` objects, one per client it answers for.
+
+    ``sent`` maps each node to the partition ids it was sent this round. An error reply
+    answers for all of them; a client a cohort reply leaves out, or one it reports as
+    failed, gets ``Reply.error``; partitions the node was not sent are ignored.
+    """
+    pids = sent.get(message.metadata.src_node_id, [])
+    if message.has_error():
+        return [Reply(p, error=f"client error: {message.error.reason}") for p in pids or [-1]]
+    # RecordDict's typed views are rebuilt on each access: take each once (a cohort reply has 3 records
+    # per client, and per-client lookups through the views made parsing quadratic in the cohort size).
+    configs, arrays, metric_records = (message.content.config_records, message.content.array_records,
+                                       message.content.metric_records)
+    cfg = configs.get(msg.CONFIG)
+    cohort = cfg is not None and msg.COHORT in cfg
+    answered = {int(p) for p in cfg[msg.COHORT]} if cohort else set()
+    replies = []
+    for pid in pids or [-1]:
+        key = pid if cohort else None
+        info = configs.get(msg.keyed(msg.INFO, key))
+        if cohort and (pid not in answered or info is None):
+            replies.append(Reply(pid, error="client error: missing from its cohort's reply"))
+            continue
+        if info is not None and msg.ERROR in info:
+            replies.append(Reply(pid, error=f"client error: {info[msg.ERROR]}"))
+            continue
+        try:
+            payload = record_bytes(arrays.get(msg.keyed(msg.UPDATE, key)))
+        except UpdateError as exc:
+            replies.append(Reply(pid, error=str(exc)))
+            continue
+        metrics = metric_records.get(msg.keyed(msg.METRICS, key)) or {}
+        replies.append(Reply(pid, payload, dict(metrics.items()), dict((info or {}).items())))
+    return replies
+
+
+def node_content(partition_id: int) -> RecordDict:
+    """A node's answer to the server's query: the data partition it holds."""
+    return RecordDict({msg.NODE: ConfigRecord({msg.PARTITION_ID: partition_id})})
+
+
+def node_partition(content: RecordDict) -> int:
+    """The partition id of a :func:`node_content` answer."""
+    return int(content.config_records[msg.NODE][msg.PARTITION_ID])

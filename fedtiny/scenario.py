@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from fedtiny.bridge.address import address_problem
+from fedtiny.compress.uplink import uplink_names
+from fedtiny.compress.values import value_type_names
+from fedtiny.devices import PROFILES, RADIOS
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 from fedtiny.rules import rule_named, rule_names
+from fedtiny.variants import ATTACK_METHODS, DATA_SOURCES
 
 __all__ = ["ScenarioError", "Scenario", "load_scenario", "parse_overrides", "schema_rows"]
 
@@ -84,7 +89,7 @@ class DataSection:
         "digits (bundled), lfw-faces (bundled face/no-face patches), photos (bundled colour 32x32 patches of two "
         "photos), mnist, fashion-mnist, cifar10 (local root), imagefolder, synthetic (a seeded load generator for "
         "any number of clients; not a benchmark)",
-        _choice("digits", "lfw-faces", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic"),
+        lambda v: _choice(*DATA_SOURCES.names())(v),
     )
     root: str = _key("", "dataset root for torchvision sources (never downloaded)")
     image_size: int = _key(0, "resize images to this side length; 0 keeps the source's", _range(0, 512))
@@ -234,13 +239,13 @@ class DeviceSection:
 @dataclass(frozen=True)
 class CompressionSection:
     uplink: str = _key("dense", "dense: whole trained tensors; sparse: the change, top-k, quantized, in fedtiny's "
-                       "wire format", _choice("dense", "sparse"))
+                       "wire format", lambda v: _choice(*uplink_names())(v))
     density: float = _key(1.0, "top-k density of the sparse uplink (share of trainable elements sent)",
                           _range(0.0, 1.0, lo_open=True))
     topk: str = _key("tensor", "top-k per tensor or over all tensors", _choice("tensor", "global"))
     warmup_rounds: int = _key(0, "rounds of exponential density warm-up (DGC); 0 = none", _range(0, 100_000))
     warmup_start_density: float = _key(0.25, "density of the first warm-up round", _range(0.0, 1.0, lo_open=True))
-    values: str = _key("int8", "value type of the sparse uplink", _choice("int8", "fp16", "ternary", "fp32"))
+    values: str = _key("int8", "value type of the sparse uplink", lambda v: _choice(*value_type_names())(v))
     error_feedback: bool = _key(True, "keep what was not sent and add it to the next round's change")
     residual: str = _key("float64", "how the error-feedback residual is kept between rounds: float64, or compact "
                          "(int16 in 1/256 quantization steps, saturating, for int8 tensors; float32 for int32 ones: "
@@ -260,8 +265,7 @@ class AttackSection:
                        "trains the trap layer; needs attack.method = imprint)", _choice("honest", "malicious"))
     method: str = _key("ig", "dlg (L2, L-BFGS), ig (cosine + TV, signed Adam), rounding (int8 updates: distance "
                        "outside each sent integer's rounding interval, in LSB, + TV; needs attack.unroll or one "
-                       "local step) or imprint (the malicious server's analytic attack on its trap)",
-                       _choice("dlg", "ig", "rounding", "imprint"))
+                       "local step) or imprint (the malicious server's analytic attack on its trap)", lambda v: _choice(*ATTACK_METHODS.names())(v))
     iterations: int = _key(500, "optimizer iterations", _range(1, 1_000_000))
     restarts: int = _key(4, "random starts per target, solved together; the best match is kept", _range(1, 64))
     unroll: bool = _key(True, "simulate the client's local steps exactly (costly); false: match one gradient "
@@ -279,8 +283,6 @@ FAULT_KINDS = ("crash", "garbage", "truncated", "stale", "bad_count")
 
 
 def _radios() -> list[str]:
-    from fedtiny.devices import RADIOS
-
     return list(RADIOS)
 
 
@@ -484,8 +486,6 @@ def _coerce_addresses(where: str, key: str, value: Any) -> tuple[tuple[int, str]
     Each address is checked by :func:`fedtiny.bridge.address.parse_address` (TCP, serial over TCP,
     serial port with its baud rate).
     """
-    from fedtiny.bridge.address import address_problem
-
     if isinstance(value, str):
         table = {}
         for item in filter(None, (p.strip() for p in value.split(","))):
@@ -534,6 +534,7 @@ _FILE_KEYS = ("train.scheme", "model.file", "model.module")
 
 
 def _module_problem(value: str) -> str | None:
+    # deferred: it needs torch; the scenario loads without it (fedtiny --help, a bad --set answer at once)
     from fedtiny.models.user import module_problem
 
     return module_problem(value)
@@ -657,6 +658,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     if optimizer_kind(s.train.optimizer).qas and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.optimizer: {s.train.optimizer} scales int8 gradients; it needs "
                             f"model.precision = \"int8\" (got {s.model.precision!r})")
+    # deferred: the schemes need torch; the scenario loads without it (fedtiny --help, a bad --set answer at once)
     from fedtiny.budget.schemes import SchemeError, parse_scheme
 
     try:
@@ -666,7 +668,6 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.train.scheme != "full" and s.model.precision != "int8":
         raise ScenarioError(f"{where}: train.scheme: sparse-update schemes apply to the int8 graph; "
                             f"set model.precision = \"int8\" (got {s.model.precision!r})")
-    from fedtiny.devices import PROFILES
 
     for name in (p.lower() for p in s.device.profiles):
         if name not in PROFILES and not (s.device.custom_sram_kb and name == s.device.custom_name.lower()):
@@ -700,7 +701,7 @@ def _check_cross(where: str, s: Scenario) -> None:
     if s.data.image_width and not s.data.image_size:
         raise ScenarioError(f"{where}: data.image_width: set data.image_size too (the height; got image_width "
                             f"{s.data.image_width} alone)")
-    if s.data.source in {"mnist", "fashion-mnist", "cifar10", "imagefolder"} and not s.data.root:
+    if DATA_SOURCES.fact(s.data.source, "needs_root") and not s.data.root:
         raise ScenarioError(f"{where}: data.root: source '{s.data.source}' needs a local dataset root")
 
 

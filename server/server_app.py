@@ -11,10 +11,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from clients.wire import bytes_record, record_bytes
+from clients.wire import bytes_record, node_partition, record_bytes
 from fedtiny.attack.fleet import ObservationRecorder, attack_observed, privacy_figures
 from fedtiny.compress.dense import pack_dense, unpack_dense
-from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import GlobalModel
 from fedtiny.federated.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtiny.federated.rounds import RoundOutcome
@@ -55,7 +54,7 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
             continue
-        pid = int(reply.content.config_records[msg.NODE][msg.PARTITION_ID])
+        pid = node_partition(reply.content)
         node_of.setdefault(pid, reply.metadata.src_node_id)
     missing = sorted(set(range(expected)) - set(node_of))
     if missing:

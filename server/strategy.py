@@ -8,11 +8,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.wire import bytes_record, record_bytes, train_content
+from clients.wire import bytes_record, parse_reply, train_content
 from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import DownlinkPlanner
-from fedtiny.errors import UpdateError
-from fedtiny.federated import messages as msg
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate, central_dp
 from fedtiny.federated.client import ClientJob
@@ -22,43 +20,6 @@ from fedtiny.federated.sampling import awake_clients, sample_clients
 from fedtiny.federated.task import Task, client_profile, with_scheme
 
 __all__ = ["FedTinyStrategy", "parse_reply", "cohorts"]
-
-
-def parse_reply(message: Message, sent: dict[int, list[int]]) -> list[Reply]:
-    """A train reply as :class:`Reply` objects, one per client it answers for.
-
-    ``sent`` maps each node to the partition ids it was sent this round. An error reply
-    answers for all of them; a client a cohort reply leaves out, or one it reports as
-    failed, gets ``Reply.error``; partitions the node was not sent are ignored.
-    """
-    pids = sent.get(message.metadata.src_node_id, [])
-    if message.has_error():
-        return [Reply(p, error=f"client error: {message.error.reason}") for p in pids or [-1]]
-    # RecordDict's typed views are rebuilt on each access: take each once (a cohort reply has 3 records
-    # per client, and per-client lookups through the views made parsing quadratic in the cohort size).
-    configs, arrays, metric_records = (message.content.config_records, message.content.array_records,
-                                       message.content.metric_records)
-    cfg = configs.get(msg.CONFIG)
-    cohort = cfg is not None and msg.COHORT in cfg
-    answered = {int(p) for p in cfg[msg.COHORT]} if cohort else set()
-    replies = []
-    for pid in pids or [-1]:
-        key = pid if cohort else None
-        info = configs.get(msg.keyed(msg.INFO, key))
-        if cohort and (pid not in answered or info is None):
-            replies.append(Reply(pid, error="client error: missing from its cohort's reply"))
-            continue
-        if info is not None and msg.ERROR in info:
-            replies.append(Reply(pid, error=f"client error: {info[msg.ERROR]}"))
-            continue
-        try:
-            payload = record_bytes(arrays.get(msg.keyed(msg.UPDATE, key)))
-        except UpdateError as exc:
-            replies.append(Reply(pid, error=str(exc)))
-            continue
-        metrics = metric_records.get(msg.keyed(msg.METRICS, key)) or {}
-        replies.append(Reply(pid, payload, dict(metrics.items()), dict((info or {}).items())))
-    return replies
 
 
 def cohorts(pids: list[int], workers: list[int], size: int) -> list[tuple[int, list[int]]]:

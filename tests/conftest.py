@@ -60,3 +60,28 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def strategy_round(scenario, on_round=()):
+    """One round of ``scenario``'s clients through the server's strategy, the clients' real rounds in
+    process: returns the task, the strategy, the trained tensors before the round and each client's result."""
+    from clients.wire import bytes_record, train_jobs
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.aggregate import GlobalModel
+    from fedtiny.federated.client import local_round
+    from fedtiny.server_setup import server_task
+    from server.strategy import FedTinyStrategy
+
+    task, initial, _, schemes = server_task(scenario, progress=None)
+    trained = [n for n, *_ in task.uplink_spec]
+    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(scenario.run.clients)},
+                               GlobalModel(initial, trained), on_round=on_round, schemes=schemes)
+    before = {n: strategy.global_model.master[n].copy() for n in trained}
+    sent = list(strategy.configure_train(1, bytes_record(pack_dense(initial, task.downlink_spec)), None, None))
+    results = {}
+    for m in sent:
+        pid = m.metadata.dst_node_id - 100
+        (job,) = train_jobs(m.content, pid)
+        results[pid], _ = local_round(scenario, pid, 1, job.downlink, kind=job.kind, scheme=job.scheme, state={})
+    strategy.aggregate_train(1, client_replies(strategy, sent, results))
+    return task, strategy, before, results

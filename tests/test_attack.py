@@ -278,3 +278,43 @@ def test_worst_case_takes_each_images_best_attack_and_counts_recognisable_ones()
     assert w["frac_psnr_25db"] == 2 / 3 and w["frac_above_flat"] == 2 / 3  # 18 dB is below its 19 dB baseline
     with pytest.raises(ValueError):
         worst_case({"ig": [1.0]}, {"ig": [0.1]}, [1.0, 2.0])
+
+
+def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_real_update():
+    """docs/architecture.md's worked example: a method registered here (L1 distance of the sent coordinates,
+    IG's optimizer) is accepted by the scenario and attacks what a client of a real round sent."""
+    from fedtiny.attack.fleet import attack_observed
+    from fedtiny.attack.methods import AttackMethod, attack_method
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import local_round
+    from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
+    from fedtiny.server_setup import server_task
+    from fedtiny.variants import ATTACK_METHODS
+
+    from conftest import ROOT
+
+    calls = []
+
+    def l1(upd, obs, x, cfg, intervals):
+        calls.append(len(x))
+        return sum(((upd[k] - v) * m).abs().flatten(1).sum(1) for k, (v, m) in obs.items())
+
+    overrides = ["run.clients=60", "model.pretrain_epochs=0", "train.batch_size=64", "train.momentum=0.0",
+                 "data.client_test_fraction=0.5", 'device.profiles=["mcu-256kb"]', "attack.enabled=true",
+                 'attack.method="test-l1"', "attack.iterations=20", "attack.restarts=1"]
+    with pytest.raises(ScenarioError, match="attack.method: must be one of dlg, ig, rounding, imprint"):
+        load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(overrides))
+    ATTACK_METHODS.add("test-l1", AttackMethod("test-l1", l1, attack_method("ig").search))
+    try:
+        scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(overrides))
+        task, initial, _, _ = server_task(scenario, progress=None)
+        result, _ = local_round(scenario, 0, 1, pack_dense(initial, task.downlink_spec), scheme=task.scheme)
+        assert not result.refusal, result.refusal
+        observed = [{"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial),
+                     "state": initial}]
+        report = attack_observed(task, observed, scenario.attack)
+    finally:
+        del ATTACK_METHODS["test-l1"]
+    assert report["method"] == "test-l1" and len(calls) >= 20
+    (attack,) = report["attacks"]
+    assert attack["images"] == len(task.federation.client_data(0)[0]) and np.isfinite(attack["mean_psnr_db"])

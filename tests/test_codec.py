@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from fedtiny.compress.uplink import Uplink
 from fedtiny.federated.aggregate import ClientUpdate, aggregate
-from fedtiny.compress.codec import (CodecError, SparseTensor, SparseUpdate, VALUE_TYPES, decode, encode,
-                                    quantize_values)
+from fedtiny.compress.codec import CodecError, SparseTensor, SparseUpdate, decode, encode, quantize_values
+from fedtiny.compress.values import value_type_names
+
+VALUE_TYPES = value_type_names()
 from fedtiny.compress.downlink import DELTA, FULL, DownlinkPlanner, apply_downlink
 from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.sparsify import CompressionConfig, compress_update, density_at
@@ -190,3 +192,83 @@ def test_downlink_change_is_exact_and_smaller():
         assert np.array_equal(client[k], s1[k]) and client[k].dtype == s1[k].dtype
     with pytest.raises(CodecError, match="holds no model"):
         apply_downlink(DELTA, data, spec, None)
+
+
+def test_each_value_types_torch_twin_is_its_quantization():
+    """The attacks see what the codec sends: each registered type's torch twin, row by row, equals its own
+    quantization of the sent values (the exact float32 scale, the integer case, clipping, ternary's mean)."""
+    import torch
+
+    from fedtiny.compress.values import value_type
+
+    rng = np.random.default_rng(3)
+    rows = [rng.normal(size=50) * 0.03, np.round(rng.normal(size=50) * 40), rng.normal(size=50) * 1e5,
+            np.zeros(50)]
+    for name in VALUE_TYPES:
+        vt = value_type(name)
+        mask = np.stack([rng.random(50) < 0.4 for _ in rows])
+        sent = np.stack([np.where(m, r, 0.0) for r, m in zip(rows, mask)])
+        twin = vt.surrogate(torch.from_numpy(sent), torch.from_numpy(mask)).numpy()
+        for i, (r, m) in enumerate(zip(rows, mask)):
+            expected, _ = quantize_values(r[m], name)
+            # to the last bits of float64 (a mean sums in another order in torch); one step of any type is far larger
+            np.testing.assert_allclose(twin[i][m], expected, rtol=1e-12, atol=0, err_msg=name)
+            assert not twin[i][~m].any()
+
+
+def _int4() -> "ValueType":  # noqa: F821 (the registry's type, imported where the test runs)
+    """docs/architecture.md's worked example: signed 4-bit values, two to a byte, with a per-tensor scale."""
+    from fedtiny.compress.values import ValueType
+
+    def quantize(v):
+        scale = float(np.float32(np.abs(v).max() / 7)) if len(v) and np.abs(v).max() > 0 else 1.0
+        return np.clip(np.round(v / scale), -7, 7) * scale, scale
+
+    def pack(v, scale):
+        q = (np.clip(np.round(v / scale), -7, 7).astype(np.int8) & 0xF).astype(np.uint8)
+        q = np.append(q, np.uint8(0)) if len(q) % 2 else q
+        return (q[0::2] | (q[1::2] << 4)).tobytes()
+
+    def unpack(raw, n, scale):
+        b = np.frombuffer(raw, np.uint8)
+        q = np.stack([b & 0xF, b >> 4], 1).ravel()[:n].astype(np.int8)
+        if len(b) * 2 - n not in (0, 1) or (n % 2 and b[-1] >> 4):
+            raise CodecError("int4: bad padding")
+        return np.where(q > 7, q - 16, q).astype(np.float64) * scale
+
+    def surrogate(sent, mask):
+        peak = sent.abs().amax(1, keepdim=True)
+        scale = (peak / 7).float().to(sent.dtype).where(peak > 0, 1.0)
+        return (sent / scale).round().clamp(-7, 7) * scale
+
+    return ValueType("test-int4", 200, True, quantize, pack, lambda n: (n + 1) // 2, unpack, surrogate, levels=7)
+
+
+def test_a_registered_value_type_is_a_scenario_choice_and_travels_a_round(flower_task_identity):
+    """A value type registered here is accepted by the scenario, encodes clients' real updates, and the
+    server's strategy decodes and aggregates them: every value sent is a multiple of a scale in +-7."""
+    from conftest import ROOT, strategy_round
+    from fedtiny.compress import values
+    from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
+
+    quickstart = ROOT / "scenarios" / "quickstart.toml"
+    with pytest.raises(ScenarioError, match="compression.values: must be one of int8"):
+        load_scenario(quickstart, parse_overrides(['compression.values="test-int4"']))
+    values.register(_int4())
+    try:
+        scenario = load_scenario(quickstart, parse_overrides([
+            "run.clients=2", "model.pretrain_epochs=2", 'compression.uplink="sparse"', "compression.density=0.5",
+            'compression.values="test-int4"', 'device.profiles=["mcu-256kb"]']))
+        outcomes = []
+        _, strategy, before, results = strategy_round(scenario, [outcomes.append])
+        sent = {pid: decode(result.update) for pid, result in results.items()}  # while the type is registered
+    finally:  # the scenario reference (tests/test_docs.py) lists the built-in types
+        values.unregister("test-int4")
+    for update in sent.values():
+        assert {t.value_type for t in update.tensors} == {"test-int4"}
+        for t in update.tensors:
+            q = t.values / t.scale
+            np.testing.assert_array_equal(q, np.round(q))
+            assert 0 < np.abs(q).max() <= 7
+    moved = sum(int((strategy.global_model.master[n] != before[n]).sum()) for n in before)
+    assert moved > 0 and outcomes[0].stats.rejected == [] and sorted(outcomes[0].accepted) == [0, 1]

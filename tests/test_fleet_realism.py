@@ -170,12 +170,7 @@ def test_a_registered_rule_is_a_scenario_choice_and_moves_the_global_model(flowe
 
 
 def _round_with_the_rule(returned):
-    from clients.wire import bytes_record, train_jobs
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.aggregate import GlobalModel
-    from fedtiny.federated.client import local_round
-    from fedtiny.server_setup import server_task
-    from server.strategy import FedTinyStrategy
+    from conftest import strategy_round
 
     with pytest.raises(ScenarioError, match="must be one of fedavg, median, trimmed-mean, krum"):
         load_scenario(QUICKSTART, parse_overrides(['server.aggregation="no-such-rule"']))
@@ -183,22 +178,12 @@ def _round_with_the_rule(returned):
                                                           'server.aggregation="test-largest-client"']))
     with pytest.raises(ScenarioError, match="central DP .* needs a rule of weighted sums"):
         load_scenario(QUICKSTART, parse_overrides(['server.aggregation="test-largest-client"', 'privacy.dp="central"']))
-    task, initial, _, schemes = server_task(scenario, progress=None)
-    trained = [n for n, *_ in task.uplink_spec]
-    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)}, GlobalModel(initial, trained), schemes=schemes)
-    before = {n: strategy.global_model.master[n].copy() for n in trained}
-    sent = list(strategy.configure_train(1, bytes_record(pack_dense(initial, task.downlink_spec)), None, None))
-    results = {}
-    for m in sent:
-        pid = m.metadata.dst_node_id - 100
-        (job,) = train_jobs(m.content, pid)
-        results[pid], _ = local_round(scenario, pid, 1, job.downlink, kind=job.kind, scheme=job.scheme, state={})
-    strategy.aggregate_train(1, client_replies(strategy, sent, results))
+    _, strategy, before, _ = strategy_round(scenario)
     assert len(returned) == 1
-    for name in trained:
+    for name in before:
         np.testing.assert_array_equal(strategy.global_model.master[name],
                                       before[name] + returned[0][name].reshape(before[name].shape))
-    assert any(returned[0][n].any() for n in trained)
+    assert any(returned[0][n].any() for n in before)
 
 
 def test_malicious_set_is_fixed_and_sized():

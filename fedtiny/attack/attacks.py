@@ -1,5 +1,6 @@
 """The attacker: rebuild the targets' images (and labels) from what the server observed.
 
+The methods (their losses and optimizers) are registered in :mod:`fedtiny.attack.methods`:
 ``dlg``: L2 distance of the simulated update to the observed one, L-BFGS (Zhu et al. 2019).
 ``ig``: Inverting Gradients (Geiping et al. 2020): 1 - cosine similarity plus total variation,
 Adam on signed gradients, box constraint, restarts.
@@ -13,16 +14,18 @@ last layer's update, or given. Only the transmitted coordinates are matched (mas
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
 import torch
 from torch import nn
 
-from fedtiny.attack.optim import batched_lbfgs, batched_signed_adam
+from fedtiny.attack.methods import attack_method
 from fedtiny.attack.threat import ThreatModel
 from fedtiny.attack.user import Observation, update_fn
 from fedtiny.errors import ScenarioError
+from fedtiny.progress import left, say, seconds
 
 __all__ = ["AttackConfig", "Intervals", "idlg_labels", "match_cosine", "progress_printer", "reconstruct"]
 
@@ -31,7 +34,7 @@ __all__ = ["AttackConfig", "Intervals", "idlg_labels", "match_cosine", "progress
 class AttackConfig:
     """How the attacker optimizes."""
 
-    method: str = "dlg"  # dlg | ig | rounding
+    method: str = "dlg"  # a gradient-matching method of fedtiny.attack.methods (dlg, ig, rounding)
     iterations: int = 300
     restarts: int = 1
     tv: float = 1e-4  # total-variation weight (ig)
@@ -78,12 +81,6 @@ def idlg_labels(model: nn.Module, obs: Observation, threat: ThreatModel, batch: 
     return score.topk(batch, dim=1, largest=False).indices.sort(dim=1).values
 
 
-def _tv(x: torch.Tensor) -> torch.Tensor:
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(2).mean(-1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(2).mean(-1)
-    return (dx + dy).flatten(1).sum(1)
-
-
 Intervals = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per tensor: (one LSB in real units, half-width of a sent value's rounding interval in real units)."""
 
@@ -92,8 +89,12 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
               cfg: AttackConfig, intervals: Intervals | None = None
               ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``f_and_grad(x)`` for all targets: per-target matching loss and its gradient."""
-    if cfg.method == "rounding" and not intervals:
-        raise ScenarioError("the rounding-aware attack needs the rounding intervals of an integer update")
+    method = attack_method(cfg.method)
+    if method.loss is None:
+        raise ScenarioError(f"attack method {cfg.method!r} does not match updates (it attacks a simulation's "
+                            f"observations as a whole)")
+    if method.needs_intervals and not intervals:
+        raise ScenarioError(f"attack method {cfg.method!r} needs the rounding intervals of an integer update")
     params = dict(model.named_parameters())
     trainable = {k: params[k].detach() for k in obs}
     frozen = {k: v.detach() for k, v in params.items() if k not in trainable}
@@ -105,16 +106,7 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
         x = x.detach().requires_grad_(True)
         o = obs if idx is None else {k: (v[idx], m[idx]) for k, (v, m) in obs.items()}
         upd = simulate(trainable, x, soft if idx is None else soft[idx])
-        if cfg.method == "dlg":
-            f = sum((((upd[k] - v) * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
-        elif cfg.method == "rounding":
-            f = sum(((torch.relu((upd[k] - v).abs() - intervals[k][1]) / intervals[k][0] * m) ** 2).flatten(1).sum(1)
-                    for k, (v, m) in o.items()) + cfg.tv * _tv(x)
-        else:
-            dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in o.items())
-            n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
-            n2 = sum((v ** 2).flatten(1).sum(1) for k, (v, m) in o.items())
-            f = 1 - dot / (n1.sqrt() * n2.sqrt()).clamp_min(1e-20) + cfg.tv * _tv(x)
+        f = method.loss(upd, o, x, cfg, intervals)
         (g,) = torch.autograd.grad(f.sum(), x)
         return f.detach(), g
 
@@ -124,10 +116,6 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
 def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
                      every: int = 250) -> Callable[[int, torch.Tensor], None]:
     """A ``progress`` callback for :func:`reconstruct` that prints the median loss every ``every`` iterations."""
-    import time
-
-    from fedtiny.progress import left, say, seconds
-
     t0 = time.perf_counter()
 
     def progress(it: int, f: torch.Tensor) -> None:
@@ -169,16 +157,7 @@ def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: 
     rep = {k: (v.repeat(r, *([1] * (v.dim() - 1))), m.repeat(r, *([1] * (m.dim() - 1)))) for k, (v, m) in obs.items()}
     f_and_grad = objective(model, rep, threat, labels.repeat(r, 1), num_classes, cfg, intervals)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.method == "dlg":
-        x0 = torch.randn((r * n_targets, b, *shape), generator=gen) * 0.5 + 0.5
-        x, f = batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
-                             progress=progress)
-    elif cfg.method in ("ig", "rounding"):
-        x0 = torch.rand((r * n_targets, b, *shape), generator=gen)
-        x, f = batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr,
-                                   progress=progress)
-    else:
-        raise ScenarioError(f"attack method: expected dlg, ig or rounding, got {cfg.method!r}")
+    x, f = attack_method(cfg.method).search(f_and_grad, (r * n_targets, b, *shape), gen, cfg, progress)
     best = f.view(r, n_targets).argmin(0)  # each target's restart with the lowest matching loss
     x = x.view(r, n_targets, *x.shape[1:])[best, torch.arange(n_targets)]
     return x, labels

@@ -12,6 +12,7 @@ minibatches the attacker cannot know; it then assumes full-batch steps.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,21 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
+from fedtiny.attack.malicious import grey, imprint, target_public, trap_for
+from fedtiny.attack.methods import AttackMethod, attack_method
 from fedtiny.attack.metrics import flat_psnr, score, worst_case
+from fedtiny.attack.run import plot_grid
+from fedtiny.attack.surrogate import Surrogate, to_real_units
 from fedtiny.attack.threat import ThreatModel
+from fedtiny.compress.uplink import uplink_codec
+from fedtiny.compress.values import value_type
+from fedtiny.data.sources import ImageSet
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.rounds import RoundOutcome
+from fedtiny.int8.graph import QConv, QModel, unit_scale
+from fedtiny.models.state import load_arrays
 from fedtiny.progress import say
+from fedtiny.variants import ATTACK_METHODS
 
 __all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "targets_of"]
 
@@ -70,10 +81,6 @@ class ObservationRecorder:
 
 def _attacker_model(task, state):
     """The model the attacker differentiates, the conversion of changes to its units, and the int8 model (or None)."""
-    from fedtiny.attack.surrogate import Surrogate, to_real_units
-    from fedtiny.int8.graph import QModel
-    from fedtiny.models.state import load_arrays
-
     model = copy.deepcopy(task.model)
     load_arrays(model, state)
     if isinstance(model, QModel):
@@ -88,8 +95,6 @@ def _change_lsb(model, qmodel, obs, i: int) -> float:
     per-channel int8 quantization would give it (max|w| / 127 per output channel), so fp32
     and int8 updates sit on one axis.
     """
-    from fedtiny.int8.graph import QConv, unit_scale
-
     sizes = []
     for name, (values, mask) in obs.items():
         module = (qmodel or model).get_submodule(name.rpartition(".")[0])
@@ -113,15 +118,15 @@ def _intervals(task, qmodel, obs, steps: int) -> Intervals:
     """Where the client's float change of each sent integer can have been (method ``rounding``).
 
     Each local step rounds int8 weights stochastically (anywhere within one LSB) or to nearest
-    (half an LSB), biases to nearest; ``steps`` roundings add up. The sparse codec's int8 values
-    round once more, with a step of max|change| / 127 per tensor (the widest of the targets').
+    (half an LSB), biases to nearest; ``steps`` roundings add up. The uplink's quantized values
+    round once more, with the value type's step (int8: max|change| / 127 per tensor, the widest of the targets').
     A float tensor (an fp32 head) is matched as it is.
     """
-    from fedtiny.int8.graph import QConv, unit_scale
-
     s = task.scenario
     if qmodel is None:
-        raise ScenarioError("attack.method = rounding: the model is not int8 (nothing was rounded)")
+        raise ScenarioError(f"attack.method = {task.scenario.attack.method}: the model is not int8 (nothing was "
+                            f"rounded)")
+    vt = value_type(s.compression.values) if uplink_codec(s.compression.uplink).quantizes else None
     out: Intervals = {}
     for name, (values, _) in obs.items():
         unit = unit_scale(qmodel, name).float().expand(values.shape[1:]).clone()
@@ -130,8 +135,8 @@ def _intervals(task, qmodel, obs, steps: int) -> Intervals:
             continue
         per_step = 1.0 if name.endswith("weight") and s.train.weight_rounding == "stochastic" else 0.5
         half = per_step * steps * unit
-        if s.compression.uplink == "sparse" and s.compression.values == "int8":
-            codec_step = float((values / unit).abs().amax()) / 127
+        if vt is not None and vt.levels:
+            codec_step = float((values / unit).abs().amax()) / vt.levels
             half = half + 0.5 * codec_step * unit
         out[name] = (unit, half)
     return out
@@ -155,12 +160,8 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
               "aggregate": _means(combined) if combined else None,
               "restarts": cfg.restarts, "iterations": cfg.iterations, "unroll": cfg.unroll}
     if run_dir is not None:
-        import json
-
         (Path(run_dir) / "privacy.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         if grids:
-            from fedtiny.attack.run import plot_grid
-
             t = np.concatenate([g[0] for g in grids])
             r = np.concatenate([g[1] for g in grids])
             plot_grid(t, r, [p for g in grids for p in g[2]], Path(run_dir) / "reconstructions.png")
@@ -211,8 +212,6 @@ def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, t
 
 def _images_behind(task, ob: Observed):
     """The training images behind an observation: the client's, or every member's of an aggregate."""
-    from fedtiny.data.sources import ImageSet
-
     parts = [task.federation.client_data(p)[0] for p in ob.get("members", [ob["partition_id"]])]
     if len(parts) == 1:
         return parts[0]
@@ -222,8 +221,6 @@ def _images_behind(task, ob: Observed):
 
 def _imprint_all(task, members: list, results: list, grids: list) -> None:
     """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
-    from fedtiny.attack.malicious import grey, imprint, target_public, trap_for
-
     public = target_public(task.federation.public)
     trap, prior = trap_for(public), grey(public).mean(axis=0)
     for ob, data in members:
@@ -240,6 +237,9 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
         grids.append((data.x, np.clip(rec, 0, 1), out["psnr_db"]))
 
 
+ATTACK_METHODS.add("imprint", AttackMethod("imprint", observed=_imprint_all))
+
+
 def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list) -> None:
     """Attack the observed updates, one vectorized problem per (round, number of images)."""
     s = task.scenario
@@ -251,8 +251,9 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                             f"{len(train)} training images > attack.max_images = {cfg.max_images}"})
             continue
         groups.setdefault((ob["round"], len(train)), []).append((ob, train))
-    if cfg.method == "imprint":
-        _imprint_all(task, [m for g in sorted(groups.items(), key=lambda g: g[0]) for m in g[1]], results, grids)
+    method = attack_method(cfg.method)
+    if method.observed is not None:
+        method.observed(task, [m for g in sorted(groups.items(), key=lambda g: g[0]) for m in g[1]], results, grids)
         return
     for (rnd, n), members in sorted(groups.items(), key=lambda g: g[0]):
         obs_list, data = [ob for ob, _ in members], [d for _, d in members]
@@ -272,7 +273,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         fidelity = match_cosine(model, obs, threat, x, y, num_classes)
         say(f"attack: round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
               f"{cfg.iterations} iterations x {cfg.restarts} starts")
-        intervals = _intervals(task, qmodel, obs, threat.local_steps) if cfg.method == "rounding" else None
+        intervals = _intervals(task, qmodel, obs, threat.local_steps) if method.needs_intervals else None
         rec, lab = reconstruct(model, obs, threat, shape, num_classes,
                                AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,
                                             restarts=cfg.restarts),

@@ -27,13 +27,20 @@ what any placement could do.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedtiny.attack.metrics import flat_psnr, psnr, score
+from fedtiny.budget.schemes import parse_scheme, resolve
 from fedtiny.errors import ScenarioError
+from fedtiny.federated.task import _fp32_model
+from fedtiny.int8.convert import ptq
+from fedtiny.models.state import model_arrays
+from fedtiny.models.tinyir import TinyIR
 
 __all__ = ["Trap", "TRAP_LAYER", "trap_network", "trap_for", "trap_state", "trap_scheme", "trap_scheme_dict", "imprint", "block_edges", "blocks_of", "image_of",
            "recover_blocks", "place", "oracle_place"]
@@ -135,8 +142,6 @@ def _set(conv_bn: nn.Sequential, weight: torch.Tensor, bias: torch.Tensor) -> No
 @torch.no_grad()
 def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     """Set a 32x32 3-channel tiny-ir (``fedtiny.models.TinyIR``, width 16, 4 blocks) to the trap; eval mode."""
-    from fedtiny.models.tinyir import TinyIR
-
     if not isinstance(model, TinyIR) or len(model.blocks) != 4 or model.stem[0].out_channels != 16 \
             or model.stem[0].in_channels != 3 or model.stem[0].stride != (2, 2):
         raise ScenarioError("the trap is built for tiny-ir at width 16 on 3x32x32 images "
@@ -238,17 +243,12 @@ def trap_for(public: np.ndarray, *, pixel_gain: float = 10.0, head_gain: float =
 def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     """The malicious server's model in ``task``'s downlink layout: the trap network, quantized by
     fedtiny's own post-training quantization calibrated on ``public`` for an int8 task."""
-    from fedtiny.federated.task import _fp32_model
-    from fedtiny.models.state import model_arrays
-
     s = task.scenario
     if s.model.name != "tiny-ir" or s.model.file or s.model.module:
         raise ScenarioError("attack.server = malicious: the trap is built for the built-in tiny-ir "
                             "(model.name = \"tiny-ir\", no model.file or model.module)")
     net = trap_network(_fp32_model(s, task.federation), trap)
     if s.model.precision == "int8":
-        from fedtiny.int8.convert import ptq
-
         net = ptq(net, public.astype(np.float32), classifier_precision=s.model.classifier_precision)
     names = [n for n, *_ in task.downlink_spec]
     arrays = model_arrays(net, names)
@@ -295,10 +295,6 @@ def trap_scheme_dict() -> dict:
 
 def trap_scheme(model):
     """:func:`trap_scheme_dict` resolved against an int8 tiny-ir."""
-    from fedtiny.budget.schemes import parse_scheme, resolve
-
-    import json
-
     return resolve(parse_scheme(json.dumps(trap_scheme_dict())), model)
 
 
@@ -342,6 +338,7 @@ def place(blocks: np.ndarray, counts: np.ndarray, prior: np.ndarray, images: int
     or rounding) take the prior's block. The Hungarian algorithm minimizes the squared difference
     to the prior's blocks (translation equivariance leaves nothing better to place them by).
     """
+    # deferred: scipy.optimize adds 0.35 s to start-up; only matching needs it
     from scipy.optimize import linear_sum_assignment
 
     pb = np.concatenate([blocks_of(prior)] * images)
@@ -358,6 +355,7 @@ def oracle_place(blocks: np.ndarray, counts: np.ndarray, target: np.ndarray) -> 
     """The bound on any placement: the isolated blocks (bins of count 1) each at the position of the
     target block it matches best (Hungarian algorithm on the target itself, which only an oracle has),
     every other position the target's mean (the flat baseline)."""
+    # deferred: scipy.optimize adds 0.35 s to start-up; only matching needs it
     from scipy.optimize import linear_sum_assignment
 
     tb = blocks_of(target)
@@ -416,8 +414,6 @@ def imprint(task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], 
     the targets' blocks), ``leaked_blocks`` (share of the targets' blocks an isolated bin returned
     within ``LEAK_ERROR``), ``recon`` (``N x C x H x W``).
     """
-    from fedtiny.attack.metrics import flat_psnr, psnr, score
-
     alone, pieces, counts = [], None, None
     for changes, sent, trap in observations:
         dw, db, mw, mb = bins_change(task, changes, sent)

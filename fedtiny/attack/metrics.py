@@ -31,6 +31,7 @@ def flat_psnr(target: np.ndarray) -> float:
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity (scikit-image) of two C x H x W images in [0, 1]."""
+    # deferred: 0.3 s to start-up; only scoring needs it
     from skimage.metrics import structural_similarity
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -40,6 +41,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def match(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Order of ``recon`` that best matches ``target`` (Hungarian algorithm on MSE)."""
+    # deferred: scipy.optimize adds 0.35 s to start-up; only matching needs it
     from scipy.optimize import linear_sum_assignment
 
     cost = np.array([[mse(r, t) for t in target] for r in recon])

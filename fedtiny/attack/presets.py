@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from skimage.data import lfw_subset
 from torch import nn
+
+from fedtiny.data.sources import load_source
+from fedtiny.models import build_model
 
 __all__ = ["DLGLeNet", "dlg_lenet", "real_images", "tiny_ir_rgb", "face_ids", "face_images", "photo_patches"]
 
@@ -39,6 +44,7 @@ def dlg_lenet(num_classes: int = 100, seed: int = 0) -> DLGLeNet:
 def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """``n`` real RGB images in [0, 1], N x 3 x size x size: scikit-learn digits upsampled (grey) and
     patches cut from the colour photos bundled with scikit-learn, alternating, seeded."""
+    # deferred: scikit-learn's datasets take 1.4-2.6 s to import
     from sklearn.datasets import load_digits, load_sample_images
 
     rng = np.random.default_rng(seed)
@@ -58,8 +64,6 @@ def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
     """N x C x h x w images in [0, 1] to ``size`` x ``size`` (bilinear), clipped to [0, 1]."""
-    import torch.nn.functional as F
-
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     up = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
@@ -68,8 +72,6 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 def tiny_ir_rgb(num_classes: int = 2, seed: int = 0, image_size: int = 32) -> nn.Module:
     """fedtiny's ``tiny-ir`` for 3-channel inputs, PyTorch's default (seeded) initialization, eval mode."""
-    from fedtiny.models import build_model
-
     return build_model("tiny-ir", 3, num_classes, image_size=image_size, seed=seed).eval()
 
 
@@ -86,8 +88,6 @@ def face_ids(n: int, seed: int = 0) -> np.ndarray:
 def face_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` of the 100 faces of scikit-image's ``lfw_subset`` (25x25 grey), resized to ``size`` and
     repeated over 3 channels, seeded order; their label is 1 (face) of the set's two classes."""
-    from skimage.data import lfw_subset
-
     faces = lfw_subset()[:LFW_FACES].astype(np.float32)
     x = _resize(faces[face_ids(n, seed)][:, None], size).repeat(3, axis=1)
     return x.astype(np.float32), np.ones(n, np.int64)
@@ -95,8 +95,6 @@ def face_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.n
 
 def photo_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """``n`` colour patches of the ``photos`` data source (seeded choice), resized to ``size``."""
-    from fedtiny.data.sources import load_source
-
     data = load_source("photos")
     pick = np.random.default_rng(seed).choice(len(data), n, replace=n > len(data))
     return _resize(data.x[pick], size).astype(np.float32)

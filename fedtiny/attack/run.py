@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -10,14 +11,39 @@ from typing import Any
 
 import numpy as np
 import torch
+from skimage.data import lfw_subset
 
-from fedtiny.progress import say
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
+from fedtiny.attack.learned import augment, fit_inverter
+from fedtiny.attack.malicious import (
+    grey,
+    imprint,
+    round_projection,
+    trap_for,
+    trap_scheme,
+    trap_scheme_dict,
+    trap_state,
+)
 from fedtiny.attack.metrics import flat_psnr, psnr, score, ssim, worst_case
-from fedtiny.attack.presets import _resize, dlg_lenet, face_ids, face_images, photo_patches, real_images, tiny_ir_rgb
+from fedtiny.attack.presets import (
+    LFW_FACES,
+    _resize,
+    dlg_lenet,
+    face_ids,
+    face_images,
+    photo_patches,
+    real_images,
+    tiny_ir_rgb,
+)
 from fedtiny.attack.threat import DEFENSES, ThreatModel
 from fedtiny.attack.user import observe
+from fedtiny.compress.dense import pack_dense
+from fedtiny.data.sources import ImageSet
 from fedtiny.errors import ScenarioError
+from fedtiny.federated.client import local_round
+from fedtiny.federated.task import make_task, with_scheme
+from fedtiny.progress import say
+from fedtiny.scenario import scenario_from_dict
 
 __all__ = ["PRESETS", "preset_targets", "run_attack", "plot_grid"]
 
@@ -103,10 +129,11 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
 
 def plot_grid(targets: np.ndarray, recon: np.ndarray, psnrs: list[float], path: Path, n: int = 16) -> Path:
     """Targets (top) over reconstructions (bottom) with their PSNR."""
+    # deferred: matplotlib takes 0.6 s to import; only plots need it
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     t = targets.reshape(-1, *targets.shape[-3:])[:n]
     r = recon.reshape(-1, *recon.shape[-3:])[:n]
@@ -130,11 +157,6 @@ def malicious_scenario(targets: int, batch: int, *, local_steps: int = 1, densit
     """The client side of ``faces-malicious``: tiny-ir on 3x32x32 faces, ``targets`` clients of ``batch``
     images, ``local_steps`` full-batch steps, the trap's scheme, a sparse uplink of ``density`` in
     ``values`` (int8) or, with ``precision = "fp32"``, dense fp32 updates of the whole float network."""
-    import json
-
-    from fedtiny.attack.malicious import trap_scheme_dict
-    from fedtiny.scenario import scenario_from_dict
-
     int8 = precision == "int8"
     raw = {
         "run": {"name": "faces-malicious", "seed": seed, "rounds": 1, "clients": max(2, targets)},
@@ -157,10 +179,6 @@ def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: 
     :func:`fedtiny.federated.client.local_round`; the server's decoded update of each, or the
     client's refusal (a string). ``states`` (client index -> its persistent state: the error-feedback
     residual) is read and updated when given, as a client keeps it between rounds."""
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.data.sources import ImageSet
-    from fedtiny.federated.client import local_round
-
     downlink = pack_dense(sent, task.downlink_spec)
     out: list[dict | str] = []
     for i in range(len(images)):
@@ -205,13 +223,6 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     residual) between rounds, and the imprint pools the blocks isolated in any round. Scores are
     per image, with the worst case over the attacks.
     """
-    from skimage.data import lfw_subset
-
-    from fedtiny.attack.learned import augment, fit_inverter
-    from fedtiny.attack.malicious import grey, imprint, round_projection, trap_for, trap_scheme, trap_state
-    from fedtiny.attack.presets import LFW_FACES
-    from fedtiny.federated.task import make_task, with_scheme
-
     if targets * batch > LFW_FACES - 8:
         raise ScenarioError(f"faces-malicious: {targets} targets x batch {batch} faces leave fewer than 8 of "
                             f"lfw_subset's {LFW_FACES} faces as the server's public data")

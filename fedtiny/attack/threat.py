@@ -25,8 +25,8 @@ class ThreatModel:
         Share of each tensor's coordinates the client transmits (top-k by magnitude);
         only those are matched.
     values
-        How the transmitted values are quantized (``fp32``, ``fp16``, ``int8``,
-        ``ternary``); the attacker sees the dequantized values.
+        The value type the transmitted values travel in (:mod:`fedtiny.compress.values`); the attacker
+        sees what arrives (the type's torch twin).
     trainable
         Names of the tensors the client sends (a sparse-update scheme); None = all.
     """

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedtiny.attack.threat import ThreatModel
-from fedtiny.errors import ScenarioError
+from fedtiny.compress.values import value_type
 
 __all__ = ["update_fn", "observe", "Observation"]
 
@@ -41,7 +41,7 @@ def update_fn(model: nn.Module, threat: ThreatModel, frozen: Params):
 
 
 def _wire(v: torch.Tensor, threat: ThreatModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k and quantization of one tensor's updates for all targets; returns (values, mask)."""
+    """Top-k and the codec's quantization (its torch twin) of one tensor's updates for all targets: (values, mask)."""
     flat = v.flatten(1)
     n = flat.shape[1]
     k = max(1, math.ceil(threat.density * n))
@@ -50,17 +50,7 @@ def _wire(v: torch.Tensor, threat: ThreatModel) -> tuple[torch.Tensor, torch.Ten
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
     else:
         mask = torch.ones_like(flat, dtype=torch.bool)
-    sent = torch.where(mask, flat, torch.zeros_like(flat))
-    if threat.values == "fp16":
-        sent = sent.half().float()
-    elif threat.values == "int8":
-        scale = sent.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
-        sent = torch.round(sent / scale) * scale
-    elif threat.values == "ternary":
-        mag = (sent.abs().sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1))
-        sent = torch.sign(sent) * mag
-    elif threat.values != "fp32":
-        raise ScenarioError(f"threat.values: unknown {threat.values!r}")
+    sent = value_type(threat.values).surrogate(torch.where(mask, flat, torch.zeros_like(flat)), mask)
     return sent.view_as(v), mask.view_as(v)
 
 

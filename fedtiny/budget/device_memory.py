@@ -33,6 +33,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from fedtiny.budget.memory import flash_bytes, optimizer_slots, plan
+from fedtiny.budget.schemes import apply_scheme, trainable_slices
+from fedtiny.compress.uplink import uplink_codec
+from fedtiny.compress.values import value_type
+from fedtiny.int8.graph import QConv
+from fedtiny.models.state import array_spec, trainable_names
+
 __all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "step_arena",
            "device_ram_bytes", "encoded_bound", "residual_bytes", "stack_bytes", "FRAME_BYTES", "TEXT_BYTES",
            "REPORT_BYTES", "CODE_BYTES", "RUNTIME_BYTES", "OP_BYTES"]
@@ -50,7 +59,7 @@ OP_BYTES = 208  # one ft_op in flash (the op table)
 
 def stack_bytes(ops: int, classes: int) -> int:
     """The stack the firmware reserves: the protocol and the C step's frames, whose tables have an entry
-    per tensor (8 of 4 B) and per class (fedtiny_step.c, built with FT_MAX_TENSORS = ops + 1), and the
+    per tensor (8 of 4 B) and per class (fedtiny_step.c and fedtiny_step_loss.c, built with FT_MAX_TENSORS = ops + 1), and the
     kernels' block accumulators and row pointers (fedtiny_kernels.h: about 256 B); rounded up to 256 B.
     tiny-ir's 13 ops measured 1,900 B in QEMU with the DSP kernels, 1,952 B with the portable ones."""
     need = 1792 + 32 * (ops + 1) + 4 * classes
@@ -90,14 +99,11 @@ def residual_bytes(itemsize: int, residual: str) -> int:
     return 2 if itemsize == 1 else 4  # compact: int16 in 1/256 steps for int8 tensors, float32 otherwise
 
 
-VALUE_BYTES = {"int8": 1, "ternary": 1, "fp16": 2, "fp32": 4}  # a value's bytes in the wire format (at most)
-
-
 def encoded_bound(ndim: int, nnz: int, values: str = "int8") -> int:
     """Upper bound of one tensor's bytes in fedtiny's wire format (docs/compression.md): varint header
     fields (5 B each at most), flags, value type, scale, position coding, then at most 5 B of gap and a
-    value per element."""
-    return 5 * (4 + ndim) + 1 + 1 + 4 + 2 + (5 + VALUE_BYTES[values]) * nnz
+    value per element (a lone value's bytes: ternary's sign bit takes a byte)."""
+    return 5 * (4 + ndim) + 1 + 1 + 4 + 2 + (5 + value_type(values).nbytes(1)) * nnz
 
 
 @dataclass
@@ -170,7 +176,7 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
            "sample order": 2 * load.samples,
            "trained tensors": trained_tensor_bytes,
            "optimizer state": 4 * optimizer_slots * trained_tensor_elements}
-    if load.uplink == "sparse":
+    if uplink_codec(load.uplink).carries_state:
         state = sum(u.positions * u.itemsize for u in uplink)  # the values when the round began
         if load.error_feedback:
             state += sum(u.positions * residual_bytes(u.itemsize, load.residual) for u in uplink)
@@ -186,7 +192,7 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     flash = {"code": CODE_BYTES, "model": model_flash_bytes, "step tables": STEP_TABLE_BYTES * conv_channels,
              "op table and plans": OP_BYTES * ops + 4 * plans,
              "samples": load.samples * (load.sample_bytes + 1)}
-    if load.uplink == "sparse":  # each uplink tensor's trainable positions (uint32), a table in flash
+    if uplink_codec(load.uplink).carries_state:  # each uplink tensor's trainable positions (uint32), in flash
         flash["uplink positions"] = 4 * sum(u.positions for u in uplink)
     return DeviceMemory(sum(ram.values()), sum(flash.values()), ram, flash, sram_bytes, flash_bytes, device)
 
@@ -197,12 +203,6 @@ def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str =
     ``load.micro_batch`` samples, with accumulators when ``load.batch_size`` is larger) is ``arena_bytes``
     (:attr:`~fedtiny.budget.memory.MemoryReport.arena_bytes`). The uplink tensors are the trained ones, in
     device dtypes."""
-    import numpy as np
-
-    from fedtiny.budget.memory import flash_bytes, optimizer_slots
-    from fedtiny.budget.schemes import trainable_slices
-    from fedtiny.models.state import array_spec, trainable_names
-
     spec = array_spec(model, trainable_names(model))
     slices = trainable_slices(model, spec)
     uplink = [UplinkTensor(n, len(shape), len(slices[n]), np.dtype(dt).itemsize) for n, shape, dt in spec]
@@ -222,8 +222,6 @@ def step_arena(model, input_shape: tuple[int, int, int], load: ClientLoad, *, op
     """The arena of one step of ``model`` (which carries its scheme) as the device runs it: ``load.micro_batch``
     samples at a time, with the accumulators when ``load.batch_size`` is larger (the planner, without the
     persistent state and the input, which the device holds apart)."""
-    from fedtiny.budget.memory import plan
-
     ledger, _ = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
                      inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=load.micro_batch,
                      accumulate=load.batch_size > load.micro_batch)
@@ -234,16 +232,12 @@ def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: C
                      optimizer: str = "sgd+qas", momentum: float = 0.0, **options) -> int:
     """:attr:`DeviceMemory.device_ram_bytes` of ``model`` under ``resolved`` (applied in place), for a search
     that asks it of many schemes. ``options``: the planner's (reorder, inplace_depthwise, fuse_frozen)."""
-    from fedtiny.budget.schemes import apply_scheme
-
     apply_scheme(model, resolved)
     arena = step_arena(model, input_shape, load, optimizer=optimizer, momentum=momentum, **options)
     return client_memory(model, arena, load, optimizer=optimizer, momentum=momentum).device_ram_bytes
 
 
 def _conv_channels(model) -> int:
-    from fedtiny.int8.graph import QConv
-
     return sum(int(m.out_channels) for m in model.modules() if isinstance(m, QConv))
 
 

@@ -28,17 +28,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedtiny.compress.values import quantize_values, value_type, value_type_names, value_type_of_code
 from fedtiny.errors import CodecError
 
-__all__ = ["CodecError", "SparseTensor", "SparseUpdate", "encode", "decode", "VALUE_TYPES", "MAGIC", "VERSION",
-           "quantize_values", "gap_bits"]
+__all__ = ["CodecError", "SparseTensor", "SparseUpdate", "encode", "decode", "MAGIC", "VERSION", "quantize_values",
+           "value_type_names", "gap_bits"]
 
 MAGIC = b"FTU"
 VERSION = 1
-VALUE_TYPES = ("int8", "int16", "int32", "fp16", "fp32", "ternary")
-_VT_CODE = {v: i for i, v in enumerate(VALUE_TYPES)}
-_SCALED = {"int8", "int16", "int32", "ternary"}
-_INT_DT = {"int8": np.dtype("<i1"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
 POS_DENSE, POS_VARINT, POS_RICE = 0, 1, 2
 FLAG_SET = 1
 
@@ -64,7 +61,7 @@ class SparseTensor:
     values
         Dequantized values (float64), one per position.
     value_type
-        How the values travel (one of :data:`VALUE_TYPES`).
+        How the values travel (a registered value type, :mod:`fedtiny.compress.values`).
     scale
         Scale of int/ternary values.
     replace
@@ -93,35 +90,6 @@ class SparseUpdate:
     @property
     def nnz(self) -> int:
         return sum(len(t.indices) for t in self.tensors)
-
-
-# --- values ---------------------------------------------------------------------------------------------------
-
-def quantize_values(values: np.ndarray, value_type: str) -> tuple[np.ndarray, float]:
-    """Quantize float values for the wire; returns ``(dequantized values, scale)``.
-
-    int types use a per-tensor scale ``max|v| / qmax`` (1.0 when the values are
-    integers that fit, so integer deltas travel exactly); ternary sends signs with
-    the mean magnitude.
-    """
-    v = np.asarray(values, np.float64)
-    if value_type == "fp32":
-        return v.astype(np.float32).astype(np.float64), 1.0
-    if value_type == "fp16":
-        return np.clip(v, -65504, 65504).astype(np.float16).astype(np.float64), 1.0
-    if value_type == "ternary":
-        mag = float(np.abs(v).mean()) if len(v) else 0.0
-        return np.sign(v) * mag, mag
-    if value_type in _INT_DT:
-        qmax = float(np.iinfo(_INT_DT[value_type]).max)
-        peak = float(np.abs(v).max()) if len(v) else 0.0
-        if peak <= qmax and np.array_equal(v, np.round(v)):
-            scale = 1.0
-        else:
-            scale = peak / qmax if peak > 0 else 1.0
-        scale = float(np.float32(scale))
-        return np.clip(np.round(v / scale), -qmax, qmax) * scale, scale
-    raise CodecError(f"unknown value type {value_type!r}")
 
 
 # --- bit-level helpers ----------------------------------------------------------------------------------------
@@ -200,20 +168,6 @@ def _rice_decode(data: bytes, count: int, k: int) -> np.ndarray:
 
 # --- encode ---------------------------------------------------------------------------------------------------
 
-def _pack_values(t: SparseTensor) -> tuple[bytes, float]:
-    vt, v = t.value_type, np.asarray(t.values, np.float64)
-    if vt == "fp32":
-        return v.astype("<f4").tobytes(), 1.0
-    if vt == "fp16":
-        return v.astype("<f2").tobytes(), 1.0
-    if vt == "ternary":
-        return np.packbits((v < 0).astype(np.uint8)).tobytes(), float(t.scale)
-    dt = _INT_DT[vt]
-    scale = float(t.scale) if t.scale > 0 else 1.0
-    qmax = np.iinfo(dt).max
-    return np.clip(np.round(v / scale), -qmax, qmax).astype(dt).tobytes(), scale
-
-
 def encode(update: SparseUpdate) -> bytes:
     """Encode a sparse update (values are sent in each tensor's ``value_type``)."""
     out = bytearray(MAGIC)
@@ -221,8 +175,7 @@ def encode(update: SparseUpdate) -> bytes:
     out += _varints(np.array([len(update.tensors)]))
     for t in update.tensors:
         idx = np.asarray(t.indices, np.int64)
-        if t.value_type not in _VT_CODE:
-            raise CodecError(f"tensor {t.tensor_id}: unknown value type {t.value_type!r}")
+        vt = value_type(t.value_type)
         if len(idx) and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= t.numel):
             raise CodecError(f"tensor {t.tensor_id}: indices must be sorted, unique and within {t.numel}")
         out += _varints(np.array([t.tensor_id]))
@@ -230,9 +183,9 @@ def encode(update: SparseUpdate) -> bytes:
         out += _varints(np.array(t.shape, np.int64))
         out += _varints(np.array([len(idx)]))
         out.append(FLAG_SET if t.replace else 0)
-        out.append(_VT_CODE[t.value_type])
-        values, scale = _pack_values(t)
-        if t.value_type in _SCALED:
+        out.append(vt.code)
+        scale = float(t.scale) if vt.scaled else 1.0
+        if vt.scaled:
             out += struct.pack("<f", scale)
         if len(idx) == t.numel:
             out.append(POS_DENSE)
@@ -249,7 +202,7 @@ def encode(update: SparseUpdate) -> bytes:
                 coded = as_varint
             out += _varints(np.array([len(coded)]))
             out += coded
-        out += values
+        out += vt.pack(np.asarray(t.values, np.float64), scale)
     return bytes(out)
 
 
@@ -346,11 +299,11 @@ def _decode(data: bytes, spec, max_bytes: int) -> SparseUpdate:
         if flags & ~FLAG_SET:
             raise CodecError(f"tensor {tid}: unknown flags {flags:#x}")
         vcode = r.u8("value type")
-        if vcode >= len(VALUE_TYPES):
+        vt = value_type_of_code(vcode)
+        if vt is None:
             raise CodecError(f"tensor {tid}: unknown value type {vcode}")
-        vt = VALUE_TYPES[vcode]
         scale = 1.0
-        if vt in _SCALED:
+        if vt.scaled:
             (scale,) = struct.unpack("<f", r.take(4, "scale"))
             if not math.isfinite(scale) or scale < 0:
                 raise CodecError(f"tensor {tid}: bad scale {scale}")
@@ -373,16 +326,10 @@ def _decode(data: bytes, spec, max_bytes: int) -> SparseUpdate:
                 raise CodecError(f"tensor {tid}: position {int(idx[-1])} out of range {numel}")
         else:
             raise CodecError(f"tensor {tid}: unknown position coding {coding}")
-        if vt == "ternary":
-            signs = np.unpackbits(np.frombuffer(r.take((nnz + 7) // 8, "signs"), np.uint8))[:nnz]
-            values = np.where(signs == 1, -scale, scale).astype(np.float64)
-        else:
-            dt = _INT_DT.get(vt) or np.dtype("<f2" if vt == "fp16" else "<f4")
-            raw_v = np.frombuffer(r.take(nnz * dt.itemsize, "values"), dt)
-            values = raw_v.astype(np.float64) * (scale if vt in _INT_DT else 1.0)
-            if not np.isfinite(values).all():
-                raise CodecError(f"tensor {tid}: non-finite values")
-        tensors.append(SparseTensor(tid, shape, idx, values, vt, scale, bool(flags & FLAG_SET)))
+        values = vt.unpack(r.take(vt.nbytes(nnz), "values"), nnz, scale)
+        if not np.isfinite(values).all():
+            raise CodecError(f"tensor {tid}: non-finite values")
+        tensors.append(SparseTensor(tid, shape, idx, values, vt.name, scale, bool(flags & FLAG_SET)))
     if r.pos != len(data):
         raise CodecError(f"{len(data) - r.pos} trailing bytes after the last tensor")
     return SparseUpdate(tensors)

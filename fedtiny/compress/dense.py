@@ -11,7 +11,7 @@ import numpy as np
 
 from fedtiny.errors import PayloadError
 
-__all__ = ["PayloadError", "Spec", "pack_dense", "unpack_dense", "dense_nbytes"]
+__all__ = ["PayloadError", "Spec", "as_dtype", "pack_dense", "unpack_dense", "dense_nbytes"]
 
 Spec = list[tuple[str, tuple[int, ...], str]]
 """The tensors on the wire, in order: ``(name, shape, dtype)`` each."""
@@ -21,6 +21,15 @@ def _dtype(name: str) -> np.dtype:
     if name not in _ALLOWED:
         raise PayloadError(f"unsupported dtype {name!r}")
     return np.dtype(name).newbyteorder("<")
+
+
+def as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` in ``dtype``; integer targets are rounded and saturated (float32 cannot hold every int32)."""
+    a = np.asarray(a)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.ascontiguousarray(np.clip(np.rint(a.astype(np.float64)), info.min, info.max).astype(dtype))
+    return np.ascontiguousarray(a.astype(dtype, copy=True))
 
 
 def dense_nbytes(spec: Spec) -> int:

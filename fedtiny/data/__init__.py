@@ -10,11 +10,13 @@ import numpy as np
 
 from fedtiny.data.partition import METHODS, partition_indices
 from fedtiny.data.shift import SensorShift, apply_shift, client_shift, fleet_shift
-from fedtiny.data.sources import SOURCES, DataError, ImageSet, load_source
+from fedtiny.data.sources import DataError, DataSource, ImageSet, load_source
 from fedtiny.data.synthetic import DEFAULT_SIZE, Synthetic
+from fedtiny.scenario import scenario_from_json
+from fedtiny.variants import DATA_SOURCES
 
 __all__ = ["DataError", "ImageSet", "Federation", "build_federation", "load_federation", "partition_indices",
-           "SensorShift", "apply_shift", "client_shift", "fleet_shift", "load_source", "SOURCES", "METHODS"]
+           "SensorShift", "apply_shift", "client_shift", "fleet_shift", "load_source", "METHODS"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ class Federation:
 def build_federation(scenario) -> Federation:
     """Load the scenario's data source and split it (seeded) between server and clients."""
     d, seed = scenario.data, scenario.run.seed
-    if d.source == "synthetic":
-        return _synthetic_federation(scenario)
+    source = DATA_SOURCES.get(d.source)
+    if source.federation is not None:
+        return source.federation(scenario)
     data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed,
                        channels=d.channels, image_width=d.image_width)
     order = np.random.default_rng([seed, 3]).permutation(len(data))
@@ -113,11 +116,12 @@ def _synthetic_federation(scenario) -> Federation:
 
 @functools.lru_cache(maxsize=4)
 def _cached(scenario_json: str) -> Federation:
-    from fedtiny.scenario import scenario_from_json
-
     return build_federation(scenario_from_json(scenario_json))
 
 
 def load_federation(scenario) -> Federation:
     """:func:`build_federation`, cached per process (Flower calls a ClientApp many times)."""
     return _cached(scenario.to_json())
+
+
+DATA_SOURCES.add("synthetic", DataSource("synthetic", federation=_synthetic_federation))

@@ -17,6 +17,7 @@ METHODS = ("iid", "dirichlet", "pathological")
 
 def _partitioner(method: str, num_partitions: int, seed: int, alpha: float, classes_per_client: int,
                  min_partition_size: int):
+    # deferred: flwr-datasets takes 3 s to import; only partitioning needs it
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     if method == "iid":
@@ -59,6 +60,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "ii
     ValueError
         When the data cannot be split as asked (too few samples, too many classes per client).
     """
+    # deferred: datasets takes 2.6 s to import
     from datasets import Dataset
 
     labels = np.asarray(labels, dtype=np.int64)

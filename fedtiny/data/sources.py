@@ -1,5 +1,8 @@
 """Image data sources behind one interface: ``load_source(name, root, ...) -> ImageSet``.
 
+Each source is a :class:`DataSource` added to ``fedtiny.variants.DATA_SOURCES`` (declared there by name,
+so the scenario can offer it); :func:`load_source` looks it up.
+
 Nothing is ever downloaded. ``digits`` is scikit-learn's bundled 8x8 digits;
 ``lfw-faces`` is scikit-image's bundled ``lfw_subset`` (100 face and 100 non-face 25x25
 patches: a person-detection task in the spirit of Visual Wake Words); ``photos`` is 400 colour
@@ -12,12 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage.data import lfw_subset
 
 from fedtiny.errors import DataError
+from fedtiny.variants import DATA_SOURCES
 
-__all__ = ["DataError", "ImageSet", "load_source", "SOURCES"]
+__all__ = ["DataError", "DataSource", "ImageSet", "load_source"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class ImageSet:
 
 
 def _digits(root: str) -> ImageSet:
+    # deferred: scikit-learn's datasets take 1.4-2.6 s to import
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -55,8 +65,6 @@ def _digits(root: str) -> ImageSet:
 
 
 def _lfw_faces(root: str) -> ImageSet:
-    from skimage.data import lfw_subset
-
     x = lfw_subset().astype(np.float32)[:, None]  # 200 x 1 x 25 x 25 in [0, 1]
     # As scikit-image documents it: the first 100 patches are faces, the last 100 are not.
     y = np.r_[np.ones(100, np.int64), np.zeros(100, np.int64)]
@@ -66,6 +74,7 @@ def _lfw_faces(root: str) -> ImageSet:
 def _photos(root: str) -> ImageSet:
     """32x32 colour patches of scikit-learn's two bundled photos on a regular 10 x 20 grid; the label says
     which photo (0: the temple, 1: the flower): a small colour scene task that needs no download."""
+    # deferred: scikit-learn's datasets take 1.4-2.6 s to import
     from sklearn.datasets import load_sample_images
 
     xs, ys = [], []
@@ -79,6 +88,7 @@ def _photos(root: str) -> ImageSet:
 
 
 def _torchvision(name: str, root: str) -> ImageSet:
+    # deferred: torchvision takes 3 s to import; only its sources need it
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
@@ -105,6 +115,7 @@ def _torchvision(name: str, root: str) -> ImageSet:
 
 
 def _imagefolder(root: str) -> ImageSet:
+    # deferred: torchvision takes 3 s to import; only its sources need it
     import torchvision
 
     if not Path(root).is_dir():
@@ -120,20 +131,37 @@ def _imagefolder(root: str) -> ImageSet:
             size = img.shape
         elif img.shape != size:
             # Resize to the first image's size so that every sample stacks; data.image_size can override.
-            from PIL import Image
-
             img = np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize(size[1::-1]), np.float32) / 255.0
         xs.append(img.transpose(2, 0, 1))
     return ImageSet(np.stack(xs), np.asarray(ds.targets, np.int64), len(ds.classes), f"imagefolder:{root}")
 
 
-SOURCES = ("digits", "lfw-faces", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+@dataclass(frozen=True)
+class DataSource:
+    """A source of images by name.
+
+    Attributes
+    ----------
+    load
+        ``root -> ImageSet``: every image of the source (the federation splits and partitions them).
+    federation
+        ``scenario -> Federation`` for a source that draws each client's images itself (no pool).
+    """
+
+    name: str
+    load: Callable[[str], ImageSet] | None = None
+    federation: Callable[[Any], Any] | None = None
+
+
+DATA_SOURCES.add("digits", DataSource("digits", _digits))
+DATA_SOURCES.add("lfw-faces", DataSource("lfw-faces", _lfw_faces))
+DATA_SOURCES.add("photos", DataSource("photos", _photos))
+for _name in ("mnist", "fashion-mnist", "cifar10"):
+    DATA_SOURCES.add(_name, DataSource(_name, lambda root, name=_name: _torchvision(name, root)))
+DATA_SOURCES.add("imagefolder", DataSource("imagefolder", _imagefolder))
 
 
 def _resize(x: np.ndarray, size: int, width: int = 0) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(x)
     return F.interpolate(t, size=(size, width or size), mode="bilinear", align_corners=False, antialias=True).numpy()
 
@@ -156,7 +184,7 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
     Parameters
     ----------
     name
-        One of :data:`SOURCES`.
+        A source of ``fedtiny.variants.DATA_SOURCES`` that has an image pool.
     root
         Local dataset root for the torchvision sources and ``imagefolder``.
     image_size
@@ -169,18 +197,13 @@ def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: 
     channels
         1 or 3 to convert the images' channels (0 keeps the source's).
     """
-    if name == "digits":
-        data = _digits(root)
-    elif name == "lfw-faces":
-        data = _lfw_faces(root)
-    elif name == "photos":
-        data = _photos(root)
-    elif name in ("mnist", "fashion-mnist", "cifar10"):
-        data = _torchvision(name, root)
-    elif name == "imagefolder":
-        data = _imagefolder(root)
-    else:
-        raise DataError(f"data.source: unknown source {name!r}; expected one of {', '.join(SOURCES)}")
+    try:
+        source = DATA_SOURCES.get(name)
+    except ValueError as exc:
+        raise DataError(f"data.source: {exc}") from None
+    if source.load is None:
+        raise DataError(f"data.source: {name!r} draws each client's images itself; it has no image pool to load")
+    data = source.load(root)
     if max_samples and max_samples < len(data):
         idx = np.sort(np.random.default_rng(seed).choice(len(data), max_samples, replace=False))
         data = data.subset(idx)

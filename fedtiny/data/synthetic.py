@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = ["Synthetic", "DEFAULT_SIZE"]
 
@@ -56,8 +58,6 @@ class Synthetic:
         coarse = max(2, self.size // 2)
         coarse_w = max(2, width // 2) if self.width else coarse
         grid = np.random.default_rng([self.seed, 71]).random((self.num_classes, self.channels, coarse, coarse_w))
-        import torch
-        import torch.nn.functional as F
 
         protos = F.interpolate(torch.from_numpy(grid.astype(np.float32)), size=(self.size, width),
                                mode="bilinear", align_corners=False).numpy()

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from fedtiny.errors import FedtinyError
 
@@ -89,8 +91,6 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(run_dir: str | Path, ck: Checkpoint) -> Path:
     """Write ``ck`` into ``run_dir/checkpoint`` atomically; return the JSON's path."""
-    from safetensors.numpy import save_file
-
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = f"round-{ck.server_round}.safetensors"
@@ -113,9 +113,6 @@ def save_checkpoint(run_dir: str | Path, ck: Checkpoint) -> Path:
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint:
     """Read and verify ``run_dir``'s checkpoint; :class:`CheckpointError` says what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = folder / "checkpoint.json"
     if not path.exists():

@@ -14,11 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedtiny.compress.dense import dense_nbytes
-from fedtiny.compress.uplink import DENSE
-from fedtiny.devices import DeviceProfile, Radio, compute_cycles, compute_seconds, round_cost
 from fedtiny.budget.schemes import ResolvedScheme
+from fedtiny.compress.dense import dense_nbytes
 from fedtiny.compress.downlink import FULL, apply_downlink
+from fedtiny.devices import DeviceProfile, Radio, compute_cycles, compute_seconds, round_cost
 from fedtiny.federated import messages as msg
 from fedtiny.federated.client_state import load_client_state, save_client_state
 from fedtiny.federated.faults import draw_fault, inject_fault, poison, remember_update
@@ -27,7 +26,6 @@ from fedtiny.federated.task import Task, client_profile, client_radio, limit_thr
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.int8.prefix import PrefixStore, without_prefixes
 from fedtiny.models import load_arrays, model_arrays
-from fedtiny.models.state import to_wire
 from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
 from fedtiny.privacy.policy import clip_weight_change, saturation_refusal, scheme_refusal
 from fedtiny.scenario import Scenario, scenario_from_json
@@ -157,8 +155,6 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
                                                                             partition_id, DP_STREAM)))
     if tamper is not None:
         trained = tamper(trained, received)
-        if task.uplink.kind == DENSE:
-            trained = {n: to_wire(trained[n], np.dtype(dt)) for n, _, dt in task.uplink_spec}
     update, carried = task.uplink.encode(trained, received, server_round, state)
     state.update(carried)
     cost = round_cost(profile, radio, compute_cycles(profile, work, fit.samples, fit.steps), len(downlink), len(update))
@@ -181,10 +177,10 @@ def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np
     clipped, _ = clip_change(change, units, p.clip_norm)
     noised = add_noise(clipped, units, p.noise_multiplier * p.clip_norm, rng)
     out = {}
-    for name, shape, dtype in task.uplink_spec:
+    for name, shape, _ in task.uplink_spec:
         full = received[name].astype(np.float64).ravel()
         full[slices[name]] += noised[name]
-        out[name] = full.reshape(shape) if task.uplink.kind != DENSE else to_wire(full.reshape(shape), np.dtype(dtype))
+        out[name] = full.reshape(shape)  # the uplink puts it in the wire's dtype
     return out
 
 

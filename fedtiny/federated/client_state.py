@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from fedtiny.errors import FedtinyError
 
@@ -39,9 +41,6 @@ def _rounds(folder: Path) -> list[int]:
 
 def load_client_state(state_dir: str | Path, partition_id: int, server_round: int) -> dict[str, np.ndarray]:
     """Client ``partition_id``'s newest state from a round before ``server_round`` (empty if none)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     folder = Path(state_dir) / str(partition_id)
     earlier = [r for r in _rounds(folder) if r < server_round]
     if not earlier:
@@ -56,8 +55,6 @@ def load_client_state(state_dir: str | Path, partition_id: int, server_round: in
 def save_client_state(state_dir: str | Path, partition_id: int, server_round: int,
                       state: dict[str, np.ndarray]) -> Path:
     """Write client ``partition_id``'s state after ``server_round`` atomically; drop states it no longer needs."""
-    from safetensors.numpy import save_file
-
     folder = Path(state_dir) / str(partition_id)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"r{server_round}.safetensors"

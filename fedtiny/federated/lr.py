@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.budget.schemes import parse_scheme
+from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.models.state import load_arrays
 
 __all__ = ["LR_GRID", "MODEL_DEFAULT_LR", "LrChoice", "fixed_lr", "grid_lr", "trial_scheme", "with_lr"]
@@ -74,8 +76,6 @@ def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
     """Fine-tune ``model`` from ``state`` at each rate of :data:`LR_GRID` on at most
     :data:`TRIAL_SAMPLES` of ``train`` and keep the rate with the lowest loss on ``val`` (ties: the
     larger). ``model`` is left holding ``state``."""
-    from fedtiny.federated.train import evaluate, seeded, train_local
-
     t = scenario.train
     train = train.subset(np.arange(min(len(train), TRIAL_SAMPLES)))
     scores: dict[float, tuple[float, float]] = {}
@@ -95,6 +95,4 @@ def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
 
 def _searched(text: str) -> bool:
     """The scheme is chosen per device by a search (``search``, ``fisher``, ``random:N``): try last-k:fit."""
-    from fedtiny.budget.schemes import parse_scheme
-
     return bool(parse_scheme(text).rule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -9,18 +10,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtiny.data import Federation, load_federation
-from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
+from fedtiny.budget.device_memory import ClientLoad, DeviceMemory, client_memory, step_arena
+from fedtiny.budget.memory import MemoryReport, memory_report, schedule, step_macs, step_work
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
 from fedtiny.compress.dense import Spec
 from fedtiny.compress.sparsify import CompressionConfig
 from fedtiny.compress.uplink import Uplink
-from fedtiny.errors import ModelFileError, ScenarioError
-from fedtiny.scenario import Scenario
+from fedtiny.data import Federation, load_federation
 from fedtiny.devices import DeviceProfile, Radio, get_profile, get_radio, with_kernels
-from fedtiny.budget.device_memory import ClientLoad, DeviceMemory, client_memory, step_arena
-from fedtiny.budget.memory import MemoryReport, memory_report
-from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, trainable_slices
+from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.federated.train import evaluate, pretrain
+from fedtiny.int8.convert import ptq
+from fedtiny.int8.graph import replace_head, unit_scale
+from fedtiny.int8.modelfile import read_model
+from fedtiny.int8.prefix import PrefixStore
+from fedtiny.int8.transfer import fit_head
+from fedtiny.models import array_spec, build_model, model_arrays, trainable_names
+from fedtiny.models.user import build_user_model
+from fedtiny.scenario import Scenario
 
 __all__ = ["Task", "CloudReport", "make_task", "client_load", "with_scheme", "cloud_model", "limit_threads", "client_profile",
            "client_radio"]
@@ -60,8 +67,6 @@ class Task:
 
         Differential privacy clips and adds its noise in real units, whatever a tensor's storage.
         """
-        from fedtiny.int8.graph import unit_scale
-
         return {n: np.broadcast_to(unit_scale(self.model, n).numpy(), shape).ravel().copy()
                 for n, shape, _ in self.uplink_spec}
 
@@ -108,7 +113,6 @@ class Task:
         report = self.memory(profile)
         if report is not None:
             return report.work
-        from fedtiny.budget.memory import step_work
 
         return step_work(self._fp32_schedule())
 
@@ -122,15 +126,12 @@ class Task:
         if report is not None:
             batch = self.scenario.device.micro_batch
             return report.macs_forward // batch, report.macs_backward // batch
-        from fedtiny.budget.memory import step_macs
 
         return step_macs(self._fp32_schedule())
 
     def _fp32_schedule(self) -> list:
         """One sample's schedule of an fp32 network's int8 twin, everything trained (built once)."""
         if "fp32-schedule" not in self._memory:
-            from fedtiny.budget.memory import schedule
-
             twin = _to_int8(self.scenario, self.model, np.zeros((1, *self.federation.image_shape), np.float32))
             for p in twin.parameters():
                 p.requires_grad_(True)
@@ -154,15 +155,11 @@ def _fp32_model(scenario: Scenario, fed: Federation) -> nn.Module:
     c, h, _ = fed.image_shape
     m = scenario.model
     if m.module:
-        from fedtiny.models.user import build_user_model
-
         return build_user_model(m.module, c, fed.num_classes, image_size=h, seed=scenario.run.seed)
     return build_model(m.name, c, fed.num_classes, width=m.width, image_size=h, seed=scenario.run.seed)
 
 
 def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn.Module:
-    from fedtiny.int8.convert import ptq
-
     try:
         return ptq(fp32, calibration, classifier_precision=scenario.model.classifier_precision)
     except ModelFileError as exc:
@@ -173,9 +170,6 @@ def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn
 
 def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
     """The int8 network of ``model.file`` with a new classifier for the data's classes."""
-    from fedtiny.int8.graph import replace_head
-    from fedtiny.int8.modelfile import read_model
-
     m = scenario.model
     try:
         model = read_model(m.file)
@@ -283,11 +277,6 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
 
 def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     """Transfer learning's cloud step: fit the new classifier of a pretrained int8 network on the public split."""
-    import copy
-
-    from fedtiny.int8.prefix import PrefixStore
-    from fedtiny.int8.transfer import fit_head
-
     s, fed = task.scenario, task.federation
     model = copy.deepcopy(task.model)
     for p in model.parameters():

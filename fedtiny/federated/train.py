@@ -13,8 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtiny.budget.memory import c_layout
 from fedtiny.data import ImageSet
 from fedtiny.errors import ModelFileError, ScenarioError
+from fedtiny.int8 import cstep, exact
+from fedtiny.int8.graph import QConv, QModel
+from fedtiny.int8.optim import QuantizedOptimizer
 from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 
 __all__ = ["TrainResult", "train_local", "evaluate", "pretrain", "seeded", "make_optimizer", "exact_applies"]
@@ -72,9 +76,6 @@ def _model_output(model: nn.Module, xb: torch.Tensor, idx: torch.Tensor, prefix)
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, *, rounding: str = "stochastic",
                    gen: torch.Generator | None = None):
     """The optimizer for ``model``: QAS-capable and integer-projecting for the int8 graph, torch's otherwise."""
-    from fedtiny.int8.graph import QModel
-    from fedtiny.int8.optim import QuantizedOptimizer
-
     if isinstance(model, QModel):
         return QuantizedOptimizer(model, name, lr, momentum, rounding, gen)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,8 +89,6 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
 
 def _exact_loss(model: nn.Module):
     """The exact step's loss for an int8 graph with an int8 classifier (fixed-point softmax gradient)."""
-    from fedtiny.int8 import exact
-
     head = model.classifier
     return lambda out, y: exact.cross_entropy(out, y, float(head.y_scale), int(head.y_zero))
 
@@ -106,8 +105,6 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
     order each epoch by :func:`fedtiny.int8.exact.permutation` of it (``train.shuffle = "hash"``). ``prefix``:
     a :class:`~fedtiny.int8.prefix.FrozenPrefix` of ``data`` for the model's scheme (PyTorch steps only).
     """
-    from fedtiny.int8 import exact
-
     loss_fn = nn.CrossEntropyLoss() if exact_seed is None else _exact_loss(model)
     if exact_seed is not None:
         model.number_convs()
@@ -150,8 +147,6 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
 
 def exact_applies(model: nn.Module, optimizer: str) -> bool:
     """Whether the exact step can train ``model`` with ``optimizer``: an int8 graph, int8 head, SGD (with or without QAS)."""
-    from fedtiny.int8.graph import QConv, QModel
-
     return (isinstance(model, QModel) and isinstance(model.classifier, QConv)
             and optimizer in optimizer_names() and optimizer_kind(optimizer).exact)
 
@@ -170,8 +165,6 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
     ``prefixes``: a :class:`~fedtiny.int8.prefix.PrefixStore`: the PyTorch steps of an int8 graph run
     from the first trained op on the data's cached frozen prefix (the same numbers, less work).
     """
-    from fedtiny.int8.graph import QModel
-
     exact_seed = None
     if gradients == "exact" and isinstance(model, QModel):
         if not exact_applies(model, optimizer):
@@ -183,15 +176,12 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
         raise ScenarioError(f"train.gradients: expected exact or float, got {gradients!r}")
     c_step = None
     if engine in ("c", "auto"):
-        from fedtiny.int8 import cstep
-
         if engine == "c" and exact_seed is None:
             raise ScenarioError("train.engine: the C step is the exact step: it needs an int8 model and "
                                 "train.gradients = \"exact\"")
         if engine == "c" and not cstep.available():
             raise ScenarioError(f"train.engine: c needs {cstep.library_path()}: run make install (a C compiler)")
         if exact_seed is not None and cstep.available():  # auto: the C step where it runs (the same integers)
-            from fedtiny.budget.memory import c_layout
 
             try:
                 c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
@@ -218,9 +208,6 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512, prefixes=N
     logits, summed with ``math.fsum``): the same figure on every CPU. ``prefixes``: a
     :class:`~fedtiny.int8.prefix.PrefixStore` whose cached frozen prefix of ``data`` the graph starts from.
     """
-    from fedtiny.int8 import exact
-    from fedtiny.int8.graph import QConv, QModel
-
     if len(data) == 0:
         return 0.0, 0.0
     model.eval()

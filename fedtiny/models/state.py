@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtiny.compress.dense import Spec
+from fedtiny.compress.dense import Spec, as_dtype
 
 __all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire"]
 
@@ -33,11 +33,7 @@ def wire_dtype(model: nn.Module, name: str) -> np.dtype:
 
 def to_wire(a: torch.Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Convert to ``dtype``; integer targets are rounded and saturated (float32 cannot hold every int32)."""
-    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return np.ascontiguousarray(np.clip(np.rint(a.astype(np.float64)), info.min, info.max).astype(dtype))
-    return np.ascontiguousarray(a.astype(dtype, copy=True))
+    return as_dtype(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a, dtype)
 
 
 def model_arrays(model: nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:
