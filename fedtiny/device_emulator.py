@@ -28,7 +28,10 @@ from fedtiny.bridge.protocol import (ACK, BUSY, ERROR, HELLO, MAGIC, METRICS, TR
                                      ProtocolError, encode_frame, model_hash, pack_blob, read_frame, send_frame,
                                      send_json, unpack_blob)
 from fedtiny.bridge.transport import FdStream, SerialStream, SocketStream, Stream
+from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.errors import StreamClosed
+from fedtiny.federated.client import client_task, local_round
+from fedtiny.scenario import scenario_from_json
 
 __all__ = ["serve", "serve_serial", "serve_stream", "handle_connection", "FAULTS"]
 
@@ -56,8 +59,6 @@ class _Device:
                  fault: str, keepalive_s: float, log) -> None:
         if fault not in FAULTS:
             raise ProtocolError(f"unknown emulator fault {fault!r}; known: {', '.join(k for k in FAULTS if k)}")
-        from fedtiny.federated.client import client_task
-
         self.stream, self.scenario, self.partition_id, self.profile = stream, scenario, partition_id, profile
         self.state, self.fault, self.keepalive_s, self.log = state, fault, keepalive_s, log
         self.pending: tuple[int, dict[str, Any]] | None = None
@@ -176,10 +177,6 @@ class _Device:
                 return
 
     def _local_round(self, meta: dict[str, Any], downlink: bytes):
-        from fedtiny.budget.schemes import ResolvedScheme
-        from fedtiny.federated.client import local_round
-        from fedtiny.scenario import scenario_from_json
-
         sent = scenario_from_json(meta["scenario"])
         # what runs the step (PyTorch or the C step) is the device's own choice; the numbers are the same
         sent = dataclasses.replace(sent, train=dataclasses.replace(sent.train, engine=self.scenario.train.engine))

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.attack.malicious import target_public, trap_for, trap_scheme, trap_state
 from fedtiny.budget.device_memory import device_ram_bytes
 from fedtiny.budget.memory import peak_sram_bytes
 from fedtiny.devices import DeviceProfile
@@ -23,9 +24,13 @@ from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_sc
                                     union)
 from fedtiny.data import ImageSet
 from fedtiny.data.shift import apply_shift, fleet_shift
+from fedtiny.federated.lr import fixed_lr, grid_lr, trial_scheme, with_lr
 from fedtiny.federated.task import Task, client_load, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 from fedtiny.progress import say
+from fedtiny.search.contrib import RATIOS, AnalysisSettings, analyse
+from fedtiny.search.evolve import SearchSettings, Space, evolve, random_feasible
+from fedtiny.search.fisher import fisher_potential, fisher_scheme
 
 __all__ = ["FleetSchemes", "fleet_schemes", "server_task", "choose_lr", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
            "scheme_for_device", "search_space", "search_settings"]
@@ -112,8 +117,6 @@ def analysis_data(task: Task) -> tuple[ImageSet, ImageSet]:
 
 def analysis_settings(task: Task):
     """The contribution analysis's fine-tuning settings from the scenario."""
-    from fedtiny.search.contrib import AnalysisSettings
-
     s = task.scenario
     return AnalysisSettings(epochs=s.search.epochs, lr=s.search.lr or s.train.lr, optimizer=s.train.optimizer,
                             momentum=s.train.momentum, batch_size=s.train.batch_size, rounding=s.train.weight_rounding,
@@ -123,8 +126,6 @@ def analysis_settings(task: Task):
 def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, budget: int, device: str,
                       progress: Callable[[str], None] | None = None) -> tuple[Scheme, dict]:
     """Resolve a device-dependent rule for a budget of ``budget`` bytes; return the scheme and what was found."""
-    from fedtiny.search.evolve import evolve, random_feasible
-
     s = task.scenario
     load_arrays(task.model, state)
     peak_of = peak_function(task)
@@ -134,9 +135,6 @@ def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, 
                 return Scheme(f"last-k:{k}", last_k=k), {"rule": "last-k:fit", "k": k}
         return Scheme("last-k:0", last_k=0), {"rule": "last-k:fit", "k": 0}
     if scheme.rule == "fisher":
-        from fedtiny.search.contrib import RATIOS
-        from fedtiny.search.fisher import fisher_potential, fisher_scheme
-
         train, _ = analysis_data(task)
         potential = fisher_potential(task.model, train)
         load_arrays(task.model, state)
@@ -156,8 +154,6 @@ def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, 
 
 def search_settings(scenario):
     """The evolutionary search's settings from the scenario's ``[search]`` section."""
-    from fedtiny.search.evolve import SearchSettings
-
     s = scenario.search
     return SearchSettings(s.population, s.generations, s.mutation, s.crossover, scenario.run.seed)
 
@@ -165,9 +161,6 @@ def search_settings(scenario):
 def search_space(task: Task, state: dict[str, np.ndarray], budget: int, name: str,
                  progress: Callable[[str], None] | None = None, *, cache: bool = True):
     """The candidates for ``budget``: the contribution analysis (cached) and the planner's peak."""
-    from fedtiny.search.contrib import analyse
-    from fedtiny.search.evolve import Space
-
     train, val = analysis_data(task)
     contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=cache, progress=progress,
                       workers=task.scenario.search.workers or task.scenario.run.num_cpus)
@@ -230,8 +223,6 @@ def choose_lr(task: Task, state: dict[str, np.ndarray], progress: Callable[[str]
     the fleet's smallest device would (``scheme``, or ``last-k:fit`` under a per-device search) on
     the server's public split as the fleet's sensors see it.
     """
-    from fedtiny.federated.lr import fixed_lr, grid_lr, trial_scheme
-
     s = task.scenario
     fixed = fixed_lr(s)
     if fixed is not None:
@@ -246,8 +237,6 @@ def choose_lr(task: Task, state: dict[str, np.ndarray], progress: Callable[[str]
 def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callable[[str], None] | None):
     """A malicious server's round-1 model and schemes: the imprint trap built from the public split, and
     (int8) the trap's scheme for every device profile (``fedtiny.attack.malicious``)."""
-    from fedtiny.attack.malicious import target_public, trap_for, trap_scheme, trap_state
-
     public = target_public(task.federation.public)
     state = trap_state(task, public, trap_for(public))
     if progress:
@@ -267,8 +256,6 @@ def server_task(scenario, progress: Callable[[str], None] | None = _log):
     models; ``None`` for fp32) and puts the task under their union. The ServerApp and
     ``bench sim``'s bare baseline both start from this.
     """
-    from fedtiny.federated.lr import with_lr
-
     task = make_task(scenario)
     initial, cloud = cloud_model(task)
     lr = choose_lr(task, initial, progress)

@@ -136,7 +136,7 @@ class SerialStream(Stream):
     def __init__(self, path: str, baud: int, name: str = "") -> None:
         super().__init__(name or f"serial:{path}@{baud}")
         try:
-            import serial
+            import serial  # needed only when a serial port is opened; a missing pyserial is reported below
         except ImportError:  # a dependency of fedtiny; a broken install
             raise ProtocolError(f"{self.name}: pyserial is not installed (pip install pyserial==3.5)") from None
         self._errors = serial.SerialException

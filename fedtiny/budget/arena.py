@@ -11,6 +11,7 @@ take in order, are the plan the step then follows (``ft_model.plan``), so a devi
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 __all__ = ["Buffer", "ArenaPlan", "buffers_from_log", "lay_out", "peak_live_bytes"]
@@ -132,8 +133,6 @@ def lay_out(log: list[int], align: int = 8, tries: int = 400, seed: int = 0) -> 
     each the best so far with two blocks swapped (a seeded, deterministic search), keeping any that is
     no larger, and stopping at the most bytes ever alive at once, which no layout can beat.
     """
-    import random
-
     buffers = buffers_from_log(log)
     floor = peak_live_bytes(buffers)
     conflicts = _conflicts(buffers)

@@ -40,6 +40,7 @@ from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.budget.step_time import StepWork, schedule_work
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import FloatHead, QConv, QModel, fused_events, fusable
+from fedtiny.int8.optim import QuantizedOptimizer
 from fedtiny.int8.optimizers import optimizer_kind
 from fedtiny.int8.resolver import kind_of
 
@@ -398,8 +399,6 @@ def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: to
                  optimizer: str = "sgd+qas", lr: float = 1e-3, momentum: float = 0.0, reorder: bool = True,
                  inplace_depthwise: bool = True, fuse_frozen: bool = True) -> Ledger:
     """Run one real training step (the clients' code path) with the ledger recording; return it."""
-    from fedtiny.int8.optim import QuantizedOptimizer
-
     apply_scheme(model, resolved)
     opt = QuantizedOptimizer(model, optimizer, lr, momentum, gen=torch.Generator().manual_seed(0))
     led = Ledger(reorder=reorder, inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen)

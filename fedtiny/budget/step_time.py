@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
+
 from fedtiny.devices import KernelCosts
 
 __all__ = ["KINDS", "PARTS", "conv_kind", "OpWork", "StepWork", "schedule_work", "c_op_work", "fit_costs"]
@@ -184,8 +186,7 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
     any op (the loss, the float gradient buffers taken zeroed, the ADD and pooling backward, the step's
     set-up: 4% of tiny-ir's step at batch 1 and 16): it is charged with the quantization per gradient
     element, the count that follows the gradient buffers' sizes."""
-    import numpy as np
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # ~0.5 s to import: loaded only when costs are fitted
 
     sums = {"quantize": [0.0, 0], "update": [0.0, 0], "elementwise": [0.0, 0]}
     per_mac: list[tuple[tuple[str, str], float]] = []

@@ -9,6 +9,7 @@ exact step's (:mod:`fedtiny.int8.exact`) bit for bit; the tests check that on ev
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -232,8 +233,6 @@ class CStep:
 
     def step(self, xq: np.ndarray, y: np.ndarray, seed: int, step: int) -> list[float]:
         """One exact step on int8 inputs ``xq`` (``N x C x H x W``) and labels; returns the per-sample losses."""
-        import math
-
         xq = np.ascontiguousarray(xq, dtype=np.int8)
         y = np.ascontiguousarray(y, dtype=np.int32)
         n = len(y)

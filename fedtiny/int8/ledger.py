@@ -37,7 +37,7 @@ def tensor_bytes(t: torch.Tensor | tuple[int, ...], kind: str = "int8") -> int:
     return {"int8": n, "bit": (n + 7) // 8, "fp32": 4 * n, "int32": 4 * n}[kind]
 
 
-SMALL_PLANE_BYTES = 256  # the C step pads planes up to this size byte by byte (fedtiny_step.c: pad_plane)
+SMALL_PLANE_BYTES = 256  # the C step pads planes up to this size byte by byte (fedtiny_step_forward.c: pad_plane)
 
 
 def workspace_bytes(kernel: tuple[int, int], cin: int, depthwise: bool, in_hw: tuple[int, int],

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from torch import nn
 
 from fedtiny.errors import ModelFileError
@@ -20,6 +22,8 @@ from fedtiny.errors import ModelFileError
 from fedtiny.int8.graph import FloatHead, QAdd, QConv, QModel, from_blocks
 from fedtiny.int8.resolver import kind_named, kind_of
 from fedtiny.int8.ops.conv import build as conv_layout
+from fedtiny.int8.tfl_convert import read_tflite_model
+from fedtiny.int8.zoo import read_tiny_training
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
 __all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
@@ -112,8 +116,6 @@ def _skeleton(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str
 
 def save_qmodel(model: QModel, path: str | Path) -> Path:
     """Write ``model`` as a safetensors file with its layout in the metadata."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     save_file(model_arrays(model), str(path), metadata={"fedtiny": json.dumps(describe(model))})
     return path
@@ -121,8 +123,6 @@ def save_qmodel(model: QModel, path: str | Path) -> Path:
 
 def load_qmodel(path: str | Path) -> QModel:
     """Read and validate a model file written by :func:`save_qmodel` or ``fedtiny zoo import``."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
@@ -222,16 +222,12 @@ def read_model(path: str | Path) -> QModel:
     ModelFileError
         The file is missing, is neither format, or holds a network fedtiny cannot run.
     """
-    from fedtiny.int8.zoo import read_tiny_training
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     if path.suffix == ".pkl":
         return from_tiny_training(read_tiny_training(path), where=str(path))
     if path.suffix == ".tflite":
-        from fedtiny.int8.tfl_convert import read_tflite_model
-
         return read_tflite_model(path)
     return load_qmodel(path)
 

@@ -32,6 +32,7 @@ _SLACK = 1 << 20  # arena room beyond the activations: TFLM's per-tensor and per
 
 
 def _external_buffers(model: bytes) -> bool:
+    # tflite_micro is optional and takes ~30 ms to import: loaded when the oracle runs
     from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
 
     root = schema.Model.GetRootAs(model, 0)
@@ -39,6 +40,7 @@ def _external_buffers(model: bytes) -> bool:
 
 
 def _interpreter(model: bytes, graph: TFLiteGraph, preserve: bool) -> Any:
+    # tflite_micro is optional and takes ~30 ms to import: loaded when the oracle runs
     from tflite_micro import runtime
 
     if _external_buffers(model):

@@ -109,6 +109,7 @@ def _same(a: Any, b: Any) -> bool:
 
 @functools.cache
 def _schema() -> ModuleType:
+    # tflite_micro is optional and takes ~30 ms to import: loaded when a .tflite file is read or written
     from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
 
     return schema_py_generated
@@ -370,7 +371,7 @@ def write_tflite(graph: TFLiteGraph) -> bytes:
         A constant's data does not match its tensor's shape and type, or an operator's options do not
         fit its options table.
     """
-    import flatbuffers
+    import flatbuffers  # comes only with the optional tflite_micro
 
     s = _schema()
     codes: dict[str, int] = {}

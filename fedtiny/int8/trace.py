@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.int8.graph import INT8_MAX, INT8_MIN, FloatHead, QAdd, QAvgPool, QConv, QModel, from_blocks
@@ -637,8 +638,6 @@ def trace(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ModelFileError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: "
                                  f"{first}") from None
-        from torch.fx.passes.shape_prop import ShapeProp
-
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(example[:1])

@@ -9,27 +9,27 @@ persistent id), so a crafted file cannot run code: it fails with
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedtiny.errors import ZooError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
 __all__ = ["ZooError", "read_tiny_training", "ALLOWED_GLOBALS"]
 
 
 
 def _allowed() -> dict[tuple[str, str], Any]:
-    import codecs
-
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     return {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,

@@ -65,8 +65,9 @@ def gaussian_epsilon(noise_multiplier: float, steps: int, delta: float, *, sampl
     conversion) or ``classic`` (Mironov 2017, Proposition 3: the bound older papers and
     TF Privacy's ``compute_dp_sgd_privacy`` printed).
     """
+    # dp_accounting takes ~1.5 s to import (it loads scipy.signal): loaded when an epsilon is asked for
     import dp_accounting as dpa
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp  # deferred with dp_accounting (above)
 
     if steps <= 0:
         return 0.0

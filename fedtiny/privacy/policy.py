@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedtiny.int8.graph import QConv
+
 __all__ = ["scheme_refusal", "saturation", "saturation_refusal", "clip_weight_change"]
 
 
@@ -33,8 +35,6 @@ def scheme_refusal(model, first: int) -> str:
 def saturation(model, x: torch.Tensor) -> dict[str, float]:
     """Per convolution with a clamping activation (ReLU, ReLU6): the share of its int8 outputs on images
     ``x`` that sit at the clamp's bounds."""
-    from fedtiny.int8.graph import QConv
-
     env = model._run(model.quantize_input(x), model._head, record=False)
     out = {}
     for conv in model.convs():

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedtiny.errors import FedtinyError
+from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_memory, plot_methods, plot_privacy, plot_run,
+                                  plot_seeds, privacy_groups, privacy_lsb_table, privacy_rounds_table, privacy_table)
+from fedtiny.report.sweep import MEAN_KEYS, combine_seeds, paired_table, pm, sweep_table
 
 __all__ = ["ReportError", "Sweep", "folder_kind", "read_sweep", "sweep_summaries", "sweep_tables", "run_tables",
            "report_tables", "run_memory", "run_report", "sweep_report", "write_report"]
@@ -167,8 +170,6 @@ def sweep_summaries(sweep: Sweep) -> tuple[dict[str, dict[str, Any]], list[Path]
     keeps its run's summary. Returns the summaries and the run folders left out for having no
     ``summary.json`` (unfinished runs).
     """
-    from fedtiny.report.sweep import combine_seeds
-
     out, missing = {}, []
     for method, folders in sweep.runs.items():
         runs = []
@@ -190,9 +191,6 @@ def _attacked(summaries: dict[str, dict[str, Any]]) -> bool:
 def sweep_tables(summaries: dict[str, dict[str, Any]], methods: bool = True) -> dict[str, str]:
     """The markdown tables of a sweep: ``sweep`` (the table of ``table.md``), ``paired`` (differences to the
     first method, seed by seed; methods with seeds only) and ``privacy`` (when the runs were attacked)."""
-    from fedtiny.report.plots import privacy_table
-    from fedtiny.report.sweep import paired_table, sweep_table
-
     tables = {"sweep": sweep_table(summaries)}
     paired = paired_table(summaries) if methods else ""
     if paired:
@@ -240,9 +238,10 @@ def run_memory(run_dir: str | Path, summary: dict[str, Any]) -> list:
         When the scenario cannot be rebuilt here (data or model file missing, a key renamed since)
         or the run trained an fp32 network (the planner counts int8 graphs).
     """
+    # torch and the scenario take 3-5 s to load: a tables-only report (fedtiny report --table) needs neither
     from fedtiny.budget.schemes import parse_scheme, resolve
-    from fedtiny.federated.task import client_profile, make_task, with_scheme
-    from fedtiny.scenario import load_scenario
+    from fedtiny.federated.task import client_profile, make_task, with_scheme  # the same start-up cost
+    from fedtiny.scenario import load_scenario  # the same start-up cost
 
     scenario = load_scenario(Path(run_dir) / "scenario.toml")
     if scenario.model.precision != "int8":
@@ -555,8 +554,6 @@ def _h3(text: str) -> str:
 
 
 def _memory_section(run_dir: Path, summary: dict[str, Any] | None, records: list[dict[str, Any]]) -> str:
-    from fedtiny.report.plots import plot_memory
-
     if summary is None:
         return _note("Memory not computed: no summary.json (the schemes the server resolved are recorded there).")
     try:
@@ -598,8 +595,9 @@ def _memory_section(run_dir: Path, summary: dict[str, Any] | None, records: list
 
 def _device_names(run_dir: Path) -> Callable[[int], str] | None:
     """Partition id -> its device profile's name, from the run's scenario (None when it does not load)."""
+    # torch and the scenario take 3-5 s to load: a tables-only report (fedtiny report --table) needs neither
     from fedtiny.federated.task import client_profile
-    from fedtiny.scenario import load_scenario
+    from fedtiny.scenario import load_scenario  # the same start-up cost
 
     try:
         scenario = load_scenario(run_dir / "scenario.toml")
@@ -754,7 +752,7 @@ def run_report(run_dir: str | Path) -> Path:
     scenario; a note when that fails), the clients, faults and stragglers, the attack when the run
     has ``privacy.json``, and the scenario.
     """
-    from fedtiny.report.plots import plot_run
+    # torch and the scenario take 3-5 s to load: a tables-only report (fedtiny report --table) needs neither
     from fedtiny.report.runlog import read_metrics
 
     run_dir = Path(run_dir)
@@ -786,8 +784,6 @@ def run_report(run_dir: str | Path) -> Path:
 
 def _figure_rows(s: dict[str, Any]) -> list[list[Any]]:
     """A method's figures over its seeds: mean ± half-width of the 95% interval, the standard deviation."""
-    from fedtiny.report.sweep import MEAN_KEYS, pm
-
     rows = []
     for key in MEAN_KEYS:
         if s.get(key) is not None:
@@ -840,9 +836,6 @@ def _method_section(sweep: Sweep, method: str, s: dict[str, Any] | None) -> str:
 def _privacy_sweep(finished: dict[str, list[Path]], summaries: dict[str, dict[str, Any]], tables: dict[str, str],
                    records: dict[str, list[list[dict[str, Any]]]]) -> str:
     """The sweep's leakage: its privacy table and plots, over the finished runs (``finished``, by method)."""
-    from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_privacy, privacy_groups,
-                                      privacy_lsb_table, privacy_rounds_table)
-
     reports = {m: [json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").is_file() else {}
                    for d in finished[m]] for m in summaries}
     precisions = {m: s.get("precision", "") for m, s in summaries.items()}
@@ -882,7 +875,7 @@ def sweep_report(sweep_dir: str | Path, *, runs: bool = True) -> Path:
     prints), the figures are drawn from their ``metrics.jsonl``. With ``runs``, every finished run
     folder gets its own :func:`run_report` and the page links to it.
     """
-    from fedtiny.report.plots import plot_methods, plot_seeds
+    # torch and the scenario take 3-5 s to load: a tables-only report (fedtiny report --table) needs neither
     from fedtiny.report.runlog import read_metrics
 
     sweep = read_sweep(sweep_dir)

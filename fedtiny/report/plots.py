@@ -7,16 +7,26 @@ from typing import Any
 
 import numpy as np
 
+from fedtiny.report.sweep import interval95, pm
+
 __all__ = ["plot_run", "plot_methods", "plot_seeds"]
+
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only (the Agg backend)."""
+    # matplotlib is optional and takes ~0.6 s to import: loaded by the first plot, not with the module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred with matplotlib (above), after its backend is chosen
+
+    return plt
 
 
 def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> list[Path]:
     """Write ``accuracy.png``, ``bytes.png``, ``accuracy_vs_uplink.png`` and ``accuracy_vs_fleet_time.png``
     into ``run_dir``; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rounds = [r["round"] for r in records]
     paths = []
@@ -55,7 +65,7 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
 def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str, title: str, path: Path, *,
                       symlog: bool = False) -> Path:
     """One run's global test accuracy against ``x`` (rounds, or simulated time), saved to ``path``."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, [r["global_accuracy"] for r in records], marker="o", label="global test")
@@ -77,16 +87,12 @@ def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str
 
 def _integer_ticks(ax) -> None:
     """Rounds are whole numbers: no 0.5 ticks."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
 
 
 def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per round over seeds: mean and the 95% interval of the mean (the mean itself with one seed); an
     accuracy's interval is clipped to [0, 1] (with few seeds the t interval reaches past it)."""
-    from fedtiny.report.sweep import interval95
-
     n = min(len(r) for r in runs)
     vals = np.array([[r[i][key] for i in range(n)] for r in runs], dtype=float)
     lo, hi = (np.array(v) for v in zip(*(interval95(vals[:, i]) for i in range(n))))
@@ -98,10 +104,7 @@ def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.nd
 def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
     """Accuracy against cumulative uplink bytes, one line per method: the mean over its seeds' ``metrics.jsonl``
     records, with the 95% interval as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     any_sent = False
@@ -118,10 +121,8 @@ def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Pat
         if len(seeds) > 1:
             ax.fill_between(xs[sent], lo[sent], hi[sent], color=line.get_color(), alpha=0.2, linewidth=0)
     if any_sent:  # else every client refused: nothing to put on a log axis
-        from matplotlib.ticker import NullFormatter
-
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on minor ticks overlap within a decade
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on minor ticks overlap within a decade
     ax.set_xlabel("cumulative uplink bytes (all clients)")
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3, which="both")
@@ -136,10 +137,7 @@ def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Pat
 
 def plot_seeds(seeds: list[list[dict[str, Any]]], path: Path, title: str = "") -> Path:
     """Global accuracy per round: each seed thin, the mean bold, the 95% interval of the mean as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for recs in seeds:
@@ -162,10 +160,7 @@ def plot_seeds(seeds: list[list[dict[str, Any]]], path: Path, title: str = "") -
 
 def plot_memory(report, path) -> Path:
     """Per-layer memory of one training step (forward and backward peaks) with the SRAM budget line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = report.layers
     x = range(len(rows))
@@ -199,8 +194,6 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     Columns for the aggregate observer appear when some method attacked an aggregate, and
     epsilon when some method ran with differential privacy.
     """
-    from fedtiny.report.sweep import pm
-
     agg = any(s.get("privacy_aggregate_mean_psnr_db") is not None for s in summaries.values())
     dp = any(s.get("dp_epsilon") is not None for s in summaries.values())
     trap = any(s.get("privacy_oracle_psnr_db") is not None for s in summaries.values())
@@ -235,8 +228,6 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 def _seeds_cell(values: list[float], fmt: str) -> str:
     """One figure over seeds: ``mean ± half-width`` of the 95% interval; the value alone for one seed."""
-    from fedtiny.report.sweep import interval95
-
     if not values:
         return "-"
     lo, hi = interval95(values)
@@ -323,10 +314,7 @@ def plot_attacks_vs_lsb(reports: dict[str, list[dict[str, Any]]], precision: dic
     give it), so fp32 (hollow) and int8 (filled) updates of one size sit together: where int8's
     points stay at a random image's PSNR while fp32's climb, rounding is what protects.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
@@ -357,10 +345,7 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = 
 
     fp32 methods are drawn hollow, int8 filled, so the precision reads at a glance.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
@@ -393,11 +378,7 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = 
 
 def plot_contributions(contrib, path: Path) -> Path:
     """Heat map of the contribution analysis: convolutions x channel ratios, plus the bias grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = _pyplot()
 
     gains = np.array(contrib.weight_gain) * 100
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, max(3, len(gains) * 0.16 + 1.5)),

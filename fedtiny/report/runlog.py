@@ -10,7 +10,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import tomli_w
+
+from fedtiny.federated.checkpoint import CheckpointError
+from fedtiny.privacy.dp import dp_epsilon
 from fedtiny.progress import left, say
+from fedtiny.report.plots import plot_run
 from fedtiny.scenario import Scenario
 
 __all__ = ["RunLog", "new_run_dir", "write_scenario", "read_metrics"]
@@ -36,8 +41,6 @@ def new_run_dir(scenario: Scenario, out: str | Path | None = None, base: str | P
 
 def write_scenario(scenario: Scenario, run_dir: Path) -> Path:
     """Write the resolved scenario (defaults and overrides applied) as ``scenario.toml``."""
-    import tomli_w
-
     path = run_dir / "scenario.toml"
     path.write_text("# Resolved scenario of this run (defaults and --set overrides applied).\n"
                     + tomli_w.dumps(scenario.to_dict()))
@@ -81,8 +84,6 @@ class RunLog:
             last, elapsed = resume
             self.records = [r for r in read_metrics(self.run_dir) if r["round"] <= last]
             if [r["round"] for r in self.records] != list(range(last + 1)):
-                from fedtiny.federated.checkpoint import CheckpointError
-
                 raise CheckpointError(f"{self.path}: rounds 0..{last} of the checkpoint are not all there")
             self.t0 -= elapsed
         self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
@@ -168,8 +169,6 @@ class RunLog:
             **extra,
         }
         if recs:
-            from fedtiny.report.plots import plot_run
-
             plot_run(recs, self.run_dir, title=self.scenario.run.name)
         # Written last and atomically: a summary.json marks a finished run (fedtiny run --resume keeps it).
         tmp = self.run_dir / ".summary.json.tmp"
@@ -184,8 +183,6 @@ def privacy_summary(recs: list[dict[str, Any]], scenario: Scenario) -> dict[str,
     Central DP composes one release per aggregated round; local DP, per update a client sent
     (accepted, rejected or late), the most of any one client.
     """
-    from fedtiny.privacy.dp import dp_epsilon
-
     p = scenario.privacy
     rounds = [r for r in recs if r["round"] > 0]
     if p.dp == "central":

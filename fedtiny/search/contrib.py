@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from fedtiny.progress import left, seconds
 from fedtiny.budget.schemes import Scheme, apply_scheme, resolve
 from fedtiny.errors import SchemeError
 from fedtiny.data import ImageSet
+from fedtiny.federated.task import limit_threads
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.int8.prefix import PrefixStore
 from fedtiny.models.state import load_arrays
@@ -113,9 +116,6 @@ def _pool(workers: int, units: int, args: tuple):
     runs; a spawned worker starts clean), or None for one."""
     if workers <= 1 or units < 2:
         return None
-    import multiprocessing as mp
-    import pickle
-
     # The model goes as plain pickle bytes: a tensor handed to multiprocessing directly is moved to
     # shared memory, and the workers would then train one set of weights concurrently.
     model, *rest = args
@@ -157,10 +157,6 @@ _WORKER: list[_FineTuner] = []  # the fine-tuner of an analysis worker process
 
 
 def _start_worker(model_bytes: bytes, *args) -> None:
-    import pickle
-
-    from fedtiny.federated.task import limit_threads
-
     limit_threads()
     _WORKER[:] = [_FineTuner(pickle.loads(model_bytes), *args)]  # our own bytes, from the parent process
 

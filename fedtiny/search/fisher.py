@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtiny.attack.surrogate import Surrogate
 from fedtiny.budget.schemes import Scheme
 from fedtiny.data import ImageSet
 from fedtiny.errors import SchemeError
@@ -35,8 +36,6 @@ class FisherResult:
 
 def fisher_potential(model, data: ImageSet, *, batch_size: int = 32, max_samples: int = 256) -> list[np.ndarray]:
     """Per convolution of the int8 ``model`` (forward order), the Fisher potential of each input channel."""
-    from fedtiny.attack.surrogate import Surrogate
-
     twin = Surrogate(model)
     twin.requires_grad_(False)
     convs = [getattr(twin, c.tag) for c in model.convs()]
