@@ -30,3 +30,15 @@ def test_internal_value_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(memory, "plan", broken_plan)
     with pytest.raises(ValueError, match="a bug deep inside the planner"):
         main(["memory", "--model", "tiny-ir", "--scheme", "full"])
+
+
+def test_every_command_names_a_handler_that_exists():
+    """The CLI imports a command's module only when it runs: a renamed handler must fail here, not for a user."""
+    from fedtiny.tools.cli import COMMANDS, _import_handler
+
+    def leaves(commands):
+        for c in commands:
+            yield from leaves(c.subcommands) if c.subcommands else [c]
+
+    handlers = [c.handler for c in leaves(COMMANDS)]
+    assert len(handlers) == len(set(handlers)) > 10 and all(callable(_import_handler(h)) for h in handlers)

@@ -11,28 +11,55 @@ round 2 is the one timed. Ray's start-up is reported apart.
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import multiprocessing as mp
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from fedtiny.progress import say
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedtiny.attack.surrogate import Surrogate
+from fedtiny.budget.schemes import ResolvedScheme, apply_scheme, parse_scheme, resolve
+from fedtiny.compress.codec import SparseTensor, SparseUpdate, decode, encode, quantize_values
+from fedtiny.compress.dense import pack_dense
+from fedtiny.compress.downlink import FULL
+from fedtiny.data import ImageSet
+from fedtiny.data.sources import load_source
+from fedtiny.errors import ModelFileError, SchemeError
+from fedtiny.federated.aggregate import ClientUpdate, GlobalModel, aggregate
+from fedtiny.federated.client import ClientJob, local_round, run_jobs
+from fedtiny.federated.sampling import sample_clients
+from fedtiny.federated.task import client_profile, cloud_model, limit_threads, make_task, with_scheme
+from fedtiny.federated.train import _batches, _exact_loss, evaluate, make_optimizer, pretrain, seeded
+from fedtiny.int8 import exact, native
+from fedtiny.int8.convert import fold, ptq
+from fedtiny.int8.graph import replace_head
+from fedtiny.int8.modelfile import read_model
+from fedtiny.int8.optim import QuantizedOptimizer
+from fedtiny.int8.prefix import STATE_PREFIX, PrefixStore, prefix_cache
+from fedtiny.models import build_model, load_arrays
+from fedtiny.progress import left, say
+from fedtiny.report.runlog import read_metrics
+from fedtiny.report.sweep import interval95
+from fedtiny.scenario import load_scenario, parse_overrides, scenario_from_dict, scenario_from_json
+from fedtiny.server_setup import resolve_scheme, server_task
+from fedtiny.tools.models import model_and_scheme
 
 __all__ = ["bench_sim", "BENCHES"]
 
 DEFAULT_SCENARIO = "scenarios/quickstart.toml"
 SIM_SCENARIO = "scenarios/scale.toml"
-SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
 
 
 def _bare_worker(scenario_json: str, jobs: list[tuple[int, str]], payload: bytes, state_dir: str, ready, start,
                  results) -> None:
     """One bare process: warm up (data, model), wait for the start signal, run its clients' rounds."""
-    from fedtiny.budget.schemes import ResolvedScheme
-    from fedtiny.federated.client import ClientJob, run_jobs
-    from fedtiny.federated.task import client_profile
-    from fedtiny.scenario import scenario_from_json
-
     scenario = scenario_from_json(scenario_json)
     todo = [ClientJob(pid, payload, "full", ResolvedScheme.from_json(text) if text else None) for pid, text in jobs]
     first_of_profile: dict[str, ClientJob] = {}  # warm up what Flower's round 1 warms up: each device's model
@@ -49,15 +76,6 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
     """Wall time of one round without Flower: ``workers`` processes run the clients (the cohorts Flower
     would get), then this process decodes and aggregates their updates and evaluates the global model,
     with the library functions the ServerApp uses."""
-    import multiprocessing as mp
-
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.aggregate import ClientUpdate, GlobalModel, aggregate
-    from fedtiny.server_setup import server_task
-    from fedtiny.federated.task import client_profile, with_scheme
-    from fedtiny.federated.train import evaluate
-    from fedtiny.models import load_arrays
-
     task, initial, _, schemes = server_task(scenario)
     scheme_of = {p: schemes.for_client(client_profile(scenario, p).name, p, 2) if schemes else None for p in pids}
     views = {p: with_scheme(task, s) if s is not None else task for p, s in scheme_of.items()}
@@ -105,9 +123,7 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     clients through the same :func:`~fedtiny.federated.client.run_jobs` (states on disk
     included), then the same library functions decode, aggregate and evaluate.
     """
-    from fedtiny.federated.sampling import sample_clients
-    from fedtiny.report.runlog import read_metrics
-    from fedtiny.scenario import load_scenario, parse_overrides
+    # Flower and Ray: 1.4 s more to import (3 s on a busy 2-core machine), for sim and secagg only
     from fedtiny.tools.sim import simulate
 
     n = args.clients or 100
@@ -164,8 +180,6 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
     best is inside, at most ``max_widen`` times per method (the best row then says
     ``at_edge``). Returns every trial and each method's best.
     """
-    from fedtiny.progress import left
-
     rows, best = [], {}
     planned, t_all = len(methods) * lr_points, time.perf_counter()
     for method, (make, opt_name, center) in methods.items():
@@ -197,10 +211,6 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
 def _lr_trial(make: Callable[[], Any], opt_name: str, lr: float, train, val, test, *, epochs: int, batch_size: int,
               momentum: float, rounding: str, seed: int) -> dict[str, Any]:
     """One fine-tuning of a fresh model at rate ``lr``: its validation and test accuracy and ms per step."""
-    import torch
-
-    from fedtiny.federated.train import _batches, evaluate, make_optimizer, seeded
-
     loss_fn = torch.nn.CrossEntropyLoss()
     model = make()
     opt = make_optimizer(model, opt_name, lr, momentum, rounding=rounding, gen=seeded(seed, 99))
@@ -221,10 +231,6 @@ def _lr_trial(make: Callable[[], Any], opt_name: str, lr: float, train, val, tes
 
 def _pooled_clients(fed, clients: int):
     """Every client's training split joined, and every client's held-out split joined."""
-    import numpy as np
-
-    from fedtiny.data import ImageSet
-
     splits = [fed.client_data(i) for i in range(clients)]
     join = lambda parts: ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),  # noqa: E731
                                   fed.num_classes, "pool")
@@ -243,16 +249,8 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     With ``--model``, a published model file on a transfer task at its resolution instead
     (:func:`bench_qas_model`).
     """
-    import numpy as np
-    import torch
-
     if args.model_file:
         return bench_qas_model(args)
-    from fedtiny.int8.convert import fold, ptq
-    from fedtiny.models import build_model
-    from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.federated.task import limit_threads, make_task
-    from fedtiny.federated.train import evaluate, pretrain
 
     limit_threads()
     s = load_scenario(args.scenario, parse_overrides(args.overrides))
@@ -308,18 +306,8 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     is picked on the clients' held-out splits, the global test set scores. Repeated for
     ``--seeds`` seeds (split, head, batches); the spread is the min-max over seeds.
     """
-    import copy
-
-    import torch
-
-    from fedtiny.attack.surrogate import Surrogate
-    from fedtiny.federated.task import cloud_model, limit_threads, make_task
-    from fedtiny.server_setup import resolve_scheme
-    from fedtiny.models.state import load_arrays
-    from fedtiny.scenario import parse_overrides
-
     limit_threads()
-    path, scheme = _model_and_scheme(args.model_file, args.scheme)
+    path, scheme = model_and_scheme(args.model_file, args.scheme)
     scenario = args.scenario if args.scenario != DEFAULT_SCENARIO else "scenarios/mcunet-256kb.toml"
     over = {**parse_overrides(args.overrides), "model.file": str(path.resolve()), "train.scheme": scheme}
     per_seed = []
@@ -370,10 +358,6 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
 def _seed_statistics(per_seed: list[dict[str, Any]], names: tuple[str, ...],
                      pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """Mean, spread and 95% interval over seeds of each ``{name}_accuracy``, and of each paired difference."""
-    import numpy as np
-
-    from fedtiny.report.sweep import interval95
-
     out: dict[str, Any] = {}
     for n in names:
         vals = np.array([r[f"{n}_accuracy"] for r in per_seed])
@@ -407,36 +391,15 @@ def _seed_table(result: dict[str, Any]) -> str:
 BENCHES["qas"] = bench_qas
 
 
-
-
 def _one_method(path: str, overrides: dict[str, Any]):
     """The scenario of ``path`` with ``overrides`` and without its ``[methods]`` (a bench trains one model
     with one scheme; the file's methods may name schemes of another model)."""
-    import tomllib
-
-    from fedtiny.scenario import load_scenario, scenario_from_dict
-
     try:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return load_scenario(path, overrides)  # its own one-line error
     raw.pop("methods", None)
     return scenario_from_dict(raw, overrides, where=str(path), base_dir=Path(path).parent)
-
-
-def _model_and_scheme(model: str, scheme: str):
-    """A published model by name (or any model file) with a new head, and the scheme text for it.
-
-    ``s1``..``s5`` name the published schemes of a published model.
-    """
-    import re
-
-    path = Path(model)
-    if not path.is_file() and not path.suffix == ".pkl" and (SHARED_MODELS / f"{model}.pkl").is_file():
-        path = SHARED_MODELS / f"{model}.pkl"  # a published model's name ("mbv2-w0.35")
-    if re.fullmatch(r"s[1-5]", scheme):
-        scheme = f"{path.parent / 'schemes.json'}#{path.stem}/{scheme}"
-    return path, scheme
 
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -448,22 +411,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     with torch SGD on the same tensors (the scheme's). Both run here, on one thread as a
     simulated client does, on the same real images (lfw-faces at the model's input size).
     """
-    import torch
-    import torch.nn.functional as F
-
-    from fedtiny.attack.surrogate import Surrogate
-    from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
-    from fedtiny.data.sources import load_source
-    from fedtiny.errors import ModelFileError
-    from fedtiny.federated.task import limit_threads
-    from fedtiny.federated.train import _exact_loss
-    from fedtiny.int8 import exact, native
-    from fedtiny.int8.graph import replace_head
-    from fedtiny.int8.modelfile import read_model
-    from fedtiny.int8.optim import QuantizedOptimizer
-
     limit_threads()
-    path, scheme_text = _model_and_scheme(args.model_file or "mcunet-5fps", args.scheme)
+    path, scheme_text = model_and_scheme(args.model_file or "mcunet-5fps", args.scheme)
     try:
         q = read_model(path)
     except ModelFileError as exc:
@@ -527,17 +476,6 @@ def bench_round(args: argparse.Namespace) -> dict[str, Any]:
     (:mod:`fedtiny.int8.prefix`). The two are alternated, best of ``--repeat``; ``identical`` says
     whether both rounds' update bytes are equal.
     """
-    import numpy as np
-
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.compress.downlink import FULL
-    from fedtiny.errors import SchemeError
-    from fedtiny.federated.client import local_round
-    from fedtiny.server_setup import server_task
-    from fedtiny.federated.task import client_profile, limit_threads
-    from fedtiny.int8.prefix import STATE_PREFIX, PrefixStore, prefix_cache
-    from fedtiny.scenario import parse_overrides
-
     limit_threads()
     over = parse_overrides(args.overrides)
     model = args.model_file or "mcunet-5fps"
@@ -546,7 +484,7 @@ def bench_round(args: argparse.Namespace) -> dict[str, Any]:
         over = {**over, "model.name": "tiny-ir", "train.scheme": args.scheme}
         label = "tiny-ir"
     else:
-        path, scheme = _model_and_scheme(model, args.scheme)
+        path, scheme = model_and_scheme(model, args.scheme)
         scenario_path = args.scenario if args.scenario != DEFAULT_SCENARIO else "scenarios/mcunet-256kb.toml"
         over = {**over, "model.file": str(path.resolve()), "train.scheme": scheme}
         label = path.stem
@@ -611,12 +549,6 @@ def bench_codec(args: argparse.Namespace) -> dict[str, Any]:
     value bytes and the fixed header, so they include the coder's own framing.
     Encode/decode speeds are MB of encoded output per second, measured in this process.
     """
-    import math
-
-    import numpy as np
-
-    from fedtiny.compress.codec import SparseTensor, SparseUpdate, decode, encode, quantize_values
-
     rng = np.random.default_rng(0)
     d = args.numel
     rows = []
@@ -665,15 +597,7 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
     and down, ClientApp seconds, the round's wall time, their ratios, and the largest difference
     between the two rounds' means (SecAgg+ quantizes within ``clipping_range``).
     """
-    import math
-
-    import numpy as np
-
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.client import local_round
-    from fedtiny.server_setup import server_task
-    from fedtiny.federated.task import client_profile, with_scheme
-    from fedtiny.scenario import load_scenario, parse_overrides
+    # Flower and Ray: 1.4 s more to import (3 s on a busy 2-core machine), for sim and secagg only
     from fedtiny.tools.sim import simulate_secagg
 
     n = args.clients or 10
@@ -707,20 +631,20 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
             runs[label] = simulate_secagg(changes, Path(tmp), secagg=secagg, num_cpus=scenario.run.num_cpus,
                                           clipping_range=clip)
     plain, sa = runs["plain"], runs["secagg+"]
-    exact = np.mean([np.concatenate(c) for c in changes], axis=0)
+    true_mean = np.mean([np.concatenate(c) for c in changes], axis=0)
     result = {
-        "clients": n, "elements": int(exact.size), "fedtiny_dense_uplink_bytes": int(np.mean(fedtiny_bytes)),
+        "clients": n, "elements": int(true_mean.size), "fedtiny_dense_uplink_bytes": int(np.mean(fedtiny_bytes)),
         "clipping_range": clip, "quantization_step": 2 * clip / 2 ** 22,
         **{f"{k}_{label}": v for label, r in runs.items() for k, v in (
             ("uplink_bytes_per_client", int(np.mean(r["up"]))), ("downlink_bytes_per_client", int(np.mean(r["down"]))),
             ("client_seconds", round(float(np.mean(r["client_seconds"])), 4)),
             ("round_seconds", round(r["seconds"], 3)), ("exchanges", r["exchanges"]))},
-        "max_abs_error_secagg": float(np.abs(np.concatenate(sa["mean"]) - exact).max()),
-        "max_abs_error_plain": float(np.abs(np.concatenate(plain["mean"]) - exact).max()),
+        "max_abs_error_secagg": float(np.abs(np.concatenate(sa["mean"]) - true_mean).max()),
+        "max_abs_error_plain": float(np.abs(np.concatenate(plain["mean"]) - true_mean).max()),
     }
     for key in ("uplink_bytes_per_client", "downlink_bytes_per_client", "client_seconds", "round_seconds"):
         result[f"{key}_ratio"] = round(result[f"{key}_secagg+"] / max(result[f"{key}_plain"], 1e-12), 3)
-    print(f"\nbench secagg ({n} clients, {exact.size:,} elements; fedtiny's own dense int8 upload: "
+    print(f"\nbench secagg ({n} clients, {true_mean.size:,} elements; fedtiny's own dense int8 upload: "
           f"{result['fedtiny_dense_uplink_bytes']:,} B)\n"
           f"  {'':28} {'plain':>12} {'SecAgg+':>12} {'ratio':>7}")
     for key, name in (("uplink_bytes_per_client", "uplink bytes per client"),

@@ -7,6 +7,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from fedtiny.budget.arena import lay_out
+from fedtiny.budget.memory import c_layout, memory_report
+from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
+from fedtiny.data.sources import load_source
+from fedtiny.devices import get_profile
+from fedtiny.errors import ModelFileError
+from fedtiny.federated.task import limit_threads
+from fedtiny.federated.train import _exact_loss
+from fedtiny.int8 import exact
+from fedtiny.int8.cstep import CStep
+from fedtiny.int8.graph import QConv, replace_head
+from fedtiny.int8.modelfile import read_model
+from fedtiny.int8.optim import QuantizedOptimizer
 
 __all__ = ["device_check", "TINY_IR_FILE"]
 
@@ -26,22 +41,6 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
     C step keeps outside its arena), ``arena_vs_planner``, ``c_step_ms`` and ``torch_step_ms`` (mean per
     step, one thread).
     """
-    import torch
-
-    from fedtiny.budget.arena import lay_out
-    from fedtiny.budget.memory import c_layout, memory_report
-    from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
-    from fedtiny.data.sources import load_source
-    from fedtiny.devices import get_profile
-    from fedtiny.errors import ModelFileError
-    from fedtiny.federated.task import limit_threads
-    from fedtiny.federated.train import _exact_loss
-    from fedtiny.int8 import exact
-    from fedtiny.int8.cstep import CStep
-    from fedtiny.int8.graph import QConv, replace_head
-    from fedtiny.int8.modelfile import read_model
-    from fedtiny.int8.optim import QuantizedOptimizer
-
     limit_threads()
     say = progress or (lambda _: None)
     path = TINY_IR_FILE if model_spec == "tiny-ir" else Path(model_spec)

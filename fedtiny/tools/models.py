@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
-from fedtiny.errors import ModelFileError
-from fedtiny.int8.graph import QModel
-from fedtiny.int8.modelfile import load_state_checked, read_model
+import numpy as np
+import torch
 
-__all__ = ["run_model", "open_model", "cloud_model_file", "check_against_tflm", "compare_with_tflm"]
+from fedtiny.errors import ModelFileError
+from fedtiny.federated.checkpoint import load_checkpoint
+from fedtiny.federated.task import cloud_model, limit_threads, make_task
+from fedtiny.int8.graph import QModel
+from fedtiny.int8.modelfile import load_state_checked, read_model, save_qmodel
+from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
+from fedtiny.int8.tfl_convert import from_tflite, to_tflite
+from fedtiny.int8.tflite import read_tflite, write_tflite
+from fedtiny.models.state import load_arrays
+from fedtiny.scenario import load_scenario
+
+__all__ = ["run_model", "open_model", "cloud_model_file", "check_against_tflm", "compare_with_tflm",
+           "model_and_scheme", "SHARED_MODELS"]
+
+# the published int8 models (tiny-training's .pkl files and their schemes.json) beside this repository
+SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
 
 
 def run_model(run_dir: str | Path) -> QModel:
     """The final global model of a run folder (its ``scenario.toml`` and last checkpoint), fp32 runs refused."""
-    from fedtiny.federated.checkpoint import load_checkpoint
-    from fedtiny.federated.task import make_task
-    from fedtiny.scenario import load_scenario
-
     run_dir = Path(run_dir)
     if not (run_dir / "scenario.toml").is_file():
         raise ModelFileError(f"{run_dir}: not a run folder (no scenario.toml)")
@@ -32,10 +44,6 @@ def cloud_model_file(scenario, out: str | Path) -> dict:
     """Run ``scenario``'s cloud step (pretraining on the public split and PTQ, or the new head's fit) and write
     the int8 model to ``out``: a file a scenario names with ``model.head = "keep"`` starts every run and seed
     from the same integers, whatever the CPU (float pretraining differs across vector kernels)."""
-    from fedtiny.federated.task import cloud_model, limit_threads, make_task
-    from fedtiny.int8.modelfile import save_qmodel
-    from fedtiny.models.state import load_arrays
-
     limit_threads()
     task = make_task(scenario)
     if not isinstance(task.model, QModel):
@@ -77,17 +85,6 @@ def run_test_accuracy(run_dir: Path, model: QModel) -> dict:
     The images go through the model's input quantization (what a device's preprocessing does);
     the class is the argmax of TFLM's output tensor.
     """
-    import json
-
-    import numpy as np
-    import torch
-
-    from fedtiny.federated.task import make_task
-    from fedtiny.int8.oracle import tflm_invoke
-    from fedtiny.int8.tfl_convert import to_tflite
-    from fedtiny.int8.tflite import write_tflite
-    from fedtiny.scenario import load_scenario
-
     test = make_task(load_scenario(run_dir / "scenario.toml")).federation.test
     with torch.no_grad():
         xq = model.quantize_input(torch.from_numpy(test.x)).numpy().astype(np.int8)
@@ -102,13 +99,6 @@ def run_test_accuracy(run_dir: Path, model: QModel) -> dict:
 def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32, seed: int = 0, *,
                       where: str = "model") -> dict:
     """:func:`check_against_tflm` for a model in hand: ``blob`` is its ``.tflite`` (default: its export)."""
-    import numpy as np
-    import torch
-
-    from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
-    from fedtiny.int8.tfl_convert import from_tflite, to_tflite
-    from fedtiny.int8.tflite import read_tflite, write_tflite
-
     blob = write_tflite(to_tflite(model)) if blob is None else blob
     graph = read_tflite(blob, where=where)
     names: dict[int, str] = {}
@@ -133,3 +123,16 @@ def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32
     return {"inputs": inputs, "output_shape": list(want.shape),
             "output_elements_differing": int((got != want).sum()), "output_elements": int(want.size),
             "tensors_compared": len(per_tensor), "tensor_elements_differing": sum(per_tensor.values())}
+
+
+def model_and_scheme(model: str, scheme: str) -> tuple[Path, str]:
+    """A published model by name (or any model file) with a new head, and the scheme text for it.
+
+    ``s1``..``s5`` name the published schemes of a published model.
+    """
+    path = Path(model)
+    if not path.is_file() and not path.suffix == ".pkl" and (SHARED_MODELS / f"{model}.pkl").is_file():
+        path = SHARED_MODELS / f"{model}.pkl"  # a published model's name ("mbv2-w0.35")
+    if re.fullmatch(r"s[1-5]", scheme):
+        scheme = f"{path.parent / 'schemes.json'}#{path.stem}/{scheme}"
+    return path, scheme

@@ -15,6 +15,10 @@ import json
 import re
 from typing import Any, Iterable
 
+from fedtiny import scenario
+from fedtiny.devices import KB, PROFILES, RADIOS
+from fedtiny.scenario import schema_rows
+
 __all__ = ["render_reference", "toml_literal", "choices", "SECTION_NOTES"]
 
 # One line per section: what it is for, and the guide page that explains it (links are relative
@@ -86,8 +90,6 @@ def choices() -> dict[str, list[str]]:
     Keys with other checks, or none, are left out, and anything unexpected leaves the table as
     :func:`fedtiny.scenario.schema_rows` gives it.
     """
-    from fedtiny import scenario
-
     probe = "\x00fedtiny-reference\x00"
     found: dict[str, list[str]] = {}
     for section, cls in getattr(scenario, "_SECTIONS", {}).items():
@@ -126,8 +128,6 @@ def _sections(rows: list[tuple[str, str, Any, str]]) -> dict[str, list[tuple[str
 
 
 def _device_lines() -> list[str]:
-    from fedtiny.devices import KB, PROFILES, RADIOS
-
     lines = ["## Device profiles", "",
              "Names `device.profiles` accepts (`fedtiny/devices.py`, each figure with its source there). "
              "`device.custom_*` defines one more.", ""]
@@ -144,8 +144,6 @@ def _device_lines() -> list[str]:
 
 def render_reference() -> str:
     """The scenario reference as Markdown (what ``docs/guide/scenario-reference.md`` holds)."""
-    from fedtiny.scenario import schema_rows
-
     grouped = _sections(schema_rows())
     allowed = choices()
     lines = [_HEADER.rstrip("\n"), "", "Sections: " + ", ".join(f"[`[{s}]`](#{s})" for s in grouped) + ".", ""]

@@ -9,8 +9,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtiny.progress import say, seconds
+from fedtiny.budget.schemes import resolve
+from fedtiny.devices import get_profile
 from fedtiny.errors import ScenarioError
+from fedtiny.federated.lr import with_lr
+from fedtiny.federated.task import cloud_model, limit_threads, make_task
+from fedtiny.models.state import load_arrays
+from fedtiny.progress import say, seconds
+from fedtiny.report.plots import plot_contributions
+from fedtiny.scenario import load_scenario, parse_overrides
+from fedtiny.search.evolve import Space, evolve, random_search
+from fedtiny.server_setup import choose_lr, search_settings, search_space
+from fedtiny.tools.models import model_and_scheme
 
 __all__ = ["search_command"]
 
@@ -23,15 +33,6 @@ def _progress(text: str) -> None:
 
 def search_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run the contribution analysis (cached), the evolutionary search and the random baseline; report."""
-    from fedtiny.devices import get_profile
-    from fedtiny.budget.schemes import resolve
-    from fedtiny.server_setup import search_settings, search_space
-    from fedtiny.federated.task import cloud_model, limit_threads, make_task
-    from fedtiny.models.state import load_arrays
-    from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.search.evolve import Space, evolve, random_search
-    from fedtiny.tools.bench import _model_and_scheme
-
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     mark = [t0]
@@ -50,7 +51,7 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
         scenario_path = args.scenario or ROOT / "scenarios" / "quickstart.toml"
         over["model.name"] = "tiny-ir"
     else:
-        path, _ = _model_and_scheme(args.model, "full")
+        path, _ = model_and_scheme(args.model, "full")
         if not path.is_file():
             raise ScenarioError(f"--model {args.model}: no such model file or published model ({path})")
         scenario_path = args.scenario or ROOT / "scenarios" / "mcunet-256kb.toml"
@@ -66,9 +67,6 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     state, cloud = cloud_model(task)
     phase("cloud model")
     if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
-        from fedtiny.server_setup import choose_lr
-        from fedtiny.federated.lr import with_lr
-
         lr = choose_lr(task, state, _progress, scheme="last-k:fit")
         task = dataclasses.replace(task, scenario=with_lr(task.scenario, lr.lr))
         _progress(lr.describe())
@@ -101,8 +99,6 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(json.dumps(entry, indent=1) + "\n")
     if args.report:
-        from fedtiny.report.plots import plot_contributions
-
         out = Path(args.report)
         out.mkdir(parents=True, exist_ok=True)
         (out / "contributions.md").write_text(contrib.table() + "\n")

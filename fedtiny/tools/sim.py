@@ -8,7 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from flwr.common.logger import update_console_handler
+from flwr.simulation import run_simulation
+
+from clients.client_app import app as client_app
+from clients.secagg_client import make_secagg_client_app
 from fedtiny.scenario import Scenario
+from server.secagg_app import make_secagg_server_app
+from server.server_app import cohort_nodes, make_server_app
 
 __all__ = ["simulate", "backend_config", "simulate_secagg"]
 
@@ -24,8 +32,6 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
 
 def quiet_flower(verbose: bool) -> None:
     """Keep Flower's and Ray's INFO chatter off the console unless asked for."""
-    from flwr.common.logger import update_console_handler
-
     update_console_handler(level=logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -41,11 +47,6 @@ def simulate(scenario: Scenario, run_dir: Path, *, verbose: bool = False, resume
     (the nodes are workers for virtual clients) instead of one per client.
     """
     quiet_flower(verbose)
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
-    from server.server_app import cohort_nodes, make_server_app
-
     nodes = scenario.run.clients if scenario.run.cohort_size == 1 else cohort_nodes(scenario)
     run_simulation(server_app=make_server_app(scenario, run_dir, resume=resume), client_app=client_app,
                    num_supernodes=nodes, backend_config=backend_config(scenario),
@@ -65,14 +66,7 @@ def simulate_secagg(changes: list[list[Any]], workdir: Path, *, secagg: bool, nu
     (``down``) and sent (``up``), its seconds in the ClientApp summed over the protocol's
     stages (``client_seconds``), the round's wall seconds and the number of exchanges.
     """
-    import numpy as np
-
     quiet_flower(False)
-    from flwr.simulation import run_simulation
-
-    from clients.secagg_client import make_secagg_client_app
-    from server.secagg_app import make_secagg_server_app
-
     workdir = Path(workdir)
     timing = workdir / ("timing-secagg" if secagg else "timing-plain")
     timing.mkdir(parents=True, exist_ok=True)
