@@ -23,9 +23,14 @@ native:
 demo: $(STAMP) native  ## run the quickstart scenario
 	$(BIN)/fedtiny run scenarios/quickstart.toml
 
-test: $(STAMP) native  ## lint (ruff, a second) and run the test suite
+test: $(STAMP) native  ## lint and format check (ruff, a second) and run the test suite
 	$(BIN)/ruff check fedtiny clients server tests scripts
+	$(BIN)/ruff format --check fedtiny clients server tests scripts
 	$(BIN)/python -m pytest -q
+
+format: $(STAMP)  ## format the code and sort its imports (ruff; make test checks both)
+	$(BIN)/ruff check --select I --fix fedtiny clients server tests scripts
+	$(BIN)/ruff format fedtiny clients server tests scripts
 
 bench: $(STAMP) native  ## benchmarks (ratios against an in-process baseline)
 	$(BIN)/fedtiny bench sim --json
@@ -81,7 +86,9 @@ firmware-calibrate:  ## measure the kernel costs on tiny-ir in QEMU (M4, M7; dsp
 	    $(MAKE) -s firmware-profile BOARD=$$b KERNELS=$$k FIRMWARE_SCENARIO=scenarios/firmware-demo.toml \
 	        FIRMWARE_SET="$(CALIBRATE_SET)" PROFILE_OUT=build/calibrate/$$b-$$k.json > /dev/null || exit 1; done; done
 	$(BIN)/python scripts/firmware_calibrate.py build/calibrate/an386-dsp.json build/calibrate/an386-portable.json \
-	    build/calibrate/an500-dsp.json build/calibrate/an500-portable.json > fedtiny/kernel_costs.py
+	    build/calibrate/an500-dsp.json build/calibrate/an500-portable.json \
+	    | $(BIN)/ruff format --stdin-filename fedtiny/kernel_costs.py - > fedtiny/kernel_costs.py.new
+	mv fedtiny/kernel_costs.py.new fedtiny/kernel_costs.py
 
 ops-tflm: $(STAMP) native  ## every op kind's output tensors against TFLite Micro on 32 random inputs (markdown table)
 	$(BIN)/python scripts/ops_vs_tflm.py

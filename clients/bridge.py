@@ -37,11 +37,17 @@ def relay(message: Message, address: str, timeout: float, partition_id: int, rou
     (job,) = train_jobs(message.content, partition_id)
     scenario = scenario_from_json(header.scenario_json)
     task = client_task(scenario, job.scheme)
-    meta = {"round": header.server_round, "scenario": header.scenario_json, "scheme": scheme_text(message.content),
-            "downlink": job.kind, "seed": round_seed(scenario.run.seed, header.server_round, partition_id)}
+    meta = {
+        "round": header.server_round,
+        "scenario": header.scenario_json,
+        "scheme": scheme_text(message.content),
+        "downlink": job.kind,
+        "seed": round_seed(scenario.run.seed, header.server_round, partition_id),
+    }
     try:
-        reply = relay_round(address, model_hash(task.downlink_spec), meta, job.downlink, timeout=timeout,
-                            round_timeout=round_timeout)
+        reply = relay_round(
+            address, model_hash(task.downlink_spec), meta, job.downlink, timeout=timeout, round_timeout=round_timeout
+        )
     except ProtocolError as exc:
         logging.getLogger("fedtiny.bridge").warning("partition %d, round %d: %s", partition_id, meta["round"], exc)
         return Message(error_content(f"bridged device: {exc}"), reply_to=message)

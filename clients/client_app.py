@@ -25,8 +25,10 @@ STATE = "fedtiny-client-state"
 
 def _partition_id(context: Context) -> int:
     if msg.PARTITION_ID not in context.node_config:
-        raise KeyError(f"this SuperNode has no {msg.PARTITION_ID!r} in its node config "
-                       "(start it with --node-config 'partition-id=N num-partitions=M')")
+        raise KeyError(
+            f"this SuperNode has no {msg.PARTITION_ID!r} in its node config "
+            "(start it with --node-config 'partition-id=N num-partitions=M')"
+        )
     return int(context.node_config[msg.PARTITION_ID])
 
 
@@ -54,8 +56,13 @@ def train(message: Message, context: Context) -> Message:
     address = str(context.node_config.get("device-address", "")) or scenario.device_address(_partition_id(context))
     if address:  # this partition is a real device behind the bridge
         node = context.node_config
-        return relay(message, address, float(node.get("device-timeout", scenario.bridge.timeout_s)),
-                     _partition_id(context), float(node.get("device-round-timeout", scenario.bridge.round_timeout_s)))
+        return relay(
+            message,
+            address,
+            float(node.get("device-timeout", scenario.bridge.timeout_s)),
+            _partition_id(context),
+            float(node.get("device-round-timeout", scenario.bridge.round_timeout_s)),
+        )
     (job,) = train_jobs(message.content, _partition_id(context))
     if header.state_dir:
         results = run_jobs(scenario, server_round, [job], header.state_dir)

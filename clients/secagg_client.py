@@ -33,8 +33,10 @@ def make_secagg_client_app(changes_path: str, timing_dir: str, *, secagg: bool) 
     def client_fn(context: Context):
         pid = int(context.node_config["partition-id"])
         with np.load(changes_path, allow_pickle=False) as z:
-            arrays = [z[k].astype(np.float32) for k in sorted((k for k in z.files if k.startswith(f"{pid}/")),
-                                                             key=lambda k: int(k.split("/")[1]))]
+            arrays = [
+                z[k].astype(np.float32)
+                for k in sorted((k for k in z.files if k.startswith(f"{pid}/")), key=lambda k: int(k.split("/")[1]))
+            ]
         return _FixedChange(arrays).to_client()
 
     def timed(msg: Message, ctxt: Context, call_next) -> Message:

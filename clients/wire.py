@@ -18,9 +18,22 @@ from fedtiny.federated import messages as msg
 from fedtiny.federated.client import ClientJob, LocalResult
 from fedtiny.federated.rounds import Reply
 
-__all__ = ["PAYLOAD", "TrainHeader", "bytes_record", "record_bytes", "train_content", "train_header", "train_jobs",
-           "scheme_text", "reply_content", "update_content", "error_content", "parse_reply", "node_content",
-           "node_partition"]
+__all__ = [
+    "PAYLOAD",
+    "TrainHeader",
+    "bytes_record",
+    "record_bytes",
+    "train_content",
+    "train_header",
+    "train_jobs",
+    "scheme_text",
+    "reply_content",
+    "update_content",
+    "error_content",
+    "parse_reply",
+    "node_content",
+    "node_partition",
+]
 
 PAYLOAD = "payload"
 _STYPE = "raw"
@@ -43,8 +56,15 @@ def record_bytes(record: object) -> bytes:
     return arr.data
 
 
-def train_content(scenario_json: str, server_round: int, jobs: list[ClientJob], *, cohort: bool,
-                  state_dir: str = "", scheme_texts: dict[int, str] | None = None) -> RecordDict:
+def train_content(
+    scenario_json: str,
+    server_round: int,
+    jobs: list[ClientJob],
+    *,
+    cohort: bool,
+    state_dir: str = "",
+    scheme_texts: dict[int, str] | None = None,
+) -> RecordDict:
     """A train message's content for one client (``cohort=False``) or a cohort of virtual clients.
 
     ``scheme_texts``: each partition's scheme as JSON when the caller has it already.
@@ -58,8 +78,9 @@ def train_content(scenario_json: str, server_round: int, jobs: list[ClientJob], 
     records: dict = {}
     for j in jobs:
         pid = j.partition_id if cohort else None
-        cfg[msg.keyed(msg.SCHEME, pid)] = ("" if j.scheme is None else scheme_texts.get(j.partition_id)
-                                           or j.scheme.to_json())
+        cfg[msg.keyed(msg.SCHEME, pid)] = (
+            "" if j.scheme is None else scheme_texts.get(j.partition_id) or j.scheme.to_json()
+        )
         cfg[msg.keyed(msg.DOWNLINK, pid)] = j.kind
         records[msg.keyed(msg.GLOBAL, pid)] = bytes_record(j.downlink)
     return RecordDict({**records, msg.CONFIG: ConfigRecord(cfg)})
@@ -78,8 +99,9 @@ class TrainHeader:
 
 def train_header(content: RecordDict) -> TrainHeader:
     cfg = content[msg.CONFIG]
-    return TrainHeader(str(cfg[msg.SCENARIO]), int(cfg[msg.SERVER_ROUND]), msg.COHORT in cfg,
-                       str(cfg.get(msg.STATE_DIR, "")))
+    return TrainHeader(
+        str(cfg[msg.SCENARIO]), int(cfg[msg.SERVER_ROUND]), msg.COHORT in cfg, str(cfg.get(msg.STATE_DIR, ""))
+    )
 
 
 def scheme_text(content: RecordDict, partition_id: int | None = None) -> str:
@@ -94,10 +116,14 @@ def train_jobs(content: RecordDict, node_partition: int | None) -> list[ClientJo
     jobs = []
     for pid in cohort if cohort is not None else [None]:
         scheme = str(cfg.get(msg.keyed(msg.SCHEME, pid), ""))
-        jobs.append(ClientJob(pid if pid is not None else int(node_partition),
-                              record_bytes(content[msg.keyed(msg.GLOBAL, pid)]),
-                              str(cfg.get(msg.keyed(msg.DOWNLINK, pid), "full")),
-                              ResolvedScheme.from_json(scheme) if scheme else None))
+        jobs.append(
+            ClientJob(
+                pid if pid is not None else int(node_partition),
+                record_bytes(content[msg.keyed(msg.GLOBAL, pid)]),
+                str(cfg.get(msg.keyed(msg.DOWNLINK, pid), "full")),
+                ResolvedScheme.from_json(scheme) if scheme else None,
+            )
+        )
     return jobs
 
 
@@ -118,8 +144,11 @@ def reply_content(results: list[tuple[int, LocalResult | str]], *, cohort: bool)
 
 
 def _update_records(update: bytes, metrics: dict, info: dict, key: int | None) -> dict:
-    return {msg.keyed(msg.UPDATE, key): bytes_record(update), msg.keyed(msg.METRICS, key): MetricRecord(metrics),
-            msg.keyed(msg.INFO, key): ConfigRecord(info)}
+    return {
+        msg.keyed(msg.UPDATE, key): bytes_record(update),
+        msg.keyed(msg.METRICS, key): MetricRecord(metrics),
+        msg.keyed(msg.INFO, key): ConfigRecord(info),
+    }
 
 
 def update_content(update: bytes, metrics: dict, num_examples: int, info: dict) -> RecordDict:
@@ -144,8 +173,11 @@ def parse_reply(message: Message, sent: dict[int, list[int]]) -> list[Reply]:
         return [Reply(p, error=f"client error: {message.error.reason}") for p in pids or [-1]]
     # RecordDict's typed views are rebuilt on each access: take each once (a cohort reply has 3 records
     # per client, and per-client lookups through the views made parsing quadratic in the cohort size).
-    configs, arrays, metric_records = (message.content.config_records, message.content.array_records,
-                                       message.content.metric_records)
+    configs, arrays, metric_records = (
+        message.content.config_records,
+        message.content.array_records,
+        message.content.metric_records,
+    )
     cfg = configs.get(msg.CONFIG)
     cohort = cfg is not None and msg.COHORT in cfg
     answered = {int(p) for p in cfg[msg.COHORT]} if cohort else set()

@@ -24,9 +24,26 @@ import sys
 import threading
 from typing import Any, Callable
 
-from fedtiny.bridge.protocol import (ACK, BUSY, ERROR, HELLO, MAGIC, METRICS, TRAIN, UPDATE, VERSION, Frame,
-                                     ProtocolError, encode_frame, model_hash, pack_blob, read_frame, send_frame,
-                                     send_json, unpack_blob)
+from fedtiny.bridge.protocol import (
+    ACK,
+    BUSY,
+    ERROR,
+    HELLO,
+    MAGIC,
+    METRICS,
+    TRAIN,
+    UPDATE,
+    VERSION,
+    Frame,
+    ProtocolError,
+    encode_frame,
+    model_hash,
+    pack_blob,
+    read_frame,
+    send_frame,
+    send_json,
+    unpack_blob,
+)
 from fedtiny.bridge.transport import FdStream, SerialStream, SocketStream, Stream
 from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.errors import StreamClosed
@@ -55,8 +72,18 @@ def _say(log, text: str) -> None:
 class _Device:
     """One emulated device: its committed state, the pending state of its last UPDATE, its writer lock."""
 
-    def __init__(self, stream: Stream, scenario, partition_id: int, profile, state: dict[str, Any], *,
-                 fault: str, keepalive_s: float, log) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        scenario,
+        partition_id: int,
+        profile,
+        state: dict[str, Any],
+        *,
+        fault: str,
+        keepalive_s: float,
+        log,
+    ) -> None:
         if fault not in FAULTS:
             raise ProtocolError(f"unknown emulator fault {fault!r}; known: {', '.join(k for k in FAULTS if k)}")
         self.stream, self.scenario, self.partition_id, self.profile = stream, scenario, partition_id, profile
@@ -64,8 +91,12 @@ class _Device:
         self.pending: tuple[int, dict[str, Any]] | None = None
         self.lock = threading.Lock()
         self.hung: tuple[threading.Event, threading.Thread] | None = None  # the fault "busy"
-        self.hello = {"protocol": VERSION, "profile": profile.name, "partition_id": partition_id,
-                      "model_hash": model_hash(client_task(scenario).downlink_spec)}
+        self.hello = {
+            "protocol": VERSION,
+            "profile": profile.name,
+            "partition_id": partition_id,
+            "model_hash": model_hash(client_task(scenario).downlink_spec),
+        }
 
     def send(self, ftype: int, payload: bytes) -> None:
         with self.lock:
@@ -132,8 +163,9 @@ class _Device:
             return True
         if self.fault == "busy":
             done = threading.Event()
-            beat = threading.Thread(target=self._keepalive, args=(done, unpack_blob(frame.payload)[0].get("round")),
-                                    daemon=True)
+            beat = threading.Thread(
+                target=self._keepalive, args=(done, unpack_blob(frame.payload)[0].get("round")), daemon=True
+            )
             beat.start()
             self.hung = (done, beat)
             return True
@@ -156,10 +188,15 @@ class _Device:
         self.pending = (int(server_round), new_state)
         metrics = result.metrics()
         self.send(METRICS, json.dumps(metrics).encode())
-        self.send(UPDATE, pack_blob({"num_examples": result.num_examples, "metrics": metrics,
-                                     "info": result.info()}, result.update))
-        _say(self.log, f"round {server_round}: {len(result.update)} bytes sent"
-             + (f" (refused: {result.refusal})" if result.refusal else ""))
+        self.send(
+            UPDATE,
+            pack_blob({"num_examples": result.num_examples, "metrics": metrics, "info": result.info()}, result.update),
+        )
+        _say(
+            self.log,
+            f"round {server_round}: {len(result.update)} bytes sent"
+            + (f" (refused: {result.refusal})" if result.refusal else ""),
+        )
         return True
 
     def close(self) -> None:
@@ -180,10 +217,16 @@ class _Device:
         sent = scenario_from_json(meta["scenario"])
         # what runs the step (PyTorch or the C step) is the device's own choice; the numbers are the same
         sent = dataclasses.replace(sent, train=dataclasses.replace(sent.train, engine=self.scenario.train.engine))
-        return local_round(sent, self.partition_id, int(meta["round"]), downlink,
-                           kind=str(meta.get("downlink", "full")),
-                           scheme=ResolvedScheme.from_json(meta["scheme"]) if meta.get("scheme") else None,
-                           state=self.state, profile=self.profile)
+        return local_round(
+            sent,
+            self.partition_id,
+            int(meta["round"]),
+            downlink,
+            kind=str(meta.get("downlink", "full")),
+            scheme=ResolvedScheme.from_json(meta["scheme"]) if meta.get("scheme") else None,
+            state=self.state,
+            profile=self.profile,
+        )
 
 
 def _next_frame(device: _Device, poll: float, stopped: Callable[[], bool]) -> Frame | None:
@@ -194,7 +237,7 @@ def _next_frame(device: _Device, poll: float, stopped: Callable[[], bool]) -> Fr
         byte = device.stream.read(1, poll)
         if not byte:
             continue
-        window = (window + byte)[-len(MAGIC):]
+        window = (window + byte)[-len(MAGIC) :]
         if window != MAGIC:
             continue
         device.stream.unread(MAGIC)
@@ -208,9 +251,20 @@ def _next_frame(device: _Device, poll: float, stopped: Callable[[], bool]) -> Fr
     return None
 
 
-def serve_stream(stream: Stream, scenario, partition_id: int, profile, state: dict[str, Any], *, serial: bool,
-                 timeout: float | None = 300.0, fault: str = "", keepalive_s: float = 5.0,
-                 stop: threading.Event | None = None, log=sys.stderr) -> None:
+def serve_stream(
+    stream: Stream,
+    scenario,
+    partition_id: int,
+    profile,
+    state: dict[str, Any],
+    *,
+    serial: bool,
+    timeout: float | None = 300.0,
+    fault: str = "",
+    keepalive_s: float = 5.0,
+    stop: threading.Event | None = None,
+    log=sys.stderr,
+) -> None:
     """Serve the bridge on one stream until it closes (or ``stop`` is set).
 
     Parameters
@@ -246,17 +300,37 @@ def serve_stream(stream: Stream, scenario, partition_id: int, profile, state: di
         device.close()
 
 
-def handle_connection(conn: socket.socket, scenario, partition_id: int, profile, state: dict[str, Any], *,
-                      timeout: float = 300.0, fault: str = "", log=sys.stderr) -> None:
+def handle_connection(
+    conn: socket.socket,
+    scenario,
+    partition_id: int,
+    profile,
+    state: dict[str, Any],
+    *,
+    timeout: float = 300.0,
+    fault: str = "",
+    log=sys.stderr,
+) -> None:
     """Serve one bridge connection until it closes."""
-    serve_stream(SocketStream(conn), scenario, partition_id, profile, state, serial=False, timeout=timeout,
-                 fault=fault, log=log)
+    serve_stream(
+        SocketStream(conn), scenario, partition_id, profile, state, serial=False, timeout=timeout, fault=fault, log=log
+    )
     if fault == "disconnect":
         conn.close()
 
 
-def serve(port: int, scenario, partition_id: int, profile, *, host: str = "127.0.0.1", fault: str = "",
-          max_connections: int | None = None, ready=None, log=sys.stderr) -> None:
+def serve(
+    port: int,
+    scenario,
+    partition_id: int,
+    profile,
+    *,
+    host: str = "127.0.0.1",
+    fault: str = "",
+    max_connections: int | None = None,
+    ready=None,
+    log=sys.stderr,
+) -> None:
     """Listen on ``host:port`` and serve bridge connections one at a time."""
     state: dict[str, Any] = {}
     with socket.create_server((host, port)) as srv:
@@ -271,8 +345,18 @@ def serve(port: int, scenario, partition_id: int, profile, *, host: str = "127.0
             served += 1
 
 
-def serve_serial(path: str, scenario, partition_id: int, profile, *, baud: int = 115200, fault: str = "",
-                 keepalive_s: float = 5.0, stop: threading.Event | None = None, log=sys.stderr) -> None:
+def serve_serial(
+    path: str,
+    scenario,
+    partition_id: int,
+    profile,
+    *,
+    baud: int = 115200,
+    fault: str = "",
+    keepalive_s: float = 5.0,
+    stop: threading.Event | None = None,
+    log=sys.stderr,
+) -> None:
     """Serve the bridge on a serial port (the device's end of a cable, or one end of a pseudo-terminal pair).
 
     ``path`` is a port pyserial opens (``/dev/ttyUSB0``, ``COM4``, a ``/dev/pts/N``), or ``fd:N`` for an
@@ -284,5 +368,15 @@ def serve_serial(path: str, scenario, partition_id: int, profile, *, baud: int =
         stream = SerialStream(path, baud)
     with stream:
         _say(log, f"{profile.name} emulator on serial port {path} (partition {partition_id})")
-        serve_stream(stream, scenario, partition_id, profile, {}, serial=True, fault=fault, keepalive_s=keepalive_s,
-                     stop=stop, log=log)
+        serve_stream(
+            stream,
+            scenario,
+            partition_id,
+            profile,
+            {},
+            serial=True,
+            fault=fault,
+            keepalive_s=keepalive_s,
+            stop=stop,
+            log=log,
+        )

@@ -70,8 +70,21 @@ from dataclasses import asdict, dataclass, replace
 from fedtiny.errors import ScenarioError
 from fedtiny.kernel_costs import MEASURED
 
-__all__ = ["DeviceProfile", "PROFILES", "get_profile", "KB", "Radio", "RADIOS", "get_radio", "RoundCost",
-           "round_cost", "compute_seconds", "compute_cycles", "KernelCosts", "with_kernels"]
+__all__ = [
+    "DeviceProfile",
+    "PROFILES",
+    "get_profile",
+    "KB",
+    "Radio",
+    "RADIOS",
+    "get_radio",
+    "RoundCost",
+    "round_cost",
+    "compute_seconds",
+    "compute_cycles",
+    "KernelCosts",
+    "with_kernels",
+]
 
 KB = 1024
 
@@ -103,8 +116,12 @@ class KernelCosts:
             if k is None:
                 raise ValueError(f"kernel costs ({self.source}) have no figure for {kind}/{part}")
             total += n * per_mac[(k, part)] + work.written.get((kind, part), 0) * per_written.get((k, part), 0.0)
-        return (total + work.channels * self.per_channel + work.gradient_elements * self.per_gradient_element
-                + work.elementwise * self.per_elementwise)
+        return (
+            total
+            + work.channels * self.per_channel
+            + work.gradient_elements * self.per_gradient_element
+            + work.elementwise * self.per_elementwise
+        )
 
     def update_cycles(self, work) -> float:
         """Cycles of one step's update (once per step, whatever its samples)."""
@@ -116,8 +133,15 @@ class KernelCosts:
     @classmethod
     def from_table(cls, t: dict) -> "KernelCosts":
         """From an entry of :data:`fedtiny.kernel_costs.MEASURED`."""
-        return cls(tuple(sorted(t["per_mac"].items())), t["per_gradient_element"], t["per_elementwise"],
-                   t["per_update_element"], t["source"], tuple(sorted(t["per_written"].items())), t["per_channel"])
+        return cls(
+            tuple(sorted(t["per_mac"].items())),
+            t["per_gradient_element"],
+            t["per_elementwise"],
+            t["per_update_element"],
+            t["source"],
+            tuple(sorted(t["per_written"].items())),
+            t["per_channel"],
+        )
 
 
 @dataclass(frozen=True)
@@ -148,18 +172,24 @@ class Radio:
         return 8.0 * nbytes / self.goodput_bps
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tx_nj_per_byte": round(8e6 * self.tx_mw / self.goodput_bps, 3),
-                "rx_nj_per_byte": round(8e6 * self.rx_mw / self.goodput_bps, 3)}
+        return {
+            **asdict(self),
+            "tx_nj_per_byte": round(8e6 * self.tx_mw / self.goodput_bps, 3),
+            "rx_nj_per_byte": round(8e6 * self.rx_mw / self.goodput_bps, 3),
+        }
 
 
-RADIOS: dict[str, Radio] = {r.name: r for r in [
-    Radio("ble-1m", 700e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 1M PHY, nRF52840 at 0 dBm"),
-    Radio("ble-2m", 1300e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 2M PHY, nRF52840 at 0 dBm"),
-    Radio("802.15.4", 100e3, 6.40 * 3.0, 6.53 * 3.0, 1.0, "IEEE 802.15.4 / Thread, single hop"),
-    Radio("lora-sf7", 5100.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF7/125kHz, EU868 1% duty cycle"),
-    Radio("lora-sf12", 165.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF12/125kHz, EU868 1% duty cycle"),
-    Radio("wifi", 20e6, 340.0 * 3.3, 88.0 * 3.3, 1.0, "ESP32-S3 Wi-Fi, TCP in open air"),
-]}
+RADIOS: dict[str, Radio] = {
+    r.name: r
+    for r in [
+        Radio("ble-1m", 700e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 1M PHY, nRF52840 at 0 dBm"),
+        Radio("ble-2m", 1300e3, 6.40 * 3.0, 6.26 * 3.0, 1.0, "BLE 2M PHY, nRF52840 at 0 dBm"),
+        Radio("802.15.4", 100e3, 6.40 * 3.0, 6.53 * 3.0, 1.0, "IEEE 802.15.4 / Thread, single hop"),
+        Radio("lora-sf7", 5100.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF7/125kHz, EU868 1% duty cycle"),
+        Radio("lora-sf12", 165.0, 29.0 * 3.3, 11.5 * 3.3, 0.01, "LoRa SF12/125kHz, EU868 1% duty cycle"),
+        Radio("wifi", 20e6, 340.0 * 3.3, 88.0 * 3.3, 1.0, "ESP32-S3 Wi-Fi, TCP in open air"),
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -205,28 +235,116 @@ class DeviceProfile:
 # cycles per int8 MAC of each core (see the module docstring for the sources)
 _M4, _M7, _LX7, _M0 = 2.13, 2.10, 2.0, 8.5
 
-PROFILES: dict[str, DeviceProfile] = {p.name: p for p in [
-    DeviceProfile("stm32f746", 320 * KB, 1024 * KB, 216, "Cortex-M7", "RM0385: 240KB SRAM1+16KB SRAM2+64KB DTCM; "
-                  "no radio on chip (an external BLE module)", _M7, 2.0, 0.47 * 216 * 3.3, "ble-1m"),
-    DeviceProfile("stm32h743", 1024 * KB, 2048 * KB, 480, "Cortex-M7", "DS12110: 1MB RAM incl. 192KB TCM; "
-                  "no radio on chip", _M7, 2.0, 0.35 * 480 * 3.3, "ble-1m"),
-    DeviceProfile("stm32f411", 128 * KB, 512 * KB, 100, "Cortex-M4F", "DS10314; no radio on chip",
-                  _M4, 2.0, 0.1 * 100 * 3.3, "ble-1m"),
-    DeviceProfile("nrf52840", 256 * KB, 1024 * KB, 64, "Cortex-M4F", "nRF52840 PS v1.7", _M4, 2.0, 3.3 * 3.0,
-                  "ble-2m"),
-    DeviceProfile("rp2040", 264 * KB, 2048 * KB, 133, "2x Cortex-M0+", "no on-chip flash; 2MB QSPI on the Pico; "
-                  "no radio on chip", _M0, 2.0, 22.0 * 3.3, "ble-1m"),
-    DeviceProfile("esp32-s3", 512 * KB, 8192 * KB, 240, "2x Xtensa LX7", "512KB SRAM; 8MB flash on "
-                  "ESP32-S3-WROOM-1-N8", _LX7, 2.0, 55.0 * 3.3, "wifi"),
-    DeviceProfile("nrf52832", 64 * KB, 512 * KB, 64, "Cortex-M4F", "nRF52832 PS v1.4", _M4, 2.0, 3.7 * 3.0, "ble-1m"),
-    DeviceProfile("stm32l432", 64 * KB, 256 * KB, 80, "Cortex-M4F", "DS11451: 64KB SRAM; no radio on chip",
-                  _M4, 2.0, 0.084 * 80 * 3.3, "ble-1m"),
-    DeviceProfile("nrf52810", 24 * KB, 192 * KB, 64, "Cortex-M4", "nRF52810 PS v1.3", _M4, 2.0, 3.7 * 3.0, "ble-1m"),
-    DeviceProfile("stm32g031", 8 * KB, 64 * KB, 64, "Cortex-M0+", "DS12992: 8KB SRAM, up to 64KB flash; no radio",
-                  _M0, 2.0, 0.1 * 64 * 3.3, "ble-1m"),
-    DeviceProfile("mcu-256kb", 256 * KB, 1024 * KB, 200, "generic", "the 256KB budget of Lin et al. 2022 "
-                  "(Cortex-M7 costs)", _M7, 2.0, 0.47 * 200 * 3.3, "ble-1m"),
-]}
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in [
+        DeviceProfile(
+            "stm32f746",
+            320 * KB,
+            1024 * KB,
+            216,
+            "Cortex-M7",
+            "RM0385: 240KB SRAM1+16KB SRAM2+64KB DTCM; no radio on chip (an external BLE module)",
+            _M7,
+            2.0,
+            0.47 * 216 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "stm32h743",
+            1024 * KB,
+            2048 * KB,
+            480,
+            "Cortex-M7",
+            "DS12110: 1MB RAM incl. 192KB TCM; no radio on chip",
+            _M7,
+            2.0,
+            0.35 * 480 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "stm32f411",
+            128 * KB,
+            512 * KB,
+            100,
+            "Cortex-M4F",
+            "DS10314; no radio on chip",
+            _M4,
+            2.0,
+            0.1 * 100 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "nrf52840", 256 * KB, 1024 * KB, 64, "Cortex-M4F", "nRF52840 PS v1.7", _M4, 2.0, 3.3 * 3.0, "ble-2m"
+        ),
+        DeviceProfile(
+            "rp2040",
+            264 * KB,
+            2048 * KB,
+            133,
+            "2x Cortex-M0+",
+            "no on-chip flash; 2MB QSPI on the Pico; no radio on chip",
+            _M0,
+            2.0,
+            22.0 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "esp32-s3",
+            512 * KB,
+            8192 * KB,
+            240,
+            "2x Xtensa LX7",
+            "512KB SRAM; 8MB flash on ESP32-S3-WROOM-1-N8",
+            _LX7,
+            2.0,
+            55.0 * 3.3,
+            "wifi",
+        ),
+        DeviceProfile(
+            "nrf52832", 64 * KB, 512 * KB, 64, "Cortex-M4F", "nRF52832 PS v1.4", _M4, 2.0, 3.7 * 3.0, "ble-1m"
+        ),
+        DeviceProfile(
+            "stm32l432",
+            64 * KB,
+            256 * KB,
+            80,
+            "Cortex-M4F",
+            "DS11451: 64KB SRAM; no radio on chip",
+            _M4,
+            2.0,
+            0.084 * 80 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "nrf52810", 24 * KB, 192 * KB, 64, "Cortex-M4", "nRF52810 PS v1.3", _M4, 2.0, 3.7 * 3.0, "ble-1m"
+        ),
+        DeviceProfile(
+            "stm32g031",
+            8 * KB,
+            64 * KB,
+            64,
+            "Cortex-M0+",
+            "DS12992: 8KB SRAM, up to 64KB flash; no radio",
+            _M0,
+            2.0,
+            0.1 * 64 * 3.3,
+            "ble-1m",
+        ),
+        DeviceProfile(
+            "mcu-256kb",
+            256 * KB,
+            1024 * KB,
+            200,
+            "generic",
+            "the 256KB budget of Lin et al. 2022 (Cortex-M7 costs)",
+            _M7,
+            2.0,
+            0.47 * 200 * 3.3,
+            "ble-1m",
+        ),
+    ]
+}
 
 
 _FAMILY = {"cortex-m4f": "Cortex-M4", "cortex-m4": "Cortex-M4", "cortex-m7": "Cortex-M7", "generic": "Cortex-M7"}
@@ -243,8 +361,10 @@ def with_kernels(profile: DeviceProfile, kernels: str) -> DeviceProfile:
     family = _FAMILY.get(profile.core.lower())
     if family is None:
         if kernels == "reference":
-            raise ScenarioError(f"device.kernels: 'reference' is measured for Cortex-M4 and Cortex-M7 profiles; "
-                                f"{profile.name} is a {profile.core or 'custom'} core")
+            raise ScenarioError(
+                f"device.kernels: 'reference' is measured for Cortex-M4 and Cortex-M7 profiles; "
+                f"{profile.name} is a {profile.core or 'custom'} core"
+            )
         return profile
     return replace(profile, kernel_costs=KernelCosts.from_table(MEASURED[(family, kernels)]))
 
@@ -257,8 +377,10 @@ def get_profile(name: str, custom: DeviceProfile | None = None) -> DeviceProfile
     try:
         return PROFILES[key]
     except KeyError:
-        raise ScenarioError(f"device: unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
-                         + (f", {custom.name}" if custom else "")) from None
+        raise ScenarioError(
+            f"device: unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
+            + (f", {custom.name}" if custom else "")
+        ) from None
 
 
 def get_radio(name: str) -> Radio:
@@ -301,8 +423,9 @@ def compute_seconds(profile: DeviceProfile, cycles: float) -> float:
     return cycles / (profile.clock_mhz * 1e6)
 
 
-def round_cost(profile: DeviceProfile, radio: Radio, cycles: float, downlink_bytes: int,
-               uplink_bytes: int) -> RoundCost:
+def round_cost(
+    profile: DeviceProfile, radio: Radio, cycles: float, downlink_bytes: int, uplink_bytes: int
+) -> RoundCost:
     """A client's simulated seconds and millijoules for a round (mW x s = mJ): ``cycles`` of training
     (:func:`compute_cycles` of its samples' work) and the bytes on the air."""
     compute = compute_seconds(profile, cycles)

@@ -7,8 +7,19 @@ class; its message names the file, key or value that was wrong.
 
 from __future__ import annotations
 
-__all__ = ["FedtinyError", "ScenarioError", "DataError", "ModelFileError", "ZooError", "SchemeError",
-           "UpdateError", "PayloadError", "CodecError", "ProtocolError", "StreamClosed"]
+__all__ = [
+    "FedtinyError",
+    "ScenarioError",
+    "DataError",
+    "ModelFileError",
+    "ZooError",
+    "SchemeError",
+    "UpdateError",
+    "PayloadError",
+    "CodecError",
+    "ProtocolError",
+    "StreamClosed",
+]
 
 
 class FedtinyError(Exception):

@@ -86,6 +86,7 @@ def rule_names() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- the built-in rules
 
+
 def _matrix(rows: Rows, name: str, size: int) -> np.ndarray:
     """Clients x elements of one tensor (NaN: the client did not train it)."""
     return np.stack([d.get(name, np.full(size, np.nan)) for _, d in rows])
@@ -99,8 +100,7 @@ def _weighted_mean(rows: Rows, sizes: dict[str, int]) -> dict[str, np.ndarray]:
         m = _matrix(rows, name, size)
         trained = ~np.isnan(m)
         w = np.where(trained, n, 0.0)
-        out[name] = np.divide((np.where(trained, m, 0.0) * n).sum(0), w.sum(0), out=np.zeros(size),
-                              where=w.sum(0) > 0)
+        out[name] = np.divide((np.where(trained, m, 0.0) * n).sum(0), w.sum(0), out=np.zeros(size), where=w.sum(0) > 0)
     return out
 
 
@@ -125,8 +125,7 @@ def _trimmed_mean(rows: Rows, sizes: dict[str, int], params: RuleParams) -> dict
         order = np.sort(m, axis=0)  # NaN (untrained) sort last
         rank = np.arange(len(m))[:, None]
         keep = (rank >= cut) & (rank < count - cut)
-        out[name] = np.divide(np.where(keep, order, 0.0).sum(0), keep.sum(0), out=np.zeros(size),
-                              where=keep.sum(0) > 0)
+        out[name] = np.divide(np.where(keep, order, 0.0).sum(0), keep.sum(0), out=np.zeros(size), where=keep.sum(0) > 0)
     return out
 
 
@@ -137,14 +136,23 @@ def _krum(rows: Rows, sizes: dict[str, int], params: RuleParams) -> dict[str, np
     sq = (flat * flat).sum(1)
     dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
     closest = max(1, len(rows) - params.krum_byzantine - 2)
-    scores = np.sort(dist, axis=1)[:, 1:closest + 1].sum(1)
-    chosen = sorted(np.argsort(scores, kind="stable")[:max(1, min(params.krum_selected, len(rows)))])
+    scores = np.sort(dist, axis=1)[:, 1 : closest + 1].sum(1)
+    chosen = sorted(np.argsort(scores, kind="stable")[: max(1, min(params.krum_selected, len(rows)))])
     return _weighted_mean([rows[i] for i in chosen], sizes)
 
 
 register(AggregationRule("fedavg", "the example-weighted mean (FedAvg)"))
 register(AggregationRule("median", "element-wise median, robust to a minority of bad clients", _median))
-register(AggregationRule("trimmed-mean", "element-wise mean without the trim_fraction smallest and largest values",
-                         _trimmed_mean))
-register(AggregationRule("krum", "the change (krum_selected > 1: the weighted mean of the changes) closest to its "
-                         "n - f - 2 nearest neighbours, f = krum_byzantine", _krum))
+register(
+    AggregationRule(
+        "trimmed-mean", "element-wise mean without the trim_fraction smallest and largest values", _trimmed_mean
+    )
+)
+register(
+    AggregationRule(
+        "krum",
+        "the change (krum_selected > 1: the weighted mean of the changes) closest to its "
+        "n - f - 2 nearest neighbours, f = krum_byzantine",
+        _krum,
+    )
+)

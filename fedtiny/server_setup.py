@@ -19,11 +19,10 @@ import numpy as np
 from fedtiny.attack.malicious import target_public, trap_for, trap_scheme, trap_state
 from fedtiny.budget.device_memory import device_ram_bytes
 from fedtiny.budget.memory import peak_sram_bytes
-from fedtiny.devices import DeviceProfile
-from fedtiny.budget.schemes import (LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve,
-                                    union)
+from fedtiny.budget.schemes import LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve, union
 from fedtiny.data import ImageSet
 from fedtiny.data.shift import apply_shift, fleet_shift
+from fedtiny.devices import DeviceProfile
 from fedtiny.federated.lr import fixed_lr, grid_lr, trial_scheme, with_lr
 from fedtiny.federated.task import Task, client_load, client_profile, cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
@@ -32,8 +31,19 @@ from fedtiny.search.contrib import RATIOS, AnalysisSettings, analyse
 from fedtiny.search.evolve import SearchSettings, Space, evolve, random_feasible
 from fedtiny.search.fisher import fisher_potential, fisher_scheme
 
-__all__ = ["FleetSchemes", "fleet_schemes", "server_task", "choose_lr", "resolve_scheme", "analysis_data", "analysis_settings", "peak_function",
-           "scheme_for_device", "search_space", "search_settings"]
+__all__ = [
+    "FleetSchemes",
+    "fleet_schemes",
+    "server_task",
+    "choose_lr",
+    "resolve_scheme",
+    "analysis_data",
+    "analysis_settings",
+    "peak_function",
+    "scheme_for_device",
+    "search_space",
+    "search_settings",
+]
 
 
 @dataclass
@@ -65,9 +75,12 @@ class FleetSchemes:
         """Everything some client may train (dynamic: every channel of a trained layer)."""
         schemes = list(self.by_profile.values())
         if self.dynamic:
-            schemes = [dataclasses.replace(s, channels=[c if c is None or not c else list(range(n))
-                                                        for c, n in zip(s.channels, s.in_channels)])
-                       for s in schemes]
+            schemes = [
+                dataclasses.replace(
+                    s, channels=[c if c is None or not c else list(range(n)) for c, n in zip(s.channels, s.in_channels)]
+                )
+                for s in schemes
+            ]
         return union(schemes)
 
 
@@ -84,18 +97,34 @@ def peak_function(task: Task) -> Callable[[Scheme], int]:
         load = client_load(task.scenario, task.federation.largest_partition(), task.federation.image_shape)
 
         def device_of(scheme: Scheme) -> int:
-            return device_ram_bytes(task.model, resolve(scheme, task.model, task.scenario.run.seed),
-                                    task.federation.image_shape, load, optimizer=t.optimizer, momentum=t.momentum,
-                                    reorder=d.reorder, inplace_depthwise=d.inplace_depthwise, fuse_frozen=d.fuse_frozen)
+            return device_ram_bytes(
+                task.model,
+                resolve(scheme, task.model, task.scenario.run.seed),
+                task.federation.image_shape,
+                load,
+                optimizer=t.optimizer,
+                momentum=t.momentum,
+                reorder=d.reorder,
+                inplace_depthwise=d.inplace_depthwise,
+                fuse_frozen=d.fuse_frozen,
+            )
 
         return device_of
 
     def peak_of(scheme: Scheme) -> int:
         resolved = resolve(scheme, task.model, task.scenario.run.seed)
-        return peak_sram_bytes(task.model, resolved, task.federation.image_shape, optimizer=t.optimizer,
-                               momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                               fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
-                               accumulate=d.accumulate and t.batch_size > d.micro_batch)
+        return peak_sram_bytes(
+            task.model,
+            resolved,
+            task.federation.image_shape,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            reorder=d.reorder,
+            inplace_depthwise=d.inplace_depthwise,
+            fuse_frozen=d.fuse_frozen,
+            batch=d.micro_batch,
+            accumulate=d.accumulate and t.batch_size > d.micro_batch,
+        )
 
     return peak_of
 
@@ -106,7 +135,7 @@ def analysis_data(task: Task) -> tuple[ImageSet, ImageSet]:
     rng = np.random.default_rng([s.run.seed, 303])
     order = rng.permutation(len(public))
     if s.search.samples:
-        order = order[:s.search.samples]
+        order = order[: s.search.samples]
     x = public.x[order]
     if s.search.shift == "fleet":  # the clients adapt to their sensors; the analysis should measure that gain
         x = apply_shift(x, fleet_shift(s.shift), [s.run.seed, 304])
@@ -118,13 +147,26 @@ def analysis_data(task: Task) -> tuple[ImageSet, ImageSet]:
 def analysis_settings(task: Task):
     """The contribution analysis's fine-tuning settings from the scenario."""
     s = task.scenario
-    return AnalysisSettings(epochs=s.search.epochs, lr=s.search.lr or s.train.lr, optimizer=s.train.optimizer,
-                            momentum=s.train.momentum, batch_size=s.train.batch_size, rounding=s.train.weight_rounding,
-                            bias_grid=tuple(s.search.bias_grid), seed=s.run.seed)
+    return AnalysisSettings(
+        epochs=s.search.epochs,
+        lr=s.search.lr or s.train.lr,
+        optimizer=s.train.optimizer,
+        momentum=s.train.momentum,
+        batch_size=s.train.batch_size,
+        rounding=s.train.weight_rounding,
+        bias_grid=tuple(s.search.bias_grid),
+        seed=s.run.seed,
+    )
 
 
-def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, budget: int, device: str,
-                      progress: Callable[[str], None] | None = None) -> tuple[Scheme, dict]:
+def scheme_for_device(
+    task: Task,
+    state: dict[str, np.ndarray],
+    scheme: Scheme,
+    budget: int,
+    device: str,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Scheme, dict]:
     """Resolve a device-dependent rule for a budget of ``budget`` bytes; return the scheme and what was found."""
     s = task.scenario
     load_arrays(task.model, state)
@@ -139,17 +181,28 @@ def scheme_for_device(task: Task, state: dict[str, np.ndarray], scheme: Scheme, 
         potential = fisher_potential(task.model, train)
         load_arrays(task.model, state)
         found = fisher_scheme(potential, peak_of, budget, RATIOS, name=f"fisher@{device}")
-        return found.scheme, {"rule": "fisher", "peak_sram_bytes": found.peak_sram_bytes,
-                              "fisher_potential": found.potential, "evaluations": found.evaluations}
+        return found.scheme, {
+            "rule": "fisher",
+            "peak_sram_bytes": found.peak_sram_bytes,
+            "fisher_potential": found.potential,
+            "evaluations": found.evaluations,
+        }
     space = search_space(task, state, budget, f"{scheme.name}@{device}", progress)
     if scheme.rule == "random":
         g = random_feasible(space, int(scheme.name.split(":")[1]) * 7919 + s.run.seed)
-        return space.scheme(g), {"rule": scheme.name, "peak_sram_bytes": space.peak(g),
-                                 "predicted_gain": round(space.gain(g), 6)}
+        return space.scheme(g), {
+            "rule": scheme.name,
+            "peak_sram_bytes": space.peak(g),
+            "predicted_gain": round(space.gain(g), 6),
+        }
     result = evolve(space, search_settings(s), progress)
-    return result.scheme, {"rule": "search", "peak_sram_bytes": result.peak_sram_bytes,
-                           "predicted_gain": result.predicted_gain, "evaluations": result.evaluations,
-                           "analysis_cached": space.c.cached}
+    return result.scheme, {
+        "rule": "search",
+        "peak_sram_bytes": result.peak_sram_bytes,
+        "predicted_gain": result.predicted_gain,
+        "evaluations": result.evaluations,
+        "analysis_cached": space.c.cached,
+    }
 
 
 def search_settings(scenario):
@@ -158,16 +211,33 @@ def search_settings(scenario):
     return SearchSettings(s.population, s.generations, s.mutation, s.crossover, scenario.run.seed)
 
 
-def search_space(task: Task, state: dict[str, np.ndarray], budget: int, name: str,
-                 progress: Callable[[str], None] | None = None, *, cache: bool = True):
+def search_space(
+    task: Task,
+    state: dict[str, np.ndarray],
+    budget: int,
+    name: str,
+    progress: Callable[[str], None] | None = None,
+    *,
+    cache: bool = True,
+):
     """The candidates for ``budget``: the contribution analysis (cached) and the planner's peak."""
     train, val = analysis_data(task)
-    contrib = analyse(task.model, state, train, val, analysis_settings(task), cache=cache, progress=progress,
-                      workers=task.scenario.search.workers or task.scenario.run.num_cpus)
+    contrib = analyse(
+        task.model,
+        state,
+        train,
+        val,
+        analysis_settings(task),
+        cache=cache,
+        progress=progress,
+        workers=task.scenario.search.workers or task.scenario.run.num_cpus,
+    )
     load_arrays(task.model, state)
     if progress:
-        progress(f"contribution analysis: {contrib.evaluations} fine-tunings in {contrib.seconds:.0f}s"
-                 + (" (cached)" if contrib.cached else ""))
+        progress(
+            f"contribution analysis: {contrib.evaluations} fine-tunings in {contrib.seconds:.0f}s"
+            + (" (cached)" if contrib.cached else "")
+        )
     return Space(contrib, peak_function(task), budget, name)
 
 
@@ -175,8 +245,9 @@ def _budget(task: Task, profile: DeviceProfile) -> int:
     return task.scenario.search.budget_kb * 1024 or profile.sram_bytes
 
 
-def fleet_schemes(task: Task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = _log
-                  ) -> FleetSchemes:
+def fleet_schemes(
+    task: Task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = _log
+) -> FleetSchemes:
     """Resolve the scenario's scheme for every device profile of the fleet against the cloud model ``state``."""
     s = task.scenario
     profiles = {}
@@ -215,8 +286,13 @@ def resolve_scheme(task: Task, state: dict[str, np.ndarray]) -> Task:
     return with_scheme(task, next(iter(fleet.by_profile.values())))
 
 
-def choose_lr(task: Task, state: dict[str, np.ndarray], progress: Callable[[str], None] | None = None, *,
-              scheme: str | None = None):
+def choose_lr(
+    task: Task,
+    state: dict[str, np.ndarray],
+    progress: Callable[[str], None] | None = None,
+    *,
+    scheme: str | None = None,
+):
     """The clients' learning rate for ``task`` from the cloud model ``state`` (:mod:`fedtiny.federated.lr`).
 
     When the scenario leaves it to a pretrained int8 model, the trials train the scheme a client of
@@ -240,8 +316,10 @@ def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callabl
     public = target_public(task.federation.public)
     state = trap_state(task, public, trap_for(public))
     if progress:
-        progress("attack.server = malicious: the clients receive the imprint trap" +
-                 (" and train its scheme" if schemes is not None else ""))
+        progress(
+            "attack.server = malicious: the clients receive the imprint trap"
+            + (" and train its scheme" if schemes is not None else "")
+        )
     if schemes is None:
         return state, None
     load_arrays(task.model, state)

@@ -51,8 +51,10 @@ def main() -> None:
     def db(r: torch.Tensor) -> list[float]:
         return [round(psnr(r[i].numpy(), x[i].numpy()), 1) for i in range(len(x))]
 
-    print(f"{a.preset}: {a.targets} targets; flat baseline {np.mean([flat_psnr(i[0].numpy()) for i in x]):.2f} dB; "
-          f"warm start {db(warm)} dB")
+    print(
+        f"{a.preset}: {a.targets} targets; flat baseline {np.mean([flat_psnr(i[0].numpy()) for i in x]):.2f} dB; "
+        f"warm start {db(warm)} dB"
+    )
     f1 = match_only(warm)[0]
     print("gradient matching alone (no total variation) along x + t (x' - x):")
     print("t       loss / loss(t=1)            cosine(-grad, direction to the truth)")

@@ -36,8 +36,21 @@ from fedtiny.attack.presets import LFW_FACES, _resize, face_ids
 from fedtiny.attack.run import PRESETS, plot_grid, preset_targets
 from fedtiny.attack.user import observe
 
-PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "cat", "coins", "moon", "page", "text", "grass",
-          "gravel", "brick")
+PHOTOS = (
+    "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "cat",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "grass",
+    "gravel",
+    "brick",
+)
 
 
 def public_images(n: int, exclude: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,17 +78,18 @@ def public_images(n: int, exclude: np.ndarray, seed: int) -> tuple[np.ndarray, n
             p = photos[rng.integers(len(photos))]
             s = rng.integers(25, 120)
             r, c = rng.integers(0, p.shape[0] - s), rng.integers(0, p.shape[1] - s)
-            im = _resize(np.ascontiguousarray(p[None, None, r:r + s, c:c + s]), 25)[0, 0]
+            im = _resize(np.ascontiguousarray(p[None, None, r : r + s, c : c + s]), 25)[0, 0]
         out[i] = np.clip(im, 0.0, 1.0)
     return out, labels
 
 
-def gradient_rows(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat, classes: int,
-                  chunk: int = 500) -> torch.Tensor:
+def gradient_rows(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat, classes: int, chunk: int = 500
+) -> torch.Tensor:
     """What the client would send for each image (one target each), flattened: [N, parameters]."""
     rows = []
     for i in range(0, len(x), chunk):
-        obs = observe(model, x[i:i + chunk, None], y[i:i + chunk, None], classes, threat)
+        obs = observe(model, x[i : i + chunk, None], y[i : i + chunk, None], classes, threat)
         rows.append(torch.cat([v.flatten(1) for v, _ in obs.values()], 1))
     return torch.cat(rows)
 
@@ -107,22 +121,31 @@ def main() -> None:
         return ((g - mu) / sd) @ basis
 
     # projected chunk by chunk: the raw gradients of 40000 images would take 3 GB
-    feats = torch.cat([features(gradient_rows(model, aux3[i:i + 4000], aux_labels[i:i + 4000], threat, classes))
-                       for i in range(0, a.aux, 4000)])
+    feats = torch.cat(
+        [
+            features(gradient_rows(model, aux3[i : i + 4000], aux_labels[i : i + 4000], threat, classes))
+            for i in range(0, a.aux, 4000)
+        ]
+    )
     scale = feats.std(0) + 1e-6
     feats = feats / scale
     f_tgt = features(gradient_rows(model, x, y, threat, classes)) / scale  # the observations the server receives
     images = aux32.flatten(1)
     print(f"[inversion] {a.aux} public gradients in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    net = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
-                              torch.nn.ReLU(), torch.nn.Linear(2048, 32 * 32))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1024, 2048),
+        torch.nn.ReLU(),
+        torch.nn.Linear(2048, 2048),
+        torch.nn.ReLU(),
+        torch.nn.Linear(2048, 32 * 32),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
     for epoch in range(a.epochs):
         order = torch.randperm(len(feats))
         for i in range(0, len(feats), 256):
-            b = order[i:i + 256]
+            b = order[i : i + 256]
             opt.zero_grad()
             loss = (torch.sigmoid(net(feats[b])) - images[b]).square().mean()
             loss.backward()
@@ -134,11 +157,19 @@ def main() -> None:
     xs = x.view(-1, 1, 3, 32, 32)
     scores = [score(rec[i].numpy(), xs[i].numpy()) for i in range(a.targets)]
     psnrs = [sc["psnr"][0] for sc in scores]
-    summary = {"attack": "learned inversion", "targets": a.targets, "aux": a.aux, "epochs": a.epochs,
-               "mean_psnr_db": float(np.mean(psnrs)), "median_psnr_db": float(np.median(psnrs)),
-               "min_psnr_db": float(np.min(psnrs)), "mean_ssim": float(np.mean([sc["ssim"][0] for sc in scores])),
-               "flat_psnr_db": float(np.mean([flat_psnr(im) for im in x.numpy()])),
-               "seconds": round(time.perf_counter() - t0, 1), "psnr_db": psnrs}
+    summary = {
+        "attack": "learned inversion",
+        "targets": a.targets,
+        "aux": a.aux,
+        "epochs": a.epochs,
+        "mean_psnr_db": float(np.mean(psnrs)),
+        "median_psnr_db": float(np.median(psnrs)),
+        "min_psnr_db": float(np.min(psnrs)),
+        "mean_ssim": float(np.mean([sc["ssim"][0] for sc in scores])),
+        "flat_psnr_db": float(np.mean([flat_psnr(im) for im in x.numpy()])),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "psnr_db": psnrs,
+    }
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

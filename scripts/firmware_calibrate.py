@@ -24,27 +24,35 @@ def main() -> int:
     if not runs:
         raise SystemExit(__doc__)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = ['"""Measured cycles of fedtiny\'s C kernels per op kind (written by `make firmware-calibrate`: do not edit).',
-             "",
-             "Each entry is fitted (fedtiny.budget.step_time.fit_costs) on one QEMU run of a measurement build",
-             "(`make firmware-profile`): instructions per MAC of each (kind, part) and per element it writes, per",
-             "output plane, per output-gradient element, per elementwise element and per weight element updated, read",
-             "as cycles at CPI 1; fedtiny.devices.with_kernels turns an entry into a KernelCosts. Derivation and",
-             "checks: docs/results/device-time.md.",
-             '"""', "", "MEASURED = {"]
+    lines = [
+        '"""Measured cycles of fedtiny\'s C kernels per op kind (written by `make firmware-calibrate`: do not edit).',
+        "",
+        "Each entry is fitted (fedtiny.budget.step_time.fit_costs) on one QEMU run of a measurement build",
+        "(`make firmware-profile`): instructions per MAC of each (kind, part) and per element it writes, per",
+        "output plane, per output-gradient element, per elementwise element and per weight element updated, read",
+        "as cycles at CPI 1; fedtiny.devices.with_kernels turns an entry into a KernelCosts. Derivation and",
+        "checks: docs/results/device-time.md.",
+        '"""',
+        "",
+        "MEASURED = {",
+    ]
     for run in runs:
         key = (FAMILY[run["board"]], KERNELS[run["kernels"]])
         c = run["fitted_costs"]
         per_mac = {tuple(k.split("/")): v for k, v in sorted(c["per_mac"].items())}
-        source = (f'{run["scenario"]} {" ".join(run["overrides"])} on {run["board"]}, {run["kernels"]} kernels, '
-                  f'commit {commit}')
-        lines += [f"    {key!r}: {{",
-                  f'        "per_mac": {per_mac!r},',
-                  f'        "per_written": {dict((tuple(k.split("/")), v) for k, v in sorted(c["per_written"].items()))!r},',
-                  f'        "per_channel": {c["per_channel"]},',
-                  f'        "per_gradient_element": {c["per_gradient_element"]}, "per_elementwise": {c["per_elementwise"]},',
-                  f'        "per_update_element": {c["per_update_element"]},',
-                  f'        "source": "{source}"}},']
+        source = (
+            f"{run['scenario']} {' '.join(run['overrides'])} on {run['board']}, {run['kernels']} kernels, "
+            f"commit {commit}"
+        )
+        lines += [
+            f"    {key!r}: {{",
+            f'        "per_mac": {per_mac!r},',
+            f'        "per_written": {dict((tuple(k.split("/")), v) for k, v in sorted(c["per_written"].items()))!r},',
+            f'        "per_channel": {c["per_channel"]},',
+            f'        "per_gradient_element": {c["per_gradient_element"]}, "per_elementwise": {c["per_elementwise"]},',
+            f'        "per_update_element": {c["per_update_element"]},',
+            f'        "source": "{source}"}},',
+        ]
     lines.append("}")
     print("\n".join(lines))
     return 0

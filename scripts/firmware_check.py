@@ -43,18 +43,41 @@ def main() -> int:
     with running(a.elf, a.board, log) as address:
         for r in range(1, a.rounds + 1):
             t0 = time.monotonic()
-            reply = relay_round(address, bc.model_hash(), bc.train_meta(r), bc.downlink,
-                                timeout=bc.task.scenario.bridge.timeout_s)
+            reply = relay_round(
+                address, bc.model_hash(), bc.train_meta(r), bc.downlink, timeout=bc.task.scenario.bridge.timeout_s
+            )
             wall = time.monotonic() - t0
-            host, state = local_round(bc.task.scenario, a.partition, r, bc.downlink, kind="full", scheme=bc.scheme,
-                                      state=state)
-            rounds.append({"round": r, "wall_s": round(wall, 1), "update_identical": reply.update == host.update,
-                           "update_bytes": len(reply.update), "simulator_update_bytes": len(host.update),
-                           "train_loss": reply.metrics.get("train_loss"), "simulator_train_loss": host.train_loss,
-                           "busy_frames": reply.busy, "metrics": reply.metrics})
+            host, state = local_round(
+                bc.task.scenario, a.partition, r, bc.downlink, kind="full", scheme=bc.scheme, state=state
+            )
+            rounds.append(
+                {
+                    "round": r,
+                    "wall_s": round(wall, 1),
+                    "update_identical": reply.update == host.update,
+                    "update_bytes": len(reply.update),
+                    "simulator_update_bytes": len(host.update),
+                    "train_loss": reply.metrics.get("train_loss"),
+                    "simulator_train_loss": host.train_loss,
+                    "busy_frames": reply.busy,
+                    "metrics": reply.metrics,
+                }
+            )
     ok = bool(rounds) and all(r["update_identical"] for r in rounds)
-    print(json.dumps({"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "partition": a.partition,
-                      "downlink_bytes": len(bc.downlink), "rounds": rounds, "identical": ok}, sort_keys=True))
+    print(
+        json.dumps(
+            {
+                "scenario": a.scenario,
+                "overrides": a.overrides,
+                "board": a.board,
+                "partition": a.partition,
+                "downlink_bytes": len(bc.downlink),
+                "rounds": rounds,
+                "identical": ok,
+            },
+            sort_keys=True,
+        )
+    )
     return 0 if ok else 1
 
 

@@ -35,9 +35,9 @@ def read_log(path: str, counts: collections.Counter, blocks: dict) -> None:
             c = line[0]
             if c == "T":  # Trace 0: 0x... [cs_base/pc/flags/cflags] symbol
                 i = line.find("[")
-                counts[line[i + 10:i + 18]] += 1
+                counts[line[i + 10 : i + 18]] += 1
             elif c == "0" and cur is not None:
-                cur.append(int(line[:line.index(":")], 16))
+                cur.append(int(line[: line.index(":")], 16))
             elif line.startswith("IN:"):
                 cur = []
             elif cur is not None and (c == "\n" or c == "-"):
@@ -47,8 +47,9 @@ def read_log(path: str, counts: collections.Counter, blocks: dict) -> None:
 
 
 def symbols(elf: str) -> tuple[list[int], list[str]]:
-    out = subprocess.run(["arm-none-eabi-nm", "-n", "--defined-only", elf], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["arm-none-eabi-nm", "-n", "--defined-only", elf], capture_output=True, text=True, check=True
+    ).stdout
     starts, names = [], []
     for line in out.splitlines():
         parts = line.split()
@@ -61,8 +62,12 @@ def symbols(elf: str) -> tuple[list[int], list[str]]:
 def source_lines(elf: str, per_insn: collections.Counter) -> tuple[collections.Counter, collections.Counter]:
     """Counts by source line and by innermost (inlined) function, through addr2line's inlining chains."""
     addrs = sorted(per_insn)
-    out = subprocess.run(["arm-none-eabi-addr2line", "-f", "-i", "-a", "-e", elf] + [f"{x:x}" for x in addrs],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["arm-none-eabi-addr2line", "-f", "-i", "-a", "-e", elf] + [f"{x:x}" for x in addrs],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     by_line: collections.Counter = collections.Counter()
     by_func: collections.Counter = collections.Counter()
     i = 0
@@ -140,8 +145,18 @@ def main() -> int:
     for func in a.annotate:
         i = names.index(func)
         lo, hi = starts[i], starts[i + 1] if i + 1 < len(starts) else starts[i] + 4096
-        dis = subprocess.run(["arm-none-eabi-objdump", "-d", "--no-show-raw-insn", f"--start-address={lo}",
-                              f"--stop-address={hi}", a.elf], capture_output=True, text=True).stdout
+        dis = subprocess.run(
+            [
+                "arm-none-eabi-objdump",
+                "-d",
+                "--no-show-raw-insn",
+                f"--start-address={lo}",
+                f"--stop-address={hi}",
+                a.elf,
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
         print(f"\n== {func}")
         for line in dis.splitlines():
             head = line.strip().split(":")[0]

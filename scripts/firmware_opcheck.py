@@ -60,12 +60,17 @@ def main() -> int:
     bc = bridged_client(a.scenario, a.partition, parse_overrides(a.overrides))
     log = Path(tempfile.mkdtemp(prefix="fedtiny-firmware-opcheck-")) / "qemu.log"
     with running(a.elf, a.board, log) as address:
-        reply = relay_round(address, bc.model_hash(), bc.train_meta(1), bc.downlink,
-                            timeout=bc.task.scenario.bridge.timeout_s)
+        reply = relay_round(
+            address, bc.model_hash(), bc.train_meta(1), bc.downlink, timeout=bc.task.scenario.bridge.timeout_s
+        )
     device = check_lines(log.read_text(errors="replace"))
-    host_run = subprocess.run([sys.executable, "-c", _HOST, a.scenario, str(a.partition), *a.overrides],
-                              capture_output=True, text=True, env={**os.environ, "FEDTINY_STEP_LIB": str(lib)},
-                              cwd=str(ROOT))
+    host_run = subprocess.run(
+        [sys.executable, "-c", _HOST, a.scenario, str(a.partition), *a.overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FEDTINY_STEP_LIB": str(lib)},
+        cwd=str(ROOT),
+    )
     if host_run.returncode != 0:
         raise SystemExit(f"firmware_opcheck: the host round failed:\n{host_run.stderr[-2000:]}")
     host = check_lines(host_run.stderr)
@@ -76,15 +81,25 @@ def main() -> int:
     for line in host:
         what = WHAT[int(line.split()[2])]
         kinds[what] = kinds.get(what, 0) + 1
-    result = {"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "partition": a.partition,
-              "update_bytes": len(reply.update), "device_lines": len(device), "host_lines": len(host),
-              "by_kind": kinds, "identical": first is None and bool(host)}
+    result = {
+        "scenario": a.scenario,
+        "overrides": a.overrides,
+        "board": a.board,
+        "partition": a.partition,
+        "update_bytes": len(reply.update),
+        "device_lines": len(device),
+        "host_lines": len(host),
+        "by_kind": kinds,
+        "identical": first is None and bool(host),
+    }
     if first is not None:
+
         def describe(lines: list[str]) -> str | None:
             if first >= len(lines):
                 return None
             _, op, what, size, h = lines[first].split()
             return f"op {op} {WHAT[int(what)]} ({size} bytes) hash {h}"
+
         result["first_difference"] = {"line": first, "device": describe(device), "host": describe(host)}
     print(json.dumps(result, sort_keys=True))
     return 0 if result["identical"] else 1

@@ -66,8 +66,9 @@ def main() -> int:
     log = Path(tempfile.mkdtemp(prefix="fedtiny-firmware-profile-")) / "qemu.log"
     with running(a.elf, a.board, log) as address:
         t0 = time.monotonic()
-        reply = relay_round(address, bc.model_hash(), bc.train_meta(1), bc.downlink,
-                            timeout=task.scenario.bridge.timeout_s)
+        reply = relay_round(
+            address, bc.model_hash(), bc.train_meta(1), bc.downlink, timeout=task.scenario.bridge.timeout_s
+        )
         wall = time.monotonic() - t0
         time.sleep(0.5)  # the console line is written before UPDATE; let QEMU flush it
     host, _ = local_round(task.scenario, a.partition, 1, bc.downlink, kind="full", scheme=bc.scheme, state={})
@@ -83,22 +84,35 @@ def main() -> int:
     for geometry, work, ticks in zip(ops, works, prof["ops"]):
         instr = {n: t * per_tick / steps for n, t in zip(names, ticks)}
         measured.append((work, instr))
-        rows.append({"op": work.name, "kind": work.kind, "geometry": geometry, "macs_per_sample": work.macs,
-                     "written_per_sample": work.written,
-                     "gradient_elements": work.gradient_elements, "updated": work.updated,
-                     "instructions_per_step": {n: round(v) for n, v in instr.items() if v}})
+        rows.append(
+            {
+                "op": work.name,
+                "kind": work.kind,
+                "geometry": geometry,
+                "macs_per_sample": work.macs,
+                "written_per_sample": work.written,
+                "gradient_elements": work.gradient_elements,
+                "updated": work.updated,
+                "instructions_per_step": {n: round(v) for n, v in instr.items() if v},
+            }
+        )
     step = StepWork.of(works)
     by_kind: dict[str, dict] = {}  # per step: MACs or elements, instructions
     for work, per_step in measured:
         elementwise = not work.macs  # ADD, pools, the parameter-free kinds
-        for part in (() if elementwise else PARTS):
+        for part in () if elementwise else PARTS:
             if work.macs.get(part):
                 d = by_kind.setdefault(f"{work.kind}/{part}", {"macs": 0, "instructions": 0.0})
                 d["macs"] += work.macs[part] * samples_per_step
                 d["instructions"] += per_step.get(part, 0.0)
-        extras = [("elementwise", work.elementwise * samples_per_step, sum(per_step.values()))] if elementwise else [
-            ("quantize", work.gradient_elements * samples_per_step, per_step.get("quantize", 0.0)),
-            ("update", work.updated if per_step.get("update") else 0, per_step.get("update", 0.0))]
+        extras = (
+            [("elementwise", work.elementwise * samples_per_step, sum(per_step.values()))]
+            if elementwise
+            else [
+                ("quantize", work.gradient_elements * samples_per_step, per_step.get("quantize", 0.0)),
+                ("update", work.updated if per_step.get("update") else 0, per_step.get("update", 0.0)),
+            ]
+        )
         for name, elements, instructions in extras:
             d = by_kind.setdefault(name, {"elements": 0, "instructions": 0.0})
             d["elements"] += elements
@@ -109,27 +123,45 @@ def main() -> int:
             d["instructions_per_mac"] = round(d["instructions"] / d["macs"], 3)
     profiled = sum(d["instructions"] for d in by_kind.values())
     published = get_profile(summary["profile"])
-    model = published.cycles_per_mac * (step.forward_macs + published.backward_factor * step.backward_macs) \
+    model = (
+        published.cycles_per_mac
+        * (step.forward_macs + published.backward_factor * step.backward_macs)
         * samples_per_step
+    )
     whole = float(reply.metrics["instructions_per_step"])
     costs = fit_costs(measured, samples_per_step, f"{summary['scenario']} on {a.board}", outside=whole - profiled)
     flags = Path(a.elf).with_name("cflags.txt")
     kernels = "portable" if flags.exists() and "-DFT_PORTABLE" in flags.read_text() else "dsp"
-    result = {"scenario": a.scenario, "overrides": a.overrides, "board": a.board, "kernels": kernels,
-              "steps": steps, "samples_per_step": round(samples_per_step, 3), "wall_s": round(wall, 1),
-              "update_identical": reply.update == host.update,
-              "instructions_per_step_profile_build": round(whole),
-              "profiled_instructions_per_step": profiled, "unattributed_share": round(1 - profiled / whole, 4),
-              "macs_per_step": {"forward": step.forward_macs * samples_per_step,
-                                "backward": step.backward_macs * samples_per_step},
-              "published_model_instructions_per_step": round(model),
-              "published_cycles_per_mac": published.cycles_per_mac, "backward_factor": published.backward_factor,
-              "by_kind": by_kind, "ops": rows,
-              "fitted_costs": {"per_mac": costs.table(), "per_gradient_element": costs.per_gradient_element,
-                               "per_elementwise": costs.per_elementwise,
-                               "per_update_element": costs.per_update_element,
-                               "per_written": {f"{k}/{p}": v for (k, p), v in costs.per_written},
-                               "per_channel": costs.per_channel}}
+    result = {
+        "scenario": a.scenario,
+        "overrides": a.overrides,
+        "board": a.board,
+        "kernels": kernels,
+        "steps": steps,
+        "samples_per_step": round(samples_per_step, 3),
+        "wall_s": round(wall, 1),
+        "update_identical": reply.update == host.update,
+        "instructions_per_step_profile_build": round(whole),
+        "profiled_instructions_per_step": profiled,
+        "unattributed_share": round(1 - profiled / whole, 4),
+        "macs_per_step": {
+            "forward": step.forward_macs * samples_per_step,
+            "backward": step.backward_macs * samples_per_step,
+        },
+        "published_model_instructions_per_step": round(model),
+        "published_cycles_per_mac": published.cycles_per_mac,
+        "backward_factor": published.backward_factor,
+        "by_kind": by_kind,
+        "ops": rows,
+        "fitted_costs": {
+            "per_mac": costs.table(),
+            "per_gradient_element": costs.per_gradient_element,
+            "per_elementwise": costs.per_elementwise,
+            "per_update_element": costs.per_update_element,
+            "per_written": {f"{k}/{p}": v for (k, p), v in costs.per_written},
+            "per_channel": costs.per_channel,
+        },
+    }
     text = json.dumps(result, sort_keys=True)
     print(text)
     if a.out:

@@ -68,10 +68,18 @@ def bound(targets: np.ndarray, public: np.ndarray, block: int, bins: int, rounds
         out["psnr_db"].append(psnr(rec3, img3))
         out["ssim"].append(ssim(rec3, img3))
         out["flat_psnr_db"].append(flat_psnr(img3))
-    return {"block": block, "bins": bins, "rounds": rounds, "positions": int(bl.shape[0]),
-            "mean_isolated": float(np.mean(out["isolated"])), "mean_psnr_db": float(np.mean(out["psnr_db"])),
-            "mean_ssim": float(np.mean(out["ssim"])), "mean_flat_psnr_db": float(np.mean(out["flat_psnr_db"])),
-            "frac_psnr_25db": float(np.mean(np.asarray(out["psnr_db"]) >= RECOGNISABLE_DB)), **out}
+    return {
+        "block": block,
+        "bins": bins,
+        "rounds": rounds,
+        "positions": int(bl.shape[0]),
+        "mean_isolated": float(np.mean(out["isolated"])),
+        "mean_psnr_db": float(np.mean(out["psnr_db"])),
+        "mean_ssim": float(np.mean(out["ssim"])),
+        "mean_flat_psnr_db": float(np.mean(out["flat_psnr_db"])),
+        "frac_psnr_25db": float(np.mean(np.asarray(out["psnr_db"]) >= RECOGNISABLE_DB)),
+        **out,
+    }
 
 
 def main() -> None:
@@ -96,10 +104,12 @@ def main() -> None:
         return
     for key in (k for k in res if k.startswith("at_")):
         r = res[key]
-        print(f"{key}: {r['bins']} bins over {r['positions']} positions of {r['block']}x{r['block']}, "
-              f"{r['rounds']} round(s): "
-              f"isolated {r['mean_isolated']:.3f}, oracle-placed PSNR {r['mean_psnr_db']:.2f} dB "
-              f"(flat {r['mean_flat_psnr_db']:.2f}), SSIM {r['mean_ssim']:.3f}, >= 25 dB {r['frac_psnr_25db']:.2f}")
+        print(
+            f"{key}: {r['bins']} bins over {r['positions']} positions of {r['block']}x{r['block']}, "
+            f"{r['rounds']} round(s): "
+            f"isolated {r['mean_isolated']:.3f}, oracle-placed PSNR {r['mean_psnr_db']:.2f} dB "
+            f"(flat {r['mean_flat_psnr_db']:.2f}), SSIM {r['mean_ssim']:.3f}, >= 25 dB {r['frac_psnr_25db']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,12 @@ def main() -> int:
         if rss > peak:
             peak, peak_n = rss, n
         time.sleep(args.interval)
-    result = {"peak_rss_mb": round(peak / 2**20, 1), "peak_processes": peak_n,
-              "wall_s": round(time.monotonic() - t0, 1), "returncode": proc.returncode}
+    result = {
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "peak_processes": peak_n,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "returncode": proc.returncode,
+    }
     print(json.dumps(result), file=sys.stderr)
     return proc.returncode
 

@@ -53,9 +53,16 @@ class MeteredGrid:
         return replies
 
 
-def make_secagg_server_app(sizes: list[int], clients: int, *, secagg: bool, out: dict[str, Any],
-                           num_shares: int | float = 1.0, threshold: int | float = 0.7,
-                           clipping_range: float = 256.0) -> ServerApp:
+def make_secagg_server_app(
+    sizes: list[int],
+    clients: int,
+    *,
+    secagg: bool,
+    out: dict[str, Any],
+    num_shares: int | float = 1.0,
+    threshold: int | float = 0.7,
+    clipping_range: float = 256.0,
+) -> ServerApp:
     """One round over ``clients`` clients whose changes have tensors of ``sizes`` elements.
 
     The round's mean change lands in ``out["mean"]`` (a list of arrays), the metered bytes
@@ -71,16 +78,30 @@ def make_secagg_server_app(sizes: list[int], clients: int, *, secagg: bool, out:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=clients,
-                          min_available_clients=clients, evaluate_fn=capture,
-                          initial_parameters=ndarrays_to_parameters([np.zeros(n, np.float32) for n in sizes]))
+        strategy = FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=clients,
+            min_available_clients=clients,
+            evaluate_fn=capture,
+            initial_parameters=ndarrays_to_parameters([np.zeros(n, np.float32) for n in sizes]),
+        )
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-        fit = (SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold,
-                                  clipping_range=float(clipping_range), max_weight=1.0) if secagg else None)
+        fit = (
+            SecAggPlusWorkflow(
+                num_shares=num_shares,
+                reconstruction_threshold=threshold,
+                clipping_range=float(clipping_range),
+                max_weight=1.0,
+            )
+            if secagg
+            else None
+        )
         metered = MeteredGrid(grid)
         t0 = time.perf_counter()
         DefaultWorkflow(fit_workflow=fit)(metered, legacy)
-        out.update(seconds=time.perf_counter() - t0, down=dict(metered.down), up=dict(metered.up),
-                   exchanges=metered.exchanges)
+        out.update(
+            seconds=time.perf_counter() - t0, down=dict(metered.down), up=dict(metered.up), exchanges=metered.exchanges
+        )
 
     return app

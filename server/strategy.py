@@ -9,15 +9,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.wire import bytes_record, parse_reply, train_content
+from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import DownlinkPlanner
-from fedtiny.budget.schemes import ResolvedScheme
 from fedtiny.federated.aggregate import GlobalModel, Rule, aggregate, central_dp
 from fedtiny.federated.client import ClientJob
-from fedtiny.server_setup import FleetSchemes
 from fedtiny.federated.rounds import Reply, RoundCallback, RoundOutcome, client_updates, round_stats, screen
 from fedtiny.federated.sampling import awake_clients, sample_clients
 from fedtiny.federated.task import Task, client_profile, with_scheme
+from fedtiny.server_setup import FleetSchemes
 
 __all__ = ["FedTinyStrategy", "parse_reply", "cohorts"]
 
@@ -58,9 +58,18 @@ class FedTinyStrategy(Strategy):
     sampled client receives).
     """
 
-    def __init__(self, task: Task, node_of: dict[int, int], global_model: GlobalModel,
-                 on_round: Iterable[RoundCallback] = (), schemes: FleetSchemes | None = None, *,
-                 workers: list[int] | None = None, state_dir: str = "", first_round: int = 1) -> None:
+    def __init__(
+        self,
+        task: Task,
+        node_of: dict[int, int],
+        global_model: GlobalModel,
+        on_round: Iterable[RoundCallback] = (),
+        schemes: FleetSchemes | None = None,
+        *,
+        workers: list[int] | None = None,
+        state_dir: str = "",
+        first_round: int = 1,
+    ) -> None:
         self.task = task
         self.workers = sorted(workers or [])
         self.state_dir = state_dir
@@ -83,12 +92,16 @@ class FedTinyStrategy(Strategy):
     def summary(self) -> None:
         """Flower logs this at start; fedtiny's run log says what matters."""
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         s = self.scenario
-        awake = (None if s.fleet.availability == "always"
-                 else awake_clients(s.fleet, s.run.seed, server_round, s.run.clients))
+        awake = (
+            None
+            if s.fleet.availability == "always"
+            else awake_clients(s.fleet, s.run.seed, server_round, s.run.clients)
+        )
         self._awake = s.run.clients if awake is None else len(awake)
         pids = sample_clients(s.run.seed, server_round, s.run.clients, s.clients_per_round, awake)
         jobs, self._down, self._scheme_of, self._key_of = {}, {}, {}, {}
@@ -96,8 +109,11 @@ class FedTinyStrategy(Strategy):
         for p in pids:
             kind, payload = self.downlink.payload(p, server_round, self.global_model.state)
             self._down[p] = (kind, len(payload))
-            scheme = (self.schemes.for_client(client_profile(s, p).name, p, server_round)
-                      if self.schemes is not None else None)
+            scheme = (
+                self.schemes.for_client(client_profile(s, p).name, p, server_round)
+                if self.schemes is not None
+                else None
+            )
             self._scheme_of[p] = scheme
             if scheme is not None:
                 if id(scheme) not in texts:
@@ -107,18 +123,34 @@ class FedTinyStrategy(Strategy):
         cohort = bool(self.workers)
         groups = cohorts(pids, self.workers, s.run.cohort_size) if cohort else [(self.node_of[p], [p]) for p in pids]
         self._sent = {node: group for node, group in groups}
-        return [Message(train_content(s.to_json(), server_round, [jobs[p] for p in group], cohort=cohort,
-                                      state_dir=self.state_dir, scheme_texts=self._key_of),
-                        dst_node_id=node, message_type=MessageType.TRAIN)
-                for node, group in groups]
+        return [
+            Message(
+                train_content(
+                    s.to_json(),
+                    server_round,
+                    [jobs[p] for p in group],
+                    cohort=cohort,
+                    state_dir=self.state_dir,
+                    scheme_texts=self._key_of,
+                ),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
+            for node, group in groups
+        ]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         parsed = sorted((r for m in replies for r in parse_reply(m, self._sent)), key=lambda r: r.partition_id)
         answered = {r.partition_id for r in parsed}
-        parsed += [Reply(p, error="no reply (timed out or lost)") for group in self._sent.values() for p in group
-                   if p not in answered]
+        parsed += [
+            Reply(p, error="no reply (timed out or lost)")
+            for group in self._sent.values()
+            for p in group
+            if p not in answered
+        ]
         parsed.sort(key=lambda r: r.partition_id)
         self.downlink.received([r.partition_id for r in parsed if not r.error], server_round)
         deadline = self.scenario.fleet.deadline_s
@@ -129,9 +161,14 @@ class FedTinyStrategy(Strategy):
             return self.client_view(partition_id).uplink.decode(payload, sent)
 
         updates = client_updates(parsed)
-        result = aggregate(updates, decode, {n: tuple(sh) for n, sh, _ in self.task.uplink_spec},
-                           coverage=lambda p: self.client_view(p).slices, rule=self.rule,
-                           dp=central_dp(self.task, server_round, len(self._down)))
+        result = aggregate(
+            updates,
+            decode,
+            {n: tuple(sh) for n, sh, _ in self.task.uplink_spec},
+            coverage=lambda p: self.client_view(p).slices,
+            rule=self.rule,
+            dp=central_dp(self.task, server_round, len(self._down)),
+        )
         stats = round_stats(parsed, result, self._down, stragglers=stragglers, deadline_s=deadline, awake=self._awake)
         accepted = {u.partition_id: u.payload for u in updates if u.partition_id in set(result.accepted)}
         outcome = RoundOutcome(server_round, stats, accepted, sent, decode, result.arrays)
@@ -140,8 +177,10 @@ class FedTinyStrategy(Strategy):
         if result.arrays is None:
             return None, None
         self.global_model.apply_delta(result.arrays)
-        return (bytes_record(pack_dense(self.global_model.state, self.task.downlink_spec)),
-                MetricRecord(stats.train_metrics()))
+        return (
+            bytes_record(pack_dense(self.global_model.state, self.task.downlink_spec)),
+            MetricRecord(stats.train_metrics()),
+        )
 
     def client_view(self, partition_id: int) -> Task:
         """The task under the scheme client ``partition_id`` was sent this round (its uplink and slices)."""
@@ -155,8 +194,9 @@ class FedTinyStrategy(Strategy):
             self._views[key] = with_scheme(self.task, scheme)
         return self._views[key]
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """No federated evaluation round: clients report local test accuracy with their update."""
         return []
 

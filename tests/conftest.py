@@ -10,8 +10,9 @@ SHARED_MODELS = ROOT.parent / "shared" / "models" / "tiny-training"
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``fedtiny`` as a user would, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtiny.tools.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def build_c_library(target: str) -> None:
@@ -41,9 +42,14 @@ def client_replies(strategy, messages, results):
     from clients.wire import reply_content
 
     pid_of = {node: pid for pid, node in strategy.node_of.items()}
-    return [Message(reply_content([(pid_of[m.metadata.dst_node_id], results[pid_of[m.metadata.dst_node_id]])],
-                                  cohort=False), reply_to=m)
-            for m in messages if pid_of[m.metadata.dst_node_id] in results]
+    return [
+        Message(
+            reply_content([(pid_of[m.metadata.dst_node_id], results[pid_of[m.metadata.dst_node_id]])], cohort=False),
+            reply_to=m,
+        )
+        for m in messages
+        if pid_of[m.metadata.dst_node_id] in results
+    ]
 
 
 @pytest.fixture
@@ -74,8 +80,13 @@ def strategy_round(scenario, on_round=()):
 
     task, initial, _, schemes = server_task(scenario, progress=None)
     trained = [n for n, *_ in task.uplink_spec]
-    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(scenario.run.clients)},
-                               GlobalModel(initial, trained), on_round=on_round, schemes=schemes)
+    strategy = FedTinyStrategy(
+        task,
+        {p: 100 + p for p in range(scenario.run.clients)},
+        GlobalModel(initial, trained),
+        on_round=on_round,
+        schemes=schemes,
+    )
     before = {n: strategy.global_model.master[n].copy() for n in trained}
     sent = list(strategy.configure_train(1, bytes_record(pack_dense(initial, task.downlink_spec)), None, None))
     results = {}

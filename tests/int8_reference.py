@@ -33,8 +33,18 @@ def requantize(acc: np.ndarray, mults: np.ndarray, y_zero: int) -> np.ndarray:
     return np.clip(out + y_zero, -128, 127)
 
 
-def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, w_scales: np.ndarray, x_scale: float, x_zero: int,
-         y_scale: float, y_zero: int, stride: int, groups: int) -> np.ndarray:
+def conv(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    w_scales: np.ndarray,
+    x_scale: float,
+    x_zero: int,
+    y_scale: float,
+    y_zero: int,
+    stride: int,
+    groups: int,
+) -> np.ndarray:
     """int8 NCHW input, int8 OIHW weight, int32 bias -> int8 output."""
     k = w.shape[-1]
     pad = k // 2
@@ -46,15 +56,16 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, w_scales: np.ndarray, x_sc
     gin, gout = cin // groups, cout // groups
     windows = np.lib.stride_tricks.sliding_window_view(xc, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
     for g in range(groups):
-        win = windows[:, g * gin:(g + 1) * gin]  # n, gin, ho, wo, k, k
-        wg = w[g * gout:(g + 1) * gout].astype(np.int64)  # gout, gin, k, k
-        acc[:, g * gout:(g + 1) * gout] = np.einsum("nchwij,ocij->nohw", win, wg)
+        win = windows[:, g * gin : (g + 1) * gin]  # n, gin, ho, wo, k, k
+        wg = w[g * gout : (g + 1) * gout].astype(np.int64)  # gout, gin, k, k
+        acc[:, g * gout : (g + 1) * gout] = np.einsum("nchwij,ocij->nohw", win, wg)
     acc += b.astype(np.int64).reshape(1, -1, 1, 1)
     return requantize(acc, x_scale * w_scales.astype(np.float64) / y_scale, y_zero)
 
 
-def add(a: np.ndarray, a_scale: float, a_zero: int, b: np.ndarray, b_scale: float, b_zero: int,
-        y_scale: float, y_zero: int) -> np.ndarray:
+def add(
+    a: np.ndarray, a_scale: float, a_zero: int, b: np.ndarray, b_scale: float, b_zero: int, y_scale: float, y_zero: int
+) -> np.ndarray:
     """Residual add as TFLite-Micro does it: inputs shifted left 20 bits, each rescaled to the output scale
     with a fixed-point multiplier, summed, then one rounding shift, zero point, saturation."""
     left = 20

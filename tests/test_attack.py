@@ -112,8 +112,9 @@ def test_restarts_keep_each_targets_best_match():
     cfg = AttackConfig(method="ig", iterations=40)
     loss = objective(model, obs, threat, y, 10, cfg)
     one, _ = reconstruct(model, obs, threat, (1, 8, 8), 10, cfg, labels=y)
-    three, _ = reconstruct(model, obs, threat, (1, 8, 8), 10, AttackConfig(method="ig", iterations=40, restarts=3),
-                           labels=y)
+    three, _ = reconstruct(
+        model, obs, threat, (1, 8, 8), 10, AttackConfig(method="ig", iterations=40, restarts=3), labels=y
+    )
     assert bool((loss(three)[0] <= loss(one)[0] + 1e-5).all())
 
 
@@ -133,9 +134,9 @@ def test_only_transmitted_coordinates_are_observed_and_matched():
 def test_surrogate_matches_the_int8_model():
     from fedtiny.attack.surrogate import Surrogate
     from fedtiny.data import load_source
+    from fedtiny.federated.train import pretrain
     from fedtiny.int8.convert import ptq
     from fedtiny.models import build_model
-    from fedtiny.federated.train import pretrain
 
     d = load_source("digits")
     m = build_model("tiny-ir", 1, 10)
@@ -154,20 +155,43 @@ def test_simulation_attack_writes_privacy_report(tmp_path, cli):
 
     from conftest import ROOT
 
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=100", "--set", "run.rounds=1",
-               "--set", "data.client_test_fraction=0.5",
-               "--set", "model.pretrain_epochs=3", "--set", "train.batch_size=64", "--set", "train.momentum=0.0",
-               "--set", 'device.profiles=["mcu-256kb"]',  # batches of 64 need their accumulators: not in 64 KB
-               "--set", "attack.enabled=true", "--set", "attack.clients=0,1", "--set", "attack.iterations=60",
-               "--out", str(tmp_path), "--json")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=100",
+        "--set",
+        "run.rounds=1",
+        "--set",
+        "data.client_test_fraction=0.5",
+        "--set",
+        "model.pretrain_epochs=3",
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "train.momentum=0.0",
+        "--set",
+        'device.profiles=["mcu-256kb"]',  # batches of 64 need their accumulators: not in 64 KB
+        "--set",
+        "attack.enabled=true",
+        "--set",
+        "attack.clients=0,1",
+        "--set",
+        "attack.iterations=60",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "privacy.json").read_text())
     done = [a for a in report["attacks"] if "mean_psnr_db" in a]
     assert len(done) == 2 and all(np.isfinite(a["mean_psnr_db"]) and a["transmitted"] > 0 for a in done)
     assert all(-1.0 <= a["match_cosine_at_truth"] <= 1.0 for a in done)
     # per image: PSNR, SSIM, the true label and the flat baseline, aligned with each other
-    assert all(len(a["psnr_db"]) == len(a["ssim"]) == len(a["true_labels"]) == len(a["flat_psnr_db"]) == a["images"]
-               for a in done)
+    assert all(
+        len(a["psnr_db"]) == len(a["ssim"]) == len(a["true_labels"]) == len(a["flat_psnr_db"]) == a["images"]
+        for a in done
+    )
     assert all(5 < f < 100 for a in done for f in a["flat_psnr_db"])  # digits are not flat
     assert all(0 <= lab < 10 for a in done for lab in a["true_labels"])
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
@@ -271,8 +295,11 @@ def test_analytic_inversion_is_exact_on_a_float_layer_at_batch_1_and_close_throu
 def test_worst_case_takes_each_images_best_attack_and_counts_recognisable_ones():
     from fedtiny.attack.metrics import worst_case
 
-    w = worst_case({"ig": [30.0, 12.0, 18.0], "analytic": [20.0, 26.0, 17.0]},
-                   {"ig": [0.9, 0.1, 0.3], "analytic": [0.5, 0.8, 0.2]}, [15.0, 14.0, 19.0])
+    w = worst_case(
+        {"ig": [30.0, 12.0, 18.0], "analytic": [20.0, 26.0, 17.0]},
+        {"ig": [0.9, 0.1, 0.3], "analytic": [0.5, 0.8, 0.2]},
+        [15.0, 14.0, 19.0],
+    )
     assert w["max_psnr_db"] == [30.0, 26.0, 18.0] and w["best_attack"] == ["ig", "analytic", "ig"]
     assert w["max_ssim"] == [0.9, 0.8, 0.3]
     assert w["frac_psnr_25db"] == 2 / 3 and w["frac_above_flat"] == 2 / 3  # 18 dB is below its 19 dB baseline
@@ -283,6 +310,8 @@ def test_worst_case_takes_each_images_best_attack_and_counts_recognisable_ones()
 def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_real_update():
     """docs/architecture.md's worked example: a method registered here (L1 distance of the sent coordinates,
     IG's optimizer) is accepted by the scenario and attacks what a client of a real round sent."""
+    from conftest import ROOT
+
     from fedtiny.attack.fleet import attack_observed
     from fedtiny.attack.methods import AttackMethod, attack_method
     from fedtiny.compress.dense import pack_dense
@@ -291,17 +320,24 @@ def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_r
     from fedtiny.server_setup import server_task
     from fedtiny.variants import ATTACK_METHODS
 
-    from conftest import ROOT
-
     calls = []
 
     def l1(upd, obs, x, cfg, intervals):
         calls.append(len(x))
         return sum(((upd[k] - v) * m).abs().flatten(1).sum(1) for k, (v, m) in obs.items())
 
-    overrides = ["run.clients=60", "model.pretrain_epochs=0", "train.batch_size=64", "train.momentum=0.0",
-                 "data.client_test_fraction=0.5", 'device.profiles=["mcu-256kb"]', "attack.enabled=true",
-                 'attack.method="test-l1"', "attack.iterations=20", "attack.restarts=1"]
+    overrides = [
+        "run.clients=60",
+        "model.pretrain_epochs=0",
+        "train.batch_size=64",
+        "train.momentum=0.0",
+        "data.client_test_fraction=0.5",
+        'device.profiles=["mcu-256kb"]',
+        "attack.enabled=true",
+        'attack.method="test-l1"',
+        "attack.iterations=20",
+        "attack.restarts=1",
+    ]
     with pytest.raises(ScenarioError, match="attack.method: must be one of dlg, ig, rounding, imprint"):
         load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(overrides))
     ATTACK_METHODS.add("test-l1", AttackMethod("test-l1", l1, attack_method("ig").search))
@@ -310,8 +346,9 @@ def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_r
         task, initial, _, _ = server_task(scenario, progress=None)
         result, _ = local_round(scenario, 0, 1, pack_dense(initial, task.downlink_spec), scheme=task.scheme)
         assert not result.refusal, result.refusal
-        observed = [{"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial),
-                     "state": initial}]
+        observed = [
+            {"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial), "state": initial}
+        ]
         report = attack_observed(task, observed, scenario.attack)
     finally:
         del ATTACK_METHODS["test-l1"]

@@ -4,14 +4,20 @@ inverter on the same updates, what the client policies stop, and the in-simulati
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
-from fedtiny.attack.malicious import (PIXEL_CHANNELS, blocks_of, block_edges, grey, recover_blocks, trap_for,
-                                      trap_network)
+from fedtiny.attack.malicious import (
+    PIXEL_CHANNELS,
+    block_edges,
+    blocks_of,
+    grey,
+    recover_blocks,
+    trap_for,
+    trap_network,
+)
 from fedtiny.attack.presets import face_images, tiny_ir_rgb
 from fedtiny.attack.run import run_malicious
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-
-from conftest import ROOT
 
 MALICIOUS = ROOT / "scenarios" / "privacy-malicious.toml"
 
@@ -66,9 +72,14 @@ def test_rounds_of_new_projections_isolate_more_blocks():
     assert three["oracle_mean_psnr_db"] > one["oracle_mean_psnr_db"]
 
 
-@pytest.mark.parametrize("policy,refused", [("device.policy_frozen_first=7", True),
-                                            ("device.policy_max_saturation=0.9", True),
-                                            ("device.policy_max_change_lsb=2", False)])
+@pytest.mark.parametrize(
+    "policy,refused",
+    [
+        ("device.policy_frozen_first=7", True),
+        ("device.policy_max_saturation=0.9", True),
+        ("device.policy_max_change_lsb=2", False),
+    ],
+)
 def test_client_policies_stop_the_trap(policy, refused):
     s, _, _ = run_malicious(2, 1, overrides=parse_overrides([policy]), log=None)
     if refused:
@@ -109,8 +120,9 @@ def test_in_simulation_malicious_server_and_imprint_report():
     for pid in faces[:2]:
         result, _ = local_round(scenario, pid, 1, pack_dense(initial, task.downlink_spec), scheme=scheme)
         assert not result.refusal
-        observed.append({"round": 1, "partition_id": pid, "changes": task.uplink.decode(result.update, initial),
-                         "state": initial})
+        observed.append(
+            {"round": 1, "partition_id": pid, "changes": task.uplink.decode(result.update, initial), "state": initial}
+        )
     report = attack_observed(task, observed, scenario.attack)
     figures = privacy_figures(report)
     assert figures["privacy_leaked_blocks"] > 0

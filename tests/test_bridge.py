@@ -8,15 +8,24 @@ import zlib
 
 import numpy as np
 import pytest
-
-from fedtiny.bridge.protocol import (HELLO, TRAIN, UPDATE, ProtocolError, decode_frame, encode_frame, pack_blob,
-                                     read_frame, unpack_blob)
-
 from conftest import ROOT
 
+from fedtiny.bridge.protocol import (
+    HELLO,
+    TRAIN,
+    UPDATE,
+    ProtocolError,
+    decode_frame,
+    encode_frame,
+    pack_blob,
+    read_frame,
+    unpack_blob,
+)
 
-@pytest.mark.parametrize("ftype, payload", [(HELLO, b'{"protocol": 1}'), (TRAIN, pack_blob({"round": 3}, b"\x00\x01")),
-                                            (UPDATE, b"")])
+
+@pytest.mark.parametrize(
+    "ftype, payload", [(HELLO, b'{"protocol": 1}'), (TRAIN, pack_blob({"round": 3}, b"\x00\x01")), (UPDATE, b"")]
+)
 def test_frame_round_trip(ftype, payload):
     f = decode_frame(encode_frame(ftype, payload))
     assert (f.type, f.payload) == (ftype, payload)
@@ -59,14 +68,20 @@ def _emulator(port_box, fault="", engine="torch"):
     from fedtiny.devices import get_profile
     from fedtiny.scenario import load_scenario, parse_overrides
 
-    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                             parse_overrides(["run.clients=2", "model.pretrain_epochs=2", f"train.engine={engine!r}"]))
+    scenario = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        parse_overrides(["run.clients=2", "model.pretrain_epochs=2", f"train.engine={engine!r}"]),
+    )
     srv = socket.create_server(("127.0.0.1", 0))
     port_box.append(srv.getsockname()[1])
     srv.close()
     ready = threading.Event()
-    t = threading.Thread(target=serve, args=(port_box[0], scenario, 1, get_profile("nrf52832")),
-                         kwargs={"fault": fault, "ready": ready, "max_connections": 2, "log": None}, daemon=True)
+    t = threading.Thread(
+        target=serve,
+        args=(port_box[0], scenario, 1, get_profile("nrf52832")),
+        kwargs={"fault": fault, "ready": ready, "max_connections": 2, "log": None},
+        daemon=True,
+    )
     t.start()
     ready.wait(10)
     return scenario
@@ -88,8 +103,9 @@ def test_relay_to_emulator_returns_a_valid_update_and_checks_the_model_hash():
     meta = {"round": 1, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(), "downlink": "full"}
     with pytest.raises(ProtocolError, match="model hash mismatch"):
         relay_round(f"127.0.0.1:{port[0]}", "0000", meta, pack_dense(state, task.downlink_spec), timeout=60)
-    reply = relay_round(f"127.0.0.1:{port[0]}", model_hash(task.downlink_spec), meta, pack_dense(state, task.downlink_spec),
-                        timeout=120)
+    reply = relay_round(
+        f"127.0.0.1:{port[0]}", model_hash(task.downlink_spec), meta, pack_dense(state, task.downlink_spec), timeout=120
+    )
     assert reply.num_examples > 0 and reply.info["device"] == "nrf52832"
     change = task.uplink.decode(reply.update, state)  # the server's decoder accepts it: valid for the model
     assert change and all(np.isfinite(v).all() for _, v in change.values())
@@ -102,8 +118,8 @@ def test_an_emulator_training_with_the_c_step_sends_the_same_bytes():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.bridge.relay import relay_round
     from fedtiny.compress.dense import pack_dense
-    from fedtiny.server_setup import resolve_scheme
     from fedtiny.federated.task import cloud_model, make_task
+    from fedtiny.server_setup import resolve_scheme
 
     build_c_library("libfedtiny_step.so")
     replies = []
@@ -114,8 +130,15 @@ def test_an_emulator_training_with_the_c_step_sends_the_same_bytes():
         state, _ = cloud_model(task)
         task = resolve_scheme(task, state)
         meta = {"round": 1, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(), "downlink": "full"}
-        replies.append(relay_round(f"127.0.0.1:{port[0]}", model_hash(task.downlink_spec), meta,
-                                   pack_dense(state, task.downlink_spec), timeout=120))
+        replies.append(
+            relay_round(
+                f"127.0.0.1:{port[0]}",
+                model_hash(task.downlink_spec),
+                meta,
+                pack_dense(state, task.downlink_spec),
+                timeout=120,
+            )
+        )
     assert replies[0].num_examples > 0 and replies[0].update == replies[1].update
 
 
@@ -136,9 +159,23 @@ def test_simulated_round_survives_a_device_that_disconnects(tmp_path, cli):
     and the failure is counted with its reason."""
     port = []
     _emulator(port, fault="disconnect")
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=1",
-               "--set", "model.pretrain_epochs=2", "--set", f'bridge.devices="1=127.0.0.1:{port[0]}"',
-               "--set", "bridge.timeout_s=20", "--out", str(tmp_path), "--json")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=2",
+        "--set",
+        "run.rounds=1",
+        "--set",
+        "model.pretrain_epochs=2",
+        "--set",
+        f'bridge.devices="1=127.0.0.1:{port[0]}"',
+        "--set",
+        "bridge.timeout_s=20",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["rejected_updates_total"] == 1 and summary["rounds"] == 1

@@ -19,11 +19,21 @@ import tty
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from fedtiny.bridge.address import parse_address
-from fedtiny.bridge.protocol import (HELLO, TRAIN, UPDATE, ProtocolError, pack_blob, read_frame,
-                                     send_frame, send_json, sync_frame, unpack_blob)
+from fedtiny.bridge.protocol import (
+    HELLO,
+    TRAIN,
+    UPDATE,
+    ProtocolError,
+    pack_blob,
+    read_frame,
+    send_frame,
+    send_json,
+    sync_frame,
+    unpack_blob,
+)
 from fedtiny.bridge.relay import relay_round
 from fedtiny.bridge.transport import open_stream
 
@@ -37,15 +47,18 @@ def setup():
     from fedtiny.bridge.protocol import model_hash
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.server_setup import resolve_scheme
     from fedtiny.federated.task import cloud_model, make_task
     from fedtiny.scenario import load_scenario, parse_overrides
+    from fedtiny.server_setup import resolve_scheme
 
     # sparse uplink with error feedback (quickstart): the residual carried on the device changes round 2;
     # a few samples in steps of 16: a round takes a fraction of a second
-    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                             parse_overrides(["run.clients=2", "data.max_samples=500", "train.batch_size=16",
-                                              'compression.downlink="full"']))
+    scenario = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        parse_overrides(
+            ["run.clients=2", "data.max_samples=500", "train.batch_size=16", 'compression.downlink="full"']
+        ),
+    )
     task = make_task(scenario)
     state, _ = cloud_model(task)
     task = resolve_scheme(task, state)
@@ -57,8 +70,13 @@ def meta(server_round: int) -> dict:
     from fedtiny.federated.train import round_seed
 
     scenario, task, *_ = setup()
-    return {"round": server_round, "scenario": scenario.to_json(), "scheme": task.scheme.to_json(),
-            "downlink": "full", "seed": round_seed(scenario.run.seed, server_round, PARTITION)}
+    return {
+        "round": server_round,
+        "scenario": scenario.to_json(),
+        "scheme": task.scheme.to_json(),
+        "downlink": "full",
+        "seed": round_seed(scenario.run.seed, server_round, PARTITION),
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +86,9 @@ def host_rounds():
     from fedtiny.federated.client import local_round
 
     scenario, task, _, down, _ = setup()
-    run = functools.partial(local_round, scenario, PARTITION, kind="full", scheme=task.scheme,
-                            profile=get_profile(PROFILE))
+    run = functools.partial(
+        local_round, scenario, PARTITION, kind="full", scheme=task.scheme, profile=get_profile(PROFILE)
+    )
     r1, state = run(1, down, state={})
     r2, _ = run(2, down, state=state)
     r2_alone, _ = run(2, down, state={})
@@ -87,9 +106,12 @@ def pty_device(fault: str = "", keepalive_s: float = 5.0):
     master, slave = pty.openpty()
     tty.setraw(slave)  # no echo, no line discipline: a cable (pyserial sets the same when it opens it)
     stop = threading.Event()
-    thread = threading.Thread(target=serve_serial, args=(f"fd:{master}", scenario, PARTITION, get_profile(PROFILE)),
-                              kwargs={"fault": fault, "keepalive_s": keepalive_s, "stop": stop, "log": None},
-                              daemon=True)
+    thread = threading.Thread(
+        target=serve_serial,
+        args=(f"fd:{master}", scenario, PARTITION, get_profile(PROFILE)),
+        kwargs={"fault": fault, "keepalive_s": keepalive_s, "stop": stop, "log": None},
+        daemon=True,
+    )
     thread.start()
     try:
         yield f"serial:{os.ttyname(slave)}@115200"
@@ -115,8 +137,10 @@ def test_addresses_parse_and_a_missing_port_names_itself():
         relay_round("serial:/dev/fedtiny-no-such-tty@115200", "0" * 16, {"round": 1}, b"", timeout=1)
     from fedtiny.scenario import load_scenario, parse_overrides
 
-    s = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                      parse_overrides(['bridge.devices={1="serial:/dev/ttyACM0@921600", 2="serial:COM3"}']))
+    s = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        parse_overrides(['bridge.devices={1="serial:/dev/ttyACM0@921600", 2="serial:COM3"}']),
+    )
     assert s.device_address(1) == "serial:/dev/ttyACM0@921600" and s.bridge.round_timeout_s == 3600.0
 
 
@@ -194,14 +218,17 @@ def test_a_device_that_resets_is_counted_and_leaves_the_global_model_alone(flowe
     scenario, task, state, down, _ = setup()
     trained = [n for n, *_ in task.uplink_spec]
     outcomes = {"bridged": [], "alone": []}
-    strategies = {k: FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, trained), on_round=[outcomes[k].append])
-                  for k in outcomes}
+    strategies = {
+        k: FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, trained), on_round=[outcomes[k].append])
+        for k in outcomes
+    }
     record = bytes_record(down)
     sent = {k: list(s.configure_train(1, record, None, None)) for k, s in strategies.items()}
     to0 = next(m for m in sent["bridged"] if m.metadata.dst_node_id == 100)
     (job,) = train_jobs(to0.content, 0)
-    result, _ = local_round(scenario, 0, 1, job.downlink, kind=job.kind, scheme=task.scheme,
-                            profile=get_profile(PROFILE))
+    result, _ = local_round(
+        scenario, 0, 1, job.downlink, kind=job.kind, scheme=task.scheme, profile=get_profile(PROFILE)
+    )
     assert result.update
     to1 = next(m for m in sent["bridged"] if m.metadata.dst_node_id == 101)
     missing = bridge_relay(to1, "serial:/dev/fedtiny-no-such-tty@9600", 1.0, 1)  # a SuperNode's bad device-address
@@ -213,9 +240,15 @@ def test_a_device_that_resets_is_counted_and_leaves_the_global_model_alone(flowe
                 open_stream(address, 1)
     from flwr.app import Message
 
-    replies = {k: [Message(reply_content([(0, result)], cohort=False),
-                           reply_to=next(m for m in sent[k] if m.metadata.dst_node_id == 100))]
-               for k in outcomes}
+    replies = {
+        k: [
+            Message(
+                reply_content([(0, result)], cohort=False),
+                reply_to=next(m for m in sent[k] if m.metadata.dst_node_id == 100),
+            )
+        ]
+        for k in outcomes
+    }
     replies["bridged"].append(failed)
     for k, s in strategies.items():
         new, _ = s.aggregate_train(1, replies[k])
@@ -226,5 +259,6 @@ def test_a_device_that_resets_is_counted_and_leaves_the_global_model_alone(flowe
     assert rej["partition_id"] == 1
     assert rej["reason"].startswith(f"client error: bridged device: device {address}: the device sent HELLO")
     for name in trained:
-        np.testing.assert_array_equal(strategies["bridged"].global_model.master[name],
-                                      strategies["alone"].global_model.master[name])
+        np.testing.assert_array_equal(
+            strategies["bridged"].global_model.master[name], strategies["alone"].global_model.master[name]
+        )

@@ -6,20 +6,26 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from fedtiny.compress.codec import SparseTensor, SparseUpdate, decode, encode, quantize_values
-
-from conftest import ROOT
 
 C_DIR = ROOT / "device" / "c"
 TYPES = ["int8", "int16", "int32", "fp16", "fp32", "ternary"]
 
 
 class FtTensor(ctypes.Structure):
-    _fields_ = [("tensor_id", ctypes.c_uint32), ("ndim", ctypes.c_uint8), ("dims", ctypes.c_uint32 * 8),
-                ("nnz", ctypes.c_uint32), ("replace", ctypes.c_uint8), ("value_type", ctypes.c_uint8),
-                ("scale", ctypes.c_float), ("indices", ctypes.POINTER(ctypes.c_uint32)),
-                ("values", ctypes.POINTER(ctypes.c_float))]
+    _fields_ = [
+        ("tensor_id", ctypes.c_uint32),
+        ("ndim", ctypes.c_uint8),
+        ("dims", ctypes.c_uint32 * 8),
+        ("nnz", ctypes.c_uint32),
+        ("replace", ctypes.c_uint8),
+        ("value_type", ctypes.c_uint8),
+        ("scale", ctypes.c_float),
+        ("indices", ctypes.POINTER(ctypes.c_uint32)),
+        ("values", ctypes.POINTER(ctypes.c_float)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +87,16 @@ def c_decode(lib, data: bytes) -> tuple[int, list]:
     out = []
     for i in range(n.value):
         a = arr[i]
-        out.append((a.tensor_id, tuple(a.dims[: a.ndim]), np.array(a.indices[: a.nnz], np.int64),
-                    np.array(a.values[: a.nnz], np.float64), TYPES[a.value_type], bool(a.replace)))
+        out.append(
+            (
+                a.tensor_id,
+                tuple(a.dims[: a.ndim]),
+                np.array(a.indices[: a.nnz], np.int64),
+                np.array(a.values[: a.nnz], np.float64),
+                TYPES[a.value_type],
+                bool(a.replace),
+            )
+        )
     return 0, out
 
 
@@ -103,8 +117,13 @@ def test_c_and_python_agree_on_1000_random_updates(lib):
         assert rc == 0
         same(update.tensors, from_c)
         c_bytes = c_encode(lib, update)  # C-encoded bytes decode in Python
-        same(update.tensors, [(t.tensor_id, tuple(t.shape), t.indices, t.values, t.value_type, t.replace)
-                              for t in decode(c_bytes).tensors])
+        same(
+            update.tensors,
+            [
+                (t.tensor_id, tuple(t.shape), t.indices, t.values, t.value_type, t.replace)
+                for t in decode(c_bytes).tensors
+            ],
+        )
 
 
 def test_c_decoder_refuses_truncated_input(lib):

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, build_c_library
+
 from fedtiny.int8 import cstep, exact
 from fedtiny.int8.optim import QuantizedOptimizer
 
@@ -21,8 +21,21 @@ def built():
     assert cstep.available()
 
 
-def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", rounding="stochastic", seed=5,
-             planned=True, reached=None, arena_slack=1.05):
+def _compare(
+    q,
+    xs,
+    ys,
+    *,
+    steps=3,
+    lr=0.02,
+    momentum=0.0,
+    optimizer="sgd+qas",
+    rounding="stochastic",
+    seed=5,
+    planned=True,
+    reached=None,
+    arena_slack=1.05,
+):
     """Train a copy with the C step and the model with PyTorch's exact step; count differing elements.
 
     ``planned``: the C step follows the memory planner's decisions and arena layout, and its arena is
@@ -35,8 +48,14 @@ def _compare(q, xs, ys, *, steps=3, lr=0.02, momentum=0.0, optimizer="sgd+qas", 
 
     qc = copy.deepcopy(q)
     shape = tuple(xs[0].shape[1:])
-    cs = cstep.CStep(qc, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
-                     layout=c_layout(q, shape) if planned else None)
+    cs = cstep.CStep(
+        qc,
+        lr=lr,
+        momentum=momentum,
+        optimizer=optimizer,
+        rounding=rounding,
+        layout=c_layout(q, shape) if planned else None,
+    )
     if planned:
         batch = len(ys[0])
         plan = lay_out(cs.record(batch))
@@ -85,8 +104,10 @@ def _digits_batches(n_batches, size=16, image_size=None, channels=1):
     from fedtiny.data import load_source
 
     data = load_source("digits", **({"image_size": image_size, "channels": channels} if image_size else {}))
-    return ([torch.from_numpy(data.x[i * size:(i + 1) * size]) for i in range(n_batches)],
-            [torch.from_numpy(data.y[i * size:(i + 1) * size]) for i in range(n_batches)])
+    return (
+        [torch.from_numpy(data.x[i * size : (i + 1) * size]) for i in range(n_batches)],
+        [torch.from_numpy(data.y[i * size : (i + 1) * size]) for i in range(n_batches)],
+    )
 
 
 def test_tiny_ir_every_tensor_trained_with_momentum(built):
@@ -156,8 +177,19 @@ def test_bad_batches_are_refused(built):
 
 
 def test_device_check_cli(built, cli):
-    r = cli("device", "check", "--model", "tiny-ir", "--scheme", "scenarios/schemes/tiny-ir-sparse.json",
-            "--device", "nrf52832", "--steps", "2", "--json")
+    r = cli(
+        "device",
+        "check",
+        "--model",
+        "tiny-ir",
+        "--scheme",
+        "scenarios/schemes/tiny-ir-sparse.json",
+        "--device",
+        "nrf52832",
+        "--steps",
+        "2",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["forward_mismatches"] == 0 and out["param_mismatches"] == 0

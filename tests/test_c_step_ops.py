@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, build_c_library
+from test_c_step import _compare
+
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import cstep, exact
-from test_c_step import _compare
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,11 @@ def test_forms_the_c_step_does_not_run_are_refused(built, se):
     k = [m.tag for m, _ in ops].index("hardswish0")
     s, z = q.op("conv5").y_scale, q.op("conv5").y_zero
     with pytest.raises(ModelFileError, match="op 'wide' reads 'conv5' twice"):  # the planner's one buffer per read
-        QModel(ops[:k] + [(_named(QConcat(1, s, z), "wide"), ("conv5", "conv5"))] + ops[k:],
-               *[float(v) for v in q.input_params], input_shape=q.input_shape)
+        QModel(
+            ops[:k] + [(_named(QConcat(1, s, z), "wide"), ("conv5", "conv5"))] + ops[k:],
+            *[float(v) for v in q.input_params],
+            input_shape=q.input_shape,
+        )
     copy_ = _named(QRequantize(s, z, s, z), "copy")
     ops[k:k] = [(copy_, ("conv5",)), (_named(QConcat(3, s, z), "wide"), ("conv5", "copy"))]  # along the width
     with pytest.raises(ModelFileError, match="wide.*along channels"):
@@ -270,8 +273,9 @@ def test_device_check_runs_se_net_from_a_tflite_file(built, se, tmp_path):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_standalone_activations_train_bit_for_bit(built, batch):
     """RELU, RELU6, TANH and LEAKY_RELU run in the C step as lookups, like LOGISTIC and HARD_SWISH."""
-    from fedtiny.data import load_source
     from test_ops_activations_tflm import _with_activations
+
+    from fedtiny.data import load_source
 
     q = _with_activations()
     r = _train_both(q, "full", batch, load_source("digits", image_size=16))

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtiny.compress.uplink import Uplink
-from fedtiny.federated.aggregate import ClientUpdate, aggregate
 from fedtiny.compress.codec import CodecError, SparseTensor, SparseUpdate, decode, encode, quantize_values
+from fedtiny.compress.uplink import Uplink
 from fedtiny.compress.values import value_type_names
+from fedtiny.federated.aggregate import ClientUpdate, aggregate
 
 VALUE_TYPES = value_type_names()
-from fedtiny.compress.downlink import DELTA, FULL, DownlinkPlanner, apply_downlink
 from fedtiny.compress.dense import pack_dense
+from fedtiny.compress.downlink import DELTA, FULL, DownlinkPlanner, apply_downlink
 from fedtiny.compress.sparsify import CompressionConfig, compress_update, density_at
 
 
@@ -43,8 +43,11 @@ def test_round_trip(update):
     for a, b in zip(update.tensors, back.tensors):
         assert (a.tensor_id, a.shape, a.value_type, a.replace) == (b.tensor_id, b.shape, b.value_type, b.replace)
         assert np.array_equal(a.indices, b.indices)
-        tol = 1e-3 * max(1.0, float(np.abs(a.values).max(initial=0))) if a.value_type == "fp16" else 1e-6 * max(
-            1.0, float(np.abs(a.values).max(initial=0)))
+        tol = (
+            1e-3 * max(1.0, float(np.abs(a.values).max(initial=0)))
+            if a.value_type == "fp16"
+            else 1e-6 * max(1.0, float(np.abs(a.values).max(initial=0)))
+        )
         np.testing.assert_allclose(b.values, a.values, rtol=1e-6, atol=tol)
 
 
@@ -54,8 +57,9 @@ def sample_bytes() -> bytes:
     v, s = quantize_values(rng.normal(size=60), "int8")
     idx2 = np.sort(rng.choice(300, 200, replace=False))
     v2, s2 = quantize_values(rng.normal(size=200), "ternary")
-    return encode(SparseUpdate([SparseTensor(0, (50, 100), idx, v, "int8", s),
-                                SparseTensor(1, (300,), idx2, v2, "ternary", s2)]))
+    return encode(
+        SparseUpdate([SparseTensor(0, (50, 100), idx, v, "int8", s), SparseTensor(1, (300,), idx2, v2, "ternary", s2)])
+    )
 
 
 def test_every_truncation_is_a_codec_error():
@@ -174,8 +178,12 @@ def test_sparse_aggregation_equals_dense_fedavg_at_density_one():
 def test_downlink_change_is_exact_and_smaller():
     rng = np.random.default_rng(0)
     spec = [("w", (64, 64), "int8"), ("b", (64,), "int32"), ("s", (64,), "float32"), ("q", (4,), "float64")]
-    s0 = {"w": rng.integers(-127, 128, (64, 64)).astype(np.int8), "b": rng.integers(-9999, 9999, 64).astype(np.int32),
-          "s": rng.random(64).astype(np.float32), "q": np.array([0.1, 2, 0.3, -4.0])}
+    s0 = {
+        "w": rng.integers(-127, 128, (64, 64)).astype(np.int8),
+        "b": rng.integers(-9999, 9999, 64).astype(np.int32),
+        "s": rng.random(64).astype(np.float32),
+        "q": np.array([0.1, 2, 0.3, -4.0]),
+    }
     planner = DownlinkPlanner(spec, DELTA)
     kind, data = planner.payload(7, 1, s0)
     assert kind == FULL  # a client never seen gets the whole model
@@ -202,8 +210,7 @@ def test_each_value_types_torch_twin_is_its_quantization():
     from fedtiny.compress.values import value_type
 
     rng = np.random.default_rng(3)
-    rows = [rng.normal(size=50) * 0.03, np.round(rng.normal(size=50) * 40), rng.normal(size=50) * 1e5,
-            np.zeros(50)]
+    rows = [rng.normal(size=50) * 0.03, np.round(rng.normal(size=50) * 40), rng.normal(size=50) * 1e5, np.zeros(50)]
     for name in VALUE_TYPES:
         vt = value_type(name)
         mask = np.stack([rng.random(50) < 0.4 for _ in rows])
@@ -248,6 +255,7 @@ def test_a_registered_value_type_is_a_scenario_choice_and_travels_a_round(flower
     """A value type registered here is accepted by the scenario, encodes clients' real updates, and the
     server's strategy decodes and aggregates them: every value sent is a multiple of a scale in +-7."""
     from conftest import ROOT, strategy_round
+
     from fedtiny.compress import values
     from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
 
@@ -256,9 +264,19 @@ def test_a_registered_value_type_is_a_scenario_choice_and_travels_a_round(flower
         load_scenario(quickstart, parse_overrides(['compression.values="test-int4"']))
     values.register(_int4())
     try:
-        scenario = load_scenario(quickstart, parse_overrides([
-            "run.clients=2", "model.pretrain_epochs=2", 'compression.uplink="sparse"', "compression.density=0.5",
-            'compression.values="test-int4"', 'device.profiles=["mcu-256kb"]']))
+        scenario = load_scenario(
+            quickstart,
+            parse_overrides(
+                [
+                    "run.clients=2",
+                    "model.pretrain_epochs=2",
+                    'compression.uplink="sparse"',
+                    "compression.density=0.5",
+                    'compression.values="test-int4"',
+                    'device.profiles=["mcu-256kb"]',
+                ]
+            ),
+        )
         outcomes = []
         _, strategy, before, results = strategy_round(scenario, [outcomes.append])
         sent = {pid: decode(result.update) for pid, result in results.items()}  # while the type is registered

@@ -48,8 +48,12 @@ def test_shift_is_fixed_and_changes_images():
 
 
 def test_federation_splits_are_disjoint_and_seeded():
-    s = scenario_from_dict({"run": {"clients": 5, "seed": 2},
-                            "shift": {"rotation_deg": 10, "client_rotation_deg": 5, "client_noise_std": 0.05}})
+    s = scenario_from_dict(
+        {
+            "run": {"clients": 5, "seed": 2},
+            "shift": {"rotation_deg": 10, "client_rotation_deg": 5, "client_noise_std": 0.05},
+        }
+    )
     fed = build_federation(s)
     assert len(fed.public) + len(fed.test) + len(fed.pool) == 1797
     train, test = fed.client_data(3)

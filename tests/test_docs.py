@@ -3,11 +3,10 @@
 import re
 
 import pytest
+from conftest import ROOT
 
 from fedtiny.scenario import schema_rows
 from fedtiny.tools.reference import choices, render_reference, toml_literal
-
-from conftest import ROOT
 
 README = ROOT / "README.md"
 REFERENCE = ROOT / "docs" / "guide" / "scenario-reference.md"
@@ -106,7 +105,8 @@ def test_reference_lists_every_key():
 
 def test_reference_is_the_generators_output():
     assert REFERENCE.read_text() == render_reference(), (
-        "docs/guide/scenario-reference.md differs from the schema: run `make docs`")
+        "docs/guide/scenario-reference.md differs from the schema: run `make docs`"
+    )
 
 
 def test_reference_defaults_are_toml():
@@ -117,4 +117,4 @@ def test_reference_defaults_are_toml():
 def test_reference_states_the_validators_choices():
     allowed = choices()
     assert {"dense", "sparse"} <= set(allowed["compression.uplink"]) and "" in allowed["device.radio"]
-    assert "`\"sparse\"`" in render_reference()
+    assert '`"sparse"`' in render_reference()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, build_c_library, env_with_capability
+
 from fedtiny.errors import ScenarioError
 from fedtiny.int8 import exact
 
@@ -29,7 +29,7 @@ def test_uniform_is_the_stated_counter_hash():
     key = exact.StepKey(seed=123456789, step=7)
     u = exact.uniform(key, 5, (4, 50))
     base = exact.hash32(key.seed ^ exact.hash32(key.step ^ exact.hash32(5)))
-    want = [(exact.hash32((base + i) & 0xFFFFFFFF) >> 8) * 2.0 ** -24 for i in range(200)]
+    want = [(exact.hash32((base + i) & 0xFFFFFFFF) >> 8) * 2.0**-24 for i in range(200)]
     assert u.dtype == torch.float32 and u.flatten().tolist() == want
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert not torch.equal(u, exact.uniform(exact.StepKey(123456789, 8), 5, (4, 50)))
@@ -115,8 +115,9 @@ def test_the_same_numbers_with_scalar_kernels(tmp_path):
     outs = []
     for capability in (None, "default"):
         env = env_with_capability(capability)
-        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(r.stdout.strip().splitlines()[-1])
     assert outs[0] == outs[1]
@@ -128,9 +129,16 @@ def test_exact_step_needs_an_int8_head_and_sgd(tmp_path):
     for sets in ({"train.optimizer": "adam"}, {"model.classifier_precision": "fp32"}):
         with pytest.raises(ScenarioError, match="train.gradients"):
             load_scenario(ROOT / "scenarios" / "quickstart.toml", {"model.file": "", "model.head": "new", **sets})
-    s = load_scenario(ROOT / "scenarios" / "quickstart.toml", {"train.optimizer": "adam", "train.gradients": "float",
-                                                               "train.shuffle": "torch", "model.file": "",
-                                                               "model.head": "new"})
+    s = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        {
+            "train.optimizer": "adam",
+            "train.gradients": "float",
+            "train.shuffle": "torch",
+            "model.file": "",
+            "model.head": "new",
+        },
+    )
     assert s.train.gradients == "float"
 
 
@@ -140,16 +148,32 @@ def test_a_cloud_model_file_with_head_keep_starts_the_run(tmp_path, cli):
     from fedtiny.scenario import load_scenario
 
     out = tmp_path / "cloud.safetensors"
-    r = cli("zoo", "cloud", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "model.file=", "--set",
-            "model.head=new", "--set", "model.pretrain_epochs=2", "--out", str(out), "--json")
+    r = cli(
+        "zoo",
+        "cloud",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "model.file=",
+        "--set",
+        "model.head=new",
+        "--set",
+        "model.pretrain_epochs=2",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     written = __import__("json").loads(r.stdout.strip().splitlines()[-1])
     s = load_scenario(ROOT / "scenarios" / "quickstart.toml", {"model.file": str(out), "model.head": "keep"})
     _, cloud = cloud_model(make_task(s))
     assert cloud.ptq_accuracy == written["cloud_int8_accuracy"]
     with pytest.raises(ScenarioError, match="model.head"):
-        make_task(load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                                {"model.file": str(out), "model.head": "keep", "data.source": "lfw-faces", "data.image_size": 8}))
+        make_task(
+            load_scenario(
+                ROOT / "scenarios" / "quickstart.toml",
+                {"model.file": str(out), "model.head": "keep", "data.source": "lfw-faces", "data.image_size": 8},
+            )
+        )
 
 
 def _metrics_without_time(run_dir):
@@ -172,10 +196,28 @@ def test_quickstart_metrics_identical_with_scalar_kernels_and_the_c_step(tmp_pat
     runs = []
     for capability, engine in ((None, "torch"), ("default", "c")):
         out = tmp_path / f"{capability or 'best'}-{engine}"
-        r = subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", "run", "scenarios/quickstart.toml", "--set",
-                            "run.rounds=2", "--set", "run.clients=3", "--set", f"train.engine={engine}", "--out",
-                            str(out)], cwd=ROOT, env=env_with_capability(capability), capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedtiny.tools.cli",
+                "run",
+                "scenarios/quickstart.toml",
+                "--set",
+                "run.rounds=2",
+                "--set",
+                "run.clients=3",
+                "--set",
+                f"train.engine={engine}",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env_with_capability(capability),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(_metrics_without_time(out))
     assert len(runs[0]) == 3 and runs[0][-1]["global_accuracy"] > runs[0][0]["global_accuracy"]

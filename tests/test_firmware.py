@@ -14,15 +14,23 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
 from fedtiny.tools.qemu import missing_packages, start_qemu
 
 MISSING = missing_packages()
-pytestmark = pytest.mark.skipif(bool(MISSING), reason="the firmware test needs the Debian packages "
-                                + ", ".join(MISSING) + " (apt-get install " + " ".join(MISSING) + ")")
-SCENARIOS = {"firmware-demo": ROOT / "scenarios" / "firmware-demo.toml",
-             "quickstart": ROOT / "scenarios" / "quickstart.toml"}
+pytestmark = pytest.mark.skipif(
+    bool(MISSING),
+    reason="the firmware test needs the Debian packages "
+    + ", ".join(MISSING)
+    + " (apt-get install "
+    + " ".join(MISSING)
+    + ")",
+)
+SCENARIOS = {
+    "firmware-demo": ROOT / "scenarios" / "firmware-demo.toml",
+    "quickstart": ROOT / "scenarios" / "quickstart.toml",
+}
 # the demo's client on a tenth of the data (ten partitions: ~72 samples, 5 steps of 16), so that a round is
 # seconds of emulation; make firmware-demo runs its 359 samples
 OVERRIDES = {"firmware-demo": {"run.clients": 10}, "quickstart": {}}
@@ -39,8 +47,11 @@ def _free_port() -> int:
 
 def _sections(elf) -> dict[str, int]:
     out = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(elf)], capture_output=True, text=True, check=True)
-    return {p[0]: int(p[1]) for p in (line.split() for line in out.stdout.splitlines())
-            if len(p) >= 2 and p[0].startswith(".") and p[1].isdigit()}
+    return {
+        p[0]: int(p[1])
+        for p in (line.split() for line in out.stdout.splitlines())
+        if len(p) >= 2 and p[0].startswith(".") and p[1].isdigit()
+    }
 
 
 @pytest.fixture(scope="module", params=sorted(SCENARIOS))
@@ -49,25 +60,41 @@ def firmware(request, tmp_path_factory):
 
     out = tmp_path_factory.mktemp(request.param)
     summary = generate(str(SCENARIOS[request.param]), 1, out / "gen", overrides=OVERRIDES[request.param])
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={out / 'gen'}",
-                    f"OUT={out / 'an386'}", f"EXTRA_CFLAGS={BUILD_FLAGS[request.param]}"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT / "device" / "firmware"),
+            "BOARD=an386",
+            f"GEN={out / 'gen'}",
+            f"OUT={out / 'an386'}",
+            f"EXTRA_CFLAGS={BUILD_FLAGS[request.param]}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return request.param, out / "an386" / "firmware.elf", summary
 
 
 def _round(name, server_round=1):
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.server_setup import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
+    from fedtiny.server_setup import server_task
 
     task, initial, _, schemes = server_task(load_scenario(SCENARIOS[name], OVERRIDES[name]), progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     client = client_task(task.scenario, scheme)
     down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
-    meta = {"round": server_round, "scenario": task.scenario.to_json(), "scheme": scheme.to_json(),
-            "downlink": "full", "seed": round_seed(task.scenario.run.seed, server_round, 1)}
+    meta = {
+        "round": server_round,
+        "scenario": task.scenario.to_json(),
+        "scheme": scheme.to_json(),
+        "downlink": "full",
+        "seed": round_seed(task.scenario.run.seed, server_round, 1),
+    }
     return task, scheme, client, down, meta
 
 
@@ -101,8 +128,9 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
             other = json.loads(meta["scenario"])
             other["train"]["lr"] = 0.125
             with pytest.raises(ProtocolError, match="train.lr differs"):
-                relay_round(address, expected, {**meta, "scenario": json.dumps(other, sort_keys=True)}, down,
-                            timeout=120)
+                relay_round(
+                    address, expected, {**meta, "scenario": json.dumps(other, sort_keys=True)}, down, timeout=120
+                )
             unacked = _cut_frame_then_no_ack(port, meta, down)
         replies = [relay_round(address, expected, m, down, timeout=120) for m in (meta, meta2)]
     finally:
@@ -137,8 +165,9 @@ def test_firmware_update_equals_the_simulators(firmware, tmp_path):
     assert flash <= summary["profile_flash_bytes"]
     # the device-time model (kernel costs per op kind, fitted on tiny-ir trained in full: another scheme and
     # batch than these clients') predicts the measured instructions per step within 10%
-    predicted = (summary["cycles_per_sample"] * summary["samples"] / reply.metrics["steps"]
-                 + summary["update_cycles_per_step"])
+    predicted = (
+        summary["cycles_per_sample"] * summary["samples"] / reply.metrics["steps"] + summary["update_cycles_per_step"]
+    )
     assert 0.9 < reply.metrics["instructions_per_step"] / predicted < 1.1, (reply.metrics, predicted)
 
 
@@ -154,10 +183,20 @@ def test_a_client_that_does_not_fit_is_refused_before_the_build(tmp_path):
     generate(str(SCENARIOS["quickstart"]), 1, gen)
     memory = (gen / "firmware_memory.ld").read_text()
     (gen / "firmware_memory.ld").write_text(memory.replace("FW_RAM_BYTES = 65536", "FW_RAM_BYTES = 32768"))
-    proc = subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={gen}",
-                           f"OUT={tmp_path / 'an386'}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT / "device" / "firmware"),
+            "BOARD=an386",
+            f"GEN={gen}",
+            f"OUT={tmp_path / 'an386'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "RAM" in proc.stderr and "FW_RAM_BYTES" in proc.stderr, proc.stderr[-800:]
-
 
 
 def _cut_frame_then_no_ack(port: int, meta: dict, down: bytes) -> bytes:
@@ -188,14 +227,35 @@ def test_every_op_of_the_firmware_step_equals_the_host_step(tmp_path):
     from fedtiny.tools.firmware import generate
 
     generate(str(SCENARIOS["firmware-demo"]), 1, tmp_path / "gen", overrides=OVERRIDES["firmware-demo"])
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", "CHECK=1",
-                    f"GEN={tmp_path / 'gen'}", f"OUT={tmp_path / 'an386'}"], check=True, capture_output=True)
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "c"), "libfedtiny_step_check.so"], check=True,
-                   capture_output=True)
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "firmware_opcheck.py"),
-                          str(tmp_path / "an386" / "firmware.elf"), str(SCENARIOS["firmware-demo"]),
-                          *[f"--set={k}={v}" for k, v in OVERRIDES["firmware-demo"].items()]],
-                         capture_output=True, text=True, cwd=str(ROOT))
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT / "device" / "firmware"),
+            "BOARD=an386",
+            "CHECK=1",
+            f"GEN={tmp_path / 'gen'}",
+            f"OUT={tmp_path / 'an386'}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "device" / "c"), "libfedtiny_step_check.so"], check=True, capture_output=True
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "firmware_opcheck.py"),
+            str(tmp_path / "an386" / "firmware.elf"),
+            str(SCENARIOS["firmware-demo"]),
+            *[f"--set={k}={v}" for k, v in OVERRIDES["firmware-demo"].items()],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+    )
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert run.returncode == 0 and result["identical"], result
     assert result["device_lines"] == result["host_lines"] > 1000

@@ -10,19 +10,27 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from fedtiny.tools.qemu import BOARDS, missing_packages, start_qemu
 
 FIRMWARE = ROOT / "device" / "firmware"
 MISSING = missing_packages()
-pytestmark = pytest.mark.skipif(bool(MISSING), reason="the firmware tests need the Debian packages "
-                                + ", ".join(MISSING) + " (apt-get install " + " ".join(MISSING) + ")")
+pytestmark = pytest.mark.skipif(
+    bool(MISSING),
+    reason="the firmware tests need the Debian packages "
+    + ", ".join(MISSING)
+    + " (apt-get install "
+    + " ".join(MISSING)
+    + ")",
+)
 
 # A small client of the firmware demo's federation, so that a round takes seconds in QEMU: ten partitions
 # (partition 1 has about 70 samples), a sparse scheme of three biases and half of one layer's weights.
-SCHEME = ('{"id": "board-test", "n_bias_update": 3, "weight_update_idx": [8], "weight_update_ratio": [0.5], '
-          '"weight_select_criteria": "magnitude+"}')
+SCHEME = (
+    '{"id": "board-test", "n_bias_update": 3, "weight_update_idx": [8], "weight_update_ratio": [0.5], '
+    '"weight_select_criteria": "magnitude+"}'
+)
 SCENARIO = f"""
 [run]
 name = "firmware-boards"
@@ -38,7 +46,7 @@ test_fraction = 0.2
 client_test_fraction = 0.2
 
 [model]
-file = "{ROOT / 'scenarios' / 'models' / 'quickstart-cloud.safetensors'}"
+file = "{ROOT / "scenarios" / "models" / "quickstart-cloud.safetensors"}"
 head = "keep"
 name = "tiny-ir"
 width = 16
@@ -74,8 +82,11 @@ def _free_port() -> int:
 
 
 def _make(board: str, gen, out, extra: str = "") -> subprocess.Popen:
-    return subprocess.Popen(["make", "-s", "-C", str(FIRMWARE), f"BOARD={board}", f"GEN={gen}", f"OUT={out}",
-                             f"EXTRA_CFLAGS={extra}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        ["make", "-s", "-C", str(FIRMWARE), f"BOARD={board}", f"GEN={gen}", f"OUT={out}", f"EXTRA_CFLAGS={extra}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait(proc: subprocess.Popen) -> None:
@@ -99,13 +110,16 @@ def images(generated):
     """The firmware for an386 and netduinoplus2, and the two self-test images, built two at a time (the
     self-tests run before main: they need the whole image only to link)."""
     out, _ = generated
-    builds = {("an386", ""): None, ("netduinoplus2", ""): None,
-              ("netduinoplus2", "-DFT_TEST_STACK_OVERFLOW"): None,
-              ("an386", "-DFT_TEST_WATCHDOG_STALL -DBOARD_WATCHDOG_MS=200"): None}
+    builds = {
+        ("an386", ""): None,
+        ("netduinoplus2", ""): None,
+        ("netduinoplus2", "-DFT_TEST_STACK_OVERFLOW"): None,
+        ("an386", "-DFT_TEST_WATCHDOG_STALL -DBOARD_WATCHDOG_MS=200"): None,
+    }
     keys = list(builds)
     for i in range(0, len(keys), 2):
         procs = []
-        for board, extra in keys[i:i + 2]:
+        for board, extra in keys[i : i + 2]:
             folder = out / f"{board}{'-' + str(keys.index((board, extra))) if extra else ''}"
             builds[(board, extra)] = folder / "firmware.elf"
             procs.append(_make(board, out / "gen", folder, extra))
@@ -116,8 +130,22 @@ def images(generated):
 
 def _exit_code(elf, board: str, timeout: float = 20.0) -> tuple[int, float]:
     """Run an image with no UART peer until it exits (semihosting): its code and the wall time."""
-    cmd = ["qemu-system-arm", "-M", BOARDS[board][0], "-nographic", "-monitor", "none", "-serial", "null",
-           "-kernel", str(elf), "-icount", "shift=0", "-semihosting-config", "enable=on,target=native"]
+    cmd = [
+        "qemu-system-arm",
+        "-M",
+        BOARDS[board][0],
+        "-nographic",
+        "-monitor",
+        "none",
+        "-serial",
+        "null",
+        "-kernel",
+        str(elf),
+        "-icount",
+        "shift=0",
+        "-semihosting-config",
+        "enable=on,target=native",
+    ]
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -133,24 +161,30 @@ def test_netduinoplus2_trains_the_round_an386_trains(generated, images, tmp_path
     from fedtiny.bridge.relay import relay_round
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task
-    from fedtiny.server_setup import server_task
     from fedtiny.federated.train import round_seed
     from fedtiny.scenario import load_scenario
+    from fedtiny.server_setup import server_task
 
     out, summary = generated
     task, initial, _, schemes = server_task(load_scenario(out / "scenario.toml"), progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     client = client_task(task.scenario, scheme)
     down = pack_dense({n: initial[n] for n, *_ in client.downlink_spec}, client.downlink_spec)
-    meta = {"round": 1, "scenario": task.scenario.to_json(), "scheme": scheme.to_json(), "downlink": "full",
-            "seed": round_seed(task.scenario.run.seed, 1, 1)}
+    meta = {
+        "round": 1,
+        "scenario": task.scenario.to_json(),
+        "scheme": scheme.to_json(),
+        "downlink": "full",
+        "seed": round_seed(task.scenario.run.seed, 1, 1),
+    }
     replies = {}
     for board in ("an386", "netduinoplus2"):
         port = _free_port()
         qemu = start_qemu(images[(board, "")], board, port, tmp_path / f"{board}.log")
         try:
-            replies[board] = relay_round(f"serial:127.0.0.1:{port}", model_hash(client.downlink_spec), meta, down,
-                                         timeout=120)
+            replies[board] = relay_round(
+                f"serial:127.0.0.1:{port}", model_hash(client.downlink_spec), meta, down, timeout=120
+            )
         finally:
             qemu.kill()
             qemu.wait()

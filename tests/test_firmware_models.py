@@ -10,8 +10,8 @@ device/firmware/README.md, "Larger models". Skipped without ../shared/models or 
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
 from fedtiny.tools.qemu import missing_packages
 
 SCENARIO = ROOT / "scenarios" / "firmware-kws.toml"
@@ -29,12 +29,30 @@ def test_kws_firmware_links_within_its_count_and_profile(tmp_path):
     assert summary["macs_forward_per_sample"] > 2_000_000 and summary["samples"] == 32
     header = (tmp_path / "gen" / "firmware_model.h").read_text()
     assert "#define FW_SAMPLE_BYTES 490" in header  # 49 x 10 x 1, int8
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "BOARD=an386", f"GEN={tmp_path / 'gen'}",
-                    f"OUT={tmp_path / 'an386'}"], check=True, capture_output=True)
-    out = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(tmp_path / "an386" / "firmware.elf")],
-                         capture_output=True, text=True, check=True).stdout
-    sections = {p[0]: int(p[1]) for p in (line.split() for line in out.splitlines())
-                if len(p) >= 2 and p[0].startswith(".") and p[1].isdigit()}
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT / "device" / "firmware"),
+            "BOARD=an386",
+            f"GEN={tmp_path / 'gen'}",
+            f"OUT={tmp_path / 'an386'}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        ["arm-none-eabi-size", "-A", "-d", str(tmp_path / "an386" / "firmware.elf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sections = {
+        p[0]: int(p[1])
+        for p in (line.split() for line in out.splitlines())
+        if len(p) >= 2 and p[0].startswith(".") and p[1].isdigit()
+    }
     # the stack as reserved at link time (device_memory's figure; a QEMU run measures its high-water mark)
     ram = sections[".data"] + sections[".bss"] + sections.get(".stack", 0)
     assert abs(ram / summary["device_ram_bytes"] - 1) < 0.01, (ram, summary["device_ram"])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT, client_replies, run_cli
 
 from fedtiny.budget.step_time import StepWork
 from fedtiny.devices import PROFILES, RADIOS, compute_cycles, round_cost
@@ -12,8 +13,6 @@ from fedtiny.federated.faults import ClientCrash, draw_fault, inject_fault
 from fedtiny.federated.rounds import Reply, screen
 from fedtiny.federated.sampling import awake_clients, malicious_clients, sample_clients
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-
-from conftest import ROOT, client_replies, run_cli
 
 QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
 
@@ -42,9 +41,18 @@ def test_planner_macs_equal_the_convolutions_a_forward_pass_runs():
     from fedtiny.budget.memory import schedule, step_macs
     from fedtiny.federated.task import make_task
 
-    scenario = load_scenario(QUICKSTART, parse_overrides(["model.precision=\"fp32\"", "train.optimizer=\"sgd\"",
-                                                          "model.file=\"\"", "model.head=\"new\"",
-                                                          "train.scheme=\"full\""]))
+    scenario = load_scenario(
+        QUICKSTART,
+        parse_overrides(
+            [
+                'model.precision="fp32"',
+                'train.optimizer="sgd"',
+                'model.file=""',
+                'model.head="new"',
+                'train.scheme="full"',
+            ]
+        ),
+    )
     task = make_task(scenario)
     counted = []
 
@@ -54,8 +62,9 @@ def test_planner_macs_equal_the_convolutions_a_forward_pass_runs():
         else:
             counted.append(m.in_features * m.out_features)
 
-    handles = [m.register_forward_hook(hook) for m in task.model.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook) for m in task.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     task.model.eval()
     task.model(torch.zeros(1, *task.federation.image_shape))
     for h in handles:
@@ -75,16 +84,21 @@ def test_planner_macs_equal_the_convolutions_a_forward_pass_runs():
 
 
 def test_availability_sampling():
-    s = load_scenario(QUICKSTART, parse_overrides(["fleet.availability=\"random\"", "fleet.availability_rate=0.3",
-                                                   "run.clients=1000"]))
+    s = load_scenario(
+        QUICKSTART, parse_overrides(['fleet.availability="random"', "fleet.availability_rate=0.3", "run.clients=1000"])
+    )
     awake = awake_clients(s.fleet, 0, 5, 1000)
     assert 230 < len(awake) < 370
     picked = sample_clients(0, 5, 1000, 50, awake)
     assert len(picked) == 50 and set(picked) <= set(awake.tolist())
     assert picked == sample_clients(0, 5, 1000, 50, awake_clients(s.fleet, 0, 5, 1000))  # seeded
     assert sample_clients(0, 5, 1000, 2000, awake) == awake.tolist()  # too few awake: all of them
-    d = load_scenario(QUICKSTART, parse_overrides(["fleet.availability=\"diurnal\"", "fleet.diurnal_period_rounds=10",
-                                                   "fleet.diurnal_awake_fraction=0.3"])).fleet
+    d = load_scenario(
+        QUICKSTART,
+        parse_overrides(
+            ['fleet.availability="diurnal"', "fleet.diurnal_period_rounds=10", "fleet.diurnal_awake_fraction=0.3"]
+        ),
+    ).fleet
     days = np.zeros(50, int)
     for r in range(1, 11):
         days[awake_clients(d, 0, r, 50)] += 1
@@ -110,7 +124,9 @@ def test_fault_draws_follow_their_rates_and_repeat():
     rates = {"crash": 0.1, "garbage": 0.2, "stale": 0.05}
     kinds = [draw_fault(rates, 7, r, p) for r in range(1, 41) for p in range(100)]
     share = {k: kinds.count(k) / len(kinds) for k in rates}
-    assert abs(share["crash"] - 0.1) < 0.02 and abs(share["garbage"] - 0.2) < 0.03 and abs(share["stale"] - 0.05) < 0.015
+    assert (
+        abs(share["crash"] - 0.1) < 0.02 and abs(share["garbage"] - 0.2) < 0.03 and abs(share["stale"] - 0.05) < 0.015
+    )
     assert kinds == [draw_fault(rates, 7, r, p) for r in range(1, 41) for p in range(100)]
     with pytest.raises(ScenarioError, match="add up to"):
         load_scenario(QUICKSTART, parse_overrides(["fleet.faults={crash=0.6, garbage=0.6}"]))
@@ -126,10 +142,12 @@ def test_robust_rules_equal_flowers_on_full_coverage():
     updates = [ClientUpdate(p, b"", examples[p]) for p in range(7)]
     decode = lambda p, _: {n: (np.arange(a.size), a.ravel()) for n, a in changes[p].items()}  # noqa: E731
     flower_in = [([changes[p][n] for n in shapes], examples[p]) for p in range(7)]
-    for rule, theirs in [(Rule("median"), aggregate_median(flower_in)),
-                         (Rule("trimmed-mean", trim_fraction=0.2), aggregate_trimmed_avg(flower_in, 0.2)),
-                         (Rule("krum", krum_byzantine=2), aggregate_krum(flower_in, 2, 0)),
-                         (Rule("krum", krum_byzantine=2, krum_selected=3), aggregate_krum(flower_in, 2, 3))]:
+    for rule, theirs in [
+        (Rule("median"), aggregate_median(flower_in)),
+        (Rule("trimmed-mean", trim_fraction=0.2), aggregate_trimmed_avg(flower_in, 0.2)),
+        (Rule("krum", krum_byzantine=2), aggregate_krum(flower_in, 2, 0)),
+        (Rule("krum", krum_byzantine=2, krum_selected=3), aggregate_krum(flower_in, 2, 3)),
+    ]:
         ours = aggregate(updates, decode, shapes, rule=rule).arrays
         for name, expected in zip(shapes, theirs):
             np.testing.assert_allclose(ours[name], expected, rtol=0, atol=1e-12, err_msg=rule.name)
@@ -144,8 +162,9 @@ def test_robust_rules_run_over_the_clients_that_trained_each_element():
     updates = [ClientUpdate(p, b"", 1) for p in sent]
     median = aggregate(updates, decode, shapes, coverage=lambda p: {"w": cover[p]}, rule=Rule("median")).arrays["w"]
     np.testing.assert_array_equal(median, [2.5, 6.0, 0.0])
-    trimmed = aggregate(updates, decode, shapes, coverage=lambda p: {"w": cover[p]},
-                        rule=Rule("trimmed-mean", trim_fraction=0.25)).arrays["w"]
+    trimmed = aggregate(
+        updates, decode, shapes, coverage=lambda p: {"w": cover[p]}, rule=Rule("trimmed-mean", trim_fraction=0.25)
+    ).arrays["w"]
     np.testing.assert_array_equal(trimmed, [2.5, 6.0, 0.0])  # element 0 drops 1 and 100; element 1 keeps both
 
 
@@ -174,15 +193,18 @@ def _round_with_the_rule(returned):
 
     with pytest.raises(ScenarioError, match="must be one of fedavg, median, trimmed-mean, krum"):
         load_scenario(QUICKSTART, parse_overrides(['server.aggregation="no-such-rule"']))
-    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=4", "model.pretrain_epochs=2",
-                                                          'server.aggregation="test-largest-client"']))
+    scenario = load_scenario(
+        QUICKSTART,
+        parse_overrides(["run.clients=4", "model.pretrain_epochs=2", 'server.aggregation="test-largest-client"']),
+    )
     with pytest.raises(ScenarioError, match="central DP .* needs a rule of weighted sums"):
         load_scenario(QUICKSTART, parse_overrides(['server.aggregation="test-largest-client"', 'privacy.dp="central"']))
     _, strategy, before, _ = strategy_round(scenario)
     assert len(returned) == 1
     for name in before:
-        np.testing.assert_array_equal(strategy.global_model.master[name],
-                                      before[name] + returned[0][name].reshape(before[name].shape))
+        np.testing.assert_array_equal(
+            strategy.global_model.master[name], before[name] + returned[0][name].reshape(before[name].shape)
+        )
     assert any(returned[0][n].any() for n in before)
 
 
@@ -201,16 +223,21 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
     from fedtiny.server_setup import server_task
     from server.strategy import FedTinyStrategy
 
-    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=7", "model.pretrain_epochs=3",
-                                                          "compression.downlink=\"full\""]))
+    scenario = load_scenario(
+        QUICKSTART, parse_overrides(["run.clients=7", "model.pretrain_epochs=3", 'compression.downlink="full"'])
+    )
     task, initial, _, schemes = server_task(scenario, progress=None)
     trained = [n for n, *_ in task.uplink_spec]
     nodes = {p: 100 + p for p in range(7)}
     outcomes = {"faulty": [], "honest": []}
-    strategies = {k: FedTinyStrategy(task, nodes, GlobalModel(initial, trained), on_round=[outcomes[k].append],
-                                     schemes=schemes) for k in outcomes}
-    faults = {1: {0: "crash", 1: "garbage", 2: "truncated", 3: "bad_count"},
-              2: {0: "stale", 1: "crash", 2: "bad_count", 3: "garbage", 4: "truncated"}}
+    strategies = {
+        k: FedTinyStrategy(task, nodes, GlobalModel(initial, trained), on_round=[outcomes[k].append], schemes=schemes)
+        for k in outcomes
+    }
+    faults = {
+        1: {0: "crash", 1: "garbage", 2: "truncated", 3: "bad_count"},
+        2: {0: "stale", 1: "crash", 2: "bad_count", 3: "garbage", 4: "truncated"},
+    }
     states = {p: {} for p in range(7)}
     records = {k: bytes_record(pack_dense(initial, task.downlink_spec)) for k in outcomes}
     for rnd in (1, 2):
@@ -219,8 +246,9 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
         for m in sent["faulty"]:
             pid = m.metadata.dst_node_id - 100
             (job,) = train_jobs(m.content, pid)
-            result, states[pid] = local_round(scenario, pid, rnd, job.downlink, kind=job.kind, scheme=job.scheme,
-                                              state=states[pid])
+            result, states[pid] = local_round(
+                scenario, pid, rnd, job.downlink, kind=job.kind, scheme=job.scheme, state=states[pid]
+            )
             kind = faults[rnd].get(pid, "")
             try:
                 faulty_results[pid] = inject_fault(kind, result, states[pid], 0, rnd, pid)
@@ -234,8 +262,9 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
         for k, results in (("faulty", faulty_results), ("honest", honest_results)):
             records[k], _ = strategies[k].aggregate_train(rnd, client_replies(strategies[k], sent[k], results))
     for name in trained:
-        np.testing.assert_array_equal(strategies["faulty"].global_model.master[name],
-                                      strategies["honest"].global_model.master[name])
+        np.testing.assert_array_equal(
+            strategies["faulty"].global_model.master[name], strategies["honest"].global_model.master[name]
+        )
     r1, r2 = (o.stats for o in outcomes["faulty"])
     assert r1.faults == {"bad_count": [3], "garbage": [1], "truncated": [2]}
     assert r2.faults == {"bad_count": [2], "garbage": [3], "stale": [0], "truncated": [4]}
@@ -247,12 +276,29 @@ def test_faulty_clients_leave_the_global_model_of_the_honest_ones(flower_task_id
 
 def test_fleet_run_with_availability_deadline_and_faults(tmp_path):
     """A real simulation: diurnal availability, a deadline and every fault kind; counted, and the run completes."""
-    proc = run_cli("run", str(QUICKSTART), "--set", "run.clients=12", "--set", "run.rounds=3",
-                   "--set", "model.pretrain_epochs=3", "--set", "run.cohort_size=6",
-                   "--set", "fleet.availability=\"diurnal\"", "--set", "fleet.diurnal_period_rounds=4",
-                   "--set", "fleet.deadline_s=1.8", "--set",
-                   "fleet.faults={crash=0.1, garbage=0.1, truncated=0.1, stale=0.1, bad_count=0.1}",
-                   "--out", str(tmp_path), "--json")
+    proc = run_cli(
+        "run",
+        str(QUICKSTART),
+        "--set",
+        "run.clients=12",
+        "--set",
+        "run.rounds=3",
+        "--set",
+        "model.pretrain_epochs=3",
+        "--set",
+        "run.cohort_size=6",
+        "--set",
+        'fleet.availability="diurnal"',
+        "--set",
+        "fleet.diurnal_period_rounds=4",
+        "--set",
+        "fleet.deadline_s=1.8",
+        "--set",
+        "fleet.faults={crash=0.1, garbage=0.1, truncated=0.1, stale=0.1, bad_count=0.1}",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -278,8 +324,9 @@ def test_poisoning_lives_in_the_fleet_simulation_not_in_a_devices_round():
     from fedtiny.federated.client import ClientJob, client_round, local_round
     from fedtiny.server_setup import server_task
 
-    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=2", "model.pretrain_epochs=2",
-                                                          "fleet.malicious_fraction=1.0"]))
+    scenario = load_scenario(
+        QUICKSTART, parse_overrides(["run.clients=2", "model.pretrain_epochs=2", "fleet.malicious_fraction=1.0"])
+    )
     task, initial, _, schemes = server_task(scenario, progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     down = pack_dense(initial, task.downlink_spec)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from fedtiny.data import build_federation
 from fedtiny.report.sweep import combine_seeds, interval95, paired_table
 from fedtiny.scenario import ScenarioError, load_scenario
-
-from conftest import ROOT
 
 
 def test_synthetic_fleet_of_ten_thousand_is_lazy_and_seeded():
@@ -46,8 +45,18 @@ def test_interval_and_combined_seeds():
     # t(0.975, 2) = 4.3027; sample std 0.02; half-width 4.3027 * 0.02 / sqrt(3)
     assert hi - lo == pytest.approx(2 * 4.3027 * 0.02 / np.sqrt(3), rel=1e-4)
     assert (lo + hi) / 2 == pytest.approx(0.92)
-    runs = [{"seed": i, "final_accuracy": v, "best_accuracy": v, "initial_accuracy": 0.5, "uplink_bytes_total": 100,
-             "downlink_bytes_total": 10, "wall_time_s": 1.0} for i, v in enumerate(vals)]
+    runs = [
+        {
+            "seed": i,
+            "final_accuracy": v,
+            "best_accuracy": v,
+            "initial_accuracy": 0.5,
+            "uplink_bytes_total": 100,
+            "downlink_bytes_total": 10,
+            "wall_time_s": 1.0,
+        }
+        for i, v in enumerate(vals)
+    ]
     out = combine_seeds(runs)
     assert out["final_accuracy"] == pytest.approx(0.92) and out["final_accuracy_std"] == pytest.approx(0.02)
     assert out["final_accuracy_ci95"] == pytest.approx([round(lo, 4), round(hi, 4)])
@@ -59,14 +68,24 @@ def test_cohort_size_and_synthetic_keys_are_validated(tmp_path):
     bad.write_text("[run]\ncohort_size = 0\n")
     with pytest.raises(ScenarioError, match="run.cohort_size"):
         load_scenario(bad)
-    bad.write_text("[data]\nsource = \"synthetic\"\nsamples_per_client = 0\n")
+    bad.write_text('[data]\nsource = "synthetic"\nsamples_per_client = 0\n')
     with pytest.raises(ScenarioError, match="data.samples_per_client"):
         load_scenario(bad)
 
 
 def test_paired_differences_by_seed():
-    runs = lambda accs: combine_seeds([{"seed": i, "final_accuracy": a, "best_accuracy": a, "uplink_bytes_total": 1,  # noqa: E731
-                                        "wall_time_s": 1.0} for i, a in enumerate(accs)])
+    runs = lambda accs: combine_seeds(
+        [
+            {
+                "seed": i,
+                "final_accuracy": a,
+                "best_accuracy": a,
+                "uplink_bytes_total": 1,  # noqa: E731
+                "wall_time_s": 1.0,
+            }
+            for i, a in enumerate(accs)
+        ]
+    )
     table = paired_table({"a": runs([0.90, 0.80, 0.85]), "b": runs([0.92, 0.82, 0.87]), "c": runs([0.95, 0.75, 0.85])})
     lines = table.splitlines()
     assert lines[2].startswith("| b | +0.0200 | +0.0200 to +0.0200 | higher")  # same gain in every seed
@@ -82,20 +101,24 @@ def test_large_fleets_get_cohorts_without_asking():
     quick = ROOT / "scenarios" / "quickstart.toml"
     small = load_scenario(quick)
     assert simulation_layout(small) == (small, "")
-    big = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
-                                                "run.clients_per_round=100"]))
+    big = load_scenario(
+        quick, parse_overrides(['data.source="synthetic"', "run.clients=10000", "run.clients_per_round=100"])
+    )
     chosen, note = simulation_layout(big)
     assert big.run.clients > MAX_NODES and chosen.run.cohort_size == 50  # 100 per round on 2 CPUs
     assert "run.cohort_size = 50" in note and "10,000 clients" in note
     assert chosen.to_dict() == {**big.to_dict(), "run": {**big.to_dict()["run"], "cohort_size": 50}}
-    few = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
-                                                "run.clients_per_round=2"]))
+    few = load_scenario(
+        quick, parse_overrides(['data.source="synthetic"', "run.clients=10000", "run.clients_per_round=2"])
+    )
     assert simulation_layout(few)[0].run.cohort_size == 2  # a cohort is at least 2 clients
-    explicit = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
-                                                     "run.cohort_size=7"]))
+    explicit = load_scenario(
+        quick, parse_overrides(['data.source="synthetic"', "run.clients=10000", "run.cohort_size=7"])
+    )
     assert simulation_layout(explicit) == (explicit, "")
-    bridged = load_scenario(quick, parse_overrides(["data.source=\"synthetic\"", "run.clients=10000",
-                                                    "bridge.devices={1=\"127.0.0.1:9000\"}"]))
+    bridged = load_scenario(
+        quick, parse_overrides(['data.source="synthetic"', "run.clients=10000", 'bridge.devices={1="127.0.0.1:9000"}'])
+    )
     assert simulation_layout(bridged) == (bridged, "")  # a cohort would simulate the bridged partition
     with pytest.raises(ScenarioError, match="run.cohort_size.*bridge"):
-        load_scenario(quick, parse_overrides(["run.cohort_size=5", "bridge.devices={1=\"127.0.0.1:9000\"}"]))
+        load_scenario(quick, parse_overrides(["run.cohort_size=5", 'bridge.devices={1="127.0.0.1:9000"}']))

@@ -31,7 +31,7 @@ def import_graph() -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:  # relative import
                     anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                    anchor = anchor[:len(anchor) - node.level + 1]
+                    anchor = anchor[: len(anchor) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
             for t in targets:
@@ -91,15 +91,17 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_library_never_imports_the_apps():
     graph = import_graph()
-    reaching = {m for m, deps in graph.items() if m.startswith("fedtiny")
-                and any(d.split(".")[0] in ("clients", "server") for d in deps)}
+    reaching = {
+        m
+        for m, deps in graph.items()
+        if m.startswith("fedtiny") and any(d.split(".")[0] in ("clients", "server") for d in deps)
+    }
     assert reaching == {ENTRY_POINT}
 
 
 def test_clients_never_import_the_server():
     graph = import_graph()
-    assert not [(m, d) for m, deps in graph.items() if m.startswith("clients") for d in deps
-                if d.startswith("server")]
+    assert not [(m, d) for m, deps in graph.items() if m.startswith("clients") for d in deps if d.startswith("server")]
 
 
 def folder_of(module: str) -> str:
@@ -124,8 +126,12 @@ def test_folders_import_one_way_as_the_architecture_page_states():
     graph = import_graph()
     folders = {folder_of(m) for m in graph} - {"fedtiny"}
     assert folders <= set(floors), f"folders without a floor on the architecture page: {sorted(folders - set(floors))}"
-    wrong = sorted({(folder_of(a), folder_of(b), a, b) for a, bs in graph.items() for b in bs
-                    if folder_of(b) not in ("fedtiny", folder_of(a))
-                    and floors[folder_of(a)] <= floors[folder_of(b)]})
+    wrong = sorted(
+        {
+            (folder_of(a), folder_of(b), a, b)
+            for a, bs in graph.items()
+            for b in bs
+            if folder_of(b) not in ("fedtiny", folder_of(a)) and floors[folder_of(a)] <= floors[folder_of(b)]
+        }
+    )
     assert not wrong, "imports that do not run down a floor: " + "; ".join(f"{a} -> {b}" for *_, a, b in wrong[:10])
-

@@ -1,10 +1,10 @@
 """The int8 graph: integer reference agreement, BN folding, PTQ, model files, QAS training."""
 
+import int8_reference as ref
 import numpy as np
 import pytest
 import torch
 
-import int8_reference as ref
 from fedtiny.int8.convert import fold, ptq
 from fedtiny.int8.graph import QAdd, QAvgPool, QConv, QModel
 from fedtiny.int8.modelfile import ModelFileError, load_qmodel, save_qmodel
@@ -18,21 +18,33 @@ def rand_int8(*shape, lo=-128, hi=127):
     return RNG.integers(lo, hi + 1, shape).astype(np.int8)
 
 
-@pytest.mark.parametrize("cin, cout, k, stride, groups, hw", [
-    (3, 8, 3, 2, 1, 9),     # regular 3x3, stride 2, odd size
-    (8, 8, 3, 1, 8, 7),     # depthwise 3x3
-    (16, 16, 5, 2, 16, 8),  # depthwise 5x5 stride 2
-    (8, 24, 1, 1, 1, 6),    # pointwise expand
-    (40, 10, 1, 1, 1, 1),   # classifier: 1x1 conv on pooled features
-])
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, groups, hw",
+    [
+        (3, 8, 3, 2, 1, 9),  # regular 3x3, stride 2, odd size
+        (8, 8, 3, 1, 8, 7),  # depthwise 3x3
+        (16, 16, 5, 2, 16, 8),  # depthwise 5x5 stride 2
+        (8, 24, 1, 1, 1, 6),  # pointwise expand
+        (40, 10, 1, 1, 1, 1),  # classifier: 1x1 conv on pooled features
+    ],
+)
 def test_conv_matches_integer_reference(cin, cout, k, stride, groups, hw):
     w = rand_int8(cout, cin // groups, k, k, lo=-127)
     b = RNG.integers(-20000, 20000, cout).astype(np.int32)
     w_scales = RNG.uniform(1e-3, 2e-2, cout).astype(np.float32)
     xs, xz, ys, yz = 0.02, int(RNG.integers(-128, 0)), 0.05, int(RNG.integers(-20, 20))
     x = rand_int8(4, cin, hw, hw)
-    conv = QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
-                 torch.from_numpy(w_scales), xs, xz, ys, yz, stride, groups)
+    conv = QConv(
+        torch.from_numpy(w.astype(np.float32)),
+        torch.from_numpy(b.astype(np.float32)),
+        torch.from_numpy(w_scales),
+        xs,
+        xz,
+        ys,
+        yz,
+        stride,
+        groups,
+    )
     with torch.no_grad():
         got = conv(torch.from_numpy(x.astype(np.float32))).numpy()
     want = ref.conv(x, w, b, w_scales, xs, xz, ys, yz, stride, groups)
@@ -98,10 +110,10 @@ def test_folding_and_ptq_of_torchvision_mobilenet_v2():
 
 
 def test_ptq_of_quickstart_model_loses_at_most_one_point():
-    from fedtiny.scenario import load_scenario
-    from fedtiny.federated.task import cloud_model, make_task
-
     from conftest import ROOT
+
+    from fedtiny.federated.task import cloud_model, make_task
+    from fedtiny.scenario import load_scenario
 
     report = cloud_model(make_task(load_scenario(ROOT / "scenarios" / "quickstart.toml")))[1]
     assert report.pretrain_train_accuracy > 0.95
@@ -130,8 +142,8 @@ def test_model_file_round_trip(tmp_path, head):
 
 
 def test_model_file_is_validated(tmp_path):
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = save_qmodel(small_qmodel(), tmp_path / "m.safetensors")
     with safe_open(str(path), framework="np") as f:
@@ -167,7 +179,7 @@ def test_qas_update_equals_the_float_update():
 def test_int8_training_keeps_integers_and_qas_learns():
     from fedtiny.data import SensorShift, apply_shift, load_source
     from fedtiny.data.sources import ImageSet
-    from fedtiny.federated.train import evaluate, train_local, seeded
+    from fedtiny.federated.train import evaluate, seeded, train_local
 
     held = load_source("digits").subset(np.arange(1, 1797, 2))  # the half small_qmodel did not see, shifted
     data = ImageSet(apply_shift(held.x, SensorShift(rotation_deg=20, gain=0.8), 0), held.y, 10, "shifted")
@@ -232,8 +244,14 @@ def test_int8_forward_same_integers_with_every_cpu_kernel(tmp_path):
             env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
             if cap:
                 env["ATEN_CPU_CAPABILITY"] = cap
-            proc = subprocess.run([sys.executable, "-c", _FORWARD_HASH, str(path)], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, "-c", _FORWARD_HASH, str(path)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, proc.stderr[-2000:]
             outs.append(proc.stdout.split())
         assert outs[1][0] == "DEFAULT" and outs[0][1] == outs[1][1], (path.name, outs)
@@ -252,8 +270,17 @@ def test_wide_int8_conv_accumulates_exactly():
     b = RNG.integers(-(1 << 20), 1 << 20, cout)
     want = np.einsum("nchw,oc->nohw", x.astype(np.int64) - xz, w[:, :, 0, 0].astype(np.int64)) + b[None, :, None, None]
     assert np.abs(want).max() > 1 << 24
-    conv = QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
-                 torch.ones(cout), 1.0, xz, 1.0, 0, 1, 1)
+    conv = QConv(
+        torch.from_numpy(w.astype(np.float32)),
+        torch.from_numpy(b.astype(np.float32)),
+        torch.ones(cout),
+        1.0,
+        xz,
+        1.0,
+        0,
+        1,
+        1,
+    )
     with torch.no_grad():
         got = int_conv_acc(torch.from_numpy(x.astype(np.float32)) - xz, conv.weight, conv.bias, 1, conv.padding, 1)
     # Past 2^24 the sum runs in float64 and comes back as exact int64 integers.

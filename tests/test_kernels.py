@@ -25,8 +25,14 @@ from fedtiny.int8.tflite import OpDesc, TensorDesc, TFLiteGraph, read_tflite, wr
 MLPERF = Path(__file__).resolve().parents[2] / "shared/models/mlperf-tiny"
 MODEL_OPS = {
     "vww_96_int8.tflite": {"CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED", "SOFTMAX"},
-    "kws_ref_model.tflite": {"CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED",
-                             "SOFTMAX"},
+    "kws_ref_model.tflite": {
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "AVERAGE_POOL_2D",
+        "RESHAPE",
+        "FULLY_CONNECTED",
+        "SOFTMAX",
+    },
     "pretrainedResnet_quant.tflite": {"CONV_2D", "ADD", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED", "SOFTMAX"},
     "ad01_int8.tflite": {"FULLY_CONNECTED"},
 }
@@ -43,6 +49,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------------- references
+
 
 def ref_round_half_away(v: Fraction) -> int:
     """Nearest integer, ties away from zero (C's ``round``), of an exact rational."""
@@ -85,8 +92,9 @@ def ref_mbqm(x: int, m: int, s: int) -> int:
     return ref_rdbpot(ref_srdhm(ref_wrap32(x * 2 ** max(s, 0)), m), max(-s, 0))
 
 
-def ref_conv(x, w, b, *, x_zero, y_zero, mult, shift, lo, hi, stride, pad_top, pad_left, out_hw, groups,
-             dilation=(1, 1)):
+def ref_conv(
+    x, w, b, *, x_zero, y_zero, mult, shift, lo, hi, stride, pad_top, pad_left, out_hw, groups, dilation=(1, 1)
+):
     """TFLM's ConvPerChannel loop by loop (NCHW numpy in, out): taps outside the image are skipped."""
     n, _, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -95,7 +103,7 @@ def ref_conv(x, w, b, *, x_zero, y_zero, mult, shift, lo, hi, stride, pad_top, p
     for bi in range(n):
         for oc in range(o):
             g = oc // (o // groups)
-            xg = xc[bi, g * cg:(g + 1) * cg]
+            xg = xc[bi, g * cg : (g + 1) * cg]
             for oy in range(out_hw[0]):
                 for ox in range(out_hw[1]):
                     acc = 0
@@ -118,10 +126,13 @@ def ref_avg_pool(x, kernel, stride, pad_top, pad_left, out_hw, lo, hi):
         for ch in range(c):
             for oy in range(out_hw[0]):
                 for ox in range(out_hw[1]):
-                    taps = [int(x[bi, ch, iy, ix]) for iy in range(oy * stride[0] - pad_top, oy * stride[0] - pad_top
-                                                                    + kernel[0]) if 0 <= iy < h
-                            for ix in range(ox * stride[1] - pad_left, ox * stride[1] - pad_left + kernel[1])
-                            if 0 <= ix < w]
+                    taps = [
+                        int(x[bi, ch, iy, ix])
+                        for iy in range(oy * stride[0] - pad_top, oy * stride[0] - pad_top + kernel[0])
+                        if 0 <= iy < h
+                        for ix in range(ox * stride[1] - pad_left, ox * stride[1] - pad_left + kernel[1])
+                        if 0 <= ix < w
+                    ]
                     out[bi, ch, oy, ox] = min(hi, max(lo, ref_round_half_away(Fraction(sum(taps), len(taps)))))
     return out
 
@@ -149,19 +160,32 @@ def ref_softmax_row(row, p: K.SoftmaxParams) -> list[int]:
     headroom = 32 - total.bit_length()
     recip = _fixed(K.one_over_one_plus_x_for_x_in_0_1, (total << headroom) - 2**31)
     exponent = (12 - headroom) + 31 - 8
-    return [min(127, max(-128, ref_rdbpot(ref_srdhm(recip, exps[c]), exponent) - 128)) if c in exps else -128
-            for c in range(len(row))]
+    return [
+        min(127, max(-128, ref_rdbpot(ref_srdhm(recip, exps[c]), exponent) - 128)) if c in exps else -128
+        for c in range(len(row))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- (a) primitives
 
-@pytest.mark.parametrize("real, want", [
-    (1.0, (2**30, 1)), (0.5, (2**30, 0)), (0.75, (3 << 29, 0)), (3.0, (3 << 29, 2)), (-0.75, (-(3 << 29), 0)),
-    (0.0, (0, 0)), (2.0**-32, (2**30, -31)), (2.0**-33, (0, 0)), (2.0**-40, (0, 0)),
-    (0.5 + 2.0**-32, (2**30 + 1, 0)),          # q 2^31 = 2^30 + 1/2: ties go away from zero
-    (-(0.5 + 2.0**-32), (-(2**30 + 1), 0)),
-    (1 - 2.0**-33, (2**30, 1)),                # rounds to 2^31: halved, shift + 1
-])
+
+@pytest.mark.parametrize(
+    "real, want",
+    [
+        (1.0, (2**30, 1)),
+        (0.5, (2**30, 0)),
+        (0.75, (3 << 29, 0)),
+        (3.0, (3 << 29, 2)),
+        (-0.75, (-(3 << 29), 0)),
+        (0.0, (0, 0)),
+        (2.0**-32, (2**30, -31)),
+        (2.0**-33, (0, 0)),
+        (2.0**-40, (0, 0)),
+        (0.5 + 2.0**-32, (2**30 + 1, 0)),  # q 2^31 = 2^30 + 1/2: ties go away from zero
+        (-(0.5 + 2.0**-32), (-(2**30 + 1), 0)),
+        (1 - 2.0**-33, (2**30, 1)),  # rounds to 2^31: halved, shift + 1
+    ],
+)
 def test_quantize_multiplier_hand_values(real, want):
     assert K.quantize_multiplier(real) == want
 
@@ -170,26 +194,31 @@ def test_quantize_multiplier_random_doubles():
     rng = np.random.default_rng(1)
     mantissa = rng.integers(2**52, 2**53, 3000).astype(np.float64)
     reals = list(mantissa * 2.0 ** rng.integers(-90, -20, 3000).astype(np.float64) * rng.choice([-1, 1], 3000))
-    reals += [(2**30 + int(k) + 0.5) * 2.0**-31 * 2.0**int(e) for k, e in zip(rng.integers(0, 2**30, 200),
-                                                                              rng.integers(-30, 10, 200))]
+    reals += [
+        (2**30 + int(k) + 0.5) * 2.0**-31 * 2.0 ** int(e)
+        for k, e in zip(rng.integers(0, 2**30, 200), rng.integers(-30, 10, 200))
+    ]
     mult, shift = K.quantize_multipliers(reals)
     assert [(int(m), int(s)) for m, s in zip(mult, shift)] == [ref_quantize_multiplier(r) for r in reals]
 
 
-@pytest.mark.parametrize("x, m, s, want", [
-    (3, 2**30, 0, 2),            # 1.5 -> 2
-    (-3, 2**30, 0, -1),          # -1.5 -> -1: VQRDMULH rounds ties up
-    (-1, 2**30, 0, 0),           # -0.5 -> 0
-    (5, 2**30, -1, 2),           # 1.25: 2.5 -> 3 by VQRDMULH, 1.5 -> 2 by the right shift (double rounding)
-    (-5, 2**30, -1, -1),         # -1.25: -2.5 -> -2, -1 -> -1
-    (-6, 2**30, -1, -2),         # -1.5: -3 exactly, then -1.5 -> -2 (the right shift rounds ties away from zero)
-    (7, 3 << 29, 2, 21),         # 7 * 0.75 * 4
-    (2**29, 2**30, 3, 0),        # 2^29 * 8 wraps to 0 in int32
-    (I32_MIN, I32_MIN, 0, I32_MAX),  # the one saturating product
-    (2**28, I32_MIN, 3, I32_MAX),    # 2^28 * 8 wraps to INT32_MIN, then saturates
-    (I32_MAX, I32_MAX, 0, I32_MAX - 1),
-    (-(2**20) - 2**19, 2**30, -20, -1),  # -1.5 * 2^20 * 0.5 / 2^20 = -0.75 -> -1
-])
+@pytest.mark.parametrize(
+    "x, m, s, want",
+    [
+        (3, 2**30, 0, 2),  # 1.5 -> 2
+        (-3, 2**30, 0, -1),  # -1.5 -> -1: VQRDMULH rounds ties up
+        (-1, 2**30, 0, 0),  # -0.5 -> 0
+        (5, 2**30, -1, 2),  # 1.25: 2.5 -> 3 by VQRDMULH, 1.5 -> 2 by the right shift (double rounding)
+        (-5, 2**30, -1, -1),  # -1.25: -2.5 -> -2, -1 -> -1
+        (-6, 2**30, -1, -2),  # -1.5: -3 exactly, then -1.5 -> -2 (the right shift rounds ties away from zero)
+        (7, 3 << 29, 2, 21),  # 7 * 0.75 * 4
+        (2**29, 2**30, 3, 0),  # 2^29 * 8 wraps to 0 in int32
+        (I32_MIN, I32_MIN, 0, I32_MAX),  # the one saturating product
+        (2**28, I32_MIN, 3, I32_MAX),  # 2^28 * 8 wraps to INT32_MIN, then saturates
+        (I32_MAX, I32_MAX, 0, I32_MAX - 1),
+        (-(2**20) - 2**19, 2**30, -20, -1),  # -1.5 * 2^20 * 0.5 / 2^20 = -0.75 -> -1
+    ],
+)
 def test_multiply_by_quantized_multiplier_edge_cases(x, m, s, want):
     assert ref_mbqm(x, m, s) == want
     assert int(K.multiply_by_quantized_multiplier(torch.tensor([x]), m, s)[0]) == want
@@ -203,7 +232,7 @@ def test_multiply_by_quantized_multiplier_random_and_per_channel():
     s = rng.integers(-31, 8, n)
     bits = rng.integers(1, 32, n)  # magnitudes of every size, ties included by the small ones
     x = rng.integers(-(2**31), 2**31, n) >> (32 - bits)
-    x[:200] = (rng.integers(-2**10, 2**10, 200) * 2 + 1) << 10  # times 0.5, shifted right by 10: ties
+    x[:200] = (rng.integers(-(2**10), 2**10, 200) * 2 + 1) << 10  # times 0.5, shifted right by 10: ties
     m[:200], s[:200] = 2**30, -10
     got = K.multiply_by_quantized_multiplier(torch.from_numpy(x), torch.from_numpy(m), torch.from_numpy(s))
     assert got.tolist() == [ref_mbqm(int(a), int(b), int(c)) for a, b, c in zip(x, m, s)]
@@ -211,8 +240,13 @@ def test_multiply_by_quantized_multiplier_random_and_per_channel():
     xc = torch.from_numpy(rng.integers(-(2**20), 2**20, (2, 3, 2, 2)))
     mc, sc = torch.tensor([2**30, 3 << 29, 1518500250]), torch.tensor([-3, 2, -12])
     got = K.multiply_by_quantized_multiplier(xc, mc, sc)
-    want = [[[[ref_mbqm(int(xc[i, c, j, k]), int(mc[c]), int(sc[c])) for k in range(2)] for j in range(2)]
-             for c in range(3)] for i in range(2)]
+    want = [
+        [
+            [[ref_mbqm(int(xc[i, c, j, k]), int(mc[c]), int(sc[c])) for k in range(2)] for j in range(2)]
+            for c in range(3)
+        ]
+        for i in range(2)
+    ]
     assert got.tolist() == want
 
 
@@ -231,12 +265,18 @@ def test_scale_products_float32_and_double():
     assert differs > 0  # the float32 product is not the double one
 
 
-@pytest.mark.parametrize("act, scale, zero, want", [
-    ("NONE", 0.1, 3, (-128, 127)), ("RELU", 0.1, -5, (-5, 127)), ("RELU", 0.1, -200, (-128, 127)),
-    ("RELU6", 6 / 255, -128, (-128, 127)), ("RELU_N1_TO_1", 1 / 64, 0, (-64, 64)),
-    ("RELU6", 12.0, 0, (0, 1)),   # 6 / 12 = 0.5 rounds away from zero
-    ("RELU6", 0.8, 0, (0, 8)),    # 6 / 0.8f is 7.4999999 in double, but its float32 quotient is 7.5 -> 8
-])
+@pytest.mark.parametrize(
+    "act, scale, zero, want",
+    [
+        ("NONE", 0.1, 3, (-128, 127)),
+        ("RELU", 0.1, -5, (-5, 127)),
+        ("RELU", 0.1, -200, (-128, 127)),
+        ("RELU6", 6 / 255, -128, (-128, 127)),
+        ("RELU_N1_TO_1", 1 / 64, 0, (-64, 64)),
+        ("RELU6", 12.0, 0, (0, 1)),  # 6 / 12 = 0.5 rounds away from zero
+        ("RELU6", 0.8, 0, (0, 8)),  # 6 / 0.8f is 7.4999999 in double, but its float32 quotient is 7.5 -> 8
+    ],
+)
 def test_activation_range(act, scale, zero, want):
     assert K.activation_range(act, scale, zero) == want
 
@@ -247,10 +287,10 @@ def test_add_params_hand_values():
 
 
 def test_same_padding():
-    assert K.same_padding(96, 96, 3, 3, 2, 2) == ((0, 1, 0, 1), (48, 48))   # even input, stride 2: the extra at the end
+    assert K.same_padding(96, 96, 3, 3, 2, 2) == ((0, 1, 0, 1), (48, 48))  # even input, stride 2: the extra at the end
     assert K.same_padding(49, 10, 10, 4, 2, 2) == ((4, 5, 1, 1), (25, 5))
-    assert K.same_padding(7, 8, 4, 4, 1, 1) == ((1, 2, 1, 2), (7, 8))       # even kernel
-    assert K.same_padding(9, 9, 1, 1, 4, 4) == ((0, 0, 0, 0), (3, 3))       # never negative
+    assert K.same_padding(7, 8, 4, 4, 1, 1) == ((1, 2, 1, 2), (7, 8))  # even kernel
+    assert K.same_padding(9, 9, 1, 1, 4, 4) == ((0, 0, 0, 0), (3, 3))  # never negative
     assert K.same_padding(8, 8, 3, 3, 1, 1, 2, 2) == ((2, 2, 2, 2), (8, 8))  # dilation 2
 
 
@@ -281,6 +321,7 @@ def test_fixed_point_exp_and_reciprocal_accuracy():
 
 # ---------------------------------------------------------------------------------------------------- kernels on ops
 
+
 def _nchw(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.int64)).permute(0, 3, 1, 2)
 
@@ -295,8 +336,9 @@ def _q(t: TensorDesc) -> tuple[float, int]:
 
 def _padding(o: dict, h: int, w: int, kh: int, kw: int) -> tuple[int, int, int, int]:
     if o["padding"] == "SAME":
-        return K.same_padding(h, w, kh, kw, o["stride_h"], o["stride_w"], o.get("dilation_h", 1),
-                              o.get("dilation_w", 1))[0]
+        return K.same_padding(
+            h, w, kh, kw, o["stride_h"], o["stride_w"], o.get("dilation_h", 1), o.get("dilation_w", 1)
+        )[0]
     return (0, 0, 0, 0)
 
 
@@ -314,9 +356,21 @@ def kernel_output(graph: TFLiteGraph, op: OpDesc, values: dict[int, np.ndarray])
         mult, shift = K.conv_multipliers(s_x, w_desc.scales, s_y, w.shape[0])
         xin = _nchw(x)
         pad = _padding(o, xin.shape[2], xin.shape[3], w.shape[2], w.shape[3])
-        out = K.conv2d_int8(xin, w, bias, x_zero=z_x, y_zero=z_y, mult=mult, shift=shift, act_lo=act[0],
-                            act_hi=act[1], stride=(o["stride_h"], o["stride_w"]), padding=pad,
-                            groups=xin.shape[1] if depthwise else 1, dilation=(o["dilation_h"], o["dilation_w"]))
+        out = K.conv2d_int8(
+            xin,
+            w,
+            bias,
+            x_zero=z_x,
+            y_zero=z_y,
+            mult=mult,
+            shift=shift,
+            act_lo=act[0],
+            act_hi=act[1],
+            stride=(o["stride_h"], o["stride_w"]),
+            padding=pad,
+            groups=xin.shape[1] if depthwise else 1,
+            dilation=(o["dilation_h"], o["dilation_w"]),
+        )
         return _nhwc(out)
     if op.op == "FULLY_CONNECTED":
         w_desc = t[op.inputs[1]]
@@ -327,8 +381,17 @@ def kernel_output(graph: TFLiteGraph, op: OpDesc, values: dict[int, np.ndarray])
         else:
             mult, shift = K.fc_multiplier(s_x, float(w_desc.scales[0]), s_y)
         xin = torch.from_numpy(x.reshape(-1, w_desc.shape[1]).astype(np.int64))
-        out = K.fully_connected_int8(xin, torch.from_numpy(w_desc.data.astype(np.int64)), bias, x_zero=z_x,
-                                     y_zero=z_y, mult=mult, shift=shift, act_lo=act[0], act_hi=act[1])
+        out = K.fully_connected_int8(
+            xin,
+            torch.from_numpy(w_desc.data.astype(np.int64)),
+            bias,
+            x_zero=z_x,
+            y_zero=z_y,
+            mult=mult,
+            shift=shift,
+            act_lo=act[0],
+            act_hi=act[1],
+        )
         return out.numpy().reshape(y.shape)
     if op.op == "ADD":
         s_b, z_b = _q(t[op.inputs[1]])
@@ -340,8 +403,11 @@ def kernel_output(graph: TFLiteGraph, op: OpDesc, values: dict[int, np.ndarray])
         return _nhwc(K.avg_pool_int8(xin, (o["filter_h"], o["filter_w"]), (o["stride_h"], o["stride_w"]), pad, *act))
     if op.op == "SOFTMAX":
         p = K.softmax_params(s_x, o["beta"])
-        return K.softmax_int8(torch.from_numpy(x.reshape(-1, x.shape[-1]).astype(np.int64)), p, z_y).numpy() \
+        return (
+            K.softmax_int8(torch.from_numpy(x.reshape(-1, x.shape[-1]).astype(np.int64)), p, z_y)
+            .numpy()
             .reshape(y.shape)
+        )
     if op.op == "RESHAPE":
         return x.reshape(y.shape)
     if op.op == "PAD":
@@ -365,6 +431,7 @@ def op_differences(model: bytes, graph: TFLiteGraph, inputs: list[np.ndarray]) -
 
 # ---------------------------------------------------------------------------------------------------- (b) MLPerf Tiny
 
+
 @pytest.mark.parametrize("name", sorted(MODEL_OPS))
 def test_every_op_matches_tflm_on_mlperf_models(name):
     path = MLPERF / name
@@ -382,6 +449,7 @@ def test_every_op_matches_tflm_on_mlperf_models(name):
 
 # ---------------------------------------------------------------------------------------------------- synthetic cases
 
+
 def _tensor(name, shape, scales, zeros=0, data=None, dtype="int8", qdim=0) -> TensorDesc:
     scales = None if scales is None else np.atleast_1d(np.asarray(scales, np.float32))
     zeros = None if scales is None else np.broadcast_to(np.asarray(zeros, np.int64), scales.shape).copy()
@@ -398,8 +466,24 @@ def _single(op: str, options: dict, x: TensorDesc, consts: list[TensorDesc | Non
     return TFLiteGraph(tensors, [OpDesc(op, tuple(inputs), (len(tensors) - 1,), options)], (0,), (len(tensors) - 1,))
 
 
-def _conv_case(rng, *, hw, cin, cout, k, stride, padding, depthwise=False, dilation=(1, 1), act="RELU6",
-               x_zero=-3, w_range=(-127, 127), scales=None, x_range=None, out_step=128):
+def _conv_case(
+    rng,
+    *,
+    hw,
+    cin,
+    cout,
+    k,
+    stride,
+    padding,
+    depthwise=False,
+    dilation=(1, 1),
+    act="RELU6",
+    x_zero=-3,
+    w_range=(-127, 127),
+    scales=None,
+    x_range=None,
+    out_step=128,
+):
     """A CONV_2D / DEPTHWISE_CONV_2D graph (``x_range`` is the inputs', for the caller).
 
     Positive weights (sums past 2^24) get biases cancelling their mean and a requantization step of
@@ -410,7 +494,7 @@ def _conv_case(rng, *, hw, cin, cout, k, stride, padding, depthwise=False, dilat
     w = rng.integers(w_range[0], w_range[1] + 1, w_shape).astype(np.int8)
     s_w = rng.uniform(2e-3, 2e-2, cout) if scales is None else np.full(cout, scales[1])
     s_x, s_y = (0.05, 0.3) if scales is None else (scales[0], scales[2])
-    b = rng.integers(-2**14, 2**14, cout) if scales is None else rng.integers(-9, 10, cout)
+    b = rng.integers(-(2**14), 2**14, cout) if scales is None else rng.integers(-9, 10, cout)
     if w_range[0] > 0:  # sums past 2^24, cancelled by the bias, with a fine output scale: float32 sums would show
         b, s_y = _cancelling_bias(w.reshape(cout, -1), x_range, x_zero), out_step * s_x * float(s_w.max())
     h, wd = hw
@@ -419,15 +503,26 @@ def _conv_case(rng, *, hw, cin, cout, k, stride, padding, depthwise=False, dilat
     else:
         pt = pl = 0
         out = tuple((n - d * (kn - 1) - 1) // st + 1 for n, kn, st, d in zip(hw, k, stride, dilation))
-    opts = {"padding": padding, "stride_h": stride[0], "stride_w": stride[1], "fused_activation": act,
-            "dilation_h": dilation[0], "dilation_w": dilation[1]}
+    opts = {
+        "padding": padding,
+        "stride_h": stride[0],
+        "stride_w": stride[1],
+        "fused_activation": act,
+        "dilation_h": dilation[0],
+        "dilation_w": dilation[1],
+    }
     if depthwise:
         opts["depth_multiplier"] = cout // cin
-    graph = _single("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", opts,
-                    _tensor("x", (1, h, wd, cin), s_x, x_zero),
-                    [_tensor("w", w.shape, s_w, 0, w, qdim=3 if depthwise else 0),
-                     _tensor("b", (cout,), None, data=b.astype(np.int32), dtype="int32")],
-                    _tensor("y", (1, *out, cout), s_y, 5))
+    graph = _single(
+        "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D",
+        opts,
+        _tensor("x", (1, h, wd, cin), s_x, x_zero),
+        [
+            _tensor("w", w.shape, s_w, 0, w, qdim=3 if depthwise else 0),
+            _tensor("b", (cout,), None, data=b.astype(np.int32), dtype="int32"),
+        ],
+        _tensor("y", (1, *out, cout), s_y, 5),
+    )
     return graph, (pt, pl, out)
 
 
@@ -445,21 +540,63 @@ def _inputs(rng, graph: TFLiteGraph, n: int, x_range: tuple[int, int] | None = N
 CONV_CASES = {
     "same-even-stride2": dict(hw=(8, 8), cin=3, cout=4, k=(3, 3), stride=(2, 2), padding="SAME"),
     "same-even-kernel-odd-input": dict(hw=(9, 7), cin=2, cout=3, k=(4, 4), stride=(2, 2), padding="SAME", act="RELU"),
-    "valid-stride3-drops-rows": dict(hw=(10, 11), cin=2, cout=3, k=(3, 3), stride=(3, 3), padding="VALID",
-                                     act="NONE"),
+    "valid-stride3-drops-rows": dict(hw=(10, 11), cin=2, cout=3, k=(3, 3), stride=(3, 3), padding="VALID", act="NONE"),
     "depthwise-multiplier2": dict(hw=(6, 6), cin=3, cout=6, k=(3, 3), stride=(2, 2), padding="SAME", depthwise=True),
     "dilation2": dict(hw=(7, 7), cin=2, cout=2, k=(3, 3), stride=(1, 1), padding="SAME", dilation=(2, 2)),
     # Multiplier 0.5 (every odd sum is a tie, negative ones included) and 0.25 (ties rounded twice).
-    "exact-ties-half": dict(hw=(5, 5), cin=2, cout=3, k=(3, 3), stride=(1, 1), padding="SAME", act="NONE",
-                            x_zero=0, w_range=(-2, 2), scales=(0.5, 0.25, 0.25), x_range=(-3, 3)),
-    "exact-ties-quarter": dict(hw=(5, 5), cin=2, cout=3, k=(3, 3), stride=(1, 1), padding="SAME", act="NONE",
-                               x_zero=0, w_range=(-2, 2), scales=(0.5, 0.125, 0.25), x_range=(-3, 3)),
+    "exact-ties-half": dict(
+        hw=(5, 5),
+        cin=2,
+        cout=3,
+        k=(3, 3),
+        stride=(1, 1),
+        padding="SAME",
+        act="NONE",
+        x_zero=0,
+        w_range=(-2, 2),
+        scales=(0.5, 0.25, 0.25),
+        x_range=(-3, 3),
+    ),
+    "exact-ties-quarter": dict(
+        hw=(5, 5),
+        cin=2,
+        cout=3,
+        k=(3, 3),
+        stride=(1, 1),
+        padding="SAME",
+        act="NONE",
+        x_zero=0,
+        w_range=(-2, 2),
+        scales=(0.5, 0.125, 0.25),
+        x_range=(-3, 3),
+    ),
     # Inputs and weights near their limits: accumulators near 6e7 take the float64 path.
-    "sums-past-2^24": dict(hw=(2, 2), cin=2048, cout=4, k=(1, 1), stride=(1, 1), padding="VALID", act="NONE",
-                           x_zero=-128, w_range=(100, 127), x_range=(120, 127)),
+    "sums-past-2^24": dict(
+        hw=(2, 2),
+        cin=2048,
+        cout=4,
+        k=(1, 1),
+        stride=(1, 1),
+        padding="VALID",
+        act="NONE",
+        x_zero=-128,
+        w_range=(100, 127),
+        x_range=(120, 127),
+    ),
     # ... and with every input 127: the exact sum cancels to 0, a float32 sum's rounding would show at step 2.
-    "sums-past-2^24-cancelled": dict(hw=(2, 2), cin=2048, cout=8, k=(1, 1), stride=(1, 1), padding="VALID",
-                                     act="NONE", x_zero=-128, w_range=(100, 127), x_range=(127, 127), out_step=2),
+    "sums-past-2^24-cancelled": dict(
+        hw=(2, 2),
+        cin=2048,
+        cout=8,
+        k=(1, 1),
+        stride=(1, 1),
+        padding="VALID",
+        act="NONE",
+        x_zero=-128,
+        w_range=(100, 127),
+        x_range=(127, 127),
+        out_step=2,
+    ),
 }
 
 
@@ -477,9 +614,23 @@ def test_conv_against_python_int_reference(case):
     xin = _nchw(x).numpy()
     groups = xin.shape[1] if op.op == "DEPTHWISE_CONV_2D" else 1
     dil = (op.options["dilation_h"], op.options["dilation_w"])
-    want = ref_conv(xin, w, t[2].data, x_zero=z_x, y_zero=z_y, mult=mult, shift=shift, lo=lo, hi=hi,
-                    stride=(op.options["stride_h"], op.options["stride_w"]), pad_top=pt, pad_left=pl,
-                    out_hw=out_hw, groups=groups, dilation=dil)
+    want = ref_conv(
+        xin,
+        w,
+        t[2].data,
+        x_zero=z_x,
+        y_zero=z_y,
+        mult=mult,
+        shift=shift,
+        lo=lo,
+        hi=hi,
+        stride=(op.options["stride_h"], op.options["stride_w"]),
+        pad_top=pt,
+        pad_left=pl,
+        out_hw=out_hw,
+        groups=groups,
+        dilation=dil,
+    )
     got = _nchw(kernel_output(graph, op, {0: x})).numpy()
     assert np.array_equal(got, want)
     if "2^24" in case:  # the sums before the bias pass 2^24 and are odd: float32 could not hold them
@@ -492,43 +643,70 @@ def _synthetic_graphs(rng) -> dict[str, TFLiteGraph]:
     graphs = {}
     w = rng.integers(90, 128, (5, 4096)).astype(np.int8)
     graphs["fc-sums-past-2^24"] = _single(
-        "FULLY_CONNECTED", {"fused_activation": "NONE"}, _tensor("x", (2, 4096), 0.02, -128),
-        [_tensor("w", (5, 4096), 0.01, 0, w),
-         _tensor("b", (5,), None, data=_cancelling_bias(w, (110, 127), -128).astype(np.int32), dtype="int32")],
-        _tensor("y", (2, 5), 0.02 * 0.01 * 128, -7))
+        "FULLY_CONNECTED",
+        {"fused_activation": "NONE"},
+        _tensor("x", (2, 4096), 0.02, -128),
+        [
+            _tensor("w", (5, 4096), 0.01, 0, w),
+            _tensor("b", (5,), None, data=_cancelling_bias(w, (110, 127), -128).astype(np.int32), dtype="int32"),
+        ],
+        _tensor("y", (2, 5), 0.02 * 0.01 * 128, -7),
+    )
     graphs["fc-no-bias-relu"] = _single(
-        "FULLY_CONNECTED", {"fused_activation": "RELU"}, _tensor("x", (3, 40), 0.07, 11),
+        "FULLY_CONNECTED",
+        {"fused_activation": "RELU"},
+        _tensor("x", (3, 40), 0.07, 11),
         [_tensor("w", (6, 40), 0.013, 0, rng.integers(-127, 128, (6, 40)).astype(np.int8)), None],
-        _tensor("y", (3, 6), 0.09, -20))
+        _tensor("y", (3, 6), 0.09, -20),
+    )
     graphs["fc-relu6-clamp-float32-quotient"] = _single(  # RELU6's top is 8, not 7 (see test_activation_range)
-        "FULLY_CONNECTED", {"fused_activation": "RELU6"}, _tensor("x", (4, 16), 0.5, 0),
+        "FULLY_CONNECTED",
+        {"fused_activation": "RELU6"},
+        _tensor("x", (4, 16), 0.5, 0),
         [_tensor("w", (8, 16), 0.5, 0, rng.integers(-127, 128, (8, 16)).astype(np.int8)), None],
-        _tensor("y", (4, 8), 0.8, 0))
+        _tensor("y", (4, 8), 0.8, 0),
+    )
     graphs["avgpool-same-stride2"] = _single(
-        "AVERAGE_POOL_2D", {"padding": "SAME", "stride_h": 2, "stride_w": 2, "filter_h": 3, "filter_w": 3,
-                            "fused_activation": "NONE"},
-        _tensor("x", (1, 8, 8, 5), 0.1, -4), [], _tensor("y", (1, 4, 4, 5), 0.1, -4))
+        "AVERAGE_POOL_2D",
+        {"padding": "SAME", "stride_h": 2, "stride_w": 2, "filter_h": 3, "filter_w": 3, "fused_activation": "NONE"},
+        _tensor("x", (1, 8, 8, 5), 0.1, -4),
+        [],
+        _tensor("y", (1, 4, 4, 5), 0.1, -4),
+    )
     graphs["avgpool-same-even-window-relu6"] = _single(
-        "AVERAGE_POOL_2D", {"padding": "SAME", "stride_h": 1, "stride_w": 1, "filter_h": 2, "filter_w": 4,
-                            "fused_activation": "RELU6"},
-        _tensor("x", (1, 5, 6, 3), 0.05, 10), [], _tensor("y", (1, 5, 6, 3), 0.05, 10))
+        "AVERAGE_POOL_2D",
+        {"padding": "SAME", "stride_h": 1, "stride_w": 1, "filter_h": 2, "filter_w": 4, "fused_activation": "RELU6"},
+        _tensor("x", (1, 5, 6, 3), 0.05, 10),
+        [],
+        _tensor("y", (1, 5, 6, 3), 0.05, 10),
+    )
     graphs["add-broadcast-relu"] = _single(
-        "ADD", {"fused_activation": "RELU"}, _tensor("a", (1, 4, 5, 6), 0.031, -9),
+        "ADD",
+        {"fused_activation": "RELU"},
+        _tensor("a", (1, 4, 5, 6), 0.031, -9),
         [_tensor("b", (1, 1, 1, 6), 0.077, 13, rng.integers(-128, 128, (1, 1, 1, 6)).astype(np.int8))],
-        _tensor("y", (1, 4, 5, 6), 0.06, -2))
+        _tensor("y", (1, 4, 5, 6), 0.06, -2),
+    )
     pairs = np.add.outer(np.arange(-128, 128), np.zeros(256, np.int64))
     graphs["add-every-int8-pair"] = _single(
-        "ADD", {"fused_activation": "NONE"}, _tensor("a", (1, 256, 256, 1), 0.0213, 17),
+        "ADD",
+        {"fused_activation": "NONE"},
+        _tensor("a", (1, 256, 256, 1), 0.0213, 17),
         [_tensor("b", (1, 256, 256, 1), 0.0472, -30, pairs.T.reshape(1, 256, 256, 1).astype(np.int8))],
-        _tensor("y", (1, 256, 256, 1), 0.0551, 4))
+        _tensor("y", (1, 256, 256, 1), 0.0551, 4),
+    )
     graphs["pad"] = _single(
-        "PAD", {}, _tensor("x", (1, 3, 4, 2), 0.1, -17),
+        "PAD",
+        {},
+        _tensor("x", (1, 3, 4, 2), 0.1, -17),
         [_tensor("p", (4, 2), None, data=np.array([[0, 0], [1, 2], [2, 0], [0, 1]], np.int32), dtype="int32")],
-        _tensor("y", (1, 6, 6, 3), 0.1, -17))
+        _tensor("y", (1, 6, 6, 3), 0.1, -17),
+    )
     for i, scale in enumerate(np.exp(rng.uniform(math.log(2e-3), math.log(4.0), 10))):
         beta = (1.0, 0.5, 1.7)[i % 3]
         graphs[f"softmax-{i}-scale-{scale:.3g}-beta-{beta}"] = _single(
-            "SOFTMAX", {"beta": beta}, _tensor("x", (16, 12), scale, 0), [], _tensor("y", (16, 12), 1 / 256, -128))
+            "SOFTMAX", {"beta": beta}, _tensor("x", (16, 12), scale, 0), [], _tensor("y", (16, 12), 1 / 256, -128)
+        )
     return graphs
 
 
@@ -539,8 +717,9 @@ def test_avg_pool_add_softmax_against_python_int_reference():
         graph = graphs[name]
         o, x = graph.ops[0].options, _inputs(rng, graph, 1)[0]
         xin = _nchw(x).numpy()
-        (pt, _, pl, _), out_hw = K.same_padding(*xin.shape[2:], o["filter_h"], o["filter_w"], o["stride_h"],
-                                                o["stride_w"])
+        (pt, _, pl, _), out_hw = K.same_padding(
+            *xin.shape[2:], o["filter_h"], o["filter_w"], o["stride_h"], o["stride_w"]
+        )
         lo, hi = K.activation_range(o["fused_activation"], *_q(graph.tensors[-1]))
         want = ref_avg_pool(xin, (o["filter_h"], o["filter_w"]), (o["stride_h"], o["stride_w"]), pt, pl, out_hw, lo, hi)
         assert np.array_equal(_nchw(kernel_output(graph, graph.ops[0], {0: x})).numpy(), want), name
@@ -560,6 +739,7 @@ def test_avg_pool_add_softmax_against_python_int_reference():
 
 
 # ---------------------------------------------------------------------------------------------------- (d) TFLM, one op
+
 
 def test_synthetic_single_op_models_match_tflm():
     rng = np.random.default_rng(7)

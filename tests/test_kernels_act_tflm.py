@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedtiny.int8.kernels_act import (LOGISTIC_OUTPUT_SCALE, LOGISTIC_OUTPUT_ZERO, hard_swish_int8,
-                                      hard_swish_params, logistic_int8, logistic_params, table)
+from fedtiny.int8.kernels_act import (
+    LOGISTIC_OUTPUT_SCALE,
+    LOGISTIC_OUTPUT_ZERO,
+    hard_swish_int8,
+    hard_swish_params,
+    logistic_int8,
+    logistic_params,
+    table,
+)
 from fedtiny.int8.oracle import tflm_invoke
 from fedtiny.int8.tflite import OpDesc, TensorDesc, TFLiteGraph, write_tflite
 
@@ -21,16 +28,25 @@ LOGISTIC_CASES = [(0.1, 0), (0.05, -20), (1 / 32, 0), (0.5, -128), (0.003, 5), (
 # (x_scale, x_zero, y_scale, y_zero): reluish exponent > 0 (left shifts, with saturation at 1.0),
 # < 0 (right shifts), and output exponents of -16 and -18, where int16 RoundingDivideByPOT's
 # mask wraps and TFLM outputs y_zero +/- 1.
-HARD_SWISH_CASES = [(0.05, 0, 0.03, -10), (0.1, -128, 0.1, -128), (0.02, 30, 0.5, 3), (1.0, 0, 0.7, 0),
-                    (0.2, 17, 0.09, -100), (0.001, 0, 0.01, 0), (0.001, 0, 1.0, 0), (0.001, -7, 3.0, 5)]
+HARD_SWISH_CASES = [
+    (0.05, 0, 0.03, -10),
+    (0.1, -128, 0.1, -128),
+    (0.02, 30, 0.5, 3),
+    (1.0, 0, 0.7, 0),
+    (0.2, 17, 0.09, -100),
+    (0.001, 0, 0.01, 0),
+    (0.001, 0, 1.0, 0),
+    (0.001, -7, 3.0, 5),
+]
 
 
 def _one_op_model(op: str, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> bytes:
     def tensor(name: str, scale: float, zero: int) -> TensorDesc:
         return TensorDesc(name, SHAPE, "int8", np.array([scale], np.float32), np.array([zero], np.int64))
 
-    graph = TFLiteGraph([tensor("x", x_scale, x_zero), tensor("y", y_scale, y_zero)],
-                        [OpDesc(op, (0,), (1,), {})], (0,), (1,))
+    graph = TFLiteGraph(
+        [tensor("x", x_scale, x_zero), tensor("y", y_scale, y_zero)], [OpDesc(op, (0,), (1,), {})], (0,), (1,)
+    )
     return write_tflite(graph)
 
 

@@ -6,8 +6,8 @@ odd sizes included) gives the same integers. The training step's use of them is 
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
 from fedtiny.tools.qemu import BOARDS, missing_packages
 
 C = ROOT / "device" / "c"
@@ -15,8 +15,21 @@ C = ROOT / "device" / "c"
 
 def _host_lines(tmp_path) -> list[str]:
     exe = tmp_path / "kernel_check"
-    subprocess.run(["cc", "-std=c99", "-O3", "-DFT_KERNEL_CHECK_HOST", f"-I{C}", str(C / "kernel_check.c"),
-                    str(C / "fedtiny_kernels.c"), "-o", str(exe)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=c99",
+            "-O3",
+            "-DFT_KERNEL_CHECK_HOST",
+            f"-I{C}",
+            str(C / "kernel_check.c"),
+            str(C / "fedtiny_kernels.c"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
 
 
@@ -24,15 +37,37 @@ def _host_lines(tmp_path) -> list[str]:
 @pytest.mark.parametrize("board", ["an386", "an500"])
 def test_dsp_kernels_give_the_portable_kernels_integers(tmp_path, board):
     out = tmp_path / board
-    subprocess.run(["make", "-s", "-C", str(ROOT / "device" / "firmware"), "kernel-check", f"BOARD={board}",
-                    f"OUT={out}"], check=True, capture_output=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "device" / "firmware"), "kernel-check", f"BOARD={board}", f"OUT={out}"],
+        check=True,
+        capture_output=True,
+    )
     elf = out / "kernel-check" / "kernel_check.elf"
-    disassembly = subprocess.run(["arm-none-eabi-objdump", "-d", str(elf)], capture_output=True, text=True,
-                                 check=True).stdout
+    disassembly = subprocess.run(
+        ["arm-none-eabi-objdump", "-d", str(elf)], capture_output=True, text=True, check=True
+    ).stdout
     assert "smlad" in disassembly and "sxtb16" in disassembly  # the DSP build, not the portable loops
-    run = subprocess.run(["qemu-system-arm", "-M", BOARDS[board][0], "-nographic", "-monitor", "none", "-kernel",
-                          str(elf), "-serial", "null", "-icount", "shift=0", "-semihosting-config",
-                          "enable=on,target=native"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            "qemu-system-arm",
+            "-M",
+            BOARDS[board][0],
+            "-nographic",
+            "-monitor",
+            "none",
+            "-kernel",
+            str(elf),
+            "-serial",
+            "null",
+            "-icount",
+            "shift=0",
+            "-semihosting-config",
+            "enable=on,target=native",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout[-500:] + run.stderr[-500:]
     device = (run.stdout + run.stderr).splitlines()
     host = _host_lines(tmp_path)

@@ -14,14 +14,25 @@ import torch
 
 from fedtiny.int8 import tflite as tfl
 from fedtiny.int8.kernels import activation_range, same_padding
-from fedtiny.int8.kernels_misc import (concatenation_int8, dequantize, max_pool_int8, mean_int8, mean_params,
-                                       mul_int8, mul_params, quantize_float, quantize_int8, strided_slice_int8)
+from fedtiny.int8.kernels_misc import (
+    concatenation_int8,
+    dequantize,
+    max_pool_int8,
+    mean_int8,
+    mean_params,
+    mul_int8,
+    mul_params,
+    quantize_float,
+    quantize_int8,
+    strided_slice_int8,
+)
 from fedtiny.int8.tflite import OpDesc, TensorDesc, TFLiteGraph, write_tflite
 
 SAMPLES = 32
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _q(name: str, shape, scale: float, zero: int, dtype: str = "int8") -> TensorDesc:
     return TensorDesc(name, tuple(shape), dtype, np.array([scale], np.float32), np.array([zero], np.int64))
@@ -34,16 +45,18 @@ def _const(name: str, values) -> TensorDesc:
 
 def _model(tensors, op: str, inputs, outputs, options: dict) -> bytes:
     graph_inputs = tuple(i for i in inputs if tensors[i].data is None)
-    return write_tflite(TFLiteGraph(list(tensors), [OpDesc(op, tuple(inputs), tuple(outputs), options)],
-                                    graph_inputs, tuple(outputs)))
+    return write_tflite(
+        TFLiteGraph(list(tensors), [OpDesc(op, tuple(inputs), tuple(outputs), options)], graph_inputs, tuple(outputs))
+    )
 
 
 def _tflm_run(model: bytes, *xs: np.ndarray) -> np.ndarray:
     """TFLM's output 0 for each sample: ``xs[i][k]`` (batch dimension included) feeds graph input ``i``."""
     from tflite_micro import runtime
 
-    interpreter = runtime.Interpreter.from_bytes(model, arena_size=1 << 20,
-                                                 intrepreter_config=runtime.InterpreterConfig.kAllocationRecording)
+    interpreter = runtime.Interpreter.from_bytes(
+        model, arena_size=1 << 20, intrepreter_config=runtime.InterpreterConfig.kAllocationRecording
+    )
     out = []
     for k in range(len(xs[0])):
         for i, x in enumerate(xs):
@@ -84,10 +97,12 @@ def _differences(ours: torch.Tensor, want: np.ndarray) -> int:
 # --------------------------------------------------------------------------- MUL
 
 # (a scale, a zero, b scale, b zero, y scale, y zero, activation): real multipliers from ~1e-4 to 12.5 (shift > 0)
-MUL_QUANT = [(0.02, -3, 0.015, 7, 0.05, 2, "NONE"),
-             (0.5, 0, 0.25, -128, 0.01, -5, "NONE"),
-             (0.0078125, 127, 0.0039, -128, 0.9, 0, "RELU"),
-             (0.1, 10, 0.1, -10, 0.3, -128, "RELU6")]
+MUL_QUANT = [
+    (0.02, -3, 0.015, 7, 0.05, 2, "NONE"),
+    (0.5, 0, 0.25, -128, 0.01, -5, "NONE"),
+    (0.0078125, 127, 0.0039, -128, 0.9, 0, "RELU"),
+    (0.1, 10, 0.1, -10, 0.3, -128, "RELU6"),
+]
 # TFLite shapes of a and b: same shape, squeeze-and-excitation (b broadcast over H, W) and the other way round
 MUL_SHAPES = [((1, 5, 6, 8), (1, 5, 6, 8)), ((1, 5, 6, 8), (1, 1, 1, 8)), ((1, 1, 1, 8), (1, 5, 6, 8))]
 
@@ -110,8 +125,13 @@ def test_mul_equals_tflm(sa, za, sb, zb, sy, zy, act):
 # (x scale, x zero, y scale, y zero): equal quantization, and y scale below / above x's
 MEAN_QUANT = [(0.05, 3, 0.05, 3), (0.05, -128, 0.02, 10), (0.013, 40, 0.11, -7), (1.0, 0, 0.001, 0)]
 # (TFLite input shape, axes, keep_dims): counts 42 (not a power of two), 16, 7, 8
-MEAN_CASES = [((1, 6, 7, 8), (1, 2), True), ((1, 6, 7, 8), (1, 2), False), ((1, 4, 4, 8), (2, 1), False),
-              ((1, 6, 7, 8), (2,), True), ((1, 6, 7, 8), (-1,), False)]
+MEAN_CASES = [
+    ((1, 6, 7, 8), (1, 2), True),
+    ((1, 6, 7, 8), (1, 2), False),
+    ((1, 4, 4, 8), (2, 1), False),
+    ((1, 6, 7, 8), (2,), True),
+    ((1, 6, 7, 8), (-1,), False),
+]
 
 
 @pytest.mark.parametrize("sx,zx,sy,zy", MEAN_QUANT)
@@ -151,16 +171,32 @@ def _floats(scale: float, seed: int) -> np.ndarray:
     x = (rng.standard_normal((SAMPLES, 1, 64)) * 100 * scale).astype(np.float32)
     ties = ((rng.integers(-140, 140, (SAMPLES, 1, 16)) + 0.5) * scale).astype(np.float32)
     x[..., :16] = ties
-    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-40, -1e-40, 2.0**31 * scale,
-                      -(2.0**31) * scale, 2.0**30 * scale], np.float32)
-    x[0, 0, 16:16 + len(edges)] = edges
+    edges = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            3e38,
+            -3e38,
+            1e-40,
+            -1e-40,
+            2.0**31 * scale,
+            -(2.0**31) * scale,
+            2.0**30 * scale,
+        ],
+        np.float32,
+    )
+    x[0, 0, 16 : 16 + len(edges)] = edges
     return x
 
 
 @pytest.mark.parametrize("scale,zero", [(0.25, 0), (0.0123, -7), (0.37, 100), (1e-3, -128), (0.5, 127)])
 def test_quantize_float_to_int8_equals_tflm(scale, zero):
-    model = _model([TensorDesc("x", (1, 64), "float32", None, None), _q("y", (1, 64), scale, zero)], "QUANTIZE",
-                   (0,), (1,), {})
+    model = _model(
+        [TensorDesc("x", (1, 64), "float32", None, None), _q("y", (1, 64), scale, zero)], "QUANTIZE", (0,), (1,), {}
+    )
     x = _floats(scale, 50)
     want = _tflm_run(model, x)
     assert _differences(quantize_float(torch.from_numpy(x[:, 0]), scale, zero), want) == 0
@@ -169,8 +205,9 @@ def test_quantize_float_to_int8_equals_tflm(scale, zero):
 @pytest.mark.parametrize("scale,zero", [(0.05, 0), (0.0123, -7), (3.3e-5, 127), (17.0, -128)])
 def test_dequantize_equals_tflm_bit_for_bit(scale, zero):
     shape = (1, 4, 5, 6)
-    model = _model([_q("x", shape, scale, zero), TensorDesc("y", shape, "float32", None, None)], "DEQUANTIZE",
-                   (0,), (1,), {})
+    model = _model(
+        [_q("x", shape, scale, zero), TensorDesc("y", shape, "float32", None, None)], "DEQUANTIZE", (0,), (1,), {}
+    )
     x = _int8(shape, 60)
     want = _tflm_run(model, x)
     assert want.dtype == np.float32
@@ -182,8 +219,13 @@ def test_dequantize_equals_tflm_bit_for_bit(scale, zero):
 # --------------------------------------------------------------------------- MAX_POOL_2D
 
 # (kernel, stride, padding, activation, scale, zero)
-POOLS = [(3, 2, "SAME", "NONE", 0.05, 0), (2, 2, "VALID", "NONE", 0.05, 0), (3, 1, "SAME", "RELU", 0.02, -20),
-         (3, 2, "VALID", "RELU6", 0.03, -128), ((2, 3), (1, 2), "SAME", "RELU_N1_TO_1", 0.01, 5)]
+POOLS = [
+    (3, 2, "SAME", "NONE", 0.05, 0),
+    (2, 2, "VALID", "NONE", 0.05, 0),
+    (3, 1, "SAME", "RELU", 0.02, -20),
+    (3, 2, "VALID", "RELU6", 0.03, -128),
+    ((2, 3), (1, 2), "SAME", "RELU_N1_TO_1", 0.01, 5),
+]
 
 
 @pytest.mark.parametrize("kernel,stride,padding,act,scale,zero", POOLS)
@@ -196,8 +238,13 @@ def test_max_pool_equals_tflm(kernel, stride, padding, act, scale, zero):
     else:
         pads, (oh, ow) = (0, 0, 0, 0), ((h - kh) // sh + 1, (w - kw) // sw + 1)
     tensors = [_q("x", (n, h, w, c), scale, zero), _q("y", (n, oh, ow, c), scale, zero)]
-    model = _model(tensors, "MAX_POOL_2D", (0,), (1,), {"padding": padding, "stride_h": sh, "stride_w": sw,
-                                                         "filter_h": kh, "filter_w": kw, "fused_activation": act})
+    model = _model(
+        tensors,
+        "MAX_POOL_2D",
+        (0,),
+        (1,),
+        {"padding": padding, "stride_h": sh, "stride_w": sw, "filter_h": kh, "filter_w": kw, "fused_activation": act},
+    )
     x = _int8((n, h, w, c), 70)
     want = _tflm_run(model, x)
     lo, hi = activation_range(act, scale, zero)
@@ -205,6 +252,7 @@ def test_max_pool_equals_tflm(kernel, stride, padding, act, scale, zero):
 
 
 # --------------------------------------------------------------------------- CONCATENATION
+
 
 @pytest.mark.parametrize("axis", [3, -1, 1, 2])
 def test_concatenation_equals_tflm(axis):
@@ -237,13 +285,15 @@ def test_concatenation_of_differing_quantization_is_refused_as_tflm_refuses_it(b
 # --------------------------------------------------------------------------- STRIDED_SLICE
 
 # (begin, end, strides, begin_mask, end_mask, shrink_axis_mask) on a 1 x 8 x 9 x 6 NHWC input
-SLICES = [((0, 1, 2, 0), (1, 7, 9, 6), (1, 2, 3, 1), 0, 0, 0),
-          ((0, 5, 0, 1), (0, 0, 4, 0), (1, 1, 2, 2), 0b0001, 0b1011, 0),
-          ((0, -3, -7, -4), (1, -1, 100, -1), (1, 1, 2, 1), 0, 0, 0),
-          ((0, 2, 3, 0), (1, 3, 4, 6), (1, 1, 1, 1), 0, 0, 0b0110),
-          ((0, -1, 0, 2), (1, 0, 9, 3), (1, 1, 1, 1), 0, 0, 0b1010),
-          ((0, 6, 8, 5), (1, 0, 0, 0), (1, -2, -3, -1), 0, 0b1000, 0),
-          ((0, 0, 0, 0), (0, 0, 0, 0), (1, -1, 1, -2), 0b1111, 0b1111, 0)]
+SLICES = [
+    ((0, 1, 2, 0), (1, 7, 9, 6), (1, 2, 3, 1), 0, 0, 0),
+    ((0, 5, 0, 1), (0, 0, 4, 0), (1, 1, 2, 2), 0b0001, 0b1011, 0),
+    ((0, -3, -7, -4), (1, -1, 100, -1), (1, 1, 2, 1), 0, 0, 0),
+    ((0, 2, 3, 0), (1, 3, 4, 6), (1, 1, 1, 1), 0, 0, 0b0110),
+    ((0, -1, 0, 2), (1, 0, 9, 3), (1, 1, 1, 1), 0, 0, 0b1010),
+    ((0, 6, 8, 5), (1, 0, 0, 0), (1, -2, -3, -1), 0, 0b1000, 0),
+    ((0, 0, 0, 0), (0, 0, 0, 0), (1, -1, 1, -2), 0b1111, 0b1111, 0),
+]
 
 
 @pytest.mark.parametrize("begin,end,strides,begin_mask,end_mask,shrink", SLICES)
@@ -254,12 +304,22 @@ def test_strided_slice_equals_tflm(begin, end, strides, begin_mask, end_mask, sh
     # the slice's batch axis is the sample's own batch of 1: run ours per sample, in TFLite's order
     ours = []
     for k in range(SAMPLES):
-        y = strided_slice_int8(_nchw(x[k:k + 1]), begin, end, strides, begin_mask, end_mask, shrink)
+        y = strided_slice_int8(_nchw(x[k : k + 1]), begin, end, strides, begin_mask, end_mask, shrink)
         ours.append((y.permute(0, 2, 3, 1) if y.dim() == 4 else y).numpy())
-    tensors = [_q("x", shape, scale, zero), _const("begin", begin), _const("end", end), _const("strides", strides),
-               _q("y", ours[0].shape, scale, zero)]
-    model = _model(tensors, "STRIDED_SLICE", (0, 1, 2, 3), (4,),
-                   {"begin_mask": begin_mask, "end_mask": end_mask, "shrink_axis_mask": shrink})
+    tensors = [
+        _q("x", shape, scale, zero),
+        _const("begin", begin),
+        _const("end", end),
+        _const("strides", strides),
+        _q("y", ours[0].shape, scale, zero),
+    ]
+    model = _model(
+        tensors,
+        "STRIDED_SLICE",
+        (0, 1, 2, 3),
+        (4,),
+        {"begin_mask": begin_mask, "end_mask": end_mask, "shrink_axis_mask": shrink},
+    )
     want = _tflm_run(model, x)
     got = np.stack(ours)
     assert got.shape == want.shape and got.size > 0

@@ -6,21 +6,24 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from fedtiny.devices import PROFILES, get_profile
-from fedtiny.errors import ScenarioError
-from fedtiny.budget.memory import measure_step, memory_report, peak_sram_bytes, plan
-from fedtiny.int8.graph import QConv, replace_head
-from fedtiny.budget.schemes import parse_scheme, resolve
-
 from conftest import ROOT, SHARED_MODELS
 from test_sparse import tiny_qmodel
 
+from fedtiny.budget.memory import measure_step, memory_report, peak_sram_bytes, plan
+from fedtiny.budget.schemes import parse_scheme, resolve
+from fedtiny.devices import PROFILES, get_profile
+from fedtiny.errors import ScenarioError
+from fedtiny.int8.graph import QConv, replace_head
+
 needs_shared = pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason="../shared/models/tiny-training not present")
 
-TINY_SCHEMES = ["full", "bias-only", "last-k:2",
-                '{"n_bias_update": 9, "weight_update_idx": [5, 6, 8], "weight_update_ratio": [0.5, 0.5, 1]}',
-                '{"n_bias_update": 2, "weight_update_idx": [2], "weight_update_ratio": [0.25]}']
+TINY_SCHEMES = [
+    "full",
+    "bias-only",
+    "last-k:2",
+    '{"n_bias_update": 9, "weight_update_idx": [5, 6, 8], "weight_update_ratio": [0.5, 0.5, 1]}',
+    '{"n_bias_update": 2, "weight_update_idx": [2], "weight_update_ratio": [0.25]}',
+]
 
 
 @pytest.mark.parametrize("scheme", TINY_SCHEMES)
@@ -115,8 +118,8 @@ def test_device_profiles():
 def test_quickstart_client_fits_its_device_and_full_does_not():
     """The whole client (device.fit = "device") of the quickstart's scheme fits an nRF52832's 64 KB; the full
     update's does not, although one step of it would (the publication's count, device.fit = "step")."""
-    from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.federated.task import client_profile, cloud_model, make_task
+    from fedtiny.scenario import load_scenario, parse_overrides
     from fedtiny.server_setup import resolve_scheme
 
     for scheme, fits in (("", True), ("full", False)):
@@ -137,8 +140,8 @@ def test_device_count_holds_what_a_round_keeps():
     """Batches of 16 add the accumulators whatever device.accumulate says; momentum, a float64 residual and
     the ranking's buffers are counted; the compact residual is 2 B per int8 position and 4 per int32 one."""
     from fedtiny.budget.device_memory import ClientLoad, client_memory
-    from fedtiny.scenario import load_scenario
     from fedtiny.federated.task import client_profile, cloud_model, make_task
+    from fedtiny.scenario import load_scenario
     from fedtiny.server_setup import resolve_scheme
 
     s = load_scenario(ROOT / "scenarios" / "quickstart.toml")
@@ -166,20 +169,57 @@ def test_device_count_holds_what_a_round_keeps():
 
 def test_cli_memory(tmp_path, cli):
     scheme = '{"n_bias_update": 9, "weight_update_idx": [5, 6, 8], "weight_update_ratio": [0.5, 0.5, 1]}'
-    proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--momentum", "0.9",
-               "--fit", "step", "--json", "--plot", str(tmp_path / "m.png"))
+    proc = cli(
+        "memory",
+        "--model",
+        "tiny-ir",
+        "--scheme",
+        scheme,
+        "--device",
+        "nrf52832",
+        "--momentum",
+        "0.9",
+        "--fit",
+        "step",
+        "--json",
+        "--plot",
+        str(tmp_path / "m.png"),
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    for key in ("peak_sram_bytes", "flash_bytes", "saved_for_backward_bytes", "device", "sram_bytes", "fits",
-                "layers", "device_ram_bytes", "device_ram", "device_flash_bytes", "device_fits"):
+    for key in (
+        "peak_sram_bytes",
+        "flash_bytes",
+        "saved_for_backward_bytes",
+        "device",
+        "sram_bytes",
+        "fits",
+        "layers",
+        "device_ram_bytes",
+        "device_ram",
+        "device_flash_bytes",
+        "device_fits",
+    ):
         assert key in out
     assert out["fits"] is True and out["device"] == "nrf52832" and len(out["layers"]) > 9
     # one step fits; the whole client with momentum and a float64 residual does not (exit 3 by default)
     assert out["device_fits"] is False and out["device_ram_bytes"] == sum(out["device_ram"].values())
     proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--momentum", "0.9")
     assert proc.returncode == 3 and "device RAM" in proc.stderr
-    proc = cli("memory", "--model", "tiny-ir", "--scheme", scheme, "--device", "nrf52832", "--residual", "compact",
-               "--samples", "72", "--json")
+    proc = cli(
+        "memory",
+        "--model",
+        "tiny-ir",
+        "--scheme",
+        scheme,
+        "--device",
+        "nrf52832",
+        "--residual",
+        "compact",
+        "--samples",
+        "72",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["device_fits"] is True and out["peak_sram_bytes"] < out["device_ram_bytes"] <= 64 * 1024
@@ -193,9 +233,21 @@ def test_cli_memory(tmp_path, cli):
 
 def test_simulation_refuses_clients_whose_step_does_not_fit(tmp_path, cli):
     """A mixed fleet: the 8KB devices refuse to train, the round goes on with the others."""
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=1",
-               "--set", "model.pretrain_epochs=3", "--set", "device.profiles=nrf52832,stm32g031",
-               "--out", str(tmp_path), "--json")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=2",
+        "--set",
+        "run.rounds=1",
+        "--set",
+        "model.pretrain_epochs=3",
+        "--set",
+        "device.profiles=nrf52832,stm32g031",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["refused_clients_total"] == 1
@@ -211,8 +263,21 @@ def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
     """Nothing fits: no update crosses the radio, the run still ends with its summary."""
     import json
 
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=1",
-               "--set", "model.pretrain_epochs=1", "--set", "train.scheme=full", "--out", str(tmp_path), "--json")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=2",
+        "--set",
+        "run.rounds=1",
+        "--set",
+        "model.pretrain_epochs=1",
+        "--set",
+        "train.scheme=full",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["refused_clients_total"] == 2 and summary["uploads"] == 0
@@ -225,8 +290,9 @@ MLPERF = SHARED_MODELS.parent / "mlperf-tiny"
 
 
 @pytest.mark.parametrize("name", ["vww_96_int8", "kws_ref_model", "pretrainedResnet_quant", "ad01_int8"])
-@pytest.mark.parametrize("scheme", ["full", "last-k:3", '{"n_bias_update": 4, "weight_update_idx": [1], '
-                                    '"weight_update_ratio": [0.5]}'])
+@pytest.mark.parametrize(
+    "scheme", ["full", "last-k:3", '{"n_bias_update": 4, "weight_update_idx": [1], "weight_update_ratio": [0.5]}']
+)
 def test_planner_equals_ledger_imported_tflite(name, scheme):
     """Any graph (residual ADDs, FC-only, reshapes, windowed pools, non-square kernels): planner == real step."""
     from fedtiny.int8.tfl_convert import read_tflite_model

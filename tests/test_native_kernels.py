@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_c_library
+
 from fedtiny.int8 import kernels as K
 from fedtiny.int8 import native
 
@@ -53,20 +53,32 @@ def test_requantize_clamp_equals_multiply_by_quantized_multiplier(built):
     m = torch.tensor([2**30, 2**30 + 1, 2**31 - 1, 1518500250, 2**30 + 7])
     s = torch.tensor([0, -1, -5, -12, 3])
     x = torch.arange(-70000, 70000).view(1, 1, -1).expand(1, 5, -1).contiguous()
-    y, mask = native.requantize_clamp(x.double(), m.int(), s.int(), 0, -2**31, 2**31 - 1, want_mask=False)
+    y, mask = native.requantize_clamp(x.double(), m.int(), s.int(), 0, -(2**31), 2**31 - 1, want_mask=False)
     assert mask is None
-    assert torch.equal(y.long(), _reference(x, m, s, 0, -2**31, 2**31 - 1)[0])
+    assert torch.equal(y.long(), _reference(x, m, s, 0, -(2**31), 2**31 - 1)[0])
     assert compared > 10_000
 
 
 def test_contract_violations_fall_back(built):
     acc = torch.zeros(1, 2, 4)
-    assert native.requantize_clamp(acc, torch.tensor([-1, 5], dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-                                   0, -128, 127, False) is None  # a negative multiplier: not TFLite's
-    assert native.requantize_clamp(acc, torch.ones(2, dtype=torch.int32), torch.tensor([0, 40], dtype=torch.int32),
-                                   0, -128, 127, False) is None
-    assert native.requantize_clamp(acc.long(), torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-                                   0, -128, 127, False) is None
+    assert (
+        native.requantize_clamp(
+            acc, torch.tensor([-1, 5], dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 0, -128, 127, False
+        )
+        is None
+    )  # a negative multiplier: not TFLite's
+    assert (
+        native.requantize_clamp(
+            acc, torch.ones(2, dtype=torch.int32), torch.tensor([0, 40], dtype=torch.int32), 0, -128, 127, False
+        )
+        is None
+    )
+    assert (
+        native.requantize_clamp(
+            acc.long(), torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 0, -128, 127, False
+        )
+        is None
+    )
 
 
 def test_add_clamp_equals_add_int8(built):

@@ -12,9 +12,20 @@ import torch
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.kernels import quantize_multiplier
-from fedtiny.int8.kernels_act import (TANH_OUTPUT_SCALE, TANH_OUTPUT_ZERO, ReluParams, leaky_relu_int8,
-                                      leaky_relu_params, relu6_int8, relu6_params, relu_int8, relu_params, table,
-                                      tanh_int8, tanh_params)
+from fedtiny.int8.kernels_act import (
+    TANH_OUTPUT_SCALE,
+    TANH_OUTPUT_ZERO,
+    ReluParams,
+    leaky_relu_int8,
+    leaky_relu_params,
+    relu6_int8,
+    relu6_params,
+    relu_int8,
+    relu_params,
+    table,
+    tanh_int8,
+    tanh_params,
+)
 from fedtiny.int8.oracle import tflm_invoke
 from fedtiny.int8.tflite import OpDesc, TensorDesc, TFLiteGraph, check_supported, read_tflite, write_tflite
 
@@ -24,32 +35,60 @@ SHAPE = (1, 4, 4, 8)
 # clamped at -128; a clamp at y_zero = 127 (every output 127); a ratio whose float32 quotient (2.5) and
 # double one (2.49999996) round odd inputs differently (TFLM's is the double); a ratio of 1e5 (a left
 # shift of 17: the int32 product wraps, in TFLM as here).
-RELU_CASES = [(0.05, -10, 0.05, -10), (0.05, 0, 0.03, -128), (0.1, 20, 0.2, 5), (0.02, -128, 0.01, -128),
-              (0.5, 100, 0.3, 127), (0.25, 0, 0.1, -128), (1.0, 0, 1e-5, 3)]
+RELU_CASES = [
+    (0.05, -10, 0.05, -10),
+    (0.05, 0, 0.03, -128),
+    (0.1, 20, 0.2, 5),
+    (0.02, -128, 0.01, -128),
+    (0.5, 100, 0.3, 127),
+    (0.25, 0, 0.1, -128),
+    (1.0, 0, 1e-5, 3),
+]
 # six = x_zero + round(6 / x_scale), clamped to int8: inside (110, 100), above 127, below x_zero's
 # neighbours (-116), equal to x_zero (scale 20); one output quantized differently (TFLM ignores it).
-RELU6_CASES = [(0.05, -10, 0.05, -10), (0.03, -100, 0.03, -100), (0.01, 0, 0.01, 0), (0.1, 0, 0.2, 5),
-               (0.5, -128, 0.5, -128), (20.0, 3, 20.0, 3)]
+RELU6_CASES = [
+    (0.05, -10, 0.05, -10),
+    (0.03, -100, 0.03, -100),
+    (0.01, 0, 0.01, 0),
+    (0.1, 0, 0.2, 5),
+    (0.5, -128, 0.5, -128),
+    (20.0, 3, 20.0, 3),
+]
 # (x_scale, x_zero, y_scale, y_zero, alpha): usual alphas, a negative one (TFLM negates the magnitude's
 # product; its multipliers, 0.625 and 1.25 as float32 quotients, sit just above them in double, where ties
 # round the other way), 0, above 1, tiny (its multiplier shift is -40: flushed to 0), and a wrapping
 # identity multiplier.
-LEAKY_RELU_CASES = [(0.05, 0, 0.05, 0, 0.1), (0.05, -10, 0.03, 20, 0.2), (0.1, 5, 0.08, -30, -0.5),
-                    (0.02, 0, 0.02, 0, 0.0), (0.02, 0, 0.04, 0, 2.0), (0.01, 30, 0.02, -100, 1e-3),
-                    (0.01, 3, 0.01, 3, 1e-12), (1.0, 0, 1e-5, 0, 0.3)]
+LEAKY_RELU_CASES = [
+    (0.05, 0, 0.05, 0, 0.1),
+    (0.05, -10, 0.03, 20, 0.2),
+    (0.1, 5, 0.08, -30, -0.5),
+    (0.02, 0, 0.02, 0, 0.0),
+    (0.02, 0, 0.04, 0, 2.0),
+    (0.01, 30, 0.02, -100, 1e-3),
+    (0.01, 3, 0.01, 3, 1e-12),
+    (1.0, 0, 1e-5, 0, 0.3),
+]
 # (x_scale, x_zero, y_scale, y_zero): radius 15 (0.5), wider than int8 (0.003), 0 (20.0: every input
 # saturates); the last output is quantized otherwise, which TFLM accepts and ignores.
-TANH_CASES = [(0.1, 0, TANH_OUTPUT_SCALE, TANH_OUTPUT_ZERO), (0.05, -20, TANH_OUTPUT_SCALE, 0),
-              (1 / 32, 0, TANH_OUTPUT_SCALE, 0), (0.5, -128, TANH_OUTPUT_SCALE, 0), (0.003, 5, TANH_OUTPUT_SCALE, 0),
-              (0.0123, 127, TANH_OUTPUT_SCALE, 0), (20.0, 3, TANH_OUTPUT_SCALE, 0), (0.05, 0, 0.03, -5)]
+TANH_CASES = [
+    (0.1, 0, TANH_OUTPUT_SCALE, TANH_OUTPUT_ZERO),
+    (0.05, -20, TANH_OUTPUT_SCALE, 0),
+    (1 / 32, 0, TANH_OUTPUT_SCALE, 0),
+    (0.5, -128, TANH_OUTPUT_SCALE, 0),
+    (0.003, 5, TANH_OUTPUT_SCALE, 0),
+    (0.0123, 127, TANH_OUTPUT_SCALE, 0),
+    (20.0, 3, TANH_OUTPUT_SCALE, 0),
+    (0.05, 0, 0.03, -5),
+]
 
 
 def _one_op_model(op: str, x_scale: float, x_zero: int, y_scale: float, y_zero: int, **options) -> bytes:
     def tensor(name: str, scale: float, zero: int) -> TensorDesc:
         return TensorDesc(name, SHAPE, "int8", np.array([scale], np.float32), np.array([zero], np.int64))
 
-    graph = TFLiteGraph([tensor("x", x_scale, x_zero), tensor("y", y_scale, y_zero)],
-                        [OpDesc(op, (0,), (1,), options)], (0,), (1,))
+    graph = TFLiteGraph(
+        [tensor("x", x_scale, x_zero), tensor("y", y_scale, y_zero)], [OpDesc(op, (0,), (1,), options)], (0,), (1,)
+    )
     return write_tflite(graph)
 
 
@@ -153,8 +192,14 @@ def test_prepare_constraints_match_tflm():
         tflm_invoke(relu_n1, x)
     with pytest.raises(ModelFileError, match="RELU_N1_TO_1, which fedtiny does not support"):
         check_supported(read_tflite(relu_n1), "relu_n1")
-    alpha = TensorDesc("alpha", (1, 1, 8), "int8", np.array([0.01], np.float32), np.array([0], np.int64),
-                       data=np.full((1, 1, 8), 10, np.int8))
+    alpha = TensorDesc(
+        "alpha",
+        (1, 1, 8),
+        "int8",
+        np.array([0.01], np.float32),
+        np.array([0], np.int64),
+        data=np.full((1, 1, 8), 10, np.int8),
+    )
     g = read_tflite(_one_op_model("RELU", 0.05, 0, 0.05, 0))
     g.tensors.append(alpha)
     g.ops[0].op, g.ops[0].inputs = "PRELU", (0, 2)
@@ -170,8 +215,12 @@ def test_the_lookups_backward_is_their_tables_central_difference():
     from fedtiny.int8.ops.lookup import lookup_slope
 
     gen = torch.Generator().manual_seed(0)
-    for m in (QRelu(0.05, -10, 0.04, -20), QRelu6(0.05, -10, 0.05, -10), QTanh(0.05, 0, 1 / 128, 0),
-              QLeakyRelu(0.05, 0, 0.04, 5, alpha=0.25)):
+    for m in (
+        QRelu(0.05, -10, 0.04, -20),
+        QRelu6(0.05, -10, 0.05, -10),
+        QTanh(0.05, 0, 1 / 128, 0),
+        QLeakyRelu(0.05, 0, 0.04, 5, alpha=0.25),
+    ):
         table, slope = m.tables()
         assert torch.equal(slope, lookup_slope(table)) and slope.dtype == torch.float32
         x = torch.randint(-128, 128, (3, 4, 2, 2), generator=gen).float().requires_grad_(True)
@@ -182,19 +231,21 @@ def test_the_lookups_backward_is_their_tables_central_difference():
         assert torch.equal(gx, g * slope[x.detach().long() + 128])
     _, slope = QRelu6(0.05, -10, 0.05, -10).tables()  # clamp to [-10, 110]
     assert slope[-10 + 128] == 0.5 and slope[110 + 128] == 0.5
-    assert slope[-9 + 128:110 + 128].eq(1).all() and slope[:-10 + 128].eq(0).all() and slope[111 + 128:].eq(0).all()
+    assert slope[-9 + 128 : 110 + 128].eq(1).all() and slope[: -10 + 128].eq(0).all() and slope[111 + 128 :].eq(0).all()
 
 
 # ---------------------------------------------------------------- in a graph
+
 
 def _with_activations():
     """``test_ops_tflm._se_net()`` with the four ops spliced in after convolutions:
     conv4 -> tanh0 -> relu6_0 -> sigmoid0 (RELU6 clamps TANH's negative half),
     conv5 -> leakyrelu0 -> hardswish0, and pool1 -> relu0 -> classifier (each reader reading the new quantization).
     """
+    from test_ops_tflm import _se_net
+
     from fedtiny.int8.graph import QModel
     from fedtiny.int8.ops.activations import QLeakyRelu, QRelu, QRelu6, QTanh
-    from test_ops_tflm import _se_net
 
     q = _se_net()
     ops = []
@@ -231,9 +282,10 @@ def spliced():
 
 
 def test_the_spliced_net_equals_tflm_on_every_tensor(spliced, tmp_path):
+    from test_ops_tflm import _tflm_differences
+
     from fedtiny.int8.modelfile import load_qmodel, save_qmodel
     from fedtiny.int8.tfl_convert import export_tflite, from_tflite
-    from test_ops_tflm import _tflm_differences
 
     data = export_tflite(spliced, tmp_path / "act.tflite").read_bytes()
     g = read_tflite(data)
@@ -276,13 +328,20 @@ def test_the_exact_steps_gradient_crosses_the_activations(spliced):
 def test_tanh_and_leaky_relu_layers_trace_to_their_ops():
     """nn.Tanh and nn.LeakyReLU in a PyTorch model become TANH and LEAKY_RELU ops that TFLM runs identically."""
     import torch.nn as nn
+    from test_ops_tflm import _tflm_differences
 
     from fedtiny.int8.convert import ptq
     from fedtiny.int8.tfl_convert import export_tflite
-    from test_ops_tflm import _tflm_differences
 
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     torch.manual_seed(0)
     q = ptq(net, np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32))
     assert [n.op for n in q.nodes] == ["conv0", "tanh0", "conv1", "leaky_relu0", "pool", "classifier"]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT
+from test_tflm_exact import _as_tflite, _nchw, _random_inputs
 
 from fedtiny.int8.convert import ptq
 from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
 from fedtiny.int8.tfl_convert import export_tflite, from_tflite
 from fedtiny.int8.tflite import read_tflite
-from conftest import ROOT
-from test_tflm_exact import _as_tflite, _nchw, _random_inputs
 
 
 def _tflm_differences(data: bytes) -> tuple[int, int]:
@@ -31,8 +31,9 @@ def _tflm_differences(data: bytes) -> tuple[int, int]:
     for seed in (1, 2):
         x1 = _random_inputs(shape, 1, seed)
         ref, ours = tflm_tensors(data, x1), model.int8_tensors(_nchw(x1))
-        every += sum(int((_as_tflite(ours[t], ref[i].shape) != ref[i]).sum()) for i, t in names.items()
-                     if i not in padded)
+        every += sum(
+            int((_as_tflite(ours[t], ref[i].shape) != ref[i]).sum()) for i, t in names.items() if i not in padded
+        )
     return logits, every
 
 
@@ -118,14 +119,17 @@ def test_squeeze_reads_as_a_reshape(tmp_path):
     g.tensors += [flat, back, shape]
     n = len(g.tensors)
     g.ops[k + 1].inputs = (n - 2, *g.ops[k + 1].inputs[1:])
-    g.ops[k + 1:k + 1] = [OpDesc("SQUEEZE", (g.ops[k].outputs[0],), (n - 3,), {"squeeze_dims": [1, 2]}),
-                          OpDesc("RESHAPE", (n - 3, n - 1), (n - 2,), {"new_shape": list(pooled.shape)})]
+    g.ops[k + 1 : k + 1] = [
+        OpDesc("SQUEEZE", (g.ops[k].outputs[0],), (n - 3,), {"squeeze_dims": [1, 2]}),
+        OpDesc("RESHAPE", (n - 3, n - 1), (n - 2,), {"new_shape": list(pooled.shape)}),
+    ]
     data = write_tflite(g)
     assert [op.op for op in read_tflite(data).ops].count("SQUEEZE") == 1
     assert _tflm_differences(data) == (0, 0)
 
 
 # ---------------------------------------------------------------- the common MCU operators
+
 
 def _se_net(size: int = 16):
     import sys
@@ -167,8 +171,9 @@ def _spliced(q):
             c = q.classifier
             c.qparams[0], c.qparams[1] = hs_scale * 0.75, hs_zero + 3  # the head reads the mean's quantization
         ops.append((m, inputs))
-    return QModel(ops, *[float(v) for v in q.input_params[:2]], *[float(v) for v in q.input_params[2:]],
-                  input_shape=q.input_shape)
+    return QModel(
+        ops, *[float(v) for v in q.input_params[:2]], *[float(v) for v in q.input_params[2:]], input_shape=q.input_shape
+    )
 
 
 def test_pytorch_operators_trace_export_and_equal_tflm(tmp_path):
@@ -315,8 +320,9 @@ def test_a_new_op_kind_is_one_module_and_one_registration(tmp_path):
             return (torch.round(y / self.y_scale) + self.y_zero).clamp(-128, 127).to(torch.int64)
 
     if kind_for_tflite("ELU") is None:
-        register(OpKind("test-elu", QElu, ("ELU",), read=_reader(QElu, "elu"), write=_writer("ELU"),
-                        build=_builder(QElu)))
+        register(
+            OpKind("test-elu", QElu, ("ELU",), read=_reader(QElu, "elu"), write=_writer("ELU"), build=_builder(QElu))
+        )
     q = _se_net()
     ops = []
     for node in q.nodes:

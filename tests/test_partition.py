@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from fedtiny.errors import ScenarioError
-
 from fedtiny.data import partition_indices
+from fedtiny.errors import ScenarioError
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,15 @@ def test_round_trip_and_exact_size():
     assert np.array_equal(out["a"], arrays(1.5)["a"]) and np.array_equal(out["b"], arrays(1.5)["b"])
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"\x00" * 39, "39 bytes, expected 40"),
-    (b"\x00" * 44, "44 bytes, expected 40"),
-    (np.full(10, np.nan, np.float32).tobytes(), "non-finite"),
-    ("not bytes", "must be bytes"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\x00" * 39, "39 bytes, expected 40"),
+        (b"\x00" * 44, "44 bytes, expected 40"),
+        (np.full(10, np.nan, np.float32).tobytes(), "non-finite"),
+        ("not bytes", "must be bytes"),
+    ],
+)
 def test_bad_payloads_are_refused(data, reason):
     with pytest.raises(PayloadError, match=reason):
         unpack_dense(data, SPEC)
@@ -59,8 +62,11 @@ def test_aggregate_of_nothing_valid_leaves_no_model():
 
 def test_integer_tensors_keep_their_device_dtype():
     spec = [("w", (2, 2), "int8"), ("b", (2,), "int32"), ("s", (2,), "float32")]
-    arrays = {"w": np.array([[-127, 5], [0, 127]], np.int8), "b": np.array([-(2**31), 2**31 - 1], np.int32),
-              "s": np.array([0.5, 0.25], np.float32)}
+    arrays = {
+        "w": np.array([[-127, 5], [0, 127]], np.int8),
+        "b": np.array([-(2**31), 2**31 - 1], np.int32),
+        "s": np.array([0.5, 0.25], np.float32),
+    }
     data = pack_dense(arrays, spec)
     assert len(data) == 4 + 8 + 8
     out = unpack_dense(data, spec)

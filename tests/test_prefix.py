@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT as REPO
+from conftest import SHARED_MODELS
 
 from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
 from fedtiny.compress.dense import pack_dense
 from fedtiny.compress.downlink import FULL
 from fedtiny.data.sources import load_source
 from fedtiny.federated.client import local_round
-from fedtiny.server_setup import server_task
 from fedtiny.federated.task import client_profile
 from fedtiny.federated.train import evaluate, pretrain, seeded, train_local
 from fedtiny.int8.convert import ptq
@@ -22,8 +23,7 @@ from fedtiny.int8.prefix import STATE_PREFIX, PrefixStore, prefix_cache
 from fedtiny.models import build_model, load_arrays, model_arrays
 from fedtiny.scenario import load_scenario
 from fedtiny.search.contrib import AnalysisSettings, analyse
-
-from conftest import ROOT as REPO, SHARED_MODELS
+from fedtiny.server_setup import server_task
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +37,27 @@ def digits_model():
 def _train(model, state, data, scheme: str, prefixes):
     load_arrays(model, state)
     apply_scheme(model, resolve(parse_scheme(scheme), model))
-    fit = train_local(model, data, epochs=2, batch_size=16, lr=0.05, optimizer="sgd+qas", gen=seeded(3, 1, 0),
-                      gradients="exact", prefixes=prefixes)
+    fit = train_local(
+        model,
+        data,
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        optimizer="sgd+qas",
+        gen=seeded(3, 1, 0),
+        gradients="exact",
+        prefixes=prefixes,
+    )
     return fit, evaluate(model, data, prefixes=prefixes), model_arrays(model)
 
 
-@pytest.mark.parametrize("scheme, start, boundary", [
-    ("last-k:3", 7, ("conv5",)),
-    ("last-k:2", 8, ("conv6", "conv5")),  # inside a residual block: the skip crosses into the trained part
-])
+@pytest.mark.parametrize(
+    "scheme, start, boundary",
+    [
+        ("last-k:3", 7, ("conv5",)),
+        ("last-k:2", 8, ("conv6", "conv5")),  # inside a residual block: the skip crosses into the trained part
+    ],
+)
 def test_training_from_the_prefix_is_the_uncached_training_bit_for_bit(digits_model, scheme, start, boundary):
     model, data = digits_model
     data = type(data)(data.x[:200], data.y[:200], data.num_classes, "digits")
@@ -93,10 +105,12 @@ def test_a_damaged_prefix_in_a_client_state_is_recomputed(digits_model):
     ref = _train(model, state, data, "last-k:3", store)
     kept = store.to_state()
     assert {k.split("/", 2)[2] for k in kept} == {"key", "start", "t/conv5"}
-    for damage in ({"prefix/0/t/conv5": kept["prefix/0/t/conv5"][:7]},  # rows missing
-                   {"prefix/0/start": np.array([3])},  # another start under the same key
-                   {"prefix/0/key": np.frombuffer(b"\xff\xfe", np.uint8)},  # not text
-                   {"prefix/0/t/conv9": kept["prefix/0/t/conv5"]}):  # a tensor the boundary does not have
+    for damage in (
+        {"prefix/0/t/conv5": kept["prefix/0/t/conv5"][:7]},  # rows missing
+        {"prefix/0/start": np.array([3])},  # another start under the same key
+        {"prefix/0/key": np.frombuffer(b"\xff\xfe", np.uint8)},  # not text
+        {"prefix/0/t/conv9": kept["prefix/0/t/conv5"]},
+    ):  # a tensor the boundary does not have
         loaded = PrefixStore.from_state({**kept, **damage})
         got = _train(model, state, data, "last-k:3", loaded)
         assert all(np.array_equal(got[2][k], ref[2][k]) for k in ref[2])
@@ -126,7 +140,9 @@ def test_client_rounds_keep_their_prefix_and_send_the_same_bytes():
     assert {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}.keys() == ref_state.keys()
 
 
-def test_the_contribution_analysis_measures_the_same_gains_from_prefixes_in_any_number_of_processes(tmp_path, monkeypatch, digits_model):
+def test_the_contribution_analysis_measures_the_same_gains_from_prefixes_in_any_number_of_processes(
+    tmp_path, monkeypatch, digits_model
+):
     model, data = digits_model
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
     train = type(data)(data.x[:120], data.y[:120], 10, "t")
@@ -151,11 +167,31 @@ def test_a_simulation_writes_the_same_metrics_with_and_without_prefixes(tmp_path
     runs = {}
     for flag in ("0", "1"):
         out = tmp_path / f"cache-{flag}"
-        proc = subprocess.run([sys.executable, "-m", "fedtiny.tools.cli", "run", "scenarios/quickstart.toml",
-                               "--set", "train.scheme=last-k:3", "--set", "run.rounds=2", "--set", "run.clients=4",
-                               "--set", "run.clients_per_round=3", "--out", str(out), "--json"],
-                              cwd=REPO, env={**os.environ, "FEDTINY_PREFIX_CACHE": flag}, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedtiny.tools.cli",
+                "run",
+                "scenarios/quickstart.toml",
+                "--set",
+                "train.scheme=last-k:3",
+                "--set",
+                "run.rounds=2",
+                "--set",
+                "run.clients=4",
+                "--set",
+                "run.clients_per_round=3",
+                "--out",
+                str(out),
+                "--json",
+            ],
+            cwd=REPO,
+            env={**os.environ, "FEDTINY_PREFIX_CACHE": flag},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         for line in lines:
@@ -165,10 +201,13 @@ def test_a_simulation_writes_the_same_metrics_with_and_without_prefixes(tmp_path
 
 
 @pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason="../shared/models not present")
-@pytest.mark.parametrize("model, scheme, extra", [
-    ("mcunet-5fps", "s3", []),
-    (str(SHARED_MODELS.parent / "mlperf-tiny" / "vww_96_int8.tflite"), "last-k:4", ["--set", "data.image_size=96"]),
-])
+@pytest.mark.parametrize(
+    "model, scheme, extra",
+    [
+        ("mcunet-5fps", "s3", []),
+        (str(SHARED_MODELS.parent / "mlperf-tiny" / "vww_96_int8.tflite"), "last-k:4", ["--set", "data.image_size=96"]),
+    ],
+)
 def test_bench_round_on_published_models_sends_identical_updates(cli, model, scheme, extra):
     proc = cli("bench", "round", "--model", model, "--scheme", scheme, "--repeat", "1", *extra, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,12 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import ROOT, client_replies
 
 from fedtiny.federated.aggregate import CentralDP, ClientUpdate, aggregate
 from fedtiny.privacy.dp import clip_change, dp_epsilon, gaussian_epsilon, noise_for_epsilon
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-
-from conftest import ROOT, client_replies
 
 QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
 
@@ -67,10 +66,8 @@ def test_central_dp_clips_each_change_before_the_noise():
     mean = aggregate(updates, decode, shapes, dp=dp).arrays["w"]
     # clipped in real units (unit 0.5: 100 -> 1 / 0.5 = 2 stored units), the small one untouched, unweighted
     np.testing.assert_allclose(mean, np.array([2.0, 2.0, 0.0, 0.1]) / 3)
-    noisy = aggregate(updates, decode, shapes,
-                      dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
-    again = aggregate(updates, decode, shapes,
-                      dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
+    noisy = aggregate(updates, decode, shapes, dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
+    again = aggregate(updates, decode, shapes, dp=CentralDP(1.0, 0.5, 3, units, np.random.default_rng(7))).arrays["w"]
     np.testing.assert_array_equal(noisy, again)
     assert not np.allclose(noisy, mean)
 
@@ -90,13 +87,26 @@ def _federate(overrides, rounds=2, on_round=()):
     from server.strategy import FedTinyStrategy
 
     # a 256 KB device: dense positions and fp32 values need more RAM for the update than a 64 KB one has
-    scenario = load_scenario(QUICKSTART, parse_overrides(["run.clients=4", "model.pretrain_epochs=3",
-                                                          'compression.downlink="full"',
-                                                          'device.profiles=["mcu-256kb"]', *overrides]))
+    scenario = load_scenario(
+        QUICKSTART,
+        parse_overrides(
+            [
+                "run.clients=4",
+                "model.pretrain_epochs=3",
+                'compression.downlink="full"',
+                'device.profiles=["mcu-256kb"]',
+                *overrides,
+            ]
+        ),
+    )
     task, initial, _, schemes = server_task(scenario, progress=None)
-    strategy = FedTinyStrategy(task, {p: 100 + p for p in range(4)},
-                               GlobalModel(initial, [n for n, *_ in task.uplink_spec]), schemes=schemes,
-                               on_round=on_round)
+    strategy = FedTinyStrategy(
+        task,
+        {p: 100 + p for p in range(4)},
+        GlobalModel(initial, [n for n, *_ in task.uplink_spec]),
+        schemes=schemes,
+        on_round=on_round,
+    )
     record, states, payloads = bytes_record(pack_dense(initial, task.downlink_spec)), {p: {} for p in range(4)}, {}
     for rnd in range(1, rounds + 1):
         sent = list(strategy.configure_train(rnd, record, None, None))
@@ -104,8 +114,9 @@ def _federate(overrides, rounds=2, on_round=()):
         for m in sent:
             pid = m.metadata.dst_node_id - 100
             (job,) = train_jobs(m.content, pid)
-            results[pid], states[pid] = local_round(scenario, pid, rnd, job.downlink, kind=job.kind,
-                                                    scheme=job.scheme, state=states[pid])
+            results[pid], states[pid] = local_round(
+                scenario, pid, rnd, job.downlink, kind=job.kind, scheme=job.scheme, state=states[pid]
+            )
             payloads[(rnd, pid)] = (results[pid].update, job)
         record, _ = strategy.aggregate_train(rnd, client_replies(strategy, sent, results))
     return task, strategy, payloads
@@ -116,9 +127,18 @@ def test_local_dp_clipping_bounds_every_sent_change(flower_task_identity):
 
     Every client's change lands on the bound: its training step was larger, so the clip was active.
     """
-    task, strategy, payloads = _federate(['compression.values="fp32"', "compression.density=1.0",
-                                          "compression.error_feedback=false", "train.lr=0.2", 'privacy.dp="local"',
-                                          "privacy.clip_norm=0.05", "privacy.noise_multiplier=1e-9"], rounds=1)
+    task, strategy, payloads = _federate(
+        [
+            'compression.values="fp32"',
+            "compression.density=1.0",
+            "compression.error_feedback=false",
+            "train.lr=0.2",
+            'privacy.dp="local"',
+            "privacy.clip_norm=0.05",
+            "privacy.noise_multiplier=1e-9",
+        ],
+        rounds=1,
+    )
     norms = []
     for (rnd, pid), (payload, job) in payloads.items():
         decoded = strategy.client_view(pid).uplink.decode(payload, {})
@@ -148,8 +168,9 @@ def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_
         scenario = load_scenario(QUICKSTART, parse_overrides([*attack, f'attack.observe="{mode}"']))
         seen[mode] = ObservationRecorder(scenario.attack)
         outcomes = []
-        task, strategy, payloads = _federate([*attack, f'attack.observe="{mode}"'], rounds=1,
-                                             on_round=[seen[mode], outcomes.append])
+        task, strategy, payloads = _federate(
+            [*attack, f'attack.observe="{mode}"'], rounds=1, on_round=[seen[mode], outcomes.append]
+        )
     client, aggregate = seen["client"].observed, seen["aggregate"].observed
     assert [o["partition_id"] for o in client] == [0, 1, 2, 3]
     # "both" keeps the same two kinds of observation, told apart by the aggregate's members
@@ -174,12 +195,32 @@ def test_an_aggregate_observer_sees_only_the_rounds_combined_change(flower_task_
 def test_the_privacy_report_scores_client_and_aggregate_observations_apart():
     from fedtiny.attack.fleet import _means, privacy_figures
 
-    attacks = [{"observed": "client", "mean_psnr_db": 20.0, "mean_ssim": 0.5, "label_accuracy": 1.0,
-                "match_cosine_at_truth": 1.0, "change_lsb": 0.1},
-               {"observed": "client", "mean_psnr_db": 10.0, "mean_ssim": 0.1, "label_accuracy": 0.0,
-                "match_cosine_at_truth": 0.5, "change_lsb": 0.3},
-               {"observed": "aggregate of 0,1", "mean_psnr_db": 6.0, "mean_ssim": 0.0, "label_accuracy": 0.5,
-                "match_cosine_at_truth": 0.9, "change_lsb": 0.2}]
+    attacks = [
+        {
+            "observed": "client",
+            "mean_psnr_db": 20.0,
+            "mean_ssim": 0.5,
+            "label_accuracy": 1.0,
+            "match_cosine_at_truth": 1.0,
+            "change_lsb": 0.1,
+        },
+        {
+            "observed": "client",
+            "mean_psnr_db": 10.0,
+            "mean_ssim": 0.1,
+            "label_accuracy": 0.0,
+            "match_cosine_at_truth": 0.5,
+            "change_lsb": 0.3,
+        },
+        {
+            "observed": "aggregate of 0,1",
+            "mean_psnr_db": 6.0,
+            "mean_ssim": 0.0,
+            "label_accuracy": 0.5,
+            "match_cosine_at_truth": 0.9,
+            "change_lsb": 0.2,
+        },
+    ]
     report = {**_means(attacks[:2]), "aggregate": _means(attacks[2:])}
     figures = privacy_figures(report)
     assert figures["privacy_mean_psnr_db"] == 15.0 and figures["privacy_label_accuracy"] == 0.5
@@ -206,13 +247,26 @@ def test_the_privacy_table_carries_seeds_intervals_aggregate_columns_and_epsilon
     from fedtiny.report.sweep import combine_seeds
 
     def run(seed, psnr, eps):
-        return {"seed": seed, "final_accuracy": 0.9 + seed / 100, "uplink_bytes_total": 1000, "wall_time_s": 1.0,
-                "peak_sram_bytes_max": 4096, "privacy_mean_psnr_db": psnr + seed, "privacy_mean_ssim": 0.5,
-                "privacy_label_accuracy": 1.0, "privacy_match_cosine": 1.0, "privacy_change_lsb": 0.1,
-                "privacy_aggregate_mean_psnr_db": 6.0 + seed, "dp_epsilon": eps, "precision": "int8"}
+        return {
+            "seed": seed,
+            "final_accuracy": 0.9 + seed / 100,
+            "uplink_bytes_total": 1000,
+            "wall_time_s": 1.0,
+            "peak_sram_bytes_max": 4096,
+            "privacy_mean_psnr_db": psnr + seed,
+            "privacy_mean_ssim": 0.5,
+            "privacy_label_accuracy": 1.0,
+            "privacy_match_cosine": 1.0,
+            "privacy_change_lsb": 0.1,
+            "privacy_aggregate_mean_psnr_db": 6.0 + seed,
+            "dp_epsilon": eps,
+            "precision": "int8",
+        }
 
-    summaries = {"plain": combine_seeds([run(s, 20.0, None) for s in range(3)]),
-                 "dp": combine_seeds([run(s, 6.0, 7.97) for s in range(3)])}
+    summaries = {
+        "plain": combine_seeds([run(s, 20.0, None) for s in range(3)]),
+        "dp": combine_seeds([run(s, 6.0, 7.97) for s in range(3)]),
+    }
     table = privacy_table(summaries).splitlines()
     assert "aggregate PSNR (dB)" in table[0] and table[0].rstrip(" |").endswith("epsilon")
     plain, dp = table[2], table[3]
@@ -220,30 +274,60 @@ def test_the_privacy_table_carries_seeds_intervals_aggregate_columns_and_epsilon
     assert "| 21.00 ± 2.48 |" in plain and "| 7.00 ± 2.48 |" in plain and plain.endswith("| inf (no DP) |")
     assert dp.endswith("| 7.97 |") and "4,096" in dp and "Mean over 3 seeds" in "\n".join(table)
     assert "| images >= 25 dB |" in table[0] and "bound at true positions" not in table[0]
-    trap = combine_seeds([{**run(s, 12.0, None), "privacy_oracle_psnr_db": 20.0, "privacy_leaked_blocks": 0.1,
-                           "privacy_frac_psnr_25db": 0.0, "privacy_flat_psnr_db": 15.0, "refused_clients_total": 0}
-                          for s in range(3)])
+    trap = combine_seeds(
+        [
+            {
+                **run(s, 12.0, None),
+                "privacy_oracle_psnr_db": 20.0,
+                "privacy_leaked_blocks": 0.1,
+                "privacy_frac_psnr_25db": 0.0,
+                "privacy_flat_psnr_db": 15.0,
+                "refused_clients_total": 0,
+            }
+            for s in range(3)
+        ]
+    )
     rows = privacy_table({"malicious": trap}).splitlines()
     assert "bound at true positions (dB)" in rows[0] and "| 20.00 ± 0.00 | 0.100 ± 0.000 |" in rows[2]
     assert "| 15.00 ± 0.00 | 0.00 ± 0.00 |" in rows[2]
     for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
         assert plot_privacy(summaries, tmp_path / file, x_key, xlabel, logx).stat().st_size > 0
     attacks = [{"observed": "client", "change_lsb": 0.5, "mean_psnr_db": 7.0}]
-    assert plot_attacks_vs_lsb({"plain": [{"attacks": attacks}]}, {"plain": "int8"},
-                               tmp_path / "lsb.png").stat().st_size > 0
+    assert (
+        plot_attacks_vs_lsb({"plain": [{"attacks": attacks}]}, {"plain": "int8"}, tmp_path / "lsb.png").stat().st_size
+        > 0
+    )
 
 
 def test_the_rounds_table_splits_attacks_by_round_with_seed_intervals():
     from fedtiny.report.plots import privacy_rounds_table
 
     def attack(rnd, psnr, lsb, observed="client"):
-        return {"observed": observed, "round": rnd, "mean_psnr_db": psnr, "change_lsb": lsb,
-                "match_cosine_at_truth": 0.9, "mean_ssim": 0.5, "label_accuracy": 1.0}
+        return {
+            "observed": observed,
+            "round": rnd,
+            "mean_psnr_db": psnr,
+            "change_lsb": lsb,
+            "match_cosine_at_truth": 0.9,
+            "mean_ssim": 0.5,
+            "label_accuracy": 1.0,
+        }
 
     # seed s: round 1 clients at 10+s and 12+s dB (mean 11+s), round 5 one client at 20+s dB;
     # the aggregate's 99 dB must not count as a client's
-    reports = {"int8": [{"attacks": [attack(1, 10 + s, 1.0), attack(1, 12 + s, 3.0), attack(5, 20 + s, 0.5),
-                                     attack(1, 99.0, 9.0, observed="aggregate of 0,1")]} for s in range(3)]}
+    reports = {
+        "int8": [
+            {
+                "attacks": [
+                    attack(1, 10 + s, 1.0),
+                    attack(1, 12 + s, 3.0),
+                    attack(5, 20 + s, 0.5),
+                    attack(1, 99.0, 9.0, observed="aggregate of 0,1"),
+                ]
+            }
+            for s in range(3)
+        ]
+    }
     accuracy = {"int8": [{0: 0.8, 4: 0.5 + s / 10} for s in range(3)]}
     rows = privacy_rounds_table(reports, accuracy).splitlines()
     assert rows[0].startswith("| method | round | received model's accuracy | change (LSB)")
@@ -264,11 +348,18 @@ def test_the_lsb_table_pools_client_updates_by_precision_attack_batch_and_size_o
     # int8 with IG, per seed s: two one-image updates below 0.01 LSB (5 and 7 dB) and one of 0.5 LSB at
     # 24 + s dB, which is rebuilt; a 4-image update of 0.5 LSB pooled apart; fp32 (one seed only):
     # 0.5 LSB at 10 dB; the rounding attack apart. Aggregates never count.
-    reports = {"int8-a": [{"method": "ig", "attacks": [attack(5.0, 0.001), attack(7.0, 0.005)]} for s in range(3)],
-               "int8-b": [{"method": "ig", "attacks": [attack(24.0 + s, 0.5), attack(99.0, 0.5, "aggregate of 0,1"),
-                                                       attack(8.0, 0.5, images=4)]} for s in range(3)],
-               "int8-r": [{"method": "rounding", "attacks": [attack(6.0, 0.5)]} for s in range(3)],
-               "fp32": [{"method": "ig", "attacks": [attack(10.0, 0.5)]}]}
+    reports = {
+        "int8-a": [{"method": "ig", "attacks": [attack(5.0, 0.001), attack(7.0, 0.005)]} for s in range(3)],
+        "int8-b": [
+            {
+                "method": "ig",
+                "attacks": [attack(24.0 + s, 0.5), attack(99.0, 0.5, "aggregate of 0,1"), attack(8.0, 0.5, images=4)],
+            }
+            for s in range(3)
+        ],
+        "int8-r": [{"method": "rounding", "attacks": [attack(6.0, 0.5)]} for s in range(3)],
+        "fp32": [{"method": "ig", "attacks": [attack(10.0, 0.5)]}],
+    }
     rows = privacy_lsb_table(reports, {"int8-a": "int8", "int8-b": "int8", "int8-r": "int8", "fp32": "fp32"})
     rows = rows.splitlines()
     assert rows[0].startswith("| updates of | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt")
@@ -278,18 +369,21 @@ def test_the_lsb_table_pools_client_updates_by_precision_attack_batch_and_size_o
         # 24, 25, 26 dB: mean 25 ± t(0.975, 2) * 1 / sqrt(3) = 2.48; every one rebuilt
         "| int8, ig, batch 1 | 0.3 - 1 | 3 | 3 | 25.00 ± 2.48 | 1.00 ± 0.00 |",
         "| int8, ig, batch 4 | 0.3 - 1 | 3 | 3 | 8.00 ± 0.00 | 0.00 ± 0.00 |",
-        "| int8, rounding, batch 1 | 0.3 - 1 | 3 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |"]
+        "| int8, rounding, batch 1 | 0.3 - 1 | 3 | 3 | 6.00 ± 0.00 | 0.00 ± 0.00 |",
+    ]
 
 
 def _quickstart_round(overrides, tamper=None):
     """One client round of the quickstart (2 clients) under ``overrides``; ``tamper(state)`` edits the downlink."""
     from fedtiny.compress.dense import pack_dense
     from fedtiny.federated.client import client_task, local_round
-    from fedtiny.server_setup import server_task
     from fedtiny.scenario import load_scenario
+    from fedtiny.server_setup import server_task
 
-    s = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                      {"run.clients": 2, "compression.uplink": "dense", "compression.downlink": "full", **overrides})
+    s = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        {"run.clients": 2, "compression.uplink": "dense", "compression.downlink": "full", **overrides},
+    )
     task, initial, _, schemes = server_task(s, progress=None)
     scheme = next(iter(schemes.by_profile.values()))
     client = client_task(task.scenario, scheme)
@@ -312,7 +406,7 @@ def test_client_policies_refuse_early_layers_and_saturating_downlinks_and_bound_
     assert "conv0" in refused.refusal and refused.update == b""
 
     def trap(state):  # conv0 pushed below its clamp everywhere: the kind of downlink a trap looks like
-        state["conv0.bias"] = np.full_like(state["conv0.bias"], -(2 ** 30))
+        state["conv0.bias"] = np.full_like(state["conv0.bias"], -(2**30))
 
     refused, _, _ = _quickstart_round({"device.policy_max_saturation": 0.9}, trap)
     assert "conv0" in refused.refusal and "refused" in refused.refusal and refused.update == b""

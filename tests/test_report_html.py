@@ -13,13 +13,12 @@ import tomllib
 
 import pytest
 import tomli_w
+from conftest import ROOT, run_cli
 
 from fedtiny.report.html import folder_kind, run_report, sweep_report
 from fedtiny.report.plots import privacy_table
 from fedtiny.report.sweep import combine_seeds, paired_table, sweep_table
 from fedtiny.tools.cli import main
-
-from conftest import ROOT, run_cli
 
 METHOD = "malicious-int8"
 
@@ -28,8 +27,22 @@ METHOD = "malicious-int8"
 def sweep(tmp_path_factory):
     """A finished sweep folder written by ``fedtiny run --report`` (and the run's stdout/stderr)."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("run", str(ROOT / "scenarios" / "privacy-malicious.toml"), "--method", METHOD, "--seeds", "1",
-                   "--set", "run.clients=2", "--set", "attack.clients=[0, 1]", "--out", str(out), "--report", "--json")
+    proc = run_cli(
+        "run",
+        str(ROOT / "scenarios" / "privacy-malicious.toml"),
+        "--method",
+        METHOD,
+        "--seeds",
+        "1",
+        "--set",
+        "run.clients=2",
+        "--set",
+        "attack.clients=[0, 1]",
+        "--out",
+        str(out),
+        "--report",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -118,8 +131,9 @@ def test_table_pairs_methods_by_seed_in_scenario_order(sweep, tmp_path, capsys):
     raw["methods"] = {"zeta": {}, "alpha": {"train.lr": 0.05}}
     (tmp_path / "scenario.toml").write_text(tomli_w.dumps(raw))
     accuracy = {("zeta", 0): 0.50, ("zeta", 1): 0.60, ("alpha", 0): 0.58, ("alpha", 1): 0.71}
-    runs = {m: [_copy_run(run, tmp_path / m / f"seed{k}", k, accuracy[m, k]) for k in (0, 1)]
-            for m in ("zeta", "alpha")}
+    runs = {
+        m: [_copy_run(run, tmp_path / m / f"seed{k}", k, accuracy[m, k]) for k in (0, 1)] for m in ("zeta", "alpha")
+    }
     unfinished = tmp_path / "alpha" / "seed2"
     shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("client-state", "checkpoint", "summary.json"))
 

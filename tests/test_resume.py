@@ -15,13 +15,23 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
+
 from fedtiny.federated.client_state import load_client_state, save_client_state
 from fedtiny.report.runlog import TIMING_KEYS, read_metrics
 
-SMALL = ["--set", "run.clients=4", "--set", "run.clients_per_round=3", "--set", "run.rounds=4",
-         "--set", "model.pretrain_epochs=5", "--set", "run.name=resume"]
+SMALL = [
+    "--set",
+    "run.clients=4",
+    "--set",
+    "run.clients_per_round=3",
+    "--set",
+    "run.rounds=4",
+    "--set",
+    "model.pretrain_epochs=5",
+    "--set",
+    "run.name=resume",
+]
 QUICKSTART = str(ROOT / "scenarios" / "quickstart.toml")
 
 
@@ -31,8 +41,13 @@ def _strip(records):
 
 def _run_and_kill(out, after_round: int, *args: str) -> None:
     """Start ``fedtiny run``; SIGKILL its whole process group once ``after_round`` is checkpointed."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedtiny.tools.cli", "run", *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtiny.tools.cli", "run", *args, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     marker = out / "checkpoint" / "checkpoint.json"
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:

@@ -1,8 +1,7 @@
 import pytest
+from conftest import ROOT
 
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides, scenario_from_dict, schema_rows
-
-from conftest import ROOT
 
 
 def write(tmp_path, text):
@@ -21,18 +20,21 @@ def test_defaults_fill_missing_keys(tmp_path):
     assert s.run.rounds == 3 and s.data.source == "digits" and s.train.batch_size == 16
 
 
-@pytest.mark.parametrize("text, fragments", [
-    ("[run]\nroudns = 3\n", ["run.roudns", "unknown key", "did you mean 'rounds'"]),
-    ("[rnu]\nrounds = 3\n", ["[rnu]", "unknown section", "did you mean 'run'"]),
-    ("[run]\nrounds = 'ten'\n", ["run.rounds", "expected int", "str"]),
-    ("[run]\nrounds = 0\n", ["run.rounds", "must be >= 1"]),
-    ("[train]\nlr = -0.1\n", ["train.lr", "must be >= 0.0"]),
-    ("[data]\npartition = 'zipf'\n", ["data.partition", "must be one of"]),
-    ("[run]\nclients = 4\nclients_per_round = 5\n", ["run.clients_per_round", "<= run.clients"]),
-    ("[data]\nsource = 'mnist'\n", ["data.root", "needs a local dataset root"]),
-    ("[run]\nseed = true\n", ["run.seed", "bool"]),
-    ("[run\n", ["invalid TOML"]),
-])
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("[run]\nroudns = 3\n", ["run.roudns", "unknown key", "did you mean 'rounds'"]),
+        ("[rnu]\nrounds = 3\n", ["[rnu]", "unknown section", "did you mean 'run'"]),
+        ("[run]\nrounds = 'ten'\n", ["run.rounds", "expected int", "str"]),
+        ("[run]\nrounds = 0\n", ["run.rounds", "must be >= 1"]),
+        ("[train]\nlr = -0.1\n", ["train.lr", "must be >= 0.0"]),
+        ("[data]\npartition = 'zipf'\n", ["data.partition", "must be one of"]),
+        ("[run]\nclients = 4\nclients_per_round = 5\n", ["run.clients_per_round", "<= run.clients"]),
+        ("[data]\nsource = 'mnist'\n", ["data.root", "needs a local dataset root"]),
+        ("[run]\nseed = true\n", ["run.seed", "bool"]),
+        ("[run\n", ["invalid TOML"]),
+    ],
+)
 def test_errors_name_file_key_and_problem(tmp_path, text, fragments):
     path = write(tmp_path, text)
     with pytest.raises(ScenarioError) as err:
@@ -84,8 +86,14 @@ def test_cli_misspelled_key_exits_2_with_one_line(tmp_path, cli):
 
 
 def test_cli_missing_dataset_root_exits_2(tmp_path, cli):
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "data.source=mnist",
-               "--set", f"data.root={tmp_path / 'nowhere'}")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "data.source=mnist",
+        "--set",
+        f"data.root={tmp_path / 'nowhere'}",
+    )
     assert proc.returncode == 2
     assert "data.root" in proc.stderr and "never downloads" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -97,11 +105,16 @@ def test_cli_unknown_method_exits_2_naming_the_methods(cli):
 
 
 def test_list_valued_keys_are_typed_and_old_comma_strings_still_load(tmp_path):
-    new = write(tmp_path, '[device]\nprofiles = ["nrf52832", "stm32g031"]\n[attack]\nclients = [0, 3]\n'
-                          'rounds = [1, 2]\n[bridge.devices]\n1 = "127.0.0.1:7070"\n')
+    new = write(
+        tmp_path,
+        '[device]\nprofiles = ["nrf52832", "stm32g031"]\n[attack]\nclients = [0, 3]\n'
+        'rounds = [1, 2]\n[bridge.devices]\n1 = "127.0.0.1:7070"\n',
+    )
     old = tmp_path / "old.toml"
-    old.write_text('[device]\nprofiles = "nrf52832, stm32g031"\n[attack]\nclients = "0,3"\nrounds = "1,2"\n'
-                   '[bridge]\ndevices = "1=127.0.0.1:7070"\n')
+    old.write_text(
+        '[device]\nprofiles = "nrf52832, stm32g031"\n[attack]\nclients = "0,3"\nrounds = "1,2"\n'
+        '[bridge]\ndevices = "1=127.0.0.1:7070"\n'
+    )
     s = load_scenario(new)
     assert s.device.profiles == ("nrf52832", "stm32g031")
     assert s.attack.clients == (0, 3) and s.attack.rounds == (1, 2)
@@ -117,20 +130,31 @@ def test_list_valued_keys_are_typed_and_old_comma_strings_still_load(tmp_path):
     assert load_scenario(new, parse_overrides(["attack.clients=[5, 6]"])).attack.clients == (5, 6)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[attack]\nclients = ["a"]\n', "attack.clients: expected a list of integers"),
-    ('[attack]\nclients = "0,x"\n', "attack.clients: expected a list of integers"),
-    ('[attack]\nrounds = [0]\n', "attack.rounds: item 0: must be >= 1"),
-    ('[device]\nprofiles = []\n', "device.profiles: must not be empty"),
-    ('[device]\nprofiles = ["z80"]\n', "device.profiles: unknown profile 'z80'"),
-    ('[bridge.devices]\nx = "h:1"\n', "bridge.devices: partition 'x' is not a partition id"),
-    ('[bridge.devices]\n1 = "nohost"\n', "bridge.devices: partition 1: device address 'nohost': expected HOST:PORT"),
-    ('[bridge]\ndevices = "1"\n', "bridge.devices: expected PARTITION=ADDRESS"),
-    ('[bridge.devices]\n1 = "serial:/dev/ttyACM0@fast"\n',
-     "bridge.devices: partition 1: device address 'serial:/dev/ttyACM0@fast': the baud rate"),
-    ('[bridge.devices]\n1 = "serial:"\n', "bridge.devices: partition 1: device address 'serial:': a serial port is"),
-    ('[bridge.devices]\n1 = 7070\n', "bridge.devices: partition 1: device address 7070"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[attack]\nclients = ["a"]\n', "attack.clients: expected a list of integers"),
+        ('[attack]\nclients = "0,x"\n', "attack.clients: expected a list of integers"),
+        ("[attack]\nrounds = [0]\n", "attack.rounds: item 0: must be >= 1"),
+        ("[device]\nprofiles = []\n", "device.profiles: must not be empty"),
+        ('[device]\nprofiles = ["z80"]\n', "device.profiles: unknown profile 'z80'"),
+        ('[bridge.devices]\nx = "h:1"\n', "bridge.devices: partition 'x' is not a partition id"),
+        (
+            '[bridge.devices]\n1 = "nohost"\n',
+            "bridge.devices: partition 1: device address 'nohost': expected HOST:PORT",
+        ),
+        ('[bridge]\ndevices = "1"\n', "bridge.devices: expected PARTITION=ADDRESS"),
+        (
+            '[bridge.devices]\n1 = "serial:/dev/ttyACM0@fast"\n',
+            "bridge.devices: partition 1: device address 'serial:/dev/ttyACM0@fast': the baud rate",
+        ),
+        (
+            '[bridge.devices]\n1 = "serial:"\n',
+            "bridge.devices: partition 1: device address 'serial:': a serial port is",
+        ),
+        ("[bridge.devices]\n1 = 7070\n", "bridge.devices: partition 1: device address 7070"),
+    ],
+)
 def test_bad_list_values_name_the_key(tmp_path, text, message):
     with pytest.raises(ScenarioError, match=message):
         load_scenario(write(tmp_path, text))
@@ -147,11 +171,19 @@ def test_an_optimizer_is_registered_and_chosen_by_name():
     from fedtiny.int8.optimizers import OptimizerKind, register
 
     assert (optimizer_slots("adam", 0.0), optimizer_slots("sgd", 0.9), optimizer_slots("sgd+qas", 0.0)) == (2, 1, 0)
-    register(OptimizerKind("test-half-sgd", "SGD at half the rate", exact=False,
-                           torch=lambda params, lr, momentum: torch.optim.SGD(params, lr=lr / 2)))
+    register(
+        OptimizerKind(
+            "test-half-sgd",
+            "SGD at half the rate",
+            exact=False,
+            torch=lambda params, lr, momentum: torch.optim.SGD(params, lr=lr / 2),
+        )
+    )
     try:
-        s = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                          parse_overrides(['train.optimizer="test-half-sgd"', 'train.gradients="float"']))
+        s = load_scenario(
+            ROOT / "scenarios" / "quickstart.toml",
+            parse_overrides(['train.optimizer="test-half-sgd"', 'train.gradients="float"']),
+        )
         assert s.train.optimizer == "test-half-sgd"
         with pytest.raises(ScenarioError, match="train.gradients: the exact step"):
             load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(['train.optimizer="test-half-sgd"']))

@@ -5,20 +5,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 
 from fedtiny.budget.memory import memory_report
 from fedtiny.budget.schemes import ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve
 from fedtiny.compress.dense import dense_nbytes
 from fedtiny.federated.aggregate import ClientUpdate, aggregate
-from fedtiny.server_setup import analysis_data, analysis_settings, peak_function
 from fedtiny.federated.task import cloud_model, make_task, with_scheme
 from fedtiny.models.state import load_arrays
 from fedtiny.scenario import load_scenario, parse_overrides
 from fedtiny.search.contrib import Contributions, analyse
 from fedtiny.search.evolve import SearchSettings, Space, evolve, random_feasible, random_search
 from fedtiny.search.fisher import fisher_potential, fisher_scheme
-
-from conftest import ROOT, run_cli
+from fedtiny.server_setup import analysis_data, analysis_settings, peak_function
 
 SMALL = ["model.pretrain_epochs=3", "search.samples=90", "search.epochs=1"]
 
@@ -41,8 +40,16 @@ def test_search_is_always_feasible(cloud):
     rng = np.random.default_rng(0)
     for trial in range(12):
         budget = int(rng.integers(floor, full + 1))
-        contrib = Contributions(list(range(n + 1)), [0.0] + list(rng.normal(0.02, 0.03, n)), [0.125, 0.25, 0.5, 1.0],
-                                rng.normal(0.01, 0.02, (n, 4)).tolist(), 0.5, 0.4, 0, 0.0)
+        contrib = Contributions(
+            list(range(n + 1)),
+            [0.0] + list(rng.normal(0.02, 0.03, n)),
+            [0.125, 0.25, 0.5, 1.0],
+            rng.normal(0.01, 0.02, (n, 4)).tolist(),
+            0.5,
+            0.4,
+            0,
+            0.0,
+        )
         space = Space(contrib, peak_of, budget, "s")
         found = evolve(space, SearchSettings(population=8, generations=4, seed=trial))
         assert found.peak_sram_bytes == peak_of(found.scheme) <= budget
@@ -93,8 +100,10 @@ def test_fisher_potential_shapes(cloud):
 
 def test_mixed_fleet_aggregation_is_the_per_element_mean():
     """Client 0 (10 examples) trained elements 0-1 of w, client 1 (30) elements 1-3; nobody trained b."""
-    changes = {0: {"w": (np.array([0, 1]), np.array([1.0, 2.0]))},
-               1: {"w": (np.array([1, 2, 3]), np.array([4.0, 5.0, 6.0]))}}
+    changes = {
+        0: {"w": (np.array([0, 1]), np.array([1.0, 2.0]))},
+        1: {"w": (np.array([1, 2, 3]), np.array([4.0, 5.0, 6.0]))},
+    }
     coverage = {0: {"w": np.array([0, 1])}, 1: {"w": np.array([1, 2, 3])}}
     updates = [ClientUpdate(1, b"", 30), ClientUpdate(0, b"", 10)]
     result = aggregate(updates, lambda p, _: changes[p], {"w": (4,), "b": (2,)}, coverage=lambda p: coverage[p])
@@ -116,8 +125,10 @@ def test_dynamic_channels_keep_memory_and_cover_the_layer(cloud):
     covered = set().union(*(d.channels[4] for d in draws))
     assert covered == set(range(scheme.in_channels[4]))
     # The planner, run afresh on each draw (not the layout-keyed cache), gives one peak.
-    peaks = {memory_report(task.model, d, task.federation.image_shape, optimizer="sgd+qas", momentum=0.9
-                           ).peak_sram_bytes for d in draws[:4]}
+    peaks = {
+        memory_report(task.model, d, task.federation.image_shape, optimizer="sgd+qas", momentum=0.9).peak_sram_bytes
+        for d in draws[:4]
+    }
     assert len(peaks) == 1
 
 
@@ -130,9 +141,23 @@ def test_scheme_file_round_trip(cloud):
 
 
 def test_search_cli_writes_a_feasible_scheme_and_caches(tmp_path, monkeypatch):
-    args = ["search", "--model", "tiny-ir", "--device", "nrf52832", "--generations", "3", "--population", "6",
-            "--out", str(tmp_path / "scheme.json"), "--report", str(tmp_path / "report"), "--json",
-            *sum((["--set", s] for s in SMALL), [])]
+    args = [
+        "search",
+        "--model",
+        "tiny-ir",
+        "--device",
+        "nrf52832",
+        "--generations",
+        "3",
+        "--population",
+        "6",
+        "--out",
+        str(tmp_path / "scheme.json"),
+        "--report",
+        str(tmp_path / "report"),
+        "--json",
+        *sum((["--set", s] for s in SMALL), []),
+    ]
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))  # the CLI subprocess inherits it
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -142,8 +167,10 @@ def test_search_cli_writes_a_feasible_scheme_and_caches(tmp_path, monkeypatch):
     for key in ("peak_sram_bytes", "predicted_gain", "evaluations", "seconds"):
         assert key in a
     # each phase's time, the analysis named cached the second time; together they are the run's time
-    assert set(a["phase_seconds"]) >= {"cloud model", "contribution analysis", "evolutionary search",
-                                       "random baseline"} and "contribution analysis (cached)" in b["phase_seconds"]
+    assert (
+        set(a["phase_seconds"]) >= {"cloud model", "contribution analysis", "evolutionary search", "random baseline"}
+        and "contribution analysis (cached)" in b["phase_seconds"]
+    )
     assert sum(a["phase_seconds"].values()) <= a["seconds"] + 0.1
     scheme = parse_scheme(str(tmp_path / "scheme.json"))
     assert scheme.name == a["scheme"]["id"]
@@ -156,11 +183,29 @@ def test_two_device_profiles_train_two_schemes(tmp_path):
     """A 2-round simulation: nRF52832 and STM32F746 clients get last-k schemes that fit each, and each
     client's uplink is the dense payload of its own device's scheme."""
     out = tmp_path / "run"
-    proc = run_cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=4", "--set",
-                   "run.rounds=2", "--set", "model.pretrain_epochs=3", "--set", "train.scheme=last-k:fit",
-                   "--set", "device.profiles=nrf52832,stm32f746", "--set", "compression.uplink=dense",
-                   "--set", "train.momentum=0.9",  # momentum for every trained element: the full model fits 320 KB only
-                   "--set", "compression.downlink=full", "--out", str(out), "--json")
+    proc = run_cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=4",
+        "--set",
+        "run.rounds=2",
+        "--set",
+        "model.pretrain_epochs=3",
+        "--set",
+        "train.scheme=last-k:fit",
+        "--set",
+        "device.profiles=nrf52832,stm32f746",
+        "--set",
+        "compression.uplink=dense",
+        "--set",
+        "train.momentum=0.9",  # momentum for every trained element: the full model fits 320 KB only
+        "--set",
+        "compression.downlink=full",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     by_device = summary["schemes_by_device"]

@@ -4,16 +4,25 @@ import json
 
 import numpy as np
 import pytest
-
-from fedtiny.compress.dense import dense_nbytes, pack_dense
-from fedtiny.report.runlog import TIMING_KEYS, read_metrics
-from fedtiny.scenario import load_scenario, parse_overrides
-from fedtiny.federated.task import make_task
-
 from conftest import ROOT
 
-SMALL = ["--set", "run.clients=4", "--set", "run.clients_per_round=3", "--set", "run.rounds=2",
-         "--set", "model.pretrain_epochs=5", "--set", "run.name=small"]
+from fedtiny.compress.dense import dense_nbytes, pack_dense
+from fedtiny.federated.task import make_task
+from fedtiny.report.runlog import TIMING_KEYS, read_metrics
+from fedtiny.scenario import load_scenario, parse_overrides
+
+SMALL = [
+    "--set",
+    "run.clients=4",
+    "--set",
+    "run.clients_per_round=3",
+    "--set",
+    "run.rounds=2",
+    "--set",
+    "model.pretrain_epochs=5",
+    "--set",
+    "run.name=small",
+]
 # Exact byte counts need the fixed-size payload: the dense int8 update of the scheme's tensors.
 DENSE = ["--set", "compression.uplink=dense", "--set", "compression.downlink=full"]
 
@@ -34,8 +43,15 @@ def two_runs(tmp_path_factory):
 def test_run_folder_and_summary(two_runs):
     d, proc = two_runs[0]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("final_accuracy", "rounds", "num_clients", "uplink_bytes_total", "downlink_bytes_total",
-                "wall_time_s", "run_dir"):
+    for key in (
+        "final_accuracy",
+        "rounds",
+        "num_clients",
+        "uplink_bytes_total",
+        "downlink_bytes_total",
+        "wall_time_s",
+        "run_dir",
+    ):
         assert key in summary
     assert summary == json.loads((d / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["num_clients"] == 4 and summary["run_dir"] == str(d)
@@ -62,8 +78,9 @@ def test_round_progress_lines_say_time_left(tmp_path):
         log = RunLog(tmp_path, scenario, progress=stream)
         for r in range(5):
             time.sleep(0.02)  # the pace is measured on the clock
-            log.add_round({"round": r, "global_accuracy": 0.5, "global_loss": 1.0, "uplink_bytes": 10,
-                           "downlink_bytes": 10})
+            log.add_round(
+                {"round": r, "global_accuracy": 0.5, "global_loss": 1.0, "uplink_bytes": 10, "downlink_bytes": 10}
+            )
     finally:
         set_quiet(was)
     lines = stream.getvalue().splitlines()
@@ -113,33 +130,51 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
     from flwr.app import Message, MetricRecord, RecordDict
 
     from clients.wire import bytes_record, record_bytes
+    from fedtiny.compress.dense import unpack_dense
     from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.models import model_arrays
     from fedtiny.models.state import to_wire
-    from fedtiny.compress.dense import unpack_dense
     from server.strategy import FedTinyStrategy
 
-    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                             parse_overrides(["run.clients=3", "compression.uplink=dense"]))
+    scenario = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml", parse_overrides(["run.clients=3", "compression.uplink=dense"])
+    )
     task = make_task(scenario)
     state = model_arrays(task.model)
     outcomes = []
-    strategy = FedTinyStrategy(task, {0: 100, 1: 101, 2: 102}, GlobalModel(state, [n for n, *_ in task.uplink_spec]),
-                               on_round=[outcomes.append])
+    strategy = FedTinyStrategy(
+        task,
+        {0: 100, 1: 101, 2: 102},
+        GlobalModel(state, [n for n, *_ in task.uplink_spec]),
+        on_round=[outcomes.append],
+    )
     global_record = bytes_record(pack_dense(state, task.downlink_spec))
     sent = list(strategy.configure_train(1, global_record, None, None))
     assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
 
-    good = {k: to_wire(v.astype(np.float64) + 1.0, v.dtype)
-            for k, v in model_arrays(task.model, [n for n, *_ in task.uplink_spec]).items()}
+    good = {
+        k: to_wire(v.astype(np.float64) + 1.0, v.dtype)
+        for k, v in model_arrays(task.model, [n for n, *_ in task.uplink_spec]).items()
+    }
     good_bytes = pack_dense(good, task.uplink_spec)
     # node 101: truncated payload; node 102: a valid payload with an impossible example count.
     payloads = {100: (good_bytes, 10), 101: (good_bytes[:17], 10), 102: (good_bytes, -5)}
     replies = []
     for m in sent:
         data, n = payloads[m.metadata.dst_node_id]
-        replies.append(Message(RecordDict({"update": bytes_record(data), "metrics": MetricRecord(
-            {"num-examples": n, "train_loss": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.5})}), reply_to=m))
+        replies.append(
+            Message(
+                RecordDict(
+                    {
+                        "update": bytes_record(data),
+                        "metrics": MetricRecord(
+                            {"num-examples": n, "train_loss": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.5}
+                        ),
+                    }
+                ),
+                reply_to=m,
+            )
+        )
     new, metrics = strategy.aggregate_train(1, replies)
     (outcome,) = outcomes
     stats = outcome.stats
@@ -159,10 +194,25 @@ def test_strategy_rejects_and_counts_bad_updates(flower_task_identity):
 
 def test_sparse_exchange_end_to_end(tmp_path, cli):
     """Sparse uplink with error feedback and delta downlink through Flower: client state survives rounds."""
-    proc = cli("run", str(ROOT / "scenarios" / "quickstart.toml"), "--set", "run.clients=2", "--set", "run.rounds=3",
-               "--set", "model.pretrain_epochs=3", "--set", "compression.uplink=sparse",
-               "--set", "compression.density=0.02", "--set", "compression.downlink=delta",
-               "--out", str(tmp_path), "--json")
+    proc = cli(
+        "run",
+        str(ROOT / "scenarios" / "quickstart.toml"),
+        "--set",
+        "run.clients=2",
+        "--set",
+        "run.rounds=3",
+        "--set",
+        "model.pretrain_epochs=3",
+        "--set",
+        "compression.uplink=sparse",
+        "--set",
+        "compression.density=0.02",
+        "--set",
+        "compression.downlink=delta",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     recs = read_metrics(tmp_path)
@@ -177,28 +227,40 @@ def test_strategy_rejects_sparse_updates_outside_the_scheme(flower_task_identity
     from flwr.app import Message, MetricRecord, RecordDict
 
     from clients.wire import bytes_record
-    from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.compress.codec import SparseTensor, SparseUpdate, encode
+    from fedtiny.federated.aggregate import GlobalModel
     from fedtiny.federated.task import cloud_model
     from fedtiny.server_setup import resolve_scheme
     from server.strategy import FedTinyStrategy
 
-    scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml",
-                             parse_overrides(["run.clients=2", "model.pretrain_epochs=1", "compression.uplink=sparse"]))
+    scenario = load_scenario(
+        ROOT / "scenarios" / "quickstart.toml",
+        parse_overrides(["run.clients=2", "model.pretrain_epochs=1", "compression.uplink=sparse"]),
+    )
     task = make_task(scenario)
     state, _ = cloud_model(task)
     task = resolve_scheme(task, state)
     outcomes = []
-    strategy = FedTinyStrategy(task, {0: 100, 1: 101}, GlobalModel(state, [n for n, *_ in task.uplink_spec]),
-                               on_round=[outcomes.append])
+    strategy = FedTinyStrategy(
+        task, {0: 100, 1: 101}, GlobalModel(state, [n for n, *_ in task.uplink_spec]), on_round=[outcomes.append]
+    )
     sent = list(strategy.configure_train(1, None, None, None))
-    tid, (name, shape, _) = next((i, s) for i, s in enumerate(task.uplink_spec) if len(task.slices[s[0]]) < np.prod(s[1]))
+    tid, (name, shape, _) = next(
+        (i, s) for i, s in enumerate(task.uplink_spec) if len(task.slices[s[0]]) < np.prod(s[1])
+    )
     frozen = np.setdiff1d(np.arange(int(np.prod(shape))), task.slices[name])[:1]
     ok = SparseUpdate([SparseTensor(tid, shape, task.slices[name][:1], np.array([1.0]), "int8", 1.0)])
     bad = SparseUpdate([SparseTensor(tid, shape, frozen, np.array([1.0]), "int8", 1.0)])
     payloads = {100: encode(ok), 101: encode(bad)}
-    replies = [Message(RecordDict({"update": bytes_record(payloads[m.metadata.dst_node_id]),
-                                   "metrics": MetricRecord({"num-examples": 5})}), reply_to=m) for m in sent]
+    replies = [
+        Message(
+            RecordDict(
+                {"update": bytes_record(payloads[m.metadata.dst_node_id]), "metrics": MetricRecord({"num-examples": 5})}
+            ),
+            reply_to=m,
+        )
+        for m in sent
+    ]
     strategy.aggregate_train(1, replies)
     assert [c["partition_id"] for c in outcomes[0].stats.clients] == [0]
     (rej,) = outcomes[0].stats.rejected

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import SHARED_MODELS
 
+from fedtiny.budget.schemes import SchemeError, apply_scheme, parse_scheme, resolve
 from fedtiny.int8.convert import ptq
 from fedtiny.models import build_model, trainable_names
-from fedtiny.budget.schemes import SchemeError, apply_scheme, parse_scheme, resolve
-
-from conftest import SHARED_MODELS
 
 
 def tiny_qmodel():
@@ -47,14 +46,17 @@ def test_schemes_json_entries():
         parse_scheme(f"{SHARED_MODELS / 'schemes.json'}#nope")
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"n_bias_update": 3, "weight_update_idx": [99], "weight_update_ratio": [1]}', "out of range"),
-    ('{"n_bias_update": 30}', "exceeds"),
-    ('{"n_bias_update": 1, "weight_update_idx": [1], "weight_update_ratio": [2]}', "must be in"),
-    ('{"n_bias": 1}', "unknown key"),
-    ("last-k:x", "integer"),
-    ("no/such/file.json", "not a preset"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"n_bias_update": 3, "weight_update_idx": [99], "weight_update_ratio": [1]}', "out of range"),
+        ('{"n_bias_update": 30}', "exceeds"),
+        ('{"n_bias_update": 1, "weight_update_idx": [1], "weight_update_ratio": [2]}', "must be in"),
+        ('{"n_bias": 1}', "unknown key"),
+        ("last-k:x", "integer"),
+        ("no/such/file.json", "not a preset"),
+    ],
+)
 def test_bad_schemes(text, match):
     with pytest.raises(SchemeError, match=match):
         resolve(parse_scheme(text), tiny_qmodel())
@@ -73,7 +75,9 @@ def test_magnitude_selection_picks_largest_norm_channels():
 
 def test_only_selected_tensors_and_channels_get_gradients():
     q = tiny_qmodel()
-    r = resolve(parse_scheme('{"n_bias_update": 2, "weight_update_idx": [6, 7], "weight_update_ratio": [0.25, 0.5]}'), q)
+    r = resolve(
+        parse_scheme('{"n_bias_update": 2, "weight_update_idx": [6, 7], "weight_update_ratio": [0.25, 0.5]}'), q
+    )
     apply_scheme(q, r)
     names = trainable_names(q)
     assert "conv6.weight" in names and "conv1.weight" not in names  # conv6: block 2's expansion

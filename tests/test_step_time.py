@@ -2,8 +2,8 @@
 the fit recovers costs it was given, and device.kernels picks measured costs where they exist."""
 
 import pytest
-
 from conftest import ROOT, build_c_library
+
 from fedtiny.budget.step_time import OpWork, StepWork, c_op_work, fit_costs
 from fedtiny.devices import PROFILES, compute_cycles, with_kernels
 from fedtiny.errors import ScenarioError
@@ -37,14 +37,22 @@ def test_fit_recovers_the_costs_it_was_given():
     written = {("pointwise", "forward"): 30.0, ("depthwise", "forward"): 20.0}
     per_plane, quantize, update, batch = 300.0, 60.0, 100.0, 4
     measured = []
-    for kind, macs, outputs, planes in [("pointwise", 4096, 256, 16), ("pointwise", 9216, 128, 32),
-                                        ("pointwise", 1024, 64, 4), ("pointwise", 8192, 1024, 16),
-                                        ("depthwise", 2304, 256, 16), ("depthwise", 1600, 64, 64),
-                                        ("depthwise", 4900, 100, 4)]:
+    for kind, macs, outputs, planes in [
+        ("pointwise", 4096, 256, 16),
+        ("pointwise", 9216, 128, 32),
+        ("pointwise", 1024, 64, 4),
+        ("pointwise", 8192, 1024, 16),
+        ("depthwise", 2304, 256, 16),
+        ("depthwise", 1600, 64, 64),
+        ("depthwise", 4900, 100, 4),
+    ]:
         work = OpWork(kind, kind, {"forward": macs}, outputs, 0, 10, {"forward": outputs}, planes)
-        cycles = {"forward": batch * (truth[(kind, "forward")] * macs + written[(kind, "forward")] * outputs
-                                      + per_plane * planes),
-                  "quantize": batch * quantize * outputs, "update": update * 10}
+        cycles = {
+            "forward": batch
+            * (truth[(kind, "forward")] * macs + written[(kind, "forward")] * outputs + per_plane * planes),
+            "quantize": batch * quantize * outputs,
+            "update": update * 10,
+        }
         measured.append((work, cycles))
     costs = fit_costs(measured, batch, "synthetic")
     assert dict(costs.per_mac) == pytest.approx(truth, rel=1e-6)
@@ -76,6 +84,8 @@ def test_kernels_choose_measured_costs_on_cortex_m_and_published_figures_elsewhe
     esp = PROFILES["esp32-s3"]  # no measurement: the published cycles per MAC
     forward = sum(m for (_, part), m in work.macs.items() if part == "forward")
     backward = sum(m for (_, part), m in work.macs.items() if part != "forward")
-    assert compute_cycles(with_kernels(esp, "optimized"), work) == pytest.approx(esp.cycles_per_mac * (forward + 2 * backward))
+    assert compute_cycles(with_kernels(esp, "optimized"), work) == pytest.approx(
+        esp.cycles_per_mac * (forward + 2 * backward)
+    )
     with pytest.raises(ScenarioError, match="reference"):
         with_kernels(esp, "reference")

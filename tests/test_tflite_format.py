@@ -11,18 +11,31 @@ import pytest
 
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
-from fedtiny.int8.tflite import TFLiteGraph, supported_ops, check_supported, read_tflite, write_tflite
+from fedtiny.int8.tflite import TFLiteGraph, check_supported, read_tflite, supported_ops, write_tflite
 
 MLPERF = Path(__file__).resolve().parents[2] / "shared/models/mlperf-tiny"
 
 # Operator counts and inputs as listed in the models' README.
 EXPECTED = {
-    "vww_96_int8.tflite": ({"CONV_2D": 14, "DEPTHWISE_CONV_2D": 13, "AVERAGE_POOL_2D": 1, "RESHAPE": 1,
-                            "FULLY_CONNECTED": 1, "SOFTMAX": 1}, (1, 96, 96, 3)),
-    "kws_ref_model.tflite": ({"CONV_2D": 5, "DEPTHWISE_CONV_2D": 4, "AVERAGE_POOL_2D": 1, "RESHAPE": 1,
-                              "FULLY_CONNECTED": 1, "SOFTMAX": 1}, (1, 49, 10, 1)),
-    "pretrainedResnet_quant.tflite": ({"CONV_2D": 9, "ADD": 3, "AVERAGE_POOL_2D": 1, "RESHAPE": 1,
-                                       "FULLY_CONNECTED": 1, "SOFTMAX": 1}, (1, 32, 32, 3)),
+    "vww_96_int8.tflite": (
+        {
+            "CONV_2D": 14,
+            "DEPTHWISE_CONV_2D": 13,
+            "AVERAGE_POOL_2D": 1,
+            "RESHAPE": 1,
+            "FULLY_CONNECTED": 1,
+            "SOFTMAX": 1,
+        },
+        (1, 96, 96, 3),
+    ),
+    "kws_ref_model.tflite": (
+        {"CONV_2D": 5, "DEPTHWISE_CONV_2D": 4, "AVERAGE_POOL_2D": 1, "RESHAPE": 1, "FULLY_CONNECTED": 1, "SOFTMAX": 1},
+        (1, 49, 10, 1),
+    ),
+    "pretrainedResnet_quant.tflite": (
+        {"CONV_2D": 9, "ADD": 3, "AVERAGE_POOL_2D": 1, "RESHAPE": 1, "FULLY_CONNECTED": 1, "SOFTMAX": 1},
+        (1, 32, 32, 3),
+    ),
     "ad01_int8.tflite": ({"FULLY_CONNECTED": 10}, (1, 640)),
 }
 SMALLEST = "kws_ref_model.tflite"
@@ -191,8 +204,9 @@ def test_buffers_stored_after_the_flatbuffer():
     s = schema()
     original = model_path(SMALLEST).read_bytes()
     model = s.ModelT.InitFromObj(s.Model.GetRootAs(original, 0))
-    k = max(range(len(model.buffers)), key=lambda i: len(model.buffers[i].data if model.buffers[i].data is not None
-                                                         else ()))
+    k = max(
+        range(len(model.buffers)), key=lambda i: len(model.buffers[i].data if model.buffers[i].data is not None else ())
+    )
     payload = bytes(model.buffers[k].data)
     model.buffers[k].data, model.buffers[k].size = None, len(payload)
 

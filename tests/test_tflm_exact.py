@@ -4,12 +4,11 @@ The oracle is TFLM itself (the ``tflite-micro`` package's interpreter). Models: 
 reference ``.tflite`` files imported, the tiny-training models and tiny-ir exported.
 """
 
-
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_MODELS
+
 from fedtiny.int8.oracle import tflm_invoke, tflm_tensors
 from fedtiny.int8.tfl_convert import from_tflite, to_tflite
 from fedtiny.int8.tflite import read_tflite, write_tflite
@@ -84,9 +83,10 @@ def test_tiny_training_models_exported_run_in_tflm_with_the_same_integers(name):
 
 def test_trained_tiny_ir_exports_exactly_every_tensor():
     """A PTQ'd tiny-ir after real training steps (weights moved, stride-2 symmetric padding) matches TFLM."""
+    from test_int8 import small_qmodel
+
     from fedtiny.data import load_source
     from fedtiny.federated.train import seeded, train_local
-    from test_int8 import small_qmodel
 
     q = small_qmodel()
     data = load_source("digits").subset(np.arange(1, 300, 2))
@@ -126,8 +126,9 @@ def test_a_new_head_before_softmax_exports_exactly(name):
 
 def test_large_and_saturated_biases_are_exact(tmp_path, cli):
     """int32 biases beyond float32's 2^24 and at the int32 limits: the same integers as TFLM (``zoo check``)."""
-    from fedtiny.int8.modelfile import save_qmodel
     from test_int8 import small_qmodel
+
+    from fedtiny.int8.modelfile import save_qmodel
 
     q = small_qmodel()
     q.input_shape = (1, 8, 8)
@@ -165,8 +166,15 @@ def test_zoo_cli_import_run_export(tmp_path, cli):
     assert np.array_equal(tflm_invoke((tmp_path / "r.tflite").read_bytes(), x), y)
     # A fedtiny file runs in NCHW.
     np.save(tmp_path / "xc.npy", np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    r = cli("zoo", "run", str(tmp_path / "r.safetensors"), "--input", str(tmp_path / "xc.npy"),
-            "--out", str(tmp_path / "yc.npy"))
+    r = cli(
+        "zoo",
+        "run",
+        str(tmp_path / "r.safetensors"),
+        "--input",
+        str(tmp_path / "xc.npy"),
+        "--out",
+        str(tmp_path / "yc.npy"),
+    )
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.load(tmp_path / "yc.npy"), y)
     # Wrong layout: one line naming the expected shape, exit 2.
@@ -207,5 +215,6 @@ def test_fast_requantization_equals_tflm_formula():
     m = torch.tensor([2**30, 2**30 + 1, 2**31 - 1, 1518500250, 2**30 + 7], dtype=torch.int64)
     s = torch.tensor([0, -1, -5, -12, 3])
     x = torch.arange(-70000, 70000, dtype=torch.int64).view(1, 1, -1, 1).expand(1, 5, -1, 1)
-    assert torch.equal(requantize_channels(x, m, s),
-                       multiply_by_quantized_multiplier(x, m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)))
+    assert torch.equal(
+        requantize_channels(x, m, s), multiply_by_quantized_multiplier(x, m.view(1, -1, 1, 1), s.view(1, -1, 1, 1))
+    )

@@ -100,8 +100,18 @@ def test_small_resnet_with_relu_and_downsample_shortcut():
     torch.manual_seed(0)
     model = _randomize_bn(SmallResNet())
     q = _check_fold_and_quantize(model, torch.rand(16, 3, 16, 16))
-    assert [n.op for n in q.nodes] == ["conv0", "conv1", "conv2", "add0", "conv3", "conv4", "conv5", "add1",
-                                       "pool", "classifier"]
+    assert [n.op for n in q.nodes] == [
+        "conv0",
+        "conv1",
+        "conv2",
+        "add0",
+        "conv3",
+        "conv4",
+        "conv5",
+        "add1",
+        "pool",
+        "classifier",
+    ]
     assert dict((n.op, n.inputs) for n in q.nodes)["add1"] == ("conv4", "conv5")  # out += downsample(x)
     assert [c.activation for c in q.convs()] == ["RELU", "RELU", "NONE", "RELU", "NONE", "NONE"]
     assert q.op("add0").activation == "RELU" and q.op("add0").y_zero == -128
@@ -122,8 +132,9 @@ def test_mobilenet_v3_names_its_first_unmappable_layer():
     msg = str(err.value)
     assert "\n" not in msg
     # Hardswish, the squeeze-excitation's mean, 1x1 convolutions and * map; its Hardsigmoid gate has no TFLite op
-    assert msg.startswith("layer features.1.block.1.scale_activation (Hardsigmoid) cannot be mapped to an int8 op; "
-                          "supported: Conv2d")
+    assert msg.startswith(
+        "layer features.1.block.1.scale_activation (Hardsigmoid) cannot be mapped to an int8 op; supported: Conv2d"
+    )
 
 
 class _ReadTwice(nn.Module):
@@ -148,10 +159,13 @@ class _Unpooled(nn.Module):
         return self.fc(self.conv(x).flatten(1))
 
 
-@pytest.mark.parametrize("model, expected", [
-    (_ReadTwice(), "layer relu (function relu) cannot be mapped to an int8 op: ReLU cannot be fused"),
-    (_Unpooled(), "layer flatten (method .flatten()) cannot be mapped to an int8 op: reshapes 1x4x8x8 to 1x256"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (_ReadTwice(), "layer relu (function relu) cannot be mapped to an int8 op: ReLU cannot be fused"),
+        (_Unpooled(), "layer flatten (method .flatten()) cannot be mapped to an int8 op: reshapes 1x4x8x8 to 1x256"),
+    ],
+)
 def test_unmappable_uses_are_named(model, expected):
     with pytest.raises(ModelFileError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         trace(model, torch.rand(1, 1, 8, 8))
@@ -159,7 +173,7 @@ def test_unmappable_uses_are_named(model, expected):
 
 # ---------------------------------------------------------------- model.module in a scenario
 
-MODEL_FILE = '''
+MODEL_FILE = """
 import torch
 from torch import nn
 
@@ -189,7 +203,7 @@ def hardsigmoid(num_classes):
     net = Net(1, num_classes)
     net.body[5] = nn.Hardsigmoid()
     return net
-'''
+"""
 
 
 def _scenario(tmp_path, module: str, **model):
@@ -198,7 +212,8 @@ def _scenario(tmp_path, module: str, **model):
     (tmp_path / "models").mkdir(exist_ok=True)
     (tmp_path / "models" / "mine.py").write_text(MODEL_FILE)
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in model.items())
-    (tmp_path / "s.toml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "s.toml").write_text(
+        textwrap.dedent(f"""\
         [run]
         clients = 2
         rounds = 1
@@ -209,7 +224,9 @@ def _scenario(tmp_path, module: str, **model):
         module = "{module}"
         pretrain_epochs = 1
         calibration_samples = 32
-        """) + extra)
+        """)
+        + extra
+    )
     return load_scenario(tmp_path / "s.toml")
 
 
@@ -232,16 +249,20 @@ def test_model_module_builds_pretrains_and_quantizes(tmp_path):
 def test_model_module_errors_are_one_line_naming_the_key(tmp_path):
     from fedtiny.federated.task import make_task
 
-    for value, expected in [("models/mine.py", "expected \"package.module:function\""),
-                            ("models/nothere.py:build", "no such file"),
-                            ("fedtiny.no_such_module:build", "cannot import fedtiny.no_such_module: "
-                                                             "ModuleNotFoundError"),
-                            ("models/mine.py:missing", "has no function 'missing'")]:
+    for value, expected in [
+        ("models/mine.py", 'expected "package.module:function"'),
+        ("models/nothere.py:build", "no such file"),
+        ("fedtiny.no_such_module:build", "cannot import fedtiny.no_such_module: ModuleNotFoundError"),
+        ("models/mine.py:missing", "has no function 'missing'"),
+    ]:
         with pytest.raises(ScenarioError, match="model.module: ") as err:
             _scenario(tmp_path, value)
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
-    with pytest.raises(ScenarioError, match=r"model.module: .* returns \(1, 10\) .* data's 4 classes "
-                                            r"\(let the function take num_classes\)"):
+    with pytest.raises(
+        ScenarioError,
+        match=r"model.module: .* returns \(1, 10\) .* data's 4 classes "
+        r"\(let the function take num_classes\)",
+    ):
         make_task(_with_classes(_scenario(tmp_path, "models/mine.py:fixed"), 4))
     with pytest.raises(ModelFileError, match=r"^model.module: layer body.5 \(Hardsigmoid\) cannot be mapped"):
         make_task(_scenario(tmp_path, "models/mine.py:hardsigmoid"))
@@ -251,8 +272,12 @@ def _with_classes(s, n):
     """The scenario on synthetic data with ``n`` classes (the digits have 10)."""
     import dataclasses
 
-    return dataclasses.replace(s, data=dataclasses.replace(s.data, source="synthetic", num_classes=n, image_size=8,
-                                                           server_samples=40, samples_per_client=8))
+    return dataclasses.replace(
+        s,
+        data=dataclasses.replace(
+            s.data, source="synthetic", num_classes=n, image_size=8, server_samples=40, samples_per_client=8
+        ),
+    )
 
 
 def test_dotted_module_form(tmp_path, monkeypatch):

@@ -9,11 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_MODELS
 
 from fedtiny.int8.modelfile import load_qmodel
 from fedtiny.int8.zoo import ZooError, read_tiny_training
-
-from conftest import SHARED_MODELS
 
 MODELS = {"mcunet-5fps": 42, "mbv2-w0.35": 51, "proxyless-w0.3": 60}
 needs_shared = pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason="../shared/models/tiny-training not present")

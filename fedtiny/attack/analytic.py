@@ -22,8 +22,9 @@ from fedtiny.errors import ScenarioError
 __all__ = ["invert_layer", "labels_from_bias"]
 
 
-def invert_layer(dw: torch.Tensor, db: torch.Tensor, mask_w: torch.Tensor | None = None,
-                 mask_b: torch.Tensor | None = None) -> torch.Tensor:
+def invert_layer(
+    dw: torch.Tensor, db: torch.Tensor, mask_w: torch.Tensor | None = None, mask_b: torch.Tensor | None = None
+) -> torch.Tensor:
     """The input of a linear layer (or a 1x1 convolution on a 1x1 map) from its update at batch 1.
 
     Parameters
@@ -43,8 +44,10 @@ def invert_layer(dw: torch.Tensor, db: torch.Tensor, mask_w: torch.Tensor | None
         dw = dw.flatten(2)
         mask_w = None if mask_w is None else mask_w.flatten(2)
     if dw.dim() != 3 or db.dim() != 2 or dw.shape[:2] != db.shape:
-        raise ScenarioError(f"analytic inversion: weight update {tuple(dw.shape)} and bias update "
-                            f"{tuple(db.shape)} are not one layer's [B, out, in] and [B, out]")
+        raise ScenarioError(
+            f"analytic inversion: weight update {tuple(dw.shape)} and bias update "
+            f"{tuple(db.shape)} are not one layer's [B, out, in] and [B, out]"
+        )
     dw, db = dw.double(), db.double()
     wb = db.unsqueeze(2).expand_as(dw)
     use = torch.ones_like(dw, dtype=torch.bool)

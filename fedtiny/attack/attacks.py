@@ -85,14 +85,21 @@ Intervals = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per tensor: (one LSB in real units, half-width of a sent value's rounding interval in real units)."""
 
 
-def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: torch.Tensor, num_classes: int,
-              cfg: AttackConfig, intervals: Intervals | None = None
-              ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def objective(
+    model: nn.Module,
+    obs: Observation,
+    threat: ThreatModel,
+    labels: torch.Tensor,
+    num_classes: int,
+    cfg: AttackConfig,
+    intervals: Intervals | None = None,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``f_and_grad(x)`` for all targets: per-target matching loss and its gradient."""
     method = attack_method(cfg.method)
     if method.loss is None:
-        raise ScenarioError(f"attack method {cfg.method!r} does not match updates (it attacks a simulation's "
-                            f"observations as a whole)")
+        raise ScenarioError(
+            f"attack method {cfg.method!r} does not match updates (it attacks a simulation's observations as a whole)"
+        )
     if method.needs_intervals and not intervals:
         raise ScenarioError(f"attack method {cfg.method!r} needs the rounding intervals of an integer update")
     params = dict(model.named_parameters())
@@ -113,8 +120,9 @@ def objective(model: nn.Module, obs: Observation, threat: ThreatModel, labels: t
     return f_and_grad
 
 
-def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
-                     every: int = 250) -> Callable[[int, torch.Tensor], None]:
+def progress_printer(
+    iterations: int, log: TextIO | None = sys.stderr, every: int = 250
+) -> Callable[[int, torch.Tensor], None]:
     """A ``progress`` callback for :func:`reconstruct` that prints the median loss every ``every`` iterations."""
     t0 = time.perf_counter()
 
@@ -122,14 +130,18 @@ def progress_printer(iterations: int, log: TextIO | None = sys.stderr,
         if log is not None and (it + 1) % every == 0:
             spent = time.perf_counter() - t0
             pace = left(it + 1, iterations, spent)
-            say(f"attack iteration {it + 1}/{iterations}: median loss {float(f.median()):.3g} | {seconds(spent)}"
-                + (f" | {pace}" if pace else ""), log)
+            say(
+                f"attack iteration {it + 1}/{iterations}: median loss {float(f.median()):.3g} | {seconds(spent)}"
+                + (f" | {pace}" if pace else ""),
+                log,
+            )
 
     return progress
 
 
-def match_cosine(model: nn.Module, obs: Observation, threat: ThreatModel, x: torch.Tensor, labels: torch.Tensor,
-                 num_classes: int) -> torch.Tensor:
+def match_cosine(
+    model: nn.Module, obs: Observation, threat: ThreatModel, x: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Cosine between each observed update and the attacker's simulation at the true images [B].
 
     An oracle diagnostic, not an attack: 1 means the attacker's model of the client
@@ -140,10 +152,17 @@ def match_cosine(model: nn.Module, obs: Observation, threat: ThreatModel, x: tor
     return 1 - f_and_grad(x)[0]
 
 
-def reconstruct(model: nn.Module, obs: Observation, threat: ThreatModel, shape: tuple[int, ...], num_classes: int,
-                cfg: AttackConfig, labels: torch.Tensor | None = None,
-                progress: Callable[[int, torch.Tensor], None] | None = None,
-                intervals: Intervals | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(
+    model: nn.Module,
+    obs: Observation,
+    threat: ThreatModel,
+    shape: tuple[int, ...],
+    num_classes: int,
+    cfg: AttackConfig,
+    labels: torch.Tensor | None = None,
+    progress: Callable[[int, torch.Tensor], None] | None = None,
+    intervals: Intervals | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruct every target's batch: returns images [B, b, C, H, W] and labels [B, b].
 
     ``intervals``: the rounding intervals of an integer update (method ``rounding``).

@@ -67,16 +67,26 @@ class ObservationRecorder:
         if outcome.server_round not in self.rounds:
             return
         if self.aggregate and outcome.aggregate is not None:
-            self.observed.append({"round": outcome.server_round, "partition_id": min(outcome.accepted),
-                                  "members": sorted(outcome.accepted),
-                                  "changes": {k: (np.arange(v.size), v.ravel().copy())
-                                              for k, v in outcome.aggregate.items()},
-                                  "state": {k: v.copy() for k, v in outcome.sent.items()}})
+            self.observed.append(
+                {
+                    "round": outcome.server_round,
+                    "partition_id": min(outcome.accepted),
+                    "members": sorted(outcome.accepted),
+                    "changes": {k: (np.arange(v.size), v.ravel().copy()) for k, v in outcome.aggregate.items()},
+                    "state": {k: v.copy() for k, v in outcome.sent.items()},
+                }
+            )
         if not self.clients:
             return
         for pid in sorted(self.ids & set(outcome.accepted)):
-            self.observed.append({"round": outcome.server_round, "partition_id": pid, "changes": outcome.change(pid),
-                                  "state": {k: v.copy() for k, v in outcome.sent.items()}})
+            self.observed.append(
+                {
+                    "round": outcome.server_round,
+                    "partition_id": pid,
+                    "changes": outcome.change(pid),
+                    "state": {k: v.copy() for k, v in outcome.sent.items()},
+                }
+            )
 
 
 def _attacker_model(task, state):
@@ -124,8 +134,9 @@ def _intervals(task, qmodel, obs, steps: int) -> Intervals:
     """
     s = task.scenario
     if qmodel is None:
-        raise ScenarioError(f"attack.method = {task.scenario.attack.method}: the model is not int8 (nothing was "
-                            f"rounded)")
+        raise ScenarioError(
+            f"attack.method = {task.scenario.attack.method}: the model is not int8 (nothing was rounded)"
+        )
     vt = value_type(s.compression.values) if uplink_codec(s.compression.uplink).quantizes else None
     out: Intervals = {}
     for name, (values, _) in obs.items():
@@ -156,9 +167,16 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     per_client = [r for r in done if r["observed"] == "client"]
     combined = [r for r in done if r["observed"] != "client"]
     # Top level: each client's own update when the server saw them, else the aggregate.
-    report = {"attacks": results, "method": cfg.method, "labels": cfg.labels, **_means(per_client or combined),
-              "aggregate": _means(combined) if combined else None,
-              "restarts": cfg.restarts, "iterations": cfg.iterations, "unroll": cfg.unroll}
+    report = {
+        "attacks": results,
+        "method": cfg.method,
+        "labels": cfg.labels,
+        **_means(per_client or combined),
+        "aggregate": _means(combined) if combined else None,
+        "restarts": cfg.restarts,
+        "iterations": cfg.iterations,
+        "unroll": cfg.unroll,
+    }
     if run_dir is not None:
         (Path(run_dir) / "privacy.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         if grids:
@@ -168,23 +186,41 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     return report
 
 
-_REPORTED = ("mean_psnr_db", "mean_ssim", "label_accuracy", "match_cosine_at_truth", "change_lsb", "frac_psnr_25db",
-             "mean_flat_psnr_db", "oracle_mean_psnr_db", "leaked_blocks")
+_REPORTED = (
+    "mean_psnr_db",
+    "mean_ssim",
+    "label_accuracy",
+    "match_cosine_at_truth",
+    "change_lsb",
+    "frac_psnr_25db",
+    "mean_flat_psnr_db",
+    "oracle_mean_psnr_db",
+    "leaked_blocks",
+)
 
 
 def _means(done: list[dict[str, Any]]) -> dict[str, float | None]:
     """The report's figures: means over the attacked observations (None when nothing was attacked)."""
-    return {k: float(np.mean([r[k] for r in done])) if done and all(r.get(k) is not None for r in done) else None
-            for k in _REPORTED}
+    return {
+        k: float(np.mean([r[k] for r in done])) if done and all(r.get(k) is not None for r in done) else None
+        for k in _REPORTED
+    }
 
 
 def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
     """``summary.json``'s privacy figures: ``privacy_*`` from the top level, ``privacy_aggregate_*`` when an
     aggregate was attacked besides or instead of the clients."""
-    short = {"mean_psnr_db": "mean_psnr_db", "mean_ssim": "mean_ssim", "label_accuracy": "label_accuracy",
-             "match_cosine_at_truth": "match_cosine", "change_lsb": "change_lsb", "frac_psnr_25db": "frac_psnr_25db",
-             "mean_flat_psnr_db": "flat_psnr_db", "oracle_mean_psnr_db": "oracle_psnr_db",
-             "leaked_blocks": "leaked_blocks"}
+    short = {
+        "mean_psnr_db": "mean_psnr_db",
+        "mean_ssim": "mean_ssim",
+        "label_accuracy": "label_accuracy",
+        "match_cosine_at_truth": "match_cosine",
+        "change_lsb": "change_lsb",
+        "frac_psnr_25db": "frac_psnr_25db",
+        "mean_flat_psnr_db": "flat_psnr_db",
+        "oracle_mean_psnr_db": "oracle_psnr_db",
+        "leaked_blocks": "leaked_blocks",
+    }
     out = {f"privacy_{v}": report[k] for k, v in short.items()}
     if report.get("aggregate"):
         out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
@@ -215,8 +251,9 @@ def _images_behind(task, ob: Observed):
     parts = [task.federation.client_data(p)[0] for p in ob.get("members", [ob["partition_id"]])]
     if len(parts) == 1:
         return parts[0]
-    return ImageSet(np.concatenate([d.x for d in parts]), np.concatenate([d.y for d in parts]), parts[0].num_classes,
-                    parts[0].name)
+    return ImageSet(
+        np.concatenate([d.x for d in parts]), np.concatenate([d.y for d in parts]), parts[0].num_classes, parts[0].name
+    )
 
 
 def _imprint_all(task, members: list, results: list, grids: list) -> None:
@@ -226,12 +263,22 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
     for ob, data in members:
         out = imprint(task, [(ob["changes"], ob["state"], trap)], prior, data.x)
         rec = out.pop("recon")
-        results.append({"round": ob["round"], "partition_id": ob["partition_id"], "images": len(data),
-                        "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob
-                        else "client", "mean_psnr_db": float(np.mean(out["psnr_db"])),
-                        "mean_ssim": float(np.mean(out["ssim"])), "label_accuracy": None,
-                        "match_cosine_at_truth": None, "change_lsb": None, "true_labels": data.y.tolist(),
-                        "oracle_mean_psnr_db": float(np.mean(out["oracle_psnr_db"])), **out})
+        results.append(
+            {
+                "round": ob["round"],
+                "partition_id": ob["partition_id"],
+                "images": len(data),
+                "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob else "client",
+                "mean_psnr_db": float(np.mean(out["psnr_db"])),
+                "mean_ssim": float(np.mean(out["ssim"])),
+                "label_accuracy": None,
+                "match_cosine_at_truth": None,
+                "change_lsb": None,
+                "true_labels": data.y.tolist(),
+                "oracle_mean_psnr_db": float(np.mean(out["oracle_psnr_db"])),
+                **out,
+            }
+        )
         worst = worst_case({"imprint": out["psnr_db"]}, {"imprint": out["ssim"]}, out["flat_psnr_db"])
         results[-1].update(frac_psnr_25db=worst["frac_psnr_25db"], mean_flat_psnr_db=worst["mean_flat_psnr_db"])
         grids.append((data.x, np.clip(rec, 0, 1), out["psnr_db"]))
@@ -247,8 +294,13 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
     for ob in observed:
         train = _images_behind(task, ob)
         if len(train) > cfg.max_images:
-            results.append({"round": ob["round"], "partition_id": ob["partition_id"], "skipped":
-                            f"{len(train)} training images > attack.max_images = {cfg.max_images}"})
+            results.append(
+                {
+                    "round": ob["round"],
+                    "partition_id": ob["partition_id"],
+                    "skipped": f"{len(train)} training images > attack.max_images = {cfg.max_images}",
+                }
+            )
             continue
         groups.setdefault((ob["round"], len(train)), []).append((ob, train))
     method = attack_method(cfg.method)
@@ -267,31 +319,55 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         # mean of the clients' one-step changes is exactly that step.
         steps = 1 if "members" in obs_list[0] else s.train.local_epochs * math.ceil(n / s.train.batch_size)
         # Without unrolling, one step stands in for the client's several (same direction to first order).
-        threat = ThreatModel(observation="delta", local_steps=steps if cfg.unroll else 1, lr=s.train.lr,
-                             batch_size=n, labels=cfg.labels, trainable=tuple(obs))
+        threat = ThreatModel(
+            observation="delta",
+            local_steps=steps if cfg.unroll else 1,
+            lr=s.train.lr,
+            batch_size=n,
+            labels=cfg.labels,
+            trainable=tuple(obs),
+        )
         num_classes, shape = data[0].num_classes, tuple(data[0].x.shape[1:])
         fidelity = match_cosine(model, obs, threat, x, y, num_classes)
-        say(f"attack: round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
-              f"{cfg.iterations} iterations x {cfg.restarts} starts")
+        say(
+            f"attack: round {rnd}: {len(obs_list)} client(s) of {n} image(s), {cfg.method}, "
+            f"{cfg.iterations} iterations x {cfg.restarts} starts"
+        )
         intervals = _intervals(task, qmodel, obs, threat.local_steps) if method.needs_intervals else None
-        rec, lab = reconstruct(model, obs, threat, shape, num_classes,
-                               AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv,
-                                            restarts=cfg.restarts),
-                               labels=y if cfg.labels == "known" else None,
-                               progress=progress_printer(cfg.iterations), intervals=intervals)
+        rec, lab = reconstruct(
+            model,
+            obs,
+            threat,
+            shape,
+            num_classes,
+            AttackConfig(method=cfg.method, iterations=cfg.iterations, tv=cfg.tv, restarts=cfg.restarts),
+            labels=y if cfg.labels == "known" else None,
+            progress=progress_printer(cfg.iterations),
+            intervals=intervals,
+        )
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
-            results.append({"round": rnd, "partition_id": ob["partition_id"], "images": n, "local_steps": steps,
-                            "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob
-                            else "client",
-                            "mean_psnr_db": float(np.mean(sc["psnr"])), "mean_ssim": float(np.mean(sc["ssim"])),
-                            "label_accuracy": sc["label_accuracy"], "match_cosine_at_truth": float(fidelity[i]),
-                            "change_lsb": _change_lsb(model, qmodel, obs, i),
-                            "change_l2": float(sum(float((v[i] * m[i]).square().sum()) for v, m in obs.values())) ** 0.5,
-                            "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())), "psnr_db": sc["psnr"],
-                            # per image, in the order of psnr_db: which images (e.g. faces or not) leaked
-                            "ssim": sc["ssim"], "true_labels": data[i].y.tolist(),
-                            "flat_psnr_db": [flat_psnr(img) for img in data[i].x]})
+            results.append(
+                {
+                    "round": rnd,
+                    "partition_id": ob["partition_id"],
+                    "images": n,
+                    "local_steps": steps,
+                    "observed": "aggregate of " + ",".join(map(str, ob["members"])) if "members" in ob else "client",
+                    "mean_psnr_db": float(np.mean(sc["psnr"])),
+                    "mean_ssim": float(np.mean(sc["ssim"])),
+                    "label_accuracy": sc["label_accuracy"],
+                    "match_cosine_at_truth": float(fidelity[i]),
+                    "change_lsb": _change_lsb(model, qmodel, obs, i),
+                    "change_l2": float(sum(float((v[i] * m[i]).square().sum()) for v, m in obs.values())) ** 0.5,
+                    "transmitted": int(sum(int(m[i].sum()) for _, m in obs.values())),
+                    "psnr_db": sc["psnr"],
+                    # per image, in the order of psnr_db: which images (e.g. faces or not) leaked
+                    "ssim": sc["ssim"],
+                    "true_labels": data[i].y.tolist(),
+                    "flat_psnr_db": [flat_psnr(img) for img in data[i].x],
+                }
+            )
             worst = worst_case({cfg.method: sc["psnr"]}, {cfg.method: sc["ssim"]}, results[-1]["flat_psnr_db"])
             results[-1].update(frac_psnr_25db=worst["frac_psnr_25db"], mean_flat_psnr_db=worst["mean_flat_psnr_db"])
             grids.append((data[i].x, np.clip(rec[i].numpy()[sc["order"]], 0, 1), sc["psnr"]))

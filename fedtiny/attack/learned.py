@@ -44,8 +44,17 @@ class Inverter:
         return torch.sigmoid(self.net(f)).view(-1, *self.shape).numpy()
 
 
-def fit_inverter(rows: np.ndarray | torch.Tensor, images: np.ndarray, *, components: int = 1024, hidden: int = 2048,
-                 epochs: int = 30, batch_size: int = 256, seed: int = 0, log=sys.stderr) -> Inverter:
+def fit_inverter(
+    rows: np.ndarray | torch.Tensor,
+    images: np.ndarray,
+    *,
+    components: int = 1024,
+    hidden: int = 2048,
+    epochs: int = 30,
+    batch_size: int = 256,
+    seed: int = 0,
+    log=sys.stderr,
+) -> Inverter:
     """Train an inverter on public ``rows`` (one flattened update each) and their grey ``images`` ``[N, H, W]``."""
     gen = torch.Generator().manual_seed(seed)
     rows = torch.as_tensor(rows, dtype=torch.float32)
@@ -59,8 +68,13 @@ def fit_inverter(rows: np.ndarray | torch.Tensor, images: np.ndarray, *, compone
     feats = ((rows - mu) / sd) @ basis
     scale = feats.std(0) + 1e-6
     feats = feats / scale
-    net = torch.nn.Sequential(torch.nn.Linear(q, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-                              torch.nn.ReLU(), torch.nn.Linear(hidden, target.shape[1]))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(q, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, target.shape[1]),
+    )
     with torch.no_grad():  # seeded initialization
         for p in net.parameters():
             p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / np.sqrt(p.shape[-1]))
@@ -69,7 +83,7 @@ def fit_inverter(rows: np.ndarray | torch.Tensor, images: np.ndarray, *, compone
     for epoch in range(epochs):
         order = torch.randperm(len(feats), generator=gen)
         for i in range(0, len(feats), batch_size):
-            b = order[i:i + batch_size]
+            b = order[i : i + batch_size]
             opt.zero_grad()
             loss = (torch.sigmoid(net(feats[b])) - target[b]).square().mean()
             loss.backward()

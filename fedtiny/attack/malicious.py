@@ -42,12 +42,26 @@ from fedtiny.int8.convert import ptq
 from fedtiny.models.state import model_arrays
 from fedtiny.models.tinyir import TinyIR
 
-__all__ = ["Trap", "TRAP_LAYER", "trap_network", "trap_for", "trap_state", "trap_scheme", "trap_scheme_dict", "imprint", "block_edges", "blocks_of", "image_of",
-           "recover_blocks", "place", "oracle_place"]
+__all__ = [
+    "Trap",
+    "TRAP_LAYER",
+    "trap_network",
+    "trap_for",
+    "trap_state",
+    "trap_scheme",
+    "trap_scheme_dict",
+    "imprint",
+    "block_edges",
+    "blocks_of",
+    "image_of",
+    "recover_blocks",
+    "place",
+    "oracle_place",
+]
 
-TARGET_CLASS = 1   # the class whose samples send the trap's gradient (lfw-faces: faces); the others send none
-BLOCK = 4          # side of the pixel blocks each 8x8 position of block 2 holds
-TRAP_LAYER = 6     # conv6: block 2's expansion, the bins
+TARGET_CLASS = 1  # the class whose samples send the trap's gradient (lfw-faces: faces); the others send none
+BLOCK = 4  # side of the pixel blocks each 8x8 position of block 2 holds
+TRAP_LAYER = 6  # conv6: block 2's expansion, the bins
 PIXELS = BLOCK * BLOCK
 
 
@@ -142,10 +156,17 @@ def _set(conv_bn: nn.Sequential, weight: torch.Tensor, bias: torch.Tensor) -> No
 @torch.no_grad()
 def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     """Set a 32x32 3-channel tiny-ir (``fedtiny.models.TinyIR``, width 16, 4 blocks) to the trap; eval mode."""
-    if not isinstance(model, TinyIR) or len(model.blocks) != 4 or model.stem[0].out_channels != 16 \
-            or model.stem[0].in_channels != 3 or model.stem[0].stride != (2, 2):
-        raise ScenarioError("the trap is built for tiny-ir at width 16 on 3x32x32 images "
-                            "(data.image_size = 32, data.channels = 3, model.width = 16)")
+    if (
+        not isinstance(model, TinyIR)
+        or len(model.blocks) != 4
+        or model.stem[0].out_channels != 16
+        or model.stem[0].in_channels != 3
+        or model.stem[0].stride != (2, 2)
+    ):
+        raise ScenarioError(
+            "the trap is built for tiny-ir at width 16 on 3x32x32 images "
+            "(data.image_size = 32, data.channels = 3, model.width = 16)"
+        )
     if trap.bins != 96:
         raise ScenarioError(f"the trap needs one bin per channel of block 2's expansion: 96, got {trap.bins}")
     z = torch.zeros
@@ -174,7 +195,7 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     w = z(48, 1, 3, 3)
     for py in range(2):
         for px in range(2):
-            w[4 * (2 * py + px):4 * (2 * py + px) + 4, 0, 1 + py, 1 + px] = 1.0
+            w[4 * (2 * py + px) : 4 * (2 * py + px) + 4, 0, 1 + py, 1 + px] = 1.0
     _set(b1[1], w, z(48))
     w = z(32, 48, 1, 1)
     w[range(16), range(16)] = trap.pixel_gain / 2
@@ -233,8 +254,13 @@ def target_public(public) -> np.ndarray:
     return mine if len(mine) else public.x
 
 
-def trap_for(public: np.ndarray, *, pixel_gain: float = 10.0, head_gain: float = 1000.0,
-             projection: tuple[float, ...] | None = None) -> Trap:
+def trap_for(
+    public: np.ndarray,
+    *,
+    pixel_gain: float = 10.0,
+    head_gain: float = 1000.0,
+    projection: tuple[float, ...] | None = None,
+) -> Trap:
     """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature)."""
     weights = None if projection is None else np.asarray(projection)
     return Trap(block_edges(public, weights=weights), pixel_gain, head_gain, projection)
@@ -245,8 +271,10 @@ def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     fedtiny's own post-training quantization calibrated on ``public`` for an int8 task."""
     s = task.scenario
     if s.model.name != "tiny-ir" or s.model.file or s.model.module:
-        raise ScenarioError("attack.server = malicious: the trap is built for the built-in tiny-ir "
-                            "(model.name = \"tiny-ir\", no model.file or model.module)")
+        raise ScenarioError(
+            "attack.server = malicious: the trap is built for the built-in tiny-ir "
+            '(model.name = "tiny-ir", no model.file or model.module)'
+        )
     net = trap_network(_fp32_model(s, task.federation), trap)
     if s.model.precision == "int8":
         net = ptq(net, public.astype(np.float32), classifier_precision=s.model.classifier_precision)
@@ -254,8 +282,9 @@ def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     arrays = model_arrays(net, names)
     for name, shape, _ in task.downlink_spec:
         if tuple(arrays[name].shape) != tuple(shape):
-            raise ScenarioError(f"attack.server = malicious: trap tensor {name} is {arrays[name].shape}, "
-                                f"the task's is {shape}")
+            raise ScenarioError(
+                f"attack.server = malicious: trap tensor {name} is {arrays[name].shape}, the task's is {shape}"
+            )
     return arrays
 
 
@@ -289,8 +318,12 @@ def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: d
 def trap_scheme_dict() -> dict:
     """The scheme the malicious server asks for (``schemes.json`` form): conv6's pixel channels and bias."""
     channels = sorted(int(c) for c in PIXEL_CHANNELS)
-    return {"id": "imprint-trap", "n_bias_update": 0, "weight_update_idx": [TRAP_LAYER],
-            "weight_update_channels": [channels]}
+    return {
+        "id": "imprint-trap",
+        "n_bias_update": 0,
+        "weight_update_idx": [TRAP_LAYER],
+        "weight_update_channels": [channels],
+    }
 
 
 def trap_scheme(model):
@@ -298,8 +331,13 @@ def trap_scheme(model):
     return resolve(parse_scheme(json.dumps(trap_scheme_dict())), model)
 
 
-def recover_blocks(dw: np.ndarray, db: np.ndarray, pixel_gain: float, sent_w: np.ndarray | None = None,
-                   sent_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def recover_blocks(
+    dw: np.ndarray,
+    db: np.ndarray,
+    pixel_gain: float,
+    sent_w: np.ndarray | None = None,
+    sent_b: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The blocks of each bin and how many positions each bin caught, from one update of the bins.
 
     Parameters
@@ -348,7 +386,7 @@ def place(blocks: np.ndarray, counts: np.ndarray, prior: np.ndarray, images: int
     out = pb.copy()
     out[cols] = pieces[rows]
     n = len(blocks_of(prior))
-    return np.stack([image_of(out[i * n:(i + 1) * n], *prior.shape) for i in range(images)])
+    return np.stack([image_of(out[i * n : (i + 1) * n], *prior.shape) for i in range(images)])
 
 
 def oracle_place(blocks: np.ndarray, counts: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -391,8 +429,9 @@ def distinct(blocks: np.ndarray) -> np.ndarray:
     return np.stack(sums) / np.asarray(seen)[:, None] if sums else np.zeros((0, PIXELS))
 
 
-def imprint(task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], prior: np.ndarray,
-            targets: np.ndarray) -> dict:
+def imprint(
+    task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], prior: np.ndarray, targets: np.ndarray
+) -> dict:
     """The imprint attack on the updates one client sent (one per round's trap) and its scores.
 
     Parameters
@@ -424,16 +463,30 @@ def imprint(task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], 
     alone = distinct(np.concatenate(alone))
     n, c, h, w = targets.shape
     shared = pieces[counts >= 2]
-    rec = np.repeat(place(np.concatenate([alone, shared]), np.r_[np.ones(len(alone), np.int64), counts[counts >= 2]],
-                          prior, n)[:, None], c, axis=1)
+    rec = np.repeat(
+        place(np.concatenate([alone, shared]), np.r_[np.ones(len(alone), np.int64), counts[counts >= 2]], prior, n)[
+            :, None
+        ],
+        c,
+        axis=1,
+    )
     sc = score(rec, targets)
     g = grey(targets)
     tb = np.stack([blocks_of(t) for t in g])
-    err = np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size * n))
-    oracle = [psnr(np.repeat(oracle_place(alone, np.ones(len(alone), np.int64), t)[None], c, 0), x)
-              for t, x in zip(g, targets)]
-    return {"psnr_db": sc["psnr"], "ssim": sc["ssim"], "oracle_psnr_db": oracle,
-            "flat_psnr_db": [flat_psnr(x) for x in targets],
-            "isolated": float(min(1.0, len(alone) / (n * len(tb[0])))),
-            "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()), "rounds": len(observations),
-            "recon": rec[sc["order"]]}
+    err = (
+        np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size * n))
+    )
+    oracle = [
+        psnr(np.repeat(oracle_place(alone, np.ones(len(alone), np.int64), t)[None], c, 0), x)
+        for t, x in zip(g, targets)
+    ]
+    return {
+        "psnr_db": sc["psnr"],
+        "ssim": sc["ssim"],
+        "oracle_psnr_db": oracle,
+        "flat_psnr_db": [flat_psnr(x) for x in targets],
+        "isolated": float(min(1.0, len(alone) / (n * len(tb[0])))),
+        "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()),
+        "rounds": len(observations),
+        "recon": rec[sc["order"]],
+    }

@@ -70,25 +70,27 @@ def _l2(upd: Updates, obs: Observation, x: torch.Tensor, cfg, intervals) -> torc
 def _cosine(upd: Updates, obs: Observation, x: torch.Tensor, cfg, intervals) -> torch.Tensor:
     dot = sum((upd[k] * m * v).flatten(1).sum(1) for k, (v, m) in obs.items())
     n1 = sum(((upd[k] * m) ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
-    n2 = sum((v ** 2).flatten(1).sum(1) for k, (v, m) in obs.items())
+    n2 = sum((v**2).flatten(1).sum(1) for k, (v, m) in obs.items())
     return 1 - dot / (n1.sqrt() * n2.sqrt()).clamp_min(1e-20) + cfg.tv * tv(x)
 
 
 def _outside_intervals(upd: Updates, obs: Observation, x: torch.Tensor, cfg, intervals) -> torch.Tensor:
-    return sum(((torch.relu((upd[k] - v).abs() - intervals[k][1]) / intervals[k][0] * m) ** 2).flatten(1).sum(1)
-               for k, (v, m) in obs.items()) + cfg.tv * tv(x)
+    return sum(
+        ((torch.relu((upd[k] - v).abs() - intervals[k][1]) / intervals[k][0] * m) ** 2).flatten(1).sum(1)
+        for k, (v, m) in obs.items()
+    ) + cfg.tv * tv(x)
 
 
 def _lbfgs(f_and_grad, shape, gen: torch.Generator, cfg, progress):
     x0 = torch.randn(shape, generator=gen) * 0.5 + 0.5
-    return batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history,
-                         progress=progress)
+    return batched_lbfgs(f_and_grad, x0, iterations=cfg.iterations, lr=cfg.lr, history=cfg.history, progress=progress)
 
 
 def _signed_adam(f_and_grad, shape, gen: torch.Generator, cfg, progress):
     x0 = torch.rand(shape, generator=gen)
-    return batched_signed_adam(f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr,
-                               progress=progress)
+    return batched_signed_adam(
+        f_and_grad, x0, iterations=cfg.iterations, lr=0.1 if cfg.lr == 1.0 else cfg.lr, progress=progress
+    )
 
 
 ATTACK_METHODS.add("dlg", AttackMethod("dlg", _l2, _lbfgs))

@@ -56,8 +56,12 @@ def score(recon: np.ndarray, target: np.ndarray, recon_labels=None, target_label
     recon = np.clip(np.asarray(recon, np.float64), 0.0, 1.0)
     order = match(recon, target) if len(recon) > 1 else np.arange(len(recon))
     recon = recon[order]
-    out = {"mse": [mse(r, t) for r, t in zip(recon, target)], "psnr": [psnr(r, t) for r, t in zip(recon, target)],
-           "ssim": [ssim(r, t) for r, t in zip(recon, target)], "order": order.tolist()}
+    out = {
+        "mse": [mse(r, t) for r, t in zip(recon, target)],
+        "psnr": [psnr(r, t) for r, t in zip(recon, target)],
+        "ssim": [ssim(r, t) for r, t in zip(recon, target)],
+        "order": order.tolist(),
+    }
     if recon_labels is not None and target_labels is not None:
         rl = sorted(np.asarray(recon_labels).tolist())
         tl = sorted(np.asarray(target_labels).tolist())
@@ -65,22 +69,31 @@ def score(recon: np.ndarray, target: np.ndarray, recon_labels=None, target_label
     return out
 
 
-def worst_case(psnr_by_attack: dict[str, list[float]], ssim_by_attack: dict[str, list[float]],
-               flat_db: list[float]) -> dict:
+def worst_case(
+    psnr_by_attack: dict[str, list[float]], ssim_by_attack: dict[str, list[float]], flat_db: list[float]
+) -> dict:
     """Per target image, the best any attack did (the defender's worst case), and its summary.
 
     ``psnr_by_attack``/``ssim_by_attack``: per attack, one score per target (the same target order);
     ``flat_db``: each target's brightness-only baseline (:func:`flat_psnr`).
     """
     names = list(psnr_by_attack)
-    if not names or any(len(psnr_by_attack[n]) != len(flat_db) or len(ssim_by_attack[n]) != len(flat_db)
-                        for n in names):
+    if not names or any(
+        len(psnr_by_attack[n]) != len(flat_db) or len(ssim_by_attack[n]) != len(flat_db) for n in names
+    ):
         raise ValueError("worst_case: every attack needs one PSNR and one SSIM per target")
     best_psnr = np.max([psnr_by_attack[n] for n in names], axis=0)
     best_ssim = np.max([ssim_by_attack[n] for n in names], axis=0)
     best_by = [names[int(i)] for i in np.argmax([psnr_by_attack[n] for n in names], axis=0)]
-    return {"attacks": names, "max_psnr_db": best_psnr.tolist(), "max_ssim": best_ssim.tolist(), "best_attack": best_by,
-            "flat_psnr_db": list(map(float, flat_db)), "mean_max_psnr_db": float(best_psnr.mean()),
-            "mean_max_ssim": float(best_ssim.mean()), "mean_flat_psnr_db": float(np.mean(flat_db)),
-            "frac_psnr_25db": float(np.mean(best_psnr >= RECOGNISABLE_DB)),
-            "frac_above_flat": float(np.mean(best_psnr > np.asarray(flat_db)))}
+    return {
+        "attacks": names,
+        "max_psnr_db": best_psnr.tolist(),
+        "max_ssim": best_ssim.tolist(),
+        "best_attack": best_by,
+        "flat_psnr_db": list(map(float, flat_db)),
+        "mean_max_psnr_db": float(best_psnr.mean()),
+        "mean_max_ssim": float(best_ssim.mean()),
+        "mean_flat_psnr_db": float(np.mean(flat_db)),
+        "frac_psnr_25db": float(np.mean(best_psnr >= RECOGNISABLE_DB)),
+        "frac_above_flat": float(np.mean(best_psnr > np.asarray(flat_db))),
+    }

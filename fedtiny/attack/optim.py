@@ -26,9 +26,17 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def batched_lbfgs(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 300, history: int = 10,
-                  lr: float = 1.0, max_line_search: int = 12, tol: float = 1e-12,
-                  progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_lbfgs(
+    f_and_grad: FandG,
+    x0: torch.Tensor,
+    *,
+    iterations: int = 300,
+    history: int = 10,
+    lr: float = 1.0,
+    max_line_search: int = 12,
+    tol: float = 1e-12,
+    progress: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimize every target's objective with L-BFGS; return ``(x, f)``."""
     x = x0.detach().clone()
     f, g = f_and_grad(x, None)
@@ -89,9 +97,15 @@ def batched_lbfgs(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 300,
     return x, f
 
 
-def batched_signed_adam(f_and_grad: FandG, x0: torch.Tensor, *, iterations: int = 500, lr: float = 0.1,
-                        box: tuple[float, float] = (0.0, 1.0),
-                        progress: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_signed_adam(
+    f_and_grad: FandG,
+    x0: torch.Tensor,
+    *,
+    iterations: int = 500,
+    lr: float = 0.1,
+    box: tuple[float, float] = (0.0, 1.0),
+    progress: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverting Gradients' optimizer: Adam on the sign of the gradient, step decay, box constraint.
 
     Returns the iterate with each target's lowest objective.

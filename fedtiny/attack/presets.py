@@ -21,9 +21,12 @@ class DLGLeNet(nn.Module):
         super().__init__()
         act = nn.Sigmoid
         self.body = nn.Sequential(
-            nn.Conv2d(3, 12, 5, padding=2, stride=2), act(),
-            nn.Conv2d(12, 12, 5, padding=2, stride=2), act(),
-            nn.Conv2d(12, 12, 5, padding=2, stride=1), act(),
+            nn.Conv2d(3, 12, 5, padding=2, stride=2),
+            act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2),
+            act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1),
+            act(),
         )
         self.fc = nn.Linear(768, num_classes)
 
@@ -58,7 +61,7 @@ def real_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
         else:
             photo = photos[(i // 2) % len(photos)]
             r, c = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-            out[i] = photo[r:r + size, c:c + size].transpose(2, 0, 1)
+            out[i] = photo[r : r + size, c : c + size].transpose(2, 0, 1)
     return out
 
 

@@ -51,27 +51,51 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DLG (Zhu et al. 2019): sigmoid LeNet, 3x32x32, 100 classes, weights U[-0.5, 0.5], batch 1,
     # the dense fp32 gradient, L-BFGS (history 100, as torch's default); labels by iDLG.
     # Images: digits and photo patches alternating, random labels.
-    "dlg-lenet": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 100,
-                  "model": "dlg-lenet", "images": "mixed"},
+    "dlg-lenet": {
+        "threat": ThreatModel(),
+        "attack": AttackConfig(method="dlg", iterations=2000),
+        "classes": 100,
+        "model": "dlg-lenet",
+        "images": "mixed",
+    },
     # Inverting Gradients on a FedAvg change of 5 local steps.
-    "ig-lenet-fedavg": {"threat": ThreatModel(observation="delta", local_steps=5, lr=0.1),
-                        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4), "classes": 100,
-                        "model": "dlg-lenet", "images": "mixed"},
+    "ig-lenet-fedavg": {
+        "threat": ThreatModel(observation="delta", local_steps=5, lr=0.1),
+        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4),
+        "classes": 100,
+        "model": "dlg-lenet",
+        "images": "mixed",
+    },
     # DLG's setting (batch 1, the dense fp32 gradient, labels by iDLG) on the data people worry about:
     # faces (lfw_subset, 32x32, grey on 3 channels) and the 3-channel tiny-ir (ReLU6, BatchNorm in eval
     # mode, default initialization, face/non-face head). The attacker uses the stronger optimizer for
     # ReLU networks: Inverting Gradients (4 targets, 300 iterations: 15.7 dB in 36 s; DLG's L2 with
     # L-BFGS: 8.1 dB in 390 s, its line searches stall on the clamps).
     # Total variation 1e-2, not IG's 1e-4: on 4 faces (300 iterations) 16.8 dB against 15.7.
-    "faces": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-2, restarts=2),
-              "classes": 2, "model": "tiny-ir", "images": "faces"},
+    "faces": {
+        "threat": ThreatModel(),
+        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-2, restarts=2),
+        "classes": 2,
+        "model": "tiny-ir",
+        "images": "faces",
+    },
     # The control for "faces": the same faces and threat, DLG's own model and attack. It rebuilds them
     # (16 faces: 52.6 dB, SSIM 0.9998), so what stops "faces" is tiny-ir, not the images or the attack code.
-    "dlg-lenet-faces": {"threat": ThreatModel(), "attack": AttackConfig(method="dlg", iterations=2000), "classes": 2,
-                        "model": "dlg-lenet", "images": "faces"},
+    "dlg-lenet-faces": {
+        "threat": ThreatModel(),
+        "attack": AttackConfig(method="dlg", iterations=2000),
+        "classes": 2,
+        "model": "dlg-lenet",
+        "images": "faces",
+    },
     # The same on colour photo patches (32x32), 10 classes, random labels.
-    "photos": {"threat": ThreatModel(), "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),
-               "classes": 10, "model": "tiny-ir", "images": "photos"},
+    "photos": {
+        "threat": ThreatModel(),
+        "attack": AttackConfig(method="ig", iterations=1000, tv=1e-4, restarts=2),
+        "classes": 10,
+        "model": "tiny-ir",
+        "images": "photos",
+    },
 }
 
 
@@ -87,8 +111,9 @@ def preset_targets(preset: str, n: int, seed: int = 0) -> tuple[torch.nn.Module,
     return model, torch.from_numpy(x), torch.randint(0, p["classes"], (n,), generator=gen)
 
 
-def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 0, iterations: int | None = None,
-               log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def run_attack(
+    preset: str, targets: int, defense: str = "none", *, seed: int = 0, iterations: int | None = None, log=sys.stderr
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Attack ``targets`` real images under ``preset`` and ``defense``; return the summary and images."""
     if preset not in PRESETS:
         raise ScenarioError(f"--preset: unknown {preset!r}; known: {', '.join(PRESETS)}, faces-malicious")
@@ -102,26 +127,38 @@ def run_attack(preset: str, targets: int, defense: str = "none", *, seed: int = 
     obs = observe(model, x, y, p["classes"], threat)
 
     t0 = time.perf_counter()
-    rec, labels = reconstruct(model, obs, threat, (3, 32, 32), p["classes"], cfg,
-                              progress=progress_printer(cfg.iterations, log))
+    rec, labels = reconstruct(
+        model, obs, threat, (3, 32, 32), p["classes"], cfg, progress=progress_printer(cfg.iterations, log)
+    )
     seconds = time.perf_counter() - t0
     scores = [score(rec[i].numpy(), x[i].numpy(), labels[i], y[i]) for i in range(targets)]
     psnrs = [s for sc in scores for s in sc["psnr"]]
     ssims = [s for sc in scores for s in sc["ssim"]]
     summary = {
-        "preset": preset, "defense": defense, "targets": targets, "threat": asdict(threat), "attack": asdict(cfg),
-        "mean_psnr_db": float(np.mean(psnrs)), "median_psnr_db": float(np.median(psnrs)),
-        "min_psnr_db": float(np.min(psnrs)), "mean_ssim": float(np.mean(ssims)),
+        "preset": preset,
+        "defense": defense,
+        "targets": targets,
+        "threat": asdict(threat),
+        "attack": asdict(cfg),
+        "mean_psnr_db": float(np.mean(psnrs)),
+        "median_psnr_db": float(np.median(psnrs)),
+        "min_psnr_db": float(np.min(psnrs)),
+        "mean_ssim": float(np.mean(ssims)),
         # the brightness-only baseline: a mean PSNR near it means nothing recognisable was rebuilt
         "flat_psnr_db": float(np.mean([flat_psnr(img) for img in x.reshape(-1, *x.shape[-3:]).numpy()])),
         "label_accuracy": float(np.mean([sc["label_accuracy"] for sc in scores])),
-        "seconds": round(seconds, 2), "seconds_per_target": round(seconds / targets, 3),
+        "seconds": round(seconds, 2),
+        "seconds_per_target": round(seconds / targets, 3),
         "psnr_db": psnrs,
     }
     flats = [flat_psnr(img) for img in x.reshape(-1, *x.shape[-3:]).numpy()]
     worst = worst_case({cfg.method: psnrs}, {cfg.method: ssims}, flats)
-    summary.update(frac_psnr_25db=worst["frac_psnr_25db"], frac_above_flat=worst["frac_above_flat"],
-                   flat_psnr_db_per_image=worst["flat_psnr_db"], ssim=ssims)
+    summary.update(
+        frac_psnr_25db=worst["frac_psnr_25db"],
+        frac_above_flat=worst["frac_above_flat"],
+        flat_psnr_db_per_image=worst["flat_psnr_db"],
+        ssim=ssims,
+    )
     order = [sc["order"] for sc in scores]
     recon = np.stack([rec[i].numpy()[order[i]] for i in range(targets)])
     return summary, x.numpy(), np.clip(recon, 0, 1)
@@ -152,8 +189,18 @@ def plot_grid(targets: np.ndarray, recon: np.ndarray, psnrs: list[float], path: 
     return Path(path)
 
 
-def malicious_scenario(targets: int, batch: int, *, local_steps: int = 1, density: float = 1.0, values: str = "int8",
-                       precision: str = "int8", lr: float = 0.1, seed: int = 0, overrides: dict | None = None):
+def malicious_scenario(
+    targets: int,
+    batch: int,
+    *,
+    local_steps: int = 1,
+    density: float = 1.0,
+    values: str = "int8",
+    precision: str = "int8",
+    lr: float = 0.1,
+    seed: int = 0,
+    overrides: dict | None = None,
+):
     """The client side of ``faces-malicious``: tiny-ir on 3x32x32 faces, ``targets`` clients of ``batch``
     images, ``local_steps`` full-batch steps, the trap's scheme, a sparse uplink of ``density`` in
     ``values`` (int8) or, with ``precision = "fp32"``, dense fp32 updates of the whole float network."""
@@ -162,19 +209,37 @@ def malicious_scenario(targets: int, batch: int, *, local_steps: int = 1, densit
         "run": {"name": "faces-malicious", "seed": seed, "rounds": 1, "clients": max(2, targets)},
         "data": {"source": "lfw-faces", "image_size": 32, "channels": 3, "partition": "iid", "public_fraction": 0.5},
         "model": {"name": "tiny-ir", "precision": precision, "pretrain_epochs": 0},
-        "train": {"lr": lr, "momentum": 0.0, "batch_size": batch, "local_epochs": local_steps,
-                  "optimizer": "sgd+qas" if int8 else "sgd",
-                  "scheme": json.dumps(trap_scheme_dict()) if int8 else "full"},
+        "train": {
+            "lr": lr,
+            "momentum": 0.0,
+            "batch_size": batch,
+            "local_epochs": local_steps,
+            "optimizer": "sgd+qas" if int8 else "sgd",
+            "scheme": json.dumps(trap_scheme_dict()) if int8 else "full",
+        },
         "device": {"profiles": ["mcu-256kb"]},
-        "compression": ({"uplink": "sparse", "error_feedback": True, "density": density, "values": values} if int8
-                        else {"uplink": "dense"}),
+        "compression": (
+            {"uplink": "sparse", "error_feedback": True, "density": density, "values": values}
+            if int8
+            else {"uplink": "dense"}
+        ),
     }
     return scenario_from_dict(raw, overrides, where="faces-malicious")
 
 
-def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray,
-                   *, first_partition: int = 0, server_round: int = 1, states: dict | None = None,
-                   log=None) -> list[dict | str]:
+def client_updates(
+    scenario,
+    task,
+    scheme,
+    sent: dict[str, np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    first_partition: int = 0,
+    server_round: int = 1,
+    states: dict | None = None,
+    log=None,
+) -> list[dict | str]:
     """Each batch ``images[i]`` (``[b, C, H, W]``) trained by one client on the ``sent`` state, through
     :func:`fedtiny.federated.client.local_round`; the server's decoded update of each, or the
     client's refusal (a string). ``states`` (client index -> its persistent state: the error-feedback
@@ -183,9 +248,15 @@ def client_updates(scenario, task, scheme, sent: dict[str, np.ndarray], images: 
     out: list[dict | str] = []
     for i in range(len(images)):
         pid = (first_partition + i) % scenario.run.clients
-        result, state = local_round(scenario, pid, server_round, downlink, scheme=scheme,
-                                    state=None if states is None else states.get(i),
-                                    data=ImageSet(images[i], labels[i], 2, "faces"))
+        result, state = local_round(
+            scenario,
+            pid,
+            server_round,
+            downlink,
+            scheme=scheme,
+            state=None if states is None else states.get(i),
+            data=ImageSet(images[i], labels[i], 2, "faces"),
+        )
         if states is not None:
             states[i] = state
         out.append(result.refusal or task.uplink.decode(result.update, sent))
@@ -206,9 +277,21 @@ def update_row(task, changes: dict) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density: float = 1.0, values: str = "int8",
-                  precision: str = "int8", seed: int = 0, overrides: dict | None = None, learned: int = 0,
-                  epochs: int = 30, rounds: int = 1, log=sys.stderr) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def run_malicious(
+    targets: int,
+    batch: int = 1,
+    *,
+    local_steps: int = 1,
+    density: float = 1.0,
+    values: str = "int8",
+    precision: str = "int8",
+    seed: int = 0,
+    overrides: dict | None = None,
+    learned: int = 0,
+    epochs: int = 30,
+    rounds: int = 1,
+    log=sys.stderr,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
 
     The server builds the trap from the faces that are not targets (its public data: bin edges,
@@ -224,12 +307,22 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     per image, with the worst case over the attacks.
     """
     if targets * batch > LFW_FACES - 8:
-        raise ScenarioError(f"faces-malicious: {targets} targets x batch {batch} faces leave fewer than 8 of "
-                            f"lfw_subset's {LFW_FACES} faces as the server's public data")
+        raise ScenarioError(
+            f"faces-malicious: {targets} targets x batch {batch} faces leave fewer than 8 of "
+            f"lfw_subset's {LFW_FACES} faces as the server's public data"
+        )
     if learned and batch != 1:
         raise ScenarioError("faces-malicious: the learned inverter maps one update to one image: batch 1 only")
-    scenario = malicious_scenario(targets, batch, local_steps=local_steps, density=density, values=values,
-                                  precision=precision, seed=seed, overrides=overrides)
+    scenario = malicious_scenario(
+        targets,
+        batch,
+        local_steps=local_steps,
+        density=density,
+        values=values,
+        precision=precision,
+        seed=seed,
+        overrides=overrides,
+    )
     x, y = face_images(targets * batch, seed=seed)
     rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
     public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], 32).repeat(3, axis=1)
@@ -246,8 +339,7 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
         sent = trap_state(task, public, trap)
         if r == 0:
             first = (trap, sent)
-        for i, u in enumerate(client_updates(scenario, task, scheme, sent, xb, yb, server_round=r + 1,
-                                             states=states)):
+        for i, u in enumerate(client_updates(scenario, task, scheme, sent, xb, yb, server_round=r + 1, states=states)):
             seen[i].append(u if isinstance(u, str) else (u, sent, trap))
         if rounds > 1:
             say(f"attack: round {r + 1}/{rounds}: {targets} clients trained the trap", log)
@@ -263,20 +355,25 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
         out = imprint(task, seen[i], prior, xb[i])
         recon.append(out.pop("recon"))
         rows.append({"target": i, **out})
-        say(f"attack: target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
-              f"{np.mean(out['oracle_psnr_db']):.2f} dB at true positions, {out['leaked_blocks']:.2f} of blocks "
-              f"leaked", log)
+        say(
+            f"attack: target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
+            f"{np.mean(out['oracle_psnr_db']):.2f} dB at true positions, {out['leaked_blocks']:.2f} of blocks "
+            f"leaked",
+            log,
+        )
     attacked = [i for i, u in enumerate(updates) if not isinstance(u, str)]
     if learned and attacked:
         pub = augment(grey(public), learned, seed)
         pub3 = np.repeat(pub[:, None, None], 3, axis=2)
         say(f"attack: learned inverter: {learned} public updates through the client", log)
-        pub_updates = client_updates(scenario, task, scheme, sent, pub3, np.ones((learned, 1), np.int64),
-                                     first_partition=targets, log=log)
+        pub_updates = client_updates(
+            scenario, task, scheme, sent, pub3, np.ones((learned, 1), np.int64), first_partition=targets, log=log
+        )
         keep = [j for j, u in enumerate(pub_updates) if not isinstance(u, str)]
         if len(keep) >= 2:
-            inverter = fit_inverter(np.stack([update_row(task, pub_updates[j]) for j in keep]), pub[keep],
-                                    epochs=epochs, seed=seed, log=log)
+            inverter = fit_inverter(
+                np.stack([update_row(task, pub_updates[j]) for j in keep]), pub[keep], epochs=epochs, seed=seed, log=log
+            )
             guess = inverter(np.stack([update_row(task, updates[i]) for i in attacked]))
             for k, i in enumerate(attacked):
                 img = np.repeat(guess[k][None], 3, 0)
@@ -288,11 +385,22 @@ def run_malicious(targets: int, batch: int = 1, *, local_steps: int = 1, density
     summary = _malicious_summary(rows, x, batch)
     # the attacker's public knowledge alone: the mean public face, the same for every target
     summary["prior_psnr_db"] = float(np.mean([psnr(np.repeat(prior[None], 3, 0), img) for img in x]))
-    summary.update(preset="faces-malicious", targets=targets, batch_size=batch, local_steps=local_steps,
-                   density=density, values=values if precision == "int8" else "fp32", precision=precision,
-                   seed=seed, seconds=round(seconds, 2), public_faces=len(rest), learned_public=learned, rounds=rounds,
-                   targets_detail=rows,
-                   policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")})
+    summary.update(
+        preset="faces-malicious",
+        targets=targets,
+        batch_size=batch,
+        local_steps=local_steps,
+        density=density,
+        values=values if precision == "int8" else "fp32",
+        precision=precision,
+        seed=seed,
+        seconds=round(seconds, 2),
+        public_faces=len(rest),
+        learned_public=learned,
+        rounds=rounds,
+        targets_detail=rows,
+        policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")},
+    )
     return summary, xb, np.stack(recon)
 
 
@@ -303,7 +411,7 @@ def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str,
     placed, oracle, ssims, refused = [], [], [], 0
     learned, learned_ssim = [], []
     for r in rows:
-        own = flats[r["target"] * batch:(r["target"] + 1) * batch]
+        own = flats[r["target"] * batch : (r["target"] + 1) * batch]
         if "refused" in r:  # nothing was sent: the server has the brightness at best
             refused += 1
             placed, oracle, ssims = placed + own, oracle + own, ssims + [0.0] * batch
@@ -319,15 +427,23 @@ def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str,
     if any(np.isfinite(learned)):
         by_psnr["learned"], by_ssim["learned"] = learned, learned_ssim
     worst = worst_case(by_psnr, by_ssim, flats)
-    return {"mean_psnr_db": float(np.mean(placed)), "mean_ssim": float(np.mean(ssims)),
-            "learned_mean_psnr_db": float(np.mean(learned)) if "learned" in by_psnr else None,
-            "learned_mean_ssim": float(np.mean(learned_ssim)) if "learned" in by_psnr else None,
-            "worst_case_mean_psnr_db": worst["mean_max_psnr_db"], "worst_case_mean_ssim": worst["mean_max_ssim"],
-            "best_attack": worst["best_attack"],
-            "mean_flat_psnr_db": float(np.mean(flats)), "frac_psnr_25db": worst["frac_psnr_25db"],
-            "frac_above_flat": worst["frac_above_flat"], "psnr_db": placed, "ssim": ssims, "flat_psnr_db": flats,
-            "oracle_mean_psnr_db": float(np.mean(oracle)),
-            "oracle_frac_psnr_25db": float(np.mean(np.asarray(oracle) >= 25.0)),
-            "isolated": float(np.mean([r["isolated"] for r in done])) if done else 0.0,
-            "leaked_blocks": float(np.mean([r["leaked_blocks"] for r in done])) if done else 0.0,
-            "refused": refused}
+    return {
+        "mean_psnr_db": float(np.mean(placed)),
+        "mean_ssim": float(np.mean(ssims)),
+        "learned_mean_psnr_db": float(np.mean(learned)) if "learned" in by_psnr else None,
+        "learned_mean_ssim": float(np.mean(learned_ssim)) if "learned" in by_psnr else None,
+        "worst_case_mean_psnr_db": worst["mean_max_psnr_db"],
+        "worst_case_mean_ssim": worst["mean_max_ssim"],
+        "best_attack": worst["best_attack"],
+        "mean_flat_psnr_db": float(np.mean(flats)),
+        "frac_psnr_25db": worst["frac_psnr_25db"],
+        "frac_above_flat": worst["frac_above_flat"],
+        "psnr_db": placed,
+        "ssim": ssims,
+        "flat_psnr_db": flats,
+        "oracle_mean_psnr_db": float(np.mean(oracle)),
+        "oracle_frac_psnr_25db": float(np.mean(np.asarray(oracle) >= 25.0)),
+        "isolated": float(np.mean([r["isolated"] for r in done])) if done else 0.0,
+        "leaked_blocks": float(np.mean([r["leaked_blocks"] for r in done])) if done else 0.0,
+        "refused": refused,
+    }

@@ -87,8 +87,10 @@ class _Clamped(nn.Module):
 
 def _max_pool(q) -> nn.Module:
     pt, pb, pl, pr = q.padding
-    return _Clamped(lambda x: F.max_pool2d(F.pad(x, (pl, pr, pt, pb), value=float("-inf")), q.kernel, q.stride),
-                    *_range(*q.q(0), *q.act_range()))
+    return _Clamped(
+        lambda x: F.max_pool2d(F.pad(x, (pl, pr, pt, pb), value=float("-inf")), q.kernel, q.stride),
+        *_range(*q.q(0), *q.act_range()),
+    )
 
 
 def _lookup(fn):
@@ -97,14 +99,22 @@ def _lookup(fn):
 
 # Each op kind's float twin, by kind name.
 TWINS: dict[str, object] = {
-    "conv": _Conv, "add": _Add, "avgpool": _Pool, "reshape": lambda m: QReshape(m.shape), "float-head": _Linear,
+    "conv": _Conv,
+    "add": _Add,
+    "avgpool": _Pool,
+    "reshape": lambda m: QReshape(m.shape),
+    "float-head": _Linear,
     "maxpool": _max_pool,
     "mean": lambda q: _Clamped(lambda x: x.mean(dim=(2, 3), keepdim=True), *_range(*q.q(1))),
     "mul": lambda q: _Clamped(torch.mul, *_range(*q.q(2), *q.act_range())),
     "concat": lambda q: _Clamped(lambda *xs: torch.cat(xs, dim=q.axis)),
-    "logistic": _lookup(torch.sigmoid), "hard-swish": _lookup(F.hardswish), "requantize": _lookup(lambda x: x),
+    "logistic": _lookup(torch.sigmoid),
+    "hard-swish": _lookup(F.hardswish),
+    "requantize": _lookup(lambda x: x),
     "slice": lambda q: _Clamped(lambda x: x[q._index()]),
-    "relu": _lookup(F.relu), "relu6": _lookup(lambda x: torch.clamp(x, 0.0, 6.0)), "tanh": _lookup(torch.tanh),
+    "relu": _lookup(F.relu),
+    "relu6": _lookup(lambda x: torch.clamp(x, 0.0, 6.0)),
+    "tanh": _lookup(torch.tanh),
     "leaky-relu": lambda q: _Clamped(lambda x: F.leaky_relu(x, q.alpha), *_range(*q.q(1))),
 }
 
@@ -114,7 +124,7 @@ class Surrogate(nn.Module):
 
     def __init__(self, q: QModel) -> None:
         super().__init__()
-        self.nodes = q.nodes[:q.nodes.index(next(n for n in q.nodes if n.op == "classifier")) + 1]
+        self.nodes = q.nodes[: q.nodes.index(next(n for n in q.nodes if n.op == "classifier")) + 1]
         for node in self.nodes:
             m = q.op(node.op)
             kind = kind_of(m).name

@@ -44,7 +44,7 @@ class ThreatModel:
 # Defenses of `fedtiny attack --defense`: what the client does to its update before sending.
 DEFENSES: dict[str, dict] = {
     "none": {},
-    "prune-20": {"density": 0.8},          # DLG's pruning: the 20% smallest coordinates are not sent
+    "prune-20": {"density": 0.8},  # DLG's pruning: the 20% smallest coordinates are not sent
     "prune-90": {"density": 0.1},
     "topk-1": {"density": 0.01},
     "fp16": {"values": "fp16"},

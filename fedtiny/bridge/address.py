@@ -83,14 +83,18 @@ def parse_address(address: str) -> Address:
     path, at, baud = rest.rpartition("@") if "@" in rest else (rest, "", "")
     if path.startswith("/") or _WINDOWS_PORT.match(path):
         if at and not (baud.isdigit() and 0 < int(baud) <= 100_000_000):
-            raise ProtocolError(f"device address {address!r}: the baud rate after '@' must be a positive integer "
-                                f"(e.g. serial:{path}@{DEFAULT_BAUD}), got {baud!r}")
+            raise ProtocolError(
+                f"device address {address!r}: the baud rate after '@' must be a positive integer "
+                f"(e.g. serial:{path}@{DEFAULT_BAUD}), got {baud!r}"
+            )
         if path.endswith("/"):
             raise ProtocolError(f"device address {address!r}: {path!r} is a folder, not a serial port")
         return Address(address, "serial-port", path=path, baud=int(baud) if at else DEFAULT_BAUD)
     if at or not rest:
-        raise ProtocolError(f"device address {address!r}: a serial port is a device path (serial:/dev/ttyACM0) or a "
-                            f"Windows port (serial:COM3), optionally @BAUD; expected {FORMS}")
+        raise ProtocolError(
+            f"device address {address!r}: a serial port is a device path (serial:/dev/ttyACM0) or a "
+            f"Windows port (serial:COM3), optionally @BAUD; expected {FORMS}"
+        )
     return _host_port(address, rest, "serial-tcp")
 
 

@@ -37,15 +37,36 @@ from typing import Any, Callable
 from fedtiny.bridge.transport import Stream, as_stream
 from fedtiny.errors import ProtocolError
 
-__all__ = ["ProtocolError", "Frame", "HELLO", "TRAIN", "UPDATE", "METRICS", "ERROR", "BUSY", "ACK", "VERSION",
-           "MAGIC", "NAMES", "HEADER_SIZE", "encode_frame", "decode_frame", "read_frame", "sync_frame", "send_frame",
-           "send_json", "pack_blob", "unpack_blob", "MAX_PAYLOAD", "model_hash"]
+__all__ = [
+    "ProtocolError",
+    "Frame",
+    "HELLO",
+    "TRAIN",
+    "UPDATE",
+    "METRICS",
+    "ERROR",
+    "BUSY",
+    "ACK",
+    "VERSION",
+    "MAGIC",
+    "NAMES",
+    "HEADER_SIZE",
+    "encode_frame",
+    "decode_frame",
+    "read_frame",
+    "sync_frame",
+    "send_frame",
+    "send_json",
+    "pack_blob",
+    "unpack_blob",
+    "MAX_PAYLOAD",
+    "model_hash",
+]
 
 MAGIC = b"FTB"
 VERSION = 1
 HELLO, TRAIN, UPDATE, METRICS, ERROR, BUSY, ACK = 1, 2, 3, 4, 5, 6, 7
-NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", ERROR: "ERROR", BUSY: "BUSY",
-         ACK: "ACK"}
+NAMES = {HELLO: "HELLO", TRAIN: "TRAIN", UPDATE: "UPDATE", METRICS: "METRICS", ERROR: "ERROR", BUSY: "BUSY", ACK: "ACK"}
 _HEADER = struct.Struct("<3sBBBI")
 HEADER_SIZE = _HEADER.size
 MAX_PAYLOAD = 16 << 20
@@ -96,14 +117,14 @@ def decode_frame(data: bytes) -> Frame:
     """Decode one complete frame from bytes (exactly one frame, nothing after it)."""
     if len(data) < _HEADER.size + 4:
         raise ProtocolError(f"truncated frame: {len(data)} bytes")
-    ftype, length = _check_header(data[:_HEADER.size])
+    ftype, length = _check_header(data[: _HEADER.size])
     if len(data) != _HEADER.size + length + 4:
         raise ProtocolError(f"truncated frame: {len(data)} bytes for a payload of {length}")
-    body = data[:_HEADER.size + length]
+    body = data[: _HEADER.size + length]
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise ProtocolError("CRC mismatch: the frame was corrupted")
-    return Frame(ftype, data[_HEADER.size:_HEADER.size + length])
+    return Frame(ftype, data[_HEADER.size : _HEADER.size + length])
 
 
 def _wait(timeout: float | None, deadline: float | None) -> float | None:
@@ -120,8 +141,9 @@ def _timed_out(timeout: float | None, deadline: float | None, what: str) -> Prot
     return ProtocolError(f"timed out: no byte in {timeout:g} s {what}")
 
 
-def _recv_exact(stream: Stream, n: int, timeout: float | None, deadline: float | None,
-                what: Callable[[int], str]) -> bytes:
+def _recv_exact(
+    stream: Stream, n: int, timeout: float | None, deadline: float | None, what: Callable[[int], str]
+) -> bytes:
     chunks, got = [], 0
     while got < n:
         chunk = stream.read(n - got, _wait(timeout, deadline))
@@ -132,8 +154,7 @@ def _recv_exact(stream: Stream, n: int, timeout: float | None, deadline: float |
     return b"".join(chunks)
 
 
-def read_frame(stream: Stream | socket.socket, timeout: float | None = None, *,
-               deadline: float | None = None) -> Frame:
+def read_frame(stream: Stream | socket.socket, timeout: float | None = None, *, deadline: float | None = None) -> Frame:
     """Read one frame; every byte must belong to it (no resynchronisation).
 
     Parameters
@@ -154,19 +175,31 @@ def read_frame(stream: Stream | socket.socket, timeout: float | None = None, *,
     first = _recv_exact(stream, 1, timeout, deadline, lambda _: "while waiting for a frame")
 
     def mid(total: int, kind: str) -> Callable[[int], str]:
-        return lambda missing: (f"in the middle of {kind}: {missing} of its {total} bytes missing "
-                                f"(the device stopped mid-frame)")
+        return lambda missing: (
+            f"in the middle of {kind}: {missing} of its {total} bytes missing (the device stopped mid-frame)"
+        )
 
     head = first + _recv_exact(stream, _HEADER.size - 1, timeout, deadline, mid(_HEADER.size, "a frame header"))
     ftype, length = _check_header(head)
     name = NAMES[ftype]
-    rest = _recv_exact(stream, length + 4, timeout, deadline,
-                       mid(_HEADER.size + length + 4, f"{'an' if name[0] in 'AEIOU' else 'a'} {name} frame"))
+    rest = _recv_exact(
+        stream,
+        length + 4,
+        timeout,
+        deadline,
+        mid(_HEADER.size + length + 4, f"{'an' if name[0] in 'AEIOU' else 'a'} {name} frame"),
+    )
     return decode_frame(head + rest)
 
 
-def sync_frame(stream: Stream | socket.socket, accept: Callable[[Frame], bool], timeout: float | None = None, *,
-               deadline: float | None = None, skipped: list[str] | None = None) -> Frame:
+def sync_frame(
+    stream: Stream | socket.socket,
+    accept: Callable[[Frame], bool],
+    timeout: float | None = None,
+    *,
+    deadline: float | None = None,
+    skipped: list[str] | None = None,
+) -> Frame:
     """The first intact frame ``accept`` takes, skipping everything before it (a serial line's leftovers).
 
     Bytes that are not a frame, corrupted or truncated frames and intact frames ``accept`` refuses
@@ -192,7 +225,7 @@ def sync_frame(stream: Stream | socket.socket, accept: Callable[[Frame], bool], 
                 pos = i
                 break
             try:
-                _, length = _check_header(bytes(buf[i:i + _HEADER.size]))
+                _, length = _check_header(bytes(buf[i : i + _HEADER.size]))
                 candidates.append((i, i + _HEADER.size + length + 4))
             except ProtocolError:
                 pass
@@ -224,8 +257,12 @@ def sync_frame(stream: Stream | socket.socket, accept: Callable[[Frame], bool], 
                 candidates = [(s - cut, e - cut) for s, e in candidates if s >= cut]
             chunk = stream.read(1 << 16, _wait(timeout, deadline))
             if not chunk:
-                raise _timed_out(timeout, deadline, "while waiting for a frame (after skipping "
-                                 f"{len(buf)} bytes{' and ' + ', '.join(skipped) if skipped else ''})")
+                raise _timed_out(
+                    timeout,
+                    deadline,
+                    "while waiting for a frame (after skipping "
+                    f"{len(buf)} bytes{' and ' + ', '.join(skipped) if skipped else ''})",
+                )
             buf += chunk
 
 
@@ -266,9 +303,9 @@ def unpack_blob(payload: bytes) -> tuple[dict[str, Any], bytes]:
     if n > len(payload) - 4:
         raise ProtocolError(f"JSON header of {n} bytes exceeds the payload")
     try:
-        meta = json.loads(payload[4:4 + n].decode("utf-8"))
+        meta = json.loads(payload[4 : 4 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"bad JSON header: {exc}") from None
     if not isinstance(meta, dict):
         raise ProtocolError("JSON header must be an object")
-    return meta, payload[4 + n:]
+    return meta, payload[4 + n :]

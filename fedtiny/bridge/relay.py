@@ -16,8 +16,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtiny.bridge.address import Address, parse_address
-from fedtiny.bridge.protocol import (ACK, BUSY, ERROR, HELLO, METRICS, UPDATE, TRAIN, VERSION, Frame, ProtocolError,
-                                     pack_blob, read_frame, send_json, send_frame, sync_frame, unpack_blob)
+from fedtiny.bridge.protocol import (
+    ACK,
+    BUSY,
+    ERROR,
+    HELLO,
+    METRICS,
+    TRAIN,
+    UPDATE,
+    VERSION,
+    Frame,
+    ProtocolError,
+    pack_blob,
+    read_frame,
+    send_frame,
+    send_json,
+    sync_frame,
+    unpack_blob,
+)
 from fedtiny.bridge.transport import Stream, open_stream
 
 __all__ = ["DeviceReply", "relay_round", "parse_address", "is_serial", "Address"]
@@ -46,8 +62,15 @@ def is_serial(address: str) -> bool:
     return parse_address(address).serial
 
 
-def relay_round(address: str, expected_hash: str, meta: dict[str, Any], downlink: bytes, *,
-                timeout: float = 30.0, round_timeout: float = 0.0) -> DeviceReply:
+def relay_round(
+    address: str,
+    expected_hash: str,
+    meta: dict[str, Any],
+    downlink: bytes,
+    *,
+    timeout: float = 30.0,
+    round_timeout: float = 0.0,
+) -> DeviceReply:
     """Run one round on the device at ``address``: HELLO, TRAIN, (BUSY | METRICS)*, UPDATE, ACK.
 
     Parameters
@@ -77,14 +100,25 @@ def relay_round(address: str, expected_hash: str, meta: dict[str, Any], downlink
         with open_stream(addr, timeout) as stream:
             return _exchange(stream, addr, expected_hash, meta, downlink, server_round, timeout, deadline)
     except ProtocolError as exc:
-        limit = (f" (bridge.round_timeout_s = {round_timeout:g} s)"
-                 if deadline is not None and time.monotonic() >= deadline else "")
+        limit = (
+            f" (bridge.round_timeout_s = {round_timeout:g} s)"
+            if deadline is not None and time.monotonic() >= deadline
+            else ""
+        )
         text = str(exc)
         raise ProtocolError(f"{text if address in text else f'device {address}: {text}'}{limit}") from None
 
 
-def _exchange(stream: Stream, addr: Address, expected_hash: str, meta: dict[str, Any], downlink: bytes,
-              server_round: int, timeout: float, deadline: float | None) -> DeviceReply:
+def _exchange(
+    stream: Stream,
+    addr: Address,
+    expected_hash: str,
+    meta: dict[str, Any],
+    downlink: bytes,
+    server_round: int,
+    timeout: float,
+    deadline: float | None,
+) -> DeviceReply:
     if addr.serial:
         stream.discard_input()  # what is already here is an earlier exchange's
         send_json(stream, HELLO, {"protocol": VERSION})
@@ -102,8 +136,10 @@ def _exchange(stream: Stream, addr: Address, expected_hash: str, meta: dict[str,
         raise ProtocolError(f"device speaks protocol {h.get('protocol')!r}, the bridge {VERSION}")
     if h.get("model_hash") != expected_hash:
         send_json(stream, ERROR, {"code": "model", "message": "model hash mismatch"})
-        raise ProtocolError(f"model hash mismatch: device runs {h.get('model_hash')!r}, the federation "
-                            f"{expected_hash!r} (flash the device with this scenario's model)")
+        raise ProtocolError(
+            f"model hash mismatch: device runs {h.get('model_hash')!r}, the federation "
+            f"{expected_hash!r} (flash the device with this scenario's model)"
+        )
     send_frame(stream, TRAIN, pack_blob(meta, downlink))
     metrics: dict[str, float] = {}
     busy, progress = 0, (0, 0)
@@ -117,8 +153,10 @@ def _exchange(stream: Stream, addr: Address, expected_hash: str, meta: dict[str,
         elif frame.type == ERROR:
             raise ProtocolError(f"device error in round {server_round}: {_error_text(frame)}")
         elif frame.type == HELLO:
-            raise ProtocolError(f"the device sent HELLO in the middle of round {server_round}: it reset (or "
-                                f"restarted) while training; this round's update is lost")
+            raise ProtocolError(
+                f"the device sent HELLO in the middle of round {server_round}: it reset (or "
+                f"restarted) while training; this round's update is lost"
+            )
         elif frame.type == UPDATE:
             head, update = unpack_blob(frame.payload)
             n = head.get("num_examples")

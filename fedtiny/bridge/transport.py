@@ -204,7 +204,7 @@ class FdStream(Stream):
         try:
             while view:
                 select.select([], [self.write_fd], [])
-                view = view[os.write(self.write_fd, view):]
+                view = view[os.write(self.write_fd, view) :]
         except OSError as exc:
             raise StreamClosed(f"{self.name} failed while sending: {exc}") from None
 

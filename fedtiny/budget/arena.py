@@ -112,8 +112,9 @@ def _place(buffers: list[Buffer], conflicts, order: list[int], align: int) -> tu
     at: list[int | None] = [None] * len(buffers)
     top = 0
     for i in order:
-        forbidden = sorted((off - z0 + 1, off + z1) for j, pairs in conflicts[i] if (off := at[j]) is not None
-                           for z0, z1 in pairs)  # offsets o in [lo, hi) would collide
+        forbidden = sorted(
+            (off - z0 + 1, off + z1) for j, pairs in conflicts[i] if (off := at[j]) is not None for z0, z1 in pairs
+        )  # offsets o in [lo, hi) would collide
         o = 0
         for lo, hi in forbidden:
             if o < lo:

@@ -42,15 +42,32 @@ from fedtiny.compress.values import value_type
 from fedtiny.int8.graph import QConv
 from fedtiny.models.state import array_spec, trainable_names
 
-__all__ = ["UplinkTensor", "ClientLoad", "DeviceMemory", "device_memory", "client_memory", "step_arena",
-           "device_ram_bytes", "encoded_bound", "residual_bytes", "stack_bytes", "FRAME_BYTES", "TEXT_BYTES",
-           "REPORT_BYTES", "CODE_BYTES", "RUNTIME_BYTES", "OP_BYTES"]
+__all__ = [
+    "UplinkTensor",
+    "ClientLoad",
+    "DeviceMemory",
+    "device_memory",
+    "client_memory",
+    "step_arena",
+    "device_ram_bytes",
+    "encoded_bound",
+    "residual_bytes",
+    "stack_bytes",
+    "FRAME_BYTES",
+    "TEXT_BYTES",
+    "REPORT_BYTES",
+    "CODE_BYTES",
+    "RUNTIME_BYTES",
+    "OP_BYTES",
+]
 
 FRAME_BYTES = 256  # the device's buffer for small frames (HELLO, ACK, ERROR); TRAIN streams into the tensors
 TEXT_BYTES = 512  # JSON the device composes (HELLO, UPDATE's header, ERROR, BUSY)
 REPORT_BYTES = 1032  # ft_step_report (device/c/fedtiny_step.h) on a 32-bit MCU
 RUNTIME_BYTES = 512  # the C library's and the board's statics, section alignment (measured, see firmware README)
-CODE_BYTES = 49 * 1024  # firmware code with libm/libc (newlib nano) on Cortex-M4F at -O2, DSP kernels: 46.6-51.8 KB measured
+CODE_BYTES = (
+    49 * 1024
+)  # firmware code with libm/libc (newlib nano) on Cortex-M4F at -O2, DSP kernels: 46.6-51.8 KB measured
 # (the linked flash less the parts below: tiny-ir, KWS DS-CNN, MCUNet; device/firmware/README.md)
 STEP_TABLE_BYTES = 16  # per conv output channel: the C step's multiplier, shift, effective scale, QAS scales
 # (fp32/int32 each) besides the bias, in place of the state's w_scales
@@ -129,13 +146,17 @@ class DeviceMemory:
         if self.fits is None:
             return f"device RAM {self.device_ram_bytes:,} B (no device given)"
         if self.fits:
-            return (f"fits {self.device}: device RAM {self.device_ram_bytes:,} B <= {self.sram_bytes:,} B, "
-                    f"flash {self.device_flash_bytes:,} B <= {self.flash_capacity_bytes:,} B")
+            return (
+                f"fits {self.device}: device RAM {self.device_ram_bytes:,} B <= {self.sram_bytes:,} B, "
+                f"flash {self.device_flash_bytes:,} B <= {self.flash_capacity_bytes:,} B"
+            )
         parts = []
         if self.device_ram_bytes > (self.sram_bytes or 0):
             big = max(self.ram, key=self.ram.get)
-            parts.append(f"device RAM {self.device_ram_bytes:,} B > {self.sram_bytes:,} B "
-                         f"(largest part: {big} {self.ram[big]:,} B)")
+            parts.append(
+                f"device RAM {self.device_ram_bytes:,} B > {self.sram_bytes:,} B "
+                f"(largest part: {big} {self.ram[big]:,} B)"
+            )
         if self.device_flash_bytes > (self.flash_capacity_bytes or 0):
             parts.append(f"flash {self.device_flash_bytes:,} B > {self.flash_capacity_bytes:,} B")
         return f"does not fit {self.device}: " + "; ".join(parts)
@@ -146,10 +167,23 @@ class DeviceMemory:
         return d
 
 
-def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor_elements: int,
-                  optimizer_slots: int, uplink: list[UplinkTensor], load: ClientLoad, model_flash_bytes: int,
-                  ops: int, classes: int, plans: int = 0, sram_bytes: int | None = None, flash_bytes: int | None = None,
-                  device: str | None = None, conv_channels: int = 0) -> DeviceMemory:
+def device_memory(
+    *,
+    arena_bytes: int,
+    trained_tensor_bytes: int,
+    trained_tensor_elements: int,
+    optimizer_slots: int,
+    uplink: list[UplinkTensor],
+    load: ClientLoad,
+    model_flash_bytes: int,
+    ops: int,
+    classes: int,
+    plans: int = 0,
+    sram_bytes: int | None = None,
+    flash_bytes: int | None = None,
+    device: str | None = None,
+    conv_channels: int = 0,
+) -> DeviceMemory:
     """The whole client's RAM and flash (see the module docstring for the parts).
 
     Parameters
@@ -171,11 +205,13 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     conv_channels
         Output channels of the model's convolutions, the classifier's included (the step's tables).
     """
-    ram = {"step arena": arena_bytes,
-           "input batch": 8 * load.batch_size,  # a pointer to each sample (they stay in flash) and its label
-           "sample order": 2 * load.samples,
-           "trained tensors": trained_tensor_bytes,
-           "optimizer state": 4 * optimizer_slots * trained_tensor_elements}
+    ram = {
+        "step arena": arena_bytes,
+        "input batch": 8 * load.batch_size,  # a pointer to each sample (they stay in flash) and its label
+        "sample order": 2 * load.samples,
+        "trained tensors": trained_tensor_bytes,
+        "optimizer state": 4 * optimizer_slots * trained_tensor_elements,
+    }
     if uplink_codec(load.uplink).carries_state:
         state = sum(u.positions * u.itemsize for u in uplink)  # the values when the round began
         if load.error_feedback:
@@ -189,16 +225,21 @@ def device_memory(*, arena_bytes: int, trained_tensor_bytes: int, trained_tensor
     ram["protocol buffers"] = FRAME_BYTES + TEXT_BYTES + REPORT_BYTES
     ram["runtime"] = RUNTIME_BYTES
     ram["stack"] = stack_bytes(ops, classes)
-    flash = {"code": CODE_BYTES, "model": model_flash_bytes, "step tables": STEP_TABLE_BYTES * conv_channels,
-             "op table and plans": OP_BYTES * ops + 4 * plans,
-             "samples": load.samples * (load.sample_bytes + 1)}
+    flash = {
+        "code": CODE_BYTES,
+        "model": model_flash_bytes,
+        "step tables": STEP_TABLE_BYTES * conv_channels,
+        "op table and plans": OP_BYTES * ops + 4 * plans,
+        "samples": load.samples * (load.sample_bytes + 1),
+    }
     if uplink_codec(load.uplink).carries_state:  # each uplink tensor's trainable positions (uint32), in flash
         flash["uplink positions"] = 4 * sum(u.positions for u in uplink)
     return DeviceMemory(sum(ram.values()), sum(flash.values()), ram, flash, sram_bytes, flash_bytes, device)
 
 
-def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str = "sgd+qas", momentum: float = 0.0,
-                  profile=None) -> DeviceMemory:
+def client_memory(
+    model, arena_bytes: int, load: ClientLoad, *, optimizer: str = "sgd+qas", momentum: float = 0.0, profile=None
+) -> DeviceMemory:
     """:func:`device_memory` of an int8 ``model`` that carries its scheme, whose step's arena (at
     ``load.micro_batch`` samples, with accumulators when ``load.batch_size`` is larger) is ``arena_bytes``
     (:attr:`~fedtiny.budget.memory.MemoryReport.arena_bytes`). The uplink tensors are the trained ones, in
@@ -206,30 +247,61 @@ def client_memory(model, arena_bytes: int, load: ClientLoad, *, optimizer: str =
     spec = array_spec(model, trainable_names(model))
     slices = trainable_slices(model, spec)
     uplink = [UplinkTensor(n, len(shape), len(slices[n]), np.dtype(dt).itemsize) for n, shape, dt in spec]
-    return device_memory(arena_bytes=arena_bytes,
-                         trained_tensor_bytes=sum(math.prod(s) * np.dtype(dt).itemsize for _, s, dt in spec),
-                         trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec),
-                         optimizer_slots=optimizer_slots(optimizer, momentum),
-                         uplink=uplink, load=load, model_flash_bytes=flash_bytes(model), ops=len(model.nodes),
-                         classes=_classes(model), sram_bytes=profile.sram_bytes if profile else None,
-                         flash_bytes=profile.flash_bytes if profile else None, device=profile.name if profile else None,
-                         conv_channels=_conv_channels(model))
+    return device_memory(
+        arena_bytes=arena_bytes,
+        trained_tensor_bytes=sum(math.prod(s) * np.dtype(dt).itemsize for _, s, dt in spec),
+        trained_tensor_elements=sum(math.prod(s) for _, s, _ in spec),
+        optimizer_slots=optimizer_slots(optimizer, momentum),
+        uplink=uplink,
+        load=load,
+        model_flash_bytes=flash_bytes(model),
+        ops=len(model.nodes),
+        classes=_classes(model),
+        sram_bytes=profile.sram_bytes if profile else None,
+        flash_bytes=profile.flash_bytes if profile else None,
+        device=profile.name if profile else None,
+        conv_channels=_conv_channels(model),
+    )
 
 
-def step_arena(model, input_shape: tuple[int, int, int], load: ClientLoad, *, optimizer: str = "sgd+qas",
-               momentum: float = 0.0, reorder: bool = True, inplace_depthwise: bool = True,
-               fuse_frozen: bool = True) -> int:
+def step_arena(
+    model,
+    input_shape: tuple[int, int, int],
+    load: ClientLoad,
+    *,
+    optimizer: str = "sgd+qas",
+    momentum: float = 0.0,
+    reorder: bool = True,
+    inplace_depthwise: bool = True,
+    fuse_frozen: bool = True,
+) -> int:
     """The arena of one step of ``model`` (which carries its scheme) as the device runs it: ``load.micro_batch``
     samples at a time, with the accumulators when ``load.batch_size`` is larger (the planner, without the
     persistent state and the input, which the device holds apart)."""
-    ledger, _ = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
-                     inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=load.micro_batch,
-                     accumulate=load.batch_size > load.micro_batch)
+    ledger, _ = plan(
+        model,
+        input_shape,
+        optimizer=optimizer,
+        momentum=momentum,
+        reorder=reorder,
+        inplace_depthwise=inplace_depthwise,
+        fuse_frozen=fuse_frozen,
+        batch=load.micro_batch,
+        accumulate=load.batch_size > load.micro_batch,
+    )
     return ledger.peak_without("persistent:", "act:input")
 
 
-def device_ram_bytes(model, resolved, input_shape: tuple[int, int, int], load: ClientLoad, *,
-                     optimizer: str = "sgd+qas", momentum: float = 0.0, **options) -> int:
+def device_ram_bytes(
+    model,
+    resolved,
+    input_shape: tuple[int, int, int],
+    load: ClientLoad,
+    *,
+    optimizer: str = "sgd+qas",
+    momentum: float = 0.0,
+    **options,
+) -> int:
     """:attr:`DeviceMemory.device_ram_bytes` of ``model`` under ``resolved`` (applied in place), for a search
     that asks it of many schemes. ``options``: the planner's (reorder, inplace_depthwise, fuse_frozen)."""
     apply_scheme(model, resolved)

@@ -34,18 +34,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtiny.int8.ledger import GRAD_BYTES, Ledger, OpEvents, recording
-from fedtiny.devices import DeviceProfile
 from fedtiny.budget.schemes import ResolvedScheme, apply_scheme
 from fedtiny.budget.step_time import StepWork, schedule_work
+from fedtiny.devices import DeviceProfile
 from fedtiny.errors import ScenarioError
-from fedtiny.int8.graph import FloatHead, QConv, QModel, fused_events, fusable
+from fedtiny.int8.graph import FloatHead, QConv, QModel, fusable, fused_events
+from fedtiny.int8.ledger import GRAD_BYTES, Ledger, OpEvents, recording
 from fedtiny.int8.optim import QuantizedOptimizer
 from fedtiny.int8.optimizers import optimizer_kind
 from fedtiny.int8.resolver import kind_of
 
-__all__ = ["optimizer_slots", "MemoryReport", "LayerRow", "ScheduledOp", "schedule", "plan", "paper_count", "persistent_bytes", "measure_step", "flash_bytes",
-           "memory_report", "step_macs", "step_work", "op_macs", "c_layout"]
+__all__ = [
+    "optimizer_slots",
+    "MemoryReport",
+    "LayerRow",
+    "ScheduledOp",
+    "schedule",
+    "plan",
+    "paper_count",
+    "persistent_bytes",
+    "measure_step",
+    "flash_bytes",
+    "memory_report",
+    "step_macs",
+    "step_work",
+    "op_macs",
+    "c_layout",
+]
 
 
 @dataclass
@@ -99,8 +114,10 @@ class MemoryReport:
         if self.fits is None:
             return f"peak SRAM {self.peak_sram_bytes:,} B (no device given)"
         if self.fits:
-            return (f"fits {self.device}: peak SRAM {self.peak_sram_bytes:,} B <= {self.sram_bytes:,} B, "
-                    f"flash {self.flash_bytes:,} B <= {self.device_flash_bytes:,} B")
+            return (
+                f"fits {self.device}: peak SRAM {self.peak_sram_bytes:,} B <= {self.sram_bytes:,} B, "
+                f"flash {self.flash_bytes:,} B <= {self.device_flash_bytes:,} B"
+            )
         parts = []
         if self.peak_sram_bytes > (self.sram_bytes or 0):
             parts.append(f"peak SRAM {self.peak_sram_bytes:,} B > {self.sram_bytes:,} B at {self.peak_at}")
@@ -113,8 +130,11 @@ class MemoryReport:
         d["reason"] = self.reason()
         d["macs"] = self.macs
         if self.work is not None:  # (kind, part) keys as "kind/part"
-            d["work"] = {**d["work"], "macs": {f"{k}/{p}": n for (k, p), n in self.work.macs.items()},
-                         "written": {f"{k}/{p}": n for (k, p), n in self.work.written.items()}}
+            d["work"] = {
+                **d["work"],
+                "macs": {f"{k}/{p}": n for (k, p), n in self.work.macs.items()},
+                "written": {f"{k}/{p}": n for (k, p), n in self.work.written.items()},
+            }
         return d
 
 
@@ -171,8 +191,14 @@ def _frozen(*modules: nn.Module) -> bool:
     return not any(p.requires_grad for m in modules for p in m.parameters())
 
 
-def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *, fuse: bool = True,
-             inplace_depthwise: bool = True) -> list[ScheduledOp]:
+def schedule(
+    model: QModel,
+    input_shape: tuple[int, int, int],
+    batch: int = 1,
+    *,
+    fuse: bool = True,
+    inplace_depthwise: bool = True,
+) -> list[ScheduledOp]:
     """The forward schedule of one training step from shapes alone, with each op's buffers.
 
     Each op computes its own :class:`~fedtiny.int8.ledger.OpEvents` (the same method the
@@ -182,7 +208,7 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
     """
     ops: list[ScheduledOp] = []
     wiring = model.wiring()
-    nodes = model.nodes[:len(wiring)]
+    nodes = model.nodes[: len(wiring)]
     shapes: dict[str, tuple[int, ...]] = {"input": (batch, *input_shape)}
     upstream: dict[str, bool] = {"input": False}  # a trained tensor upstream of each tensor
     i = 0
@@ -196,8 +222,15 @@ def schedule(model: QModel, input_shape: tuple[int, int, int], batch: int = 1, *
             i += 1
             continue
         nxt = model.op(nodes[i + 1].op) if i + 1 < len(nodes) else None
-        if (fuse and nxt is not None and fusable(m, nxt) and nodes[i + 1].inputs == (node.op,)
-                and model._only_reader(i) and not ups[0] and _frozen(m, nxt)):
+        if (
+            fuse
+            and nxt is not None
+            and fusable(m, nxt)
+            and nodes[i + 1].inputs == (node.op,)
+            and model._only_reader(i)
+            and not ups[0]
+            and _frozen(m, nxt)
+        ):
             out = (nxt.out_channels, *nxt.out_hw(m.out_hw(ins[0][2:])))
             ops.append(ScheduledOp("fused", (m, nxt), ins[0], out, fused_events(m, nxt, ins[0], w)))
             shapes[nodes[i + 1].op], upstream[nodes[i + 1].op] = (batch, *out), False
@@ -224,9 +257,18 @@ def trained_elements(model: QModel) -> int:
     return n
 
 
-def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "sgd+qas", momentum: float = 0.0,
-         reorder: bool = True, inplace_depthwise: bool = True, fuse_frozen: bool = True,
-         batch: int = 1, accumulate: bool = False) -> tuple[Ledger, list[ScheduledOp]]:
+def plan(
+    model: QModel,
+    input_shape: tuple[int, int, int],
+    *,
+    optimizer: str = "sgd+qas",
+    momentum: float = 0.0,
+    reorder: bool = True,
+    inplace_depthwise: bool = True,
+    fuse_frozen: bool = True,
+    batch: int = 1,
+    accumulate: bool = False,
+) -> tuple[Ledger, list[ScheduledOp]]:
     """Replay one training step's buffers from shapes; return the accounting ledger and the schedule.
 
     ``accumulate``: the step trains more samples than ``batch`` (the micro-batch), summing the parameter
@@ -248,8 +290,9 @@ def plan(model: QModel, input_shape: tuple[int, int, int], *, optimizer: str = "
     return L, ops
 
 
-def c_layout(model: QModel, input_shape: tuple[int, int, int], *, fuse_frozen: bool = True,
-             inplace_depthwise: bool = True) -> dict[str, tuple[int, int, int]]:
+def c_layout(
+    model: QModel, input_shape: tuple[int, int, int], *, fuse_frozen: bool = True, inplace_depthwise: bool = True
+) -> dict[str, tuple[int, int, int]]:
     """The planner's decisions for the C step (``device/c/fedtiny_step.c``), per convolution's tag:
     ``(inplace, fuse_next, workspace_bytes)`` of one sample's schedule, so that the C step's arena
     holds the buffers this planner counts. The model must carry its scheme (``apply_scheme``)."""
@@ -297,8 +340,10 @@ def _fused_parts(op: ScheduledOp) -> list[ScheduledOp]:
     """The expansion and depthwise convolutions of a fused op, as ops of their own (for their MACs)."""
     (pw, dw), n = op.module, op.in_shape[0]
     mid = (n, pw.out_channels, *pw.out_hw(op.in_shape[2:]))
-    return [ScheduledOp("conv", pw, op.in_shape, mid[1:], op.events),
-            ScheduledOp("conv", dw, mid, (dw.out_channels, *dw.out_hw(mid[2:])), op.events)]
+    return [
+        ScheduledOp("conv", pw, op.in_shape, mid[1:], op.events),
+        ScheduledOp("conv", dw, mid, (dw.out_channels, *dw.out_hw(mid[2:])), op.events),
+    ]
 
 
 def step_work(ops: list[ScheduledOp]) -> StepWork:
@@ -343,25 +388,59 @@ def _rows(ops: list[ScheduledOp], L: Ledger, batch: int) -> list[LayerRow]:
         if op.kind == "conv":
             params = m.trained_weight_elements() + (4 * m.out_channels if m.bias.requires_grad else 0)
         name = f"{m[0].tag}+{tag}" if op.kind == "fused" else tag
-        kind = op.kind if op.kind != "conv" else (
-            "depthwise" if m.is_depthwise else "fc" if m.kind == "fc" else "conv{}x{}".format(*m.kernel_hw))
-        rows.append(LayerRow(i, name, kind, tuple(op.out_shape), batch * math.prod(op.out_shape), op.events.saved,
-                             params, fw.get(tag, 0), bw.get(tag, 0)))
+        kind = (
+            op.kind
+            if op.kind != "conv"
+            else ("depthwise" if m.is_depthwise else "fc" if m.kind == "fc" else "conv{}x{}".format(*m.kernel_hw))
+        )
+        rows.append(
+            LayerRow(
+                i,
+                name,
+                kind,
+                tuple(op.out_shape),
+                batch * math.prod(op.out_shape),
+                op.events.saved,
+                params,
+                fw.get(tag, 0),
+                bw.get(tag, 0),
+            )
+        )
     return rows
 
 
-def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,
-                  device: DeviceProfile | None = None, accounting: str = "planner", optimizer: str = "sgd+qas",
-                  momentum: float = 0.0, reorder: bool = True, inplace_depthwise: bool = True,
-                  fuse_frozen: bool = True, batch: int = 1, accumulate: bool = False) -> MemoryReport:
+def memory_report(
+    model: QModel,
+    resolved: ResolvedScheme,
+    input_shape: tuple[int, int, int],
+    *,
+    device: DeviceProfile | None = None,
+    accounting: str = "planner",
+    optimizer: str = "sgd+qas",
+    momentum: float = 0.0,
+    reorder: bool = True,
+    inplace_depthwise: bool = True,
+    fuse_frozen: bool = True,
+    batch: int = 1,
+    accumulate: bool = False,
+) -> MemoryReport:
     """Memory of one training step of ``model`` under ``resolved`` (applied to the model in place).
 
     ``batch`` samples are trained at once (the device's micro-batch); ``accumulate`` counts the fp32
     gradient accumulators a step of more samples than that needs.
     """
     apply_scheme(model, resolved)
-    L, ops = plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
-                  inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=batch, accumulate=accumulate)
+    L, ops = plan(
+        model,
+        input_shape,
+        optimizer=optimizer,
+        momentum=momentum,
+        reorder=reorder,
+        inplace_depthwise=inplace_depthwise,
+        fuse_frozen=fuse_frozen,
+        batch=batch,
+        accumulate=accumulate,
+    )
     persistent = persistent_bytes(model, optimizer, momentum)
     paper = paper_count(model, input_shape, batch)
     saved_planner = sum(r.saved_bytes for r in _rows(ops, L, batch))
@@ -377,27 +456,72 @@ def memory_report(model: QModel, resolved: ResolvedScheme, input_shape: tuple[in
         raise ScenarioError(f"accounting: expected planner or paper, got {accounting!r}")
     flash = flash_bytes(model)
     fits = None if device is None else (peak <= device.sram_bytes and flash <= device.flash_bytes)
-    return MemoryReport(accounting, resolved.name, peak, at, flash, saved, sum(persistent.values()),
-                        device.name if device else None, device.sram_bytes if device else None,
-                        device.flash_bytes if device else None, fits, reorder, inplace_depthwise, batch,
-                        _rows(ops, L, batch), breakdown, *step_macs(ops), L.peak_without("persistent:", "act:input"),
-                        accumulate, step_work(ops))
+    return MemoryReport(
+        accounting,
+        resolved.name,
+        peak,
+        at,
+        flash,
+        saved,
+        sum(persistent.values()),
+        device.name if device else None,
+        device.sram_bytes if device else None,
+        device.flash_bytes if device else None,
+        fits,
+        reorder,
+        inplace_depthwise,
+        batch,
+        _rows(ops, L, batch),
+        breakdown,
+        *step_macs(ops),
+        L.peak_without("persistent:", "act:input"),
+        accumulate,
+        step_work(ops),
+    )
 
 
-def peak_sram_bytes(model: QModel, resolved: ResolvedScheme, input_shape: tuple[int, int, int], *,
-                    optimizer: str = "sgd+qas", momentum: float = 0.0, reorder: bool = True,
-                    inplace_depthwise: bool = True, fuse_frozen: bool = True, batch: int = 1,
-                    accumulate: bool = False) -> int:
+def peak_sram_bytes(
+    model: QModel,
+    resolved: ResolvedScheme,
+    input_shape: tuple[int, int, int],
+    *,
+    optimizer: str = "sgd+qas",
+    momentum: float = 0.0,
+    reorder: bool = True,
+    inplace_depthwise: bool = True,
+    fuse_frozen: bool = True,
+    batch: int = 1,
+    accumulate: bool = False,
+) -> int:
     """:func:`memory_report`'s ``peak_sram_bytes`` alone (the planner's accounting), for a search that
     asks it of thousands of schemes: the plan without the report's tables."""
     apply_scheme(model, resolved)
-    return plan(model, input_shape, optimizer=optimizer, momentum=momentum, reorder=reorder,
-                inplace_depthwise=inplace_depthwise, fuse_frozen=fuse_frozen, batch=batch, accumulate=accumulate)[0].peak
+    return plan(
+        model,
+        input_shape,
+        optimizer=optimizer,
+        momentum=momentum,
+        reorder=reorder,
+        inplace_depthwise=inplace_depthwise,
+        fuse_frozen=fuse_frozen,
+        batch=batch,
+        accumulate=accumulate,
+    )[0].peak
 
 
-def measure_step(model: QModel, resolved: ResolvedScheme, x: torch.Tensor, y: torch.Tensor, *,
-                 optimizer: str = "sgd+qas", lr: float = 1e-3, momentum: float = 0.0, reorder: bool = True,
-                 inplace_depthwise: bool = True, fuse_frozen: bool = True) -> Ledger:
+def measure_step(
+    model: QModel,
+    resolved: ResolvedScheme,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    optimizer: str = "sgd+qas",
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    reorder: bool = True,
+    inplace_depthwise: bool = True,
+    fuse_frozen: bool = True,
+) -> Ledger:
     """Run one real training step (the clients' code path) with the ledger recording; return it."""
     apply_scheme(model, resolved)
     opt = QuantizedOptimizer(model, optimizer, lr, momentum, gen=torch.Generator().manual_seed(0))

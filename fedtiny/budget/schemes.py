@@ -34,8 +34,18 @@ import torch
 
 from fedtiny.errors import SchemeError
 
-__all__ = ["Scheme", "ResolvedScheme", "SchemeError", "parse_scheme", "resolve", "apply_scheme", "PRESETS",
-           "trainable_slices", "redraw_channels", "union"]
+__all__ = [
+    "Scheme",
+    "ResolvedScheme",
+    "SchemeError",
+    "parse_scheme",
+    "resolve",
+    "apply_scheme",
+    "PRESETS",
+    "trainable_slices",
+    "redraw_channels",
+    "union",
+]
 
 PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit", "search", "fisher", "random:N")
 LAST_K_FIT = -1  # last-k:fit: the largest N whose step fits the device (the task resolves it)
@@ -81,10 +91,15 @@ class ResolvedScheme:
         n = self.num_convs
         last = next((i for i in range(n) if all(self.bias[i:])), n)
         idx = [i for i, c in enumerate(self.channels) if c]
-        return {"id": self.name, "n_bias_update": n - last, "weight_update_idx": idx,
-                "weight_update_ratio": [round(len(self.channels[i]) / self.in_channels[i], 4) if self.in_channels
-                                        else 1.0 for i in idx],
-                "weight_update_channels": [list(self.channels[i]) for i in idx]}
+        return {
+            "id": self.name,
+            "n_bias_update": n - last,
+            "weight_update_idx": idx,
+            "weight_update_ratio": [
+                round(len(self.channels[i]) / self.in_channels[i], 4) if self.in_channels else 1.0 for i in idx
+            ],
+            "weight_update_channels": [list(self.channels[i]) for i in idx],
+        }
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -92,9 +107,13 @@ class ResolvedScheme:
     @classmethod
     def from_json(cls, text: str) -> "ResolvedScheme":
         d = json.loads(text)
-        return cls(d["name"], [bool(b) for b in d["bias"]],
-                   [None if c is None else [int(i) for i in c] for c in d["channels"]],
-                   [int(i) for i in d.get("in_channels", [])], bool(d.get("classifier", True)))
+        return cls(
+            d["name"],
+            [bool(b) for b in d["bias"]],
+            [None if c is None else [int(i) for i in c] for c in d["channels"]],
+            [int(i) for i in d.get("in_channels", [])],
+            bool(d.get("classifier", True)),
+        )
 
     def summary(self) -> str:
         w = sum(c is not None and len(c) > 0 for c in self.channels)
@@ -102,8 +121,15 @@ class ResolvedScheme:
 
 
 def _from_dict(d: dict[str, Any], name: str) -> Scheme:
-    allowed = {"id", "n_bias_update", "weight_update_idx", "weight_update_ratio", "weight_select_criteria",
-               "weight_update_channels", *INFO_KEYS}
+    allowed = {
+        "id",
+        "n_bias_update",
+        "weight_update_idx",
+        "weight_update_ratio",
+        "weight_select_criteria",
+        "weight_update_channels",
+        *INFO_KEYS,
+    }
     extra = sorted(set(d) - allowed)
     if extra:
         raise SchemeError(f"scheme {name}: unknown key {extra[0]!r} (expected {', '.join(sorted(allowed))})")
@@ -124,14 +150,26 @@ def _from_dict(d: dict[str, Any], name: str) -> Scheme:
         raise SchemeError(f"scheme {name}: weight_select_criteria {crit!r}; expected one of {', '.join(CRITERIA)}")
     chans = d.get("weight_update_channels")
     if chans is not None:
-        if not isinstance(chans, list) or len(chans) != len(idx) or not all(
+        if (
+            not isinstance(chans, list)
+            or len(chans) != len(idx)
+            or not all(
                 isinstance(c, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in c)
-                for c in chans):
-            raise SchemeError(f"scheme {name}: weight_update_channels must be {len(idx)} lists of channel "
-                              "indices >= 0, one per weight_update_idx entry")
+                for c in chans
+            )
+        ):
+            raise SchemeError(
+                f"scheme {name}: weight_update_channels must be {len(idx)} lists of channel "
+                "indices >= 0, one per weight_update_idx entry"
+            )
         chans = tuple(tuple(sorted(set(c))) for c in chans)
-    return Scheme(str(d.get("id", name)), n_bias, tuple((int(i), float(r)) for i, r in zip(idx, ratio)), crit,
-                  weight_channels=chans)
+    return Scheme(
+        str(d.get("id", name)),
+        n_bias,
+        tuple((int(i), float(r)) for i, r in zip(idx, ratio)),
+        crit,
+        weight_channels=chans,
+    )
 
 
 def parse_scheme(text: str) -> Scheme:
@@ -208,8 +246,7 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
         n_bias = n if scheme.n_bias_update is None else scheme.n_bias_update
         weights = tuple((i, 1.0) for i in range(n)) if scheme.weight_update is None else scheme.weight_update
     # a scheme of layer indices is made for one model: another model needs a preset, which fits any
-    other = ("; a scheme names one model's layers: for this model use a preset (last-k:fit, full, bias-only "
-             "or search)")
+    other = "; a scheme names one model's layers: for this model use a preset (last-k:fit, full, bias-only or search)"
     if n_bias > n:
         raise SchemeError(f"scheme {scheme.name}: n_bias_update {n_bias} exceeds the model's {n} convolutions{other}")
     bias = [i >= n - n_bias for i in range(n)]
@@ -217,21 +254,26 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
     in_ch = [c.out_channels if c.is_depthwise else c.in_channels for c in convs]
     for j, (idx, ratio) in enumerate(weights):
         if idx >= n:
-            raise SchemeError(f"scheme {scheme.name}: weight_update_idx {idx} out of range "
-                              f"(the model has {n} convolutions, 0..{n - 1}){other}")
+            raise SchemeError(
+                f"scheme {scheme.name}: weight_update_idx {idx} out of range "
+                f"(the model has {n} convolutions, 0..{n - 1}){other}"
+            )
         if scheme.weight_channels is not None:
             sel = list(scheme.weight_channels[j])
             if sel and sel[-1] >= in_ch[idx]:
-                raise SchemeError(f"scheme {scheme.name}: weight_update_channels of layer {idx} names channel "
-                                  f"{sel[-1]}; the layer has {in_ch[idx]}")
+                raise SchemeError(
+                    f"scheme {scheme.name}: weight_update_channels of layer {idx} names channel "
+                    f"{sel[-1]}; the layer has {in_ch[idx]}"
+                )
         elif convs[idx].groups > 1 and not convs[idx].is_depthwise:  # grouped (a depth multiplier): whole or not
             if 0 < ratio < 1:
-                raise SchemeError(f"scheme {scheme.name}: layer {idx} ({convs[idx].tag}) is a grouped convolution, "
-                                  f"trained whole or not at all: weight_update_ratio {ratio} is not 0 or 1")
+                raise SchemeError(
+                    f"scheme {scheme.name}: layer {idx} ({convs[idx].tag}) is a grouped convolution, "
+                    f"trained whole or not at all: weight_update_ratio {ratio} is not 0 or 1"
+                )
             sel = list(range(in_ch[idx])) if ratio >= 1 else []
         else:
-            sel = _select(convs[idx].weight, convs[idx].is_depthwise, ratio, scheme.weight_select,
-                          seed * 1000 + idx)
+            sel = _select(convs[idx].weight, convs[idx].is_depthwise, ratio, scheme.weight_select, seed * 1000 + idx)
         if sel:
             channels[idx] = sel
             bias[idx] = True  # a weight-updated layer also updates its bias
@@ -245,8 +287,10 @@ def redraw_channels(resolved: ResolvedScheme, seed: list[int]) -> ResolvedScheme
     so it is unchanged, while over many draws every channel of a trained layer gets updates.
     """
     rng = np.random.default_rng(seed)
-    channels = [c if c is None or len(c) in (0, n) else sorted(int(i) for i in rng.choice(n, len(c), replace=False))
-                for c, n in zip(resolved.channels, resolved.in_channels)]
+    channels = [
+        c if c is None or len(c) in (0, n) else sorted(int(i) for i in rng.choice(n, len(c), replace=False))
+        for c, n in zip(resolved.channels, resolved.in_channels)
+    ]
     return ResolvedScheme(resolved.name, list(resolved.bias), channels, list(resolved.in_channels), resolved.classifier)
 
 
@@ -257,17 +301,22 @@ def union(schemes: list[ResolvedScheme]) -> ResolvedScheme:
     for i in range(first.num_convs):
         sets = [s.channels[i] for s in schemes if s.channels[i] is not None]
         channels.append(sorted(set().union(*sets)) if sets else None)
-    return ResolvedScheme("+".join(dict.fromkeys(s.name for s in schemes)),
-                          [any(s.bias[i] for s in schemes) for i in range(first.num_convs)], channels,
-                          list(first.in_channels), any(s.classifier for s in schemes))
+    return ResolvedScheme(
+        "+".join(dict.fromkeys(s.name for s in schemes)),
+        [any(s.bias[i] for s in schemes) for i in range(first.num_convs)],
+        channels,
+        list(first.in_channels),
+        any(s.classifier for s in schemes),
+    )
 
 
 def apply_scheme(model, resolved: ResolvedScheme) -> None:
     """Make exactly the scheme's tensors trainable (``requires_grad``) and record weight channels."""
     convs = model.convs()
     if len(convs) != resolved.num_convs:
-        raise SchemeError(f"scheme {resolved.name} was resolved for {resolved.num_convs} convolutions, "
-                          f"the model has {len(convs)}")
+        raise SchemeError(
+            f"scheme {resolved.name} was resolved for {resolved.num_convs} convolutions, the model has {len(convs)}"
+        )
     for conv, b, ch in zip(convs, resolved.bias, resolved.channels):
         conv.bias.requires_grad_(b)
         conv.weight.requires_grad_(ch is not None)

@@ -37,8 +37,14 @@ KINDS = ("pointwise", "depthwise", "regular", "fc")
 PARTS = ("forward", "input", "weight")
 
 
-def conv_kind(kernel_hw: tuple[int, int], groups: int, in_channels: int, out_channels: int,
-              out_hw: tuple[int, int], stride: int = 1) -> str:
+def conv_kind(
+    kernel_hw: tuple[int, int],
+    groups: int,
+    in_channels: int,
+    out_channels: int,
+    out_hw: tuple[int, int],
+    stride: int = 1,
+) -> str:
     """The kernel kind a convolution runs on: ``fc`` (1 x 1 output of a 1 x 1 kernel), ``pointwise`` (1 x 1,
     stride 1, one group), ``depthwise`` (one channel per group) or ``regular``."""
     if groups == in_channels == out_channels and groups > 1:
@@ -101,18 +107,37 @@ class StepWork:
         return sum(n for (_, part), n in self.macs.items() if part != "forward")
 
 
-def _conv_work(name: str, kind: str, forward: int, input_grad: bool, weight_macs: int, outputs: int,
-               gradient: bool, updated: int, inputs: int, weight_elements: int, channels: int) -> OpWork:
+def _conv_work(
+    name: str,
+    kind: str,
+    forward: int,
+    input_grad: bool,
+    weight_macs: int,
+    outputs: int,
+    gradient: bool,
+    updated: int,
+    inputs: int,
+    weight_elements: int,
+    channels: int,
+) -> OpWork:
     """``weight_elements``: the weight gradient's elements (trained rows x trained elements of a row)."""
-    return OpWork(name, kind, {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
-                  outputs if gradient else 0, 0, updated,
-                  {"forward": outputs, "input": inputs if input_grad else 0, "weight": weight_elements}, channels)
+    return OpWork(
+        name,
+        kind,
+        {"forward": forward, "input": forward if input_grad else 0, "weight": weight_macs},
+        outputs if gradient else 0,
+        0,
+        updated,
+        {"forward": outputs, "input": inputs if input_grad else 0, "weight": weight_elements},
+        channels,
+    )
 
 
 def c_op_work(ops: list[dict]) -> list[OpWork]:
     """Each op of the C step's list (:meth:`fedtiny.int8.cstep.CStep.op_geometry`) with its work per sample,
     as ``device/c/fedtiny_step.c`` does it: which tensors a gradient reaches (``needs``), input gradients
     where one flows to a trained tensor, weight gradients for trained channels."""
+
     def inputs(op: dict) -> list[int]:  # every input (a MUL's and a concat's too); in0 and in1 of older lists
         return op.get("inputs") or [op["in0"]] + ([op["in1"]] if op["kind"] == "add" else [])
 
@@ -136,8 +161,21 @@ def c_op_work(ops: list[dict]) -> list[OpWork]:
             grads = (trained if kind == "depthwise" else op["oc"] * trained) * kk
             weight = grads * op["oh"] * op["ow"]
         updated = op["oc"] * cpg * kk if op["train_w"] else 0
-        out.append(_conv_work(op["name"], kind, forward, needs[i + 1] and needs[op["in0"]], weight, outputs,
-                              needs[i + 1], updated, op["c"] * op["h"] * op["w"], grads, op["oc"]))
+        out.append(
+            _conv_work(
+                op["name"],
+                kind,
+                forward,
+                needs[i + 1] and needs[op["in0"]],
+                weight,
+                outputs,
+                needs[i + 1],
+                updated,
+                op["c"] * op["h"] * op["w"],
+                grads,
+                op["oc"],
+            )
+        )
     return out
 
 
@@ -161,20 +199,33 @@ def schedule_work(ops) -> list[OpWork]:
             trained = grads = forward if m.weight.requires_grad else 0
         else:
             hw = tuple(op.out_shape[1:]) if len(op.out_shape) == 3 else (1, 1)
-            kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw,
-                             getattr(m, "stride", 1))
+            kind = conv_kind(tuple(m.kernel_hw), m.groups, m.in_channels, m.out_channels, hw, getattr(m, "stride", 1))
             forward = outputs * (m.in_channels // m.groups) * math.prod(m.kernel_hw)
             grads = m.trained_weight_elements() if m.weight.requires_grad else 0
             trained = round(forward * grads / m.weight.numel())
         trains = any(p.requires_grad for p in m.parameters())
-        out.append(_conv_work(getattr(m, "tag", kind), kind, forward, upstream, trained, outputs,
-                              upstream or trains, updated, inputs, grads, op.out_shape[0]))
+        out.append(
+            _conv_work(
+                getattr(m, "tag", kind),
+                kind,
+                forward,
+                upstream,
+                trained,
+                outputs,
+                upstream or trains,
+                updated,
+                inputs,
+                grads,
+                op.out_shape[0],
+            )
+        )
         upstream |= trains
     return out
 
 
-def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step: float, source: str,
-              outside: float = 0.0) -> KernelCosts:
+def fit_costs(
+    measured: list[tuple[OpWork, dict[str, float]]], samples_per_step: float, source: str, outside: float = 0.0
+) -> KernelCosts:
     """Costs from a profile. Per part, the ops' cycles are fitted (non-negative least squares) as a cost per
     MAC and a cost per element written of each kind (an output's requantization and store; a gathered input
     gradient element against a float add; a weight gradient element), and, in the forward, one cost per
@@ -193,27 +244,33 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
     per_written: list[tuple[tuple[str, str], float]] = []
     per_channel = 0.0
     for part in PARTS:
-        rows = [(w, c[part] / samples_per_step) for w, c in measured
-                if w.macs.get(part)]
+        rows = [(w, c[part] / samples_per_step) for w, c in measured if w.macs.get(part)]
         if not rows:
             continue
         kinds = sorted({w.kind for w, _ in rows})
         # A kind whose ops all do the same MACs per element written (tiny-ir's depthwise layers are all 3x3)
         # cannot tell the two terms apart: its cost is charged per MAC, so that a 7x7 window costs more
         # than a 3x3 one, as the window kernels' loops do (per element, it would cost the same).
-        ratios = {k: {w.macs[part] / w.written[part] for w, _ in rows if w.kind == k and w.written.get(part)}
-                  for k in kinds}
+        ratios = {
+            k: {w.macs[part] / w.written[part] for w, _ in rows if w.kind == k and w.written.get(part)} for k in kinds
+        }
         fixed = {k for k in kinds if len(ratios[k]) == 1}
-        a = np.array([[w.macs[part] if w.kind == k else 0 for k in kinds]
-                      + [w.written.get(part, 0) if w.kind == k and k not in fixed else 0 for k in kinds]
-                      + ([w.channels] if part == "forward" else []) for w, _ in rows], dtype=float)
+        a = np.array(
+            [
+                [w.macs[part] if w.kind == k else 0 for k in kinds]
+                + [w.written.get(part, 0) if w.kind == k and k not in fixed else 0 for k in kinds]
+                + ([w.channels] if part == "forward" else [])
+                for w, _ in rows
+            ],
+            dtype=float,
+        )
         y = np.array([c for _, c in rows])
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
         x, _ = nnls(a / scale, y)
         x = x / scale
-        per_mac += [((k, part), round(float(v), 3)) for k, v in zip(kinds, x[:len(kinds)])]
-        per_written += [((k, part), round(float(v), 2)) for k, v in zip(kinds, x[len(kinds):2 * len(kinds)])]
+        per_mac += [((k, part), round(float(v), 3)) for k, v in zip(kinds, x[: len(kinds)])]
+        per_written += [((k, part), round(float(v), 2)) for k, v in zip(kinds, x[len(kinds) : 2 * len(kinds)])]
         if part == "forward":
             per_channel = round(float(x[-1]), 1)
     for work, per_step in measured:
@@ -233,5 +290,12 @@ def fit_costs(measured: list[tuple[OpWork, dict[str, float]]], samples_per_step:
         total, count = sums[name]
         return round(total / count, 2) if count else 0.0
 
-    return KernelCosts(tuple(sorted(per_mac)), per("quantize"), per("elementwise"), per("update"), source,
-                       tuple(sorted(per_written)), per_channel)
+    return KernelCosts(
+        tuple(sorted(per_mac)),
+        per("quantize"),
+        per("elementwise"),
+        per("update"),
+        source,
+        tuple(sorted(per_written)),
+        per_channel,
+    )

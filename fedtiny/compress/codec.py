@@ -31,8 +31,18 @@ import numpy as np
 from fedtiny.compress.values import quantize_values, value_type, value_type_names, value_type_of_code
 from fedtiny.errors import CodecError
 
-__all__ = ["CodecError", "SparseTensor", "SparseUpdate", "encode", "decode", "MAGIC", "VERSION", "quantize_values",
-           "value_type_names", "gap_bits"]
+__all__ = [
+    "CodecError",
+    "SparseTensor",
+    "SparseUpdate",
+    "encode",
+    "decode",
+    "MAGIC",
+    "VERSION",
+    "quantize_values",
+    "value_type_names",
+    "gap_bits",
+]
 
 MAGIC = b"FTU"
 VERSION = 1
@@ -43,7 +53,6 @@ MAX_TENSORS = 4096
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 28
 MAX_BYTES = 1 << 26
-
 
 
 @dataclass
@@ -93,6 +102,7 @@ class SparseUpdate:
 
 
 # --- bit-level helpers ----------------------------------------------------------------------------------------
+
 
 def _varints(values: np.ndarray) -> bytes:
     """LEB128 of non-negative integers, vectorized."""
@@ -168,6 +178,7 @@ def _rice_decode(data: bytes, count: int, k: int) -> np.ndarray:
 
 # --- encode ---------------------------------------------------------------------------------------------------
 
+
 def encode(update: SparseUpdate) -> bytes:
     """Encode a sparse update (values are sent in each tensor's ``value_type``)."""
     out = bytearray(MAGIC)
@@ -208,14 +219,17 @@ def encode(update: SparseUpdate) -> bytes:
 
 # --- decode ---------------------------------------------------------------------------------------------------
 
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
-            raise CodecError(f"truncated: {what} needs {n} bytes at offset {self.pos}, {len(self.data) - self.pos} left")
-        b = self.data[self.pos:self.pos + n]
+            raise CodecError(
+                f"truncated: {what} needs {n} bytes at offset {self.pos}, {len(self.data) - self.pos} left"
+            )
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -242,8 +256,9 @@ class _Reader:
         return out
 
 
-def decode(data: bytes, spec: list[tuple[str, tuple[int, ...], str]] | None = None, *,
-           max_bytes: int = MAX_BYTES) -> SparseUpdate:
+def decode(
+    data: bytes, spec: list[tuple[str, tuple[int, ...], str]] | None = None, *, max_bytes: int = MAX_BYTES
+) -> SparseUpdate:
     """Decode and validate an update; ``spec`` (names, shapes, dtypes by tensor id) checks ids and shapes.
 
     Raises

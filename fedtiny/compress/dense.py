@@ -17,6 +17,7 @@ Spec = list[tuple[str, tuple[int, ...], str]]
 """The tensors on the wire, in order: ``(name, shape, dtype)`` each."""
 _ALLOWED = {"int8", "int32", "float16", "float32", "float64"}
 
+
 def _dtype(name: str) -> np.dtype:
     if name not in _ALLOWED:
         raise PayloadError(f"unsupported dtype {name!r}")

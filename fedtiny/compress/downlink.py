@@ -32,15 +32,19 @@ def diff_update(old: dict[str, np.ndarray], new: dict[str, np.ndarray], spec: Sp
             d = b.astype(np.int64) - a.astype(np.int64)
             idx = np.flatnonzero(d)
             if len(idx):
-                update.tensors.append(SparseTensor(tid, tuple(shape), idx, d[idx].astype(np.float64),
-                                                   _int_type(int(np.abs(d[idx]).max()))))
+                update.tensors.append(
+                    SparseTensor(
+                        tid, tuple(shape), idx, d[idx].astype(np.float64), _int_type(int(np.abs(d[idx]).max()))
+                    )
+                )
         else:
             idx = np.flatnonzero(a != b)
             if len(idx):
                 if np.dtype(dtype) != np.float32:
                     return None  # fp64 values cannot travel exactly as fp32
-                update.tensors.append(SparseTensor(tid, tuple(shape), idx, b[idx].astype(np.float64), "fp32",
-                                                   replace=True))
+                update.tensors.append(
+                    SparseTensor(tid, tuple(shape), idx, b[idx].astype(np.float64), "fp32", replace=True)
+                )
     return update
 
 
@@ -60,8 +64,9 @@ def apply_downlink(kind: str, payload: bytes, spec: Spec, base: dict[str, np.nda
             flat[t.indices] = t.values.astype(flat.dtype)
         else:
             info = np.iinfo(flat.dtype)
-            flat[t.indices] = np.clip(flat[t.indices].astype(np.int64) + np.round(t.values).astype(np.int64),
-                                      info.min, info.max).astype(flat.dtype)
+            flat[t.indices] = np.clip(
+                flat[t.indices].astype(np.int64) + np.round(t.values).astype(np.int64), info.min, info.max
+            ).astype(flat.dtype)
     return state
 
 
@@ -103,5 +108,5 @@ class DownlinkPlanner:
         for pid in [partition_ids] if isinstance(partition_ids, int) else partition_ids:
             self.last_seen[pid] = server_round
         # Once per call, not per client: with thousands of clients this set is the costly part.
-        keep = set(sorted(self.history)[-self.max_history:]) | set(self.last_seen.values())
+        keep = set(sorted(self.history)[-self.max_history :]) | set(self.last_seen.values())
         self.history = {r: s for r, s in self.history.items() if r in keep}

@@ -62,9 +62,14 @@ def _topk(values: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k])
 
 
-def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
-                    spec: list[tuple[str, tuple[int, ...], str]], cfg: CompressionConfig, server_round: int,
-                    state: dict[str, np.ndarray] | None = None) -> tuple[SparseUpdate, dict[str, np.ndarray]]:
+def compress_update(
+    delta: dict[str, np.ndarray],
+    slices: dict[str, np.ndarray],
+    spec: list[tuple[str, tuple[int, ...], str]],
+    cfg: CompressionConfig,
+    server_round: int,
+    state: dict[str, np.ndarray] | None = None,
+) -> tuple[SparseUpdate, dict[str, np.ndarray]]:
     """Sparsify and quantize a client's change; return the update and the new persistent state.
 
     Parameters
@@ -102,8 +107,9 @@ def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
         k = math.ceil(density * len(allv))
         chosen = _topk(allv, k)
         bounds = np.cumsum([0] + [len(acc[n]) for n, _, _ in spec])
-        picks = {n: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
-                 for i, (n, _, _) in enumerate(spec)}
+        picks = {
+            n: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i] for i, (n, _, _) in enumerate(spec)
+        }
     else:
         picks = {n: _topk(acc[n], math.ceil(density * len(acc[n]))) for n, _, _ in spec}
     update = SparseUpdate()
@@ -119,6 +125,7 @@ def compress_update(delta: dict[str, np.ndarray], slices: dict[str, np.ndarray],
         if cfg.momentum > 0:
             state[f"velocity/{name}"][np.asarray(slices[name])[sel]] = 0.0  # momentum factor masking
         if len(sel):
-            update.tensors.append(SparseTensor(tid, tuple(shape), np.asarray(slices[name])[sel].astype(np.int64),
-                                               sent, cfg.values, scale))
+            update.tensors.append(
+                SparseTensor(tid, tuple(shape), np.asarray(slices[name])[sel].astype(np.int64), sent, cfg.values, scale)
+            )
     return update, state

@@ -120,14 +120,18 @@ class Uplink:
 
 # --- dense -------------------------------------------------------------------------------------------------
 
-def _dense_encode(up: Uplink, trained: Arrays, received: Arrays, server_round: int,
-                  state: Arrays) -> tuple[bytes, Arrays]:
+
+def _dense_encode(
+    up: Uplink, trained: Arrays, received: Arrays, server_round: int, state: Arrays
+) -> tuple[bytes, Arrays]:
     return pack_dense({n: as_dtype(trained[n], np.dtype(dt)) for n, _, dt in up.spec}, up.spec), {}
 
 
 def _dense_decode(up: Uplink, payload: bytes, sent: Arrays) -> Decoded:
-    return {n: (np.arange(a.size), a.astype(np.float64).ravel() - sent[n].astype(np.float64).ravel())
-            for n, a in unpack_dense(payload, up.spec).items()}
+    return {
+        n: (np.arange(a.size), a.astype(np.float64).ravel() - sent[n].astype(np.float64).ravel())
+        for n, a in unpack_dense(payload, up.spec).items()
+    }
 
 
 # --- sparse ------------------------------------------------------------------------------------------------
@@ -135,8 +139,9 @@ def _dense_decode(up: Uplink, payload: bytes, sent: Arrays) -> Decoded:
 _CARRIED = ("residual/", "velocity/")  # the client state the sparse encoder keeps across rounds
 
 
-def _sparse_encode(up: Uplink, trained: Arrays, received: Arrays, server_round: int,
-                   state: Arrays) -> tuple[bytes, Arrays]:
+def _sparse_encode(
+    up: Uplink, trained: Arrays, received: Arrays, server_round: int, state: Arrays
+) -> tuple[bytes, Arrays]:
     delta = {n: trained[n].astype(np.float64) - received[n].astype(np.float64) for n in trained}
     carried = {k: v for k, v in state.items() if k.startswith(_CARRIED)}
     sparse, carried = compress_update(delta, up.slices, up.spec, up.compression, server_round, carried)

@@ -110,6 +110,7 @@ def quantize_values(values: np.ndarray, value_type_name: str) -> tuple[np.ndarra
 
 # --- integers: a per-tensor scale ---------------------------------------------------------------------------
 
+
 def _integer(name: str, code: int, dtype: str, firmware: bool = False) -> ValueType:
     """An integer type: scale ``max|v| / qmax`` rounded to float32 (1.0 when the values are integers that fit,
     so integer changes travel exactly), values rounded to nearest (half to even) and clipped to +-qmax."""
@@ -140,11 +141,13 @@ def _integer(name: str, code: int, dtype: str, firmware: bool = False) -> ValueT
         scale = (peak / qmax).float().double().where(~(exact | (peak == 0)), 1.0)
         return ((v / scale).round().clamp(-qmax, qmax) * scale).to(sent.dtype)
 
-    return ValueType(name, code, True, quantize, pack, lambda n: n * dt.itemsize, unpack, surrogate,
-                     levels=qmax, firmware=firmware)
+    return ValueType(
+        name, code, True, quantize, pack, lambda n: n * dt.itemsize, unpack, surrogate, levels=qmax, firmware=firmware
+    )
 
 
 # --- floats: no scale -------------------------------------------------------------------------------------
+
 
 def _float(name: str, code: int, dtype: str, limit: float) -> ValueType:
     """A float type: values rounded to ``dtype`` (saturated at its largest finite value)."""
@@ -157,12 +160,20 @@ def _float(name: str, code: int, dtype: str, limit: float) -> ValueType:
     def unpack(raw: bytes, n: int, scale: float) -> np.ndarray:
         return np.frombuffer(raw, dt, n).astype(np.float64)
 
-    return ValueType(name, code, False, quantize, lambda v, scale: np.asarray(v, np.float64).astype(dt).tobytes(),
-                     lambda n: n * dt.itemsize, unpack,
-                     lambda sent, mask: getattr(sent.clamp(-limit, limit), to_dtype)().to(sent.dtype))
+    return ValueType(
+        name,
+        code,
+        False,
+        quantize,
+        lambda v, scale: np.asarray(v, np.float64).astype(dt).tobytes(),
+        lambda n: n * dt.itemsize,
+        unpack,
+        lambda sent, mask: getattr(sent.clamp(-limit, limit), to_dtype)().to(sent.dtype),
+    )
 
 
 # --- ternary: one sign bit per value, the mean magnitude as scale -----------------------------------------
+
 
 def _ternary_quantize(v: np.ndarray) -> tuple[np.ndarray, float]:
     mag = float(np.abs(v).mean()) if len(v) else 0.0
@@ -184,6 +195,15 @@ register(_integer("int16", 1, "int16"))
 register(_integer("int32", 2, "int32"))
 register(_float("fp16", 3, "float16", 65504.0))
 register(_float("fp32", 4, "float32", float(np.finfo(np.float32).max)))
-register(ValueType("ternary", 5, True, _ternary_quantize,
-                   lambda v, scale: np.packbits((np.asarray(v) < 0).astype(np.uint8)).tobytes(),
-                   lambda n: (n + 7) // 8, _ternary_unpack, _ternary_surrogate))
+register(
+    ValueType(
+        "ternary",
+        5,
+        True,
+        _ternary_quantize,
+        lambda v, scale: np.packbits((np.asarray(v) < 0).astype(np.uint8)).tobytes(),
+        lambda n: (n + 7) // 8,
+        _ternary_unpack,
+        _ternary_surrogate,
+    )
+)

@@ -15,8 +15,20 @@ from fedtiny.data.synthetic import DEFAULT_SIZE, Synthetic
 from fedtiny.scenario import scenario_from_json
 from fedtiny.variants import DATA_SOURCES
 
-__all__ = ["DataError", "ImageSet", "Federation", "build_federation", "load_federation", "partition_indices",
-           "SensorShift", "apply_shift", "client_shift", "fleet_shift", "load_source", "METHODS"]
+__all__ = [
+    "DataError",
+    "ImageSet",
+    "Federation",
+    "build_federation",
+    "load_federation",
+    "partition_indices",
+    "SensorShift",
+    "apply_shift",
+    "client_shift",
+    "fleet_shift",
+    "load_source",
+    "METHODS",
+]
 
 
 @dataclass(frozen=True)
@@ -89,29 +101,62 @@ def build_federation(scenario) -> Federation:
     source = DATA_SOURCES.get(d.source)
     if source.federation is not None:
         return source.federation(scenario)
-    data = load_source(d.source, d.root, image_size=d.image_size, max_samples=d.max_samples, seed=seed,
-                       channels=d.channels, image_width=d.image_width)
+    data = load_source(
+        d.source,
+        d.root,
+        image_size=d.image_size,
+        max_samples=d.max_samples,
+        seed=seed,
+        channels=d.channels,
+        image_width=d.image_width,
+    )
     order = np.random.default_rng([seed, 3]).permutation(len(data))
     n_pub, n_test = int(d.public_fraction * len(data)), int(d.test_fraction * len(data))
     public = data.subset(np.sort(order[:n_pub]))
-    test = data.subset(np.sort(order[n_pub:n_pub + n_test]))
-    pool = data.subset(np.sort(order[n_pub + n_test:]))
+    test = data.subset(np.sort(order[n_pub : n_pub + n_test]))
+    pool = data.subset(np.sort(order[n_pub + n_test :]))
     test = ImageSet(apply_shift(test.x, fleet_shift(scenario.shift), [seed, 5]), test.y, test.num_classes, test.name)
-    parts = partition_indices(pool.y, scenario.run.clients, d.partition, seed=seed, alpha=d.alpha,
-                              classes_per_client=d.classes_per_client, min_partition_size=d.min_partition_size)
-    return Federation(public, test, pool, parts, scenario.shift, seed, d.client_test_fraction,
-                      num_clients=scenario.run.clients)
+    parts = partition_indices(
+        pool.y,
+        scenario.run.clients,
+        d.partition,
+        seed=seed,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+        min_partition_size=d.min_partition_size,
+    )
+    return Federation(
+        public, test, pool, parts, scenario.shift, seed, d.client_test_fraction, num_clients=scenario.run.clients
+    )
 
 
 def _synthetic_federation(scenario) -> Federation:
     d, seed = scenario.data, scenario.run.seed
-    gen = Synthetic(seed, d.num_classes, d.image_size or DEFAULT_SIZE, d.channels or 1, d.samples_per_client,
-                    d.partition, d.alpha, d.classes_per_client, width=d.image_width)
+    gen = Synthetic(
+        seed,
+        d.num_classes,
+        d.image_size or DEFAULT_SIZE,
+        d.channels or 1,
+        d.samples_per_client,
+        d.partition,
+        d.alpha,
+        d.classes_per_client,
+        width=d.image_width,
+    )
     images = lambda xy: ImageSet(*xy, gen.num_classes, "synthetic")  # noqa: E731
     public, test = images(gen.server_split(0, d.server_samples)), images(gen.server_split(1, d.server_samples))
     test = ImageSet(apply_shift(test.x, fleet_shift(scenario.shift), [seed, 5]), test.y, test.num_classes, test.name)
-    return Federation(public, test, None, [], scenario.shift, seed, d.client_test_fraction,
-                      draw=lambda pid: images(gen.client(pid)), num_clients=scenario.run.clients)
+    return Federation(
+        public,
+        test,
+        None,
+        [],
+        scenario.shift,
+        seed,
+        d.client_test_fraction,
+        draw=lambda pid: images(gen.client(pid)),
+        num_clients=scenario.run.clients,
+    )
 
 
 @functools.lru_cache(maxsize=4)

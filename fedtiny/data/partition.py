@@ -15,27 +15,46 @@ __all__ = ["partition_indices", "METHODS"]
 METHODS = ("iid", "dirichlet", "pathological")
 
 
-def _partitioner(method: str, num_partitions: int, seed: int, alpha: float, classes_per_client: int,
-                 min_partition_size: int):
+def _partitioner(
+    method: str, num_partitions: int, seed: int, alpha: float, classes_per_client: int, min_partition_size: int
+):
     # deferred: flwr-datasets takes 3 s to import; only partitioning needs it
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     if method == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if method == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
-                                    min_partition_size=min_partition_size, self_balancing=False, shuffle=True,
-                                    seed=seed)
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
     if method == "pathological":
-        return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
-                                       num_classes_per_partition=classes_per_client,
-                                       class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            shuffle=True,
+            seed=seed,
+        )
     raise ScenarioError(f"data.partition: unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "iid", *, seed: int = 0,
-                      alpha: float = 0.5, classes_per_client: int = 2,
-                      min_partition_size: int = 2) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    method: str = "iid",
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    min_partition_size: int = 2,
+) -> list[np.ndarray]:
     """Split ``range(len(labels))`` into ``num_partitions`` disjoint index arrays.
 
     Parameters
@@ -77,5 +96,6 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str = "ii
     try:
         return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
     except ValueError as exc:
-        raise ScenarioError(f"data.partition: {method} cannot split {len(labels)} samples into "
-                            f"{num_partitions} clients: {exc}") from None
+        raise ScenarioError(
+            f"data.partition: {method} cannot split {len(labels)} samples into {num_partitions} clients: {exc}"
+        ) from None

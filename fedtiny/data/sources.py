@@ -82,7 +82,7 @@ def _photos(root: str) -> ImageSet:
         photo = np.asarray(im, np.float32) / 255.0
         for r in np.linspace(0, photo.shape[0] - 32, 10).astype(int):
             for c in np.linspace(0, photo.shape[1] - 32, 20).astype(int):
-                xs.append(photo[r:r + 32, c:c + 32].transpose(2, 0, 1))
+                xs.append(photo[r : r + 32, c : c + 32].transpose(2, 0, 1))
                 ys.append(label)
     return ImageSet(np.stack(xs), np.asarray(ys, np.int64), 2, "photos")
 
@@ -91,8 +91,11 @@ def _torchvision(name: str, root: str) -> ImageSet:
     # deferred: torchvision takes 3 s to import; only its sources need it
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls = {
+        "mnist": torchvision.datasets.MNIST,
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+    }[name]
     parts = []
     for train in (True, False):
         try:
@@ -177,8 +180,16 @@ def _channels(x: np.ndarray, channels: int) -> np.ndarray:
     raise DataError(f"data.channels: cannot turn {x.shape[1]}-channel images into {channels} channels")
 
 
-def load_source(name: str, root: str = "", *, image_size: int = 0, max_samples: int = 0, seed: int = 0,
-                channels: int = 0, image_width: int = 0) -> ImageSet:
+def load_source(
+    name: str,
+    root: str = "",
+    *,
+    image_size: int = 0,
+    max_samples: int = 0,
+    seed: int = 0,
+    channels: int = 0,
+    image_width: int = 0,
+) -> ImageSet:
     """Load a data source.
 
     Parameters

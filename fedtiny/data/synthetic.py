@@ -59,8 +59,9 @@ class Synthetic:
         coarse_w = max(2, width // 2) if self.width else coarse
         grid = np.random.default_rng([self.seed, 71]).random((self.num_classes, self.channels, coarse, coarse_w))
 
-        protos = F.interpolate(torch.from_numpy(grid.astype(np.float32)), size=(self.size, width),
-                               mode="bilinear", align_corners=False).numpy()
+        protos = F.interpolate(
+            torch.from_numpy(grid.astype(np.float32)), size=(self.size, width), mode="bilinear", align_corners=False
+        ).numpy()
         lo = protos.min(axis=(1, 2, 3), keepdims=True)
         hi = protos.max(axis=(1, 2, 3), keepdims=True)
         return ((protos - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)

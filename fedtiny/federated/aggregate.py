@@ -16,8 +16,16 @@ from fedtiny.rules import RuleParams, rule_named
 if TYPE_CHECKING:
     from fedtiny.federated.task import Task
 
-__all__ = ["ClientUpdate", "Rejection", "AggregateResult", "aggregate", "GlobalModel", "Rule", "CentralDP",
-           "central_dp"]
+__all__ = [
+    "ClientUpdate",
+    "Rejection",
+    "AggregateResult",
+    "aggregate",
+    "GlobalModel",
+    "Rule",
+    "CentralDP",
+    "central_dp",
+]
 
 
 @dataclass(frozen=True)
@@ -90,13 +98,25 @@ def central_dp(task: "Task", server_round: int, sampled: int) -> CentralDP | Non
     p = s.privacy
     if p.dp != "central":
         return None
-    return CentralDP(p.clip_norm, p.noise_multiplier * p.clip_norm, max(1, sampled), task.units,
-                     np.random.default_rng((s.run.seed, server_round, DP_STREAM)))
+    return CentralDP(
+        p.clip_norm,
+        p.noise_multiplier * p.clip_norm,
+        max(1, sampled),
+        task.units,
+        np.random.default_rng((s.run.seed, server_round, DP_STREAM)),
+    )
 
 
-def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decoded], shapes: dict[str, tuple[int, ...]],
-              *, coverage: Callable[[int], dict[str, np.ndarray]] | None = None,
-              max_examples: int = 10_000_000, rule: Rule = Rule(), dp: CentralDP | None = None) -> AggregateResult:
+def aggregate(
+    updates: list[ClientUpdate],
+    decode: Callable[[int, bytes], Decoded],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    coverage: Callable[[int], dict[str, np.ndarray]] | None = None,
+    max_examples: int = 10_000_000,
+    rule: Rule = Rule(),
+    dp: CentralDP | None = None,
+) -> AggregateResult:
     """Combine the clients' changes per element, in partition-id order (FedAvg unless ``rule`` says otherwise).
 
     ``decode(partition_id, payload)`` turns a payload into ``{name: (positions, change)}`` or
@@ -143,8 +163,11 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
                 idx, values = idx[keep], values[keep]
             kept[name] = (where, idx, values)
         if dp is not None:
-            clipped, _ = clip_change({n: v for n, (_, _, v) in kept.items()},
-                                     {n: dp.units[n][i] for n, (_, i, _) in kept.items()}, dp.clip_norm)
+            clipped, _ = clip_change(
+                {n: v for n, (_, _, v) in kept.items()},
+                {n: dp.units[n][i] for n, (_, i, _) in kept.items()},
+                dp.clip_norm,
+            )
             kept = {n: (w, i, clipped[n]) for n, (w, i, _) in kept.items()}
         dense: dict[str, np.ndarray] = {}
         for name, (where, idx, values) in kept.items():
@@ -164,16 +187,21 @@ def aggregate(updates: list[ClientUpdate], decode: Callable[[int, bytes], Decode
         return result
     if dp is not None:
         # Noise on every element some accepted client could train (the schemes are public), then the fixed mean.
-        noised = add_noise({n: s[weights[n] > 0] for n, s in sums.items()},
-                           {n: dp.units[n][weights[n] > 0] for n in sums}, dp.std, dp.rng)
+        noised = add_noise(
+            {n: s[weights[n] > 0] for n, s in sums.items()},
+            {n: dp.units[n][weights[n] > 0] for n in sums},
+            dp.std,
+            dp.rng,
+        )
         flat = {}
         for name, s in sums.items():
             out = np.zeros_like(s)
             out[weights[name] > 0] = noised[name] / dp.denominator
             flat[name] = out
     elif kind.streams:
-        flat = {name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0)
-                for name, s in sums.items()}
+        flat = {
+            name: np.divide(s, weights[name], out=np.zeros_like(s), where=weights[name] > 0) for name, s in sums.items()
+        }
     else:
         flat = kind.combine(rows, {name: len(s) for name, s in sums.items()}, rule.params)
     result.arrays = {name: a.reshape(shapes[name]) for name, a in flat.items()}

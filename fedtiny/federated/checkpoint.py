@@ -97,11 +97,17 @@ def save_checkpoint(run_dir: str | Path, ck: Checkpoint) -> Path:
     tmp = folder / f".{name}.tmp"
     save_file(_arrays(ck), str(tmp))
     os.replace(tmp, folder / name)
-    meta = {"format": _FORMAT, "round": ck.server_round, "elapsed_s": ck.elapsed_s, "arrays": name,
-            "sha256": _sha256(folder / name), "last_seen": {str(k): v for k, v in ck.downlink_last_seen.items()},
-            "history_rounds": sorted(ck.downlink_history),
-            "observed": [{"round": o["round"], "partition_id": o["partition_id"]} for o in ck.observed],
-            "scenario": ck.scenario_json}
+    meta = {
+        "format": _FORMAT,
+        "round": ck.server_round,
+        "elapsed_s": ck.elapsed_s,
+        "arrays": name,
+        "sha256": _sha256(folder / name),
+        "last_seen": {str(k): v for k, v in ck.downlink_last_seen.items()},
+        "history_rounds": sorted(ck.downlink_history),
+        "observed": [{"round": o["round"], "partition_id": o["partition_id"]} for o in ck.observed],
+        "scenario": ck.scenario_json,
+    }
     tmp_json = folder / ".checkpoint.json.tmp"
     tmp_json.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_json, folder / "checkpoint.json")
@@ -116,8 +122,10 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = folder / "checkpoint.json"
     if not path.exists():
-        raise CheckpointError(f"{run_dir}: no checkpoint ({path} missing); the run did not complete a round, "
-                              "or was not started by fedtiny run")
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint ({path} missing); the run did not complete a round, "
+            "or was not started by fedtiny run"
+        )
     try:
         meta = json.loads(path.read_text())
         if meta.get("format") != _FORMAT:
@@ -128,15 +136,28 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         if _sha256(arrays_path) != meta["sha256"]:
             raise CheckpointError(f"{arrays_path}: damaged (SHA-256 does not match {path.name})")
         arrays = load_file(str(arrays_path))
-        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
         observed = []
         for i, ob in enumerate(meta["observed"]):
             idx, val = part(f"obs/{i}/idx/"), part(f"obs/{i}/val/")
-            observed.append({"round": int(ob["round"]), "partition_id": int(ob["partition_id"]),
-                             "changes": {k: (idx[k], val[k]) for k in idx}, "state": part(f"obs/{i}/state/")})
-        return Checkpoint(int(meta["round"]), float(meta["elapsed_s"]), part("state/"), part("master/"),
-                          {int(r): part(f"down/{r}/") for r in meta["history_rounds"]},
-                          {int(k): int(v) for k, v in meta["last_seen"].items()}, observed, str(meta["scenario"]))
+            observed.append(
+                {
+                    "round": int(ob["round"]),
+                    "partition_id": int(ob["partition_id"]),
+                    "changes": {k: (idx[k], val[k]) for k in idx},
+                    "state": part(f"obs/{i}/state/"),
+                }
+            )
+        return Checkpoint(
+            int(meta["round"]),
+            float(meta["elapsed_s"]),
+            part("state/"),
+            part("master/"),
+            {int(r): part(f"down/{r}/") for r in meta["history_rounds"]},
+            {int(k): int(v) for k, v in meta["last_seen"].items()},
+            observed,
+            str(meta["scenario"]),
+        )
     except CheckpointError:
         raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError, OSError) as exc:

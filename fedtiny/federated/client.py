@@ -30,7 +30,16 @@ from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
 from fedtiny.privacy.policy import clip_weight_change, saturation_refusal, scheme_refusal
 from fedtiny.scenario import Scenario, scenario_from_json
 
-__all__ = ["LocalResult", "local_round", "privatize", "client_round", "client_task", "ClientJob", "run_jobs", "steps_in_time"]
+__all__ = [
+    "LocalResult",
+    "local_round",
+    "privatize",
+    "client_round",
+    "client_task",
+    "ClientJob",
+    "run_jobs",
+    "steps_in_time",
+]
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,22 @@ class LocalResult:
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply message."""
-        return {msg.NUM_EXAMPLES: self.num_examples, "train_loss": self.train_loss,
-                "train_accuracy": self.train_accuracy, "test_accuracy": self.test_accuracy, "steps": self.steps,
-                "peak_sram_bytes": self.peak_sram_bytes, "device_ram_bytes": self.device_ram_bytes,
-                "sram_bytes": self.sram_bytes,
-                msg.REFUSED: int(bool(self.refusal)), msg.TRAINED_ROUND: self.trained_round, "macs": self.macs,
-                "compute_s": self.compute_s, "radio_s": self.radio_s, "energy_mj": self.energy_mj}
+        return {
+            msg.NUM_EXAMPLES: self.num_examples,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "steps": self.steps,
+            "peak_sram_bytes": self.peak_sram_bytes,
+            "device_ram_bytes": self.device_ram_bytes,
+            "sram_bytes": self.sram_bytes,
+            msg.REFUSED: int(bool(self.refusal)),
+            msg.TRAINED_ROUND: self.trained_round,
+            "macs": self.macs,
+            "compute_s": self.compute_s,
+            "radio_s": self.radio_s,
+            "energy_mj": self.energy_mj,
+        }
 
     def info(self) -> dict[str, str]:
         """Text facts for the reply message (``fault``: the simulation's record of an injected fault)."""
@@ -81,11 +100,19 @@ def client_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Tas
     return with_scheme(_task(scenario.to_json()), scheme)
 
 
-def local_round(scenario: Scenario, partition_id: int, server_round: int, downlink: bytes, *, kind: str = FULL,
-                scheme: ResolvedScheme | None = None, state: dict[str, np.ndarray] | None = None,
-                profile: DeviceProfile | None = None, data=None,
-                tamper: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-                ) -> tuple[LocalResult, dict[str, np.ndarray]]:
+def local_round(
+    scenario: Scenario,
+    partition_id: int,
+    server_round: int,
+    downlink: bytes,
+    *,
+    kind: str = FULL,
+    scheme: ResolvedScheme | None = None,
+    state: dict[str, np.ndarray] | None = None,
+    profile: DeviceProfile | None = None,
+    data=None,
+    tamper: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> tuple[LocalResult, dict[str, np.ndarray]]:
     """Run client ``partition_id``'s round ``server_round``; return its reply and its new persistent state.
 
     The client applies the downlink (the full model, or the change since the model
@@ -118,9 +145,14 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     radio = client_radio(scenario, profile)
     report = task.memory(profile)
     whole = task.device_memory(profile, len(train))
-    facts = {"device": profile.name, "sram_bytes": profile.sram_bytes, "radio": radio.name,
-             "peak_sram_bytes": report.peak_sram_bytes if report else 0,
-             "device_ram_bytes": whole.device_ram_bytes if whole else 0, "trained_round": server_round}
+    facts = {
+        "device": profile.name,
+        "sram_bytes": profile.sram_bytes,
+        "radio": radio.name,
+        "peak_sram_bytes": report.peak_sram_bytes if report else 0,
+        "device_ram_bytes": whole.device_ram_bytes if whole else 0,
+        "trained_round": server_round,
+    }
     # device.fit: the whole client across a round (default), or one step (the publication's count)
     verdict = whole if scenario.device.fit == "device" else report
     if verdict is not None and not verdict.fits and scenario.device.enforce:
@@ -137,22 +169,37 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     work = task.sample_work(profile)
     max_steps = None
     if fleet.partial_work and fleet.deadline_s > 0:
-        max_steps = steps_in_time(fleet.deadline_s, profile, radio, work, t.batch_size, len(downlink),
-                                  dense_nbytes(task.uplink_spec))
+        max_steps = steps_in_time(
+            fleet.deadline_s, profile, radio, work, t.batch_size, len(downlink), dense_nbytes(task.uplink_spec)
+        )
     # The frozen prefix's int8 outputs for this client's samples, kept in its state between rounds
     # (the simulator's saving: the same numbers, and the device's time still counts every op)
     prefixes = PrefixStore.from_state(state)
-    fit = train_local(task.model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                      optimizer=t.optimizer, momentum=t.momentum, rounding=t.weight_rounding,
-                      gen=seeded(scenario.run.seed, server_round, partition_id), max_steps=max_steps or None,
-                      gradients=t.gradients, engine=t.engine, shuffle=t.shuffle, prefixes=prefixes)
+    fit = train_local(
+        task.model,
+        train,
+        epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        rounding=t.weight_rounding,
+        gen=seeded(scenario.run.seed, server_round, partition_id),
+        max_steps=max_steps or None,
+        gradients=t.gradients,
+        engine=t.engine,
+        shuffle=t.shuffle,
+        prefixes=prefixes,
+    )
     _, test_acc = evaluate(task.model, test, prefixes=prefixes)
     state = {**without_prefixes(state), **prefixes.to_state()}
-    trained = clip_weight_change(model_arrays(task.model, [n for n, *_ in task.uplink_spec]), received,
-                                 d.policy_max_change_lsb)
+    trained = clip_weight_change(
+        model_arrays(task.model, [n for n, *_ in task.uplink_spec]), received, d.policy_max_change_lsb
+    )
     if scenario.privacy.dp == "local":
-        trained = privatize(task, trained, received, np.random.default_rng((scenario.run.seed, server_round,
-                                                                            partition_id, DP_STREAM)))
+        trained = privatize(
+            task, trained, received, np.random.default_rng((scenario.run.seed, server_round, partition_id, DP_STREAM))
+        )
     if tamper is not None:
         trained = tamper(trained, received)
     update, carried = task.uplink.encode(trained, received, server_round, state)
@@ -160,12 +207,24 @@ def local_round(scenario: Scenario, partition_id: int, server_round: int, downli
     cost = round_cost(profile, radio, compute_cycles(profile, work, fit.samples, fit.steps), len(downlink), len(update))
     # A client cut short by the deadline weighs by the samples it trained on.
     examples = fit.num_examples if max_steps is None else min(fit.num_examples, fit.samples)
-    return LocalResult(update, examples, fit.loss, fit.accuracy, test_acc, fit.steps, macs=(fwd + bwd) * fit.samples,
-                       compute_s=cost.compute_s, radio_s=cost.radio_s, energy_mj=cost.energy_mj, **facts), state
+    return LocalResult(
+        update,
+        examples,
+        fit.loss,
+        fit.accuracy,
+        test_acc,
+        fit.steps,
+        macs=(fwd + bwd) * fit.samples,
+        compute_s=cost.compute_s,
+        radio_s=cost.radio_s,
+        energy_mj=cost.energy_mj,
+        **facts,
+    ), state
 
 
-def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np.ndarray],
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
+def privatize(
+    task: Task, trained: dict[str, np.ndarray], received: dict[str, np.ndarray], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Local DP: the trained tensors whose change since ``received`` is clipped and noised (``[privacy]``).
 
     Only the scheme's slices change, so only they get noise; everything the encoder does
@@ -184,8 +243,15 @@ def privatize(task: Task, trained: dict[str, np.ndarray], received: dict[str, np
     return out
 
 
-def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, work, batch_size: int,
-                  downlink_bytes: int, uplink_bound: int) -> int:
+def steps_in_time(
+    deadline_s: float,
+    profile: DeviceProfile,
+    radio: Radio,
+    work,
+    batch_size: int,
+    downlink_bytes: int,
+    uplink_bound: int,
+) -> int:
     """Training steps a client can take and still send before the deadline (0: not even one).
 
     Radio time is reserved for the downlink it received and for ``uplink_bound`` bytes up
@@ -196,8 +262,9 @@ def steps_in_time(deadline_s: float, profile: DeviceProfile, radio: Radio, work,
     return max(0, math.floor((deadline_s - radio_s) / per_step)) if per_step > 0 else 0
 
 
-def client_round(scenario: Scenario, job: "ClientJob", server_round: int,
-                 state: dict[str, np.ndarray]) -> tuple[LocalResult, dict[str, np.ndarray]]:
+def client_round(
+    scenario: Scenario, job: "ClientJob", server_round: int, state: dict[str, np.ndarray]
+) -> tuple[LocalResult, dict[str, np.ndarray]]:
     """A client's round as the fleet simulation runs it: :func:`local_round` (poisoned, for the fleet's malicious
     clients), then the fault it has this round, if any.
 
@@ -209,10 +276,20 @@ def client_round(scenario: Scenario, job: "ClientJob", server_round: int,
     fleet = scenario.fleet
     tamper = None
     if job.partition_id in malicious_clients(scenario.run.seed, scenario.run.clients, fleet.malicious_fraction):
+
         def tamper(trained, received):  # a poisoned client of the simulated fleet
             return poison(trained, received, fleet.malicious_kind, fleet.malicious_scale)
-    result, state = local_round(scenario, job.partition_id, server_round, job.downlink, kind=job.kind,
-                                scheme=job.scheme, state=state, tamper=tamper)
+
+    result, state = local_round(
+        scenario,
+        job.partition_id,
+        server_round,
+        job.downlink,
+        kind=job.kind,
+        scheme=job.scheme,
+        state=state,
+        tamper=tamper,
+    )
     rates = dict(fleet.faults)
     if rates:
         honest = result
@@ -233,8 +310,9 @@ class ClientJob:
     scheme: ResolvedScheme | None = None
 
 
-def run_jobs(scenario: Scenario, server_round: int, jobs: list[ClientJob],
-             state_dir: str) -> list[tuple[int, LocalResult | str]]:
+def run_jobs(
+    scenario: Scenario, server_round: int, jobs: list[ClientJob], state_dir: str
+) -> list[tuple[int, LocalResult | str]]:
     """Run a cohort of clients' rounds one after another, each with its own state on disk.
 
     Returns ``(partition_id, result)`` per job in the order given; a client whose round

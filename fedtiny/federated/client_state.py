@@ -52,8 +52,9 @@ def load_client_state(state_dir: str | Path, partition_id: int, server_round: in
         raise ClientStateError(f"client state {path}: cannot be read ({exc})") from None
 
 
-def save_client_state(state_dir: str | Path, partition_id: int, server_round: int,
-                      state: dict[str, np.ndarray]) -> Path:
+def save_client_state(
+    state_dir: str | Path, partition_id: int, server_round: int, state: dict[str, np.ndarray]
+) -> Path:
     """Write client ``partition_id``'s state after ``server_round`` atomically; drop states it no longer needs."""
     folder = Path(state_dir) / str(partition_id)
     folder.mkdir(parents=True, exist_ok=True)

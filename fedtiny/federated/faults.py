@@ -69,24 +69,28 @@ def inject_fault(kind: str, result, state: dict[str, np.ndarray], seed: int, ser
     if kind == "garbage":
         return dataclasses.replace(result, update=rng.bytes(int(rng.integers(1, 2 * len(update) + 17))), fault=kind)
     if kind == "truncated":
-        return dataclasses.replace(result, update=update[:int(rng.integers(0, max(len(update), 1)))], fault=kind)
+        return dataclasses.replace(result, update=update[: int(rng.integers(0, max(len(update), 1)))], fault=kind)
     if kind == "bad_count":
-        return dataclasses.replace(result, num_examples=int(rng.choice([-1, 0, 10 ** 9])), fault=kind)
+        return dataclasses.replace(result, num_examples=int(rng.choice([-1, 0, 10**9])), fault=kind)
     if kind == "stale":
         if _STALE_PAYLOAD not in state:
             return result
         old_round, old_count = (int(v) for v in state[_STALE_META])
-        return dataclasses.replace(result, update=state[_STALE_PAYLOAD].tobytes(), num_examples=old_count,
-                                   trained_round=old_round, fault=kind)
+        return dataclasses.replace(
+            result, update=state[_STALE_PAYLOAD].tobytes(), num_examples=old_count, trained_round=old_round, fault=kind
+        )
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
-def poison(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], kind: str,
-           scale: float) -> dict[str, np.ndarray]:
+def poison(
+    trained: dict[str, np.ndarray], received: dict[str, np.ndarray], kind: str, scale: float
+) -> dict[str, np.ndarray]:
     """A malicious client's tensors: the received model plus ``-scale`` (sign-flip) or ``scale`` times its change.
 
     Float64, unclipped: the uplink encoder rounds and saturates them to the wire's dtypes.
     """
     factor = -scale if kind == "sign-flip" else scale
-    return {n: received[n].astype(np.float64) + factor * (a.astype(np.float64) - received[n].astype(np.float64))
-            for n, a in trained.items()}
+    return {
+        n: received[n].astype(np.float64) + factor * (a.astype(np.float64) - received[n].astype(np.float64))
+        for n, a in trained.items()
+    }

@@ -34,6 +34,8 @@ def simulation_layout(scenario) -> tuple[object, str]:
     size = max(2, math.ceil(per_round / r.num_cpus))
     chosen = dataclasses.replace(scenario, run=dataclasses.replace(r, cohort_size=size))
     nodes = math.ceil(per_round / size)
-    return chosen, (f"{r.clients:,} clients are more than one simulated node each can hold ({MAX_NODES}): "
-                    f"cohorts of {size} virtual clients on {nodes} node(s) per round (run.cohort_size = {size}; "
-                    f"set it to choose)")
+    return chosen, (
+        f"{r.clients:,} clients are more than one simulated node each can hold ({MAX_NODES}): "
+        f"cohorts of {size} virtual clients on {nodes} node(s) per round (run.cohort_size = {size}; "
+        f"set it to choose)"
+    )

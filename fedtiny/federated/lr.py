@@ -71,8 +71,9 @@ def trial_scheme(scenario, scheme: str | None = None) -> str | None:
     return scheme
 
 
-def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
-            progress: Callable[[str], None] | None = None) -> LrChoice:
+def grid_lr(
+    scenario, model, state: dict[str, np.ndarray], train, val, progress: Callable[[str], None] | None = None
+) -> LrChoice:
     """Fine-tune ``model`` from ``state`` at each rate of :data:`LR_GRID` on at most
     :data:`TRIAL_SAMPLES` of ``train`` and keep the rate with the lowest loss on ``val`` (ties: the
     larger). ``model`` is left holding ``state``."""
@@ -81,9 +82,18 @@ def grid_lr(scenario, model, state: dict[str, np.ndarray], train, val,
     scores: dict[float, tuple[float, float]] = {}
     for lr in LR_GRID:
         load_arrays(model, state)
-        train_local(model, train, epochs=t.local_epochs, batch_size=t.batch_size, lr=lr,
-                    optimizer=t.optimizer, momentum=t.momentum, gen=seeded(scenario.run.seed, 505),
-                    rounding=t.weight_rounding, gradients=t.gradients)
+        train_local(
+            model,
+            train,
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=lr,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            gen=seeded(scenario.run.seed, 505),
+            rounding=t.weight_rounding,
+            gradients=t.gradients,
+        )
         loss, acc = evaluate(model, val)
         scores[lr] = (acc, loss)
         if progress:

@@ -13,9 +13,26 @@ A client whose round failed in a cohort reply has ``ERROR`` in its info record.
 
 from __future__ import annotations
 
-__all__ = ["GLOBAL", "CONFIG", "UPDATE", "METRICS", "INFO", "NODE", "SCENARIO", "SERVER_ROUND", "SCHEME",
-           "DOWNLINK", "PARTITION_ID", "NUM_EXAMPLES", "REFUSED", "COHORT", "STATE_DIR", "ERROR", "TRAINED_ROUND",
-           "keyed"]
+__all__ = [
+    "GLOBAL",
+    "CONFIG",
+    "UPDATE",
+    "METRICS",
+    "INFO",
+    "NODE",
+    "SCENARIO",
+    "SERVER_ROUND",
+    "SCHEME",
+    "DOWNLINK",
+    "PARTITION_ID",
+    "NUM_EXAMPLES",
+    "REFUSED",
+    "COHORT",
+    "STATE_DIR",
+    "ERROR",
+    "TRAINED_ROUND",
+    "keyed",
+]
 
 # Record names.
 GLOBAL = "global"

@@ -16,8 +16,16 @@ from fedtiny.compress.uplink import Decoded
 from fedtiny.federated import messages as msg
 from fedtiny.federated.aggregate import AggregateResult, ClientUpdate
 
-__all__ = ["Reply", "RoundStats", "RoundOutcome", "RoundCallback", "round_stats", "client_updates", "screen",
-           "client_seconds"]
+__all__ = [
+    "Reply",
+    "RoundStats",
+    "RoundOutcome",
+    "RoundCallback",
+    "round_stats",
+    "client_updates",
+    "screen",
+    "client_seconds",
+]
 
 
 @dataclass(frozen=True)
@@ -76,16 +84,26 @@ class RoundStats:
 
     def record(self) -> dict[str, Any]:
         """The round's entries of a ``metrics.jsonl`` line."""
-        return {"clients": self.clients, "rejected": self.rejected, "refused": self.refused,
-                "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes,
-                "stragglers": self.stragglers, "faults": self.faults, "round_time_s": self.round_time_s,
-                "awake_clients": self.awake_clients, "sampled_clients": self.sampled_clients}
+        return {
+            "clients": self.clients,
+            "rejected": self.rejected,
+            "refused": self.refused,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "stragglers": self.stragglers,
+            "faults": self.faults,
+            "round_time_s": self.round_time_s,
+            "awake_clients": self.awake_clients,
+            "sampled_clients": self.sampled_clients,
+        }
 
     def train_metrics(self) -> dict[str, float]:
         """Example-weighted mean training loss and accuracy of the accepted clients."""
         n = sum(c["num_examples"] for c in self.clients)
-        return {k: sum(float(c.get(k, 0.0)) * c["num_examples"] for c in self.clients) / n
-                for k in ("train_loss", "train_accuracy")}
+        return {
+            k: sum(float(c.get(k, 0.0)) * c["num_examples"] for c in self.clients) / n
+            for k in ("train_loss", "train_accuracy")
+        }
 
 
 @dataclass(frozen=True)
@@ -126,8 +144,11 @@ RoundCallback = Callable[[RoundOutcome], None]
 
 def client_updates(replies: list[Reply]) -> list[ClientUpdate]:
     """The updates to aggregate: replies that are neither unreadable nor refusals."""
-    return [ClientUpdate(r.partition_id, r.payload, r.num_examples if isinstance(r.num_examples, int) else -1)
-            for r in replies if not r.error and not r.refused]
+    return [
+        ClientUpdate(r.partition_id, r.payload, r.num_examples if isinstance(r.num_examples, int) else -1)
+        for r in replies
+        if not r.error and not r.refused
+    ]
 
 
 def client_seconds(metrics: dict[str, Any]) -> float:
@@ -146,8 +167,13 @@ def screen(replies: list[Reply], server_round: int, deadline_s: float) -> tuple[
     for r in replies:
         tag = r.metrics.get(msg.TRAINED_ROUND)
         if not r.error and not r.refused and tag is not None and int(tag) != server_round:
-            r = Reply(r.partition_id, r.payload, r.metrics, r.info,
-                      error=f"stale update: trained from round {int(tag)}'s model in round {server_round}")
+            r = Reply(
+                r.partition_id,
+                r.payload,
+                r.metrics,
+                r.info,
+                error=f"stale update: trained from round {int(tag)}'s model in round {server_round}",
+            )
         if deadline_s > 0 and not r.error and not r.refused and client_seconds(r.metrics) > deadline_s:
             late.append(r)
             continue
@@ -155,8 +181,15 @@ def screen(replies: list[Reply], server_round: int, deadline_s: float) -> tuple[
     return kept, late
 
 
-def round_stats(replies: list[Reply], result: AggregateResult, downlink: dict[int, tuple[str, int]], *,
-                stragglers: list[Reply] = (), deadline_s: float = 0.0, awake: int = 0) -> RoundStats:
+def round_stats(
+    replies: list[Reply],
+    result: AggregateResult,
+    downlink: dict[int, tuple[str, int]],
+    *,
+    stragglers: list[Reply] = (),
+    deadline_s: float = 0.0,
+    awake: int = 0,
+) -> RoundStats:
     """The round's stats from its replies, the aggregation's verdicts and the downlink sent.
 
     ``downlink`` maps each sampled partition id to ``(kind, bytes)`` of what it received.
@@ -165,26 +198,44 @@ def round_stats(replies: list[Reply], result: AggregateResult, downlink: dict[in
     """
     sent_updates = [r for r in replies if not r.error and not r.refused]
     unsent = ("", 0)  # a reply from a client this round did not sample
-    clients = {r.partition_id: {"partition_id": r.partition_id, "uplink_bytes": len(r.payload),
-                                "downlink_bytes": downlink.get(r.partition_id, unsent)[1],
-                                "downlink_kind": downlink.get(r.partition_id, unsent)[0],
-                                **{k: v for k, v in r.metrics.items() if k != msg.NUM_EXAMPLES},
-                                "num_examples": r.num_examples}
-               for r in sent_updates}
+    clients = {
+        r.partition_id: {
+            "partition_id": r.partition_id,
+            "uplink_bytes": len(r.payload),
+            "downlink_bytes": downlink.get(r.partition_id, unsent)[1],
+            "downlink_kind": downlink.get(r.partition_id, unsent)[0],
+            **{k: v for k, v in r.metrics.items() if k != msg.NUM_EXAMPLES},
+            "num_examples": r.num_examples,
+        }
+        for r in sent_updates
+    }
     rejected = [(r.partition_id, r.error) for r in replies if r.error]
     rejected += [(x.partition_id, x.reason) for x in result.rejected]
-    refused = [{"partition_id": r.partition_id, "device": str(r.info.get("device", "")),
-                "reason": str(r.info.get("refusal", ""))[:300],
-                "peak_sram_bytes": int(r.metrics.get("peak_sram_bytes", 0)),
-                "device_ram_bytes": int(r.metrics.get("device_ram_bytes", 0)),
-                "sram_bytes": int(r.metrics.get("sram_bytes", 0))} for r in replies if r.refused]
+    refused = [
+        {
+            "partition_id": r.partition_id,
+            "device": str(r.info.get("device", "")),
+            "reason": str(r.info.get("refusal", ""))[:300],
+            "peak_sram_bytes": int(r.metrics.get("peak_sram_bytes", 0)),
+            "device_ram_bytes": int(r.metrics.get("device_ram_bytes", 0)),
+            "sram_bytes": int(r.metrics.get("sram_bytes", 0)),
+        }
+        for r in replies
+        if r.refused
+    ]
     faults: dict[str, list[int]] = {}
     for r in [*replies, *stragglers]:
         kind = "crash" if "ClientCrash" in r.error else str(r.info.get("fault", ""))
         if kind:
             faults.setdefault(kind, []).append(r.partition_id)
-    late = [{"partition_id": r.partition_id, "seconds": round(client_seconds(r.metrics), 3),
-             "energy_mj": float(r.metrics.get("energy_mj", 0.0))} for r in stragglers]
+    late = [
+        {
+            "partition_id": r.partition_id,
+            "seconds": round(client_seconds(r.metrics), 3),
+            "energy_mj": float(r.metrics.get("energy_mj", 0.0)),
+        }
+        for r in stragglers
+    ]
     counted = [client_seconds(clients[p]) for p in result.accepted]
     round_time = deadline_s if stragglers else max(counted, default=0.0)
     return RoundStats(

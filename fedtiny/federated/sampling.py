@@ -27,8 +27,9 @@ def awake_clients(fleet, seed: int, server_round: int, num_clients: int) -> np.n
     return np.flatnonzero(time_of_day < fleet.diurnal_awake_fraction)
 
 
-def sample_clients(seed: int, server_round: int, num_clients: int, per_round: int,
-                   awake: np.ndarray | None = None) -> list[int]:
+def sample_clients(
+    seed: int, server_round: int, num_clients: int, per_round: int, awake: np.ndarray | None = None
+) -> list[int]:
     """Return the sorted partition ids sampled in ``server_round`` (all awake ones when there are too few).
 
     ``awake``: the partition ids that can be sampled (None: every client).

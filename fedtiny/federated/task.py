@@ -29,8 +29,17 @@ from fedtiny.models import array_spec, build_model, model_arrays, trainable_name
 from fedtiny.models.user import build_user_model
 from fedtiny.scenario import Scenario
 
-__all__ = ["Task", "CloudReport", "make_task", "client_load", "with_scheme", "cloud_model", "limit_threads", "client_profile",
-           "client_radio"]
+__all__ = [
+    "Task",
+    "CloudReport",
+    "make_task",
+    "client_load",
+    "with_scheme",
+    "cloud_model",
+    "limit_threads",
+    "client_profile",
+    "client_radio",
+]
 
 
 @dataclass
@@ -67,8 +76,10 @@ class Task:
 
         Differential privacy clips and adds its noise in real units, whatever a tensor's storage.
         """
-        return {n: np.broadcast_to(unit_scale(self.model, n).numpy(), shape).ravel().copy()
-                for n, shape, _ in self.uplink_spec}
+        return {
+            n: np.broadcast_to(unit_scale(self.model, n).numpy(), shape).ravel().copy()
+            for n, shape, _ in self.uplink_spec
+        }
 
     @functools.cached_property
     def uplink(self) -> Uplink:
@@ -83,10 +94,18 @@ class Task:
         if key not in self._memory:
             d, t = self.scenario.device, self.scenario.train
             self._memory[key] = memory_report(
-                self.model, self.scheme, self.federation.image_shape, device=profile, optimizer=t.optimizer,
-                momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                fuse_frozen=d.fuse_frozen, batch=d.micro_batch,
-                accumulate=d.accumulate and t.batch_size > d.micro_batch)
+                self.model,
+                self.scheme,
+                self.federation.image_shape,
+                device=profile,
+                optimizer=t.optimizer,
+                momentum=t.momentum,
+                reorder=d.reorder,
+                inplace_depthwise=d.inplace_depthwise,
+                fuse_frozen=d.fuse_frozen,
+                batch=d.micro_batch,
+                accumulate=d.accumulate and t.batch_size > d.micro_batch,
+            )
         return self._memory[key]
 
     def device_memory(self, profile: DeviceProfile, samples: int) -> DeviceMemory | None:
@@ -100,11 +119,19 @@ class Task:
         if key not in self._memory:
             apply_scheme(self.model, self.scheme)
             load = client_load(self.scenario, samples, self.federation.image_shape)
-            arena = step_arena(self.model, self.federation.image_shape, load, optimizer=t.optimizer,
-                               momentum=t.momentum, reorder=d.reorder, inplace_depthwise=d.inplace_depthwise,
-                               fuse_frozen=d.fuse_frozen)
-            self._memory[key] = client_memory(self.model, arena, load, optimizer=t.optimizer, momentum=t.momentum,
-                                              profile=profile)
+            arena = step_arena(
+                self.model,
+                self.federation.image_shape,
+                load,
+                optimizer=t.optimizer,
+                momentum=t.momentum,
+                reorder=d.reorder,
+                inplace_depthwise=d.inplace_depthwise,
+                fuse_frozen=d.fuse_frozen,
+            )
+            self._memory[key] = client_memory(
+                self.model, arena, load, optimizer=t.optimizer, momentum=t.momentum, profile=profile
+            )
         return self._memory[key]
 
     def sample_work(self, profile: DeviceProfile):
@@ -179,18 +206,22 @@ def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
     if tuple(want) != tuple(fed.image_shape):
         c, h, w = want
         given = "x".join(map(str, fed.image_shape))
-        raise ScenarioError(f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives {given}: "
-                            f"set data.image_size = {h}"
-                            + (f" and data.image_width = {w}" if w != h else "")
-                            + (f" and data.channels = {c}" if c != fed.image_shape[0] else "")
-                            + f" (the data resized to the file's input), or train a model for {given} images: "
-                            f"model.file = \"\" and model.head = \"new\" (the server pretrains model.name "
-                            f"{m.name} on the data; or model.module, your own network)")
+        raise ScenarioError(
+            f"model.file: {m.file} takes {c}x{h}x{w} images but the data gives {given}: "
+            f"set data.image_size = {h}"
+            + (f" and data.image_width = {w}" if w != h else "")
+            + (f" and data.channels = {c}" if c != fed.image_shape[0] else "")
+            + f" (the data resized to the file's input), or train a model for {given} images: "
+            f'model.file = "" and model.head = "new" (the server pretrains model.name '
+            f"{m.name} on the data; or model.module, your own network)"
+        )
     if m.head == "keep":
         classes = int(model.classifier.weight.shape[0])
         if classes != fed.num_classes:
-            raise ScenarioError(f"model.head: keep: {m.file} classifies {classes} classes but the data has "
-                                f"{fed.num_classes}; set model.head = \"new\"")
+            raise ScenarioError(
+                f"model.head: keep: {m.file} classifies {classes} classes but the data has "
+                f'{fed.num_classes}; set model.head = "new"'
+            )
         return model
     return replace_head(model, fed.num_classes, precision=m.classifier_precision, seed=scenario.run.seed)
 
@@ -220,8 +251,18 @@ def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
 def client_load(scenario: Scenario, samples: int, image_shape: tuple[int, ...]) -> ClientLoad:
     """What a client of ``scenario`` does in a round besides one step, for the whole device's count."""
     d, t, c = scenario.device, scenario.train, scenario.compression
-    return ClientLoad(t.batch_size, d.micro_batch, samples, int(np.prod(image_shape)), c.uplink, c.density,
-                      c.error_feedback, c.residual, c.momentum_correction, c.values)
+    return ClientLoad(
+        t.batch_size,
+        d.micro_batch,
+        samples,
+        int(np.prod(image_shape)),
+        c.uplink,
+        c.density,
+        c.error_feedback,
+        c.residual,
+        c.momentum_correction,
+        c.values,
+    )
 
 
 def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:
@@ -234,8 +275,15 @@ def with_scheme(task: Task, scheme: ResolvedScheme | None) -> Task:
     if scheme is None or task.scenario.model.precision != "int8":
         return task
     apply_scheme(task.model, scheme)
-    view = Task(task.scenario, task.federation, task.model, task.downlink_spec,
-                array_spec(task.model, trainable_names(task.model)), scheme, task._memory)
+    view = Task(
+        task.scenario,
+        task.federation,
+        task.model,
+        task.downlink_spec,
+        array_spec(task.model, trainable_names(task.model)),
+        scheme,
+        task._memory,
+    )
     view.uplink  # noqa: B018 (computes the slices while this scheme is the applied one)
     return view
 
@@ -248,8 +296,13 @@ def client_radio(scenario: Scenario, profile: DeviceProfile) -> Radio:
 def client_profile(scenario: Scenario, partition_id: int) -> DeviceProfile:
     """Client ``partition_id``'s device: the fleet's profiles assigned round-robin."""
     d = scenario.device
-    custom = DeviceProfile(d.custom_name.lower(), d.custom_sram_kb * 1024, d.custom_flash_kb * 1024,
-                           d.custom_clock_mhz, "custom") if d.custom_sram_kb else None
+    custom = (
+        DeviceProfile(
+            d.custom_name.lower(), d.custom_sram_kb * 1024, d.custom_flash_kb * 1024, d.custom_clock_mhz, "custom"
+        )
+        if d.custom_sram_kb
+        else None
+    )
     return with_kernels(get_profile(d.profiles[partition_id % len(d.profiles)], custom), d.kernels)
 
 
@@ -265,8 +318,14 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     if s.model.file:
         return _cloud_head(task)
     fp32 = _fp32_model(s, fed)
-    fit = pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
-                   batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+    fit = pretrain(
+        fp32,
+        fed.public,
+        epochs=s.model.pretrain_epochs,
+        lr=s.model.pretrain_lr,
+        batch_size=s.model.pretrain_batch_size,
+        seed=s.run.seed,
+    )
     fp32_acc = evaluate(fp32, fed.test)[1]
     if s.model.precision == "fp32":
         return model_arrays(fp32), CloudReport(fit.accuracy, fp32_acc, None)
@@ -281,14 +340,23 @@ def _cloud_head(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     model = copy.deepcopy(task.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    fit = fit_head(model, fed.public.x, fed.public.y, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
-                   batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+    fit = fit_head(
+        model,
+        fed.public.x,
+        fed.public.y,
+        epochs=s.model.pretrain_epochs,
+        lr=s.model.pretrain_lr,
+        batch_size=s.model.pretrain_batch_size,
+        seed=s.run.seed,
+    )
     # No float network exists for a published int8 model: the "fp32" figure is the float head on its int8 features.
     # Nothing trains here, so the test split's features are computed once for both figures.
     prefixes = PrefixStore(keep=1)
-    return model_arrays(model), CloudReport(fit.train_accuracy,
-                                            fit.float_accuracy(model, fed.test.x, fed.test.y, prefixes),
-                                            evaluate(model, fed.test, prefixes=prefixes)[1])
+    return model_arrays(model), CloudReport(
+        fit.train_accuracy,
+        fit.float_accuracy(model, fed.test.x, fed.test.y, prefixes),
+        evaluate(model, fed.test, prefixes=prefixes)[1],
+    )
 
 
 def limit_threads() -> None:
@@ -299,8 +367,16 @@ def limit_threads() -> None:
 def compression_config(scenario: Scenario) -> CompressionConfig:
     """The sparse encoder's settings from the scenario's ``[compression]`` section."""
     c = scenario.compression
-    return CompressionConfig(c.density, c.topk, c.warmup_rounds, c.warmup_start_density, c.values, c.error_feedback,
-                             scenario.train.momentum if c.momentum_correction else 0.0, c.residual)
+    return CompressionConfig(
+        c.density,
+        c.topk,
+        c.warmup_rounds,
+        c.warmup_start_density,
+        c.values,
+        c.error_feedback,
+        scenario.train.momentum if c.momentum_correction else 0.0,
+        c.residual,
+    )
 
 
 def make_uplink(scenario: Scenario, spec: Spec, slices: dict[str, np.ndarray]) -> Uplink:

@@ -62,7 +62,7 @@ def _indexed_batches(data: ImageSet, batch_size: int, gen: torch.Generator | Non
         order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         yield x[idx], y[idx], idx
 
 
@@ -73,8 +73,15 @@ def _model_output(model: nn.Module, xb: torch.Tensor, idx: torch.Tensor, prefix)
     return model.forward_from(prefix.start, prefix.batch(idx))
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, *, rounding: str = "stochastic",
-                   gen: torch.Generator | None = None):
+def make_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    momentum: float = 0.0,
+    *,
+    rounding: str = "stochastic",
+    gen: torch.Generator | None = None,
+):
     """The optimizer for ``model``: QAS-capable and integer-projecting for the int8 graph, torch's otherwise."""
     if isinstance(model, QModel):
         return QuantizedOptimizer(model, name, lr, momentum, rounding, gen)
@@ -83,7 +90,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
         raise ScenarioError(f"train.optimizer: unknown optimizer {name!r}")
     kind = optimizer_kind(name)
     if kind.qas:
-        raise ScenarioError(f"train.optimizer: {name!r} needs an int8 model (model.precision = \"int8\")")
+        raise ScenarioError(f'train.optimizer: {name!r} needs an int8 model (model.precision = "int8")')
     return kind.torch(params, lr, momentum)
 
 
@@ -93,9 +100,22 @@ def _exact_loss(model: nn.Module):
     return lambda out, y: exact.cross_entropy(out, y, float(head.y_scale), int(head.y_zero))
 
 
-def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: int,
-            gen: torch.Generator | None, bn_train: bool, scheduler=None, max_steps: int | None = None,
-            exact_seed: int | None = None, c_step=None, order_seed: int | None = None, prefix=None) -> TrainResult:
+def _epochs(
+    model: nn.Module,
+    data: ImageSet,
+    opt,
+    *,
+    epochs: int,
+    batch_size: int,
+    gen: torch.Generator | None,
+    bn_train: bool,
+    scheduler=None,
+    max_steps: int | None = None,
+    exact_seed: int | None = None,
+    c_step=None,
+    order_seed: int | None = None,
+    prefix=None,
+) -> TrainResult:
     """The training loop every path shares; returns the last epoch's running loss and accuracy.
 
     ``max_steps``: stop after this many optimizer steps (a client out of time sends what it has).
@@ -147,15 +167,32 @@ def _epochs(model: nn.Module, data: ImageSet, opt, *, epochs: int, batch_size: i
 
 def exact_applies(model: nn.Module, optimizer: str) -> bool:
     """Whether the exact step can train ``model`` with ``optimizer``: an int8 graph, int8 head, SGD (with or without QAS)."""
-    return (isinstance(model, QModel) and isinstance(model.classifier, QConv)
-            and optimizer in optimizer_names() and optimizer_kind(optimizer).exact)
+    return (
+        isinstance(model, QModel)
+        and isinstance(model.classifier, QConv)
+        and optimizer in optimizer_names()
+        and optimizer_kind(optimizer).exact
+    )
 
 
-def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: int, lr: float,
-                optimizer: str = "sgd", momentum: float = 0.0, gen: torch.Generator | None = None,
-                freeze_bn: bool = True, rounding: str = "stochastic", max_steps: int | None = None,
-                gradients: str = "float", engine: str = "torch", shuffle: str = "torch",
-                prefixes=None) -> TrainResult:
+def train_local(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    gen: torch.Generator | None = None,
+    freeze_bn: bool = True,
+    rounding: str = "stochastic",
+    max_steps: int | None = None,
+    gradients: str = "float",
+    engine: str = "torch",
+    shuffle: str = "torch",
+    prefixes=None,
+) -> TrainResult:
     """Train ``model`` (fp32 or int8 graph) in place on ``data``; return the last epoch's loss and accuracy.
 
     ``max_steps``: stop after this many steps (None: all epochs). ``gradients``: ``exact`` runs
@@ -168,24 +205,32 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
     exact_seed = None
     if gradients == "exact" and isinstance(model, QModel):
         if not exact_applies(model, optimizer):
-            raise ScenarioError("train.gradients: the exact step trains an int8 classifier with sgd or sgd+qas "
-                                f"(got optimizer {optimizer!r}, classifier {type(model.classifier).__name__}); "
-                                "set train.gradients = \"float\"")
+            raise ScenarioError(
+                "train.gradients: the exact step trains an int8 classifier with sgd or sgd+qas "
+                f"(got optimizer {optimizer!r}, classifier {type(model.classifier).__name__}); "
+                'set train.gradients = "float"'
+            )
         exact_seed = int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF)
     elif gradients not in ("exact", "float"):
         raise ScenarioError(f"train.gradients: expected exact or float, got {gradients!r}")
     c_step = None
     if engine in ("c", "auto"):
         if engine == "c" and exact_seed is None:
-            raise ScenarioError("train.engine: the C step is the exact step: it needs an int8 model and "
-                                "train.gradients = \"exact\"")
+            raise ScenarioError(
+                'train.engine: the C step is the exact step: it needs an int8 model and train.gradients = "exact"'
+            )
         if engine == "c" and not cstep.available():
             raise ScenarioError(f"train.engine: c needs {cstep.library_path()}: run make install (a C compiler)")
         if exact_seed is not None and cstep.available():  # auto: the C step where it runs (the same integers)
-
             try:
-                c_step = cstep.CStep(model, lr=lr, momentum=momentum, optimizer=optimizer, rounding=rounding,
-                                     layout=c_layout(model, tuple(data.x.shape[1:])))
+                c_step = cstep.CStep(
+                    model,
+                    lr=lr,
+                    momentum=momentum,
+                    optimizer=optimizer,
+                    rounding=rounding,
+                    layout=c_layout(model, tuple(data.x.shape[1:])),
+                )
             except ModelFileError:
                 if engine == "c":
                     raise
@@ -193,11 +238,21 @@ def train_local(model: nn.Module, data: ImageSet, *, epochs: int, batch_size: in
         raise ScenarioError(f"train.engine: expected torch, c or auto, got {engine!r}")
     opt = make_optimizer(model, optimizer, lr, momentum, rounding=rounding, gen=gen)
     prefix = prefixes.get(model, data.x) if prefixes is not None and c_step is None and freeze_bn else None
-    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=gen, bn_train=not freeze_bn,
-                   max_steps=max_steps, exact_seed=exact_seed, c_step=c_step, prefix=prefix,
-                   # the portable order a device computes: from the round's seed (the exact step's, when exact)
-                   order_seed=int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF)
-                   if shuffle == "hash" else None)
+    return _epochs(
+        model,
+        data,
+        opt,
+        epochs=epochs,
+        batch_size=batch_size,
+        gen=gen,
+        bn_train=not freeze_bn,
+        max_steps=max_steps,
+        exact_seed=exact_seed,
+        c_step=c_step,
+        prefix=prefix,
+        # the portable order a device computes: from the round's seed (the exact step's, when exact)
+        order_seed=int((gen.initial_seed() if gen is not None else 0) & 0xFFFFFFFF) if shuffle == "hash" else None,
+    )
 
 
 @torch.no_grad()
@@ -233,5 +288,13 @@ def pretrain(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, batch_
     if epochs == 0 or len(data) == 0:
         return TrainResult(0.0, 0.0, len(data), 0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    return _epochs(model, data, opt, epochs=epochs, batch_size=batch_size, gen=seeded(seed, 11), bn_train=True,
-                   scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs))
+    return _epochs(
+        model,
+        data,
+        opt,
+        epochs=epochs,
+        batch_size=batch_size,
+        gen=seeded(seed, 11),
+        bn_train=True,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs),
+    )

@@ -33,10 +33,12 @@ def fold(model: nn.Module, example: torch.Tensor | np.ndarray | None = None) -> 
     return trace(model, torch.as_tensor(example, dtype=torch.float32))
 
 
-def ptq(model: nn.Module, calibration: np.ndarray, *, batch_size: int = 128, classifier_precision: str = "int8") -> QModel:
+def ptq(
+    model: nn.Module, calibration: np.ndarray, *, batch_size: int = 128, classifier_precision: str = "int8"
+) -> QModel:
     """Post-training quantization of ``model`` calibrated on images ``calibration`` (N x C x H x W in [0, 1])."""
     graph = trace(model, torch.as_tensor(calibration[:1], dtype=torch.float32))
-    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
     qmodel = quantize(graph, calibrate(graph, batches), classifier_precision=classifier_precision)
     qmodel.input_shape = tuple(int(v) for v in calibration.shape[1:])
     return qmodel

@@ -20,9 +20,9 @@ import torch
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
 from fedtiny.int8.graph import QConv, QModel
+from fedtiny.int8.ops.base import CKind
 from fedtiny.int8.optimizers import optimizer_kind, optimizer_names
 from fedtiny.int8.resolver import kind_of
-from fedtiny.int8.ops.base import CKind
 
 __all__ = ["CStep", "CKind", "available", "library_path", "MAX_BATCH"]
 
@@ -33,33 +33,79 @@ _f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
 
 class _Op(ctypes.Structure):
-    _fields_ = [(n, _i) for n in ("kind", "in0", "in1", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "stride", "groups",
-                                  "pad_t", "pad_l", "x_zero", "y_zero", "act_lo", "act_hi")] + \
-               [(n, _p) for n in ("weight", "bias", "mult", "shift", "eff_scale", "qas_w", "qas_b", "train_channels")] + \
-               [("slot_of", _p)] + [(n, _i) for n in ("train_w", "train_b", "slot", "inplace", "fuse_next", "workspace")] + \
-               [("mom_w", _p), ("mom_b", _p)] + \
-               [(n, _i) for n in ("z1", "z2", "z_out", "left_shift", "m1", "s1", "m2", "s2", "mo", "so")] + \
-               [("ratio_a", _f), ("ratio_b", _f), ("n_in", _i), ("in_more", _p)] + \
-               [(n, _i) for n in ("begin_c", "begin_h", "begin_w", "step_c", "step_h", "step_w")] + \
-               [("table", _p), ("slope", _p)]
+    _fields_ = (
+        [
+            (n, _i)
+            for n in (
+                "kind",
+                "in0",
+                "in1",
+                "c",
+                "h",
+                "w",
+                "oc",
+                "oh",
+                "ow",
+                "kh",
+                "kw",
+                "stride",
+                "groups",
+                "pad_t",
+                "pad_l",
+                "x_zero",
+                "y_zero",
+                "act_lo",
+                "act_hi",
+            )
+        ]
+        + [(n, _p) for n in ("weight", "bias", "mult", "shift", "eff_scale", "qas_w", "qas_b", "train_channels")]
+        + [("slot_of", _p)]
+        + [(n, _i) for n in ("train_w", "train_b", "slot", "inplace", "fuse_next", "workspace")]
+        + [("mom_w", _p), ("mom_b", _p)]
+        + [(n, _i) for n in ("z1", "z2", "z_out", "left_shift", "m1", "s1", "m2", "s2", "mo", "so")]
+        + [("ratio_a", _f), ("ratio_b", _f), ("n_in", _i), ("in_more", _p)]
+        + [(n, _i) for n in ("begin_c", "begin_h", "begin_w", "step_c", "step_h", "step_w")]
+        + [("table", _p), ("slope", _p)]
+    )
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [("n_ops", _i), ("ops", ctypes.POINTER(_Op)), ("in_c", _i), ("in_h", _i), ("in_w", _i),
-                ("classes", _i), ("logit_scale", _f), ("sm_mult", _i), ("sm_shift", _i), ("sm_diff_min", _i),
-                ("lr", _f), ("momentum", _f), ("stochastic", _i), ("plan", _p), ("plan_len", _i), ("plan_batch", _i)]
+    _fields_ = [
+        ("n_ops", _i),
+        ("ops", ctypes.POINTER(_Op)),
+        ("in_c", _i),
+        ("in_h", _i),
+        ("in_w", _i),
+        ("classes", _i),
+        ("logit_scale", _f),
+        ("sm_mult", _i),
+        ("sm_shift", _i),
+        ("sm_diff_min", _i),
+        ("lr", _f),
+        ("momentum", _f),
+        ("stochastic", _i),
+        ("plan", _p),
+        ("plan_len", _i),
+        ("plan_batch", _i),
+    ]
 
 
 class _Report(ctypes.Structure):
-    _fields_ = [("arena_high_water", ctypes.c_size_t), ("loss", _f), ("sum_exp", ctypes.c_int64 * MAX_BATCH),
-                ("exp_y", ctypes.c_int64 * MAX_BATCH)]
+    _fields_ = [
+        ("arena_high_water", ctypes.c_size_t),
+        ("loss", _f),
+        ("sum_exp", ctypes.c_int64 * MAX_BATCH),
+        ("exp_y", ctypes.c_int64 * MAX_BATCH),
+    ]
 
 
 def library_path() -> Path:
     """``device/c/libfedtiny_step.so``, or the build ``FEDTINY_STEP_LIB`` names (the op-check build of
     scripts/firmware_opcheck.py: the same step, printing every tensor's hash)."""
-    return Path(os.environ.get("FEDTINY_STEP_LIB") or
-                Path(__file__).resolve().parents[2] / "device" / "c" / "libfedtiny_step.so")
+    return Path(
+        os.environ.get("FEDTINY_STEP_LIB")
+        or Path(__file__).resolve().parents[2] / "device" / "c" / "libfedtiny_step.so"
+    )
 
 
 @lru_cache(maxsize=1)
@@ -76,8 +122,17 @@ def _lib() -> ctypes.CDLL | None:
     lib.ft_step_arena_bytes.restype = ctypes.c_size_t
     lib.ft_step_arena_bytes.argtypes = [ctypes.POINTER(_Model), _i]
     lib.ft_train_step.restype = ctypes.c_int
-    lib.ft_train_step.argtypes = [ctypes.POINTER(_Model), _p, _p, _i, ctypes.c_uint32, ctypes.c_uint32, _p,
-                                  ctypes.c_size_t, ctypes.POINTER(_Report)]
+    lib.ft_train_step.argtypes = [
+        ctypes.POINTER(_Model),
+        _p,
+        _p,
+        _i,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        _p,
+        ctypes.c_size_t,
+        ctypes.POINTER(_Report),
+    ]
     lib.ft_step_record.restype = _i
     lib.ft_step_record.argtypes = [ctypes.POINTER(_Model), _p, _p, _i, _p, ctypes.c_size_t, _p, _i]
     lib.ft_forward.restype = ctypes.c_int
@@ -103,8 +158,16 @@ class CStep:
     numbers, more memory).
     """
 
-    def __init__(self, model: QModel, *, lr: float, momentum: float = 0.0, optimizer: str = "sgd+qas",
-                 rounding: str = "stochastic", layout: dict[str, tuple[int, int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        model: QModel,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        optimizer: str = "sgd+qas",
+        rounding: str = "stochastic",
+        layout: dict[str, tuple[int, int, int]] | None = None,
+    ) -> None:
         lib = _lib()
         if lib is None:
             raise RuntimeError(f"{library_path()} is not built: run make install (needs a C compiler)")
@@ -115,7 +178,7 @@ class CStep:
         model.number_convs()
         shapes = self._shapes(model)
         nodes, ids = [], {"input": 0}
-        for node in model.nodes[:model._head + 1]:
+        for node in model.nodes[: model._head + 1]:
             if kind_of(model.op(node.op)).view:
                 if shapes[node.op][1:] != shapes[node.inputs[0]][1:]:  # only a flatten of N x C x 1 x 1 is a no-op
                     raise ModelFileError(f"the C step does not run op {node.op!r} (a RESHAPE that moves elements)")
@@ -142,8 +205,21 @@ class CStep:
             raise ModelFileError("the C step needs an int8 classifier as the last op")
         sm = kernels.softmax_params(float(head.y_scale))
         c, h, w = shapes["input"][1:]
-        self.m = _Model(len(names), ops, c, h, w, head.out_channels, float(head.y_scale), sm.input_multiplier,
-                        sm.input_left_shift, sm.diff_min, lr, momentum, int(rounding == "stochastic"))
+        self.m = _Model(
+            len(names),
+            ops,
+            c,
+            h,
+            w,
+            head.out_channels,
+            float(head.y_scale),
+            sm.input_multiplier,
+            sm.input_left_shift,
+            sm.diff_min,
+            lr,
+            momentum,
+            int(rounding == "stochastic"),
+        )
         self.ops = ops
         self.names = names
         self.arena: np.ndarray | None = None
@@ -160,14 +236,22 @@ class CStep:
             kind = CKind(op.kind).name.lower()
             inputs = [int(op.in0)] + ([int(op.in1)] if kind in ("add", "mul", "concat") else [])
             if kind == "concat" and op.n_in > 2:
-                inputs += ctypes.cast(op.in_more, ctypes.POINTER(ctypes.c_int32))[:op.n_in - 2]
-            g = {"name": name, "kind": kind, "in0": op.in0, "in1": inputs[1] if len(inputs) > 1 else 0,
-                 "inputs": inputs, **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")}}
+                inputs += ctypes.cast(op.in_more, ctypes.POINTER(ctypes.c_int32))[: op.n_in - 2]
+            g = {
+                "name": name,
+                "kind": kind,
+                "in0": op.in0,
+                "in1": inputs[1] if len(inputs) > 1 else 0,
+                "inputs": inputs,
+                **{k: int(getattr(op, k)) for k in ("c", "h", "w", "oc", "oh", "ow")},
+            }
             if kind == "conv":
                 n = op.oc if op.groups == op.c == op.oc else op.c
                 trained = ctypes.cast(op.slot_of, ctypes.POINTER(ctypes.c_int32))[n] if op.slot_of else n
-                g.update({k: int(getattr(op, k)) for k in ("kh", "kw", "stride", "groups", "train_w", "train_b")},
-                         trained_channels=int(trained))
+                g.update(
+                    {k: int(getattr(op, k)) for k in ("kh", "kw", "stride", "groups", "train_w", "train_b")},
+                    trained_channels=int(trained),
+                )
             out.append(g)
         return out
 
@@ -211,8 +295,9 @@ class CStep:
             cap = 1 << 16
             while True:
                 log = np.zeros(cap, np.int32)
-                n = self.lib.ft_step_record(ctypes.byref(self.m), _ptr(x), _ptr(y), batch, _ptr(arena), arena.nbytes,
-                                            _ptr(log), cap)
+                n = self.lib.ft_step_record(
+                    ctypes.byref(self.m), _ptr(x), _ptr(y), batch, _ptr(arena), arena.nbytes, _ptr(log), cap
+                )
                 if n != -3:
                     break
                 cap *= 4
@@ -242,8 +327,17 @@ class CStep:
         if self.arena is None or self.arena.nbytes != need:
             self.arena = np.zeros(need, np.uint8)
         rep = _Report()
-        rc = self.lib.ft_train_step(ctypes.byref(self.m), _ptr(xq), _ptr(y), n, seed & 0xFFFFFFFF, step & 0xFFFFFFFF,
-                                    _ptr(self.arena), self.arena.nbytes, ctypes.byref(rep))
+        rc = self.lib.ft_train_step(
+            ctypes.byref(self.m),
+            _ptr(xq),
+            _ptr(y),
+            n,
+            seed & 0xFFFFFFFF,
+            step & 0xFFFFFFFF,
+            _ptr(self.arena),
+            self.arena.nbytes,
+            ctypes.byref(rep),
+        )
         if rc != 0:
             raise RuntimeError(f"ft_train_step failed ({rc})")
         self.high_water = max(self.high_water, int(rep.arena_high_water))
@@ -256,9 +350,10 @@ class CStep:
         arena = np.zeros(self.arena_bytes(1), np.uint8)
         out = np.zeros((n, self.m.classes), np.int8)
         for i in range(0, n, MAX_BATCH):
-            part = np.ascontiguousarray(xq[i:i + MAX_BATCH])
-            rc = self.lib.ft_forward(ctypes.byref(self.m), _ptr(part), len(part), _ptr(arena), arena.nbytes,
-                                     _ptr(out[i:i + MAX_BATCH]))
+            part = np.ascontiguousarray(xq[i : i + MAX_BATCH])
+            rc = self.lib.ft_forward(
+                ctypes.byref(self.m), _ptr(part), len(part), _ptr(arena), arena.nbytes, _ptr(out[i : i + MAX_BATCH])
+            )
             if rc != 0:
                 raise RuntimeError(f"ft_forward failed ({rc})")
         return out

@@ -44,8 +44,24 @@ import torch
 
 from fedtiny.int8 import kernels, native
 
-__all__ = ["StepKey", "step", "current", "hash32", "permutation", "uniform", "quantize_grad", "grad_slot", "round_slot",
-           "round_half_away", "sum_in_order", "int_sum_dtype", "softmax_q15", "cross_entropy", "GRAD_LEVELS", "Q15"]
+__all__ = [
+    "StepKey",
+    "step",
+    "current",
+    "hash32",
+    "permutation",
+    "uniform",
+    "quantize_grad",
+    "grad_slot",
+    "round_slot",
+    "round_half_away",
+    "sum_in_order",
+    "int_sum_dtype",
+    "softmax_q15",
+    "cross_entropy",
+    "GRAD_LEVELS",
+    "Q15",
+]
 
 GRAD_LEVELS = 127  # output gradients are int8 in [-127, 127]
 Q15 = 1 << 15
@@ -134,7 +150,7 @@ def uniform(key: StepKey, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
     if fast is not None:
         return fast.view(shape)
     idx = (torch.arange(n, dtype=torch.int64) + base) & _M32
-    return (_hash32_tensor(idx) >> 8).to(torch.float32).mul_(2.0 ** -24).view(shape)
+    return (_hash32_tensor(idx) >> 8).to(torch.float32).mul_(2.0**-24).view(shape)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -166,18 +182,20 @@ def sum_in_order(terms) -> torch.Tensor:
 
 def int_sum_dtype(bound: float) -> torch.dtype:
     """float32 while every partial sum of integers stays below 2^24 (exact in any order), else float64."""
-    return torch.float32 if bound < 2.0 ** 24 else torch.float64
+    return torch.float32 if bound < 2.0**24 else torch.float64
 
 
 # ---------------------------------------------------------------- loss
+
 
 def softmax_q15(q: torch.Tensor, logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed-point softmax of int8 logits ``q`` (``N x K``) with scale ``logit_scale``: ``(p Q15, e Q0.31)``."""
     p_params = kernels.softmax_params(logit_scale)
     d = q.to(torch.int64) - q.to(torch.int64).max(dim=1, keepdim=True).values
     keep = d >= p_params.diff_min
-    scaled = kernels.saturating_rounding_doubling_high_mul(kernels._wrap32(d << p_params.input_left_shift),
-                                                           p_params.input_multiplier)
+    scaled = kernels.saturating_rounding_doubling_high_mul(
+        kernels._wrap32(d << p_params.input_left_shift), p_params.input_multiplier
+    )
     e = torch.where(keep, kernels.exp_on_negative_values(torch.where(keep, scaled, 0)), 0)
     total = e.sum(dim=1, keepdim=True)  # int64: exact
     p = torch.div(e * Q15 + total // 2, total, rounding_mode="floor")
@@ -204,7 +222,7 @@ class _CrossEntropy(torch.autograd.Function):
         p, y = ctx.saved_tensors
         onehot = torch.zeros_like(p)
         onehot.scatter_(1, y.view(-1, 1), Q15)
-        grad = ((p - onehot).to(torch.float32) * 2.0 ** -15) / float(p.shape[0])
+        grad = ((p - onehot).to(torch.float32) * 2.0**-15) / float(p.shape[0])
         if float(g_loss) != 1.0:  # the step differentiates the loss itself; anything else scales it
             grad = grad * g_loss.to(torch.float32)
         return grad, None, None, None

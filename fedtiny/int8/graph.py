@@ -30,24 +30,54 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedtiny.int8.ledger import NULL, OpEvents, active, fused_workspace_bytes
 from fedtiny.errors import ModelFileError, ScenarioError
-from fedtiny.int8.ops.add import QAdd
 from fedtiny.int8.kernels_misc import quantize_float
-from fedtiny.int8.resolver import kind_of
-from fedtiny.int8.ops.base import ACTIVATIONS, INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Wiring, round_ste, to_nchw_shape
+from fedtiny.int8.ledger import NULL, OpEvents, active, fused_workspace_bytes
+from fedtiny.int8.ops.add import QAdd
+from fedtiny.int8.ops.base import (
+    ACTIVATIONS,
+    INT8_MAX,
+    INT8_MIN,
+    INT32_MAX,
+    INT32_MIN,
+    Wiring,
+    round_ste,
+    to_nchw_shape,
+)
 from fedtiny.int8.ops.conv import QConv
 from fedtiny.int8.ops.head import FloatHead
 from fedtiny.int8.ops.pool import QAvgPool
 from fedtiny.int8.ops.reshape import QReshape
 from fedtiny.int8.ops.softmax import QSoftmax
+from fedtiny.int8.resolver import kind_of
 
-__all__ = ["round_ste", "QConv", "QAdd", "QAvgPool", "QReshape", "QSoftmax", "FloatHead", "QModel", "Node", "Wiring",
-           "from_blocks", "replace_head", "head_weight_scales", "to_nchw_shape", "unit_scale", "INT8_MIN", "INT8_MAX",
-           "INT32_MIN", "INT32_MAX", "ACTIVATIONS", "kind_of"]
+__all__ = [
+    "round_ste",
+    "QConv",
+    "QAdd",
+    "QAvgPool",
+    "QReshape",
+    "QSoftmax",
+    "FloatHead",
+    "QModel",
+    "Node",
+    "Wiring",
+    "from_blocks",
+    "replace_head",
+    "head_weight_scales",
+    "to_nchw_shape",
+    "unit_scale",
+    "INT8_MIN",
+    "INT8_MAX",
+    "INT32_MIN",
+    "INT32_MAX",
+    "ACTIVATIONS",
+    "kind_of",
+]
 
 
 # ---------------------------------------------------------------- the graph
+
 
 @dataclass(frozen=True)
 class Node:
@@ -59,8 +89,14 @@ class Node:
 
 def fusable(pw: nn.Module, dw: nn.Module) -> bool:
     """A pointwise convolution whose output only a depthwise convolution reads can run fused with it."""
-    return (isinstance(pw, QConv) and isinstance(dw, QConv) and pw.kind == "conv" and pw.kernel_hw == (1, 1)
-            and pw.groups == 1 and dw.is_depthwise)
+    return (
+        isinstance(pw, QConv)
+        and isinstance(dw, QConv)
+        and pw.kind == "conv"
+        and pw.kernel_hw == (1, 1)
+        and pw.groups == 1
+        and dw.is_depthwise
+    )
 
 
 def fused_events(pw: QConv, dw: QConv, in_shape: tuple[int, ...], wiring: Wiring) -> OpEvents:
@@ -68,8 +104,12 @@ def fused_events(pw: QConv, dw: QConv, in_shape: tuple[int, ...], wiring: Wiring
     hw = (in_shape[2], in_shape[3])
     mid_hw = pw.out_hw(hw)
     out_hw = dw.out_hw(mid_hw)
-    return OpEvents(dw.tag, in_shape[0] * dw.out_channels * out_hw[0] * out_hw[1], wiring.frees(),
-                    workspace=fused_workspace_bytes(pw.in_channels, dw.kernel_hw, mid_hw, out_hw, dw.padding))
+    return OpEvents(
+        dw.tag,
+        in_shape[0] * dw.out_channels * out_hw[0] * out_hw[1],
+        wiring.frees(),
+        workspace=fused_workspace_bytes(pw.in_channels, dw.kernel_hw, mid_hw, out_hw, dw.padding),
+    )
 
 
 class QModel(nn.Module):
@@ -90,16 +130,23 @@ class QModel(nn.Module):
         ``(C, H, W)`` the network was built and quantized for, when known.
     """
 
-    def __init__(self, ops: Sequence[tuple[nn.Module, Sequence[str]]], input_scale: float, input_zero: int,
-                 input_mean: float = 0.0, input_std: float = 1.0,
-                 input_shape: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        ops: Sequence[tuple[nn.Module, Sequence[str]]],
+        input_scale: float,
+        input_zero: int,
+        input_mean: float = 0.0,
+        input_std: float = 1.0,
+        input_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
         # A .tflite whose input is float (a QUANTIZE first) and whose output is float (a DEQUANTIZE last):
         # the input is quantized as TFLM's QUANTIZE does it, and export writes both edges back.
         self.float_input = self.float_output = False
-        self.register_buffer("input_params", torch.tensor([input_scale, input_zero, input_mean, input_std],
-                                                          dtype=torch.float64))
+        self.register_buffer(
+            "input_params", torch.tensor([input_scale, input_zero, input_mean, input_std], dtype=torch.float64)
+        )
         known = {"input"}
         nodes = []
         for module, inputs in ops:
@@ -108,8 +155,10 @@ class QModel(nn.Module):
                 raise ModelFileError(f"graph: op name {name!r} is repeated or not a valid name")
             twice = sorted({t for t in inputs if list(inputs).count(t) > 1})
             if twice:  # its two gradients would need one buffer each, which the memory planner does not lay out
-                raise ModelFileError(f"graph: op {name!r} reads {twice[0]!r} twice (as x * x or cat(x, x)); "
-                                     "fedtiny's ops read each tensor once")
+                raise ModelFileError(
+                    f"graph: op {name!r} reads {twice[0]!r} twice (as x * x or cat(x, x)); "
+                    "fedtiny's ops read each tensor once"
+                )
             missing = [t for t in inputs if t not in known]
             if missing:
                 raise ModelFileError(f"graph: op {name!r} reads {missing[0]!r} before it is written")
@@ -133,7 +182,7 @@ class QModel(nn.Module):
 
     def convs(self) -> list[QConv]:
         """Every int8 convolution (and FC) before the head, in forward order: the paper's layer indices."""
-        return [m for m in (self.op(n.op) for n in self.nodes[:self._head]) if isinstance(m, QConv)]
+        return [m for m in (self.op(n.op) for n in self.nodes[: self._head]) if isinstance(m, QConv)]
 
     def buffer_of(self, tensor: str) -> str:
         """The buffer holding ``tensor``: a reshape's output is its input's buffer."""
@@ -144,7 +193,7 @@ class QModel(nn.Module):
     def wiring(self, upto: int | None = None) -> list[Wiring | None]:
         """Each op's :class:`Wiring` (``None`` for reshapes) for the graph run up to op ``upto`` (the head)."""
         upto = self._head if upto is None else upto
-        nodes = self.nodes[:upto + 1]
+        nodes = self.nodes[: upto + 1]
         readers: dict[str, list[int]] = {}
         for i, node in enumerate(nodes):
             if kind_of(self.op(node.op)).view:
@@ -186,8 +235,15 @@ class QModel(nn.Module):
             return q + (v / scale - (v / scale).detach())
         return torch.clamp(round_ste((x - mean) / std / scale) + zero, INT8_MIN, INT8_MAX)
 
-    def _run(self, xq: torch.Tensor | None, upto: int, *, record: bool = True, start: int = 0,
-             env: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _run(
+        self,
+        xq: torch.Tensor | None,
+        upto: int,
+        *,
+        record: bool = True,
+        start: int = 0,
+        env: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Run ops ``start..upto`` on the int8 input (``start`` 0), or on ``env``, the tensors ops before
         ``start`` wrote that later ops read (:meth:`boundary`); every tensor by name."""
         led = active() if record else NULL
@@ -207,9 +263,15 @@ class QModel(nn.Module):
             xs = [env[t] for t in node.inputs]
             nxt = self.nodes[i + 1] if i + 1 <= upto else None
             w = wiring[i] or (None if kind_of(module).view else Wiring.single(len(xs)))
-            if (led.fuse_frozen and nxt is not None and fusable(module, self.op(nxt.op))
-                    and nxt.inputs == (node.op,) and self._only_reader(i) and not xs[0].requires_grad
-                    and not any(p.requires_grad for m in (module, self.op(nxt.op)) for p in m.parameters())):
+            if (
+                led.fuse_frozen
+                and nxt is not None
+                and fusable(module, self.op(nxt.op))
+                and nxt.inputs == (node.op,)
+                and self._only_reader(i)
+                and not xs[0].requires_grad
+                and not any(p.requires_grad for m in (module, self.op(nxt.op)) for p in m.parameters())
+            ):
                 dw = self.op(nxt.op)
                 mid = module.run(xs, quiet=True)
                 env[node.op] = mid
@@ -272,7 +334,7 @@ class QModel(nn.Module):
 
     def first_trained_op(self) -> int:
         """Index of the first op (up to the head) with a trained parameter; the head's index when none is."""
-        for i, node in enumerate(self.nodes[:self._head + 1]):
+        for i, node in enumerate(self.nodes[: self._head + 1]):
             if any(p.requires_grad for p in self.op(node.op).parameters()):
                 return i
         return self._head
@@ -281,7 +343,7 @@ class QModel(nn.Module):
         """The tensors that ops ``0..start-1`` (or the input) write and ops ``start..head`` read, skips included."""
         written = {"input"} | {n.op for n in self.nodes[:start]}
         out: list[str] = []
-        for node in self.nodes[start:self._head + 1]:
+        for node in self.nodes[start : self._head + 1]:
             out += [t for t in node.inputs if t in written and t not in out]
         return tuple(out)
 
@@ -297,10 +359,18 @@ class QModel(nn.Module):
         return self._run(xq.to(torch.float32), len(self.nodes) - 1, record=False)
 
 
-def from_blocks(first_conv: QConv, blocks: Sequence[tuple[QConv | None, QConv, QConv, QAdd | None]],
-                feature_mix: QConv | None, classifier: QConv | FloatHead, input_scale: float, input_zero: int,
-                input_mean: float = 0.0, input_std: float = 1.0,
-                input_shape: tuple[int, int, int] | None = None, pool: QAvgPool | None = None) -> QModel:
+def from_blocks(
+    first_conv: QConv,
+    blocks: Sequence[tuple[QConv | None, QConv, QConv, QAdd | None]],
+    feature_mix: QConv | None,
+    classifier: QConv | FloatHead,
+    input_scale: float,
+    input_zero: int,
+    input_mean: float = 0.0,
+    input_std: float = 1.0,
+    input_shape: tuple[int, int, int] | None = None,
+    pool: QAvgPool | None = None,
+) -> QModel:
     """The inverted-residual layout (tiny-training's MCUNet, MobileNetV2, ProxylessNAS; tiny-ir) as a graph.
 
     ``blocks`` are ``(pointwise1 or None, depthwise, pointwise2, residual add or None)``. Convolutions
@@ -345,8 +415,9 @@ def head_weight_scales(w: torch.Tensor, *, per_tensor: bool) -> torch.Tensor:
     return rows.clamp_min(1e-8) / 127
 
 
-def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", seed: int = 0,
-                 logit_range: float = 8.0) -> QModel:
+def replace_head(
+    model: QModel, num_classes: int, *, precision: str = "int8", seed: int = 0, logit_range: float = 8.0
+) -> QModel:
     """Give ``model`` a new, randomly initialised classifier for ``num_classes`` (transfer learning).
 
     The int8 head's output scale covers ``[-logit_range, logit_range]``; fine-tuning
@@ -354,18 +425,27 @@ def replace_head(model: QModel, num_classes: int, *, precision: str = "int8", se
     """
     old = model.classifier
     cin = int(old.weight.shape[1])
-    x_scale, x_zero = (old.x_scale, old.x_zero) if isinstance(old, QConv) else (float(old.xparams[0]),
-                                                                                 int(old.xparams[1]))
+    x_scale, x_zero = (
+        (old.x_scale, old.x_zero) if isinstance(old, QConv) else (float(old.xparams[0]), int(old.xparams[1]))
+    )
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(num_classes, cin, generator=gen) / cin ** 0.5
+    w = torch.randn(num_classes, cin, generator=gen) / cin**0.5
     fc = isinstance(old, QConv) and old.kind == "fc"  # a TFLite FULLY_CONNECTED head stays one (per-tensor scale)
     if precision == "fp32":
         head: nn.Module = FloatHead(w, torch.zeros(num_classes), x_scale, x_zero)
     elif precision == "int8":
         w_scales = head_weight_scales(w, per_tensor=fc)
         w_int = torch.round(w / w_scales[:, None]).clamp(-127, 127).view(num_classes, cin, 1, 1)
-        head = QConv(w_int, torch.zeros(num_classes), w_scales, x_scale, x_zero, 2 * logit_range / 255, 0,
-                     kind="fc" if fc else None)
+        head = QConv(
+            w_int,
+            torch.zeros(num_classes),
+            w_scales,
+            x_scale,
+            x_zero,
+            2 * logit_range / 255,
+            0,
+            kind="fc" if fc else None,
+        )
     else:
         raise ScenarioError(f"model.classifier_precision: must be int8 or fp32, got {precision!r}")
     head.tag = "classifier"

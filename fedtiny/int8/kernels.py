@@ -28,12 +28,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["INT8_MIN", "INT8_MAX", "INT32_MIN", "INT32_MAX", "quantize_multiplier", "quantize_multipliers",
-           "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "multiply_by_quantized_multiplier",
-           "conv_multipliers", "fc_multiplier", "activation_range", "conv_weight", "same_padding",
-           "int_conv_acc", "conv_acc", "requantize_channels", "conv2d_int8", "fully_connected_int8", "AddParams", "add_params", "add_int8",
-           "avg_pool_int8", "SoftmaxParams", "softmax_params", "exp_on_negative_values",
-           "one_over_one_plus_x_for_x_in_0_1", "softmax_int8", "pad_int8"]
+__all__ = [
+    "INT8_MIN",
+    "INT8_MAX",
+    "INT32_MIN",
+    "INT32_MAX",
+    "quantize_multiplier",
+    "quantize_multipliers",
+    "saturating_rounding_doubling_high_mul",
+    "rounding_divide_by_pot",
+    "multiply_by_quantized_multiplier",
+    "conv_multipliers",
+    "fc_multiplier",
+    "activation_range",
+    "conv_weight",
+    "same_padding",
+    "int_conv_acc",
+    "conv_acc",
+    "requantize_channels",
+    "conv2d_int8",
+    "fully_connected_int8",
+    "AddParams",
+    "add_params",
+    "add_int8",
+    "avg_pool_int8",
+    "SoftmaxParams",
+    "softmax_params",
+    "exp_on_negative_values",
+    "one_over_one_plus_x_for_x_in_0_1",
+    "softmax_int8",
+    "pad_int8",
+]
 
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -42,6 +67,7 @@ IntOrTensor = int | torch.Tensor
 
 
 # --------------------------------------------------------------------------- scalars
+
 
 def _f32(v: float) -> float:
     """``v`` rounded to float32 (how TFLite stores a scale), as an exact Python float."""
@@ -97,8 +123,12 @@ def _quantize_smaller_than_one(real: float) -> tuple[int, int]:
     return quantize_multiplier(real)
 
 
-def conv_multipliers(input_scale: float, filter_scales: np.ndarray | Sequence[float] | float, output_scale: float,
-                     channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_multipliers(
+    input_scale: float,
+    filter_scales: np.ndarray | Sequence[float] | float,
+    output_scale: float,
+    channels: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel ``(mult, shift)`` of CONV_2D / DEPTHWISE_CONV_2D (int64 tensors).
 
     As ``PopulateConvolutionQuantizationParams``: each float32 scale is promoted to
@@ -146,12 +176,12 @@ def activation_range(activation: str, scale: float, zero: int) -> tuple[int, int
     if act == "RELU6":
         return max(INT8_MIN, _quantize_float32(0.0, scale, zero)), min(INT8_MAX, _quantize_float32(6.0, scale, zero))
     if act == "RELU_N1_TO_1":
-        return (max(INT8_MIN, _quantize_float32(-1.0, scale, zero)),
-                min(INT8_MAX, _quantize_float32(1.0, scale, zero)))
+        return (max(INT8_MIN, _quantize_float32(-1.0, scale, zero)), min(INT8_MAX, _quantize_float32(1.0, scale, zero)))
     raise ValueError(f"unsupported fused activation {activation!r}")
 
 
 # --------------------------------------------------------------------------- int32 fixed point
+
 
 def _wrap32(x: torch.Tensor) -> torch.Tensor:
     """Two's-complement int32 wrap-around of int64 values (what C's overflowing int32 ops do in practice)."""
@@ -264,8 +294,9 @@ def requantize_channels(x: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor
     m_left = mult.to(torch.float64) * torch.exp2(left)
     x_max = _abs_max(x)
     if x_max * float(torch.exp2(left.max())) >= 2**31 or x_max * float(m_left.max()) >= 2**52:
-        out = multiply_by_quantized_multiplier(x.to(torch.int64), mult.view(1, -1, *([1] * (x.dim() - 2))),
-                                               shift.view(1, -1, *([1] * (x.dim() - 2))))
+        out = multiply_by_quantized_multiplier(
+            x.to(torch.int64), mult.view(1, -1, *([1] * (x.dim() - 2))), shift.view(1, -1, *([1] * (x.dim() - 2)))
+        )
         return out.to(torch.float64) if floating else out
     view = (1, -1, *([1] * (x.dim() - 2)))
     a = x.to(torch.float64, copy=True)
@@ -281,6 +312,7 @@ def requantize_channels(x: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor
 
 # --------------------------------------------------------------------------- convolution and fully connected
 
+
 def conv_weight(filter_nhwc: np.ndarray | torch.Tensor, depthwise: bool = False) -> torch.Tensor:
     """A TFLite filter in PyTorch's ``O x I/groups x kh x kw`` layout (int64).
 
@@ -288,13 +320,17 @@ def conv_weight(filter_nhwc: np.ndarray | torch.Tensor, depthwise: bool = False)
     ``1 x kh x kw x C*M`` (output channel ``c * M + m`` reads input channel ``c``,
     which is PyTorch's grouped convolution with ``groups = C``).
     """
-    w = (filter_nhwc.to(torch.int64) if isinstance(filter_nhwc, torch.Tensor)
-         else torch.from_numpy(np.array(filter_nhwc, dtype=np.int64)))
+    w = (
+        filter_nhwc.to(torch.int64)
+        if isinstance(filter_nhwc, torch.Tensor)
+        else torch.from_numpy(np.array(filter_nhwc, dtype=np.int64))
+    )
     return w.permute(3, 0, 1, 2).contiguous() if depthwise else w.permute(0, 3, 1, 2).contiguous()
 
 
-def same_padding(in_h: int, in_w: int, k_h: int, k_w: int, stride_h: int, stride_w: int, dilation_h: int = 1,
-                 dilation_w: int = 1) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+def same_padding(
+    in_h: int, in_w: int, k_h: int, k_w: int, stride_h: int, stride_w: int, dilation_h: int = 1, dilation_w: int = 1
+) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
     """TFLite's SAME padding: ``((top, bottom, left, right), (out_h, out_w))``.
 
     ``out = ceil(in / stride)``; ``total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in)``;
@@ -322,16 +358,28 @@ def _abs_max(t: torch.Tensor) -> float:
 _EXACT_F32 = float(1 << 24)  # float32 holds every integer below this exactly
 
 
-def int_conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 stride: int | tuple[int, int] = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-                 groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def int_conv_acc(
+    x_centered: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int] = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
     """:func:`conv_acc` as int64."""
     return conv_acc(x_centered, weight, bias, stride, padding, groups, dilation).to(torch.int64)
 
 
-def conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             stride: int | tuple[int, int] = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-             groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def conv_acc(
+    x_centered: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int] = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
     """The int32 accumulator of an int8 convolution, ``sum w * (x - x_zero) + b``, exactly.
 
     Returned as float32 or float64 holding the exact int32 values (see Notes); the
@@ -382,16 +430,29 @@ def conv_acc(x_centered: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return acc
 
 
-def _requantize(acc: torch.Tensor, mult: IntOrTensor, shift: IntOrTensor, y_zero: int, act_lo: int,
-                act_hi: int) -> torch.Tensor:
+def _requantize(
+    acc: torch.Tensor, mult: IntOrTensor, shift: IntOrTensor, y_zero: int, act_lo: int, act_hi: int
+) -> torch.Tensor:
     """``clamp(MultiplyByQuantizedMultiplier(acc, mult, shift) + y_zero, act_lo, act_hi)``."""
     return (multiply_by_quantized_multiplier(acc, mult, shift) + int(y_zero)).clamp(int(act_lo), int(act_hi))
 
 
-def conv2d_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, x_zero: int, y_zero: int,
-                mult: IntOrTensor, shift: IntOrTensor, act_lo: int, act_hi: int,
-                stride: int | tuple[int, int] = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-                groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def conv2d_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    x_zero: int,
+    y_zero: int,
+    mult: IntOrTensor,
+    shift: IntOrTensor,
+    act_lo: int,
+    act_hi: int,
+    stride: int | tuple[int, int] = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
     """CONV_2D / DEPTHWISE_CONV_2D on int8 (TFLM's ``ConvPerChannel`` / ``DepthwiseConvPerChannel``).
 
     ``acc = sum w * (x - x_zero) + b`` (int32), then
@@ -405,9 +466,19 @@ def conv2d_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _requantize(acc, mult, shift, y_zero, act_lo, act_hi)
 
 
-def fully_connected_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, x_zero: int,
-                         w_zero: int = 0, y_zero: int, mult: IntOrTensor, shift: IntOrTensor, act_lo: int,
-                         act_hi: int) -> torch.Tensor:
+def fully_connected_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    x_zero: int,
+    w_zero: int = 0,
+    y_zero: int,
+    mult: IntOrTensor,
+    shift: IntOrTensor,
+    act_lo: int,
+    act_hi: int,
+) -> torch.Tensor:
     """FULLY_CONNECTED on int8: ``x`` is ``N x K``, ``weight`` ``O x K`` (TFLite's layout), bias ``O``.
 
     ``acc[n, o] = sum_k (w[o, k] - w_zero) * (x[n, k] - x_zero) + b[o]`` (int32, exact as in
@@ -423,6 +494,7 @@ def fully_connected_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 # --------------------------------------------------------------------------- add
+
 
 @dataclass(frozen=True)
 class AddParams:
@@ -457,8 +529,9 @@ def add_params(s1: float, z1: int, s2: float, z2: int, s_out: float, z_out: int)
     return AddParams(int(z1), int(z2), int(z_out), left_shift, m1, sh1, m2, sh2, mo, sho)
 
 
-def add_int8(a: torch.Tensor, b: torch.Tensor, p: AddParams, act_lo: int = INT8_MIN,
-             act_hi: int = INT8_MAX) -> torch.Tensor:
+def add_int8(
+    a: torch.Tensor, b: torch.Tensor, p: AddParams, act_lo: int = INT8_MIN, act_hi: int = INT8_MAX
+) -> torch.Tensor:
     """int8 ADD (TFLM's ``AddFunc``), broadcasting as torch does.
 
     ``a' = MBQM((a - z1) * 2^20, mult1, shift1)``, likewise ``b'``;
@@ -472,9 +545,15 @@ def add_int8(a: torch.Tensor, b: torch.Tensor, p: AddParams, act_lo: int = INT8_
 
 # --------------------------------------------------------------------------- average pool
 
-def avg_pool_int8(x: torch.Tensor, kernel: tuple[int, int], stride: int | tuple[int, int] = 1,
-                  padding: tuple[int, int, int, int] = (0, 0, 0, 0), act_lo: int = INT8_MIN,
-                  act_hi: int = INT8_MAX) -> torch.Tensor:
+
+def avg_pool_int8(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    act_lo: int = INT8_MIN,
+    act_hi: int = INT8_MAX,
+) -> torch.Tensor:
     """AVERAGE_POOL_2D on int8 (TFLM's reference ``AveragePool``); output scale and zero = input's.
 
     For each window: ``s`` = sum of the raw int8 values inside the image (padded taps
@@ -496,7 +575,7 @@ def avg_pool_int8(x: torch.Tensor, kernel: tuple[int, int], stride: int | tuple[
 
 # --------------------------------------------------------------------------- softmax
 
-_SCALED_DIFF_INTEGER_BITS = 5   # exp's input is Q5.26
+_SCALED_DIFF_INTEGER_BITS = 5  # exp's input is Q5.26
 _ACCUMULATION_INTEGER_BITS = 12  # the sum of exps is Q12.19
 
 
@@ -540,8 +619,7 @@ def _exp_on_interval_between_negative_one_quarter_and_0_excl(a: torch.Tensor) ->
 
 
 # exp(-2^e) in Q0.31 for the bits of the input at 2^e, e = -2 .. 4 (gemmlowp's barrel shifter).
-_EXP_BARREL = ((-2, 1672461947), (-1, 1302514674), (0, 790015084), (1, 290630308), (2, 39332535), (3, 720401),
-               (4, 242))
+_EXP_BARREL = ((-2, 1672461947), (-1, 1302514674), (0, 790015084), (1, 290630308), (2, 39332535), (3, 720401), (4, 242))
 
 
 def exp_on_negative_values(a: torch.Tensor, integer_bits: int = _SCALED_DIFF_INTEGER_BITS) -> torch.Tensor:
@@ -557,7 +635,8 @@ def exp_on_negative_values(a: torch.Tensor, integer_bits: int = _SCALED_DIFF_INT
     quarter = 1 << (frac_bits - 2)
     a_mod_quarter_minus_quarter = (a & (quarter - 1)) - quarter
     result = _exp_on_interval_between_negative_one_quarter_and_0_excl(
-        _saturating_shift_left(a_mod_quarter_minus_quarter, integer_bits))
+        _saturating_shift_left(a_mod_quarter_minus_quarter, integer_bits)
+    )
     remainder = a_mod_quarter_minus_quarter - a
     for exponent, multiplier in _EXP_BARREL:
         if integer_bits > exponent:
@@ -614,8 +693,9 @@ def softmax_int8(x: torch.Tensor, p: SoftmaxParams, out_zero: int = INT8_MIN) ->
     scaled = saturating_rounding_doubling_high_mul(_wrap32(diff << p.input_left_shift), p.input_multiplier)
     e = exp_on_negative_values(torch.where(keep, scaled, 0))
     # Rescale<12> of a Q0.31 value to Q12.19 is a rounding division by 2^12.
-    total = _wrap32(torch.where(keep, rounding_divide_by_pot(e, _ACCUMULATION_INTEGER_BITS), 0)
-                    .sum(dim=-1, keepdim=True))
+    total = _wrap32(
+        torch.where(keep, rounding_divide_by_pot(e, _ACCUMULATION_INTEGER_BITS), 0).sum(dim=-1, keepdim=True)
+    )
     recip, bits_over_unit = _reciprocal(total, _ACCUMULATION_INTEGER_BITS)
     exponent = bits_over_unit + 31 - 8
     y = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(recip, e), exponent) + int(out_zero)
@@ -623,6 +703,7 @@ def softmax_int8(x: torch.Tensor, p: SoftmaxParams, out_zero: int = INT8_MIN) ->
 
 
 # --------------------------------------------------------------------------- pad
+
 
 def pad_int8(x: torch.Tensor, paddings: Sequence[tuple[int, int]], value: int) -> torch.Tensor:
     """PAD on int8: ``paddings`` holds ``(before, after)`` for each dim of ``x`` in its own order.

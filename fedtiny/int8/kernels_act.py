@@ -24,12 +24,28 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from fedtiny.int8.kernels import (INT8_MAX, INT8_MIN, INT32_MAX, exp_on_negative_values,
-                                  multiply_by_quantized_multiplier, one_over_one_plus_x_for_x_in_0_1,
-                                  quantize_multiplier, rounding_divide_by_pot)
+from fedtiny.int8.kernels import (
+    INT8_MAX,
+    INT8_MIN,
+    INT32_MAX,
+    exp_on_negative_values,
+    multiply_by_quantized_multiplier,
+    one_over_one_plus_x_for_x_in_0_1,
+    quantize_multiplier,
+    rounding_divide_by_pot,
+)
 
-__all__ = ["LogisticParams", "logistic_params", "logistic_int8", "HardSwishParams", "hard_swish_params",
-           "hard_swish_int8", "table", "LOGISTIC_OUTPUT_SCALE", "LOGISTIC_OUTPUT_ZERO"]
+__all__ = [
+    "LogisticParams",
+    "logistic_params",
+    "logistic_int8",
+    "HardSwishParams",
+    "hard_swish_params",
+    "hard_swish_int8",
+    "table",
+    "LOGISTIC_OUTPUT_SCALE",
+    "LOGISTIC_OUTPUT_ZERO",
+]
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 
@@ -45,6 +61,7 @@ def _f32(v: float) -> np.float32:
 
 
 # --------------------------------------------------------------------------- int16 fixed point
+
 
 def _wrap16(x: torch.Tensor) -> torch.Tensor:
     """Two's-complement int16 wrap-around of int64 values (a C cast to ``int16_t``)."""
@@ -99,6 +116,7 @@ def _downscale_to_int16(mult32: int) -> int:
 
 
 # --------------------------------------------------------------------------- logistic
+
 
 @dataclass(frozen=True)
 class LogisticParams:
@@ -176,11 +194,14 @@ def logistic_int8(x: torch.Tensor, p: LogisticParams) -> torch.Tensor:
     # Only inputs inside the radius are rescaled: there |d| * 2^shift < 15 * 2^27 fits in int32.
     a = multiply_by_quantized_multiplier(torch.where(inside, d, 0), p.input_multiplier, p.input_left_shift)
     q0 = _gemmlowp_logistic_q4(a)
-    y = (rounding_divide_by_pot(q0, 31 - _LOGISTIC_OUTPUT_INTEGER_BITS) + LOGISTIC_OUTPUT_ZERO).clamp(INT8_MIN, INT8_MAX)
+    y = (rounding_divide_by_pot(q0, 31 - _LOGISTIC_OUTPUT_INTEGER_BITS) + LOGISTIC_OUTPUT_ZERO).clamp(
+        INT8_MIN, INT8_MAX
+    )
     return torch.where(low, INT8_MIN, torch.where(high, INT8_MAX, y))
 
 
 # --------------------------------------------------------------------------- hard swish
+
 
 @dataclass(frozen=True)
 class HardSwishParams:
@@ -225,8 +246,10 @@ def hard_swish_params(x_scale: float, x_zero: int, y_scale: float, y_zero: int) 
     hires = _f32(1.0 / 128.0) * s_in
     out_m16, out_exp = _int16_multiplier(hires / s_out)
     if out_exp > 0:
-        raise ValueError(f"hard-swish output scale {float(s_out)!r} is too small for input scale {float(s_in)!r}: "
-                         f"TFLM requires output_multiplier_exponent <= 0, got {out_exp}")
+        raise ValueError(
+            f"hard-swish output scale {float(s_out)!r} is too small for input scale {float(s_in)!r}: "
+            f"TFLM requires output_multiplier_exponent <= 0, got {out_exp}"
+        )
     relu_m16, relu_exp = _int16_multiplier(hires / (_f32(3.0) / _f32(32768.0)))
     return HardSwishParams(int(x_zero), int(y_zero), relu_m16, relu_exp, out_m16, out_exp)
 
@@ -299,9 +322,22 @@ def table(fn: Callable[[torch.Tensor, P], torch.Tensor], params: P) -> torch.Ten
 # (``QuantizeLeakyRelu``), ``tanh.cc`` and ``reference/integer_ops/tanh.h``, gemmlowp's ``tanh``.
 # TFLM registers no RELU_N1_TO_1 kernel (a model holding one does not load), so there is none here.
 
-__all__ += ["ReluParams", "relu_params", "relu_int8", "Relu6Params", "relu6_params", "relu6_int8",
-            "LeakyReluParams", "leaky_relu_params", "leaky_relu_int8", "TanhParams", "tanh_params", "tanh_int8",
-            "TANH_OUTPUT_SCALE", "TANH_OUTPUT_ZERO"]
+__all__ += [
+    "ReluParams",
+    "relu_params",
+    "relu_int8",
+    "Relu6Params",
+    "relu6_params",
+    "relu6_int8",
+    "LeakyReluParams",
+    "leaky_relu_params",
+    "leaky_relu_int8",
+    "TanhParams",
+    "tanh_params",
+    "tanh_int8",
+    "TANH_OUTPUT_SCALE",
+    "TANH_OUTPUT_ZERO",
+]
 
 from fedtiny.int8.kernels import saturating_rounding_doubling_high_mul  # noqa: E402
 
@@ -322,12 +358,15 @@ def _multiplier(op: str, what: str, real: float) -> tuple[int, int]:
     """``QuantizeMultiplier(real)``, refusing a left shift over 30 (C's ``1 << 31`` in the kernel)."""
     mult, shift = quantize_multiplier(real)
     if shift > _MAX_LEFT_SHIFT:
-        raise ValueError(f"{op}: the {what} multiplier {real!r} needs a left shift of {shift}; "
-                         f"TFLM's MultiplyByQuantizedMultiplier is undefined above {_MAX_LEFT_SHIFT}")
+        raise ValueError(
+            f"{op}: the {what} multiplier {real!r} needs a left shift of {shift}; "
+            f"TFLM's MultiplyByQuantizedMultiplier is undefined above {_MAX_LEFT_SHIFT}"
+        )
     return mult, shift
 
 
 # --------------------------------------------------------------------------- relu
+
 
 @dataclass(frozen=True)
 class ReluParams:
@@ -372,6 +411,7 @@ def relu_int8(x: torch.Tensor, p: ReluParams) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- relu6
 
+
 @dataclass(frozen=True)
 class Relu6Params:
     """TFLM's int8 RELU6 parameters (``Relu6OpData``): the input's zero and six, as int8 values."""
@@ -412,6 +452,7 @@ def relu6_int8(x: torch.Tensor, p: Relu6Params) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- leaky relu
+
 
 @dataclass(frozen=True)
 class LeakyReluParams:
@@ -471,6 +512,7 @@ def leaky_relu_int8(x: torch.Tensor, p: LeakyReluParams) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- tanh
+
 
 @dataclass(frozen=True)
 class TanhParams:

@@ -23,9 +23,21 @@ import torch.nn.functional as F
 
 from fedtiny.int8.kernels import INT8_MAX, INT8_MIN, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier
 
-__all__ = ["MulParams", "mul_params", "mul_int8", "MeanParams", "mean_params", "mean_int8", "quantize_int8",
-           "quantize_float", "dequantize", "max_pool_int8", "concatenation_int8", "strided_slice_int8",
-           "NHWC_TO_NCHW"]
+__all__ = [
+    "MulParams",
+    "mul_params",
+    "mul_int8",
+    "MeanParams",
+    "mean_params",
+    "mean_int8",
+    "quantize_int8",
+    "quantize_float",
+    "dequantize",
+    "max_pool_int8",
+    "concatenation_int8",
+    "strided_slice_int8",
+    "NHWC_TO_NCHW",
+]
 
 # TFLite's NHWC axis -> fedtiny's NCHW dim, for 4-D tensors.
 NHWC_TO_NCHW = (0, 2, 3, 1)
@@ -55,6 +67,7 @@ def _from_nhwc(y: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- MUL
 
+
 @dataclass(frozen=True)
 class MulParams:
     """TFLM's int8 MUL parameters (``CalculateOpDataMul``): ``real ~= mult * 2^(shift - 31)``, any sign of shift."""
@@ -78,8 +91,9 @@ def mul_params(a_scale: float, a_zero: int, b_scale: float, b_zero: int, y_scale
     return MulParams(int(a_zero), int(b_zero), int(y_zero), mult, shift)
 
 
-def mul_int8(a: torch.Tensor, b: torch.Tensor, p: MulParams, act_lo: int = INT8_MIN,
-             act_hi: int = INT8_MAX) -> torch.Tensor:
+def mul_int8(
+    a: torch.Tensor, b: torch.Tensor, p: MulParams, act_lo: int = INT8_MIN, act_hi: int = INT8_MAX
+) -> torch.Tensor:
     """int8 MUL (TFLM's ``reference_integer_ops::Mul`` / ``BroadcastMul6DSlow``).
 
     ``y = clamp(MultiplyByQuantizedMultiplier((a - a_zero) * (b - b_zero), mult, shift) + y_zero,
@@ -100,6 +114,7 @@ def mul_int8(a: torch.Tensor, b: torch.Tensor, p: MulParams, act_lo: int = INT8_
 
 
 # --------------------------------------------------------------------------- MEAN
+
 
 @dataclass(frozen=True)
 class MeanParams:
@@ -190,6 +205,7 @@ def mean_int8(x: torch.Tensor, axes: Sequence[int], keep_dims: bool, p: MeanPara
 
 # --------------------------------------------------------------------------- QUANTIZE / DEQUANTIZE
 
+
 def quantize_int8(x: torch.Tensor, in_scale: float, in_zero: int, out_scale: float, out_zero: int) -> torch.Tensor:
     """int8 -> int8 QUANTIZE (TFLM's ``reference_ops::Requantize``).
 
@@ -255,9 +271,15 @@ def dequantize(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- MAX_POOL_2D
 
-def max_pool_int8(x: torch.Tensor, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
-                  padding: tuple[int, int, int, int] = (0, 0, 0, 0), act_lo: int = INT8_MIN,
-                  act_hi: int = INT8_MAX) -> torch.Tensor:
+
+def max_pool_int8(
+    x: torch.Tensor,
+    kernel: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    act_lo: int = INT8_MIN,
+    act_hi: int = INT8_MAX,
+) -> torch.Tensor:
     """int8 MAX_POOL_2D (TFLM's ``reference_integer_ops::MaxPool``); output quantization = input's.
 
     For each window: ``m = max(-128, max of the int8 values inside the image)`` (taps in the
@@ -289,8 +311,10 @@ def max_pool_int8(x: torch.Tensor, kernel: int | tuple[int, int], stride: int | 
 
 # --------------------------------------------------------------------------- CONCATENATION
 
-def concatenation_int8(xs: Sequence[torch.Tensor], axis_nchw: int, in_params: Sequence[tuple[float, int]],
-                       out_scale: float, out_zero: int) -> torch.Tensor:
+
+def concatenation_int8(
+    xs: Sequence[torch.Tensor], axis_nchw: int, in_params: Sequence[tuple[float, int]], out_scale: float, out_zero: int
+) -> torch.Tensor:
     """int8 CONCATENATION (TFLM's ``reference_ops::Concatenation``): a copy, never a requantization.
 
     TFLM's Prepare refuses, for an int8 op: any input whose float32 scale differs from the
@@ -315,13 +339,16 @@ def concatenation_int8(xs: Sequence[torch.Tensor], axis_nchw: int, in_params: Se
         raise ValueError(f"CONCATENATION of {len(xs)} inputs: TFLM takes at most {_CONCAT_MAX_INPUTS}")
     for i, (s, z) in enumerate(in_params):
         if _f32(s) != _f32(out_scale) or int(z) != int(out_zero):
-            raise ValueError(f"CONCATENATION input {i} has scale {_f32(s)!r} and zero point {int(z)}, the output "
-                             f"{_f32(out_scale)!r} and {int(out_zero)}: TFLM's int8 kernel requires them equal "
-                             f"(it copies, it does not requantize)")
+            raise ValueError(
+                f"CONCATENATION input {i} has scale {_f32(s)!r} and zero point {int(z)}, the output "
+                f"{_f32(out_scale)!r} and {int(out_zero)}: TFLM's int8 kernel requires them equal "
+                f"(it copies, it does not requantize)"
+            )
     return torch.cat([t.to(torch.int64) for t in xs], dim=int(axis_nchw))
 
 
 # --------------------------------------------------------------------------- STRIDED_SLICE
+
 
 def _bit(mask: int, axis: int) -> bool:
     return bool(int(mask) & (1 << axis))
@@ -347,8 +374,15 @@ def _slice_stop(end: int, stride: int, size: int, start: int, end_masked: bool, 
     return stop
 
 
-def strided_slice_int8(x: torch.Tensor, begin: Sequence[int], end: Sequence[int], strides: Sequence[int],
-                       begin_mask: int = 0, end_mask: int = 0, shrink_axis_mask: int = 0) -> torch.Tensor:
+def strided_slice_int8(
+    x: torch.Tensor,
+    begin: Sequence[int],
+    end: Sequence[int],
+    strides: Sequence[int],
+    begin_mask: int = 0,
+    end_mask: int = 0,
+    shrink_axis_mask: int = 0,
+) -> torch.Tensor:
     """STRIDED_SLICE (TFLM's ``reference_ops::StridedSlice``), in TFLite's NHWC semantics.
 
     ``begin``, ``end``, ``strides`` and the masks are exactly the op's (per NHWC axis, bit ``i``
@@ -381,8 +415,9 @@ def strided_slice_int8(x: torch.Tensor, begin: Sequence[int], end: Sequence[int]
     if not 1 <= rank <= _STRIDED_SLICE_MAX_DIMS:
         raise ValueError(f"STRIDED_SLICE of a rank-{rank} tensor: TFLM takes ranks 1 to {_STRIDED_SLICE_MAX_DIMS}")
     if not len(begin) == len(end) == len(strides) == rank:
-        raise ValueError(f"STRIDED_SLICE needs {rank} begin, end and stride values, got "
-                         f"{len(begin)}, {len(end)}, {len(strides)}")
+        raise ValueError(
+            f"STRIDED_SLICE needs {rank} begin, end and stride values, got {len(begin)}, {len(end)}, {len(strides)}"
+        )
     out = xt
     for axis in range(rank):
         stride, size = int(strides[axis]), xt.shape[axis]

@@ -25,8 +25,18 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Ledger", "NullLedger", "NULL", "OpEvents", "recording", "active", "tensor_bytes", "GRAD_BYTES",
-           "workspace_bytes", "fused_workspace_bytes"]
+__all__ = [
+    "Ledger",
+    "NullLedger",
+    "NULL",
+    "OpEvents",
+    "recording",
+    "active",
+    "tensor_bytes",
+    "GRAD_BYTES",
+    "workspace_bytes",
+    "fused_workspace_bytes",
+]
 
 GRAD_BYTES = 4  # activation and parameter gradients are fp32/int32 on the device
 
@@ -40,8 +50,15 @@ def tensor_bytes(t: torch.Tensor | tuple[int, ...], kind: str = "int8") -> int:
 SMALL_PLANE_BYTES = 256  # the C step pads planes up to this size byte by byte (fedtiny_step_forward.c: pad_plane)
 
 
-def workspace_bytes(kernel: tuple[int, int], cin: int, depthwise: bool, in_hw: tuple[int, int],
-                    out_hw: tuple[int, int], inplace: bool, padding: tuple[int, int, int, int]) -> int:
+def workspace_bytes(
+    kernel: tuple[int, int],
+    cin: int,
+    depthwise: bool,
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    inplace: bool,
+    padding: tuple[int, int, int, int],
+) -> int:
     """Scratch memory of one int8 convolution (TinyEngine-style kernels).
 
     Regular/pointwise: an im2col buffer of two output columns in q15 (2 bytes).
@@ -61,8 +78,13 @@ def workspace_bytes(kernel: tuple[int, int], cin: int, depthwise: bool, in_hw: t
     return cols
 
 
-def fused_workspace_bytes(cin: int, kernel: tuple[int, int], mid_hw: tuple[int, int], out_hw: tuple[int, int],
-                          padding: tuple[int, int, int, int]) -> int:
+def fused_workspace_bytes(
+    cin: int,
+    kernel: tuple[int, int],
+    mid_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    padding: tuple[int, int, int, int],
+) -> int:
     """Scratch of a fused expansion + depthwise: pointwise columns (q15), one zero-padded expanded
     channel plane (int8), and one output plane."""
     pt, pb, pl, pr = padding

@@ -18,16 +18,23 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from fedtiny.errors import ModelFileError
-
 from fedtiny.int8.graph import FloatHead, QAdd, QConv, QModel, from_blocks
-from fedtiny.int8.resolver import kind_named, kind_of
 from fedtiny.int8.ops.conv import build as conv_layout
+from fedtiny.int8.resolver import kind_named, kind_of
 from fedtiny.int8.tfl_convert import read_tflite_model
 from fedtiny.int8.zoo import read_tiny_training
 from fedtiny.models.state import load_arrays, model_arrays, wire_dtype
 
-__all__ = ["ModelFileError", "describe", "skeleton", "save_qmodel", "load_qmodel", "from_tiny_training", "read_model",
-           "FORMAT"]
+__all__ = [
+    "ModelFileError",
+    "describe",
+    "skeleton",
+    "save_qmodel",
+    "load_qmodel",
+    "from_tiny_training",
+    "read_model",
+    "FORMAT",
+]
 
 FORMAT = "fedtiny-int8"
 VERSION = 2  # 2: a graph of ops; 1: the inverted-residual layout (still read)
@@ -36,9 +43,17 @@ VERSION = 2  # 2: a graph of ops; 1: the inverted-residual layout (still read)
 def describe(model: QModel) -> dict[str, Any]:
     """The layout of ``model`` (no tensor values) as JSON-able dict: its ops in order."""
     return {
-        "format": FORMAT, "version": VERSION,
-        "ops": [{"name": n.op, "inputs": list(n.inputs), "op": kind_of(model.op(n.op)).name,
-                 **kind_of(model.op(n.op)).describe(model.op(n.op))} for n in model.nodes],
+        "format": FORMAT,
+        "version": VERSION,
+        "ops": [
+            {
+                "name": n.op,
+                "inputs": list(n.inputs),
+                "op": kind_of(model.op(n.op)).name,
+                **kind_of(model.op(n.op)).describe(model.op(n.op)),
+            }
+            for n in model.nodes
+        ],
         **({"input_shape": list(model.input_shape)} if model.input_shape else {}),
         **({"float_input": True} if model.float_input else {}),
         **({"float_output": True} if model.float_output else {}),
@@ -64,8 +79,9 @@ def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, 
         dw = conv_layout(b["depthwise"], f"{where}: blocks[{j}].depthwise")
         pw2 = conv_layout(b["pointwise2"], f"{where}: blocks[{j}].pointwise2")
         res = QAdd(1.0, 0, 1.0, 0, 1.0, 0) if b.get("residual") else None
-        old += [f"blocks.{j}.{n}" for n, c in (("pointwise1", pw1), ("depthwise", dw), ("pointwise2", pw2))
-                if c is not None]
+        old += [
+            f"blocks.{j}.{n}" for n, c in (("pointwise1", pw1), ("depthwise", dw), ("pointwise2", pw2)) if c is not None
+        ]
         blocks.append((pw1, dw, pw2, res))
     mix = conv_layout(layout["feature_mix"], f"{where}: feature_mix") if layout.get("feature_mix") else None
     if mix is not None:
@@ -73,7 +89,9 @@ def _skeleton_v1(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, 
     c = layout["classifier"]
     cin, cout = int(c["in"]), int(c["out"])
     if c["precision"] == "int8":
-        head: QConv | FloatHead = QConv(torch.zeros(cout, cin, 1, 1), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0)
+        head: QConv | FloatHead = QConv(
+            torch.zeros(cout, cin, 1, 1), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0
+        )
     elif c["precision"] == "fp32":
         head = FloatHead(torch.zeros(cout, cin), torch.zeros(cout), 1.0, 0)
     else:
@@ -91,8 +109,10 @@ def skeleton(layout: dict[str, Any], where: str = "layout") -> QModel:
 
 def _skeleton(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str]]:
     if layout.get("format") != FORMAT or layout.get("version") not in (1, VERSION):
-        raise ModelFileError(f"{where}: not a {FORMAT} v1/v{VERSION} layout "
-                             f"(format={layout.get('format')!r}, version={layout.get('version')!r})")
+        raise ModelFileError(
+            f"{where}: not a {FORMAT} v1/v{VERSION} layout "
+            f"(format={layout.get('format')!r}, version={layout.get('version')!r})"
+        )
     if layout["version"] == 1:
         model, rename = _skeleton_v1(layout, where)
     else:
@@ -106,8 +126,9 @@ def _skeleton(layout: dict[str, Any], where: str) -> tuple[QModel, dict[str, str
             ops.append((module, tuple(inputs)))
         model, rename = QModel(ops, 1.0, 0), {}
     shape = layout.get("input_shape")
-    if shape is not None and (not isinstance(shape, list) or len(shape) != 3 or not all(
-            isinstance(v, int) and v > 0 for v in shape)):
+    if shape is not None and (
+        not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
+    ):
         raise ModelFileError(f"{where}: input_shape must be [C, H, W], got {shape!r}")
     model.input_shape = tuple(shape) if shape else None
     model.float_input, model.float_output = bool(layout.get("float_input")), bool(layout.get("float_output"))
@@ -156,7 +177,9 @@ def load_state_checked(model: QModel, tensors: dict[str, np.ndarray], where: str
     state = model.state_dict()
     missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
     if missing or extra:
-        raise ModelFileError(f"{where}: tensors do not match the layout (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ModelFileError(
+            f"{where}: tensors do not match the layout (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for name, target in state.items():
         a = tensors[name]
         want = wire_dtype(model, name)
@@ -180,13 +203,27 @@ def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
         try:
             p = d["params"]
             w, b, s = (np.asarray(p[k]) for k in ("weight", "bias", "w_scales"))
-            if w.dtype != np.int8 or b.dtype != np.int32 or w.ndim != 4 or b.shape != (w.shape[0],) or s.shape != b.shape:
+            if (
+                w.dtype != np.int8
+                or b.dtype != np.int32
+                or w.ndim != 4
+                or b.shape != (w.shape[0],)
+                or s.shape != b.shape
+            ):
                 raise ModelFileError(f"{where}: {name}: weight/bias/w_scales have unexpected dtypes or shapes")
             stride = int(d.get("stride", 1))
             groups = int(d.get("groups", 1))
-            return QConv(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32)),
-                         torch.from_numpy(s.astype(np.float32)), float(p["x_scale"]), int(p["x_zero"]),
-                         float(p["y_scale"]), int(p["y_zero"]), stride, groups)
+            return QConv(
+                torch.from_numpy(w.astype(np.float32)),
+                torch.from_numpy(b.astype(np.float32)),
+                torch.from_numpy(s.astype(np.float32)),
+                float(p["x_scale"]),
+                int(p["x_zero"]),
+                float(p["y_scale"]),
+                int(p["y_zero"]),
+                stride,
+                groups,
+            )
         except (KeyError, TypeError) as exc:
             raise ModelFileError(f"{where}: {name}: missing or malformed field ({exc})") from None
 
@@ -199,8 +236,14 @@ def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
         res = None
         if b.get("residual"):
             rp = b["residual"]["params"]
-            res = QAdd(float(rp["x_scale"]), int(rp["x_zero"]), pw2.y_scale, pw2.y_zero, float(rp["y_scale"]),
-                       int(rp["y_zero"]))
+            res = QAdd(
+                float(rp["x_scale"]),
+                int(rp["x_zero"]),
+                pw2.y_scale,
+                pw2.y_zero,
+                float(rp["y_scale"]),
+                int(rp["y_zero"]),
+            )
         if b.get("se"):
             raise ModelFileError(f"{where}: blocks[{j}]: squeeze-excite blocks are not supported")
         blocks.append((pw1, dw, pw2, res))
@@ -210,8 +253,17 @@ def from_tiny_training(obj: dict[str, Any], *, where: str = "model") -> QModel:
         size = int(obj["first_conv"].get("in_shape", 0))
     except (TypeError, ValueError):
         size = 0
-    return from_blocks(first, blocks, mix, head, first.x_scale, first.x_zero, input_mean=0.5, input_std=0.5,
-                  input_shape=(first.in_channels, size, size) if size > 0 else None)
+    return from_blocks(
+        first,
+        blocks,
+        mix,
+        head,
+        first.x_scale,
+        first.x_zero,
+        input_mean=0.5,
+        input_std=0.5,
+        input_shape=(first.in_channels, size, size) if size > 0 else None,
+    )
 
 
 def read_model(path: str | Path) -> QModel:
@@ -230,4 +282,3 @@ def read_model(path: str | Path) -> QModel:
     if path.suffix == ".tflite":
         return read_tflite_model(path)
     return load_qmodel(path)
-

@@ -46,8 +46,25 @@ def _lib() -> ctypes.CDLL | None:
     lib.ft_requantize_clamp.restype = ctypes.c_int
     lib.ft_requantize_clamp.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _I32, _I32, _I32, _P, _P]
     lib.ft_add_clamp.restype = ctypes.c_int
-    lib.ft_add_clamp.argtypes = [_P, _P, _I64, _I32, _I32, ctypes.c_int, _I32, ctypes.c_int, _I32, ctypes.c_int,
-                                 _I32, ctypes.c_int, _I32, _I32, _I32, _P, _P]
+    lib.ft_add_clamp.argtypes = [
+        _P,
+        _P,
+        _I64,
+        _I32,
+        _I32,
+        ctypes.c_int,
+        _I32,
+        ctypes.c_int,
+        _I32,
+        ctypes.c_int,
+        _I32,
+        ctypes.c_int,
+        _I32,
+        _I32,
+        _I32,
+        _P,
+        _P,
+    ]
     lib.ft_uniform.restype = ctypes.c_int
     lib.ft_uniform.argtypes = [ctypes.c_uint32, _I64, _P]
     return lib
@@ -62,8 +79,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def requantize_clamp(acc: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, y_zero: int, lo: int, hi: int,
-                     want_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def requantize_clamp(
+    acc: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, y_zero: int, lo: int, hi: int, want_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``clamp(MultiplyByQuantizedMultiplier(acc, mult[c], shift[c]) + y_zero, lo, hi)`` per channel (dim 1).
 
     ``acc`` holds int32 values as float32 or float64 (as :func:`~fedtiny.int8.kernels.conv_acc`
@@ -80,13 +98,26 @@ def requantize_clamp(acc: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
     y = torch.empty(acc.shape, dtype=torch.float32)
     mask = torch.empty(acc.shape, dtype=torch.bool) if want_mask else None
     f32 = acc.dtype == torch.float32
-    rc = lib.ft_requantize_clamp(_ptr(acc) if f32 else None, None if f32 else _ptr(acc), n, c, hw, _ptr(mult),
-                                 _ptr(shift), int(y_zero), int(lo), int(hi), _ptr(y), _ptr(mask))
+    rc = lib.ft_requantize_clamp(
+        _ptr(acc) if f32 else None,
+        None if f32 else _ptr(acc),
+        n,
+        c,
+        hw,
+        _ptr(mult),
+        _ptr(shift),
+        int(y_zero),
+        int(lo),
+        int(hi),
+        _ptr(y),
+        _ptr(mask),
+    )
     return None if rc != 0 else (y, mask)
 
 
-def add_clamp(a: torch.Tensor, b: torch.Tensor, p: AddParams, lo: int, hi: int,
-              want_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def add_clamp(
+    a: torch.Tensor, b: torch.Tensor, p: AddParams, lo: int, hi: int, want_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """TFLM's int8 ADD of two equal-shape float32 tensors of int8 values, clamped; as :func:`requantize_clamp`."""
     lib = _lib()
     if lib is None or a.shape != b.shape or a.dtype != torch.float32 or b.dtype != torch.float32:
@@ -94,8 +125,25 @@ def add_clamp(a: torch.Tensor, b: torch.Tensor, p: AddParams, lo: int, hi: int,
     a, b = a.detach().contiguous(), b.detach().contiguous()
     y = torch.empty(a.shape, dtype=torch.float32)
     mask = torch.empty(a.shape, dtype=torch.bool) if want_mask else None
-    rc = lib.ft_add_clamp(_ptr(a), _ptr(b), a.numel(), -p.z1, -p.z2, p.left_shift, p.mult1, p.shift1, p.mult2,
-                          p.shift2, p.mult_out, p.shift_out, p.z_out, int(lo), int(hi), _ptr(y), _ptr(mask))
+    rc = lib.ft_add_clamp(
+        _ptr(a),
+        _ptr(b),
+        a.numel(),
+        -p.z1,
+        -p.z2,
+        p.left_shift,
+        p.mult1,
+        p.shift1,
+        p.mult2,
+        p.shift2,
+        p.mult_out,
+        p.shift_out,
+        p.z_out,
+        int(lo),
+        int(hi),
+        _ptr(y),
+        _ptr(mask),
+    )
     return None if rc != 0 else (y, mask)
 
 

@@ -45,8 +45,15 @@ class QuantizedOptimizer:
         Generator for stochastic rounding (seeded: same seed, same integers).
     """
 
-    def __init__(self, model: nn.Module, name: str, lr: float, momentum: float = 0.0, rounding: str = "stochastic",
-                 gen: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        lr: float,
+        momentum: float = 0.0,
+        rounding: str = "stochastic",
+        gen: torch.Generator | None = None,
+    ) -> None:
         if name not in optimizer_names():
             raise ScenarioError(f"train.optimizer: expected one of {', '.join(optimizer_names())}, got {name!r}")
         kind = optimizer_kind(name)
@@ -66,7 +73,7 @@ class QuantizedOptimizer:
                 shape = (-1,) + (1,) * (module.weight.dim() - 1)
                 ws = module.w_scales.double()
                 if module.weight.requires_grad:
-                    self.slots.append((module.weight, (ws ** -2).float().view(shape), (-127, 127)))
+                    self.slots.append((module.weight, (ws**-2).float().view(shape), (-127, 127)))
                     self.owners.append(module)
                 if module.bias.requires_grad:
                     self.slots.append((module.bias, ((ws * module.x_scale) ** -2).float(), (INT32_MIN, INT32_MAX)))
@@ -102,7 +109,6 @@ class QuantizedOptimizer:
             else:
                 p.copy_(torch.round(p))
             p.clamp_(*bounds)
-
 
     def _exact_step(self, key: exact.StepKey) -> None:
         """The exact step's update: float32 elementwise, integers rounded as :mod:`fedtiny.int8.exact` states."""
@@ -140,7 +146,12 @@ def device_float_state(model: nn.Module, optimizer: str, momentum: float) -> dic
     ``optimizer`` (momentum buffers or Adam's two moments for every trained tensor).
     """
     trained = [p for p in model.parameters() if p.requires_grad]
-    head = sum(p.numel() for m in model.modules() if not isinstance(m, QConv)
-               for p in m.parameters(recurse=False) if p.requires_grad)
+    head = sum(
+        p.numel()
+        for m in model.modules()
+        if not isinstance(m, QConv)
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    )
     per = optimizer_kind(optimizer).state_slots(momentum)
     return {"head": head, "optimizer": per * sum(p.numel() for p in trained)}

@@ -78,5 +78,12 @@ def _adam(params, lr: float, momentum: float):
 
 register(OptimizerKind("sgd", "SGD (with train.momentum)", torch=_sgd))
 register(OptimizerKind("sgd+qas", "SGD with quantization-aware scaling (int8 only)", qas=True, torch=_sgd))
-register(OptimizerKind("adam", "Adam (two fp32 moments per trained element; not in the exact step)", moments=2,
-                       exact=False, torch=_adam))
+register(
+    OptimizerKind(
+        "adam",
+        "Adam (two fp32 moments per trained element; not in the exact step)",
+        moments=2,
+        exact=False,
+        torch=_adam,
+    )
+)

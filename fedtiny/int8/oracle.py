@@ -46,12 +46,16 @@ def _interpreter(model: bytes, graph: TFLiteGraph, preserve: bool) -> Any:
     if _external_buffers(model):
         model = write_tflite(graph)
 
-    activations = sum(np.dtype(t.dtype).itemsize * int(np.prod(t.shape)) + 16 for t in graph.tensors
-                      if t.data is None and t.dtype in ("int8", "int16", "int32", "int64", "uint8", "float32"))
+    activations = sum(
+        np.dtype(t.dtype).itemsize * int(np.prod(t.shape)) + 16
+        for t in graph.tensors
+        if t.data is None and t.dtype in ("int8", "int16", "int32", "int64", "uint8", "float32")
+    )
     configs = runtime.InterpreterConfig
     config = configs.kPreserveAllTensors if preserve else configs.kAllocationRecording
-    return runtime.Interpreter.from_bytes(bytes(model), arena_size=max(10 * len(model), 2 * activations + _SLACK),
-                                          intrepreter_config=config)
+    return runtime.Interpreter.from_bytes(
+        bytes(model), arena_size=max(10 * len(model), 2 * activations + _SLACK), intrepreter_config=config
+    )
 
 
 def tflm_invoke(model: bytes, x: np.ndarray) -> np.ndarray:

@@ -27,12 +27,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fedtiny.int8.ledger import NULL, active
 from fedtiny.int8.graph import QModel
+from fedtiny.int8.ledger import NULL, active
 
-__all__ = ["FrozenPrefix", "PrefixStore", "prefix_key", "data_digest", "first_changing_op", "without_prefixes",
-           "server_prefixes", "prefix_cache",
-           "STATE_PREFIX"]
+__all__ = [
+    "FrozenPrefix",
+    "PrefixStore",
+    "prefix_key",
+    "data_digest",
+    "first_changing_op",
+    "without_prefixes",
+    "server_prefixes",
+    "prefix_cache",
+    "STATE_PREFIX",
+]
 
 STATE_PREFIX = "prefix/"  # a client's cached prefixes in its persistent state: prefix/<slot>/<tensor>
 _VERSION = b"fedtiny-prefix-1"
@@ -144,8 +152,17 @@ class PrefixStore:
                 return item
         self.misses += 1
         # an earlier prefix of the same samples that is still valid saves its ops
-        base = max((p for p in self._items if p.start < start and p.key == prefix_key(model, p.start, digest)
-                    and self._fits(p, model, p.start, len(x))), key=lambda p: p.start, default=None)
+        base = max(
+            (
+                p
+                for p in self._items
+                if p.start < start
+                and p.key == prefix_key(model, p.start, digest)
+                and self._fits(p, model, p.start, len(x))
+            ),
+            key=lambda p: p.start,
+            default=None,
+        )
         item = FrozenPrefix(start, key, compute(model, x, start, base))
         self._touch(item)
         return item
@@ -153,8 +170,11 @@ class PrefixStore:
     @staticmethod
     def _fits(item: FrozenPrefix, model: QModel, start: int, n: int) -> bool:
         """A held prefix has the boundary's tensors, one row per sample (a damaged state is recomputed)."""
-        return (item.start == start and set(item.tensors) == set(model.boundary(start))
-                and all(t.dim() >= 2 and t.shape[0] == n for t in item.tensors.values()))
+        return (
+            item.start == start
+            and set(item.tensors) == set(model.boundary(start))
+            and all(t.dim() >= 2 and t.shape[0] == n for t in item.tensors.values())
+        )
 
     def _touch(self, item: FrozenPrefix) -> None:
         self._items = [item] + [p for p in self._items if p is not item][: self.keep - 1]
@@ -177,7 +197,7 @@ class PrefixStore:
     def from_state(cls, state: dict[str, np.ndarray], keep: int = 4) -> "PrefixStore":
         """The prefixes a client kept (anything malformed is dropped: it is only a cache)."""
         store = cls(keep)
-        slots = sorted({k[len(STATE_PREFIX):].split("/", 1)[0] for k in state if k.startswith(STATE_PREFIX)})
+        slots = sorted({k[len(STATE_PREFIX) :].split("/", 1)[0] for k in state if k.startswith(STATE_PREFIX)})
         for slot in slots:
             head = f"{STATE_PREFIX}{slot}/"
             try:
@@ -185,8 +205,11 @@ class PrefixStore:
                 start = int(np.asarray(state[head + "start"]).reshape(-1)[0])
             except (KeyError, ValueError, IndexError, UnicodeDecodeError):
                 continue
-            tensors = {k[len(head) + 2:]: torch.from_numpy(np.asarray(v, np.int8).copy())
-                       for k, v in state.items() if k.startswith(head + "t/")}
+            tensors = {
+                k[len(head) + 2 :]: torch.from_numpy(np.asarray(v, np.int8).copy())
+                for k, v in state.items()
+                if k.startswith(head + "t/")
+            }
             if tensors and len(store._items) < keep:
                 store._items.append(FrozenPrefix(start, key, tensors))
         return store
@@ -195,7 +218,7 @@ class PrefixStore:
 def first_changing_op(model: QModel, names) -> int:
     """Index of the first op owning one of the tensors ``names`` (``conv3.bias``, ...); the head's when none."""
     owners = {n.split(".", 1)[0] for n in names}
-    return next((i for i, node in enumerate(model.nodes[:model._head + 1]) if node.op in owners), model._head)
+    return next((i for i, node in enumerate(model.nodes[: model._head + 1]) if node.op in owners), model._head)
 
 
 def server_prefixes(model, changing: list[str]) -> PrefixStore | None:
@@ -219,7 +242,7 @@ def compute(model: QModel, x: np.ndarray, start: int, base: FrozenPrefix | None 
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(0, len(x), _BATCH):
         if base is None:
-            env = model._run(model.quantize_input(torch.from_numpy(x[i:i + _BATCH])), start - 1, record=False)
+            env = model._run(model.quantize_input(torch.from_numpy(x[i : i + _BATCH])), start - 1, record=False)
         else:
             idx = torch.arange(i, min(i + _BATCH, len(x)))
             env = model._run(None, start - 1, record=False, start=base.start, env=base.batch(idx))

@@ -5,9 +5,22 @@ As TFLM's ``MicroMutableOpResolver`` lists the kernels a firmware links, this mo
 is one module in ``fedtiny/int8/ops/`` and one name in the import below.
 """
 
-# each registers its kind
-from fedtiny.int8.ops import (activations, add, concat, conv, head, lookup, maxpool, mean, mul,  # noqa: F401
-                              pool, reshape, slice, softmax)
+# ruff: noqa: F401 (each module below is imported for what it registers: its kind)
+from fedtiny.int8.ops import (
+    activations,
+    add,
+    concat,
+    conv,
+    head,
+    lookup,
+    maxpool,
+    mean,
+    mul,
+    pool,
+    reshape,
+    slice,
+    softmax,
+)
 from fedtiny.int8.ops.registry import OpKind, kind_for_tflite, kind_named, kind_of, kinds, register, tflite_ops
 
 __all__ = ["OpKind", "register", "kind_of", "kind_named", "kind_for_tflite", "kinds", "tflite_ops"]

@@ -70,8 +70,9 @@ class Reader:
         if op.options.get("padding", "VALID") == "VALID":
             return (0, 0, 0, 0)
         h, w = self.hw(in_t)
-        return kernels.same_padding(h, w, int(k[0]), int(k[1]), int(op.options.get("stride_h", 1)),
-                                    int(op.options.get("stride_w", 1)))[0]
+        return kernels.same_padding(
+            h, w, int(k[0]), int(k[1]), int(op.options.get("stride_h", 1)), int(op.options.get("stride_w", 1))
+        )[0]
 
     @staticmethod
     def stride(op: OpDesc, where: str) -> int:
@@ -92,8 +93,15 @@ def _fold_pad(rd: Reader, k: int, op: OpDesc) -> bool:
     """A spatial PAD feeding one VALID convolution becomes that convolution's padding."""
     p = np.asarray(rd.tensor(op.inputs[1]).data, np.int64).reshape(-1, 2)
     nxt = [o for o in rd.g.ops if op.outputs[0] in o.inputs]
-    if (len(p) != 4 or p[0].any() or p[3].any() or len(nxt) != 1 or nxt[0].op not in _WEIGHTED[:2]
-            or nxt[0].options.get("padding") != "VALID" or rd.q(op.inputs[0]) != rd.q(op.outputs[0])):
+    if (
+        len(p) != 4
+        or p[0].any()
+        or p[3].any()
+        or len(nxt) != 1
+        or nxt[0].op not in _WEIGHTED[:2]
+        or nxt[0].options.get("padding") != "VALID"
+        or rd.q(op.inputs[0]) != rd.q(op.outputs[0])
+    ):
         raise ModelFileError(f"{rd.label(k, op)}: only a spatial PAD feeding one VALID convolution is supported")
     rd.pads[op.outputs[0]] = (int(p[1, 0]), int(p[1, 1]), int(p[2, 0]), int(p[2, 1]))
     rd.names[op.outputs[0]] = rd.names[op.inputs[0]]
@@ -131,8 +139,10 @@ def from_tflite(g: TFLiteGraph, where: str = "model", names: dict[int, str] | No
     """
     check_supported(g, where)
     if len(g.inputs) != 1 or len(g.outputs) != 1:
-        raise ModelFileError(f"{where}: fedtiny runs models with one input and one output "
-                             f"(this one has {len(g.inputs)} and {len(g.outputs)})")
+        raise ModelFileError(
+            f"{where}: fedtiny runs models with one input and one output "
+            f"(this one has {len(g.inputs)} and {len(g.outputs)})"
+        )
     names = {} if names is None else names
     names[g.inputs[0]] = "input"
     weighted = [k for k, op in enumerate(g.ops) if op.op in _WEIGHTED]
@@ -167,6 +177,7 @@ def read_tflite_model(path: str | Path) -> QModel:
 
 # ---------------------------------------------------------------- export
 
+
 class Writer:
     """Collects tensors and operators of the graph being exported (what an op kind's ``write`` sees)."""
 
@@ -174,11 +185,22 @@ class Writer:
         self.tensors: list[TensorDesc] = []
         self.ops: list[OpDesc] = []
 
-    def tensor(self, name: str, shape, dtype: str = "int8", scale=None, zero=None, qdim: int = 0,
-               data: np.ndarray | None = None) -> int:
+    def tensor(
+        self,
+        name: str,
+        shape,
+        dtype: str = "int8",
+        scale=None,
+        zero=None,
+        qdim: int = 0,
+        data: np.ndarray | None = None,
+    ) -> int:
         scales = None if scale is None else np.atleast_1d(np.asarray(scale, np.float32))
-        zeros = None if scale is None else (np.zeros(scales.size, np.int64) if zero is None
-                                            else np.atleast_1d(np.asarray(zero, np.int64)))
+        zeros = (
+            None
+            if scale is None
+            else (np.zeros(scales.size, np.int64) if zero is None else np.atleast_1d(np.asarray(zero, np.int64)))
+        )
         self.tensors.append(TensorDesc(name, tuple(int(v) for v in shape), dtype, scales, zeros, qdim, data))
         return len(self.tensors) - 1
 

@@ -28,8 +28,19 @@ import numpy as np
 from fedtiny.errors import ModelFileError
 from fedtiny.int8.resolver import kind_for_tflite, tflite_ops
 
-__all__ = ["SUPPORTED_OPS", "supported_ops", "TensorDesc", "OpDesc", "TFLiteGraph", "read_tflite", "write_tflite",
-           "check_supported", "float_edges", "ModelFileError"]
+__all__ = [
+    "SUPPORTED_OPS",
+    "supported_ops",
+    "TensorDesc",
+    "OpDesc",
+    "TFLiteGraph",
+    "read_tflite",
+    "write_tflite",
+    "check_supported",
+    "float_edges",
+    "ModelFileError",
+]
+
 
 # Every operator a registered op kind reads; PAD, which folds into the convolution after it; DEQUANTIZE of
 # the graph's output (a QUANTIZE of a float input folds into the model's input quantization).
@@ -46,14 +57,41 @@ _VERSION = 3  # the only schema version TFLite and TFLM accept
 _MAX_OP_CODE = 127  # deprecated_builtin_code is an int8: codes above it store this placeholder
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # TensorType names (lower-cased) whose constants are plain fixed-size NumPy arrays.
-_ARRAY_TYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
-                          "uint32", "uint64", "bool", "complex64", "complex128"})
+_ARRAY_TYPES = frozenset(
+    {
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "complex64",
+        "complex128",
+    }
+)
 # Option fields spelled the short way; every other field is the camelCase name in snake_case.
-_OPTION_NAMES = {"strideH": "stride_h", "strideW": "stride_w", "dilationHFactor": "dilation_h",
-                 "dilationWFactor": "dilation_w", "filterHeight": "filter_h", "filterWidth": "filter_w",
-                 "fusedActivationFunction": "fused_activation"}
+_OPTION_NAMES = {
+    "strideH": "stride_h",
+    "strideW": "stride_w",
+    "dilationHFactor": "dilation_h",
+    "dilationWFactor": "dilation_w",
+    "filterHeight": "filter_h",
+    "filterWidth": "filter_w",
+    "fusedActivationFunction": "fused_activation",
+}
 # Options tables whose name is not the operator's name in CamelCase.
-_OPTION_TABLES = {"MEAN": "ReducerOptions", "AVERAGE_POOL_2D": "Pool2DOptions", "MAX_POOL_2D": "Pool2DOptions", "L2_POOL_2D": "Pool2DOptions"}
+_OPTION_TABLES = {
+    "MEAN": "ReducerOptions",
+    "AVERAGE_POOL_2D": "Pool2DOptions",
+    "MAX_POOL_2D": "Pool2DOptions",
+    "L2_POOL_2D": "Pool2DOptions",
+}
 
 
 @dataclass(eq=False)
@@ -102,8 +140,13 @@ class TFLiteGraph:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and bool(np.array_equal(a, b)))
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
     return bool(a == b)
 
 
@@ -123,8 +166,11 @@ def _enum(cls_name: str) -> dict[int, str]:
 @functools.cache
 def _enums() -> dict[str, dict[int, str]]:
     # Option fields holding an enum, by the schema's field name.
-    return {"padding": _enum("Padding"), "fusedActivationFunction": _enum("ActivationFunctionType"),
-            "weightsFormat": _enum("FullyConnectedOptionsWeightsFormat")}
+    return {
+        "padding": _enum("Padding"),
+        "fusedActivationFunction": _enum("ActivationFunctionType"),
+        "weightsFormat": _enum("FullyConnectedOptionsWeightsFormat"),
+    }
 
 
 def _fail(where: str, what: str) -> ModelFileError:
@@ -132,6 +178,7 @@ def _fail(where: str, what: str) -> ModelFileError:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+
 
 def read_tflite(source: bytes | str | os.PathLike, *, where: str | None = None) -> TFLiteGraph:
     """Read a single-subgraph ``.tflite`` model.
@@ -186,19 +233,29 @@ def _parse(data: bytes, where: str) -> TFLiteGraph:
     if model.SubgraphsLength() != 1:
         raise _fail(where, f"{model.SubgraphsLength()} subgraphs; fedtiny reads single-subgraph models only")
     raw_graph = model.Subgraphs(0)
-    for count, what in ((model.OperatorCodesLength(), "operator codes"), (model.BuffersLength(), "buffers"),
-                        (raw_graph.TensorsLength(), "tensors"), (raw_graph.OperatorsLength(), "operators")):
+    for count, what in (
+        (model.OperatorCodesLength(), "operator codes"),
+        (model.BuffersLength(), "buffers"),
+        (raw_graph.TensorsLength(), "tensors"),
+        (raw_graph.OperatorsLength(), "operators"),
+    ):
         if 4 * count > len(data):  # each entry takes at least a 4-byte offset
             raise _fail(where, f"claims {count} {what}, more than {len(data)} bytes can hold")
     buffers = [_buffer_bytes(model.Buffers(i), i, data, where) for i in range(model.BuffersLength())]
-    op_names = [_op_name(s.OperatorCodeT.InitFromObj(model.OperatorCodes(i)), i, where)
-                for i in range(model.OperatorCodesLength())]
+    op_names = [
+        _op_name(s.OperatorCodeT.InitFromObj(model.OperatorCodes(i)), i, where)
+        for i in range(model.OperatorCodesLength())
+    ]
     sub = s.SubGraphT.InitFromObj(raw_graph)
     tensors = [_tensor(t, i, buffers, where) for i, t in enumerate(sub.tensors or [])]
     ops = [_op(o, k, op_names, len(tensors), data, where) for k, o in enumerate(sub.operators or [])]
-    return TFLiteGraph(tensors, ops, _indices(sub.inputs, len(tensors), "graph input", where),
-                       _indices(sub.outputs, len(tensors), "graph output", where),
-                       _text(model.Description()))
+    return TFLiteGraph(
+        tensors,
+        ops,
+        _indices(sub.inputs, len(tensors), "graph input", where),
+        _indices(sub.outputs, len(tensors), "graph output", where),
+        _text(model.Description()),
+    )
 
 
 def _text(raw: bytes | str | None) -> str:
@@ -208,9 +265,10 @@ def _text(raw: bytes | str | None) -> str:
 def _outside(data: bytes, offset: int, size: int, what: str, where: str) -> bytes:
     """Bytes stored after the flatbuffer (models over 2 GB do this), by offset from the file's start."""
     if offset + size > len(data):
-        raise _fail(where, f"{what} at bytes {offset}..{offset + size} lies beyond the end of the file "
-                           f"({len(data)} bytes)")
-    return data[offset:offset + size]
+        raise _fail(
+            where, f"{what} at bytes {offset}..{offset + size} lies beyond the end of the file ({len(data)} bytes)"
+        )
+    return data[offset : offset + size]
 
 
 def _buffer_bytes(buf: Any, i: int, data: bytes, where: str) -> np.ndarray | bytes:
@@ -221,8 +279,9 @@ def _buffer_bytes(buf: Any, i: int, data: bytes, where: str) -> np.ndarray | byt
     try:
         return buf.DataAsNumpy()
     except ValueError:
-        raise _fail(where, f"buffer {i} claims {buf.DataLength()} bytes, past the end of the file "
-                           f"({len(data)} bytes)") from None
+        raise _fail(
+            where, f"buffer {i} claims {buf.DataLength()} bytes, past the end of the file ({len(data)} bytes)"
+        ) from None
 
 
 def _op_name(code: Any, i: int, where: str) -> str:
@@ -260,8 +319,9 @@ def _tensor(t: Any, i: int, buffers: list, where: str) -> TensorDesc:
         raise _fail(where, f"{label} refers to buffer {t.buffer}, but there are {len(buffers)} buffers")
     scales, zeros, qdim = _quantization(t.quantization, label, where)
     raw = buffers[t.buffer]
-    return TensorDesc(name, shape, dtype, scales, zeros, qdim, _constant(raw, shape, dtype, label, where)
-                      if len(raw) else None)
+    return TensorDesc(
+        name, shape, dtype, scales, zeros, qdim, _constant(raw, shape, dtype, label, where) if len(raw) else None
+    )
 
 
 def _quantization(q: Any, label: str, where: str) -> tuple[np.ndarray | None, np.ndarray | None, int]:
@@ -270,8 +330,11 @@ def _quantization(q: Any, label: str, where: str) -> tuple[np.ndarray | None, np
     if q.detailsType:
         raise _fail(where, f"{label} has custom or block-wise quantization, which fedtiny does not read")
     scales = np.asarray(q.scale, dtype=np.float32).copy()
-    zeros = (np.zeros(len(scales), np.int64) if q.zeroPoint is None or len(q.zeroPoint) == 0
-             else np.asarray(q.zeroPoint, dtype=np.int64).copy())
+    zeros = (
+        np.zeros(len(scales), np.int64)
+        if q.zeroPoint is None or len(q.zeroPoint) == 0
+        else np.asarray(q.zeroPoint, dtype=np.int64).copy()
+    )
     # As TFLM reads them: the arrays as written, whatever their lengths and quantized dimension (converters
     # write per-channel fields on biases, one zero point for many scales, ...). An activation uses the first
     # scale and zero point; a weight's per-channel scales are checked where an operator uses them
@@ -297,15 +360,20 @@ def _op(o: Any, k: int, op_names: list[str], n_tensors: int, data: bytes, where:
         raise _fail(where, f"operator {k} ({name}) has extended options, which fedtiny does not read")
     options = _options_dict(o.builtinOptions)
     if name.startswith("CUSTOM:"):
-        name, options["custom_code"] = "CUSTOM", name[len("CUSTOM:"):]
+        name, options["custom_code"] = "CUSTOM", name[len("CUSTOM:") :]
         if o.largeCustomOptionsOffset > 1:
-            options["custom_options"] = _outside(data, o.largeCustomOptionsOffset, o.largeCustomOptionsSize,
-                                                 f"operator {k}'s custom options", where)
+            options["custom_options"] = _outside(
+                data, o.largeCustomOptionsOffset, o.largeCustomOptionsSize, f"operator {k}'s custom options", where
+            )
         elif o.customOptions is not None:
             options["custom_options"] = bytes(np.asarray(o.customOptions, dtype=np.uint8))
     label = f"operator {k} ({name})"
-    return OpDesc(name, _indices(o.inputs, n_tensors, f"{label} input", where, optional=True),
-                  _indices(o.outputs, n_tensors, f"{label} output", where), options)
+    return OpDesc(
+        name,
+        _indices(o.inputs, n_tensors, f"{label} input", where, optional=True),
+        _indices(o.outputs, n_tensors, f"{label} output", where),
+        options,
+    )
 
 
 def _option_key(field: str) -> str:
@@ -336,6 +404,7 @@ def _options_dict(options: Any) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- writing
 
+
 class _Buffer:
     """Stands in for the schema's ``BufferT``: its ``Pack`` starts the bytes on a 16-byte boundary.
 
@@ -352,7 +421,7 @@ class _Buffer:
         if self.raw:
             builder.StartVector(1, len(self.raw), _ALIGN)
             builder.head -= len(self.raw)  # what the builder's own CreateNumpyVector does
-            builder.Bytes[builder.head:builder.head + len(self.raw)] = self.raw
+            builder.Bytes[builder.head : builder.head + len(self.raw)] = self.raw
             vector = builder.EndVector()
         s.BufferStart(builder)
         if vector is not None:
@@ -391,10 +460,12 @@ def write_tflite(graph: TFLiteGraph) -> bytes:
             index = len(buffers)
             buffers.append(_Buffer(_tensor_bytes(t, i)))
         tensors.append(_tensor_table(t, i, index))
-    sub = s.SubGraphT(tensors=tensors, inputs=list(graph.inputs), outputs=list(graph.outputs), operators=operators,
-                      name="main")
-    model = s.ModelT(version=_VERSION, operatorCodes=operator_codes, subgraphs=[sub], description=graph.description,
-                     buffers=buffers)
+    sub = s.SubGraphT(
+        tensors=tensors, inputs=list(graph.inputs), outputs=list(graph.outputs), operators=operators, name="main"
+    )
+    model = s.ModelT(
+        version=_VERSION, operatorCodes=operator_codes, subgraphs=[sub], description=graph.description, buffers=buffers
+    )
     builder = flatbuffers.Builder(1024 + sum(len(b.raw) + _ALIGN for b in buffers))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
@@ -405,8 +476,12 @@ def _operator_code(name: str, custom_code: str, k: int) -> Any:
     code = getattr(s.BuiltinOperator, name, None)
     if code is None:
         raise ModelFileError(f"write_tflite: operator {k} is {name!r}, not a TFLite builtin operator")
-    return s.OperatorCodeT(deprecatedBuiltinCode=min(code, _MAX_OP_CODE), builtinCode=code, version=1,
-                           customCode=custom_code if name == "CUSTOM" else None)
+    return s.OperatorCodeT(
+        deprecatedBuiltinCode=min(code, _MAX_OP_CODE),
+        builtinCode=code,
+        version=1,
+        customCode=custom_code if name == "CUSTOM" else None,
+    )
 
 
 def _options_table(op: str) -> str | None:
@@ -429,16 +504,24 @@ def _operator(op: OpDesc, k: int, code: int) -> Any:
             built, kind = cls(), getattr(s.BuiltinOptions, table)
             for key, value in options.items():
                 if key not in fields_of:
-                    raise ModelFileError(f"write_tflite: operator {k} ({op.op}) has option {key!r}, "
-                                         f"not a field of {table}")
+                    raise ModelFileError(
+                        f"write_tflite: operator {k} ({op.op}) has option {key!r}, not a field of {table}"
+                    )
                 setattr(built, fields_of[key], _stored(fields_of[key], value, op.op, k))
     elif options:
-        raise ModelFileError(f"write_tflite: operator {k} ({op.op}) has options {sorted(options)} but fedtiny "
-                             f"does not know its options table")
+        raise ModelFileError(
+            f"write_tflite: operator {k} ({op.op}) has options {sorted(options)} but fedtiny "
+            f"does not know its options table"
+        )
     custom = op.options.get("custom_options")
-    return s.OperatorT(opcodeIndex=code, inputs=list(op.inputs), outputs=list(op.outputs), builtinOptionsType=kind,
-                       builtinOptions=built,
-                       customOptions=np.frombuffer(custom, np.uint8) if custom is not None else None)
+    return s.OperatorT(
+        opcodeIndex=code,
+        inputs=list(op.inputs),
+        outputs=list(op.outputs),
+        builtinOptionsType=kind,
+        builtinOptions=built,
+        customOptions=np.frombuffer(custom, np.uint8) if custom is not None else None,
+    )
 
 
 def _stored(field: str, value: Any, op: str, k: int) -> Any:
@@ -447,8 +530,9 @@ def _stored(field: str, value: Any, op: str, k: int) -> Any:
     if names and isinstance(value, str):
         numbers = {name: number for number, name in names.items()}
         if value not in numbers:
-            raise ModelFileError(f"write_tflite: operator {k} ({op}) has {_option_key(field)} {value!r}, "
-                                 f"not one of {sorted(numbers)}")
+            raise ModelFileError(
+                f"write_tflite: operator {k} ({op}) has {_option_key(field)} {value!r}, not one of {sorted(numbers)}"
+            )
         return numbers[value]
     return list(value) if isinstance(value, tuple) else value
 
@@ -457,8 +541,10 @@ def _tensor_bytes(t: TensorDesc, i: int) -> bytes:
     data = t.data
     assert data is not None
     if t.dtype not in _ARRAY_TYPES or data.dtype != np.dtype(t.dtype) or tuple(data.shape) != tuple(t.shape):
-        raise ModelFileError(f"write_tflite: tensor {i} {t.name!r} is {t.dtype} {tuple(t.shape)} but its data is "
-                             f"{data.dtype} {tuple(data.shape)}")
+        raise ModelFileError(
+            f"write_tflite: tensor {i} {t.name!r} is {t.dtype} {tuple(t.shape)} but its data is "
+            f"{data.dtype} {tuple(data.shape)}"
+        )
     return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
 
 
@@ -470,14 +556,18 @@ def _tensor_table(t: TensorDesc, i: int, buffer: int) -> Any:
     quantization = None
     if t.scales is not None:
         zeros = t.zeros if t.zeros is not None else np.zeros(len(t.scales), np.int64)
-        quantization = s.QuantizationParametersT(scale=np.asarray(t.scales, np.float32),
-                                                 zeroPoint=np.asarray(zeros, np.int64),
-                                                 quantizedDimension=int(t.quantized_dimension))
-    return s.TensorT(shape=np.asarray(t.shape, np.int32), type=code, buffer=buffer, name=t.name,
-                     quantization=quantization)
+        quantization = s.QuantizationParametersT(
+            scale=np.asarray(t.scales, np.float32),
+            zeroPoint=np.asarray(zeros, np.int64),
+            quantizedDimension=int(t.quantized_dimension),
+        )
+    return s.TensorT(
+        shape=np.asarray(t.shape, np.int32), type=code, buffer=buffer, name=t.name, quantization=quantization
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- checking
+
 
 def check_supported(graph: TFLiteGraph, where: str) -> None:
     """Refuse, in one line naming the operator or tensor, what fedtiny's int8 graph cannot run.
@@ -510,12 +600,17 @@ def check_supported(graph: TFLiteGraph, where: str) -> None:
             t = graph.tensors[i]
             if op.op in _WEIGHTED and pos == 2:
                 if t.data is None or t.dtype != "int32":
-                    raise _fail(where, f"{label}: bias tensor {i} {t.name!r} must be a constant int32 "
-                                       f"(it is {'a constant ' if t.data is not None else 'an activation '}{t.dtype})")
+                    raise _fail(
+                        where,
+                        f"{label}: bias tensor {i} {t.name!r} must be a constant int32 "
+                        f"(it is {'a constant ' if t.data is not None else 'an activation '}{t.dtype})",
+                    )
             elif pos in _index_inputs(op.op):
                 if t.dtype not in ("int32", "int64"):
-                    raise _fail(where, f"{label}: shape, padding or index tensor {i} {t.name!r} is {t.dtype}, "
-                                       f"expected int32 or int64")
+                    raise _fail(
+                        where,
+                        f"{label}: shape, padding or index tensor {i} {t.name!r} is {t.dtype}, expected int32 or int64",
+                    )
             elif i not in edges:
                 _check_int8(graph, i, f"{label} input", where)
                 if op.op in _WEIGHTED and pos == 1:
@@ -566,9 +661,15 @@ def _check_weights(t: TensorDesc, i: int, label: str, op: str, where: str) -> No
     axis = 3 if op == "DEPTHWISE_CONV_2D" else 0
     outputs = t.shape[axis] if len(t.shape) > axis else 0
     if len(t.scales) not in (1, outputs):  # TFLM's Prepare: one scale, or one per output channel
-        raise _fail(where, f"{label}: weights tensor {i} {t.name!r} has {len(t.scales)} scales for {outputs} "
-                           "output channels (one, or one per output channel)")
+        raise _fail(
+            where,
+            f"{label}: weights tensor {i} {t.name!r} has {len(t.scales)} scales for {outputs} "
+            "output channels (one, or one per output channel)",
+        )
     assert t.zeros is not None  # _check_int8 saw its scales
     if np.any(t.zeros != 0):  # every zero point written, however many
-        raise _fail(where, f"{label}: weights tensor {i} {t.name!r} has zero point {int(t.zeros[t.zeros != 0][0])}; "
-                           f"fedtiny needs symmetric weights (zero point 0)")
+        raise _fail(
+            where,
+            f"{label}: weights tensor {i} {t.name!r} has zero point {int(t.zeros[t.zeros != 0][0])}; "
+            f"fedtiny needs symmetric weights (zero point 0)",
+        )

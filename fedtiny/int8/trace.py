@@ -54,15 +54,32 @@ from fedtiny.int8.ops.lookup import QHardSwish, QLogistic
 from fedtiny.int8.ops.maxpool import QMaxPool
 from fedtiny.int8.ops.mul import QMul
 
-__all__ = ["trace", "FloatGraph", "FloatConv", "FloatAdd", "FloatPool", "FloatLinear", "FloatMaxPool", "FloatCat",
-           "FloatMul", "FloatUnary", "ActRange", "calibrate",
-           "quantize", "SUPPORTED", "INPUT_SCALE", "INPUT_ZERO"]
+__all__ = [
+    "trace",
+    "FloatGraph",
+    "FloatConv",
+    "FloatAdd",
+    "FloatPool",
+    "FloatLinear",
+    "FloatMaxPool",
+    "FloatCat",
+    "FloatMul",
+    "FloatUnary",
+    "ActRange",
+    "calibrate",
+    "quantize",
+    "SUPPORTED",
+    "INPUT_SCALE",
+    "INPUT_ZERO",
+]
 
 # Images in [0, 1] are quantized with this scale and zero point (exact for 8-bit images).
 INPUT_SCALE, INPUT_ZERO = 1.0 / 255.0, -128
 
-SUPPORTED = ("Conv2d, BatchNorm2d, ReLU, ReLU6, Linear, add, AdaptiveAvgPool2d(1), mean, MaxPool2d, cat, mul, "
-             "Sigmoid, Hardswish, Tanh, LeakyReLU, flatten, Dropout (removed), Identity")
+SUPPORTED = (
+    "Conv2d, BatchNorm2d, ReLU, ReLU6, Linear, add, AdaptiveAvgPool2d(1), mean, MaxPool2d, cat, mul, "
+    "Sigmoid, Hardswish, Tanh, LeakyReLU, flatten, Dropout (removed), Identity"
+)
 
 
 def _act(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -75,11 +92,20 @@ def _act(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the float graph
 
+
 class FloatConv(nn.Module):
     """A convolution with BatchNorm folded into its weight and bias, and its fused activation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
-                 padding: tuple[int, int, int, int], activation: str = "NONE", layer: str = "") -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        stride: int,
+        groups: int,
+        padding: tuple[int, int, int, int],
+        activation: str = "NONE",
+        layer: str = "",
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
@@ -134,8 +160,9 @@ class FloatPool(nn.Module):
 class FloatMaxPool(nn.Module):
     """A max pool (padded taps never win)."""
 
-    def __init__(self, kernel: tuple[int, int], stride: int, padding: tuple[int, int, int, int],
-                 layer: str = "") -> None:
+    def __init__(
+        self, kernel: tuple[int, int], stride: int, padding: tuple[int, int, int, int], layer: str = ""
+    ) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding, self.layer = kernel, stride, padding, layer
 
@@ -169,8 +196,7 @@ class FloatMul(nn.Module):
 class FloatUnary(nn.Module):
     """An elementwise activation of its own (``sigmoid`` or ``hardswish``)."""
 
-    FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "tanh": torch.tanh,
-                 "leaky_relu": F.leaky_relu}
+    FUNCTIONS = {"sigmoid": torch.sigmoid, "hardswish": F.hardswish, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
 
     def __init__(self, fn: str, layer: str = "", alpha: float = 0.01) -> None:
         super().__init__()
@@ -195,8 +221,9 @@ class FloatGraph(nn.Module):
         ``(C, H, W)`` of the example the model was traced with.
     """
 
-    def __init__(self, ops: Sequence[tuple[str, nn.Module, Sequence[str]]],
-                 input_shape: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self, ops: Sequence[tuple[str, nn.Module, Sequence[str]]], input_shape: tuple[int, int, int] | None = None
+    ) -> None:
         super().__init__()
         self.nodes: list[tuple[str, tuple[str, ...]]] = []
         for name, module, inputs in ops:
@@ -223,25 +250,26 @@ class FloatGraph(nn.Module):
 
 # ---------------------------------------------------------------- tracing
 
+
 class _Unmappable(Exception):
     """A layer the int8 graph has no op for (turned into one ModelFileError line by ``trace``)."""
 
 
 @dataclass
 class _Op:
-    kind: str                 # conv, linear, add, pool, maxpool, cat, mul, sigmoid, hardswish
+    kind: str  # conv, linear, add, pool, maxpool, cat, mul, sigmoid, hardswish
     inputs: tuple[int | str, ...]
-    layer: str                # the source layer, for messages
-    shape: tuple[int, ...]    # N x C x H x W of its output
-    weight: torch.Tensor | None = None   # float64
+    layer: str  # the source layer, for messages
+    shape: tuple[int, ...]  # N x C x H x W of its output
+    weight: torch.Tensor | None = None  # float64
     bias: torch.Tensor | None = None
     stride: int = 1
     groups: int = 1
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     activation: str = "NONE"
-    folded: bool = False      # a BatchNorm is folded in
+    folded: bool = False  # a BatchNorm is folded in
     kernel: tuple[int, int] = (1, 1)  # a max pool's window
-    alpha: float = 0.0        # a leaky ReLU's negative slope
+    alpha: float = 0.0  # a leaky ReLU's negative slope
 
 
 _SHAPE = object()  # a non-tensor value (a size, a shape) that only feeds a reshape
@@ -251,8 +279,13 @@ _ALIAS_FUNCTIONS = {torch.flatten, F.dropout, torch.dropout, F.dropout2d, torch.
 _ALIAS_METHODS = {"flatten", "view", "reshape", "contiguous"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-_UNARY_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish", torch.tanh: "tanh",
-                    F.tanh: "tanh"}
+_UNARY_FUNCTIONS = {
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    F.hardswish: "hardswish",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+}
 _UNARY_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Hardswish, "hardswish"), (nn.Tanh, "tanh"))
 _RELU_FUNCTIONS = {F.relu: "RELU", torch.relu: "RELU", torch.relu_: "RELU", F.relu_: "RELU", F.relu6: "RELU6"}
 
@@ -310,7 +343,7 @@ class _Tracer:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.ops: list[_Op] = []
-        self.value: dict[torch.fx.Node, Any] = {}      # fx node -> op index, "input" or _SHAPE
+        self.value: dict[torch.fx.Node, Any] = {}  # fx node -> op index, "input" or _SHAPE
         self.root: dict[int | str, torch.fx.Node] = {}  # tensor -> the fx node that last defined it
         self.output: int | None = None
 
@@ -335,7 +368,8 @@ class _Tracer:
             if self.is_alias(user):
                 n += self.readers(user)
             elif not (user.op == "call_method" and user.target in ("size", "dim")) and not (
-                    user.op == "call_function" and user.target is getattr):
+                user.op == "call_function" and user.target is getattr
+            ):
                 n += 1
         return n
 
@@ -350,8 +384,10 @@ class _Tracer:
         """The op whose output ``node`` modifies in place of it (a folded BN, a fused activation)."""
         t = self.tensor(arg, "input")
         if not isinstance(t, int) or self.ops[t].kind not in kinds:
-            raise _Unmappable(f"{what} must follow a {' or '.join(kinds)} (it follows "
-                              f"{'the input' if t == 'input' else self.ops[t].kind})")
+            raise _Unmappable(
+                f"{what} must follow a {' or '.join(kinds)} (it follows "
+                f"{'the input' if t == 'input' else self.ops[t].kind})"
+            )
         if self.readers(self.root[t]) != 1:
             raise _Unmappable(f"{what} cannot be fused: the output of {self.ops[t].layer} is also read elsewhere")
         return self.ops[t]
@@ -382,14 +418,28 @@ class _Tracer:
             raise _Unmappable(f"stride {tuple(conv.stride)} is not supported (equal strides only)")
         w = conv.weight.detach().double()
         b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        self.add_op(node, _Op("conv", (t,), str(node.target), self.shape(node), w, b, int(conv.stride[0]),
-                              int(conv.groups), _conv_padding(conv)))
+        self.add_op(
+            node,
+            _Op(
+                "conv",
+                (t,),
+                str(node.target),
+                self.shape(node),
+                w,
+                b,
+                int(conv.stride[0]),
+                int(conv.groups),
+                _conv_padding(conv),
+            ),
+        )
 
     def linear(self, node: torch.fx.Node, lin: nn.Linear) -> None:
         t = self.tensor(node.args[0], "input")
         if not self.is_pooled(t):
-            raise _Unmappable("a Linear reads pooled N x C x 1 x 1 features only (it reads "
-                              f"{'x'.join(map(str, self.tensor_shape(t)))})")
+            raise _Unmappable(
+                "a Linear reads pooled N x C x 1 x 1 features only (it reads "
+                f"{'x'.join(map(str, self.tensor_shape(t)))})"
+            )
         w = lin.weight.detach().double()
         b = lin.bias.detach().double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         n = self.tensor_shape(t)[0]
@@ -400,8 +450,10 @@ class _Tracer:
             raise _Unmappable("only the add of two tensors (a residual) is supported, not of a constant")
         ta, tb = self.tensor(a, "first input"), self.tensor(b, "second input")
         if self.tensor_shape(ta) != self.tensor_shape(tb):
-            raise _Unmappable(f"adds tensors of different shapes {self.tensor_shape(ta)} and {self.tensor_shape(tb)} "
-                              "(no broadcasting)")
+            raise _Unmappable(
+                f"adds tensors of different shapes {self.tensor_shape(ta)} and {self.tensor_shape(tb)} "
+                "(no broadcasting)"
+            )
         self.add_op(node, _Op("add", (ta, tb), node.name, self.tensor_shape(ta)))
 
     def pool(self, node: torch.fx.Node, x: Any) -> None:
@@ -420,8 +472,18 @@ class _Tracer:
         ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
         if dilation not in (1, (1, 1)) or ceil_mode or sh != sw:
             raise _Unmappable("only max pools with equal strides, no dilation and ceil_mode=False are supported")
-        self.add_op(node, _Op("maxpool", (t,), _label(node, self.modules)[0], self.shape(node), stride=int(sh),
-                              padding=(ph, ph, pw, pw), kernel=(int(kh), int(kw))))
+        self.add_op(
+            node,
+            _Op(
+                "maxpool",
+                (t,),
+                _label(node, self.modules)[0],
+                self.shape(node),
+                stride=int(sh),
+                padding=(ph, ph, pw, pw),
+                kernel=(int(kh), int(kw)),
+            ),
+        )
 
     def cat(self, node: torch.fx.Node, xs: Any, dim: int) -> None:
         if not isinstance(xs, (list, tuple)) or len(xs) < 2:
@@ -458,8 +520,10 @@ class _Tracer:
             # a flatten/view/reshape: only of pooled features, to [N, C]
             s = self.tensor_shape(t)
             if not (self.is_pooled(t) and tuple(out) in ((s[0], s[1]), (s[0], s[1], 1, 1))):
-                raise _Unmappable(f"reshapes {'x'.join(map(str, s))} to {'x'.join(map(str, out))}; only pooled "
-                                  "N x C x 1 x 1 features can be flattened")
+                raise _Unmappable(
+                    f"reshapes {'x'.join(map(str, s))} to {'x'.join(map(str, out))}; only pooled "
+                    "N x C x 1 x 1 features can be flattened"
+                )
         self.value[node] = t
 
     # -- the walk
@@ -490,10 +554,18 @@ class _Tracer:
                 raise _Unmappable("the model must return one tensor (the logits)")
             t = self.tensor(out, "output")
             op = self.ops[t] if isinstance(t, int) else None
-            if op is None or op.kind not in ("conv", "linear") or op.activation != "NONE" or op.shape[2:] != (1, 1) \
-                    or not self.is_pooled(op.inputs[0]) or (op.kind == "conv" and op.weight.shape[-2:] != (1, 1)):
-                raise _Unmappable("the model's output must be a Linear (or 1x1 Conv2d) on pooled features, "
-                                  "without an activation after it: the classifier")
+            if (
+                op is None
+                or op.kind not in ("conv", "linear")
+                or op.activation != "NONE"
+                or op.shape[2:] != (1, 1)
+                or not self.is_pooled(op.inputs[0])
+                or (op.kind == "conv" and op.weight.shape[-2:] != (1, 1))
+            ):
+                raise _Unmappable(
+                    "the model's output must be a Linear (or 1x1 Conv2d) on pooled features, "
+                    "without an activation after it: the classifier"
+                )
             self.output = t
         elif node.op == "call_module":
             m = self.modules[node.target]
@@ -542,16 +614,26 @@ class _Tracer:
             elif f in _UNARY_FUNCTIONS:
                 self.unary(node, args[0], _UNARY_FUNCTIONS[f])
             elif f is F.leaky_relu:
-                self.unary(node, args[0], "leaky_relu", args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
+                self.unary(
+                    node, args[0], "leaky_relu", args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+                )
             elif f is torch.cat or f is torch.concat:
                 self.cat(node, args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
             elif f is F.max_pool2d:
                 names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
                 given = dict(zip(names, args[1:]), **{k: v for k, v in kwargs.items() if k in names})
-                self.maxpool(node, args[0], given["kernel_size"], given.get("stride"), given.get("padding", 0),
-                             given.get("dilation", 1), given.get("ceil_mode", False))
-            elif f is F.hardtanh and tuple(args[1:3]) + tuple(kwargs.get(k) for k in ("min_val", "max_val")
-                                                                 if k in kwargs) in ((0, 6), (0.0, 6.0)):
+                self.maxpool(
+                    node,
+                    args[0],
+                    given["kernel_size"],
+                    given.get("stride"),
+                    given.get("padding", 0),
+                    given.get("dilation", 1),
+                    given.get("ceil_mode", False),
+                )
+            elif f is F.hardtanh and tuple(args[1:3]) + tuple(
+                kwargs.get(k) for k in ("min_val", "max_val") if k in kwargs
+            ) in ((0, 6), (0.0, 6.0)):
                 self.activation(node, args[0], "RELU6")
             elif f is F.adaptive_avg_pool2d:
                 size = args[1] if len(args) > 1 else kwargs.get("output_size")
@@ -636,15 +718,18 @@ def trace(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             gm = torch.fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 (any failure of a user's forward under torch.fx is one line)
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise ModelFileError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: "
-                                 f"{first}") from None
+            raise ModelFileError(
+                f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {first}"
+            ) from None
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(example[:1])
         except Exception as exc:  # noqa: BLE001
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise ModelFileError(f"{type(model).__name__} fails on a {'x'.join(map(str, example.shape[1:]))} input: "
-                                 f"{type(exc).__name__}: {first}") from None
+            raise ModelFileError(
+                f"{type(model).__name__} fails on a {'x'.join(map(str, example.shape[1:]))} input: "
+                f"{type(exc).__name__}: {first}"
+            ) from None
         tracer = _Tracer(gm)
         tracer.run(tuple(example[:1].shape))
     finally:
@@ -657,7 +742,15 @@ def trace(model: nn.Module, example: torch.Tensor) -> FloatGraph:
 def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int]) -> FloatGraph:
     live = _live(ops, output)
     names: dict[int | str, str] = {"input": "input"}
-    counts = {"conv": 0, "add": 0, "pool": 0, "maxpool": 0, "cat": 0, "mul": 0, **dict.fromkeys(FloatUnary.FUNCTIONS, 0)}
+    counts = {
+        "conv": 0,
+        "add": 0,
+        "pool": 0,
+        "maxpool": 0,
+        "cat": 0,
+        "mul": 0,
+        **dict.fromkeys(FloatUnary.FUNCTIONS, 0),
+    }
     out: list[tuple[str, nn.Module, tuple[str, ...]]] = []
     for i in live:
         op = ops[i]
@@ -673,8 +766,9 @@ def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int])
         names[i] = name
         # Folded in float64, kept in float32 (the float network the device's integers come from).
         if op.kind == "conv":
-            module: nn.Module = FloatConv(op.weight.float(), op.bias.float(), op.stride, op.groups, op.padding,
-                                          op.activation, op.layer)
+            module: nn.Module = FloatConv(
+                op.weight.float(), op.bias.float(), op.stride, op.groups, op.padding, op.activation, op.layer
+            )
         elif op.kind == "linear":
             module = FloatLinear(op.weight.float(), op.bias.float(), op.activation, op.layer)
         elif op.kind == "add":
@@ -694,6 +788,7 @@ def _float_graph(ops: list[_Op], output: int, input_shape: tuple[int, int, int])
 
 
 # ---------------------------------------------------------------- calibration
+
 
 @dataclass
 class ActRange:
@@ -726,16 +821,36 @@ def calibrate(graph: FloatGraph, batches: Iterable) -> dict[str, ActRange]:
 
 # ---------------------------------------------------------------- quantization
 
-def _qconv(weight: torch.Tensor, bias: torch.Tensor, x_q: tuple[float, int], y_q: tuple[float, int], *,
-           stride: int = 1, groups: int = 1, padding: tuple[int, int, int, int] | None = None,
-           activation: str = "NONE") -> QConv:
+
+def _qconv(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_q: tuple[float, int],
+    y_q: tuple[float, int],
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    padding: tuple[int, int, int, int] | None = None,
+    activation: str = "NONE",
+) -> QConv:
     """Symmetric per-output-channel int8 weights, int32 bias at ``s_w * s_x``."""
     w = weight.detach().double()
     w_scales = (w.abs().flatten(1).max(dim=1).values / 127.0).clamp_min(1e-12)
     w_int = torch.clamp(torch.round(w / w_scales.view(-1, 1, 1, 1)), -127, 127)
     b_int = torch.round(bias.detach().double() / (w_scales * x_q[0]))
-    return QConv(w_int.float(), b_int.float(), w_scales.float(), x_q[0], x_q[1], y_q[0], y_q[1], stride, groups,
-                 padding=padding, activation=activation)
+    return QConv(
+        w_int.float(),
+        b_int.float(),
+        w_scales.float(),
+        x_q[0],
+        x_q[1],
+        y_q[0],
+        y_q[1],
+        stride,
+        groups,
+        padding=padding,
+        activation=activation,
+    )
 
 
 def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_precision: str = "int8") -> QModel:
@@ -776,8 +891,16 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
                 w = m.weight.detach().view(*m.weight.shape, 1, 1)
                 module = _qconv(w, m.bias, x_q, q[name], padding=(0, 0, 0, 0), activation=m.activation)
             else:
-                module = _qconv(m.weight, m.bias, x_q, q[name], stride=m.stride, groups=m.groups,
-                                padding=m.padding, activation=m.activation)
+                module = _qconv(
+                    m.weight,
+                    m.bias,
+                    x_q,
+                    q[name],
+                    stride=m.stride,
+                    groups=m.groups,
+                    padding=m.padding,
+                    activation=m.activation,
+                )
         module.tag = name
         ops.append((module, inputs))
     blocks = _inverted_residual(ops)
@@ -788,8 +911,12 @@ def quantize(graph: FloatGraph, ranges: dict[str, ActRange], *, classifier_preci
 
 # Each elementwise activation's int8 op, and the output quantization TFLM fixes for it (None: calibrated):
 # LOGISTIC writes [0, 1) in steps of 1/256, TANH (-1, 1) in steps of 1/128.
-_UNARY_OPS = {"sigmoid": (QLogistic, (1 / 256, -128)), "tanh": (QTanh, (1 / 128, 0)),
-              "hardswish": (QHardSwish, None), "leaky_relu": (QLeakyRelu, None)}
+_UNARY_OPS = {
+    "sigmoid": (QLogistic, (1 / 256, -128)),
+    "tanh": (QTanh, (1 / 128, 0)),
+    "hardswish": (QHardSwish, None),
+    "leaky_relu": (QLeakyRelu, None),
+}
 
 
 def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, ActRange]:
@@ -799,12 +926,19 @@ def _concat_ranges(graph: FloatGraph, ranges: dict[str, ActRange]) -> dict[str, 
     for name, inputs in graph.nodes:
         if not isinstance(graph.op(name), FloatCat):
             continue
-        fixed = [t for t in inputs if t == "input" or isinstance(graph.op(t), (FloatPool, FloatMaxPool))
-                 or (isinstance(graph.op(t), FloatUnary) and _UNARY_OPS[graph.op(t).fn][1] is not None)]
+        fixed = [
+            t
+            for t in inputs
+            if t == "input"
+            or isinstance(graph.op(t), (FloatPool, FloatMaxPool))
+            or (isinstance(graph.op(t), FloatUnary) and _UNARY_OPS[graph.op(t).fn][1] is not None)
+        ]
         if fixed:
-            raise ModelFileError(f"{name}: torch.cat of {fixed[0]!r}, whose quantization is another op's or fixed: "
-                                 "fedtiny concatenates outputs of convolutions, adds, products, hardswish and "
-                                 "leaky ReLU")
+            raise ModelFileError(
+                f"{name}: torch.cat of {fixed[0]!r}, whose quantization is another op's or fixed: "
+                "fedtiny concatenates outputs of convolutions, adds, products, hardswish and "
+                "leaky ReLU"
+            )
         union = ActRange(min(ranges[t].lo for t in (*inputs, name)), max(ranges[t].hi for t in (*inputs, name)))
         for t in (*inputs, name):
             ranges[t] = union
@@ -818,16 +952,26 @@ def _inverted_residual(ops: list[tuple[nn.Module, tuple[str, ...]]]):
     of the block's input?) in a chain, a feature-mix conv?, the global pool, the classifier on it; with an
     activation after exactly the convolutions ``from_blocks`` gives one (not after projections or adds).
     """
+
     def conv(i: int, src: str, *, act: bool, depthwise: bool = False, pointwise: bool = False) -> QConv | None:
         if i >= len(ops):
             return None
         m, inputs = ops[i]
-        ok = (isinstance(m, QConv) and inputs == (src,) and (m.activation != "NONE") == act
-              and (not depthwise or m.is_depthwise) and (not pointwise or (m.kernel_hw == (1, 1) and m.groups == 1)))
+        ok = (
+            isinstance(m, QConv)
+            and inputs == (src,)
+            and (m.activation != "NONE") == act
+            and (not depthwise or m.is_depthwise)
+            and (not pointwise or (m.kernel_hw == (1, 1) and m.groups == 1))
+        )
         return m if ok else None
 
-    if len(ops) < 3 or not isinstance(ops[-2][0], QAvgPool) or ops[-1][0].tag != "classifier" \
-            or ops[-1][1] != (ops[-2][0].tag,):
+    if (
+        len(ops) < 3
+        or not isinstance(ops[-2][0], QAvgPool)
+        or ops[-1][0].tag != "classifier"
+        or ops[-1][1] != (ops[-2][0].tag,)
+    ):
         return None
     body = len(ops) - 2
     first = conv(0, "input", act=True)
@@ -853,8 +997,7 @@ def _inverted_residual(ops: list[tuple[nn.Module, tuple[str, ...]]]):
             return None
         t, i = pw2.tag, i + 2
         res = None
-        if i < body and isinstance(ops[i][0], QAdd) and ops[i][1] == (block_in, t) \
-                and ops[i][0].activation == "NONE":
+        if i < body and isinstance(ops[i][0], QAdd) and ops[i][1] == (block_in, t) and ops[i][0].activation == "NONE":
             res = ops[i][0]
             t, i = res.tag, i + 1
         blocks.append((pw1, dw, pw2, res))

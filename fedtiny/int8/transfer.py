@@ -54,7 +54,7 @@ def pooled_features(model: QModel, x: np.ndarray, batch_size: int = 64, prefixes
     cached = prefixes.get(model, x) if prefixes is not None else None
     if cached is not None and tuple(cached.tensors) == (model.head_input_name(),):
         return (cached.tensors[model.head_input_name()].to(torch.float32).flatten(1) - zero) * scale
-    out = [model.features(torch.from_numpy(x[i:i + batch_size])).flatten(1) for i in range(0, len(x), batch_size)]
+    out = [model.features(torch.from_numpy(x[i : i + batch_size])).flatten(1) for i in range(0, len(x), batch_size)]
     return (torch.cat(out) - zero) * scale
 
 
@@ -73,8 +73,17 @@ def _install(model: QModel, w: torch.Tensor, b: torch.Tensor, logit_range: float
         head.qparams.copy_(torch.tensor([x_scale, head.x_zero, 2 * logit_range / 255, 0], dtype=torch.float64))
 
 
-def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int,
-             seed: int, weight_decay: float = 1e-4) -> HeadFit:
+def fit_head(
+    model: QModel,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 1e-4,
+) -> HeadFit:
     """Fit ``model``'s classifier on images ``x`` (labels ``y``) with the backbone frozen; return its scores."""
     feats = pooled_features(model, x)
     labels = torch.from_numpy(np.asarray(y, np.int64))
@@ -96,7 +105,7 @@ def fit_head(model: QModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
     for _ in range(epochs):
         order = torch.randperm(len(z), generator=gen)
         for i in range(0, len(z), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             opt.zero_grad()
             F.cross_entropy(z[idx] @ w.t() + b, labels[idx]).backward()
             opt.step()

@@ -28,7 +28,6 @@ except ImportError:  # numpy < 2
 __all__ = ["ZooError", "read_tiny_training", "ALLOWED_GLOBALS"]
 
 
-
 def _allowed() -> dict[tuple[str, str], Any]:
     return {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -52,8 +51,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise ZooError(f"{self.where}: refused global {module}.{name} (only {', '.join(ALLOWED_GLOBALS)} "
-                           f"are allowed); nothing was executed") from None
+            raise ZooError(
+                f"{self.where}: refused global {module}.{name} (only {', '.join(ALLOWED_GLOBALS)} "
+                f"are allowed); nothing was executed"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise ZooError(f"{self.where}: refused persistent id {str(pid)[:60]!r} (tensor storages are not expected)")

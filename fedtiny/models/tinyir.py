@@ -79,8 +79,9 @@ class TinyIR(nn.Module):
 MODELS = ("tiny-ir",)
 
 
-def build_model(name: str, in_channels: int, num_classes: int, *, width: int = 16, image_size: int = 8,
-                seed: int = 0) -> nn.Module:
+def build_model(
+    name: str, in_channels: int, num_classes: int, *, width: int = 16, image_size: int = 8, seed: int = 0
+) -> nn.Module:
     """Build a built-in model with seeded initial weights."""
     if name != "tiny-ir":
         raise ScenarioError(f"model.name: unknown model {name!r}; expected one of {', '.join(MODELS)}")

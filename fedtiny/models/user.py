@@ -33,7 +33,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     """``"where:function"`` -> ``(where, function)``; ScenarioError when it is not of that form."""
     where, sep, func = spec.rpartition(":")
     if not sep or not where.strip() or not func.isidentifier():
-        raise ScenarioError(f"{KEY}: {spec!r}: expected \"package.module:function\" or \"path/to/file.py:function\"")
+        raise ScenarioError(f'{KEY}: {spec!r}: expected "package.module:function" or "path/to/file.py:function"')
     return where.strip(), func
 
 
@@ -128,13 +128,17 @@ def build_user_model(spec: str, in_channels: int, num_classes: int, *, image_siz
             out = model(torch.zeros(1, in_channels, image_size, image_size))
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise ScenarioError(f"{KEY}: {spec!r}: the model fails on a {in_channels}x{image_size}x{image_size} input "
-                            f"(the data's images): {type(exc).__name__}: {first}") from None
+        raise ScenarioError(
+            f"{KEY}: {spec!r}: the model fails on a {in_channels}x{image_size}x{image_size} input "
+            f"(the data's images): {type(exc).__name__}: {first}"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         hint = "" if "num_classes" in kwargs else " (let the function take num_classes)"
-        raise ScenarioError(f"{KEY}: {spec!r}: the model returns {got} for one image, expected (1, {num_classes}) "
-                            f"logits for the data's {num_classes} classes{hint}")
+        raise ScenarioError(
+            f"{KEY}: {spec!r}: the model returns {got} for one image, expected (1, {num_classes}) "
+            f"logits for the data's {num_classes} classes{hint}"
+        )
     return model

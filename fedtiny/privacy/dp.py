@@ -28,15 +28,15 @@ import math
 
 import numpy as np
 
-__all__ = ["clip_change", "add_noise", "gaussian_epsilon", "dp_epsilon", "noise_for_epsilon", "DP_MODES",
-           "DP_STREAM"]
+__all__ = ["clip_change", "add_noise", "gaussian_epsilon", "dp_epsilon", "noise_for_epsilon", "DP_MODES", "DP_STREAM"]
 
 DP_MODES = ("none", "local", "central")
 DP_STREAM = 0xD9  # the noise's random stream, kept apart from training's and sampling's
 
 
-def clip_change(values: dict[str, np.ndarray], units: dict[str, np.ndarray], clip_norm: float
-                ) -> tuple[dict[str, np.ndarray], float]:
+def clip_change(
+    values: dict[str, np.ndarray], units: dict[str, np.ndarray], clip_norm: float
+) -> tuple[dict[str, np.ndarray], float]:
     """Scale a client's change so that its L2 norm in real units is at most ``clip_norm``.
 
     ``values`` and ``units`` are flat per tensor (``units``: the real value of one stored
@@ -48,14 +48,23 @@ def clip_change(values: dict[str, np.ndarray], units: dict[str, np.ndarray], cli
     return {n: v * factor for n, v in values.items()}, norm
 
 
-def add_noise(values: dict[str, np.ndarray], units: dict[str, np.ndarray], std: float,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
+def add_noise(
+    values: dict[str, np.ndarray], units: dict[str, np.ndarray], std: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Add N(0, std^2) real-unit noise to every element, returned in the stored units; tensors in sorted order."""
     return {n: values[n] + rng.normal(0.0, std, size=values[n].shape) / units[n] for n in sorted(values)}
 
 
-def gaussian_epsilon(noise_multiplier: float, steps: int, delta: float, *, sample_rate: float = 1.0,
-                     population: int = 0, sample_size: int = 0, conversion: str = "tight") -> float:
+def gaussian_epsilon(
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    *,
+    sample_rate: float = 1.0,
+    population: int = 0,
+    sample_size: int = 0,
+    conversion: str = "tight",
+) -> float:
     """Epsilon of ``steps`` compositions of a (sub)sampled Gaussian mechanism at ``delta`` (Renyi DP).
 
     ``noise_multiplier`` is the noise standard deviation over the L2 sensitivity. Sampling:
@@ -74,8 +83,11 @@ def gaussian_epsilon(noise_multiplier: float, steps: int, delta: float, *, sampl
     gaussian = dpa.GaussianDpEvent(noise_multiplier)
     if population and sample_size:
         accountant = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-        event = (gaussian if sample_size >= population
-                 else dpa.SampledWithoutReplacementDpEvent(population, sample_size, gaussian))
+        event = (
+            gaussian
+            if sample_size >= population
+            else dpa.SampledWithoutReplacementDpEvent(population, sample_size, gaussian)
+        )
     else:
         accountant = rdp.RdpAccountant()
         event = gaussian if sample_rate >= 1.0 else dpa.PoissonSampledDpEvent(sample_rate, gaussian)
@@ -89,8 +101,16 @@ def gaussian_epsilon(noise_multiplier: float, steps: int, delta: float, *, sampl
     return float(np.min(curve[usable] - math.log(delta) / (orders[usable] - 1)))
 
 
-def dp_epsilon(mode: str, noise_multiplier: float, delta: float, *, releases: int, clients: int = 0,
-               per_round: int = 0, amplified: bool = False) -> float | None:
+def dp_epsilon(
+    mode: str,
+    noise_multiplier: float,
+    delta: float,
+    *,
+    releases: int,
+    clients: int = 0,
+    per_round: int = 0,
+    amplified: bool = False,
+) -> float | None:
     """The epsilon a run spent, at the user level (module docstring); None when ``mode`` is ``none``.
 
     ``releases``: for central DP the rounds aggregated, for local DP the most updates any
@@ -105,19 +125,31 @@ def dp_epsilon(mode: str, noise_multiplier: float, delta: float, *, releases: in
     return gaussian_epsilon(sensitivity_multiplier, releases, delta, population=1, sample_size=1)
 
 
-def noise_for_epsilon(target: float, mode: str, delta: float, *, releases: int, clients: int = 0,
-                      per_round: int = 0, amplified: bool = False) -> float:
+def noise_for_epsilon(
+    target: float,
+    mode: str,
+    delta: float,
+    *,
+    releases: int,
+    clients: int = 0,
+    per_round: int = 0,
+    amplified: bool = False,
+) -> float:
     """The smallest noise multiplier (to 0.1%) whose :func:`dp_epsilon` is at most ``target``."""
     lo, hi = 1e-3, 1.0
-    while dp_epsilon(mode, hi, delta, releases=releases, clients=clients, per_round=per_round,
-                     amplified=amplified) > target:
+    while (
+        dp_epsilon(mode, hi, delta, releases=releases, clients=clients, per_round=per_round, amplified=amplified)
+        > target
+    ):
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError(f"no noise multiplier below 1e6 reaches epsilon {target}")
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
-        if dp_epsilon(mode, mid, delta, releases=releases, clients=clients, per_round=per_round,
-                      amplified=amplified) > target:
+        if (
+            dp_epsilon(mode, mid, delta, releases=releases, clients=clients, per_round=per_round, amplified=amplified)
+            > target
+        ):
             lo = mid
         else:
             hi = mid

@@ -27,8 +27,14 @@ def scheme_refusal(model, first: int) -> str:
     if first <= 0:
         return ""
     trained = [c.tag for c in model.convs()[:first] if any(p.requires_grad for p in c.parameters())]
-    return (f"policy: the scheme trains {', '.join(trained)}, among the first {first} convolutions this device "
-            "keeps frozen") if trained else ""
+    return (
+        (
+            f"policy: the scheme trains {', '.join(trained)}, among the first {first} convolutions this device "
+            "keeps frozen"
+        )
+        if trained
+        else ""
+    )
 
 
 @torch.no_grad()
@@ -52,12 +58,19 @@ def saturation_refusal(model, x: torch.Tensor, limit: float) -> str:
         return ""
     sat = saturation(model, x)
     worst = max(sat.items(), key=lambda kv: kv[1], default=("", 0.0))
-    return (f"policy: the model clamps {worst[1]:.1%} of {worst[0]}'s outputs on this device's samples "
-            f"(more than {limit:.0%}): refused as a possible trap") if worst[1] > limit else ""
+    return (
+        (
+            f"policy: the model clamps {worst[1]:.1%} of {worst[0]}'s outputs on this device's samples "
+            f"(more than {limit:.0%}): refused as a possible trap"
+        )
+        if worst[1] > limit
+        else ""
+    )
 
 
-def clip_weight_change(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], max_lsb: int
-                       ) -> dict[str, np.ndarray]:
+def clip_weight_change(
+    trained: dict[str, np.ndarray], received: dict[str, np.ndarray], max_lsb: int
+) -> dict[str, np.ndarray]:
     """Trained tensors with every int8 weight's change clipped to ``max_lsb`` (0: unchanged)."""
     if max_lsb <= 0:
         return trained

@@ -26,12 +26,35 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedtiny.errors import FedtinyError
-from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_memory, plot_methods, plot_privacy, plot_run,
-                                  plot_seeds, privacy_groups, privacy_lsb_table, privacy_rounds_table, privacy_table)
+from fedtiny.report.plots import (
+    PRIVACY_PLOTS,
+    plot_attacks_vs_lsb,
+    plot_memory,
+    plot_methods,
+    plot_privacy,
+    plot_run,
+    plot_seeds,
+    privacy_groups,
+    privacy_lsb_table,
+    privacy_rounds_table,
+    privacy_table,
+)
 from fedtiny.report.sweep import MEAN_KEYS, combine_seeds, paired_table, pm, sweep_table
 
-__all__ = ["ReportError", "Sweep", "folder_kind", "read_sweep", "sweep_summaries", "sweep_tables", "run_tables",
-           "report_tables", "run_memory", "run_report", "sweep_report", "write_report"]
+__all__ = [
+    "ReportError",
+    "Sweep",
+    "folder_kind",
+    "read_sweep",
+    "sweep_summaries",
+    "sweep_tables",
+    "run_tables",
+    "report_tables",
+    "run_memory",
+    "run_report",
+    "sweep_report",
+    "write_report",
+]
 
 REPORT = "report.html"
 FOLD = 24  # rows of a per-client or per-round table shown before it folds
@@ -123,8 +146,9 @@ def read_sweep(path: str | Path) -> Sweep:
             runs[method], seeded[method] = found, by_seed
     if not runs:
         where = "<method>/seed<k>/ or <method>/" if names else "seed<k>/"
-        raise ReportError(f"{root}: a scenario.toml but no run folders under it (expected {where} "
-                          "folders with metrics.jsonl)")
+        raise ReportError(
+            f"{root}: a scenario.toml but no run folders under it (expected {where} folders with metrics.jsonl)"
+        )
     return Sweep(root, name, bool(names), runs, seeded)
 
 
@@ -149,8 +173,9 @@ def folder_kind(path: str | Path) -> str:
     hint = ""
     if (path.parent / "scenario.toml").is_file() and _run_folders(path)[0]:
         hint = f" (it holds seed folders: give one of them, or the sweep folder {path.parent})"
-    raise ReportError(f"{path}: not a run folder (no metrics.jsonl) nor a sweep folder (no scenario.toml over "
-                      f"run folders){hint}")
+    raise ReportError(
+        f"{path}: not a run folder (no metrics.jsonl) nor a sweep folder (no scenario.toml over run folders){hint}"
+    )
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
@@ -323,8 +348,10 @@ def _e(text: Any) -> str:
     return escape(str(text), quote=True)
 
 
-_NUMERIC = re.compile(r"^[-+]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?|inf|nan)( ?(±|to) ?[-+]?\d[\d,]*(\.\d+)?)?"
-                      r"( ?(%|x|B|kB|MB|s|dB|mJ))?$")
+_NUMERIC = re.compile(
+    r"^[-+]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?|inf|nan)( ?(±|to) ?[-+]?\d[\d,]*(\.\d+)?)?"
+    r"( ?(%|x|B|kB|MB|s|dB|mJ))?$"
+)
 
 
 def _cell(value: Any, numbers: bool) -> str:
@@ -371,9 +398,15 @@ def _markdown(md: str) -> str:
 
 
 def _cards(items: list[tuple[str, str, str]]) -> str:
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="l">{_e(label)}</div><div class="v">{_e(value)}</div>'
-        f'<div class="s">{_e(note)}</div></div>' for label, value, note in items) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="l">{_e(label)}</div><div class="v">{_e(value)}</div>'
+            f'<div class="s">{_e(note)}</div></div>'
+            for label, value, note in items
+        )
+        + "</div>"
+    )
 
 
 def _data_uri(png: bytes) -> str:
@@ -381,8 +414,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def _figure(png: bytes, caption: str) -> str:
-    return (f'<figure><img alt="{_e(caption)}" src="{_data_uri(png)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return f'<figure><img alt="{_e(caption)}" src="{_data_uri(png)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
 def _figures(figs: list[str], *, one: bool = False) -> str:
@@ -409,12 +441,14 @@ def _page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> st
     nav = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{_e(name)}</h2>{html}</section>' for sid, name, html in sections)
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>{_e(title)}</h1><p class=\"sub\">{subtitle}</p><nav>{nav}</nav>{body}"
-            f"<footer>Written by fedtiny report on {stamp} from the folder's files; figures are drawn again "
-            f"from metrics.jsonl.</footer></main></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
+        f'<h1>{_e(title)}</h1><p class="sub">{subtitle}</p><nav>{nav}</nav>{body}'
+        f"<footer>Written by fedtiny report on {stamp} from the folder's files; figures are drawn again "
+        f"from metrics.jsonl.</footer></main></body></html>\n"
+    )
 
 
 def _write(path: Path, text: str) -> Path:
@@ -462,56 +496,108 @@ def _scenario_section(folder: Path) -> str:
     path = folder / "scenario.toml"
     if not path.is_file():
         return _note("no scenario.toml in this folder")
-    return _details(f"{path.name}: the resolved scenario (defaults and --set overrides applied)",
-                    f"<pre>{_e(path.read_text())}</pre>")
+    return _details(
+        f"{path.name}: the resolved scenario (defaults and --set overrides applied)",
+        f"<pre>{_e(path.read_text())}</pre>",
+    )
 
 
 def _headline(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     s = summary
-    budgets = sorted({c.get("sram_bytes") for r in records for c in r.get("clients", []) + r.get("refused", [])
-                      if c.get("sram_bytes")})
+    budgets = sorted(
+        {
+            c.get("sram_bytes")
+            for r in records
+            for c in r.get("clients", []) + r.get("refused", [])
+            if c.get("sram_bytes")
+        }
+    )
     up8 = s.get("uplink_ratio_vs_dense_int8")
     reached = s.get("rounds_to_target")
     target = s.get("target_accuracy")
     cards = [
-        ("global test accuracy: final", _f(s.get("final_accuracy")),
-         f"cloud model {_f(s.get('initial_accuracy'))}, best {_f(s.get('best_accuracy'))}"),
-        ("rounds x clients per round", f"{s.get('rounds', '-')} x {s.get('clients_per_round', '-')}",
-         f"of {s.get('num_clients', '-')} clients; seed {s.get('seed', '-')}"),
-        ("uplink (all clients, all rounds)", _kb(s.get("uplink_bytes_total")),
-         f"{up8:.1f}x smaller than dense int8 updates" if up8 else "nothing sent"),
+        (
+            "global test accuracy: final",
+            _f(s.get("final_accuracy")),
+            f"cloud model {_f(s.get('initial_accuracy'))}, best {_f(s.get('best_accuracy'))}",
+        ),
+        (
+            "rounds x clients per round",
+            f"{s.get('rounds', '-')} x {s.get('clients_per_round', '-')}",
+            f"of {s.get('num_clients', '-')} clients; seed {s.get('seed', '-')}",
+        ),
+        (
+            "uplink (all clients, all rounds)",
+            _kb(s.get("uplink_bytes_total")),
+            f"{up8:.1f}x smaller than dense int8 updates" if up8 else "nothing sent",
+        ),
         ("downlink (all clients, all rounds)", _kb(s.get("downlink_bytes_total")), "server -> clients"),
-        ("peak SRAM of a training step (max)", _kb(s.get("peak_sram_bytes_max")) if s.get("peak_sram_bytes_max")
-         else "not counted", ("device SRAM " + ", ".join(_kb(b) for b in budgets)) if budgets else "memory planner"),
-        ("device RAM of a client's round (max)", _kb(s.get("device_ram_bytes_max")) if s.get("device_ram_bytes_max")
-         else "not counted", "the whole client: step, trained tensors, uplink state, buffers, stack"),
-        ("simulated fleet time", f"{_f(s.get('fleet_time_s'), '.2f')} s",
-         f"reached {_f(target, '.2f')} in round {reached}" if reached is not None
-         else f"target accuracy {_f(target, '.2f')} not reached"),
-        ("energy per client round", f"{_f(s.get('energy_mj_per_client_round'), '.1f')} mJ",
-         f"compute {_f(s.get('compute_s_per_client_round'), '.2f')} s, "
-         f"radio {_f(s.get('radio_s_per_client_round'), '.2f')} s"),
-        ("rejected / refused / stragglers / faults",
-         " / ".join(_f(s.get(k), "d") for k in ("rejected_updates_total", "refused_clients_total",
-                                                 "stragglers_total", "faults_total")),
-         "updates over the run"),
+        (
+            "peak SRAM of a training step (max)",
+            _kb(s.get("peak_sram_bytes_max")) if s.get("peak_sram_bytes_max") else "not counted",
+            ("device SRAM " + ", ".join(_kb(b) for b in budgets)) if budgets else "memory planner",
+        ),
+        (
+            "device RAM of a client's round (max)",
+            _kb(s.get("device_ram_bytes_max")) if s.get("device_ram_bytes_max") else "not counted",
+            "the whole client: step, trained tensors, uplink state, buffers, stack",
+        ),
+        (
+            "simulated fleet time",
+            f"{_f(s.get('fleet_time_s'), '.2f')} s",
+            f"reached {_f(target, '.2f')} in round {reached}"
+            if reached is not None
+            else f"target accuracy {_f(target, '.2f')} not reached",
+        ),
+        (
+            "energy per client round",
+            f"{_f(s.get('energy_mj_per_client_round'), '.1f')} mJ",
+            f"compute {_f(s.get('compute_s_per_client_round'), '.2f')} s, "
+            f"radio {_f(s.get('radio_s_per_client_round'), '.2f')} s",
+        ),
+        (
+            "rejected / refused / stragglers / faults",
+            " / ".join(
+                _f(s.get(k), "d")
+                for k in ("rejected_updates_total", "refused_clients_total", "stragglers_total", "faults_total")
+            ),
+            "updates over the run",
+        ),
         ("wall time of the simulation", f"{_f(s.get('wall_time_s'), '.1f')} s", "on this host"),
     ]
     if s.get("dp", "none") != "none":
-        cards.append(("differential privacy", f"ε = {_f(s.get('dp_epsilon'), '.3g')}",
-                      f"{s['dp']} DP, δ = {_f(s.get('dp_delta'), 'g')}, {s.get('dp_releases', 0)} releases"))
-    setup = [("precision", s.get("precision")), ("optimizer", s.get("optimizer")),
-             ("learning rate", f"{_f(s.get('lr'), 'g')} ({s.get('lr_source', '-')})"), ("scheme", s.get("scheme")),
-             ("channels", s.get("channels")), ("model parameters", _int(s.get("model_parameters"))),
-             ("cloud model: fp32 / after int8 PTQ", f"{_f(s.get('cloud_fp32_accuracy'))} / "
-                                                   f"{_f(s.get('cloud_ptq_accuracy'))}")]
+        cards.append(
+            (
+                "differential privacy",
+                f"ε = {_f(s.get('dp_epsilon'), '.3g')}",
+                f"{s['dp']} DP, δ = {_f(s.get('dp_delta'), 'g')}, {s.get('dp_releases', 0)} releases",
+            )
+        )
+    setup = [
+        ("precision", s.get("precision")),
+        ("optimizer", s.get("optimizer")),
+        ("learning rate", f"{_f(s.get('lr'), 'g')} ({s.get('lr_source', '-')})"),
+        ("scheme", s.get("scheme")),
+        ("channels", s.get("channels")),
+        ("model parameters", _int(s.get("model_parameters"))),
+        (
+            "cloud model: fp32 / after int8 PTQ",
+            f"{_f(s.get('cloud_fp32_accuracy'))} / {_f(s.get('cloud_ptq_accuracy'))}",
+        ),
+    ]
     for device, entry in (s.get("schemes_by_device") or {}).items():
         setup.append((f"scheme on {device}", entry.get("scheme", entry.get("id", "-"))))
     rows = [[k, _f(v)] for k, v in setup if v is not None]
-    everything = [[k, json.dumps(v) if isinstance(v, (dict, list)) else _f(v, "g")]
-                  for k, v in sorted(s.items()) if k != "schemes_by_device"]
-    return (_cards(cards) + _table(["setting", "value"], rows, numbers=False)
-            + _details("every figure of summary.json", _table(["key", "value"], everything, numbers=False)))
+    everything = [
+        [k, json.dumps(v) if isinstance(v, (dict, list)) else _f(v, "g")]
+        for k, v in sorted(s.items())
+        if k != "schemes_by_device"
+    ]
+    return (
+        _cards(cards)
+        + _table(["setting", "value"], rows, numbers=False)
+        + _details("every figure of summary.json", _table(["key", "value"], everything, numbers=False))
+    )
 
 
 def _round_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
@@ -519,33 +605,74 @@ def _round_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     for r in records:
         clients = r.get("clients", [])
         faults = sum(len(v) for v in (r.get("faults") or {}).values())
-        rows.append([r["round"], _f(r.get("global_accuracy")), _f(r.get("global_loss")),
-                     _f(_mean([c.get("test_accuracy") for c in clients if c.get("test_accuracy") is not None])),
-                     _int(r.get("uplink_bytes", 0)), _int(r.get("downlink_bytes", 0)), len(clients),
-                     len(r.get("rejected", [])), len(r.get("refused", [])), len(r.get("stragglers", [])), faults,
-                     _f(r.get("round_time_s"), ".3f"), _f(r.get("fleet_time_s"), ".3f")])
+        rows.append(
+            [
+                r["round"],
+                _f(r.get("global_accuracy")),
+                _f(r.get("global_loss")),
+                _f(_mean([c.get("test_accuracy") for c in clients if c.get("test_accuracy") is not None])),
+                _int(r.get("uplink_bytes", 0)),
+                _int(r.get("downlink_bytes", 0)),
+                len(clients),
+                len(r.get("rejected", [])),
+                len(r.get("refused", [])),
+                len(r.get("stragglers", [])),
+                faults,
+                _f(r.get("round_time_s"), ".3f"),
+                _f(r.get("fleet_time_s"), ".3f"),
+            ]
+        )
     return rows
 
 
-ROUND_HEADERS = ["round", "global accuracy", "global loss", "clients' local test acc. (mean)", "uplink (B)",
-                 "downlink (B)", "accepted", "rejected", "refused", "stragglers", "faults", "round time (s, sim)",
-                 "fleet time (s, sim)"]
+ROUND_HEADERS = [
+    "round",
+    "global accuracy",
+    "global loss",
+    "clients' local test acc. (mean)",
+    "uplink (B)",
+    "downlink (B)",
+    "accepted",
+    "rejected",
+    "refused",
+    "stragglers",
+    "faults",
+    "round time (s, sim)",
+    "fleet time (s, sim)",
+]
 
 
 def _accuracy_section(figs: dict[str, bytes]) -> str:
-    out = [_figure(figs[name], caption) for name, caption in (
-        ("accuracy.png", "Global test accuracy per round (round 0: the cloud model the clients start from)."),
-        ("accuracy_vs_fleet_time.png", "The same against simulated fleet time: each round lasts as long as "
-                                       "its slowest counted client (or the deadline)."),
-        ("accuracy_vs_uplink.png", "Accuracy against cumulative uplink bytes (all clients)."),
-    ) if name in figs]
+    out = [
+        _figure(figs[name], caption)
+        for name, caption in (
+            ("accuracy.png", "Global test accuracy per round (round 0: the cloud model the clients start from)."),
+            (
+                "accuracy_vs_fleet_time.png",
+                "The same against simulated fleet time: each round lasts as long as "
+                "its slowest counted client (or the deadline).",
+            ),
+            ("accuracy_vs_uplink.png", "Accuracy against cumulative uplink bytes (all clients)."),
+        )
+        if name in figs
+    ]
     return _figures(out) if out else _note("no rounds recorded")
 
 
 def _bytes_section(figs: dict[str, bytes], records: list[dict[str, Any]]) -> str:
-    fig = _figures([_figure(figs["bytes.png"], "Bytes on the radio per round, all clients: uplink (updates) "
-                                               "and downlink (models or their changes); 1 kB = 1024 B.")]
-                   ) if "bytes.png" in figs else ""
+    fig = (
+        _figures(
+            [
+                _figure(
+                    figs["bytes.png"],
+                    "Bytes on the radio per round, all clients: uplink (updates) "
+                    "and downlink (models or their changes); 1 kB = 1024 B.",
+                )
+            ]
+        )
+        if "bytes.png" in figs
+        else ""
+    )
     return fig + _h3("Per round") + _table(ROUND_HEADERS, _round_rows(records), fold=FOLD, what="rounds")
 
 
@@ -567,28 +694,43 @@ def _memory_section(run_dir: Path, summary: dict[str, Any] | None, records: list
         for c in r.get("clients", []) + r.get("refused", []):
             if c.get("sram_bytes"):
                 reported[c["sram_bytes"]] = max(reported.get(c["sram_bytes"], 0), c.get("peak_sram_bytes", 0))
-    out = [_note("One training step of the scheme each device profile trained, from the memory planner "
-                 "(docs/memory.md): live bytes at each op's forward and backward peak, against the device's "
-                 "SRAM. Frozen weights stay in flash.")]
+    out = [
+        _note(
+            "One training step of the scheme each device profile trained, from the memory planner "
+            "(docs/memory.md): live bytes at each op's forward and backward peak, against the device's "
+            "SRAM. Frozen weights stay in flash."
+        )
+    ]
     for rep in reports:
         png = _drawn(lambda d, rep=rep: plot_memory(rep, d / "memory.png"))["memory.png"]
         verdict = Html(f'<span class="{"good" if rep.fits else "bad"}">{_e(rep.reason())}</span>')
         client_peak = reported.get(rep.sram_bytes)
-        rows = [["device", f"{rep.device} ({_kb(rep.sram_bytes)} SRAM, {_kb(rep.device_flash_bytes)} flash)"],
-                ["scheme", rep.scheme], ["peak SRAM", f"{rep.peak_sram_bytes:,} B"], ["peak at", rep.peak_at],
-                ["peak the clients reported", "-" if client_peak is None else f"{client_peak:,} B"],
-                ["arena (all but persistent and input)", f"{rep.arena_bytes:,} B"],
-                ["saved for backward", f"{rep.saved_for_backward_bytes:,} B"],
-                ["persistent (trained parameters, optimizer)", f"{rep.persistent_bytes:,} B"],
-                # the persistent parts (and accumulators); saved_for_backward has its own row above
-                *[[Html(f'<span class="indent">{_e(k.replace("_", " "))}</span>'), f"{v:,} B"]
-                  for k, v in rep.breakdown.items() if k != "saved_for_backward"],
-                ["flash (frozen and trained weights)", f"{rep.flash_bytes:,} B"],
-                ["MACs of a step (forward + backward)", f"{rep.macs_forward:,} + {rep.macs_backward:,}"],
-                ["verdict", verdict]]
+        rows = [
+            ["device", f"{rep.device} ({_kb(rep.sram_bytes)} SRAM, {_kb(rep.device_flash_bytes)} flash)"],
+            ["scheme", rep.scheme],
+            ["peak SRAM", f"{rep.peak_sram_bytes:,} B"],
+            ["peak at", rep.peak_at],
+            ["peak the clients reported", "-" if client_peak is None else f"{client_peak:,} B"],
+            ["arena (all but persistent and input)", f"{rep.arena_bytes:,} B"],
+            ["saved for backward", f"{rep.saved_for_backward_bytes:,} B"],
+            ["persistent (trained parameters, optimizer)", f"{rep.persistent_bytes:,} B"],
+            # the persistent parts (and accumulators); saved_for_backward has its own row above
+            *[
+                [Html(f'<span class="indent">{_e(k.replace("_", " "))}</span>'), f"{v:,} B"]
+                for k, v in rep.breakdown.items()
+                if k != "saved_for_backward"
+            ],
+            ["flash (frozen and trained weights)", f"{rep.flash_bytes:,} B"],
+            ["MACs of a step (forward + backward)", f"{rep.macs_forward:,} + {rep.macs_backward:,}"],
+            ["verdict", verdict],
+        ]
         out.append(_h3(f"{rep.device}: {rep.scheme}"))
-        out.append(_figures([_figure(png, f"Per-layer memory of one step on {rep.device} (kB live; dashed: the "
-                                          "device's SRAM).")], one=True))
+        out.append(
+            _figures(
+                [_figure(png, f"Per-layer memory of one step on {rep.device} (kB live; dashed: the device's SRAM).")],
+                one=True,
+            )
+        )
         out.append(_table(["", "value"], rows, numbers=False))
     return "".join(out)
 
@@ -615,31 +757,93 @@ def _clients_section(run_dir: Path, records: list[dict[str, Any]]) -> str:
     status = {c["partition_id"]: "accepted" for c in last.get("clients", [])}
     rows = []
     for c in last.get("clients", []):
-        rows.append([c["partition_id"], device(c["partition_id"]), "accepted", _f(c.get("num_examples"), "d"),
-                     _f(c.get("steps"), "d"), _f(c.get("train_loss")), _f(c.get("train_accuracy")),
-                     _f(c.get("test_accuracy")), _int(c.get("uplink_bytes")), _int(c.get("downlink_bytes")),
-                     c.get("downlink_kind") or "-", _int(c.get("peak_sram_bytes")), _int(c.get("device_ram_bytes")),
-                     _f(c.get("compute_s"), ".3f"),
-                     _f(c.get("radio_s"), ".3f"), _f(c.get("energy_mj"), ".2f")])
+        rows.append(
+            [
+                c["partition_id"],
+                device(c["partition_id"]),
+                "accepted",
+                _f(c.get("num_examples"), "d"),
+                _f(c.get("steps"), "d"),
+                _f(c.get("train_loss")),
+                _f(c.get("train_accuracy")),
+                _f(c.get("test_accuracy")),
+                _int(c.get("uplink_bytes")),
+                _int(c.get("downlink_bytes")),
+                c.get("downlink_kind") or "-",
+                _int(c.get("peak_sram_bytes")),
+                _int(c.get("device_ram_bytes")),
+                _f(c.get("compute_s"), ".3f"),
+                _f(c.get("radio_s"), ".3f"),
+                _f(c.get("energy_mj"), ".2f"),
+            ]
+        )
     for kind in ("refused", "rejected", "stragglers"):
         for c in last.get(kind, []):
             if c["partition_id"] not in status:
                 status[c["partition_id"]] = kind
-                rows.append([c["partition_id"], c.get("device") or device(c["partition_id"]),
-                             kind.rstrip("s"), "-", "-", "-", "-", "-", "-", "-", "-", _int(c.get("peak_sram_bytes")),
-                             _int(c.get("device_ram_bytes")),
-                             _f(c.get("seconds"), ".3f"), "-",
-                             _f(c.get("energy_mj"), ".2f")])
+                rows.append(
+                    [
+                        c["partition_id"],
+                        c.get("device") or device(c["partition_id"]),
+                        kind.rstrip("s"),
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        _int(c.get("peak_sram_bytes")),
+                        _int(c.get("device_ram_bytes")),
+                        _f(c.get("seconds"), ".3f"),
+                        "-",
+                        _f(c.get("energy_mj"), ".2f"),
+                    ]
+                )
     rows.sort(key=lambda row: row[0])
-    headers = ["partition", "device", "status", "examples", "steps", "train loss", "train acc.", "local test acc.",
-               "uplink (B)", "downlink (B)", "downlink kind", "peak SRAM (B)", "device RAM (B)", "compute (s, sim)",
-               "radio (s, sim)",
-               "energy (mJ)"]
-    return (_h3(f"Round {last['round']} (the last)") + _table(headers, rows, fold=FOLD, what="clients")
-            + _h3("Over the run") + _table(
-                ["partition", "device", "rounds sampled", "accepted", "refused", "rejected", "stragglers",
-                 "examples (sum)", "uplink (B)", "downlink (B)", "last local test acc.", "peak SRAM (B)"],
-                _over_run(rounds, device), fold=FOLD, what="clients"))
+    headers = [
+        "partition",
+        "device",
+        "status",
+        "examples",
+        "steps",
+        "train loss",
+        "train acc.",
+        "local test acc.",
+        "uplink (B)",
+        "downlink (B)",
+        "downlink kind",
+        "peak SRAM (B)",
+        "device RAM (B)",
+        "compute (s, sim)",
+        "radio (s, sim)",
+        "energy (mJ)",
+    ]
+    return (
+        _h3(f"Round {last['round']} (the last)")
+        + _table(headers, rows, fold=FOLD, what="clients")
+        + _h3("Over the run")
+        + _table(
+            [
+                "partition",
+                "device",
+                "rounds sampled",
+                "accepted",
+                "refused",
+                "rejected",
+                "stragglers",
+                "examples (sum)",
+                "uplink (B)",
+                "downlink (B)",
+                "last local test acc.",
+                "peak SRAM (B)",
+            ],
+            _over_run(rounds, device),
+            fold=FOLD,
+            what="clients",
+        )
+    )
 
 
 def _over_run(rounds: list[dict[str, Any]], device: Callable[[int], str]) -> list[list[Any]]:
@@ -648,8 +852,20 @@ def _over_run(rounds: list[dict[str, Any]], device: Callable[[int], str]) -> lis
     for r in rounds:
         for kind in ("clients", "refused", "rejected", "stragglers"):
             for c in r.get(kind, []):
-                a = acc.setdefault(c["partition_id"], {"clients": 0, "refused": 0, "rejected": 0, "stragglers": 0,
-                                                       "examples": 0, "up": 0, "down": 0, "test": None, "peak": 0})
+                a = acc.setdefault(
+                    c["partition_id"],
+                    {
+                        "clients": 0,
+                        "refused": 0,
+                        "rejected": 0,
+                        "stragglers": 0,
+                        "examples": 0,
+                        "up": 0,
+                        "down": 0,
+                        "test": None,
+                        "peak": 0,
+                    },
+                )
                 a[kind] += 1
                 a["peak"] = max(a["peak"], c.get("peak_sram_bytes", 0))
                 if kind == "clients":
@@ -657,23 +873,45 @@ def _over_run(rounds: list[dict[str, Any]], device: Callable[[int], str]) -> lis
                     a["up"] += c.get("uplink_bytes", 0)
                     a["down"] += c.get("downlink_bytes", 0)
                     a["test"] = c.get("test_accuracy", a["test"])
-    return [[pid, device(pid), sum(a[k] for k in ("clients", "refused", "rejected", "stragglers")), a["clients"],
-             a["refused"], a["rejected"], a["stragglers"], _int(a["examples"]), _int(a["up"]), _int(a["down"]),
-             _f(a["test"]), _int(a["peak"])] for pid, a in sorted(acc.items())]
+    return [
+        [
+            pid,
+            device(pid),
+            sum(a[k] for k in ("clients", "refused", "rejected", "stragglers")),
+            a["clients"],
+            a["refused"],
+            a["rejected"],
+            a["stragglers"],
+            _int(a["examples"]),
+            _int(a["up"]),
+            _int(a["down"]),
+            _f(a["test"]),
+            _int(a["peak"]),
+        ]
+        for pid, a in sorted(acc.items())
+    ]
 
 
 def _faults_section(summary: dict[str, Any] | None, records: list[dict[str, Any]]) -> str:
     s = summary or {}
     kinds = s.get("faults_by_kind") or {}
-    cards = _cards([
-        ("faults injected", _f(s.get("faults_total"), "d"),
-         ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) or "none"),
-        ("stragglers (past the deadline)", _f(s.get("stragglers_total"), "d"), "dropped by the server"),
-        ("rejected updates", _f(s.get("rejected_updates_total"), "d"), "failed decoding or screening"),
-        ("refused (step does not fit)", _f(s.get("refused_clients_total"), "d"), "sent nothing, by design"),
-        ("clients awake per round (mean)", _f(s.get("clients_awake_mean"), ".1f"),
-         f"{_f(s.get('clients_sampled_total'), 'd')} sampled over the run"),
-    ])
+    cards = _cards(
+        [
+            (
+                "faults injected",
+                _f(s.get("faults_total"), "d"),
+                ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) or "none",
+            ),
+            ("stragglers (past the deadline)", _f(s.get("stragglers_total"), "d"), "dropped by the server"),
+            ("rejected updates", _f(s.get("rejected_updates_total"), "d"), "failed decoding or screening"),
+            ("refused (step does not fit)", _f(s.get("refused_clients_total"), "d"), "sent nothing, by design"),
+            (
+                "clients awake per round (mean)",
+                _f(s.get("clients_awake_mean"), ".1f"),
+                f"{_f(s.get('clients_sampled_total'), 'd')} sampled over the run",
+            ),
+        ]
+    )
     events = []
     for r in records:
         for c in r.get("rejected", []):
@@ -681,45 +919,99 @@ def _faults_section(summary: dict[str, Any] | None, records: list[dict[str, Any]
         for c in r.get("refused", []):
             events.append([r["round"], c["partition_id"], "refused", c.get("reason", "")])
         for c in r.get("stragglers", []):
-            events.append([r["round"], c["partition_id"], "straggler",
-                           f"{c.get('seconds', 0):.3f} s of simulated work"])
+            events.append(
+                [r["round"], c["partition_id"], "straggler", f"{c.get('seconds', 0):.3f} s of simulated work"]
+            )
         for kind, pids in (r.get("faults") or {}).items():
             events.extend([r["round"], pid, f"fault: {kind}", "injected by the simulation"] for pid in pids)
     events.sort(key=lambda e: (e[0], e[1]))
-    table = (_table(["round", "partition", "event", "why"], events, fold=FOLD, what="events") if events
-             else _note("No client was rejected, refused, late or faulty in any round."))
+    table = (
+        _table(["round", "partition", "event", "why"], events, fold=FOLD, what="events")
+        if events
+        else _note("No client was rejected, refused, late or faulty in any round.")
+    )
     return cards + table
 
 
 def _privacy_section(run_dir: Path) -> str:
     path = run_dir / "privacy.json"
     rep = json.loads(path.read_text())
-    cards = [("mean PSNR of the reconstructions", f"{_f(rep.get('mean_psnr_db'), '.2f')} dB",
-              f"attack: {rep.get('method', '-')}"),
-             ("flat baseline (each image's mean)", f"{_f(rep.get('mean_flat_psnr_db'), '.2f')} dB",
-              "at or below it: nothing recognisable"),
-             ("mean SSIM", _f(rep.get("mean_ssim"), ".3f"), "1 = identical"),
-             ("images rebuilt at >= 25 dB", _f(rep.get("frac_psnr_25db"), ".2f"), "share of attacked images"),
-             ("label accuracy", _f(rep.get("label_accuracy"), ".2f"), f"labels: {rep.get('labels', '-')}")]
+    cards = [
+        (
+            "mean PSNR of the reconstructions",
+            f"{_f(rep.get('mean_psnr_db'), '.2f')} dB",
+            f"attack: {rep.get('method', '-')}",
+        ),
+        (
+            "flat baseline (each image's mean)",
+            f"{_f(rep.get('mean_flat_psnr_db'), '.2f')} dB",
+            "at or below it: nothing recognisable",
+        ),
+        ("mean SSIM", _f(rep.get("mean_ssim"), ".3f"), "1 = identical"),
+        ("images rebuilt at >= 25 dB", _f(rep.get("frac_psnr_25db"), ".2f"), "share of attacked images"),
+        ("label accuracy", _f(rep.get("label_accuracy"), ".2f"), f"labels: {rep.get('labels', '-')}"),
+    ]
     if rep.get("oracle_mean_psnr_db") is not None:
-        cards.append(("bound: blocks at their true positions", f"{_f(rep['oracle_mean_psnr_db'], '.2f')} dB",
-                      f"4x4 blocks leaked: {_f(rep.get('leaked_blocks'), '.3f')}"))
+        cards.append(
+            (
+                "bound: blocks at their true positions",
+                f"{_f(rep['oracle_mean_psnr_db'], '.2f')} dB",
+                f"4x4 blocks leaked: {_f(rep.get('leaked_blocks'), '.3f')}",
+            )
+        )
     out = [_cards(cards)]
     png = run_dir / "reconstructions.png"
     if png.is_file():
-        out.append(_figures([_figure(png.read_bytes(), "Targets (top) above their reconstructions (bottom), with "
-                                     "each reconstruction's PSNR: the first images of the table below, in its "
-                                     "order.")], one=True))
+        out.append(
+            _figures(
+                [
+                    _figure(
+                        png.read_bytes(),
+                        "Targets (top) above their reconstructions (bottom), with "
+                        "each reconstruction's PSNR: the first images of the table below, in its "
+                        "order.",
+                    )
+                ],
+                one=True,
+            )
+        )
     attacks = [a for a in rep.get("attacks", []) if a.get("mean_psnr_db") is not None]
     out.append(_h3("Per attacked update"))
-    out.append(_table(["round", "observed", "partition", "images", "PSNR (dB)", "flat (dB)", "SSIM", "label acc.",
-                       "change (LSB)", "match cos. at truth", "bound (dB)", "blocks leaked"],
-                      [[a.get("round"), a.get("observed"), a.get("partition_id", "-"), a.get("images"),
-                        _f(a.get("mean_psnr_db"), ".2f"), _f(a.get("mean_flat_psnr_db"), ".2f"),
-                        _f(a.get("mean_ssim"), ".3f"), _f(a.get("label_accuracy"), ".2f"),
-                        _f(a.get("change_lsb"), ".3g"), _f(a.get("match_cosine_at_truth"), ".3f"),
-                        _f(a.get("oracle_mean_psnr_db"), ".2f"), _f(a.get("leaked_blocks"), ".3f")]
-                       for a in attacks]))
+    out.append(
+        _table(
+            [
+                "round",
+                "observed",
+                "partition",
+                "images",
+                "PSNR (dB)",
+                "flat (dB)",
+                "SSIM",
+                "label acc.",
+                "change (LSB)",
+                "match cos. at truth",
+                "bound (dB)",
+                "blocks leaked",
+            ],
+            [
+                [
+                    a.get("round"),
+                    a.get("observed"),
+                    a.get("partition_id", "-"),
+                    a.get("images"),
+                    _f(a.get("mean_psnr_db"), ".2f"),
+                    _f(a.get("mean_flat_psnr_db"), ".2f"),
+                    _f(a.get("mean_ssim"), ".3f"),
+                    _f(a.get("label_accuracy"), ".2f"),
+                    _f(a.get("change_lsb"), ".3g"),
+                    _f(a.get("match_cosine_at_truth"), ".3f"),
+                    _f(a.get("oracle_mean_psnr_db"), ".2f"),
+                    _f(a.get("leaked_blocks"), ".3f"),
+                ]
+                for a in attacks
+            ],
+        )
+    )
     images = []
     for a in attacks:
         psnr, ssim = a.get("psnr_db") or [], a.get("ssim") or []
@@ -728,19 +1020,56 @@ def _privacy_section(run_dir: Path) -> str:
         for i, p in enumerate(psnr):
             f = _nth(flat, i)
             above = None if f is None else ("yes" if p > f else "no")
-            images.append([len(images) + 1, a.get("round"), a.get("partition_id", "-"), _f(_nth(labels, i), "d"),
-                           _f(p, ".2f"), _f(f, ".2f"), _f(above), _f(_nth(ssim, i), ".3f"), _f(_nth(bound, i), ".2f")])
+            images.append(
+                [
+                    len(images) + 1,
+                    a.get("round"),
+                    a.get("partition_id", "-"),
+                    _f(_nth(labels, i), "d"),
+                    _f(p, ".2f"),
+                    _f(f, ".2f"),
+                    _f(above),
+                    _f(_nth(ssim, i), ".3f"),
+                    _f(_nth(bound, i), ".2f"),
+                ]
+            )
     if images:
         out.append(_h3("Per image"))
         out.append(_note(f"Image i is column i of the figure above (it shows the first {RECONSTRUCTIONS_SHOWN})."))
-        out.append(_table(["image", "round", "partition", "true label", "PSNR (dB)", "flat (dB)", "above flat",
-                           "SSIM", "bound (dB)"], images, fold=FOLD, what="images"))
+        out.append(
+            _table(
+                [
+                    "image",
+                    "round",
+                    "partition",
+                    "true label",
+                    "PSNR (dB)",
+                    "flat (dB)",
+                    "above flat",
+                    "SSIM",
+                    "bound (dB)",
+                ],
+                images,
+                fold=FOLD,
+                what="images",
+            )
+        )
     if rep.get("aggregate"):
         agg = rep["aggregate"]
         out.append(_h3("The aggregate (what a server behind secure aggregation sees)"))
-        out.append(_table(["PSNR (dB)", "flat (dB)", "SSIM", "label acc."],
-                          [[_f(agg.get("mean_psnr_db"), ".2f"), _f(agg.get("mean_flat_psnr_db"), ".2f"),
-                            _f(agg.get("mean_ssim"), ".3f"), _f(agg.get("label_accuracy"), ".2f")]]))
+        out.append(
+            _table(
+                ["PSNR (dB)", "flat (dB)", "SSIM", "label acc."],
+                [
+                    [
+                        _f(agg.get("mean_psnr_db"), ".2f"),
+                        _f(agg.get("mean_flat_psnr_db"), ".2f"),
+                        _f(agg.get("mean_ssim"), ".3f"),
+                        _f(agg.get("label_accuracy"), ".2f"),
+                    ]
+                ],
+            )
+        )
     return "".join(out)
 
 
@@ -764,8 +1093,15 @@ def run_report(run_dir: str | Path) -> Path:
     figs = _drawn(lambda d: plot_run(records, d, name)) if records else {}
     sections = [
         ("scenario", "Scenario", _scenario_section(run_dir)),
-        ("headline", "Headline", _headline(summary, records) if summary else
-         _note("No summary.json: the run has not finished (or stopped early); what follows is from metrics.jsonl.")),
+        (
+            "headline",
+            "Headline",
+            _headline(summary, records)
+            if summary
+            else _note(
+                "No summary.json: the run has not finished (or stopped early); what follows is from metrics.jsonl."
+            ),
+        ),
         ("accuracy", "Accuracy", _accuracy_section(figs)),
         ("bytes", "Bytes per round", _bytes_section(figs, records)),
         ("memory", "Memory of a training step", _memory_section(run_dir, summary, records)),
@@ -815,8 +1151,9 @@ def _method_section(sweep: Sweep, method: str, s: dict[str, Any] | None) -> str:
     if schemes:
         described = {d: v if isinstance(v, list) else [v.get("scheme", v.get("id", ""))] for d, v in schemes.items()}
         out.append(_note("Schemes: " + "; ".join(f"{d}: {', '.join(v)}" for d, v in described.items())))
-    out.append(_table(["figure", "mean ± 95% half-interval" if sweep.seeded[method] else "value", "std"],
-                      _figure_rows(s)))
+    out.append(
+        _table(["figure", "mean ± 95% half-interval" if sweep.seeded[method] else "value", "std"], _figure_rows(s))
+    )
     rows = []
     attacked = s.get("privacy_mean_psnr_db") is not None
     for d in folders:
@@ -824,27 +1161,54 @@ def _method_section(sweep: Sweep, method: str, s: dict[str, Any] | None) -> str:
         rel = os.path.relpath(d / REPORT, sweep.root)
         link = Html(f'<a href="{_e(rel)}">{_e(rel)}</a>') if (d / REPORT).is_file() else "-"
         psnr = [_f(r.get("privacy_mean_psnr_db"), ".2f")] if attacked else []
-        rows.append([_f(r.get("seed"), "d"), _f(r.get("final_accuracy")), _f(r.get("best_accuracy")),
-                     _int(r.get("uplink_bytes_total")), _int(r.get("peak_sram_bytes_max")), *psnr,
-                     _f(r.get("wall_time_s"), ".1f"), link])
-    headers = ["seed", "final acc.", "best", "uplink (B)", "peak SRAM (B)", *(["PSNR (dB)"] if attacked else []),
-               "wall (s)", "run report"]
+        rows.append(
+            [
+                _f(r.get("seed"), "d"),
+                _f(r.get("final_accuracy")),
+                _f(r.get("best_accuracy")),
+                _int(r.get("uplink_bytes_total")),
+                _int(r.get("peak_sram_bytes_max")),
+                *psnr,
+                _f(r.get("wall_time_s"), ".1f"),
+                link,
+            ]
+        )
+    headers = [
+        "seed",
+        "final acc.",
+        "best",
+        "uplink (B)",
+        "peak SRAM (B)",
+        *(["PSNR (dB)"] if attacked else []),
+        "wall (s)",
+        "run report",
+    ]
     out.append(_table(headers, rows))
     return "".join(out)
 
 
-def _privacy_sweep(finished: dict[str, list[Path]], summaries: dict[str, dict[str, Any]], tables: dict[str, str],
-                   records: dict[str, list[list[dict[str, Any]]]]) -> str:
+def _privacy_sweep(
+    finished: dict[str, list[Path]],
+    summaries: dict[str, dict[str, Any]],
+    tables: dict[str, str],
+    records: dict[str, list[list[dict[str, Any]]]],
+) -> str:
     """The sweep's leakage: its privacy table and plots, over the finished runs (``finished``, by method)."""
-    reports = {m: [json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").is_file() else {}
-                   for d in finished[m]] for m in summaries}
+    reports = {
+        m: [json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").is_file() else {} for d in finished[m]]
+        for m in summaries
+    }
     precisions = {m: s.get("precision", "") for m, s in summaries.items()}
     groups = privacy_groups(summaries)
 
     # the LSB view needs the size of each sent change: an attack that reads the update another way
     # (the imprint trap's bins) records none, and its plot and table would be empty frames
-    sized = any(a.get("change_lsb") and a.get("mean_psnr_db") is not None and a.get("observed") == "client"
-                for reps in reports.values() for rep in reps for a in rep.get("attacks", []))
+    sized = any(
+        a.get("change_lsb") and a.get("mean_psnr_db") is not None and a.get("observed") == "client"
+        for reps in reports.values()
+        for rep in reps
+        for a in rep.get("attacks", [])
+    )
 
     def draw(d: Path) -> None:
         for file, (x_key, xlabel, logx) in PRIVACY_PLOTS.items():
@@ -853,17 +1217,24 @@ def _privacy_sweep(finished: dict[str, list[Path]], summaries: dict[str, dict[st
             plot_attacks_vs_lsb(reports, precisions, d / "psnr_vs_lsb.png")
 
     figs = _drawn(draw)
-    captions = [("psnr_vs_uplink.png", "Reconstruction PSNR against uplink bytes, per method (bars: 95% intervals "
-                                       "over seeds; hollow: fp32 clients)."),
-                ("psnr_vs_accuracy.png", "Reconstruction PSNR against the federation's final accuracy.")]
+    captions = [
+        (
+            "psnr_vs_uplink.png",
+            "Reconstruction PSNR against uplink bytes, per method (bars: 95% intervals "
+            "over seeds; hollow: fp32 clients).",
+        ),
+        ("psnr_vs_accuracy.png", "Reconstruction PSNR against the federation's final accuracy."),
+    ]
     if sized:
         captions.append(("psnr_vs_lsb.png", "Each attacked update's PSNR against the size of what it sent, in LSB."))
     out = [_markdown(tables["privacy"]), _figures([_figure(figs[f], c) for f, c in captions if f in figs], one=True)]
     if sized:
         out += [_h3("Attacked updates by the size of what they sent"), _markdown(privacy_lsb_table(reports, groups))]
     if any(len({a["round"] for rep in reps for a in rep.get("attacks", [])}) > 1 for reps in reports.values()):
-        accuracy = {m: [{r["round"]: r["global_accuracy"] for r in recs if "global_accuracy" in r} for recs in seeds]
-                    for m, seeds in records.items()}
+        accuracy = {
+            m: [{r["round"]: r["global_accuracy"] for r in recs if "global_accuracy" in r} for recs in seeds]
+            for m, seeds in records.items()
+        }
         out += [_h3("Attacks by round"), _markdown(privacy_rounds_table(reports, accuracy))]
     return "".join(out)
 
@@ -898,14 +1269,34 @@ def sweep_report(sweep_dir: str | Path, *, runs: bool = True) -> Path:
     if "paired" in tables:
         body += [_h3("Paired by seed"), _markdown(tables["paired"])]
     if missing:
-        body.append(_note("Left out (no summary.json: unfinished): "
-                          + ", ".join(str(p.relative_to(sweep.root)) for p in missing)))
-    body.append(_figures([_figure(figs["accuracy_vs_uplink.png"], "Global test accuracy against cumulative uplink "
-                                  "bytes: mean over seeds, band: 95% interval of the mean.")]))
-    sections = [("scenario", "Scenario", _scenario_section(sweep.root)),
-                ("methods", "Methods" if sweep.methods else "Result", "".join(body))]
-    per_round = [_figure(figs[f"seeds_{i:03d}.png"], f"{m}: accuracy per round, each seed thin, mean bold, band: "
-                         "95% interval of the mean.") for i, m in enumerate(records) if f"seeds_{i:03d}.png" in figs]
+        body.append(
+            _note(
+                "Left out (no summary.json: unfinished): " + ", ".join(str(p.relative_to(sweep.root)) for p in missing)
+            )
+        )
+    body.append(
+        _figures(
+            [
+                _figure(
+                    figs["accuracy_vs_uplink.png"],
+                    "Global test accuracy against cumulative uplink "
+                    "bytes: mean over seeds, band: 95% interval of the mean.",
+                )
+            ]
+        )
+    )
+    sections = [
+        ("scenario", "Scenario", _scenario_section(sweep.root)),
+        ("methods", "Methods" if sweep.methods else "Result", "".join(body)),
+    ]
+    per_round = [
+        _figure(
+            figs[f"seeds_{i:03d}.png"],
+            f"{m}: accuracy per round, each seed thin, mean bold, band: 95% interval of the mean.",
+        )
+        for i, m in enumerate(records)
+        if f"seeds_{i:03d}.png" in figs
+    ]
     if per_round:
         sections.append(("rounds", "Accuracy per round", _figures(per_round)))
     if "privacy" in tables:
@@ -917,8 +1308,10 @@ def sweep_report(sweep_dir: str | Path, *, runs: bool = True) -> Path:
     for i, m in enumerate(sweep.runs):
         sections.append((f"m{i}", m, _method_section(sweep, m, summaries.get(m))))
     n_runs = sum(len(v) for v in sweep.runs.values())
-    subtitle = (f"sweep folder <code>{_e(sweep.root.resolve())}</code> · {len(sweep.runs)} method"
-                f"{'s' * (len(sweep.runs) != 1)} · {n_runs} runs · up to {seeds} seed{'s' * (seeds != 1)}")
+    subtitle = (
+        f"sweep folder <code>{_e(sweep.root.resolve())}</code> · {len(sweep.runs)} method"
+        f"{'s' * (len(sweep.runs) != 1)} · {n_runs} runs · up to {seeds} seed{'s' * (seeds != 1)}"
+    )
     return _write(sweep.root / REPORT, _page(f"fedtiny sweep: {sweep.name}", subtitle, sections))
 
 

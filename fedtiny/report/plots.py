@@ -31,8 +31,15 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
     rounds = [r["round"] for r in records]
     paths = []
 
-    paths.append(_accuracy_against(rounds, records, "round (0 = cloud-pretrained model)",
-                                   f"{title}: global test accuracy", run_dir / "accuracy.png"))
+    paths.append(
+        _accuracy_against(
+            rounds,
+            records,
+            "round (0 = cloud-pretrained model)",
+            f"{title}: global test accuracy",
+            run_dir / "accuracy.png",
+        )
+    )
 
     fig, ax = plt.subplots(figsize=(6, 4))
     up = [r.get("uplink_bytes", 0) / 1024 for r in records]
@@ -55,15 +62,22 @@ def plot_run(records: list[dict[str, Any]], run_dir: Path, title: str = "") -> l
         times = [r.get("fleet_time_s", 0.0) for r in records]
         positive = [t for t in times if t > 0]
         # a symmetric log axis over less than a decade labels nothing but its ends
-        paths.append(_accuracy_against(times, records, "simulated fleet time (s; each round: its slowest counted "
-                                       "client, or the deadline)", f"{title}: accuracy against device time",
-                                       run_dir / "accuracy_vs_fleet_time.png",
-                                       symlog=max(positive) >= 10 * min(positive)))
+        paths.append(
+            _accuracy_against(
+                times,
+                records,
+                "simulated fleet time (s; each round: its slowest counted client, or the deadline)",
+                f"{title}: accuracy against device time",
+                run_dir / "accuracy_vs_fleet_time.png",
+                symlog=max(positive) >= 10 * min(positive),
+            )
+        )
     return paths
 
 
-def _accuracy_against(x: list[float], records: list[dict[str, Any]], xlabel: str, title: str, path: Path, *,
-                      symlog: bool = False) -> Path:
+def _accuracy_against(
+    x: list[float], records: list[dict[str, Any]], xlabel: str, title: str, path: Path, *, symlog: bool = False
+) -> Path:
     """One run's global test accuracy against ``x`` (rounds, or simulated time), saved to ``path``."""
     plt = _pyplot()
 
@@ -110,12 +124,17 @@ def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Pat
     any_sent = False
     for name, seeds in runs.items():
         up = [np.cumsum([r.get("uplink_bytes", 0) for r in recs]) for recs in seeds]
-        xs = np.mean([u[:min(map(len, up))] for u in up], axis=0)
+        xs = np.mean([u[: min(map(len, up))] for u in up], axis=0)
         mean, lo, hi = _band(seeds, "global_accuracy")
         sent = xs > 0  # round 0 (nothing sent yet) has no place on a log axis: a dotted level instead
         any_sent |= bool(sent.any())
-        (line,) = ax.plot(xs[sent], mean[sent], marker="o", markersize=3,
-                          label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        (line,) = ax.plot(
+            xs[sent],
+            mean[sent],
+            marker="o",
+            markersize=3,
+            label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""),
+        )
         if not sent.all():
             ax.axhline(mean[0], color=line.get_color(), ls=":", lw=1, alpha=0.7)
         if len(seeds) > 1:
@@ -127,8 +146,9 @@ def plot_methods(runs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Pat
     ax.set_ylabel("global test accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("accuracy vs bytes sent up (band: 95% interval over seeds;\ndotted: round 0, before any upload)",
-                 fontsize=10)
+    ax.set_title(
+        "accuracy vs bytes sent up (band: 95% interval over seeds;\ndotted: round 0, before any upload)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,7 +163,7 @@ def plot_seeds(seeds: list[list[dict[str, Any]]], path: Path, title: str = "") -
     for recs in seeds:
         ax.plot([r["round"] for r in recs], [r["global_accuracy"] for r in recs], color="grey", alpha=0.4, lw=0.8)
     mean, lo, hi = _band(seeds, "global_accuracy")
-    rounds = [r["round"] for r in seeds[0][:len(mean)]]
+    rounds = [r["round"] for r in seeds[0][: len(mean)]]
     ax.plot(rounds, mean, color="C0", lw=2, label=f"mean of {len(seeds)} seeds")
     ax.fill_between(rounds, lo, hi, color="C0", alpha=0.25, linewidth=0, label="95% interval of the mean")
     ax.set_xlabel("round")
@@ -184,8 +204,10 @@ def plot_memory(report, path) -> Path:
 def privacy_groups(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Method -> the group its attacked updates are pooled in by size: precision, and the DP kind apart
     (DP noise makes a change large without carrying the gradient)."""
-    return {n: s.get("precision", "") + (f" + {s['dp']} DP" if s.get("dp", "none") != "none" else "")
-            for n, s in summaries.items()}
+    return {
+        n: s.get("precision", "") + (f" + {s['dp']} DP" if s.get("dp", "none") != "none" else "")
+        for n, s in summaries.items()
+    }
 
 
 def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
@@ -203,26 +225,43 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     cols += ["final accuracy", "uplink bytes", "peak SRAM"] + (["epsilon"] if dp else [])
     lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, s in summaries.items():
-        cells = [pm(s, "privacy_mean_psnr_db", ".2f"), pm(s, "privacy_flat_psnr_db", ".2f"),
-                 pm(s, "privacy_frac_psnr_25db", ".2f"), pm(s, "privacy_mean_ssim", ".3f"),
-                 pm(s, "privacy_label_accuracy", ".2f"), pm(s, "privacy_match_cosine", ".3f"),
-                 pm(s, "privacy_change_lsb", ".3g")]
+        cells = [
+            pm(s, "privacy_mean_psnr_db", ".2f"),
+            pm(s, "privacy_flat_psnr_db", ".2f"),
+            pm(s, "privacy_frac_psnr_25db", ".2f"),
+            pm(s, "privacy_mean_ssim", ".3f"),
+            pm(s, "privacy_label_accuracy", ".2f"),
+            pm(s, "privacy_match_cosine", ".3f"),
+            pm(s, "privacy_change_lsb", ".3g"),
+        ]
         if trap:
-            cells += [pm(s, "privacy_oracle_psnr_db", ".2f"), pm(s, "privacy_leaked_blocks", ".3f"),
-                      pm(s, "refused_clients_total", ".3g")]
+            cells += [
+                pm(s, "privacy_oracle_psnr_db", ".2f"),
+                pm(s, "privacy_leaked_blocks", ".3f"),
+                pm(s, "refused_clients_total", ".3g"),
+            ]
         if agg:
-            cells += [pm(s, "privacy_aggregate_mean_psnr_db", ".2f"), pm(s, "privacy_aggregate_mean_ssim", ".3f"),
-                      pm(s, "privacy_aggregate_label_accuracy", ".2f")]
-        cells += [pm(s, "final_accuracy"), f"{int(s['uplink_bytes_total']):,}", f"{int(s.get('peak_sram_bytes_max', 0)):,}" if s.get("peak_sram_bytes_max") else "-"]
+            cells += [
+                pm(s, "privacy_aggregate_mean_psnr_db", ".2f"),
+                pm(s, "privacy_aggregate_mean_ssim", ".3f"),
+                pm(s, "privacy_aggregate_label_accuracy", ".2f"),
+            ]
+        cells += [
+            pm(s, "final_accuracy"),
+            f"{int(s['uplink_bytes_total']):,}",
+            f"{int(s.get('peak_sram_bytes_max', 0)):,}" if s.get("peak_sram_bytes_max") else "-",
+        ]
         if dp:
             cells.append("inf (no DP)" if s.get("dp_epsilon") is None else format(s["dp_epsilon"], ".3g"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     seeds = max(len(s.get("seeds", [])) or 1 for s in summaries.values())
     if seeds > 1:
         lines.append(f"\nMean over {seeds} seeds ± half-width of the 95% interval of the mean.")
-    lines.append("\nflat: PSNR of each image's own mean brightness (a reconstruction at or below it shows nothing "
-                 "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; a client that "
-                 "refused sent nothing to attack.")
+    lines.append(
+        "\nflat: PSNR of each image's own mean brightness (a reconstruction at or below it shows nothing "
+        "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; a client that "
+        "refused sent nothing to attack."
+    )
     return "\n".join(lines)
 
 
@@ -235,8 +274,9 @@ def _seeds_cell(values: list[float], fmt: str) -> str:
     return format(mean, fmt) if len(values) < 2 else f"{mean:{fmt}} ± {(hi - lo) / 2:{fmt}}"
 
 
-def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
-                         accuracy: dict[str, list[dict[int, float]]] | None = None) -> str:
+def privacy_rounds_table(
+    reports: dict[str, list[dict[str, Any]]], accuracy: dict[str, list[dict[int, float]]] | None = None
+) -> str:
     """Markdown: each method's client attacks split by the round they were made in.
 
     ``reports``: method -> its runs' ``privacy.json`` (one per seed); ``accuracy``: method -> per
@@ -245,20 +285,36 @@ def privacy_rounds_table(reports: dict[str, list[dict[str, Any]]],
     the match cosine at the truth, PSNR, SSIM and label accuracy; each the mean over the round's
     attacked clients of one seed, then the mean ± half-width of the 95% interval over seeds.
     """
-    keys = (("change_lsb", ".3g"), ("match_cosine_at_truth", ".3f"), ("mean_psnr_db", ".2f"),
-            ("mean_ssim", ".3f"), ("label_accuracy", ".2f"))
+    keys = (
+        ("change_lsb", ".3g"),
+        ("match_cosine_at_truth", ".3f"),
+        ("mean_psnr_db", ".2f"),
+        ("mean_ssim", ".3f"),
+        ("label_accuracy", ".2f"),
+    )
     cols = ["received model's accuracy", "change (LSB)", "match cos. at truth", "PSNR (dB)", "SSIM", "label acc."]
     lines = ["| method | round | " + " | ".join(cols) + " |", "| --- | ---: |" + " ---: |" * len(cols)]
     for name, runs in reports.items():
         rounds = sorted({a["round"] for rep in runs for a in rep.get("attacks", []) if a.get("observed") == "client"})
         for r in rounds:
-            per_seed = [[a for a in rep.get("attacks", []) if a.get("observed") == "client" and a["round"] == r
-                         and a.get("mean_psnr_db") is not None] for rep in runs]
+            per_seed = [
+                [
+                    a
+                    for a in rep.get("attacks", [])
+                    if a.get("observed") == "client" and a["round"] == r and a.get("mean_psnr_db") is not None
+                ]
+                for rep in runs
+            ]
             per_seed = [atk for atk in per_seed if atk]
             accs = [seed_acc[r - 1] for seed_acc in (accuracy or {}).get(name, []) if r - 1 in seed_acc]
             cells = [_seeds_cell(accs, ".4f")]
-            cells += [_seeds_cell([float(np.mean([a[k] for a in atk])) for atk in per_seed
-                            if all(a.get(k) is not None for a in atk)], fmt) for k, fmt in keys]
+            cells += [
+                _seeds_cell(
+                    [float(np.mean([a[k] for a in atk])) for atk in per_seed if all(a.get(k) is not None for a in atk)],
+                    fmt,
+                )
+                for k, fmt in keys
+            ]
             lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -288,15 +344,19 @@ def privacy_lsb_table(reports: dict[str, list[dict[str, Any]]], precision: dict[
                 group = f"{precision.get(name, '')}, {rep.get('method', '?')}, batch {a.get('images', '?')}"
                 b = int(np.searchsorted(LSB_BINS, a["change_lsb"], side="right")) - 1
                 cells.setdefault((group, b), {}).setdefault(i, []).append(a["mean_psnr_db"])
-    lines = ["| updates of | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= "
-             f"{REBUILT_DB:g} dB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| updates of | mean sent change (LSB) | updates | seeds | PSNR (dB) | rebuilt (>= {REBUILT_DB:g} dB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for (group, b), by_seed in sorted(cells.items()):
         lo, hi = LSB_BINS[b], LSB_BINS[b + 1]
         per_seed = [by_seed[i] for i in range(seeds) if i in by_seed]
         span = f"< {hi:g}" if lo == 0 else (f">= {lo:g}" if hi == float("inf") else f"{lo:g} - {hi:g}")
-        lines.append(f"| {group} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
-                     f"{_seeds_cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
-                     f"{_seeds_cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |")
+        lines.append(
+            f"| {group} | {span} | {sum(map(len, per_seed))} | {len(per_seed)} | "
+            f"{_seeds_cell([float(np.mean(p)) for p in per_seed], '.2f')} | "
+            f"{_seeds_cell([float(np.mean(np.asarray(p) >= REBUILT_DB)) for p in per_seed], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -319,13 +379,23 @@ def plot_attacks_vs_lsb(reports: dict[str, list[dict[str, Any]]], precision: dic
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
     for i, (name, runs) in enumerate(reports.items()):
-        pts = [(a["change_lsb"], a["mean_psnr_db"]) for rep in runs for a in rep.get("attacks", [])
-               if a.get("mean_psnr_db") is not None and a.get("change_lsb") and a.get("observed") == "client"]
+        pts = [
+            (a["change_lsb"], a["mean_psnr_db"])
+            for rep in runs
+            for a in rep.get("attacks", [])
+            if a.get("mean_psnr_db") is not None and a.get("change_lsb") and a.get("observed") == "client"
+        ]
         if not pts:
             continue
         c = colors[i % 20]
-        ax.scatter(*zip(*pts), s=18, color=c, marker=markers[i % len(markers)], label=name,
-                   facecolors="none" if precision.get(name) == "fp32" else c)
+        ax.scatter(
+            *zip(*pts),
+            s=18,
+            color=c,
+            marker=markers[i % len(markers)],
+            label=name,
+            facecolors="none" if precision.get(name) == "fp32" else c,
+        )
     if ax.get_legend_handles_labels()[0]:  # an attack that records no update size (the imprint) draws nothing
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.set_xscale("log")
@@ -339,8 +409,13 @@ def plot_attacks_vs_lsb(reports: dict[str, list[dict[str, Any]]], precision: dic
     return Path(path)
 
 
-def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = "uplink_bytes_total",
-                 xlabel: str = "uplink bytes (total)", logx: bool = True) -> Path:
+def plot_privacy(
+    summaries: dict[str, dict[str, Any]],
+    path: Path,
+    x_key: str = "uplink_bytes_total",
+    xlabel: str = "uplink bytes (total)",
+    logx: bool = True,
+) -> Path:
     """Reconstruction PSNR against one of the run's figures, a point per method with its seeds' interval.
 
     fp32 methods are drawn hollow, int8 filled, so the precision reads at a glance.
@@ -349,8 +424,9 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = 
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
-    points = [(n, s) for n, s in summaries.items()
-              if s.get("privacy_mean_psnr_db") is not None and s.get(x_key) is not None]
+    points = [
+        (n, s) for n, s in summaries.items() if s.get("privacy_mean_psnr_db") is not None and s.get(x_key) is not None
+    ]
 
     def err(s, key):
         if f"{key}_ci95" not in s:
@@ -360,9 +436,18 @@ def plot_privacy(summaries: dict[str, dict[str, Any]], path: Path, x_key: str = 
 
     for i, (name, s) in enumerate(points):  # a legend, not labels: nearby points would overlap
         c = colors[i % 20]
-        ax.errorbar(s[x_key], s["privacy_mean_psnr_db"], yerr=err(s, "privacy_mean_psnr_db"), xerr=err(s, x_key),
-                    color=c, marker=markers[i % len(markers)], mfc="none" if s.get("precision") == "fp32" else c,
-                    linestyle="none", capsize=2, label=name)
+        ax.errorbar(
+            s[x_key],
+            s["privacy_mean_psnr_db"],
+            yerr=err(s, "privacy_mean_psnr_db"),
+            xerr=err(s, x_key),
+            color=c,
+            marker=markers[i % len(markers)],
+            mfc="none" if s.get("precision") == "fp32" else c,
+            linestyle="none",
+            capsize=2,
+            label=name,
+        )
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(points) <= 25 else 2)
     if logx:
         ax.set_xscale("log")
@@ -381,8 +466,9 @@ def plot_contributions(contrib, path: Path) -> Path:
     plt = _pyplot()
 
     gains = np.array(contrib.weight_gain) * 100
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, max(3, len(gains) * 0.16 + 1.5)),
-                                 gridspec_kw={"width_ratios": [len(contrib.ratios), 2]})
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(8, max(3, len(gains) * 0.16 + 1.5)), gridspec_kw={"width_ratios": [len(contrib.ratios), 2]}
+    )
     lim = max(float(np.abs(gains).max()), 1e-6)
     im = ax.imshow(gains, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
     ax.set_xticks(range(len(contrib.ratios)), [f"{r:g}" for r in contrib.ratios])

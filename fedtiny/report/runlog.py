@@ -42,8 +42,9 @@ def new_run_dir(scenario: Scenario, out: str | Path | None = None, base: str | P
 def write_scenario(scenario: Scenario, run_dir: Path) -> Path:
     """Write the resolved scenario (defaults and overrides applied) as ``scenario.toml``."""
     path = run_dir / "scenario.toml"
-    path.write_text("# Resolved scenario of this run (defaults and --set overrides applied).\n"
-                    + tomli_w.dumps(scenario.to_dict()))
+    path.write_text(
+        "# Resolved scenario of this run (defaults and --set overrides applied).\n" + tomli_w.dumps(scenario.to_dict())
+    )
     return path
 
 
@@ -70,8 +71,13 @@ class RunLog:
         (later lines, from a round cut short, are dropped) and go on timing from there.
     """
 
-    def __init__(self, run_dir: Path, scenario: Scenario, progress: TextIO | None = sys.stderr,
-                 resume: tuple[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        scenario: Scenario,
+        progress: TextIO | None = sys.stderr,
+        resume: tuple[int, float] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.scenario = scenario
         self.progress = progress
@@ -110,13 +116,24 @@ class RunLog:
         rec = self._pending[server_round]
         if "global_accuracy" in rec and (server_round == 0 or "uplink_bytes" in rec):
             del self._pending[server_round]
-            self.add_round({"round": server_round, "clients": [], "rejected": [], "refused": [],
-                            "uplink_bytes": 0, "downlink_bytes": 0, **rec})
+            self.add_round(
+                {
+                    "round": server_round,
+                    "clients": [],
+                    "rejected": [],
+                    "refused": [],
+                    "uplink_bytes": 0,
+                    "downlink_bytes": 0,
+                    **rec,
+                }
+            )
 
     def add_round(self, record: dict[str, Any]) -> None:
         """Append a round's record (adds ``elapsed_s`` and the cumulative simulated ``fleet_time_s``) and print
         a progress line."""
-        fleet_time = (self.records[-1].get("fleet_time_s", 0.0) if self.records else 0.0) + record.get("round_time_s", 0.0)
+        fleet_time = (self.records[-1].get("fleet_time_s", 0.0) if self.records else 0.0) + record.get(
+            "round_time_s", 0.0
+        )
         record = {**record, "fleet_time_s": round(fleet_time, 6), "elapsed_s": round(self.elapsed(), 3)}
         self.records.append(record)
         with open(self.path, "a") as f:
@@ -130,13 +147,18 @@ class RunLog:
             # cloud step, and round 1 carries the simulation's start-up)
             first = self.records[1] if len(self.records) > 2 else self.records[0]
             pace = left(r - first["round"], total - first["round"], record["elapsed_s"] - first["elapsed_s"])
-            say(f"round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
+            say(
+                f"round {r:>3}/{total} | acc {record['global_accuracy']:.4f} | "
                 f"loss {record['global_loss']:.4f} | up {_kb(record.get('uplink_bytes', 0))} | "
                 f"down {_kb(record.get('downlink_bytes', 0))}"
-                + (f" | rejected {rej}" if rej else "") + (f" | refused {ref} (memory)" if ref else "")
+                + (f" | rejected {rej}" if rej else "")
+                + (f" | refused {ref} (memory)" if ref else "")
                 + (f" | stragglers {late}" if late else "")
                 + (f" | fleet {record['fleet_time_s']:.1f}s sim" if record.get("fleet_time_s") else "")
-                + f" | {record['elapsed_s']:.1f}s" + (f" | {pace}" if pace else ""), self.progress)
+                + f" | {record['elapsed_s']:.1f}s"
+                + (f" | {pace}" if pace else ""),
+                self.progress,
+            )
 
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` and the plots; return the summary."""
@@ -157,11 +179,15 @@ class RunLog:
             "rejected_updates_total": sum(len(r.get("rejected", [])) for r in recs),
             "refused_clients_total": sum(len(r.get("refused", [])) for r in recs),
             # The memory planner's peak of one training step, over every client that trained or refused.
-            "peak_sram_bytes_max": max((c.get("peak_sram_bytes", 0) for r in recs
-                                        for c in r.get("clients", []) + r.get("refused", [])), default=0),
+            "peak_sram_bytes_max": max(
+                (c.get("peak_sram_bytes", 0) for r in recs for c in r.get("clients", []) + r.get("refused", [])),
+                default=0,
+            ),
             # The whole client across a round (fedtiny.budget.device_memory): what refusals use by default.
-            "device_ram_bytes_max": max((c.get("device_ram_bytes", 0) for r in recs
-                                         for c in r.get("clients", []) + r.get("refused", [])), default=0),
+            "device_ram_bytes_max": max(
+                (c.get("device_ram_bytes", 0) for r in recs for c in r.get("clients", []) + r.get("refused", [])),
+                default=0,
+            ),
             "wall_time_s": round(self.elapsed(), 3),
             "run_dir": str(self.run_dir),
             **fleet_summary(recs, self.scenario.fleet.target_accuracy),
@@ -193,10 +219,21 @@ def privacy_summary(recs: list[dict[str, Any]], scenario: Scenario) -> dict[str,
             for c in r.get("clients", []) + r.get("rejected", []) + r.get("stragglers", []):
                 sent[c["partition_id"]] = sent.get(c["partition_id"], 0) + 1
         releases = max(sent.values(), default=0)
-    eps = dp_epsilon(p.dp, p.noise_multiplier, p.delta, releases=releases, clients=scenario.run.clients,
-                     per_round=scenario.clients_per_round, amplified=scenario.fleet.availability == "always")
-    return {"dp": p.dp, "dp_epsilon": None if eps is None else round(eps, 4), "dp_delta": p.delta,
-            "dp_releases": releases if p.dp != "none" else 0}
+    eps = dp_epsilon(
+        p.dp,
+        p.noise_multiplier,
+        p.delta,
+        releases=releases,
+        clients=scenario.run.clients,
+        per_round=scenario.clients_per_round,
+        amplified=scenario.fleet.availability == "always",
+    )
+    return {
+        "dp": p.dp,
+        "dp_epsilon": None if eps is None else round(eps, 4),
+        "dp_delta": p.delta,
+        "dp_releases": releases if p.dp != "none" else 0,
+    }
 
 
 def fleet_summary(recs: list[dict[str, Any]], target: float) -> dict[str, Any]:

@@ -15,12 +15,31 @@ import numpy as np
 
 __all__ = ["combine_seeds", "sweep_table", "paired_table", "interval95", "pm", "MEAN_KEYS"]
 
-MEAN_KEYS = ("initial_accuracy", "final_accuracy", "best_accuracy", "uplink_bytes_total", "downlink_bytes_total",
-             "wall_time_s", "refused_clients_total", "rejected_updates_total", "privacy_mean_psnr_db",
-             "privacy_mean_ssim", "privacy_label_accuracy", "privacy_match_cosine", "privacy_change_lsb",
-             "privacy_aggregate_mean_psnr_db", "privacy_aggregate_mean_ssim", "privacy_aggregate_label_accuracy",
-             "privacy_aggregate_match_cosine", "privacy_aggregate_change_lsb", "dp_epsilon", "privacy_frac_psnr_25db",
-             "privacy_flat_psnr_db", "privacy_oracle_psnr_db", "privacy_leaked_blocks")
+MEAN_KEYS = (
+    "initial_accuracy",
+    "final_accuracy",
+    "best_accuracy",
+    "uplink_bytes_total",
+    "downlink_bytes_total",
+    "wall_time_s",
+    "refused_clients_total",
+    "rejected_updates_total",
+    "privacy_mean_psnr_db",
+    "privacy_mean_ssim",
+    "privacy_label_accuracy",
+    "privacy_match_cosine",
+    "privacy_change_lsb",
+    "privacy_aggregate_mean_psnr_db",
+    "privacy_aggregate_mean_ssim",
+    "privacy_aggregate_label_accuracy",
+    "privacy_aggregate_match_cosine",
+    "privacy_aggregate_change_lsb",
+    "dp_epsilon",
+    "privacy_frac_psnr_25db",
+    "privacy_flat_psnr_db",
+    "privacy_oracle_psnr_db",
+    "privacy_leaked_blocks",
+)
 
 
 def interval95(values) -> tuple[float, float]:
@@ -56,11 +75,22 @@ def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"{key}_spread"] = round(float(max(vals) - min(vals)), 4)
     out["peak_sram_bytes_max"] = max(r.get("peak_sram_bytes_max", 0) for r in runs)
     out["device_ram_bytes_max"] = max(r.get("device_ram_bytes_max", 0) for r in runs)
-    out["schemes_by_device"] = {d: sorted({r["schemes_by_device"][d]["scheme"] for r in runs
-                                          if d in r.get("schemes_by_device", {})})
-                                for d in runs[0].get("schemes_by_device", {})}
-    for key in ("num_clients", "rounds", "clients_per_round", "name", "uplink_ratio_vs_dense_fp32",
-                "uplink_ratio_vs_dense_int8", "uplink_bytes_per_upload", "precision", "dp", "dp_delta"):
+    out["schemes_by_device"] = {
+        d: sorted({r["schemes_by_device"][d]["scheme"] for r in runs if d in r.get("schemes_by_device", {})})
+        for d in runs[0].get("schemes_by_device", {})
+    }
+    for key in (
+        "num_clients",
+        "rounds",
+        "clients_per_round",
+        "name",
+        "uplink_ratio_vs_dense_fp32",
+        "uplink_ratio_vs_dense_int8",
+        "uplink_bytes_per_upload",
+        "precision",
+        "dp",
+        "dp_delta",
+    ):
         out[key] = runs[0].get(key)
     return out
 
@@ -83,17 +113,23 @@ def sweep_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Markdown: per method, final and best accuracy (mean ± 95% half-interval over seeds), peak SRAM of a step and
     device RAM of a client's round, bytes."""
     seeds = {len(s.get("seeds", [])) or 1 for s in summaries.values()}
-    lines = ["| method | final accuracy | best | peak SRAM (max) | device RAM (max) | uplink bytes | refused | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | final accuracy | best | peak SRAM (max) | device RAM (max) | uplink bytes | refused | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, s in summaries.items():
         device = int(s.get("device_ram_bytes_max", 0) or 0)
-        lines.append(f"| {name} | {pm(s, 'final_accuracy')} | {pm(s, 'best_accuracy')} | "
-                     f"{_peak(s)} | {f'{device:,}' if device else '-'} | {int(s['uplink_bytes_total']):,} | "
-                     f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |")
+        lines.append(
+            f"| {name} | {pm(s, 'final_accuracy')} | {pm(s, 'best_accuracy')} | "
+            f"{_peak(s)} | {f'{device:,}' if device else '-'} | {int(s['uplink_bytes_total']):,} | "
+            f"{s.get('refused_clients_total', 0):g} | {s['wall_time_s']:.0f} |"
+        )
     n = max(seeds)
     if n > 1:
-        lines.append(f"\nMean over {n} seeds ± half-width of the 95% interval of the mean (t, {n - 1} d.o.f.); "
-                     "methods whose intervals overlap are not different on this evidence.")
+        lines.append(
+            f"\nMean over {n} seeds ± half-width of the 95% interval of the mean (t, {n - 1} d.o.f.); "
+            "methods whose intervals overlap are not different on this evidence."
+        )
     return "\n".join(lines)
 
 

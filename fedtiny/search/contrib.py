@@ -24,14 +24,14 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from fedtiny.progress import left, seconds
 from fedtiny.budget.schemes import Scheme, apply_scheme, resolve
-from fedtiny.errors import SchemeError
 from fedtiny.data import ImageSet
+from fedtiny.errors import SchemeError
 from fedtiny.federated.task import limit_threads
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.int8.prefix import PrefixStore
 from fedtiny.models.state import load_arrays
+from fedtiny.progress import left, seconds
 
 __all__ = ["AnalysisSettings", "Contributions", "analyse", "cache_dir", "default_bias_grid", "RATIOS"]
 
@@ -87,12 +87,17 @@ class Contributions:
 
     def table(self) -> str:
         """Markdown table: one row per convolution, one column per ratio, plus the bias grid."""
-        lines = ["| conv | " + " | ".join(f"r={r:g}" for r in self.ratios) + " |",
-                 "| --- |" + " --- |" * len(self.ratios)]
+        lines = [
+            "| conv | " + " | ".join(f"r={r:g}" for r in self.ratios) + " |",
+            "| --- |" + " --- |" * len(self.ratios),
+        ]
         lines += [f"| {i} | " + " | ".join(f"{g:+.4f}" for g in row) + " |" for i, row in enumerate(self.weight_gain)]
-        lines += ["", "| biases of last k | " + " | ".join(map(str, self.bias_grid)) + " |",
-                  "| --- |" + " --- |" * len(self.bias_grid),
-                  "| gain | " + " | ".join(f"{g:+.4f}" for g in self.bias_gain) + " |"]
+        lines += [
+            "",
+            "| biases of last k | " + " | ".join(map(str, self.bias_grid)) + " |",
+            "| --- |" + " --- |" * len(self.bias_grid),
+            "| gain | " + " | ".join(f"{g:+.4f}" for g in self.bias_gain) + " |",
+        ]
         return "\n".join(lines)
 
 
@@ -119,8 +124,9 @@ def _pool(workers: int, units: int, args: tuple):
     # The model goes as plain pickle bytes: a tensor handed to multiprocessing directly is moved to
     # shared memory, and the workers would then train one set of weights concurrently.
     model, *rest = args
-    return mp.get_context("spawn").Pool(min(workers, units), initializer=_start_worker,
-                                        initargs=(pickle.dumps(model), *rest))
+    return mp.get_context("spawn").Pool(
+        min(workers, units), initializer=_start_worker, initargs=(pickle.dumps(model), *rest)
+    )
 
 
 def _key(state: dict[str, np.ndarray], train: ImageSet, val: ImageSet, settings: AnalysisSettings) -> str:
@@ -138,8 +144,9 @@ class _FineTuner:
     """Fine-tunes candidates from ``state`` (one per process): each from the first op its scheme trains,
     on the public samples' frozen prefix, computed once per start (from the nearest earlier one)."""
 
-    def __init__(self, model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val: ImageSet,
-                 settings: AnalysisSettings) -> None:
+    def __init__(
+        self, model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val: ImageSet, settings: AnalysisSettings
+    ) -> None:
         self.model, self.state, self.train, self.val, self.settings = model, state, train, val, settings
         self.prefixes = PrefixStore(keep=8)
 
@@ -147,9 +154,18 @@ class _FineTuner:
         st, model = self.settings, self.model
         load_arrays(model, self.state)
         apply_scheme(model, resolve(scheme, model, st.seed))
-        train_local(model, self.train, epochs=st.epochs, batch_size=st.batch_size, lr=st.lr,
-                    optimizer=st.optimizer, momentum=st.momentum, rounding=st.rounding,
-                    gen=seeded(st.seed, 101), prefixes=self.prefixes)
+        train_local(
+            model,
+            self.train,
+            epochs=st.epochs,
+            batch_size=st.batch_size,
+            lr=st.lr,
+            optimizer=st.optimizer,
+            momentum=st.momentum,
+            rounding=st.rounding,
+            gen=seeded(st.seed, 101),
+            prefixes=self.prefixes,
+        )
         return evaluate(model, self.val, prefixes=self.prefixes)[1]
 
 
@@ -165,9 +181,17 @@ def _run_unit(unit: list[Scheme]) -> list[float]:
     return [_WORKER[0].accuracy(scheme) for scheme in unit]
 
 
-def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val: ImageSet,
-            settings: AnalysisSettings, *, cache: bool = True,
-            progress: Callable[[str], None] | None = None, workers: int = 1) -> Contributions:
+def analyse(
+    model: nn.Module,
+    state: dict[str, np.ndarray],
+    train: ImageSet,
+    val: ImageSet,
+    settings: AnalysisSettings,
+    *,
+    cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+    workers: int = 1,
+) -> Contributions:
     """Measure every candidate's contribution for the int8 ``model`` starting from ``state``.
 
     ``model`` is changed in place (values and trainable tensors); the caller reloads what it needs.
@@ -199,8 +223,10 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
         done += 1
         if progress and (done % max(1, total // 20) == 0 or done == total):
             spent = time.perf_counter() - t0
-            progress(f"contribution analysis {done}/{total} ({what}) | {seconds(spent)}"
-                     + (f" | {left(done, total, spent)}" if done < total else ""))
+            progress(
+                f"contribution analysis {done}/{total} ({what}) | {seconds(spent)}"
+                + (f" | {left(done, total, spent)}" if done < total else "")
+            )
 
     pool = _pool(workers, len(units), (model, state, train, val, settings))  # starts while this process works
     try:
@@ -216,16 +242,30 @@ def analyse(model: nn.Module, state: dict[str, np.ndarray], train: ImageSet, val
         for unit, accs in zip(units, results):
             accuracies.append(accs)
             for scheme in unit:
-                tick(f"biases of last {scheme.n_bias_update}" if scheme.n_bias_update else
-                     f"conv {scheme.weight_update[0][0]} at {scheme.weight_update[0][1]:g}")
+                tick(
+                    f"biases of last {scheme.n_bias_update}"
+                    if scheme.n_bias_update
+                    else f"conv {scheme.weight_update[0][0]} at {scheme.weight_update[0][1]:g}"
+                )
     finally:
         if pool is not None:
             pool.terminate()
 
-    bias_gain = [0.0] + [round(accs[0] - base, 6) for accs in accuracies[:len(grid) - 1]]
-    weight_gain = [[round(a - base, 6) for a in accs] for accs in accuracies[len(grid) - 1:]]
-    out = Contributions(list(grid), bias_gain, list(settings.ratios), weight_gain, round(base, 6), round(start, 6),
-                        total + 1, round(time.perf_counter() - t0, 2), False, key, asdict(settings))
+    bias_gain = [0.0] + [round(accs[0] - base, 6) for accs in accuracies[: len(grid) - 1]]
+    weight_gain = [[round(a - base, 6) for a in accs] for accs in accuracies[len(grid) - 1 :]]
+    out = Contributions(
+        list(grid),
+        bias_gain,
+        list(settings.ratios),
+        weight_gain,
+        round(base, 6),
+        round(start, 6),
+        total + 1,
+        round(time.perf_counter() - t0, 2),
+        False,
+        key,
+        asdict(settings),
+    )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.progress import left, seconds
 from fedtiny.budget.schemes import Scheme
 from fedtiny.errors import SchemeError
+from fedtiny.progress import left, seconds
 from fedtiny.search.contrib import Contributions
 
 __all__ = ["SearchSettings", "SearchResult", "Space", "evolve", "random_search", "random_feasible"]
@@ -110,12 +110,18 @@ class Space:
         return tuple(g)
 
     def result(self, g: Genome, t0: float, history: list[dict]) -> SearchResult:
-        return SearchResult(self.scheme(g), g, self.peak(g), round(self.gain(g), 6), self.evaluations,
-                            round(time.perf_counter() - t0, 2), history)
+        return SearchResult(
+            self.scheme(g),
+            g,
+            self.peak(g),
+            round(self.gain(g), 6),
+            self.evaluations,
+            round(time.perf_counter() - t0, 2),
+            history,
+        )
 
 
-def evolve(space: Space, settings: SearchSettings,
-           progress: Callable[[str], None] | None = None) -> SearchResult:
+def evolve(space: Space, settings: SearchSettings, progress: Callable[[str], None] | None = None) -> SearchResult:
     """Evolutionary search: keep the better half, breed the rest by crossover and mutation, repair."""
     t0 = time.perf_counter()
     rng = np.random.default_rng([settings.seed, 404])
@@ -123,21 +129,27 @@ def evolve(space: Space, settings: SearchSettings,
     history = []
     for gen in range(settings.generations):
         pop = sorted(set(pop), key=lambda g: (-space.gain(g), space.peak(g), g))
-        parents = pop[:max(2, settings.population // 2)]
+        parents = pop[: max(2, settings.population // 2)]
         best = parents[0]
-        history.append({"generation": gen, "best_gain": round(space.gain(best), 6), "peak_sram_bytes": space.peak(best)})
+        history.append(
+            {"generation": gen, "best_gain": round(space.gain(best), 6), "peak_sram_bytes": space.peak(best)}
+        )
         if progress:
             spent = time.perf_counter() - t0
             pace = left(gen + 1, settings.generations, spent)
-            progress(f"generation {gen + 1}/{settings.generations}: best gain {space.gain(best):+.4f}, "
-                     f"peak {space.peak(best):,} B, {space.evaluations} evaluations | {seconds(spent)}"
-                     + (f" | {pace}" if pace else ""))
+            progress(
+                f"generation {gen + 1}/{settings.generations}: best gain {space.gain(best):+.4f}, "
+                f"peak {space.peak(best):,} B, {space.evaluations} evaluations | {seconds(spent)}"
+                + (f" | {pace}" if pace else "")
+            )
         children = []
         while len(parents) + len(children) < settings.population:
             a, b = (parents[int(i)] for i in rng.choice(len(parents), 2, replace=False))
             child = [y if rng.random() < settings.crossover else x for x, y in zip(a, b)]
-            child = [int(rng.integers(0, lv)) if rng.random() < settings.mutation else v
-                     for v, lv in zip(child, space.levels)]
+            child = [
+                int(rng.integers(0, lv)) if rng.random() < settings.mutation else v
+                for v, lv in zip(child, space.levels)
+            ]
             children.append(space.repair(tuple(child), rng))
         pop = parents + children
     best = max(pop, key=lambda g: (space.gain(g), -space.peak(g)))

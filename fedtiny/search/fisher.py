@@ -52,8 +52,8 @@ def fisher_potential(model, data: ImageSet, *, batch_size: int = 32, max_samples
     try:
         for i in range(0, n, batch_size):
             inputs.clear()
-            x = torch.from_numpy(data.x[i:min(i + batch_size, n)]).requires_grad_(True)
-            y = torch.from_numpy(data.y[i:min(i + batch_size, n)])
+            x = torch.from_numpy(data.x[i : min(i + batch_size, n)]).requires_grad_(True)
+            y = torch.from_numpy(data.y[i : min(i + batch_size, n)])
             loss = F.cross_entropy(twin(x), y, reduction="sum")
             grads = torch.autograd.grad(loss, inputs)
             for t, a, g in zip(totals, inputs, grads):
@@ -64,8 +64,9 @@ def fisher_potential(model, data: ImageSet, *, batch_size: int = 32, max_samples
     return [t / max(n, 1) for t in totals]
 
 
-def fisher_scheme(potential: list[np.ndarray], peak_of, budget: int, ratios: tuple[float, ...], name: str = "fisher"
-                  ) -> FisherResult:
+def fisher_scheme(
+    potential: list[np.ndarray], peak_of, budget: int, ratios: tuple[float, ...], name: str = "fisher"
+) -> FisherResult:
     """Greedy Fisher-ranked scheme under ``budget``: channels by potential, layers by potential per byte."""
     t0 = time.perf_counter()
     n = len(potential)
@@ -76,8 +77,12 @@ def fisher_scheme(potential: list[np.ndarray], peak_of, budget: int, ratios: tup
 
     def scheme(levels: list[int]) -> Scheme:
         idx = [i for i in range(n) if counts[i][levels[i]]]
-        return Scheme(name, 0, tuple((i, ratios[levels[i] - 1]) for i in idx),
-                      weight_channels=tuple(tuple(sorted(int(c) for c in order[i][:counts[i][levels[i]]])) for i in idx))
+        return Scheme(
+            name,
+            0,
+            tuple((i, ratios[levels[i] - 1]) for i in idx),
+            weight_channels=tuple(tuple(sorted(int(c) for c in order[i][: counts[i][levels[i]]])) for i in idx),
+        )
 
     def peak(levels: list[int]) -> int:
         key = tuple(levels)

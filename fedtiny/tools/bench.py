@@ -57,8 +57,9 @@ DEFAULT_SCENARIO = "scenarios/quickstart.toml"
 SIM_SCENARIO = "scenarios/scale.toml"
 
 
-def _bare_worker(scenario_json: str, jobs: list[tuple[int, str]], payload: bytes, state_dir: str, ready, start,
-                 results) -> None:
+def _bare_worker(
+    scenario_json: str, jobs: list[tuple[int, str]], payload: bytes, state_dir: str, ready, start, results
+) -> None:
     """One bare process: warm up (data, model), wait for the start signal, run its clients' rounds."""
     scenario = scenario_from_json(scenario_json)
     todo = [ClientJob(pid, payload, "full", ResolvedScheme.from_json(text) if text else None) for pid, text in jobs]
@@ -85,9 +86,21 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     chunks = [pids[i::workers] for i in range(workers) if pids[i::workers]]
-    procs = [ctx.Process(target=_bare_worker, args=(
-        scenario.to_json(), [(p, scheme_of[p].to_json() if scheme_of[p] else "") for p in chunk], payload,
-        state_dir, ready, start, results)) for chunk in chunks]
+    procs = [
+        ctx.Process(
+            target=_bare_worker,
+            args=(
+                scenario.to_json(),
+                [(p, scheme_of[p].to_json() if scheme_of[p] else "") for p in chunk],
+                payload,
+                state_dir,
+                ready,
+                start,
+                results,
+            ),
+        )
+        for chunk in chunks
+    ]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -101,8 +114,12 @@ def _bare_round(scenario, pids: list[int], workers: int, state_dir: str) -> floa
     if failed:
         raise RuntimeError(f"clients failed in the bare loop: {failed[0]}")
     updates = [ClientUpdate(pid, update, n) for pid, (update, n) in replies]
-    result = aggregate(updates, lambda p, b: views[p].uplink.decode(b, initial),
-                       {n: tuple(sh) for n, sh, _ in task.uplink_spec}, coverage=lambda p: views[p].slices)
+    result = aggregate(
+        updates,
+        lambda p, b: views[p].uplink.decode(b, initial),
+        {n: tuple(sh) for n, sh, _ in task.uplink_spec},
+        coverage=lambda p: views[p].slices,
+    )
     model.apply_delta(result.arrays)
     load_arrays(task.model, model.state)
     evaluate(task.model, task.federation.test)
@@ -130,8 +147,15 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     base = load_scenario(args.scenario, parse_overrides(args.overrides))
     workers = base.run.num_cpus
     cohort = args.cohort_size or -(-n // workers)
-    overrides = {**parse_overrides(args.overrides), "run.clients": max(base.run.clients, n), "run.clients_per_round": n,
-                 "run.rounds": 2, "run.name": "bench-sim", "run.cohort_size": cohort, "attack.enabled": False}
+    overrides = {
+        **parse_overrides(args.overrides),
+        "run.clients": max(base.run.clients, n),
+        "run.clients_per_round": n,
+        "run.rounds": 2,
+        "run.name": "bench-sim",
+        "run.cohort_size": cohort,
+        "attack.enabled": False,
+    }
     scenario = load_scenario(args.scenario, overrides)
     pids = sample_clients(scenario.run.seed, 2, scenario.run.clients, scenario.clients_per_round)
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,22 +180,36 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_ms_per_client": round((flower_s - bare_s) / n * 1000, 3),
         "simulation_total_s": round(total_s, 2),
     }
-    print(f"\nbench sim (N={n} clients per round, cohorts of {cohort}, {workers} Ray workers vs {workers} bare "
-          f"processes)\n"
-          f"  bare            {bare_s:8.2f} s  ({result['bare_client_rounds_per_s']:.1f} client-rounds/s)\n"
-          f"  flower round    {flower_s:8.2f} s  ({result['client_rounds_per_s']:.1f} client-rounds/s)\n"
-          f"  ratio           {result['ratio']:8.3f}  (flower / bare)\n"
-          f"  overhead        {result['overhead_ms_per_client']:8.2f} ms per client (wall)\n"
-          f"  whole simulation incl. Ray start-up and pretraining: {total_s:.1f} s")
+    print(
+        f"\nbench sim (N={n} clients per round, cohorts of {cohort}, {workers} Ray workers vs {workers} bare "
+        f"processes)\n"
+        f"  bare            {bare_s:8.2f} s  ({result['bare_client_rounds_per_s']:.1f} client-rounds/s)\n"
+        f"  flower round    {flower_s:8.2f} s  ({result['client_rounds_per_s']:.1f} client-rounds/s)\n"
+        f"  ratio           {result['ratio']:8.3f}  (flower / bare)\n"
+        f"  overhead        {result['overhead_ms_per_client']:8.2f} ms per client (wall)\n"
+        f"  whole simulation incl. Ray start-up and pretraining: {total_s:.1f} s"
+    )
     return result
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sim": bench_sim}
 
 
-def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, val, test, *, epochs: int,
-               lr_points: int, batch_size: int, momentum: float, rounding: str, seed: int,
-               label: str = "", max_widen: int = 4) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def _lr_trials(
+    methods: dict[str, tuple[Callable[[], Any], str, float]],
+    train,
+    val,
+    test,
+    *,
+    epochs: int,
+    lr_points: int,
+    batch_size: int,
+    momentum: float,
+    rounding: str,
+    seed: int,
+    label: str = "",
+    max_widen: int = 4,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Fine-tune a fresh model per (method, learning rate); pick each method's rate on ``val``.
 
     ``methods`` maps a name to (model factory, optimizer name, centre of its learning-rate grid);
@@ -187,15 +225,28 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
         todo, mine = list(grid), []
         for widen in range(max_widen + 1):
             for lr in todo:
-                row = _lr_trial(make, opt_name, lr, train, val, test, epochs=epochs, batch_size=batch_size,
-                                momentum=momentum, rounding=rounding, seed=seed)
+                row = _lr_trial(
+                    make,
+                    opt_name,
+                    lr,
+                    train,
+                    val,
+                    test,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    momentum=momentum,
+                    rounding=rounding,
+                    seed=seed,
+                )
                 row["method"] = method
                 rows.append(row)
                 mine.append(row)
                 pace = left(len(rows), max(planned, len(rows)), time.perf_counter() - t_all)
-                say(f"bench qas{label}: trial {len(rows)}/{max(planned, len(rows))} {method:9s} lr {lr:10.4g}  "
+                say(
+                    f"bench qas{label}: trial {len(rows)}/{max(planned, len(rows))} {method:9s} lr {lr:10.4g}  "
                     f"val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}  {row['step_ms']:.2f} ms/step"
-                    + (f" | {pace}" if pace else ""))
+                    + (f" | {pace}" if pace else "")
+                )
             # ties go to the smaller rate: the grid is walked in increasing order
             top = max(sorted(mine, key=lambda r: r["lr"]), key=lambda r: r["val_accuracy"])
             lrs = sorted(r["lr"] for r in mine)
@@ -208,8 +259,20 @@ def _lr_trials(methods: dict[str, tuple[Callable[[], Any], str, float]], train, 
     return rows, best
 
 
-def _lr_trial(make: Callable[[], Any], opt_name: str, lr: float, train, val, test, *, epochs: int, batch_size: int,
-              momentum: float, rounding: str, seed: int) -> dict[str, Any]:
+def _lr_trial(
+    make: Callable[[], Any],
+    opt_name: str,
+    lr: float,
+    train,
+    val,
+    test,
+    *,
+    epochs: int,
+    batch_size: int,
+    momentum: float,
+    rounding: str,
+    seed: int,
+) -> dict[str, Any]:
     """One fine-tuning of a fresh model at rate ``lr``: its validation and test accuracy and ms per step."""
     loss_fn = torch.nn.CrossEntropyLoss()
     model = make()
@@ -225,15 +288,24 @@ def _lr_trial(make: Callable[[], Any], opt_name: str, lr: float, train, val, tes
             opt.step()
             t_steps += time.perf_counter() - t0
             steps += 1
-    return {"lr": lr, "val_accuracy": evaluate(model, val)[1], "test_accuracy": evaluate(model, test)[1],
-            "step_ms": 1000 * t_steps / max(steps, 1), "seed": seed}
+    return {
+        "lr": lr,
+        "val_accuracy": evaluate(model, val)[1],
+        "test_accuracy": evaluate(model, test)[1],
+        "step_ms": 1000 * t_steps / max(steps, 1),
+        "seed": seed,
+    }
 
 
 def _pooled_clients(fed, clients: int):
     """Every client's training split joined, and every client's held-out split joined."""
     splits = [fed.client_data(i) for i in range(clients)]
-    join = lambda parts: ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),  # noqa: E731
-                                  fed.num_classes, "pool")
+    join = lambda parts: ImageSet(
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.y for p in parts]),  # noqa: E731
+        fed.num_classes,
+        "pool",
+    )
     return join([a for a, _ in splits]), join([b for _, b in splits])
 
 
@@ -256,10 +328,21 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
     s = load_scenario(args.scenario, parse_overrides(args.overrides))
     fed = make_task(s).federation
     fp32 = build_model(
-        s.model.name, fed.image_shape[0], fed.num_classes, width=s.model.width, image_size=fed.image_shape[1],
-        seed=s.run.seed)
-    pretrain(fp32, fed.public, epochs=s.model.pretrain_epochs, lr=s.model.pretrain_lr,
-             batch_size=s.model.pretrain_batch_size, seed=s.run.seed)
+        s.model.name,
+        fed.image_shape[0],
+        fed.num_classes,
+        width=s.model.width,
+        image_size=fed.image_shape[1],
+        seed=s.run.seed,
+    )
+    pretrain(
+        fp32,
+        fed.public,
+        epochs=s.model.pretrain_epochs,
+        lr=s.model.pretrain_lr,
+        batch_size=s.model.pretrain_batch_size,
+        seed=s.run.seed,
+    )
     train, val = _pooled_clients(fed, s.run.clients)
     calib = fed.public.x[: s.model.calibration_samples]
     q0 = ptq(fp32, calib, classifier_precision=s.model.classifier_precision)
@@ -272,9 +355,18 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
         "int8_qas": (lambda: ptq(fp32, calib, classifier_precision=s.model.classifier_precision), "sgd+qas", center),
     }
     k = args.lr_points
-    rows, best = _lr_trials(methods, train, val, fed.test, epochs=args.epochs, lr_points=k,
-                            batch_size=s.train.batch_size, momentum=s.train.momentum,
-                            rounding=s.train.weight_rounding, seed=s.run.seed)
+    rows, best = _lr_trials(
+        methods,
+        train,
+        val,
+        fed.test,
+        epochs=args.epochs,
+        lr_points=k,
+        batch_size=s.train.batch_size,
+        momentum=s.train.momentum,
+        rounding=s.train.weight_rounding,
+        seed=s.run.seed,
+    )
     step = {m: np.mean([r["step_ms"] for r in rows if r["method"] == m]) for m in methods}
     result = {
         "fp32_accuracy": best["fp32"]["test_accuracy"],
@@ -284,15 +376,21 @@ def bench_qas(args: argparse.Namespace) -> dict[str, Any]:
         "cloud_fp32_accuracy": evaluate(fp32, fed.test)[1],
         "cloud_ptq_accuracy": evaluate(q0, fed.test)[1],
         "best_lr": {m: best[m]["lr"] for m in methods},
-        "epochs": args.epochs, "lr_points": k, "trials": rows,
+        "epochs": args.epochs,
+        "lr_points": k,
+        "trials": rows,
     }
-    print(f"\nbench qas: {args.epochs} epochs, {k} learning rates each, lr picked on client validation splits\n"
-          f"  {'method':<10} {'best lr':>10} {'val acc':>8} {'test acc':>8} {'ms/step':>8}")
+    print(
+        f"\nbench qas: {args.epochs} epochs, {k} learning rates each, lr picked on client validation splits\n"
+        f"  {'method':<10} {'best lr':>10} {'val acc':>8} {'test acc':>8} {'ms/step':>8}"
+    )
     for m in methods:
         b = best[m]
         print(f"  {m:<10} {b['lr']:>10.4g} {b['val_accuracy']:>8.4f} {b['test_accuracy']:>8.4f} {step[m]:>8.2f}")
-    print(f"  cloud model before fine-tuning: fp32 {result['cloud_fp32_accuracy']:.4f}, "
-          f"int8 PTQ {result['cloud_ptq_accuracy']:.4f}; int8/fp32 step time {result['int8_step_time_ratio']:.2f}x")
+    print(
+        f"  cloud model before fine-tuning: fp32 {result['cloud_fp32_accuracy']:.4f}, "
+        f"int8 PTQ {result['cloud_ptq_accuracy']:.4f}; int8/fp32 step time {result['int8_step_time_ratio']:.2f}x"
+    )
     return result
 
 
@@ -328,26 +426,55 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
 
         w_scales = torch.cat([c.w_scales for c in q0.modules() if hasattr(c, "w_scales")])
         center = args.lr_center or 1e-4
-        methods = {"fp32": (twin, "sgd", center),
-                   "int8_sgd": (lambda: copy.deepcopy(q0), "sgd", center / float(w_scales.median()) ** 2),
-                   "int8_qas": (lambda: copy.deepcopy(q0), "sgd+qas", center)}
+        methods = {
+            "fp32": (twin, "sgd", center),
+            "int8_sgd": (lambda: copy.deepcopy(q0), "sgd", center / float(w_scales.median()) ** 2),
+            "int8_qas": (lambda: copy.deepcopy(q0), "sgd+qas", center),
+        }
         train, val = _pooled_clients(task.federation, s.run.clients)
-        _, best = _lr_trials(methods, train, val, task.federation.test, epochs=args.epochs,
-                             lr_points=args.lr_points, batch_size=s.train.batch_size, momentum=s.train.momentum,
-                             rounding=s.train.weight_rounding, seed=seed, label=f" seed {seed}")
-        per_seed.append({"seed": seed, "cloud_ptq_accuracy": cloud.ptq_accuracy,
-                         **{f"{m}_accuracy": best[m]["test_accuracy"] for m in methods},
-                         "best_lr": {m: best[m]["lr"] for m in methods},
-                         "lr_grid": {m: best[m]["grid"] for m in methods},
-                         "best_lr_at_edge": sorted(m for m in methods if best[m]["at_edge"])})
-    result: dict[str, Any] = {"model": path.stem, "scheme": scheme.rpartition("#")[2] or scheme,
-                              "seeds": args.seeds, "epochs": args.epochs, "lr_points": args.lr_points,
-                              "per_seed": per_seed}
-    result.update(_seed_statistics(per_seed, ("cloud_ptq", "fp32", "int8_sgd", "int8_qas"),
-                                   (("int8_qas", "int8_sgd"), ("int8_qas", "fp32"), ("int8_sgd", "fp32"))))
-    print(f"\nbench qas: {path.stem}, scheme {result['scheme']}, {args.seeds} seeds, {args.epochs} epochs, "
-          f"from {args.lr_points} learning rates each, widened while the best sat at an edge "
-          "(picked on client validation splits)")
+        _, best = _lr_trials(
+            methods,
+            train,
+            val,
+            task.federation.test,
+            epochs=args.epochs,
+            lr_points=args.lr_points,
+            batch_size=s.train.batch_size,
+            momentum=s.train.momentum,
+            rounding=s.train.weight_rounding,
+            seed=seed,
+            label=f" seed {seed}",
+        )
+        per_seed.append(
+            {
+                "seed": seed,
+                "cloud_ptq_accuracy": cloud.ptq_accuracy,
+                **{f"{m}_accuracy": best[m]["test_accuracy"] for m in methods},
+                "best_lr": {m: best[m]["lr"] for m in methods},
+                "lr_grid": {m: best[m]["grid"] for m in methods},
+                "best_lr_at_edge": sorted(m for m in methods if best[m]["at_edge"]),
+            }
+        )
+    result: dict[str, Any] = {
+        "model": path.stem,
+        "scheme": scheme.rpartition("#")[2] or scheme,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "lr_points": args.lr_points,
+        "per_seed": per_seed,
+    }
+    result.update(
+        _seed_statistics(
+            per_seed,
+            ("cloud_ptq", "fp32", "int8_sgd", "int8_qas"),
+            (("int8_qas", "int8_sgd"), ("int8_qas", "fp32"), ("int8_sgd", "fp32")),
+        )
+    )
+    print(
+        f"\nbench qas: {path.stem}, scheme {result['scheme']}, {args.seeds} seeds, {args.epochs} epochs, "
+        f"from {args.lr_points} learning rates each, widened while the best sat at an edge "
+        "(picked on client validation splits)"
+    )
     print(_seed_table(result))
     edges = [f"seed {r['seed']}: {', '.join(r['best_lr_at_edge'])}" for r in per_seed if r["best_lr_at_edge"]]
     if edges:
@@ -355,8 +482,9 @@ def bench_qas_model(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _seed_statistics(per_seed: list[dict[str, Any]], names: tuple[str, ...],
-                     pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+def _seed_statistics(
+    per_seed: list[dict[str, Any]], names: tuple[str, ...], pairs: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
     """Mean, spread and 95% interval over seeds of each ``{name}_accuracy``, and of each paired difference."""
     out: dict[str, Any] = {}
     for n in names:
@@ -368,20 +496,24 @@ def _seed_statistics(per_seed: list[dict[str, Any]], names: tuple[str, ...],
     for a, b in pairs:
         diff = np.array([r[f"{a}_accuracy"] - r[f"{b}_accuracy"] for r in per_seed])
         lo, hi = interval95(diff)
-        out["paired"][f"{a} - {b}"] = {"mean": round(float(diff.mean()), 4), "ci95": [round(lo, 4), round(hi, 4)],
-                                       "verdict": "no difference" if lo <= 0 <= hi or len(diff) < 2
-                                       else ("higher" if lo > 0 else "lower")}
+        out["paired"][f"{a} - {b}"] = {
+            "mean": round(float(diff.mean()), 4),
+            "ci95": [round(lo, 4), round(hi, 4)],
+            "verdict": "no difference" if lo <= 0 <= hi or len(diff) < 2 else ("higher" if lo > 0 else "lower"),
+        }
     return out
 
 
 def _seed_table(result: dict[str, Any]) -> str:
     """Markdown: each method's accuracy (mean, 95% interval) and the paired differences, from :func:`_seed_statistics`."""
-    names = [k[:-len("_accuracy_mean")] for k in result if k.endswith("_accuracy_mean")]
+    names = [k[: -len("_accuracy_mean")] for k in result if k.endswith("_accuracy_mean")]
     lines = ["| method | test accuracy (mean) | 95% interval | spread |", "| --- | --- | --- | --- |"]
     for n in names:
         lo, hi = result[f"{n}_accuracy_ci95"]
-        lines.append(f"| {n} | {result[f'{n}_accuracy_mean']:.4f} | {lo:.4f} to {hi:.4f} | "
-                     f"{result[f'{n}_accuracy_spread']:.4f} |")
+        lines.append(
+            f"| {n} | {result[f'{n}_accuracy_mean']:.4f} | {lo:.4f} to {hi:.4f} | "
+            f"{result[f'{n}_accuracy_spread']:.4f} |"
+        )
     lines += ["", "| difference (paired by seed) | mean | 95% interval | verdict |", "| --- | --- | --- | --- |"]
     for pair, d in result["paired"].items():
         lines.append(f"| {pair} | {d['mean']:+.4f} | {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f} | {d['verdict']} |")
@@ -427,8 +559,10 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     for n, p in twin.named_parameters():
         p.requires_grad_(n in trained)
     b = args.batch_size
-    batches = [(torch.from_numpy(data.x[i:i + b]), torch.from_numpy(data.y[i:i + b]))
-               for i in range(0, len(data) - b + 1, b)][: args.steps]
+    batches = [
+        (torch.from_numpy(data.x[i : i + b]), torch.from_numpy(data.y[i : i + b]))
+        for i in range(0, len(data) - b + 1, b)
+    ][: args.steps]
     int8_opt = QuantizedOptimizer(q, "sgd+qas", 1e-4, gen=torch.Generator().manual_seed(0))
     float_opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=1e-4)
     int8_loss = _exact_loss(q)
@@ -451,15 +585,27 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.repeat):
         int8_sps = max(int8_sps, timed(q, int8_opt, int8_loss, key=r))
         float_sps = max(float_sps, timed(twin, float_opt, F.cross_entropy))
-    result = {"model": path.stem, "scheme": resolved.name, "batch_size": b, "input": [c, h, h],
-              "steps": len(batches), "int8_samples_per_s": round(int8_sps, 2),
-              "float_samples_per_s": round(float_sps, 2), "int8_vs_float_time_ratio": round(float_sps / int8_sps, 3),
-              "host_kernels": native.available()}
-    kernels = ("host kernels (device/c)" if result["host_kernels"]
-               else f"PyTorch kernels ({native.library_path().name} not built: make install)")
-    print(f"bench train: {path.stem} scheme {resolved.name}, batch {b} at {c}x{h}x{h}, one thread, {kernels}\n"
-          f"  int8 step (exact, QAS) {int8_sps:8.2f} samples/s\n  float step             {float_sps:8.2f} samples/s\n"
-          f"  int8 step takes {result['int8_vs_float_time_ratio']:.2f}x the float step's time")
+    result = {
+        "model": path.stem,
+        "scheme": resolved.name,
+        "batch_size": b,
+        "input": [c, h, h],
+        "steps": len(batches),
+        "int8_samples_per_s": round(int8_sps, 2),
+        "float_samples_per_s": round(float_sps, 2),
+        "int8_vs_float_time_ratio": round(float_sps / int8_sps, 3),
+        "host_kernels": native.available(),
+    }
+    kernels = (
+        "host kernels (device/c)"
+        if result["host_kernels"]
+        else f"PyTorch kernels ({native.library_path().name} not built: make install)"
+    )
+    print(
+        f"bench train: {path.stem} scheme {resolved.name}, batch {b} at {c}x{h}x{h}, one thread, {kernels}\n"
+        f"  int8 step (exact, QAS) {int8_sps:8.2f} samples/s\n  float step             {float_sps:8.2f} samples/s\n"
+        f"  int8 step takes {result['int8_vs_float_time_ratio']:.2f}x the float step's time"
+    )
     return result
 
 
@@ -499,8 +645,9 @@ def bench_round(args: argparse.Namespace) -> dict[str, Any]:
     def round_of(fast: bool, state: dict, server_round: int):
         with prefix_cache(fast):
             t0 = time.perf_counter()
-            result, new_state = local_round(s, 0, server_round, payload, kind=FULL, scheme=scheme, state=state,
-                                            profile=profile)
+            result, new_state = local_round(
+                s, 0, server_round, payload, kind=FULL, scheme=scheme, state=state, profile=profile
+            )
             return time.perf_counter() - t0, result, new_state
 
     _, first_ref, state_ref = round_of(False, {}, 1)
@@ -514,27 +661,40 @@ def bench_round(args: argparse.Namespace) -> dict[str, Any]:
             dt, result, _ = round_of(fast, state, 2)
             times[name].append(dt)
             updates[name] = result.update
-        say(f"bench round: repeat {r + 1}/{args.repeat}: reference {times['reference'][-1]:.3f} s, "
-            f"fast {times['fast'][-1]:.3f} s")
+        say(
+            f"bench round: repeat {r + 1}/{args.repeat}: reference {times['reference'][-1]:.3f} s, "
+            f"fast {times['fast'][-1]:.3f} s"
+        )
     held = PrefixStore.from_state(state_fast).items
     graph = task.model
     start = held[0].start if held else 0
     ref_s, fast_s = min(times["reference"]), min(times["fast"])
-    result = {"model": label, "scheme": scheme.summary() if scheme else args.scheme, "samples": first_ref.num_examples,
-              "batch_size": s.train.batch_size, "reference_s": round(ref_s, 4), "fast_s": round(fast_s, 4),
-              "speedup": round(ref_s / fast_s, 3), "repeats": args.repeat,
-              "identical": updates["reference"] == updates["fast"] and first_ref.update == first_fast.update,
-              "update_bytes": len(updates["fast"]), "prefix_start_op": start,
-              "ops": len(graph.nodes) if hasattr(graph, "nodes") else 0,
-              "prefix_boundary": list(held[0].tensors) if held else [],
-              "prefix_state_bytes": int(sum(np.asarray(v).nbytes for k, v in state_fast.items()
-                                            if k.startswith(STATE_PREFIX)))}
-    print(f"bench round: {label} scheme {result['scheme']}, client 0 round 2 ({result['samples']} samples, batch "
-          f"{result['batch_size']}, one thread), best of {args.repeat}\n"
-          f"  reference path (every op)       {ref_s:8.3f} s\n"
-          f"  fast path (from op {start} of {result['ops']}) {fast_s:8.3f} s   cached prefix "
-          f"{result['prefix_state_bytes']:,} B in the client's state\n"
-          f"  speedup {result['speedup']:.2f}x, update bytes identical: {result['identical']}")
+    result = {
+        "model": label,
+        "scheme": scheme.summary() if scheme else args.scheme,
+        "samples": first_ref.num_examples,
+        "batch_size": s.train.batch_size,
+        "reference_s": round(ref_s, 4),
+        "fast_s": round(fast_s, 4),
+        "speedup": round(ref_s / fast_s, 3),
+        "repeats": args.repeat,
+        "identical": updates["reference"] == updates["fast"] and first_ref.update == first_fast.update,
+        "update_bytes": len(updates["fast"]),
+        "prefix_start_op": start,
+        "ops": len(graph.nodes) if hasattr(graph, "nodes") else 0,
+        "prefix_boundary": list(held[0].tensors) if held else [],
+        "prefix_state_bytes": int(
+            sum(np.asarray(v).nbytes for k, v in state_fast.items() if k.startswith(STATE_PREFIX))
+        ),
+    }
+    print(
+        f"bench round: {label} scheme {result['scheme']}, client 0 round 2 ({result['samples']} samples, batch "
+        f"{result['batch_size']}, one thread), best of {args.repeat}\n"
+        f"  reference path (every op)       {ref_s:8.3f} s\n"
+        f"  fast path (from op {start} of {result['ops']}) {fast_s:8.3f} s   cached prefix "
+        f"{result['prefix_state_bytes']:,} B in the client's state\n"
+        f"  speedup {result['speedup']:.2f}x, update bytes identical: {result['identical']}"
+    )
     return result
 
 
@@ -570,17 +730,30 @@ def bench_codec(args: argparse.Namespace) -> dict[str, Any]:
         assert np.array_equal(back.tensors[0].indices, idx)
         pos_bits = (len(data) - empty - k) * 8 / k  # header of an empty tensor and 1 byte per int8 value excluded
         floor = (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2) / k
-        row = {"density": density, "nnz": k, "bytes": len(data), "bits_per_position": round(pos_bits, 4),
-               "entropy_floor_bits": round(floor, 4), "overhead": round(pos_bits / floor - 1, 4),
-               "encode_mb_s": round(len(data) / t_enc / 1e6, 2), "decode_mb_s": round(len(data) / t_dec / 1e6, 2)}
+        row = {
+            "density": density,
+            "nnz": k,
+            "bytes": len(data),
+            "bits_per_position": round(pos_bits, 4),
+            "entropy_floor_bits": round(floor, 4),
+            "overhead": round(pos_bits / floor - 1, 4),
+            "encode_mb_s": round(len(data) / t_enc / 1e6, 2),
+            "decode_mb_s": round(len(data) / t_dec / 1e6, 2),
+        }
         rows.append(row)
-        say(f"bench codec: density {density:g}: {pos_bits:.3f} bits/position vs floor {floor:.3f} "
-              f"({100 * row['overhead']:+.1f}%)")
-    print(f"\nbench codec ({d:,} elements, int8 values)\n"
-          f"  {'density':>8} {'nnz':>8} {'bits/pos':>9} {'floor':>7} {'over':>7} {'enc MB/s':>9} {'dec MB/s':>9}")
+        say(
+            f"bench codec: density {density:g}: {pos_bits:.3f} bits/position vs floor {floor:.3f} "
+            f"({100 * row['overhead']:+.1f}%)"
+        )
+    print(
+        f"\nbench codec ({d:,} elements, int8 values)\n"
+        f"  {'density':>8} {'nnz':>8} {'bits/pos':>9} {'floor':>7} {'over':>7} {'enc MB/s':>9} {'dec MB/s':>9}"
+    )
     for r in rows:
-        print(f"  {r['density']:>8g} {r['nnz']:>8} {r['bits_per_position']:>9.3f} {r['entropy_floor_bits']:>7.3f} "
-              f"{100 * r['overhead']:>6.1f}% {r['encode_mb_s']:>9.2f} {r['decode_mb_s']:>9.2f}")
+        print(
+            f"  {r['density']:>8g} {r['nnz']:>8} {r['bits_per_position']:>9.3f} {r['entropy_floor_bits']:>7.3f} "
+            f"{100 * r['overhead']:>6.1f}% {r['encode_mb_s']:>9.2f} {r['decode_mb_s']:>9.2f}"
+        )
     return {"numel": d, "rows": rows}
 
 
@@ -601,8 +774,15 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
     from fedtiny.tools.sim import simulate_secagg
 
     n = args.clients or 10
-    scenario = load_scenario(args.scenario, {**parse_overrides(args.overrides), "compression.uplink": "dense",
-                                             "run.clients": n, "run.clients_per_round": 0})
+    scenario = load_scenario(
+        args.scenario,
+        {
+            **parse_overrides(args.overrides),
+            "compression.uplink": "dense",
+            "run.clients": n,
+            "run.clients_per_round": 0,
+        },
+    )
     task, initial, _, schemes = server_task(scenario, progress=None)
     payload = pack_dense(initial, task.downlink_spec)
     changes, fedtiny_bytes = [], []
@@ -621,40 +801,61 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
     # SecAgg+ clips to [-C, C] and quantizes to 2^22 levels: C must hold every change (int32 biases move by
     # thousands of units), and a power of two keeps the levels' spacing exact in binary.
     clip = float(2 ** math.ceil(math.log2(largest + 1)))
-    say(f"bench secagg: {n} clients' dense int8 changes ({sum(a.size for a in changes[0]):,} elements, "
-          f"largest |change| {largest:g}: clipping range {clip:g})")
+    say(
+        f"bench secagg: {n} clients' dense int8 changes ({sum(a.size for a in changes[0]):,} elements, "
+        f"largest |change| {largest:g}: clipping range {clip:g})"
+    )
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for secagg in (False, True):
             label = "secagg+" if secagg else "plain"
             say(f"bench secagg: {label} round ...")
-            runs[label] = simulate_secagg(changes, Path(tmp), secagg=secagg, num_cpus=scenario.run.num_cpus,
-                                          clipping_range=clip)
+            runs[label] = simulate_secagg(
+                changes, Path(tmp), secagg=secagg, num_cpus=scenario.run.num_cpus, clipping_range=clip
+            )
     plain, sa = runs["plain"], runs["secagg+"]
     true_mean = np.mean([np.concatenate(c) for c in changes], axis=0)
     result = {
-        "clients": n, "elements": int(true_mean.size), "fedtiny_dense_uplink_bytes": int(np.mean(fedtiny_bytes)),
-        "clipping_range": clip, "quantization_step": 2 * clip / 2 ** 22,
-        **{f"{k}_{label}": v for label, r in runs.items() for k, v in (
-            ("uplink_bytes_per_client", int(np.mean(r["up"]))), ("downlink_bytes_per_client", int(np.mean(r["down"]))),
-            ("client_seconds", round(float(np.mean(r["client_seconds"])), 4)),
-            ("round_seconds", round(r["seconds"], 3)), ("exchanges", r["exchanges"]))},
+        "clients": n,
+        "elements": int(true_mean.size),
+        "fedtiny_dense_uplink_bytes": int(np.mean(fedtiny_bytes)),
+        "clipping_range": clip,
+        "quantization_step": 2 * clip / 2**22,
+        **{
+            f"{k}_{label}": v
+            for label, r in runs.items()
+            for k, v in (
+                ("uplink_bytes_per_client", int(np.mean(r["up"]))),
+                ("downlink_bytes_per_client", int(np.mean(r["down"]))),
+                ("client_seconds", round(float(np.mean(r["client_seconds"])), 4)),
+                ("round_seconds", round(r["seconds"], 3)),
+                ("exchanges", r["exchanges"]),
+            )
+        },
         "max_abs_error_secagg": float(np.abs(np.concatenate(sa["mean"]) - true_mean).max()),
         "max_abs_error_plain": float(np.abs(np.concatenate(plain["mean"]) - true_mean).max()),
     }
     for key in ("uplink_bytes_per_client", "downlink_bytes_per_client", "client_seconds", "round_seconds"):
         result[f"{key}_ratio"] = round(result[f"{key}_secagg+"] / max(result[f"{key}_plain"], 1e-12), 3)
-    print(f"\nbench secagg ({n} clients, {true_mean.size:,} elements; fedtiny's own dense int8 upload: "
-          f"{result['fedtiny_dense_uplink_bytes']:,} B)\n"
-          f"  {'':28} {'plain':>12} {'SecAgg+':>12} {'ratio':>7}")
-    for key, name in (("uplink_bytes_per_client", "uplink bytes per client"),
-                      ("downlink_bytes_per_client", "downlink bytes per client"),
-                      ("client_seconds", "client seconds"), ("round_seconds", "round seconds")):
-        print(f"  {name:28} {result[key + '_plain']:>12,} {result[key + '_secagg+']:>12,} "
-              f"{result[key + '_ratio']:>7.2f}")
-    print(f"  largest error of the mean: plain {result['max_abs_error_plain']:.2e}, "
-          f"SecAgg+ {result['max_abs_error_secagg']:.2e} (stored units; quantization step "
-          f"{result['quantization_step']:.2e})")
+    print(
+        f"\nbench secagg ({n} clients, {true_mean.size:,} elements; fedtiny's own dense int8 upload: "
+        f"{result['fedtiny_dense_uplink_bytes']:,} B)\n"
+        f"  {'':28} {'plain':>12} {'SecAgg+':>12} {'ratio':>7}"
+    )
+    for key, name in (
+        ("uplink_bytes_per_client", "uplink bytes per client"),
+        ("downlink_bytes_per_client", "downlink bytes per client"),
+        ("client_seconds", "client seconds"),
+        ("round_seconds", "round seconds"),
+    ):
+        print(
+            f"  {name:28} {result[key + '_plain']:>12,} {result[key + '_secagg+']:>12,} {result[key + '_ratio']:>7.2f}"
+        )
+    print(
+        f"  largest error of the mean: plain {result['max_abs_error_plain']:.2e}, "
+        f"SecAgg+ {result['max_abs_error_secagg']:.2e} (stored units; quantization step "
+        f"{result['quantization_step']:.2e})"
+    )
     return result
 
 

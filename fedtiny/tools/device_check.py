@@ -29,8 +29,17 @@ __all__ = ["device_check", "TINY_IR_FILE"]
 TINY_IR_FILE = Path(__file__).resolve().parents[2] / "scenarios" / "models" / "quickstart-cloud.safetensors"
 
 
-def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3, batch: int = 16, lr: float = 1e-3,
-                 momentum: float = 0.0, seed: int = 0, progress=None) -> dict:
+def device_check(
+    model_spec: str,
+    scheme_text: str,
+    device: str,
+    steps: int = 3,
+    batch: int = 16,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    seed: int = 0,
+    progress=None,
+) -> dict:
     """Run ``steps`` exact steps with PyTorch and with the C step from the same model, on the same images.
 
     Returns ``forward_mismatches`` (int8 logits that differ before each step), ``param_mismatches``
@@ -55,8 +64,14 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
     q.input_shape = (c, h, w)
     profile = get_profile(device)
     if scheme_text == "last-k:fit":  # the most last layers whose step (one sample, as scenarios train) fits the device
-        k = next((k for k in range(len(q.convs()), -1, -1)
-                  if memory_report(q, resolve(parse_scheme(f"last-k:{k}"), q), (c, h, w), device=profile).fits), 0)
+        k = next(
+            (
+                k
+                for k in range(len(q.convs()), -1, -1)
+                if memory_report(q, resolve(parse_scheme(f"last-k:{k}"), q), (c, h, w), device=profile).fits
+            ),
+            0,
+        )
         scheme_text = f"last-k:{k}"
     resolved = resolve(parse_scheme(scheme_text), q)
     apply_scheme(q, resolved)
@@ -73,7 +88,7 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
     forward_mismatches = param_mismatches = 0
     c_time = torch_time = 0.0
     for k in range(steps):
-        idx = order[k * batch:(k + 1) * batch]
+        idx = order[k * batch : (k + 1) * batch]
         xb, yb = torch.from_numpy(data.x[idx]), torch.from_numpy(data.y[idx])
         with torch.no_grad():
             xq = q.quantize_input(xb).numpy().astype(np.int8)
@@ -91,10 +106,22 @@ def device_check(model_spec: str, scheme_text: str, device: str, steps: int = 3,
         cs.write_back()
         param_mismatches += sum(int((a.detach() != b.detach()).sum()) for a, b in zip(q.parameters(), qc.parameters()))
         say(f"step {k + 1}/{steps}: forward mismatches {forward_mismatches}, parameter mismatches {param_mismatches}")
-    return {"model": str(model_spec), "scheme": resolved.name, "device": profile.name, "steps": steps, "batch": batch,
-            "input": [c, h, w], "forward_mismatches": forward_mismatches, "param_mismatches": param_mismatches,
-            "arena_peak_bytes": cs.high_water, "planner_peak_bytes": planner.peak_sram_bytes,
-            "planner_arena_bytes": planner.arena_bytes, "planned_arena_bytes": arena_plan.arena_bytes,
-            "arena_live_peak_bytes": arena_plan.peak_live_bytes, "arena_vs_planner": round(cs.high_water / planner.arena_bytes, 4),
-            "planner_outside_arena_bytes": planner.peak_sram_bytes - planner.arena_bytes,
-            "c_step_ms": round(1000 * c_time / steps, 1), "torch_step_ms": round(1000 * torch_time / steps, 1)}
+    return {
+        "model": str(model_spec),
+        "scheme": resolved.name,
+        "device": profile.name,
+        "steps": steps,
+        "batch": batch,
+        "input": [c, h, w],
+        "forward_mismatches": forward_mismatches,
+        "param_mismatches": param_mismatches,
+        "arena_peak_bytes": cs.high_water,
+        "planner_peak_bytes": planner.peak_sram_bytes,
+        "planner_arena_bytes": planner.arena_bytes,
+        "planned_arena_bytes": arena_plan.arena_bytes,
+        "arena_live_peak_bytes": arena_plan.peak_live_bytes,
+        "arena_vs_planner": round(cs.high_water / planner.arena_bytes, 4),
+        "planner_outside_arena_bytes": planner.peak_sram_bytes - planner.arena_bytes,
+        "c_step_ms": round(1000 * c_time / steps, 1),
+        "torch_step_ms": round(1000 * torch_time / steps, 1),
+    }

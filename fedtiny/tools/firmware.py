@@ -56,8 +56,13 @@ class BridgedClient:
 
     def train_meta(self, server_round: int) -> dict:
         """The TRAIN message's metadata for a round (the scenario, the scheme, the round's seed)."""
-        return {"round": server_round, "scenario": self.task.scenario.to_json(), "scheme": self.scheme.to_json(),
-                "downlink": "full", "seed": round_seed(self.task.scenario.run.seed, server_round, self.partition)}
+        return {
+            "round": server_round,
+            "scenario": self.task.scenario.to_json(),
+            "scheme": self.scheme.to_json(),
+            "downlink": "full",
+            "seed": round_seed(self.task.scenario.run.seed, server_round, self.partition),
+        }
 
     def model_hash(self) -> str:
         return model_hash(self.client.downlink_spec)
@@ -74,8 +79,9 @@ def bridged_client(scenario_path: str, partition_id: int, overrides: dict | None
     return BridgedClient(task, scheme, client, down, partition_id)
 
 
-def generate(scenario_path: str, partition_id: int, out_dir: str | Path, progress=None,
-             overrides: dict | None = None) -> dict:
+def generate(
+    scenario_path: str, partition_id: int, out_dir: str | Path, progress=None, overrides: dict | None = None
+) -> dict:
     """Write ``firmware_model.c``, ``firmware_model.h``, ``firmware_memory.ld`` and ``firmware.mk`` (and
     ``summary.json``, ``ops.json``) into ``out_dir``; return the summary. A client that does not fit its
     profile (the whole device, :mod:`fedtiny.budget.device_memory`) is refused, with the figure, before
@@ -105,21 +111,23 @@ def _problems(scenario: Scenario, partition_id: int) -> list[str]:
     t, cmp = scenario.train, scenario.compression
     problems = []
     if scenario.model.precision != "int8" or t.gradients != "exact":
-        problems.append("model.precision = \"int8\" and train.gradients = \"exact\"")
+        problems.append('model.precision = "int8" and train.gradients = "exact"')
     if t.shuffle != "hash":
-        problems.append("train.shuffle = \"hash\" (the order a device can compute)")
+        problems.append('train.shuffle = "hash" (the order a device can compute)')
     if cmp.downlink != "full":
-        problems.append("compression.downlink = \"full\" (the whole model each round)")
-    if uplink_codec(cmp.uplink).quantizes and (not value_type(cmp.values).firmware or cmp.topk != "tensor"
-                                                or cmp.momentum_correction or cmp.warmup_rounds):
+        problems.append('compression.downlink = "full" (the whole model each round)')
+    if uplink_codec(cmp.uplink).quantizes and (
+        not value_type(cmp.values).firmware or cmp.topk != "tensor" or cmp.momentum_correction or cmp.warmup_rounds
+    ):
         sent = ", ".join(f'"{n}"' for n in value_type_names() if value_type(n).firmware)
-        problems.append(f"a sparse uplink with values = {sent}, topk = \"tensor\", no momentum_correction "
-                        "and warmup_rounds = 0")
+        problems.append(
+            f'a sparse uplink with values = {sent}, topk = "tensor", no momentum_correction and warmup_rounds = 0'
+        )
     if scenario.device.micro_batch != 1:
         problems.append("device.micro_batch = 1 (the C step trains one sample at a time)")
     if not optimizer_kind(t.optimizer).exact or scenario.privacy.dp != "none" or t.batch_size > 64:
         exact = ", ".join(n for n in optimizer_names() if optimizer_kind(n).exact)
-        problems.append(f"train.optimizer one of {exact}, privacy.dp = \"none\", train.batch_size <= 64")
+        problems.append(f'train.optimizer one of {exact}, privacy.dp = "none", train.batch_size <= 64')
     if not 0 <= partition_id < scenario.run.clients:
         problems.append(f"a partition in 0..{scenario.run.clients - 1} (got {partition_id})")
     return problems

@@ -12,38 +12,65 @@ from fedtiny.tools.firmware_plan import FirmwarePlan, OpRef
 
 __all__ = ["emit", "summary"]
 
-_CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t",
-          np.dtype(np.uint32): "uint32_t", np.dtype(np.float32): "float"}
+_CTYPE = {
+    np.dtype(np.int8): "int8_t",
+    np.dtype(np.uint8): "uint8_t",
+    np.dtype(np.int32): "int32_t",
+    np.dtype(np.uint32): "uint32_t",
+    np.dtype(np.float32): "float",
+}
 _F32 = np.dtype(np.float32)
 
 
 def emit(plan: FirmwarePlan) -> dict[str, str]:
     """Each file of the firmware's generated part, by name."""
-    return {"firmware_model.h": _header(plan), "firmware_model.c": _source(plan),
-            "firmware_memory.ld": _memory_ld(plan), "firmware.mk": _makefile(plan),
-            "summary.json": json.dumps(summary(plan), indent=1, sort_keys=True),
-            # the C step's ops, for attributing a measurement build's profile (scripts/firmware_profile.py)
-            "ops.json": json.dumps(plan.op_geometry, indent=1)}
+    return {
+        "firmware_model.h": _header(plan),
+        "firmware_model.c": _source(plan),
+        "firmware_memory.ld": _memory_ld(plan),
+        "firmware.mk": _makefile(plan),
+        "summary.json": json.dumps(summary(plan), indent=1, sort_keys=True),
+        # the C step's ops, for attributing a measurement build's profile (scripts/firmware_profile.py)
+        "ops.json": json.dumps(plan.op_geometry, indent=1),
+    }
 
 
 def summary(plan: FirmwarePlan) -> dict:
     """The plan's figures: what ``fedtiny device firmware`` prints and ``summary.json`` holds."""
     p, d = plan.profile, plan.device
-    return {"scenario": str(plan.scenario_path), "overrides": {k: str(v) for k, v in plan.overrides.items()},
-            "model_hash": plan.model_hash, "scheme": plan.scheme, "profile": p.name, "partition": plan.partition,
-            "samples": plan.samples, "batch_size": plan.batch_size, "arena_bytes": plan.arena_bytes,
-            "planner_peak_bytes": plan.planner_peak_bytes, "planner_arena_bytes": plan.planner_arena_bytes,
-            "downlink_bytes": plan.downlink_bytes, "uplink": plan.compression.uplink,
-            "dense_uplink_bytes": plan.uplink_bytes, "lr": plan.lr,
-            "macs_forward_per_sample": plan.macs_forward, "macs_backward_per_sample": plan.macs_backward,
-            "clock_mhz": p.clock_mhz, "kernels": plan.kernels,
-            "cycles_per_sample": plan.cycles_per_sample, "update_cycles_per_step": plan.update_cycles_per_step,
-            "published_cycles_per_sample": plan.published_cycles_per_sample,
-            "published_cycles_per_mac": plan.published_cycles_per_mac,
-            "backward_factor": p.backward_factor, "device_ram_bytes": d.device_ram_bytes,
-            "device_flash_bytes": d.device_flash_bytes, "device_ram": d.ram, "device_flash": d.flash,
-            "profile_sram_bytes": p.sram_bytes, "profile_flash_bytes": p.flash_bytes,
-            "stack_reserved_bytes": d.ram["stack"]}
+    return {
+        "scenario": str(plan.scenario_path),
+        "overrides": {k: str(v) for k, v in plan.overrides.items()},
+        "model_hash": plan.model_hash,
+        "scheme": plan.scheme,
+        "profile": p.name,
+        "partition": plan.partition,
+        "samples": plan.samples,
+        "batch_size": plan.batch_size,
+        "arena_bytes": plan.arena_bytes,
+        "planner_peak_bytes": plan.planner_peak_bytes,
+        "planner_arena_bytes": plan.planner_arena_bytes,
+        "downlink_bytes": plan.downlink_bytes,
+        "uplink": plan.compression.uplink,
+        "dense_uplink_bytes": plan.uplink_bytes,
+        "lr": plan.lr,
+        "macs_forward_per_sample": plan.macs_forward,
+        "macs_backward_per_sample": plan.macs_backward,
+        "clock_mhz": p.clock_mhz,
+        "kernels": plan.kernels,
+        "cycles_per_sample": plan.cycles_per_sample,
+        "update_cycles_per_step": plan.update_cycles_per_step,
+        "published_cycles_per_sample": plan.published_cycles_per_sample,
+        "published_cycles_per_mac": plan.published_cycles_per_mac,
+        "backward_factor": p.backward_factor,
+        "device_ram_bytes": d.device_ram_bytes,
+        "device_flash_bytes": d.device_flash_bytes,
+        "device_ram": d.ram,
+        "device_flash": d.flash,
+        "profile_sram_bytes": p.sram_bytes,
+        "profile_flash_bytes": p.flash_bytes,
+        "stack_reserved_bytes": d.ram["stack"],
+    }
 
 
 def _sets(overrides: dict | None) -> str:
@@ -64,9 +91,12 @@ def _literal(v, dtype: np.dtype) -> str:
 def _array(name: str, a: np.ndarray, const: bool, per_line: int = 16) -> str:
     dtype = a.dtype
     flat = a.ravel()
-    body = ",\n    ".join(", ".join(_literal(v, dtype) for v in flat[i:i + per_line])
-                          for i in range(0, len(flat), per_line))
-    return f"static {'const ' if const else ''}{_CTYPE[dtype]} {name}[{max(len(flat), 1)}] = {{\n    {body or '0'}\n}};\n"
+    body = ",\n    ".join(
+        ", ".join(_literal(v, dtype) for v in flat[i : i + per_line]) for i in range(0, len(flat), per_line)
+    )
+    return (
+        f"static {'const ' if const else ''}{_CTYPE[dtype]} {name}[{max(len(flat), 1)}] = {{\n    {body or '0'}\n}};\n"
+    )
 
 
 def _symbol(ref: OpRef) -> str:
@@ -78,8 +108,10 @@ def _rows(rows) -> str:
 
 
 def _generated_by(plan: FirmwarePlan) -> str:
-    return (f"/* Generated by `fedtiny device firmware {plan.scenario_path} --partition {plan.partition}"
-            f"{_sets(plan.overrides)}`: do not edit.")
+    return (
+        f"/* Generated by `fedtiny device firmware {plan.scenario_path} --partition {plan.partition}"
+        f"{_sets(plan.overrides)}`: do not edit."
+    )
 
 
 _HEADER_TYPES = """
@@ -171,12 +203,16 @@ def _slices(plan: FirmwarePlan) -> tuple[list[str], list[str]]:
         n = max(len(u.positions), 1)
         rtype = "double" if cmp.residual == "float64" else "int16_t" if u.dtype == "int8" else "float"
         arrays.append(_array(f"slice{tid}_pos", u.positions, True))
-        arrays.append(f"static {'int32_t' if u.dtype == 'int32' else 'int8_t'} slice{tid}_before[{n}];\n"
-                      + (f"static {rtype} slice{tid}_residual[{n}];\n" if cmp.error_feedback else ""))
+        arrays.append(
+            f"static {'int32_t' if u.dtype == 'int32' else 'int8_t'} slice{tid}_before[{n}];\n"
+            + (f"static {rtype} slice{tid}_residual[{n}];\n" if cmp.error_feedback else "")
+        )
         dims = ", ".join(str(v) for v in u.shape)
-        rows.append(f"    {{(const void *){_symbol(u.src)}, {int(u.dtype == 'int32')}, {tid}u, {len(u.shape)}, "
-                    f"{{{dims}}}, {len(u.positions)}u, slice{tid}_pos, slice{tid}_before, "
-                    f"{f'slice{tid}_residual' if cmp.error_feedback else '0'}}}  /* {u.name} */")
+        rows.append(
+            f"    {{(const void *){_symbol(u.src)}, {int(u.dtype == 'int32')}, {tid}u, {len(u.shape)}, "
+            f"{{{dims}}}, {len(u.positions)}u, slice{tid}_pos, slice{tid}_before, "
+            f"{f'slice{tid}_residual' if cmp.error_feedback else '0'}}}  /* {u.name} */"
+        )
     return arrays, rows
 
 
@@ -184,17 +220,24 @@ def _source(plan: FirmwarePlan) -> str:
     m = plan.model
     op_arrays, op_rows = _op_arrays_and_rows(plan)
     slice_arrays, slice_rows = _slices(plan)
-    arrays = (op_arrays + [_array("plan_one", plan.plan_one, True), _array("plan_many", plan.plan_many, True)]
-              + slice_arrays + [_array("samples_x", plan.samples_x, True), _array("samples_y", plan.samples_y, True)])
-    down = [f"    {{{t.offset}u, {t.nbytes}u, {f'(void *){_symbol(t.dest)}' if t.dest else '0'}, 0x{t.crc:08x}u}}"
-            f"  /* {t.name} */" for t in plan.downlink]
+    arrays = (
+        op_arrays
+        + [_array("plan_one", plan.plan_one, True), _array("plan_many", plan.plan_many, True)]
+        + slice_arrays
+        + [_array("samples_x", plan.samples_x, True), _array("samples_y", plan.samples_y, True)]
+    )
+    down = [
+        f"    {{{t.offset}u, {t.nbytes}u, {f'(void *){_symbol(t.dest)}' if t.dest else '0'}, 0x{t.crc:08x}u}}"
+        f"  /* {t.name} */"
+        for t in plan.downlink
+    ]
     up = [f"    {{(const void *){_symbol(u.src)}, {u.nbytes}u}}  /* {u.name} */" for u in plan.uplink]
     settings = [f'    {{"{k}", {_c_string(v)}}}' for k, v in plan.settings]
     return f"""{_generated_by(plan)}
  * Model {plan.model_hash}, scheme {plan.scheme}, profile {plan.profile.name}, lr {plan.lr!r}, momentum {plan.momentum}. */
 #include "firmware_model.h"
 
-{''.join(arrays)}
+{"".join(arrays)}
 static const ft_op ops[{len(op_rows)}] = {{ /* flash: the step never writes its op table */
 {_rows(op_rows)}
 }};
@@ -228,14 +271,18 @@ uint8_t fw_arena[FW_ARENA_BYTES] __attribute__((aligned(8)));
 def _memory_ld(plan: FirmwarePlan) -> str:
     """The board's link script includes this: the image must link within the profile's memory."""
     p = plan.profile
-    return (f"/* Generated for profile {p.name}: the device this client is. */\n"
-            f"FW_RAM_BYTES = {p.sram_bytes};\nFW_FLASH_BYTES = {p.flash_bytes};\n"
-            f"FW_STACK_BYTES = {plan.device.ram['stack']};\n")
+    return (
+        f"/* Generated for profile {p.name}: the device this client is. */\n"
+        f"FW_RAM_BYTES = {p.sram_bytes};\nFW_FLASH_BYTES = {p.flash_bytes};\n"
+        f"FW_STACK_BYTES = {plan.device.ram['stack']};\n"
+    )
 
 
 def _makefile(plan: FirmwarePlan) -> str:
     """The C step's stack tables sized to this model (fedtiny_step_internal.h's FT_MAX_*), the first-fit allocator unused (plans),
     and the kernels device.kernels names (optimized: the DSP build; reference: the portable loops)."""
-    return (f"FW_CFLAGS := -DFT_MAX_TENSORS={plan.model.n_ops + 1} -DFT_MAX_CLASSES={plan.model.classes} "
-            f"-DFT_MAX_BLOCKS=8\n"
-            f"FW_KERNELS := {'dsp' if plan.kernels == 'optimized' else 'portable'}\n")
+    return (
+        f"FW_CFLAGS := -DFT_MAX_TENSORS={plan.model.n_ops + 1} -DFT_MAX_CLASSES={plan.model.classes} "
+        f"-DFT_MAX_BLOCKS=8\n"
+        f"FW_KERNELS := {'dsp' if plan.kernels == 'optimized' else 'portable'}\n"
+    )

@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fedtiny.bridge.protocol import model_hash
 from fedtiny.budget.arena import lay_out
 from fedtiny.budget.device_memory import FRAME_BYTES, TEXT_BYTES, DeviceMemory, encoded_bound
 from fedtiny.budget.memory import c_layout, memory_report
-from fedtiny.bridge.protocol import model_hash
 from fedtiny.devices import DeviceProfile, compute_cycles, get_profile
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.client import client_task
@@ -39,10 +39,22 @@ __all__ = ["DownlinkTensor", "FirmwarePlan", "OpField", "OpRef", "StepModel", "U
 _MUTABLE = {"weight": "train_w", "bias": "train_b", "mom_w": None, "mom_b": None}
 
 # scenario keys the device checks in each TRAIN against the values it was built with
-_SETTINGS = [("train", "lr"), ("train", "momentum"), ("train", "batch_size"), ("train", "local_epochs"),
-             ("train", "optimizer"), ("train", "weight_rounding"), ("train", "shuffle"), ("train", "gradients"),
-             ("compression", "uplink"), ("compression", "density"), ("compression", "values"),
-             ("compression", "topk"), ("compression", "error_feedback"), ("compression", "residual")]
+_SETTINGS = [
+    ("train", "lr"),
+    ("train", "momentum"),
+    ("train", "batch_size"),
+    ("train", "local_epochs"),
+    ("train", "optimizer"),
+    ("train", "weight_rounding"),
+    ("train", "shuffle"),
+    ("train", "gradients"),
+    ("compression", "uplink"),
+    ("compression", "density"),
+    ("compression", "values"),
+    ("compression", "topk"),
+    ("compression", "error_feedback"),
+    ("compression", "residual"),
+]
 
 
 @dataclass(frozen=True)
@@ -164,8 +176,13 @@ class FirmwarePlan:
         return sum(t.nbytes for t in self.uplink)
 
 
-def plan(scenario: Scenario, scenario_path: str, partition_id: int, overrides: dict | None = None,
-         progress: Callable[[str], None] | None = None) -> FirmwarePlan:
+def plan(
+    scenario: Scenario,
+    scenario_path: str,
+    partition_id: int,
+    overrides: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FirmwarePlan:
     """The plan of ``scenario`` (checked by :func:`fedtiny.tools.firmware.check`) for ``partition_id``."""
     say = progress or (lambda _: None)
     t = scenario.train
@@ -174,13 +191,20 @@ def plan(scenario: Scenario, scenario_path: str, partition_id: int, overrides: d
     model = client.model
     shape = tuple(train.x.shape[1:])
     model.input_shape = shape
-    report = memory_report(model, scheme, shape, device=profile, optimizer=t.optimizer, momentum=t.momentum,
-                           accumulate=t.batch_size > 1)
+    report = memory_report(
+        model, scheme, shape, device=profile, optimizer=t.optimizer, momentum=t.momentum, accumulate=t.batch_size > 1
+    )
     whole = _device_memory(client, profile, len(train), scenario_path, partition_id)
     sections = task.scenario.to_dict()  # what TRAIN's scenario must say, checked on the device text for text
     say("the C step's layout and arena plans")
-    cs = CStep(model, lr=task.scenario.train.lr, momentum=t.momentum, optimizer=t.optimizer,
-               rounding=t.weight_rounding, layout=c_layout(model, shape))
+    cs = CStep(
+        model,
+        lr=task.scenario.train.lr,
+        momentum=t.momentum,
+        optimizer=t.optimizer,
+        rounding=t.weight_rounding,
+        layout=c_layout(model, shape),
+    )
     one = lay_out(cs.record(1))
     many = lay_out(cs.record(2)) if t.batch_size > 1 else one  # every step of 2+ samples takes the same buffers
     tags = _conv_tags(cs)
@@ -192,22 +216,43 @@ def plan(scenario: Scenario, scenario_path: str, partition_id: int, overrides: d
         xq = model.quantize_input(torch.from_numpy(train.x)).numpy().astype(np.int8).reshape(len(train), -1)
     work, published = report.work, get_profile(profile.name)
     return FirmwarePlan(
-        scenario_path=scenario_path, partition=partition_id, overrides=dict(overrides or {}),
-        model_hash=model_hash(client.downlink_spec), scheme=scheme.name, profile=profile,
-        kernels=scenario.device.kernels, lr=task.scenario.train.lr, momentum=t.momentum, batch_size=t.batch_size,
-        local_epochs=t.local_epochs, compression=scenario.compression,
+        scenario_path=scenario_path,
+        partition=partition_id,
+        overrides=dict(overrides or {}),
+        model_hash=model_hash(client.downlink_spec),
+        scheme=scheme.name,
+        profile=profile,
+        kernels=scenario.device.kernels,
+        lr=task.scenario.train.lr,
+        momentum=t.momentum,
+        batch_size=t.batch_size,
+        local_epochs=t.local_epochs,
+        compression=scenario.compression,
         settings=tuple((f"{sec}.{key}", json.dumps(sections[sec][key])) for sec, key in _SETTINGS),
-        model=_step_model(cs.m), ops=_op_fields(cs), plan_one=np.asarray(one.offsets, np.uint32),
-        plan_many=np.asarray(many.offsets, np.uint32), arena_bytes=max(one.arena_bytes, many.arena_bytes),
-        op_geometry=cs.op_geometry(), downlink=_downlink(client, cs, tags), uplink=uplink, k_max=k_max,
-        enc_bytes=encoded_bound(ndim_max, k_max), frame_bytes=FRAME_BYTES, text_bytes=TEXT_BYTES,
-        samples_x=xq, samples_y=train.y.astype(np.uint8), device=whole,
-        planner_peak_bytes=report.peak_sram_bytes, planner_arena_bytes=report.arena_bytes,
-        macs_forward=report.macs_forward, macs_backward=report.macs_backward,
+        model=_step_model(cs.m),
+        ops=_op_fields(cs),
+        plan_one=np.asarray(one.offsets, np.uint32),
+        plan_many=np.asarray(many.offsets, np.uint32),
+        arena_bytes=max(one.arena_bytes, many.arena_bytes),
+        op_geometry=cs.op_geometry(),
+        downlink=_downlink(client, cs, tags),
+        uplink=uplink,
+        k_max=k_max,
+        enc_bytes=encoded_bound(ndim_max, k_max),
+        frame_bytes=FRAME_BYTES,
+        text_bytes=TEXT_BYTES,
+        samples_x=xq,
+        samples_y=train.y.astype(np.uint8),
+        device=whole,
+        planner_peak_bytes=report.peak_sram_bytes,
+        planner_arena_bytes=report.arena_bytes,
+        macs_forward=report.macs_forward,
+        macs_backward=report.macs_backward,
         cycles_per_sample=round(compute_cycles(profile, work, 1, 0)),
         update_cycles_per_step=round(compute_cycles(profile, work, 0, 1)),
         published_cycles_per_sample=round(compute_cycles(published, work)),
-        published_cycles_per_mac=published.cycles_per_mac)
+        published_cycles_per_mac=published.cycles_per_mac,
+    )
 
 
 def _server_start(scenario: Scenario, partition_id: int):
@@ -229,23 +274,38 @@ def _server_start(scenario: Scenario, partition_id: int):
     return task, profile, scheme, client, train
 
 
-def _device_memory(client, profile: DeviceProfile, samples: int, scenario_path: str,
-                   partition_id: int) -> DeviceMemory:
+def _device_memory(client, profile: DeviceProfile, samples: int, scenario_path: str, partition_id: int) -> DeviceMemory:
     """The whole client on its device; a ScenarioError if the firmware cannot hold it."""
     if samples >= 1 << 16:  # main.c's sample order is uint16_t
-        raise ScenarioError(f"{scenario_path}: partition {partition_id} holds {samples} training samples; the "
-                            f"firmware's sample order takes fewer than 65,536 (fewer data.max_samples or more clients)")
+        raise ScenarioError(
+            f"{scenario_path}: partition {partition_id} holds {samples} training samples; the "
+            f"firmware's sample order takes fewer than 65,536 (fewer data.max_samples or more clients)"
+        )
     whole = client.device_memory(profile, samples)
     if not whole.fits:
-        raise ScenarioError(f"{scenario_path}: partition {partition_id}'s client {whole.reason()}; its parts: "
-                            + ", ".join(f"{k} {v:,} B" for k, v in whole.ram.items() if v)
-                            + " (see fedtiny memory; docs/guide/memory.md)")
+        raise ScenarioError(
+            f"{scenario_path}: partition {partition_id}'s client {whole.reason()}; its parts: "
+            + ", ".join(f"{k} {v:,} B" for k, v in whole.ram.items() if v)
+            + " (see fedtiny memory; docs/guide/memory.md)"
+        )
     return whole
 
 
 def _step_model(m) -> StepModel:
-    return StepModel(m.n_ops, m.in_c, m.in_h, m.in_w, m.classes, m.logit_scale, m.sm_mult, m.sm_shift,
-                     m.sm_diff_min, m.lr, m.momentum, m.stochastic)
+    return StepModel(
+        m.n_ops,
+        m.in_c,
+        m.in_h,
+        m.in_w,
+        m.classes,
+        m.logit_scale,
+        m.sm_mult,
+        m.sm_shift,
+        m.sm_diff_min,
+        m.lr,
+        m.momentum,
+        m.stochastic,
+    )
 
 
 def _op_fields(cs: CStep) -> tuple[tuple[OpField, ...], ...]:
@@ -260,7 +320,9 @@ def _op_fields(cs: CStep) -> tuple[tuple[OpField, ...], ...]:
             if ftype is ctypes.c_void_p:
                 if v:
                     gate = _MUTABLE.get(f, "const")
-                    fields.append(OpField(f, arrays[v], gate == "const" or (gate is not None and not getattr(op, gate))))
+                    fields.append(
+                        OpField(f, arrays[v], gate == "const" or (gate is not None and not getattr(op, gate)))
+                    )
             elif ftype is ctypes.c_float:
                 fields.append(OpField(f, v))
             elif v:
@@ -271,8 +333,11 @@ def _op_fields(cs: CStep) -> tuple[tuple[OpField, ...], ...]:
 
 def _conv_tags(cs: CStep) -> dict[int, str]:
     """The tag of each convolution of the op table, by op index."""
-    return {i: next(c for c, w, _ in cs.params if w.ctypes.data == op.weight).tag
-            for i, op in enumerate(cs.ops) if op.kind == CKind.CONV}
+    return {
+        i: next(c for c, w, _ in cs.params if w.ctypes.data == op.weight).tag
+        for i, op in enumerate(cs.ops)
+        if op.kind == CKind.CONV
+    }
 
 
 def _downlink(client, cs: CStep, tags: dict[int, str]) -> tuple[DownlinkTensor, ...]:
@@ -306,6 +371,9 @@ def _uplink(client, cs: CStep, tags: dict[int, str]) -> tuple[UplinkTensor, ...]
             raise ScenarioError(f"uplink tensor {name}: trainable positions are not increasing")
         if len(pos) >= 1 << 16:
             raise ScenarioError(f"uplink tensor {name}: {len(pos)} trainable positions (the firmware ranks < 65536)")
-        out.append(UplinkTensor(name, OpRef(i, attr), int(np.prod(shp)) * np.dtype(dt).itemsize, dt,
-                                tuple(int(v) for v in shp), pos))
+        out.append(
+            UplinkTensor(
+                name, OpRef(i, attr), int(np.prod(shp)) * np.dtype(dt).itemsize, dt, tuple(int(v) for v in shp), pos
+            )
+        )
     return tuple(out)

@@ -20,8 +20,15 @@ from fedtiny.int8.tflite import read_tflite, write_tflite
 from fedtiny.models.state import load_arrays
 from fedtiny.scenario import load_scenario
 
-__all__ = ["run_model", "open_model", "cloud_model_file", "check_against_tflm", "compare_with_tflm",
-           "model_and_scheme", "SHARED_MODELS"]
+__all__ = [
+    "run_model",
+    "open_model",
+    "cloud_model_file",
+    "check_against_tflm",
+    "compare_with_tflm",
+    "model_and_scheme",
+    "SHARED_MODELS",
+]
 
 # the published int8 models (tiny-training's .pkl files and their schemes.json) beside this repository
 SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-training"
@@ -51,8 +58,12 @@ def cloud_model_file(scenario, out: str | Path) -> dict:
     state, cloud = cloud_model(task)
     load_arrays(task.model, state)
     save_qmodel(task.model, out)
-    return {"written": str(out), "pretrain_train_accuracy": cloud.pretrain_train_accuracy,
-            "cloud_fp32_accuracy": cloud.fp32_accuracy, "cloud_int8_accuracy": cloud.ptq_accuracy}
+    return {
+        "written": str(out),
+        "pretrain_train_accuracy": cloud.pretrain_train_accuracy,
+        "cloud_fp32_accuracy": cloud.fp32_accuracy,
+        "cloud_int8_accuracy": cloud.ptq_accuracy,
+    }
 
 
 def open_model(spec: str | Path) -> QModel:
@@ -91,13 +102,16 @@ def run_test_accuracy(run_dir: Path, model: QModel) -> dict:
     y = tflm_invoke(write_tflite(to_tflite(model)), np.ascontiguousarray(xq.transpose(0, 2, 3, 1)))
     summary = run_dir / "summary.json"
     final = json.loads(summary.read_text()).get("final_accuracy") if summary.is_file() else None
-    return {"test_images": int(len(test.y)),
-            "test_accuracy_tflm": float((y.reshape(len(xq), -1).argmax(1) == test.y).mean()),
-            "run_final_accuracy": final}
+    return {
+        "test_images": int(len(test.y)),
+        "test_accuracy_tflm": float((y.reshape(len(xq), -1).argmax(1) == test.y).mean()),
+        "run_final_accuracy": final,
+    }
 
 
-def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32, seed: int = 0, *,
-                      where: str = "model") -> dict:
+def compare_with_tflm(
+    model: QModel, blob: bytes | None = None, inputs: int = 32, seed: int = 0, *, where: str = "model"
+) -> dict:
     """:func:`check_against_tflm` for a model in hand: ``blob`` is its ``.tflite`` (default: its export)."""
     blob = write_tflite(to_tflite(model)) if blob is None else blob
     graph = read_tflite(blob, where=where)
@@ -120,9 +134,14 @@ def compare_with_tflm(model: QModel, blob: bytes | None = None, inputs: int = 32
     # the conv, mapping its output to the conv's input): only tensors of equal size are compared
     same = [i for i in names if i in ref and names[i] in mine and mine[names[i]].numel() == ref[i].size]
     per_tensor = {names[i]: int((tfl(mine[names[i]], ref[i]) != ref[i]).sum()) for i in same}
-    return {"inputs": inputs, "output_shape": list(want.shape),
-            "output_elements_differing": int((got != want).sum()), "output_elements": int(want.size),
-            "tensors_compared": len(per_tensor), "tensor_elements_differing": sum(per_tensor.values())}
+    return {
+        "inputs": inputs,
+        "output_shape": list(want.shape),
+        "output_elements_differing": int((got != want).sum()),
+        "output_elements": int(want.size),
+        "tensors_compared": len(per_tensor),
+        "tensor_elements_differing": sum(per_tensor.values()),
+    }
 
 
 def model_and_scheme(model: str, scheme: str) -> tuple[Path, str]:

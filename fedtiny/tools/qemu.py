@@ -18,24 +18,48 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["BOARDS", "PACKAGES", "missing_packages", "qemu_command", "start_qemu", "wait_listening", "free_port",
-           "running"]
+__all__ = [
+    "BOARDS",
+    "PACKAGES",
+    "missing_packages",
+    "qemu_command",
+    "start_qemu",
+    "wait_listening",
+    "free_port",
+    "running",
+]
 
 # board (device/firmware/boards/<board>) -> (QEMU machine, core); the first -serial is the firmware's UART
 # (UART0 on the MPS2 boards, USART1 on the STM32F405 of netduinoplus2)
-BOARDS = {"an386": ("mps2-an386", "Cortex-M4F"), "an500": ("mps2-an500", "Cortex-M7"),
-          "netduinoplus2": ("netduinoplus2", "Cortex-M4F (STM32F405)")}
+BOARDS = {
+    "an386": ("mps2-an386", "Cortex-M4F"),
+    "an500": ("mps2-an500", "Cortex-M7"),
+    "netduinoplus2": ("netduinoplus2", "Cortex-M4F (STM32F405)"),
+}
 # what the firmware needs on Debian: the cross compiler, its C library, the emulator
-PACKAGES = {"arm-none-eabi-gcc": "gcc-arm-none-eabi", "newlib": "libnewlib-arm-none-eabi",
-            "qemu-system-arm": "qemu-system-arm"}
+PACKAGES = {
+    "arm-none-eabi-gcc": "gcc-arm-none-eabi",
+    "newlib": "libnewlib-arm-none-eabi",
+    "qemu-system-arm": "qemu-system-arm",
+}
 
 
 def missing_packages() -> list[str]:
     """The Debian packages among :data:`PACKAGES` that this machine lacks."""
     missing = [PACKAGES[t] for t in ("arm-none-eabi-gcc", "qemu-system-arm") if shutil.which(t) is None]
     if shutil.which("arm-none-eabi-gcc"):
-        out = subprocess.run(["arm-none-eabi-gcc", "-mthumb", "-mcpu=cortex-m4", "-mfloat-abi=hard",
-                              "-mfpu=fpv4-sp-d16", "-print-file-name=libc_nano.a"], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                "arm-none-eabi-gcc",
+                "-mthumb",
+                "-mcpu=cortex-m4",
+                "-mfloat-abi=hard",
+                "-mfpu=fpv4-sp-d16",
+                "-print-file-name=libc_nano.a",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if not Path(out.stdout.strip()).is_file():
             missing.append(PACKAGES["newlib"])
     return missing
@@ -44,9 +68,23 @@ def missing_packages() -> list[str]:
 def qemu_command(elf: str | Path, board: str, port: int, host: str = "127.0.0.1") -> list[str]:
     if board not in BOARDS:
         raise ValueError(f"board {board!r}: expected one of {', '.join(BOARDS)}")
-    return ["qemu-system-arm", "-M", BOARDS[board][0], "-nographic", "-monitor", "none", "-kernel", str(elf),
-            "-serial", f"tcp:{host}:{port},server=on,wait=off", "-icount", "shift=0",
-            "-semihosting-config", "enable=on,target=native", *shlex.split(os.environ.get("FEDTINY_QEMU_ARGS", ""))]
+    return [
+        "qemu-system-arm",
+        "-M",
+        BOARDS[board][0],
+        "-nographic",
+        "-monitor",
+        "none",
+        "-kernel",
+        str(elf),
+        "-serial",
+        f"tcp:{host}:{port},server=on,wait=off",
+        "-icount",
+        "shift=0",
+        "-semihosting-config",
+        "enable=on,target=native",
+        *shlex.split(os.environ.get("FEDTINY_QEMU_ARGS", "")),
+    ]
 
 
 def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
@@ -63,8 +101,9 @@ def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 20.0) ->
 def start_qemu(elf: str | Path, board: str, port: int, log: Path | None = None) -> subprocess.Popen:
     """Start QEMU with the firmware; return once its UART listens (the caller stops the process)."""
     out = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(qemu_command(elf, board, port), stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        qemu_command(elf, board, port), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     try:
         wait_listening(port)
     except TimeoutError:

@@ -25,22 +25,22 @@ __all__ = ["render_reference", "toml_literal", "choices", "SECTION_NOTES"]
 # to docs/guide/). A section the schema gains later is rendered without a note.
 SECTION_NOTES: dict[str, str] = {
     "run": "The run itself: name, seeds, rounds, how many clients and how they are run "
-           "([running.md](running.md), [scaling.md](scaling.md)).",
+    "([running.md](running.md), [scaling.md](scaling.md)).",
     "data": "Where the images come from and how they are split between the server and the clients "
-            "([running.md](running.md#your-own-data)).",
+    "([running.md](running.md#your-own-data)).",
     "shift": "The deployment domain: the fleet's sensors see the data rotated, dimmer or noisier than "
-             "the server's clean public split ([running.md](running.md#what-a-client-runs)).",
+    "the server's clean public split ([running.md](running.md#what-a-client-runs)).",
     "model": "What the clients train: the built-in tiny-ir, a model file (`.tflite`, tiny-training "
-             "`.pkl`, fedtiny `.safetensors`) or your own PyTorch model ([models.md](models.md)).",
+    "`.pkl`, fedtiny `.safetensors`) or your own PyTorch model ([models.md](models.md)).",
     "train": "Local training on each client, and which slice of the model it trains "
-             "([memory.md](memory.md), [models.md](models.md)).",
+    "([memory.md](memory.md), [models.md](models.md)).",
     "device": "Each client's device profile, the memory check and the privacy policies "
-              "([memory.md](memory.md), [fleet.md](fleet.md), [privacy.md](privacy.md)).",
+    "([memory.md](memory.md), [fleet.md](fleet.md), [privacy.md](privacy.md)).",
     "compression": "What crosses the radio ([compression.md](compression.md)).",
     "attack": "The server attacks what chosen clients sent ([privacy.md](privacy.md)).",
     "bridge": "Real devices behind chosen partitions ([devices.md](devices.md)).",
     "search": "Finding a scheme per device: contribution analysis and evolutionary search "
-              "([memory.md](memory.md#finding-the-scheme-for-each-device)).",
+    "([memory.md](memory.md#finding-the-scheme-for-each-device)).",
     "fleet": "A fleet that sleeps, misses deadlines, fails or poisons its updates ([fleet.md](fleet.md)).",
     "server": "How the server combines the accepted changes ([fleet.md](fleet.md#robust-aggregation)).",
     "privacy": "Differential privacy of the clients' changes ([privacy.md](privacy.md#differential-privacy)).",
@@ -103,8 +103,7 @@ def choices() -> dict[str, list[str]]:
                 continue
             m = re.match(r"must be one of (.+?)( or empty)?; got ", str(problem or ""))
             if m:
-                found[f"{section}.{f.name}"] = [v.strip() for v in m.group(1).split(",")] + (
-                    [""] if m.group(2) else [])
+                found[f"{section}.{f.name}"] = [v.strip() for v in m.group(1).split(",")] + ([""] if m.group(2) else [])
     return found
 
 
@@ -128,17 +127,43 @@ def _sections(rows: list[tuple[str, str, Any, str]]) -> dict[str, list[tuple[str
 
 
 def _device_lines() -> list[str]:
-    lines = ["## Device profiles", "",
-             "Names `device.profiles` accepts (`fedtiny/devices.py`, each figure with its source there). "
-             "`device.custom_*` defines one more.", ""]
-    lines += _table(["profile", "core", "clock (MHz)", "SRAM (KB)", "flash (KB)", "cycles per int8 MAC",
-                     "default radio"],
-                    [(f"`{p.name}`", p.core, str(p.clock_mhz), f"{p.sram_bytes // KB:,}", f"{p.flash_bytes // KB:,}",
-                      f"{p.cycles_per_mac:g}", f"`{p.radio}`") for p in PROFILES.values()])
+    lines = [
+        "## Device profiles",
+        "",
+        "Names `device.profiles` accepts (`fedtiny/devices.py`, each figure with its source there). "
+        "`device.custom_*` defines one more.",
+        "",
+    ]
+    lines += _table(
+        ["profile", "core", "clock (MHz)", "SRAM (KB)", "flash (KB)", "cycles per int8 MAC", "default radio"],
+        [
+            (
+                f"`{p.name}`",
+                p.core,
+                str(p.clock_mhz),
+                f"{p.sram_bytes // KB:,}",
+                f"{p.flash_bytes // KB:,}",
+                f"{p.cycles_per_mac:g}",
+                f"`{p.radio}`",
+            )
+            for p in PROFILES.values()
+        ],
+    )
     lines += ["", "## Radios", "", "Names `device.radio` accepts (empty: each profile's own).", ""]
-    lines += _table(["radio", "goodput (kbit/s)", "transmit (mW)", "receive (mW)", "duty cycle", "source"],
-                    [(f"`{r.name}`", f"{r.goodput_bps / 1e3:,.6g}", f"{r.tx_mw:.1f}", f"{r.rx_mw:.1f}",
-                      f"{r.duty_cycle:g}", r.note) for r in RADIOS.values()])
+    lines += _table(
+        ["radio", "goodput (kbit/s)", "transmit (mW)", "receive (mW)", "duty cycle", "source"],
+        [
+            (
+                f"`{r.name}`",
+                f"{r.goodput_bps / 1e3:,.6g}",
+                f"{r.tx_mw:.1f}",
+                f"{r.rx_mw:.1f}",
+                f"{r.duty_cycle:g}",
+                r.note,
+            )
+            for r in RADIOS.values()
+        ],
+    )
     return lines
 
 
@@ -151,11 +176,23 @@ def render_reference() -> str:
         lines += [f"## `[{section}]`", ""]
         if section in SECTION_NOTES:
             lines += [SECTION_NOTES[section], ""]
-        lines += _table(["key", "type", "default", "meaning"],
-                        [(f"`{key}`", f"`{type_}`", f"`{toml_literal(default)}`",
-                          help_ + (" (one of " + ", ".join(f"`{toml_literal(v)}`" for v in allowed[key]) + ")"
-                                   if key in allowed else ""))
-                         for key, type_, default, help_ in rows])
+        lines += _table(
+            ["key", "type", "default", "meaning"],
+            [
+                (
+                    f"`{key}`",
+                    f"`{type_}`",
+                    f"`{toml_literal(default)}`",
+                    help_
+                    + (
+                        " (one of " + ", ".join(f"`{toml_literal(v)}`" for v in allowed[key]) + ")"
+                        if key in allowed
+                        else ""
+                    ),
+                )
+                for key, type_, default, help_ in rows
+            ],
+        )
         lines.append("")
     lines += _device_lines()
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -62,8 +62,10 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     over["train.scheme"] = "full"
     scenario = load_scenario(scenario_path, over)
     task = make_task(scenario)
-    _progress(f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
-              f"on {scenario.data.source}")
+    _progress(
+        f"cloud model of {Path(scenario.model.file).stem if scenario.model.file else 'tiny-ir'} "
+        f"on {scenario.data.source}"
+    )
     state, cloud = cloud_model(task)
     phase("cloud model")
     if not scenario.search.lr:  # the analysis fine-tunes at the clients' rate: settle it as a run would
@@ -79,23 +81,43 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
     phase("contribution analysis" + (" (cached)" if contrib.cached else ""))
     found = evolve(space, search_settings(scenario), _progress)
     phase("evolutionary search")
-    baseline = random_search(Space(contrib, space.peak_of, budget, name + "-random"), found.evaluations,
-                             scenario.run.seed)
+    baseline = random_search(
+        Space(contrib, space.peak_of, budget, name + "-random"), found.evaluations, scenario.run.seed
+    )
     phase("random baseline")
     load_arrays(task.model, state)
     resolved = resolve(found.scheme, task.model, scenario.run.seed)
-    entry = {**resolved.to_dict(), "predicted_gain": found.predicted_gain, "peak_sram_bytes": found.peak_sram_bytes,
-             "budget_bytes": budget, "device": profile.name, "model": model, "rule": "search"}
-    result = {"scheme": entry, "summary": resolved.summary(), "peak_sram_bytes": found.peak_sram_bytes,
-              "budget_bytes": budget, "predicted_gain": found.predicted_gain, "evaluations": found.evaluations,
-              "seconds": round(time.perf_counter() - t0, 2), "search_seconds": found.seconds,
-              "analysis_seconds": contrib.seconds, "analysis_cached": contrib.cached,
-              "analysis_evaluations": contrib.evaluations, "baseline_accuracy": contrib.baseline_accuracy,
-              "phase_seconds": phases,
-              "cloud_accuracy": cloud.ptq_accuracy,
-              "random_search": {"predicted_gain": baseline.predicted_gain, "peak_sram_bytes": baseline.peak_sram_bytes,
-                                "evaluations": baseline.evaluations,
-                                "summary": resolve(baseline.scheme, task.model, scenario.run.seed).summary()}}
+    entry = {
+        **resolved.to_dict(),
+        "predicted_gain": found.predicted_gain,
+        "peak_sram_bytes": found.peak_sram_bytes,
+        "budget_bytes": budget,
+        "device": profile.name,
+        "model": model,
+        "rule": "search",
+    }
+    result = {
+        "scheme": entry,
+        "summary": resolved.summary(),
+        "peak_sram_bytes": found.peak_sram_bytes,
+        "budget_bytes": budget,
+        "predicted_gain": found.predicted_gain,
+        "evaluations": found.evaluations,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "search_seconds": found.seconds,
+        "analysis_seconds": contrib.seconds,
+        "analysis_cached": contrib.cached,
+        "analysis_evaluations": contrib.evaluations,
+        "baseline_accuracy": contrib.baseline_accuracy,
+        "phase_seconds": phases,
+        "cloud_accuracy": cloud.ptq_accuracy,
+        "random_search": {
+            "predicted_gain": baseline.predicted_gain,
+            "peak_sram_bytes": baseline.peak_sram_bytes,
+            "evaluations": baseline.evaluations,
+            "summary": resolve(baseline.scheme, task.model, scenario.run.seed).summary(),
+        },
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(entry, indent=1) + "\n")
     if args.report:
@@ -103,13 +125,16 @@ def search_command(args: argparse.Namespace) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "contributions.md").write_text(contrib.table() + "\n")
         plot_contributions(contrib, out / "contributions.png")
-        (out / "search.json").write_text(json.dumps({**result, "history": found.history,
-                                                     "contributions": contrib.to_dict()}, indent=1) + "\n")
-    print(f"\nfedtiny search: {result['summary']}\n"
-          f"  device {profile.name}: peak SRAM {found.peak_sram_bytes:,} B <= budget {budget:,} B\n"
-          f"  predicted gain {found.predicted_gain:+.4f} over the classifier alone ({contrib.baseline_accuracy:.4f})\n"
-          f"  random search, same {found.evaluations} evaluations: {baseline.predicted_gain:+.4f} "
-          f"(peak {baseline.peak_sram_bytes:,} B)\n"
-          f"  {result['seconds']:.1f}s (analysis {'cached' if contrib.cached else f'{contrib.seconds:.0f}s'}, "
-          f"search {found.seconds:.1f}s)")
+        (out / "search.json").write_text(
+            json.dumps({**result, "history": found.history, "contributions": contrib.to_dict()}, indent=1) + "\n"
+        )
+    print(
+        f"\nfedtiny search: {result['summary']}\n"
+        f"  device {profile.name}: peak SRAM {found.peak_sram_bytes:,} B <= budget {budget:,} B\n"
+        f"  predicted gain {found.predicted_gain:+.4f} over the classifier alone ({contrib.baseline_accuracy:.4f})\n"
+        f"  random search, same {found.evaluations} evaluations: {baseline.predicted_gain:+.4f} "
+        f"(peak {baseline.peak_sram_bytes:,} B)\n"
+        f"  {result['seconds']:.1f}s (analysis {'cached' if contrib.cached else f'{contrib.seconds:.0f}s'}, "
+        f"search {found.seconds:.1f}s)"
+    )
     return result

@@ -25,8 +25,11 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     """One CPU per ClientApp, no GPU; ``run.num_cpus`` for a local Ray instance, or join ``run.ray_address``."""
     # "local": a fresh Ray instance even when a cluster started with `ray start` runs on this machine
     # (Ray would otherwise join it, and refuse num_cpus).
-    init_args = ({"address": scenario.run.ray_address} if scenario.run.ray_address
-                 else {"address": "local", "num_cpus": scenario.run.num_cpus})
+    init_args = (
+        {"address": scenario.run.ray_address}
+        if scenario.run.ray_address
+        else {"address": "local", "num_cpus": scenario.run.num_cpus}
+    )
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
@@ -48,18 +51,29 @@ def simulate(scenario: Scenario, run_dir: Path, *, verbose: bool = False, resume
     """
     quiet_flower(verbose)
     nodes = scenario.run.clients if scenario.run.cohort_size == 1 else cohort_nodes(scenario)
-    run_simulation(server_app=make_server_app(scenario, run_dir, resume=resume), client_app=client_app,
-                   num_supernodes=nodes, backend_config=backend_config(scenario),
-                   verbose_logging=verbose)
+    run_simulation(
+        server_app=make_server_app(scenario, run_dir, resume=resume),
+        client_app=client_app,
+        num_supernodes=nodes,
+        backend_config=backend_config(scenario),
+        verbose_logging=verbose,
+    )
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path} (see the log above)")
     return json.loads(summary_path.read_text())
 
 
-def simulate_secagg(changes: list[list[Any]], workdir: Path, *, secagg: bool, num_cpus: int = 2,
-                    num_shares: int | float = 1.0, threshold: int | float = 0.7,
-                    clipping_range: float = 256.0) -> dict[str, Any]:
+def simulate_secagg(
+    changes: list[list[Any]],
+    workdir: Path,
+    *,
+    secagg: bool,
+    num_cpus: int = 2,
+    num_shares: int | float = 1.0,
+    threshold: int | float = 0.7,
+    clipping_range: float = 256.0,
+) -> dict[str, Any]:
     """One legacy Flower round in which client ``p`` sends ``changes[p]`` (NumPy arrays), with or without SecAgg+.
 
     Returns the round's mean change (``mean``), the serialized bytes each client received
@@ -73,13 +87,23 @@ def simulate_secagg(changes: list[list[Any]], workdir: Path, *, secagg: bool, nu
     path = workdir / "changes.npz"
     np.savez(path, **{f"{p}/{i}": a for p, arrays in enumerate(changes) for i, a in enumerate(arrays)})
     out: dict[str, Any] = {}
-    run_simulation(server_app=make_secagg_server_app([a.size for a in changes[0]], len(changes), secagg=secagg,
-                                                     out=out, num_shares=num_shares, threshold=threshold,
-                                                     clipping_range=clipping_range),
-                   client_app=make_secagg_client_app(str(path), str(timing), secagg=secagg),
-                   num_supernodes=len(changes),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"address": "local", "num_cpus": num_cpus}})
+    run_simulation(
+        server_app=make_secagg_server_app(
+            [a.size for a in changes[0]],
+            len(changes),
+            secagg=secagg,
+            out=out,
+            num_shares=num_shares,
+            threshold=threshold,
+            clipping_range=clipping_range,
+        ),
+        client_app=make_secagg_client_app(str(path), str(timing), secagg=secagg),
+        num_supernodes=len(changes),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"address": "local", "num_cpus": num_cpus},
+        },
+    )
     if "mean" not in out:
         raise RuntimeError("the SecAgg+ round did not complete (see Flower's log with -v)")
     seconds: dict[int, float] = {}
@@ -87,6 +111,11 @@ def simulate_secagg(changes: list[list[Any]], workdir: Path, *, secagg: bool, nu
         for line in f.read_text().splitlines():
             rec = json.loads(line)
             seconds[rec["partition_id"]] = seconds.get(rec["partition_id"], 0.0) + rec["seconds"]
-    return {"mean": out["mean"], "down": sorted(out["down"].values()), "up": sorted(out["up"].values()),
-            "client_seconds": [seconds[p] for p in sorted(seconds)], "seconds": out["seconds"],
-            "exchanges": out["exchanges"]}
+    return {
+        "mean": out["mean"],
+        "down": sorted(out["down"].values()),
+        "up": sorted(out["up"].values()),
+        "client_seconds": [seconds[p] for p in sorted(seconds)],
+        "seconds": out["seconds"],
+        "exchanges": out["exchanges"],
+    }

@@ -105,5 +105,13 @@ def _build_leaky_relu(d, where: str) -> QLeakyRelu:
 RELU = register_lookup("relu", QRelu, "RELU", "relu")
 RELU6 = register_lookup("relu6", QRelu6, "RELU6", "relu6_")
 TANH = register_lookup("tanh", QTanh, "TANH", "tanh")
-LEAKY_RELU = register_lookup("leaky-relu", QLeakyRelu, "LEAKY_RELU", "leaky_relu", read=_read_leaky_relu,
-                             write=_write_leaky_relu, describe=lambda m: {"alpha": m.alpha}, build=_build_leaky_relu)
+LEAKY_RELU = register_lookup(
+    "leaky-relu",
+    QLeakyRelu,
+    "LEAKY_RELU",
+    "leaky_relu",
+    read=_read_leaky_relu,
+    write=_write_leaky_relu,
+    describe=lambda m: {"alpha": m.alpha},
+    build=_build_leaky_relu,
+)

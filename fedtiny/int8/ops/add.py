@@ -7,11 +7,21 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels, native
-from fedtiny.int8.ops.base import (INT32_MAX, INT32_MIN, CKind, QParamsMixin, Wiring, as_int, check_grads, grads, numel,
-                                   qparams)
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
+from fedtiny.int8.ops.base import (
+    INT32_MAX,
+    INT32_MIN,
+    CKind,
+    QParamsMixin,
+    Wiring,
+    as_int,
+    check_grads,
+    grads,
+    numel,
+    qparams,
+)
 from fedtiny.int8.ops.registry import OpKind, register
 
 
@@ -59,8 +69,17 @@ class QAdd(QParamsMixin, nn.Module):
     ``b_scale``, ``b_zero`` (``bparams``).
     """
 
-    def __init__(self, x_scale: float, x_zero: int, b_scale: float, b_zero: int, y_scale: float, y_zero: int,
-                 *, activation: str = "NONE") -> None:
+    def __init__(
+        self,
+        x_scale: float,
+        x_zero: int,
+        b_scale: float,
+        b_zero: int,
+        y_scale: float,
+        y_zero: int,
+        *,
+        activation: str = "NONE",
+    ) -> None:
         super().__init__()
         self.register_buffer("qparams", qparams(x_scale, x_zero, y_scale, y_zero))
         self.register_buffer("bparams", torch.tensor([b_scale, b_zero], dtype=torch.float64))
@@ -72,8 +91,9 @@ class QAdd(QParamsMixin, nn.Module):
     def add_params(self):
         key = (tuple(self.qparams.tolist()), tuple(self.bparams.tolist()))
         if key != self._key:
-            self._params = kernels.add_params(self.x_scale, self.x_zero, float(self.bparams[0]), int(self.bparams[1]),
-                                              self.y_scale, self.y_zero)
+            self._params = kernels.add_params(
+                self.x_scale, self.x_zero, float(self.bparams[0]), int(self.bparams[1]), self.y_scale, self.y_zero
+            )
             self._key = key
         return self._params
 
@@ -84,11 +104,17 @@ class QAdd(QParamsMixin, nn.Module):
         """The buffers of the add in a training step (both inputs ``shape``)."""
         out = numel(shape)
         grads = need_x or need_b
-        return OpEvents(self.tag, out, wiring.frees(), saved=(out + 7) // 8 if grads else 0,
-                        in_backward=grads, grad_bytes=GRAD_BYTES * out,
-                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * out),) * need_x
-                        + ((wiring.grad_tags[1], GRAD_BYTES * out),) * need_b,
-                        releases=wiring.skips * (need_x or need_b))
+        return OpEvents(
+            self.tag,
+            out,
+            wiring.frees(),
+            saved=(out + 7) // 8 if grads else 0,
+            in_backward=grads,
+            grad_bytes=GRAD_BYTES * out,
+            input_grads=((wiring.grad_tags[0], GRAD_BYTES * out),) * need_x
+            + ((wiring.grad_tags[1], GRAD_BYTES * out),) * need_b,
+            releases=wiring.skips * (need_x or need_b),
+        )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):
         """Output shape (per sample) and buffers of the op in a training step, from its inputs' shapes
@@ -110,12 +136,17 @@ class QAdd(QParamsMixin, nn.Module):
 
 # ---------------------------------------------------------------- the kind
 
+
 def _read(rd, k: int, op) -> tuple[QAdd, tuple[str, ...]]:
     x, b = rd.tensor(op.inputs[0]), rd.tensor(op.inputs[1])
     if tuple(x.shape) != tuple(b.shape):
         raise ModelFileError(f"{rd.label(k, op)}: broadcasting adds are not supported ({x.shape} + {b.shape})")
-    module = QAdd(*rd.q(op.inputs[0]), *rd.q(op.inputs[1]), *rd.q(op.outputs[0]),
-                  activation=op.options.get("fused_activation", "NONE"))
+    module = QAdd(
+        *rd.q(op.inputs[0]),
+        *rd.q(op.inputs[1]),
+        *rd.q(op.outputs[0]),
+        activation=op.options.get("fused_activation", "NONE"),
+    )
     module.tag = rd.name("add")
     return module, (rd.names[op.inputs[0]], rd.names[op.inputs[1]])
 
@@ -138,7 +169,16 @@ def _c_fill(cs, op, add: QAdd, in_ids, in_shape) -> None:
     op.ratio_b = float(add.bparams[0]) / add.y_scale
 
 
-KIND = register(OpKind("add", QAdd, ("ADD",), read=_read, write=_write,
-                       describe=lambda m: {"activation": m.activation},
-                       build=lambda d, where: QAdd(1.0, 0, 1.0, 0, 1.0, 0, activation=str(d.get("activation", "NONE"))),
-                       c_kind=CKind.ADD, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "add",
+        QAdd,
+        ("ADD",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"activation": m.activation},
+        build=lambda d, where: QAdd(1.0, 0, 1.0, 0, 1.0, 0, activation=str(d.get("activation", "NONE"))),
+        c_kind=CKind.ADD,
+        c_fill=_c_fill,
+    )
+)

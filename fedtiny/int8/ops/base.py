@@ -9,11 +9,27 @@ from typing import Sequence
 
 import torch
 
-from fedtiny.int8.ledger import Ledger, NullLedger, OpEvents
 from fedtiny.errors import ModelFileError
+from fedtiny.int8.ledger import Ledger, NullLedger, OpEvents
 
-__all__ = ["round_ste", "qparams", "QParamsMixin", "numel", "grads", "as_int", "Wiring", "check_grads",
-           "to_nchw_shape", "layout_ints", "CKind", "INT8_MIN", "INT8_MAX", "INT32_MIN", "INT32_MAX", "ACTIVATIONS"]
+__all__ = [
+    "round_ste",
+    "qparams",
+    "QParamsMixin",
+    "numel",
+    "grads",
+    "as_int",
+    "Wiring",
+    "check_grads",
+    "to_nchw_shape",
+    "layout_ints",
+    "CKind",
+    "INT8_MIN",
+    "INT8_MAX",
+    "INT32_MIN",
+    "INT32_MAX",
+    "ACTIVATIONS",
+]
 
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

@@ -42,8 +42,10 @@ def _read(rd, k: int, op) -> tuple[QConcat, tuple[str, ...]]:
     for i in op.inputs:
         s, z = rd.q(i)
         if np.float32(s) != np.float32(y[0]) or z != y[1]:  # TFLM's Prepare refuses it too
-            raise ModelFileError(f"{label}: input tensor {i} has quantization {s:g}/{z}, the output {y[0]:g}/{y[1]}: "
-                                 "TFLM's int8 CONCATENATION needs them equal")
+            raise ModelFileError(
+                f"{label}: input tensor {i} has quantization {s:g}/{z}, the output {y[0]:g}/{y[1]}: "
+                "TFLM's int8 CONCATENATION needs them equal"
+            )
     if op.options.get("fused_activation", "NONE") != "NONE":
         raise ModelFileError(f"{label}: TFLM's int8 CONCATENATION takes no fused activation")
     rank = len(rd.tensor(op.outputs[0]).shape)
@@ -66,14 +68,26 @@ def _c_fill(cs, op, m: QConcat, in_ids, in_shape) -> None:
     """CONCATENATION's fields of an ``ft_op``: its inputs (``in0``, ``in1``, the rest in ``in_more``; 2 to 10,
     TFLM's limit), joined along channels (the only axis the C step joins)."""
     if m.axis != 1 or not 2 <= len(in_ids) <= 10:
-        raise ModelFileError(f"the C step does not run op {m.tag!r} (it joins 2 to 10 inputs along channels, "
-                             f"not {len(in_ids)} along axis {m.axis})")
+        raise ModelFileError(
+            f"the C step does not run op {m.tag!r} (it joins 2 to 10 inputs along channels, "
+            f"not {len(in_ids)} along axis {m.axis})"
+        )
     op.kind = CKind.CONCAT
     op.in1, op.n_in = in_ids[1], len(in_ids)
     if len(in_ids) > 2:
         op.in_more = cs.ptr(cs.array(np.asarray(in_ids[2:], np.int32)))
 
 
-KIND = register(OpKind("concat", QConcat, ("CONCATENATION",), read=_read, write=_write,
-                       describe=lambda m: {"axis": m.axis},
-                       build=lambda d, where: QConcat(int(d["axis"]), 1.0, 0), c_kind=CKind.CONCAT, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "concat",
+        QConcat,
+        ("CONCATENATION",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"axis": m.axis},
+        build=lambda d, where: QConcat(int(d["axis"]), 1.0, 0),
+        c_kind=CKind.CONCAT,
+        c_fill=_c_fill,
+    )
+)

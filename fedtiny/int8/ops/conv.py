@@ -9,11 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes, workspace_bytes
 from fedtiny.errors import ModelFileError, SchemeError
 from fedtiny.int8 import exact, kernels, native
-from fedtiny.int8.ops.base import (ACTIVATIONS, CKind, QParamsMixin, Wiring, check_grads, grads, layout_ints,
-                                   numel, qparams)
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes, workspace_bytes
+from fedtiny.int8.ops.base import (
+    ACTIVATIONS,
+    CKind,
+    QParamsMixin,
+    Wiring,
+    check_grads,
+    grads,
+    layout_ints,
+    numel,
+    qparams,
+)
 from fedtiny.int8.ops.registry import OpKind, register
 from fedtiny.int8.optimizers import optimizer_kind
 
@@ -25,8 +34,9 @@ def _input_tap_l1(w: torch.Tensor, groups: int) -> float:
     return float(w.abs().reshape(groups, o // groups, c, kh * kw).sum(dim=(1, 3)).max())
 
 
-def _per_sample_weightgrads(x: torch.Tensor, shape: tuple[int, ...], g: torch.Tensor, stride, padding,
-                             groups: int) -> torch.Tensor:
+def _per_sample_weightgrads(
+    x: torch.Tensor, shape: tuple[int, ...], g: torch.Tensor, stride, padding, groups: int
+) -> torch.Tensor:
     """Each sample's weight gradient of a convolution (``N x shape``) in one call: the batch becomes
     groups (sample ``n``'s channels are group block ``n``)."""
     n = x.shape[0]
@@ -58,8 +68,11 @@ class _QConvFn(torch.autograd.Function):
         if need_x:
             w = weight
         ctx.save_for_backward(mask, xsel, w)
-        led.check(f"saved:{conv.tag}", events.saved,
-                  0 if mask is None else tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0))
+        led.check(
+            f"saved:{conv.tag}",
+            events.saved,
+            0 if mask is None else tensor_bytes(mask, "bit") + (xsel.numel() if xsel is not None else 0),
+        )
         return y
 
     @staticmethod
@@ -129,9 +142,10 @@ class _QConvFn(torch.autograd.Function):
             else:
                 n, c, h, wd = ctx.in_shape
                 pt, pb, pl, pr = conv.padding
-                gp = torch.nn.grad.conv2d_input((n, c, h + pt + pb, wd + pl + pr), wq, gq, conv.stride, 0,
-                                                groups=conv.groups)
-                grad_x = scaled(gp[:, :, pt:pt + h, pl:pl + wd].contiguous())
+                gp = torch.nn.grad.conv2d_input(
+                    (n, c, h + pt + pb, wd + pl + pr), wq, gq, conv.stride, 0, groups=conv.groups
+                )
+                grad_x = scaled(gp[:, :, pt : pt + h, pl : pl + wd].contiguous())
             held.append(tensor_bytes(grad_x, "fp32"))
         check_grads(led, events, held)
         events.backward(led)
@@ -173,17 +187,30 @@ class QConv(QParamsMixin, nn.Module):
     # On the device: int8 weights, int32 biases (fedtiny.models.state reads this).
     WIRE_DTYPES = {"weight": "int8", "bias": "int32"}
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scales: torch.Tensor, x_scale: float, x_zero: int,
-                 y_scale: float, y_zero: int, stride: int = 1, groups: int = 1, *,
-                 padding: tuple[int, int, int, int] | None = None, activation: str = "NONE",
-                 kind: str | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        w_scales: torch.Tensor,
+        x_scale: float,
+        x_zero: int,
+        y_scale: float,
+        y_zero: int,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        padding: tuple[int, int, int, int] | None = None,
+        activation: str = "NONE",
+        kind: str | None = None,
+    ) -> None:
         super().__init__()
         # Contiguous copies: a transposed import must not reach the wire or a file with its strides.
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).contiguous().clone())
         # float64: every int32 bias exactly (float32 rounds those beyond 2^24, which pretrained
         # models have on near-dead channels: VWW has 973), and the int32 range TFLM saturates to
-        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float64).clamp(-2**31, 2**31 - 1)
-                                 .contiguous().clone())
+        self.bias = nn.Parameter(
+            torch.as_tensor(bias, dtype=torch.float64).clamp(-(2**31), 2**31 - 1).contiguous().clone()
+        )
         self.register_buffer("w_scales", torch.as_tensor(w_scales, dtype=torch.float32).contiguous().clone())
         self.register_buffer("qparams", qparams(x_scale, x_zero, y_scale, y_zero))
         self.stride, self.groups = int(stride), int(groups)
@@ -288,8 +315,9 @@ class QConv(QParamsMixin, nn.Module):
         """The output clamp: the fused activation's quantized range within int8."""
         return kernels.activation_range(self.activation, self.y_scale, self.y_zero)
 
-    def requantize_clamp(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         want_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def requantize_clamp(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want_mask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The int8 output (float storage) and, if wanted, the clamp's mask (values it kept).
 
         int32 accumulation, TFLM's requantization, zero point, the activation's clamp: in the
@@ -321,8 +349,16 @@ class QConv(QParamsMixin, nn.Module):
             return n * (self.out_channels if self.is_depthwise else self.in_channels) * h * w
         return n * len(self.train_channels) * h * w
 
-    def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool = False,
-               need_w: bool | None = None, need_b: bool | None = None, inplace_depthwise: bool = True) -> OpEvents:
+    def events(
+        self,
+        in_shape: tuple[int, ...],
+        wiring: Wiring,
+        *,
+        need_x: bool = False,
+        need_w: bool | None = None,
+        need_b: bool | None = None,
+        inplace_depthwise: bool = True,
+    ) -> OpEvents:
         """The buffers this convolution holds in a training step, for an ``N x C x H x W`` input.
 
         ``need_x``: a gradient must reach the input (something upstream is trained);
@@ -339,30 +375,44 @@ class QConv(QParamsMixin, nn.Module):
         n_sel = self.out_channels if self.train_channels is None else len(self.train_channels)
         w_rows = n_sel if self.is_depthwise else self.out_channels
         return OpEvents(
-            self.tag, out, wiring.frees(),
-            workspace=workspace_bytes(self.kernel_hw, self.in_channels, self.is_depthwise, (h, w), (oh, ow), inplace,
-                                      self.padding),
+            self.tag,
+            out,
+            wiring.frees(),
+            workspace=workspace_bytes(
+                self.kernel_hw, self.in_channels, self.is_depthwise, (h, w), (oh, ow), inplace, self.padding
+            ),
             saved=(out + 7) // 8 + (self.trained_input_elements(in_shape) if need_w else 0) if grads else 0,
-            inplace=inplace, in_backward=grads, grad_bytes=GRAD_BYTES * out,
+            inplace=inplace,
+            in_backward=grads,
+            grad_bytes=GRAD_BYTES * out,
             param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * self.out_channels, 1),) * need_b
             + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.trained_weight_elements(), w_rows),) * need_w,
             input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
             # The input's first reader sums the later readers' pending gradients into its input gradient.
-            releases=wiring.skips * need_x)
+            releases=wiring.skips * need_x,
+        )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):
         """Output shape (per sample) and buffers of the op in a training step, from its inputs' shapes
         (``ins``, batch first) and whether a gradient must reach each input (``need``)."""
-        return ((self.out_channels, *self.out_hw(ins[0][2:])),
-                self.events(ins[0], wiring, need_x=need[0], inplace_depthwise=inplace_depthwise))
+        return (
+            (self.out_channels, *self.out_hw(ins[0][2:])),
+            self.events(ins[0], wiring, need_x=need[0], inplace_depthwise=inplace_depthwise),
+        )
 
     def run(self, inputs: Sequence[torch.Tensor], wiring: Wiring | None = None, quiet: bool = False) -> torch.Tensor:
         """Forward, reporting buffers to a recording ledger (unless ``quiet``)."""
         (x,) = inputs
         led = NULL if quiet else active()
         need_x, need_w, need_b = grads(x.requires_grad, self.weight.requires_grad, self.bias.requires_grad)
-        events = self.events(tuple(x.shape), wiring or Wiring.single(), need_x=need_x, need_w=need_w,
-                             need_b=need_b, inplace_depthwise=led.inplace_depthwise)
+        events = self.events(
+            tuple(x.shape),
+            wiring or Wiring.single(),
+            need_x=need_x,
+            need_w=need_w,
+            need_b=need_b,
+            inplace_depthwise=led.inplace_depthwise,
+        )
         y = _QConvFn.apply(x, self.weight, self.bias, self, events, led)
         events.forward(led)
         return y
@@ -409,9 +459,18 @@ def _read(rd, k: int, op) -> tuple[QConv, tuple[str, ...]]:
     bias_values = np.zeros(o, np.int32) if bias < 0 else np.asarray(rd.tensor(bias).data, np.int32).reshape(o)
     scales = np.asarray(wt.scales, np.float32)
     scales = np.full(o, scales[0], np.float32) if scales.size == 1 else scales.reshape(o)
-    module = QConv(torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(bias_values.astype(np.float64)),
-                   torch.from_numpy(scales), *rd.q(op.inputs[0]), *rd.q(op.outputs[0]), stride, groups,
-                   padding=padding, activation=op.options.get("fused_activation", "NONE"), kind=kind)
+    module = QConv(
+        torch.from_numpy(weight.astype(np.float32)),
+        torch.from_numpy(bias_values.astype(np.float64)),
+        torch.from_numpy(scales),
+        *rd.q(op.inputs[0]),
+        *rd.q(op.outputs[0]),
+        stride,
+        groups,
+        padding=padding,
+        activation=op.options.get("fused_activation", "NONE"),
+        kind=kind,
+    )
     module.tag = "classifier" if k == rd.head_k else rd.name("conv")
     return module, inputs
 
@@ -430,8 +489,7 @@ def _write(wr, m: QConv, name: str, ins):
         wi = wr.tensor(f"{name}/weight", w.shape[:2], scale=s, data=w.reshape(w.shape[:2]))
         bi = wr.tensor(f"{name}/bias", b.shape, "int32", scale=np.float32(xs * s[0]), data=b)
         out = wr.tensor(name, (1, m.out_channels), scale=m.y_scale, zero=m.y_zero)
-        wr.op(_FC, (xi, wi, bi), (out,), fused_activation=m.activation, weights_format="DEFAULT",
-              keep_num_dims=False)
+        wr.op(_FC, (xi, wi, bi), (out,), fused_activation=m.activation, weights_format="DEFAULT", keep_num_dims=False)
         return out, oshape, 2, (m.y_scale, m.y_zero)
     kh, kw = m.kernel_hw
     if xrank == 2:  # a convolution reads NHWC: a [N, C] input (a MEAN without kept dims) is reshaped first
@@ -451,26 +509,63 @@ def _write(wr, m: QConv, name: str, ins):
     bscale = (ws.astype(np.float32) * xs).astype(np.float32)
     out = wr.tensor(name, wr.shape(oshape, 4), scale=m.y_scale, zero=m.y_zero)
     if m.depth_multiplier:  # one input channel per group: output c * m + j reads input c, TFLite's order too
-        wi = wr.tensor(f"{name}/weight", (1, kh, kw, m.out_channels), scale=ws, qdim=3,
-                       data=np.ascontiguousarray(w.transpose(1, 2, 3, 0)))
+        wi = wr.tensor(
+            f"{name}/weight",
+            (1, kh, kw, m.out_channels),
+            scale=ws,
+            qdim=3,
+            data=np.ascontiguousarray(w.transpose(1, 2, 3, 0)),
+        )
         bi = wr.tensor(f"{name}/bias", b.shape, "int32", scale=bscale, data=b)
-        wr.op(_DEPTHWISE, (xi, wi, bi), (out,), padding=mode, stride_h=m.stride, stride_w=m.stride,
-              depth_multiplier=m.depth_multiplier, fused_activation=m.activation, dilation_h=1, dilation_w=1)
+        wr.op(
+            _DEPTHWISE,
+            (xi, wi, bi),
+            (out,),
+            padding=mode,
+            stride_h=m.stride,
+            stride_w=m.stride,
+            depth_multiplier=m.depth_multiplier,
+            fused_activation=m.activation,
+            dilation_h=1,
+            dilation_w=1,
+        )
         return out, oshape, 4, (m.y_scale, m.y_zero)
     if m.groups != 1:
         raise ModelFileError(f"export: {name}: grouped convolutions have no TFLM form")
-    wi = wr.tensor(f"{name}/weight", (m.out_channels, kh, kw, m.in_channels), scale=ws, qdim=0,
-                   data=np.ascontiguousarray(w.transpose(0, 2, 3, 1)))
+    wi = wr.tensor(
+        f"{name}/weight",
+        (m.out_channels, kh, kw, m.in_channels),
+        scale=ws,
+        qdim=0,
+        data=np.ascontiguousarray(w.transpose(0, 2, 3, 1)),
+    )
     bi = wr.tensor(f"{name}/bias", b.shape, "int32", scale=bscale, data=b)
-    wr.op(_CONV, (xi, wi, bi), (out,), padding=mode, stride_h=m.stride, stride_w=m.stride,
-          fused_activation=m.activation, dilation_h=1, dilation_w=1)
+    wr.op(
+        _CONV,
+        (xi, wi, bi),
+        (out,),
+        padding=mode,
+        stride_h=m.stride,
+        stride_w=m.stride,
+        fused_activation=m.activation,
+        dilation_h=1,
+        dilation_w=1,
+    )
     return out, oshape, 4, (m.y_scale, m.y_zero)
 
 
 def _describe(m: QConv) -> dict:
-    return {"kind": m.kind, "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_hw),
-            "stride": m.stride, "groups": m.groups, "padding": list(m.padding), "activation": m.activation,
-            "relu": m.relu}
+    return {
+        "kind": m.kind,
+        "in": m.in_channels,
+        "out": m.out_channels,
+        "kernel": list(m.kernel_hw),
+        "stride": m.stride,
+        "groups": m.groups,
+        "padding": list(m.padding),
+        "activation": m.activation,
+        "relu": m.relu,
+    }
 
 
 def build(d: dict, where: str) -> QConv:
@@ -482,12 +577,28 @@ def build(d: dict, where: str) -> QConv:
         padding = layout_ints(d, "padding", 4, where) if "padding" in d else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{where}: bad convolution layout {d!r} ({exc})") from None
-    if (min(cin, cout, kh, kw, stride, groups) < 1 or cin % groups or cout % groups or max(kh, kw) > 15
-            or (padding is not None and (min(padding) < 0 or max(padding) >= max(kh, kw)))):
+    if (
+        min(cin, cout, kh, kw, stride, groups) < 1
+        or cin % groups
+        or cout % groups
+        or max(kh, kw) > 15
+        or (padding is not None and (min(padding) < 0 or max(padding) >= max(kh, kw)))
+    ):
         raise ModelFileError(f"{where}: impossible convolution {d!r}")
-    conv = QConv(torch.zeros(cout, cin // groups, kh, kw), torch.zeros(cout), torch.ones(cout), 1.0, 0, 1.0, 0,
-                 stride, groups, padding=padding, activation=str(d.get("activation", "NONE")),
-                 kind=d.get("kind") if d.get("kind") in ("conv", "depthwise", "fc") else None)
+    conv = QConv(
+        torch.zeros(cout, cin // groups, kh, kw),
+        torch.zeros(cout),
+        torch.ones(cout),
+        1.0,
+        0,
+        1.0,
+        0,
+        stride,
+        groups,
+        padding=padding,
+        activation=str(d.get("activation", "NONE")),
+        kind=d.get("kind") if d.get("kind") in ("conv", "depthwise", "fc") else None,
+    )
     conv.relu = bool(d.get("relu", conv.relu))
     return conv
 
@@ -510,7 +621,7 @@ def _c_fill(cs, op, conv: QConv, in_ids, in_shape) -> None:
     op.eff_scale = cs.ptr(cs.array(conv.multiplier().numpy().astype(np.float32)))
     ws = conv.w_scales.double()
     if optimizer_kind(cs.optimizer).qas:
-        op.qas_w = cs.ptr(cs.array((ws ** -2).float().numpy()))
+        op.qas_w = cs.ptr(cs.array((ws**-2).float().numpy()))
         op.qas_b = cs.ptr(cs.array(((ws * conv.x_scale) ** -2).float().numpy()))
     if conv.train_channels is not None:
         n = conv.out_channels if conv.is_depthwise else conv.in_channels
@@ -529,5 +640,16 @@ def _c_fill(cs, op, conv: QConv, in_ids, in_shape) -> None:
     cs.params.append((conv, weight, bias))
 
 
-KIND = register(OpKind("conv", QConv, (_CONV, _DEPTHWISE, _FC), read=_read, write=_write, describe=_describe,
-                       build=build, c_kind=CKind.CONV, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "conv",
+        QConv,
+        (_CONV, _DEPTHWISE, _FC),
+        read=_read,
+        write=_write,
+        describe=_describe,
+        build=build,
+        c_kind=CKind.CONV,
+        c_fill=_c_fill,
+    )
+)

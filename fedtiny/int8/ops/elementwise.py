@@ -21,16 +21,22 @@ from fedtiny.int8.ops.base import Wiring, check_grads, grads, numel
 __all__ = ["ParameterFreeOp", "op_events"]
 
 
-def op_events(tag: str, out: int, in_shapes: Sequence[tuple[int, ...]], wiring: Wiring, need: Sequence[bool],
-              saved: int = 0) -> OpEvents:
+def op_events(
+    tag: str, out: int, in_shapes: Sequence[tuple[int, ...]], wiring: Wiring, need: Sequence[bool], saved: int = 0
+) -> OpEvents:
     """The buffers of an op without parameters: its output (``out`` elements), what it keeps for the
     backward (``saved`` bytes, when a gradient flows) and one float gradient per input that needs one."""
     flows = any(need)
-    return OpEvents(tag, out, wiring.frees(), saved=saved if flows else 0, in_backward=flows,
-                    grad_bytes=GRAD_BYTES * out,
-                    input_grads=tuple((wiring.grad_tags[i], GRAD_BYTES * numel(s))
-                                      for i, s in enumerate(in_shapes) if need[i]),
-                    releases=wiring.skips * flows)
+    return OpEvents(
+        tag,
+        out,
+        wiring.frees(),
+        saved=saved if flows else 0,
+        in_backward=flows,
+        grad_bytes=GRAD_BYTES * out,
+        input_grads=tuple((wiring.grad_tags[i], GRAD_BYTES * numel(s)) for i, s in enumerate(in_shapes) if need[i]),
+        releases=wiring.skips * flows,
+    )
 
 
 class _OpFn(torch.autograd.Function):
@@ -88,8 +94,9 @@ class ParameterFreeOp(nn.Module):
     def compute(self, xs: Sequence[torch.Tensor], need: Sequence[bool]) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    def gradients(self, g: torch.Tensor, saved: Any, need: Sequence[bool],
-                  shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor | None, ...]:
+    def gradients(
+        self, g: torch.Tensor, saved: Any, need: Sequence[bool], shapes: Sequence[tuple[int, ...]]
+    ) -> tuple[torch.Tensor | None, ...]:
         raise NotImplementedError
 
     def out_shape(self, in_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.int8.ops.base import Wiring, check_grads, grads, numel
 from fedtiny.int8.ops.registry import OpKind, register
 
@@ -56,19 +56,32 @@ class FloatHead(nn.Module):
         self.register_buffer("xparams", torch.tensor([x_scale, x_zero], dtype=torch.float64))
         self.tag = "classifier"
 
-    def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool = False, need_w: bool | None = None,
-               need_b: bool | None = None) -> OpEvents:
+    def events(
+        self,
+        in_shape: tuple[int, ...],
+        wiring: Wiring,
+        *,
+        need_x: bool = False,
+        need_w: bool | None = None,
+        need_b: bool | None = None,
+    ) -> OpEvents:
         """The buffers of the float head in a training step, for pooled ``N x C x 1 x 1`` features (fp32 logits)."""
         need_w = self.weight.requires_grad if need_w is None else need_w
         need_b = self.bias.requires_grad if need_b is None else need_b
         classes = self.weight.shape[0]
         out = 4 * in_shape[0] * classes
-        return OpEvents(self.tag, out, wiring.frees(), saved=4 * numel(in_shape) if need_w else 0,
-                        in_backward=need_x or need_w or need_b, grad_bytes=GRAD_BYTES * in_shape[0] * classes,
-                        param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * classes, 1),) * need_b
-                        + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.weight.numel(), classes),) * need_w,
-                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
-                        releases=wiring.skips * need_x)
+        return OpEvents(
+            self.tag,
+            out,
+            wiring.frees(),
+            saved=4 * numel(in_shape) if need_w else 0,
+            in_backward=need_x or need_w or need_b,
+            grad_bytes=GRAD_BYTES * in_shape[0] * classes,
+            param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * classes, 1),) * need_b
+            + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.weight.numel(), classes),) * need_w,
+            input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
+            releases=wiring.skips * need_x,
+        )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):
         """Output shape (per sample) and buffers of the op in a training step, from its inputs' shapes
@@ -90,12 +103,19 @@ class FloatHead(nn.Module):
 
 # ---------------------------------------------------------------- the kind
 
+
 def _write(wr, m: FloatHead, name: str, ins):
-    raise ModelFileError("export: an fp32 classifier cannot run in TFLM's int8 graph; "
-                         "use model.classifier_precision = int8")
+    raise ModelFileError(
+        "export: an fp32 classifier cannot run in TFLM's int8 graph; use model.classifier_precision = int8"
+    )
 
 
-KIND = register(OpKind("float-head", FloatHead, write=_write,
-                       describe=lambda m: {"in": int(m.weight.shape[1]), "out": int(m.weight.shape[0])},
-                       build=lambda d, where: FloatHead(torch.zeros(int(d["out"]), int(d["in"])),
-                                                        torch.zeros(int(d["out"])), 1.0, 0)))
+KIND = register(
+    OpKind(
+        "float-head",
+        FloatHead,
+        write=_write,
+        describe=lambda m: {"in": int(m.weight.shape[1]), "out": int(m.weight.shape[0])},
+        build=lambda d, where: FloatHead(torch.zeros(int(d["out"]), int(d["in"])), torch.zeros(int(d["out"])), 1.0, 0),
+    )
+)

@@ -111,6 +111,7 @@ def _reader(cls: type[QLookup], prefix: str):
             raise ModelFileError(f"{label}: {exc}") from None
         module.tag = rd.name(prefix)
         return module, (rd.names[op.inputs[0]],)
+
     return read
 
 
@@ -120,6 +121,7 @@ def _writer(op_name: str):
         out = wr.tensor(name, wr.shape(xshape, xrank), scale=m.y_scale, zero=m.y_zero)
         wr.op(op_name, (xi,), (out,))
         return out, xshape, xrank, (m.y_scale, m.y_zero)
+
     return write
 
 
@@ -140,8 +142,7 @@ def _c_fill(cs, op, m: QLookup, in_ids, in_shape) -> None:
 def register_lookup(name: str, cls: type[QLookup], op: str, prefix: str, **fields) -> OpKind:
     """Register a lookup kind: read and written as ``op``, built with placeholder quantization, run in the C
     step as a table (``fields`` override any of these, e.g. an op with options of its own)."""
-    kind = dict(read=_reader(cls, prefix), write=_writer(op), build=_builder(cls), c_kind=CKind.LOOKUP,
-                c_fill=_c_fill)
+    kind = dict(read=_reader(cls, prefix), write=_writer(op), build=_builder(cls), c_kind=CKind.LOOKUP, c_fill=_c_fill)
     return register(OpKind(name, cls, (op,), **{**kind, **fields}))
 
 

@@ -26,8 +26,15 @@ class QMaxPool(ParameterFreeOp):
     one stated order, as the C step adds them.
     """
 
-    def __init__(self, kernel: tuple[int, int], stride: int, padding: tuple[int, int, int, int],
-                 scale: float, zero: int, activation: str = "NONE") -> None:
+    def __init__(
+        self,
+        kernel: tuple[int, int],
+        stride: int,
+        padding: tuple[int, int, int, int],
+        scale: float,
+        zero: int,
+        activation: str = "NONE",
+    ) -> None:
         super().__init__((scale, zero))
         if activation not in ACTIVATIONS:
             raise ModelFileError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
@@ -55,8 +62,9 @@ class QMaxPool(ParameterFreeOp):
         (kh, kw), (pt, pb, pl, pr), s = self.kernel, self.padding, self.stride
         xp = F.pad(x.to(torch.float32), (pl, pr, pt, pb), value=-129.0)
         oh, ow = self.out_hw(x.shape[2:])
-        return torch.stack([xp[:, :, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s]
-                            for i in range(kh) for j in range(kw)])
+        return torch.stack(
+            [xp[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s] for i in range(kh) for j in range(kw)]
+        )
 
     def compute(self, xs, need):
         (x,) = xs
@@ -81,20 +89,22 @@ class QMaxPool(ParameterFreeOp):
             for j in range(kw):
                 sel = torch.where(tap == i * kw + j, g, torch.zeros((), dtype=g.dtype))
                 # a tap's outputs reach distinct inputs: one float32 add each, tap after tap
-                gp[:, :, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s] += sel
-        return (gp[:, :, pt:pt + h, pl:pl + w].contiguous() if need[0] else None,)
+                gp[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s] += sel
+        return (gp[:, :, pt : pt + h, pl : pl + w].contiguous() if need[0] else None,)
 
 
 def _read(rd, k: int, op) -> tuple[QMaxPool, tuple[str, ...]]:
     label = rd.label(k, op)
     (xs, xz), (ys, yz) = rd.q(op.inputs[0]), rd.q(op.outputs[0])
     if abs(np.float32(xs) - np.float32(ys)) > 1e-6 or xz != yz:  # TFLM's Prepare
-        raise ModelFileError(f"{label}: a max pool keeps its input's quantization (input {xs:g}/{xz}, "
-                             f"output {ys:g}/{yz})")
+        raise ModelFileError(
+            f"{label}: a max pool keeps its input's quantization (input {xs:g}/{xz}, output {ys:g}/{yz})"
+        )
     kernel = (int(op.options["filter_h"]), int(op.options["filter_w"]))
     x = rd.tensor(op.inputs[0])
-    module = QMaxPool(kernel, rd.stride(op, label), rd.padding(op, x, kernel), ys, yz,
-                      op.options.get("fused_activation", "NONE"))
+    module = QMaxPool(
+        kernel, rd.stride(op, label), rd.padding(op, x, kernel), ys, yz, op.options.get("fused_activation", "NONE")
+    )
     module.tag = rd.name("maxpool")
     return module, (rd.names[op.inputs[0]],)
 
@@ -106,8 +116,17 @@ def _write(wr, m: QMaxPool, name: str, ins):
     if mode is None:
         raise ModelFileError(f"export: {name}: padding {m.padding} is neither SAME nor VALID")
     out = wr.tensor(name, wr.shape(yshape, 4), scale=xq[0], zero=xq[1])
-    wr.op("MAX_POOL_2D", (xi,), (out,), padding=mode, stride_h=m.stride, stride_w=m.stride,
-          filter_h=m.kernel[0], filter_w=m.kernel[1], fused_activation=m.activation)
+    wr.op(
+        "MAX_POOL_2D",
+        (xi,),
+        (out,),
+        padding=mode,
+        stride_h=m.stride,
+        stride_w=m.stride,
+        filter_h=m.kernel[0],
+        filter_w=m.kernel[1],
+        fused_activation=m.activation,
+    )
     return out, yshape, 4, xq
 
 
@@ -127,7 +146,21 @@ def _c_fill(cs, op, m: QMaxPool, in_ids, in_shape) -> None:
     op.act_lo, op.act_hi = m.act_range()
 
 
-KIND = register(OpKind("maxpool", QMaxPool, ("MAX_POOL_2D",), read=_read, write=_write,
-                       describe=lambda m: {"kernel": list(m.kernel), "stride": m.stride, "padding": list(m.padding),
-                                           "activation": m.activation},
-                       build=_build, c_kind=CKind.MAXPOOL, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "maxpool",
+        QMaxPool,
+        ("MAX_POOL_2D",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {
+            "kernel": list(m.kernel),
+            "stride": m.stride,
+            "padding": list(m.padding),
+            "activation": m.activation,
+        },
+        build=_build,
+        c_kind=CKind.MAXPOOL,
+        c_fill=_c_fill,
+    )
+)

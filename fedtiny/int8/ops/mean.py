@@ -46,8 +46,10 @@ def _read(rd, k: int, op) -> tuple[QMean, tuple[str, ...]]:
     x = rd.tensor(op.inputs[0])
     axes = sorted({int(a) % len(x.shape) for a in np.asarray(rd.tensor(op.inputs[1]).data).reshape(-1)})
     if len(x.shape) != 4 or axes != [1, 2]:
-        raise ModelFileError(f"{label}: MEAN over axes {axes} of a rank-{len(x.shape)} tensor: fedtiny takes the "
-                             "mean over H and W (axes [1, 2]) of an NHWC tensor")
+        raise ModelFileError(
+            f"{label}: MEAN over axes {axes} of a rank-{len(x.shape)} tensor: fedtiny takes the "
+            "mean over H and W (axes [1, 2]) of an NHWC tensor"
+        )
     module = QMean(*rd.q(op.inputs[0]), *rd.q(op.outputs[0]), bool(op.options.get("keep_dims", False)))
     module.tag = rd.name("mean")
     return module, (rd.names[op.inputs[0]],)
@@ -72,7 +74,17 @@ def _c_fill(cs, op, m: QMean, in_ids, in_shape) -> None:
     op.ratio_a = float(np.float32(m.q(0)[0] / m.q(1)[0]))
 
 
-KIND = register(OpKind("mean", QMean, ("MEAN",), read=_read, write=_write,
-                       describe=lambda m: {"keep_dims": m.keep_dims},
-                       build=lambda d, where: QMean(1.0, 0, 1.0, 0, bool(d.get("keep_dims", True))),
-                       index_inputs={"MEAN": (1,)}, c_kind=CKind.MEAN, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "mean",
+        QMean,
+        ("MEAN",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"keep_dims": m.keep_dims},
+        build=lambda d, where: QMean(1.0, 0, 1.0, 0, bool(d.get("keep_dims", True))),
+        index_inputs={"MEAN": (1,)},
+        c_kind=CKind.MEAN,
+        c_fill=_c_fill,
+    )
+)

@@ -33,8 +33,16 @@ class QMul(ParameterFreeOp):
     both int8 inputs and the clamp's mask.
     """
 
-    def __init__(self, a_scale: float, a_zero: int, b_scale: float, b_zero: int, y_scale: float, y_zero: int,
-                 activation: str = "NONE") -> None:
+    def __init__(
+        self,
+        a_scale: float,
+        a_zero: int,
+        b_scale: float,
+        b_zero: int,
+        y_scale: float,
+        y_zero: int,
+        activation: str = "NONE",
+    ) -> None:
         super().__init__((a_scale, a_zero, b_scale, b_zero, y_scale, y_zero))
         if activation not in ACTIVATIONS:
             raise ModelFileError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
@@ -84,12 +92,15 @@ def _read(rd, k: int, op) -> tuple[QMul, tuple[str, ...]]:
     label = rd.label(k, op)
     sa, sb = (tuple(rd.tensor(i).shape) for i in op.inputs[:2])
     if len(sa) != len(sb) or len(sa) not in (2, 4):
-        raise ModelFileError(f"{label}: MUL of shapes {list(sa)} and {list(sb)}: fedtiny multiplies tensors of "
-                             "one rank (2 or 4)")
+        raise ModelFileError(
+            f"{label}: MUL of shapes {list(sa)} and {list(sb)}: fedtiny multiplies tensors of one rank (2 or 4)"
+        )
     na, nb = to_nchw_shape(sa), to_nchw_shape(sb)
     if na[1] != nb[1] or not (na == nb or nb[2:] == (1, 1) or na[2:] == (1, 1)):
-        raise ModelFileError(f"{label}: MUL of shapes {list(sa)} and {list(sb)}: fedtiny multiplies equal shapes, "
-                             "or one of 1x1 planes per channel")
+        raise ModelFileError(
+            f"{label}: MUL of shapes {list(sa)} and {list(sb)}: fedtiny multiplies equal shapes, "
+            "or one of 1x1 planes per channel"
+        )
     inputs = [op.inputs[0], op.inputs[1]]
     if na[2:] == (1, 1) and nb[2:] != (1, 1):  # the broadcast operand second
         inputs.reverse()
@@ -119,8 +130,10 @@ def _c_fill(cs, op, m: QMul, in_ids, in_shape) -> None:
         (a, za, sa), (b, zb, sb) = (b, zb, sb), (a, za, sa)
         op.c, op.h, op.w = out
     if sa != out or sb not in (out, (out[0], 1, 1)):
-        raise ModelFileError(f"the C step does not run op {m.tag!r} (a MUL of {sa} and {sb}: it multiplies equal "
-                             "shapes, or one by a value per channel)")
+        raise ModelFileError(
+            f"the C step does not run op {m.tag!r} (a MUL of {sa} and {sb}: it multiplies equal "
+            "shapes, or one by a value per channel)"
+        )
     op.kind = CKind.MUL
     op.in0, op.in1 = a, b
     op.z1, op.z2, op.z_out, op.mo, op.so = za, zb, p.y_zero, p.mult, p.shift
@@ -128,7 +141,16 @@ def _c_fill(cs, op, m: QMul, in_ids, in_shape) -> None:
     op.ratio_a = r
 
 
-KIND = register(OpKind("mul", QMul, ("MUL",), read=_read, write=_write,
-                       describe=lambda m: {"activation": m.activation},
-                       build=lambda d, where: QMul(1.0, 0, 1.0, 0, 1.0, 0, str(d.get("activation", "NONE"))),
-                       c_kind=CKind.MUL, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "mul",
+        QMul,
+        ("MUL",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"activation": m.activation},
+        build=lambda d, where: QMul(1.0, 0, 1.0, 0, 1.0, 0, str(d.get("activation", "NONE"))),
+        c_kind=CKind.MUL,
+        c_fill=_c_fill,
+    )
+)

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
 from fedtiny.errors import ModelFileError
 from fedtiny.int8 import kernels
-from fedtiny.int8.ops.base import (INT8_MAX, INT8_MIN, CKind, Wiring, as_int, check_grads, grads, layout_ints,
-                                   numel)
+from fedtiny.int8.ledger import GRAD_BYTES, NULL, Ledger, NullLedger, OpEvents, active, tensor_bytes
+from fedtiny.int8.ops.base import INT8_MAX, INT8_MIN, CKind, Wiring, as_int, check_grads, grads, layout_ints, numel
 from fedtiny.int8.ops.registry import OpKind, register
 
 
@@ -21,8 +20,9 @@ class _PoolFn(torch.autograd.Function):
     def forward(ctx, x, pool: "QAvgPool", events: OpEvents, led: Ledger | NullLedger):
         ctx.in_shape, ctx.pool, ctx.events, ctx.ledger = x.shape, pool, events, led
         kernel, pad = pool.window(tuple(x.shape))
-        return kernels.avg_pool_int8(as_int(x), kernel, pool.stride_for(tuple(x.shape)), pad,
-                                     INT8_MIN, INT8_MAX).to(torch.float32)
+        return kernels.avg_pool_int8(as_int(x), kernel, pool.stride_for(tuple(x.shape)), pad, INT8_MIN, INT8_MAX).to(
+            torch.float32
+        )
 
     @staticmethod
     def backward(ctx, g):
@@ -45,8 +45,9 @@ class QAvgPool(nn.Module):
     and ``(top, bottom, left, right)`` padding (only valid elements are averaged).
     """
 
-    def __init__(self, kernel: tuple[int, int] | None = None, stride: int = 1,
-                 padding: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+    def __init__(
+        self, kernel: tuple[int, int] | None = None, stride: int = 1, padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> None:
         super().__init__()
         self.kernel = None if kernel is None else (int(kernel[0]), int(kernel[1]))
         self.stride = int(stride)
@@ -85,9 +86,15 @@ class QAvgPool(nn.Module):
     def events(self, in_shape: tuple[int, ...], wiring: Wiring, *, need_x: bool) -> OpEvents:
         """The buffers of the pool in a training step, for an ``N x C x H x W`` input."""
         out = in_shape[0] * in_shape[1] * numel(self.out_hw(in_shape[2:]))
-        return OpEvents(self.tag, out, wiring.frees(), in_backward=need_x, grad_bytes=GRAD_BYTES * out,
-                        input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
-                        releases=wiring.skips * need_x)
+        return OpEvents(
+            self.tag,
+            out,
+            wiring.frees(),
+            in_backward=need_x,
+            grad_bytes=GRAD_BYTES * out,
+            input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
+            releases=wiring.skips * need_x,
+        )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):
         """Output shape (per sample) and buffers of the op in a training step, from its inputs' shapes
@@ -107,6 +114,7 @@ class QAvgPool(nn.Module):
 
 
 # ---------------------------------------------------------------- the kind
+
 
 def _read(rd, k: int, op) -> tuple[QAvgPool, tuple[str, ...]]:
     label = rd.label(k, op)
@@ -131,14 +139,25 @@ def _write(wr, m: QAvgPool, name: str, ins):
     if mode is None:
         raise ModelFileError(f"export: {name}: padding {pad} is neither SAME nor VALID")
     out = wr.tensor(name, wr.shape(yshape, 4), scale=xq[0], zero=xq[1])
-    wr.op("AVERAGE_POOL_2D", (xi,), (out,), padding=mode, stride_h=stride, stride_w=stride,
-          filter_h=kernel[0], filter_w=kernel[1], fused_activation="NONE")
+    wr.op(
+        "AVERAGE_POOL_2D",
+        (xi,),
+        (out,),
+        padding=mode,
+        stride_h=stride,
+        stride_w=stride,
+        filter_h=kernel[0],
+        filter_w=kernel[1],
+        fused_activation="NONE",
+    )
     return out, yshape, 4, xq
 
 
 def _build(d: dict, where: str) -> QAvgPool:
     kernel = None if d.get("kernel") is None else layout_ints(d, "kernel", 2, where)
-    return QAvgPool(kernel, int(d.get("stride", 1)), layout_ints(d, "padding", 4, where) if "padding" in d else (0,) * 4)
+    return QAvgPool(
+        kernel, int(d.get("stride", 1)), layout_ints(d, "padding", 4, where) if "padding" in d else (0,) * 4
+    )
 
 
 def _c_fill(cs, op, pool: QAvgPool, in_ids, in_shape) -> None:
@@ -147,7 +166,20 @@ def _c_fill(cs, op, pool: QAvgPool, in_ids, in_shape) -> None:
     op.kind = CKind.POOL
 
 
-KIND = register(OpKind("avgpool", QAvgPool, ("AVERAGE_POOL_2D",), read=_read, write=_write,
-                       describe=lambda m: {"kernel": list(m.kernel) if m.kernel else None, "stride": m.stride,
-                                           "padding": list(m.padding)},
-                       build=_build, c_kind=CKind.POOL, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "avgpool",
+        QAvgPool,
+        ("AVERAGE_POOL_2D",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {
+            "kernel": list(m.kernel) if m.kernel else None,
+            "stride": m.stride,
+            "padding": list(m.padding),
+        },
+        build=_build,
+        c_kind=CKind.POOL,
+        c_fill=_c_fill,
+    )
+)

@@ -72,8 +72,11 @@ _BY_TFLITE: dict[str, OpKind] = {}
 
 def register(kind: OpKind) -> OpKind:
     """Add ``kind`` (once: a name, class or ``.tflite`` operator taken twice is a bug)."""
-    taken = [f"name {kind.name!r}"] * (kind.name in _BY_NAME) + [f"class {kind.module.__name__}"] * (
-        kind.module in _BY_CLASS) + [f"operator {t}" for t in kind.tflite if t in _BY_TFLITE]
+    taken = (
+        [f"name {kind.name!r}"] * (kind.name in _BY_NAME)
+        + [f"class {kind.module.__name__}"] * (kind.module in _BY_CLASS)
+        + [f"operator {t}" for t in kind.tflite if t in _BY_TFLITE]
+    )
     if taken:
         raise ValueError(f"op kind {kind.name!r}: {', '.join(taken)} already registered")
     _BY_NAME[kind.name] = kind
@@ -88,8 +91,10 @@ def kind_of(module: nn.Module) -> OpKind:
     try:
         return _BY_CLASS[type(module)]
     except KeyError:
-        raise ModelFileError(f"op {getattr(module, 'tag', '?')!r} is a {type(module).__name__}, "
-                             f"not a registered op kind ({', '.join(_BY_NAME)})") from None
+        raise ModelFileError(
+            f"op {getattr(module, 'tag', '?')!r} is a {type(module).__name__}, "
+            f"not a registered op kind ({', '.join(_BY_NAME)})"
+        ) from None
 
 
 def kind_named(name: Any, where: str = "model") -> OpKind:

@@ -44,6 +44,7 @@ class QReshape(nn.Module):
 
 # ---------------------------------------------------------------- the kind
 
+
 def _read(rd, k: int, op) -> tuple[QReshape, tuple[str, ...]]:
     """RESHAPE or SQUEEZE: the same bytes in the output tensor's shape."""
     y = rd.tensor(op.outputs[0])
@@ -71,6 +72,16 @@ def _build(d: dict, where: str) -> QReshape:
     return QReshape(shape)
 
 
-KIND = register(OpKind("reshape", QReshape, ("RESHAPE", "SQUEEZE"), read=_read, write=_write,
-                       describe=lambda m: {"shape": list(m.shape)}, build=_build, view=True,
-                       index_inputs={"RESHAPE": (1,)}))
+KIND = register(
+    OpKind(
+        "reshape",
+        QReshape,
+        ("RESHAPE", "SQUEEZE"),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"shape": list(m.shape)},
+        build=_build,
+        view=True,
+        index_inputs={"RESHAPE": (1,)},
+    )
+)

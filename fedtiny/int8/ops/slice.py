@@ -48,10 +48,17 @@ def _read(rd, k: int, op) -> tuple[QSlice, tuple[str, ...]]:
     x = rd.tensor(op.inputs[0])
     begin, end, strides = (np.asarray(rd.tensor(i).data, np.int64).reshape(-1) for i in op.inputs[1:4])
     o = op.options
-    if (len(x.shape) != 4 or len(begin) != 4 or o.get("shrink_axis_mask", 0) or o.get("ellipsis_mask", 0)
-            or o.get("new_axis_mask", 0) or np.any(strides <= 0)):
-        raise ModelFileError(f"{label}: fedtiny slices 4-D tensors with positive strides, without shrink, ellipsis "
-                             "or new axes")
+    if (
+        len(x.shape) != 4
+        or len(begin) != 4
+        or o.get("shrink_axis_mask", 0)
+        or o.get("ellipsis_mask", 0)
+        or o.get("new_axis_mask", 0)
+        or np.any(strides <= 0)
+    ):
+        raise ModelFileError(
+            f"{label}: fedtiny slices 4-D tensors with positive strides, without shrink, ellipsis or new axes"
+        )
     bm, em = int(o.get("begin_mask", 0)), int(o.get("end_mask", 0))
     resolved = []
     for a in range(4):
@@ -71,11 +78,22 @@ def _write(wr, m: QSlice, name: str, ins):
     c, h, w = m.bounds
     begin, end, strides = ([0, h[i], w[i], c[i]] for i in range(3))
     end[0] = strides[0] = 1
-    idx = [wr.tensor(f"{name}/{n}", (4,), "int32", data=np.asarray(v, np.int32))
-           for n, v in (("begin", begin), ("end", end), ("strides", strides))]
+    idx = [
+        wr.tensor(f"{name}/{n}", (4,), "int32", data=np.asarray(v, np.int32))
+        for n, v in (("begin", begin), ("end", end), ("strides", strides))
+    ]
     out = wr.tensor(name, wr.shape(yshape, 4), scale=xq[0], zero=xq[1])
-    wr.op("STRIDED_SLICE", (xi, *idx), (out,), begin_mask=0, end_mask=0, ellipsis_mask=0, new_axis_mask=0,
-          shrink_axis_mask=0, offset=False)
+    wr.op(
+        "STRIDED_SLICE",
+        (xi, *idx),
+        (out,),
+        begin_mask=0,
+        end_mask=0,
+        ellipsis_mask=0,
+        new_axis_mask=0,
+        shrink_axis_mask=0,
+        offset=False,
+    )
     return out, yshape, 4, xq
 
 
@@ -86,7 +104,17 @@ def _c_fill(cs, op, m: QSlice, in_ids, in_shape) -> None:
     (op.begin_c, _, op.step_c), (op.begin_h, _, op.step_h), (op.begin_w, _, op.step_w) = m.bounds
 
 
-KIND = register(OpKind("slice", QSlice, ("STRIDED_SLICE",), read=_read, write=_write,
-                       describe=lambda m: {"bounds": [list(b) for b in m.bounds]},
-                       build=lambda d, where: QSlice(d["bounds"]), index_inputs={"STRIDED_SLICE": (1, 2, 3)},
-                       c_kind=CKind.SLICE, c_fill=_c_fill))
+KIND = register(
+    OpKind(
+        "slice",
+        QSlice,
+        ("STRIDED_SLICE",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"bounds": [list(b) for b in m.bounds]},
+        build=lambda d, where: QSlice(d["bounds"]),
+        index_inputs={"STRIDED_SLICE": (1, 2, 3)},
+        c_kind=CKind.SLICE,
+        c_fill=_c_fill,
+    )
+)

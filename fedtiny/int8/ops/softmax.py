@@ -33,6 +33,7 @@ class QSoftmax(nn.Module):
 
 # ---------------------------------------------------------------- the kind
 
+
 def _read(rd, k: int, op) -> tuple[QSoftmax, tuple[str, ...]]:
     module = QSoftmax(rd.q(op.inputs[0])[0], float(op.options.get("beta", 1.0)), *rd.q(op.outputs[0]))
     module.tag = rd.name("softmax")
@@ -46,8 +47,16 @@ def _write(wr, m: QSoftmax, name: str, ins):
     return out, xshape, xrank, (m.y_scale, m.y_zero)
 
 
-KIND = register(OpKind("softmax", QSoftmax, ("SOFTMAX",), read=_read, write=_write,
-                       describe=lambda m: {"x_scale": m.x_scale, "beta": m.beta, "y_scale": m.y_scale,
-                                           "y_zero": m.y_zero},
-                       build=lambda d, where: QSoftmax(float(d["x_scale"]), float(d.get("beta", 1.0)),
-                                                       float(d.get("y_scale", 1 / 256)), int(d.get("y_zero", -128)))))
+KIND = register(
+    OpKind(
+        "softmax",
+        QSoftmax,
+        ("SOFTMAX",),
+        read=_read,
+        write=_write,
+        describe=lambda m: {"x_scale": m.x_scale, "beta": m.beta, "y_scale": m.y_scale, "y_zero": m.y_zero},
+        build=lambda d, where: QSoftmax(
+            float(d["x_scale"]), float(d.get("beta", 1.0)), float(d.get("y_scale", 1 / 256)), int(d.get("y_zero", -128))
+        ),
+    )
+)

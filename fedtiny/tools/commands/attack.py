@@ -23,56 +23,88 @@ def cmd_attack(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.preset == "faces-malicious":
         return _attack_malicious(args)
-    summary, targets, recon = run_attack(args.preset, args.targets, args.defense, seed=args.seed,
-                                         iterations=args.iterations)
+    summary, targets, recon = run_attack(
+        args.preset, args.targets, args.defense, seed=args.seed, iterations=args.iterations
+    )
     if args.compare_single and args.targets > 1:
         t0 = time.perf_counter()
         single, _, _ = run_attack(args.preset, 1, args.defense, seed=args.seed, iterations=args.iterations, log=None)
         summary["single_target_seconds"] = round(time.perf_counter() - t0, 2)
         summary["single_target_psnr_db"] = single["mean_psnr_db"]
     _write_out(args.out, summary, targets, recon)
-    rows = [("preset / defense", f"{summary['preset']} / {summary['defense']}"), ("targets", summary["targets"]),
-            ("PSNR mean / median / min (dB)", f"{summary['mean_psnr_db']:.2f} / {summary['median_psnr_db']:.2f} / "
-                                              f"{summary['min_psnr_db']:.2f}"),
-            ("PSNR of each target's flat mean (baseline)", f"{summary['flat_psnr_db']:.2f}"),
-            ("images at >= 25 dB / above their flat baseline", f"{summary['frac_psnr_25db']:.2f} / "
-                                                                f"{summary['frac_above_flat']:.2f}"),
-            ("SSIM mean", summary["mean_ssim"]), ("label accuracy", summary["label_accuracy"]),
-            ("seconds per target (batched)", summary["seconds_per_target"])]
+    rows = [
+        ("preset / defense", f"{summary['preset']} / {summary['defense']}"),
+        ("targets", summary["targets"]),
+        (
+            "PSNR mean / median / min (dB)",
+            f"{summary['mean_psnr_db']:.2f} / {summary['median_psnr_db']:.2f} / {summary['min_psnr_db']:.2f}",
+        ),
+        ("PSNR of each target's flat mean (baseline)", f"{summary['flat_psnr_db']:.2f}"),
+        (
+            "images at >= 25 dB / above their flat baseline",
+            f"{summary['frac_psnr_25db']:.2f} / {summary['frac_above_flat']:.2f}",
+        ),
+        ("SSIM mean", summary["mean_ssim"]),
+        ("label accuracy", summary["label_accuracy"]),
+        ("seconds per target (batched)", summary["seconds_per_target"]),
+    ]
     if "single_target_seconds" in summary:
         rows.append(("seconds for one target alone", summary["single_target_seconds"]))
     print(table(rows))
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("psnr_db", "ssim", "flat_psnr_db_per_image")},
-                         sort_keys=True))
+        print(
+            json.dumps(
+                {k: v for k, v in summary.items() if k not in ("psnr_db", "ssim", "flat_psnr_db_per_image")},
+                sort_keys=True,
+            )
+        )
     return 0
 
 
 def _attack_malicious(args: argparse.Namespace) -> int:
     """``fedtiny attack --preset faces-malicious``: the trap through the client's own update path."""
     if args.defense != "none":
-        raise ScenarioError("--defense: faces-malicious runs the client's real path; set its compression and "
-                            "policies with --density, --values and --set device.policy_...=N")
-    summary, targets, recon = run_malicious(args.targets, args.batch_size, local_steps=args.local_steps,
-                                            density=args.density, values=args.values, precision=args.precision,
-                                            seed=args.seed, overrides=parse_overrides(args.set or []),
-                                            learned=args.learned, epochs=args.learned_epochs, rounds=args.rounds)
+        raise ScenarioError(
+            "--defense: faces-malicious runs the client's real path; set its compression and "
+            "policies with --density, --values and --set device.policy_...=N"
+        )
+    summary, targets, recon = run_malicious(
+        args.targets,
+        args.batch_size,
+        local_steps=args.local_steps,
+        density=args.density,
+        values=args.values,
+        precision=args.precision,
+        seed=args.seed,
+        overrides=parse_overrides(args.set or []),
+        learned=args.learned,
+        epochs=args.learned_epochs,
+        rounds=args.rounds,
+    )
     _write_out(args.out, summary, targets, recon)
     learned = summary["learned_mean_psnr_db"]
-    rows = [("preset", f"faces-malicious ({summary['precision']}, {summary['values']}, density {summary['density']})"),
-            ("targets x batch, local steps, rounds", f"{summary['targets']} x {summary['batch_size']}, "
-                                                     f"{summary['local_steps']}, {summary['rounds']}"),
-            ("clients that refused", summary["refused"]),
-            ("imprint PSNR mean (dB), blocks placed on the public prior", f"{summary['mean_psnr_db']:.2f}"),
-            ("learned inverter PSNR mean (dB)", "not run" if learned is None else f"{learned:.2f}"),
-            ("worst case per image: PSNR / SSIM mean", f"{summary['worst_case_mean_psnr_db']:.2f} / "
-                                                      f"{summary['worst_case_mean_ssim']:.3f}"),
-            ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
-            ("PSNR of the mean public face (the prior alone)", f"{summary['prior_psnr_db']:.2f}"),
-            ("images at >= 25 dB / above their flat baseline", f"{summary['frac_psnr_25db']:.2f} / "
-                                                                f"{summary['frac_above_flat']:.2f}"),
-            ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
-            ("blocks isolated / leaked within 4/255", f"{summary['isolated']:.3f} / {summary['leaked_blocks']:.3f}")]
+    rows = [
+        ("preset", f"faces-malicious ({summary['precision']}, {summary['values']}, density {summary['density']})"),
+        (
+            "targets x batch, local steps, rounds",
+            f"{summary['targets']} x {summary['batch_size']}, {summary['local_steps']}, {summary['rounds']}",
+        ),
+        ("clients that refused", summary["refused"]),
+        ("imprint PSNR mean (dB), blocks placed on the public prior", f"{summary['mean_psnr_db']:.2f}"),
+        ("learned inverter PSNR mean (dB)", "not run" if learned is None else f"{learned:.2f}"),
+        (
+            "worst case per image: PSNR / SSIM mean",
+            f"{summary['worst_case_mean_psnr_db']:.2f} / {summary['worst_case_mean_ssim']:.3f}",
+        ),
+        ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
+        ("PSNR of the mean public face (the prior alone)", f"{summary['prior_psnr_db']:.2f}"),
+        (
+            "images at >= 25 dB / above their flat baseline",
+            f"{summary['frac_psnr_25db']:.2f} / {summary['frac_above_flat']:.2f}",
+        ),
+        ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
+        ("blocks isolated / leaked within 4/255", f"{summary['isolated']:.3f} / {summary['leaked_blocks']:.3f}"),
+    ]
     print(table(rows))
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "targets_detail"}, sort_keys=True))

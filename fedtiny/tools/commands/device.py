@@ -28,8 +28,17 @@ def cmd_device_check(args: argparse.Namespace) -> int:
         print(f"fedtiny: {cstep.library_path()} is not built: run make install (needs a C compiler)", file=sys.stderr)
         return 2
     progress = None if args.json else (lambda m: print(f"[device check] {m}", file=sys.stderr))
-    result = device_check(args.model, args.scheme, args.device, args.steps, args.batch_size, args.lr, args.momentum,
-                          args.seed, progress=progress)
+    result = device_check(
+        args.model,
+        args.scheme,
+        args.device,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.momentum,
+        args.seed,
+        progress=progress,
+    )
     print_result(result, args.json)
     return 0 if result["forward_mismatches"] == 0 and result["param_mismatches"] == 0 else 1
 
@@ -37,8 +46,9 @@ def cmd_device_check(args: argparse.Namespace) -> int:
 def cmd_device_firmware(args: argparse.Namespace) -> int:
     """``fedtiny device firmware``: the C source of a scenario's client for the Cortex-M firmware."""
     progress = None if args.json else (lambda m: print(f"[firmware] {m}", file=sys.stderr))
-    summary = generate(args.scenario, args.partition, args.out, progress=progress,
-                       overrides=parse_overrides(args.overrides))
+    summary = generate(
+        args.scenario, args.partition, args.out, progress=progress, overrides=parse_overrides(args.overrides)
+    )
     print_result(summary, args.json)
     return 0
 
@@ -55,13 +65,16 @@ def cmd_device_emulator(args: argparse.Namespace) -> int:
     if not 0 <= args.data < scenario.run.clients:
         raise ScenarioError(f"--data: partition {args.data} is not one of the scenario's {scenario.run.clients}")
     if (args.port is None) == (not args.serial):
-        raise ScenarioError("device-emulator: give --port PORT (a TCP device) or --serial PATH[@BAUD] (a serial "
-                            "port), one of them")
+        raise ScenarioError(
+            "device-emulator: give --port PORT (a TCP device) or --serial PATH[@BAUD] (a serial port), one of them"
+        )
     if args.serial:
         port = parse_address(f"serial:{args.serial}")
         if port.kind != "serial-port":
-            raise ScenarioError(f"--serial: {args.serial!r} is not a serial port (a device path such as "
-                                f"/dev/ttyUSB0, or COMn, optionally @BAUD)")
+            raise ScenarioError(
+                f"--serial: {args.serial!r} is not a serial port (a device path such as "
+                f"/dev/ttyUSB0, or COMn, optionally @BAUD)"
+            )
         serve_serial(port.path, scenario, args.data, get_profile(args.profile), baud=port.baud, fault=args.fault)
         return 0
     try:

@@ -21,8 +21,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"[fedtiny] left out {d}: no summary.json (unfinished)", file=sys.stderr)  # a warning, not progress
         print("\n\n".join(tables.values()))
         if args.json:
-            print(json.dumps({"kind": kind, "path": str(Path(args.path).resolve()), "tables": tables,
-                              "left_out": [str(d) for d in missing]}, sort_keys=True))
+            print(
+                json.dumps(
+                    {
+                        "kind": kind,
+                        "path": str(Path(args.path).resolve()),
+                        "tables": tables,
+                        "left_out": [str(d) for d in missing],
+                    },
+                    sort_keys=True,
+                )
+            )
         return 0
     path = write_report(args.path)
     print(path)

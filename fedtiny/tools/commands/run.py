@@ -16,8 +16,16 @@ from fedtiny.federated.layout import simulation_layout
 from fedtiny.federated.task import make_task
 from fedtiny.progress import left, say
 from fedtiny.report.html import sweep_tables, write_report
-from fedtiny.report.plots import (PRIVACY_PLOTS, plot_attacks_vs_lsb, plot_methods, plot_privacy, plot_seeds,
-                                  privacy_groups, privacy_lsb_table, privacy_rounds_table)
+from fedtiny.report.plots import (
+    PRIVACY_PLOTS,
+    plot_attacks_vs_lsb,
+    plot_methods,
+    plot_privacy,
+    plot_seeds,
+    privacy_groups,
+    privacy_lsb_table,
+    privacy_rounds_table,
+)
 from fedtiny.report.runlog import new_run_dir, read_metrics, write_scenario
 from fedtiny.report.sweep import combine_seeds
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
@@ -58,8 +66,9 @@ def _resolve_run_args(args: argparse.Namespace) -> tuple[Scenario, Path, Path]:
     if args.resume:
         run_dir = Path(args.resume)
         if args.scenario or args.overrides or args.seeds:
-            raise ScenarioError(f"--resume {run_dir}: the run goes on with its own scenario.toml; "
-                                "give no scenario, --set or --seeds")
+            raise ScenarioError(
+                f"--resume {run_dir}: the run goes on with its own scenario.toml; give no scenario, --set or --seeds"
+            )
         if not (run_dir / "scenario.toml").exists():
             raise ScenarioError(f"--resume {run_dir}: not a run folder (no scenario.toml)")
         return load_scenario(run_dir / "scenario.toml"), run_dir.resolve(), run_dir / "scenario.toml"
@@ -81,8 +90,10 @@ def _chosen_methods(scenario: Scenario, wanted: list[str], source: Path) -> list
     known = [name for name, _ in methods]
     unknown = [m for m in wanted if m not in known]
     if unknown or not scenario.methods:
-        raise ScenarioError(f"{source}: --method {', '.join(unknown or wanted)}: not a method of this "
-                            f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})")
+        raise ScenarioError(
+            f"{source}: --method {', '.join(unknown or wanted)}: not a method of this "
+            f"scenario (methods: {', '.join(known) if scenario.methods else 'none'})"
+        )
     return [(name, sc) for name, sc in methods if name in wanted]
 
 
@@ -107,8 +118,9 @@ def _run_or_resume(scenario: Scenario, where: Path, *, verbose: bool, resume: bo
     return simulate(scenario, where, verbose=verbose)
 
 
-def _sweep(methods: list[tuple[str, Scenario]], run_dir: Path, named: bool, *, verbose: bool,
-           resume: bool) -> dict[str, dict[str, Any]]:
+def _sweep(
+    methods: list[tuple[str, Scenario]], run_dir: Path, named: bool, *, verbose: bool, resume: bool
+) -> dict[str, dict[str, Any]]:
     """Every method's runs (one per seed, each in its own folder), each summary printed; a method's summary
     combines its seeds'. ``named``: the methods are a sweep's (``[methods]``), each in its own folder."""
     summaries = {}
@@ -120,8 +132,13 @@ def _sweep(methods: list[tuple[str, Scenario]], run_dir: Path, named: bool, *, v
             seeded = dataclasses.replace(sc, run=dataclasses.replace(sc.run, seed=seed))
             where = sub / f"seed{seed}" if sc.run.seeds else sub
             pace = left(done, total_runs, time.monotonic() - t_sweep)
-            say(f"method {name}" + (f", seed {seed}" if sc.run.seeds else "") + f" (run {done + 1}/{total_runs}"
-                + (f", {pace}" if pace else "") + ")")
+            say(
+                f"method {name}"
+                + (f", seed {seed}" if sc.run.seeds else "")
+                + f" (run {done + 1}/{total_runs}"
+                + (f", {pace}" if pace else "")
+                + ")"
+            )
             runs.append(_run_or_resume(seeded, where, verbose=verbose, resume=resume))
             done += 1
             print(_summary_table(f"{name} (seed {seed})" if sc.run.seeds else name, runs[-1]))
@@ -137,12 +154,16 @@ def _write_sweep(scenario: Scenario, summaries: dict[str, dict[str, Any]], run_d
     print("\n" + text)
     if not scenario.methods:
         name = scenario.run.name
-        plot_seeds(_seed_records(run_dir, summaries[name]), run_dir / "accuracy_seeds.png",
-                   title=f"{name}: {len(scenario.run.seeds)} seeds")
+        plot_seeds(
+            _seed_records(run_dir, summaries[name]),
+            run_dir / "accuracy_seeds.png",
+            title=f"{name}: {len(scenario.run.seeds)} seeds",
+        )
         (run_dir / "summary.json").write_text(json.dumps(summaries[name], indent=2, sort_keys=True) + "\n")
         return
-    plot_methods({name: _seed_records(run_dir / name, s) for name, s in summaries.items()},
-                 run_dir / "accuracy_vs_uplink.png")
+    plot_methods(
+        {name: _seed_records(run_dir / name, s) for name, s in summaries.items()}, run_dir / "accuracy_vs_uplink.png"
+    )
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     if "privacy" in tables:
         _write_privacy(summaries, tables["privacy"], run_dir)
@@ -155,14 +176,24 @@ def _write_privacy(summaries: dict[str, dict[str, Any]], privacy_table: str, run
         plot_privacy(summaries, run_dir / file, x_key, xlabel, logx)
     # one report per seed, in the same seed order for every method (privacy_lsb_table pairs them by
     # position, so a seed without a report keeps its place as an empty one)
-    reports = {name: [json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").exists() else {}
-                      for d in _seed_dirs(run_dir / name, s)] for name, s in summaries.items()}
+    reports = {
+        name: [
+            json.loads((d / "privacy.json").read_text()) if (d / "privacy.json").exists() else {}
+            for d in _seed_dirs(run_dir / name, s)
+        ]
+        for name, s in summaries.items()
+    }
     precisions = {n: s.get("precision", "") for n, s in summaries.items()}
     plot_attacks_vs_lsb(reports, precisions, run_dir / "psnr_vs_lsb.png")
     (run_dir / "privacy_lsb.md").write_text(privacy_lsb_table(reports, privacy_groups(summaries)) + "\n")
     if any(len({a["round"] for rep in runs for a in rep.get("attacks", [])}) > 1 for runs in reports.values()):
-        accuracy = {name: [{r["round"]: r["global_accuracy"] for r in records if "global_accuracy" in r}
-                           for records in _seed_records(run_dir / name, s)] for name, s in summaries.items()}
+        accuracy = {
+            name: [
+                {r["round"]: r["global_accuracy"] for r in records if "global_accuracy" in r}
+                for records in _seed_records(run_dir / name, s)
+            ]
+            for name, s in summaries.items()
+        }
         (run_dir / "privacy_rounds.md").write_text(privacy_rounds_table(reports, accuracy) + "\n")
     print("\n" + privacy_table)
 
@@ -178,23 +209,24 @@ def _seed_records(base: Path, summary: dict[str, Any]) -> list[list[dict[str, An
 
 def _summary_table(name: str, summary: dict[str, Any]) -> str:
     up32, up8 = summary.get("uplink_ratio_vs_dense_fp32"), summary.get("uplink_ratio_vs_dense_int8")
-    return f"\nfedtiny run: {name}\n" + table([
-        ("clients (per round)", f"{summary['num_clients']} ({summary['clients_per_round']})"),
-        ("rounds", summary["rounds"]),
-        ("accuracy: pretrained", summary["initial_accuracy"]),
-        ("accuracy: final", summary["final_accuracy"]),
-        ("accuracy: best", summary["best_accuracy"]),
-        ("uplink bytes (total)", summary["uplink_bytes_total"]),
-        ("downlink bytes (total)", summary["downlink_bytes_total"]),
-        ("uplink vs dense fp32 / int8", f"{up32:.1f}x / {up8:.1f}x smaller" if up32 and up8
-         else "nothing sent"),
-        ("rejected updates", summary["rejected_updates_total"]),
-        ("refused (memory)", summary.get("refused_clients_total", 0)),
-        ("peak SRAM of a step (max)", summary.get("peak_sram_bytes_max", 0)),
-        ("device RAM of a client's round (max)", summary.get("device_ram_bytes_max", 0)),
-        ("wall time (s)", summary["wall_time_s"]),
-        ("run folder", summary["run_dir"]),
-    ])
+    return f"\nfedtiny run: {name}\n" + table(
+        [
+            ("clients (per round)", f"{summary['num_clients']} ({summary['clients_per_round']})"),
+            ("rounds", summary["rounds"]),
+            ("accuracy: pretrained", summary["initial_accuracy"]),
+            ("accuracy: final", summary["final_accuracy"]),
+            ("accuracy: best", summary["best_accuracy"]),
+            ("uplink bytes (total)", summary["uplink_bytes_total"]),
+            ("downlink bytes (total)", summary["downlink_bytes_total"]),
+            ("uplink vs dense fp32 / int8", f"{up32:.1f}x / {up8:.1f}x smaller" if up32 and up8 else "nothing sent"),
+            ("rejected updates", summary["rejected_updates_total"]),
+            ("refused (memory)", summary.get("refused_clients_total", 0)),
+            ("peak SRAM of a step (max)", summary.get("peak_sram_bytes_max", 0)),
+            ("device RAM of a client's round (max)", summary.get("device_ram_bytes_max", 0)),
+            ("wall time (s)", summary["wall_time_s"]),
+            ("run folder", summary["run_dir"]),
+        ]
+    )
 
 
 def _report_if_asked(args: argparse.Namespace, run_dir: Path) -> None:

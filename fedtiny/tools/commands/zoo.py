@@ -18,8 +18,15 @@ from fedtiny.scenario import load_scenario, parse_overrides
 from fedtiny.tools.commands.output import print_result
 from fedtiny.tools.models import check_against_tflm, cloud_model_file, open_model
 
-__all__ = ["cmd_zoo_import", "cmd_zoo_export", "cmd_zoo_run", "cmd_zoo_check", "cmd_zoo_cloud", "cmd_zoo_info",
-           "model_info"]
+__all__ = [
+    "cmd_zoo_import",
+    "cmd_zoo_export",
+    "cmd_zoo_run",
+    "cmd_zoo_check",
+    "cmd_zoo_cloud",
+    "cmd_zoo_info",
+    "model_info",
+]
 
 
 def cmd_zoo_import(args: argparse.Namespace) -> int:
@@ -76,8 +83,10 @@ def cmd_zoo_run(args: argparse.Namespace) -> int:
     if h == w == 1 and x.ndim == 2:  # a [N, C] input (an FC model)
         shape = (c,)
     if x.dtype != np.int8 or tuple(x.shape[1:]) != shape:
-        raise ModelFileError(f"--input {args.input}: expected int8 of shape [N, {', '.join(map(str, shape))}] "
-                             f"({'NHWC' if nhwc else 'NCHW'}), got {x.dtype} {list(x.shape)}")
+        raise ModelFileError(
+            f"--input {args.input}: expected int8 of shape [N, {', '.join(map(str, shape))}] "
+            f"({'NHWC' if nhwc else 'NCHW'}), got {x.dtype} {list(x.shape)}"
+        )
     t = torch.from_numpy(x.astype(np.float32)).reshape(len(x), *((h, w, c) if nhwc else want))
     if nhwc:
         t = t.permute(0, 3, 1, 2)
@@ -90,7 +99,9 @@ def cmd_zoo_run(args: argparse.Namespace) -> int:
     y = y.numpy().astype(np.int8)
     np.save(args.out, y, allow_pickle=False)
     if not args.quiet:
-        print(f"wrote {args.out}: int8 {list(y.shape)} from {type(last).__name__} {model.nodes[-1].op}", file=sys.stderr)
+        print(
+            f"wrote {args.out}: int8 {list(y.shape)} from {type(last).__name__} {model.nodes[-1].op}", file=sys.stderr
+        )
     return 0
 
 
