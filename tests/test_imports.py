@@ -135,3 +135,21 @@ def test_folders_import_one_way_as_the_architecture_page_states():
         }
     )
     assert not wrong, "imports that do not run down a floor: " + "; ".join(f"{a} -> {b}" for *_, a, b in wrong[:10])
+
+
+def test_an_import_inside_a_function_says_why():
+    """An import inside a function (deferred) has its reason on its line or the line above: an optional package,
+    a measured start-up cost, or a lower floor that must not load a higher one (docs/architecture.md)."""
+    silent = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines), str(path))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                        here, above = lines[sub.lineno - 1], lines[sub.lineno - 2].strip()
+                        if "#" not in here and not above.startswith("#") and not above.startswith("import "):
+                            silent.append(f"{path.relative_to(ROOT)}:{sub.lineno}")
+    assert not silent, f"imports inside functions without a reason: {sorted(set(silent))}"
