@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate ops-tflm docs clean
+.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate ops-tflm op-kinds format docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP) native  ## lint and format check (ruff, a second) and run the tes
 	$(BIN)/ruff check fedtiny clients server tests scripts
 	$(BIN)/ruff format --check fedtiny clients server tests scripts
 	$(BIN)/python -m pytest -q
+
+op-kinds: $(STAMP)  ## write device/c/fedtiny_op_kinds.h from the op kinds named in fedtiny/int8/ops/base.py (CKind)
+	$(BIN)/python -c "from fedtiny.int8.ops.base import c_op_kinds_header as h; print(h(), end='')" \
+	    > device/c/fedtiny_op_kinds.h
 
 format: $(STAMP)  ## format the code and sort its imports (ruff; make test checks both)
 	$(BIN)/ruff check --select I --fix fedtiny clients server tests scripts

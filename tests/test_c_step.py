@@ -258,11 +258,11 @@ def test_requantization_is_tflm_double_rounding(built):
     assert len(cases) > 15_000 and differ == [], differ[:5]
 
 
-def test_op_kinds_are_the_headers():
-    """cstep.CKind mirrors fedtiny_step.h's enum ft_op_kind name for name, value for value."""
-    import re
+def test_op_kinds_are_named_once_in_python():
+    """device/c/fedtiny_op_kinds.h is what ``make op-kinds`` writes from CKind, and fedtiny_step.h includes it."""
+    from fedtiny.int8.ops.base import c_op_kinds_header
 
-    header = (ROOT / "device" / "c" / "fedtiny_step.h").read_text()
-    body = re.search(r"enum ft_op_kind \{([^}]*)\}", header).group(1)
-    kinds = {n.strip().removeprefix("FT_OP_"): int(v) for n, v in (e.split("=") for e in body.split(","))}
-    assert kinds == {k.name: k.value for k in cstep.CKind}
+    header = ROOT / "device" / "c" / "fedtiny_op_kinds.h"
+    assert header.read_text() == c_op_kinds_header(), "run make op-kinds"
+    assert '#include "fedtiny_op_kinds.h"' in (ROOT / "device" / "c" / "fedtiny_step.h").read_text()
+    assert "FT_OP_SLICE = 8" in header.read_text() and "enum ft_op_kind {" in header.read_text()

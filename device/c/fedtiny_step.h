@@ -24,10 +24,7 @@
 
 #define FT_STEP_ABI 4
 
-enum ft_op_kind {
-    FT_OP_CONV = 0, FT_OP_ADD = 1, FT_OP_POOL = 2, FT_OP_MAXPOOL = 3, FT_OP_MEAN = 4, FT_OP_MUL = 5,
-    FT_OP_CONCAT = 6, FT_OP_LOOKUP = 7, FT_OP_SLICE = 8
-};
+#include "fedtiny_op_kinds.h"           /* enum ft_op_kind, written from Python's CKind */
 
 #define FT_MAX_INPUTS 10              /* inputs of an op at most (TFLM's CONCATENATION takes 10) */
 

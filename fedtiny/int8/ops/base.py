@@ -24,6 +24,7 @@ __all__ = [
     "to_nchw_shape",
     "layout_ints",
     "CKind",
+    "c_op_kinds_header",
     "INT8_MIN",
     "INT8_MAX",
     "INT32_MIN",
@@ -134,8 +135,8 @@ def to_nchw_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 
 class CKind(IntEnum):
-    """The C step's op kinds: ``enum ft_op_kind`` of device/c/fedtiny_step.h, value for value (a test reads
-    the header)."""
+    """The C step's op kinds, named here once: device/c/fedtiny_op_kinds.h (``enum ft_op_kind``) is written
+    from this class by ``make op-kinds`` (:func:`c_op_kinds_header`), and a test holds the file equal to it."""
 
     CONV = 0
     ADD = 1
@@ -146,6 +147,17 @@ class CKind(IntEnum):
     CONCAT = 6
     LOOKUP = 7
     SLICE = 8
+
+
+def c_op_kinds_header() -> str:
+    """device/c/fedtiny_op_kinds.h: :class:`CKind` as the C step's ``enum ft_op_kind``."""
+    kinds = ",\n".join(f"    FT_OP_{k.name} = {k.value}" for k in CKind)
+    return (
+        "/* The C step's op kinds, written from fedtiny/int8/ops/base.py's CKind by `make op-kinds`: edit them\n"
+        "   there (tests/test_c_step.py holds this file equal to it). */\n"
+        "#ifndef FEDTINY_OP_KINDS_H\n#define FEDTINY_OP_KINDS_H\n\n"
+        f"enum ft_op_kind {{\n{kinds}\n}};\n\n#endif\n"
+    )
 
 
 def layout_ints(d: dict, key: str, n: int, where: str) -> tuple[int, ...]:
