@@ -909,11 +909,12 @@ def _check_cross(where: str, s: Scenario) -> None:
             f"{where}: model.precision: a model file is an int8 network; set model.precision = "
             f'"int8" (got {s.model.precision!r})'
         )
-    if s.attack.enabled and (s.attack.server == "malicious") != (s.attack.method == "imprint"):
+    server = ATTACK_METHODS.fact(s.attack.method, "server", "honest")  # the server the method needs
+    if s.attack.enabled and s.attack.server != server:
+        needs = [n for n in ATTACK_METHODS.names() if ATTACK_METHODS.fact(n, "server", "honest") == s.attack.server]
         raise ScenarioError(
-            f"{where}: attack.method: the imprint attack reads the malicious server's trap and a "
-            f'malicious server runs it: set attack.server = "malicious" with attack.method = '
-            f'"imprint" (got server {s.attack.server!r}, method {s.attack.method!r})'
+            f"{where}: attack.method: {s.attack.method} needs attack.server = {server!r}; with attack.server = "
+            f"{s.attack.server!r} the methods are {', '.join(needs)} (imprint reads the malicious server's trap)"
         )
     if (
         s.attack.enabled

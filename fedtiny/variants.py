@@ -24,7 +24,9 @@ ATTACK_METHODS.declare(
     "fedtiny.attack.methods",
     help="int8 updates: distance outside each sent integer's rounding interval, in LSB, + TV",
 )
-ATTACK_METHODS.declare("imprint", "fedtiny.attack.fleet", help="the malicious server's analytic attack on its trap")
+ATTACK_METHODS.declare(
+    "imprint", "fedtiny.attack.fleet", server="malicious", help="the malicious server's analytic attack on its trap"
+)
 
 DATA_SOURCES: Registry = Registry("data source")
 DATA_SOURCES.declare("digits", "fedtiny.data.sources", help="scikit-learn's bundled 8x8 digits")
