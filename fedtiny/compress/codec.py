@@ -196,6 +196,8 @@ def encode(update: SparseUpdate) -> bytes:
         out.append(FLAG_SET if t.replace else 0)
         out.append(vt.code)
         scale = float(t.scale) if vt.scaled else 1.0
+        if vt.levels and scale <= 0:  # an integer type without a scale sends integers (scale 1), as it packs them
+            scale = 1.0
         if vt.scaled:
             out += struct.pack("<f", scale)
         if len(idx) == t.numel:
