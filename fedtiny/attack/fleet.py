@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
-from fedtiny.attack.malicious import grey, imprint, target_public, trap_for
+from fedtiny.attack.malicious import Knowledge, imprint, target_public, trap_for
 from fedtiny.attack.methods import AttackMethod, attack_method
-from fedtiny.attack.metrics import flat_psnr, score, worst_case
+from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, score, worst_case
 from fedtiny.attack.run import plot_grid
 from fedtiny.attack.surrogate import Surrogate, to_real_units
 from fedtiny.attack.threat import ThreatModel
@@ -196,6 +196,8 @@ _REPORTED = (
     "mean_flat_psnr_db",
     "oracle_mean_psnr_db",
     "leaked_blocks",
+    "mean_identification_rank",
+    "frac_identified_top1",
 )
 
 
@@ -220,6 +222,8 @@ def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
         "mean_flat_psnr_db": "flat_psnr_db",
         "oracle_mean_psnr_db": "oracle_psnr_db",
         "leaked_blocks": "leaked_blocks",
+        "mean_identification_rank": "identification_rank",
+        "frac_identified_top1": "identified_top1",
     }
     out = {f"privacy_{v}": report[k] for k, v in short.items()}
     if report.get("aggregate"):
@@ -256,12 +260,42 @@ def _images_behind(task, ob: Observed):
     )
 
 
+CANDIDATES = 500  # images the server identifies a client's image among (the federation's, public and private)
+
+
+def candidate_pool(task, own) -> tuple[np.ndarray, np.ndarray]:
+    """The images an attacker identifies ``own`` (an ``ImageSet``) among: ``own`` first, then the public
+    images and the other clients' training images, up to ``CANDIDATES`` in all; with the indices of
+    ``own`` in it."""
+    parts, n = [own.x], len(own)
+    for pid in range(task.scenario.run.clients):
+        if n >= CANDIDATES:
+            break
+        x = task.federation.client_data(pid)[0].x
+        parts.append(x[: CANDIDATES - n])
+        n += len(parts[-1])
+    pool = np.concatenate([own.x, task.federation.public.x, *parts[1:]])[:CANDIDATES]
+    return pool, np.arange(len(own))
+
+
+def _identified(ranks: list[int], candidates: int) -> dict[str, Any]:
+    """An observation's identification figures: each image's rank among ``candidates``, their mean, and
+    the share ranked first."""
+    return {
+        "identification_rank": list(map(int, ranks)),
+        "mean_identification_rank": float(np.mean(ranks)),
+        "frac_identified_top1": float(np.mean(np.asarray(ranks) == 1)),
+        "candidates": candidates,
+    }
+
+
 def _imprint_all(task, members: list, results: list, grids: list) -> None:
     """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
     public = target_public(task.federation.public)
-    trap, prior = trap_for(public), grey(public).mean(axis=0)
+    trap = trap_for(public)
     for ob, data in members:
-        out = imprint(task, [(ob["changes"], ob["state"], trap)], prior, data.x)
+        pool, ids = candidate_pool(task, data)
+        out = imprint(task, [(ob["changes"], ob["state"], trap)], Knowledge.of(public, pool), data.x, ids)
         rec = out.pop("recon")
         results.append(
             {
@@ -277,6 +311,7 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
                 "true_labels": data.y.tolist(),
                 "oracle_mean_psnr_db": float(np.mean(out["oracle_psnr_db"])),
                 **out,
+                **_identified(out["identification_rank"], len(pool)),
             }
         )
         worst = worst_case({"imprint": out["psnr_db"]}, {"imprint": out["ssim"]}, out["flat_psnr_db"])
@@ -347,6 +382,9 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         )
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
+            pool, ids = candidate_pool(task, data[i])
+            matched = np.clip(rec[i].numpy()[sc["order"]], 0, 1)
+            ranks = [identification_rank(image_distance(r, pool), int(t)) for r, t in zip(matched, ids)]
             results.append(
                 {
                     "round": rnd,
@@ -366,6 +404,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                     "ssim": sc["ssim"],
                     "true_labels": data[i].y.tolist(),
                     "flat_psnr_db": [flat_psnr(img) for img in data[i].x],
+                    **_identified(ranks, len(pool)),
                 }
             )
             worst = worst_case({cfg.method: sc["psnr"]}, {cfg.method: sc["ssim"]}, results[-1]["flat_psnr_db"])

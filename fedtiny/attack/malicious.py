@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedtiny.attack.metrics import flat_psnr, psnr, score
+from fedtiny.attack.geometry import BLOCK, PIXELS, blocks_of, grey, image_of
+from fedtiny.attack.metrics import block_set_distance, flat_psnr, identification_rank, psnr, score
+from fedtiny.attack.placement import BlockPrior, Placement, block_prior, calibrate_placement, soft_place
 from fedtiny.budget.schemes import parse_scheme, resolve
+from fedtiny.compress.values import value_type
 from fedtiny.errors import ScenarioError
 from fedtiny.federated.task import _fp32_model
 from fedtiny.int8.convert import ptq
@@ -55,14 +59,14 @@ __all__ = [
     "blocks_of",
     "image_of",
     "recover_blocks",
-    "place",
-    "oracle_place",
+    "position_change",
+    "Knowledge",
+    "oracle_blocks",
+    "distinct",
 ]
 
 TARGET_CLASS = 1  # the class whose samples send the trap's gradient (lfw-faces: faces); the others send none
-BLOCK = 4  # side of the pixel blocks each 8x8 position of block 2 holds
 TRAP_LAYER = 6  # conv6: block 2's expansion, the bins
-PIXELS = BLOCK * BLOCK
 
 
 @dataclass(frozen=True)
@@ -96,22 +100,6 @@ class Trap:
     @property
     def bins(self) -> int:
         return len(self.edges) - 1
-
-
-def blocks_of(img: np.ndarray) -> np.ndarray:
-    """``H x W`` -> ``(H/4 * W/4) x 16`` non-overlapping 4x4 blocks, row-major, pixels row-major."""
-    h, w = img.shape
-    return img.reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(-1, PIXELS)
-
-
-def image_of(blocks: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Inverse of :func:`blocks_of`."""
-    return blocks.reshape(h // BLOCK, w // BLOCK, BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(h, w)
-
-
-def grey(images: np.ndarray) -> np.ndarray:
-    """``N x C x H x W`` in [0, 1] -> ``N x H x W``: the channel mean (what the trap's stem passes on)."""
-    return np.asarray(images, np.float64).mean(axis=1)
 
 
 def block_edges(public: np.ndarray, bins: int = 96, weights: np.ndarray | None = None) -> tuple[float, ...]:
@@ -296,8 +284,9 @@ def bins_tensors(task) -> tuple[str, str]:
 
 
 def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray]):
-    """``(dw [96, 16] pixel order, db [96], sent_w, sent_b)`` in real units from a decoded update
-    ``{name: (indices, values)}`` against the ``sent`` state."""
+    """``(dw [96, 16] pixel order, db [96], sent_w, sent_b, lsb [96])`` in real units from a decoded
+    update ``{name: (indices, values)}`` against the ``sent`` state; ``lsb`` is each bin's weight
+    step (its int8 weight scale; 0 for a float network)."""
     wname, bname = bins_tensors(task)
     wshape = sent[wname].shape
     dw, mw = np.zeros(int(np.prod(wshape))), np.zeros(int(np.prod(wshape)), bool)
@@ -312,7 +301,8 @@ def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: d
         s_w = sent[f"conv{TRAP_LAYER}.w_scales"].astype(np.float64)
         s_x = float(sent[f"conv{TRAP_LAYER}.qparams"][0])
         dw, db = dw * s_w[:, None], db * s_w * s_x
-    return dw, db, mw, mb
+        return dw, db, mw, mb, s_w
+    return dw, db, mw, mb, np.zeros(len(db))
 
 
 def trap_scheme_dict() -> dict:
@@ -331,12 +321,32 @@ def trap_scheme(model):
     return resolve(parse_scheme(json.dumps(trap_scheme_dict())), model)
 
 
+EMPTY = 0.5  # a bin whose bias change is below half of one position's caught no position this round
+
+
+def position_change(db: np.ndarray, positions: int) -> float:
+    """One position's bias change, robust to what else moves the bins.
+
+    Every position that falls in a bin moves its bias by the same amount, so the changes of the
+    bins are near multiples of it. They are not exact: a client with error feedback also sends
+    what earlier rounds left behind (many bins carry a few percent of one position), and int8
+    rounding adds its own. The server knows how many ``positions`` its trap reads (``64 x batch``):
+    the changes add up to about ``positions`` times one position's, and the bins holding one
+    position (the commonest count) are those within half of that mean; their median is the unit.
+    """
+    a = np.abs(np.asarray(db, np.float64))
+    mean = a.sum() / max(1, positions)
+    single = a[(a >= EMPTY * mean) & (a < 1.5 * mean)]
+    return float(np.median(single)) if len(single) else float(mean)
+
+
 def recover_blocks(
     dw: np.ndarray,
     db: np.ndarray,
     pixel_gain: float,
     sent_w: np.ndarray | None = None,
     sent_b: np.ndarray | None = None,
+    positions: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The blocks of each bin and how many positions each bin caught, from one update of the bins.
 
@@ -348,11 +358,14 @@ def recover_blocks(
     sent_w, sent_b
         Which coordinates were transmitted (top-k); a bin counts only when its bias and all its
         pixel coordinates were.
+    positions
+        How many block positions the trap reads in the client's batch (64 per 32x32 image).
 
     Returns
     -------
     ``(blocks [96, 16] in [0, 1], counts [96])``: the mean block of the positions in each bin
-    (``dW_o / db_o``) and their number (``db_o`` over the smallest bias change: one position's).
+    (``dW_o / db_o``) and their number (``db_o`` in units of :func:`position_change`; a bin below
+    half a unit is empty, count 0).
     """
     dw, db = np.asarray(dw, np.float64), np.asarray(db, np.float64)
     ok = np.abs(db) > 0
@@ -360,77 +373,118 @@ def recover_blocks(
         ok &= np.asarray(sent_b, bool)
     if sent_w is not None:
         ok &= np.asarray(sent_w, bool).all(axis=1)
-    blocks = np.zeros_like(dw)
-    blocks[ok] = dw[ok] / db[ok, None] / pixel_gain
     counts = np.zeros(len(db), np.int64)
     if ok.any():
-        unit = np.abs(db[ok]).min()
-        counts[ok] = np.maximum(1, np.round(np.abs(db[ok]) / unit)).astype(np.int64)
+        unit = position_change(np.where(ok, db, 0.0), positions)
+        counts[ok] = np.round(np.abs(db[ok]) / unit).astype(np.int64)
+    ok &= counts > 0
+    blocks = np.zeros_like(dw)
+    blocks[ok] = dw[ok] / db[ok, None] / pixel_gain
     return np.clip(blocks, 0.0, 1.0), counts
 
 
-def place(blocks: np.ndarray, counts: np.ndarray, prior: np.ndarray, images: int = 1) -> np.ndarray:
-    """``images`` grey images ``[n, H, W]`` from recovered blocks, placed where they best fit a public ``prior``.
+@dataclass(frozen=True)
+class Knowledge:
+    """What the malicious server knows besides the updates: the block statistics of its public faces,
+    and the candidate images (grey ``[M, H, W]``) it identifies a client's image among."""
 
-    Each bin contributes ``counts[o]`` copies of its block; positions left over (bins lost to top-k
-    or rounding) take the prior's block. The Hungarian algorithm minimizes the squared difference
-    to the prior's blocks (translation equivariance leaves nothing better to place them by).
+    prior: BlockPrior
+    public: np.ndarray
+    candidates: np.ndarray | None = None
+
+    @staticmethod
+    def of(public: np.ndarray, candidates: np.ndarray | None = None) -> Knowledge:
+        """From public images ``N x C x H x W`` (and candidates, the same layout) in [0, 1]."""
+        cand = None if candidates is None else grey(candidates)
+        return Knowledge(block_prior(grey(public)), grey(public), cand)
+
+    def placement(self, recovered: float, noise: float) -> Placement:
+        """The placement calibrated on the public faces for this share of recovered blocks and noise."""
+        return _calibrated(self.public.tobytes(), self.public.shape, round(recovered, 1), round(noise, 2))
+
+
+@lru_cache(maxsize=64)
+def _calibrated(public: bytes, shape: tuple[int, ...], recovered: float, noise: float) -> Placement:
+    return calibrate_placement(np.frombuffer(public).reshape(shape), recovered, noise)
+
+
+def oracle_blocks(rounds: list[tuple[np.ndarray, np.ndarray]], targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bound of any placement: each round's isolated blocks at the true positions they came from.
+
+    The positions a round's bins caught are distinct, so each round's blocks are matched to the
+    blocks of the grey ``targets [n, H, W]`` one to one (the Hungarian algorithm on the targets
+    themselves, which only an oracle has); a position seen in several rounds takes the mean of its
+    copies, weighted by the inverse of their known variance (the attacker who knew positions would
+    average them so). ``rounds``: per round, the isolated blocks and their noise. Returns ``(images [n, H, W],
+    hit [n * P])``: positions never seen hold their image's mean (the flat baseline).
     """
     # deferred: scipy.optimize adds 0.35 s to start-up; only matching needs it
     from scipy.optimize import linear_sum_assignment
 
-    pb = np.concatenate([blocks_of(prior)] * images)
-    pieces = np.repeat(blocks, counts, axis=0)  # more pieces than positions: the assignment picks
-    cost = ((pieces[:, None, :] - pb[None, :, :]) ** 2).sum(-1)
-    rows, cols = linear_sum_assignment(cost)
-    out = pb.copy()
-    out[cols] = pieces[rows]
-    n = len(blocks_of(prior))
-    return np.stack([image_of(out[i * n : (i + 1) * n], *prior.shape) for i in range(images)])
-
-
-def oracle_place(blocks: np.ndarray, counts: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The bound on any placement: the isolated blocks (bins of count 1) each at the position of the
-    target block it matches best (Hungarian algorithm on the target itself, which only an oracle has),
-    every other position the target's mean (the flat baseline)."""
-    # deferred: scipy.optimize adds 0.35 s to start-up; only matching needs it
-    from scipy.optimize import linear_sum_assignment
-
-    tb = blocks_of(target)
-    alone = blocks[counts == 1]
-    out = np.full_like(tb, target.mean())
-    if len(alone):
-        rows, cols = linear_sum_assignment(((alone[:, None, :] - tb[None, :, :]) ** 2).sum(-1))
-        out[cols] = alone[rows]
-    return image_of(out, *target.shape)
+    per_image = [blocks_of(t) for t in targets]
+    tb = np.concatenate(per_image)
+    sums, seen = np.zeros_like(tb), np.zeros(len(tb))
+    for alone, sigma in rounds:
+        if len(alone):
+            rows, cols = linear_sum_assignment(((alone[:, None, :] - tb[None, :, :]) ** 2).sum(-1))
+            w = 1.0 / np.maximum(sigma[rows], 1e-6) ** 2
+            sums[cols] += alone[rows] * w[:, None]
+            seen[cols] += w
+    hit = seen > 0
+    out = np.concatenate([np.full_like(b, t.mean()) for b, t in zip(per_image, targets)])
+    out[hit] = sums[hit] / seen[hit, None]
+    p = len(per_image[0])
+    return np.stack([image_of(out[i * p : (i + 1) * p], *t.shape) for i, t in enumerate(targets)]), hit
 
 
 LEAK_ERROR = 4 / 255  # a block counts as leaked when an isolated bin returns it within this max error
 
 
-DUPLICATE = 2 * LEAK_ERROR  # isolated blocks of several rounds closer than this are one block seen twice
+def bin_noise(dw: np.ndarray, db: np.ndarray, lsb: np.ndarray, levels: float, pixel_gain: float) -> np.ndarray:
+    """The standard deviation of each bin's recovered pixels ``[96]``, which the server knows from what
+    it sent: the weight change of a bin arrives in steps of its weight scale ``lsb`` (stochastic
+    rounding on the device: variance about 1/6 LSB squared) and of the codec (``max |change| /
+    levels`` LSB per tensor, uniform error), divided by the bin's bias change and the trap's gain.
+    """
+    if not lsb.any():
+        return np.full(len(db), 1e-4)  # float updates: only float32 rounding
+    with np.errstate(divide="ignore", invalid="ignore"):
+        in_lsb = np.where(lsb[:, None] > 0, np.abs(dw) / lsb[:, None], 0.0)
+        step = in_lsb.max() / levels if levels else 0.0
+        sigma = lsb * np.sqrt(step**2 / 12 + 1 / 6) / (np.abs(db) * pixel_gain)
+    return np.where(np.isfinite(sigma), sigma, np.inf)
 
 
-def distinct(blocks: np.ndarray) -> np.ndarray:
-    """``blocks`` without repeats: a block within ``DUPLICATE`` of a kept one is the same block seen
-    again, and is averaged into it (each round rounds it independently, so the mean is closer)."""
-    sums: list[np.ndarray] = []
-    seen: list[int] = []
-    for b in blocks:
-        if sums:
-            d = np.abs(np.stack(sums) / np.asarray(seen)[:, None] - b).max(axis=1)
+def distinct(blocks: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``blocks`` without repeats, and the noise of each: a block within ``4`` combined standard
+    deviations (largest pixel difference) of a kept one is the same block seen again in another
+    round, and is merged into it by inverse-variance weights (each round rounds it independently)."""
+    means: list[np.ndarray] = []
+    weights: list[float] = []
+    for b, sd in sorted(zip(blocks, sigma), key=lambda t: t[1]):
+        w = 1.0 / max(sd, 1e-6) ** 2
+        if means:
+            m = np.stack(means)
+            tol = 4 * np.sqrt(1.0 / np.asarray(weights) + 1.0 / w)
+            d = np.abs(m - b).max(axis=1) / tol
             j = int(d.argmin())
-            if d[j] <= DUPLICATE:
-                sums[j] = sums[j] + b
-                seen[j] += 1
+            if d[j] <= 1.0:
+                means[j] = (means[j] * weights[j] + b * w) / (weights[j] + w)
+                weights[j] += w
                 continue
-        sums.append(b.astype(np.float64))
-        seen.append(1)
-    return np.stack(sums) / np.asarray(seen)[:, None] if sums else np.zeros((0, PIXELS))
+        means.append(b.astype(np.float64))
+        weights.append(w)
+    if not means:
+        return np.zeros((0, PIXELS)), np.zeros(0)
+    return np.stack(means), 1.0 / np.sqrt(np.asarray(weights))
 
 
 def imprint(
-    task, observations: list[tuple[dict, dict[str, np.ndarray], Trap]], prior: np.ndarray, targets: np.ndarray
+    task,
+    observations: list[tuple[dict, dict[str, np.ndarray], Trap]],
+    knowledge: Knowledge,
+    targets: np.ndarray,
+    target_ids: np.ndarray | None = None,
 ) -> dict:
     """The imprint attack on the updates one client sent (one per round's trap) and its scores.
 
@@ -439,54 +493,62 @@ def imprint(
     observations
         Per round: the decoded update ``{name: (indices, values)}`` (a client's, or an aggregate's),
         the state the server sent (that round's trap) and the trap.
-    prior
-        A public grey image ``H x W`` (the mean public face) to place blocks on.
+    knowledge
+        The server's public faces (the prior the blocks are placed on) and the candidates it
+        identifies among.
     targets
         The images behind the updates, ``N x C x H x W`` in [0, 1] (to score; the attack never reads
-        them except for the oracle-placed bound).
+        them except for the bound at true positions).
+    target_ids
+        Each target's index among ``knowledge.candidates`` (for the identification rank).
 
     Returns
     -------
-    Per target (matched by the Hungarian algorithm): ``psnr_db``, ``ssim`` (blocks placed on the
-    prior), ``oracle_psnr_db`` (the isolated blocks at their best-matching true positions: the
-    bound of any placement), ``flat_psnr_db``; and ``isolated`` (distinct isolated blocks over
-    the targets' blocks), ``leaked_blocks`` (share of the targets' blocks an isolated bin returned
-    within ``LEAK_ERROR``), ``recon`` (``N x C x H x W``).
+    Per target (matched by the Hungarian algorithm): ``psnr_db``, ``ssim`` (the blocks' posterior
+    placement on the public prior), ``oracle_psnr_db`` (each round's isolated blocks at the true
+    positions they came from, averaged over rounds: the bound of any placement), ``flat_psnr_db``,
+    ``identification_rank`` (1: the target is the candidate whose blocks the recovered ones fit
+    best); and ``isolated`` (share of the targets' blocks some round isolated), ``leaked_blocks``
+    (share returned within ``LEAK_ERROR`` by a round or by the mean over rounds at the true
+    position), ``rounds``, ``recon`` (``N x C x H x W``).
     """
-    alone, pieces, counts = [], None, None
-    for changes, sent, trap in observations:
-        dw, db, mw, mb = bins_change(task, changes, sent)
-        blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb)
-        alone.append(blocks[cnt == 1])
-        if pieces is None:  # the first round's bins (mean blocks, with their counts) fill what is not isolated
-            pieces, counts = blocks, cnt
-    alone = distinct(np.concatenate(alone))
     n, c, h, w = targets.shape
-    shared = pieces[counts >= 2]
-    rec = np.repeat(
-        place(np.concatenate([alone, shared]), np.r_[np.ones(len(alone), np.int64), counts[counts >= 2]], prior, n)[
-            :, None
-        ],
-        c,
-        axis=1,
+    levels = value_type(task.scenario.compression.values).levels if task.scenario.model.precision == "int8" else 0
+    per_round, shared = [], np.zeros((0, PIXELS))
+    for changes, sent, trap in observations:
+        dw, db, mw, mb, lsb = bins_change(task, changes, sent)
+        blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb, positions=n * (h // BLOCK) * (w // BLOCK))
+        sigma = bin_noise(dw, db, lsb, levels, trap.pixel_gain)
+        per_round.append((blocks[cnt == 1], sigma[cnt == 1]))
+        if not len(shared):  # the first round's shared bins (mean blocks of 2+) fill what is never isolated
+            shared = np.repeat(blocks[cnt >= 2], cnt[cnt >= 2], axis=0)
+    alone, alone_sigma = distinct(
+        np.concatenate([b for b, _ in per_round]), np.concatenate([sd for _, sd in per_round])
     )
-    sc = score(rec, targets)
     g = grey(targets)
-    tb = np.stack([blocks_of(t) for t in g])
-    err = (
-        np.abs(alone[:, None, :] - tb.reshape(-1, PIXELS)[None]).max(-1) if len(alone) else np.ones((1, tb[0].size * n))
-    )
-    oracle = [
-        psnr(np.repeat(oracle_place(alone, np.ones(len(alone), np.int64), t)[None], c, 0), x)
-        for t, x in zip(g, targets)
-    ]
+    positions = n * len(blocks_of(g[0]))
+    pieces = np.concatenate([alone, shared[: max(0, positions - len(alone))]])
+    noise = float(np.median(alone_sigma)) if len(alone) else 0.02
+    placement = knowledge.placement(min(1.0, len(pieces) / positions), min(noise, 0.1))
+    rec = np.repeat(soft_place(pieces, knowledge.prior, placement, images=n)[:, None], c, axis=1)
+    sc = score(rec, targets)
+    tb = np.stack([blocks_of(t) for t in g]).reshape(-1, PIXELS)
+    bound, hit = oracle_blocks(per_round, g)
+    oracle = [psnr(np.repeat(b[None], c, 0), x) for b, x in zip(bound, targets)]
+    err = np.abs(np.concatenate([blocks_of(b) for b in bound]) - tb).max(-1)
+    ranks = None
+    if knowledge.candidates is not None and target_ids is not None:
+        d = block_set_distance(alone if len(alone) else pieces, knowledge.candidates)
+        ranks = [identification_rank(d, int(t)) for t in target_ids]
     return {
         "psnr_db": sc["psnr"],
         "ssim": sc["ssim"],
         "oracle_psnr_db": oracle,
         "flat_psnr_db": [flat_psnr(x) for x in targets],
-        "isolated": float(min(1.0, len(alone) / (n * len(tb[0])))),
-        "leaked_blocks": float((err.min(axis=0) <= LEAK_ERROR).mean()),
+        "identification_rank": ranks,
+        "isolated": float(hit.mean()),
+        "leaked_blocks": float((hit & (err <= LEAK_ERROR)).mean()),
         "rounds": len(observations),
+        "placement": {"temperature": placement.temperature, "shrink": placement.shrink},
         "recon": rec[sc["order"]],
     }

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mse", "psnr", "flat_psnr", "ssim", "match", "score", "worst_case", "RECOGNISABLE_DB"]
+__all__ = [
+    "mse",
+    "psnr",
+    "flat_psnr",
+    "ssim",
+    "match",
+    "score",
+    "worst_case",
+    "RECOGNISABLE_DB",
+    "identification_rank",
+    "image_distance",
+    "block_set_distance",
+]
 
 RECOGNISABLE_DB = 25.0  # a reconstruction at or above this PSNR is counted as the image leaking
 
@@ -97,3 +109,32 @@ def worst_case(
         "frac_psnr_25db": float(np.mean(best_psnr >= RECOGNISABLE_DB)),
         "frac_above_flat": float(np.mean(best_psnr > np.asarray(flat_db))),
     }
+
+
+def identification_rank(distances: np.ndarray, true_index: int) -> int:
+    """The rank of the true candidate when candidates are sorted by ``distances`` to the evidence
+    (1: it is the closest). A tie counts against the attacker: every other candidate at the true
+    one's distance or closer ranks before it."""
+    d = np.asarray(distances, np.float64)
+    return int(1 + np.count_nonzero(d <= d[true_index]) - 1)
+
+
+def image_distance(recon: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Mean squared difference of a reconstruction ``C x H x W`` to each candidate ``[M, C, H, W]``
+    (or grey ``H x W`` to ``[M, H, W]``): the identification of a reconstruction."""
+    r, cand = np.asarray(recon, np.float64), np.asarray(candidates, np.float64)
+    return ((cand - r[None]) ** 2).reshape(len(cand), -1).mean(axis=1)
+
+
+def block_set_distance(blocks: np.ndarray, candidates: np.ndarray, side: int = 4) -> np.ndarray:
+    """How well a set of recovered ``side x side`` blocks ``[K, side * side]`` (positions unknown) fits
+    each grey candidate ``[M, H, W]``: the mean over the blocks of the squared distance to the
+    candidate's nearest block. The identification of blocks without positions."""
+    cand = np.asarray(candidates, np.float64)
+    m, h, w = cand.shape
+    cb = cand.reshape(m, h // side, side, w // side, side).transpose(0, 1, 3, 2, 4).reshape(m, -1, side * side)
+    b = np.asarray(blocks, np.float64)
+    if not len(b):
+        return np.zeros(m)
+    d2 = (b**2).sum(-1)[None, :, None] - 2 * np.einsum("kp,mqp->mkq", b, cb) + (cb**2).sum(-1)[:, None, :]
+    return d2.min(axis=2).mean(axis=1)

@@ -16,6 +16,7 @@ from skimage.data import lfw_subset
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.learned import augment, fit_inverter
 from fedtiny.attack.malicious import (
+    Knowledge,
     grey,
     imprint,
     round_projection,
@@ -24,7 +25,7 @@ from fedtiny.attack.malicious import (
     trap_scheme_dict,
     trap_state,
 )
-from fedtiny.attack.metrics import flat_psnr, psnr, score, ssim, worst_case
+from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, psnr, score, ssim, worst_case
 from fedtiny.attack.presets import (
     LFW_FACES,
     _resize,
@@ -111,6 +112,26 @@ def preset_targets(preset: str, n: int, seed: int = 0) -> tuple[torch.nn.Module,
     return model, torch.from_numpy(x), torch.randint(0, p["classes"], (n,), generator=gen)
 
 
+DISTRACTORS = 200  # images of the same kind the server identifies a target among, besides the targets
+
+
+def preset_candidates(preset: str, x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The images a server identifies ``preset``'s targets ``x`` among, and the targets' indices in it:
+    for faces every image of ``lfw_subset`` (faces and non-faces); otherwise the targets and
+    ``DISTRACTORS`` other images of the same kind (another seed)."""
+    if PRESETS[preset]["images"] == "faces":
+        pool = _resize(lfw_subset().astype(np.float32)[:, None], 32).repeat(3, axis=1)
+        return pool, face_ids(len(x), seed)
+    _, other, _ = preset_targets(preset, DISTRACTORS, seed + 1)
+    return np.concatenate([x, other.numpy()]), np.arange(len(x))
+
+
+def identification(recon: np.ndarray, pool: np.ndarray, ids) -> list[int]:
+    """The rank of each target among ``pool`` by its reconstruction's distance (``recon[j]`` for target
+    ``ids[j]``, matched)."""
+    return [identification_rank(image_distance(r, pool), int(t)) for r, t in zip(recon, ids)]
+
+
 def run_attack(
     preset: str, targets: int, defense: str = "none", *, seed: int = 0, iterations: int | None = None, log=sys.stderr
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -160,8 +181,16 @@ def run_attack(
         ssim=ssims,
     )
     order = [sc["order"] for sc in scores]
-    recon = np.stack([rec[i].numpy()[order[i]] for i in range(targets)])
-    return summary, x.numpy(), np.clip(recon, 0, 1)
+    recon = np.clip(np.stack([rec[i].numpy()[order[i]] for i in range(targets)]), 0, 1)
+    pool, ids = preset_candidates(preset, x.reshape(-1, *x.shape[-3:]).numpy(), seed)
+    ranks = identification(recon.reshape(-1, *recon.shape[-3:]), pool, ids)
+    summary.update(
+        identification_rank=ranks,
+        mean_identification_rank=float(np.mean(ranks)),
+        frac_identified_top1=float(np.mean(np.asarray(ranks) == 1)),
+        candidates=len(pool),
+    )
+    return summary, x.numpy(), recon
 
 
 def plot_grid(targets: np.ndarray, recon: np.ndarray, psnrs: list[float], path: Path, n: int = 16) -> Path:
@@ -329,7 +358,11 @@ def run_malicious(
     task = make_task(scenario)
     scheme = trap_scheme(task.model) if precision == "int8" else None
     task = with_scheme(task, scheme)
-    prior = grey(public).mean(axis=0)
+    # the server identifies each client's face among every image of lfw_subset (faces and non-faces)
+    candidates = _resize(lfw_subset().astype(np.float32)[:, None], 32)
+    knowledge = Knowledge.of(public, candidates)
+    prior = knowledge.prior.image()
+    ids = face_ids(targets * batch, seed).reshape(targets, batch)
     t0 = time.perf_counter()
     xb, yb = x.reshape(targets, batch, *x.shape[1:]), y.reshape(targets, batch)
     states: dict = {}
@@ -348,17 +381,23 @@ def run_malicious(
     rows, recon = [], []
     for i, changes in enumerate(updates):
         if isinstance(changes, str):
-            rows.append({"target": i, "refused": changes})
-            recon.append(np.repeat(prior[None, None], 3, 1).repeat(batch, 0))
+            # nothing was sent: the server has its prior, the mean public face
+            guess = np.repeat(prior[None, None], 3, 1).repeat(batch, 0)
+            sc = score(guess, xb[i])
+            d = image_distance(prior, knowledge.candidates)
+            rank = [identification_rank(d, int(t)) for t in ids[i]]
+            rows.append({"target": i, "refused": changes, "psnr_db": sc["psnr"], "ssim": sc["ssim"]})
+            rows[-1].update(oracle_psnr_db=sc["psnr"], identification_rank=rank)
+            recon.append(guess)
             say(f"attack: target {i + 1}/{targets}: refused: {changes}", log)
             continue
-        out = imprint(task, seen[i], prior, xb[i])
+        out = imprint(task, seen[i], knowledge, xb[i], ids[i])
         recon.append(out.pop("recon"))
         rows.append({"target": i, **out})
         say(
             f"attack: target {i + 1}/{targets}: imprint {np.mean(out['psnr_db']):.2f} dB placed, "
             f"{np.mean(out['oracle_psnr_db']):.2f} dB at true positions, {out['leaked_blocks']:.2f} of blocks "
-            f"leaked",
+            f"leaked, identification rank {out['identification_rank']}",
             log,
         )
     attacked = [i for i, u in enumerate(updates) if not isinstance(u, str)]
@@ -396,6 +435,7 @@ def run_malicious(
         seed=seed,
         seconds=round(seconds, 2),
         public_faces=len(rest),
+        candidates=len(candidates),
         learned_public=learned,
         rounds=rounds,
         targets_detail=rows,
@@ -405,23 +445,20 @@ def run_malicious(
 
 
 def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str, Any]:
-    """Means over every target image (a refused client's images count at their flat baseline: the
-    server learned nothing) and the worst case per image over the attacks run (placed, and oracle as a bound)."""
+    """Means over every target image and the worst case per image over the attacks run (placed, and
+    oracle as a bound). A refused client's images are scored by what the server has of them: its
+    prior, the mean public face."""
     flats = [flat_psnr(img) for img in x]
-    placed, oracle, ssims, refused = [], [], [], 0
+    placed, oracle, ssims, ranks, refused = [], [], [], [], 0
     learned, learned_ssim = [], []
     for r in rows:
-        own = flats[r["target"] * batch : (r["target"] + 1) * batch]
-        if "refused" in r:  # nothing was sent: the server has the brightness at best
-            refused += 1
-            placed, oracle, ssims = placed + own, oracle + own, ssims + [0.0] * batch
-            learned, learned_ssim = learned + own, learned_ssim + [0.0] * batch
-        else:
-            placed += r["psnr_db"]
-            oracle += r["oracle_psnr_db"]
-            ssims += r["ssim"]
-            learned += r.get("learned_psnr_db", [-np.inf] * batch)
-            learned_ssim += r.get("learned_ssim", [-np.inf] * batch)
+        refused += "refused" in r
+        placed += r["psnr_db"]
+        oracle += r["oracle_psnr_db"]
+        ssims += r["ssim"]
+        ranks += r["identification_rank"]
+        learned += r.get("learned_psnr_db", [-np.inf] * batch)
+        learned_ssim += r.get("learned_ssim", [-np.inf] * batch)
     done = [r for r in rows if "refused" not in r]
     by_psnr, by_ssim = {"imprint": placed}, {"imprint": ssims}
     if any(np.isfinite(learned)):
@@ -433,7 +470,9 @@ def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str,
         "learned_mean_psnr_db": float(np.mean(learned)) if "learned" in by_psnr else None,
         "learned_mean_ssim": float(np.mean(learned_ssim)) if "learned" in by_psnr else None,
         "worst_case_mean_psnr_db": worst["mean_max_psnr_db"],
+        "worst_case_min_psnr_db": float(np.min(worst["max_psnr_db"])),
         "worst_case_mean_ssim": worst["mean_max_ssim"],
+        "worst_case_psnr_db": worst["max_psnr_db"],
         "best_attack": worst["best_attack"],
         "mean_flat_psnr_db": float(np.mean(flats)),
         "frac_psnr_25db": worst["frac_psnr_25db"],
@@ -443,6 +482,9 @@ def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str,
         "flat_psnr_db": flats,
         "oracle_mean_psnr_db": float(np.mean(oracle)),
         "oracle_frac_psnr_25db": float(np.mean(np.asarray(oracle) >= 25.0)),
+        "identification_rank": ranks,
+        "mean_identification_rank": float(np.mean(ranks)),
+        "frac_identified_top1": float(np.mean(np.asarray(ranks) == 1)),
         "isolated": float(np.mean([r["isolated"] for r in done])) if done else 0.0,
         "leaked_blocks": float(np.mean([r["leaked_blocks"] for r in done])) if done else 0.0,
         "refused": refused,

@@ -219,7 +219,9 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     agg = any(s.get("privacy_aggregate_mean_psnr_db") is not None for s in summaries.values())
     dp = any(s.get("dp_epsilon") is not None for s in summaries.values())
     trap = any(s.get("privacy_oracle_psnr_db") is not None for s in summaries.values())
+    ident = any(s.get("privacy_identification_rank") is not None for s in summaries.values())
     cols = ["PSNR (dB)", "flat (dB)", "images >= 25 dB", "SSIM", "label acc.", "match cos. at truth", "change (LSB)"]
+    cols += ["identification rank", "identified first"] if ident else []
     cols += ["bound at true positions (dB)", "4x4 blocks leaked", "refused"] if trap else []
     cols += ["aggregate PSNR (dB)", "aggregate SSIM", "aggregate label acc."] if agg else []
     cols += ["final accuracy", "uplink bytes", "peak SRAM"] + (["epsilon"] if dp else [])
@@ -234,6 +236,8 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
             pm(s, "privacy_match_cosine", ".3f"),
             pm(s, "privacy_change_lsb", ".3g"),
         ]
+        if ident:
+            cells += [pm(s, "privacy_identification_rank", ".3g"), pm(s, "privacy_identified_top1", ".2f")]
         if trap:
             cells += [
                 pm(s, "privacy_oracle_psnr_db", ".2f"),
@@ -259,8 +263,10 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
         lines.append(f"\nMean over {seeds} seeds ± half-width of the 95% interval of the mean.")
     lines.append(
         "\nflat: PSNR of each image's own mean brightness (a reconstruction at or below it shows nothing "
-        "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; a client that "
-        "refused sent nothing to attack."
+        "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; identification rank: "
+        "where the attacked image ranks among the federation's images (up to 500) by its distance to what "
+        "the attack rebuilt (1: it is the closest; an imprint ranks by its blocks, positions unknown); a "
+        "client that refused sent nothing to attack."
     )
     return "\n".join(lines)
 

@@ -39,6 +39,8 @@ MEAN_KEYS = (
     "privacy_flat_psnr_db",
     "privacy_oracle_psnr_db",
     "privacy_leaked_blocks",
+    "privacy_identification_rank",
+    "privacy_identified_top1",
 )
 
 

@@ -46,6 +46,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         ),
         ("SSIM mean", summary["mean_ssim"]),
         ("label accuracy", summary["label_accuracy"]),
+        (
+            f"identification rank among {summary['candidates']} images: mean / ranked first",
+            f"{summary['mean_identification_rank']:.1f} / {summary['frac_identified_top1']:.2f}",
+        ),
         ("seconds per target (batched)", summary["seconds_per_target"]),
     ]
     if "single_target_seconds" in summary:
@@ -98,12 +102,17 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         ),
         ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
         ("PSNR of the mean public face (the prior alone)", f"{summary['prior_psnr_db']:.2f}"),
+        ("worst case per image: lowest PSNR (dB)", f"{summary['worst_case_min_psnr_db']:.2f}"),
         (
             "images at >= 25 dB / above their flat baseline",
             f"{summary['frac_psnr_25db']:.2f} / {summary['frac_above_flat']:.2f}",
         ),
         ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
         ("blocks isolated / leaked within 4/255", f"{summary['isolated']:.3f} / {summary['leaked_blocks']:.3f}"),
+        (
+            f"identification rank among {summary['candidates']} images: mean / ranked first",
+            f"{summary['mean_identification_rank']:.1f} / {summary['frac_identified_top1']:.2f}",
+        ),
     ]
     print(table(rows))
     if args.json:
