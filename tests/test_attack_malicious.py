@@ -6,8 +6,11 @@ import pytest
 import torch
 from conftest import ROOT
 
+from fedtiny.attack.jigsaw import Pieces, assemble
 from fedtiny.attack.malicious import (
     PIXEL_CHANNELS,
+    STEPS,
+    TRAP_CHANNELS,
     block_edges,
     blocks_of,
     grey,
@@ -15,6 +18,8 @@ from fedtiny.attack.malicious import (
     trap_for,
     trap_network,
 )
+from fedtiny.attack.metrics import psnr
+from fedtiny.attack.placement import block_prior
 from fedtiny.attack.presets import face_images, tiny_ir_rgb
 from fedtiny.attack.run import run_malicious
 from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
@@ -44,10 +49,54 @@ def test_float_trap_returns_isolated_blocks_exactly():
         np.testing.assert_allclose(blocks[which[p]], truth[p], atol=1e-5)
 
 
-def test_block_edges_are_increasing_and_cover_the_range():
+def test_block_edges_are_increasing_cover_the_range_and_are_exact_in_int8():
     x, _ = face_images(8, seed=1)
-    edges = np.asarray(block_edges(x))
-    assert len(edges) == 97 and np.all(np.diff(edges) > 0) and edges[0] < 0 and edges[-1] > 1
+    for shift in (0.0, 0.5):
+        edges = np.asarray(block_edges(x, shift=shift))
+        assert len(edges) == 97 and np.all(np.diff(edges) > 0) and edges[0] < 0 and edges[-1] > 1
+        steps = np.diff(edges).min() / np.diff(edges) * STEPS  # each bin's pixel weight in int8 steps
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
+    assert block_edges(x, shift=0.5)[1] < block_edges(x)[1]
+
+
+@pytest.mark.parametrize("parity", [(0, 1), (1, 0)])
+def test_float_trap_returns_borders_and_parity(parity):
+    """A trap of one parity: only the positions of that parity reach the bins, and each isolated bin
+    returns its block's borders (the row above, the column to the left; zeros at the padding)."""
+    x, _ = face_images(20, seed=0)
+    trap = trap_for(x[4:], parity=parity)
+    model = trap_network(tiny_ir_rgb(2), trap)
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[:1])), torch.tensor([1]))
+    loss.backward()
+    dw = model.blocks[2].conv[0][0].weight.grad[:, TRAP_CHANNELS, 0, 0].numpy()
+    db = model.blocks[2].conv[0][1].bias.grad.numpy()
+    found, counts = recover_blocks(dw, db, trap.pixel_gain, positions=trap.positions)
+    assert counts.sum() == 16
+    img = grey(x[:1])[0]
+    padded = np.pad(img, 1)  # the border of a block on the edge is the padding's zeros
+    truth = blocks_of(img)
+    for o in np.nonzero(counts == 1)[0]:
+        p = int(np.abs(truth - found[o, :16]).max(axis=1).argmin())
+        r, c = divmod(p, 8)
+        assert (r % 2, c % 2) == parity
+        np.testing.assert_allclose(found[o, :16], truth[p], atol=1e-5)
+        np.testing.assert_allclose(found[o, 16:20], padded[4 * r, 4 * c + 1 : 4 * c + 5], atol=1e-5)
+        np.testing.assert_allclose(found[o, 20:], padded[4 * r + 1 : 4 * r + 5, 4 * c], atol=1e-5)
+
+
+def test_jigsaw_assembles_exact_pieces():
+    """Every block with its borders, positions unknown: the links and the padding put each back."""
+    x, _ = face_images(20, seed=0)
+    img = grey(x[:1])[0]
+    padded = np.pad(img, 1)
+    truth = blocks_of(img)
+    up = np.stack([padded[4 * r, 4 * c + 1 : 4 * c + 5] for r in range(8) for c in range(8)])
+    left = np.stack([padded[4 * r + 1 : 4 * r + 5, 4 * c] for r in range(8) for c in range(8)])
+    order = np.random.default_rng(0).permutation(64)[:60]  # shuffled, 4 blocks never recovered
+    pieces = Pieces(truth[order], up[order], left[order], np.full(60, 2 / 255), np.full((60, 2), -1))
+    rebuilt, linked = assemble(pieces, block_prior(grey(x[4:])))
+    assert linked.sum() >= 56
+    assert psnr(rebuilt, img) > 28
 
 
 def test_imprint_through_the_int8_sparse_path_and_fp32_contrast():
@@ -115,7 +164,7 @@ def test_in_simulation_malicious_server_and_imprint_report():
     scenario = load_scenario(MALICIOUS, parse_overrides(["model.pretrain_epochs=0"]))
     task, initial, _, schemes = server_task(scenario, progress=None)
     scheme = schemes.by_profile["mcu-256kb"]
-    assert scheme.name == "imprint-trap" and scheme.channels[6] == sorted(PIXEL_CHANNELS.tolist())
+    assert scheme.name == "imprint-trap" and scheme.channels[6] == sorted(TRAP_CHANNELS.tolist())
     faces = [p for p in range(scenario.run.clients) if task.federation.client_data(p)[0].y[0] == 1]
     observed = []
     for pid in faces[:2]:

@@ -59,7 +59,7 @@ def test_oracle_bound_averages_copies_by_their_noise():
     expect = tb[:10] + (0.0005 * w_good + 0.004 * w_bad) / (w_good + w_bad)
     np.testing.assert_allclose(blocks_of(img[0])[:10], expect, atol=1e-9)
     assert np.all(blocks_of(img[0])[10:] == t.mean())  # never seen: the flat baseline
-    merged, sd = distinct(np.concatenate([good[0], tb[:10] + 0.001]), np.r_[good[1], np.full(10, 0.0005)])
+    merged, sd, _ = distinct(np.concatenate([good[0], tb[:10] + 0.001]), np.r_[good[1], np.full(10, 0.0005)])
     assert len(merged) == 10 and np.all(sd < 0.0005)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedtiny.attack.geometry import BLOCK, PIXELS, blocks_of, grey, image_of
+from fedtiny.attack.jigsaw import Pieces, assemble
 from fedtiny.attack.metrics import block_set_distance, flat_psnr, identification_rank, psnr, score
 from fedtiny.attack.placement import BlockPrior, Placement, block_prior, calibrate_placement, soft_place
 from fedtiny.budget.schemes import parse_scheme, resolve
@@ -47,6 +48,11 @@ from fedtiny.models.state import model_arrays
 from fedtiny.models.tinyir import TinyIR
 
 __all__ = [
+    "STEPS",
+    "PIXEL_CHANNELS",
+    "BORDER_CHANNELS",
+    "TRAP_CHANNELS",
+    "round_settings",
     "Trap",
     "TRAP_LAYER",
     "trap_network",
@@ -85,12 +91,25 @@ class Trap:
     projection
         The bins cut ``projection . block`` instead of the block's mean (16 weights): a server that
         sends a new trap each round with a new projection separates blocks of equal brightness.
+    parity
+        ``(row, column)`` parity of the only positions whose bins get a gradient (block 3's
+        stride-2 depthwise reads one tap of each 2x2 instead of their mean): a quarter of the
+        positions share the bins, and each block returned carries its position's parity. None: all.
+    shift
+        The bins start this many median bin widths lower (``block_edges``): another partition.
     """
 
     edges: tuple[float, ...]
     pixel_gain: float = 10.0
     head_gain: float = 1000.0
     projection: tuple[float, ...] | None = None
+    parity: tuple[int, int] | None = None
+    shift: float = 0.0
+
+    @property
+    def positions(self) -> int:
+        """Positions of one 32x32 image whose bins receive a gradient."""
+        return 64 if self.parity is None else 16
 
     @property
     def weights(self) -> np.ndarray:
@@ -102,15 +121,32 @@ class Trap:
         return len(self.edges) - 1
 
 
-def block_edges(public: np.ndarray, bins: int = 96, weights: np.ndarray | None = None) -> tuple[float, ...]:
-    """Equal-mass bin edges of ``weights . block`` (default: the block mean) over ``public`` images
-    (``N x C x 32 x 32``); the outer edges cover every block in [0, 1]."""
+STEPS = 64  # a bin's pixel weight in int8 units at its narrowest: the finest brightness step of the bins
+
+
+def block_edges(
+    public: np.ndarray, bins: int = 96, weights: np.ndarray | None = None, shift: float = 0.0
+) -> tuple[float, ...]:
+    """Bin edges of ``weights . block`` (default: the block mean) that hold about equal shares of the
+    ``public`` images' blocks (``N x C x 32 x 32``) and that int8 represents exactly.
+
+    Every bin shares one weight scale (so one position moves every bin's bias and weights by the
+    same number of int8 steps, and the codec's per-tensor scale rounds them all alike), which makes
+    a bin's pixel weight an integer ``n`` (1 to ``STEPS``) and its width ``unit / n``: the
+    equal-mass widths rounded to that form, laid end to end from the lowest value so that they
+    cover every block. ``shift`` (in units of the median bin's width) starts them lower: another
+    partition, whose edges fall between blocks the first one put together.
+    """
     v = np.full(PIXELS, 1.0 / PIXELS) if weights is None else np.asarray(weights, np.float64)
     values = np.concatenate([blocks_of(g) @ v for g in grey(public)])
-    inner = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
-    inner = np.maximum.accumulate(inner + np.arange(bins - 1) * 1e-6)  # strictly increasing
     lo, hi = float(np.minimum(v, 0).sum()), float(np.maximum(v, 0).sum())
-    return (lo - 1e-3, *map(float, inner), hi + 1e-3)
+    quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    mass = np.diff(np.r_[lo, np.maximum.accumulate(quantiles), hi])
+    n = np.clip(np.round(STEPS * max(mass.min(), 1e-9) / np.maximum(mass, 1e-9)), 1, STEPS)
+    step = float(np.median(1.0 / n))
+    unit = (hi - lo + 2e-3) / ((1.0 / n).sum() - shift * step)  # the widths, scaled to cover the range
+    start = lo - 1e-3 - shift * step * unit
+    return tuple(float(e) for e in start + np.r_[0.0, np.cumsum(unit / n)])
 
 
 def round_projection(index: int, seed: int = 0) -> tuple[float, ...] | None:
@@ -122,6 +158,27 @@ def round_projection(index: int, seed: int = 0) -> tuple[float, ...] | None:
     return tuple(float(a) for a in v / np.linalg.norm(v) * 0.25)
 
 
+PARITIES = ((0, 0), (1, 1), (0, 1), (1, 0))
+
+
+def round_settings(index: int, seed: int = 0, plan: str = "jigsaw") -> dict:
+    """The trap a malicious server sends in round ``index`` (keyword arguments of :func:`trap_for`).
+
+    ``projections`` (the first attacker): every position each round, the block mean and then a
+    new Gaussian projection each round. ``jigsaw``: one parity class of positions per round (four
+    rounds cover the image), the block mean binned; after the first four the bins start half a
+    bin lower (another partition: blocks that shared a bin are apart), and so on, a quarter of a
+    bin further each time round.
+    """
+    if plan == "projections":
+        return {"projection": round_projection(index, seed)}
+    if plan != "jigsaw":
+        raise ScenarioError(f"trap plan: unknown {plan!r}; known: jigsaw, projections")
+    turn = index // len(PARITIES)
+    shift = 0.0 if turn == 0 else 0.5 + 0.25 * (turn - 1)
+    return {"parity": PARITIES[index % len(PARITIES)], "shift": shift % 1.0}
+
+
 # Block 2's input channel of pixel (r, c) of a 4x4 block: block 1's depthwise phase (r // 2, c // 2)
 # times 4 plus the stem's 2x2 offset (r % 2, c % 2).
 def _channel(r: int, c: int) -> int:
@@ -129,6 +186,17 @@ def _channel(r: int, c: int) -> int:
 
 
 PIXEL_CHANNELS = np.array([_channel(r, c) for r in range(BLOCK) for c in range(BLOCK)])  # pixel k -> channel
+
+# The block's borders: the pixel row above it (its upper neighbour's bottom row, columns 0-3) and
+# the column to its left (rows 0-3), zero where the image's padding is. Block 1's stride-2 depthwise
+# window over the 16x16 grid of 2x2 pixel groups reaches one group up and one left of its block:
+# each border pixel is one (tap row, tap column, stem channel) of that window, copied by a spare
+# expansion channel (16 + k) onto block 2's input channel 17 + k (16 holds block 2's bin sum).
+BORDER_TAPS = tuple((0, 1 + c // 2, 2 + c % 2) for c in range(BLOCK)) + tuple(
+    (1 + r // 2, 0, 2 * (r % 2) + 1) for r in range(BLOCK)
+)
+BORDER_CHANNELS = np.arange(17, 17 + len(BORDER_TAPS))
+TRAP_CHANNELS = np.concatenate([PIXEL_CHANNELS, BORDER_CHANNELS])  # the trained inputs of the bins
 
 
 def _set(conv_bn: nn.Sequential, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -175,19 +243,21 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     # block 1: expansion copies the 4 pixel channels into 4 phases; the stride-2 depthwise picks
     # phase (py, px) of each 2x2 neighbourhood; the projection keeps the 16 values, times pixel_gain / 2
     b1 = model.blocks[1].conv
-    w = z(48, 16, 1, 1)
+    expand, depthwise, project = z(48, 16, 1, 1), z(48, 1, 3, 3), z(32, 48, 1, 1)
     for ph in range(4):
         for k in range(4):
-            w[4 * ph + k, k] = 1.0
-    _set(b1[0], w, z(48))
-    w = z(48, 1, 3, 3)
+            expand[4 * ph + k, k] = 1.0
     for py in range(2):
         for px in range(2):
-            w[4 * (2 * py + px) : 4 * (2 * py + px) + 4, 0, 1 + py, 1 + px] = 1.0
-    _set(b1[1], w, z(48))
-    w = z(32, 48, 1, 1)
-    w[range(16), range(16)] = trap.pixel_gain / 2
-    _set(b1[2], w, z(32))
+            depthwise[4 * (2 * py + px) : 4 * (2 * py + px) + 4, 0, 1 + py, 1 + px] = 1.0
+    project[range(16), range(16)] = trap.pixel_gain / 2
+    for k, (ky, kx, stem) in enumerate(BORDER_TAPS):  # the borders, on spare channels
+        expand[16 + k, stem] = 1.0
+        depthwise[16 + k, 0, ky, kx] = 1.0
+        project[BORDER_CHANNELS[k], 16 + k] = trap.pixel_gain / 2
+    _set(b1[0], expand, z(48))
+    _set(b1[1], depthwise, z(48))
+    _set(b1[2], project, z(32))
     # block 2's expansion: the bins. On mean m of a block (pixels times the gain), channel o is
     # 6 (m - e_o) / (e_{o+1} - e_o): linear inside its bin, clamped by ReLU6 outside.
     b2 = model.blocks[2].conv
@@ -196,9 +266,14 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     v = torch.from_numpy(trap.weights)
     w = z(96, 32, 1, 1, dtype=torch.float64)
     w[:, PIXEL_CHANNELS.tolist(), 0, 0] = slope.unsqueeze(1) * v.unsqueeze(0)
-    # an input that is always zero (channel 31) with twice the largest pixel weight: the per-channel
-    # weight scale doubles, so the pixel weights sit within 64 of 127 and may change both ways
-    w[:, 31, 0, 0] = 2 * slope * v.abs().max()
+    # an input that is always zero (channel 31) with weight 127 x the bins' common scale: the
+    # narrowest bin's largest pixel weight is 64 steps of it, every other pixel weight an integer
+    # number of steps (``block_edges``; the projection on a grid of 1/64 of its largest weight:
+    # ``trap_for``), so the pixel weights sit within 64 of 127 and may change both ways. A rounded
+    # weight would move a bin's edges by up to 0.8% of the brightness, against bins 1% wide:
+    # gaps where a position reaches no bin. One scale for all bins makes one position's change the
+    # same number of int8 steps in every bin, which the codec's per-tensor scale then rounds alike.
+    w[:, 31, 0, 0] = slope.max() * v.abs().max() * 127 / STEPS
     _set(b2[0], w.float(), (-slope * edges[:-1] * trap.pixel_gain).float())
     w = z(96, 1, 3, 3)
     w[:, 0, 1, 1] = 1.0
@@ -209,7 +284,9 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     w = z(32, 96, 1, 1)
     w[16, :, 0, 0] = torch.tensor([1.0, -1.0] * 48)
     _set(b2[2], w, z(32))
-    # block 3: channel 0 = 3 + sum / 4 (inside ReLU6's window), averaged over each 2x2 by the stride-2 depthwise
+    # block 3: channel 0 = 3 + sum / 4 (inside ReLU6's window), averaged over each 2x2 by the stride-2
+    # depthwise, or with a parity only the 2x2's position of that parity (the same weight: every
+    # position that sends sends the same gradient as before)
     b3 = model.blocks[3].conv
     w = z(96, 32, 1, 1)
     w[0, 16] = 0.25
@@ -217,7 +294,11 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     bias[0] = 3.0
     _set(b3[0], w, bias)
     w = z(96, 1, 3, 3)
-    w[0, 0, 1:, 1:] = 0.25
+    if trap.parity is None:
+        w[0, 0, 1:, 1:] = 0.25
+    else:
+        w[0, 0, 1 + trap.parity[0], 1 + trap.parity[1]] = 0.25
+    taps = float(w[0].sum())
     _set(b3[1], w, z(96))
     w = z(32, 96, 1, 1)
     w[0, 0] = 1.0
@@ -232,7 +313,7 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     model.classifier.weight.copy_(head)
     bias = torch.full_like(model.classifier.bias, -trap.head_gain * 3.0)
     bias[0] = trap.head_gain * 3.0
-    model.classifier.bias.copy_(bias - head[:, 0] * 3.75)
+    model.classifier.bias.copy_(bias - head[:, 0] * 3.75 * taps)  # the centre of the channel's range
     return model.eval()
 
 
@@ -248,10 +329,17 @@ def trap_for(
     pixel_gain: float = 10.0,
     head_gain: float = 1000.0,
     projection: tuple[float, ...] | None = None,
+    parity: tuple[int, int] | None = None,
+    shift: float = 0.0,
 ) -> Trap:
     """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature)."""
+    if projection is not None:  # on the int8 grid: multiples of 1/64 of the largest weight
+        v = np.asarray(projection, np.float64)
+        top = np.abs(v).max()
+        projection = tuple(float(a) for a in np.round(v / top * 64) * top / 64)
     weights = None if projection is None else np.asarray(projection)
-    return Trap(block_edges(public, weights=weights), pixel_gain, head_gain, projection)
+    edges = block_edges(public, weights=weights, shift=shift)
+    return Trap(edges, pixel_gain, head_gain, projection, parity, shift)
 
 
 def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
@@ -284,8 +372,9 @@ def bins_tensors(task) -> tuple[str, str]:
 
 
 def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray]):
-    """``(dw [96, 16] pixel order, db [96], sent_w, sent_b, lsb [96])`` in real units from a decoded
-    update ``{name: (indices, values)}`` against the ``sent`` state; ``lsb`` is each bin's weight
+    """``(dw [96, 24], db [96], sent_w, sent_b, lsb [96])`` in real units from a decoded
+    update ``{name: (indices, values)}`` against the ``sent`` state: ``dw``'s columns are the 16
+    pixels (row-major) and the 8 border pixels (``BORDER_TAPS``); ``lsb`` is each bin's weight
     step (its int8 weight scale; 0 for a float network)."""
     wname, bname = bins_tensors(task)
     wshape = sent[wname].shape
@@ -296,7 +385,7 @@ def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: d
             idx, values = changes[name]
             flat[np.asarray(idx)] = values
             mask[np.asarray(idx)] = True
-    dw, mw = dw.reshape(wshape)[:, PIXEL_CHANNELS, 0, 0], mw.reshape(wshape)[:, PIXEL_CHANNELS, 0, 0]
+    dw, mw = dw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0], mw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0]
     if task.scenario.model.precision == "int8":  # integer units -> real: weight scale; bias s_w * s_x
         s_w = sent[f"conv{TRAP_LAYER}.w_scales"].astype(np.float64)
         s_x = float(sent[f"conv{TRAP_LAYER}.qparams"][0])
@@ -306,8 +395,9 @@ def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: d
 
 
 def trap_scheme_dict() -> dict:
-    """The scheme the malicious server asks for (``schemes.json`` form): conv6's pixel channels and bias."""
-    channels = sorted(int(c) for c in PIXEL_CHANNELS)
+    """The scheme the malicious server asks for (``schemes.json`` form): conv6's pixel and border
+    channels and its bias."""
+    channels = sorted(int(c) for c in TRAP_CHANNELS)
     return {
         "id": "imprint-trap",
         "n_bias_update": 0,
@@ -371,8 +461,8 @@ def recover_blocks(
     ok = np.abs(db) > 0
     if sent_b is not None:
         ok &= np.asarray(sent_b, bool)
-    if sent_w is not None:
-        ok &= np.asarray(sent_w, bool).all(axis=1)
+    if sent_w is not None:  # a block needs all 16 pixels; borders help, and are not needed
+        ok &= np.asarray(sent_w, bool)[:, :PIXELS].all(axis=1)
     counts = np.zeros(len(db), np.int64)
     if ok.any():
         unit = position_change(np.where(ok, db, 0.0), positions)
@@ -455,18 +545,23 @@ def bin_noise(dw: np.ndarray, db: np.ndarray, lsb: np.ndarray, levels: float, pi
     return np.where(np.isfinite(sigma), sigma, np.inf)
 
 
-def distinct(blocks: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``blocks`` without repeats, and the noise of each: a block within ``4`` combined standard
-    deviations (largest pixel difference) of a kept one is the same block seen again in another
-    round, and is merged into it by inverse-variance weights (each round rounds it independently)."""
+def distinct(
+    blocks: np.ndarray, sigma: np.ndarray, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``blocks`` without repeats, with the noise and label of each: a block within ``4`` combined
+    standard deviations (largest difference over its values) of a kept one of the same label (a
+    position parity; -1 matches any) is the same block seen again in another round, and is merged
+    into it by inverse-variance weights (each round rounds it independently)."""
+    labels = np.full(len(blocks), -1) if labels is None else np.asarray(labels)
     means: list[np.ndarray] = []
     weights: list[float] = []
-    for b, sd in sorted(zip(blocks, sigma), key=lambda t: t[1]):
-        w = 1.0 / max(sd, 1e-6) ** 2
+    kept: list[int] = []
+    for i in np.argsort(sigma, kind="stable"):
+        b, w, lab = blocks[i], 1.0 / max(sigma[i], 1e-6) ** 2, int(labels[i])
         if means:
-            m = np.stack(means)
             tol = 4 * np.sqrt(1.0 / np.asarray(weights) + 1.0 / w)
-            d = np.abs(m - b).max(axis=1) / tol
+            d = np.abs(np.stack(means) - b).max(axis=1) / tol
+            d[(np.asarray(kept) != lab) & (np.asarray(kept) >= 0) & (lab >= 0)] = np.inf
             j = int(d.argmin())
             if d[j] <= 1.0:
                 means[j] = (means[j] * weights[j] + b * w) / (weights[j] + w)
@@ -474,9 +569,10 @@ def distinct(blocks: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndar
                 continue
         means.append(b.astype(np.float64))
         weights.append(w)
+        kept.append(lab)
     if not means:
-        return np.zeros((0, PIXELS)), np.zeros(0)
-    return np.stack(means), 1.0 / np.sqrt(np.asarray(weights))
+        return np.zeros((0, blocks.shape[1] if blocks.ndim == 2 else PIXELS)), np.zeros(0), np.zeros(0, int)
+    return np.stack(means), 1.0 / np.sqrt(np.asarray(weights)), np.asarray(kept)
 
 
 def imprint(
@@ -517,28 +613,37 @@ def imprint(
     per_round, shared = [], np.zeros((0, PIXELS))
     for changes, sent, trap in observations:
         dw, db, mw, mb, lsb = bins_change(task, changes, sent)
-        blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb, positions=n * (h // BLOCK) * (w // BLOCK))
+        blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb, positions=n * trap.positions)
         sigma = bin_noise(dw, db, lsb, levels, trap.pixel_gain)
-        per_round.append((blocks[cnt == 1], sigma[cnt == 1]))
+        borders = mw[:, PIXELS:].all(axis=1)  # the borders were sent with the block
+        label = -1 if trap.parity is None else 2 * trap.parity[0] + trap.parity[1]
+        one = cnt == 1
+        per_round.append((blocks[one], sigma[one], borders[one], np.full(int(one.sum()), label)))
         if not len(shared):  # the first round's shared bins (mean blocks of 2+) fill what is never isolated
-            shared = np.repeat(blocks[cnt >= 2], cnt[cnt >= 2], axis=0)
-    alone, alone_sigma = distinct(
-        np.concatenate([b for b, _ in per_round]), np.concatenate([sd for _, sd in per_round])
-    )
+            shared = np.repeat(blocks[cnt >= 2, :PIXELS], cnt[cnt >= 2], axis=0)
+    alone, alone_sigma, parity = distinct(*(np.concatenate([r[i] for r in per_round]) for i in (0, 1, 3)))
+    with_borders = bool(len(per_round)) and all(r[2].all() for r in per_round) and alone.shape[1] > PIXELS
     g = grey(targets)
     positions = n * len(blocks_of(g[0]))
-    pieces = np.concatenate([alone, shared[: max(0, positions - len(alone))]])
+    pieces = np.concatenate([alone[:, :PIXELS], shared[: max(0, positions - len(alone))]])
     noise = float(np.median(alone_sigma)) if len(alone) else 0.02
     placement = knowledge.placement(min(1.0, len(pieces) / positions), min(noise, 0.1))
-    rec = np.repeat(soft_place(pieces, knowledge.prior, placement, images=n)[:, None], c, axis=1)
+    if with_borders and n == 1:  # one image: its blocks join by their borders
+        parities = np.stack([np.where(parity >= 0, parity // 2, -1), np.where(parity >= 0, parity % 2, -1)], 1)
+        found = Pieces(alone[:, :PIXELS], alone[:, PIXELS:20], alone[:, 20:], alone_sigma, parities)
+        img, linked = assemble(found, knowledge.prior, placement)
+        rec = np.repeat(img[None, None], c, axis=1)
+    else:
+        linked = np.zeros(0, bool)
+        rec = np.repeat(soft_place(pieces, knowledge.prior, placement, images=n)[:, None], c, axis=1)
     sc = score(rec, targets)
     tb = np.stack([blocks_of(t) for t in g]).reshape(-1, PIXELS)
-    bound, hit = oracle_blocks(per_round, g)
+    bound, hit = oracle_blocks([(b[:, :PIXELS], sd) for b, sd, *_ in per_round], g)
     oracle = [psnr(np.repeat(b[None], c, 0), x) for b, x in zip(bound, targets)]
     err = np.abs(np.concatenate([blocks_of(b) for b in bound]) - tb).max(-1)
     ranks = None
     if knowledge.candidates is not None and target_ids is not None:
-        d = block_set_distance(alone if len(alone) else pieces, knowledge.candidates)
+        d = block_set_distance(alone[:, :PIXELS] if len(alone) else pieces, knowledge.candidates)
         ranks = [identification_rank(d, int(t)) for t in target_ids]
     return {
         "psnr_db": sc["psnr"],
@@ -549,6 +654,7 @@ def imprint(
         "isolated": float(hit.mean()),
         "leaked_blocks": float((hit & (err <= LEAK_ERROR)).mean()),
         "rounds": len(observations),
+        "linked": float(linked.mean()) if len(linked) else 0.0,
         "placement": {"temperature": placement.temperature, "shrink": placement.shrink},
         "recon": rec[sc["order"]],
     }

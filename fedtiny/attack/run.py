@@ -19,7 +19,7 @@ from fedtiny.attack.malicious import (
     Knowledge,
     grey,
     imprint,
-    round_projection,
+    round_settings,
     trap_for,
     trap_scheme,
     trap_scheme_dict,
@@ -319,6 +319,7 @@ def run_malicious(
     learned: int = 0,
     epochs: int = 30,
     rounds: int = 1,
+    plan: str = "jigsaw",
     log=sys.stderr,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
@@ -330,9 +331,10 @@ def run_malicious(
     int8 step, top-k with error feedback, the codec); the server decodes and attacks each update:
     the imprint (:func:`fedtiny.attack.malicious.imprint`) and, with ``learned`` > 0 at batch 1, the
     learned inverter trained on the updates of ``learned`` augmented public faces made by the same
-    client code. With ``rounds`` > 1 the server sends a new trap each round, binning a new
-    projection of the blocks (``round_projection``); the clients keep their state (error-feedback
-    residual) between rounds, and the imprint pools the blocks isolated in any round. Scores are
+    client code. With ``rounds`` > 1 the server sends a new trap each round (``plan``: see
+    ``round_settings``); the clients keep their state (error-feedback residual) between rounds, and
+    the imprint pools the blocks isolated in any round; at batch 1 they are assembled by their
+    borders (``fedtiny.attack.jigsaw``). Scores are
     per image, with the worst case over the attacks.
     """
     if targets * batch > LFW_FACES - 8:
@@ -368,7 +370,7 @@ def run_malicious(
     states: dict = {}
     seen: list[list] = [[] for _ in range(targets)]  # per target: (update, sent, trap) of each round
     for r in range(rounds):
-        trap = trap_for(public, projection=round_projection(r, seed))
+        trap = trap_for(public, **round_settings(r, seed, plan))
         sent = trap_state(task, public, trap)
         if r == 0:
             first = (trap, sent)
@@ -438,6 +440,8 @@ def run_malicious(
         candidates=len(candidates),
         learned_public=learned,
         rounds=rounds,
+        plan=plan,
+        linked=float(np.mean([r.get("linked", 0.0) for r in rows])),
         targets_detail=rows,
         policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")},
     )

@@ -259,8 +259,15 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=1,
-        help="rounds of traps, each binning a new projection of the "
-        "blocks; the clients keep their error-feedback state between rounds",
+        help="rounds of traps (see --trap-plan); the clients keep their error-feedback state between rounds",
+    )
+    m.add_argument(
+        "--trap-plan",
+        default="jigsaw",
+        choices=("jigsaw", "projections"),
+        help="what the server sends each round: jigsaw (one parity class of positions per round, the "
+        "bins shifted by half a bin every four rounds; blocks assembled by their borders) or projections "
+        "(every position, a new Gaussian projection each round: the first attacker)",
     )
     m.add_argument(
         "--set",

@@ -84,6 +84,7 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         learned=args.learned,
         epochs=args.learned_epochs,
         rounds=args.rounds,
+        plan=args.trap_plan,
     )
     _write_out(args.out, summary, targets, recon)
     learned = summary["learned_mean_psnr_db"]
@@ -109,6 +110,7 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         ),
         ("bound: isolated blocks at true positions (dB)", f"{summary['oracle_mean_psnr_db']:.2f}"),
         ("blocks isolated / leaked within 4/255", f"{summary['isolated']:.3f} / {summary['leaked_blocks']:.3f}"),
+        ("cells placed by linked borders", f"{summary['linked']:.3f}"),
         (
             f"identification rank among {summary['candidates']} images: mean / ranked first",
             f"{summary['mean_identification_rank']:.1f} / {summary['frac_identified_top1']:.2f}",
