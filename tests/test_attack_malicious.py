@@ -122,20 +122,25 @@ def test_rounds_of_new_projections_isolate_more_blocks():
 
 
 @pytest.mark.parametrize(
-    "policy,refused",
+    "policy,adapt,refused",
     [
-        ("device.policy_frozen_first=7", True),
-        ("device.policy_max_saturation=0.9", True),
-        ("device.policy_max_change_lsb=2", False),
+        ("device.policy_frozen_first=7", False, True),
+        ("device.policy_frozen_first=7", True, False),  # the bins move to conv9
+        ("device.policy_frozen_first=10", True, True),  # nothing left to bin with
+        ("device.policy_max_saturation=0.9", False, True),
+        ("device.policy_max_saturation=0.9", True, False),  # fillers keep layers out of their clamps
+        ("device.policy_max_change_lsb=2", True, False),
     ],
 )
-def test_client_policies_stop_the_trap(policy, refused):
-    s, _, _ = run_malicious(2, 1, overrides=parse_overrides([policy]), log=None)
+def test_client_policies_and_the_trap_that_adapts(policy, adapt, refused):
+    s, _, _ = run_malicious(2, 1, rounds=2, adapt=adapt, overrides=parse_overrides([policy]), log=None)
     if refused:
         # nothing was sent: each face is scored by what the server has of it, its prior
         assert s["refused"] == 2 and s["mean_psnr_db"] == pytest.approx(s["prior_psnr_db"])
-    else:  # the clipped change carries at most 5 levels per pixel
+    elif "change_lsb" in policy:  # the clipped change carries at most 5 levels per pixel
         assert s["refused"] == 0 and s["leaked_blocks"] < 0.02
+    else:  # the adapted trap isolates blocks as the unadapted one does without the policy
+        assert s["refused"] == 0 and s["isolated"] > 0.3 and s["frac_identified_top1"] == 1.0
 
 
 def test_learned_inverter_trains_on_the_clients_own_updates():

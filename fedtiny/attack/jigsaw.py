@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtiny.attack.geometry import BLOCK, PIXELS, image_of
-from fedtiny.attack.placement import BlockPrior, Placement, soft_place
+from fedtiny.attack.placement import BlockPrior, Placement, shrunk, soft_place
 
-__all__ = ["Pieces", "assemble", "LINK_CHI2"]
+__all__ = ["Pieces", "assemble", "LINK_CHI2", "LINK_MARGIN"]
 
 LINK_CHI2 = 18.47  # chi-square of 4 degrees of freedom at p = 0.999: a worse fit is not a neighbour
+LINK_MARGIN = 10.0  # the next best candidate must fit worse by this much: noise that hides the difference links nothing
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,12 @@ def _link(pieces: Pieces, rows: int, cols: int) -> list[dict[int, tuple[int, int
     links = []
     for cost, dr, dc in ((v, 1, 0), (h, 0, 1)):
         best_a, best_b = cost.argmin(axis=0), cost.argmin(axis=1)
+        ranked = np.sort(cost, axis=0)
         for b in range(k):
             a = int(best_a[b])
-            if best_b[a] == b and cost[a, b] <= LINK_CHI2:  # both prefer each other, and fit
+            second = ranked[1, b] if k > 1 else np.inf
+            # both prefer each other, the pair fits, and no other block fits almost as well
+            if best_b[a] == b and cost[a, b] <= LINK_CHI2 and second - cost[a, b] >= LINK_MARGIN:
                 links.append((float(cost[a, b]), a, b, dr, dc))
     uf = _Pieces(k)
     for _, a, b, dr, dc in sorted(links):
@@ -182,7 +186,10 @@ def assemble(pieces: Pieces, prior: BlockPrior, placement: Placement = Placement
                         best, best_cost = cells, c
             if best is None or not np.isfinite(best_cost):
                 continue
-            out[best] = pieces.blocks[members]
+            noise = pieces.sigma[members] ** 2
+            out[best] = shrunk(pieces.blocks[members], noise, prior.mean[best], prior.var[best])[
+                np.arange(len(members)), np.arange(len(members))
+            ]
             placed_cells[best] = True
             used[members] = True
     rest = ~used
@@ -192,7 +199,7 @@ def assemble(pieces: Pieces, prior: BlockPrior, placement: Placement = Placement
         for axis, where in ((0, pr), (1, pc)):
             par = pieces.parity[rest, axis]
             allowed &= (par[:, None] < 0) | ((where[None, :] % 2) == par[:, None])
-        soft = soft_place(pieces.blocks[rest], prior, placement, allowed=allowed)[0]
+        soft = soft_place(pieces.blocks[rest], prior, placement, allowed=allowed, sigma=pieces.sigma[rest])[0]
         flat = soft.reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3).reshape(-1, PIXELS)
         out[~placed_cells] = flat[~placed_cells]
     return image_of(out, h, w), placed_cells

@@ -57,6 +57,7 @@ __all__ = [
     "TRAP_LAYER",
     "trap_network",
     "trap_for",
+    "adapted_to",
     "trap_state",
     "trap_scheme",
     "trap_scheme_dict",
@@ -73,6 +74,7 @@ __all__ = [
 
 TARGET_CLASS = 1  # the class whose samples send the trap's gradient (lfw-faces: faces); the others send none
 TRAP_LAYER = 6  # conv6: block 2's expansion, the bins
+TRAP_LAYERS = (6, 9)  # block 2's expansion, or block 3's (beyond a policy that freezes the first 7)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,13 @@ class Trap:
         positions share the bins, and each block returned carries its position's parity. None: all.
     shift
         The bins start this many median bin widths lower (``block_edges``): another partition.
+    layer
+        The convolution that holds the bins: 6 (block 2's expansion) or 9 (block 3's, with block 2
+        an identity: beyond a client that freezes the first 7 convolutions).
+    fillers
+        Channels of the bins' layer that are not bins but sit at a constant 3 (as every unused
+        channel of every clamping layer then does): a client that refuses a model clamping more
+        than a share ``s`` of a layer's outputs sees ``(95 - fillers) / 96`` clamped in the bins'.
     """
 
     edges: tuple[float, ...]
@@ -105,6 +114,8 @@ class Trap:
     projection: tuple[float, ...] | None = None
     parity: tuple[int, int] | None = None
     shift: float = 0.0
+    layer: int = TRAP_LAYER
+    fillers: int = 0
 
     @property
     def positions(self) -> int:
@@ -209,6 +220,80 @@ def _set(conv_bn: nn.Sequential, weight: torch.Tensor, bias: torch.Tensor) -> No
     bn.bias.copy_(bias)
 
 
+def _bins(conv_bn: nn.Sequential, trap: Trap, channels: int) -> None:
+    """The bins: on a block's binned feature ``m`` (pixels times the gain), channel ``o`` is
+    ``6 (m - e_o) / (e_{o+1} - e_o)``, linear inside its bin and clamped by ReLU6 outside; channels
+    past the bins are fillers (constant 3, in the linear range: see ``Trap.fillers``)."""
+    z = torch.zeros
+    edges = torch.tensor(trap.edges, dtype=torch.float64)
+    slope = 6.0 / (edges[1:] - edges[:-1]) / trap.pixel_gain
+    v = torch.from_numpy(trap.weights)
+    w = z(channels, 32, 1, 1, dtype=torch.float64)
+    w[: trap.bins, PIXEL_CHANNELS.tolist(), 0, 0] = slope.unsqueeze(1) * v.unsqueeze(0)
+    # an input that is always zero (channel 31) with weight 127 x the bins' common scale: the
+    # narrowest bin's largest pixel weight is 64 steps of it, every other pixel weight an integer
+    # number of steps (``block_edges``; the projection on a grid of 1/64 of its largest weight:
+    # ``trap_for``), so the pixel weights sit within 64 of 127 and may change both ways. A rounded
+    # weight would move a bin's edges by up to 0.8% of the brightness, against bins 1% wide:
+    # gaps where a position reaches no bin. One scale for all bins makes one position's change the
+    # same number of int8 steps in every bin, which the codec's per-tensor scale then rounds alike.
+    w[:, 31, 0, 0] = slope.max() * v.abs().max() * 127 / STEPS
+    bias = torch.full((channels,), 3.0, dtype=torch.float64)
+    bias[: trap.bins] = -slope * edges[:-1] * trap.pixel_gain
+    _set(conv_bn, w.float(), bias.float())
+
+
+def _pass(conv_bn: nn.Sequential, trap: Trap, channels: int, taps: list[tuple[int, int]], weight: float) -> None:
+    """A depthwise layer that passes each bin on from the ``taps``, ``weight`` each.
+
+    A trap that keeps layers out of their clamps (``Trap.fillers``) halves the bins and adds 1.5,
+    so a saturated bin (0 or 6) reads 1.5 or 4.5: in the linear range, as every filler (3)."""
+    w = torch.zeros(channels, 1, 3, 3)
+    gain = 0.5 if trap.fillers else 1.0
+    for ky, kx in taps:
+        w[: trap.bins, 0, ky, kx] = gain * weight
+    bias = torch.zeros(channels)
+    bias[: trap.bins] = 1.5 if trap.fillers else 0.0
+    _set(conv_bn, w, bias)
+    _keep_linear(conv_bn, trap.bins, trap)
+
+
+def _sum_bins(conv_bn: nn.Sequential, trap: Trap, channels: int, out: int, scale: float = 1.0) -> None:
+    """A projection onto channel ``out`` that sums the passed bins with alternating signs, times
+    ``scale``: the bins a position has passed are saturated and cancel in pairs, so the sum stays in
+    [0, 6 scale] whatever the brightness while the gradient reaching every bin has the same magnitude."""
+    w = torch.zeros(32, channels, 1, 1)
+    sign = torch.tensor([(-1.0) ** o for o in range(trap.bins)])
+    gain = (2.0 if trap.fillers else 1.0) * scale
+    w[out, : trap.bins, 0, 0] = gain * sign
+    b = torch.zeros(32)
+    # the offset the halved bins carry (1.5 each, alternating): removed, so the sum is as without it
+    b[out] = -(gain * 1.5 * float(sign.sum()) if trap.fillers else 0.0)
+    _set(conv_bn, w, b)
+
+
+def _keep_linear(conv_bn: nn.Sequential, used: int, trap: Trap | None) -> None:
+    """With ``Trap.fillers``, a layer's unused channels (from ``used`` on) sit near 3, not at the clamp,
+    and its last at 6, the top of the layer's calibrated range, which the others then stay below.
+
+    Each gets a small weight (0.01 on its first input): int8 gives a channel of zero weights no
+    scale to hold a bias in. ``trap`` None: always (an idle block's layers)."""
+    if (trap is not None and not trap.fillers) or used >= conv_bn[1].bias.shape[0]:
+        return
+    conv, bn = conv_bn[0], conv_bn[1]
+    conv.weight[used:] = 0.0
+    conv.weight[used:, 0, conv.weight.shape[2] // 2, conv.weight.shape[3] // 2] = 0.01
+    bn.bias[used:] = 3.0
+    bn.bias[-1] = 6.0
+
+
+def _tap(trap: Trap) -> list[tuple[int, int]]:
+    """Block 3's stride-2 depthwise taps: the 2x2 mean, or the one of the trap's parity."""
+    if trap.parity is None:
+        return [(1, 1), (1, 2), (2, 1), (2, 2)]
+    return [(1 + trap.parity[0], 1 + trap.parity[1])]
+
+
 @torch.no_grad()
 def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     """Set a 32x32 3-channel tiny-ir (``fedtiny.models.TinyIR``, width 16, 4 blocks) to the trap; eval mode."""
@@ -223,8 +308,10 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
             "the trap is built for tiny-ir at width 16 on 3x32x32 images "
             "(data.image_size = 32, data.channels = 3, model.width = 16)"
         )
-    if trap.bins != 96:
-        raise ScenarioError(f"the trap needs one bin per channel of block 2's expansion: 96, got {trap.bins}")
+    if trap.bins + trap.fillers != 96:
+        raise ScenarioError(f"the trap needs one bin or filler per channel of the 96: {trap.bins} + {trap.fillers}")
+    if trap.layer not in TRAP_LAYERS:
+        raise ScenarioError(f"the trap's bins are conv6 or conv9, not conv{trap.layer}")
     z = torch.zeros
     # stem (3 -> 16, 3x3 stride 2, pad 1): channel 2dy+dx is the grey pixel (2i+dy, 2j+dx)
     w = z(16, 3, 3, 3)
@@ -232,11 +319,13 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
         for dx in range(2):
             w[2 * dy + dx, :, 1 + dy, 1 + dx] = 1.0 / 3.0
     _set(model.stem, w, z(16))
+    _keep_linear(model.stem, 4, trap)
     # block 0 (depthwise, pointwise, residual): identity twice over, so x + x = 2 * pixels
     b0 = model.blocks[0].conv
     w = z(16, 1, 3, 3)
     w[:4, 0, 1, 1] = 1.0
     _set(b0[0], w, z(16))
+    _keep_linear(b0[0], 4, trap)
     w = z(16, 16, 1, 1)
     w[range(4), range(4)] = 1.0
     _set(b0[1], w, z(16))
@@ -255,54 +344,54 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
         expand[16 + k, stem] = 1.0
         depthwise[16 + k, 0, ky, kx] = 1.0
         project[BORDER_CHANNELS[k], 16 + k] = trap.pixel_gain / 2
+    used = 16 + len(BORDER_TAPS)
     _set(b1[0], expand, z(48))
+    _keep_linear(b1[0], used, trap)
     _set(b1[1], depthwise, z(48))
+    _keep_linear(b1[1], used, trap)
     _set(b1[2], project, z(32))
-    # block 2's expansion: the bins. On mean m of a block (pixels times the gain), channel o is
-    # 6 (m - e_o) / (e_{o+1} - e_o): linear inside its bin, clamped by ReLU6 outside.
-    b2 = model.blocks[2].conv
-    edges = torch.tensor(trap.edges, dtype=torch.float64)
-    slope = 6.0 / (edges[1:] - edges[:-1]) / trap.pixel_gain
-    v = torch.from_numpy(trap.weights)
-    w = z(96, 32, 1, 1, dtype=torch.float64)
-    w[:, PIXEL_CHANNELS.tolist(), 0, 0] = slope.unsqueeze(1) * v.unsqueeze(0)
-    # an input that is always zero (channel 31) with weight 127 x the bins' common scale: the
-    # narrowest bin's largest pixel weight is 64 steps of it, every other pixel weight an integer
-    # number of steps (``block_edges``; the projection on a grid of 1/64 of its largest weight:
-    # ``trap_for``), so the pixel weights sit within 64 of 127 and may change both ways. A rounded
-    # weight would move a bin's edges by up to 0.8% of the brightness, against bins 1% wide:
-    # gaps where a position reaches no bin. One scale for all bins makes one position's change the
-    # same number of int8 steps in every bin, which the codec's per-tensor scale then rounds alike.
-    w[:, 31, 0, 0] = slope.max() * v.abs().max() * 127 / STEPS
-    _set(b2[0], w.float(), (-slope * edges[:-1] * trap.pixel_gain).float())
-    w = z(96, 1, 3, 3)
-    w[:, 0, 1, 1] = 1.0
-    _set(b2[1], w, z(96))
-    # the projection sums the bins with alternating signs: the bins a position has passed are
-    # saturated at 6 and cancel in pairs, so the sum stays in [0, 6] whatever the brightness while
-    # the gradient reaching every bin has the same magnitude
-    w = z(32, 96, 1, 1)
-    w[16, :, 0, 0] = torch.tensor([1.0, -1.0] * 48)
-    _set(b2[2], w, z(32))
-    # block 3: channel 0 = 3 + sum / 4 (inside ReLU6's window), averaged over each 2x2 by the stride-2
-    # depthwise, or with a parity only the 2x2's position of that parity (the same weight: every
-    # position that sends sends the same gradient as before)
-    b3 = model.blocks[3].conv
-    w = z(96, 32, 1, 1)
-    w[0, 16] = 0.25
-    bias = z(96)
-    bias[0] = 3.0
-    _set(b3[0], w, bias)
-    w = z(96, 1, 3, 3)
-    if trap.parity is None:
-        w[0, 0, 1:, 1:] = 0.25
+    b2, b3 = model.blocks[2].conv, model.blocks[3].conv
+    if trap.layer == 6:
+        # block 2: the bins, passed on by the depthwise's centre, summed onto channel 16
+        _bins(b2[0], trap, 96)
+        _pass(b2[1], trap, 96, [(1, 1)], 1.0)
+        _sum_bins(b2[2], trap, 96, 16)
+        # block 3: channel 0 = 3 + sum / 4 (inside ReLU6's window), read by the stride-2 depthwise at
+        # the trap's taps, each 0.25 (every position that sends sends the same gradient either way)
+        w = z(96, 32, 1, 1)
+        w[0, 16] = 0.25
+        bias = z(96)
+        bias[0] = 3.0
+        _set(b3[0], w, bias)
+        _keep_linear(b3[0], 1, trap)
+        w = z(96, 1, 3, 3)
+        for ky, kx in _tap(trap):
+            w[0, 0, ky, kx] = 0.25
+        _set(b3[1], w, z(96))
+        _keep_linear(b3[1], 1, trap)
+        w = z(32, 96, 1, 1)
+        w[0, 0] = 1.0
+        _set(b3[2], w, z(32))
+        read, centre = 0.25 * len(_tap(trap)), 3.75
     else:
-        w[0, 0, 1 + trap.parity[0], 1 + trap.parity[1]] = 0.25
-    taps = float(w[0].sum())
-    _set(b3[1], w, z(96))
-    w = z(32, 96, 1, 1)
-    w[0, 0] = 1.0
-    _set(b3[2], w, z(32))
+        # block 2 is the identity (its residual): its expansion and depthwise idle near 3 and its
+        # projection adds 1% of one of them to channel 30, which nothing reads (a tensor that is
+        # zero everywhere has no int8 scale). Block 3's expansion is the bins, out of reach of a
+        # policy that freezes the first 7 convolutions; its depthwise reads them at the trap's
+        # taps, its projection sums them onto channel 0.
+        _set(b2[0], z(96, 32, 1, 1), z(96))
+        _keep_linear(b2[0], 0, None)
+        _set(b2[1], z(96, 1, 3, 3), z(96))
+        _keep_linear(b2[1], 0, None)
+        w = z(32, 96, 1, 1)
+        w[30, 0] = 0.01
+        _set(b2[2], w, z(32))
+        _bins(b3[0], trap, 96)
+        # each tap 0.5 and a quarter of the sum: changes of 20-60 int8 steps per position, as the
+        # bins at conv6 get (conv9's input has another scale), well inside the weights' range
+        _pass(b3[1], trap, 96, _tap(trap), 0.5)
+        _sum_bins(b3[2], trap, 96, 0, scale=0.25)
+        read, centre = 1.0, 3.0 * 0.5 * len(_tap(trap)) * 0.25
     # The classifier reads that channel with a large gain (the gradient every bin receives) and a
     # larger bias for class 0: the softmax is saturated there, so a sample of any other class
     # (TARGET_CLASS) sends the same full gradient (p - onehot = +-1) whatever its image, and a sample
@@ -313,8 +402,25 @@ def trap_network(model: nn.Module, trap: Trap) -> nn.Module:
     model.classifier.weight.copy_(head)
     bias = torch.full_like(model.classifier.bias, -trap.head_gain * 3.0)
     bias[0] = trap.head_gain * 3.0
-    model.classifier.bias.copy_(bias - head[:, 0] * 3.75 * taps)  # the centre of the channel's range
+    model.classifier.bias.copy_(bias - head[:, 0] * centre * read)  # the centre of the channel's range
     return model.eval()
+
+
+def adapted_to(device) -> dict:
+    """The trap settings (keyword arguments of :func:`trap_for`) of a server that knows the clients'
+    privacy policies (``device``: a scenario's device section) and works around them where the
+    architecture lets it: bins in block 3's expansion (conv9) past a client that freezes the first
+    7 to 9 convolutions, and fillers that keep every clamping layer's outputs under the share a
+    client refuses (``policy_max_saturation``). A change bound and DP cannot be worked around by
+    the weights; they are what the figures measure."""
+    out: dict = {}
+    if 6 < device.policy_frozen_first <= 9:
+        out["layer"] = 9
+    if device.policy_max_saturation < 1.0:
+        # a position is in the linear range of one bin and of every filler: (1 + fillers) / 96 of
+        # the layer's outputs unclamped, with one filler to spare for pixels and padding at zero
+        out["fillers"] = min(95, int(np.ceil((1.0 - device.policy_max_saturation) * 96)) + 1)
+    return out
 
 
 def target_public(public) -> np.ndarray:
@@ -331,6 +437,8 @@ def trap_for(
     projection: tuple[float, ...] | None = None,
     parity: tuple[int, int] | None = None,
     shift: float = 0.0,
+    layer: int = TRAP_LAYER,
+    fillers: int = 0,
 ) -> Trap:
     """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature)."""
     if projection is not None:  # on the int8 grid: multiples of 1/64 of the largest weight
@@ -338,8 +446,8 @@ def trap_for(
         top = np.abs(v).max()
         projection = tuple(float(a) for a in np.round(v / top * 64) * top / 64)
     weights = None if projection is None else np.asarray(projection)
-    edges = block_edges(public, weights=weights, shift=shift)
-    return Trap(edges, pixel_gain, head_gain, projection, parity, shift)
+    edges = block_edges(public, 96 - fillers, weights=weights, shift=shift)
+    return Trap(edges, pixel_gain, head_gain, projection, parity, shift, layer, fillers)
 
 
 def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
@@ -364,19 +472,23 @@ def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     return arrays
 
 
-def bins_tensors(task) -> tuple[str, str]:
-    """Names of the bins' weight and bias in ``task``'s state (int8 graph or float network)."""
+def bins_tensors(task, layer: int = TRAP_LAYER) -> tuple[str, str]:
+    """Names of the bins' weight and bias (convolution ``layer``) in ``task``'s state (int8 graph or
+    float network)."""
     if task.scenario.model.precision == "int8":
-        return f"conv{TRAP_LAYER}.weight", f"conv{TRAP_LAYER}.bias"
-    return "blocks.2.conv.0.0.weight", "blocks.2.conv.0.1.bias"
+        return f"conv{layer}.weight", f"conv{layer}.bias"
+    block = {6: 2, 9: 3}[layer]
+    return f"blocks.{block}.conv.0.0.weight", f"blocks.{block}.conv.0.1.bias"
 
 
-def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray]):
+def bins_change(
+    task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray], layer: int = TRAP_LAYER
+):
     """``(dw [96, 24], db [96], sent_w, sent_b, lsb [96])`` in real units from a decoded
     update ``{name: (indices, values)}`` against the ``sent`` state: ``dw``'s columns are the 16
     pixels (row-major) and the 8 border pixels (``BORDER_TAPS``); ``lsb`` is each bin's weight
     step (its int8 weight scale; 0 for a float network)."""
-    wname, bname = bins_tensors(task)
+    wname, bname = bins_tensors(task, layer)
     wshape = sent[wname].shape
     dw, mw = np.zeros(int(np.prod(wshape))), np.zeros(int(np.prod(wshape)), bool)
     db, mb = np.zeros(wshape[0]), np.zeros(wshape[0], bool)
@@ -387,28 +499,28 @@ def bins_change(task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: d
             mask[np.asarray(idx)] = True
     dw, mw = dw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0], mw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0]
     if task.scenario.model.precision == "int8":  # integer units -> real: weight scale; bias s_w * s_x
-        s_w = sent[f"conv{TRAP_LAYER}.w_scales"].astype(np.float64)
-        s_x = float(sent[f"conv{TRAP_LAYER}.qparams"][0])
+        s_w = sent[f"conv{layer}.w_scales"].astype(np.float64)
+        s_x = float(sent[f"conv{layer}.qparams"][0])
         dw, db = dw * s_w[:, None], db * s_w * s_x
         return dw, db, mw, mb, s_w
     return dw, db, mw, mb, np.zeros(len(db))
 
 
-def trap_scheme_dict() -> dict:
-    """The scheme the malicious server asks for (``schemes.json`` form): conv6's pixel and border
-    channels and its bias."""
+def trap_scheme_dict(layer: int = TRAP_LAYER) -> dict:
+    """The scheme the malicious server asks for (``schemes.json`` form): the bins' pixel and border
+    channels and their bias (convolution ``layer``)."""
     channels = sorted(int(c) for c in TRAP_CHANNELS)
     return {
         "id": "imprint-trap",
         "n_bias_update": 0,
-        "weight_update_idx": [TRAP_LAYER],
+        "weight_update_idx": [layer],
         "weight_update_channels": [channels],
     }
 
 
-def trap_scheme(model):
+def trap_scheme(model, layer: int = TRAP_LAYER):
     """:func:`trap_scheme_dict` resolved against an int8 tiny-ir."""
-    return resolve(parse_scheme(json.dumps(trap_scheme_dict())), model)
+    return resolve(parse_scheme(json.dumps(trap_scheme_dict(layer))), model)
 
 
 EMPTY = 0.5  # a bin whose bias change is below half of one position's caught no position this round
@@ -545,6 +657,21 @@ def bin_noise(dw: np.ndarray, db: np.ndarray, lsb: np.ndarray, levels: float, pi
     return np.where(np.isfinite(sigma), sigma, np.inf)
 
 
+def seen_noise(dw: np.ndarray, db: np.ndarray, counts: np.ndarray, pixel_gain: float) -> np.ndarray:
+    """Each bin's pixel noise ``[96]`` as the update itself shows it: the weight change of the bins no
+    position reached should be zero, and what they carry (noise a client added, local DP's; the
+    residual of earlier rounds) is in every other bin too. Their robust spread (median absolute
+    value / 0.6745) over the bin's bias change and the gain; 0 when no bin is empty."""
+    empty = dw[counts == 0]
+    if not empty.size:
+        return np.zeros(len(db))
+    spread = float(np.median(np.abs(empty))) / 0.6745
+    out = np.full(len(db), np.inf)
+    moved = db != 0
+    out[moved] = spread / (np.abs(db[moved]) * pixel_gain)
+    return out
+
+
 def distinct(
     blocks: np.ndarray, sigma: np.ndarray, labels: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -612,9 +739,9 @@ def imprint(
     levels = value_type(task.scenario.compression.values).levels if task.scenario.model.precision == "int8" else 0
     per_round, shared = [], np.zeros((0, PIXELS))
     for changes, sent, trap in observations:
-        dw, db, mw, mb, lsb = bins_change(task, changes, sent)
+        dw, db, mw, mb, lsb = bins_change(task, changes, sent, trap.layer)
         blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb, positions=n * trap.positions)
-        sigma = bin_noise(dw, db, lsb, levels, trap.pixel_gain)
+        sigma = np.hypot(bin_noise(dw, db, lsb, levels, trap.pixel_gain), seen_noise(dw, db, cnt, trap.pixel_gain))
         borders = mw[:, PIXELS:].all(axis=1)  # the borders were sent with the block
         label = -1 if trap.parity is None else 2 * trap.parity[0] + trap.parity[1]
         one = cnt == 1

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedtiny.attack.geometry import PIXELS, blocks_of, image_of
 
-__all__ = ["BlockPrior", "Placement", "block_prior", "soft_place", "calibrate_placement"]
+__all__ = ["BlockPrior", "Placement", "block_prior", "soft_place", "shrunk", "calibrate_placement"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,17 @@ def block_prior(public: np.ndarray) -> BlockPrior:
     return BlockPrior(b.mean(axis=0), var, public.shape[1:])
 
 
-def _log_sinkhorn(logits: np.ndarray, iterations: int = 60) -> np.ndarray:
-    """A doubly stochastic matrix from square ``logits`` (rows and columns sum to 1), in log space."""
-    la = logits.copy()
+def _sinkhorn(logits: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """A doubly stochastic matrix from square ``logits`` (rows and columns sum to 1): Sinkhorn's
+    alternating normalization of ``exp(logits)``, shifted by its largest entry (entries far below
+    it underflow to 0, as their weight would)."""
+    k = np.exp(logits - logits.max())
+    tiny = 1e-300
+    u = np.ones(len(k))
     for _ in range(iterations):
-        la -= np.logaddexp.reduce(la, axis=1, keepdims=True)
-        la -= np.logaddexp.reduce(la, axis=0, keepdims=True)
-    return np.exp(la)
+        v = 1.0 / np.maximum(k.T @ u, tiny)
+        u = 1.0 / np.maximum(k @ v, tiny)
+    return u[:, None] * k * v[None, :]
 
 
 def soft_place(
@@ -69,20 +73,25 @@ def soft_place(
     placement: Placement = Placement(),
     allowed: np.ndarray | None = None,
     images: int = 1,
+    sigma: np.ndarray | None = None,
 ) -> np.ndarray:
     """``images`` grey images ``[n, H, W]``: the posterior mean of each position given the recovered
     ``blocks [K, 16]`` (positions unknown) on the public ``prior``.
 
     ``allowed [K, n * P]`` (bool) restricts where each block may sit. More blocks than positions
-    (noisy repeats) leave some unplaced; fewer leave positions to the prior.
+    (noisy repeats) leave some unplaced; fewer leave positions to the prior. ``sigma [K]``: each
+    block's noise (pixel units), which widens its fit and shrinks it towards the prior's block
+    where it is placed (:func:`shrunk`).
     """
     mean = np.tile(prior.mean, (images, 1))
     var = np.tile(prior.var, images)
     p, k = len(mean), len(blocks)
     if k == 0 or placement.shrink == 0:
         return np.stack([image_of(m, *prior.shape) for m in mean.reshape(images, -1, PIXELS)])
+    noise = np.zeros(k) if sigma is None else np.asarray(sigma, np.float64) ** 2
     d2 = ((blocks[:, None, :] - mean[None]) ** 2).sum(-1)
-    loglik = -d2 / (2 * var[None]) - 0.5 * PIXELS * np.log(var[None])
+    spread = var[None] + noise[:, None]
+    loglik = -d2 / (2 * spread) - 0.5 * PIXELS * np.log(spread)
     if allowed is not None:
         loglik = np.where(allowed, loglik, -np.inf)
     n = max(k, p)
@@ -93,15 +102,22 @@ def soft_place(
     logits[:k, :p] = (loglik - typical) / placement.temperature
     logits[:k, p:] = 0.0  # unplaced
     logits[k:, :p] = 0.0  # unseen
-    w = _log_sinkhorn(np.where(np.isfinite(logits), logits, -1e9))
+    w = _sinkhorn(np.where(np.isfinite(logits), logits, -1e9))
     seen = w[:k, :p]
-    post = seen.T @ blocks + (1.0 - seen.sum(axis=0))[:, None] * mean
+    post = np.einsum("kp,kpi->pi", seen, shrunk(blocks, noise, mean, var)) + (1.0 - seen.sum(axis=0))[:, None] * mean
     out = mean + placement.shrink * (post - mean)
     return np.stack([image_of(m, *prior.shape) for m in np.clip(out, 0, 1).reshape(images, -1, PIXELS)])
 
 
-TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+def shrunk(blocks: np.ndarray, noise: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """``[K, P, 16]``: each block as it would be at each position, the posterior mean of a block seen
+    with noise variance ``noise [K]`` under the position's prior (``mean [P, 16]``, ``var [P]``)."""
+    w = (var[None, :] / (var[None, :] + noise[:, None]))[..., None]
+    return w * blocks[:, None, :] + (1.0 - w) * mean[None]
+
+
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+SHRINKS = (0.0, 0.5, 1.0)
 
 
 def calibrate_placement(

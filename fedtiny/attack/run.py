@@ -16,7 +16,9 @@ from skimage.data import lfw_subset
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
 from fedtiny.attack.learned import augment, fit_inverter
 from fedtiny.attack.malicious import (
+    TRAP_LAYER,
     Knowledge,
+    adapted_to,
     grey,
     imprint,
     round_settings,
@@ -320,6 +322,7 @@ def run_malicious(
     epochs: int = 30,
     rounds: int = 1,
     plan: str = "jigsaw",
+    adapt: bool = True,
     log=sys.stderr,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
@@ -334,7 +337,8 @@ def run_malicious(
     client code. With ``rounds`` > 1 the server sends a new trap each round (``plan``: see
     ``round_settings``); the clients keep their state (error-feedback residual) between rounds, and
     the imprint pools the blocks isolated in any round; at batch 1 they are assembled by their
-    borders (``fedtiny.attack.jigsaw``). Scores are
+    borders (``fedtiny.attack.jigsaw``). With ``adapt`` the server knows the clients' privacy
+    policies and places the trap around them (``adapted_to``). Scores are
     per image, with the worst case over the attacks.
     """
     if targets * batch > LFW_FACES - 8:
@@ -354,11 +358,16 @@ def run_malicious(
         seed=seed,
         overrides=overrides,
     )
+    adapted = adapted_to(scenario.device) if adapt else {}
+    if adapted.get("layer", TRAP_LAYER) != TRAP_LAYER:  # the scheme trains the bins where they now are
+        scenario = replace(
+            scenario, train=replace(scenario.train, scheme=json.dumps(trap_scheme_dict(adapted["layer"])))
+        )
     x, y = face_images(targets * batch, seed=seed)
     rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
     public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], 32).repeat(3, axis=1)
     task = make_task(scenario)
-    scheme = trap_scheme(task.model) if precision == "int8" else None
+    scheme = trap_scheme(task.model, adapted.get("layer", TRAP_LAYER)) if precision == "int8" else None
     task = with_scheme(task, scheme)
     # the server identifies each client's face among every image of lfw_subset (faces and non-faces)
     candidates = _resize(lfw_subset().astype(np.float32)[:, None], 32)
@@ -370,7 +379,7 @@ def run_malicious(
     states: dict = {}
     seen: list[list] = [[] for _ in range(targets)]  # per target: (update, sent, trap) of each round
     for r in range(rounds):
-        trap = trap_for(public, **round_settings(r, seed, plan))
+        trap = trap_for(public, **round_settings(r, seed, plan), **adapted)
         sent = trap_state(task, public, trap)
         if r == 0:
             first = (trap, sent)
@@ -423,7 +432,7 @@ def run_malicious(
                 if rows[i]["learned_psnr_db"][0] > rows[i]["psnr_db"][0]:
                     recon[i] = img[None]
     seconds = time.perf_counter() - t0
-    summary = _malicious_summary(rows, x, batch)
+    summary = _malicious_summary(rows, x, batch, prior)
     # the attacker's public knowledge alone: the mean public face, the same for every target
     summary["prior_psnr_db"] = float(np.mean([psnr(np.repeat(prior[None], 3, 0), img) for img in x]))
     summary.update(
@@ -441,6 +450,7 @@ def run_malicious(
         learned_public=learned,
         rounds=rounds,
         plan=plan,
+        adapted=adapted,
         linked=float(np.mean([r.get("linked", 0.0) for r in rows])),
         targets_detail=rows,
         policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")},
@@ -448,7 +458,7 @@ def run_malicious(
     return summary, xb, np.stack(recon)
 
 
-def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str, Any]:
+def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int, prior: np.ndarray | None = None) -> dict[str, Any]:
     """Means over every target image and the worst case per image over the attacks run (placed, and
     oracle as a bound). A refused client's images are scored by what the server has of them: its
     prior, the mean public face."""
@@ -465,6 +475,9 @@ def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int) -> dict[str,
         learned_ssim += r.get("learned_ssim", [-np.inf] * batch)
     done = [r for r in rows if "refused" not in r]
     by_psnr, by_ssim = {"imprint": placed}, {"imprint": ssims}
+    if prior is not None:  # the server has its prior whatever the update says
+        by_psnr["prior"] = [psnr(np.repeat(prior[None], 3, 0), img) for img in x]
+        by_ssim["prior"] = [ssim(np.repeat(prior[None], 3, 0), img) for img in x]
     if any(np.isfinite(learned)):
         by_psnr["learned"], by_ssim["learned"] = learned, learned_ssim
     worst = worst_case(by_psnr, by_ssim, flats)
