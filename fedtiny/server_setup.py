@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.attack.malicious import target_public, trap_for, trap_scheme, trap_state
+from fedtiny.attack.malicious import simulation_trap, trap_scheme, trap_state
 from fedtiny.budget.device_memory import device_ram_bytes
 from fedtiny.budget.memory import peak_sram_bytes
 from fedtiny.budget.schemes import LAST_K_FIT, ResolvedScheme, Scheme, parse_scheme, redraw_channels, resolve, union
@@ -313,8 +313,8 @@ def choose_lr(
 def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callable[[str], None] | None):
     """A malicious server's round-1 model and schemes: the imprint trap built from the public split, and
     (int8) the trap's scheme for every device profile (``fedtiny.attack.malicious``)."""
-    public = target_public(task.federation.public)
-    state = trap_state(task, public, trap_for(public))
+    public, trap = simulation_trap(task)
+    state = trap_state(task, public, trap)
     if progress:
         progress(
             "attack.server = malicious: the clients receive the imprint trap"
@@ -323,8 +323,8 @@ def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callabl
     if schemes is None:
         return state, None
     load_arrays(task.model, state)
-    trap = trap_scheme(task.model)
-    return state, FleetSchemes({name: trap for name in schemes.by_profile}, False, schemes.seed)
+    scheme = trap_scheme(task.model, trap.layer)
+    return state, FleetSchemes({name: scheme for name in schemes.by_profile}, False, schemes.seed)
 
 
 def server_task(scenario, progress: Callable[[str], None] | None = _log):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
-from fedtiny.attack.malicious import Knowledge, imprint, target_public, trap_for
+from fedtiny.attack.malicious import Knowledge, imprint, simulation_trap
 from fedtiny.attack.methods import AttackMethod, attack_method
 from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, score, worst_case
 from fedtiny.attack.run import plot_grid
@@ -291,8 +291,7 @@ def _identified(ranks: list[int], candidates: int) -> dict[str, Any]:
 
 def _imprint_all(task, members: list, results: list, grids: list) -> None:
     """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
-    public = target_public(task.federation.public)
-    trap = trap_for(public)
+    public, trap = simulation_trap(task)
     for ob, data in members:
         pool, ids = candidate_pool(task, data)
         out = imprint(task, [(ob["changes"], ob["state"], trap)], Knowledge.of(public, pool), data.x, ids)

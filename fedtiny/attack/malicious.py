@@ -58,6 +58,7 @@ __all__ = [
     "trap_network",
     "trap_for",
     "adapted_to",
+    "simulation_trap",
     "trap_state",
     "trap_scheme",
     "trap_scheme_dict",
@@ -421,6 +422,13 @@ def adapted_to(device) -> dict:
         # the layer's outputs unclamped, with one filler to spare for pixels and padding at zero
         out["fillers"] = min(95, int(np.ceil((1.0 - device.policy_max_saturation) * 96)) + 1)
     return out
+
+
+def simulation_trap(task) -> tuple[np.ndarray, Trap]:
+    """The public images and the trap a malicious server of a simulation sends in round 1: every
+    position binned (one round: the most blocks), placed around the clients' policies."""
+    public = target_public(task.federation.public)
+    return public, trap_for(public, **adapted_to(task.scenario.device))
 
 
 def target_public(public) -> np.ndarray:
