@@ -223,9 +223,10 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         default="dlg-lenet",
         help="dlg-lenet (DLG's setting), ig-lenet-fedavg, faces (DLG's setting on "
         "faces with the 3-channel tiny-ir), dlg-lenet-faces (the same "
-        "faces on DLG's LeNet: the control), photos, or faces-malicious "
+        "faces on DLG's LeNet: the control), photos, faces-malicious "
         "(a server that sets the weights and the scheme: the imprint "
-        "trap through the int8 client's own update path)",
+        "trap through the int8 client's own update path) or membership (was a candidate image in a "
+        "client's data? loss, update-alignment and LiRA attacks on each setting's real client path)",
     )
     p.add_argument(
         "--defense", default="none", help="none, prune-20, prune-90, topk-1, fp16, int8, ternary, topk-1-ternary"
@@ -275,6 +276,16 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help='scenario override for the clients, e.g. device.policy_max_change_lsb=2 or privacy.dp="local"',
     )
+    mi = p.add_argument_group("membership (was a candidate image in a client's training data?)")
+    mi.add_argument(
+        "--setting",
+        action="append",
+        help="fp32-dense, int8-dense, quickstart, aggregate, local-dp or trap (repeat for several; default: all)",
+    )
+    mi.add_argument("--seeds", type=int, help="seeds --seed .. --seed + N - 1, pooled (default 3)")
+    mi.add_argument("--candidates", type=int, help="candidate images per seed, half faces (default 120)")
+    mi.add_argument("--shadows", type=int, help="shadow updates per seed for LiRA (default 64)")
+    mi.add_argument("--images", type=int, help="images each client holds (default 4)")
 
 
 def _add_device_check(p: argparse.ArgumentParser) -> None:

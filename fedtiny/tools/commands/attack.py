@@ -11,6 +11,14 @@ from typing import Any
 
 import torch
 
+from fedtiny.attack.membership import (
+    ATTACKS,
+    SETTINGS,
+    MembershipConfig,
+    check_config,
+    check_settings,
+    run_membership,
+)
 from fedtiny.attack.run import plot_grid, run_attack, run_malicious
 from fedtiny.errors import ScenarioError
 from fedtiny.scenario import parse_overrides
@@ -21,6 +29,8 @@ __all__ = ["cmd_attack"]
 
 def cmd_attack(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.preset == "membership":
+        return _attack_membership(args)
     if args.preset == "faces-malicious":
         return _attack_malicious(args)
     summary, targets, recon = run_attack(
@@ -129,3 +139,41 @@ def _write_out(out: str | None, summary: dict[str, Any], targets, recon) -> None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "privacy.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         plot_grid(targets, recon, summary["psnr_db"], folder / "reconstructions.png")
+
+
+def _attack_membership(args: argparse.Namespace) -> int:
+    """``fedtiny attack --preset membership``: was a candidate image in a client's data, from what it sent?"""
+    settings = check_settings(args.setting or SETTINGS)  # an unknown name stops here, before any training
+    if args.defense != "none":
+        raise ScenarioError("--defense: membership runs each setting's real client path; pick them with --setting")
+    given = {"batch": args.images, "candidates": args.candidates, "shadows": args.shadows}
+    seeds = len(MembershipConfig().seeds) if args.seeds is None else args.seeds
+    cfg = MembershipConfig(
+        seeds=tuple(range(args.seed, args.seed + seeds)), **{k: v for k, v in given.items() if v is not None}
+    )
+    check_config(cfg)
+    summary = run_membership(settings, cfg)
+    rows = []
+    for name, row in summary["settings"].items():
+        for attack in ATTACKS:
+            r = row[attack]
+            rows.append(
+                (
+                    f"{name} / {attack}",
+                    f"AUC {r['auc']:.3f}  TPR@1% {r['tpr_at_1pct_fpr']:.3f}  TPR@0.1% {r['tpr_at_0p1pct_fpr']:.3f}  "
+                    f"({r['members']} members / {r['nonmembers']} non-members)",
+                )
+            )
+        if "dp" in row:
+            b = row["dp"]
+            rows.append(
+                (
+                    f"{name} / bound at epsilon {b['epsilon']:.2f}",
+                    f"AUC <= {b['auc_bound']:.3f}  TPR@1% <= {b['tpr_at_1pct_fpr_bound']:.3f}  "
+                    f"TPR@0.1% <= {b['tpr_at_0p1pct_fpr_bound']:.3f}",
+                )
+            )
+    print(table(rows))
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
