@@ -355,3 +355,5 @@ def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_r
     assert report["method"] == "test-l1" and len(calls) >= 20
     (attack,) = report["attacks"]
     assert attack["images"] == len(task.federation.client_data(0)[0]) and np.isfinite(attack["mean_psnr_db"])
+    assert report["membership_members"] == attack["images"] and 0.0 <= report["membership_auc"] <= 1.0
+    assert 1 <= attack["mean_identification_rank"] <= attack["candidates"]

@@ -182,3 +182,6 @@ def test_in_simulation_malicious_server_and_imprint_report():
     figures = privacy_figures(report)
     assert figures["privacy_leaked_blocks"] > 0
     assert figures["privacy_oracle_psnr_db"] > 0 and figures["privacy_mean_psnr_db"] > 0
+    # membership: the two clients' faces against held-out images, each candidate's own trap update
+    assert report["membership_members"] == 2 and report["membership_nonmembers"] >= 2 * 16
+    assert 0.0 <= figures["privacy_membership_auc"] <= 1.0

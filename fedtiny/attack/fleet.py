@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progress_printer, reconstruct
-from fedtiny.attack.malicious import Knowledge, imprint, simulation_trap
+from fedtiny.attack.malicious import Knowledge, imprint, simulation_trap, trap_scheme
+from fedtiny.attack.membership import observed_membership
 from fedtiny.attack.methods import AttackMethod, attack_method
 from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, score, worst_case
 from fedtiny.attack.run import plot_grid
@@ -161,6 +163,9 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
     torch.set_num_threads(max(1, s.run.num_cpus))  # the clients are done: the attack may use the cores
     try:
         _attack_all(task, observed, cfg, results, grids)
+        membership = observed_membership(
+            task, observed, lambda ob: _images_and_owners(task, ob), _trained_scheme(task, observed), log=sys.stderr
+        )
     finally:
         torch.set_num_threads(threads)
     done = [r for r in results if "mean_psnr_db" in r]
@@ -173,6 +178,8 @@ def attack_observed(task, observed: list[Observed], cfg, run_dir: Path | None = 
         "labels": cfg.labels,
         **_means(per_client or combined),
         "aggregate": _means(combined) if combined else None,
+        # was a candidate in the update? every observation's, pooled (clients' and aggregates')
+        **(membership or {"membership_auc": None, "membership_tpr_at_1pct_fpr": None}),
         "restarts": cfg.restarts,
         "iterations": cfg.iterations,
         "unroll": cfg.unroll,
@@ -226,6 +233,8 @@ def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
         "frac_identified_top1": "identified_top1",
     }
     out = {f"privacy_{v}": report[k] for k, v in short.items()}
+    out["privacy_membership_auc"] = report.get("membership_auc")
+    out["privacy_membership_tpr_1pct"] = report.get("membership_tpr_at_1pct_fpr")
     if report.get("aggregate"):
         out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
     return out
@@ -248,6 +257,23 @@ def _observation(task, ob: Observed, to_real) -> dict[str, tuple[torch.Tensor, t
             mask[torch.as_tensor(idx)] = True
         obs[name] = (to_real(name, values.view(shape)), mask.view(shape))
     return obs
+
+
+def _trained_scheme(task, observed: list[Observed]):
+    """The scheme the observed clients trained: the task's, or the trap's that a malicious server sent."""
+    if task.scenario.attack.server != "malicious" or not observed or task.scheme is None:
+        return None
+    model = copy.deepcopy(task.model)
+    load_arrays(model, observed[0]["state"])
+    return trap_scheme(model, simulation_trap(task)[1].layer)
+
+
+def _images_and_owners(task, ob: Observed) -> tuple[ImageSet, list[int]]:
+    """The training images behind an observation and the partition each came from."""
+    pids = ob.get("members", [ob["partition_id"]])
+    parts = [task.federation.client_data(p)[0] for p in pids]
+    owners = [p for p, d in zip(pids, parts) for _ in range(len(d))]
+    return _images_behind(task, ob), owners
 
 
 def _images_behind(task, ob: Observed):

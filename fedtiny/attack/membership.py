@@ -538,3 +538,56 @@ def run_membership(
     out.update({k: head[k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr", "members", "nonmembers")})
     out["headline"] = f"{setting}/{HEADLINE[1]}"
     return out
+
+
+# --- inside a simulation -------------------------------------------------------------------------------------
+
+NONMEMBERS = 32  # held-out images a simulation's membership test scores against the clients' own
+
+
+def observed_membership(task, observed: list[dict], images_of, scheme=None, log=None) -> dict[str, Any] | None:
+    """Membership inference on what the server of a simulation observed: ``cosine`` (each candidate's
+    own update, made by the same client code from the state that round sent, against each observed
+    update; the strongest test at low false-positive rates in ``fedtiny attack --preset membership``).
+
+    Candidates are every attacked client's training images (members of its own update, and of an
+    aggregate that includes it) and up to ``NONMEMBERS`` of the federation's test images (members of
+    nothing). ``images_of(observation)`` gives the images behind an observation with, per image, the
+    partition it came from (``(ImageSet, owners)``). ``scheme``: the scheme the observed clients
+    trained (default the task's). Returns the ROC figures (:func:`roc_summary`, keys prefixed
+    ``membership_``), or None when nothing was observed.
+    """
+    if scheme is not None:
+        task = with_scheme(task, scheme)
+    by_round: dict[int, list[dict]] = {}
+    for ob in observed:
+        by_round.setdefault(ob["round"], []).append(ob)
+    members, nonmembers = [], []
+    test = task.federation.test
+    for rnd, obs in sorted(by_round.items()):
+        behind = [images_of(ob) for ob in obs]
+        xs, ys, owners, done = [], [], [], set()
+        for data, own in behind:
+            fresh = [i for i, pid in enumerate(own) if pid not in done]  # a client's images once, whatever holds them
+            done.update(own)
+            xs += [data.x[i] for i in fresh]
+            ys += [data.y[i] for i in fresh]
+            owners += [own[i] for i in fresh]
+        held = min(NONMEMBERS, len(test))
+        x = np.concatenate([np.stack(xs), test.x[:held]]).astype(np.float32)
+        y = np.concatenate([np.asarray(ys), test.y[:held]]).astype(np.int64)
+        owner = np.r_[np.asarray(owners), np.full(held, -1)]
+        server = Server(task.scenario, task, obs[0]["state"], task.scheme)
+        units = _units(server)
+        own = own_updates(server, x, y) * units
+        rows = np.stack([server.vector(ob["changes"]) for ob in obs]) * units
+        scores = _cosines(rows, own)
+        for j, ob in enumerate(obs):
+            inside = np.isin(owner, ob.get("members", [ob["partition_id"]]))
+            members.append(scores[j, inside])
+            nonmembers.append(scores[j, ~inside])
+        if log is not None:
+            say(f"membership: round {rnd}: {len(obs)} observed updates against {len(x)} candidates", log)
+    if not members:
+        return None
+    return {f"membership_{k}": v for k, v in roc_summary(np.concatenate(members), np.concatenate(nonmembers)).items()}

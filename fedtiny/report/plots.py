@@ -222,6 +222,8 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     ident = any(s.get("privacy_identification_rank") is not None for s in summaries.values())
     cols = ["PSNR (dB)", "flat (dB)", "images >= 25 dB", "SSIM", "label acc.", "match cos. at truth", "change (LSB)"]
     cols += ["identification rank", "identified first"] if ident else []
+    member = any(s.get("privacy_membership_auc") is not None for s in summaries.values())
+    cols += ["membership AUC", "membership TPR at 1% FPR"] if member else []
     cols += ["bound at true positions (dB)", "4x4 blocks leaked", "refused"] if trap else []
     cols += ["aggregate PSNR (dB)", "aggregate SSIM", "aggregate label acc."] if agg else []
     cols += ["final accuracy", "uplink bytes", "peak SRAM"] + (["epsilon"] if dp else [])
@@ -238,6 +240,8 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
         ]
         if ident:
             cells += [pm(s, "privacy_identification_rank", ".3g"), pm(s, "privacy_identified_top1", ".2f")]
+        if member:
+            cells += [pm(s, "privacy_membership_auc", ".3f"), pm(s, "privacy_membership_tpr_1pct", ".3f")]
         if trap:
             cells += [
                 pm(s, "privacy_oracle_psnr_db", ".2f"),
@@ -265,8 +269,10 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
         "\nflat: PSNR of each image's own mean brightness (a reconstruction at or below it shows nothing "
         "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; identification rank: "
         "where the attacked image ranks among the federation's images (up to 500) by its distance to what "
-        "the attack rebuilt (1: it is the closest; an imprint ranks by its blocks, positions unknown); a "
-        "client that refused sent nothing to attack."
+        "the attack rebuilt (1: it is the closest; an imprint ranks by its blocks, positions unknown); "
+        "membership: was a candidate among an update's training images? each candidate's own update, made "
+        "by the same client code, against the observed ones (cosine), the attacked clients' images against "
+        "up to 32 test images; a client that refused sent nothing to attack."
     )
     return "\n".join(lines)
 

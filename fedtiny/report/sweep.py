@@ -41,6 +41,8 @@ MEAN_KEYS = (
     "privacy_leaked_blocks",
     "privacy_identification_rank",
     "privacy_identified_top1",
+    "privacy_membership_auc",
+    "privacy_membership_tpr_1pct",
 )
 
 
