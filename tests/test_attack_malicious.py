@@ -15,6 +15,7 @@ from fedtiny.attack.malicious import (
     blocks_of,
     grey,
     recover_blocks,
+    texture_projection,
     trap_for,
     trap_network,
 )
@@ -57,6 +58,11 @@ def test_block_edges_are_increasing_cover_the_range_and_are_exact_in_int8():
         steps = np.diff(edges).min() / np.diff(edges) * STEPS  # each bin's pixel weight in int8 steps
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
     assert block_edges(x, shift=0.5)[1] < block_edges(x)[1]
+    # a texture projection's pixel weights (quarters of the largest) times each bin's steps: integers
+    v = np.asarray(texture_projection(5, seed=3))
+    edges = np.asarray(block_edges(x, weights=v))
+    steps = np.diff(edges).min() / np.diff(edges) * STEPS
+    np.testing.assert_allclose(np.outer(steps, v / v.max()), np.round(np.outer(steps, v / v.max())), atol=1e-6)
 
 
 @pytest.mark.parametrize("parity", [(0, 1), (1, 0)])

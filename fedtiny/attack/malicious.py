@@ -155,6 +155,8 @@ def block_edges(
     quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
     mass = np.diff(np.r_[lo, np.maximum.accumulate(quantiles), hi])
     n = np.clip(np.round(STEPS * max(mass.min(), 1e-9) / np.maximum(mass, 1e-9)), 1, STEPS)
+    if weights is not None:  # a projection's weights are quarters of its largest: whole steps if n is a multiple of 4
+        n = np.clip(np.round(n / 4) * 4, 4, STEPS)
     step = float(np.median(1.0 / n))
     unit = (hi - lo + 2e-3) / ((1.0 / n).sum() - shift * step)  # the widths, scaled to cover the range
     start = lo - 1e-3 - shift * step * unit
@@ -171,24 +173,43 @@ def round_projection(index: int, seed: int = 0) -> tuple[float, ...] | None:
 
 
 PARITIES = ((0, 0), (1, 1), (0, 1), (1, 0))
+TEXTURE_LEVELS = (2, 3, 4)  # a texture projection's pixel weights, in quarters of its largest
+
+
+def texture_projection(index: int, seed: int = 0) -> tuple[float, ...] | None:
+    """The binned feature of the ``index``-th trap of the ``textures`` plan: the block mean first, then
+    each pixel weighted 2, 3 or 4 quarters (seeded): positive, so the bins stay as wide as the mean's,
+    and on int8's grid with every bin's integer width a multiple of 4 (``block_edges``), so their
+    edges stay exact; blocks of one brightness but other textures fall in other bins."""
+    if index == 0:
+        return None
+    levels = np.random.default_rng((seed, index, 7)).choice(TEXTURE_LEVELS, PIXELS)
+    return tuple(float(a) for a in levels / 4.0 / PIXELS)
+
+
+SHIFTS = (0.0, 0.5, 0.25, 0.75, 0.125, 0.625, 0.375, 0.875)  # each new one halfway between earlier ones
 
 
 def round_settings(index: int, seed: int = 0, plan: str = "jigsaw") -> dict:
     """The trap a malicious server sends in round ``index`` (keyword arguments of :func:`trap_for`).
 
-    ``projections`` (the first attacker): every position each round, the block mean and then a
-    new Gaussian projection each round. ``jigsaw``: one parity class of positions per round (four
-    rounds cover the image), the block mean binned; after the first four the bins start half a
-    bin lower (another partition: blocks that shared a bin are apart), and so on, a quarter of a
-    bin further each time round.
+    ``jigsaw``: one parity class of positions per round (four rounds cover the image), the block
+    mean binned; each time round after that, a texture projection (:func:`texture_projection`: blocks
+    that shared a bin, of one brightness, are apart). The others, measured against it
+    (docs/results/privacy-malicious.md): ``projections`` (the first attacker: every position each
+    round, the mean and then Gaussian projections, whose mixed signs narrow the bins and cost
+    precision in int8), ``shifts`` (every position, the mean's bins started a fraction of a bin
+    lower each round) and ``textures`` (every position, texture projections).
     """
     if plan == "projections":
         return {"projection": round_projection(index, seed)}
+    if plan == "shifts":  # every position every round, the bins started a fraction of a bin lower each time
+        return {"shift": SHIFTS[index % len(SHIFTS)]}
+    if plan == "textures":  # every position every round: the mean, then positive random projections
+        return {"projection": texture_projection(index, seed)}
     if plan != "jigsaw":
-        raise ScenarioError(f"trap plan: unknown {plan!r}; known: jigsaw, projections")
-    turn = index // len(PARITIES)
-    shift = 0.0 if turn == 0 else 0.5 + 0.25 * (turn - 1)
-    return {"parity": PARITIES[index % len(PARITIES)], "shift": shift % 1.0}
+        raise ScenarioError(f"trap plan: unknown {plan!r}; known: jigsaw, shifts, projections")
+    return {"parity": PARITIES[index % len(PARITIES)], "projection": texture_projection(index // len(PARITIES), seed)}
 
 
 # Block 2's input channel of pixel (r, c) of a 4x4 block: block 1's depthwise phase (r // 2, c // 2)

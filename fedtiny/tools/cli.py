@@ -265,10 +265,11 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--trap-plan",
         default="jigsaw",
-        choices=("jigsaw", "projections"),
+        choices=("jigsaw", "shifts", "textures", "projections"),
         help="what the server sends each round: jigsaw (one parity class of positions per round, the "
-        "bins shifted by half a bin every four rounds; blocks assembled by their borders) or projections "
-        "(every position, a new Gaussian projection each round: the first attacker)",
+        "block mean and then texture projections; blocks assembled by their borders), shifts or textures "
+        "(every position each round: the mean's bins shifted, or texture projections) or projections "
+        "(every position, Gaussian projections: the first attacker)",
     )
     m.add_argument(
         "--set",
