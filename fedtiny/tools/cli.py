@@ -272,6 +272,13 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         "(every position, Gaussian projections: the first attacker)",
     )
     m.add_argument(
+        "--adapt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server knows the clients' privacy policies and places the trap around them where "
+        "tiny-ir allows (bins in conv9 past policy_frozen_first <= 9, fillers under policy_max_saturation)",
+    )
+    m.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",

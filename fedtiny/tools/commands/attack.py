@@ -95,6 +95,7 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         epochs=args.learned_epochs,
         rounds=args.rounds,
         plan=args.trap_plan,
+        adapt=args.adapt,
     )
     _write_out(args.out, summary, targets, recon)
     learned = summary["learned_mean_psnr_db"]
