@@ -168,7 +168,9 @@ def test_in_simulation_malicious_server_and_imprint_report():
     """The ServerApp's start (server_task) sends the trap and its scheme; a client's real round; the
     server's privacy report of the imprint on what it decoded."""
     from fedtiny.attack.fleet import attack_observed, privacy_figures
+    from fedtiny.attack.membership import observed_membership
     from fedtiny.compress.dense import pack_dense
+    from fedtiny.data.sources import ImageSet
     from fedtiny.federated.client import local_round
     from fedtiny.server_setup import server_task
 
@@ -191,3 +193,27 @@ def test_in_simulation_malicious_server_and_imprint_report():
     # membership: the two clients' faces against held-out images, each candidate's own trap update
     assert report["membership_members"] == 2 and report["membership_nonmembers"] >= 2 * 16
     assert 0.0 <= figures["privacy_membership_auc"] <= 1.0
+    # the aggregate of the two, as the server behind secure aggregation holds it: every element
+    sizes = {name: int(np.prod(shape)) for name, shape, _ in task.uplink_spec}
+    mean = {name: np.zeros(n) for name, n in sizes.items()}
+    for ob in observed:
+        for name, (idx, values) in ob["changes"].items():
+            mean[name][np.asarray(idx)] += np.asarray(values) / len(observed)
+    both = {"round": 1, "partition_id": faces[0], "members": faces[:2], "state": initial}
+    both["changes"] = {name: (np.arange(v.size), v) for name, v in mean.items()}
+    pool = {pid: task.federation.client_data(pid)[0] for pid in faces[:2]}
+    agg = observed_membership(
+        task,
+        [both],
+        lambda ob: (
+            ImageSet(
+                np.concatenate([pool[p].x for p in faces[:2]]),
+                np.concatenate([pool[p].y for p in faces[:2]]),
+                2,
+                "faces",
+            ),
+            [p for p in faces[:2] for _ in range(len(pool[p]))],
+        ),
+        schemes.by_profile["mcu-256kb"],
+    )
+    assert agg["membership_members"] == 2 and 0.0 <= agg["membership_auc"] <= 1.0

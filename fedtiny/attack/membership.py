@@ -545,6 +545,14 @@ def run_membership(
 NONMEMBERS = 32  # held-out images a simulation's membership test scores against the clients' own
 
 
+def _trained_part(task, ob: dict) -> dict:
+    """An observation's change on the elements the scheme trains: an aggregate holds every element of
+    each tensor (zeros included), a client's update only those it sent."""
+    if "members" not in ob:
+        return ob["changes"]
+    return {n: (task.slices[n], v[task.slices[n]]) for n, (_, v) in ob["changes"].items() if n in task.slices}
+
+
 def observed_membership(task, observed: list[dict], images_of, scheme=None, log=None) -> dict[str, Any] | None:
     """Membership inference on what the server of a simulation observed: ``cosine`` (each candidate's
     own update, made by the same client code from the state that round sent, against each observed
@@ -580,7 +588,7 @@ def observed_membership(task, observed: list[dict], images_of, scheme=None, log=
         server = Server(task.scenario, task, obs[0]["state"], task.scheme)
         units = _units(server)
         own = own_updates(server, x, y) * units
-        rows = np.stack([server.vector(ob["changes"]) for ob in obs]) * units
+        rows = np.stack([server.vector(_trained_part(server.task, ob)) for ob in obs]) * units
         scores = _cosines(rows, own)
         for j, ob in enumerate(obs):
             inside = np.isin(owner, ob.get("members", [ob["partition_id"]]))
