@@ -167,7 +167,7 @@ def test_malicious_scenario_keys_are_checked():
 def test_in_simulation_malicious_server_and_imprint_report():
     """The ServerApp's start (server_task) sends the trap and its scheme; a client's real round; the
     server's privacy report of the imprint on what it decoded."""
-    from fedtiny.attack.fleet import attack_observed, privacy_figures
+    from fedtiny.attack.fleet import attack_observed, candidate_pool, privacy_figures
     from fedtiny.attack.membership import observed_membership
     from fedtiny.compress.dense import pack_dense
     from fedtiny.data.sources import ImageSet
@@ -190,6 +190,10 @@ def test_in_simulation_malicious_server_and_imprint_report():
     figures = privacy_figures(report)
     assert figures["privacy_leaked_blocks"] > 0
     assert figures["privacy_oracle_psnr_db"] > 0 and figures["privacy_mean_psnr_db"] > 0
+    # identification: each client's face is once among the candidates (twice, it would tie with itself)
+    own = task.federation.client_data(faces[0])[0]
+    pool, ids = candidate_pool(task, own, [faces[0]])
+    assert (np.abs(pool - own.x[0]).reshape(len(pool), -1).max(axis=1) == 0).sum() == 1 and ids[0] == 0
     # membership: the two clients' faces against held-out images, each candidate's own trap update
     assert report["membership_members"] == 2 and report["membership_nonmembers"] >= 2 * 16
     assert 0.0 <= figures["privacy_membership_auc"] <= 1.0

@@ -289,19 +289,20 @@ def _images_behind(task, ob: Observed):
 CANDIDATES = 500  # images the server identifies a client's image among (the federation's, public and private)
 
 
-def candidate_pool(task, own) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pool(task, own, owners=()) -> tuple[np.ndarray, np.ndarray]:
     """The images an attacker identifies ``own`` (an ``ImageSet``) among: ``own`` first, then the public
-    images and the other clients' training images, up to ``CANDIDATES`` in all; with the indices of
-    ``own`` in it."""
-    parts, n = [own.x], len(own)
+    images and the training images of the clients other than its ``owners`` (partition ids), up to
+    ``CANDIDATES`` in all; with the indices of ``own`` in it. (An image twice in the pool would tie
+    with itself, and a tie counts against the attacker.)"""
+    parts, n = [own.x, task.federation.public.x], len(own) + len(task.federation.public)
     for pid in range(task.scenario.run.clients):
         if n >= CANDIDATES:
             break
-        x = task.federation.client_data(pid)[0].x
-        parts.append(x[: CANDIDATES - n])
+        if pid in owners:
+            continue
+        parts.append(task.federation.client_data(pid)[0].x)
         n += len(parts[-1])
-    pool = np.concatenate([own.x, task.federation.public.x, *parts[1:]])[:CANDIDATES]
-    return pool, np.arange(len(own))
+    return np.concatenate(parts)[:CANDIDATES], np.arange(len(own))
 
 
 def _identified(ranks: list[int], candidates: int) -> dict[str, Any]:
@@ -319,7 +320,7 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
     """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
     public, trap = simulation_trap(task)
     for ob, data in members:
-        pool, ids = candidate_pool(task, data)
+        pool, ids = candidate_pool(task, data, ob.get("members", [ob["partition_id"]]))
         out = imprint(task, [(ob["changes"], ob["state"], trap)], Knowledge.of(public, pool), data.x, ids)
         rec = out.pop("recon")
         results.append(
@@ -407,7 +408,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
         )
         for i, ob in enumerate(obs_list):
             sc = score(rec[i].numpy(), data[i].x, lab[i].numpy(), data[i].y)
-            pool, ids = candidate_pool(task, data[i])
+            pool, ids = candidate_pool(task, data[i], ob.get("members", [ob["partition_id"]]))
             matched = np.clip(rec[i].numpy()[sc["order"]], 0, 1)
             ranks = [identification_rank(image_distance(r, pool), int(t)) for r, t in zip(matched, ids)]
             results.append(
