@@ -596,6 +596,7 @@ def observed_membership(task, observed: list[dict], images_of, scheme=None, log=
             nonmembers.append(scores[j, ~inside])
         if log is not None:
             say(f"membership: round {rnd}: {len(obs)} observed updates against {len(x)} candidates", log)
-    if not members:
+    inside, outside = np.concatenate(members) if members else [], np.concatenate(nonmembers) if nonmembers else []
+    if not len(inside) or not len(outside):  # e.g. one client attacked and no held-out images: nothing to tell apart
         return None
-    return {f"membership_{k}": v for k, v in roc_summary(np.concatenate(members), np.concatenate(nonmembers)).items()}
+    return {f"membership_{k}": v for k, v in roc_summary(inside, outside).items()}
