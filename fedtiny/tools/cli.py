@@ -225,7 +225,9 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         "faces with the 3-channel tiny-ir), dlg-lenet-faces (the same "
         "faces on DLG's LeNet: the control), photos, faces-malicious "
         "(a server that sets the weights and the scheme: the imprint "
-        "trap through the int8 client's own update path) or membership (was a candidate image in a "
+        "trap through the int8 client's own update path), faces-honest-int8 (an honest server's learned "
+        "inverter on the quickstart's int8 sparse updates of faces; --precision fp32: dense float updates) "
+        "or membership (was a candidate image in a "
         "client's data? loss, update-alignment and LiRA attacks on each setting's real client path)",
     )
     p.add_argument(
@@ -253,7 +255,8 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         "--learned",
         type=int,
         default=0,
-        help="also train the learned inverter on this many augmented public faces' updates (batch 1)",
+        help="also train the learned inverter on this many augmented public faces' updates (batch 1; "
+        "faces-honest-int8 always runs it, 0: 10000)",
     )
     m.add_argument("--learned-epochs", type=int, default=30)
     m.add_argument(

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedtiny.attack.honest import HONEST_LEARNED, run_honest
 from fedtiny.attack.membership import (
     ATTACKS,
     SETTINGS,
@@ -31,6 +32,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.preset == "membership":
         return _attack_membership(args)
+    if args.preset == "faces-honest-int8":
+        return _attack_honest(args)
     if args.preset == "faces-malicious":
         return _attack_malicious(args)
     summary, targets, recon = run_attack(
@@ -174,6 +177,60 @@ def _attack_membership(args: argparse.Namespace) -> int:
                     f"TPR@0.1% <= {b['tpr_at_0p1pct_fpr_bound']:.3f}",
                 )
             )
+    print(table(rows))
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _attack_honest(args: argparse.Namespace) -> int:
+    """``fedtiny attack --preset faces-honest-int8``: an honest server's learned inverter on its clients' real
+    updates (the quickstart's int8 sparse client on faces; ``--precision fp32``: dense float updates)."""
+    if args.defense != "none":
+        raise ScenarioError("--defense: faces-honest-int8 runs the client's real path; change it with --set")
+    summary, targets, recon = run_honest(
+        args.targets,
+        learned=args.learned or HONEST_LEARNED,
+        epochs=args.learned_epochs,
+        precision=args.precision,
+        seed=args.seed,
+        overrides=parse_overrides(args.set or []),
+    )
+    _write_out(args.out, summary, targets, recon)
+    s, c = summary, summary["scenario"]
+    rows = [
+        ("preset", f"faces-honest-int8 ({s['precision']}, {c['values']}, density {c['density']}, {c['scheme']})"),
+        ("model", f"pretrained {c['pretrain_epochs']} epochs on {s['public_images']} public images, lr {c['lr']}"),
+        ("targets, clients that refused", f"{s['targets']}, {s['refused']}"),
+        ("learned inverter: public updates, epochs", f"{s['learned_public']}, {s['learned_epochs']}"),
+        ("elements of the update (share nonzero)", f"{s['update_elements']} ({s['sent_fraction']:.4f})"),
+        (
+            f"inverter: components chosen; on {s['validation']['images']} held-out public faces: PSNR / prior's",
+            f"{s['inverter_components']}; {s['validation']['psnr_db'][str(s['inverter_components'])]:.2f} / "
+            f"{s['validation']['prior_psnr_db']:.2f}",
+        ),
+        (
+            "PSNR mean / median / min / max (dB)",
+            f"{s['mean_psnr_db']:.2f} / {s['median_psnr_db']:.2f} / {s['min_psnr_db']:.2f} / {s['max_psnr_db']:.2f}",
+        ),
+        ("SSIM mean", f"{s['mean_ssim']:.3f}"),
+        ("PSNR of each target's flat mean (baseline)", f"{s['mean_flat_psnr_db']:.2f}"),
+        (
+            "PSNR / SSIM of the mean public face (the prior alone)",
+            f"{s['mean_prior_psnr_db']:.2f} / {s['mean_prior_ssim']:.3f}",
+        ),
+        (
+            "images at >= 25 dB / above flat / above the prior",
+            f"{s['frac_psnr_25db']:.2f} / {s['frac_above_flat']:.2f} / {s['frac_above_prior']:.2f}",
+        ),
+        (
+            f"identification rank among {s['candidates']} images: mean / median / first / top 10",
+            f"{s['mean_identification_rank']:.1f} / {s['median_identification_rank']:.1f} / "
+            f"{s['frac_identified_top1']:.2f} / {s['frac_identified_top10']:.2f}",
+        ),
+        ("identification rank of the prior alone: mean", f"{s['prior_mean_identification_rank']:.1f}"),
+        ("seconds", f"{s['seconds']:.0f}"),
+    ]
     print(table(rows))
     if args.json:
         print(json.dumps(summary, sort_keys=True))
