@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtiny.attack.geometry import BLOCK, PIXELS, blocks_of, grey, image_of
+from fedtiny.attack.geometry import BLOCK, PIXELS, blocks_of, from_grid, grey, image_of, on_grid
 from fedtiny.attack.jigsaw import Pieces, assemble
-from fedtiny.attack.metrics import block_set_distance, flat_psnr, identification_rank, psnr, score
+from fedtiny.attack.metrics import block_set_distance, flat_psnr, identification_rank, psnr, score, ssim
 from fedtiny.attack.placement import BlockPrior, Placement, block_prior, calibrate_placement, soft_place
 from fedtiny.budget.schemes import parse_scheme, resolve
 from fedtiny.compress.values import value_type
@@ -107,6 +107,9 @@ class Trap:
         Channels of the bins' layer that are not bins but sit at a constant 3 (as every unused
         channel of every clamping layer then does): a client that refuses a model clamping more
         than a share ``s`` of a layer's outputs sees ``(95 - fillers) / 96`` clamped in the bins'.
+    border_at
+        The bins' input channel of the first border pixel (tiny-ir: 17, after the bin sum's 16; the
+        published models' trap: 16, ``fedtiny.attack.trap_mbconv``).
     """
 
     edges: tuple[float, ...]
@@ -117,6 +120,12 @@ class Trap:
     shift: float = 0.0
     layer: int = TRAP_LAYER
     fillers: int = 0
+    border_at: int = 17
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """The bins' trained input channels: the 16 pixels (row-major), then the 8 border pixels."""
+        return np.concatenate([PIXEL_CHANNELS, np.arange(self.border_at, self.border_at + len(BORDER_TAPS))])
 
     @property
     def positions(self) -> int:
@@ -449,6 +458,11 @@ def simulation_trap(task) -> tuple[np.ndarray, Trap]:
     """The public images and the trap a malicious server of a simulation sends in round 1: every
     position binned (one round: the most blocks), placed around the clients' policies."""
     public = target_public(task.federation.public)
+    if published(task):
+        # deferred: the published models' trap builds on this module's Trap
+        from fedtiny.attack.trap_mbconv import mb_trap_settings
+
+        return public, trap_for(public, **mb_trap_settings(task.model))
     return public, trap_for(public, **adapted_to(task.scenario.device))
 
 
@@ -468,21 +482,30 @@ def trap_for(
     shift: float = 0.0,
     layer: int = TRAP_LAYER,
     fillers: int = 0,
+    bins: int = 96,
+    border_at: int = 17,
 ) -> Trap:
-    """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature)."""
+    """The trap the server builds from its ``public`` images (bin edges of their blocks' binned feature,
+    on the trap's grid: ``on_grid``); ``bins``: the channels of the bins' layer (fillers included)."""
     if projection is not None:  # on the int8 grid: multiples of 1/64 of the largest weight
         v = np.asarray(projection, np.float64)
         top = np.abs(v).max()
         projection = tuple(float(a) for a in np.round(v / top * 64) * top / 64)
     weights = None if projection is None else np.asarray(projection)
-    edges = block_edges(public, 96 - fillers, weights=weights, shift=shift)
-    return Trap(edges, pixel_gain, head_gain, projection, parity, shift, layer, fillers)
+    edges = block_edges(on_grid(public), bins - fillers, weights=weights, shift=shift)
+    return Trap(edges, pixel_gain, head_gain, projection, parity, shift, layer, fillers, border_at)
 
 
 def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     """The malicious server's model in ``task``'s downlink layout: the trap network, quantized by
     fedtiny's own post-training quantization calibrated on ``public`` for an int8 task."""
     s = task.scenario
+    if published(task):
+        # deferred: the published models' trap builds on this module's Trap
+        from fedtiny.attack.trap_mbconv import mb_trap_model
+
+        net = mb_trap_model(task.model, trap, public, classifier_precision=s.model.classifier_precision)
+        return _in_layout(task, net)
     if s.model.name != "tiny-ir" or s.model.file or s.model.module:
         raise ScenarioError(
             "attack.server = malicious: the trap is built for the built-in tiny-ir "
@@ -491,6 +514,17 @@ def trap_state(task, public: np.ndarray, trap: Trap) -> dict[str, np.ndarray]:
     net = trap_network(_fp32_model(s, task.federation), trap)
     if s.model.precision == "int8":
         net = ptq(net, public.astype(np.float32), classifier_precision=s.model.classifier_precision)
+    return _in_layout(task, net)
+
+
+def published(task) -> bool:
+    """Whether ``task`` runs a published int8 inverted-residual model (a tiny-training ``.pkl``), which
+    gets the trap of ``fedtiny.attack.trap_mbconv``."""
+    return str(task.scenario.model.file or "").endswith(".pkl")
+
+
+def _in_layout(task, net) -> dict[str, np.ndarray]:
+    """The trap network's arrays in ``task``'s downlink layout (a clear error where a shape differs)."""
     names = [n for n, *_ in task.downlink_spec]
     arrays = model_arrays(net, names)
     for name, shape, _ in task.downlink_spec:
@@ -511,12 +545,17 @@ def bins_tensors(task, layer: int = TRAP_LAYER) -> tuple[str, str]:
 
 
 def bins_change(
-    task, changes: dict[str, tuple[np.ndarray, np.ndarray]], sent: dict[str, np.ndarray], layer: int = TRAP_LAYER
+    task,
+    changes: dict[str, tuple[np.ndarray, np.ndarray]],
+    sent: dict[str, np.ndarray],
+    layer: int = TRAP_LAYER,
+    inputs: np.ndarray = TRAP_CHANNELS,
 ):
     """``(dw [96, 24], db [96], sent_w, sent_b, lsb [96])`` in real units from a decoded
     update ``{name: (indices, values)}`` against the ``sent`` state: ``dw``'s columns are the 16
     pixels (row-major) and the 8 border pixels (``BORDER_TAPS``); ``lsb`` is each bin's weight
-    step (its int8 weight scale; 0 for a float network)."""
+    step (its int8 weight scale; 0 for a float network); ``inputs``: the trap's pixel and border
+    channels (``Trap.inputs``)."""
     wname, bname = bins_tensors(task, layer)
     wshape = sent[wname].shape
     dw, mw = np.zeros(int(np.prod(wshape))), np.zeros(int(np.prod(wshape)), bool)
@@ -526,7 +565,7 @@ def bins_change(
             idx, values = changes[name]
             flat[np.asarray(idx)] = values
             mask[np.asarray(idx)] = True
-    dw, mw = dw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0], mw.reshape(wshape)[:, TRAP_CHANNELS, 0, 0]
+    dw, mw = dw.reshape(wshape)[:, inputs, 0, 0], mw.reshape(wshape)[:, inputs, 0, 0]
     if task.scenario.model.precision == "int8":  # integer units -> real: weight scale; bias s_w * s_x
         s_w = sent[f"conv{layer}.w_scales"].astype(np.float64)
         s_x = float(sent[f"conv{layer}.qparams"][0])
@@ -535,10 +574,10 @@ def bins_change(
     return dw, db, mw, mb, np.zeros(len(db))
 
 
-def trap_scheme_dict(layer: int = TRAP_LAYER) -> dict:
+def trap_scheme_dict(layer: int = TRAP_LAYER, inputs: np.ndarray = TRAP_CHANNELS) -> dict:
     """The scheme the malicious server asks for (``schemes.json`` form): the bins' pixel and border
-    channels and their bias (convolution ``layer``)."""
-    channels = sorted(int(c) for c in TRAP_CHANNELS)
+    channels ``inputs`` and their bias (convolution ``layer``)."""
+    channels = sorted(int(c) for c in inputs)
     return {
         "id": "imprint-trap",
         "n_bias_update": 0,
@@ -547,9 +586,9 @@ def trap_scheme_dict(layer: int = TRAP_LAYER) -> dict:
     }
 
 
-def trap_scheme(model, layer: int = TRAP_LAYER):
-    """:func:`trap_scheme_dict` resolved against an int8 tiny-ir."""
-    return resolve(parse_scheme(json.dumps(trap_scheme_dict(layer))), model)
+def trap_scheme(model, layer: int = TRAP_LAYER, inputs: np.ndarray = TRAP_CHANNELS):
+    """:func:`trap_scheme_dict` resolved against an int8 model."""
+    return resolve(parse_scheme(json.dumps(trap_scheme_dict(layer, inputs))), model)
 
 
 EMPTY = 0.5  # a bin whose bias change is below half of one position's caught no position this round
@@ -626,8 +665,8 @@ class Knowledge:
     @staticmethod
     def of(public: np.ndarray, candidates: np.ndarray | None = None) -> Knowledge:
         """From public images ``N x C x H x W`` (and candidates, the same layout) in [0, 1]."""
-        cand = None if candidates is None else grey(candidates)
-        return Knowledge(block_prior(grey(public)), grey(public), cand)
+        cand = None if candidates is None else grey(on_grid(candidates))
+        return Knowledge(block_prior(grey(on_grid(public))), grey(on_grid(public)), cand)
 
     def placement(self, recovered: float, noise: float) -> Placement:
         """The placement calibrated on the public faces for this share of recovered blocks and noise."""
@@ -762,13 +801,18 @@ def imprint(
     ``identification_rank`` (1: the target is the candidate whose blocks the recovered ones fit
     best); and ``isolated`` (share of the targets' blocks some round isolated), ``leaked_blocks``
     (share returned within ``LEAK_ERROR`` by a round or by the mean over rounds at the true
-    position), ``rounds``, ``recon`` (``N x C x H x W``).
+    position), ``rounds``, ``recon`` (``N x C x 32 x 32``). Targets larger than the trap's grid (the
+    published models' 128x128) are scored on it (``on_grid``: what the trap can return), and
+    ``input_psnr_db`` / ``input_ssim`` / ``input_flat_psnr_db`` score the reconstruction upsampled to
+    their size.
     """
+    full = targets
+    targets = on_grid(targets)
     n, c, h, w = targets.shape
     levels = value_type(task.scenario.compression.values).levels if task.scenario.model.precision == "int8" else 0
     per_round, shared = [], np.zeros((0, PIXELS))
     for changes, sent, trap in observations:
-        dw, db, mw, mb, lsb = bins_change(task, changes, sent, trap.layer)
+        dw, db, mw, mb, lsb = bins_change(task, changes, sent, trap.layer, trap.inputs)
         blocks, cnt = recover_blocks(dw, db, trap.pixel_gain, mw, mb, positions=n * trap.positions)
         sigma = np.hypot(bin_noise(dw, db, lsb, levels, trap.pixel_gain), seen_noise(dw, db, cnt, trap.pixel_gain))
         borders = mw[:, PIXELS:].all(axis=1)  # the borders were sent with the block
@@ -801,7 +845,16 @@ def imprint(
     if knowledge.candidates is not None and target_ids is not None:
         d = block_set_distance(alone[:, :PIXELS] if len(alone) else pieces, knowledge.candidates)
         ranks = [identification_rank(d, int(t)) for t in target_ids]
+    at_input = {}
+    if full.shape[-1] != w:
+        up = from_grid(np.clip(rec[sc["order"]], 0, 1), full.shape[-1])
+        at_input = {
+            "input_psnr_db": [psnr(a, b) for a, b in zip(up, full)],
+            "input_ssim": [ssim(a, b) for a, b in zip(up, full)],
+            "input_flat_psnr_db": [flat_psnr(x) for x in full],
+        }
     return {
+        **at_input,
         "psnr_db": sc["psnr"],
         "ssim": sc["ssim"],
         "oracle_psnr_db": oracle,

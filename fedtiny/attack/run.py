@@ -14,8 +14,10 @@ import torch
 from skimage.data import lfw_subset
 
 from fedtiny.attack.attacks import AttackConfig, progress_printer, reconstruct
+from fedtiny.attack.geometry import GRID, from_grid, on_grid
 from fedtiny.attack.learned import augment, fit_inverter
 from fedtiny.attack.malicious import (
+    TRAP_CHANNELS,
     TRAP_LAYER,
     Knowledge,
     adapted_to,
@@ -39,6 +41,7 @@ from fedtiny.attack.presets import (
     tiny_ir_rgb,
 )
 from fedtiny.attack.threat import DEFENSES, ThreatModel
+from fedtiny.attack.trap_mbconv import BORDERED, SIZE, mb_trap_settings
 from fedtiny.attack.user import observe
 from fedtiny.compress.dense import pack_dense
 from fedtiny.data.sources import ImageSet
@@ -231,15 +234,33 @@ def malicious_scenario(
     lr: float = 0.1,
     seed: int = 0,
     overrides: dict | None = None,
+    model_file: str | None = None,
 ):
     """The client side of ``faces-malicious``: tiny-ir on 3x32x32 faces, ``targets`` clients of ``batch``
     images, ``local_steps`` full-batch steps, the trap's scheme, a sparse uplink of ``density`` in
-    ``values`` (int8) or, with ``precision = "fp32"``, dense fp32 updates of the whole float network."""
+    ``values`` (int8) or, with ``precision = "fp32"``, dense fp32 updates of the whole float network.
+    ``model_file``: a published int8 model (tiny-training ``.pkl``) on 3x128x128 faces instead; its
+    scheme is set once the trap's layer is known (``run_malicious``)."""
     int8 = precision == "int8"
+    if model_file is not None and not int8:
+        raise ScenarioError("faces-malicious: a published model file is int8 (no --precision fp32)")
+    if model_file is not None and not Path(model_file).is_file():
+        raise ScenarioError(f"faces-malicious: --model {model_file}: no such file")
+    model = (
+        {"file": str(Path(model_file).resolve()), "pretrain_epochs": 0, "classifier_precision": "int8"}
+        if model_file is not None
+        else {"name": "tiny-ir", "precision": precision, "pretrain_epochs": 0}
+    )
     raw = {
         "run": {"name": "faces-malicious", "seed": seed, "rounds": 1, "clients": max(2, targets)},
-        "data": {"source": "lfw-faces", "image_size": 32, "channels": 3, "partition": "iid", "public_fraction": 0.5},
-        "model": {"name": "tiny-ir", "precision": precision, "pretrain_epochs": 0},
+        "data": {
+            "source": "lfw-faces",
+            "image_size": 32 if model_file is None else SIZE,
+            "channels": 3,
+            "partition": "iid",
+            "public_fraction": 0.5,
+        },
+        "model": model,
         "train": {
             "lr": lr,
             "momentum": 0.0,
@@ -323,6 +344,8 @@ def run_malicious(
     rounds: int = 1,
     plan: str = "jigsaw",
     adapt: bool = True,
+    model_file: str | None = None,
+    layer: int | None = None,
     log=sys.stderr,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A malicious server's attacks on ``targets`` clients of ``batch`` faces each, through fedtiny's client.
@@ -340,6 +363,11 @@ def run_malicious(
     borders (``fedtiny.attack.jigsaw``). With ``adapt`` the server knows the clients' privacy
     policies and places the trap around them (``adapted_to``). Scores are
     per image, with the worst case over the attacks.
+
+    ``model_file``: the clients run a published int8 model (a tiny-training ``.pkl``: MCUNet,
+    MobileNetV2-w0.35) on 128x128 faces, with the trap of ``fedtiny.attack.trap_mbconv`` (bins in
+    ``layer``, default ``mb_trap_settings``'); scores are on the trap's 32x32 grid (4x4 means of the
+    input: what it can return), and at 128x128 (``input_*``) with the reconstruction upsampled.
     """
     if targets * batch > LFW_FACES - 8:
         raise ScenarioError(
@@ -357,22 +385,35 @@ def run_malicious(
         precision=precision,
         seed=seed,
         overrides=overrides,
+        model_file=model_file,
     )
-    adapted = adapted_to(scenario.device) if adapt else {}
-    if adapted.get("layer", TRAP_LAYER) != TRAP_LAYER:  # the scheme trains the bins where they now are
+    size = scenario.data.image_size
+    if model_file is not None:
+        if learned:
+            raise ScenarioError("faces-malicious: the learned inverter is built for tiny-ir (no --model)")
+        probe = make_task(scenario)
+        adapted = mb_trap_settings(probe.model, layer)
         scenario = replace(
-            scenario, train=replace(scenario.train, scheme=json.dumps(trap_scheme_dict(adapted["layer"])))
+            scenario,
+            train=replace(scenario.train, scheme=json.dumps(trap_scheme_dict(adapted["layer"], BORDERED))),
         )
-    x, y = face_images(targets * batch, seed=seed)
+    else:
+        adapted = adapted_to(scenario.device) if adapt else {}
+        if adapted.get("layer", TRAP_LAYER) != TRAP_LAYER:  # the scheme trains the bins where they now are
+            scenario = replace(
+                scenario, train=replace(scenario.train, scheme=json.dumps(trap_scheme_dict(adapted["layer"])))
+            )
+    x, y = face_images(targets * batch, size=size, seed=seed)
     rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
-    public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], 32).repeat(3, axis=1)
+    public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], size).repeat(3, axis=1)
     task = make_task(scenario)
-    scheme = trap_scheme(task.model, adapted.get("layer", TRAP_LAYER)) if precision == "int8" else None
+    inputs = BORDERED if model_file is not None else TRAP_CHANNELS
+    scheme = trap_scheme(task.model, adapted.get("layer", TRAP_LAYER), inputs) if precision == "int8" else None
     task = with_scheme(task, scheme)
     # the server identifies each client's face among every image of lfw_subset (faces and non-faces)
-    candidates = _resize(lfw_subset().astype(np.float32)[:, None], 32)
+    candidates = _resize(lfw_subset().astype(np.float32)[:, None], size)
     knowledge = Knowledge.of(public, candidates)
-    prior = knowledge.prior.image()
+    prior = knowledge.prior.image()  # on the trap's grid (32x32), where every image is scored
     ids = face_ids(targets * batch, seed).reshape(targets, batch)
     t0 = time.perf_counter()
     xb, yb = x.reshape(targets, batch, *x.shape[1:]), y.reshape(targets, batch)
@@ -394,7 +435,7 @@ def run_malicious(
         if isinstance(changes, str):
             # nothing was sent: the server has its prior, the mean public face
             guess = np.repeat(prior[None, None], 3, 1).repeat(batch, 0)
-            sc = score(guess, xb[i])
+            sc = score(guess, on_grid(xb[i]))
             d = image_distance(prior, knowledge.candidates)
             rank = [identification_rank(d, int(t)) for t in ids[i]]
             rows.append({"target": i, "refused": changes, "psnr_db": sc["psnr"], "ssim": sc["ssim"]})
@@ -432,9 +473,11 @@ def run_malicious(
                 if rows[i]["learned_psnr_db"][0] > rows[i]["psnr_db"][0]:
                     recon[i] = img[None]
     seconds = time.perf_counter() - t0
-    summary = _malicious_summary(rows, x, batch, prior)
+    summary = _malicious_summary(rows, on_grid(x), batch, prior)
     # the attacker's public knowledge alone: the mean public face, the same for every target
-    summary["prior_psnr_db"] = float(np.mean([psnr(np.repeat(prior[None], 3, 0), img) for img in x]))
+    summary["prior_psnr_db"] = float(np.mean([psnr(np.repeat(prior[None], 3, 0), img) for img in on_grid(x)]))
+    if size != GRID:  # the same at the input's resolution: upsampled from the grid
+        summary.update(_at_input(rows, x, from_grid(prior[None, None], size)[0, 0], batch))
     summary.update(
         preset="faces-malicious",
         targets=targets,
@@ -455,7 +498,36 @@ def run_malicious(
         targets_detail=rows,
         policy={k: v for k, v in (overrides or {}).items() if k.startswith("device.policy")},
     )
+    if size != GRID:
+        return (
+            summary,
+            xb,
+            from_grid(np.stack(recon).reshape(-1, 3, GRID, GRID), size).reshape(targets, batch, 3, size, size),
+        )
     return summary, xb, np.stack(recon)
+
+
+def _at_input(rows: list[dict], x: np.ndarray, prior: np.ndarray, batch: int) -> dict[str, Any]:
+    """The placed reconstructions' scores at the input's resolution (``input_*``), with the prior's and
+    the flat baseline's there; a refused client's images get the prior."""
+    placed = []
+    prior3 = np.repeat(prior[None], 3, 0)
+    for r in rows:
+        placed += r.get("input_psnr_db") or [
+            psnr(prior3, img) for img in x[r["target"] * batch : (r["target"] + 1) * batch]
+        ]
+    prior_db = [psnr(prior3, img) for img in x]
+    best = np.maximum(placed, prior_db)
+    return {
+        "input_size": int(x.shape[-1]),
+        "input_psnr_db": placed,
+        "input_mean_psnr_db": float(np.mean(placed)),
+        "input_worst_case_mean_psnr_db": float(np.mean(best)),
+        "input_frac_psnr_25db": float(np.mean(best >= 25.0)),
+        "input_prior_psnr_db": float(np.mean(prior_db)),
+        "input_mean_flat_psnr_db": float(np.mean([flat_psnr(img) for img in x])),
+        "input_mean_ssim": float(np.mean([v for r in rows for v in r.get("input_ssim", [])] or [np.nan])),
+    }
 
 
 def _malicious_summary(rows: list[dict], x: np.ndarray, batch: int, prior: np.ndarray | None = None) -> dict[str, Any]:

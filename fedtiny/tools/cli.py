@@ -282,6 +282,19 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
         "tiny-ir allows (bins in conv9 past policy_frozen_first <= 9, fillers under policy_max_saturation)",
     )
     m.add_argument(
+        "--model",
+        metavar="FILE",
+        help="the clients run this published int8 model (a tiny-training .pkl: MCUNet, MobileNetV2-w0.35) "
+        "on 128x128 faces instead of tiny-ir on 32x32; the trap is laid into its layout",
+    )
+    m.add_argument(
+        "--trap-layer",
+        type=int,
+        metavar="N",
+        help="with --model: the convolution that holds the bins (default: the widest expansion at 8x8 "
+        "that can; an invalid N names the ones that can)",
+    )
+    m.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",

@@ -99,6 +99,8 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         plan=args.trap_plan,
         adapt=args.adapt,
+        model_file=args.model,
+        layer=args.trap_layer,
     )
     _write_out(args.out, summary, targets, recon)
     learned = summary["learned_mean_psnr_db"]
@@ -117,6 +119,21 @@ def _attack_malicious(args: argparse.Namespace) -> int:
         ),
         ("PSNR of each target's flat mean (baseline)", f"{summary['mean_flat_psnr_db']:.2f}"),
         ("PSNR of the mean public face (the prior alone)", f"{summary['prior_psnr_db']:.2f}"),
+        *(
+            [
+                (
+                    f"at {summary['input_size']}x{summary['input_size']}: PSNR mean / prior / flat (dB)",
+                    f"{summary['input_mean_psnr_db']:.2f} / {summary['input_prior_psnr_db']:.2f} / "
+                    f"{summary['input_mean_flat_psnr_db']:.2f}",
+                ),
+                (
+                    f"at {summary['input_size']}x{summary['input_size']}: images at >= 25 dB",
+                    f"{summary['input_frac_psnr_25db']:.2f}",
+                ),
+            ]
+            if "input_size" in summary
+            else []
+        ),
         ("worst case per image: lowest PSNR (dB)", f"{summary['worst_case_min_psnr_db']:.2f}"),
         (
             "images at >= 25 dB / above their flat baseline",
