@@ -847,6 +847,22 @@ def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any], where: str) ->
     return merged
 
 
+def _trap_fits(s: Scenario) -> bool:
+    """Whether a malicious server's trap exists for ``s``'s model and images (fedtiny.attack.malicious and
+    fedtiny.attack.trap_mbconv; whether a published network's layout can hold it is checked when it is built)."""
+    square = s.data.image_width in (0, s.data.image_size) and s.data.channels == 3
+    if str(s.model.file or "").endswith(".pkl"):
+        return square and s.data.image_size == 128
+    return (
+        square
+        and s.model.name == "tiny-ir"
+        and not s.model.file
+        and not s.model.module
+        and s.model.width == 16
+        and s.data.image_size == 32
+    )
+
+
 def _check_cross(where: str, s: Scenario) -> None:
     if s.run.clients_per_round > s.run.clients:
         raise ScenarioError(
@@ -916,22 +932,11 @@ def _check_cross(where: str, s: Scenario) -> None:
             f"{where}: attack.method: {s.attack.method} needs attack.server = {server!r}; with attack.server = "
             f"{s.attack.server!r} the methods are {', '.join(needs)} (imprint reads the malicious server's trap)"
         )
-    if (
-        s.attack.enabled
-        and s.attack.server == "malicious"
-        and (
-            s.model.name != "tiny-ir"
-            or s.model.file
-            or s.model.module
-            or s.model.width != 16
-            or s.data.image_size != 32
-            or s.data.image_width not in (0, 32)
-            or s.data.channels != 3
-        )
-    ):
+    if s.attack.enabled and s.attack.server == "malicious" and not _trap_fits(s):
         raise ScenarioError(
             f"{where}: attack.server: the malicious server's trap is built for the built-in tiny-ir "
-            f"(model.width = 16) on 3x32x32 images (data.image_size = 32, data.channels = 3)"
+            f"(model.width = 16) on 3x32x32 images (data.image_size = 32, data.channels = 3), and for "
+            f"a published int8 model (model.file = a tiny-training .pkl) on 3x128x128 images"
         )
     if s.run.cohort_size > 1 and s.bridge.devices:
         raise ScenarioError(

@@ -323,7 +323,7 @@ def _malicious_start(task: Task, schemes: FleetSchemes | None, progress: Callabl
     if schemes is None:
         return state, None
     load_arrays(task.model, state)
-    scheme = trap_scheme(task.model, trap.layer)
+    scheme = trap_scheme(task.model, trap.layer, trap.inputs)
     return state, FleetSchemes({name: scheme for name in schemes.by_profile}, False, schemes.seed)
 
 

@@ -69,3 +69,19 @@ def test_published_model_leaks_its_clients_faces_through_the_int8_path():
     assert s["frac_identified_top1"] == 1.0
     assert recon.shape == x.shape == (2, 1, 3, 128, 128)
     assert s["input_size"] == 128 and np.isfinite(s["input_mean_psnr_db"])
+
+
+@needs_mcunet
+def test_a_malicious_server_needs_the_published_models_at_128():
+    from fedtiny.scenario import scenario_from_dict
+
+    raw = {
+        "run": {"name": "t", "clients": 2},
+        "data": {"source": "lfw-faces", "image_size": 64, "channels": 3},
+        "model": {"file": str(MCUNET)},
+        "attack": {"enabled": True, "server": "malicious", "method": "imprint", "clients": [0]},
+    }
+    with pytest.raises(ScenarioError, match="published int8 model .* on 3x128x128"):
+        scenario_from_dict(raw, None, where="t")
+    raw["data"]["image_size"] = 128
+    assert scenario_from_dict(raw, None, where="t").attack.server == "malicious"

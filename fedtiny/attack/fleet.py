@@ -265,7 +265,8 @@ def _trained_scheme(task, observed: list[Observed]):
         return None
     model = copy.deepcopy(task.model)
     load_arrays(model, observed[0]["state"])
-    return trap_scheme(model, simulation_trap(task)[1].layer)
+    trap = simulation_trap(task)[1]
+    return trap_scheme(model, trap.layer, trap.inputs)
 
 
 def _images_and_owners(task, ob: Observed) -> tuple[ImageSet, list[int]]:
