@@ -25,7 +25,7 @@ from fedtiny.attack.attacks import AttackConfig, Intervals, match_cosine, progre
 from fedtiny.attack.malicious import Knowledge, imprint, simulation_trap, trap_scheme
 from fedtiny.attack.membership import observed_membership
 from fedtiny.attack.methods import AttackMethod, attack_method
-from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, score, worst_case
+from fedtiny.attack.metrics import flat_psnr, identification_rank, image_distance, psnr, score, ssim, worst_case
 from fedtiny.attack.run import plot_grid
 from fedtiny.attack.surrogate import Surrogate, to_real_units
 from fedtiny.attack.threat import ThreatModel
@@ -39,7 +39,7 @@ from fedtiny.models.state import load_arrays
 from fedtiny.progress import say
 from fedtiny.variants import ATTACK_METHODS
 
-__all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "targets_of"]
+__all__ = ["Observed", "ObservationRecorder", "attack_observed", "privacy_figures", "prior_baseline", "targets_of"]
 
 Observed = dict[str, Any]  # round, partition_id, changes {name: (idx, values)}, state {name: array}
 
@@ -205,6 +205,9 @@ _REPORTED = (
     "leaked_blocks",
     "mean_identification_rank",
     "frac_identified_top1",
+    "mean_prior_psnr_db",
+    "mean_prior_ssim",
+    "prior_mean_identification_rank",
 )
 
 
@@ -231,12 +234,16 @@ def privacy_figures(report: dict[str, Any]) -> dict[str, float | None]:
         "leaked_blocks": "leaked_blocks",
         "mean_identification_rank": "identification_rank",
         "frac_identified_top1": "identified_top1",
+        "mean_prior_psnr_db": "prior_psnr_db",
+        "mean_prior_ssim": "prior_ssim",
+        "prior_mean_identification_rank": "prior_identification_rank",
     }
-    out = {f"privacy_{v}": report[k] for k, v in short.items()}
+    # .get: a report written before the prior baseline existed has no prior figures
+    out = {f"privacy_{v}": report.get(k) for k, v in short.items()}
     out["privacy_membership_auc"] = report.get("membership_auc")
     out["privacy_membership_tpr_1pct"] = report.get("membership_tpr_at_1pct_fpr")
     if report.get("aggregate"):
-        out.update({f"privacy_aggregate_{v}": report["aggregate"][k] for k, v in short.items()})
+        out.update({f"privacy_aggregate_{v}": report["aggregate"].get(k) for k, v in short.items()})
     return out
 
 
@@ -317,6 +324,61 @@ def _identified(ranks: list[int], candidates: int) -> dict[str, Any]:
     }
 
 
+def prior_baseline(task, images: np.ndarray, pool: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+    """The server's prior scored as if it were the reconstruction of each of an observation's images.
+
+    Without looking at any update the server can guess the mean of its public images; an attack
+    that does no better than this guess has learned nothing about the client's image beyond what
+    the server knew (the flat baseline grants the attacker each image's own brightness, this one
+    grants nothing).
+
+    Parameters
+    ----------
+    task
+        The federation's task: its public images ``task.federation.public.x`` (``[N, C, H, W]`` in
+        [0, 1]) make the prior.
+    images
+        The observation's training images, ``[n, C, H, W]``, in the order of the attack's per-image
+        scores.
+    pool
+        The candidates the attack identifies among (:func:`candidate_pool`), ``[M, C, H, W]``.
+    ids
+        Each image's index in ``pool``.
+
+    Returns
+    -------
+    Per image ``prior_psnr_db``, ``prior_ssim`` and ``prior_identification_rank`` (the true image's
+    rank among ``pool`` by distance to the prior), and their means ``mean_prior_psnr_db``,
+    ``mean_prior_ssim``, ``prior_mean_identification_rank``; every figure None when the server has
+    no public image of the images' shape.
+    """
+    public = task.federation.public.x
+    if not len(public) or tuple(public.shape[1:]) != tuple(images.shape[1:]):
+        return dict.fromkeys(
+            (
+                "prior_psnr_db",
+                "prior_ssim",
+                "prior_identification_rank",
+                "mean_prior_psnr_db",
+                "mean_prior_ssim",
+                "prior_mean_identification_rank",
+            )
+        )
+    prior = np.asarray(public, np.float64).mean(axis=0)
+    distances = image_distance(prior, pool)  # one guess for every image: its distances serve them all
+    per = {
+        "prior_psnr_db": [psnr(prior, t) for t in images],
+        "prior_ssim": [ssim(prior, t) for t in images],
+        "prior_identification_rank": [identification_rank(distances, int(i)) for i in ids],
+    }
+    return {
+        **per,
+        "mean_prior_psnr_db": float(np.mean(per["prior_psnr_db"])),
+        "mean_prior_ssim": float(np.mean(per["prior_ssim"])),
+        "prior_mean_identification_rank": float(np.mean(per["prior_identification_rank"])),
+    }
+
+
 def _imprint_all(task, members: list, results: list, grids: list) -> None:
     """The malicious server's imprint on each observed update (``fedtiny.attack.malicious.imprint``)."""
     public, trap = simulation_trap(task)
@@ -339,6 +401,7 @@ def _imprint_all(task, members: list, results: list, grids: list) -> None:
                 "oracle_mean_psnr_db": float(np.mean(out["oracle_psnr_db"])),
                 **out,
                 **_identified(out["identification_rank"], len(pool)),
+                **prior_baseline(task, data.x, pool, ids),
             }
         )
         worst = worst_case({"imprint": out["psnr_db"]}, {"imprint": out["ssim"]}, out["flat_psnr_db"])
@@ -432,6 +495,7 @@ def _attack_all(task, observed: list[Observed], cfg, results: list, grids: list)
                     "true_labels": data[i].y.tolist(),
                     "flat_psnr_db": [flat_psnr(img) for img in data[i].x],
                     **_identified(ranks, len(pool)),
+                    **prior_baseline(task, data[i].x, pool, ids),
                 }
             )
             worst = worst_case({cfg.method: sc["psnr"]}, {cfg.method: sc["ssim"]}, results[-1]["flat_psnr_db"])

@@ -220,7 +220,12 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
     dp = any(s.get("dp_epsilon") is not None for s in summaries.values())
     trap = any(s.get("privacy_oracle_psnr_db") is not None for s in summaries.values())
     ident = any(s.get("privacy_identification_rank") is not None for s in summaries.values())
-    cols = ["PSNR (dB)", "flat (dB)", "images >= 25 dB", "SSIM", "label acc.", "match cos. at truth", "change (LSB)"]
+    prior = any(s.get("privacy_prior_psnr_db") is not None for s in summaries.values())
+    cols = (
+        ["PSNR (dB)", "flat (dB)"]
+        + (["prior (dB)"] if prior else [])
+        + ["images >= 25 dB", "SSIM", "label acc.", "match cos. at truth", "change (LSB)"]
+    )
     cols += ["identification rank", "identified first"] if ident else []
     member = any(s.get("privacy_membership_auc") is not None for s in summaries.values())
     cols += ["membership AUC", "membership TPR at 1% FPR"] if member else []
@@ -232,6 +237,7 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
         cells = [
             pm(s, "privacy_mean_psnr_db", ".2f"),
             pm(s, "privacy_flat_psnr_db", ".2f"),
+            *([pm(s, "privacy_prior_psnr_db", ".2f")] if prior else []),
             pm(s, "privacy_frac_psnr_25db", ".2f"),
             pm(s, "privacy_mean_ssim", ".3f"),
             pm(s, "privacy_label_accuracy", ".2f"),
@@ -267,7 +273,8 @@ def privacy_table(summaries: dict[str, dict[str, Any]]) -> str:
         lines.append(f"\nMean over {seeds} seeds ± half-width of the 95% interval of the mean.")
     lines.append(
         "\nflat: PSNR of each image's own mean brightness (a reconstruction at or below it shows nothing "
-        "recognisable); images >= 25 dB: share of attacked images rebuilt at 25 dB or more; identification rank: "
+        "recognisable); prior: PSNR of the mean of the server's public images, its guess without any update; "
+        "images >= 25 dB: share of attacked images rebuilt at 25 dB or more; identification rank: "
         "where the attacked image ranks among the federation's images (up to 500) by its distance to what "
         "the attack rebuilt (1: it is the closest; an imprint ranks by its blocks, positions unknown); "
         "membership: was a candidate among an update's training images? each candidate's own update, made "

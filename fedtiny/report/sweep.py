@@ -37,6 +37,7 @@ MEAN_KEYS = (
     "dp_epsilon",
     "privacy_frac_psnr_25db",
     "privacy_flat_psnr_db",
+    "privacy_prior_psnr_db",
     "privacy_oracle_psnr_db",
     "privacy_leaked_blocks",
     "privacy_identification_rank",
