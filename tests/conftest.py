@@ -96,3 +96,20 @@ def strategy_round(scenario, on_round=()):
         results[pid], _ = local_round(scenario, pid, 1, job.downlink, kind=job.kind, scheme=job.scheme, state={})
     strategy.aggregate_train(1, client_replies(strategy, sent, results))
     return task, strategy, before, results
+
+
+def attack_one_client(scenario):
+    """The server's side of one round of ``scenario`` with client 0's update attacked in-simulation:
+    ``(task, report)`` (``fedtiny.attack.fleet.attack_observed`` on what client 0 really sent)."""
+    from fedtiny.attack.fleet import attack_observed
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.federated.client import local_round
+    from fedtiny.server_setup import server_task
+
+    task, initial, _, _ = server_task(scenario, progress=None)
+    result, _ = local_round(scenario, 0, 1, pack_dense(initial, task.downlink_spec), scheme=task.scheme)
+    assert not result.refusal, result.refusal
+    observed = [
+        {"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial), "state": initial}
+    ]
+    return task, attack_observed(task, observed, scenario.attack)

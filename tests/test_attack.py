@@ -310,14 +310,10 @@ def test_worst_case_takes_each_images_best_attack_and_counts_recognisable_ones()
 def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_real_update():
     """docs/architecture.md's worked example: a method registered here (L1 distance of the sent coordinates,
     IG's optimizer) is accepted by the scenario and attacks what a client of a real round sent."""
-    from conftest import ROOT
+    from conftest import ROOT, attack_one_client
 
-    from fedtiny.attack.fleet import attack_observed
     from fedtiny.attack.methods import AttackMethod, attack_method
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.client import local_round
     from fedtiny.scenario import ScenarioError, load_scenario, parse_overrides
-    from fedtiny.server_setup import server_task
     from fedtiny.variants import ATTACK_METHODS
 
     calls = []
@@ -343,13 +339,7 @@ def test_a_registered_attack_method_is_a_scenario_choice_and_attacks_a_clients_r
     ATTACK_METHODS.add("test-l1", AttackMethod("test-l1", l1, attack_method("ig").search))
     try:
         scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(overrides))
-        task, initial, _, _ = server_task(scenario, progress=None)
-        result, _ = local_round(scenario, 0, 1, pack_dense(initial, task.downlink_spec), scheme=task.scheme)
-        assert not result.refusal, result.refusal
-        observed = [
-            {"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial), "state": initial}
-        ]
-        report = attack_observed(task, observed, scenario.attack)
+        task, report = attack_one_client(scenario)
     finally:
         del ATTACK_METHODS["test-l1"]
     assert report["method"] == "test-l1" and len(calls) >= 20

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, attack_one_client
 
 
 def test_the_honest_report_scores_the_mean_public_image_against_each_attacked_image():
@@ -10,11 +10,8 @@ def test_the_honest_report_scores_the_mean_public_image_against_each_attacked_im
     image's PSNR and SSIM against the client's images and its rank among the candidates, computed here apart."""
     from skimage.metrics import structural_similarity
 
-    from fedtiny.attack.fleet import attack_observed, candidate_pool, privacy_figures
-    from fedtiny.compress.dense import pack_dense
-    from fedtiny.federated.client import local_round
+    from fedtiny.attack.fleet import candidate_pool, privacy_figures
     from fedtiny.scenario import load_scenario, parse_overrides
-    from fedtiny.server_setup import server_task
 
     overrides = [
         "run.clients=60",
@@ -25,13 +22,7 @@ def test_the_honest_report_scores_the_mean_public_image_against_each_attacked_im
         "attack.restarts=1",
     ]
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.toml", parse_overrides(overrides))
-    task, initial, _, _ = server_task(scenario, progress=None)
-    result, _ = local_round(scenario, 0, 1, pack_dense(initial, task.downlink_spec), scheme=task.scheme)
-    assert not result.refusal, result.refusal
-    observed = [
-        {"round": 1, "partition_id": 0, "changes": task.uplink.decode(result.update, initial), "state": initial}
-    ]
-    report = attack_observed(task, observed, scenario.attack)
+    task, report = attack_one_client(scenario)
     (attack,) = report["attacks"]
 
     own = task.federation.client_data(0)[0]
