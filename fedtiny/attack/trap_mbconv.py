@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedtiny.attack.malicious import BORDER_TAPS, PIXEL_CHANNELS, STEPS, Trap
+from fedtiny.attack.trap import BORDER_TAPS, PIXEL_CHANNELS, STEPS, Trap
 from fedtiny.errors import ScenarioError
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.ops.conv import QConv
