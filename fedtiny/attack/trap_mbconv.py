@@ -27,23 +27,20 @@ the jigsaw and the placement are tiny-ir's, on ``G``; the scores at 128x128 upsa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from fedtiny.attack.trap import BORDER_TAPS, PIXEL_CHANNELS, STEPS, Trap
 from fedtiny.errors import ScenarioError
+from fedtiny.int8.blocks import MBBlock, mb_blocks
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.ops.conv import QConv
 from fedtiny.int8.trace import FloatAdd, FloatConv, FloatGraph, FloatPool, calibrate, quantize
 
 __all__ = [
-    "MBBlock",
     "PIXELS_AT",
     "BORDERS_AT",
     "SUM",
-    "mb_blocks",
     "mb_trap_layers",
     "mb_trap_settings",
     "mb_trap_graph",
@@ -56,36 +53,6 @@ BORDERED = np.concatenate([PIXELS_AT, BORDERS_AT])  # the bins' trained inputs (
 SUM = 24  # the channel the bins' projection sums them onto (zero in the stream: a residual adds nothing)
 ZERO = 25  # an input of the bins that is always zero: it holds the weight that fixes the bins' common scale
 SIZE = 128  # the input side the trap is laid out for (4 stride-2 steps to the bins' 8x8)
-
-
-@dataclass(frozen=True)
-class MBBlock:
-    """One inverted-residual block of an int8 graph, by op name."""
-
-    expand: str | None
-    depthwise: str
-    project: str
-    add: str | None
-    stride: int
-
-
-def mb_blocks(model: QModel) -> tuple[str, list[MBBlock]]:
-    """The stem and the blocks of ``model`` (``fedtiny.int8.graph.from_blocks``' layout)."""
-    convs = [n.op for n in model.nodes if isinstance(model.op(n.op), QConv) and n.op != "classifier"]
-    adds = {n.inputs[1]: n.op for n in model.nodes if n.op.startswith("add")}
-    if not convs or convs[0] != "conv0":
-        raise ScenarioError("the trap reads an inverted-residual int8 graph (conv0 first)")
-    blocks, i = [], 1
-    while i < len(convs):
-        expand = None
-        if not model.op(convs[i]).is_depthwise:
-            expand, i = convs[i], i + 1
-        if i + 1 >= len(convs) or not model.op(convs[i]).is_depthwise:
-            raise ScenarioError(f"the trap: {convs[i - 1]} is not followed by a depthwise and a projection")
-        dw, pw = convs[i], convs[i + 1]
-        blocks.append(MBBlock(expand, dw, pw, adds.get(pw), model.op(dw).stride))
-        i += 2
-    return convs[0], blocks
 
 
 def mb_trap_layers(model: QModel) -> list[int]:

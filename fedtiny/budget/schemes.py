@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedtiny.errors import SchemeError
+from fedtiny.int8.lite_residual import LiteSpec, is_lite, lite_convs, parse_lite
 
 __all__ = [
     "Scheme",
@@ -47,7 +48,7 @@ __all__ = [
     "union",
 ]
 
-PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit", "search", "fisher", "random:N")
+PRESETS = ("full", "bias-only", "last-k:N", "last-k:fit", "search", "fisher", "random:N", "lite-residual[:options]")
 LAST_K_FIT = -1  # last-k:fit: the largest N whose step fits the device (the task resolves it)
 CRITERIA = ("magnitude+", "random")
 RULES = ("search", "fisher", "random")  # schemes chosen for a device's budget (the task resolves them)
@@ -66,6 +67,7 @@ class Scheme:
     last_k: int | None = None
     weight_channels: tuple[tuple[int, ...], ...] | None = None  # explicit channels per weight_update entry
     rule: str = ""  # search, fisher, random: chosen per device (``name`` then carries random's N)
+    lite: LiteSpec | None = None  # TinyTL's lite residual modules (the task extends the model with them)
 
 
 @dataclass
@@ -175,6 +177,8 @@ def _from_dict(d: dict[str, Any], name: str) -> Scheme:
 def parse_scheme(text: str) -> Scheme:
     """Read a scheme: a preset, inline JSON, or a JSON/TOML file (``schemes.json#id`` picks an entry)."""
     text = text.strip()
+    if is_lite(text):
+        return Scheme(text, lite=parse_lite(text))
     if text == "full":
         return Scheme("full")
     if text == "bias-only":
@@ -233,12 +237,29 @@ def _select(weight: torch.Tensor, depthwise: bool, ratio: float, criterion: str,
     return sorted(order[:k])
 
 
+def _in_channels(conv) -> int:
+    """A convolution's weight channels a scheme selects among: a depthwise's channels, else its inputs."""
+    return conv.out_channels if conv.is_depthwise else conv.in_channels
+
+
 def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
     """Fix ``scheme`` against an int8 model: which biases and which weight channels are trained."""
     convs = model.convs()
     n = len(convs)
     if scheme.last_k == LAST_K_FIT or scheme.rule:
         raise SchemeError(f"scheme {scheme.name} depends on the device; resolve it with fedtiny.federated.task")
+    if scheme.lite is not None:
+        lite = lite_convs(model)
+        if not lite:
+            raise SchemeError(
+                f"scheme {scheme.name}: the model has no lite residual modules (the task adds them when "
+                "train.scheme is lite-residual)"
+            )
+        n_bias = n if scheme.lite.biases == "all" else 0
+        bias = [n_bias > 0 or i in lite for i in range(n)]
+        in_ch = [_in_channels(c) for c in convs]
+        channels = [list(range(in_ch[i])) if i in lite else None for i in range(n)]
+        return ResolvedScheme(scheme.name, bias, channels, in_ch, True)
     if scheme.last_k is not None:
         k = min(scheme.last_k, n)
         n_bias, weights = k, tuple((i, 1.0) for i in range(n - k, n))
@@ -251,7 +272,7 @@ def resolve(scheme: Scheme, model, seed: int = 0) -> ResolvedScheme:
         raise SchemeError(f"scheme {scheme.name}: n_bias_update {n_bias} exceeds the model's {n} convolutions{other}")
     bias = [i >= n - n_bias for i in range(n)]
     channels: list[list[int] | None] = [None] * n
-    in_ch = [c.out_channels if c.is_depthwise else c.in_channels for c in convs]
+    in_ch = [_in_channels(c) for c in convs]
     for j, (idx, ratio) in enumerate(weights):
         if idx >= n:
             raise SchemeError(

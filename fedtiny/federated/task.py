@@ -22,6 +22,7 @@ from fedtiny.errors import ModelFileError, ScenarioError
 from fedtiny.federated.train import evaluate, pretrain
 from fedtiny.int8.convert import ptq
 from fedtiny.int8.graph import replace_head, unit_scale
+from fedtiny.int8.lite_residual import extend_lite, is_lite, parse_lite
 from fedtiny.int8.modelfile import read_model
 from fedtiny.int8.prefix import PrefixStore
 from fedtiny.int8.transfer import fit_head
@@ -195,6 +196,20 @@ def _to_int8(scenario: Scenario, fp32: nn.Module, calibration: np.ndarray) -> nn
         raise
 
 
+def _with_lite(scenario: Scenario, model: nn.Module) -> nn.Module:
+    """``model`` with TinyTL's lite residual modules when ``train.scheme`` asks for them (the same
+    modules, seeded by ``run.seed``, wherever the task's int8 layout is made)."""
+    text = scenario.scheme_text
+    if not is_lite(text):
+        return model
+    if scenario.model.precision != "int8":
+        raise ScenarioError(f"train.scheme = {text}: lite residual modules are int8 (model.precision = int8)")
+    try:
+        return extend_lite(model, parse_lite(text), seed=scenario.run.seed)
+    except ModelFileError as exc:
+        raise ScenarioError(f"train.scheme = {text}: {exc}") from None
+
+
 def _file_model(scenario: Scenario, fed: Federation) -> nn.Module:
     """The int8 network of ``model.file`` with a new classifier for the data's classes."""
     m = scenario.model
@@ -237,11 +252,11 @@ def make_task(scenario: Scenario, scheme: ResolvedScheme | None = None) -> Task:
     """
     fed = load_federation(scenario)
     if scenario.model.file:
-        model = _file_model(scenario, fed)
+        model = _with_lite(scenario, _file_model(scenario, fed))
     else:
         model = _fp32_model(scenario, fed)
         if scenario.model.precision == "int8":
-            model = _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
+            model = _with_lite(scenario, _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32)))
         elif scenario.model.module:  # an fp32 network is costed on its int8 twin: it must have one
             _to_int8(scenario, model, np.zeros((1, *fed.image_shape), np.float32))
     task = Task(scenario, fed, model, array_spec(model), array_spec(model, trainable_names(model)))
@@ -330,7 +345,7 @@ def cloud_model(task: Task) -> tuple[dict[str, np.ndarray], CloudReport]:
     if s.model.precision == "fp32":
         return model_arrays(fp32), CloudReport(fit.accuracy, fp32_acc, None)
     calib = fed.public.subset(np.arange(min(s.model.calibration_samples, len(fed.public)))).x
-    qmodel = _to_int8(s, fp32, calib)
+    qmodel = _with_lite(s, _to_int8(s, fp32, calib))
     return model_arrays(qmodel), CloudReport(fit.accuracy, fp32_acc, evaluate(qmodel, fed.test)[1])
 
 

@@ -130,6 +130,9 @@ def compare_with_tflm(
     want = tflm_invoke(blob, x)
     got = tfl(ours(x)[model.nodes[-1].op], want)
     ref, mine = tflm_tensors(blob, x[:1]), ours(x[:1])
+    # A tensor fedtiny exported carries its op's name; import names the rest by position (add0, add1,
+    # ...), which is another op's name when a graph has adds beside its blocks' (lite residual modules).
+    names.update({i: t.name for i, t in enumerate(graph.tensors) if t.name in mine})
     # a PAD that export inserts before a padded conv has no tensor of ours (import folds it into
     # the conv, mapping its output to the conv's input): only tensors of equal size are compared
     same = [i for i in names if i in ref and names[i] in mine and mine[names[i]].numel() == ref[i].size]

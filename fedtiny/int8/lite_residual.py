@@ -1,0 +1,186 @@
+"""TinyTL's lite residual modules (Cai et al., NeurIPS 2020) on an int8 inverted-residual graph.
+
+"Reduce Activations, Not Trainable Parameters": freeze the weights, train the biases, and give
+chosen blocks a small side branch from the block's input to its output, whose weights are trained.
+Here each branch is a depthwise convolution (the block's kernel and stride; ``multiplier`` copies of
+each input channel: TinyTL's group convolution at its narrowest groups) then a 1x1 convolution to
+the block's output channels, added to the block's output:
+
+``lite<j>a``  depthwise on the block's input (ReLU6, the quantization of the block's depthwise)
+``lite<j>b``  1x1 to the block's output channels (the quantization of the block's output, zero 0)
+``lite<j>``   the add of the block's output and ``lite<j>b`` (the block's output quantization)
+
+``lite<j>b`` starts at zero weights (with the scales of a He initialisation, so training moves
+them in steps of a sensible size) and shares its output scale with the block's output: the add then
+rescales by exact powers of two, and the extended network computes exactly what the original did.
+
+TinyTL also lowers the branch's resolution (a 2x2 average pool before it, an upsampling after it),
+which shrinks its activations further; fedtiny's int8 graph has no upsampling op yet, so
+``reduction`` is 1 (:class:`LiteSpec` refuses another value with that reason).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtiny.errors import ModelFileError, SchemeError
+from fedtiny.int8.blocks import MBBlock, mb_blocks
+from fedtiny.int8.graph import QModel
+from fedtiny.int8.ops.add import QAdd
+from fedtiny.int8.ops.conv import QConv
+
+__all__ = ["LITE", "LiteSpec", "parse_lite", "extend_lite", "lite_convs", "is_lite"]
+
+LITE = "lite-residual"  # the scheme preset's name
+
+
+@dataclass(frozen=True)
+class LiteSpec:
+    """Where the lite residual modules go and how wide they are.
+
+    Attributes
+    ----------
+    blocks
+        Train a module beside the last ``blocks`` blocks (0: every block).
+    multiplier
+        Channels of the branch's depthwise per input channel.
+    reduction
+        The branch's resolution divided by this (1 only: see the module's note).
+    biases
+        ``all`` (TinyTL: every bias of the frozen network too) or ``lite`` (the modules' alone).
+    """
+
+    blocks: int = 0
+    multiplier: int = 1
+    reduction: int = 1
+    biases: str = "all"
+
+
+def is_lite(scheme_text: str) -> bool:
+    """Whether a scheme string asks for lite residual modules."""
+    return scheme_text.strip() == LITE or scheme_text.strip().startswith(LITE + ":")
+
+
+def parse_lite(text: str) -> LiteSpec:
+    """``lite-residual`` or ``lite-residual:blocks=4,multiplier=2,reduction=1,biases=lite``.
+
+    Raises
+    ------
+    SchemeError
+        An unknown key or a value out of range, named.
+    """
+    _, _, opts = text.strip().partition(":")
+    values: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in opts.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("blocks", "multiplier", "reduction", "biases"):
+            raise SchemeError(
+                f"scheme {text!r}: {part!r}: expected key=value with key blocks, multiplier, reduction or biases"
+            )
+        values[key] = value.strip()
+    try:
+        spec = LiteSpec(
+            blocks=int(values.get("blocks", 0)),
+            multiplier=int(values.get("multiplier", 1)),
+            reduction=int(values.get("reduction", 1)),
+            biases=values.get("biases", "all"),
+        )
+    except ValueError as exc:
+        raise SchemeError(f"scheme {text!r}: {exc}") from None
+    if spec.blocks < 0 or spec.multiplier < 1:
+        raise SchemeError(f"scheme {text!r}: blocks must be >= 0 and multiplier >= 1")
+    if spec.biases not in ("all", "lite"):
+        raise SchemeError(f"scheme {text!r}: biases must be all or lite, not {spec.biases!r}")
+    if spec.reduction != 1:
+        raise SchemeError(
+            f"scheme {text!r}: reduction {spec.reduction}: a branch at lower resolution needs an upsampling op "
+            "(RESIZE_NEAREST_NEIGHBOR), which fedtiny's int8 graph does not have yet; use reduction=1"
+        )
+    return spec
+
+
+def lite_convs(model: QModel) -> list[int]:
+    """Indices (in ``model.convs()``, the schemes' layer indices) of the lite modules' convolutions."""
+    return [i for i, c in enumerate(model.convs()) if c.tag.startswith("lite")]
+
+
+def _y(model: QModel, tensor: str) -> tuple[float, int]:
+    """The output quantization ``(scale, zero)`` of the op writing ``tensor``."""
+    q = model.op(tensor).qparams
+    return float(q[2]), int(q[3])
+
+
+def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
+    """The three ops of block ``j``'s module (modules carrying their ``tag``) and their inputs; the
+    branch reads ``source`` (the block's input, or the module's add that replaced it)."""
+    dw, pw = model.op(b.depthwise), model.op(b.project)
+    cin = model.op(b.expand).in_channels if b.expand else dw.in_channels
+    cout = pw.out_channels
+    k = dw.kernel_size
+    mid = cin * spec.multiplier
+    # He initialisation of a depthwise (fan-in k*k), on int8's grid with per-channel scales
+    w = rng.normal(0.0, np.sqrt(2.0 / (k * k)), (mid, 1, k, k))
+    scales = np.maximum(np.abs(w).reshape(mid, -1).max(1), 1e-8) / 127.0
+    x_q = _y(model, b.source) if b.source != "input" else (float(model.input_params[0]), int(model.input_params[1]))
+    a = QConv(
+        torch.from_numpy(np.round(w / scales[:, None, None, None])),
+        torch.zeros(mid),
+        torch.from_numpy(scales),
+        *x_q,
+        *_y(model, b.depthwise),
+        dw.stride,
+        cin,
+        padding=dw.padding,
+        activation=dw.activation,
+    )
+    a.relu = True
+    # the 1x1's scales as a He initialisation's, its weights zero: the module adds nothing at first
+    he = rng.normal(0.0, np.sqrt(2.0 / mid), (cout, mid))
+    out_scale, out_zero = _y(model, b.output)
+    pb = QConv(
+        torch.zeros(cout, mid, 1, 1),
+        torch.zeros(cout),
+        torch.from_numpy(np.maximum(np.abs(he).max(1), 1e-8) / 127.0),
+        *_y(model, b.depthwise),
+        out_scale,
+        0,
+        padding=(0, 0, 0, 0),
+    )
+    pb.relu = False
+    # the same scale on both inputs and the output: the add's multipliers are powers of two (exact)
+    add = QAdd(out_scale, out_zero, out_scale, 0, out_scale, out_zero)
+    a.tag, pb.tag, add.tag = f"lite{j}a", f"lite{j}b", f"lite{j}"
+    return [(a, (source,)), (pb, (a.tag,)), (add, (b.output, pb.tag))]
+
+
+def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
+    """A copy of ``model`` with a lite residual module beside each chosen block (see the module's note).
+
+    Raises
+    ------
+    ModelFileError
+        ``model`` is not an inverted-residual graph, or already has lite modules.
+    """
+    if any(n.op.startswith("lite") for n in model.nodes):
+        raise ModelFileError("lite-residual: the model already has lite residual modules")
+    _, blocks = mb_blocks(model)
+    chosen = blocks[-spec.blocks :] if spec.blocks else blocks
+    model = copy.deepcopy(model)
+    rng = np.random.default_rng(seed)
+    after = {b.output: (j, b) for j, b in enumerate(blocks) if b in chosen}
+    rename: dict[str, str] = {}
+    ops = []
+    for n in model.nodes:
+        ops.append((model.op(n.op), tuple(rename.get(t, t) for t in n.inputs)))
+        if n.op in after:
+            j, b = after[n.op]
+            ops += _branch(model, b, j, rename.get(b.source, b.source), spec, rng)
+            rename[n.op] = f"lite{j}"
+    scale, zero, mean, std = (float(v) for v in model.input_params)
+    out = QModel(ops, scale, int(zero), mean, std, model.input_shape)
+    out.float_input, out.float_output = model.float_input, model.float_output
+    return out

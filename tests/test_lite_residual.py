@@ -1,0 +1,102 @@
+"""TinyTL's lite residual modules: the extended int8 graph, its scheme, the C step and TFLM."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_MODELS
+from test_c_step import _compare, _digits_batches, built  # noqa: F401 (built: the C step's fixture)
+from test_int8 import small_qmodel
+
+from fedtiny.budget.schemes import apply_scheme, parse_scheme, resolve
+from fedtiny.errors import SchemeError
+from fedtiny.int8.lite_residual import extend_lite, lite_convs, parse_lite
+
+
+def _lite(model, text="lite-residual"):
+    q = extend_lite(model, parse_lite(text), seed=0)
+    apply_scheme(q, resolve(parse_scheme(text), q))
+    return q
+
+
+def test_the_extended_model_computes_what_the_original_did():
+    """The modules' 1x1 starts at zero and shares the block output's scale: the same integers everywhere."""
+    q = small_qmodel()
+    e = extend_lite(q, parse_lite("lite-residual:multiplier=2"), seed=0)
+    x = torch.from_numpy(_digits_batches(1, size=32)[0][0].numpy())
+    with torch.no_grad():
+        assert torch.equal(q.int8_forward(q.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
+    lite = lite_convs(e)
+    assert len(lite) == 2 * (len(e.convs()) - len(q.convs())) // 2 and len(lite) > 0
+    assert all(not e.convs()[i].weight.detach().any() for i in lite[1::2])  # the 1x1s: zero weights
+    assert all(float(e.convs()[i].w_scales.min()) > 0 for i in lite)  # with scales that let them move
+
+
+def test_the_scheme_trains_every_bias_and_the_modules_weights():
+    e = _lite(small_qmodel())
+    lite = set(lite_convs(e))
+    assert all(c.bias.requires_grad for c in e.convs())
+    assert [i for i, c in enumerate(e.convs()) if c.weight.requires_grad] == sorted(lite)
+    only = _lite(small_qmodel(), "lite-residual:blocks=1,biases=lite")
+    assert [i for i, c in enumerate(only.convs()) if c.bias.requires_grad] == lite_convs(only)
+    assert len(lite_convs(only)) == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lite-residual:reduction=2", "needs an upsampling op"),
+        ("lite-residual:width=3", "key blocks, multiplier, reduction or biases"),
+        ("lite-residual:multiplier=0", "multiplier >= 1"),
+    ],
+)
+def test_bad_options_are_named(text, message):
+    with pytest.raises(SchemeError, match=message):
+        parse_scheme(text)
+
+
+def test_a_model_without_modules_is_refused_by_the_scheme():
+    q = small_qmodel()
+    with pytest.raises(SchemeError, match="no lite residual modules"):
+        resolve(parse_scheme("lite-residual"), q)
+
+
+def test_the_c_step_trains_the_modules_as_the_simulator_does(built):  # noqa: F811
+    """Bit-exact against the simulator's exact step. The memory planner counts more than the C step's
+    own layout needs for this graph (docs/tinytl.md): it must never count less."""
+    from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.memory import plan
+
+    q = _lite(small_qmodel())
+    q.input_shape = (1, 8, 8)
+    before = {i: q.convs()[i].weight.detach().clone() for i in lite_convs(q)}
+    ledger, _ = plan(q, (1, 8, 8), accumulate=True)
+    forward, params, cs = _compare(q, *_digits_batches(2), steps=2, lr=0.05, planned=False)
+    assert forward == 0 and params == 0
+    assert any(not torch.equal(before[i], q.convs()[i].weight.detach()) for i in before)  # the modules trained
+    assert ledger.peak_without("persistent:", "act:input") >= lay_out(cs.record(16)).peak_live_bytes
+
+
+def test_the_trained_extended_model_runs_in_tflm_with_no_differing_element():
+    from fedtiny.data import load_source
+    from fedtiny.federated.train import seeded, train_local
+    from fedtiny.tools.models import compare_with_tflm
+
+    q = _lite(small_qmodel())
+    data = load_source("digits").subset(np.arange(1, 200, 2))
+    train_local(q, data, epochs=1, batch_size=16, lr=0.05, optimizer="sgd+qas", momentum=0.0, gen=seeded(0))
+    assert any(q.convs()[i].weight.detach().any() for i in lite_convs(q)[1::2])  # the 1x1s moved off zero
+    q.input_shape = (1, 8, 8)
+    r = compare_with_tflm(q, inputs=8)
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+
+
+@pytest.mark.skipif(not (SHARED_MODELS / "mcunet-5fps.pkl").is_file(), reason="../shared/models/tiny-training absent")
+def test_mcunet_extended_computes_what_it_did():
+    from fedtiny.int8.modelfile import read_model
+
+    m = read_model(SHARED_MODELS / "mcunet-5fps.pkl")
+    e = extend_lite(m, parse_lite("lite-residual:blocks=4"), seed=0)
+    assert len(lite_convs(e)) == 8
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m.int8_forward(m.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
