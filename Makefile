@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
 
-.PHONY: install native demo test bench deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate ops-tflm op-kinds format docs clean
+.PHONY: install native demo test bench bench-peers deploy-demo firmware firmware-demo firmware-check firmware-profile firmware-opcheck firmware-calibrate ops-tflm op-kinds format docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ format: $(STAMP)  ## format the code and sort its imports (ruff; make test check
 
 bench: $(STAMP) native  ## benchmarks (ratios against an in-process baseline)
 	$(BIN)/fedtiny bench sim --json
+
+bench-peers: $(STAMP)  ## fedtiny, Flower's plain simulation and pfl-research on one FedAvg workload (pfl's env: .bench-envs/pfl, made on first use)
+	$(BIN)/fedtiny bench peers --json
 
 deploy-demo: $(STAMP) native  ## SuperLink + 2 SuperNodes (one bridged to a device emulator), 2 rounds, then stop; TLS=1: with TLS and SuperNode auth
 	TLS=$(TLS) ./scripts/deploy_demo.sh

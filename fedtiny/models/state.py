@@ -21,14 +21,15 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def wire_dtype(model: nn.Module, name: str) -> np.dtype:
-    """The dtype of tensor ``name`` on the device."""
+def wire_dtype(model: nn.Module, name: str, state: dict[str, torch.Tensor] | None = None) -> np.dtype:
+    """The dtype of tensor ``name`` on the device (``state``: ``model.state_dict()`` when the caller has it:
+    building it per tensor made a float client's round spend 43% of its time here, bench peers)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     declared = getattr(module, "WIRE_DTYPES", {}).get(attr)
     if declared:
         return np.dtype(declared)
-    return np.dtype(str(model.state_dict()[name].dtype).replace("torch.", ""))
+    return np.dtype(str((model.state_dict() if state is None else state)[name].dtype).replace("torch.", ""))
 
 
 def to_wire(a: torch.Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -40,7 +41,7 @@ def model_arrays(model: nn.Module, names: list[str] | None = None) -> dict[str, 
     """Return ``model``'s floating-point state (all, or ``names``) in on-device dtypes."""
     state = model.state_dict()
     keys = names if names is not None else [k for k, v in state.items() if v.is_floating_point()]
-    return {k: to_wire(state[k], wire_dtype(model, k)) for k in keys}
+    return {k: to_wire(state[k], wire_dtype(model, k, state)) for k in keys}
 
 
 def load_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:

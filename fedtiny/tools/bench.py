@@ -860,3 +860,14 @@ def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHES["secagg"] = bench_secagg
+
+
+def bench_peers(args: argparse.Namespace) -> dict[str, Any]:
+    """fedtiny against Flower's plain simulation and pfl-research (:mod:`fedtiny.tools.bench_peers`)."""
+    # deferred: the peers bench (and what it imports) loads only for ``bench peers``
+    from fedtiny.tools.bench_peers import bench_peers as run
+
+    return run(args)
+
+
+BENCHES["peers"] = bench_peers

@@ -395,8 +395,9 @@ def _add_search(p: argparse.ArgumentParser) -> None:
 def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "bench",
-        choices=["sim", "qas", "codec", "train", "secagg", "round"],
+        choices=["sim", "qas", "codec", "train", "secagg", "round", "peers"],
         help="sim: Flower simulation vs a bare Python loop; qas: fp32 vs int8 SGD vs int8 SGD+QAS; "
+        "peers: one float FedAvg workload in fedtiny, Flower's plain simulation and pfl-research, side by side; "
         "round: a client round on the reference path vs the fast path (cached frozen prefix); "
         "codec: bits per position of the wire format vs the entropy floor; "
         "train: the client's int8 step vs a float step of the same network; "
@@ -418,7 +419,30 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         "sim, scenarios/quickstart.toml otherwise)",
     )
     p.add_argument(
-        "--clients", type=int, default=0, help="sim: clients per round (N, default 100); secagg: clients (default 10)"
+        "--clients",
+        type=int,
+        default=0,
+        help="sim, peers: clients per round (N, default 100); secagg: clients (default 10)",
+    )
+    p.add_argument("--fleet", type=int, default=1000, help="peers: clients in the fleet")
+    p.add_argument("--rounds", type=int, default=5, help="peers: federated rounds")
+    p.add_argument(
+        "--workers", type=int, default=2, help="peers: CPU workers of each simulator (Ray CPUs, pfl processes)"
+    )
+    p.add_argument(
+        "--peers",
+        default="fedtiny,flower,pfl",
+        help="peers: the simulators to run, comma-separated (pfl's environment is created under .bench-envs on first use)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="peers: then profile fedtiny on the workload (cProfile of a client cohort and of the server)",
+    )
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="peers: go on without pfl when its environment cannot be created (no package index)",
     )
     p.add_argument(
         "--cohort-size",
@@ -436,7 +460,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="qas: middle of the fp32/QAS learning-rate grid (0: 0.003, or 1e-4 with --model)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="qas with --model: seeds to average over")
+    p.add_argument("--seeds", type=int, default=3, help="qas with --model, peers: seeds to average over (from 0)")
     _add_scenario_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
