@@ -100,3 +100,40 @@ def test_mcunet_extended_computes_what_it_did():
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(m.int8_forward(m.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
+
+
+MLPERF = SHARED_MODELS.parent / "mlperf-tiny"
+
+
+@pytest.mark.skipif(not (MLPERF / "kws_ref_model.tflite").is_file(), reason="../shared/models/mlperf-tiny absent")
+def test_mlperf_ds_cnn_gets_modules_that_tflm_runs_exactly():
+    """DS-CNN's depthwise-separable blocks take modules; with weights off zero, TFLM computes every tensor alike."""
+    from fedtiny.int8.modelfile import read_model
+    from fedtiny.tools.models import compare_with_tflm
+
+    m = read_model(MLPERF / "kws_ref_model.tflite")
+    e = extend_lite(m, parse_lite("lite-residual:blocks=2"), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in lite_convs(e):
+            w = e.convs()[i].weight
+            w.copy_(torch.randint(-20, 21, w.shape, generator=gen).float())
+    r = compare_with_tflm(e, inputs=4)
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+
+
+@pytest.mark.skipif(not (MLPERF / "pretrainedResnet_quant.tflite").is_file(), reason="mlperf-tiny absent")
+def test_a_network_without_inverted_residual_blocks_is_refused_by_name():
+    from fedtiny.errors import ScenarioError
+    from fedtiny.scenario import scenario_from_dict
+
+    raw = {
+        "run": {"name": "t", "clients": 2},
+        "data": {"source": "digits", "image_size": 32, "channels": 3},
+        "model": {"file": str(MLPERF / "pretrainedResnet_quant.tflite")},
+        "train": {"scheme": "lite-residual"},
+    }
+    from fedtiny.federated.task import make_task
+
+    with pytest.raises(ScenarioError, match="lite-residual: not an inverted-residual int8 graph"):
+        make_task(scenario_from_dict(raw, None, where="t"))
