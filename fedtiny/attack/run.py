@@ -388,6 +388,7 @@ def run_malicious(
         model_file=model_file,
     )
     size = scenario.data.image_size
+    probe = None
     if model_file is not None:
         if learned:
             raise ScenarioError("faces-malicious: the learned inverter is built for tiny-ir (no --model)")
@@ -406,7 +407,8 @@ def run_malicious(
     x, y = face_images(targets * batch, size=size, seed=seed)
     rest = np.setdiff1d(np.arange(LFW_FACES), face_ids(targets * batch, seed))
     public = _resize(lfw_subset()[rest].astype(np.float32)[:, None], size).repeat(3, axis=1)
-    task = make_task(scenario)
+    # a published model's layout was read for the trap's layer: the task is that one, with the trap's scheme
+    task = make_task(scenario) if probe is None else replace(probe, scenario=scenario)
     inputs = BORDERED if model_file is not None else TRAP_CHANNELS
     scheme = trap_scheme(task.model, adapted.get("layer", TRAP_LAYER), inputs) if precision == "int8" else None
     task = with_scheme(task, scheme)
