@@ -533,9 +533,13 @@ def run_peer(name: str, spec: dict[str, Any], *, pfl_python: Path | None = None,
     relay = threading.Thread(target=_relay, args=(proc.stderr, log, f"{name} seed {spec['seed']}"), daemon=True)
     relay.start()
     with TreeMemory(proc.pid) as mem:
-        out, _ = proc.communicate()
+        # stdout here, stderr in the relay thread only (communicate() would read and close it under the thread)
+        out = proc.stdout.read()
+        proc.wait()
     t_exit = time.time()
     relay.join(timeout=5)
+    proc.stdout.close()
+    proc.stderr.close()
     tagged = [line[len(RESULT_TAG) :] for line in out.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not tagged:
         tail = "\n".join(log[-25:])
