@@ -44,7 +44,7 @@ def test_the_scheme_trains_every_bias_and_the_modules_weights():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("lite-residual:reduction=2", "needs an upsampling op"),
+        ("lite-residual:reduction=0", "reduction >= 1"),
         ("lite-residual:width=3", "key blocks, multiplier, reduction or biases"),
         ("lite-residual:multiplier=0", "multiplier >= 1"),
     ],
@@ -74,6 +74,49 @@ def test_the_c_step_trains_the_modules_as_the_simulator_does(built):  # noqa: F8
     assert forward == 0 and params == 0
     assert any(not torch.equal(before[i], q.convs()[i].weight.detach()) for i in before)  # the modules trained
     assert ledger.peak_without("persistent:", "act:input") >= lay_out(cs.record(16)).peak_live_bytes
+
+
+def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_less_memory(built):  # noqa: F811
+    """reduction=2: the branch pooled 2x2 and upsampled by 2 still adds nothing at first; the C step trains it bit
+    for bit; with its weights off zero TFLM computes every tensor alike; and the step's peak is below
+    reduction=1's (TinyTL's point). A reduction that misses a block's output size is refused by name."""
+    import copy
+
+    from fedtiny.budget.arena import lay_out
+    from fedtiny.budget.memory import memory_report, plan
+    from fedtiny.tools.models import compare_with_tflm
+
+    q = small_qmodel()
+    e = extend_lite(q, parse_lite("lite-residual:reduction=2"), seed=0)
+    assert [n.op for n in e.nodes if n.op.startswith("lite1")] == ["lite1p", "lite1a", "lite1b", "lite1u", "lite1"]
+    x = torch.from_numpy(_digits_batches(1, size=32)[0][0].numpy())
+    with torch.no_grad():
+        assert torch.equal(q.int8_forward(q.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
+
+    t = copy.deepcopy(e)
+    apply_scheme(t, resolve(parse_scheme("lite-residual:reduction=2"), t))
+    before = {i: t.convs()[i].weight.detach().clone() for i in lite_convs(t)}
+    ledger, _ = plan(t, (1, 8, 8), accumulate=True)
+    forward, params, cs = _compare(t, *_digits_batches(2), steps=2, lr=0.05, planned=False)
+    assert forward == 0 and params == 0
+    assert any(not torch.equal(before[i], t.convs()[i].weight.detach()) for i in before)
+    assert ledger.peak_without("persistent:", "act:input") >= lay_out(cs.record(16)).peak_live_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in lite_convs(t):
+            w = t.convs()[i].weight
+            w.copy_(torch.randint(-20, 21, w.shape, generator=gen).float())
+    r = compare_with_tflm(t, inputs=4)
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+
+    peaks = {}
+    for text in ("lite-residual", "lite-residual:reduction=2"):
+        m = extend_lite(q, parse_lite(text), seed=0)
+        peaks[text] = memory_report(m, resolve(parse_scheme(text), m), (1, 8, 8)).peak_sram_bytes
+    assert peaks["lite-residual:reduction=2"] < peaks["lite-residual"], peaks
+    with pytest.raises(SchemeError, match=r"reduction 3: block 0 \(conv1\) maps 8x8 to 8x8.* 6x6 upsampled"):
+        extend_lite(q, parse_lite("lite-residual:reduction=3"))
 
 
 def test_the_trained_extended_model_runs_in_tflm_with_no_differing_element():

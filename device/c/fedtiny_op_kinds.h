@@ -12,7 +12,8 @@ enum ft_op_kind {
     FT_OP_MUL = 5,
     FT_OP_CONCAT = 6,
     FT_OP_LOOKUP = 7,
-    FT_OP_SLICE = 8
+    FT_OP_SLICE = 8,
+    FT_OP_RESIZE = 9
 };
 
 #endif

@@ -57,7 +57,11 @@ static int valid_elementwise(const ft_model *m, const ft_op *op) {
     if (op->c <= 0 || hw <= 0 || op->oc <= 0 || ohw <= 0 || (int64_t)op->c * hw != ft_out_size(m, op->in0)) return 0;
     switch (op->kind) {
     case FT_OP_ADD: return ft_out_size(m, op->in1) == count && ft_out_size(m, op->in0) == count;
-    case FT_OP_POOL:
+    case FT_OP_POOL: /* windows that do not overlap (the backward's one share per input), each with a tap inside */
+        return op->oc == op->c && op->kh > 0 && op->kw > 0 && op->stride > 0 && op->pad_t >= 0 && op->pad_l >= 0 &&
+               op->pad_t < op->kh && op->pad_l < op->kw && (op->kh <= op->stride || op->oh == 1) &&
+               (op->kw <= op->stride || op->ow == 1) && (int64_t)(op->oh - 1) * op->stride - op->pad_t < op->h &&
+               (int64_t)(op->ow - 1) * op->stride - op->pad_l < op->w;
     case FT_OP_MEAN: return op->oc == op->c && ohw == 1;
     case FT_OP_MAXPOOL:
         return op->oc == op->c && op->kh > 0 && op->kw > 0 && op->kh * op->kw < 255 && op->stride > 0 &&
@@ -82,6 +86,8 @@ static int valid_elementwise(const ft_model *m, const ft_op *op) {
                                op->step_h > 0 && op->step_w > 0 && op->begin_c + (op->oc - 1) * op->step_c < op->c &&
                                op->begin_h + (op->oh - 1) * op->step_h < op->h &&
                                op->begin_w + (op->ow - 1) * op->step_w < op->w);
+    case FT_OP_RESIZE: /* integer factors */
+        return op->oc == op->c && op->oh >= op->h && op->ow >= op->w && op->oh % op->h == 0 && op->ow % op->w == 0;
     default: return 0;
     }
 }
@@ -91,7 +97,7 @@ static int valid_model(const ft_model *m, int32_t batch) {
     if (!m || m->n_ops <= 0 || m->n_ops >= FT_MAX_TENSORS || !m->ops || batch <= 0 || batch > FT_MAX_BATCH) return 0;
     for (i = 0; i < m->n_ops; i++) {
         const ft_op *op = &m->ops[i];
-        if (op->kind < FT_OP_CONV || op->kind > FT_OP_SLICE) return 0;
+        if (op->kind < FT_OP_CONV || op->kind > FT_OP_RESIZE) return 0;
         if (op->in0 < 0 || op->in0 > i || ((op->kind == FT_OP_ADD || op->kind == FT_OP_MUL || op->kind == FT_OP_CONCAT) &&
                                            (op->in1 < 0 || op->in1 > i)))
             return 0;

@@ -12,17 +12,17 @@
  * frozen pointwise + depthwise pairs fused one expanded channel at a time, the planner's workspace.
  *
  * Supported graph: convolutions (regular, depthwise, pointwise, a fully connected head as a 1x1
- * convolution), ADD, global AVERAGE_POOL, MAX_POOL_2D, MEAN over H and W, MUL (the second input
- * equal or broadcast over H and W), CONCATENATION along channels, elementwise lookups (LOGISTIC,
- * HARD_SWISH, an int8 QUANTIZE: a 256-entry table and its slope) and STRIDED_SLICE, NCHW tensors, in
- * topological order. */
+ * convolution), ADD, AVERAGE_POOL_2D (global, or windows that do not overlap), MAX_POOL_2D, MEAN over
+ * H and W, MUL (the second input equal or broadcast over H and W), CONCATENATION along channels,
+ * elementwise lookups (LOGISTIC, HARD_SWISH, an int8 QUANTIZE: a 256-entry table and its slope),
+ * STRIDED_SLICE and RESIZE_NEAREST_NEIGHBOR by integer factors, NCHW tensors, in topological order. */
 #ifndef FEDTINY_STEP_H
 #define FEDTINY_STEP_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define FT_STEP_ABI 4
+#define FT_STEP_ABI 5
 
 #include "fedtiny_op_kinds.h"           /* enum ft_op_kind, written from Python's CKind */
 
@@ -34,7 +34,7 @@ typedef struct {
     int32_t in0, in1;                 /* input tensor ids (in1: ADD, MUL, CONCAT) */
     int32_t c, h, w;                  /* input shape (per sample; in0's) */
     int32_t oc, oh, ow;               /* output shape (per sample) */
-    /* convolution (MAXPOOL: kh, kw, stride, pad_t, pad_l, act_lo, act_hi) */
+    /* convolution (MAXPOOL: kh, kw, stride, pad_t, pad_l, act_lo, act_hi; POOL: kh, kw, stride, pad_t, pad_l) */
     int32_t kh, kw, stride, groups, pad_t, pad_l;
     int32_t x_zero, y_zero, act_lo, act_hi;
     int8_t *weight;                   /* oc x (c / groups) x kh x kw, updated in place */

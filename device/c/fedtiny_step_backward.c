@@ -447,13 +447,24 @@ static void add_backward(const ft_op *op, size_t count, const uint8_t *mask, con
     }
 }
 
-/* global AVERAGE_POOL: g / (h w) to every element of the plane */
+/* AVERAGE_POOL_2D: g / f32(count) to each tap of the output's window inside the input (count: those taps; the
+ * global pool's h w). Windows do not overlap (valid_elementwise): each input gets one window's share. */
 static void pool_backward(const ft_op *op, const float *g, float *gx) {
-    const int32_t hw = op->h * op->w;
-    int32_t c, p;
+    const int32_t s = op->stride, hw = op->h * op->w;
+    int32_t c, oy, ox, iy, ix;
+    size_t at = 0;
     for (c = 0; c < op->oc; c++) {
-        const float v = g[c] / (float)hw;
-        for (p = 0; p < hw; p++) gx[(size_t)c * hw + p] += v;
+        float *gc = gx + (size_t)c * hw;
+        for (oy = 0; oy < op->oh; oy++) {
+            int32_t y_lo, y_hi, x_lo, x_hi;
+            ft_pool_window(oy, s, op->pad_t, op->kh, op->h, &y_lo, &y_hi);
+            for (ox = 0; ox < op->ow; ox++, at++) {
+                ft_pool_window(ox, s, op->pad_l, op->kw, op->w, &x_lo, &x_hi);
+                const float v = g[at] / (float)((y_hi - y_lo) * (x_hi - x_lo));
+                for (iy = y_lo; iy < y_hi; iy++)
+                    for (ix = x_lo; ix < x_hi; ix++) gc[(size_t)iy * op->w + ix] += v;
+            }
+        }
     }
 }
 
@@ -574,6 +585,24 @@ static void slice_backward(const ft_op *op, const float *g, float *gx) {
     }
 }
 
+/* RESIZE_NEAREST_NEIGHBOR: each input's gradient the sum of its fy x fx copies' gradients, from +0 in row-major
+ * order (copy (0, 0) first, the exact step's order), then added once */
+static void resize_backward(const ft_op *op, const float *g, float *gx) {
+    const int32_t fy = op->oh / op->h, fx = op->ow / op->w;
+    int32_t c, iy, ix, i, j;
+    size_t at = 0;
+    for (c = 0; c < op->c; c++) {
+        const float *gc = g + (size_t)c * op->oh * op->ow;
+        for (iy = 0; iy < op->h; iy++)
+            for (ix = 0; ix < op->w; ix++, at++) {
+                float acc = 0.0f;
+                for (i = 0; i < fy; i++)
+                    for (j = 0; j < fx; j++) acc += gc[(size_t)(iy * fy + i) * op->ow + ix * fx + j];
+                gx[at] += acc;
+            }
+    }
+}
+
 /* The backward of op (any kind but CONV) of one sample: g its output gradient, gx[k] input k's gradient
  * buffer (NULL: no gradient reaches input k). */
 void ft_elementwise_backward(const ft_model *m, const ft_op *op, const int8_t *saved, const uint8_t *mask,
@@ -590,6 +619,7 @@ void ft_elementwise_backward(const ft_model *m, const ft_op *op, const int8_t *s
     case FT_OP_CONCAT: concat_backward(m, op, g, gx); break;
     case FT_OP_LOOKUP: if (gx[0]) lookup_backward(op, count, saved, g, gx[0]); break;
     case FT_OP_SLICE: if (gx[0]) slice_backward(op, g, gx[0]); break;
+    case FT_OP_RESIZE: if (gx[0]) resize_backward(op, g, gx[0]); break;
     default: break;
     }
 }

@@ -501,15 +501,29 @@ static __attribute__((noinline)) void add_forward(const ft_op *op, const int8_t 
     }
 }
 
+/* TFLM's int8 AVERAGE_POOL_2D: each window's sum over its taps inside the input (padded taps neither added nor
+ * counted), divided by their count with C's truncating division of s +- count / 2 (half away from zero), clamped
+ * to int8. The global pool is the window of the whole plane at stride 1. valid_elementwise keeps a tap inside
+ * every window. */
 static void pool_forward(const ft_op *op, const int8_t *x, int8_t *y) {
-    const int32_t count = op->h * op->w;
-    int32_t c, i;
+    const int32_t s = op->stride, hw = op->h * op->w;
+    int32_t c, oy, ox, iy, ix;
+    size_t at = 0;
     for (c = 0; c < op->c; c++) {
-        const int8_t *xc = x + (size_t)c * count;
-        int32_t s = 0, v;
-        for (i = 0; i < count; i++) s += xc[i];
-        v = s > 0 ? (s + count / 2) / count : (s - count / 2) / count; /* TFLM: half away from zero */
-        y[c] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+        const int8_t *xc = x + (size_t)c * hw;
+        for (oy = 0; oy < op->oh; oy++) {
+            int32_t y_lo, y_hi, x_lo, x_hi;
+            ft_pool_window(oy, s, op->pad_t, op->kh, op->h, &y_lo, &y_hi);
+            for (ox = 0; ox < op->ow; ox++, at++) {
+                ft_pool_window(ox, s, op->pad_l, op->kw, op->w, &x_lo, &x_hi);
+                const int32_t count = (y_hi - y_lo) * (x_hi - x_lo);
+                int32_t sum = 0, v;
+                for (iy = y_lo; iy < y_hi; iy++)
+                    for (ix = x_lo; ix < x_hi; ix++) sum += xc[(size_t)iy * op->w + ix];
+                v = sum > 0 ? (sum + count / 2) / count : (sum - count / 2) / count;
+                y[at] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+            }
+        }
     }
 }
 
@@ -607,6 +621,19 @@ static void slice_forward(const ft_op *op, const int8_t *x, int8_t *y) {
             for (ox = 0; ox < op->ow; ox++, at++) y[at] = xr[(size_t)ox * op->step_w];
         }
     }
+}
+
+/* RESIZE_NEAREST_NEIGHBOR by integer factors fy = oh / h, fx = ow / w (TFLM's without align_corners or half-pixel
+ * centers; valid_elementwise checks the factors): output (c, y, x) copies input (c, y / fy, x / fx). */
+static void resize_forward(const ft_op *op, const int8_t *x, int8_t *y) {
+    const int32_t fy = op->oh / op->h, fx = op->ow / op->w;
+    int32_t c, oy, ox;
+    size_t at = 0;
+    for (c = 0; c < op->c; c++)
+        for (oy = 0; oy < op->oh; oy++) {
+            const int8_t *xr = x + ((size_t)c * op->h + (size_t)(oy / fy)) * op->w;
+            for (ox = 0; ox < op->ow; ox++, at++) y[at] = xr[ox / fx];
+        }
 }
 
 /* Whether a fused pair can expand two channels at a time: a pointwise expansion whose channel plane fits the
@@ -779,6 +806,7 @@ static void elementwise_forward(const ft_model *m, const ft_op *op, ft_buffers *
         if (saved) memcpy(saved, x, count); /* the input, to look its slope up */
         break;
     case FT_OP_SLICE: slice_forward(op, x, y); break;
+    case FT_OP_RESIZE: resize_forward(op, x, y); break;
     default: break;
     }
 }

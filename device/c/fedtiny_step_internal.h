@@ -197,4 +197,12 @@ FT_INTERNAL void ft_update_weight_row(const ft_model *m, const ft_op *op, int32_
 FT_INTERNAL void ft_update_batch(const ft_model *m, float *const *gw, float *const *gb, uint32_t seed, uint32_t step,
                                  ft_arena *a);
 
+/* AVERAGE_POOL_2D's window along one axis: output o's taps inside an input of n (stride s, padding pad before,
+ * kernel k) are [*lo, *hi); padded taps fall outside. The forward and the backward walk the same windows. */
+static inline void ft_pool_window(int32_t o, int32_t s, int32_t pad, int32_t k, int32_t n, int32_t *lo, int32_t *hi) {
+    const int32_t start = o * s - pad;
+    *lo = start < 0 ? 0 : start;
+    *hi = start + k < n ? start + k : n;
+}
+
 #endif

@@ -112,6 +112,7 @@ TWINS: dict[str, object] = {
     "hard-swish": _lookup(F.hardswish),
     "requantize": _lookup(lambda x: x),
     "slice": lambda q: _Clamped(lambda x: x[q._index()]),
+    "resize": lambda q: _Clamped(lambda x: x.repeat_interleave(q.factor[0], 2).repeat_interleave(q.factor[1], 3)),
     "relu": _lookup(F.relu),
     "relu6": _lookup(lambda x: torch.clamp(x, 0.0, 6.0)),
     "tanh": _lookup(torch.tanh),

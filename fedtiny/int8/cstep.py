@@ -27,7 +27,7 @@ from fedtiny.int8.resolver import kind_of
 __all__ = ["CStep", "CKind", "available", "library_path", "MAX_BATCH"]
 
 
-ABI = 4
+ABI = 5
 MAX_BATCH = 64
 _f, _i, _p = ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
@@ -228,7 +228,7 @@ class CStep:
 
     def op_geometry(self) -> list[dict]:
         """The C step's ops as plain values: kind (a :class:`CKind` name in lower case: conv, add, pool, maxpool,
-        mean, mul, concat, lookup, slice), inputs (``in0``, ``in1`` of two-input kinds, ``inputs`` all of them),
+        mean, mul, concat, lookup, slice, resize), inputs (``in0``, ``in1`` of two-input kinds, ``inputs`` all of them),
         shapes, kernel, which parameters train and how many channels (input channels; a depthwise
         convolution's channels) train."""
         out = []

@@ -14,9 +14,17 @@ the block's output channels, added to the block's output:
 them in steps of a sensible size) and shares its output scale with the block's output: the add then
 rescales by exact powers of two, and the extended network computes exactly what the original did.
 
-TinyTL also lowers the branch's resolution (a 2x2 average pool before it, an upsampling after it),
-which shrinks its activations further; fedtiny's int8 graph has no upsampling op yet, so
-``reduction`` is 1 (:class:`LiteSpec` refuses another value with that reason).
+TinyTL also lowers the branch's resolution, which shrinks its activations (and the input the
+depthwise keeps for its weight gradient) by ``reduction`` squared. With ``reduction`` r > 1 the
+branch runs at 1/r of the block's resolution, between two more ops:
+
+``lite<j>p``  AVERAGE_POOL_2D r x r at stride r on the block's input (its quantization unchanged)
+``lite<j>a``  the depthwise on ``lite<j>p``, ``lite<j>b`` the 1x1 as above
+``lite<j>u``  RESIZE_NEAREST_NEIGHBOR of ``lite<j>b`` by r, which ``lite<j>`` adds
+
+The upsampled zeros of ``lite<j>b`` are zeros, so the extended network still computes exactly what
+the original did. r must bring the branch back to the block's output size (r divides the block's
+output height and width); :func:`extend_lite` refuses another, naming the block and its shapes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from fedtiny.int8.blocks import MBBlock, mb_blocks
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.ops.add import QAdd
 from fedtiny.int8.ops.conv import QConv
+from fedtiny.int8.ops.pool import QAvgPool
+from fedtiny.int8.ops.resize import QResize
 
 __all__ = ["LITE", "LiteSpec", "parse_lite", "extend_lite", "lite_convs", "is_lite"]
 
@@ -49,7 +59,7 @@ class LiteSpec:
     multiplier
         Channels of the branch's depthwise per input channel.
     reduction
-        The branch's resolution divided by this (1 only: see the module's note).
+        The branch's resolution divided by this (an average pool before it, an upsampling after it).
     biases
         ``all`` (TinyTL: every bias of the frozen network too) or ``lite`` (the modules' alone).
     """
@@ -91,15 +101,10 @@ def parse_lite(text: str) -> LiteSpec:
         )
     except ValueError as exc:
         raise SchemeError(f"scheme {text!r}: {exc}") from None
-    if spec.blocks < 0 or spec.multiplier < 1:
-        raise SchemeError(f"scheme {text!r}: blocks must be >= 0 and multiplier >= 1")
+    if spec.blocks < 0 or spec.multiplier < 1 or spec.reduction < 1:
+        raise SchemeError(f"scheme {text!r}: blocks must be >= 0, multiplier >= 1 and reduction >= 1")
     if spec.biases not in ("all", "lite"):
         raise SchemeError(f"scheme {text!r}: biases must be all or lite, not {spec.biases!r}")
-    if spec.reduction != 1:
-        raise SchemeError(
-            f"scheme {text!r}: reduction {spec.reduction}: a branch at lower resolution needs an upsampling op "
-            "(RESIZE_NEAREST_NEIGHBOR), which fedtiny's int8 graph does not have yet; use reduction=1"
-        )
     return spec
 
 
@@ -114,9 +119,32 @@ def _y(model: QModel, tensor: str) -> tuple[float, int]:
     return float(q[2]), int(q[3])
 
 
+def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape (batch 1) at the model's input shape: a forward of zeros."""
+    if model.input_shape is None:
+        raise SchemeError("lite-residual: a reduction above 1 needs the model's input shape (C, H, W)")
+    with torch.no_grad():
+        env = model._run(torch.zeros(1, *model.input_shape), model._head, record=False)
+    return {name: tuple(t.shape) for name, t in env.items()}
+
+
+def _check_reduction(model: QModel, b: MBBlock, j: int, r: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a reduction ``r`` that does not bring block ``j``'s branch back to the block's output size
+    (pooled r x r at stride r, the block's depthwise, upsampled by r)."""
+    (h, w), (oh, ow) = shapes[b.source][2:], shapes[b.output][2:]
+    ph, pw = (h // r, w // r)
+    dh, dw = model.op(b.depthwise).out_hw((ph, pw)) if min(ph, pw) >= 1 else (0, 0)
+    if min(ph, pw, dh, dw) < 1 or (r * dh, r * dw) != (oh, ow):
+        raise SchemeError(
+            f"lite-residual: reduction {r}: block {j} ({b.depthwise}) maps {h}x{w} to {oh}x{ow}, but its branch "
+            f"at 1/{r} resolution gives {ph}x{pw} pooled, {dh}x{dw} after the depthwise, {r * dh}x{r * dw} "
+            f"upsampled; the reduction must divide the block's output height and width ({oh}x{ow})"
+        )
+
+
 def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
-    """The three ops of block ``j``'s module (modules carrying their ``tag``) and their inputs; the
-    branch reads ``source`` (the block's input, or the module's add that replaced it)."""
+    """The ops of block ``j``'s module (modules carrying their ``tag``) and their inputs; the branch
+    reads ``source`` (the block's input, or the module's add that replaced it)."""
     dw, pw = model.op(b.depthwise), model.op(b.project)
     cin = model.op(b.expand).in_channels if b.expand else dw.in_channels
     cout = pw.out_channels
@@ -154,7 +182,14 @@ def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng:
     # the same scale on both inputs and the output: the add's multipliers are powers of two (exact)
     add = QAdd(out_scale, out_zero, out_scale, 0, out_scale, out_zero)
     a.tag, pb.tag, add.tag = f"lite{j}a", f"lite{j}b", f"lite{j}"
-    return [(a, (source,)), (pb, (a.tag,)), (add, (b.output, pb.tag))]
+    r = spec.reduction
+    if r == 1:
+        return [(a, (source,)), (pb, (a.tag,)), (add, (b.output, pb.tag))]
+    # at 1/r resolution: an average and an upsampling keep their input's quantization, so the depthwise
+    # reads the block input's and the add the 1x1's, as at full resolution
+    pool, up = QAvgPool((r, r), r), QResize((r, r))
+    pool.tag, up.tag = f"lite{j}p", f"lite{j}u"
+    return [(pool, (source,)), (a, (pool.tag,)), (pb, (a.tag,)), (up, (pb.tag,)), (add, (b.output, up.tag))]
 
 
 def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
@@ -164,11 +199,17 @@ def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
     ------
     ModelFileError
         ``model`` is not an inverted-residual graph, or already has lite modules.
+    SchemeError
+        ``spec.reduction`` does not bring a chosen block's branch back to the block's output size.
     """
     if any(n.op.startswith("lite") for n in model.nodes):
         raise ModelFileError("lite-residual: the model already has lite residual modules")
     _, blocks = mb_blocks(model)
     chosen = blocks[-spec.blocks :] if spec.blocks else blocks
+    if spec.reduction > 1:
+        shapes = _shapes(model)
+        for b in chosen:
+            _check_reduction(model, b, blocks.index(b), spec.reduction, shapes)
     model = copy.deepcopy(model)
     rng = np.random.default_rng(seed)
     after = {b.output: (j, b) for j, b in enumerate(blocks) if b in chosen}

@@ -18,6 +18,7 @@ from fedtiny.int8.ops import (
     mul,
     pool,
     reshape,
+    resize,
     slice,
     softmax,
 )

@@ -147,6 +147,7 @@ class CKind(IntEnum):
     CONCAT = 6
     LOOKUP = 7
     SLICE = 8
+    RESIZE = 9
 
 
 def c_op_kinds_header() -> str:

@@ -161,9 +161,17 @@ def _build(d: dict, where: str) -> QAvgPool:
 
 
 def _c_fill(cs, op, pool: QAvgPool, in_ids, in_shape) -> None:
-    if not pool.is_global(in_shape):
-        raise ModelFileError(f"the C step does not run op {pool.tag!r} (a windowed average pool)")
+    """AVERAGE_POOL_2D's fields of an ``ft_op``: the window, stride, top and left padding (the global pool's
+    window is the whole plane, at stride 1). The C step's backward gives each input the share of the one
+    window holding it, so windows must not overlap."""
+    (kh, kw), pad = pool.window(tuple(in_shape))
+    stride = pool.stride_for(tuple(in_shape))
+    oh, ow = pool.out_hw(tuple(in_shape[2:]))
+    if (kh > stride and oh > 1) or (kw > stride and ow > 1):
+        raise ModelFileError(f"the C step does not run op {pool.tag!r} (an average pool whose windows overlap)")
     op.kind = CKind.POOL
+    op.kh, op.kw, op.stride = kh, kw, stride
+    op.pad_t, op.pad_l = pad[0], pad[2]
 
 
 KIND = register(
