@@ -61,19 +61,14 @@ def test_a_model_without_modules_is_refused_by_the_scheme():
 
 
 def test_the_c_step_trains_the_modules_as_the_simulator_does(built):  # noqa: F811
-    """Bit-exact against the simulator's exact step. The memory planner counts more than the C step's
-    own layout needs for this graph (docs/tinytl.md): it must never count less."""
-    from fedtiny.budget.arena import lay_out
-    from fedtiny.budget.memory import plan
-
+    """Bit-exact against the simulator's exact step, in the arena the memory planner lays out (the planner
+    counts what the C step holds: one gradient buffer per tensor, which the module's add and the block share)."""
     q = _lite(small_qmodel())
     q.input_shape = (1, 8, 8)
     before = {i: q.convs()[i].weight.detach().clone() for i in lite_convs(q)}
-    ledger, _ = plan(q, (1, 8, 8), accumulate=True)
-    forward, params, cs = _compare(q, *_digits_batches(2), steps=2, lr=0.05, planned=False)
+    forward, params, cs = _compare(q, *_digits_batches(2), steps=2, lr=0.05)
     assert forward == 0 and params == 0
     assert any(not torch.equal(before[i], q.convs()[i].weight.detach()) for i in before)  # the modules trained
-    assert ledger.peak_without("persistent:", "act:input") >= lay_out(cs.record(16)).peak_live_bytes
 
 
 def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_less_memory(built):  # noqa: F811
@@ -82,8 +77,7 @@ def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_le
     reduction=1's (TinyTL's point). A reduction that misses a block's output size is refused by name."""
     import copy
 
-    from fedtiny.budget.arena import lay_out
-    from fedtiny.budget.memory import memory_report, plan
+    from fedtiny.budget.memory import memory_report
     from fedtiny.tools.models import compare_with_tflm
 
     q = small_qmodel()
@@ -96,11 +90,9 @@ def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_le
     t = copy.deepcopy(e)
     apply_scheme(t, resolve(parse_scheme("lite-residual:reduction=2"), t))
     before = {i: t.convs()[i].weight.detach().clone() for i in lite_convs(t)}
-    ledger, _ = plan(t, (1, 8, 8), accumulate=True)
-    forward, params, cs = _compare(t, *_digits_batches(2), steps=2, lr=0.05, planned=False)
+    forward, params, cs = _compare(t, *_digits_batches(2), steps=2, lr=0.05)
     assert forward == 0 and params == 0
     assert any(not torch.equal(before[i], t.convs()[i].weight.detach()) for i in before)
-    assert ledger.peak_without("persistent:", "act:input") >= lay_out(cs.record(16)).peak_live_bytes
 
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -207,9 +207,9 @@ class QModel(nn.Module):
                 continue
             tags = tuple(self.buffer_of(t) for t in node.inputs)
             last = tuple(readers[t][-1] == i for t in tags)
-            grad_tags = tuple(f"grad:{t}" if readers[t][0] == i else f"grad:skip:{node.op}" for t in tags)
-            skips = tuple(f"grad:skip:{self.nodes[j].op}" for t in tags if readers[t][0] == i for j in readers[t][1:])
-            out.append(Wiring(tags, last, grad_tags, skips))
+            # one gradient per tensor, however many read it: its first writer in the backward (the last
+            # reader) takes it, the other readers add into it, as the C step does (fedtiny_step.c)
+            out.append(Wiring(tags, last, tuple(f"grad:{t}" for t in tags)))
         return out
 
     @property

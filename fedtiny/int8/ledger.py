@@ -237,8 +237,6 @@ class OpEvents:
         ``(tag, bytes, rows)`` of each parameter gradient, in the order computed.
     input_grads
         ``(tag, bytes)`` of each gradient the op passes upstream.
-    releases
-        Buffers the backward releases besides its own (a residual's pending gradient).
     """
 
     tag: str
@@ -251,7 +249,6 @@ class OpEvents:
     grad_bytes: int = 0
     param_grads: tuple[tuple[str, int, int], ...] = ()
     input_grads: tuple[tuple[str, int], ...] = ()
-    releases: tuple[str, ...] = ()
 
     def forward(self, led: Ledger | NullLedger) -> None:
         """Replay the forward's buffers."""
@@ -270,13 +267,12 @@ class OpEvents:
         t, where = self.tag, f"bw:{self.tag}"
         led.free(f"act:{t}", where)
         led.ensure(f"grad:{t}", self.grad_bytes, where)
-        # the input gradient first: it needs the old weights, which a reordered update then overwrites
+        # the input gradient first: it needs the old weights, which a reordered update then overwrites;
+        # a later reader of the same input has taken it already (this op adds into it)
         for tag, nbytes in self.input_grads:
-            led.alloc(tag, nbytes, where)
+            led.ensure(tag, nbytes, where)
         for tag, nbytes, rows in self.param_grads:
             led.param_grad(tag, nbytes, rows, where)
-        for tag in self.releases:
-            led.free(tag, where)
         led.free(f"grad:{t}", where)
         led.free(f"saved:{t}", where)
 

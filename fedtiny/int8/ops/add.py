@@ -113,7 +113,6 @@ class QAdd(QParamsMixin, nn.Module):
             grad_bytes=GRAD_BYTES * out,
             input_grads=((wiring.grad_tags[0], GRAD_BYTES * out),) * need_x
             + ((wiring.grad_tags[1], GRAD_BYTES * out),) * need_b,
-            releases=wiring.skips * (need_x or need_b),
         )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):

@@ -96,16 +96,13 @@ class Wiring:
     last_reader
         This op is the last one to read that input in the forward, so it releases it.
     grad_tags
-        Where each input's gradient goes: ``grad:<tag>`` for the input's first reader,
-        ``grad:skip:<op>`` (pending until the first reader merges it) for any later one.
-    skips
-        The pending gradients of later readers of this op's input, which it merges into its own.
+        Where each input's gradient goes: ``grad:<tag>``, one buffer per tensor however many ops read
+        it (the first to write it in the backward takes it, the others add into it).
     """
 
     in_tags: tuple[str, ...] = ("",)
     last_reader: tuple[bool, ...] = (True,)
     grad_tags: tuple[str, ...] = ("grad:",)
-    skips: tuple[str, ...] = ()
 
     def frees(self) -> tuple[str, ...]:
         return tuple(f"act:{t}" for t, last in zip(self.in_tags, self.last_reader) if last)
@@ -113,7 +110,7 @@ class Wiring:
     @staticmethod
     def single(n: int = 1) -> "Wiring":
         """An op run on its own (no graph around it)."""
-        return Wiring(("",) * n, (True,) * n, ("grad:",) + tuple(f"grad:skip:{i}" for i in range(1, n)))
+        return Wiring(("",) * n, (True,) * n, tuple(f"grad:{i}" for i in range(n)))
 
 
 def check_grads(led: Ledger | NullLedger, events: OpEvents, held: list[int]) -> None:

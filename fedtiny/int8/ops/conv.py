@@ -388,8 +388,6 @@ class QConv(QParamsMixin, nn.Module):
             param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * self.out_channels, 1),) * need_b
             + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.trained_weight_elements(), w_rows),) * need_w,
             input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
-            # The input's first reader sums the later readers' pending gradients into its input gradient.
-            releases=wiring.skips * need_x,
         )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):

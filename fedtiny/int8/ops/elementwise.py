@@ -35,7 +35,6 @@ def op_events(
         in_backward=flows,
         grad_bytes=GRAD_BYTES * out,
         input_grads=tuple((wiring.grad_tags[i], GRAD_BYTES * numel(s)) for i, s in enumerate(in_shapes) if need[i]),
-        releases=wiring.skips * flows,
     )
 
 

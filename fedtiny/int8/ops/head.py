@@ -80,7 +80,6 @@ class FloatHead(nn.Module):
             param_grads=((f"pgrad:{self.tag}:b", GRAD_BYTES * classes, 1),) * need_b
             + ((f"pgrad:{self.tag}:w", GRAD_BYTES * self.weight.numel(), classes),) * need_w,
             input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
-            releases=wiring.skips * need_x,
         )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):

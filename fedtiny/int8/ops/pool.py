@@ -93,7 +93,6 @@ class QAvgPool(nn.Module):
             in_backward=need_x,
             grad_bytes=GRAD_BYTES * out,
             input_grads=((wiring.grad_tags[0], GRAD_BYTES * numel(in_shape)),) * need_x,
-            releases=wiring.skips * need_x,
         )
 
     def schedule(self, ins, wiring: Wiring, need, *, inplace_depthwise: bool = True):
