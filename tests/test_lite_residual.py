@@ -141,13 +141,25 @@ MLPERF = SHARED_MODELS.parent / "mlperf-tiny"
 
 
 @pytest.mark.skipif(not (MLPERF / "kws_ref_model.tflite").is_file(), reason="../shared/models/mlperf-tiny absent")
-def test_mlperf_ds_cnn_gets_modules_that_tflm_runs_exactly():
-    """DS-CNN's depthwise-separable blocks take modules; with weights off zero, TFLM computes every tensor alike."""
+@pytest.mark.parametrize(
+    "file, option, branches",
+    [
+        ("kws_ref_model.tflite", "blocks=2", 2),  # DS-CNN: beside its depthwise-separable blocks
+        ("pretrainedResnet_quant.tflite", "reduction=2", 3),  # ResNet-8: beside its residual blocks
+    ],
+)
+def test_mlperf_models_get_modules_that_tflm_runs_exactly(file, option, branches):
+    """The extended model computes what the original did; with the modules' weights off zero, TFLM computes
+    every tensor alike."""
     from fedtiny.int8.modelfile import read_model
     from fedtiny.tools.models import compare_with_tflm
 
-    m = read_model(MLPERF / "kws_ref_model.tflite")
-    e = extend_lite(m, parse_lite("lite-residual:blocks=2"), seed=0)
+    m = read_model(MLPERF / file)
+    e = extend_lite(m, parse_lite(f"lite-residual:{option}"), seed=0)
+    assert len(lite_convs(e)) == 2 * branches
+    x = torch.rand(2, *m.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m.int8_forward(m.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in lite_convs(e):
@@ -157,18 +169,11 @@ def test_mlperf_ds_cnn_gets_modules_that_tflm_runs_exactly():
     assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
 
 
-@pytest.mark.skipif(not (MLPERF / "pretrainedResnet_quant.tflite").is_file(), reason="mlperf-tiny absent")
-def test_a_network_without_inverted_residual_blocks_is_refused_by_name():
-    from fedtiny.errors import ScenarioError
-    from fedtiny.scenario import scenario_from_dict
+@pytest.mark.skipif(not (MLPERF / "ad01_int8.tflite").is_file(), reason="mlperf-tiny absent")
+def test_a_network_without_blocks_is_refused_by_name():
+    """The anomaly detector's fully connected layers have no block a module could go beside."""
+    from fedtiny.errors import ModelFileError
+    from fedtiny.int8.modelfile import read_model
 
-    raw = {
-        "run": {"name": "t", "clients": 2},
-        "data": {"source": "digits", "image_size": 32, "channels": 3},
-        "model": {"file": str(MLPERF / "pretrainedResnet_quant.tflite")},
-        "train": {"scheme": "lite-residual"},
-    }
-    from fedtiny.federated.task import make_task
-
-    with pytest.raises(ScenarioError, match="lite-residual: not an inverted-residual int8 graph"):
-        make_task(scenario_from_dict(raw, None, where="t"))
+    with pytest.raises(ModelFileError, match="not an inverted-residual int8 graph.*nor has it residual blocks"):
+        extend_lite(read_model(MLPERF / "ad01_int8.tflite"), parse_lite("lite-residual"))

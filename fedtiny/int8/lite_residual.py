@@ -1,4 +1,4 @@
-"""TinyTL's lite residual modules (Cai et al., NeurIPS 2020) on an int8 inverted-residual graph.
+"""TinyTL's lite residual modules (Cai et al., NeurIPS 2020) on an int8 graph of convolution blocks.
 
 "Reduce Activations, Not Trainable Parameters": freeze the weights, train the biases, and give
 chosen blocks a small side branch from the block's input to its output, whose weights are trained.
@@ -9,6 +9,11 @@ the block's output channels, added to the block's output:
 ``lite<j>a``  depthwise on the block's input (ReLU6, the quantization of the block's depthwise)
 ``lite<j>b``  1x1 to the block's output channels (the quantization of the block's output, zero 0)
 ``lite<j>``   the add of the block's output and ``lite<j>b`` (the block's output quantization)
+
+A block is an inverted-residual or depthwise-separable block (tiny-ir, MCUNet, MobileNetV2, DS-CNN,
+MobileNetV1), or else a residual block (ResNet-8: convolutions from the block's input to a residual
+add), where the branch's depthwise takes the block's first convolution's kernel, stride, activation
+and output quantization (:func:`lite_sites`).
 
 ``lite<j>b`` starts at zero weights (with the scales of a He initialisation, so training moves
 them in steps of a sensible size) and shares its output scale with the block's output: the add then
@@ -36,14 +41,14 @@ import numpy as np
 import torch
 
 from fedtiny.errors import ModelFileError, SchemeError
-from fedtiny.int8.blocks import MBBlock, mb_blocks
+from fedtiny.int8.blocks import mb_blocks, residual_blocks
 from fedtiny.int8.graph import QModel
 from fedtiny.int8.ops.add import QAdd
 from fedtiny.int8.ops.conv import QConv
 from fedtiny.int8.ops.pool import QAvgPool
 from fedtiny.int8.ops.resize import QResize
 
-__all__ = ["LITE", "LiteSpec", "parse_lite", "extend_lite", "lite_convs", "is_lite"]
+__all__ = ["LITE", "LiteSpec", "Site", "parse_lite", "lite_sites", "extend_lite", "lite_convs", "is_lite"]
 
 LITE = "lite-residual"  # the scheme preset's name
 
@@ -119,6 +124,56 @@ def _y(model: QModel, tensor: str) -> tuple[float, int]:
     return float(q[2]), int(q[3])
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where one module goes: the tensor its branch reads (``source``), the one it adds to (``output``),
+    and the convolution whose kernel, stride, padding, activation and output quantization the branch's
+    depthwise takes (``like``: the block's depthwise, or a ResNet block's first convolution)."""
+
+    source: str
+    output: str
+    like: str
+    in_channels: int
+    out_channels: int
+
+
+def lite_sites(model: QModel) -> list[Site]:
+    """The blocks of ``model`` a module can go beside, in forward order.
+
+    Inverted-residual and depthwise-separable blocks (tiny-ir, MCUNet, MobileNetV2, DS-CNN,
+    MobileNetV1) from their input to their output; else residual blocks (ResNet-8) from their input to
+    their residual add, the branch shaped like the block's first convolution (its stride too).
+
+    Raises
+    ------
+    ModelFileError
+        ``model`` has neither (a network of fully connected layers, a plain chain of convolutions).
+    """
+    try:
+        _, blocks = mb_blocks(model)
+    except ModelFileError as exc:
+        res = residual_blocks(model)
+        if not res:
+            raise ModelFileError(
+                f"lite-residual: {exc}; nor has it residual blocks (an add of a block's input, or a shortcut of "
+                "it, and its convolutions): TinyTL's modules go beside convolution blocks"
+            ) from None
+        return [
+            Site(b.source, b.add, b.convs[0], model.op(b.convs[0]).in_channels, model.op(b.convs[-1]).out_channels)
+            for b in res
+        ]
+    return [
+        Site(
+            b.source,
+            b.output,
+            b.depthwise,
+            model.op(b.expand or b.depthwise).in_channels,
+            model.op(b.project).out_channels,
+        )
+        for b in blocks
+    ]
+
+
 def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape (batch 1) at the model's input shape: a forward of zeros."""
     if model.input_shape is None:
@@ -128,26 +183,24 @@ def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in env.items()}
 
 
-def _check_reduction(model: QModel, b: MBBlock, j: int, r: int, shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_reduction(model: QModel, b: Site, j: int, r: int, shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse a reduction ``r`` that does not bring block ``j``'s branch back to the block's output size
     (pooled r x r at stride r, the block's depthwise, upsampled by r)."""
     (h, w), (oh, ow) = shapes[b.source][2:], shapes[b.output][2:]
     ph, pw = (h // r, w // r)
-    dh, dw = model.op(b.depthwise).out_hw((ph, pw)) if min(ph, pw) >= 1 else (0, 0)
+    dh, dw = model.op(b.like).out_hw((ph, pw)) if min(ph, pw) >= 1 else (0, 0)
     if min(ph, pw, dh, dw) < 1 or (r * dh, r * dw) != (oh, ow):
         raise SchemeError(
-            f"lite-residual: reduction {r}: block {j} ({b.depthwise}) maps {h}x{w} to {oh}x{ow}, but its branch "
+            f"lite-residual: reduction {r}: block {j} ({b.like}) maps {h}x{w} to {oh}x{ow}, but its branch "
             f"at 1/{r} resolution gives {ph}x{pw} pooled, {dh}x{dw} after the depthwise, {r * dh}x{r * dw} "
             f"upsampled; the reduction must divide the block's output height and width ({oh}x{ow})"
         )
 
 
-def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
+def _branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
     """The ops of block ``j``'s module (modules carrying their ``tag``) and their inputs; the branch
     reads ``source`` (the block's input, or the module's add that replaced it)."""
-    dw, pw = model.op(b.depthwise), model.op(b.project)
-    cin = model.op(b.expand).in_channels if b.expand else dw.in_channels
-    cout = pw.out_channels
+    dw, cin, cout = model.op(b.like), b.in_channels, b.out_channels
     k = dw.kernel_size
     mid = cin * spec.multiplier
     # He initialisation of a depthwise (fan-in k*k), on int8's grid with per-channel scales
@@ -159,7 +212,7 @@ def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng:
         torch.zeros(mid),
         torch.from_numpy(scales),
         *x_q,
-        *_y(model, b.depthwise),
+        *_y(model, b.like),
         dw.stride,
         cin,
         padding=dw.padding,
@@ -173,7 +226,7 @@ def _branch(model: QModel, b: MBBlock, j: int, source: str, spec: LiteSpec, rng:
         torch.zeros(cout, mid, 1, 1),
         torch.zeros(cout),
         torch.from_numpy(np.maximum(np.abs(he).max(1), 1e-8) / 127.0),
-        *_y(model, b.depthwise),
+        *_y(model, b.like),
         out_scale,
         0,
         padding=(0, 0, 0, 0),
@@ -198,13 +251,13 @@ def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
     Raises
     ------
     ModelFileError
-        ``model`` is not an inverted-residual graph, or already has lite modules.
+        ``model`` has no blocks a module can go beside (:func:`lite_sites`), or already has modules.
     SchemeError
         ``spec.reduction`` does not bring a chosen block's branch back to the block's output size.
     """
     if any(n.op.startswith("lite") for n in model.nodes):
         raise ModelFileError("lite-residual: the model already has lite residual modules")
-    _, blocks = mb_blocks(model)
+    blocks = lite_sites(model)
     chosen = blocks[-spec.blocks :] if spec.blocks else blocks
     if spec.reduction > 1:
         shapes = _shapes(model)
