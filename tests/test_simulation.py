@@ -42,7 +42,7 @@ def two_runs(tmp_path_factory):
 
 def test_run_folder_and_summary(two_runs):
     d, proc = two_runs[0]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: stdout is the JSON alone
     for key in (
         "final_accuracy",
         "rounds",

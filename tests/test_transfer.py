@@ -61,7 +61,7 @@ def test_a_model_file_trains_in_a_simulation(tmp_path, cli, small_model_file):
     (tmp_path / small_model_file.name).write_bytes(small_model_file.read_bytes())  # relative to the scenario
     proc = cli("run", str(path), "--out", str(tmp_path / "run"), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: stdout is the JSON alone
     assert summary["rounds"] == 2 and summary["uploads"] == 4 and summary["rejected_updates_total"] == 0
     assert summary["lr_source"] == "public split"  # train.lr left at 0: the server chose it
     recs = read_metrics(tmp_path / "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -35,6 +36,16 @@ __all__ = ["cmd_run"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # with --json, stdout is the JSON alone (for jq and scripts); the tables a run prints go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = _run(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The run or sweep of ``args``; its summary (a sweep: one per method, or the seeds' combined)."""
     scenario, run_dir, source = _resolve_run_args(args)
     resume = bool(args.resume)
     laid_out = [(name, *simulation_layout(sc)) for name, sc in _chosen_methods(scenario, args.method, source)]
@@ -50,15 +61,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = _run_or_resume(methods[0][1], run_dir, verbose=args.verbose, resume=resume)
         print(_summary_table(scenario.run.name, summary))
         _report_if_asked(args, run_dir)
-        if args.json:
-            print(json.dumps(summary, sort_keys=True))
-        return 0
+        return summary
     summaries = _sweep(methods, run_dir, bool(scenario.methods), verbose=args.verbose, resume=resume)
     _write_sweep(scenario, summaries, run_dir)
     _report_if_asked(args, run_dir)
-    if args.json:
-        print(json.dumps(summaries if scenario.methods else summaries[scenario.run.name], sort_keys=True))
-    return 0
+    return summaries if scenario.methods else summaries[scenario.run.name]
 
 
 def _resolve_run_args(args: argparse.Namespace) -> tuple[Scenario, Path, Path]:
