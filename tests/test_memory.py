@@ -279,9 +279,9 @@ def test_a_run_where_every_client_refuses_reports_it(tmp_path, cli):
         "--json",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: the JSON alone on stdout, the table on stderr
     assert summary["refused_clients_total"] == 2 and summary["uploads"] == 0
-    assert summary["uplink_ratio_vs_dense_fp32"] is None and "nothing sent" in proc.stdout
+    assert summary["uplink_ratio_vs_dense_fp32"] is None and "nothing sent" in proc.stderr
     # the full update's whole client does not fit the nRF52832 (one step of it would: the publication's count)
     assert summary["device_ram_bytes_max"] > 64 * 1024 > summary["peak_sram_bytes_max"]
 
