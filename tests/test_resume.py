@@ -131,3 +131,41 @@ def test_client_state_survives_a_rerun_of_its_round(tmp_path):
 
     with pytest.raises(ClientStateError, match="r4.safetensors"):
         load_client_state(tmp_path, 7, 5)
+
+
+def test_a_float_client_keeps_a_state_only_when_a_later_round_reads_it(tmp_path):
+    """With a full downlink and a dense uplink a float client keeps nothing a later round reads: a cohort writes
+    no state files. With a delta downlink (the model it holds is the base of the next change) each client writes
+    its state. The rounds' results are the same either way, and every client of a cohort, decoding the same
+    downlink, gets arrays of its own."""
+    from fedtiny.compress.dense import pack_dense
+    from fedtiny.compress.downlink import FULL, apply_downlink
+    from fedtiny.federated.client import ClientJob, _received, client_task, run_jobs
+    from fedtiny.models import model_arrays
+    from fedtiny.scenario import scenario_from_dict
+
+    results = {}
+    for downlink in ("full", "delta"):
+        scenario = scenario_from_dict(
+            {
+                "run": {"clients": 6, "clients_per_round": 3, "seed": 2},
+                "data": {"source": "digits", "client_test_fraction": 0.0},
+                "model": {"name": "tiny-ir", "width": 8, "precision": "fp32", "pretrain_epochs": 0},
+                "train": {"optimizer": "sgd", "scheme": "full", "lr": 0.01, "batch_size": 4},
+                "compression": {"uplink": "dense", "error_feedback": False, "downlink": downlink},
+            }
+        )
+        task = client_task(scenario)
+        payload = pack_dense(model_arrays(task.model), task.downlink_spec)
+        jobs = [ClientJob(p, payload) for p in (0, 1, 4)]
+        results[downlink] = [run_jobs(scenario, r, jobs, str(tmp_path / downlink)) for r in (1, 2)]
+        assert all(not isinstance(res, str) for rnd in results[downlink] for _, res in rnd)
+    assert not (tmp_path / "full").exists()
+    assert sorted(p.name for p in (tmp_path / "delta").iterdir()) == ["0", "1", "4"]
+    assert results["full"] == results["delta"]
+    first = _received(FULL, payload, task.downlink_spec, None)
+    for a in first.values():
+        a[...] = 0
+    again = _received(FULL, payload, task.downlink_spec, None)
+    for name, a in apply_downlink(FULL, payload, task.downlink_spec, None).items():
+        assert again[name].dtype == a.dtype and np.array_equal(again[name], a)

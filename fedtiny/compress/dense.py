@@ -7,6 +7,8 @@ what a device would send. Anything that does not match raises :class:`PayloadErr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedtiny.errors import PayloadError
@@ -35,7 +37,7 @@ def as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def dense_nbytes(spec: Spec) -> int:
     """Bytes of a dense payload of ``spec``."""
-    return sum(int(np.prod(shape)) * _dtype(dt).itemsize for _, shape, dt in spec)
+    return sum(math.prod(shape) * _dtype(dt).itemsize for _, shape, dt in spec)
 
 
 def pack_dense(arrays: dict[str, np.ndarray], spec: Spec) -> bytes:
@@ -60,7 +62,7 @@ def unpack_dense(data: bytes, spec: Spec) -> dict[str, np.ndarray]:
     out, pos = {}, 0
     for name, shape, dt in spec:
         dtype = _dtype(dt)
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         a = np.frombuffer(data, dtype=dtype, count=n, offset=pos).reshape(shape).astype(np.dtype(dt))
         if dtype.kind == "f" and not np.isfinite(a).all():
             raise PayloadError(f"tensor {name!r}: {int((~np.isfinite(a)).sum())} non-finite values")

@@ -89,11 +89,19 @@ class DownlinkPlanner:
         self.spec, self.mode, self.max_history = spec, mode, max_history
         self.history: dict[int, dict[str, np.ndarray]] = {}
         self.last_seen: dict[int, int] = {}
+        self._full: tuple[int, bytes] | None = None  # the round whose full model is packed, and its bytes
 
     def payload(self, partition_id: int, server_round: int, state: dict[str, np.ndarray]) -> tuple[str, bytes]:
-        """``(kind, bytes)`` to send client ``partition_id`` in ``server_round``."""
-        self.history.setdefault(server_round, {k: v.copy() for k, v in state.items()})
-        full = pack_dense(state, self.spec)
+        """``(kind, bytes)`` to send client ``partition_id`` in ``server_round``.
+
+        ``state`` is the round's global state: the first call of a round keeps it in the history and
+        packs the full model once for all of the round's clients.
+        """
+        if server_round not in self.history:
+            self.history[server_round] = {k: v.copy() for k, v in state.items()}
+        if self._full is None or self._full[0] != server_round:
+            self._full = (server_round, pack_dense(state, self.spec))
+        full = self._full[1]
         seen = self.last_seen.get(partition_id)
         if self.mode == DELTA and seen is not None and seen in self.history:
             update = diff_update(self.history[seen], state, self.spec)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedtiny.budget.schemes import ResolvedScheme
-from fedtiny.compress.dense import dense_nbytes
+from fedtiny.compress.dense import Spec, dense_nbytes
 from fedtiny.compress.downlink import FULL, apply_downlink
 from fedtiny.devices import DeviceProfile, Radio, compute_cycles, compute_seconds, round_cost
 from fedtiny.federated import messages as msg
@@ -25,7 +25,7 @@ from fedtiny.federated.sampling import malicious_clients
 from fedtiny.federated.task import Task, client_profile, client_radio, limit_threads, make_task, with_scheme
 from fedtiny.federated.train import evaluate, seeded, train_local
 from fedtiny.int8.prefix import PrefixStore, without_prefixes
-from fedtiny.models import load_arrays, model_arrays
+from fedtiny.models import load_arrays, wire_arrays
 from fedtiny.privacy.dp import DP_STREAM, add_noise, clip_change
 from fedtiny.privacy.policy import clip_weight_change, saturation_refusal, scheme_refusal
 from fedtiny.scenario import Scenario, scenario_from_json
@@ -39,7 +39,10 @@ __all__ = [
     "ClientJob",
     "run_jobs",
     "steps_in_time",
+    "read_later",
 ]
+
+GLOBAL_PREFIX = "global/"  # a client state's copy of the model it received
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,23 @@ class LocalResult:
         return {"device": self.device, "refusal": self.refusal, "radio": self.radio, "fault": self.fault}
 
 
+@functools.lru_cache(maxsize=1)
+def _full_model(payload: bytes, spec: tuple[tuple[str, tuple[int, ...], str], ...]) -> dict[str, np.ndarray]:
+    return apply_downlink(FULL, payload, list(spec), None)
+
+
+def _received(kind: str, downlink: bytes, spec: Spec, base: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The model a client holds after its downlink (:func:`~fedtiny.compress.downlink.apply_downlink`).
+
+    A full model is decoded once per distinct payload: every client of a cohort receives the same
+    bytes, and decoding them per client took 0.5-1 ms of a float client's round (bench peers). Each
+    client gets its own copies of the arrays, as a decode of its own would give it.
+    """
+    if kind != FULL or not isinstance(downlink, bytes):
+        return apply_downlink(kind, downlink, spec, base)
+    return {n: a.copy() for n, a in _full_model(downlink, tuple(spec)).items()}
+
+
 @functools.lru_cache(maxsize=2)
 def _task(scenario_json: str) -> Task:
     limit_threads()
@@ -135,9 +155,9 @@ def local_round(
     state = dict(state or {})
     task = client_task(scenario, scheme)
     names = [n for n, *_ in task.downlink_spec]
-    base = {n: state[f"global/{n}"] for n in names} if all(f"global/{n}" in state for n in names) else None
-    received = apply_downlink(kind, downlink, task.downlink_spec, base)
-    state.update({f"global/{n}": a for n, a in received.items()})
+    base = {n: state[GLOBAL_PREFIX + n] for n in names} if all(GLOBAL_PREFIX + n in state for n in names) else None
+    received = _received(kind, downlink, task.downlink_spec, base)
+    state.update({GLOBAL_PREFIX + n: a for n, a in received.items()})
     train, test = task.federation.client_data(partition_id)
     if data is not None:  # an attack harness's target images stand in for the partition's training data
         train = data
@@ -159,7 +179,10 @@ def local_round(
         return LocalResult(b"", len(train), refusal=verdict.reason(), **facts), state
     d = scenario.device
     refusal = scheme_refusal(task.model, d.policy_frozen_first) if task.scheme is not None else ""
-    load_arrays(task.model, received)
+    # The model's tensors, looked up once for the round (a state dict costs 0.1-0.2 ms): training
+    # changes them in place, so after it they hold what the client trained.
+    tensors = task.model.state_dict()
+    load_arrays(task.model, received, tensors)
     if not refusal and task.scheme is not None:
         refusal = saturation_refusal(task.model, torch.from_numpy(train.x), d.policy_max_saturation)
     if refusal:
@@ -193,9 +216,7 @@ def local_round(
     )
     _, test_acc = evaluate(task.model, test, prefixes=prefixes)
     state = {**without_prefixes(state), **prefixes.to_state()}
-    trained = clip_weight_change(
-        model_arrays(task.model, [n for n, *_ in task.uplink_spec]), received, d.policy_max_change_lsb
-    )
+    trained = clip_weight_change(wire_arrays(tensors, task.uplink_spec), received, d.policy_max_change_lsb)
     if scenario.privacy.dp == "local":
         trained = privatize(
             task, trained, received, np.random.default_rng((scenario.run.seed, server_round, partition_id, DP_STREAM))
@@ -310,12 +331,24 @@ class ClientJob:
     scheme: ResolvedScheme | None = None
 
 
+def read_later(scenario: Scenario, state: dict[str, np.ndarray]) -> bool:
+    """Whether a later round of the client reads anything of its new ``state``.
+
+    The model it received (``global/...``) is read only as the base of a change the server sends
+    (``compression.downlink = "delta"``); a full downlink replaces it. A float client with a dense
+    uplink and no faults keeps nothing else, so it needs no state file (writing one took about
+    1 ms of its round, bench peers).
+    """
+    return scenario.compression.downlink != FULL or any(not k.startswith(GLOBAL_PREFIX) for k in state)
+
+
 def run_jobs(
     scenario: Scenario, server_round: int, jobs: list[ClientJob], state_dir: str
 ) -> list[tuple[int, LocalResult | str]]:
     """Run a cohort of clients' rounds one after another, each with its own state on disk.
 
-    Returns ``(partition_id, result)`` per job in the order given; a client whose round
+    A client that has no state yet and whose new state no later round reads (:func:`read_later`)
+    writes none. Returns ``(partition_id, result)`` per job in the order given; a client whose round
     fails gets the error's text instead of a result, and the others go on (one virtual
     client's fault must not take its cohort down). The Flower ClientApp and the
     benchmarks' bare loop both call this, so what they time is the same work.
@@ -323,9 +356,10 @@ def run_jobs(
     out: list[tuple[int, LocalResult | str]] = []
     for job in jobs:
         try:
-            state = load_client_state(state_dir, job.partition_id, server_round)
-            result, state = client_round(scenario, job, server_round, state)
-            save_client_state(state_dir, job.partition_id, server_round, state)
+            held = load_client_state(state_dir, job.partition_id, server_round)
+            result, state = client_round(scenario, job, server_round, held)
+            if held or read_later(scenario, state):
+                save_client_state(state_dir, job.partition_id, server_round, state)
             out.append((job.partition_id, result))
         except Exception as exc:  # noqa: BLE001 - reported per client, as Flower reports a failed ClientApp call
             out.append((job.partition_id, f"{type(exc).__name__}: {exc}"))

@@ -4,7 +4,10 @@ On a real device this state stays on the device. In simulation a client is not t
 to one process (a cohort of virtual clients runs wherever Flower sends it), and a
 fleet of thousands does not fit in the workers' memory, so each client's state is a
 small safetensors file in the run folder, one per round it trained:
-``STATE_DIR/<partition>/r<round>.safetensors``.
+``STATE_DIR/<partition>/r<round>.safetensors``. A client that holds nothing a later round
+reads (a float client with a dense uplink and a full downlink keeps only the model it was
+sent, which the next full downlink replaces) writes none
+(:func:`fedtiny.federated.client.read_later`).
 
 A client in round ``r`` reads its newest state from a round before ``r`` and writes
 round ``r``'s. Older files are removed only once a newer one exists and is not the

@@ -100,6 +100,14 @@ def _exact_loss(model: nn.Module):
     return lambda out, y: exact.cross_entropy(out, y, float(head.y_scale), int(head.y_zero))
 
 
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, unless every module is in that mode already and none does more in its own
+    ``train``: setting the flags walks the modules through ``nn.Module.__setattr__`` (0.1-0.2 ms for
+    tiny-ir), twice per client round that trains with BatchNorm frozen; reading them costs a fifth."""
+    if any(m.training != training or type(m).train is not nn.Module.train for m in model.modules()):
+        model.train(training)
+
+
 def _epochs(
     model: nn.Module,
     data: ImageSet,
@@ -132,7 +140,7 @@ def _epochs(
     for epoch in range(epochs):
         if max_steps is not None and steps >= max_steps:
             break
-        model.train(bn_train)
+        _set_mode(model, bn_train)
         total_loss, correct, seen = 0.0, 0, 0
         order = exact.permutation(len(data), order_seed, epoch) if order_seed is not None else None
         for xb, yb, idx in _indexed_batches(data, batch_size, gen, order):
@@ -161,7 +169,7 @@ def _epochs(
             scheduler.step()
     if c_step is not None:
         c_step.write_back()
-    model.eval()
+    _set_mode(model, False)
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), len(data), steps, samples)
 
 

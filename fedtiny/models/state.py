@@ -13,7 +13,7 @@ from torch import nn
 
 from fedtiny.compress.dense import Spec, as_dtype
 
-__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire"]
+__all__ = ["model_arrays", "load_arrays", "trainable_names", "array_spec", "wire_dtype", "to_wire", "wire_arrays"]
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -44,9 +44,19 @@ def model_arrays(model: nn.Module, names: list[str] | None = None) -> dict[str, 
     return {k: to_wire(state[k], wire_dtype(model, k, state)) for k in keys}
 
 
-def load_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy named arrays into ``model``'s tensors (shapes must match)."""
-    state = model.state_dict()
+def wire_arrays(state: dict[str, torch.Tensor], spec: Spec) -> dict[str, np.ndarray]:
+    """The tensors of ``spec`` from a model's ``state_dict()`` in the spec's dtypes.
+
+    For a spec of the model (:func:`array_spec`) this is :func:`model_arrays` of its names, without
+    looking each tensor's wire dtype up in the model again.
+    """
+    return {name: to_wire(state[name], np.dtype(dt)) for name, _, dt in spec}
+
+
+def load_arrays(model: nn.Module, arrays: dict[str, np.ndarray], state: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy named arrays into ``model``'s tensors (shapes must match; ``state``: ``model.state_dict()``
+    when the caller has it)."""
+    state = model.state_dict() if state is None else state
     with torch.no_grad():
         for k, v in arrays.items():
             if k not in state:
