@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+import sys
+from typing import Any, Iterator
 
-__all__ = ["table", "print_result"]
+__all__ = ["table", "print_result", "json_only_on_stdout"]
 
 
 def table(rows: list[tuple[str, Any]]) -> str:
@@ -24,3 +26,11 @@ def table(rows: list[tuple[str, Any]]) -> str:
 def print_result(result: dict[str, Any], as_json: bool) -> None:
     """``result`` as one JSON line (``--json``) or as a :func:`table`."""
     print(json.dumps(result, sort_keys=True) if as_json else table(list(result.items())))
+
+
+@contextlib.contextmanager
+def json_only_on_stdout(as_json: bool) -> Iterator[None]:
+    """With ``--json``, what a command prints inside the block (its tables) goes to stderr, so that
+    stdout carries the JSON it prints after the block alone (for ``jq`` and scripts)."""
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -30,14 +29,13 @@ from fedtiny.report.plots import (
 from fedtiny.report.runlog import new_run_dir, read_metrics, write_scenario
 from fedtiny.report.sweep import combine_seeds
 from fedtiny.scenario import Scenario, load_scenario, parse_overrides
-from fedtiny.tools.commands.output import table
+from fedtiny.tools.commands.output import json_only_on_stdout, table
 
 __all__ = ["cmd_run"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # with --json, stdout is the JSON alone (for jq and scripts); the tables a run prints go to stderr
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+    with json_only_on_stdout(args.json):
         result = _run(args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
