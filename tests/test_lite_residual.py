@@ -18,6 +18,19 @@ def _lite(model, text="lite-residual"):
     return q
 
 
+def _assert_tflm_exact_with_modules_off_zero(model):
+    """The modules' weights set off zero (seeded), then TFLM computes every tensor of ``model`` alike."""
+    from fedtiny.tools.models import compare_with_tflm
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in lite_convs(model):
+            w = model.convs()[i].weight
+            w.copy_(torch.randint(-20, 21, w.shape, generator=gen).float())
+    r = compare_with_tflm(model, inputs=4)
+    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+
+
 def test_the_extended_model_computes_what_the_original_did():
     """The modules' 1x1 starts at zero and shares the block output's scale: the same integers everywhere."""
     q = small_qmodel()
@@ -78,7 +91,6 @@ def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_le
     import copy
 
     from fedtiny.budget.memory import memory_report
-    from fedtiny.tools.models import compare_with_tflm
 
     q = small_qmodel()
     e = extend_lite(q, parse_lite("lite-residual:reduction=2"), seed=0)
@@ -94,13 +106,7 @@ def test_modules_at_half_resolution_are_exact_train_in_c_run_in_tflm_and_need_le
     assert forward == 0 and params == 0
     assert any(not torch.equal(before[i], t.convs()[i].weight.detach()) for i in before)
 
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i in lite_convs(t):
-            w = t.convs()[i].weight
-            w.copy_(torch.randint(-20, 21, w.shape, generator=gen).float())
-    r = compare_with_tflm(t, inputs=4)
-    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+    _assert_tflm_exact_with_modules_off_zero(t)
 
     peaks = {}
     for text in ("lite-residual", "lite-residual:reduction=2"):
@@ -152,7 +158,6 @@ def test_mlperf_models_get_modules_that_tflm_runs_exactly(file, option, branches
     """The extended model computes what the original did; with the modules' weights off zero, TFLM computes
     every tensor alike."""
     from fedtiny.int8.modelfile import read_model
-    from fedtiny.tools.models import compare_with_tflm
 
     m = read_model(MLPERF / file)
     e = extend_lite(m, parse_lite(f"lite-residual:{option}"), seed=0)
@@ -160,13 +165,7 @@ def test_mlperf_models_get_modules_that_tflm_runs_exactly(file, option, branches
     x = torch.rand(2, *m.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(m.int8_forward(m.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i in lite_convs(e):
-            w = e.convs()[i].weight
-            w.copy_(torch.randint(-20, 21, w.shape, generator=gen).float())
-    r = compare_with_tflm(e, inputs=4)
-    assert r["output_elements_differing"] == 0 and r["tensor_elements_differing"] == 0, r
+    _assert_tflm_exact_with_modules_off_zero(e)
 
 
 @pytest.mark.skipif(not (MLPERF / "ad01_int8.tflite").is_file(), reason="mlperf-tiny absent")
