@@ -169,10 +169,31 @@ def test_mlperf_models_get_modules_that_tflm_runs_exactly(file, option, branches
 
 
 @pytest.mark.skipif(not (MLPERF / "ad01_int8.tflite").is_file(), reason="mlperf-tiny absent")
-def test_a_network_without_blocks_is_refused_by_name():
-    """The anomaly detector's fully connected layers have no block a module could go beside."""
-    from fedtiny.errors import ModelFileError
+def test_the_anomaly_detector_gets_a_module_beside_each_hidden_dense_layer(built):  # noqa: F811
+    """A network of fully connected layers: a module beside each hidden layer (a quarter of its width, by
+    reduction squared less), computing what the original did; the C step trains it bit for bit in the
+    planner's arena, TFLM runs it with the weights off zero, and it needs less memory than training whole."""
+    from fedtiny.budget.memory import memory_report
+    from fedtiny.int8.graph import replace_head
     from fedtiny.int8.modelfile import read_model
 
-    with pytest.raises(ModelFileError, match="not an inverted-residual int8 graph.*nor has it residual blocks"):
-        extend_lite(read_model(MLPERF / "ad01_int8.tflite"), parse_lite("lite-residual"))
+    m = read_model(MLPERF / "ad01_int8.tflite")
+    e = extend_lite(m, parse_lite("lite-residual:reduction=2"), seed=0)
+    assert len(lite_convs(e)) == 2 * 9
+    assert [tuple(e.op(t).weight.shape[:2]) for t in ("lite0a", "lite0b", "lite4a")] == [(8, 640), (128, 8), (1, 128)]
+    x = torch.randn(2, *m.input_shape, generator=torch.Generator().manual_seed(0)) * 20
+    with torch.no_grad():
+        assert torch.equal(m.int8_forward(m.quantize_input(x)), e.int8_forward(e.quantize_input(x)))
+
+    q = _lite(replace_head(m, 10), "lite-residual:reduction=2")
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, *m.input_shape, generator=gen) * 20 for _ in range(2)]
+    before = {i: q.convs()[i].weight.detach().clone() for i in lite_convs(q)}
+    forward, params, _ = _compare(q, xs, [torch.randint(0, 10, (4,), generator=gen) for _ in xs], steps=2, lr=0.05)
+    assert forward == 0 and params == 0
+    assert any(not torch.equal(before[i], q.convs()[i].weight.detach()) for i in before)
+    _assert_tflm_exact_with_modules_off_zero(e)
+
+    lite = memory_report(e, resolve(parse_scheme("lite-residual:reduction=2"), e), m.input_shape).peak_sram_bytes
+    whole = memory_report(m, resolve(parse_scheme("full"), m), m.input_shape).peak_sram_bytes
+    assert lite < whole, (lite, whole)

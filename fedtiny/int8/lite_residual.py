@@ -30,6 +30,17 @@ branch runs at 1/r of the block's resolution, between two more ops:
 The upsampled zeros of ``lite<j>b`` are zeros, so the extended network still computes exactly what
 the original did. r must bring the branch back to the block's output size (r divides the block's
 output height and width); :func:`extend_lite` refuses another, naming the block and its shapes.
+
+A network of fully connected layers alone (MLPerf Tiny's anomaly-detection autoencoder) has no
+blocks and no resolution. There a module goes beside each hidden layer (every fully connected op but
+the head), from the layer's input to its output, as the narrowest branch TinyTL's recipe allows on a
+vector: ``lite<j>a`` fully connected to ``h`` units (ReLU, the layer's output quantization), then
+``lite<j>b`` back to the layer's width (zero weights), added to the layer's output. ``h`` is
+``multiplier * width // (4 * reduction**2)`` (at least 1): a quarter of the layer's activations, as a
+branch at half resolution holds a quarter of its block's, and ``reduction`` r shrinks it by r², as a
+lower resolution does a convolution's branch. Their weights are per tensor (TFLite's
+FULLY_CONNECTED); the layer's output ReLU (zero point -128) then clamps the sum, so the module
+changes the layer's activations where they are positive or pushed positive.
 """
 
 from __future__ import annotations
@@ -124,6 +135,13 @@ def _y(model: QModel, tensor: str) -> tuple[float, int]:
     return float(q[2]), int(q[3])
 
 
+def _x(model: QModel, source: str) -> tuple[float, int]:
+    """The quantization ``(scale, zero)`` of ``source``, a module's input (an op's output or the model's input)."""
+    if source == "input":
+        return float(model.input_params[0]), int(model.input_params[1])
+    return _y(model, source)
+
+
 @dataclass(frozen=True)
 class Site:
     """Where one module goes: the tensor its branch reads (``source``), the one it adds to (``output``),
@@ -144,19 +162,26 @@ def lite_sites(model: QModel) -> list[Site]:
     MobileNetV1) from their input to their output; else residual blocks (ResNet-8) from their input to
     their residual add, the branch shaped like the block's first convolution (its stride too).
 
+    A network of fully connected layers alone: each hidden layer (every one but the head), the
+    module's shape taken from the layer itself.
+
     Raises
     ------
     ModelFileError
-        ``model`` has neither (a network of fully connected layers, a plain chain of convolutions).
+        ``model`` has none of them (a plain chain of convolutions).
     """
     try:
         _, blocks = mb_blocks(model)
     except ModelFileError as exc:
         res = residual_blocks(model)
         if not res:
+            dense = _dense_sites(model)
+            if dense:
+                return dense
             raise ModelFileError(
                 f"lite-residual: {exc}; nor has it residual blocks (an add of a block's input, or a shortcut of "
-                "it, and its convolutions): TinyTL's modules go beside convolution blocks"
+                "it, and its convolutions), nor is it a network of fully connected layers: TinyTL's modules go "
+                "beside convolution blocks or hidden dense layers"
             ) from None
         return [
             Site(b.source, b.add, b.convs[0], model.op(b.convs[0]).in_channels, model.op(b.convs[-1]).out_channels)
@@ -172,6 +197,24 @@ def lite_sites(model: QModel) -> list[Site]:
         )
         for b in blocks
     ]
+
+
+def _dense_sites(model: QModel) -> list[Site]:
+    """Each hidden fully connected layer of a network whose weighted ops are all fully connected (none if
+    any is not): the layer's input to its output, the layer its own pattern."""
+    convs = model.convs()  # the head (the last weighted op) is not among them: it gets no module
+    if not convs or any(c.kind != "fc" for c in convs):
+        return []
+    hidden = {id(c) for c in convs}
+    return [
+        Site(n.inputs[0], n.op, n.op, model.op(n.op).in_channels, model.op(n.op).out_channels)
+        for n in model.nodes
+        if id(model.op(n.op)) in hidden
+    ]
+
+
+def _is_dense(model: QModel, b: Site) -> bool:
+    return model.op(b.like).kind == "fc"
 
 
 def _shapes(model: QModel) -> dict[str, tuple[int, ...]]:
@@ -200,13 +243,15 @@ def _check_reduction(model: QModel, b: Site, j: int, r: int, shapes: dict[str, t
 def _branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
     """The ops of block ``j``'s module (modules carrying their ``tag``) and their inputs; the branch
     reads ``source`` (the block's input, or the module's add that replaced it)."""
+    if _is_dense(model, b):
+        return _dense_branch(model, b, j, source, spec, rng)
     dw, cin, cout = model.op(b.like), b.in_channels, b.out_channels
     k = dw.kernel_size
     mid = cin * spec.multiplier
     # He initialisation of a depthwise (fan-in k*k), on int8's grid with per-channel scales
     w = rng.normal(0.0, np.sqrt(2.0 / (k * k)), (mid, 1, k, k))
     scales = np.maximum(np.abs(w).reshape(mid, -1).max(1), 1e-8) / 127.0
-    x_q = _y(model, b.source) if b.source != "input" else (float(model.input_params[0]), int(model.input_params[1]))
+    x_q = _x(model, b.source)
     a = QConv(
         torch.from_numpy(np.round(w / scales[:, None, None, None])),
         torch.zeros(mid),
@@ -221,7 +266,7 @@ def _branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np
     a.relu = True
     # the 1x1's scales as a He initialisation's, its weights zero: the module adds nothing at first
     he = rng.normal(0.0, np.sqrt(2.0 / mid), (cout, mid))
-    out_scale, out_zero = _y(model, b.output)
+    out_scale = _y(model, b.output)[0]
     pb = QConv(
         torch.zeros(cout, mid, 1, 1),
         torch.zeros(cout),
@@ -232,9 +277,7 @@ def _branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np
         padding=(0, 0, 0, 0),
     )
     pb.relu = False
-    # the same scale on both inputs and the output: the add's multipliers are powers of two (exact)
-    add = QAdd(out_scale, out_zero, out_scale, 0, out_scale, out_zero)
-    a.tag, pb.tag, add.tag = f"lite{j}a", f"lite{j}b", f"lite{j}"
+    add = _add(model, b, j, a, pb)
     r = spec.reduction
     if r == 1:
         return [(a, (source,)), (pb, (a.tag,)), (add, (b.output, pb.tag))]
@@ -243,6 +286,48 @@ def _branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np
     pool, up = QAvgPool((r, r), r), QResize((r, r))
     pool.tag, up.tag = f"lite{j}p", f"lite{j}u"
     return [(pool, (source,)), (a, (pool.tag,)), (pb, (a.tag,)), (up, (pb.tag,)), (add, (b.output, up.tag))]
+
+
+def _add(model: QModel, b: Site, j: int, a: QConv, pb: QConv) -> QAdd:
+    """The module's add, and the tags of its two weighted ops."""
+    out_scale, out_zero = _y(model, b.output)
+    # the same scale on both inputs and the output: the add's multipliers are powers of two (exact)
+    add = QAdd(out_scale, out_zero, out_scale, 0, out_scale, out_zero)
+    a.tag, pb.tag, add.tag = f"lite{j}a", f"lite{j}b", f"lite{j}"
+    return add
+
+
+def _dense_branch(model: QModel, b: Site, j: int, source: str, spec: LiteSpec, rng: np.random.Generator) -> list:
+    """A hidden dense layer's module (see the module's note): ``h`` units, per-tensor weights."""
+    cin, cout = b.in_channels, b.out_channels
+    h = max(1, spec.multiplier * cout // (4 * spec.reduction**2))
+    x_q = _x(model, b.source)
+    w = rng.normal(0.0, np.sqrt(2.0 / cin), (h, cin))
+    scale = max(float(np.abs(w).max()), 1e-8) / 127.0  # one scale per tensor: TFLite's FULLY_CONNECTED
+    a = QConv(
+        torch.from_numpy(np.round(w / scale)[:, :, None, None]),
+        torch.zeros(h),
+        torch.full((h,), scale),
+        *x_q,
+        *_y(model, b.like),
+        padding=(0, 0, 0, 0),
+        activation="RELU",
+        kind="fc",
+    )
+    he = rng.normal(0.0, np.sqrt(2.0 / h), (cout, h))
+    pb = QConv(
+        torch.zeros(cout, h, 1, 1),
+        torch.zeros(cout),
+        torch.full((cout,), max(float(np.abs(he).max()), 1e-8) / 127.0),
+        *_y(model, b.like),
+        _y(model, b.output)[0],
+        0,
+        padding=(0, 0, 0, 0),
+        kind="fc",
+    )
+    pb.relu = False
+    add = _add(model, b, j, a, pb)
+    return [(a, (source,)), (pb, (a.tag,)), (add, (b.output, pb.tag))]
 
 
 def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
@@ -259,7 +344,7 @@ def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
         raise ModelFileError("lite-residual: the model already has lite residual modules")
     blocks = lite_sites(model)
     chosen = blocks[-spec.blocks :] if spec.blocks else blocks
-    if spec.reduction > 1:
+    if spec.reduction > 1 and not all(_is_dense(model, b) for b in chosen):
         shapes = _shapes(model)
         for b in chosen:
             _check_reduction(model, b, blocks.index(b), spec.reduction, shapes)
