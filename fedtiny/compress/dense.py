@@ -7,6 +7,7 @@ what a device would send. Anything that does not match raises :class:`PayloadErr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ Spec = list[tuple[str, tuple[int, ...], str]]
 _ALLOWED = {"int8", "int32", "float16", "float32", "float64"}
 
 
+@functools.lru_cache(maxsize=None)  # asked per tensor of every payload the server reads
 def _dtype(name: str) -> np.dtype:
     if name not in _ALLOWED:
         raise PayloadError(f"unsupported dtype {name!r}")

@@ -27,7 +27,8 @@ from fedtiny.registry import Registry
 __all__ = ["Uplink", "UplinkCodec", "Decoded", "register_uplink", "uplink_codec", "uplink_names"]
 
 Decoded = dict[str, tuple[np.ndarray, np.ndarray]]
-"""A decoded update: tensor name -> (flat positions, change in float64)."""
+"""A decoded update: tensor name -> (flat positions, change in float64). Positions are strictly increasing
+and within the tensor (every codec's decoder guarantees it; the server's aggregation relies on it)."""
 
 Arrays = dict[str, np.ndarray]
 

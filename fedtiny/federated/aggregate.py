@@ -107,6 +107,22 @@ def central_dp(task: "Task", server_round: int, sampled: int) -> CentralDP | Non
     )
 
 
+def _frozen_empty(dtype: type) -> np.ndarray:
+    a = np.zeros(0, dtype)
+    a.setflags(write=False)  # shared by every call
+    return a
+
+
+_NOTHING = (_frozen_empty(np.int64), _frozen_empty(np.float64))  # a tensor a client did not send
+
+
+def _as_slice(idx: np.ndarray, size: int) -> slice | np.ndarray:
+    """``slice(None)`` for positions that are every element (a dense update), else ``idx``: the sums then add
+    whole arrays, the same additions as through the positions, without a scatter per tensor. A codec's
+    positions are strictly increasing and within the tensor (``Decoded``), so ``size`` of them are all."""
+    return slice(None) if len(idx) == size else idx
+
+
 def aggregate(
     updates: list[ClientUpdate],
     decode: Callable[[int, bytes], Decoded],
@@ -151,17 +167,20 @@ def aggregate(
         covered = coverage(u.partition_id) if coverage is not None else None
         kept: dict[str, tuple[slice | np.ndarray, np.ndarray, np.ndarray]] = {}
         for name in shapes if covered is None else covered:
-            where = slice(None) if covered is None else covered[name]
-            idx, values = changes.get(name, (np.zeros(0, np.int64), np.zeros(0)))
+            where: slice | np.ndarray = slice(None)
+            idx, values = changes.get(name, _NOTHING)
             if covered is not None:  # a change outside what the client trained does not count
                 key = id(covered[name])
                 if key not in masks:
                     mask = np.zeros(len(sums[name]), bool)
                     mask[covered[name]] = True
-                    masks[key] = (covered[name], mask)
-                keep = masks[key][1][idx]
-                idx, values = idx[keep], values[keep]
-            kept[name] = (where, idx, values)
+                    masks[key] = (covered[name], mask, bool(mask.all()))
+                _, mask, every = masks[key]
+                if not every:
+                    keep = mask[idx]
+                    idx, values = idx[keep], values[keep]
+                    where = covered[name]
+            kept[name] = (where, _as_slice(idx, len(sums[name])), values)
         if dp is not None:
             clipped, _ = clip_change(
                 {n: v for n, (_, _, v) in kept.items()},
