@@ -98,6 +98,23 @@ def test_fisher_potential_shapes(cloud):
     assert sum(float(p.sum()) for p in pot) > 0
 
 
+def test_dense_updates_aggregate_to_the_examples_weighted_mean_in_partition_order():
+    """Dense changes (every position) are summed as whole arrays: the same float64 additions, in partition-id
+    order, as a NumPy reference, so the mean is equal to the last bit; a partial tensor still goes by position."""
+    rng = np.random.default_rng(0)
+    examples = [7, 30, 11, 2]
+    changes = {p: {"w": (np.arange(6), rng.normal(size=6)), "b": (np.array([1]), rng.normal(size=1))} for p in range(4)}
+    updates = [ClientUpdate(p, b"", n) for p, n in reversed(list(enumerate(examples)))]
+    result = aggregate(updates, lambda p, _: changes[p], {"w": (2, 3), "b": (2,)})
+    total, sums = np.zeros(6), np.zeros(6)
+    for p, n in enumerate(examples):
+        total += n
+        sums += changes[p]["w"][1] * n
+    assert np.array_equal(result.arrays["w"].ravel(), sums / total)
+    b = sum(changes[p]["b"][1][0] * n for p, n in enumerate(examples)) / sum(examples)
+    assert result.arrays["b"][0] == 0.0 and result.arrays["b"][1] == b
+
+
 def test_mixed_fleet_aggregation_is_the_per_element_mean():
     """Client 0 (10 examples) trained elements 0-1 of w, client 1 (30) elements 1-3; nobody trained b."""
     changes = {
