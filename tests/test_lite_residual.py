@@ -67,6 +67,20 @@ def test_bad_options_are_named(text, message):
         parse_scheme(text)
 
 
+def test_a_plain_chain_of_convolutions_is_refused_by_name():
+    """No block, no residual add, not fully connected: nothing a module could go beside."""
+    from fedtiny.errors import ModelFileError
+    from fedtiny.int8.graph import QModel
+    from fedtiny.int8.ops.conv import QConv
+
+    conv = QConv(torch.ones(4, 1, 1, 1), torch.zeros(4), torch.full((4,), 0.01), 0.02, 0, 0.05, -128, activation="RELU")
+    head = QConv(torch.ones(10, 4, 1, 1), torch.zeros(10), torch.full((10,), 0.01), 0.05, -128, 0.1, 0)
+    conv.tag, head.tag = "conv0", "classifier"
+    model = QModel([(conv, ("input",)), (head, ("conv0",))], 0.02, 0, 0.0, 1.0, (1, 4, 4))
+    with pytest.raises(ModelFileError, match="no residual blocks.*not a network of fully connected layers"):
+        extend_lite(model, parse_lite("lite-residual"))
+
+
 def test_a_model_without_modules_is_refused_by_the_scheme():
     q = small_qmodel()
     with pytest.raises(SchemeError, match="no lite residual modules"):

@@ -156,37 +156,34 @@ class Site:
 
 
 def lite_sites(model: QModel) -> list[Site]:
-    """The blocks of ``model`` a module can go beside, in forward order.
-
-    Inverted-residual and depthwise-separable blocks (tiny-ir, MCUNet, MobileNetV2, DS-CNN,
-    MobileNetV1) from their input to their output; else residual blocks (ResNet-8) from their input to
-    their residual add, the branch shaped like the block's first convolution (its stride too).
-
-    A network of fully connected layers alone: each hidden layer (every one but the head), the
-    module's shape taken from the layer itself.
+    """The blocks of ``model`` a module can go beside, in forward order: those of the first of
+    :func:`_block_sites` (inverted-residual and depthwise-separable blocks: tiny-ir, MCUNet,
+    MobileNetV2, DS-CNN, MobileNetV1), :func:`_residual_sites` (ResNet-8) and :func:`_dense_sites` (a
+    network of fully connected layers) that finds any.
 
     Raises
     ------
     ModelFileError
         ``model`` has none of them (a plain chain of convolutions).
     """
+    for find in (_block_sites, _residual_sites, _dense_sites):
+        sites = find(model)
+        if sites:
+            return sites
+    raise ModelFileError(
+        "lite-residual: the model has no inverted-residual or depthwise-separable blocks, no residual blocks (an "
+        "add of a block's input, or a shortcut of it, and its convolutions), and is not a network of fully "
+        "connected layers: TinyTL's modules go beside convolution blocks or hidden dense layers"
+    )
+
+
+def _block_sites(model: QModel) -> list[Site]:
+    """Inverted-residual and depthwise-separable blocks, from their input to their output, the branch shaped
+    like the block's depthwise."""
     try:
         _, blocks = mb_blocks(model)
-    except ModelFileError as exc:
-        res = residual_blocks(model)
-        if not res:
-            dense = _dense_sites(model)
-            if dense:
-                return dense
-            raise ModelFileError(
-                f"lite-residual: {exc}; nor has it residual blocks (an add of a block's input, or a shortcut of "
-                "it, and its convolutions), nor is it a network of fully connected layers: TinyTL's modules go "
-                "beside convolution blocks or hidden dense layers"
-            ) from None
-        return [
-            Site(b.source, b.add, b.convs[0], model.op(b.convs[0]).in_channels, model.op(b.convs[-1]).out_channels)
-            for b in res
-        ]
+    except ModelFileError:
+        return []
     return [
         Site(
             b.source,
@@ -196,6 +193,15 @@ def lite_sites(model: QModel) -> list[Site]:
             model.op(b.project).out_channels,
         )
         for b in blocks
+    ]
+
+
+def _residual_sites(model: QModel) -> list[Site]:
+    """Residual blocks, from their input to their residual add, the branch shaped like the block's first
+    convolution (its stride too)."""
+    return [
+        Site(b.source, b.add, b.convs[0], model.op(b.convs[0]).in_channels, model.op(b.convs[-1]).out_channels)
+        for b in residual_blocks(model)
     ]
 
 
@@ -344,7 +350,7 @@ def extend_lite(model: QModel, spec: LiteSpec, seed: int = 0) -> QModel:
         raise ModelFileError("lite-residual: the model already has lite residual modules")
     blocks = lite_sites(model)
     chosen = blocks[-spec.blocks :] if spec.blocks else blocks
-    if spec.reduction > 1 and not all(_is_dense(model, b) for b in chosen):
+    if spec.reduction > 1 and not any(_is_dense(model, b) for b in chosen):  # a dense module has no resolution
         shapes = _shapes(model)
         for b in chosen:
             _check_reduction(model, b, blocks.index(b), spec.reduction, shapes)
